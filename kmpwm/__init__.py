@@ -1,0 +1,35 @@
+"""kmpwm — a per-user persistent background-task scheduler (KMP WorkManager's model, for the shell).
+
+The public API is imported lazily so that ``kmpwm`` commands start fast.
+"""
+
+from __future__ import annotations
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "Scheduler", "TaskRequest", "Constraints", "WorkerResult", "ScheduleResult", "triggers",
+    "TaskState", "BackoffPolicy", "ExistingWorkPolicy", "NetworkType", "QualityOfService", "Outcome",
+]
+
+_LAZY = {
+    "Scheduler": "api", "Outcome": "api", "TaskRequest": "models", "Constraints": "models",
+    "ScheduleResult": "models", "TaskState": "models", "BackoffPolicy": "models",
+    "ExistingWorkPolicy": "models", "NetworkType": "models", "QualityOfService": "models",
+    "WorkerResult": "results",
+}
+
+
+def __getattr__(name: str):
+    if name == "triggers":
+        from . import triggers
+
+        return triggers
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module 'kmpwm' has no attribute {name!r}")
+    import importlib
+
+    value = getattr(importlib.import_module(f"kmpwm.{module}"), name)
+    globals()[name] = value
+    return value

@@ -1,0 +1,373 @@
+"""The Python API (SPEC section 8): the layer that does the work under the CLI.
+
+    from kmpwm import Scheduler, TaskRequest, Constraints, triggers
+
+    s = Scheduler()
+    s.enqueue("data-sync", triggers.Periodic(3600), "SyncWorker",
+              constraints=Constraints(requires_network=True))
+    s.begin_with(TaskRequest("Download")).then([TaskRequest("Thumb"), TaskRequest("Index")]) \\
+     .with_id("sync", policy="keep").enqueue()
+    with s.batch():            # many enqueues, one durable append
+        for n in range(1000):
+            s.enqueue(f"job-{n}", None, "Echo")
+"""
+
+from __future__ import annotations
+
+import os
+import time
+import uuid
+from dataclasses import dataclass, field
+from typing import Any, Iterable, Sequence
+
+from .exitcodes import InvalidParams, KmpwmError, OsPolicy
+from .models import (
+    UNFINISHED,
+    Constraints,
+    ExactBehavior,
+    ExistingWorkPolicy,
+    ScheduleResult,
+    TaskRequest,
+    enum_value,
+)
+from .paths import Paths, resolve
+from .specs import normalise_input
+from .store import Store
+from .triggers import REPEATING, OneTime, initial
+
+MAX_ID_LEN = 200
+MAX_CHAIN_TASKS = 10_000
+
+
+@dataclass
+class Outcome:
+    """What happened to one enqueue or chain request."""
+
+    result: ScheduleResult
+    id: str | None
+    action: str | None = None  # enqueued | kept | replaced | appended
+    next_run_at: float | None = None
+    tasks: list[str] = field(default_factory=list)
+    error: str | None = None
+    exit_code: int = 0
+
+    @property
+    def ok(self) -> bool:
+        return self.result is ScheduleResult.SUCCESS
+
+
+def check_id(value: Any, *, what: str = "id", allow_hash: bool = False) -> str:
+    if not isinstance(value, str) or not value.strip():
+        raise InvalidParams(f"invalid {what} {value!r}: expected a non-empty string")
+    if len(value) > MAX_ID_LEN:
+        raise InvalidParams(f"invalid {what}: longer than {MAX_ID_LEN} characters")
+    if any(ord(c) < 32 or ord(c) == 127 for c in value):
+        raise InvalidParams(f"invalid {what} {value!r}: control characters are not allowed")
+    if "#" in value and not allow_hash:
+        raise InvalidParams(f"invalid {what} {value!r}: '#' is reserved for appended tasks (ID#2, ID#3, ...)")
+    return value
+
+
+def check_tags(tags: Iterable[str]) -> list[str]:
+    out = []
+    for tag in tags:
+        if not isinstance(tag, str) or not tag or len(tag) > 100 or any(ord(c) < 32 for c in tag):
+            raise InvalidParams(f"invalid tag {tag!r}: expected a short non-empty string")
+        if tag not in out:
+            out.append(tag)
+    return out
+
+
+class Scheduler:
+    """Enqueue, chain, cancel and inspect tasks of one kmpwm home (``KMPWM_HOME`` by default)."""
+
+    def __init__(self, home: str | os.PathLike | None = None, *, paths: Paths | None = None):
+        self.paths = paths or resolve(home)
+        self.store = Store(self.paths)
+        self._registry = None
+        self._pending: list | None = None  # (kind, payload, outcome) while a batch is open
+
+    @property
+    def registry(self):
+        if self._registry is None:
+            from .registry import Registry
+
+            self._registry = Registry(self.paths)
+        return self._registry
+
+    # -- building task records ------------------------------------------------------------
+
+    def build_task(self, req: TaskRequest, now: float, *, task_id: str | None = None) -> dict:
+        """Validate a request and return the task record to journal (raises KmpwmError)."""
+        task_id = check_id(task_id if task_id is not None else req.id, allow_hash=task_id is not None)
+        if not isinstance(req.worker, str) or not req.worker:
+            raise InvalidParams("missing worker name")
+        if self.registry.get(req.worker) is None:
+            raise InvalidParams(
+                f"unknown worker {req.worker!r}",
+                hint="`kmpwm workers` lists the workers; declare it as [workers.NAME] in config.toml "
+                "or install a package that provides it",
+            )
+        trigger = req.trigger if req.trigger is not None else OneTime()
+        if not hasattr(trigger, "to_record"):
+            raise InvalidParams(f"invalid trigger {trigger!r}: use kmpwm.triggers")
+        trig = trigger.to_record(now)
+        constraints = req.constraints if req.constraints is not None else Constraints()
+        if not isinstance(constraints, Constraints):
+            raise InvalidParams("invalid constraints: expected kmpwm.Constraints")
+        behavior = enum_value(ExactBehavior, constraints.exact_behavior, what="exact behavior")
+        if trig["type"] == "exact" and behavior != "attempt" and trig.get("behavior") == "attempt":
+            trig["behavior"] = behavior
+        if trig["type"] == "exact" and trig["behavior"] == "error":
+            raise OsPolicy(
+                "REJECTED_OS_POLICY: this platform cannot wake at an exact time; kmpwm runs exact tasks "
+                "at the first run-due after the time",
+                hint="use --exact-behavior attempt (run late, lateness recorded) or notify",
+            )
+        crec = constraints.to_record()
+        from .probes import unobservable
+
+        missing = unobservable(crec, trig)
+        if missing:
+            raise OsPolicy(f"REJECTED_OS_POLICY: {missing[0]}",
+                           hint="see the README's table of constraints by platform, or set KMPWM_ASSUME")
+        due, trig_state = initial(trig, now)
+        return {
+            "id": task_id,
+            "worker": req.worker,
+            "input": normalise_input(req.input),
+            "trigger": trig,
+            "constraints": crec,
+            "tags": check_tags(req.tags or ()),
+            "created_at": now,
+            "due": due,
+            "trig_state": trig_state,
+        }
+
+    # -- enqueue --------------------------------------------------------------------------
+
+    def enqueue(self, id: str, trigger: Any = None, worker: str | None = None, input: Any = None,
+                constraints: Constraints | None = None, *, policy: ExistingWorkPolicy | str = "keep",
+                tags: Sequence[str] = ()) -> ScheduleResult:
+        """Schedule one task (seed: ``enqueue``); returns a ScheduleResult."""
+        req = TaskRequest(worker=worker, id=id, input=input, trigger=trigger,
+                          constraints=constraints or Constraints(), tags=list(tags))
+        return self.submit(req, policy).result
+
+    def submit(self, req: TaskRequest, policy: ExistingWorkPolicy | str = "keep") -> Outcome:
+        """Like :meth:`enqueue` but returns the full :class:`Outcome` (id, action, next run)."""
+        return self.submit_many([(req, policy)])[0]
+
+    def submit_many(self, items: Sequence[tuple[TaskRequest, str]], *, all_or_nothing: bool = False) -> list[Outcome]:
+        """Enqueue many requests in one durable append.  With ``all_or_nothing``, one invalid
+        request rejects the whole batch (nothing is written)."""
+        now = time.time()
+        outcomes: list[Outcome] = []
+        ops: list[dict] = []
+        for req, policy in items:
+            try:
+                pol = enum_value(ExistingWorkPolicy, policy, what="policy")
+                task = self.build_task(req, now)
+            except KmpwmError as exc:
+                outcomes.append(_rejected(getattr(req, "id", None), exc))
+                continue
+            ops.append({"op": "enq", "task": task, "policy": pol})
+            outcomes.append(Outcome(ScheduleResult.SUCCESS, task["id"]))
+        if all_or_nothing and any(not o.ok for o in outcomes):
+            return outcomes
+        if self._pending is not None:
+            for op, outcome in zip(ops, (o for o in outcomes if o.ok)):
+                self._pending.append(("enq", op, outcome))
+            return outcomes
+        if ops:
+            self._commit([("enq", op, o) for op, o in zip(ops, (o for o in outcomes if o.ok))], now)
+        return outcomes
+
+    # -- chains ---------------------------------------------------------------------------
+
+    def begin_with(self, request: TaskRequest | Sequence[TaskRequest]) -> "TaskChain":
+        """Start a chain with one task or several parallel tasks (seed: ``beginWith``)."""
+        return TaskChain(self, [_as_step(request)])
+
+    def enqueue_chain(self, steps: Sequence[Sequence[TaskRequest]], chain_id: str | None = None,
+                      policy: str = "replace", tags: Sequence[str] = ()) -> Outcome:
+        now = time.time()
+        try:
+            op = self._chain_op(steps, chain_id, policy, now, tags)
+        except KmpwmError as exc:
+            return _rejected(chain_id, exc)
+        outcome = Outcome(ScheduleResult.SUCCESS, op["id"])
+        if self._pending is not None:
+            self._pending.append(("chain", op, outcome))
+            return outcome
+        try:
+            self._commit([("chain", op, outcome)], now)
+        except InvalidParams as exc:
+            return _rejected(chain_id, exc)
+        return outcome
+
+    def _chain_op(self, steps, chain_id, policy, now, tags) -> dict:
+        policy = enum_value(ExistingWorkPolicy, policy, what="chain policy")
+        if policy not in ("keep", "replace"):
+            raise InvalidParams(f"invalid chain policy {policy!r}: a chain takes keep or replace")
+        if chain_id is None:
+            chain_id = f"chain-{uuid.uuid4().hex[:10]}"
+        check_id(chain_id, what="chain id")
+        if "/" in chain_id:
+            raise InvalidParams(f"invalid chain id {chain_id!r}: '/' separates the parts of its task ids")
+        steps = [list(step) for step in steps]
+        if not steps or any(not step for step in steps):
+            raise InvalidParams("a chain needs at least one step, and every step at least one task")
+        total = sum(len(s) for s in steps)
+        if total > MAX_CHAIN_TASKS:
+            raise InvalidParams(f"chain too large ({total} tasks; the limit is {MAX_CHAIN_TASKS})")
+        out_steps, seen = [], set()
+        for number, step in enumerate(steps, 1):
+            counts: dict[str, int] = {}
+            tasks = []
+            for req in step:
+                if not isinstance(req, TaskRequest):
+                    raise InvalidParams(f"step {number}: expected TaskRequest, got {type(req).__name__}")
+                counts[req.worker] = counts.get(req.worker, 0) + 1
+                if req.id is not None:
+                    task_id = check_id(req.id)
+                else:
+                    suffix = f"#{counts[req.worker]}" if counts[req.worker] > 1 else ""
+                    task_id = f"{chain_id}/{number}/{req.worker}{suffix}"
+                if task_id in seen:
+                    raise InvalidParams(f"task id {task_id!r} appears twice in the chain")
+                seen.add(task_id)
+                task = self.build_task(req, now, task_id=task_id)
+                if task["trigger"]["type"] in REPEATING:
+                    raise InvalidParams(
+                        f"chain task {task_id!r}: a chain's tasks run once; use --delay, --at or --window "
+                        "(repeating triggers belong to single tasks)")
+                tasks.append(task)
+            out_steps.append(tasks)
+        return {"op": "chain", "id": chain_id, "policy": policy, "steps": out_steps,
+                "tags": check_tags(tags)}
+
+    # -- cancel ---------------------------------------------------------------------------
+
+    def cancel(self, *ids: str) -> list[str]:
+        """Cancel tasks (with their ``ID#n``) or chains by id; returns the ids cancelled."""
+        return self._cancel({"op": "cancel", "ids": list(ids)})
+
+    def cancel_tag(self, tag: str) -> list[str]:
+        return self._cancel({"op": "cancel", "tag": tag})
+
+    def cancel_all(self) -> list[str]:
+        return self._cancel({"op": "cancel", "all": True})
+
+    def _cancel(self, op: dict) -> list[str]:
+        with self.store.transaction() as txn:
+            if not _cancel_would_change(txn.state, op):
+                return []  # idempotent, and no journal growth for a no-op
+            return txn.commit([op])[0]
+
+    # -- batches --------------------------------------------------------------------------
+
+    def batch(self) -> "Batch":
+        """``with scheduler.batch():`` — enqueues and chains inside share one durable append."""
+        return Batch(self)
+
+    def _commit(self, items: list[tuple[str, dict, Outcome]], now: float) -> None:
+        with self.store.transaction() as txn:
+            for kind, op, outcome in items:
+                if kind == "chain":
+                    _check_chain_ids(txn.state, op)
+            results = txn.commit([op for _, op, _ in items], ts=now)
+        for (kind, op, outcome), res in zip(items, results):
+            outcome.action = res["action"]
+            outcome.id = res["id"]
+            if kind == "chain":
+                outcome.tasks = res["tasks"]
+            else:
+                outcome.next_run_at = res.get("due")
+
+    # -- reading --------------------------------------------------------------------------
+
+    def state(self) -> dict:
+        return self.store.load().state
+
+    def task(self, task_id: str) -> dict | None:
+        return self.state()["tasks"].get(task_id)
+
+
+class TaskChain:
+    """Builder for a chain (seed: ``TaskChain``): ``then``, ``with_id``, ``enqueue``."""
+
+    def __init__(self, scheduler: Scheduler, steps: list[list[TaskRequest]], chain_id: str | None = None,
+                 policy: str = "replace"):
+        self._scheduler = scheduler
+        self._steps = steps
+        self._id = chain_id
+        self._policy = policy
+
+    def then(self, request: TaskRequest | Sequence[TaskRequest]) -> "TaskChain":
+        return TaskChain(self._scheduler, [*self._steps, _as_step(request)], self._id, self._policy)
+
+    def with_id(self, chain_id: str, policy: ExistingWorkPolicy | str = "replace") -> "TaskChain":
+        return TaskChain(self._scheduler, self._steps, chain_id, policy)
+
+    def enqueue(self) -> Outcome:
+        return self._scheduler.enqueue_chain(self._steps, self._id, self._policy)
+
+
+class Batch:
+    def __init__(self, scheduler: Scheduler):
+        self.scheduler = scheduler
+        self.outcomes: list[Outcome] = []
+
+    def __enter__(self) -> "Batch":
+        if self.scheduler._pending is not None:
+            raise RuntimeError("batches do not nest")
+        self.scheduler._pending = []
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        pending, self.scheduler._pending = self.scheduler._pending, None
+        if exc_type is not None or not pending:
+            return
+        self.scheduler._commit(pending, time.time())
+        self.outcomes = [o for _, _, o in pending]
+
+
+def _as_step(request) -> list[TaskRequest]:
+    if isinstance(request, TaskRequest):
+        return [request]
+    return list(request)
+
+
+def _rejected(task_id, exc: KmpwmError) -> Outcome:
+    result = ScheduleResult(exc.result) if exc.result in ScheduleResult.__members__ else ScheduleResult.FAILED_UNKNOWN
+    return Outcome(result, task_id if isinstance(task_id, str) else None, error=str(exc).splitlines()[0],
+                   exit_code=exc.exit_code)
+
+
+def _cancel_would_change(state: dict, op: dict) -> bool:
+    tasks = state["tasks"]
+    if op.get("all"):
+        return any(t["state"] in UNFINISHED for t in tasks.values())
+    if op.get("tag") is not None:
+        return any(t["state"] in UNFINISHED and op["tag"] in t.get("tags", ()) for t in tasks.values()) or any(
+            op["tag"] in c.get("tags", ()) for c in state["chains"].values())
+    from .state import unfinished_family
+
+    for wanted in op.get("ids", ()):
+        if wanted in state["chains"] or unfinished_family(state, wanted.split("#", 1)[0]):
+            return True
+    return False
+
+
+def _check_chain_ids(state: dict, op: dict) -> None:
+    """A chain task named by the user must not take over an unrelated unfinished task."""
+    tasks = state["tasks"]
+    old = state["chains"].get(op["id"])
+    old_ids = {i for step in old["steps"] for i in step} if old else set()
+    for step in op["steps"]:
+        for task in step:
+            prior = tasks.get(task["id"])
+            if prior and prior["state"] in UNFINISHED and task["id"] not in old_ids and prior.get("chain_id") != op["id"]:
+                raise InvalidParams(f"task id {task['id']!r} is already in use by an unfinished task",
+                                    hint="name the chain's tasks differently or cancel that task first")

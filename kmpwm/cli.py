@@ -1,0 +1,448 @@
+"""The command line: parse, call the API, print.  No scheduling logic lives here."""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+from pathlib import Path
+from typing import List, Optional, Tuple
+
+import typer
+
+from . import __version__
+from .exitcodes import USAGE, InvalidParams, KmpwmError
+
+app = typer.Typer(
+    name="kmpwm",
+    help="A per-user persistent background-task scheduler: triggers, constraints, retries, chains "
+    "with savepoints, run by cron/launchd/systemd through `kmpwm run-due`.",
+    no_args_is_help=True,
+    add_completion=True,
+    pretty_exceptions_enable=False,
+    rich_markup_mode=None,
+    context_settings={"help_option_names": ["-h", "--help"]},
+)
+schedule_app = typer.Typer(help="Install, remove or show the periodic `run-due` invoker (cron, launchd, systemd).",
+                           no_args_is_help=True)
+app.add_typer(schedule_app, name="schedule")
+
+_home: Optional[str] = None
+
+JSON_OPT = typer.Option(False, "--json", help="Print exactly one JSON document on stdout.")
+
+
+def _scheduler():
+    from .api import Scheduler
+
+    return Scheduler(_home)
+
+
+def _paths():
+    from .paths import resolve
+
+    return resolve(_home)
+
+
+def _complete_worker(incomplete: str):
+    try:
+        from .registry import Registry
+
+        return [w.name for w in Registry(_paths()).all() if w.name.startswith(incomplete)]
+    except Exception:
+        return []
+
+
+def _complete_task(incomplete: str):
+    try:
+        from .store import Store
+
+        state = Store(_paths()).load().state
+        ids = [i for i, t in state["tasks"].items() if i.startswith(incomplete)]
+        return ids + [c for c in state["chains"] if c.startswith(incomplete)]
+    except Exception:
+        return []
+
+
+def _version_callback(value: bool) -> None:
+    if value:
+        typer.echo(f"kmpwm {__version__}")
+        raise typer.Exit(0)
+
+
+@app.callback()
+def _main(
+    home: Optional[Path] = typer.Option(None, "--home", metavar="DIR",
+                                        help="Keep everything under DIR (wins over KMPWM_HOME)."),
+    version: bool = typer.Option(False, "--version", callback=_version_callback, is_eager=True,
+                                 help="Print the version and exit."),
+) -> None:
+    global _home
+    _home = str(home) if home is not None else None
+
+
+# -- shared option groups ------------------------------------------------------------------
+
+def _task_flags(
+    delay, every, flex, at, exact_behavior, window, cron, on_change, no_descendants, when,
+    requires_network, network_type, requires_charging, battery_not_low, storage_not_low, device_idle,
+    heavy, expedited, qos, timeout, backoff, backoff_delay, max_attempts, tags,
+) -> dict:
+    """The flat spec keys given on the command line (only those given)."""
+    spec = {
+        "delay": delay, "every": every, "flex": flex, "at": at, "exact_behavior": exact_behavior,
+        "window": list(window) if window else None, "cron": cron, "on_change": on_change,
+        "when": when, "network_type": network_type, "qos": qos, "timeout": timeout, "backoff": backoff,
+        "backoff_delay": backoff_delay, "max_attempts": _int(max_attempts, "--max-attempts"),
+    }
+    for key, flag in (("no_descendants", no_descendants), ("requires_network", requires_network),
+                      ("requires_charging", requires_charging), ("battery_not_low", battery_not_low),
+                      ("storage_not_low", storage_not_low), ("device_idle", device_idle), ("heavy", heavy),
+                      ("expedited", expedited)):
+        if flag:
+            spec[key] = True
+    if tags:
+        spec["tags"] = list(tags)
+    return {k: v for k, v in spec.items() if v is not None}
+
+
+def _int(value: Optional[str], flag: str, minimum: int = 1) -> Optional[int]:
+    if value is None:
+        return None
+    try:
+        n = int(value)
+    except ValueError:
+        raise InvalidParams(f"invalid {flag} {value!r}: expected a whole number") from None
+    if n < minimum:
+        raise InvalidParams(f"invalid {flag} {value!r}: must be at least {minimum}")
+    return n
+
+
+O = typer.Option
+TRIG = "Trigger"
+CONS = "Constraints"
+
+
+@app.command("enqueue")
+def enqueue_cmd(
+    task_id: Optional[str] = typer.Argument(None, metavar="ID", help="The task's id (its unique-work name)."),
+    worker: Optional[str] = typer.Argument(None, metavar="WORKER", help="A registered worker name.",
+                                           autocompletion=_complete_worker),
+    input: Optional[str] = O(None, "--input", help="Input text passed to the worker."),
+    input_file: Optional[Path] = O(None, "--input-file", metavar="FILE", help="Read the input from FILE."),
+    from_file: Optional[str] = O(None, "--from", metavar="FILE",
+                                 help="Read JSON Lines task specs from FILE (- for stdin): one durable append, all or nothing."),
+    delay: Optional[str] = O(None, "--delay", metavar="DUR", help="Due DUR from now (also an initial delay for other triggers).", rich_help_panel=TRIG),
+    every: Optional[str] = O(None, "--every", metavar="DUR", help="Periodic: due once per DUR (>= 60s).", rich_help_panel=TRIG),
+    flex: Optional[str] = O(None, "--flex", metavar="DUR", help="Periodic: due anywhere in the last DUR of each period.", rich_help_panel=TRIG),
+    at: Optional[str] = O(None, "--at", metavar="TIME", help="Exact: due at TIME (ISO 8601, @EPOCH or +DUR).", rich_help_panel=TRIG),
+    exact_behavior: Optional[str] = O(None, "--exact-behavior", metavar="attempt|notify|error", help="What --at does (default attempt).", rich_help_panel=TRIG),
+    window: Optional[Tuple[str, str]] = O(None, "--window", metavar="START END", help="Windowed: run only inside [START, END].", rich_help_panel=TRIG),
+    cron: Optional[str] = O(None, "--cron", metavar="EXPR", help="A 5-field cron expression, local time.", rich_help_panel=TRIG),
+    on_change: Optional[str] = O(None, "--on-change", metavar="PATH", help="Due when PATH changed since the last run.", rich_help_panel=TRIG),
+    no_descendants: bool = O(False, "--no-descendants", help="With --on-change: only PATH itself counts.", rich_help_panel=TRIG),
+    when: Optional[str] = O(None, "--when", metavar="battery-low|battery-okay|storage-low|device-idle", help="Due each time the device enters that state.", rich_help_panel=TRIG),
+    requires_network: bool = O(False, "--requires-network", help="Needs a network connection.", rich_help_panel=CONS),
+    network_type: Optional[str] = O(None, "--network-type", metavar="TYPE", help="connected|unmetered|not-roaming|metered|temporarily-unmetered|not-required", rich_help_panel=CONS),
+    requires_charging: bool = O(False, "--requires-charging", help="Needs the device to be charging.", rich_help_panel=CONS),
+    battery_not_low: bool = O(False, "--battery-not-low", help="Needs the battery at 15% or more.", rich_help_panel=CONS),
+    storage_not_low: bool = O(False, "--storage-not-low", help="Needs storage not low.", rich_help_panel=CONS),
+    device_idle: bool = O(False, "--device-idle", help="Needs the device idle.", rich_help_panel=CONS),
+    heavy: bool = O(False, "--heavy", help="A long task: 10m time limit instead of 30s.", rich_help_panel=CONS),
+    expedited: bool = O(False, "--expedited", help="Run before non-expedited due tasks.", rich_help_panel=CONS),
+    qos: Optional[str] = O(None, "--qos", metavar="high|default|low", help="Order among due tasks.", rich_help_panel=CONS),
+    timeout: Optional[str] = O(None, "--timeout", metavar="DUR", help="Time limit of one run.", rich_help_panel=CONS),
+    backoff: Optional[str] = O(None, "--backoff", metavar="exponential|linear", help="Retry backoff (default exponential).", rich_help_panel=CONS),
+    backoff_delay: Optional[str] = O(None, "--backoff-delay", metavar="DUR", help="First retry delay (default 10s).", rich_help_panel=CONS),
+    max_attempts: Optional[str] = O(None, "--max-attempts", metavar="N", help="Runs allowed in all (default 10).", rich_help_panel=CONS),
+    policy: Optional[str] = O(None, "--policy", metavar="keep|replace|append|append-or-replace", help="When the id exists (default keep)."),
+    tags: Optional[List[str]] = O(None, "--tag", metavar="T", help="Label the task (repeatable)."),
+    as_json: bool = JSON_OPT,
+) -> None:
+    """Enqueue a task: ID WORKER plus a trigger and constraints, or --from FILE of JSON Lines."""
+    from . import commands
+
+    flags = _task_flags(delay, every, flex, at, exact_behavior, window, cron, on_change, no_descendants, when,
+                        requires_network, network_type, requires_charging, battery_not_low, storage_not_low,
+                        device_idle, heavy, expedited, qos, timeout, backoff, backoff_delay, max_attempts, tags)
+    if from_file is not None:
+        if task_id is not None or worker is not None or input is not None or input_file is not None or flags or policy:
+            raise InvalidParams("--from takes the tasks from the file; give no ID, WORKER or task flags with it")
+        raise typer.Exit(commands.enqueue_from(_scheduler(), from_file, as_json))
+    if task_id is None or worker is None:
+        raise _usage("enqueue needs ID and WORKER (or --from FILE)")
+    spec = dict(flags, id=task_id, worker=worker)
+    if input is not None:
+        spec["input"] = input
+    if input_file is not None:
+        spec["input_file"] = str(input_file)
+    if policy is not None:
+        spec["policy"] = policy
+    raise typer.Exit(commands.enqueue_one(_scheduler(), spec, as_json))
+
+
+@app.command("chain")
+def chain_cmd(
+    steps: Optional[List[str]] = typer.Argument(None, metavar="STEP...", help="Worker names in order; A+B runs A and B in parallel.",
+                                                autocompletion=_complete_worker),
+    chain_id: Optional[str] = O(None, "--id", help="The chain's id (generated if left out)."),
+    policy: Optional[str] = O(None, "--policy", metavar="keep|replace", help="When the chain id exists (default replace)."),
+    file: Optional[str] = O(None, "--file", metavar="FILE", help="TOML or JSON chain file (- for stdin) with per-task input and constraints."),
+    delay: Optional[str] = O(None, "--delay", metavar="DUR", help="Due DUR from now.", rich_help_panel=TRIG),
+    at: Optional[str] = O(None, "--at", metavar="TIME", help="Due at TIME.", rich_help_panel=TRIG),
+    exact_behavior: Optional[str] = O(None, "--exact-behavior", metavar="attempt|notify|error", rich_help_panel=TRIG),
+    window: Optional[Tuple[str, str]] = O(None, "--window", metavar="START END", rich_help_panel=TRIG),
+    requires_network: bool = O(False, "--requires-network", rich_help_panel=CONS),
+    network_type: Optional[str] = O(None, "--network-type", metavar="TYPE", rich_help_panel=CONS),
+    requires_charging: bool = O(False, "--requires-charging", rich_help_panel=CONS),
+    battery_not_low: bool = O(False, "--battery-not-low", rich_help_panel=CONS),
+    storage_not_low: bool = O(False, "--storage-not-low", rich_help_panel=CONS),
+    device_idle: bool = O(False, "--device-idle", rich_help_panel=CONS),
+    heavy: bool = O(False, "--heavy", rich_help_panel=CONS),
+    expedited: bool = O(False, "--expedited", rich_help_panel=CONS),
+    qos: Optional[str] = O(None, "--qos", metavar="high|default|low", rich_help_panel=CONS),
+    timeout: Optional[str] = O(None, "--timeout", metavar="DUR", rich_help_panel=CONS),
+    backoff: Optional[str] = O(None, "--backoff", metavar="exponential|linear", rich_help_panel=CONS),
+    backoff_delay: Optional[str] = O(None, "--backoff-delay", metavar="DUR", rich_help_panel=CONS),
+    max_attempts: Optional[str] = O(None, "--max-attempts", metavar="N", rich_help_panel=CONS),
+    tags: Optional[List[str]] = O(None, "--tag", metavar="T", help="Label the chain and its tasks (repeatable)."),
+    as_json: bool = JSON_OPT,
+) -> None:
+    """Enqueue a chain: steps run in order, A+B in parallel; each step gets the previous step's data."""
+    from . import commands
+
+    flags = _task_flags(delay, None, None, at, exact_behavior, window, None, None, False, None,
+                        requires_network, network_type, requires_charging, battery_not_low, storage_not_low,
+                        device_idle, heavy, expedited, qos, timeout, backoff, backoff_delay, max_attempts, tags)
+    if file is not None and steps:
+        raise InvalidParams("give the steps either on the command line or in --file, not both")
+    if file is None and not steps:
+        raise _usage("chain needs STEP... or --file FILE")
+    raise typer.Exit(commands.chain(_scheduler(), steps or [], file, chain_id, policy, flags, as_json))
+
+
+@app.command("cancel")
+def cancel_cmd(
+    ids: Optional[List[str]] = typer.Argument(None, metavar="ID...", help="Task or chain ids (ID covers its ID#n).",
+                                              autocompletion=_complete_task),
+    tag: Optional[str] = O(None, "--tag", metavar="T", help="Cancel the unfinished tasks with this tag."),
+    all_: bool = O(False, "--all", help="Cancel every unfinished task."),
+    as_json: bool = JSON_OPT,
+) -> None:
+    """Cancel tasks and chains (idempotent; an unknown id is not an error)."""
+    from . import commands
+
+    given = sum(bool(x) for x in (ids, tag is not None, all_))
+    if given != 1:
+        raise _usage("cancel needs ID..., --tag T or --all (one of them)")
+    raise typer.Exit(commands.cancel(_scheduler(), ids or [], tag, all_, as_json))
+
+
+@app.command("inspect-queue")
+def inspect_cmd(
+    task_id: Optional[str] = typer.Argument(None, metavar="[ID]", help="One task, its ID#n, or a chain.",
+                                            autocompletion=_complete_task),
+    tag: Optional[str] = O(None, "--tag", metavar="T", help="Only tasks with this tag."),
+    state: Optional[str] = O(None, "--state", metavar="S", help="Only tasks in this state (any case)."),
+    all_: bool = O(False, "--all", help="Include finished tasks."),
+    watch: bool = O(False, "--watch", help="Refresh until interrupted."),
+    as_json: bool = JSON_OPT,
+) -> None:
+    """Show the queue: unfinished tasks by default, grouped by chain."""
+    from . import commands
+
+    raise typer.Exit(commands.inspect(_scheduler(), task_id, tag, state, all_, watch, as_json))
+
+
+@app.command("run-due")
+def run_due_cmd(
+    budget: Optional[str] = O(None, "--budget", metavar="DUR", help="Time for the whole run; then running tasks expire (exit 75)."),
+    grace: Optional[str] = O(None, "--grace", metavar="DUR", help="Time a told-to-stop worker gets before SIGKILL (default 5s)."),
+    parallel: Optional[str] = O(None, "--parallel", metavar="N", help="Tasks at once (default: number of CPUs)."),
+    max_tasks: Optional[str] = O(None, "--max-tasks", metavar="N", help="Run at most N tasks."),
+    dry_run: bool = O(False, "--dry-run", help="Show what is due, run nothing."),
+    as_json: bool = JSON_OPT,
+) -> None:
+    """Run what is due now (cron, launchd or a systemd timer calls this every minute)."""
+    from . import commands
+
+    raise typer.Exit(commands.run_due(_paths(), budget, grace, _int(parallel, "--parallel"),
+                                      _int(max_tasks, "--max-tasks"), dry_run, as_json))
+
+
+@app.command("simulate-expire")
+def simulate_expire_cmd(
+    ids: Optional[List[str]] = typer.Argument(None, metavar="ID...", autocompletion=_complete_task),
+    all_: bool = O(False, "--all", help="Every running task."),
+    grace: Optional[str] = O(None, "--grace", metavar="DUR", help="Grace before SIGKILL (default 5s)."),
+    as_json: bool = JSON_OPT,
+) -> None:
+    """Deliver the expiration signal to the run-due processes running these tasks (exit 1: none)."""
+    from . import commands
+
+    if bool(ids) == all_:
+        raise _usage("simulate-expire needs ID... or --all")
+    raise typer.Exit(commands.simulate_expire(_paths(), ids or [], all_, grace, as_json))
+
+
+@app.command("events")
+def events_cmd(
+    task: Optional[str] = O(None, "--task", metavar="ID", help="Only this task (and its ID#n, or a chain's tasks).",
+                            autocompletion=_complete_task),
+    since: Optional[str] = O(None, "--since", metavar="DUR", help="Only events of the last DUR."),
+    follow: bool = O(False, "--follow", "-f", help="Keep printing new events (JSON Lines with --json)."),
+    as_json: bool = JSON_OPT,
+) -> None:
+    """The history of runs and state changes."""
+    from . import commands
+
+    raise typer.Exit(commands.events(_paths(), task, since, follow, as_json))
+
+
+@app.command("explain")
+def explain_cmd(
+    task_id: str = typer.Argument(..., metavar="ID", autocompletion=_complete_task),
+    as_json: bool = JSON_OPT,
+) -> None:
+    """Why a task is or is not running now."""
+    from . import commands
+
+    raise typer.Exit(commands.explain(_paths(), task_id, as_json))
+
+
+@app.command("workers")
+def workers_cmd(as_json: bool = JSON_OPT) -> None:
+    """List the registered workers and where each comes from."""
+    from . import commands
+
+    raise typer.Exit(commands.workers(_paths(), as_json))
+
+
+@app.command("compact")
+def compact_cmd(as_json: bool = JSON_OPT) -> None:
+    """Rewrite the journal atomically, keeping live work and recent history."""
+    from . import commands
+
+    raise typer.Exit(commands.compact(_paths(), as_json))
+
+
+@app.command("doctor")
+def doctor_cmd(
+    repair: bool = O(False, "--repair", help="Move damaged records to journal/quarantine/ and keep every valid one."),
+    as_json: bool = JSON_OPT,
+) -> None:
+    """Check the journal, permissions, workers and the invoker."""
+    from . import commands
+
+    raise typer.Exit(commands.doctor(_paths(), repair, as_json))
+
+
+BACKEND_HELP = "cron, launchd or systemd (default: the platform's own)."
+
+
+@schedule_app.command("install")
+def schedule_install(
+    backend: Optional[str] = O(None, "--backend", metavar="cron|launchd|systemd", help=BACKEND_HELP),
+    every: Optional[str] = O(None, "--every", metavar="DUR", help="How often run-due runs (default 1m)."),
+    print_only: bool = O(False, "--print", help="Only print what would be installed."),
+    as_json: bool = JSON_OPT,
+) -> None:
+    """Install the periodic run-due invoker (idempotent; other entries are kept)."""
+    from . import commands
+
+    raise typer.Exit(commands.schedule(_paths(), "install", backend, every, print_only, as_json))
+
+
+@schedule_app.command("uninstall")
+def schedule_uninstall(
+    backend: Optional[str] = O(None, "--backend", metavar="cron|launchd|systemd", help=BACKEND_HELP),
+    print_only: bool = O(False, "--print", help="Only print what would be removed."),
+    as_json: bool = JSON_OPT,
+) -> None:
+    """Remove the run-due invoker."""
+    from . import commands
+
+    raise typer.Exit(commands.schedule(_paths(), "uninstall", backend, None, print_only, as_json))
+
+
+@schedule_app.command("status")
+def schedule_status(
+    backend: Optional[str] = O(None, "--backend", metavar="cron|launchd|systemd", help=BACKEND_HELP),
+    print_only: bool = O(False, "--print", help="Print the invoker this backend would install."),
+    as_json: bool = JSON_OPT,
+) -> None:
+    """Show whether the run-due invoker is installed."""
+    from . import commands
+
+    raise typer.Exit(commands.schedule(_paths(), "status", backend, None, print_only, as_json))
+
+
+# -- entry point ---------------------------------------------------------------------------
+
+class _Usage(Exception):
+    pass
+
+
+def _usage(message: str) -> Exception:
+    return _Usage(message)
+
+
+def _fail(message: str, code: int, as_json: bool, hint: str | None = None) -> int:
+    if as_json:
+        from .output import print_json
+
+        print_json({"error": message, "exit_code": code})
+    sys.stderr.write(f"kmpwm: error: {message}\n")
+    if hint:
+        sys.stderr.write(f"kmpwm: {hint}\n")
+    return code
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Console-script entry: never a traceback on the terminal; named exit codes."""
+    from typer._click import exceptions as click_exc
+
+    args = sys.argv[1:] if argv is None else list(argv)
+    as_json = "--json" in args
+    command = typer.main.get_command(app)
+    try:
+        rv = command.main(args=args, prog_name="kmpwm", standalone_mode=False)
+        return rv if isinstance(rv, int) else 0
+    except _Usage as exc:
+        return _fail(f"{exc} (see kmpwm --help)", USAGE, as_json)
+    except click_exc.NoArgsIsHelpError as exc:
+        sys.stderr.write(exc.format_message() if hasattr(exc, "format_message") else "")
+        return USAGE
+    except click_exc.UsageError as exc:
+        ctx_name = exc.ctx.command_path if getattr(exc, "ctx", None) else "kmpwm"
+        return _fail(f"{exc.format_message()} (see {ctx_name} --help)", USAGE, as_json)
+    except click_exc.ClickException as exc:
+        return _fail(exc.format_message(), exc.exit_code, as_json)
+    except KmpwmError as exc:
+        return _fail(exc.message, exc.exit_code, as_json, exc.hint)
+    except KeyboardInterrupt:
+        sys.stderr.write("kmpwm: interrupted\n")
+        return 130
+    except BrokenPipeError:
+        try:
+            sys.stdout = open(os.devnull, "w")
+        except OSError:
+            pass
+        return 0
+    except Exception as exc:  # an internal error: the traceback goes to the log, not the terminal
+        from .logs import log_exception
+
+        where = log_exception(_paths_safe(), exc)
+        return _fail(f"internal error: {type(exc).__name__}: {exc}" + (f" (traceback in {where})" if where else ""),
+                     70, as_json)
+
+
+def _paths_safe():
+    try:
+        return _paths()
+    except Exception:
+        return None
+
+
+def run() -> None:
+    sys.exit(main())

@@ -1,0 +1,355 @@
+"""The append-only journal (SPEC section 2): self-checking records, durable appends, damage
+detection and repair.
+
+On disk every record is one line: eight hex digits of the CRC-32 of the payload, a space, the
+payload (compact JSON, which never contains a raw newline), and ``\\n``::
+
+    1a2b3c4d {"ts":1763800000.0,"ops":[...]}\\n
+
+One record is one transaction: a batch of many enqueues is one record, so a crash can never leave
+half a batch.  Bytes after the last newline are a torn tail (a write that never completed, so no
+command reported it as done): readers ignore them and the next writer truncates them away.  A
+complete line whose checksum fails is damage in the middle: readers skip it and report it,
+``run-due`` refuses to run, and ``doctor --repair`` moves it to ``quarantine/``.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import time
+import uuid
+import zlib
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterator
+
+import orjson
+
+from .exitcodes import JournalError, LockBusy
+from .paths import Paths, prepare
+
+FORMAT_VERSION = 1
+_O_NOFOLLOW = getattr(os, "O_NOFOLLOW", 0)
+_O_CLOEXEC = getattr(os, "O_CLOEXEC", 0)
+
+
+def encode(record: dict) -> bytes:
+    payload = orjson.dumps(record)
+    return b"%08x %s\n" % (zlib.crc32(payload), payload)
+
+
+def decode(line: bytes) -> dict | None:
+    """The record in one line (without its newline), or None if it fails its checksum."""
+    if len(line) < 10 or line[8:9] != b" ":
+        return None
+    payload = line[9:]
+    try:
+        if int(line[:8], 16) != zlib.crc32(payload):
+            return None
+        record = orjson.loads(payload)
+    except ValueError:
+        return None
+    return record if isinstance(record, dict) else None
+
+
+@dataclass
+class Damage:
+    start: int
+    end: int
+    torn: bool = False  # True: an incomplete last record, not damage in the middle
+
+    def describe(self) -> str:
+        size = self.end - self.start
+        if self.torn:
+            return f"torn last record ({size} bytes at offset {self.start}; a write that never completed)"
+        return f"corrupt record ({size} bytes at offset {self.start})"
+
+
+@dataclass
+class Scan:
+    records: list[tuple[int, dict]] = field(default_factory=list)  # (offset after record, record)
+    damage: list[Damage] = field(default_factory=list)  # corrupt complete lines
+    torn: Damage | None = None
+    end: int = 0  # offset after the last complete line
+
+
+def scan_bytes(data: bytes, base: int = 0) -> Scan:
+    """Split ``data`` (the journal from offset ``base``) into records and damaged regions."""
+    out = Scan(end=base)
+    pos, n = 0, len(data)
+    bad_start = -1
+    while pos < n:
+        nl = data.find(b"\n", pos)
+        if nl < 0:
+            out.torn = Damage(base + pos, base + n, torn=True)
+            break
+        record = decode(data[pos:nl])
+        if record is None:
+            if bad_start < 0:
+                bad_start = pos
+        else:
+            if bad_start >= 0:
+                out.damage.append(Damage(base + bad_start, base + pos))
+                bad_start = -1
+            out.records.append((base + nl + 1, record))
+        pos = nl + 1
+    if bad_start >= 0:
+        out.damage.append(Damage(base + bad_start, base + pos))
+    out.end = base + (pos if out.torn is None else out.torn.start)
+    return out
+
+
+class Journal:
+    """The journal file of one home: reading needs no lock, appending needs :meth:`locked`."""
+
+    def __init__(self, paths: Paths):
+        self.paths = paths
+        self.path = paths.journal_file
+        self._lock_depth = 0
+
+    # -- reading --------------------------------------------------------------------------
+
+    def identity(self) -> tuple[int, int] | None:
+        """(inode, size) of the journal file, None when it does not exist yet."""
+        try:
+            st = os.stat(self.path)
+        except FileNotFoundError:
+            return None
+        except OSError as exc:
+            raise JournalError(f"cannot read the journal {self.path}: {exc.strerror}") from None
+        return st.st_ino, st.st_size
+
+    def read(self, start: int = 0) -> tuple[Scan, int]:
+        """Scan the journal from ``start``; returns the scan and the file's inode (0 if missing)."""
+        try:
+            fd = os.open(self.path, os.O_RDONLY | _O_NOFOLLOW | _O_CLOEXEC)
+        except FileNotFoundError:
+            return Scan(end=0), 0
+        except OSError as exc:
+            raise JournalError(f"cannot open the journal {self.path}: {exc.strerror}",
+                               hint="check that it is a regular file you own") from None
+        try:
+            ino = os.fstat(fd).st_ino
+            if start:
+                os.lseek(fd, start, os.SEEK_SET)
+            chunks = []
+            while True:
+                chunk = os.read(fd, 1 << 22)
+                if not chunk:
+                    break
+                chunks.append(chunk)
+        except OSError as exc:
+            raise JournalError(f"cannot read the journal {self.path}: {exc.strerror}") from None
+        finally:
+            os.close(fd)
+        return scan_bytes(b"".join(chunks), start), ino
+
+    def header(self) -> dict | None:
+        """The first record (it names the journal's generation), None if missing or damaged."""
+        try:
+            with open(self.path, "rb") as fh:
+                line = fh.readline(1 << 16)
+        except FileNotFoundError:
+            return None
+        except OSError as exc:
+            raise JournalError(f"cannot read the journal {self.path}: {exc.strerror}") from None
+        if not line.endswith(b"\n"):
+            return None
+        record = decode(line[:-1])
+        if record and record.get("ops") and record["ops"][0].get("op") == "hdr":
+            return record["ops"][0]
+        return None
+
+    # -- writing --------------------------------------------------------------------------
+
+    @contextmanager
+    def locked(self, timeout: float | None = None) -> Iterator[None]:
+        """Hold the writers' lock (a portalocker lock on ``journal/lock``); re-entrant.
+
+        Waits up to ``KMPWM_LOCK_TIMEOUT`` seconds (default 10), then raises LockBusy (exit 75).
+        The lock file is opened per transaction so that no lock descriptor is inherited by
+        worker processes forked between transactions.
+        """
+        if self._lock_depth:
+            self._lock_depth += 1
+            try:
+                yield
+            finally:
+                self._lock_depth -= 1
+            return
+        import portalocker
+
+        prepare(self.paths)
+        if timeout is None:
+            try:
+                timeout = float(os.environ.get("KMPWM_LOCK_TIMEOUT", "10"))
+            except ValueError:
+                timeout = 10.0
+        try:
+            fd = os.open(self.paths.lock_file, os.O_RDWR | os.O_CREAT | _O_NOFOLLOW | _O_CLOEXEC, 0o600)
+        except OSError as exc:
+            raise JournalError(f"cannot open the lock file {self.paths.lock_file}: {exc.strerror}") from None
+        fh = os.fdopen(fd, "r+b")
+        deadline = time.monotonic() + timeout
+        pause = 0.002
+        try:
+            while True:
+                try:
+                    portalocker.lock(fh, portalocker.LockFlags.EXCLUSIVE | portalocker.LockFlags.NON_BLOCKING)
+                    break
+                except portalocker.exceptions.LockException:
+                    if time.monotonic() >= deadline:
+                        raise LockBusy(
+                            f"the journal is locked by another kmpwm process (waited {timeout:g}s)",
+                            hint="try again; set KMPWM_LOCK_TIMEOUT to wait longer",
+                        ) from None
+                    time.sleep(pause)
+                    pause = min(pause * 2, 0.05)
+            self._lock_depth = 1
+            try:
+                yield
+            finally:
+                self._lock_depth = 0
+                try:
+                    portalocker.unlock(fh)
+                except Exception:
+                    pass
+        finally:
+            fh.close()
+
+    def _open_for_append(self) -> tuple[int, bool]:
+        try:
+            fd = os.open(self.path, os.O_RDWR | os.O_APPEND | _O_NOFOLLOW | _O_CLOEXEC)
+            return fd, False
+        except FileNotFoundError:
+            pass
+        except OSError as exc:
+            raise JournalError(f"cannot open the journal {self.path} for writing: {exc.strerror}",
+                               hint="it must be a regular file you own (not a symlink)") from None
+        try:
+            fd = os.open(self.path, os.O_RDWR | os.O_APPEND | os.O_CREAT | os.O_EXCL | _O_NOFOLLOW | _O_CLOEXEC, 0o600)
+        except OSError as exc:
+            raise JournalError(f"cannot create the journal {self.path}: {exc.strerror}") from None
+        return fd, True
+
+    def append(self, records: list[dict]) -> int:
+        """Append records durably (write, fsync); the caller holds :meth:`locked`.
+
+        Repairs a torn tail first. On failure the file is truncated back, so a failed append
+        leaves no partial record.  Returns the offset after the last record written.
+        """
+        assert self._lock_depth, "append without the journal lock"
+        fd, created = self._open_for_append()
+        try:
+            size = os.fstat(fd).st_size
+            if created or size == 0:
+                header = {"ts": time.time(), "ops": [{"op": "hdr", "gen": uuid.uuid4().hex, "v": FORMAT_VERSION}]}
+                records = [header, *records]
+            else:
+                size = self._repair_torn_tail(fd, size)
+            blob = b"".join(encode(r) for r in records)
+            try:
+                view = memoryview(blob)
+                while view:
+                    written = os.write(fd, view)
+                    view = view[written:]
+                os.fsync(fd)
+            except OSError as exc:
+                try:
+                    os.ftruncate(fd, size)
+                    os.fsync(fd)
+                except OSError:
+                    pass  # the next writer trims the torn tail
+                raise JournalError(
+                    f"cannot write to the journal {self.path}: {exc.strerror}"
+                    + (" (disk full)" if exc.errno == errno.ENOSPC else ""),
+                    hint="nothing was written; free space or fix the file system, then try again",
+                ) from None
+            if created:
+                _fsync_dir(self.path.parent)
+            return size + len(blob)
+        finally:
+            os.close(fd)
+
+    def _repair_torn_tail(self, fd: int, size: int) -> int:
+        """If the file does not end with a newline, keep the torn bytes in quarantine and cut them off."""
+        if size == 0 or os.pread(fd, 1, size - 1) == b"\n":
+            return size
+        pos, step = size, 1 << 16
+        while pos > 0:
+            start = max(0, pos - step)
+            chunk = os.pread(fd, pos - start, start)
+            nl = chunk.rfind(b"\n")
+            if nl >= 0:
+                pos = start + nl + 1
+                break
+            pos = start
+        torn = os.pread(fd, size - pos, pos)
+        self.quarantine(torn, pos, "torn")
+        try:
+            os.ftruncate(fd, pos)
+            os.fsync(fd)
+        except OSError as exc:
+            raise JournalError(f"cannot repair the torn end of the journal {self.path}: {exc.strerror}") from None
+        return pos
+
+    def quarantine(self, data: bytes, offset: int, kind: str) -> Path:
+        """Keep damaged bytes in ``journal/quarantine/`` so that nothing is ever silently dropped."""
+        qdir = self.paths.quarantine_dir
+        os.makedirs(qdir, mode=0o700, exist_ok=True)
+        name = f"{time.strftime('%Y%m%dT%H%M%S')}-{kind}-at-{offset}-{uuid.uuid4().hex[:6]}.bin"
+        path = qdir / name
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | _O_NOFOLLOW, 0o600)
+        try:
+            os.write(fd, data)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        return path
+
+    def rewrite(self, records: list[dict]) -> None:
+        """Atomically replace the journal with a new generation holding ``records`` (caller locked)."""
+        assert self._lock_depth, "rewrite without the journal lock"
+        header = {"ts": time.time(), "ops": [{"op": "hdr", "gen": uuid.uuid4().hex, "v": FORMAT_VERSION}]}
+        atomic_write(self.path, b"".join(encode(r) for r in [header, *records]))
+
+
+def _fsync_dir(path: Path) -> None:
+    try:
+        dfd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(dfd)
+    except OSError:
+        pass
+    finally:
+        os.close(dfd)
+
+
+def atomic_write(path: Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` atomically: temp file in the same directory, fsync, rename,
+    directory fsync.  A crash leaves either the old file or the new one, never a mix."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
+    try:
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | _O_NOFOLLOW, 0o600)
+        try:
+            view = memoryview(data)
+            while view:
+                view = view[os.write(fd, view):]
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.replace(tmp, path)
+    except OSError as exc:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise JournalError(
+            f"cannot write {path}: {exc.strerror}" + (" (disk full)" if exc.errno == errno.ENOSPC else ""),
+            hint="the previous file is unchanged",
+        ) from None
+    _fsync_dir(path.parent)

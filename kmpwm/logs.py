@@ -1,0 +1,54 @@
+"""Logs in the log directory, rotated; tracebacks go here, never to the terminal."""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+import traceback
+from pathlib import Path
+
+LOG_NAME = "kmpwm.log"
+MAX_BYTES = 1 << 20
+BACKUPS = 5
+_logger: logging.Logger | None = None
+
+
+def logger(paths) -> logging.Logger:
+    """The rotating file logger of this home (created on first use)."""
+    global _logger
+    if _logger is not None:
+        return _logger
+    from logging.handlers import RotatingFileHandler
+
+    log = logging.getLogger("kmpwm")
+    log.setLevel(logging.INFO)
+    log.propagate = False
+    try:
+        os.makedirs(paths.log_dir, mode=0o700, exist_ok=True)
+        path = Path(paths.log_dir) / LOG_NAME
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | getattr(os, "O_NOFOLLOW", 0), 0o600)
+        os.close(fd)
+        handler = RotatingFileHandler(path, maxBytes=MAX_BYTES, backupCount=BACKUPS, encoding="utf-8")
+        handler.setFormatter(logging.Formatter("%(asctime)s %(process)d %(levelname)s %(message)s"))
+        log.addHandler(handler)
+    except OSError:
+        log.addHandler(logging.NullHandler())
+    _logger = log
+    return log
+
+
+def log_exception(paths, exc: BaseException) -> str | None:
+    """Write ``exc`` with its traceback to the log; returns the log's path (None if unwritable)."""
+    if paths is None:
+        return None
+    try:
+        log = logger(paths)
+        log.error("internal error: %s\n%s", exc, "".join(traceback.format_exception(exc)))
+        return str(Path(paths.log_dir) / LOG_NAME)
+    except Exception:
+        return None
+
+
+def stamp() -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%S")

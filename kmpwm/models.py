@@ -1,0 +1,180 @@
+"""The vocabulary of kmpwm: one ``str`` Enum per closed set, constraints and task requests.
+
+These mirror the seed API (``Constraints``, ``TaskRequest``, ``ScheduleResult``...) in Python
+style.  Field names follow the CLI's long flags with dashes as underscores, so a JSON Lines spec,
+a chain file and the Python API all use the same keys.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, fields
+from datetime import timedelta
+from enum import Enum
+from typing import Any
+
+
+class TaskState(str, Enum):
+    ENQUEUED = "ENQUEUED"
+    BLOCKED = "BLOCKED"
+    RUNNING = "RUNNING"
+    SUCCEEDED = "SUCCEEDED"
+    FAILED = "FAILED"
+    CANCELLED = "CANCELLED"
+
+
+UNFINISHED = frozenset({"ENQUEUED", "BLOCKED", "RUNNING"})
+FINISHED = frozenset({"SUCCEEDED", "FAILED", "CANCELLED"})
+
+
+class ScheduleResult(str, Enum):
+    SUCCESS = "SUCCESS"
+    REJECTED_OS_POLICY = "REJECTED_OS_POLICY"
+    REJECTED_INVALID_PARAMS = "REJECTED_INVALID_PARAMS"
+    FAILED_UNKNOWN = "FAILED_UNKNOWN"
+
+
+class RunStatus(str, Enum):
+    SUCCESS = "SUCCESS"
+    FAILURE = "FAILURE"
+    RETRY = "RETRY"
+    EXPIRED = "EXPIRED"
+
+
+class BackoffPolicy(str, Enum):
+    EXPONENTIAL = "exponential"
+    LINEAR = "linear"
+
+
+class ExistingWorkPolicy(str, Enum):
+    KEEP = "keep"
+    REPLACE = "replace"
+    APPEND = "append"
+    APPEND_OR_REPLACE = "append-or-replace"
+
+
+class NetworkType(str, Enum):
+    NOT_REQUIRED = "not-required"
+    CONNECTED = "connected"
+    UNMETERED = "unmetered"
+    NOT_ROAMING = "not-roaming"
+    METERED = "metered"
+    TEMPORARILY_UNMETERED = "temporarily-unmetered"
+
+
+class QualityOfService(str, Enum):
+    HIGH = "high"
+    DEFAULT = "default"
+    LOW = "low"
+
+
+class ExactBehavior(str, Enum):
+    ATTEMPT = "attempt"
+    NOTIFY = "notify"
+    ERROR = "error"
+
+
+class DeviceStateName(str, Enum):
+    BATTERY_LOW = "battery-low"
+    BATTERY_OKAY = "battery-okay"
+    STORAGE_LOW = "storage-low"
+    DEVICE_IDLE = "device-idle"
+
+
+def enum_value(enum: type[Enum], value: Any, *, what: str) -> str:
+    """Normalise a user's value (any case, ``_`` or ``-``) to the enum's value, or raise 65."""
+    from .exitcodes import InvalidParams
+
+    if isinstance(value, enum):
+        return value.value
+    if isinstance(value, str):
+        wanted = value.strip().lower().replace("_", "-")
+        for member in enum:
+            if member.value.lower() == wanted:
+                return member.value
+    choices = "|".join(m.value for m in enum)
+    raise InvalidParams(f"invalid {what} {value!r}: expected one of {choices}")
+
+
+DEFAULT_BACKOFF_DELAY = 10.0
+DEFAULT_MAX_ATTEMPTS = 10
+BACKOFF_CAP = 5 * 3600.0
+LIGHT_TIMEOUT = 30.0
+HEAVY_TIMEOUT = 600.0
+DEFAULT_GRACE = 5.0
+MAX_EXPIRIES = 5
+
+
+@dataclass
+class Constraints:
+    """When a task may run, and how it is retried (seed: ``Constraints``)."""
+
+    requires_network: bool = False
+    network_type: NetworkType | str | None = None
+    requires_charging: bool = False
+    battery_not_low: bool = False
+    storage_not_low: bool = False
+    device_idle: bool = False
+    heavy: bool = False
+    expedited: bool = False
+    qos: QualityOfService | str = QualityOfService.DEFAULT
+    timeout: float | timedelta | str | None = None
+    backoff: BackoffPolicy | str = BackoffPolicy.EXPONENTIAL
+    backoff_delay: float | timedelta | str = DEFAULT_BACKOFF_DELAY
+    max_attempts: int = DEFAULT_MAX_ATTEMPTS
+    exact_behavior: ExactBehavior | str = ExactBehavior.ATTEMPT
+
+    def to_record(self) -> dict:
+        """Validate and return the stored form (plain JSON values)."""
+        from .exitcodes import InvalidParams
+        from .timeparse import parse_duration
+
+        nt = self.network_type
+        network_type = enum_value(NetworkType, nt, what="network type") if nt is not None else None
+        if network_type is None:
+            network_type = "connected" if self.requires_network else "not-required"
+        elif network_type == "not-required" and self.requires_network:
+            network_type = "connected"
+        for name in ("requires_network", "requires_charging", "battery_not_low", "storage_not_low",
+                     "device_idle", "heavy", "expedited"):
+            if not isinstance(getattr(self, name), bool):
+                raise InvalidParams(f"invalid {name} {getattr(self, name)!r}: expected true or false")
+        timeout = None
+        if self.timeout is not None:
+            timeout = parse_duration(self.timeout, what="timeout")
+            if timeout <= 0:
+                raise InvalidParams("invalid timeout: must be more than 0s")
+        max_attempts = self.max_attempts
+        if isinstance(max_attempts, str) and max_attempts.strip().isdigit():
+            max_attempts = int(max_attempts)
+        if isinstance(max_attempts, bool) or not isinstance(max_attempts, int) or max_attempts < 1:
+            raise InvalidParams(f"invalid max attempts {self.max_attempts!r}: expected a whole number >= 1")
+        return {
+            "requires_network": network_type != "not-required",
+            "network_type": network_type,
+            "requires_charging": self.requires_charging,
+            "battery_not_low": self.battery_not_low,
+            "storage_not_low": self.storage_not_low,
+            "device_idle": self.device_idle,
+            "heavy": self.heavy,
+            "expedited": self.expedited,
+            "qos": enum_value(QualityOfService, self.qos, what="qos"),
+            "timeout": timeout,
+            "backoff": enum_value(BackoffPolicy, self.backoff, what="backoff policy"),
+            "backoff_delay": parse_duration(self.backoff_delay, what="backoff delay"),
+            "max_attempts": max_attempts,
+        }
+
+
+CONSTRAINT_KEYS = frozenset(f.name for f in fields(Constraints))
+
+
+@dataclass
+class TaskRequest:
+    """One task to enqueue (seed: ``TaskRequest``); ``id`` may be left out inside a chain."""
+
+    worker: str
+    id: str | None = None
+    input: Any = None
+    trigger: Any = None  # a kmpwm.triggers object; None means OneTime()
+    constraints: Constraints = field(default_factory=Constraints)
+    tags: list[str] = field(default_factory=list)

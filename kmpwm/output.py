@@ -1,0 +1,85 @@
+"""Printing for people and programs: one JSON document on stdout under ``--json``; otherwise a
+rich table on a terminal and plain text elsewhere (no colour under ``NO_COLOR``)."""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+from typing import Any, Iterable, Sequence
+
+import orjson
+
+
+def dumps(doc: Any) -> bytes:
+    return orjson.dumps(doc, option=orjson.OPT_INDENT_2 | orjson.OPT_NON_STR_KEYS, default=str)
+
+
+def print_json(doc: Any) -> None:
+    sys.stdout.buffer.write(dumps(doc) + b"\n")
+    sys.stdout.flush()
+
+
+def print_json_line(doc: Any) -> None:
+    sys.stdout.buffer.write(orjson.dumps(doc, default=str) + b"\n")
+    sys.stdout.flush()
+
+
+def is_tty(stream=None) -> bool:
+    stream = stream or sys.stdout
+    try:
+        return stream.isatty()
+    except (AttributeError, ValueError):
+        return False
+
+
+def color_enabled() -> bool:
+    return is_tty() and "NO_COLOR" not in os.environ and os.environ.get("TERM") != "dumb"
+
+
+def say(text: str = "") -> None:
+    sys.stdout.write(text + "\n")
+
+
+def warn(text: str) -> None:
+    sys.stderr.write(f"kmpwm: warning: {text}\n")
+
+
+STATE_STYLE = {
+    "ENQUEUED": "cyan", "BLOCKED": "magenta", "RUNNING": "bold yellow", "SUCCEEDED": "green",
+    "FAILED": "bold red", "CANCELLED": "dim", "SUCCESS": "green", "FAILURE": "red", "RETRY": "yellow",
+    "EXPIRED": "yellow",
+}
+
+
+def table(headers: Sequence[str], rows: Iterable[Sequence[Any]], *, title: str | None = None,
+          style_column: int | None = None) -> None:
+    """A table: rich on a colour terminal, aligned plain text otherwise."""
+    rows = [["" if c is None else str(c) for c in row] for row in rows]
+    if color_enabled():
+        from rich.console import Console
+        from rich.table import Table
+
+        t = Table(title=title, header_style="bold", box=None, pad_edge=False)
+        for h in headers:
+            t.add_column(h, overflow="fold")
+        for row in rows:
+            cells = list(row)
+            if style_column is not None and cells[style_column] in STATE_STYLE:
+                cells[style_column] = f"[{STATE_STYLE[cells[style_column]]}]{cells[style_column]}[/]"
+            t.add_row(*cells)
+        Console().print(t)
+        return
+    if title:
+        say(title)
+    widths = [len(h) for h in headers]
+    for row in rows:
+        for i, cell in enumerate(row):
+            widths[i] = max(widths[i], len(cell))
+    say("  ".join(h.ljust(w) for h, w in zip(headers, widths)).rstrip())
+    for row in rows:
+        say("  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip())
+
+
+def now() -> float:
+    return time.time()

@@ -1,0 +1,110 @@
+"""Where kmpwm keeps its files (SPEC section 1), and the permission rules that guard them.
+
+``--home`` wins over ``KMPWM_HOME``; without either, platformdirs decides.  Directories are
+created 0700 and files 0600; a journal directory, home or ``config.toml`` that others can
+write to, or that belongs to another user, is refused with exit 77.
+"""
+
+from __future__ import annotations
+
+import os
+import stat
+from dataclasses import dataclass
+from pathlib import Path
+
+from .exitcodes import InsecurePermissions, JournalError
+
+APP = "kmpwm"
+
+
+@dataclass(frozen=True)
+class Paths:
+    home: Path | None
+    journal_dir: Path
+    config_file: Path
+    log_dir: Path
+
+    @property
+    def journal_file(self) -> Path:
+        return self.journal_dir / "journal.log"
+
+    @property
+    def lock_file(self) -> Path:
+        return self.journal_dir / "lock"
+
+    @property
+    def snapshot_file(self) -> Path:
+        return self.journal_dir / "state.snap"
+
+    @property
+    def quarantine_dir(self) -> Path:
+        return self.journal_dir / "quarantine"
+
+    @property
+    def runners_dir(self) -> Path:
+        return self.journal_dir / "runners"
+
+
+def resolve(home: str | os.PathLike | None = None) -> Paths:
+    """Resolve the file locations; ``home`` (``--home``) wins over ``KMPWM_HOME``."""
+    chosen = home if home not in (None, "") else os.environ.get("KMPWM_HOME") or None
+    if chosen is not None:
+        base = Path(chosen).expanduser().absolute()
+        return Paths(base, base / "journal", base / "config.toml", base / "logs")
+    import platformdirs  # only needed without KMPWM_HOME
+
+    data = Path(platformdirs.user_data_dir(APP))
+    return Paths(
+        None,
+        data / "journal",
+        Path(platformdirs.user_config_dir(APP)) / "config.toml",
+        Path(platformdirs.user_log_dir(APP)),
+    )
+
+
+def check_secure(path: Path, *, what: str) -> None:
+    """Refuse (exit 77) a path writable by group/others or owned by another user."""
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        return
+    except OSError as exc:
+        raise JournalError(f"cannot read {what} {path}: {exc.strerror}") from None
+    problems = []
+    if hasattr(os, "getuid") and st.st_uid != os.getuid():
+        problems.append(f"owned by uid {st.st_uid}, not you (uid {os.getuid()})")
+    if st.st_mode & (stat.S_IWGRP | stat.S_IWOTH):
+        problems.append(f"writable by {'group and others' if st.st_mode & stat.S_IWGRP and st.st_mode & stat.S_IWOTH else 'group' if st.st_mode & stat.S_IWGRP else 'others'} (mode {stat.S_IMODE(st.st_mode):04o})")
+    if problems:
+        fix = f"chmod {'700' if stat.S_ISDIR(st.st_mode) else '600'} {path}"
+        raise InsecurePermissions(
+            f"refusing to use {what} {path}: {'; '.join(problems)}",
+            hint=f"fix it with: {fix}" + (" (and chown it to yourself)" if "owned" in problems[0] else ""),
+        )
+
+
+def ensure_dir(path: Path) -> None:
+    """Create ``path`` (and parents) with mode 0700 if missing."""
+    if path.is_dir():
+        return
+    try:
+        os.makedirs(path, mode=0o700, exist_ok=True)
+        os.chmod(path, 0o700)
+    except OSError as exc:
+        raise JournalError(f"cannot create directory {path}: {exc.strerror}") from None
+
+
+def check_all(paths: Paths) -> None:
+    """The permission checks every command runs before touching the journal."""
+    if paths.home is not None:
+        check_secure(paths.home, what="home directory")
+    check_secure(paths.journal_dir, what="journal directory")
+    check_secure(paths.config_file, what="config file")
+
+
+def prepare(paths: Paths) -> None:
+    """Check permissions, then create the directories a writer needs."""
+    check_all(paths)
+    if paths.home is not None:
+        ensure_dir(paths.home)
+    ensure_dir(paths.journal_dir)

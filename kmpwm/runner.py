@@ -1,0 +1,778 @@
+"""``run-due``: claim what is due, run every task in its own process, record what happened.
+
+One pass: (1) under the journal lock, fold the latest state, plan what is due, and append one
+record of leases (runner id, pid, start token, lease end) for the tasks it will run; (2) start a
+process per task: a forked child for Python workers, the command itself for command workers;
+(3) wait for them in a single-threaded loop over their pipes, with time limits, the run's
+budget and expiry signals; (4) append each finished run's result, durably, before anything
+that depends on it (the next chain step) is claimed.  Two run-due processes never hold the lease
+of the same task at once, so every due occurrence runs exactly once across them.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import selectors
+import signal
+import sys
+import time
+import uuid
+from dataclasses import dataclass, field
+
+import orjson
+
+from . import procs
+from .exitcodes import JournalError
+from .models import DEFAULT_GRACE
+from .paths import Paths
+from .probes import Device
+from .scheduling import plan, time_limit, upstream_of
+from .store import Store
+from .timeparse import parse_duration
+from .triggers import next_after_run
+
+LEASE_MARGIN = 10.0
+TAIL = 8192
+STDOUT_TAIL = 65536
+MAX_INLINE_ENV_INPUT = 100 * 1024  # larger inputs reach command workers on stdin only
+RECLAIM_EVERY = 1.0
+
+
+@dataclass
+class Job:
+    task: dict
+    attempt: int
+    kind: str  # python | command
+    limit: float
+    started: float  # monotonic
+    started_wall: float
+    pid: int = 0
+    proc: object = None
+    fds: dict = field(default_factory=dict)  # fd -> "result" | "out" | "err"
+    result: bytearray = field(default_factory=bytearray)
+    out: bytearray = field(default_factory=bytearray)
+    err: bytearray = field(default_factory=bytearray)
+    kill_at: float | None = None
+    expiring: bool = False
+    run_expired: bool = False  # told to stop because the whole run expired
+    exit_status: int | None = None  # raw wait status / returncode
+    immediate: dict | None = None  # a result known without a process (start failure, notify)
+
+    @property
+    def id(self) -> str:
+        return self.task["id"]
+
+
+@dataclass
+class Report:
+    ran: list = field(default_factory=list)
+    expired: list = field(default_factory=list)
+    skipped: dict = field(default_factory=dict)
+
+    def doc(self) -> dict:
+        return {"ran": self.ran, "expired": self.expired,
+                "skipped": [{"id": k, "reason": v} for k, v in self.skipped.items()]}
+
+
+class Runner:
+    def __init__(self, paths: Paths, *, budget: float | None = None, grace: float = DEFAULT_GRACE,
+                 parallel: int | None = None, max_tasks: int | None = None, dry_run: bool = False,
+                 on_event=None):
+        self.paths = paths
+        self.store = Store(paths)
+        self.budget = budget
+        self.grace = grace
+        self.parallel = parallel or os.cpu_count() or 1
+        self.max_tasks = max_tasks
+        self.dry_run = dry_run
+        self.on_event = on_event or (lambda kind, payload: None)
+        self.pid = os.getpid()
+        self.token = procs.token(self.pid)
+        self.runner_id = f"{procs.host()}/{self.pid}/{uuid.uuid4().hex[:8]}"
+        self.device = Device(storage_path=str(paths.journal_dir.parent))
+        self.jobs: dict[str, Job] = {}
+        self.done: set[str] = set()
+        self.started_count = 0
+        self.report = Report()
+        self.run_expired = False
+        self.expire_reason = ""
+        self._registry = None
+        self._sel: selectors.BaseSelector | None = None
+        self._wake_r = self._wake_w = -1
+        self._signals: dict = {}
+        self._flags = {"expire": False, "child": False}
+
+    @property
+    def registry(self):
+        if self._registry is None:
+            from .registry import Registry
+
+            self._registry = Registry(self.paths)
+        return self._registry
+
+    # -- the pass -------------------------------------------------------------------------
+
+    def run(self) -> int:
+        """Run what is due; returns 75 if the run itself expired, else 0."""
+        view = self.store.load()
+        if view.damage:
+            raise JournalError(
+                f"the journal has {len(view.damage)} damaged record(s) ({view.damage[0].describe()}); "
+                "run-due refuses to run, because a lost cancel or completion could run work twice",
+                hint="run `kmpwm doctor --repair` to quarantine the damage, then try again")
+        if self.dry_run:
+            return self._dry_run(view.state)
+        deadline = time.monotonic() + self.budget if self.budget is not None else None
+        self._setup()
+        try:
+            need_claim, last_claim = True, 0.0
+            while True:
+                now_m = time.monotonic()
+                if deadline is not None and now_m >= deadline and not self.run_expired:
+                    self._expire_run("the run's --budget ended")
+                if self._flags["expire"] and not self.run_expired:
+                    self._expire_run(self.expire_reason or "the expiration signal arrived")
+                if (not self.run_expired and len(self.jobs) < self.parallel and self._room()
+                        and (need_claim or now_m - last_claim >= RECLAIM_EVERY)):
+                    claimed = self._claim()
+                    need_claim, last_claim = False, time.monotonic()
+                    if not claimed and not self.jobs:
+                        break
+                    if claimed:
+                        need_claim = True  # fill every free slot before waiting
+                        continue
+                if not self.jobs:
+                    if self.run_expired or not self._room():
+                        break
+                    need_claim = True
+                    continue
+                self._wait(self._timeout(deadline))
+                self._check_limits()
+                finished = self._reap()
+                if finished:
+                    self._record(finished)
+                    need_claim = True
+        finally:
+            self._teardown()
+        return 75 if self.run_expired else 0
+
+    def _room(self) -> bool:
+        return self.max_tasks is None or self.started_count < self.max_tasks
+
+    def _dry_run(self, state: dict) -> int:
+        p = plan(state, time.time(), self.device, known_worker=self._known)
+        for t in p.due[: self.max_tasks or None]:
+            self.report.ran.append({"id": t["id"], "worker": t["worker"], "status": None, "message": "would run",
+                                    "data": None, "duration_ms": 0})
+        for s in p.skipped:
+            self.report.skipped[s["id"]] = s["reason"]
+        return 0
+
+    def _known(self, name: str) -> bool:
+        try:
+            return self.registry.get(name) is not None
+        except Exception:
+            return False
+
+    # -- claiming -------------------------------------------------------------------------
+
+    def _claim(self) -> int:
+        free = self.parallel - len(self.jobs)
+        if self.max_tasks is not None:
+            free = min(free, self.max_tasks - self.started_count)
+        if free <= 0:
+            return 0
+        starts = []
+        with self.store.transaction() as txn:
+            if txn.view.damage:
+                raise JournalError("the journal was damaged during the run; stopping",
+                                   hint="run `kmpwm doctor --repair`")
+            now = time.time()
+            p = plan(txn.state, now, self.device, exclude=self.done | set(self.jobs), known_worker=self._known)
+            for s in p.skipped:
+                self.report.skipped[s["id"]] = s["reason"]
+            ops = list(p.ops)
+            for t in p.due[:free]:
+                info = self.registry.get(t["worker"])
+                limit = time_limit(t, info.config.timeout if info and info.config else None)
+                op = {"op": "claim", "id": t["id"], "seq": t["seq"], "runner": self.runner_id, "pid": self.pid,
+                      "token": self.token, "until": now + limit + self.grace + LEASE_MARGIN}
+                if t["id"] in p.broken:
+                    op["broken"] = True
+                ops.append(op)
+                starts.append((t, info, limit, upstream_of(txn.state, t), p.trig_updates.get(t["id"])))
+            if not ops:
+                return 0
+            results = txn.commit(ops, ts=now)
+            claimed = results[len(p.ops):]
+        count = 0
+        for (t, info, limit, upstream, trig), ok in zip(starts, claimed):
+            if not ok:
+                continue
+            task = dict(txn.state["tasks"][t["id"]])
+            task["_trig_update"] = trig
+            self._start(task, info, limit, upstream)
+            count += 1
+        return count
+
+    # -- starting -------------------------------------------------------------------------
+
+    def _start(self, task: dict, info, limit: float, upstream: dict) -> None:
+        attempt = task["occ_attempts"] + 1
+        job = Job(task, attempt, info.kind if info else "python", limit, time.monotonic(), time.time())
+        self.jobs[job.id] = job
+        self.started_count += 1
+        self.on_event("start", job)
+        trig = task["trigger"]
+        try:
+            if trig["type"] == "exact" and trig.get("behavior") == "notify":
+                job.immediate = _notify(task, self.paths)
+            elif info is None:
+                job.immediate = {"status": "FAILURE", "message": f"unknown worker {task['worker']!r}", "data": None}
+            elif job.kind == "command":
+                self._start_command(job, info, upstream)
+            else:
+                self._start_python(job, info, upstream)
+        except OSError as exc:
+            job.immediate = {"status": "FAILURE", "message": f"could not start the worker: {exc.strerror or exc}",
+                             "data": None}
+        if trig["type"] == "exact" and job.immediate is None:
+            job.task["_late_ms"] = int(max(0.0, job.started_wall - trig["at"]) * 1000)
+
+    def _env(self, job: Job, upstream: dict) -> dict:
+        t = job.task
+        env = {"KMPWM_TASK_ID": t["id"], "KMPWM_ATTEMPT": str(job.attempt), "KMPWM_WORKER": t["worker"],
+               "KMPWM_UPSTREAM": orjson.dumps(upstream).decode()}
+        if t.get("chain_id"):
+            env["KMPWM_CHAIN_ID"] = t["chain_id"]
+            env["KMPWM_STEP"] = str(t["step"])
+        return env
+
+    def _start_command(self, job: Job, info, upstream: dict) -> None:
+        import subprocess
+        import tempfile
+
+        cfg = info.config
+        env = dict(os.environ)
+        env.update(self._env(job, upstream))
+        data = job.task["input"]
+        if data is not None and len(data) <= MAX_INLINE_ENV_INPUT:
+            env["KMPWM_INPUT"] = data
+        else:
+            env.pop("KMPWM_INPUT", None)
+        env.update(cfg.env)
+        stdin = tempfile.TemporaryFile()
+        if data:
+            stdin.write(data.encode("utf-8", "surrogateescape"))
+            stdin.seek(0)
+        try:
+            proc = subprocess.Popen(cfg.command, stdin=stdin, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                    cwd=cfg.cwd, env=env, start_new_session=True, close_fds=True,
+                                    preexec_fn=_die_with_parent)
+        except FileNotFoundError:
+            job.immediate = {"status": "FAILURE", "message": f"command not found: {cfg.command[0]}", "data": None}
+            return
+        except PermissionError:
+            job.immediate = {"status": "FAILURE", "message": f"command not executable: {cfg.command[0]}",
+                             "data": None}
+            return
+        finally:
+            stdin.close()
+        job.proc, job.pid = proc, proc.pid
+        for stream, name in ((proc.stdout, "out"), (proc.stderr, "err")):
+            fd = stream.fileno()
+            os.set_blocking(fd, False)
+            job.fds[fd] = name
+            self._sel.register(fd, selectors.EVENT_READ, job)
+
+    def _start_python(self, job: Job, info, upstream: dict) -> None:
+        from .context import WorkerContext
+
+        r, w = os.pipe()
+        out_r, out_w = os.pipe()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        parent_fds = [fd for j in self.jobs.values() for fd in j.fds] + [self._wake_r, self._wake_w]
+        pid = os.fork()
+        if pid == 0:  # the child: never returns
+            status = 0
+            try:
+                os.setsid()
+                _die_with_parent()
+                signal.set_wakeup_fd(-1)
+                for signo in (signal.SIGUSR1, signal.SIGINT, signal.SIGHUP, signal.SIGCHLD):
+                    signal.signal(signo, signal.SIG_DFL)
+                for fd in [r, out_r, *parent_fds]:
+                    try:
+                        os.close(fd)
+                    except OSError:
+                        pass
+                if self._sel is not None:
+                    try:
+                        self._sel.close()
+                    except Exception:
+                        pass
+                null = os.open(os.devnull, os.O_RDONLY)
+                os.dup2(null, 0)
+                os.dup2(out_w, 1)
+                os.dup2(out_w, 2)
+                from .worker_host import run_in_child
+
+                t = job.task
+                ctx = WorkerContext(task_id=t["id"], attempt=job.attempt, upstream=upstream, input=t["input"],
+                                    worker=t["worker"], chain_id=t.get("chain_id"), step=t.get("step"),
+                                    deadline=time.monotonic() + job.limit)
+                os.environ.update(self._env(job, upstream))
+                result = run_in_child(info, t["input"], ctx)
+                try:
+                    blob = orjson.dumps(result, default=str)
+                except TypeError as exc:
+                    blob = orjson.dumps({"status": "FAILURE", "message": f"result not JSON-serialisable: {exc}",
+                                         "data": None})
+                sys.stdout.flush()
+                sys.stderr.flush()
+                view = memoryview(blob)
+                while view:
+                    view = view[os.write(w, view):]
+            except BaseException:
+                status = 70
+                try:
+                    import traceback
+
+                    traceback.print_exc()
+                    sys.stderr.flush()
+                except BaseException:
+                    pass
+            finally:
+                os._exit(status)
+        os.close(w)
+        os.close(out_w)
+        job.pid = pid
+        for fd, name in ((r, "result"), (out_r, "out")):
+            os.set_blocking(fd, False)
+            job.fds[fd] = name
+            self._sel.register(fd, selectors.EVENT_READ, job)
+
+    # -- waiting --------------------------------------------------------------------------
+
+    def _setup(self) -> None:
+        self._sel = selectors.DefaultSelector()
+        self._wake_r, self._wake_w = os.pipe()
+        os.set_blocking(self._wake_r, False)
+        os.set_blocking(self._wake_w, False)
+        self._sel.register(self._wake_r, selectors.EVENT_READ, None)
+        self._old_wakeup = signal.set_wakeup_fd(self._wake_w, warn_on_full_buffer=False)
+
+        def on_expire(signo, frame):
+            self._flags["expire"] = True
+            if not self.expire_reason:
+                self.expire_reason = {signal.SIGUSR1: "simulate-expire delivered the expiration signal",
+                                      signal.SIGTERM: "run-due received SIGTERM",
+                                      signal.SIGINT: "run-due was interrupted"}.get(signo, "signal")
+
+        def on_child(signo, frame):
+            self._flags["child"] = True
+
+        for signo, handler in ((signal.SIGUSR1, on_expire), (signal.SIGTERM, on_expire),
+                               (signal.SIGINT, on_expire), (signal.SIGHUP, on_expire), (signal.SIGCHLD, on_child)):
+            self._signals[signo] = signal.signal(signo, handler)
+        os.makedirs(self.paths.runners_dir, mode=0o700, exist_ok=True)
+
+    def _teardown(self) -> None:
+        # Anything still running here means an unexpected error: stop it and hand the tasks back.
+        if self.jobs:
+            for job in self.jobs.values():
+                _kill(job, signal.SIGKILL)
+            deadline = time.monotonic() + 2
+            while self.jobs and time.monotonic() < deadline:
+                finished = self._reap()
+                if finished:
+                    try:
+                        self._record(finished)
+                    except Exception:
+                        break
+                time.sleep(0.01)
+        for signo, old in self._signals.items():
+            signal.signal(signo, old)
+        try:
+            signal.set_wakeup_fd(self._old_wakeup)
+        except (ValueError, AttributeError):
+            pass
+        if self._sel is not None:
+            self._sel.close()
+        for fd in (self._wake_r, self._wake_w):
+            if fd >= 0:
+                os.close(fd)
+        try:
+            os.unlink(self._expire_file())
+        except OSError:
+            pass
+
+    def _expire_file(self):
+        return self.paths.runners_dir / f"{self.pid}.expire"
+
+    def _timeout(self, deadline: float | None) -> float:
+        now = time.monotonic()
+        t = RECLAIM_EVERY
+        for job in self.jobs.values():
+            if job.immediate is not None:
+                return 0.0
+            t = min(t, (job.kill_at if job.kill_at is not None else job.started + job.limit) - now)
+        if deadline is not None and not self.run_expired:
+            t = min(t, deadline - now)
+        return max(0.0, t)
+
+    def _wait(self, timeout: float) -> None:
+        for key, _ in self._sel.select(timeout):
+            if key.data is None:
+                try:
+                    while os.read(self._wake_r, 512):
+                        pass
+                except (BlockingIOError, InterruptedError):
+                    pass
+                continue
+            self._drain(key.data, key.fd)
+
+    def _drain(self, job: Job, fd: int) -> None:
+        name = job.fds.get(fd)
+        if name is None:
+            return
+        while True:
+            try:
+                chunk = os.read(fd, 65536)
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError:
+                chunk = b""
+            if not chunk:
+                self._sel.unregister(fd)
+                os.close(fd)
+                del job.fds[fd]
+                return
+            if name == "result":
+                job.result += chunk
+            elif name == "out":
+                job.out += chunk
+                if len(job.out) > STDOUT_TAIL:
+                    del job.out[:-STDOUT_TAIL]
+            else:
+                job.err += chunk
+                if len(job.err) > TAIL:
+                    del job.err[:-TAIL]
+
+    def _check_limits(self) -> None:
+        now = time.monotonic()
+        if self._flags["expire"] and not self.run_expired:
+            self._expire_run(self.expire_reason)
+        for job in self.jobs.values():
+            if job.immediate is not None or job.exit_status is not None:
+                continue
+            if job.kill_at is not None and now >= job.kill_at:
+                _kill(job, signal.SIGKILL)
+                job.kill_at = now + 3600  # once
+            elif not job.expiring and now >= job.started + job.limit:
+                self._expire_job(job, self.grace)
+
+    def _expire_job(self, job: Job, grace: float) -> None:
+        if job.expiring or job.immediate is not None:
+            return
+        job.expiring = True
+        job.kill_at = time.monotonic() + grace
+        _kill(job, signal.SIGTERM)
+        self.on_event("expiring", job)
+
+    def _expire_run(self, reason: str) -> None:
+        self.run_expired = True
+        self.expire_reason = reason
+        grace = self.grace
+        try:
+            raw = self._expire_file().read_text()
+            grace = float(raw.strip())
+        except (OSError, ValueError):
+            pass
+        for job in self.jobs.values():
+            job.run_expired = True
+            self._expire_job(job, grace)
+
+    # -- finishing ------------------------------------------------------------------------
+
+    def _reap(self) -> list[Job]:
+        self._flags["child"] = False
+        finished = []
+        for job in list(self.jobs.values()):
+            if job.immediate is not None:
+                finished.append(job)
+                continue
+            if job.exit_status is None:
+                job.exit_status = _poll(job)
+            if job.exit_status is not None:
+                for fd in list(job.fds):
+                    self._drain(job, fd)  # what the process left in its pipes
+                if job.fds and not job.kind == "command" and "result" in job.fds.values():
+                    continue  # result still arriving
+                for fd in list(job.fds):  # a grandchild may hold a pipe open: stop reading it
+                    self._sel.unregister(fd)
+                    os.close(fd)
+                job.fds.clear()
+                finished.append(job)
+        for job in finished:
+            del self.jobs[job.id]
+        return finished
+
+    def _outcome(self, job: Job) -> dict:
+        if job.immediate is not None:
+            return job.immediate
+        if job.kind == "command":
+            return _command_outcome(job)
+        if job.result:
+            try:
+                res = orjson.loads(bytes(job.result))
+                if isinstance(res, dict) and res.get("status") in ("SUCCESS", "FAILURE", "RETRY"):
+                    return res
+            except orjson.JSONDecodeError:
+                pass
+        return {"status": "FAILURE", "message": _death(job, "the worker process"), "data": None}
+
+    def _record(self, finished: list[Job]) -> None:
+        ops, rows = [], []
+        now = time.time()
+        for job in finished:
+            res = self._outcome(job)
+            status = res["status"]
+            if job.expiring and status != "SUCCESS":
+                status = "EXPIRED"
+                res = {"status": "EXPIRED", "message": (
+                    "the run expired: " + self.expire_reason if job.run_expired
+                    else f"time limit of {job.limit:g}s reached"), "data": None}
+            duration_ms = int((time.monotonic() - job.started) * 1000)
+            t = job.task
+            op = {"op": "result", "id": t["id"], "seq": t["seq"], "runner": self.runner_id, "status": status,
+                  "message": res.get("message"), "data": res.get("data"), "duration_ms": duration_ms}
+            if status in ("SUCCESS", "FAILURE", "RETRY"):
+                if t.get("_trig_update"):
+                    op["trig_state"] = t["_trig_update"]
+                nxt = next_after_run(t["trigger"], {**t["trig_state"], **(t.get("_trig_update") or {})}, now)
+                if nxt is not None:
+                    op["next_run_at"] = nxt
+                if "_late_ms" in t:
+                    op["late_ms"] = t["_late_ms"]
+            ops.append(op)
+            row = {"id": t["id"], "worker": t["worker"], "status": status, "message": res.get("message"),
+                   "data": res.get("data"), "duration_ms": duration_ms}
+            rows.append((job, row))
+            self.done.add(t["id"])
+            if status == "EXPIRED":
+                self.report.expired.append({"id": t["id"], "worker": t["worker"]})
+        with self.store.transaction() as txn:
+            txn.commit(ops, ts=now)
+        for job, row in rows:
+            self.report.ran.append(row)
+            self.on_event("done", (job, row))
+            _log_run(self.paths, job, row)
+
+
+# -- helpers -------------------------------------------------------------------------------
+
+_PR_SET_PDEATHSIG = 1
+_libc = None
+
+
+def _die_with_parent() -> None:
+    """Linux: the worker gets SIGKILL if run-due dies, so an orphan never runs beside a re-run."""
+    global _libc
+    if not sys.platform.startswith("linux"):
+        return
+    try:
+        if _libc is None:
+            import ctypes
+
+            _libc = ctypes.CDLL(None, use_errno=True)
+        _libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
+    except Exception:
+        pass
+
+
+def _kill(job: Job, signo: int) -> None:
+    if not job.pid or job.exit_status is not None:
+        return
+    try:
+        os.killpg(job.pid, signo)  # the worker and anything it started
+    except ProcessLookupError:
+        pass
+    except PermissionError:
+        try:
+            os.kill(job.pid, signo)
+        except OSError:
+            pass
+
+
+def _poll(job: Job) -> int | None:
+    if job.proc is not None:
+        code = job.proc.poll()
+        return None if code is None else code
+    try:
+        pid, status = os.waitpid(job.pid, os.WNOHANG)
+    except ChildProcessError:
+        return -1
+    except OSError as exc:
+        if exc.errno == errno.EINTR:
+            return None
+        raise
+    if pid == 0:
+        return None
+    return os.waitstatus_to_exitcode(status)
+
+
+def _death(job: Job, what: str) -> str:
+    code = job.exit_status
+    tail = _tail_text(job.err or job.out)
+    if code is not None and code < 0:
+        try:
+            name = signal.Signals(-code).name
+        except ValueError:
+            name = f"signal {-code}"
+        msg = f"{what} was killed by {name}"
+    else:
+        msg = f"{what} exited with status {code} without a result"
+    return f"{msg}: {tail}" if tail else msg
+
+
+def _tail_text(buf: bytearray, limit: int = 500) -> str:
+    text = bytes(buf).decode("utf-8", "replace").strip()
+    if not text:
+        return ""
+    lines = [ln for ln in text.splitlines() if ln.strip()]
+    tail = lines[-1] if lines else text
+    if len(lines) > 1 and lines[-1].startswith((" ", "\t")) is False and len(tail) < 80:
+        tail = " | ".join(lines[-3:])
+    return tail[-limit:]
+
+
+def _command_outcome(job: Job) -> dict:
+    code = job.exit_status
+    if code == 0:
+        data = None
+        lines = [ln for ln in bytes(job.out).decode("utf-8", "replace").splitlines() if ln.strip()]
+        if lines:
+            try:
+                value = orjson.loads(lines[-1])
+                if isinstance(value, dict):
+                    data = value
+            except orjson.JSONDecodeError:
+                pass
+        return {"status": "SUCCESS", "message": None, "data": data}
+    if code == 75:
+        return {"status": "RETRY", "message": _tail_text(job.err) or "the worker asked to retry (exit 75)",
+                "data": None}
+    if code is not None and code < 0:
+        return {"status": "FAILURE", "message": _death(job, "the command"), "data": None}
+    tail = _tail_text(job.err)
+    return {"status": "FAILURE", "message": tail or f"the command exited with status {code}", "data": None}
+
+
+def _notify(task: dict, paths: Paths) -> dict:
+    """``--exact-behavior notify``: post a desktop notification instead of running code."""
+    import shutil
+    import subprocess
+
+    title = f"kmpwm: {task['id']}"
+    body = task["input"] or f"{task['worker']} is due"
+    late_ms = int(max(0.0, time.time() - task["trigger"]["at"]) * 1000)
+    method = "log"
+    try:
+        if shutil.which("notify-send"):
+            subprocess.run(["notify-send", title, body], timeout=5, check=False, capture_output=True)
+            method = "notify-send"
+        elif sys.platform == "darwin" and shutil.which("osascript"):
+            script = f"display notification {_applescript(body)} with title {_applescript(title)}"
+            subprocess.run(["osascript", "-e", script], timeout=5, check=False, capture_output=True)
+            method = "osascript"
+    except (OSError, subprocess.SubprocessError):
+        method = "log"
+    from .logs import logger
+
+    logger(paths).info("notification for %s: %s (%s)", task["id"], body, method)
+    return {"status": "SUCCESS", "message": f"notified ({method})",
+            "data": {"notified": True, "method": method, "late_ms": late_ms}}
+
+
+def _applescript(text: str) -> str:
+    return '"' + text.replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+
+def _log_run(paths: Paths, job: Job, row: dict) -> None:
+    from .logs import logger
+
+    log = logger(paths)
+    line = f"ran {row['id']} ({row['worker']}) attempt {job.attempt}: {row['status']} in {row['duration_ms']}ms"
+    if row["message"]:
+        line += f": {row['message']}"
+    if row["status"] in ("FAILURE", "RETRY", "EXPIRED"):
+        tail = bytes(job.err or job.out).decode("utf-8", "replace").strip()
+        if tail:
+            line += "\n  output tail:\n    " + "\n    ".join(tail.splitlines()[-40:])
+        log.warning(line)
+    else:
+        log.info(line)
+
+
+# -- the command ---------------------------------------------------------------------------
+
+def run_due_command(paths: Paths, *, budget, grace, parallel, max_tasks, dry_run, as_json) -> int:
+    from .output import is_tty, print_json
+
+    budget_s = parse_duration(budget, what="budget") if budget is not None else None
+    grace_s = parse_duration(grace, what="grace") if grace is not None else DEFAULT_GRACE
+    live = not as_json and is_tty()
+    progress = _Progress() if live else None
+    runner = Runner(paths, budget=budget_s, grace=grace_s, parallel=parallel, max_tasks=max_tasks,
+                    dry_run=dry_run, on_event=progress.event if progress else None)
+    code = runner.run()
+    doc = runner.report.doc()
+    if as_json:
+        print_json(doc)
+    elif live or dry_run:
+        _summary(doc, dry_run)
+    else:
+        for row in doc["ran"]:
+            if row["status"] in ("FAILURE",):
+                sys.stderr.write(f"kmpwm: {row['id']} ({row['worker']}) failed: {row['message']}\n")
+    if code == 75 and not as_json:
+        sys.stderr.write(f"kmpwm: the run expired ({runner.expire_reason}); "
+                         f"{len(doc['expired'])} task(s) savepointed and released\n")
+    return code
+
+
+class _Progress:
+    """One line per task as it starts and ends, on a terminal."""
+
+    def event(self, kind: str, payload) -> None:
+        if kind == "start":
+            sys.stdout.write(f"  started  {payload.id} ({payload.task['worker']})\n")
+        elif kind == "done":
+            job, row = payload
+            mark = {"SUCCESS": "ok", "FAILURE": "FAILED", "RETRY": "retry", "EXPIRED": "expired"}[row["status"]]
+            msg = f": {row['message']}" if row["message"] and row["status"] != "SUCCESS" else ""
+            sys.stdout.write(f"  {mark:<8} {row['id']} in {row['duration_ms']}ms{msg}\n")
+        elif kind == "expiring":
+            sys.stdout.write(f"  stopping {payload.id} (told to expire)\n")
+        sys.stdout.flush()
+
+
+def _summary(doc: dict, dry_run: bool) -> None:
+    from .output import say, table
+
+    if dry_run:
+        if doc["ran"]:
+            table(["WOULD RUN", "WORKER"], [[r["id"], r["worker"]] for r in doc["ran"]])
+        else:
+            say("nothing is due")
+    elif doc["ran"]:
+        table(["ID", "WORKER", "STATUS", "TIME", "MESSAGE"],
+              [[r["id"], r["worker"], r["status"], f"{r['duration_ms']}ms", (r["message"] or "")[:60]]
+               for r in doc["ran"]], style_column=2)
+    else:
+        say("nothing was due")
+    for s in doc["skipped"]:
+        say(f"skipped {s['id']}: {s['reason']}")

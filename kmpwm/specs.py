@@ -1,0 +1,135 @@
+"""Task specs with flat keys: the one way a task is described outside Python.
+
+``enqueue`` flags, ``enqueue --from`` JSON Lines and the tasks of ``chain --file`` all become a
+dict whose keys are the long flag names with dashes as underscores (``id``, ``worker``,
+``input``, ``delay``, ``every``, ``flex``, ``at``, ``window``, ``cron``, ``requires_network``,
+``policy``, ``tags``, ...).  :func:`request_from_spec` turns such a dict into a TaskRequest.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from .exitcodes import InvalidParams
+from .models import CONSTRAINT_KEYS, Constraints, ExistingWorkPolicy, TaskRequest, enum_value
+from .triggers import Cron, DeviceState, Exact, OnChange, OneTime, Periodic, Windowed
+
+TRIGGER_KEYS = ("every", "at", "window", "cron", "on_change", "when")
+SPEC_KEYS = frozenset(
+    {"id", "worker", "input", "input_file", "delay", "flex", "exact_behavior", "no_descendants",
+     "descendants", "policy", "tags", "tag", *TRIGGER_KEYS, *CONSTRAINT_KEYS}
+)
+BOOL_KEYS = frozenset({"requires_network", "requires_charging", "battery_not_low", "storage_not_low",
+                       "device_idle", "heavy", "expedited", "no_descendants", "descendants"})
+MAX_INPUT_BYTES = 1 << 20  # 1 MiB per task: inputs live in the journal and in memory
+
+
+def normalise_input(value: Any) -> str | None:
+    """A task's input as stored: a string, or the JSON text of any other JSON value."""
+    if value is None:
+        return None
+    if not isinstance(value, str):
+        import orjson
+
+        try:
+            value = orjson.dumps(value).decode()
+        except TypeError as exc:
+            raise InvalidParams(f"invalid input: {exc}") from None
+    if len(value) > MAX_INPUT_BYTES or len(value.encode("utf-8", "surrogatepass")) > MAX_INPUT_BYTES:
+        raise InvalidParams(f"input too large ({len(value.encode('utf-8', 'surrogatepass'))} bytes; the limit is 1 MiB)",
+                            hint="pass a path to a file in the input instead")
+    return value
+
+
+def read_input_file(path: str) -> str:
+    try:
+        size = Path(path).stat().st_size
+        if size > MAX_INPUT_BYTES:
+            raise InvalidParams(f"input file {path} too large ({size} bytes; the limit is 1 MiB)")
+        return Path(path).read_text(encoding="utf-8")
+    except InvalidParams:
+        raise
+    except UnicodeDecodeError:
+        raise InvalidParams(f"input file {path} is not UTF-8 text") from None
+    except OSError as exc:
+        raise InvalidParams(f"cannot read input file {path}: {exc.strerror}") from None
+
+
+def _bool(key: str, value: Any) -> bool:
+    if isinstance(value, bool):
+        return value
+    raise InvalidParams(f"invalid {key}: expected true or false, got {value!r}")
+
+
+def request_from_spec(spec: dict, *, where: str = "", default_policy: str = "keep",
+                      need_id: bool = True) -> tuple[TaskRequest, str]:
+    """Validate a flat spec and return the request and its policy."""
+    prefix = f"{where}: " if where else ""
+    if not isinstance(spec, dict):
+        raise InvalidParams(f"{prefix}expected a JSON object with at least \"id\" and \"worker\"")
+    unknown = [k for k in spec if k not in SPEC_KEYS]
+    if unknown:
+        raise InvalidParams(f"{prefix}unknown key {unknown[0]!r}")
+    try:
+        for key in BOOL_KEYS & spec.keys():
+            _bool(key, spec[key])
+        worker = spec.get("worker")
+        if not isinstance(worker, str) or not worker:
+            raise InvalidParams("missing \"worker\" (a worker name)")
+        task_id = spec.get("id")
+        if task_id is None and need_id:
+            raise InvalidParams("missing \"id\"")
+        if task_id is not None and not isinstance(task_id, str):
+            raise InvalidParams(f"invalid id {task_id!r}: expected a string")
+        triggers_given = [k for k in TRIGGER_KEYS if spec.get(k) not in (None, False)]
+        if len(triggers_given) > 1:
+            raise InvalidParams(f"two triggers at once (--{triggers_given[0].replace('_', '-')} and "
+                                f"--{triggers_given[1].replace('_', '-')}); a task has one trigger")
+        delay = spec.get("delay") or 0
+        trig_key = triggers_given[0] if triggers_given else None
+        if spec.get("flex") is not None and trig_key != "every":
+            raise InvalidParams("--flex needs --every")
+        if spec.get("exact_behavior") is not None and trig_key != "at":
+            raise InvalidParams("--exact-behavior needs --at")
+        if (spec.get("no_descendants") or spec.get("descendants") is False) and trig_key != "on_change":
+            raise InvalidParams("--no-descendants needs --on-change")
+        value = spec.get(trig_key) if trig_key else None
+        if trig_key is None:
+            trigger = OneTime(delay)
+        elif trig_key == "every":
+            trigger = Periodic(value, spec.get("flex"), delay)
+        elif trig_key == "at":
+            trigger = Exact(value, spec.get("exact_behavior") or "attempt", delay)
+        elif trig_key == "window":
+            if not isinstance(value, (list, tuple)) or len(value) != 2:
+                raise InvalidParams("invalid window: expected two times [START, END]")
+            trigger = Windowed(value[0], value[1], delay)
+        elif trig_key == "cron":
+            trigger = Cron(value, delay)
+        elif trig_key == "on_change":
+            if not isinstance(value, str):
+                raise InvalidParams("invalid on_change: expected a path")
+            trigger = OnChange(value, not (spec.get("no_descendants") or spec.get("descendants") is False), delay)
+        else:
+            trigger = DeviceState(value, delay)
+        constraints = Constraints(**{k: spec[k] for k in CONSTRAINT_KEYS if k in spec and spec[k] is not None})
+        tags = spec.get("tags", [])
+        if isinstance(tags, str):
+            tags = [tags]
+        extra = spec.get("tag")
+        if extra is not None:
+            tags = list(tags) + ([extra] if isinstance(extra, str) else list(extra))
+        if not isinstance(tags, list) or not all(isinstance(t, str) for t in tags):
+            raise InvalidParams("invalid tags: expected a list of strings")
+        if "input" in spec and spec.get("input_file") is not None:
+            raise InvalidParams("give --input or --input-file, not both")
+        raw_input = read_input_file(spec["input_file"]) if spec.get("input_file") is not None else spec.get("input")
+        policy = enum_value(ExistingWorkPolicy, spec.get("policy") or default_policy, what="policy")
+    except InvalidParams as exc:
+        if prefix:
+            exc.message = prefix + exc.message
+            exc.args = (exc.message,)
+        raise
+    return TaskRequest(worker=worker, id=task_id, input=normalise_input(raw_input), trigger=trigger,
+                       constraints=constraints, tags=list(tags)), policy

@@ -1,0 +1,194 @@
+"""The journal folded into state, kept cheap to read: a snapshot plus the tail after it.
+
+The snapshot (``journal/state.snap``) is only a cache: the state folded up to a byte offset of a
+named journal generation.  It is ignored whenever it does not match the journal (another
+generation, an offset past the end, a bad checksum), and deleting it changes nothing a user sees.
+Reading the state costs the snapshot plus the records appended after it, not the whole history.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+import zlib
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Iterator
+
+import orjson
+
+from .exitcodes import JournalError
+from .journal import Damage, Journal, atomic_write
+from .paths import Paths, check_all, resolve
+from .state import apply, new_state
+
+SNAPSHOT_MAGIC = b"KMPWMSNAP1 "
+# Write a new snapshot once the tail after the last one holds this many records or bytes.
+SNAPSHOT_AFTER_RECORDS = 2000
+SNAPSHOT_AFTER_BYTES = 4 << 20
+
+
+@dataclass
+class View:
+    """A consistent reading of the journal."""
+
+    state: dict
+    offset: int = 0  # bytes of the journal folded into ``state``
+    gen: str | None = None
+    damage: list[Damage] = field(default_factory=list)  # corrupt records seen (not torn tails)
+    torn: Damage | None = None
+    from_snapshot: bool = False
+
+
+class Store:
+    """One home's journal and its folded state; the layer every command goes through."""
+
+    def __init__(self, paths: Paths | None = None):
+        self.paths = paths or resolve()
+        self.journal = Journal(self.paths)
+        self._view: View | None = None
+        self._ino = 0
+        self._tail_records = 0  # records folded since the snapshot we started from
+        self._tail_bytes = 0
+
+    # -- reading --------------------------------------------------------------------------
+
+    def load(self) -> View:
+        """The current state: incremental after the first call (only new records are folded)."""
+        check_all(self.paths)
+        ident = self.journal.identity()
+        view = self._view
+        if view is None or ident is None or ident[0] != self._ino or ident[1] < view.offset:
+            view = self._full_load()
+        elif ident[1] > view.offset:
+            self._fold_tail(view)
+        self._view = view
+        self._maybe_snapshot(view)
+        return view
+
+    def _full_load(self) -> View:
+        self._tail_records = self._tail_bytes = 0
+        view = self._read_snapshot()
+        if view is None:
+            view = View(new_state())
+        self._fold_tail(view)
+        return view
+
+    def _fold_tail(self, view: View) -> None:
+        scan, ino = self.journal.read(view.offset)
+        self._ino = ino
+        state = view.state
+        for _, record in scan.records:
+            ops = record.get("ops")
+            if ops and ops[0].get("op") == "hdr" and view.offset == 0 and view.gen is None:
+                view.gen = ops[0].get("gen")
+            apply(state, record)
+        view.damage.extend(scan.damage)
+        view.torn = scan.torn
+        self._tail_records += len(scan.records)
+        self._tail_bytes += scan.end - view.offset
+        view.offset = scan.end
+
+    # -- snapshot -------------------------------------------------------------------------
+
+    def _read_snapshot(self) -> View | None:
+        try:
+            with open(self.paths.snapshot_file, "rb") as fh:
+                blob = fh.read()
+        except OSError:
+            return None
+        try:
+            if not blob.startswith(SNAPSHOT_MAGIC):
+                return None
+            nl = blob.index(b"\n")
+            meta = orjson.loads(blob[len(SNAPSHOT_MAGIC):nl])
+            body = memoryview(blob)[nl + 1:]
+            if zlib.crc32(body) != meta["crc"]:
+                return None
+            header = self.journal.header()
+            ident = self.journal.identity()
+            if header is None or ident is None or header.get("gen") != meta["gen"] or meta["offset"] > ident[1]:
+                return None
+            state = orjson.loads(body)
+        except (ValueError, KeyError, TypeError):
+            return None
+        return View(state, offset=meta["offset"], gen=meta["gen"], from_snapshot=True)
+
+    def _maybe_snapshot(self, view: View) -> None:
+        if view.damage or view.gen is None:
+            return  # never cache over damage: it must stay visible until repaired
+        if self._tail_records < SNAPSHOT_AFTER_RECORDS and self._tail_bytes < SNAPSHOT_AFTER_BYTES:
+            return
+        try:
+            self.write_snapshot(view)
+        except JournalError:
+            pass  # a cache that could not be written costs time, not correctness
+
+    def write_snapshot(self, view: View) -> None:
+        body = orjson.dumps(view.state)
+        meta = orjson.dumps({"gen": view.gen, "offset": view.offset, "crc": zlib.crc32(body),
+                             "written_at": time.time()})
+        atomic_write(self.paths.snapshot_file, SNAPSHOT_MAGIC + meta + b"\n" + body)
+        self._tail_records = self._tail_bytes = 0
+
+    def drop_snapshot(self) -> None:
+        try:
+            os.unlink(self.paths.snapshot_file)
+        except FileNotFoundError:
+            pass
+        except OSError as exc:
+            raise JournalError(f"cannot remove {self.paths.snapshot_file}: {exc.strerror}") from None
+
+    def invalidate(self) -> None:
+        """Forget the in-memory state (after the journal was rewritten)."""
+        self._view = None
+        self._ino = 0
+
+    # -- writing --------------------------------------------------------------------------
+
+    @contextmanager
+    def transaction(self, timeout: float | None = None) -> Iterator["Transaction"]:
+        """Hold the writers' lock with the state brought up to date under it."""
+        with self.journal.locked(timeout):
+            view = self.load()
+            yield Transaction(self, view)
+
+    def _committed(self, view: View, records: list[dict], end: int) -> list:
+        results = []
+        for record in records:
+            ops = record.get("ops")
+            if ops and ops[0].get("op") == "hdr":
+                view.gen = ops[0].get("gen")
+            results = apply(view.state, record)
+        ident = self.journal.identity()
+        self._ino = ident[0] if ident else 0
+        self._tail_records += len(records)
+        self._tail_bytes += end - view.offset
+        view.offset = end
+        return results
+
+
+class Transaction:
+    """Writes made while holding the lock; ``commit`` appends one durable record."""
+
+    def __init__(self, store: Store, view: View):
+        self.store = store
+        self.view = view
+
+    @property
+    def state(self) -> dict:
+        return self.view.state
+
+    def commit(self, ops: list[dict], ts: float | None = None) -> list:
+        """Append ``ops`` as one record (all or nothing), fsynced; returns the fold's results."""
+        if not ops:
+            return []
+        record = {"ts": time.time() if ts is None else ts, "ops": ops}
+        created = self.store.journal.identity() is None or self.view.offset == 0
+        end = self.store.journal.append([record])
+        records = [record]
+        if created and self.view.gen is None:
+            header = self.store.journal.header()
+            if header:
+                records = [{"ts": record["ts"], "ops": [header]}, record]
+        return self.store._committed(self.view, records, end)

@@ -1,0 +1,236 @@
+"""Triggers (SPEC section 3): when a task is due, as classes for the Python API and as pure
+arithmetic over the stored form.
+
+The stored form is a plain dict with a ``type`` key; times are epoch seconds.  Everything here is
+pure except :func:`cron_next` (local time zone) and the on-change signature, which reads the disk.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from typing import Any
+
+from .exitcodes import InvalidParams
+from .models import BACKOFF_CAP, DeviceStateName, ExactBehavior, enum_value
+from .timeparse import iso, parse_duration, parse_time
+
+MIN_PERIOD = 60.0
+REPEATING = frozenset({"periodic", "cron", "on_change", "device_state"})
+
+
+@dataclass(frozen=True)
+class OneTime:
+    delay: float | timedelta = 0
+
+    def to_record(self, now: float) -> dict:
+        return {"type": "one_time", "delay": parse_duration(self.delay, what="delay")}
+
+
+@dataclass(frozen=True)
+class Periodic:
+    interval: float | timedelta | str
+    flex: float | timedelta | str | None = None
+    delay: float | timedelta = 0
+
+    def to_record(self, now: float) -> dict:
+        every = parse_duration(self.interval, what="interval")
+        if every < MIN_PERIOD:
+            raise InvalidParams(f"invalid interval {self.interval!r}: a periodic task repeats at most once a minute (--every 60s or more)")
+        flex = every if self.flex is None else parse_duration(self.flex, what="flex")
+        if flex > every:
+            raise InvalidParams(f"invalid flex {self.flex!r}: must not exceed the interval ({every:g}s)")
+        return {"type": "periodic", "every": every, "flex": flex, "delay": parse_duration(self.delay, what="delay")}
+
+
+@dataclass(frozen=True)
+class Exact:
+    at: datetime | float | str
+    behavior: ExactBehavior | str = ExactBehavior.ATTEMPT
+    delay: float | timedelta = 0
+
+    def to_record(self, now: float) -> dict:
+        return {
+            "type": "exact",
+            "at": parse_time(self.at, now=now, what="time"),
+            "behavior": enum_value(ExactBehavior, self.behavior, what="exact behavior"),
+            "delay": parse_duration(self.delay, what="delay"),
+        }
+
+
+@dataclass(frozen=True)
+class Windowed:
+    start: datetime | float | str
+    end: datetime | float | str
+    delay: float | timedelta = 0
+
+    def to_record(self, now: float) -> dict:
+        start = parse_time(self.start, now=now, what="window start")
+        end = parse_time(self.end, now=now, what="window end")
+        if end < start:
+            raise InvalidParams(f"invalid window: end ({iso(end)}) is before start ({iso(start)})")
+        if end < now:
+            raise InvalidParams(f"invalid window: it ended already ({iso(end)})")
+        return {"type": "windowed", "start": start, "end": end, "delay": parse_duration(self.delay, what="delay")}
+
+
+@dataclass(frozen=True)
+class Cron:
+    expr: str
+    delay: float | timedelta = 0
+
+    def to_record(self, now: float) -> dict:
+        if not isinstance(self.expr, str) or len(self.expr.split()) != 5:
+            raise InvalidParams(f"invalid cron expression {self.expr!r}: expected 5 fields (minute hour day month weekday)")
+        try:
+            cron_next(self.expr, now)
+        except InvalidParams:
+            raise
+        except Exception as exc:  # croniter's own message says which field
+            raise InvalidParams(f"invalid cron expression {self.expr!r}: {exc}") from None
+        return {"type": "cron", "expr": " ".join(self.expr.split()), "delay": parse_duration(self.delay, what="delay")}
+
+
+@dataclass(frozen=True)
+class OnChange:
+    path: str | os.PathLike
+    descendants: bool = True
+    delay: float | timedelta = 0
+
+    def to_record(self, now: float) -> dict:
+        path = os.path.abspath(os.path.expanduser(os.fspath(self.path)))
+        if not os.path.exists(path):
+            raise InvalidParams(f"invalid --on-change path {self.path!s}: it does not exist")
+        return {"type": "on_change", "path": path, "descendants": bool(self.descendants),
+                "delay": parse_duration(self.delay, what="delay")}
+
+
+@dataclass(frozen=True)
+class DeviceState:
+    name: DeviceStateName | str
+    delay: float | timedelta = 0
+
+    def to_record(self, now: float) -> dict:
+        return {"type": "device_state", "state": enum_value(DeviceStateName, self.name, what="device state"),
+                "delay": parse_duration(self.delay, what="delay")}
+
+
+# Seed-style aliases for the device-state triggers.
+def BatteryLow() -> DeviceState:  # noqa: N802 - mirrors the seed's names
+    return DeviceState("battery-low")
+
+
+def BatteryOkay() -> DeviceState:  # noqa: N802
+    return DeviceState("battery-okay")
+
+
+def StorageLow() -> DeviceState:  # noqa: N802
+    return DeviceState("storage-low")
+
+
+def DeviceIdle() -> DeviceState:  # noqa: N802
+    return DeviceState("device-idle")
+
+
+# --- arithmetic over the stored form -------------------------------------------------------
+
+
+def cron_next(expr: str, after: float) -> float:
+    """The first time strictly after ``after`` that matches ``expr`` in local time."""
+    from croniter import croniter  # only tasks with a cron trigger pay for it
+
+    base = datetime.fromtimestamp(after).astimezone()
+    return float(croniter(expr, base).get_next(float))
+
+
+def initial(trigger: dict, now: float) -> tuple[float, dict]:
+    """First due time and trigger state for a trigger enqueued at ``now``."""
+    start = now + trigger.get("delay", 0.0)
+    kind = trigger["type"]
+    if kind == "periodic":
+        return start, {"anchor": start}
+    if kind == "exact":
+        return max(trigger["at"], start), {}
+    if kind == "windowed":
+        return max(trigger["start"], start), {}
+    if kind == "cron":
+        return cron_next(trigger["expr"], start - 1e-6), {}
+    if kind == "on_change":
+        return start, {"baseline": change_signature(trigger["path"], trigger["descendants"])}
+    if kind == "device_state":
+        return start, {"armed": True}
+    return start, {}
+
+
+def next_periodic(trigger: dict, trig_state: dict, ran_at: float) -> float:
+    """Next due time of a periodic task that ran at ``ran_at``: on the period grid, in the last
+    FLEX of the period after the one that holds ``ran_at``; missed periods coalesce into one run."""
+    every, flex = trigger["every"], trigger["flex"]
+    anchor = trig_state.get("anchor", ran_at)
+    k = math.floor((ran_at - anchor) / every) if ran_at >= anchor else -1
+    return anchor + (k + 2) * every - flex
+
+
+def next_after_run(trigger: dict, trig_state: dict, ran_at: float) -> float | None:
+    """Next due time of a repeating task after a run, or None for one-shot triggers."""
+    kind = trigger["type"]
+    if kind == "periodic":
+        return next_periodic(trigger, trig_state, ran_at)
+    if kind == "cron":
+        return cron_next(trigger["expr"], ran_at)
+    if kind in ("on_change", "device_state"):
+        return ran_at
+    return None
+
+
+def backoff_delay(policy: str, delay: float, retries: int) -> float:
+    """Delay before retry number ``retries`` (1 for the first): exponential or linear, capped at 5h."""
+    if retries < 1:
+        retries = 1
+    if policy == "linear":
+        value = delay * retries
+    else:
+        value = delay * (2.0 ** min(retries - 1, 64))
+    return min(value, BACKOFF_CAP)
+
+
+def change_signature(path: str, descendants: bool) -> list:
+    """A cheap fingerprint of PATH: size and mtime (ns) of it and, with descendants, of every entry
+    below it.  Directory mtimes change when entries are added, removed or renamed."""
+    try:
+        st = os.stat(path)
+    except OSError:
+        return ["missing"]
+    if not descendants or not os.path.isdir(path):
+        return [st.st_mtime_ns, st.st_size, st.st_ino]
+    import zlib
+
+    count, acc = 0, zlib.crc32(f"{st.st_mtime_ns}".encode())
+    stack = [path]
+    while stack:
+        top = stack.pop()
+        try:
+            with os.scandir(top) as it:
+                for entry in it:
+                    try:
+                        est = entry.stat(follow_symlinks=False)
+                    except OSError:
+                        continue
+                    count += 1
+                    acc = zlib.crc32(f"{entry.path}\0{est.st_mtime_ns}\0{est.st_size}".encode(), acc)
+                    if entry.is_dir(follow_symlinks=False):
+                        stack.append(entry.path)
+        except OSError:
+            continue
+    return [st.st_mtime_ns, count, acc]
+
+
+def to_json(trigger: dict) -> dict:
+    """The trigger as shown in ``inspect-queue --json``: times in ISO 8601 UTC."""
+    out: dict[str, Any] = dict(trigger)
+    for key in ("at", "start", "end"):
+        if key in out:
+            out[key] = iso(out[key])
+    return out

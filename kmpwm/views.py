@@ -1,0 +1,105 @@
+"""Read-side views of the state: the task and chain documents of ``inspect-queue --json``,
+selection by id, tag and state, and the effective state of a task at a given time."""
+
+from __future__ import annotations
+
+from .exitcodes import InvalidParams
+from .models import FINISHED, UNFINISHED, TaskState, enum_value
+from .state import chain_next_step, chain_state, family
+from .timeparse import iso
+from .triggers import to_json as trigger_json
+
+
+def effective_state(t: dict, now: float) -> str:
+    """RUNNING only while its lease holds; a task whose runner vanished is claimable again."""
+    if t["state"] == "RUNNING" and t["lease"] and t["lease"]["until"] <= now:
+        return "ENQUEUED"
+    return t["state"]
+
+
+def next_run_at(t: dict, now: float) -> float | None:
+    state = effective_state(t, now)
+    if state != "ENQUEUED":
+        return None
+    if t["state"] == "RUNNING":
+        return t["lease"]["until"]
+    return t["due"]
+
+
+def task_json(t: dict, now: float) -> dict:
+    return {
+        "id": t["id"],
+        "worker": t["worker"],
+        "state": effective_state(t, now),
+        "chain_id": t.get("chain_id"),
+        "step": t.get("step"),
+        "attempts": t["attempts"],
+        "next_run_at": iso(next_run_at(t, now)),
+        "trigger": trigger_json(t["trigger"]),
+        "constraints": t["constraints"],
+        "input": t["input"],
+        "tags": t.get("tags", []),
+        "last_result": t["last_result"],
+        "reason": t.get("reason"),
+        "created_at": iso(t.get("created_at")),
+        "finished_at": iso(t.get("finished_at")),
+        "after": t.get("after", []),
+        "lease": None if not t.get("lease") else {
+            "runner": t["lease"]["runner"], "pid": t["lease"].get("pid"), "until": iso(t["lease"]["until"])},
+    }
+
+
+def chain_json(state: dict, chain: dict) -> dict:
+    return {
+        "id": chain["id"],
+        "state": chain_state(state, chain),
+        "steps": chain["steps"],
+        "next_step": chain_next_step(state, chain),
+        "created_at": iso(chain.get("created_at")),
+    }
+
+
+def parse_state_filter(value: str | None) -> str | None:
+    if value is None:
+        return None
+    return enum_value(TaskState, value.upper(), what="state") if value.upper() in TaskState.__members__ else _bad_state(value)
+
+
+def _bad_state(value: str):
+    raise InvalidParams(f"invalid state {value!r}: expected one of {'|'.join(s.value for s in TaskState)}")
+
+
+def select(state: dict, now: float, *, task_id: str | None = None, tag: str | None = None,
+           state_filter: str | None = None, include_finished: bool = False) -> tuple[list[dict], list[dict]]:
+    """Tasks and chains to show, in enqueue order."""
+    tasks = state["tasks"]
+    chains = state["chains"]
+    if task_id is not None:
+        ids: list[str] = []
+        chain = chains.get(task_id)
+        if chain is not None:
+            ids += [i for step in chain["steps"] for i in step]
+        if "#" in task_id:
+            ids += [task_id] if task_id in tasks else []
+        else:
+            ids += family(state, task_id)
+        picked = [tasks[i] for i in dict.fromkeys(ids) if i in tasks]
+    else:
+        picked = list(tasks.values())
+    if tag is not None:
+        picked = [t for t in picked if tag in t.get("tags", ()) or
+                  (t.get("chain_id") in chains and tag in chains[t["chain_id"]].get("tags", ()))]
+    if state_filter is not None:
+        picked = [t for t in picked if effective_state(t, now) == state_filter]
+    elif not include_finished and task_id is None:
+        picked = [t for t in picked if t["state"] in UNFINISHED]
+    picked.sort(key=lambda t: t["seq"])
+    chain_ids = dict.fromkeys(t["chain_id"] for t in picked if t.get("chain_id"))
+    if task_id is not None and task_id in chains:
+        chain_ids[task_id] = None
+    shown = [chains[c] for c in chain_ids if c in chains]
+    return picked, shown
+
+
+def is_finished(t: dict) -> bool:
+    return t["state"] in FINISHED

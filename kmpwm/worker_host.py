@@ -1,0 +1,78 @@
+"""Running one Python worker inside its own process (the child side of run-due).
+
+The worker object is a callable ``(input)`` or ``(input, ctx)``, sync or async, or a class with
+``do_work`` taking the same; it returns a WorkerResult, True/False/None, or raises (a failure
+with the exception's message; the traceback goes to stderr, which run-due logs).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import importlib
+import inspect
+import signal
+import sys
+import traceback
+from typing import Any
+
+from .context import WorkerContext
+from .results import Failure, WorkerResult, normalise
+
+
+def load_target(info) -> Any:
+    """The object behind a worker: an entry point's, or a config ``entry = "module:attr"``."""
+    if info.entry_point is not None:
+        return info.entry_point.load()
+    module_name, _, attr = info.config.entry.partition(":")
+    if info.config.cwd and info.config.cwd not in sys.path:
+        sys.path.insert(0, info.config.cwd)
+    obj: Any = importlib.import_module(module_name)
+    for part in attr.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
+def _wants_ctx(func) -> bool:
+    try:
+        params = list(inspect.signature(func).parameters.values())
+    except (TypeError, ValueError):
+        return False
+    positional = [p for p in params if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+    if any(p.kind == p.VAR_POSITIONAL for p in params):
+        return True
+    return len(positional) >= 2
+
+
+def call(target: Any, input: str | None, ctx: WorkerContext) -> WorkerResult:
+    """Invoke ``target`` the way its signature asks and normalise what it returns."""
+    if inspect.isclass(target):
+        target = target().do_work
+    elif not callable(target):
+        return Failure(f"worker object {target!r} is not callable")
+    elif hasattr(target, "do_work") and not inspect.isfunction(target):
+        target = target.do_work
+    args = (input, ctx) if _wants_ctx(target) else (input,)
+    value = target(*args)
+    if inspect.isawaitable(value):
+        value = asyncio.run(_await(value))
+    return normalise(value)
+
+
+async def _await(awaitable):
+    return await awaitable
+
+
+def run_in_child(info, input: str | None, ctx: WorkerContext) -> dict:
+    """Run the worker; returns the result as a plain dict (never raises)."""
+    signal.signal(signal.SIGTERM, lambda signo, frame: ctx.expire())
+    try:
+        result = call(load_target(info), input, ctx)
+    except Exception as exc:
+        traceback.print_exc()
+        message = str(exc) or type(exc).__name__
+        return {"status": "FAILURE", "message": f"{type(exc).__name__}: {message}" if str(exc) else message,
+                "data": None}
+    except SystemExit as exc:
+        return {"status": "SUCCESS" if exc.code in (0, None) else "FAILURE",
+                "message": None if exc.code in (0, None) else f"worker exited with {exc.code}", "data": None}
+    return {"status": result.status, "message": result.message, "data": result.data}

@@ -1,0 +1,44 @@
+"""Small built-in workers: ``echo`` (returns its input as data), ``sleep`` and ``fail``.
+
+They make demos and smoke tests possible without writing a worker first.
+"""
+
+from __future__ import annotations
+
+import json
+
+from ..results import Failure, Retry, Success
+
+
+def _parse(input: str | None):
+    if input is None or input == "":
+        return None
+    try:
+        return json.loads(input)
+    except ValueError:
+        return input
+
+
+def echo(input, ctx):
+    """Succeed with ``data``: the input if it is a JSON object, else ``{"input": ...}``; the upstream
+    data of a chain is passed through under ``upstream`` so chains can show data flowing."""
+    value = _parse(input)
+    data = dict(value) if isinstance(value, dict) else ({"input": value} if value is not None else {})
+    if ctx.upstream:
+        data.setdefault("upstream", ctx.upstream)
+    data.setdefault("task", ctx.task_id)
+    return Success(message=f"echo from {ctx.task_id}", data=data)
+
+
+def sleep(input, ctx):
+    """Sleep for the number of seconds in the input (default 1); stops early when told to expire."""
+    value = _parse(input)
+    seconds = float(value.get("seconds", 1) if isinstance(value, dict) else (value if value is not None else 1))
+    if ctx.wait(seconds):
+        return Retry("told to stop before the sleep ended")
+    return Success(message=f"slept {seconds:g}s", data={"slept": seconds})
+
+
+def fail(input, ctx):
+    """Always fail, with the input as the message (for trying out retries and chains)."""
+    return Failure(str(_parse(input) or "failed on purpose"))

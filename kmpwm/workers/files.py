@@ -1,0 +1,196 @@
+"""The ``compress`` built-in worker, plus the input and file helpers the other built-ins share."""
+
+from __future__ import annotations
+
+import json
+import os
+import posixpath
+import secrets
+import tarfile
+import time
+import zipfile
+
+from ..results import Failure, Retry, Success
+
+FORMATS = ("zip", "tar.gz")
+
+
+def load_input(input, worker: str) -> dict | Failure:
+    """The worker's input as a dict: empty when there is none, a Failure when it is not a JSON
+    object (the scheduler records the message, so it names the worker and the problem)."""
+    if input is None or (isinstance(input, str) and not input.strip()):
+        return {}
+    if isinstance(input, dict):
+        return input
+    try:
+        value = json.loads(input)
+    except (TypeError, ValueError) as exc:
+        return Failure(f"{worker}: input is not valid JSON: {exc}")
+    if not isinstance(value, dict):
+        return Failure(f"{worker}: input must be a JSON object, got {type(value).__name__}")
+    return value
+
+
+def elapsed_ms(started: float) -> int:
+    return round((time.monotonic() - started) * 1000)
+
+
+def fsync_dir(path: str) -> None:
+    """Make a rename inside ``path`` durable; not every platform can open a directory, and the
+    rename itself has already happened, so failing here must not fail the task."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def compress(input, ctx):
+    """Pack files and directories into a zip or tar.gz archive, written atomically.
+
+    Input (JSON object):
+        ``paths``: list of files/directories, or ``path``: one (falls back to ``upstream["path"]``,
+        so a chain can compress what a download produced); ``output``: the archive to write;
+        ``format``: ``"zip"`` or ``"tar.gz"`` (default: from the output's suffix — ``.tar.gz`` or
+        ``.tgz`` mean tar.gz — else zip).
+    Directories are added recursively under their own name (``dir/sub/file``); symlinks to files
+    are stored as the file's content, symlinked directories and special files are skipped.
+
+    Data: ``output``, ``format``, ``files`` (regular files stored), ``bytes_in`` (their total size),
+    ``bytes_out`` (archive size), ``skipped``, ``duration_ms``.
+    Told to expire between two files, it removes the partial archive and asks to be retried.
+    """
+    started = time.monotonic()
+    args = load_input(input, "compress")
+    if isinstance(args, Failure):
+        return args
+    paths = _input_paths(args, ctx)
+    if isinstance(paths, Failure):
+        return paths
+    output = args.get("output")
+    if not isinstance(output, str) or not output:
+        return Failure('compress: "output" (the archive path) is required')
+    output = os.path.abspath(os.path.expanduser(output))
+    if os.path.isdir(output):
+        return Failure(f"compress: output is a directory: {output}")
+    fmt = args.get("format") or _format_from_suffix(output)
+    if fmt not in FORMATS:
+        return Failure(f"compress: unknown format {fmt!r} (expected one of {', '.join(FORMATS)})")
+
+    entries = _collect(paths, output)
+    if isinstance(entries, Failure):
+        return entries
+    members, skipped = entries
+
+    directory = os.path.dirname(output)
+    os.makedirs(directory, exist_ok=True)
+    # Hidden and unique, in the same directory so os.replace is an atomic rename; created with
+    # os.open(0o666) rather than mkstemp so the archive gets the user's umask, not 0600.
+    tmp = os.path.join(directory, f".{os.path.basename(output)}.{secrets.token_hex(6)}.tmp")
+    done = False
+    try:
+        with os.fdopen(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666), "wb") as raw:
+            if not _write_archive(raw, fmt, output, members, ctx):
+                return Retry("compress: stopped before the archive was complete; will start over")
+            raw.flush()
+            os.fsync(raw.fileno())
+        os.replace(tmp, output)
+        done = True
+    except OSError as exc:
+        return Failure(f"compress: {exc}")
+    finally:
+        if not done:
+            try:
+                os.remove(tmp)
+            except FileNotFoundError:
+                pass
+    fsync_dir(directory)
+
+    files = [m for m in members if m[2] is not None]
+    return Success(
+        message=f"compressed {len(files)} file(s) into {output}",
+        data={
+            "output": output,
+            "format": fmt,
+            "files": len(files),
+            "bytes_in": sum(m[2] for m in files),
+            "bytes_out": os.path.getsize(output),
+            "skipped": skipped,
+            "duration_ms": elapsed_ms(started),
+        },
+    )
+
+
+def _input_paths(args: dict, ctx) -> list[str] | Failure:
+    paths = args.get("paths")
+    if paths is None:
+        one = args.get("path") or (ctx.upstream or {}).get("path")
+        paths = [one] if one else []
+    if not isinstance(paths, list) or not all(isinstance(p, str) and p for p in paths):
+        return Failure('compress: "paths" must be a list of file or directory paths')
+    if not paths:
+        return Failure('compress: nothing to compress: give "paths" or "path"')
+    return [os.path.abspath(os.path.expanduser(p)) for p in paths]
+
+
+def _format_from_suffix(output: str) -> str:
+    name = output.lower()
+    return "tar.gz" if name.endswith((".tar.gz", ".tgz")) else "zip"
+
+
+def _collect(paths: list[str], output: str):
+    """Every (filesystem path, archive name, size or None for a directory) to store, plus how
+    many entries were skipped; a Failure for a missing path or two inputs with the same name."""
+    members: list[tuple[str, str, int | None]] = []
+    skipped = 0
+    for path in paths:
+        if not os.path.exists(path):
+            return Failure(f"compress: no such file or directory: {path}")
+        prefix = os.path.basename(os.path.normpath(path))
+        if not os.path.isdir(path):
+            members.append((path, prefix, os.path.getsize(path)))
+            continue
+        for root, dirs, names in os.walk(path):
+            dirs.sort()
+            rel = os.path.relpath(root, path)
+            base = prefix if rel == "." else posixpath.join(prefix, *rel.split(os.sep))
+            members.append((root, base, None))
+            for name in sorted(names):
+                full = os.path.join(root, name)
+                # An earlier archive in the directory being packed must not end up inside itself.
+                if not os.path.isfile(full) or os.path.abspath(full) == output:
+                    skipped += 1
+                    continue
+                members.append((full, posixpath.join(base, name), os.path.getsize(full)))
+            skipped += sum(os.path.islink(os.path.join(root, d)) for d in dirs)
+    seen: dict[str, str] = {}
+    for full, arcname, _ in members:
+        if arcname in seen:
+            return Failure(f"compress: {seen[arcname]} and {full} would both be stored as {arcname!r}")
+        seen[arcname] = full
+    return members, skipped
+
+
+def _write_archive(raw, fmt: str, output: str, members, ctx) -> bool:
+    """Write ``members`` into the open file ``raw``; False if told to expire part-way."""
+    if fmt == "zip":
+        with zipfile.ZipFile(
+            raw, "w", compression=zipfile.ZIP_DEFLATED, strict_timestamps=False  # pre-1980 mtimes
+        ) as archive:
+            for full, arcname, _ in members:
+                if ctx.expired:
+                    return False
+                archive.write(full, arcname)
+    else:
+        # name= only labels the gzip header; the bytes go to fileobj.
+        with tarfile.open(name=output, mode="w:gz", fileobj=raw, dereference=True) as archive:
+            for full, arcname, _ in members:
+                if ctx.expired:
+                    return False
+                archive.add(full, arcname, recursive=False)
+    return True
