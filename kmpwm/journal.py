@@ -309,10 +309,13 @@ class Journal:
             os.close(fd)
         return path
 
-    def rewrite(self, records: list[dict]) -> None:
+    def rewrite(self, records: list[dict], *, compacted_size: int | None = None) -> None:
         """Atomically replace the journal with a new generation holding ``records`` (caller locked)."""
         assert self._lock_depth, "rewrite without the journal lock"
-        header = {"ts": time.time(), "ops": [{"op": "hdr", "gen": uuid.uuid4().hex, "v": FORMAT_VERSION}]}
+        hdr = {"op": "hdr", "gen": uuid.uuid4().hex, "v": FORMAT_VERSION}
+        if compacted_size is not None:
+            hdr["compacted_size"] = compacted_size  # automatic compaction waits until the journal doubles
+        header = {"ts": time.time(), "ops": [hdr]}
         atomic_write(self.path, b"".join(encode(r) for r in [header, *records]))
 
 

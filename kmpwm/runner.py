@@ -729,6 +729,11 @@ def run_due_command(paths: Paths, *, budget, grace, parallel, max_tasks, dry_run
     runner = Runner(paths, budget=budget_s, grace=grace_s, parallel=parallel, max_tasks=max_tasks,
                     dry_run=dry_run, on_event=progress.event if progress else None)
     code = runner.run()
+    if not dry_run:
+        _mark_last_run(paths)
+        from .compaction import auto_compact
+
+        auto_compact(paths)
     doc = runner.report.doc()
     if as_json:
         print_json(doc)
@@ -742,6 +747,17 @@ def run_due_command(paths: Paths, *, budget, grace, parallel, max_tasks, dry_run
         sys.stderr.write(f"kmpwm: the run expired ({runner.expire_reason}); "
                          f"{len(doc['expired'])} task(s) savepointed and released\n")
     return code
+
+
+def _mark_last_run(paths: Paths) -> None:
+    """Touch ``runners/last-run`` so that doctor and ``schedule status`` can say when run-due last ran."""
+    try:
+        path = paths.runners_dir / "last-run"
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0), 0o600)
+        os.close(fd)
+        os.utime(path)
+    except OSError:
+        pass
 
 
 class _Progress:

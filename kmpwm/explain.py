@@ -1,0 +1,111 @@
+"""``kmpwm explain ID``: why a task is or is not running now."""
+
+from __future__ import annotations
+
+import time
+
+from .exitcodes import InvalidParams
+from .paths import Paths
+from .probes import Device, device_state_now, unmet
+from .scheduling import MAX_CRASHES, lease_state
+from .state import family
+from .store import Store
+from .timeparse import iso, relative
+
+
+def explain_task(state: dict, t: dict, now: float, device: Device) -> dict:
+    tasks = state["tasks"]
+    st = t["state"]
+    out = {"id": t["id"], "state": st, "running": False, "code": None, "reason": None,
+           "next_run_at": None, "details": {}}
+    if st in ("SUCCEEDED", "FAILED", "CANCELLED"):
+        out["code"] = "finished"
+        out["reason"] = f"{st} {relative(t['finished_at'], now)}" + (f": {t['reason']}" if t.get("reason") else "")
+        return out
+    if st == "RUNNING":
+        lease = t["lease"] or {}
+        ls = lease_state(t, now)
+        out["details"]["lease"] = {"runner": lease.get("runner"), "pid": lease.get("pid"),
+                                   "since": iso(lease.get("since")), "until": iso(lease.get("until"))}
+        if ls == "held":
+            out.update(running=True, code="lease",
+                       reason=f"running: held by run-due pid {lease.get('pid')} since {relative(lease.get('since'), now)}, "
+                              f"lease until {iso(lease.get('until'))}")
+        else:
+            why = "its lease ended" if ls == "expired" else f"its runner (pid {lease.get('pid')}) is gone"
+            extra = (f"; after {MAX_CRASHES} such crashes it is quarantined (FAILED)"
+                     if t.get("crashes", 0) + 1 >= MAX_CRASHES else "")
+            out.update(code="due", reason=f"due again: {why}; the next run-due picks it up (at-least-once){extra}")
+        return out
+    if st == "BLOCKED":
+        out["code"] = "blocked"
+        if t.get("chain_id") and t.get("step", 1) > 1:
+            chain = state["chains"].get(t["chain_id"], {"steps": []})
+            prev = chain["steps"][t["step"] - 2] if len(chain["steps"]) >= t["step"] - 1 else []
+            waiting = [f"{i} ({tasks[i]['state']})" for i in prev if i in tasks and tasks[i]["state"] != "SUCCEEDED"]
+            out["reason"] = f"blocked by step {t['step'] - 1} of chain {t['chain_id']}: " + ", ".join(waiting)
+            out["details"]["blocked_by"] = [i for i in prev if i in tasks and tasks[i]["state"] != "SUCCEEDED"]
+        else:
+            deps = [d for d in t.get("after", ()) if d in tasks and tasks[d]["state"] not in ("SUCCEEDED", "FAILED", "CANCELLED")]
+            out["reason"] = "appended: waiting for " + ", ".join(f"{d} ({tasks[d]['state']})" for d in deps)
+            out["details"]["blocked_by"] = deps
+        return out
+    out["next_run_at"] = iso(t["due"])
+    trig = t["trigger"]
+    lr = t.get("last_result") or {}
+    if t["due"] > now:
+        if lr.get("status") == "RETRY":
+            out.update(code="backoff", reason=f"backing off after attempt {t['occ_attempts']} "
+                                             f"until {iso(t['due'])} ({relative(t['due'], now)})")
+        else:
+            out.update(code="not-due", reason=f"not yet due: next run {relative(t['due'], now)} ({iso(t['due'])})")
+        return out
+    if trig["type"] == "windowed" and now > trig["end"]:
+        out.update(code="window-missed", reason="its window ended; the next run-due marks it FAILED (window missed)")
+        return out
+    if trig["type"] == "on_change":
+        from .triggers import change_signature
+
+        if change_signature(trig["path"], trig.get("descendants", True)) == t["trig_state"].get("baseline"):
+            out.update(code="not-due", reason=f"waiting for {trig['path']} to change")
+            return out
+    if trig["type"] == "device_state":
+        inside = device_state_now(trig["state"], device)
+        if not inside or not t["trig_state"].get("armed", True):
+            out.update(code="not-due", reason=(f"waiting for the device to enter {trig['state']}" if not inside else
+                                               f"already ran on entering {trig['state']}; re-arms when the device leaves it"))
+            return out
+    reason = unmet(t["constraints"], device)
+    if reason:
+        out.update(code="constraint", reason=reason)
+        out["details"]["readings"] = {k: device.get(k) for k in ("network", "metered", "roaming", "charging",
+                                                                   "battery", "storage_low", "idle")}
+        return out
+    out.update(code="due", reason="due now: the next run-due runs it")
+    return out
+
+
+def explain_command(paths: Paths, task_id: str, as_json: bool) -> int:
+    from .output import print_json, say
+
+    state = Store(paths).load().state
+    now = time.time()
+    device = Device(storage_path=str(paths.journal_dir.parent))
+    tasks = state["tasks"]
+    ids = []
+    if task_id in state["chains"]:
+        chain = state["chains"][task_id]
+        ids = [i for step in chain["steps"] for i in step]
+    elif task_id in tasks:
+        ids = [task_id] + [i for i in family(state, task_id) if i != task_id]
+    else:
+        ids = family(state, task_id)
+    if not ids:
+        raise InvalidParams(f"no task or chain {task_id!r}", hint="`kmpwm inspect-queue --all` lists them")
+    docs = [explain_task(state, tasks[i], now, device) for i in ids if i in tasks]
+    if as_json:
+        print_json(docs[0] if len(docs) == 1 else {"id": task_id, "tasks": docs})
+    else:
+        for d in docs:
+            say(f"{d['id']}: {d['state']} — {d['reason']}")
+    return 0

@@ -1,0 +1,457 @@
+"""HTTP built-in workers: ``http`` (one request), ``download`` (atomic, resumable) and ``upload``.
+
+Stdlib only (urllib). Shared rules: only http:// and https:// URLs; a connection error, a
+timeout, a 5xx, 408 or 429 is transient (Retry); another 4xx is a Failure. Every worker checks
+``ctx.expired`` while moving bytes and stops with Retry when told to.
+"""
+
+from __future__ import annotations
+
+import codecs
+import hashlib
+import http.client
+import json
+import mimetypes
+import os
+import re
+import secrets
+import time
+import urllib.error
+import urllib.parse
+import urllib.request
+
+from ..results import Failure, Retry, Success
+from .files import elapsed_ms, fsync_dir, load_input
+
+USER_AGENT = "kmpwm/0.1"
+CHUNK = 64 * 1024
+MAX_TEXT = 64 * 1024  # response text kept in data, which ends up in the journal and in chains
+REPORTED_HEADERS = ("content-type", "content-length", "etag", "last-modified", "location", "retry-after")
+TEXT_TYPES = ("json", "xml", "javascript", "x-www-form-urlencoded", "yaml", "csv")
+
+
+class _Stopped(Exception):
+    """Raised from inside a transfer when the worker was told to expire."""
+
+
+def http_request(input, ctx):
+    """Send one HTTP request.
+
+    Input (JSON object): ``url``; ``method`` (default GET); ``headers`` ({}); ``body`` (a string)
+    or ``json`` (any JSON value, sent with Content-Type application/json); ``timeout`` (seconds,
+    default 30); ``expect_status`` (an int or list of ints: these statuses succeed and any other
+    fails, 5xx still being retried); ``save_body`` (false: put the response text in ``data``).
+
+    Data: ``status``, ``url`` (after redirects), ``bytes`` (response body size), ``duration_ms``,
+    ``headers`` (content-type, content-length, etag, last-modified, location, retry-after when
+    present), and with ``save_body`` ``body``: the text of a textual response (its first 64 KiB,
+    ``truncated`` true when cut).
+    """
+    started = time.monotonic()
+    args = load_input(input, "http")
+    if isinstance(args, Failure):
+        return args
+    try:
+        url = _url(args.get("url"))
+        method = _method(args.get("method", "GET"))
+        headers = _headers(args.get("headers"))
+        timeout = _timeout(args.get("timeout", 30), ctx)
+        expect = _expect(args.get("expect_status"))
+        payload = _payload(args.get("body"), args.get("json"), headers)
+    except ValueError as exc:
+        return Failure(f"http: {exc}")
+    request = urllib.request.Request(url, data=payload, headers=headers, method=method)
+    outcome = _exchange(request, timeout, ctx, keep=MAX_TEXT if args.get("save_body") else 0)
+    if not isinstance(outcome, tuple):
+        return outcome
+    resp, size, kept = outcome
+    data = {
+        "status": resp.status,
+        "url": resp.geturl(),
+        "bytes": size,
+        "duration_ms": elapsed_ms(started),
+        "headers": _report_headers(resp),
+    }
+    if args.get("save_body"):
+        text = _text(resp, kept)
+        if text is not None:
+            data["body"] = text
+            data["truncated"] = size > len(kept)
+    return _verdict(f"{method} {url}", resp, expect, data)
+
+
+def download(input, ctx):
+    """Download a URL to a file, atomically and resumably.
+
+    Input (JSON object): ``url`` (falls back to ``upstream["url"]``); ``path`` (destination);
+    ``sha256`` (hex digest to verify, optional); ``resume`` (default true); ``timeout`` (60).
+    Bytes go to ``path + ".part"``, which is fsynced and renamed onto ``path`` only when complete
+    (and verified). A ``.part`` left by an earlier attempt is continued with a Range request; a
+    server that ignores Range (200) is downloaded from the start again. Told to expire, it keeps
+    the ``.part`` and asks to be retried.
+
+    Data: ``path``, ``bytes`` (file size), ``resumed_from`` (bytes kept from an earlier attempt),
+    ``sha256``, ``status``, ``duration_ms``.
+    """
+    started = time.monotonic()
+    args = load_input(input, "download")
+    if isinstance(args, Failure):
+        return args
+    try:
+        url = _url(args.get("url") or (ctx.upstream or {}).get("url"))
+        path = args.get("path")
+        if not isinstance(path, str) or not path:
+            raise ValueError('"path" (the destination file) is required')
+        expected = args.get("sha256")
+        if expected is not None and not (isinstance(expected, str) and re.fullmatch(r"[0-9a-fA-F]{64}", expected)):
+            raise ValueError('"sha256" must be 64 hex digits')
+        timeout = _timeout(args.get("timeout", 60), ctx)
+    except ValueError as exc:
+        return Failure(f"download: {exc}")
+    path = os.path.abspath(os.path.expanduser(path))
+    if os.path.isdir(path):
+        return Failure(f"download: destination is a directory: {path}")
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    part = path + ".part"
+
+    offset = os.path.getsize(part) if os.path.exists(part) else 0
+    if offset and not args.get("resume", True):
+        os.remove(part)
+        offset = 0
+    headers = {"User-Agent": USER_AGENT}
+    if offset:
+        headers["Range"] = f"bytes={offset}-"
+    try:
+        resp = _open(urllib.request.Request(url, headers=headers), timeout)
+    except http.client.InvalidURL as exc:
+        return Failure(f"download: invalid URL {url!r}: {exc}")
+    except (OSError, http.client.HTTPException) as exc:
+        return Retry(f"download {url}: {_reason(exc)}")
+    with resp:
+        status = resp.status
+        if status == 416 and offset:
+            # The .part may already hold the whole file (an attempt stopped right at the end).
+            if _range_total(resp.headers.get("Content-Range")) != offset:
+                os.remove(part)
+                return Retry(f"download {url}: server refused to resume at byte {offset}; will start over")
+        elif status == 206:
+            if _range_start(resp.headers.get("Content-Range")) != offset:
+                os.remove(part)
+                return Retry(f"download {url}: server sent an unexpected range; will start over")
+        elif 200 <= status < 300:
+            offset = 0
+        else:
+            verdict = Retry if _transient(status) else Failure
+            return verdict(f"GET {url} -> {status} {resp.reason or ''}".rstrip(), data={"status": status, "url": url})
+        digest = hashlib.sha256()
+        if offset:
+            _hash_file(part, digest)
+        if status != 416:
+            stopped = _receive(resp, part, offset, digest, ctx)
+            if stopped is not None:
+                size = os.path.getsize(part)
+                return Retry(f"download {url}: {stopped} at {size} bytes; will resume",
+                             data={"path": path, "bytes": size, "resumed_from": offset, "status": status})
+
+    actual = digest.hexdigest()
+    if expected is not None and actual != expected.lower():
+        os.remove(part)
+        return Failure(f"download {url}: sha256 mismatch: expected {expected.lower()}, got {actual}")
+    os.replace(part, path)
+    fsync_dir(os.path.dirname(path))
+    size = os.path.getsize(path)
+    return Success(
+        message=f"downloaded {size} bytes to {path}" + (f" (resumed at {offset})" if offset else ""),
+        data={"path": path, "bytes": size, "resumed_from": offset, "sha256": actual, "status": status,
+              "duration_ms": elapsed_ms(started)},
+    )
+
+
+def upload(input, ctx):
+    """Upload a file, streamed from disk.
+
+    Input (JSON object): ``url``; ``path`` (falls back to ``upstream["path"]``, so a chain can
+    upload what a previous step produced); ``method`` (POST); ``field`` (form field name,
+    "file"); ``multipart`` (true: multipart/form-data; false: the file is the raw body);
+    ``fields`` (extra text form fields, multipart only); ``headers`` ({}); ``timeout`` (60);
+    ``expect_status`` (as for ``http``).
+
+    Data: ``status``, ``bytes`` (file size), ``url``, ``duration_ms``, ``response`` (the response
+    text, first 64 KiB).
+    """
+    started = time.monotonic()
+    args = load_input(input, "upload")
+    if isinstance(args, Failure):
+        return args
+    try:
+        url = _url(args.get("url"))
+        method = _method(args.get("method", "POST"))
+        headers = _headers(args.get("headers"))
+        timeout = _timeout(args.get("timeout", 60), ctx)
+        expect = _expect(args.get("expect_status"))
+        field = args.get("field", "file")
+        fields = args.get("fields") or {}
+        if not isinstance(field, str) or not field:
+            raise ValueError('"field" must be a non-empty string')
+        if not isinstance(fields, dict) or not all(isinstance(v, (str, int, float)) for v in fields.values()):
+            raise ValueError('"fields" must be an object of form field names to strings')
+        path = args.get("path") or (ctx.upstream or {}).get("path")
+        if not isinstance(path, str) or not path:
+            raise ValueError('"path" (the file to upload) is required')
+    except ValueError as exc:
+        return Failure(f"upload: {exc}")
+    path = os.path.abspath(os.path.expanduser(path))
+    if not os.path.isfile(path):
+        return Failure(f"upload: no such file: {path}")
+    size = os.path.getsize(path)
+    content_type = mimetypes.guess_type(path)[0] or "application/octet-stream"
+    if args.get("multipart", True):
+        boundary = "kmpwm-" + secrets.token_hex(16)
+        head, tail = _multipart_frame(boundary, {k: str(v) for k, v in fields.items()}, field,
+                                      os.path.basename(path), content_type)
+        body = _stream(path, ctx, head, tail)
+        _set_default(headers, "Content-Type", f"multipart/form-data; boundary={boundary}")
+        length = len(head) + size + len(tail)
+    else:
+        body = _stream(path, ctx)
+        _set_default(headers, "Content-Type", content_type)
+        length = size
+    # Known up front, so servers that refuse chunked uploads still accept the streamed body.
+    headers["Content-Length"] = str(length)
+    request = urllib.request.Request(url, data=body, headers=headers, method=method)
+    outcome = _exchange(request, timeout, ctx, keep=MAX_TEXT)
+    if not isinstance(outcome, tuple):
+        return outcome
+    resp, _, kept = outcome
+    data = {
+        "status": resp.status,
+        "bytes": size,
+        "url": resp.geturl(),
+        "duration_ms": elapsed_ms(started),
+        "response": _text(resp, kept, force=True),
+    }
+    return _verdict(f"{method} {url} ({size} bytes)", resp, expect, data)
+
+
+# --- input checks (ValueError carries the message of the Failure) -------------------------------
+
+def _url(value) -> str:
+    if not isinstance(value, str) or not value:
+        raise ValueError('"url" is required')
+    parts = urllib.parse.urlsplit(value)
+    if parts.scheme.lower() not in ("http", "https"):
+        raise ValueError(f"only http:// and https:// URLs are allowed, not {value!r}")
+    if not parts.hostname:
+        raise ValueError(f"URL has no host: {value!r}")
+    return value
+
+
+def _method(value) -> str:
+    if not isinstance(value, str) or not re.fullmatch(r"[A-Za-z]+", value):
+        raise ValueError(f'"method" must be an HTTP method name, not {value!r}')
+    return value.upper()
+
+
+def _headers(value) -> dict[str, str]:
+    if value is None:
+        value = {}
+    if not isinstance(value, dict) or not all(isinstance(v, (str, int, float)) for v in value.values()):
+        raise ValueError('"headers" must be an object of header names to strings')
+    headers = {str(k): str(v) for k, v in value.items()}
+    _set_default(headers, "User-Agent", USER_AGENT)
+    return headers
+
+
+def _set_default(headers: dict, name: str, value: str) -> None:
+    if not any(k.lower() == name.lower() for k in headers):
+        headers[name] = value
+
+
+def _timeout(value, ctx) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
+        raise ValueError(f'"timeout" must be a positive number of seconds, not {value!r}')
+    left = ctx.time_left()
+    # Never wait on a socket past the task's own time limit (but give it a moment to fail).
+    return float(value) if left is None else min(float(value), max(left, 1.0))
+
+
+def _expect(value) -> set[int] | None:
+    if value is None:
+        return None
+    values = value if isinstance(value, list) else [value]
+    if not values or not all(isinstance(v, int) and not isinstance(v, bool) for v in values):
+        raise ValueError(f'"expect_status" must be a status code or a list of them, not {value!r}')
+    return set(values)
+
+
+def _payload(body, json_value, headers: dict) -> bytes | None:
+    if body is not None and json_value is not None:
+        raise ValueError('give "body" or "json", not both')
+    if body is not None:
+        if not isinstance(body, str):
+            raise ValueError('"body" must be a string (use "json" for structured data)')
+        return body.encode("utf-8")
+    if json_value is not None:
+        _set_default(headers, "Content-Type", "application/json")
+        return json.dumps(json_value).encode("utf-8")
+    return None
+
+
+# --- the exchange ------------------------------------------------------------------------------
+
+def _open(request, timeout: float):
+    """The response, including error statuses (urllib raises those; the caller decides)."""
+    try:
+        return urllib.request.urlopen(request, timeout=timeout)
+    except urllib.error.HTTPError as exc:
+        return exc
+
+
+def _exchange(request, timeout: float, ctx, keep: int):
+    """Send ``request`` and read the whole response: ``(response, body size, first keep bytes)``,
+    or the Retry/Failure that ended it."""
+    what = f"{request.get_method()} {request.full_url}"
+    try:
+        with _open(request, timeout) as resp:
+            size, kept = 0, bytearray()
+            while chunk := resp.read1(CHUNK):
+                if ctx.expired:
+                    raise _Stopped
+                size += len(chunk)
+                if len(kept) < keep:
+                    kept += chunk[: keep - len(kept)]
+            return resp, size, bytes(kept)
+    except _Stopped:
+        return Retry(f"{what}: stopped before the exchange finished")
+    except http.client.InvalidURL as exc:
+        return Failure(f"{what}: invalid URL: {exc}")
+    except (OSError, http.client.HTTPException) as exc:
+        return Retry(f"{what}: {_reason(exc)}")
+
+
+def _verdict(what: str, resp, expect: set[int] | None, data: dict):
+    status = resp.status
+    label = f"{what} -> {status} {resp.reason or ''}".rstrip()
+    if expect is not None and status in expect:
+        return Success(message=label, data=data)
+    if _transient(status):
+        return Retry(label, data=data)
+    if status >= 400 or expect is not None:
+        return Failure(label + (f" (expected {sorted(expect)})" if expect is not None else ""), data=data)
+    return Success(message=label, data=data)
+
+
+def _transient(status: int) -> bool:
+    return status >= 500 or status in (408, 429)
+
+
+def _reason(exc: BaseException) -> str:
+    reason = exc.reason if isinstance(exc, urllib.error.URLError) else exc
+    return str(reason) or type(reason).__name__
+
+
+def _report_headers(resp) -> dict[str, str]:
+    return {name: resp.headers[name] for name in REPORTED_HEADERS if resp.headers.get(name) is not None}
+
+
+def _text(resp, raw: bytes, force: bool = False) -> str | None:
+    """``raw`` decoded with the response's charset; None for a non-textual response unless
+    ``force``. An incremental decoder drops a character cut in half at the 64 KiB limit."""
+    if not force:
+        if resp.headers.get("Content-Type"):
+            kind = resp.headers.get_content_type()
+            if not (kind.startswith("text/") or any(t in kind for t in TEXT_TYPES)):
+                return None
+        elif not _looks_utf8(raw):
+            return None
+    charset = resp.headers.get_content_charset() or "utf-8"
+    try:
+        decoder = codecs.getincrementaldecoder(charset)(errors="replace")
+    except LookupError:
+        decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+    return decoder.decode(raw, final=False)
+
+
+def _looks_utf8(raw: bytes) -> bool:
+    try:
+        raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        # Only a character cut at the 64 KiB limit is forgiven.
+        return exc.reason == "unexpected end of data"
+    return True
+
+
+# --- download and upload helpers ---------------------------------------------------------------
+
+def _range_start(content_range: str | None) -> int | None:
+    match = re.match(r"\s*bytes\s+(\d+)-", content_range or "")
+    return int(match.group(1)) if match else None
+
+
+def _range_total(content_range: str | None) -> int | None:
+    match = re.search(r"/(\d+)\s*$", content_range or "")
+    return int(match.group(1)) if match else None
+
+
+def _hash_file(path: str, digest) -> None:
+    with open(path, "rb") as f:
+        while chunk := f.read(CHUNK):
+            digest.update(chunk)
+
+
+def _receive(resp, part: str, offset: int, digest, ctx) -> str | None:
+    """Append the response body to ``part`` (from scratch when ``offset`` is 0), feeding
+    ``digest``; None once complete, else why it stopped (the .part is fsynced for the resume)."""
+    length = resp.headers.get("Content-Length")
+    expected = int(length) if length and length.isdigit() else None
+    received = 0
+    with open(part, "ab" if offset else "wb") as out:
+        try:
+            while True:
+                if ctx.expired:
+                    return "stopped"
+                chunk = resp.read1(CHUNK)
+                if not chunk:
+                    break
+                out.write(chunk)
+                digest.update(chunk)
+                received += len(chunk)
+            # http.client returns a short body silently when the connection drops.
+            if expected is not None and received < expected:
+                return f"connection closed after {received} of {expected} bytes"
+            return None
+        except (OSError, http.client.HTTPException) as exc:
+            return f"transfer failed ({_reason(exc)})"
+        finally:
+            out.flush()
+            os.fsync(out.fileno())
+
+
+def _quote(value: str) -> str:
+    # What browsers do for multipart names and filenames (WHATWG HTML, form-data encoding).
+    return value.replace("\r", "%0D").replace("\n", "%0A").replace('"', "%22")
+
+
+def _multipart_frame(boundary: str, fields: dict[str, str], field: str, filename: str,
+                     content_type: str) -> tuple[bytes, bytes]:
+    """The bytes before and after the file's content in a multipart/form-data body."""
+    head = b""
+    for name, value in fields.items():
+        head += (f"--{boundary}\r\nContent-Disposition: form-data; name=\"{_quote(name)}\"\r\n\r\n"
+                 f"{value}\r\n").encode("utf-8")
+    head += (f"--{boundary}\r\nContent-Disposition: form-data; name=\"{_quote(field)}\"; "
+             f"filename=\"{_quote(filename)}\"\r\nContent-Type: {content_type}\r\n\r\n").encode("utf-8")
+    return head, f"\r\n--{boundary}--\r\n".encode("ascii")
+
+
+def _stream(path: str, ctx, head: bytes = b"", tail: bytes = b""):
+    """The request body as an iterable, so the file is sent in chunks rather than read whole."""
+    if head:
+        yield head
+    with open(path, "rb") as f:
+        while chunk := f.read(CHUNK):
+            if ctx.expired:
+                raise _Stopped
+            yield chunk
+    if tail:
+        yield tail
