@@ -88,12 +88,12 @@ def compress(input, ctx):
     members, skipped = entries
 
     directory = os.path.dirname(output)
-    os.makedirs(directory, exist_ok=True)
     # Hidden and unique, in the same directory so os.replace is an atomic rename; created with
     # os.open(0o666) rather than mkstemp so the archive gets the user's umask, not 0600.
     tmp = os.path.join(directory, f".{os.path.basename(output)}.{secrets.token_hex(6)}.tmp")
     done = False
     try:
+        os.makedirs(directory, exist_ok=True)
         with os.fdopen(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666), "wb") as raw:
             if not _write_archive(raw, fmt, output, members, ctx):
                 return Retry("compress: stopped before the archive was complete; will start over")

@@ -27,6 +27,7 @@ USER_AGENT = "kmpwm/0.1"
 CHUNK = 64 * 1024
 MAX_TEXT = 64 * 1024  # response text kept in data, which ends up in the journal and in chains
 REPORTED_HEADERS = ("content-type", "content-length", "etag", "last-modified", "location", "retry-after")
+HEX64 = re.compile(r"[0-9a-fA-F]{64}")
 TEXT_TYPES = ("json", "xml", "javascript", "x-www-form-urlencoded", "yaml", "csv")
 
 
@@ -103,7 +104,7 @@ def download(input, ctx):
         if not isinstance(path, str) or not path:
             raise ValueError('"path" (the destination file) is required')
         expected = args.get("sha256")
-        if expected is not None and not (isinstance(expected, str) and re.fullmatch(r"[0-9a-fA-F]{64}", expected)):
+        if expected is not None and not (isinstance(expected, str) and HEX64.fullmatch(expected)):
             raise ValueError('"sha256" must be 64 hex digits')
         timeout = _timeout(args.get("timeout", 60), ctx)
     except ValueError as exc:
@@ -111,7 +112,10 @@ def download(input, ctx):
     path = os.path.abspath(os.path.expanduser(path))
     if os.path.isdir(path):
         return Failure(f"download: destination is a directory: {path}")
-    os.makedirs(os.path.dirname(path), exist_ok=True)
+    try:
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+    except OSError as exc:
+        return Failure(f"download: cannot create the destination's directory: {exc}")
     part = path + ".part"
 
     offset = os.path.getsize(part) if os.path.exists(part) else 0
@@ -142,7 +146,8 @@ def download(input, ctx):
             offset = 0
         else:
             verdict = Retry if _transient(status) else Failure
-            return verdict(f"GET {url} -> {status} {resp.reason or ''}".rstrip(), data={"status": status, "url": url})
+            label = f"GET {url} -> {status} {resp.reason or ''}".rstrip()
+            return verdict(label, data={"status": status, "url": url})
         digest = hashlib.sha256()
         if offset:
             _hash_file(part, digest)
