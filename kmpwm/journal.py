@@ -108,6 +108,7 @@ class Journal:
         self.paths = paths
         self.path = paths.journal_file
         self._lock_depth = 0
+        self._prepared = False  # permissions checked and directories made, once per process
 
     # -- reading --------------------------------------------------------------------------
 
@@ -181,7 +182,9 @@ class Journal:
             return
         import portalocker
 
-        prepare(self.paths)
+        if not self._prepared:
+            prepare(self.paths)
+            self._prepared = True
         if timeout is None:
             try:
                 timeout = float(os.environ.get("KMPWM_LOCK_TIMEOUT", "10"))
@@ -244,11 +247,11 @@ class Journal:
         fd, created = self._open_for_append()
         try:
             size = os.fstat(fd).st_size
-            if created or size == 0:
+            if not created and size:
+                size = self._repair_torn_tail(fd, size)
+            if size == 0:  # a new journal (or one whose only record was torn) starts with its header
                 header = {"ts": time.time(), "ops": [{"op": "hdr", "gen": uuid.uuid4().hex, "v": FORMAT_VERSION}]}
                 records = [header, *records]
-            else:
-                size = self._repair_torn_tail(fd, size)
             blob = b"".join(encode(r) for r in records)
             try:
                 view = memoryview(blob)

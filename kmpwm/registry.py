@@ -25,6 +25,7 @@ class WorkerInfo:
     distribution: str | None = None
     config: WorkerConfig | None = None
     entry_point: object | None = None
+    preloaded: object | None = None  # the loaded worker object, when run-due imported it already
 
     @property
     def kind(self) -> str:

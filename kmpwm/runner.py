@@ -27,10 +27,11 @@ from .exitcodes import JournalError
 from .models import DEFAULT_GRACE
 from .paths import Paths
 from .probes import Device
-from .scheduling import plan, time_limit, upstream_of
+from .scheduling import lease_state, plan, time_limit, upstream_of
 from .store import Store
 from .timeparse import parse_duration
 from .triggers import next_after_run
+from .worker_host import run_in_child  # imported before forking: children start warm
 
 LEASE_MARGIN = 10.0
 TAIL = 8192
@@ -102,6 +103,11 @@ class Runner:
         self._wake_r = self._wake_w = -1
         self._signals: dict = {}
         self._flags = {"expire": False, "child": False}
+        self._known_cache: dict[str, bool] = {}
+        self._preloaded: set[str] = set()
+        self._queue: list[dict] = []  # candidates of the last plan, best last
+        self._broken: set[str] = set()
+        self._trig: dict[str, dict] = {}
 
     @property
     def registry(self):
@@ -133,29 +139,33 @@ class Runner:
                     self._expire_run("the run's --budget ended")
                 if self._flags["expire"] and not self.run_expired:
                     self._expire_run(self.expire_reason or "the expiration signal arrived")
-                if (not self.run_expired and len(self.jobs) < self.parallel and self._room()
-                        and (need_claim or now_m - last_claim >= RECLAIM_EVERY)):
-                    claimed = self._claim()
-                    need_claim, last_claim = False, time.monotonic()
-                    if not claimed and not self.jobs:
-                        break
+                finished = self._reap()
+                periodic = now_m - last_claim >= RECLAIM_EVERY
+                want = (not self.run_expired and self._room() and len(self.jobs) < self.parallel
+                        and (need_claim or bool(finished) or periodic))
+                claimed = 0
+                if finished or want:
+                    claimed = self._cycle(finished, want, replan=periodic or self._unblocks(finished))
+                    if want:
+                        last_claim = time.monotonic()
+                    need_claim = claimed > 0
                     if claimed:
-                        need_claim = True  # fill every free slot before waiting
-                        continue
+                        continue  # there may be more for the free slots
                 if not self.jobs:
-                    if self.run_expired or not self._room():
-                        break
+                    if self.run_expired or not self._room() or want:
+                        break  # nothing left that this run may start
                     need_claim = True
                     continue
                 self._wait(self._timeout(deadline))
                 self._check_limits()
-                finished = self._reap()
-                if finished:
-                    self._record(finished)
-                    need_claim = True
         finally:
             self._teardown()
         return 75 if self.run_expired else 0
+
+    def _unblocks(self, finished: list[Job]) -> bool:
+        """Could these completions make other tasks due (a chain's next step, an appended task)?"""
+        waiters = self.store._view.state["waiters"] if self.store._view else {}
+        return any(job.task.get("chain_id") or job.id in waiters for job in finished)
 
     def _room(self) -> bool:
         return self.max_tasks is None or self.started_count < self.max_tasks
@@ -170,51 +180,101 @@ class Runner:
         return 0
 
     def _known(self, name: str) -> bool:
+        known = self._known_cache.get(name)
+        if known is None:
+            try:
+                known = self.registry.get(name) is not None
+            except Exception:
+                known = False
+            self._known_cache[name] = known
+        return known
+
+    def _preload(self, info) -> None:
+        """Import a Python worker's module once in run-due, so that every forked child starts with
+        it loaded (no import per task).  A failing import is left for the child to report;
+        KMPWM_PRELOAD=0 turns this off for workers whose import has side effects (threads)."""
+        if info.name in self._preloaded or os.environ.get("KMPWM_PRELOAD", "1") == "0":
+            return
+        self._preloaded.add(info.name)
         try:
-            return self.registry.get(name) is not None
+            from .worker_host import load_target
+
+            info.preloaded = load_target(info)
         except Exception:
-            return False
+            pass
 
-    # -- claiming -------------------------------------------------------------------------
+    # -- one cycle: record what finished, claim what is due -------------------------------
 
-    def _claim(self) -> int:
-        free = self.parallel - len(self.jobs)
-        if self.max_tasks is not None:
-            free = min(free, self.max_tasks - self.started_count)
-        if free <= 0:
-            return 0
-        starts = []
+    def _cycle(self, finished: list[Job], claim: bool, *, replan: bool) -> int:
+        """One transaction, one record, one fsync: the results of ``finished`` jobs, then leases
+        for due tasks in the free slots.  Results are folded first, so a chain step that just
+        finished unblocks the next one within the same cycle."""
+        rows: list = []
+        starts: list = []
         with self.store.transaction() as txn:
             if txn.view.damage:
                 raise JournalError("the journal was damaged during the run; stopping",
                                    hint="run `kmpwm doctor --repair`")
-            now = time.time()
-            p = plan(txn.state, now, self.device, exclude=self.done | set(self.jobs), known_worker=self._known)
+            now = txn.ts
+            if finished:
+                ops, rows = self._result_ops(finished, now)
+                txn.stage(ops)
+            if claim:
+                starts = self._claim(txn, now, replan=replan or not self._queue)
+        for job, row in rows:  # durable now
+            self.report.ran.append(row)
+            self.on_event("done", (job, row))
+        if rows:
+            _log_runs(self.paths, rows)
+        for task, info, limit, upstream in starts:
+            self._start(task, info, limit, upstream)
+        return len(starts)
+
+    def _claim(self, txn, now: float, *, replan: bool) -> list:
+        free = self.parallel - len(self.jobs)
+        if self.max_tasks is not None:
+            free = min(free, self.max_tasks - self.started_count)
+        if free <= 0:
+            return []
+        state = txn.state
+        done, jobs = self.done, self.jobs
+        if replan:
+            p = plan(state, now, self.device, exclude=_Union(done, jobs), known_worker=self._known)
             for s in p.skipped:
                 self.report.skipped[s["id"]] = s["reason"]
-            ops = list(p.ops)
-            for t in p.due[:free]:
-                info = self.registry.get(t["worker"])
-                limit = time_limit(t, info.config.timeout if info and info.config else None)
-                op = {"op": "claim", "id": t["id"], "seq": t["seq"], "runner": self.runner_id, "pid": self.pid,
-                      "token": self.token, "until": now + limit + self.grace + LEASE_MARGIN}
-                if t["id"] in p.broken:
-                    op["broken"] = True
-                ops.append(op)
-                starts.append((t, info, limit, upstream_of(txn.state, t), p.trig_updates.get(t["id"])))
-            if not ops:
-                return 0
-            results = txn.commit(ops, ts=now)
-            claimed = results[len(p.ops):]
-        count = 0
-        for (t, info, limit, upstream, trig), ok in zip(starts, claimed):
-            if not ok:
+            txn.stage(p.ops)
+            self._queue = p.due
+            self._queue.reverse()  # pop() from the end takes the best first
+            self._broken, self._trig = p.broken, p.trig_updates
+        picks = []
+        while self._queue and len(picks) < free:
+            cand = self._queue.pop()
+            t = state["tasks"].get(cand["id"])
+            if t is None or t["seq"] != cand["seq"] or t["id"] in done or t["id"] in jobs:
                 continue
-            task = dict(txn.state["tasks"][t["id"]])
-            task["_trig_update"] = trig
-            self._start(task, info, limit, upstream)
-            count += 1
-        return count
+            if t["state"] == "ENQUEUED" and t["due"] <= now:
+                picks.append(t)
+            elif t["state"] == "RUNNING" and lease_state(t, now) != "held":
+                picks.append(t)
+        if not picks:
+            return []
+        ops, prepared = [], []
+        for t in picks:
+            info = self.registry.get(t["worker"])
+            limit = time_limit(t, info.config.timeout if info and info.config else None)
+            op = {"op": "claim", "id": t["id"], "seq": t["seq"], "runner": self.runner_id, "pid": self.pid,
+                  "token": self.token, "until": now + limit + self.grace + LEASE_MARGIN}
+            if t["id"] in self._broken:
+                op["broken"] = True
+            ops.append(op)
+            prepared.append((t, info, limit, upstream_of(state, t)))
+        starts = []
+        for (t, info, limit, upstream), ok in zip(prepared, txn.stage(ops)):
+            if ok:
+                task = dict(state["tasks"][t["id"]])
+                task["_trig_update"] = self._trig.get(t["id"])
+                starts.append((task, info, limit, upstream))
+        return starts
 
     # -- starting -------------------------------------------------------------------------
 
@@ -289,6 +349,8 @@ class Runner:
     def _start_python(self, job: Job, info, upstream: dict) -> None:
         from .context import WorkerContext
 
+        self._preload(info)
+        _load_libc()
         r, w = os.pipe()
         out_r, out_w = os.pipe()
         sys.stdout.flush()
@@ -317,8 +379,6 @@ class Runner:
                 os.dup2(null, 0)
                 os.dup2(out_w, 1)
                 os.dup2(out_w, 2)
-                from .worker_host import run_in_child
-
                 t = job.task
                 ctx = WorkerContext(task_id=t["id"], attempt=job.attempt, upstream=upstream, input=t["input"],
                                     worker=t["worker"], chain_id=t.get("chain_id"), step=t.get("step"),
@@ -389,7 +449,7 @@ class Runner:
                 finished = self._reap()
                 if finished:
                     try:
-                        self._record(finished)
+                        self._cycle(finished, False, replan=False)
                     except Exception:
                         break
                 time.sleep(0.01)
@@ -534,9 +594,8 @@ class Runner:
                 pass
         return {"status": "FAILURE", "message": _death(job, "the worker process"), "data": None}
 
-    def _record(self, finished: list[Job]) -> None:
+    def _result_ops(self, finished: list[Job], now: float) -> tuple[list, list]:
         ops, rows = [], []
-        now = time.time()
         for job in finished:
             res = self._outcome(job)
             status = res["status"]
@@ -558,18 +617,12 @@ class Runner:
                 if "_late_ms" in t:
                     op["late_ms"] = t["_late_ms"]
             ops.append(op)
-            row = {"id": t["id"], "worker": t["worker"], "status": status, "message": res.get("message"),
-                   "data": res.get("data"), "duration_ms": duration_ms}
-            rows.append((job, row))
+            rows.append((job, {"id": t["id"], "worker": t["worker"], "status": status, "message": res.get("message"),
+                               "data": res.get("data"), "duration_ms": duration_ms}))
             self.done.add(t["id"])
             if status == "EXPIRED":
                 self.report.expired.append({"id": t["id"], "worker": t["worker"]})
-        with self.store.transaction() as txn:
-            txn.commit(ops, ts=now)
-        for job, row in rows:
-            self.report.ran.append(row)
-            self.on_event("done", (job, row))
-            _log_run(self.paths, job, row)
+        return ops, rows
 
 
 # -- helpers -------------------------------------------------------------------------------
@@ -578,19 +631,27 @@ _PR_SET_PDEATHSIG = 1
 _libc = None
 
 
-def _die_with_parent() -> None:
-    """Linux: the worker gets SIGKILL if run-due dies, so an orphan never runs beside a re-run."""
+def _load_libc():
+    """Loaded in run-due before forking, so that children do not import ctypes each."""
     global _libc
-    if not sys.platform.startswith("linux"):
-        return
-    try:
-        if _libc is None:
+    if _libc is None and sys.platform.startswith("linux"):
+        try:
             import ctypes
 
             _libc = ctypes.CDLL(None, use_errno=True)
-        _libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
-    except Exception:
-        pass
+        except Exception:
+            _libc = False
+    return _libc
+
+
+def _die_with_parent() -> None:
+    """Linux: the worker gets SIGKILL if run-due dies, so an orphan never runs beside a re-run."""
+    libc = _load_libc()
+    if libc:
+        try:
+            libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
+        except Exception:
+            pass
 
 
 def _kill(job: Job, signo: int) -> None:
@@ -701,20 +762,33 @@ def _applescript(text: str) -> str:
     return '"' + text.replace("\\", "\\\\").replace('"', '\\"') + '"'
 
 
-def _log_run(paths: Paths, job: Job, row: dict) -> None:
+def _log_runs(paths: Paths, rows: list) -> None:
+    """One log write per cycle: every run, with the output tail of those that did not succeed."""
     from .logs import logger
 
-    log = logger(paths)
-    line = f"ran {row['id']} ({row['worker']}) attempt {job.attempt}: {row['status']} in {row['duration_ms']}ms"
-    if row["message"]:
-        line += f": {row['message']}"
-    if row["status"] in ("FAILURE", "RETRY", "EXPIRED"):
-        tail = bytes(job.err or job.out).decode("utf-8", "replace").strip()
-        if tail:
-            line += "\n  output tail:\n    " + "\n    ".join(tail.splitlines()[-40:])
-        log.warning(line)
-    else:
-        log.info(line)
+    lines = []
+    worst = "INFO"
+    for job, row in rows:
+        line = f"ran {row['id']} ({row['worker']}) attempt {job.attempt}: {row['status']} in {row['duration_ms']}ms"
+        if row["message"]:
+            line += f": {row['message']}"
+        if row["status"] in ("FAILURE", "RETRY", "EXPIRED"):
+            worst = "WARNING"
+            tail = bytes(job.err or job.out).decode("utf-8", "replace").strip()
+            if tail:
+                line += "\n  output tail:\n    " + "\n    ".join(tail.splitlines()[-40:])
+        lines.append(line)
+    logger(paths).log(30 if worst == "WARNING" else 20, "\n".join(lines))
+
+
+class _Union:
+    """Membership in either of two collections, without building their union each cycle."""
+
+    def __init__(self, a, b):
+        self.a, self.b = a, b
+
+    def __contains__(self, item) -> bool:
+        return item in self.a or item in self.b
 
 
 # -- the command ---------------------------------------------------------------------------

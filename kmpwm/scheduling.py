@@ -58,7 +58,7 @@ def plan(state: dict, now: float, device: Device, *, exclude: set | None = None,
          known_worker=None) -> Plan:
     """What is due at ``now``; ``exclude`` holds ids this run already ran or is running."""
     out = Plan()
-    exclude = exclude or set()
+    exclude = exclude if exclude is not None else set()
     for t in state["tasks"].values():
         st = t["state"]
         if st not in ("ENQUEUED", "RUNNING") or t["id"] in exclude:

@@ -50,12 +50,15 @@ class Store:
         self._ino = 0
         self._tail_records = 0  # records folded since the snapshot we started from
         self._tail_bytes = 0
+        self._checked = False
 
     # -- reading --------------------------------------------------------------------------
 
     def load(self) -> View:
         """The current state: incremental after the first call (only new records are folded)."""
-        check_all(self.paths)
+        if not self._checked:
+            check_all(self.paths)  # once per process: a long run-due does not re-stat every cycle
+            self._checked = True
         ident = self.journal.identity()
         view = self._view
         if view is None or ident is None or ident[0] != self._ino or ident[1] < view.offset:
@@ -148,17 +151,27 @@ class Store:
 
     @contextmanager
     def transaction(self, timeout: float | None = None) -> Iterator["Transaction"]:
-        """Hold the writers' lock with the state brought up to date under it."""
+        """Hold the writers' lock with the state brought up to date under it.  Ops staged with
+        :meth:`Transaction.stage` are written as one record when the block ends without error."""
         with self.journal.locked(timeout):
             view = self.load()
-            yield Transaction(self, view)
+            txn = Transaction(self, view)
+            try:
+                yield txn
+                txn.flush()
+            except BaseException:
+                if txn.staged:
+                    self.invalidate()  # the in-memory state saw ops that never reached the disk
+                raise
 
     def _committed(self, view: View, records: list[dict], end: int) -> list:
         results = []
         for record in records:
             ops = record.get("ops")
             if ops and ops[0].get("op") == "hdr":
-                view.gen = ops[0].get("gen")
+                header = self.journal.header() if ops[0].get("_pending") else ops[0]
+                view.gen = header.get("gen") if header else None
+                continue
             results = apply(view.state, record)
         ident = self.journal.identity()
         self._ino = ident[0] if ident else 0
@@ -169,26 +182,49 @@ class Store:
 
 
 class Transaction:
-    """Writes made while holding the lock; ``commit`` appends one durable record."""
+    """Writes made while holding the lock: ``commit`` appends one durable record now; ``stage``
+    applies ops to the in-memory state at once (so that later decisions see them) and the whole
+    transaction's staged ops become one record, with one fsync, when it ends."""
 
     def __init__(self, store: Store, view: View):
         self.store = store
         self.view = view
+        self.staged: list[dict] = []
+        self.ts = time.time()
 
     @property
     def state(self) -> dict:
         return self.view.state
 
+    def stage(self, ops: list[dict]) -> list:
+        """Apply ``ops`` now (at the transaction's timestamp); they are written on flush."""
+        if not ops:
+            return []
+        self.staged.extend(ops)
+        return apply(self.view.state, {"ts": self.ts, "ops": ops})
+
+    def flush(self) -> None:
+        if not self.staged:
+            return
+        ops, self.staged = self.staged, []
+        record = {"ts": self.ts, "ops": ops}
+        records = self._with_header(record)
+        end = self.store.journal.append([record])
+        self.store._committed(self.view, records[:-1], end)  # the header only: ops were applied when staged
+
     def commit(self, ops: list[dict], ts: float | None = None) -> list:
         """Append ``ops`` as one record (all or nothing), fsynced; returns the fold's results."""
         if not ops:
             return []
+        if self.staged:
+            raise RuntimeError("commit() after stage(): flush first")
         record = {"ts": time.time() if ts is None else ts, "ops": ops}
-        created = self.store.journal.identity() is None or self.view.offset == 0
+        records = self._with_header(record)
         end = self.store.journal.append([record])
-        records = [record]
-        if created and self.view.gen is None:
-            header = self.store.journal.header()
-            if header:
-                records = [{"ts": record["ts"], "ops": [header]}, record]
         return self.store._committed(self.view, records, end)
+
+    def _with_header(self, record: dict) -> list[dict]:
+        if self.view.gen is None and self.view.offset == 0:
+            # a new journal: append() writes a header first; fold it too so the view knows its generation
+            return [{"ts": record["ts"], "ops": [{"op": "hdr", "gen": None, "_pending": True}]}, record]
+        return [record]

@@ -7,7 +7,6 @@ with the exception's message; the traceback goes to stderr, which run-due logs).
 
 from __future__ import annotations
 
-import asyncio
 import importlib
 import inspect
 import signal
@@ -21,6 +20,8 @@ from .results import Failure, WorkerResult, normalise
 
 def load_target(info) -> Any:
     """The object behind a worker: an entry point's, or a config ``entry = "module:attr"``."""
+    if getattr(info, "preloaded", None) is not None:
+        return info.preloaded
     if info.entry_point is not None:
         return info.entry_point.load()
     module_name, _, attr = info.config.entry.partition(":")
@@ -54,6 +55,8 @@ def call(target: Any, input: str | None, ctx: WorkerContext) -> WorkerResult:
     args = (input, ctx) if _wants_ctx(target) else (input,)
     value = target(*args)
     if inspect.isawaitable(value):
+        import asyncio  # only async workers pay for it
+
         value = asyncio.run(_await(value))
     return normalise(value)
 
