@@ -15,6 +15,7 @@
 from __future__ import annotations
 
 import os
+import re
 import time
 import uuid
 from dataclasses import dataclass, field
@@ -22,6 +23,7 @@ from typing import Any, Iterable, Sequence
 
 from .exitcodes import InvalidParams, KmpwmError, OsPolicy
 from .models import (
+    DEFAULT_CONSTRAINTS_RECORD,
     UNFINISHED,
     Constraints,
     ExactBehavior,
@@ -33,13 +35,16 @@ from .models import (
 from .paths import Paths, resolve
 from .specs import normalise_input
 from .store import Store
-from .triggers import REPEATING, OneTime, initial
+from .triggers import REPEATING, Cron, DeviceState, OneTime, Periodic, initial
 
 MAX_ID_LEN = 200
 MAX_CHAIN_TASKS = 10_000
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+# Triggers whose stored form does not depend on the time of enqueue (frozen, hashable).
+_CACHEABLE_TRIGGERS = (OneTime, Periodic, Cron, DeviceState)
 
 
-@dataclass
+@dataclass(slots=True)
 class Outcome:
     """What happened to one enqueue or chain request."""
 
@@ -61,7 +66,7 @@ def check_id(value: Any, *, what: str = "id", allow_hash: bool = False) -> str:
         raise InvalidParams(f"invalid {what} {value!r}: expected a non-empty string")
     if len(value) > MAX_ID_LEN:
         raise InvalidParams(f"invalid {what}: longer than {MAX_ID_LEN} characters")
-    if any(ord(c) < 32 or ord(c) == 127 for c in value):
+    if _CONTROL.search(value):
         raise InvalidParams(f"invalid {what} {value!r}: control characters are not allowed")
     if "#" in value and not allow_hash:
         raise InvalidParams(f"invalid {what} {value!r}: '#' is reserved for appended tasks (ID#2, ID#3, ...)")
@@ -86,6 +91,9 @@ class Scheduler:
         self.store = Store(self.paths)
         self._registry = None
         self._pending: list | None = None  # (kind, payload, outcome) while a batch is open
+        self._workers_ok: set[str] = set()
+        self._assume = os.environ.get("KMPWM_ASSUME")
+        self._validated: dict = {}
 
     @property
     def registry(self):
@@ -98,23 +106,56 @@ class Scheduler:
     # -- building task records ------------------------------------------------------------
 
     def build_task(self, req: TaskRequest, now: float, *, task_id: str | None = None) -> dict:
-        """Validate a request and return the task record to journal (raises KmpwmError)."""
+        """Validate a request and return the task record to journal (raises KmpwmError).
+
+        Validated trigger and constraint records are cached by value, so a batch of many similar
+        requests validates each distinct trigger and constraint set once."""
         task_id = check_id(task_id if task_id is not None else req.id, allow_hash=task_id is not None)
-        if not isinstance(req.worker, str) or not req.worker:
-            raise InvalidParams("missing worker name")
-        if self.registry.get(req.worker) is None:
-            raise InvalidParams(
-                f"unknown worker {req.worker!r}",
-                hint="`kmpwm workers` lists the workers; declare it as [workers.NAME] in config.toml "
-                "or install a package that provides it",
-            )
-        trigger = req.trigger if req.trigger is not None else OneTime()
+        worker = req.worker
+        if worker not in self._workers_ok:
+            if not isinstance(worker, str) or not worker:
+                raise InvalidParams("missing worker name")
+            if self.registry.get(worker) is None:
+                raise InvalidParams(
+                    f"unknown worker {worker!r}",
+                    hint="`kmpwm workers` lists the workers; declare it as [workers.NAME] in config.toml "
+                    "or install a package that provides it",
+                )
+            self._workers_ok.add(worker)
+        trigger = req.trigger if req.trigger is not None else _ONE_TIME
+        constraints = req.constraints if req.constraints is not None else _DEFAULT_CONSTRAINTS
+        if not isinstance(constraints, Constraints):
+            raise InvalidParams("invalid constraints: expected kmpwm.Constraints")
+        try:
+            key = (trigger, constraints.key(), self._assume)
+            trig, crec = self._validated[key] if isinstance(trigger, _CACHEABLE_TRIGGERS) else self._validate(trigger, constraints, now)
+        except KeyError:
+            trig, crec = self._validated[key] = self._validate(trigger, constraints, now)
+        except TypeError:  # unhashable values (a list in a field): validate without the cache
+            trig, crec = self._validate(trigger, constraints, now)
+        due, trig_state = initial(trig, now)
+        data = req.input
+        if data is not None and not (isinstance(data, str) and len(data) < 65536):
+            data = normalise_input(data)
+        # Defaults are left out of the record (the fold fills them in): a 10,000-task batch is a
+        # third of the bytes to serialise, checksum and fsync.
+        task = {"id": task_id, "worker": worker, "trigger": trig, "created_at": now}
+        if data is not None:
+            task["input"] = data
+        if crec is not DEFAULT_CONSTRAINTS_RECORD:
+            task["constraints"] = crec
+        if req.tags:
+            task["tags"] = check_tags(req.tags)
+        if due != now:
+            task["due"] = due
+        if trig_state:
+            task["trig_state"] = trig_state
+        return task
+
+    def _validate(self, trigger, constraints: Constraints, now: float) -> tuple[dict, dict]:
         if not hasattr(trigger, "to_record"):
             raise InvalidParams(f"invalid trigger {trigger!r}: use kmpwm.triggers")
         trig = trigger.to_record(now)
-        constraints = req.constraints if req.constraints is not None else Constraints()
-        if not isinstance(constraints, Constraints):
-            raise InvalidParams("invalid constraints: expected kmpwm.Constraints")
         behavior = enum_value(ExactBehavior, constraints.exact_behavior, what="exact behavior")
         if trig["type"] == "exact" and behavior != "attempt" and trig.get("behavior") == "attempt":
             trig["behavior"] = behavior
@@ -125,24 +166,15 @@ class Scheduler:
                 hint="use --exact-behavior attempt (run late, lateness recorded) or notify",
             )
         crec = constraints.to_record()
+        if crec == DEFAULT_CONSTRAINTS_RECORD:
+            crec = DEFAULT_CONSTRAINTS_RECORD
         from .probes import unobservable
 
         missing = unobservable(crec, trig)
         if missing:
             raise OsPolicy(f"REJECTED_OS_POLICY: {missing[0]}",
                            hint="see the README's table of constraints by platform, or set KMPWM_ASSUME")
-        due, trig_state = initial(trig, now)
-        return {
-            "id": task_id,
-            "worker": req.worker,
-            "input": normalise_input(req.input),
-            "trigger": trig,
-            "constraints": crec,
-            "tags": check_tags(req.tags or ()),
-            "created_at": now,
-            "due": due,
-            "trig_state": trig_state,
-        }
+        return trig, crec
 
     # -- enqueue --------------------------------------------------------------------------
 
@@ -151,7 +183,7 @@ class Scheduler:
                 tags: Sequence[str] = ()) -> ScheduleResult:
         """Schedule one task (seed: ``enqueue``); returns a ScheduleResult."""
         req = TaskRequest(worker=worker, id=id, input=input, trigger=trigger,
-                          constraints=constraints or Constraints(), tags=list(tags))
+                          constraints=constraints or _DEFAULT_CONSTRAINTS, tags=list(tags) if tags else [])
         return self.submit(req, policy).result
 
     def submit(self, req: TaskRequest, policy: ExistingWorkPolicy | str = "keep") -> Outcome:
@@ -162,6 +194,7 @@ class Scheduler:
         """Enqueue many requests in one durable append.  With ``all_or_nothing``, one invalid
         request rejects the whole batch (nothing is written)."""
         now = time.time()
+        self._assume = os.environ.get("KMPWM_ASSUME")
         outcomes: list[Outcome] = []
         ops: list[dict] = []
         for req, policy in items:
@@ -207,6 +240,7 @@ class Scheduler:
         return outcome
 
     def _chain_op(self, steps, chain_id, policy, now, tags) -> dict:
+        self._assume = os.environ.get("KMPWM_ASSUME")
         policy = enum_value(ExistingWorkPolicy, policy, what="chain policy")
         if policy not in ("keep", "replace"):
             raise InvalidParams(f"invalid chain policy {policy!r}: a chain takes keep or replace")
@@ -292,6 +326,10 @@ class Scheduler:
 
     def task(self, task_id: str) -> dict | None:
         return self.state()["tasks"].get(task_id)
+
+
+_ONE_TIME = OneTime()
+_DEFAULT_CONSTRAINTS = Constraints()
 
 
 class TaskChain:

@@ -80,16 +80,25 @@ class DeviceStateName(str, Enum):
     DEVICE_IDLE = "device-idle"
 
 
+_ENUM_CACHE: dict = {}
+
+
 def enum_value(enum: type[Enum], value: Any, *, what: str) -> str:
     """Normalise a user's value (any case, ``_`` or ``-``) to the enum's value, or raise 65."""
     from .exitcodes import InvalidParams
 
+    try:
+        return _ENUM_CACHE[enum, value]
+    except (KeyError, TypeError):
+        pass
     if isinstance(value, enum):
+        _ENUM_CACHE[enum, value] = value.value
         return value.value
     if isinstance(value, str):
         wanted = value.strip().lower().replace("_", "-")
         for member in enum:
             if member.value.lower() == wanted:
+                _ENUM_CACHE[enum, value] = member.value
                 return member.value
     choices = "|".join(m.value for m in enum)
     raise InvalidParams(f"invalid {what} {value!r}: expected one of {choices}")
@@ -122,6 +131,10 @@ class Constraints:
     backoff_delay: float | timedelta | str = DEFAULT_BACKOFF_DELAY
     max_attempts: int = DEFAULT_MAX_ATTEMPTS
     exact_behavior: ExactBehavior | str = ExactBehavior.ATTEMPT
+
+    def key(self) -> tuple:
+        """The values that define this object (for caching validated records)."""
+        return tuple(self.__dict__.values())
 
     def to_record(self) -> dict:
         """Validate and return the stored form (plain JSON values)."""
@@ -165,7 +178,8 @@ class Constraints:
         }
 
 
-CONSTRAINT_KEYS = frozenset(f.name for f in fields(Constraints))
+_CONSTRAINT_FIELDS = tuple(f.name for f in fields(Constraints))
+CONSTRAINT_KEYS = frozenset(_CONSTRAINT_FIELDS)
 
 
 @dataclass
@@ -178,3 +192,8 @@ class TaskRequest:
     trigger: Any = None  # a kmpwm.triggers object; None means OneTime()
     constraints: Constraints = field(default_factory=Constraints)
     tags: list[str] = field(default_factory=list)
+
+
+# The stored constraints of a task that sets none.  Records leave them out and the fold fills in
+# this value, so it must only ever change together with a journal format version.
+DEFAULT_CONSTRAINTS_RECORD = Constraints().to_record()

@@ -24,7 +24,7 @@ from __future__ import annotations
 
 from typing import Callable
 
-from .models import MAX_EXPIRIES, UNFINISHED
+from .models import DEFAULT_CONSTRAINTS_RECORD, MAX_EXPIRIES, UNFINISHED
 from .triggers import REPEATING, backoff_delay
 
 Emit = Callable[[float, str, str, dict], None] | None  # (ts, task_id, kind, detail)
@@ -93,30 +93,19 @@ def apply(state: dict, record: dict, emit: Emit = None) -> list:
 
 def _insert(state: dict, task: dict, ts: float, *, blocked: bool) -> dict:
     state["seq"] += 1
-    t = dict(task)
-    t.update(
-        state="BLOCKED" if blocked else "ENQUEUED",
-        seq=state["seq"],
-        attempts=0,
-        occ_attempts=0,
-        expiries=0,
-        crashes=0,
-        lease=None,
-        last_result=None,
-        reason=None,
-        finished_at=None,
-        updated_at=ts,
-    )
-    t.setdefault("after", [])
-    t.setdefault("chain_id", None)
-    t.setdefault("step", None)
-    t.setdefault("trig_state", {})
-    t.setdefault("created_at", ts)
-    t.setdefault("due", ts)
-    old = state["tasks"].get(t["id"])
+    t = {
+        "input": None, "constraints": DEFAULT_CONSTRAINTS_RECORD, "tags": [], "after": [], "chain_id": None,
+        "step": None, "trig_state": {}, "created_at": ts, "due": task.get("created_at", ts),
+        **task,
+        "state": "BLOCKED" if blocked else "ENQUEUED",
+        "seq": state["seq"], "attempts": 0, "occ_attempts": 0, "expiries": 0, "crashes": 0, "lease": None,
+        "last_result": None, "reason": None, "finished_at": None, "updated_at": ts,
+    }
+    tasks = state["tasks"]
+    old = tasks.get(t["id"])
     if old is not None:
         _drop_waits(state, old)
-    state["tasks"][t["id"]] = t
+    tasks[t["id"]] = t
     for dep in t["after"]:
         state["waiters"].setdefault(dep, []).append(t["id"])
     return t
