@@ -128,7 +128,7 @@ def enqueue_cmd(
     task_id: Optional[str] = typer.Argument(None, metavar="ID", help="The task's id (its unique-work name)."),
     worker: Optional[str] = typer.Argument(None, metavar="WORKER", help="A registered worker name.",
                                            autocompletion=_complete_worker),
-    input: Optional[str] = O(None, "--input", help="Input text passed to the worker."),
+    input: Optional[str] = O(None, "--input", metavar="TEXT", help="Input text passed to the worker."),
     input_file: Optional[Path] = O(None, "--input-file", metavar="FILE", help="Read the input from FILE."),
     from_file: Optional[str] = O(None, "--from", metavar="FILE",
                                  help="Read JSON Lines task specs from FILE (- for stdin): one durable append, all or nothing."),
@@ -185,26 +185,26 @@ def enqueue_cmd(
 def chain_cmd(
     steps: Optional[List[str]] = typer.Argument(None, metavar="STEP...", help="Worker names in order; A+B runs A and B in parallel.",
                                                 autocompletion=_complete_worker),
-    chain_id: Optional[str] = O(None, "--id", help="The chain's id (generated if left out)."),
+    chain_id: Optional[str] = O(None, "--id", metavar="ID", help="The chain's id (generated if left out)."),
     policy: Optional[str] = O(None, "--policy", metavar="keep|replace", help="When the chain id exists (default replace)."),
     file: Optional[str] = O(None, "--file", metavar="FILE", help="TOML or JSON chain file (- for stdin) with per-task input and constraints."),
     delay: Optional[str] = O(None, "--delay", metavar="DUR", help="Due DUR from now.", rich_help_panel=TRIG),
     at: Optional[str] = O(None, "--at", metavar="TIME", help="Due at TIME.", rich_help_panel=TRIG),
-    exact_behavior: Optional[str] = O(None, "--exact-behavior", metavar="attempt|notify|error", rich_help_panel=TRIG),
-    window: Optional[Tuple[str, str]] = O(None, "--window", metavar="START END", rich_help_panel=TRIG),
-    requires_network: bool = O(False, "--requires-network", rich_help_panel=CONS),
-    network_type: Optional[str] = O(None, "--network-type", metavar="TYPE", rich_help_panel=CONS),
-    requires_charging: bool = O(False, "--requires-charging", rich_help_panel=CONS),
-    battery_not_low: bool = O(False, "--battery-not-low", rich_help_panel=CONS),
-    storage_not_low: bool = O(False, "--storage-not-low", rich_help_panel=CONS),
-    device_idle: bool = O(False, "--device-idle", rich_help_panel=CONS),
-    heavy: bool = O(False, "--heavy", rich_help_panel=CONS),
-    expedited: bool = O(False, "--expedited", rich_help_panel=CONS),
-    qos: Optional[str] = O(None, "--qos", metavar="high|default|low", rich_help_panel=CONS),
-    timeout: Optional[str] = O(None, "--timeout", metavar="DUR", rich_help_panel=CONS),
-    backoff: Optional[str] = O(None, "--backoff", metavar="exponential|linear", rich_help_panel=CONS),
-    backoff_delay: Optional[str] = O(None, "--backoff-delay", metavar="DUR", rich_help_panel=CONS),
-    max_attempts: Optional[str] = O(None, "--max-attempts", metavar="N", rich_help_panel=CONS),
+    exact_behavior: Optional[str] = O(None, "--exact-behavior", metavar="attempt|notify|error", help="What --at does (default attempt).", rich_help_panel=TRIG),
+    window: Optional[Tuple[str, str]] = O(None, "--window", metavar="START END", help="Windowed: run only inside [START, END].", rich_help_panel=TRIG),
+    requires_network: bool = O(False, "--requires-network", help="Needs a network connection.", rich_help_panel=CONS),
+    network_type: Optional[str] = O(None, "--network-type", metavar="TYPE", help="connected|unmetered|not-roaming|metered|temporarily-unmetered|not-required", rich_help_panel=CONS),
+    requires_charging: bool = O(False, "--requires-charging", help="Needs the device to be charging.", rich_help_panel=CONS),
+    battery_not_low: bool = O(False, "--battery-not-low", help="Needs the battery at 15% or more.", rich_help_panel=CONS),
+    storage_not_low: bool = O(False, "--storage-not-low", help="Needs storage not low.", rich_help_panel=CONS),
+    device_idle: bool = O(False, "--device-idle", help="Needs the device idle.", rich_help_panel=CONS),
+    heavy: bool = O(False, "--heavy", help="Long tasks: 10m time limit instead of 30s.", rich_help_panel=CONS),
+    expedited: bool = O(False, "--expedited", help="Run before non-expedited due tasks.", rich_help_panel=CONS),
+    qos: Optional[str] = O(None, "--qos", metavar="high|default|low", help="Order among due tasks.", rich_help_panel=CONS),
+    timeout: Optional[str] = O(None, "--timeout", metavar="DUR", help="Time limit of one run.", rich_help_panel=CONS),
+    backoff: Optional[str] = O(None, "--backoff", metavar="exponential|linear", help="Retry backoff (default exponential).", rich_help_panel=CONS),
+    backoff_delay: Optional[str] = O(None, "--backoff-delay", metavar="DUR", help="First retry delay (default 10s).", rich_help_panel=CONS),
+    max_attempts: Optional[str] = O(None, "--max-attempts", metavar="N", help="Runs allowed in all (default 10).", rich_help_panel=CONS),
     tags: Optional[List[str]] = O(None, "--tag", metavar="T", help="Label the chain and its tasks (repeatable)."),
     as_json: bool = JSON_OPT,
 ) -> None:
@@ -272,7 +272,8 @@ def run_due_cmd(
 
 @app.command("simulate-expire")
 def simulate_expire_cmd(
-    ids: Optional[List[str]] = typer.Argument(None, metavar="ID...", autocompletion=_complete_task),
+    ids: Optional[List[str]] = typer.Argument(None, metavar="ID...", help="Running tasks or chains (ID covers its ID#n).",
+                                              autocompletion=_complete_task),
     all_: bool = O(False, "--all", help="Every running task."),
     grace: Optional[str] = O(None, "--grace", metavar="DUR", help="Grace before SIGKILL (default 5s)."),
     as_json: bool = JSON_OPT,
@@ -301,7 +302,7 @@ def events_cmd(
 
 @app.command("explain")
 def explain_cmd(
-    task_id: str = typer.Argument(..., metavar="ID", autocompletion=_complete_task),
+    task_id: str = typer.Argument(..., metavar="ID", help="A task, its ID#n, or a chain.", autocompletion=_complete_task),
     as_json: bool = JSON_OPT,
 ) -> None:
     """Why a task is or is not running now."""
