@@ -35,13 +35,16 @@ JSON_OPT = typer.Option(False, "--json", help="Print exactly one JSON document o
 def _scheduler():
     from .api import Scheduler
 
-    return Scheduler(_home)
+    return Scheduler(paths=_paths())
 
 
 def _paths():
-    from .paths import resolve
+    """This home's paths, after the permission checks every command makes (exit 77)."""
+    from .paths import check_all, resolve
 
-    return resolve(_home)
+    paths = resolve(_home)
+    check_all(paths)
+    return paths
 
 
 def _complete_worker(incomplete: str):
@@ -93,7 +96,7 @@ def _task_flags(
         "delay": delay, "every": every, "flex": flex, "at": at, "exact_behavior": exact_behavior,
         "window": list(window) if window else None, "cron": cron, "on_change": on_change,
         "when": when, "network_type": network_type, "qos": qos, "timeout": timeout, "backoff": backoff,
-        "backoff_delay": backoff_delay, "max_attempts": _int(max_attempts, "--max-attempts"),
+        "backoff_delay": backoff_delay, "max_attempts": max_attempts,
     }
     for key, flag in (("no_descendants", no_descendants), ("requires_network", requires_network),
                       ("requires_charging", requires_charging), ("battery_not_low", battery_not_low),
@@ -440,7 +443,9 @@ def main(argv: list[str] | None = None) -> int:
 
 def _paths_safe():
     try:
-        return _paths()
+        from .paths import resolve
+
+        return resolve(_home)
     except Exception:
         return None
 

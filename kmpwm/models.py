@@ -157,7 +157,7 @@ class Constraints:
             if timeout <= 0:
                 raise InvalidParams("invalid timeout: must be more than 0s")
         max_attempts = self.max_attempts
-        if isinstance(max_attempts, str) and max_attempts.strip().isdigit():
+        if isinstance(max_attempts, str) and max_attempts.strip().lstrip("-").isdigit():
             max_attempts = int(max_attempts)
         if isinstance(max_attempts, bool) or not isinstance(max_attempts, int) or max_attempts < 1:
             raise InvalidParams(f"invalid max attempts {self.max_attempts!r}: expected a whole number >= 1")

@@ -341,7 +341,10 @@ class Runner:
             stdin.close()
         job.proc, job.pid = proc, proc.pid
         for stream, name in ((proc.stdout, "out"), (proc.stderr, "err")):
-            fd = stream.fileno()
+            # Own a duplicate and close Popen's file object: otherwise its finaliser closes the fd
+            # number again later, when it may already belong to another job's pipe.
+            fd = os.dup(stream.fileno())
+            stream.close()
             os.set_blocking(fd, False)
             job.fds[fd] = name
             self._sel.register(fd, selectors.EVENT_READ, job)

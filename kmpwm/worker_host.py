@@ -71,10 +71,8 @@ def run_in_child(info, input: str | None, ctx: WorkerContext) -> dict:
     try:
         result = call(load_target(info), input, ctx)
     except Exception as exc:
-        traceback.print_exc()
-        message = str(exc) or type(exc).__name__
-        return {"status": "FAILURE", "message": f"{type(exc).__name__}: {message}" if str(exc) else message,
-                "data": None}
+        traceback.print_exc()  # to the output tail, which run-due logs
+        return {"status": "FAILURE", "message": str(exc) or type(exc).__name__, "data": None}
     except SystemExit as exc:
         return {"status": "SUCCESS" if exc.code in (0, None) else "FAILURE",
                 "message": None if exc.code in (0, None) else f"worker exited with {exc.code}", "data": None}

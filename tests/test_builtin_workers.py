@@ -226,7 +226,7 @@ def test_download_sha_mismatch_removes_part(server, tmp_path):
     dest = tmp_path / "blob.bin"
     result = run(download, {"url": server.base + "/blob", "path": str(dest), "sha256": "0" * 64})
     assert result.status == "FAILURE" and "sha256 mismatch" in result.message
-    assert os.listdir(tmp_path) == []
+    assert not dest.exists() and not (tmp_path / "blob.bin.part").exists()
 
 
 def test_download_expires_then_resumes(server, tmp_path):
