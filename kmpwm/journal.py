@@ -258,7 +258,7 @@ class Journal:
                 while view:
                     written = os.write(fd, view)
                     view = view[written:]
-                os.fsync(fd)
+                _datasync(fd)
             except OSError as exc:
                 try:
                     os.ftruncate(fd, size)
@@ -320,6 +320,11 @@ class Journal:
             hdr["compacted_size"] = compacted_size  # automatic compaction waits until the journal doubles
         header = {"ts": time.time(), "ops": [hdr]}
         atomic_write(self.path, b"".join(encode(r) for r in [header, *records]))
+
+
+def _datasync(fd: int) -> None:
+    """Make appended bytes durable: data and the new size (fdatasync where there is one)."""
+    (getattr(os, "fdatasync", None) or os.fsync)(fd)
 
 
 def _fsync_dir(path: Path) -> None:

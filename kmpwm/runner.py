@@ -38,6 +38,8 @@ TAIL = 8192
 STDOUT_TAIL = 65536
 MAX_INLINE_ENV_INPUT = 100 * 1024  # larger inputs reach command workers on stdin only
 RECLAIM_EVERY = 1.0
+GROUP_WAIT = 0.010  # a finished run's result waits at most this long to share a record with others
+PREFETCH_MARGIN = 5.0  # a claimed task may wait briefly for a free slot before it starts
 
 
 @dataclass
@@ -59,6 +61,7 @@ class Job:
     run_expired: bool = False  # told to stop because the whole run expired
     exit_status: int | None = None  # raw wait status / returncode
     immediate: dict | None = None  # a result known without a process (start failure, notify)
+    ended: float = 0.0  # monotonic time it was reaped
 
     @property
     def id(self) -> str:
@@ -94,7 +97,11 @@ class Runner:
         self.device = Device(storage_path=str(paths.journal_dir.parent))
         self.jobs: dict[str, Job] = {}
         self.done: set[str] = set()
-        self.started_count = 0
+        self.claimed_count = 0
+        self._prefetch = max(8, 4 * self.parallel)  # claimed ahead, so a free slot never waits for a write
+        self._ready: list = []  # claimed, not started yet: (task, info, limit, upstream)
+        self._pending: list[Job] = []  # finished, result not written yet
+        self._release: list = []  # claimed but never started (the run expired): hand back
         self.report = Report()
         self.run_expired = False
         self.expire_reason = ""
@@ -139,22 +146,26 @@ class Runner:
                     self._expire_run("the run's --budget ended")
                 if self._flags["expire"] and not self.run_expired:
                     self._expire_run(self.expire_reason or "the expiration signal arrived")
-                finished = self._reap()
+                for job in self._reap():
+                    self._pending.append(job)
+                self._start_ready()
                 periodic = now_m - last_claim >= RECLAIM_EVERY
-                want = (not self.run_expired and self._room() and len(self.jobs) < self.parallel
-                        and (need_claim or bool(finished) or periodic))
-                claimed = 0
-                if finished or want:
-                    claimed = self._cycle(finished, want, replan=periodic or self._unblocks(finished))
+                slots = len(self.jobs) + len(self._ready) < self.parallel + self._prefetch
+                low = len(self._ready) < self.parallel  # claim ahead only when the ready queue runs low
+                want = not self.run_expired and self._room() and slots and (need_claim or periodic)
+                if self._must_write(now_m) or (want and (low or periodic)):
+                    wrote = bool(self._pending)
+                    claimed = self._cycle(want, replan=periodic or self._unblocks(self._pending))
                     if want:
                         last_claim = time.monotonic()
-                    need_claim = claimed > 0
-                    if claimed:
-                        continue  # there may be more for the free slots
-                if not self.jobs:
-                    if self.run_expired or not self._room() or want:
+                        need_claim = claimed > 0
+                    if wrote:
+                        need_claim = True  # a result may have made something due (a chain's next step)
+                    if claimed or wrote:
+                        continue
+                if not self.jobs and not self._ready and not self._pending and not self._release:
+                    if self.run_expired or not self._room() or not need_claim:
                         break  # nothing left that this run may start
-                    need_claim = True
                     continue
                 self._wait(self._timeout(deadline))
                 self._check_limits()
@@ -168,7 +179,7 @@ class Runner:
         return any(job.task.get("chain_id") or job.id in waiters for job in finished)
 
     def _room(self) -> bool:
-        return self.max_tasks is None or self.started_count < self.max_tasks
+        return self.max_tasks is None or self.claimed_count < self.max_tasks
 
     def _dry_run(self, state: dict) -> int:
         p = plan(state, time.time(), self.device, known_worker=self._known)
@@ -205,35 +216,60 @@ class Runner:
 
     # -- one cycle: record what finished, claim what is due -------------------------------
 
-    def _cycle(self, finished: list[Job], claim: bool, *, replan: bool) -> int:
-        """One transaction, one record, one fsync: the results of ``finished`` jobs, then leases
-        for due tasks in the free slots.  Results are folded first, so a chain step that just
-        finished unblocks the next one within the same cycle."""
+    def _must_write(self, now_m: float) -> bool:
+        """Group commit: results share a record unless waiting would hold anything up."""
+        if self._release:
+            return True
+        if not self._pending:
+            return False
+        return (not self.jobs or self.run_expired or len(self._pending) >= self._prefetch
+                or (not self._ready and len(self.jobs) < self.parallel)
+                or now_m - self._pending[0].ended >= GROUP_WAIT)
+
+    def _cycle(self, claim: bool, *, replan: bool) -> int:
+        """One transaction, one record, one fsync: the results of finished jobs, tasks handed
+        back unstarted, then leases for due tasks.  Results are folded first, so a chain step
+        that just finished unblocks the next one within the same record."""
+        finished, self._pending = self._pending, []
+        released, self._release = self._release, []
         rows: list = []
-        starts: list = []
-        with self.store.transaction() as txn:
-            if txn.view.damage:
-                raise JournalError("the journal was damaged during the run; stopping",
-                                   hint="run `kmpwm doctor --repair`")
-            now = txn.ts
-            if finished:
-                ops, rows = self._result_ops(finished, now)
-                txn.stage(ops)
-            if claim:
-                starts = self._claim(txn, now, replan=replan or not self._queue)
+        claimed: list = []
+        try:
+            with self.store.transaction() as txn:
+                if txn.view.damage:
+                    raise JournalError("the journal was damaged during the run; stopping",
+                                       hint="run `kmpwm doctor --repair`")
+                now = txn.ts
+                if finished:
+                    ops, rows = self._result_ops(finished, now)
+                    txn.stage(ops)
+                if released:
+                    txn.stage([{"op": "release", "id": t["id"], "seq": t["seq"], "runner": self.runner_id}
+                               for t, *_ in released])
+                if claim:
+                    claimed = self._claim(txn, now, replan=replan or not self._queue)
+        except BaseException:
+            self._pending = finished + self._pending  # not written: keep them for the teardown's try
+            self._release = released + self._release
+            raise
         for job, row in rows:  # durable now
             self.report.ran.append(row)
             self.on_event("done", (job, row))
         if rows:
             _log_runs(self.paths, rows)
-        for task, info, limit, upstream in starts:
-            self._start(task, info, limit, upstream)
-        return len(starts)
+        self._ready.extend(claimed)
+        self.claimed_count += len(claimed)
+        self._start_ready()
+        return len(claimed)
+
+    def _start_ready(self) -> None:
+        while self._ready and len(self.jobs) < self.parallel and not self.run_expired:
+            self._start(*self._ready.pop(0))
 
     def _claim(self, txn, now: float, *, replan: bool) -> list:
-        free = self.parallel - len(self.jobs)
+        free = self.parallel + self._prefetch - len(self.jobs) - len(self._ready)
         if self.max_tasks is not None:
-            free = min(free, self.max_tasks - self.started_count)
+            free = min(free, self.max_tasks - self.claimed_count)
         if free <= 0:
             return []
         state = txn.state
@@ -246,11 +282,12 @@ class Runner:
             self._queue = p.due
             self._queue.reverse()  # pop() from the end takes the best first
             self._broken, self._trig = p.broken, p.trig_updates
+        ready_ids = {t["id"] for t, *_ in self._ready}
         picks = []
         while self._queue and len(picks) < free:
             cand = self._queue.pop()
             t = state["tasks"].get(cand["id"])
-            if t is None or t["seq"] != cand["seq"] or t["id"] in done or t["id"] in jobs:
+            if t is None or t["seq"] != cand["seq"] or t["id"] in done or t["id"] in jobs or t["id"] in ready_ids:
                 continue
             if t["state"] == "ENQUEUED" and t["due"] <= now:
                 picks.append(t)
@@ -263,7 +300,7 @@ class Runner:
             info = self.registry.get(t["worker"])
             limit = time_limit(t, info.config.timeout if info and info.config else None)
             op = {"op": "claim", "id": t["id"], "seq": t["seq"], "runner": self.runner_id, "pid": self.pid,
-                  "token": self.token, "until": now + limit + self.grace + LEASE_MARGIN}
+                  "token": self.token, "until": now + limit + self.grace + LEASE_MARGIN + PREFETCH_MARGIN}
             if t["id"] in self._broken:
                 op["broken"] = True
             ops.append(op)
@@ -282,7 +319,6 @@ class Runner:
         attempt = task["occ_attempts"] + 1
         job = Job(task, attempt, info.kind if info else "python", limit, time.monotonic(), time.time())
         self.jobs[job.id] = job
-        self.started_count += 1
         self.on_event("start", job)
         trig = task["trigger"]
         try:
@@ -444,17 +480,19 @@ class Runner:
 
     def _teardown(self) -> None:
         # Anything still running here means an unexpected error: stop it and hand the tasks back.
-        if self.jobs:
-            for job in self.jobs.values():
-                _kill(job, signal.SIGKILL)
-            deadline = time.monotonic() + 2
-            while self.jobs and time.monotonic() < deadline:
-                finished = self._reap()
-                if finished:
-                    try:
-                        self._cycle(finished, False, replan=False)
-                    except Exception:
-                        break
+        self._release.extend(self._ready)
+        self._ready = []
+        for job in self.jobs.values():
+            _kill(job, signal.SIGKILL)
+        deadline = time.monotonic() + 2
+        while (self.jobs or self._pending or self._release) and time.monotonic() < deadline:
+            self._pending.extend(self._reap())
+            if self._pending or self._release:
+                try:
+                    self._cycle(False, replan=False)
+                except Exception:
+                    break
+            if self.jobs:
                 time.sleep(0.01)
         for signo, old in self._signals.items():
             signal.signal(signo, old)
@@ -484,6 +522,8 @@ class Runner:
             t = min(t, (job.kill_at if job.kill_at is not None else job.started + job.limit) - now)
         if deadline is not None and not self.run_expired:
             t = min(t, deadline - now)
+        if self._pending:
+            t = min(t, self._pending[0].ended + GROUP_WAIT - now)
         return max(0.0, t)
 
     def _wait(self, timeout: float) -> None:
@@ -548,6 +588,8 @@ class Runner:
     def _expire_run(self, reason: str) -> None:
         self.run_expired = True
         self.expire_reason = reason
+        self._release.extend(self._ready)  # claimed but not started: hand them back untouched
+        self._ready = []
         grace = self.grace
         try:
             raw = self._expire_file().read_text()
@@ -579,7 +621,9 @@ class Runner:
                     os.close(fd)
                 job.fds.clear()
                 finished.append(job)
+        now = time.monotonic()
         for job in finished:
+            job.ended = now
             del self.jobs[job.id]
         return finished
 
