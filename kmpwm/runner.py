@@ -12,6 +12,7 @@ of the same task at once, so every due occurrence runs exactly once across them.
 from __future__ import annotations
 
 import errno
+import gc
 import os
 import selectors
 import signal
@@ -38,6 +39,7 @@ TAIL = 8192
 STDOUT_TAIL = 65536
 MAX_INLINE_ENV_INPUT = 100 * 1024  # larger inputs reach command workers on stdin only
 RECLAIM_EVERY = 1.0
+HOST_MAX_TASKS = 500  # a pool host is replaced after this many tasks (bounded leaks)
 GROUP_WAIT = 0.010  # a finished run's result waits at most this long to share a record with others
 PREFETCH_MARGIN = 5.0  # a claimed task may wait briefly for a free slot before it starts
 
@@ -62,10 +64,28 @@ class Job:
     exit_status: int | None = None  # raw wait status / returncode
     immediate: dict | None = None  # a result known without a process (start failure, notify)
     ended: float = 0.0  # monotonic time it was reaped
+    host: Host | None = None  # the pool process running it (Python workers)
+    answered: bool = False  # the host sent this job's result
 
     @property
     def id(self) -> str:
         return self.task["id"]
+
+
+@dataclass
+class Host:
+    """A pool process that runs Python tasks one after another (see worker_host.host_main)."""
+
+    pid: int
+    to_host: int
+    results: int
+    output: int
+    buf: bytearray = field(default_factory=bytearray)
+    job: "Job | None" = None
+    tasks: int = 0
+    dead: bool = False
+    retire: bool = False
+    exit_status: int | None = None
 
 
 @dataclass
@@ -112,6 +132,9 @@ class Runner:
         self._flags = {"expire": False, "child": False}
         self._known_cache: dict[str, bool] = {}
         self._preloaded: set[str] = set()
+        self._frozen = False
+        self._hosts: list[Host] = []
+        self._pool = os.environ.get("KMPWM_POOL", "1") != "0"
         self._queue: list[dict] = []  # candidates of the last plan, best last
         self._broken: set[str] = set()
         self._trig: dict[str, dict] = {}
@@ -386,10 +409,170 @@ class Runner:
             self._sel.register(fd, selectors.EVENT_READ, job)
 
     def _start_python(self, job: Job, info, upstream: dict) -> None:
+        if not self._pool:
+            return self._start_forked(job, info, upstream)
+        host = next((h for h in self._hosts if h.job is None and not h.dead and not h.retire), None)
+        if host is None:
+            host = self._spawn_host(info)
+        t = job.task
+        msg = {"id": t["id"], "worker": t["worker"], "input": t["input"], "attempt": job.attempt,
+               "upstream": upstream, "chain_id": t.get("chain_id"), "step": t.get("step"), "limit": job.limit,
+               "env": self._env(job, upstream)}
+        from .worker_host import write_frame
+
+        host.job = job
+        job.host = host
+        job.pid = host.pid
+        try:
+            write_frame(host.to_host, orjson.dumps(msg))
+        except OSError:
+            host.dead = True  # it died between tasks: the job fails over to the death path
+
+    def _spawn_host(self, info) -> Host:
+        """Fork a pool host, warm: kmpwm and the first worker's module are already imported."""
+        self._preload(info)
+        _load_libc()
+        if not self._frozen:
+            gc.freeze()  # keep the collector off inherited objects: fewer pages copied into hosts
+            self._frozen = True
+        task_r, task_w = os.pipe()
+        res_r, res_w = os.pipe()
+        out_r, out_w = os.pipe()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        parent_fds = [self._wake_r, self._wake_w] + [fd for h in self._hosts for fd in (h.to_host, h.results, h.output)
+                                                     if fd >= 0] + [fd for j in self.jobs.values() for fd in j.fds]
+        pid = os.fork()
+        if pid == 0:
+            status = 0
+            try:
+                os.setsid()
+                _die_with_parent()
+                signal.set_wakeup_fd(-1)
+                for signo in (signal.SIGUSR1, signal.SIGINT, signal.SIGHUP, signal.SIGCHLD):
+                    signal.signal(signo, signal.SIG_DFL)
+                for fd in [task_w, res_r, out_r, *parent_fds]:
+                    try:
+                        os.close(fd)
+                    except OSError:
+                        pass
+                if self._sel is not None:
+                    try:
+                        self._sel.close()
+                    except Exception:
+                        pass
+                null = os.open(os.devnull, os.O_RDONLY)
+                os.dup2(null, 0)
+                os.dup2(out_w, 1)
+                os.dup2(out_w, 2)
+                from .worker_host import host_main
+
+                host_main(task_r, res_w, self.registry)
+            except BaseException:
+                status = 70
+                try:
+                    import traceback
+
+                    traceback.print_exc()
+                    sys.stderr.flush()
+                except BaseException:
+                    pass
+            finally:
+                os._exit(status)
+        for fd in (task_r, res_w, out_w):
+            os.close(fd)
+        host = Host(pid, task_w, res_r, out_r)
+        for fd in (res_r, out_r):
+            os.set_blocking(fd, False)
+            self._sel.register(fd, selectors.EVENT_READ, host)
+        self._hosts.append(host)
+        return host
+
+    def _drain_host(self, host: Host, fd: int) -> None:
+        while True:
+            try:
+                chunk = os.read(fd, 65536)
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError:
+                chunk = b""
+            if not chunk:
+                self._host_gone(host)
+                return
+            if fd == host.output:
+                if host.job is not None:
+                    host.job.out += chunk
+                    if len(host.job.out) > STDOUT_TAIL:
+                        del host.job.out[:-STDOUT_TAIL]
+                continue
+            host.buf += chunk
+            while len(host.buf) >= 4:
+                size = int.from_bytes(host.buf[:4], "big")
+                if len(host.buf) < 4 + size:
+                    break
+                frame = bytes(host.buf[4:4 + size])
+                del host.buf[:4 + size]
+                job = host.job
+                if job is not None:
+                    job.result = bytearray(frame)
+                    job.answered = True
+                    job.exit_status = 0
+                    host.job = None
+                    host.tasks += 1
+                    if host.retire or host.tasks >= HOST_MAX_TASKS:
+                        self._close_host(host)
+
+    def _host_gone(self, host: Host) -> None:
+        """The host's pipes closed: it exited or was killed; its running job (if any) ends."""
+        if host.dead and host.results < 0:
+            return
+        host.dead = True
+        for fd in (host.results, host.output, host.to_host):
+            if fd < 0:
+                continue
+            try:
+                self._sel.unregister(fd)
+            except (KeyError, ValueError):
+                pass
+            try:
+                os.close(fd)
+            except OSError:
+                pass
+        host.results = host.output = host.to_host = -1
+        self._reap_host(host)
+
+    def _reap_host(self, host: Host) -> None:
+        if host.exit_status is not None:
+            return
+        try:
+            pid, status = os.waitpid(host.pid, os.WNOHANG)
+        except ChildProcessError:
+            host.exit_status = -1
+            return
+        if pid:
+            host.exit_status = os.waitstatus_to_exitcode(status)
+
+    def _close_host(self, host: Host) -> None:
+        """Retire an idle host: end of input makes it exit; its pipes then close."""
+        host.retire = True
+        if host.to_host >= 0:
+            try:
+                os.close(host.to_host)
+            except OSError:
+                pass
+            host.to_host = -1
+
+    def _start_forked(self, job: Job, info, upstream: dict) -> None:
+        """One process per run (KMPWM_POOL=0): full isolation, a fork per task."""
         from .context import WorkerContext
 
         self._preload(info)
         _load_libc()
+        if not self._frozen:
+            # Move everything run-due has allocated out of the collector's reach, so that a child's
+            # garbage collection does not touch (and copy-on-write) every inherited page.
+            gc.freeze()
+            self._frozen = True
         r, w = os.pipe()
         out_r, out_w = os.pipe()
         sys.stdout.flush()
@@ -399,6 +582,7 @@ class Runner:
         if pid == 0:  # the child: never returns
             status = 0
             try:
+                gc.disable()  # a short-lived child: no collections, fewer copied pages
                 os.setsid()
                 _die_with_parent()
                 signal.set_wakeup_fd(-1)
@@ -494,6 +678,24 @@ class Runner:
                     break
             if self.jobs:
                 time.sleep(0.01)
+        for host in self._hosts:
+            self._close_host(host)
+        deadline = time.monotonic() + 2
+        while any(not h.dead for h in self._hosts) and time.monotonic() < deadline:
+            for key, _ in self._sel.select(0.05):
+                if isinstance(key.data, Host):
+                    self._drain_host(key.data, key.fd)
+        for host in self._hosts:
+            if not host.dead:
+                try:
+                    os.killpg(host.pid, signal.SIGKILL)
+                except OSError:
+                    pass
+            if host.exit_status is None:
+                try:
+                    os.waitpid(host.pid, 0)
+                except ChildProcessError:
+                    pass
         for signo, old in self._signals.items():
             signal.signal(signo, old)
         try:
@@ -535,7 +737,10 @@ class Runner:
                 except (BlockingIOError, InterruptedError):
                     pass
                 continue
-            self._drain(key.data, key.fd)
+            if isinstance(key.data, Host):
+                self._drain_host(key.data, key.fd)
+            else:
+                self._drain(key.data, key.fd)
 
     def _drain(self, job: Job, fd: int) -> None:
         name = job.fds.get(fd)
@@ -609,6 +814,15 @@ class Runner:
             if job.immediate is not None:
                 finished.append(job)
                 continue
+            if job.host is not None:
+                if job.answered:
+                    finished.append(job)
+                elif job.host.dead:
+                    self._reap_host(job.host)
+                    if job.host.exit_status is not None:
+                        job.exit_status = job.host.exit_status
+                        finished.append(job)
+                continue
             if job.exit_status is None:
                 job.exit_status = _poll(job)
             if job.exit_status is not None:
@@ -625,6 +839,10 @@ class Runner:
         for job in finished:
             job.ended = now
             del self.jobs[job.id]
+        for host in self._hosts:
+            if host.dead:
+                self._reap_host(host)
+        self._hosts = [h for h in self._hosts if not (h.dead and h.exit_status is not None and h.job is None)]
         return finished
 
     def _outcome(self, job: Job) -> dict:
@@ -704,6 +922,8 @@ def _die_with_parent() -> None:
 def _kill(job: Job, signo: int) -> None:
     if not job.pid or job.exit_status is not None:
         return
+    if job.host is not None:
+        job.host.retire = True  # a host told to stop is not reused
     try:
         os.killpg(job.pid, signo)  # the worker and anything it started
     except ProcessLookupError:

@@ -69,7 +69,9 @@ def run_in_child(info, input: str | None, ctx: WorkerContext) -> dict:
     """Run the worker; returns the result as a plain dict (never raises)."""
     signal.signal(signal.SIGTERM, lambda signo, frame: ctx.expire())
     try:
-        result = call(load_target(info), input, ctx)
+        target = load_target(info)
+        info.preloaded = target  # a pool host imports a worker once
+        result = call(target, input, ctx)
     except Exception as exc:
         traceback.print_exc()  # to the output tail, which run-due logs
         return {"status": "FAILURE", "message": str(exc) or type(exc).__name__, "data": None}
@@ -77,3 +79,76 @@ def run_in_child(info, input: str | None, ctx: WorkerContext) -> dict:
         return {"status": "SUCCESS" if exc.code in (0, None) else "FAILURE",
                 "message": None if exc.code in (0, None) else f"worker exited with {exc.code}", "data": None}
     return {"status": result.status, "message": result.message, "data": result.data}
+
+
+# -- the warm pool: a host process runs Python tasks one after another ------------------------
+
+_HEADER = 4
+
+
+def write_frame(fd: int, payload: bytes) -> None:
+    import os
+
+    view = memoryview(len(payload).to_bytes(_HEADER, "big") + payload)
+    while view:
+        view = view[os.write(fd, view):]
+
+
+def _read_exact(fd: int, n: int) -> bytes | None:
+    import os
+
+    chunks, left = [], n
+    while left:
+        chunk = os.read(fd, left)
+        if not chunk:
+            return None
+        chunks.append(chunk)
+        left -= len(chunk)
+    return b"".join(chunks)
+
+
+def host_main(in_fd: int, out_fd: int, registry) -> None:
+    """The loop of a pool host: read a task, run it, write its result; exit at end of input.
+
+    Between tasks the host restores its environment, working directory and signal handler, so a
+    task sees the same process state as the first one did.  run-due replaces a host after a task
+    that was told to stop, after a crash, and after a bounded number of tasks."""
+    import os
+
+    import orjson
+
+    base_env = dict(os.environ)
+    base_cwd = os.getcwd()
+    targets: dict = {}
+    while True:
+        header = _read_exact(in_fd, _HEADER)
+        if header is None:
+            return
+        msg = orjson.loads(_read_exact(in_fd, int.from_bytes(header, "big")) or b"{}")
+        os.environ.clear()
+        os.environ.update(base_env)
+        os.environ.update(msg["env"])
+        try:
+            os.chdir(base_cwd)
+        except OSError:
+            pass
+        ctx = WorkerContext(task_id=msg["id"], attempt=msg["attempt"], upstream=msg["upstream"],
+                            input=msg["input"], worker=msg["worker"], chain_id=msg.get("chain_id"),
+                            step=msg.get("step"), deadline=None)
+        info = registry.get(msg["worker"])
+        if info is not None and msg["worker"] in targets:
+            info.preloaded = targets[msg["worker"]]
+        import time as _time
+
+        ctx.deadline = _time.monotonic() + msg["limit"]
+        result = run_in_child(info, msg["input"], ctx) if info is not None else {
+            "status": "FAILURE", "message": f"unknown worker {msg['worker']!r}", "data": None}
+        if info is not None and getattr(info, "preloaded", None) is not None:
+            targets[msg["worker"]] = info.preloaded
+        sys.stdout.flush()
+        sys.stderr.flush()
+        try:
+            blob = orjson.dumps(result, default=str)
+        except TypeError as exc:
+            blob = orjson.dumps({"status": "FAILURE", "message": f"result not JSON-serialisable: {exc}", "data": None})
+        write_frame(out_fd, blob)
