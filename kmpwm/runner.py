@@ -385,15 +385,28 @@ class Runner:
         if data:
             stdin.write(data.encode("utf-8", "surrogateescape"))
             stdin.seek(0)
+        argv = list(cfg.command)
+        prog = _resolve(argv[0], cfg.cwd, env.get("PATH"))
+        if prog is None:
+            stdin.close()
+            job.immediate = {"status": "FAILURE", "message": f"command not found: {argv[0]}", "data": None}
+            return
+        argv[0] = prog
         try:
-            proc = subprocess.Popen(cfg.command, stdin=stdin, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                    cwd=cfg.cwd, env=env, start_new_session=True, close_fds=True,
-                                    preexec_fn=_die_with_parent)
+            # setpriv makes the command die with run-due (PR_SET_PDEATHSIG) without a preexec_fn,
+            # which would force Python's slow fork path instead of vfork.
+            proc = subprocess.Popen(_DEATH_PREFIX + argv, stdin=stdin, stdout=subprocess.PIPE,
+                                    stderr=subprocess.PIPE, cwd=cfg.cwd, env=env, start_new_session=True,
+                                    close_fds=True, preexec_fn=None if _DEATH_PREFIX else _die_with_parent)
         except FileNotFoundError:
             job.immediate = {"status": "FAILURE", "message": f"command not found: {cfg.command[0]}", "data": None}
             return
         except PermissionError:
             job.immediate = {"status": "FAILURE", "message": f"command not executable: {cfg.command[0]}",
+                             "data": None}
+            return
+        except OSError as exc:
+            job.immediate = {"status": "FAILURE", "message": f"cannot run {cfg.command[0]}: {exc.strerror}",
                              "data": None}
             return
         finally:
@@ -917,6 +930,28 @@ def _die_with_parent() -> None:
             libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
         except Exception:
             pass
+
+
+def _death_prefix() -> list[str]:
+    import shutil
+
+    if not sys.platform.startswith("linux"):
+        return []
+    setpriv = shutil.which("setpriv")
+    return [setpriv, "--pdeathsig", "KILL", "--"] if setpriv else []
+
+
+_DEATH_PREFIX = _death_prefix()
+
+
+def _resolve(prog: str, cwd: str | None, path: str | None) -> str | None:
+    """The executable a command names, as execvp would find it; None if there is none."""
+    import shutil
+
+    if os.sep in prog:
+        full = prog if os.path.isabs(prog) or not cwd else os.path.join(cwd, prog)
+        return full if os.path.isfile(full) and os.access(full, os.X_OK) else None
+    return shutil.which(prog, path=path)
 
 
 def _kill(job: Job, signo: int) -> None:
