@@ -9,7 +9,6 @@ import os
 import tempfile
 
 import orjson
-import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -21,7 +20,7 @@ TAGS = ["t1", "t2"]
 RUNNERS = ["host/1/r1", "host/2/r2"]
 UNFINISHED = {"ENQUEUED", "BLOCKED", "RUNNING"}
 
-SETTINGS = settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+SETTINGS = settings(max_examples=50, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
 
 def make_task(task_id: str, ts: float, *, repeating: bool, max_attempts: int, backoff: str, tags: list[str]) -> dict:
@@ -178,7 +177,7 @@ def test_fold_from_snapshot_equals_fold_from_scratch(data):
     assert shared == whole
 
 
-def check_invariants(before: dict, after: dict, history: dict) -> None:
+def check_invariants(after: dict, history: dict) -> None:
     """SUCCEEDED is final; attempts never decrease; later chain steps never run too early."""
     for tid, t in after["tasks"].items():
         key = (tid, t["seq"])
@@ -211,16 +210,15 @@ def check_invariants(before: dict, after: dict, history: dict) -> None:
                 assert d is None or d["state"] not in UNFINISHED, f"{tid} runs before {dep} finished"
 
 
-@SETTINGS
+@settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(st.data())
 def test_fold_invariants(data):
     records = draw_records(data, max_records=40)
     state = new_state()
     history: dict = {}
     for r in records:
-        before = copy.deepcopy(state)
         apply(state, fresh(r))
-        check_invariants(before, state, history)
+        check_invariants(state, history)
         for t in state["tasks"].values():
             assert t["state"] in {"ENQUEUED", "BLOCKED", "RUNNING", "SUCCEEDED", "FAILED", "CANCELLED"}
             assert (t["lease"] is not None) == (t["state"] == "RUNNING")

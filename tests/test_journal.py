@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import time
 from pathlib import Path
 
 import pytest
@@ -42,6 +43,17 @@ def assert_all_records_valid(path: Path) -> list[dict]:
     records = [decode(line) for line in data.split(b"\n")[:-1]]
     assert all(r is not None for r in records)
     return records
+
+
+def assert_private_modes(home: Path) -> None:
+    """SPEC 1: directories 0700, files 0600, whatever kmpwm wrote (quarantine, snapshot, manifest)."""
+    import stat
+
+    for root, dirs, files in os.walk(home):
+        for d in dirs:
+            assert stat.S_IMODE((Path(root) / d).stat().st_mode) == 0o700, Path(root) / d
+        for f in files:
+            assert stat.S_IMODE((Path(root) / f).stat().st_mode) == 0o600, Path(root) / f
 
 
 # -- torn tail ------------------------------------------------------------------------------
@@ -134,6 +146,7 @@ def test_corrupt_middle_record_read_only_commands_show_the_rest(home):
     doc, rc = kjson("doctor", "--repair")
     assert rc == 0, doc
     assert quarantined(home), "the damaged bytes are moved to journal/quarantine/"
+    assert_private_modes(home)
     assert kmpwm("doctor").returncode == 0
     assert_all_records_valid(path)
     assert ids() == expected
@@ -243,6 +256,39 @@ def test_symlinked_journal_is_not_followed(tmp_path, home):
     assert target.read_bytes() == b"do not touch\n"
 
 
+def test_symlinked_snapshot_is_not_followed(tmp_path, home):
+    target = tmp_path / "precious.txt"
+    target.write_bytes(b"do not touch\n")
+    enqueue_each("a")
+    (home / "journal" / "state.snap").symlink_to(target)
+    kmpwm("compact", check=0)  # writes a fresh snapshot
+    kmpwm("enqueue", "b", "echo", "--delay", "1h", check=0)
+    assert target.read_bytes() == b"do not touch\n"
+    assert ids() == ["a", "b"]
+
+
+# -- the writers' lock -----------------------------------------------------------------------
+
+
+def test_lock_busy_exits_75_and_readers_need_no_lock(home):
+    import portalocker
+
+    enqueue_each("a")
+    with open(home / "journal" / "lock", "r+b") as fh:
+        portalocker.lock(fh, portalocker.LockFlags.EXCLUSIVE)
+        try:
+            start = time.monotonic()
+            proc = kmpwm("enqueue", "b", "echo", env={"KMPWM_LOCK_TIMEOUT": "0.5"})
+            waited = time.monotonic() - start
+            assert proc.returncode == 75, proc.stderr
+            assert proc.stderr.strip() and waited < 8
+            assert ids() == ["a"]  # a reader never needs the lock
+        finally:
+            portalocker.unlock(fh)
+    kmpwm("enqueue", "b", "echo", "--delay", "1h", check=0)
+    assert ids() == ["a", "b"]
+
+
 # -- compaction -----------------------------------------------------------------------------
 
 
@@ -276,6 +322,7 @@ def test_compact_keeps_live_tasks_and_history(home):
     assert tasks["later#2"]["state"] == "BLOCKED" and tasks["ch/2/echo"]["state"] == "ENQUEUED"
     assert_all_records_valid(journal(home))
     assert kmpwm("doctor").returncode == 0
+    assert_private_modes(home)
 
     # the compacted journal still works: ids, appends and chains continue
     doc, _ = kjson("enqueue", "later", "echo", "--policy", "append", check=0)
