@@ -152,6 +152,7 @@ class Runner:
     def run(self) -> int:
         """Run what is due; returns 75 if the run itself expired, else 0."""
         view = self.store.load()
+        self.store.verify_covered(view)
         if view.damage:
             raise JournalError(
                 f"the journal has {len(view.damage)} damaged record(s) ({view.damage[0].describe()}); "

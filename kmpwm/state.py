@@ -354,19 +354,19 @@ def _op_result(state: dict, op: dict, ts: float, emit: Emit) -> bool:
     t["attempts"] += 1
     t["occ_attempts"] += 1
     t["expiries"] = 0
-    if op.get("trig_state"):
-        t["trig_state"] = dict(t["trig_state"], **op["trig_state"])
     repeating = t["trigger"]["type"] in REPEATING
     c = t["constraints"]
     if status == "RETRY":
         if t["occ_attempts"] < c["max_attempts"]:
             t["state"] = "ENQUEUED"
             t["due"] = ts + backoff_delay(c["backoff"], c["backoff_delay"], t["occ_attempts"])
-            return True
+            return True  # the occurrence goes on: its trigger bookkeeping waits for its end
         status = "FAILURE"
         reason = f"gave up after {t['occ_attempts']} attempts" + (f": {op['message']}" if op.get("message") else "")
     else:
         reason = op.get("message") or "worker failed"
+    if op.get("trig_state"):  # the occurrence ended: a new on-change baseline, a disarmed --when
+        t["trig_state"] = dict(t["trig_state"], **op["trig_state"])
     if repeating:
         t["state"] = "ENQUEUED"
         t["occ_attempts"] = 0

@@ -26,6 +26,9 @@ SNAPSHOT_MAGIC = b"KMPWMSNAP1 "
 # Write a new snapshot once the tail after the last one holds this many records or bytes.
 SNAPSHOT_AFTER_RECORDS = 2000
 SNAPSHOT_AFTER_BYTES = 4 << 20
+# run-due re-checks the checksums of the part of the journal a snapshot covers up to this size,
+# so damage there is found even though the state came from the snapshot.
+VERIFY_COVERED_BYTES = 8 << 20
 
 
 @dataclass
@@ -38,6 +41,7 @@ class View:
     damage: list[Damage] = field(default_factory=list)  # corrupt records seen (not torn tails)
     torn: Damage | None = None
     from_snapshot: bool = False
+    verified: bool = False
 
 
 class Store:
@@ -141,6 +145,15 @@ class Store:
             pass
         except OSError as exc:
             raise JournalError(f"cannot remove {self.paths.snapshot_file}: {exc.strerror}") from None
+
+    def verify_covered(self, view: View) -> None:
+        """Fail-closed readers (run-due): find damage in the region the snapshot stands in for.
+        CRC-only, and only while that region is small; beyond it, `kmpwm doctor` checks it."""
+        if view.from_snapshot and not getattr(view, "verified", False) and view.offset <= VERIFY_COVERED_BYTES:
+            start = min((d.start for d in view.damage), default=None)
+            found = [d for d in self.journal.verify(view.offset) if start is None or d.start < start]
+            view.damage[:0] = found
+            view.verified = True
 
     def invalidate(self) -> None:
         """Forget the in-memory state (after the journal was rewritten)."""

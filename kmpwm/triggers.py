@@ -138,11 +138,27 @@ def DeviceIdle() -> DeviceState:  # noqa: N802
 
 
 def cron_next(expr: str, after: float) -> float:
-    """The first time strictly after ``after`` that matches ``expr`` in local time."""
+    """The first time strictly after ``after`` that matches ``expr`` in local wall-clock time.
+
+    croniter walks naive local times; each match is turned into an instant with the C library's
+    zone rules (``mktime``), so a DST change moves nothing: 09:00 stays 09:00.  A wall time that
+    does not exist (spring forward) runs at the shifted instant; one that exists twice (fall back)
+    runs once, because matches at or before ``after`` are skipped."""
+    import time as _time
+
     from croniter import croniter  # only tasks with a cron trigger pay for it
 
-    base = datetime.fromtimestamp(after).astimezone()
-    return float(croniter(expr, base).get_next(float))
+    it = croniter(expr, datetime.fromtimestamp(after))
+    for _ in range(1000):
+        wall = it.get_next(datetime)
+        tt = wall.timetuple()[:8]
+        # both readings of the wall time (summer and winter); keep those that really show it
+        readings = sorted({_time.mktime(tt + (dst,)) for dst in (1, 0)})
+        exact = [r for r in readings if datetime.fromtimestamp(r).replace(microsecond=0) == wall]
+        for instant in exact or [_time.mktime(tt + (-1,))]:  # none: a wall time that does not exist
+            if instant > after:
+                return float(instant)
+    raise InvalidParams(f"cron expression {expr!r} has no upcoming time")
 
 
 def initial(trigger: dict, now: float) -> tuple[float, dict]:
