@@ -11,6 +11,7 @@ import os
 import shutil
 import socket
 import sys
+import time
 
 from .exitcodes import ConfigError
 
@@ -19,6 +20,7 @@ ASSUME_KEYS = {"network": "bool", "metered": "bool", "roaming": "bool", "chargin
                "battery": "percent", "storage_low": "bool", "idle": "bool"}
 STORAGE_LOW_FRACTION = 0.05
 STORAGE_LOW_BYTES = 500 * 1024 * 1024
+IDLE_AFTER_SECONDS = 300  # a session idle this long counts as an idle device
 
 
 def parse_assume(text: str | None) -> dict:
@@ -58,8 +60,10 @@ def observable(key: str, assume: dict | None = None) -> bool:
     assume = parse_assume(os.environ.get("KMPWM_ASSUME")) if assume is None else assume
     if key in assume:
         return True
-    if key in ("metered", "roaming"):
+    if key == "metered":
         return _have_networkmanager()
+    if key == "roaming":
+        return False  # no desktop API reports roaming reliably: only KMPWM_ASSUME can say
     return True
 
 
@@ -73,7 +77,7 @@ def unobservable(constraints: dict, trigger: dict) -> list[str]:
                    "(needs NetworkManager on Linux)")
     if nt == "not-roaming" and not observable("roaming", assume):
         out.append("--network-type not-roaming: this platform cannot tell whether the network is roaming "
-                   "(needs NetworkManager on Linux)")
+                   "(set KMPWM_ASSUME=roaming=off to declare it)")
     return out
 
 
@@ -143,8 +147,37 @@ class Device:
         return False
 
     def _probe_idle(self) -> bool:
-        load1 = os.getloadavg()[0]
+        seconds = self._session_idle_seconds()
+        if seconds is not None:
+            return seconds >= IDLE_AFTER_SECONDS
+        load1 = os.getloadavg()[0]  # a server without a session: idle when barely loaded
         return load1 < 0.25 * (os.cpu_count() or 1)
+
+    def _session_idle_seconds(self) -> float | None:
+        """How long the user's session has been idle: logind (Linux) or IOKit (macOS); None if unknown."""
+        import subprocess
+
+        try:
+            if sys.platform == "darwin":
+                out = subprocess.run(["ioreg", "-c", "IOHIDSystem", "-d", "4"], capture_output=True, text=True,
+                                     timeout=0.5, check=False).stdout
+                for line in out.splitlines():
+                    if "HIDIdleTime" in line:
+                        return int(line.rsplit("=", 1)[1].strip()) / 1e9
+                return None
+            session = os.environ.get("XDG_SESSION_ID")
+            if not session or not shutil.which("loginctl"):
+                return None
+            out = subprocess.run(["loginctl", "show-session", session, "-p", "IdleHint", "-p",
+                                  "IdleSinceHintMonotonic"], capture_output=True, text=True, timeout=0.5,
+                                 check=False).stdout
+        except (OSError, subprocess.SubprocessError, ValueError):
+            return None
+        props = dict(line.split("=", 1) for line in out.splitlines() if "=" in line)
+        if props.get("IdleHint") != "yes":
+            return 0.0 if props else None
+        since = int(props.get("IdleSinceHintMonotonic", "0") or 0) / 1e6
+        return max(0.0, time.monotonic() - since) if since else IDLE_AFTER_SECONDS
 
     def battery_low(self) -> bool:
         return self.get("battery") < BATTERY_LOW_PERCENT
