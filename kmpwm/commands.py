@@ -271,24 +271,37 @@ def _queue_doc(state, now, task_id, tag, wanted, all_) -> dict:
 
 
 def _print_queue(doc: dict, state: dict, now: float) -> None:
+    """Standalone tasks first, then one section per chain, in enqueue order."""
+    from .output import grouped_table
+
     if not doc["tasks"]:
-        say("no tasks" + ("" if doc["chains"] else ""))
+        say("no tasks")
         return
-    rows = []
     raw = state["tasks"]
-    for t in doc["tasks"]:
+    chains = {c["id"]: c for c in doc["chains"]}
+
+    def row(t: dict) -> list:
         lr = t["last_result"]
         last = "" if not lr else lr["status"] + (f": {lr['message']}" if lr.get("message") else "")
-        if t["reason"] and t["state"] in ("FAILED", "CANCELLED"):
-            last = t["reason"] if not last else f"{last} ({t['reason']})" if t["reason"] != lr.get("message") else last
-        where = f"{t['chain_id']} #{t['step']}" if t["chain_id"] else ""
-        nra = raw[t["id"]]
-        nxt = relative(nra["due"], now) if t["next_run_at"] else ""
-        rows.append([t["id"], t["worker"], t["state"], nxt, t["attempts"], where, ",".join(t["tags"]), last[:60]])
-    table(["ID", "WORKER", "STATE", "NEXT RUN", "ATTEMPTS", "CHAIN", "TAGS", "LAST RESULT"], rows, style_column=2)
-    for c in doc["chains"]:
-        nxt = f", next step {c['next_step']}" if c["next_step"] else ""
-        say(f"chain {c['id']}: {c['state']}, {len(c['steps'])} step(s){nxt}")
+        if t["reason"] and t["state"] in ("FAILED", "CANCELLED") and (not lr or t["reason"] != lr.get("message")):
+            last = f"{last} ({t['reason']})" if last else t["reason"]
+        nxt = (relative(max(raw[t["id"]]["due"], now), now) if t["next_run_at"] else "")  # overdue: "now"
+        if t["state"] == "RUNNING" and t.get("lease"):
+            nxt = f"since {relative(raw[t['id']]['lease']['since'], now).replace(' ago', '')}"
+        step = f"{t['step']}/{len(chains[t['chain_id']]['steps'])}" if t["chain_id"] in chains else ""
+        return [t["id"], t["worker"], t["state"], nxt, t["attempts"], step, ",".join(t["tags"]), last[:70]]
+
+    groups: list = []
+    alone = [row(t) for t in doc["tasks"] if not t["chain_id"]]
+    if alone:
+        groups.append((None, alone))
+    for cid, c in chains.items():
+        members = [["  " + r[0], *r[1:]] for r in (row(t) for t in doc["tasks"] if t["chain_id"] == cid)]
+        if members:
+            nxt = f"next {c['next_step']}" if c["next_step"] else ""
+            groups.append(([f"chain {cid}", "", c["state"], "", "", nxt, "", ""], members))
+    grouped_table(["ID", "WORKER", "STATE", "NEXT RUN", "ATTEMPTS", "STEP", "TAGS", "LAST RESULT"], groups,
+                  style_column=2)
 
 
 # -- workers -------------------------------------------------------------------------------

@@ -81,5 +81,49 @@ def table(headers: Sequence[str], rows: Iterable[Sequence[Any]], *, title: str |
         say("  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip())
 
 
+def grouped_table(headers: Sequence[str], groups: Sequence[tuple[Sequence[Any] | None, Sequence[Sequence[Any]]]],
+                  *, style_column: int | None = None) -> None:
+    """A table in sections, each with an optional header row (shown in bold on a terminal): rich
+    on a colour terminal, aligned plain text with the same columns otherwise."""
+    def cells(row):
+        return ["" if c is None else str(c) for c in row]
+
+    groups = [(None if head is None else cells(head), [cells(r) for r in rows]) for head, rows in groups]
+    if color_enabled():
+        from rich.console import Console
+        from rich.table import Table
+
+        t = Table(header_style="bold", box=None, pad_edge=False)
+        widths = [len(h) for h in headers]
+        for head, rows in groups:
+            for row in ([head] if head else []) + list(rows):
+                for i, cell in enumerate(row):
+                    widths[i] = max(widths[i], len(cell))
+        for n, h in enumerate(headers):
+            last = n == len(headers) - 1  # only the last column gives way on a narrow terminal
+            t.add_column(h, no_wrap=True, overflow="ellipsis", min_width=None if last else widths[n])
+        for n, (head, rows) in enumerate(groups):
+            if head is not None:
+                if n:
+                    t.add_section()
+                t.add_row(*[f"[bold]{c}[/]" if c else "" for c in head])
+            for row in rows:
+                row = list(row)
+                if style_column is not None and row[style_column] in STATE_STYLE:
+                    row[style_column] = f"[{STATE_STYLE[row[style_column]]}]{row[style_column]}[/]"
+                t.add_row(*row)
+        Console().print(t)
+        return
+    widths = [len(h) for h in headers]
+    for head, rows in groups:
+        for row in ([head] if head else []) + list(rows):
+            for i, cell in enumerate(row):
+                widths[i] = max(widths[i], len(cell))
+    say("  ".join(h.ljust(w) for h, w in zip(headers, widths)).rstrip())
+    for head, rows in groups:
+        for row in ([head] if head else []) + list(rows):
+            say("  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip())
+
+
 def now() -> float:
     return time.time()
