@@ -32,7 +32,6 @@ from .scheduling import lease_state, plan, time_limit, upstream_of
 from .store import Store
 from .timeparse import parse_duration
 from .triggers import next_after_run
-from .worker_host import run_in_child  # imported before forking: children start warm
 
 LEASE_MARGIN = 10.0
 TAIL = 8192
@@ -160,6 +159,12 @@ class Runner:
                 hint="run `kmpwm doctor --repair` to quarantine the damage, then try again")
         if self.dry_run:
             return self._dry_run(view.state)
+        # Nothing due and nothing to record: done, without the lock (the common case under cron).
+        idle = plan(view.state, time.time(), self.device, known_worker=self._known)
+        if not idle.due and not idle.ops:
+            for s in idle.skipped:
+                self.report.skipped[s["id"]] = s["reason"]
+            return 0
         deadline = time.monotonic() + self.budget if self.budget is not None else None
         self._setup()
         try:
@@ -444,6 +449,8 @@ class Runner:
 
     def _spawn_host(self, info) -> Host:
         """Fork a pool host, warm: kmpwm and the first worker's module are already imported."""
+        from . import worker_host  # noqa: F401  imported here, before forking, not in each host
+
         self._preload(info)
         _load_libc()
         if not self._frozen:
@@ -578,6 +585,7 @@ class Runner:
 
     def _start_forked(self, job: Job, info, upstream: dict) -> None:
         """One process per run (KMPWM_POOL=0): full isolation, a fork per task."""
+        from . import worker_host  # noqa: F401  imported before forking, not in each child
         from .context import WorkerContext
 
         self._preload(info)
@@ -616,6 +624,8 @@ class Runner:
                 os.dup2(null, 0)
                 os.dup2(out_w, 1)
                 os.dup2(out_w, 2)
+                from .worker_host import run_in_child
+
                 t = job.task
                 ctx = WorkerContext(task_id=t["id"], attempt=job.attempt, upstream=upstream, input=t["input"],
                                     worker=t["worker"], chain_id=t.get("chain_id"), step=t.get("step"),
