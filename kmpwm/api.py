@@ -92,6 +92,7 @@ class Scheduler:
         self._registry = None
         self._pending: list | None = None  # (kind, payload, outcome) while a batch is open
         self._workers_ok: set[str] = set()
+        self._plain: tuple[dict, dict] | None = None  # validated default trigger and constraints
         self._assume = os.environ.get("KMPWM_ASSUME")
         self._validated: dict = {}
 
@@ -105,12 +106,16 @@ class Scheduler:
 
     # -- building task records ------------------------------------------------------------
 
-    def build_task(self, req: TaskRequest, now: float, *, task_id: str | None = None) -> dict:
+    def build_task(self, req: TaskRequest, now: float, *, task_id: str | None = None,
+                   trusted_id: bool = False) -> dict:
         """Validate a request and return the task record to journal (raises KmpwmError).
 
         Validated trigger and constraint records are cached by value, so a batch of many similar
         requests validates each distinct trigger and constraint set once."""
-        task_id = check_id(task_id if task_id is not None else req.id, allow_hash=task_id is not None)
+        if task_id is None:
+            task_id = check_id(req.id)
+        elif not trusted_id:
+            task_id = check_id(task_id, allow_hash=True)
         worker = req.worker
         if worker not in self._workers_ok:
             if not isinstance(worker, str) or not worker:
@@ -124,16 +129,13 @@ class Scheduler:
             self._workers_ok.add(worker)
         trigger = req.trigger if req.trigger is not None else _ONE_TIME
         constraints = req.constraints if req.constraints is not None else _DEFAULT_CONSTRAINTS
-        if not isinstance(constraints, Constraints):
+        if trigger is _ONE_TIME and constraints is _DEFAULT_CONSTRAINTS and self._plain is not None:
+            trig, crec = self._plain  # the most common request: no trigger, no constraints
+        elif not isinstance(constraints, Constraints):
             raise InvalidParams("invalid constraints: expected kmpwm.Constraints")
-        try:
-            key = (trigger, constraints.key(), self._assume)
-            trig, crec = self._validated[key] if isinstance(trigger, _CACHEABLE_TRIGGERS) else self._validate(trigger, constraints, now)
-        except KeyError:
-            trig, crec = self._validated[key] = self._validate(trigger, constraints, now)
-        except TypeError:  # unhashable values (a list in a field): validate without the cache
-            trig, crec = self._validate(trigger, constraints, now)
-        due, trig_state = initial(trig, now)
+        else:
+            trig, crec = self._validated_pair(trigger, constraints, now)
+        due, trig_state = initial(trig, now) if trig["type"] != "one_time" else (now + trig["delay"], None)
         data = req.input
         if data is not None and not (isinstance(data, str) and len(data) < 65536):
             data = normalise_input(data)
@@ -151,6 +153,20 @@ class Scheduler:
         if trig_state:
             task["trig_state"] = trig_state
         return task
+
+    def _validated_pair(self, trigger, constraints: Constraints, now: float) -> tuple[dict, dict]:
+        if not isinstance(trigger, _CACHEABLE_TRIGGERS):
+            return self._validate(trigger, constraints, now)
+        try:
+            key = (trigger, constraints.key(), self._assume)
+            return self._validated[key]
+        except KeyError:
+            pair = self._validated[key] = self._validate(trigger, constraints, now)
+            if trigger is _ONE_TIME and constraints is _DEFAULT_CONSTRAINTS:
+                self._plain = pair
+            return pair
+        except TypeError:  # unhashable values (a list in a field): validate without the cache
+            return self._validate(trigger, constraints, now)
 
     def _validate(self, trigger, constraints: Constraints, now: float) -> tuple[dict, dict]:
         if not hasattr(trigger, "to_record"):
@@ -194,7 +210,7 @@ class Scheduler:
         """Enqueue many requests in one durable append.  With ``all_or_nothing``, one invalid
         request rejects the whole batch (nothing is written)."""
         now = time.time()
-        self._assume = os.environ.get("KMPWM_ASSUME")
+        self._set_assume()
         outcomes: list[Outcome] = []
         ops: list[dict] = []
         for req, policy in items:
@@ -239,8 +255,15 @@ class Scheduler:
             return _rejected(chain_id, exc)
         return outcome
 
+    def _set_assume(self) -> None:
+        if self._pending:
+            return  # read once per batch
+        assume = os.environ.get("KMPWM_ASSUME")
+        if assume != self._assume:
+            self._assume, self._plain = assume, None
+
     def _chain_op(self, steps, chain_id, policy, now, tags) -> dict:
-        self._assume = os.environ.get("KMPWM_ASSUME")
+        self._set_assume()
         policy = enum_value(ExistingWorkPolicy, policy, what="chain policy")
         if policy not in ("keep", "replace"):
             raise InvalidParams(f"invalid chain policy {policy!r}: a chain takes keep or replace")
@@ -249,10 +272,10 @@ class Scheduler:
         check_id(chain_id, what="chain id")
         if "/" in chain_id:
             raise InvalidParams(f"invalid chain id {chain_id!r}: '/' separates the parts of its task ids")
-        steps = [list(step) for step in steps]
-        if not steps or any(not step for step in steps):
+        steps = [step if type(step) is list else list(step) for step in steps]
+        if not steps or not all(steps):
             raise InvalidParams("a chain needs at least one step, and every step at least one task")
-        total = sum(len(s) for s in steps)
+        total = sum(map(len, steps))
         if total > MAX_CHAIN_TASKS:
             raise InvalidParams(f"chain too large ({total} tasks; the limit is {MAX_CHAIN_TASKS})")
         out_steps, seen = [], set()
@@ -264,14 +287,15 @@ class Scheduler:
                     raise InvalidParams(f"step {number}: expected TaskRequest, got {type(req).__name__}")
                 counts[req.worker] = counts.get(req.worker, 0) + 1
                 if req.id is not None:
-                    task_id = check_id(req.id)
+                    task_id, trusted = check_id(req.id), True
                 else:
                     suffix = f"#{counts[req.worker]}" if counts[req.worker] > 1 else ""
                     task_id = f"{chain_id}/{number}/{req.worker}{suffix}"
+                    trusted = len(task_id) <= MAX_ID_LEN and not _CONTROL.search(req.worker or "")
                 if task_id in seen:
                     raise InvalidParams(f"task id {task_id!r} appears twice in the chain")
                 seen.add(task_id)
-                task = self.build_task(req, now, task_id=task_id)
+                task = self.build_task(req, now, task_id=task_id, trusted_id=trusted)
                 if task["trigger"]["type"] in REPEATING:
                     raise InvalidParams(
                         f"chain task {task_id!r}: a chain's tasks run once; use --delay, --at or --window "

@@ -190,7 +190,7 @@ class TaskRequest:
     id: str | None = None
     input: Any = None
     trigger: Any = None  # a kmpwm.triggers object; None means OneTime()
-    constraints: Constraints = field(default_factory=Constraints)
+    constraints: Constraints | None = None  # None means Constraints()
     tags: list[str] = field(default_factory=list)
 
 

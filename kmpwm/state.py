@@ -91,16 +91,30 @@ def apply(state: dict, record: dict, emit: Emit = None) -> list:
 # -- helpers -------------------------------------------------------------------------------
 
 
-def _insert(state: dict, task: dict, ts: float, *, blocked: bool) -> dict:
+_TASK_BASE = {
+    "input": None, "constraints": DEFAULT_CONSTRAINTS_RECORD, "chain_id": None, "step": None, "attempts": 0,
+    "occ_attempts": 0, "expiries": 0, "crashes": 0, "lease": None, "last_result": None, "reason": None,
+    "finished_at": None,
+}
+
+
+def _insert(state: dict, task: dict, ts: float, *, blocked: bool, **extra) -> dict:
+    """A new task in the state from its request record (defaults filled in; the record untouched)."""
     state["seq"] += 1
-    t = {
-        "input": None, "constraints": DEFAULT_CONSTRAINTS_RECORD, "tags": [], "after": [], "chain_id": None,
-        "step": None, "trig_state": {}, "created_at": ts, "due": task.get("created_at", ts),
-        **task,
-        "state": "BLOCKED" if blocked else "ENQUEUED",
-        "seq": state["seq"], "attempts": 0, "occ_attempts": 0, "expiries": 0, "crashes": 0, "lease": None,
-        "last_result": None, "reason": None, "finished_at": None, "updated_at": ts,
-    }
+    t = _TASK_BASE.copy()
+    t.update(task)
+    if extra:
+        t.update(extra)
+    t["state"] = "BLOCKED" if blocked else "ENQUEUED"
+    t["seq"] = state["seq"]
+    t["updated_at"] = ts
+    t["tags"] = list(t.get("tags") or ())
+    t["after"] = list(t.get("after") or ())
+    t["trig_state"] = dict(t.get("trig_state") or {})
+    if "created_at" not in t:
+        t["created_at"] = ts
+    if "due" not in t:
+        t["due"] = t["created_at"]
     tasks = state["tasks"]
     old = tasks.get(t["id"])
     if old is not None:
@@ -242,7 +256,7 @@ def _op_chain(state: dict, op: dict, ts: float, emit: Emit) -> dict:
             prior = tasks.get(task["id"])
             if prior is not None and prior["state"] in UNFINISHED:
                 _finish(state, prior, "CANCELLED", ts, "replaced", emit)
-            t = _insert(state, dict(task, chain_id=cid, step=number), ts, blocked=number > 1)
+            t = _insert(state, task, ts, blocked=number > 1, chain_id=cid, step=number)
             ids.append(t["id"])
             if emit:
                 emit(ts, t["id"], "enqueued", {"worker": t["worker"], "chain": cid, "step": number})
