@@ -192,6 +192,10 @@ def chain_cmd(
     policy: Optional[str] = O(None, "--policy", metavar="keep|replace", help="When the chain id exists (default replace)."),
     file: Optional[str] = O(None, "--file", metavar="FILE", help="TOML or JSON chain file (- for stdin) with per-task input and constraints."),
     delay: Optional[str] = O(None, "--delay", metavar="DUR", help="Due DUR from now.", rich_help_panel=TRIG),
+    every: Optional[str] = O(None, "--every", metavar="DUR", help="Not for chains (their tasks run once); accepted to say so.", rich_help_panel=TRIG),
+    cron: Optional[str] = O(None, "--cron", metavar="EXPR", help="Not for chains (their tasks run once); accepted to say so.", rich_help_panel=TRIG),
+    on_change: Optional[str] = O(None, "--on-change", metavar="PATH", help="Not for chains (their tasks run once); accepted to say so.", rich_help_panel=TRIG),
+    when: Optional[str] = O(None, "--when", metavar="STATE", help="Not for chains (their tasks run once); accepted to say so.", rich_help_panel=TRIG),
     at: Optional[str] = O(None, "--at", metavar="TIME", help="Due at TIME.", rich_help_panel=TRIG),
     exact_behavior: Optional[str] = O(None, "--exact-behavior", metavar="attempt|notify|error", help="What --at does (default attempt).", rich_help_panel=TRIG),
     window: Optional[Tuple[str, str]] = O(None, "--window", metavar="START END", help="Windowed: run only inside [START, END].", rich_help_panel=TRIG),
@@ -214,7 +218,7 @@ def chain_cmd(
     """Enqueue a chain: steps run in order, A+B in parallel; each step gets the previous step's data."""
     from . import commands
 
-    flags = _task_flags(delay, None, None, at, exact_behavior, window, None, None, False, None,
+    flags = _task_flags(delay, every, None, at, exact_behavior, window, cron, on_change, False, when,
                         requires_network, network_type, requires_charging, battery_not_low, storage_not_low,
                         device_idle, heavy, expedited, qos, timeout, backoff, backoff_delay, max_attempts, tags)
     if file is not None and steps:
