@@ -41,6 +41,7 @@ RECLAIM_EVERY = 1.0
 HOST_MAX_TASKS = 500  # a pool host is replaced after this many tasks (bounded leaks)
 GROUP_WAIT = 0.010  # a finished run's result waits at most this long to share a record with others
 PREFETCH_MARGIN = 5.0  # a claimed task may wait briefly for a free slot before it starts
+START_SLACK = 0.5  # scheduling delay between claiming a task and starting it
 
 
 @dataclass
@@ -117,7 +118,8 @@ class Runner:
         self.jobs: dict[str, Job] = {}
         self.done: set[str] = set()
         self.claimed_count = 0
-        self._prefetch = max(8, 4 * self.parallel)  # claimed ahead, so a free slot never waits for a write
+        self._prefetch = max(8, 4 * self.parallel)  # at most this many claimed ahead of free slots
+        self._avg_run: float | None = None  # moving average of run times (s), for the prefetch depth
         self._ready: list = []  # claimed, not started yet: (task, info, limit, upstream)
         self._pending: list[Job] = []  # finished, result not written yet
         self._release: list = []  # claimed but never started (the run expired): hand back
@@ -293,10 +295,22 @@ class Runner:
 
     def _start_ready(self) -> None:
         while self._ready and len(self.jobs) < self.parallel and not self.run_expired:
-            self._start(*self._ready.pop(0))
+            task, info, limit, upstream, start_by = self._ready.pop(0)
+            if time.monotonic() > start_by:
+                # it waited longer than its lease allows for: hand it back rather than run it unleased
+                self._release.append((task, info, limit, upstream, start_by))
+                continue
+            self._start(task, info, limit, upstream)
+
+    def _prefetch_depth(self) -> int:
+        """How many tasks to claim beyond the free slots: only as many as recent run times say
+        will start within PREFETCH_MARGIN (slow tasks are never claimed ahead)."""
+        if self._avg_run is None:
+            return 0
+        return min(self._prefetch, int(PREFETCH_MARGIN * self.parallel / max(self._avg_run, 1e-3)))
 
     def _claim(self, txn, now: float, *, replan: bool) -> list:
-        free = self.parallel + self._prefetch - len(self.jobs) - len(self._ready)
+        free = self.parallel + self._prefetch_depth() - len(self.jobs) - len(self._ready)
         if self.max_tasks is not None:
             free = min(free, self.max_tasks - self.claimed_count)
         if free <= 0:
@@ -329,17 +343,18 @@ class Runner:
             info = self.registry.get(t["worker"])
             limit = time_limit(t, info.config.timeout if info and info.config else None)
             op = {"op": "claim", "id": t["id"], "seq": t["seq"], "runner": self.runner_id, "pid": self.pid,
-                  "token": self.token, "until": now + limit + self.grace + LEASE_MARGIN + PREFETCH_MARGIN}
+                  "token": self.token, "until": now + limit + self.grace + LEASE_MARGIN + PREFETCH_MARGIN + START_SLACK}
             if t["id"] in self._broken:
                 op["broken"] = True
             ops.append(op)
-            prepared.append((t, info, limit, upstream_of(state, t)))
+            # the lease covers a run that starts within PREFETCH_MARGIN (plus scheduling slack)
+            prepared.append((t, info, limit, upstream_of(state, t), time.monotonic() + PREFETCH_MARGIN + START_SLACK))
         starts = []
-        for (t, info, limit, upstream), ok in zip(prepared, txn.stage(ops)):
+        for (t, info, limit, upstream, until), ok in zip(prepared, txn.stage(ops)):
             if ok:
                 task = dict(state["tasks"][t["id"]])
                 task["_trig_update"] = self._trig.get(t["id"])
-                starts.append((task, info, limit, upstream))
+                starts.append((task, info, limit, upstream, until))
         return starts
 
     # -- starting -------------------------------------------------------------------------
@@ -894,6 +909,8 @@ class Runner:
                     "the run expired: " + self.expire_reason if job.run_expired
                     else f"time limit of {job.limit:g}s reached"), "data": None}
             duration_ms = int((time.monotonic() - job.started) * 1000)
+            run_s = duration_ms / 1000
+            self._avg_run = run_s if self._avg_run is None else 0.8 * self._avg_run + 0.2 * run_s
             t = job.task
             op = {"op": "result", "id": t["id"], "seq": t["seq"], "runner": self.runner_id, "status": status,
                   "message": res.get("message"), "data": res.get("data"), "duration_ms": duration_ms}
