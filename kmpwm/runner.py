@@ -482,25 +482,7 @@ class Runner:
         if pid == 0:
             status = 0
             try:
-                os.setsid()
-                _die_with_parent()
-                signal.set_wakeup_fd(-1)
-                for signo in (signal.SIGUSR1, signal.SIGINT, signal.SIGHUP, signal.SIGCHLD):
-                    signal.signal(signo, signal.SIG_DFL)
-                for fd in [task_w, res_r, out_r, *parent_fds]:
-                    try:
-                        os.close(fd)
-                    except OSError:
-                        pass
-                if self._sel is not None:
-                    try:
-                        self._sel.close()
-                    except Exception:
-                        pass
-                null = os.open(os.devnull, os.O_RDONLY)
-                os.dup2(null, 0)
-                os.dup2(out_w, 1)
-                os.dup2(out_w, 2)
+                self._child_setup([task_w, res_r, out_r, *parent_fds], out_w)
                 from .worker_host import host_main
 
                 host_main(task_r, res_w, self.registry)
@@ -523,6 +505,30 @@ class Runner:
             self._sel.register(fd, selectors.EVENT_READ, host)
         self._hosts.append(host)
         return host
+
+    def _child_setup(self, close: list[int], out_w: int) -> None:
+        """In a freshly forked worker process: its own session (so expiry signals reach everything
+        it starts), death with run-due, default signals, none of run-due's descriptors, stdin
+        from /dev/null, stdout and stderr into ``out_w``."""
+        os.setsid()
+        _die_with_parent()
+        signal.set_wakeup_fd(-1)
+        for signo in (signal.SIGUSR1, signal.SIGINT, signal.SIGHUP, signal.SIGCHLD):
+            signal.signal(signo, signal.SIG_DFL)
+        for fd in close:
+            try:
+                os.close(fd)
+            except OSError:
+                pass
+        if self._sel is not None:
+            try:
+                self._sel.close()
+            except Exception:
+                pass
+        null = os.open(os.devnull, os.O_RDONLY)
+        os.dup2(null, 0)
+        os.dup2(out_w, 1)
+        os.dup2(out_w, 2)
 
     def _drain_host(self, host: Host, fd: int) -> None:
         while True:
@@ -620,25 +626,7 @@ class Runner:
             status = 0
             try:
                 gc.disable()  # a short-lived child: no collections, fewer copied pages
-                os.setsid()
-                _die_with_parent()
-                signal.set_wakeup_fd(-1)
-                for signo in (signal.SIGUSR1, signal.SIGINT, signal.SIGHUP, signal.SIGCHLD):
-                    signal.signal(signo, signal.SIG_DFL)
-                for fd in [r, out_r, *parent_fds]:
-                    try:
-                        os.close(fd)
-                    except OSError:
-                        pass
-                if self._sel is not None:
-                    try:
-                        self._sel.close()
-                    except Exception:
-                        pass
-                null = os.open(os.devnull, os.O_RDONLY)
-                os.dup2(null, 0)
-                os.dup2(out_w, 1)
-                os.dup2(out_w, 2)
+                self._child_setup([r, out_r, *parent_fds], out_w)
                 from .worker_host import run_in_child
 
                 t = job.task
