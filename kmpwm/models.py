@@ -85,8 +85,6 @@ _ENUM_CACHE: dict = {}
 
 def enum_value(enum: type[Enum], value: Any, *, what: str) -> str:
     """Normalise a user's value (any case, ``_`` or ``-``) to the enum's value, or raise 65."""
-    from .exitcodes import InvalidParams
-
     try:
         return _ENUM_CACHE[enum, value]
     except (KeyError, TypeError):
@@ -100,6 +98,8 @@ def enum_value(enum: type[Enum], value: Any, *, what: str) -> str:
             if member.value.lower() == wanted:
                 _ENUM_CACHE[enum, value] = member.value
                 return member.value
+    from .exitcodes import InvalidParams
+
     choices = "|".join(m.value for m in enum)
     raise InvalidParams(f"invalid {what} {value!r}: expected one of {choices}")
 

@@ -135,6 +135,7 @@ class Runner:
         self._preloaded: set[str] = set()
         self._frozen = False
         self._hosts: list[Host] = []
+        self._base_env: dict | None = None
         self._pool = os.environ.get("KMPWM_POOL", "1") != "0"
         self._queue: list[dict] = []  # candidates of the last plan, best last
         self._broken: set[str] = set()
@@ -394,18 +395,21 @@ class Runner:
         import tempfile
 
         cfg = info.config
-        env = dict(os.environ)
+        if self._base_env is None:
+            self._base_env = dict(os.environ)  # copied once per run, not per task
+            self._base_env.pop("KMPWM_INPUT", None)
+        env = dict(self._base_env)
         env.update(self._env(job, upstream))
         data = job.task["input"]
         if data is not None and len(data) <= MAX_INLINE_ENV_INPUT:
             env["KMPWM_INPUT"] = data
-        else:
-            env.pop("KMPWM_INPUT", None)
         env.update(cfg.env)
-        stdin = tempfile.TemporaryFile()
         if data:
+            stdin = tempfile.TemporaryFile()
             stdin.write(data.encode("utf-8", "surrogateescape"))
             stdin.seek(0)
+        else:
+            stdin = open(os.devnull, "rb")  # no input: no temporary file
         argv = list(cfg.command)
         prog = _resolve(argv[0], cfg.cwd, env.get("PATH"))
         if prog is None:

@@ -36,7 +36,9 @@ def new_state() -> dict:
 
 def family(state: dict, base: str) -> list[str]:
     """``base`` and its appended ``base#n`` ids that exist, oldest first."""
-    n = state["fam"].get(base, 1)
+    n = state["fam"].get(base)
+    if n is None:  # never appended to: at most the base itself (the common case, kept cheap)
+        return [base] if base in state["tasks"] else []
     ids = [base] + [f"{base}#{i}" for i in range(2, n + 1)]
     return [i for i in ids if i in state["tasks"]]
 

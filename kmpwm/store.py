@@ -44,6 +44,19 @@ class View:
     verified: bool = False
 
 
+@contextmanager
+def _no_gc():
+    import gc
+
+    was = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if was:
+            gc.enable()
+
+
 class Store:
     """One home's journal and its folded state; the layer every command goes through."""
 
@@ -75,10 +88,11 @@ class Store:
 
     def _full_load(self) -> View:
         self._tail_records = self._tail_bytes = 0
-        view = self._read_snapshot()
-        if view is None:
-            view = View(new_state())
-        self._fold_tail(view)
+        with _no_gc():  # bulk parsing makes millions of objects; the collector would rescan them all
+            view = self._read_snapshot()
+            if view is None:
+                view = View(new_state())
+            self._fold_tail(view)
         return view
 
     def _fold_tail(self, view: View) -> None:
