@@ -16,7 +16,7 @@ import orjson
 
 from .exitcodes import CONFIG, IO_ERROR, KmpwmError
 from .journal import Journal
-from .paths import Paths, check_all
+from .paths import Paths, check_all, private_subdir
 from .timeparse import iso
 
 
@@ -49,7 +49,7 @@ def repair(paths: Paths) -> dict:
         for d in regions:
             path = journal.quarantine(raw[d.start:d.end], d.start, "torn" if d.torn else "corrupt")
             moved.append({"offset": d.start, "length": d.end - d.start, "file": str(path)})
-        manifest = paths.quarantine_dir / f"{time.strftime('%Y%m%dT%H%M%S')}-repair.json"
+        manifest = private_subdir(paths.quarantine_dir) / f"{time.strftime('%Y%m%dT%H%M%S')}-repair.json"
         fd = os.open(manifest, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | getattr(os, "O_NOFOLLOW", 0), 0o600)
         with os.fdopen(fd, "wb") as fh:
             fh.write(orjson.dumps({"journal": str(journal.path), "repaired_at": iso(time.time()),

@@ -10,7 +10,7 @@ import sys
 import time
 
 from . import procs
-from .paths import Paths
+from .paths import Paths, private_subdir
 from .state import base_id
 from .store import Store
 from .timeparse import parse_duration
@@ -44,8 +44,7 @@ def simulate_expire_command(paths: Paths, ids: list[str], all_: bool, grace, as_
         if not procs.alive(pid, token):
             continue
         if grace_s is not None:
-            os.makedirs(paths.runners_dir, mode=0o700, exist_ok=True)
-            path = paths.runners_dir / f"{pid}.expire"
+            path = private_subdir(paths.runners_dir) / f"{pid}.expire"
             fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | getattr(os, "O_NOFOLLOW", 0), 0o600)
             with os.fdopen(fd, "w") as fh:
                 fh.write(f"{grace_s}\n")

@@ -28,7 +28,7 @@ from typing import Iterator
 import orjson
 
 from .exitcodes import JournalError, LockBusy
-from .paths import Paths, prepare
+from .paths import Paths, prepare, private_subdir
 
 FORMAT_VERSION = 1
 _O_NOFOLLOW = getattr(os, "O_NOFOLLOW", 0)
@@ -326,8 +326,7 @@ class Journal:
 
     def quarantine(self, data: bytes, offset: int, kind: str) -> Path:
         """Keep damaged bytes in ``journal/quarantine/`` so that nothing is ever silently dropped."""
-        qdir = self.paths.quarantine_dir
-        os.makedirs(qdir, mode=0o700, exist_ok=True)
+        qdir = private_subdir(self.paths.quarantine_dir)
         name = f"{time.strftime('%Y%m%dT%H%M%S')}-{kind}-at-{offset}-{uuid.uuid4().hex[:6]}.bin"
         path = qdir / name
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | _O_NOFOLLOW, 0o600)

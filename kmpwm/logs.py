@@ -24,15 +24,23 @@ def logger(paths) -> logging.Logger:
     log = logging.getLogger("kmpwm")
     log.setLevel(logging.INFO)
     log.propagate = False
+    class PrivateRotatingFileHandler(RotatingFileHandler):
+        """Log files are 0600 whatever the umask, also after rotation, and never a followed symlink."""
+
+        def _open(self):
+            fd = os.open(self.baseFilename, os.O_WRONLY | os.O_CREAT | os.O_APPEND | getattr(os, "O_NOFOLLOW", 0),
+                         0o600)
+            os.fchmod(fd, 0o600)
+            return os.fdopen(fd, "a", encoding=self.encoding, errors=self.errors)
+
     try:
-        os.makedirs(paths.log_dir, mode=0o700, exist_ok=True)
-        path = Path(paths.log_dir) / LOG_NAME
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | getattr(os, "O_NOFOLLOW", 0), 0o600)
-        os.close(fd)
-        handler = RotatingFileHandler(path, maxBytes=MAX_BYTES, backupCount=BACKUPS, encoding="utf-8")
+        from .paths import private_subdir
+
+        path = Path(private_subdir(Path(paths.log_dir))) / LOG_NAME
+        handler = PrivateRotatingFileHandler(path, maxBytes=MAX_BYTES, backupCount=BACKUPS, encoding="utf-8")
         handler.setFormatter(logging.Formatter("%(asctime)s %(process)d %(levelname)s %(message)s"))
         log.addHandler(handler)
-    except OSError:
+    except Exception:  # an unwritable log never fails the command
         log.addHandler(logging.NullHandler())
     _logger = log
     return log

@@ -99,7 +99,28 @@ def check_all(paths: Paths) -> None:
     if paths.home is not None:
         check_secure(paths.home, what="home directory")
     check_secure(paths.journal_dir, what="journal directory")
+    check_secure(paths.journal_file, what="journal")
     check_secure(paths.config_file, what="config file")
+
+
+def private_subdir(path: Path) -> Path:
+    """A directory kmpwm writes into (quarantine/, runners/, logs/): created 0700 if missing,
+    refused (exit 77) if something planted a symlink or a file there, so that writes never land
+    elsewhere."""
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        try:
+            os.makedirs(path, mode=0o700, exist_ok=True)
+            os.chmod(path, 0o700)
+        except OSError as exc:
+            raise JournalError(f"cannot create directory {path}: {exc.strerror}") from None
+        return path
+    if stat.S_ISLNK(st.st_mode) or not stat.S_ISDIR(st.st_mode):
+        raise InsecurePermissions(f"refusing to use {path}: it is {'a symlink' if stat.S_ISLNK(st.st_mode) else 'not a directory'}",
+                                  hint=f"remove it (kmpwm creates it as a private directory): rm {path}")
+    check_secure(path, what="directory")
+    return path
 
 
 def prepare(paths: Paths) -> None:

@@ -24,9 +24,9 @@ from dataclasses import dataclass, field
 import orjson
 
 from . import procs
-from .exitcodes import JournalError
+from .exitcodes import JournalError, KmpwmError
 from .models import DEFAULT_GRACE
-from .paths import Paths
+from .paths import Paths, private_subdir
 from .probes import Device
 from .scheduling import lease_state, plan, time_limit, upstream_of
 from .store import Store
@@ -691,7 +691,7 @@ class Runner:
         for signo, handler in ((signal.SIGUSR1, on_expire), (signal.SIGTERM, on_expire),
                                (signal.SIGINT, on_expire), (signal.SIGHUP, on_expire), (signal.SIGCHLD, on_child)):
             self._signals[signo] = signal.signal(signo, handler)
-        os.makedirs(self.paths.runners_dir, mode=0o700, exist_ok=True)
+        private_subdir(self.paths.runners_dir)
 
     def _teardown(self) -> None:
         # Anything still running here means an unexpected error: stop it and hand the tasks back.
@@ -1148,11 +1148,11 @@ def run_due_command(paths: Paths, *, budget, grace, parallel, max_tasks, dry_run
 def _mark_last_run(paths: Paths) -> None:
     """Touch ``runners/last-run`` so that doctor and ``schedule status`` can say when run-due last ran."""
     try:
-        path = paths.runners_dir / "last-run"
+        path = private_subdir(paths.runners_dir) / "last-run"
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0), 0o600)
         os.close(fd)
         os.utime(path)
-    except OSError:
+    except (OSError, KmpwmError):
         pass
 
 
