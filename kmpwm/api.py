@@ -66,6 +66,11 @@ def check_id(value: Any, *, what: str = "id", allow_hash: bool = False) -> str:
         raise InvalidParams(f"invalid {what} {value!r}: expected a non-empty string")
     if len(value) > MAX_ID_LEN:
         raise InvalidParams(f"invalid {what}: longer than {MAX_ID_LEN} characters")
+    if not value.isascii():
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            raise InvalidParams(f"invalid {what} {value!r}: not valid UTF-8 text") from None
     if _CONTROL.search(value):
         raise InvalidParams(f"invalid {what} {value!r}: control characters are not allowed")
     if "#" in value and not allow_hash:
@@ -76,8 +81,8 @@ def check_id(value: Any, *, what: str = "id", allow_hash: bool = False) -> str:
 def check_tags(tags: Iterable[str]) -> list[str]:
     out = []
     for tag in tags:
-        if not isinstance(tag, str) or not tag or len(tag) > 100 or any(ord(c) < 32 for c in tag):
-            raise InvalidParams(f"invalid tag {tag!r}: expected a short non-empty string")
+        if not isinstance(tag, str) or not tag or len(tag) > 100 or any(ord(c) < 32 or 0xD800 <= ord(c) < 0xE000 for c in tag):
+            raise InvalidParams(f"invalid tag {tag!r}: expected a short non-empty string of UTF-8 text")
         if tag not in out:
             out.append(tag)
     return out
@@ -137,7 +142,7 @@ class Scheduler:
             trig, crec = self._validated_pair(trigger, constraints, now)
         due, trig_state = initial(trig, now) if trig["type"] != "one_time" else (now + trig["delay"], None)
         data = req.input
-        if data is not None and not (isinstance(data, str) and len(data) < 65536):
+        if data is not None:
             data = normalise_input(data)
         # Defaults are left out of the record (the fold fills them in): a 10,000-task batch is a
         # third of the bytes to serialise, checksum and fsync.

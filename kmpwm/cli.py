@@ -116,8 +116,8 @@ def _int(value: Optional[str], flag: str, minimum: int = 1) -> Optional[int]:
         n = int(value)
     except ValueError:
         raise InvalidParams(f"invalid {flag} {value!r}: expected a whole number") from None
-    if n < minimum:
-        raise InvalidParams(f"invalid {flag} {value!r}: must be at least {minimum}")
+    if not minimum <= n <= 1_000_000:
+        raise InvalidParams(f"invalid {flag} {value!r}: must be from {minimum} to 1000000")
     return n
 
 

@@ -180,8 +180,8 @@ def chain(scheduler, steps: list[str], source: str | None, chain_id, policy, fla
             chain_id = chain_id if chain_id is not None else doc.get("id")
             policy = policy if policy is not None else doc.get("policy")
             file_tags = doc.get("tags", [])
-            if not isinstance(file_tags, list):
-                raise InvalidParams("chain file: \"tags\" must be a list")
+            if not isinstance(file_tags, list) or not all(isinstance(t, str) for t in file_tags):
+                raise InvalidParams("chain file: \"tags\" must be a list of strings")
             tags = list(tags) + list(file_tags)
         else:
             raw_steps = steps

@@ -106,6 +106,7 @@ def enum_value(enum: type[Enum], value: Any, *, what: str) -> str:
 
 DEFAULT_BACKOFF_DELAY = 10.0
 DEFAULT_MAX_ATTEMPTS = 10
+MAX_ATTEMPTS_LIMIT = 1_000_000
 BACKOFF_CAP = 5 * 3600.0
 LIGHT_TIMEOUT = 30.0
 HEAVY_TIMEOUT = 600.0
@@ -159,8 +160,9 @@ class Constraints:
         max_attempts = self.max_attempts
         if isinstance(max_attempts, str) and max_attempts.strip().lstrip("-").isdigit():
             max_attempts = int(max_attempts)
-        if isinstance(max_attempts, bool) or not isinstance(max_attempts, int) or max_attempts < 1:
-            raise InvalidParams(f"invalid max attempts {self.max_attempts!r}: expected a whole number >= 1")
+        if isinstance(max_attempts, bool) or not isinstance(max_attempts, int) or not 1 <= max_attempts <= MAX_ATTEMPTS_LIMIT:
+            raise InvalidParams(f"invalid max attempts {self.max_attempts!r}: expected a whole number from 1 to "
+                                f"{MAX_ATTEMPTS_LIMIT}")
         return {
             "requires_network": network_type != "not-required",
             "network_type": network_type,

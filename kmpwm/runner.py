@@ -885,7 +885,7 @@ class Runner:
             try:
                 res = orjson.loads(bytes(job.result))
                 if isinstance(res, dict) and res.get("status") in ("SUCCESS", "FAILURE", "RETRY"):
-                    return res
+                    return _checked_data(res)
             except orjson.JSONDecodeError:
                 pass
         return {"status": "FAILURE", "message": _death(job, "the worker process"), "data": None}
@@ -1032,6 +1032,17 @@ def _tail_text(buf: bytearray, limit: int = 500) -> str:
     return tail[-limit:]
 
 
+def _checked_data(res: dict) -> dict:
+    """A worker's data must fit what kmpwm stores and prints: a JSON object, not too deep."""
+    from .specs import MAX_DEPTH, json_depth
+
+    data = res.get("data")
+    if data is not None and (not isinstance(data, dict) or json_depth(data) > MAX_DEPTH):
+        return {"status": "FAILURE", "data": None,
+                "message": f"the worker's data must be a JSON object nested at most {MAX_DEPTH} levels"}
+    return res
+
+
 def _command_outcome(job: Job) -> dict:
     code = job.exit_status
     if code == 0:
@@ -1041,7 +1052,9 @@ def _command_outcome(job: Job) -> dict:
             try:
                 value = orjson.loads(lines[-1])
                 if isinstance(value, dict):
-                    data = value
+                    from .specs import MAX_DEPTH, json_depth
+
+                    data = value if json_depth(value) <= MAX_DEPTH else None
             except orjson.JSONDecodeError:
                 pass
         return {"status": "SUCCESS", "message": None, "data": data}

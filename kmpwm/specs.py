@@ -25,6 +25,24 @@ BOOL_KEYS = frozenset({"requires_network", "requires_charging", "battery_not_low
 MAX_INPUT_BYTES = 1 << 20  # 1 MiB per task: inputs live in the journal and in memory
 
 
+MAX_DEPTH = 64  # nesting of JSON values kmpwm stores (inputs, results' data)
+
+
+def json_depth(value: Any, limit: int = MAX_DEPTH) -> int:
+    """Nesting depth of a JSON value, counting stops past ``limit``."""
+    depth, level = 0, [value]
+    while level and depth <= limit:
+        depth += 1
+        nxt = []
+        for v in level:
+            if isinstance(v, dict):
+                nxt.extend(v.values())
+            elif isinstance(v, list):
+                nxt.extend(v)
+        level = nxt
+    return depth
+
+
 def normalise_input(value: Any) -> str | None:
     """A task's input as stored: a string, or the JSON text of any other JSON value."""
     if value is None:
@@ -32,10 +50,16 @@ def normalise_input(value: Any) -> str | None:
     if not isinstance(value, str):
         import orjson
 
+        if json_depth(value) > MAX_DEPTH:
+            raise InvalidParams(f"invalid input: nested deeper than {MAX_DEPTH} levels")
         try:
             value = orjson.dumps(value).decode()
         except TypeError as exc:
             raise InvalidParams(f"invalid input: {exc}") from None
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        raise InvalidParams("invalid input: not valid UTF-8 text (it has undecodable bytes)") from None
     if len(value) > MAX_INPUT_BYTES or len(value.encode("utf-8", "surrogatepass")) > MAX_INPUT_BYTES:
         raise InvalidParams(f"input too large ({len(value.encode('utf-8', 'surrogatepass'))} bytes; the limit is 1 MiB)",
                             hint="pass a path to a file in the input instead")
@@ -86,7 +110,9 @@ def request_from_spec(spec: dict, *, where: str = "", default_policy: str = "kee
         if len(triggers_given) > 1:
             raise InvalidParams(f"two triggers at once (--{triggers_given[0].replace('_', '-')} and "
                                 f"--{triggers_given[1].replace('_', '-')}); a task has one trigger")
-        delay = spec.get("delay") or 0
+        delay = spec.get("delay")
+        if delay is None:
+            delay = 0
         trig_key = triggers_given[0] if triggers_given else None
         if spec.get("flex") is not None and trig_key != "every":
             raise InvalidParams("--flex needs --every")
@@ -124,6 +150,8 @@ def request_from_spec(spec: dict, *, where: str = "", default_policy: str = "kee
             raise InvalidParams("invalid tags: expected a list of strings")
         if "input" in spec and spec.get("input_file") is not None:
             raise InvalidParams("give --input or --input-file, not both")
+        if spec.get("input_file") is not None and not isinstance(spec["input_file"], str):
+            raise InvalidParams("invalid input_file: expected a path")
         raw_input = read_input_file(spec["input_file"]) if spec.get("input_file") is not None else spec.get("input")
         policy = enum_value(ExistingWorkPolicy, spec.get("policy") or default_policy, what="policy")
     except InvalidParams as exc:

@@ -51,8 +51,22 @@ def parse_duration(value: str | int | float | timedelta, *, what: str = "duratio
     return seconds
 
 
+# Times kmpwm accepts: from the epoch to the end of year 9999 (what datetime can show).
+MIN_TIME, MAX_TIME = 0.0, 253402300799.0
+
+
 def parse_time(value: str | int | float | datetime, *, now: float | None = None, what: str = "time") -> float:
-    """Return epoch seconds for a TIME (ISO 8601, ``@EPOCH`` or ``+DUR``)."""
+    """Return epoch seconds for a TIME (ISO 8601, ``@EPOCH`` or ``+DUR``), between 1970 and 9999."""
+    try:
+        epoch = _parse_time(value, now=now, what=what)
+    except (ValueError, OverflowError, OSError):
+        raise InvalidParams(f"invalid {what} {value!r}: out of range") from None
+    if not MIN_TIME <= epoch <= MAX_TIME:
+        raise InvalidParams(f"invalid {what} {value!r}: out of range (1970 to 9999)")
+    return epoch
+
+
+def _parse_time(value, *, now: float | None, what: str) -> float:
     if isinstance(value, datetime):
         if value.tzinfo is None:
             raise InvalidParams(f"invalid {what} {value!r}: give an aware datetime (with a timezone)")
@@ -60,6 +74,8 @@ def parse_time(value: str | int | float | datetime, *, now: float | None = None,
     if isinstance(value, bool) or not isinstance(value, (str, int, float)):
         raise InvalidParams(f"invalid {what} {value!r}: expected ISO 8601, @EPOCH_SECONDS or +DURATION")
     if isinstance(value, (int, float)):
+        if value != value:
+            raise InvalidParams(f"invalid {what} {value!r}: not a number")
         return float(value)
     text = value.strip()
     if text.startswith("+"):
@@ -70,8 +86,8 @@ def parse_time(value: str | int | float | datetime, *, now: float | None = None,
             epoch = float(text[1:])
         except ValueError:
             raise InvalidParams(f"invalid {what} {value!r}: expected @EPOCH_SECONDS") from None
-        if epoch != epoch or abs(epoch) > 1e11:
-            raise InvalidParams(f"invalid {what} {value!r}: epoch seconds out of range")
+        if epoch != epoch:
+            raise InvalidParams(f"invalid {what} {value!r}: not a number")
         return epoch
     try:
         dt = datetime.fromisoformat(text)
