@@ -437,6 +437,13 @@ def main(argv: list[str] | None = None) -> int:
         except OSError:
             pass
         return 0
+    except OSError as exc:  # the file system refused (disk full, read-only, ...): an I/O error, 74
+        import errno as _errno
+
+        where = f" ({exc.filename})" if getattr(exc, "filename", None) else ""
+        full = " — the disk is full" if exc.errno == _errno.ENOSPC else ""
+        return _fail(f"I/O error: {exc.strerror or exc}{where}{full}", 74, as_json,
+                     "nothing was left half-written; fix the file system, then try again")
     except Exception as exc:  # an internal error: the traceback goes to the log, not the terminal
         from .logs import log_exception
 

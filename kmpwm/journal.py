@@ -329,12 +329,23 @@ class Journal:
         qdir = private_subdir(self.paths.quarantine_dir)
         name = f"{time.strftime('%Y%m%dT%H%M%S')}-{kind}-at-{offset}-{uuid.uuid4().hex[:6]}.bin"
         path = qdir / name
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | _O_NOFOLLOW, 0o600)
         try:
-            os.write(fd, data)
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | _O_NOFOLLOW, 0o600)
+            try:
+                view = memoryview(data)
+                while view:
+                    view = view[os.write(fd, view):]
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        except OSError as exc:
+            try:
+                os.unlink(path)
+            except OSError:
+                pass
+            raise JournalError(
+                f"cannot keep damaged bytes in {qdir}: {exc.strerror}" + (" (disk full)" if exc.errno == errno.ENOSPC else ""),
+                hint="nothing was changed; free space, then try again") from None
         return path
 
     def rewrite(self, records: list[dict], *, compacted_size: int | None = None) -> None:

@@ -21,6 +21,7 @@ def logger(paths) -> logging.Logger:
         return _logger
     from logging.handlers import RotatingFileHandler
 
+    logging.raiseExceptions = False  # a log that cannot be written never prints a traceback
     log = logging.getLogger("kmpwm")
     log.setLevel(logging.INFO)
     log.propagate = False
