@@ -22,7 +22,7 @@ from .journal import Damage, Journal, atomic_write
 from .paths import Paths, check_all, resolve
 from .state import apply, new_state
 
-SNAPSHOT_MAGIC = b"KMPWMSNAP1 "
+SNAPSHOT_MAGIC = b"KMPWMSNAP2 "
 # Write a new snapshot once the tail after the last one holds this many records or bytes.
 SNAPSHOT_AFTER_RECORDS = 2000
 SNAPSHOT_AFTER_BYTES = 4 << 20
@@ -113,6 +113,10 @@ class Store:
     # -- snapshot -------------------------------------------------------------------------
 
     def _read_snapshot(self) -> View | None:
+        """The snapshot, if it is intact and belongs to this journal; None means fold from scratch.
+
+        Format: ``KMPWMSNAP2 <crc32 of the rest, 8 hex> <meta json>\n<state json>``: one checksum
+        covers the meta (generation, offset) and the state."""
         try:
             with open(self.paths.snapshot_file, "rb") as fh:
                 blob = fh.read()
@@ -121,19 +125,30 @@ class Store:
         try:
             if not blob.startswith(SNAPSHOT_MAGIC):
                 return None
-            nl = blob.index(b"\n")
-            meta = orjson.loads(blob[len(SNAPSHOT_MAGIC):nl])
-            body = memoryview(blob)[nl + 1:]
-            if zlib.crc32(body) != meta["crc"]:
+            start = len(SNAPSHOT_MAGIC)
+            if zlib.crc32(memoryview(blob)[start + 9:]) != int(blob[start:start + 8], 16):
                 return None
+            nl = blob.index(b"\n", start)
+            meta = orjson.loads(blob[start + 9:nl])
             header = self.journal.header()
             ident = self.journal.identity()
-            if header is None or ident is None or header.get("gen") != meta["gen"] or meta["offset"] > ident[1]:
+            offset = meta["offset"]
+            if header is None or ident is None or header.get("gen") != meta["gen"] or not 0 < offset <= ident[1]:
                 return None
-            state = orjson.loads(body)
+            if not self._at_record_boundary(offset):
+                return None
+            state = orjson.loads(memoryview(blob)[nl + 1:])
         except (ValueError, KeyError, TypeError):
             return None
-        return View(state, offset=meta["offset"], gen=meta["gen"], from_snapshot=True)
+        return View(state, offset=offset, gen=meta["gen"], from_snapshot=True)
+
+    def _at_record_boundary(self, offset: int) -> bool:
+        try:
+            with open(self.journal.path, "rb") as fh:
+                fh.seek(offset - 1)
+                return fh.read(1) == b"\n"
+        except OSError:
+            return False
 
     def _maybe_snapshot(self, view: View) -> None:
         if view.damage or view.gen is None:
@@ -147,9 +162,9 @@ class Store:
 
     def write_snapshot(self, view: View) -> None:
         body = orjson.dumps(view.state)
-        meta = orjson.dumps({"gen": view.gen, "offset": view.offset, "crc": zlib.crc32(body),
-                             "written_at": time.time()})
-        atomic_write(self.paths.snapshot_file, SNAPSHOT_MAGIC + meta + b"\n" + body)
+        meta = orjson.dumps({"gen": view.gen, "offset": view.offset, "written_at": time.time()})
+        rest = meta + b"\n" + body
+        atomic_write(self.paths.snapshot_file, SNAPSHOT_MAGIC + b"%08x " % zlib.crc32(rest) + rest)
         self._tail_records = self._tail_bytes = 0
 
     def drop_snapshot(self) -> None:
