@@ -74,6 +74,7 @@ def compact(paths: Paths, *, retention: float = RETENTION, now: float | None = N
                            hint="run `kmpwm doctor --repair` first")
     folder.feed(scan)
     with journal.locked():
+        journal.sweep_temp_files()
         tail, ino2 = journal.read(folder.offset)
         if ino2 != ino:  # someone else rewrote it meanwhile: start over under the lock
             folder = Folder()

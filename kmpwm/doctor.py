@@ -39,9 +39,10 @@ def repair(paths: Paths) -> dict:
     """Quarantine damaged regions and torn bytes; keep every valid record, in order."""
     journal = Journal(paths)
     with journal.locked():
+        swept = journal.sweep_temp_files()
         scan, _ = journal.read(0)
         if not scan.damage and scan.torn is None:
-            return {"quarantined": [], "records_kept": len(scan.records)}
+            return {"quarantined": [], "records_kept": len(scan.records), "temp_files_removed": swept}
         with open(journal.path, "rb") as fh:
             raw = fh.read()
         moved = []
@@ -59,7 +60,7 @@ def repair(paths: Paths) -> dict:
         from .store import Store
 
         Store(paths).drop_snapshot()
-    return {"quarantined": moved, "records_kept": len(kept)}
+    return {"quarantined": moved, "records_kept": len(kept), "temp_files_removed": swept}
 
 
 def _check_workers(paths: Paths) -> tuple[list[dict], str | None]:
@@ -102,7 +103,7 @@ def doctor_command(paths: Paths, do_repair: bool, as_json: bool) -> int:
     problems: list[str] = []
     repaired = None
     report = check_journal(journal)
-    if do_repair and (report["damage"] or report["torn_tail"]):
+    if do_repair:
         repaired = repair(paths)
         report = check_journal(journal)
     report.pop("_scan")

@@ -348,6 +348,32 @@ class Journal:
                 hint="nothing was changed; free space, then try again") from None
         return path
 
+    def sweep_temp_files(self) -> list[str]:
+        """Remove what killed writers left: temp files of journal rewrites (made only under the
+        lock, so any seen while holding it is stale) and of snapshots whose writer is gone."""
+        assert self._lock_depth, "sweep without the journal lock"
+        from . import procs
+
+        removed = []
+        try:
+            names = os.listdir(self.paths.journal_dir)
+        except OSError:
+            return removed
+        for name in names:
+            if not (name.startswith(".") and name.endswith(".tmp")):
+                continue
+            parts = name.split(".")  # .journal.log.<pid>.<rand>.tmp / .state.snap.<pid>.<rand>.tmp
+            stale = name.startswith(f".{self.path.name}.")
+            if not stale and len(parts) >= 5 and parts[-3].isdigit():
+                stale = procs.token(int(parts[-3])) is None
+            if stale:
+                try:
+                    os.unlink(self.paths.journal_dir / name)
+                    removed.append(name)
+                except OSError:
+                    pass
+        return removed
+
     def rewrite(self, records: list[dict], *, compacted_size: int | None = None) -> None:
         """Atomically replace the journal with a new generation holding ``records`` (caller locked)."""
         assert self._lock_depth, "rewrite without the journal lock"

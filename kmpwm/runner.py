@@ -295,8 +295,17 @@ class Runner:
         return len(claimed)
 
     def _start_ready(self) -> None:
+        if not self._ready or len(self.jobs) >= self.parallel or self.run_expired:
+            return
+        # A task claimed ahead may have been cancelled or replaced since: look (lock-free, only
+        # the records appended meanwhile) before starting it.
+        state = self.store.load().state["tasks"]
         while self._ready and len(self.jobs) < self.parallel and not self.run_expired:
             task, info, limit, upstream, start_by = self._ready.pop(0)
+            now_t = state.get(task["id"])
+            if (now_t is None or now_t["seq"] != task["seq"] or now_t["state"] != "RUNNING"
+                    or (now_t["lease"] or {}).get("runner") != self.runner_id):
+                continue  # no longer ours to run
             if time.monotonic() > start_by:
                 # it waited longer than its lease allows for: hand it back rather than run it unleased
                 self._release.append((task, info, limit, upstream, start_by))
@@ -340,13 +349,16 @@ class Runner:
         if not picks:
             return []
         ops, prepared = [], []
-        for t in picks:
+        slots = self.parallel - len(self.jobs) - len(self._ready)
+        for n, t in enumerate(picks):
             info = self.registry.get(t["worker"])
             limit = time_limit(t, info.config.timeout if info and info.config else None)
             op = {"op": "claim", "id": t["id"], "seq": t["seq"], "runner": self.runner_id, "pid": self.pid,
                   "token": self.token, "until": now + limit + self.grace + LEASE_MARGIN + PREFETCH_MARGIN + START_SLACK}
             if t["id"] in self._broken:
                 op["broken"] = True
+            if n >= slots:
+                op["ahead"] = True  # its runner dying before it starts is not the task's crash
             ops.append(op)
             # the lease covers a run that starts within PREFETCH_MARGIN (plus scheduling slack)
             prepared.append((t, info, limit, upstream_of(state, t), time.monotonic() + PREFETCH_MARGIN + START_SLACK))

@@ -323,12 +323,15 @@ def _op_claim(state: dict, op: dict, ts: float, emit: Emit) -> bool:
     if t["state"] == "RUNNING":
         if lease and lease["until"] > ts and not op.get("broken"):
             return False  # held; "broken" means the writer saw the holder's process gone
-        t["crashes"] += 1  # the previous holder vanished without a result
+        if not (lease or {}).get("ahead"):
+            t["crashes"] += 1  # the previous holder vanished without a result while running it
     elif t["state"] != "ENQUEUED":
         return False
     t["state"] = "RUNNING"
     t["lease"] = {"runner": op["runner"], "pid": op.get("pid"), "token": op.get("token"),
                   "until": op["until"], "since": ts}
+    if op.get("ahead"):
+        t["lease"]["ahead"] = True  # claimed ahead of a free slot: maybe never started
     t["updated_at"] = ts
     if emit:
         emit(ts, t["id"], "started", {"runner": op["runner"], "pid": op.get("pid"), "attempt": t["occ_attempts"] + 1})

@@ -80,23 +80,30 @@ class Store:
         view = self._view
         if view is None or ident is None or ident[0] != self._ino or ident[1] < view.offset:
             view = self._full_load()
-        elif ident[1] > view.offset:
-            self._fold_tail(view)
+        elif ident[1] > view.offset and not self._fold_tail(view, expect_ino=self._ino):
+            view = self._full_load()  # the file was replaced (compaction) between stat and open
         self._view = view
         self._maybe_snapshot(view)
         return view
 
     def _full_load(self) -> View:
-        self._tail_records = self._tail_bytes = 0
         with _no_gc():  # bulk parsing makes millions of objects; the collector would rescan them all
-            view = self._read_snapshot()
-            if view is None:
-                view = View(new_state())
-            self._fold_tail(view)
+            for _ in range(5):  # a compaction may replace the file while we read: start again
+                self._tail_records = self._tail_bytes = 0
+                ident = self.journal.identity()
+                view = self._read_snapshot()
+                if view is None:
+                    view = View(new_state())
+                if self._fold_tail(view, expect_ino=ident[0] if ident else None):
+                    return view
         return view
 
-    def _fold_tail(self, view: View) -> None:
+    def _fold_tail(self, view: View, expect_ino: int | None = None) -> bool:
+        """Fold the records after ``view.offset``; False (nothing applied) if the file read is not
+        the one ``expect_ino`` names, so that an offset is never used in another file."""
         scan, ino = self.journal.read(view.offset)
+        if expect_ino is not None and ino and ino != expect_ino:
+            return False
         self._ino = ino
         state = view.state
         for _, record in scan.records:
@@ -109,6 +116,7 @@ class Store:
         self._tail_records += len(scan.records)
         self._tail_bytes += scan.end - view.offset
         view.offset = scan.end
+        return True
 
     # -- snapshot -------------------------------------------------------------------------
 
