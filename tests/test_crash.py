@@ -1,0 +1,313 @@
+"""Crash injection (SQLite-style): SIGKILL enqueue, chain, cancel, run-due and compact at random
+moments, then check the invariants users rely on (SPEC section 2, README "Exactly once"):
+
+* every enqueue (or batch, or chain) that reported SUCCESS is in the journal, and stays there;
+* a task recorded SUCCEEDED (or CANCELLED, or FAILED) never starts again afterwards, and no two
+  runs of one task overlap;
+* after draining with run-due, every reported task ran and SUCCEEDED (or was cancelled, or was
+  quarantined by design after runner deaths while its worker ran), every chain finished, in step
+  order;
+* the journal always opens, inspect-queue always equals a fresh fold of the journal, and crashes
+  never leave damage in the middle (a torn tail at most).
+
+Plus kills aimed at the two atomic rewrites: the snapshot write and compaction.
+
+The fast tier runs 30 trials (a trial = a group of 1-3 concurrent CLI operations, each killed at
+its own moment); ``KMPWM_TORTURE_TRIALS=N`` scales it, ``KMPWM_TORTURE_SEED`` fixes the seed, and
+``python scripts/torture.py --trials N`` is the long tier.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+import crashlib
+from crashlib import CrashHarness, Home, collect, fold_bytes, trials_from_env
+
+SEED = int(os.environ.get("KMPWM_TORTURE_SEED", "20261122"))
+
+
+def _report(tally, stats) -> str:
+    lines = [f"{len(tally.violations)} of {tally.checks} invariant checks failed; stats: {stats}"]
+    lines += [f"  - {v}" for v in tally.violations[:40]]
+    if len(tally.violations) > 40:
+        lines.append(f"  ... and {len(tally.violations) - 40} more")
+    return "\n".join(lines)
+
+
+@pytest.fixture
+def chome(tmp_path) -> Home:
+    home = Home(tmp_path / "crash-home")
+    home.install_workers()
+    return home
+
+
+def test_crash_injection_invariants_hold(chome):
+    trials = trials_from_env(30)
+    harness = CrashHarness(chome, seed=SEED)
+    tally = harness.run(trials)
+    assert harness.stats["killed"] > 0 and harness.stats["trials"] == trials
+    assert not tally.violations, _report(tally, harness.stats)
+
+
+# -- a kill during the snapshot write ---------------------------------------------------------
+
+def _build_big_tail(home: Home, monkeypatch) -> set[str]:
+    """A journal whose tail is over SNAPSHOT_AFTER_BYTES (4 MiB), so that the next command that
+    loads it writes a snapshot; no snapshot yet.  Built in-process without fsync (setup only)."""
+    from kmpwm import Scheduler, triggers
+    from kmpwm import journal as journal_mod
+
+    ids = set()
+    with monkeypatch.context() as m:
+        m.setattr(journal_mod, "_datasync", lambda fd: None)
+        s = Scheduler(home=str(home.path))
+        for i in range(5):
+            s.enqueue(f"big{i}", triggers.OneTime(3600), "cw", input="x" * 950_000)
+            ids.add(f"big{i}")
+        with s.batch():
+            for i in range(300):
+                s.enqueue(f"small{i}", triggers.OneTime(3600), "pw")
+                ids.add(f"small{i}")
+    try:
+        os.unlink(home.snapshot)
+    except FileNotFoundError:
+        pass
+    return ids
+
+
+def _snapshot_tmp(home: Home) -> list[str]:
+    try:
+        return [n for n in os.listdir(home.journal_dir) if n.startswith(".state.snap.") and n.endswith(".tmp")]
+    except FileNotFoundError:
+        return []
+
+
+def _kill_when(proc: subprocess.Popen, condition, *, extra: float, limit: float = 60.0) -> bool:
+    """SIGKILL ``proc`` ``extra`` seconds after ``condition()`` first holds; True if it was killed
+    while the condition held (a kill inside the window aimed at)."""
+    deadline = time.monotonic() + limit
+    hit_at = None
+    while proc.poll() is None and time.monotonic() < deadline:
+        if hit_at is None and condition():
+            hit_at = time.monotonic() + extra
+        if hit_at is not None and time.monotonic() >= hit_at:
+            inside = condition()
+            proc.send_signal(signal.SIGKILL)
+            proc.wait()
+            return inside
+        time.sleep(0.0002)
+    if proc.poll() is None:
+        proc.kill()
+    proc.wait()
+    return False
+
+
+def _assert_snapshot_consistent(home: Home) -> bool:
+    """A snapshot that exists is complete (atomic: kmpwm accepts it) and equals the fold of the
+    journal up to its offset.  Returns whether one exists."""
+    from kmpwm.paths import resolve
+    from kmpwm.store import Store
+
+    if not home.snapshot.exists():
+        return False
+    view = Store(resolve(str(home.path)))._read_snapshot()
+    assert view is not None, "the snapshot on disk is torn or stale: kmpwm ignores it (the write was not atomic)"
+    expected, _ = fold_bytes(home.journal.read_bytes()[:view.offset])
+    assert {i: t["state"] for i, t in view.state["tasks"].items()} == \
+        {i: t["state"] for i, t in expected["tasks"].items()}, "the snapshot differs from the journal it covers"
+    return True
+
+
+def test_kill_during_snapshot_write(chome, monkeypatch):
+    ids = _build_big_tail(chome, monkeypatch)
+    rng = random.Random(SEED)
+    reported: set[str] = set()
+    inside = written = 0
+    rounds = max(12, trials_from_env(30) // 3)
+    n = 0
+    while n < rounds or (inside < 3 and n < rounds * 3):
+        n += 1
+        kind = rng.choice(["inspect", "enqueue", "events"])
+        if kind == "inspect":
+            proc = chome.spawn("inspect-queue", "--json")
+        elif kind == "events":
+            proc = chome.spawn("events", "--json")
+        else:
+            proc = chome.spawn("enqueue", f"new{n}", "cw", "--delay", "1h", "--json")
+        if rng.random() < 0.75:
+            inside += _kill_when(proc, lambda: bool(_snapshot_tmp(chome)), extra=rng.choice([0, 0, 0.0005, 0.002, 0.005]))
+        else:
+            time.sleep(rng.uniform(0, 0.6))
+            proc.send_signal(signal.SIGKILL)
+            proc.wait()
+        out, err = collect(proc)
+        assert b"Traceback" not in err
+        if kind == "enqueue" and b'"SUCCESS"' in out:
+            reported.add(f"new{n}")
+        # the journal always opens, and every view equals a fresh fold of it
+        doc, rc, err = chome.json("doctor")
+        assert rc == 0 and doc["healthy"] and not doc["journal"]["damage"], (rc, err, doc and doc["journal"])
+        if _assert_snapshot_consistent(chome):
+            written += 1
+        view, rc, err = chome.json("inspect-queue", "--all")
+        assert rc == 0, err
+        state, scan = chome.fold()
+        assert {t["id"]: t["state"] for t in view["tasks"]} == {i: t["state"] for i, t in state["tasks"].items()}
+        assert ids | reported <= set(state["tasks"])
+        if chome.snapshot.exists():
+            _assert_snapshot_consistent(chome)
+            os.unlink(chome.snapshot)  # re-arm: the next command writes it again
+    assert inside >= 3, f"only {inside} kill(s) in {n} rounds landed inside a snapshot write"
+
+
+# -- a kill during compaction ----------------------------------------------------------------
+
+def _build_history(home: Home, monkeypatch, n: int = 2000) -> None:
+    """A journal of a few thousand records: single enqueues (one record each), chains, a cancel,
+    then a run-due pass so that there are claims, results and finished tasks."""
+    from kmpwm import Scheduler, TaskRequest, triggers
+    from kmpwm import journal as journal_mod
+
+    with monkeypatch.context() as m:
+        m.setattr(journal_mod, "_datasync", lambda fd: None)
+        s = Scheduler(home=str(home.path))
+        for i in range(n):
+            due = i % 10 == 0
+            s.enqueue(f"h{i}", None if due else triggers.OneTime(3600), "cw" if i % 3 else "pw")
+        for c in range(5):
+            s.begin_with([TaskRequest("cw"), TaskRequest("pw")]).then(TaskRequest("cw")).with_id(f"hc{c}").enqueue()
+        s.cancel(*[f"h{i}" for i in range(1, 200, 7)])
+    doc, rc, err = home.json("run-due", "--parallel", "4")
+    assert rc == 0, err
+    assert len(doc["ran"]) >= n // 10
+
+
+def _compaction_tmp(home: Home) -> list[str]:
+    try:
+        return [x for x in os.listdir(home.journal_dir) if x.startswith(".journal.log.") and x.endswith(".tmp")]
+    except FileNotFoundError:
+        return []
+
+
+def test_kill_during_compaction(chome, monkeypatch):
+    _build_history(chome, monkeypatch)
+    base_state, _ = chome.fold()
+    baseline = {i: (t["state"], t["finished_at"], t["attempts"]) for i, t in base_state["tasks"].items()}
+    starts_before, _, _ = chome.runs()
+    ran_before = {s.id for s in starts_before}
+    rng = random.Random(SEED + 1)
+    reported: set[str] = set()
+    gens = set()
+    inside = completed = 0
+    rounds = max(8, trials_from_env(30) // 4)
+    n = 0
+    while n < rounds or (inside < 3 and n < rounds * 4):
+        n += 1
+        proc = chome.spawn("compact", "--json")
+        enq = None
+        if rng.random() < 0.5:
+            enq = chome.spawn("enqueue", f"during{n}", "cw", "--delay", "1h", "--json")
+        mode = rng.choice(["tmp", "tmp", "time", "never"])
+        if mode == "tmp":
+            inside += _kill_when(proc, lambda: bool(_compaction_tmp(chome)),
+                                 extra=rng.choice([0, 0, 0.0005, 0.001, 0.002, 0.005, 0.02]))
+        elif mode == "time":
+            time.sleep(rng.uniform(0, 1.0))
+            proc.send_signal(signal.SIGKILL)
+            proc.wait()
+        out, err = collect(proc, timeout=120)
+        assert b"Traceback" not in err
+        if proc.returncode == 0:
+            completed += 1
+        else:
+            assert proc.returncode == -signal.SIGKILL, err
+        if enq is not None:
+            eout, eerr = collect(enq, timeout=120)
+            assert enq.returncode == 0, eerr
+            reported.add(f"during{n}")
+        # either the old journal or the new one, never missing a task
+        doc, rc, err = chome.json("doctor")
+        assert rc == 0 and doc["healthy"] and not doc["journal"]["damage"] and not doc["journal"]["torn_tail"], (rc, err)
+        gens.add(doc["journal"]["generation"])
+        state, _ = chome.fold()
+        now = {i: (t["state"], t["finished_at"], t["attempts"]) for i, t in state["tasks"].items()}
+        missing = {i: v for i, v in baseline.items() if now.get(i) != v}
+        assert not missing, f"after a killed compaction ({mode}) tasks changed or vanished: {list(missing.items())[:5]}"
+        assert reported <= set(now), reported - set(now)
+        view, rc, err = chome.json("inspect-queue", "--all")
+        assert rc == 0 and {t["id"]: t["state"] for t in view["tasks"]} == {i: v[0] for i, v in now.items()}
+    assert inside >= 3, f"only {inside} kill(s) in {n} rounds landed while the new journal was being written"
+    # finally: nothing recorded as done runs again; what is due runs once
+    doc, rc, err = chome.json("run-due", "--parallel", "4")
+    assert rc == 0, err
+    starts, _, _ = chome.runs()
+    counts: dict[str, int] = {}
+    for s in starts:
+        counts[s.id] = counts.get(s.id, 0) + 1
+    again = sorted(i for i in ran_before if counts.get(i, 0) > 1)
+    assert not again, f"tasks that had SUCCEEDED before the compactions ran again: {again[:10]}"
+
+
+def test_killed_rewrites_leave_no_temp_files_behind(chome, monkeypatch):
+    """A SIGKILL during an atomic rewrite leaves its temp file (a full copy of the journal or of
+    the state); the next compaction, or doctor --repair, must clean up what dead processes left,
+    or every crash leaks a journal-sized file in journal/."""
+    _build_history(chome, monkeypatch, n=1500)
+    rng = random.Random(SEED + 2)
+    for _ in range(12):
+        proc = chome.spawn("compact", "--json")
+        _kill_when(proc, lambda: bool(_compaction_tmp(chome)), extra=rng.choice([0, 0.0005, 0.001, 0.002]))
+        collect(proc)
+        if len(_compaction_tmp(chome)) >= 2:
+            break
+    left = _compaction_tmp(chome)
+    if not left:
+        pytest.skip("no kill landed inside the rewrite this time")
+    size = sum((chome.journal_dir / x).stat().st_size for x in left)
+    doc, rc, err = chome.json("compact")
+    assert rc == 0, err
+    doc, rc, err = chome.json("doctor", "--repair")
+    assert rc == 0, err
+    still = _compaction_tmp(chome) + _snapshot_tmp(chome)
+    assert not still, (f"{len(left)} temp file(s) of killed compactions ({size} bytes) were never removed, "
+                       f"even by a later compact and doctor --repair: {still}")
+
+
+def test_runner_deaths_do_not_fail_tasks_that_never_started(chome):
+    """README: a task is quarantined (FAILED) after its run-due died 3 times while holding it.
+    run-due claims tasks ahead of free slots once it has seen quick runs; when it is killed (OOM,
+    a reboot, a systemd timeout) the tasks it had only claimed never ran.  Three such deaths must
+    not turn innocent, never-started tasks into FAILED work."""
+    for i in range(12):
+        doc, rc, err = chome.json("enqueue", f"q{i:02d}", "cw", "--input", "sleep=2")
+        assert rc == 0, err
+    claimed_ahead = set()
+    for death in range(3):
+        for j in range(4):  # quick runs first (qos high): run-due then claims the slow ones ahead
+            doc, rc, err = chome.json("enqueue", f"quick{death}-{j}", "cw", "--qos", "high")
+            assert rc == 0, err
+        seen = {s.id for s in chome.runs()[0]}
+        proc = chome.spawn("run-due", "--parallel", "1", "--json")
+        _kill_when(proc, lambda: any(s.id.startswith("q0") or s.id.startswith("q1")
+                                     for s in chome.runs()[0] if s.id not in seen), extra=0.05)
+        collect(proc)
+        assert proc.returncode == -signal.SIGKILL
+        state, _ = chome.fold()
+        started = {s.id for s in chome.runs()[0]}
+        claimed_ahead |= {i for i, t in state["tasks"].items() if t["state"] == "RUNNING" and i not in started}
+    starts, _, _ = chome.runs()
+    started = {s.id for s in starts}
+    doc, rc, err = chome.json("run-due", "--parallel", "12")
+    assert rc == 0, err
+    state, _ = chome.fold()
+    lost = {i: t["reason"] for i, t in state["tasks"].items() if i not in started and t["state"] != "SUCCEEDED"}
+    assert not lost, (f"{len(lost)} task(s) whose worker never started were FAILED by the deaths of runners "
+                      f"that had only claimed them (claimed ahead: {sorted(claimed_ahead)}): {sorted(lost.items())[:3]}")
