@@ -63,7 +63,9 @@ def observable(key: str, assume: dict | None = None) -> bool:
     if key == "metered":
         return _have_networkmanager()
     if key == "roaming":
-        return False  # no desktop API reports roaming reliably: only KMPWM_ASSUME can say
+        # ModemManager knows a cellular modem's registration (home or roaming); without it only
+        # KMPWM_ASSUME can say
+        return sys.platform.startswith("linux") and shutil.which("mmcli") is not None
     return True
 
 
@@ -77,7 +79,7 @@ def unobservable(constraints: dict, trigger: dict) -> list[str]:
                    "(needs NetworkManager on Linux)")
     if nt == "not-roaming" and not observable("roaming", assume):
         out.append("--network-type not-roaming: this platform cannot tell whether the network is roaming "
-                   "(set KMPWM_ASSUME=roaming=off to declare it)")
+                   "(needs ModemManager's mmcli on Linux; or set KMPWM_ASSUME=roaming=off)")
     return out
 
 
@@ -144,6 +146,21 @@ class Device:
         return "yes" in out
 
     def _probe_roaming(self) -> bool:
+        """Linux with ModemManager: is any modem registered on a roaming network?"""
+        if not shutil.which("mmcli"):
+            return False
+        import subprocess
+
+        listing = subprocess.run(["mmcli", "-L", "-K"], capture_output=True, text=True, timeout=0.5,
+                                 check=False).stdout
+        paths = [line.split(":", 1)[1].strip() for line in listing.splitlines()
+                 if line.startswith("modem-list.value")]
+        for path in paths:
+            out = subprocess.run(["mmcli", "-m", path, "-K"], capture_output=True, text=True, timeout=0.5,
+                                 check=False).stdout
+            for line in out.splitlines():
+                if line.startswith("modem.3gpp.registration-state") and line.split(":", 1)[1].strip() == "roaming":
+                    return True
         return False
 
     def _probe_idle(self) -> bool:
