@@ -400,9 +400,11 @@ def _fail(message: str, code: int, as_json: bool, hint: str | None = None) -> in
         from .output import print_json
 
         print_json({"error": message, "exit_code": code})
-    sys.stderr.write(f"kmpwm: error: {message}\n")
+    from .output import printable
+
+    sys.stderr.write(f"kmpwm: error: {printable(message)}\n")
     if hint:
-        sys.stderr.write(f"kmpwm: {hint}\n")
+        sys.stderr.write(f"kmpwm: {printable(hint)}\n")
     return code
 
 

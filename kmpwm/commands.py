@@ -20,9 +20,11 @@ def _reject(task_id, exc_or_outcome, as_json: bool, extra: dict | None = None) -
         doc = {"result": result, "id": task_id, "error": error}
         doc.update(extra or {})
         print_json(doc)
-    sys.stderr.write(f"kmpwm: error: {error}\n")
+    from .output import printable
+
+    sys.stderr.write(f"kmpwm: error: {printable(error)}\n")
     if hint:
-        sys.stderr.write(f"kmpwm: {hint}\n")
+        sys.stderr.write(f"kmpwm: {printable(hint)}\n")
     return code
 
 
@@ -98,7 +100,7 @@ def enqueue_from(scheduler, source: str, as_json: bool) -> int:
     bad = [(n, o) for n, o in enumerate(outcomes, 1) if not o.ok]
     if bad:
         n, o = bad[0]
-        o.error = f"task {n} ({o.id}): {o.error}; nothing was enqueued"
+        o.error = f"task {n} ({o.id!r}): {o.error}; nothing was enqueued"
         results = [_enqueue_doc(x) if x.ok else {"result": x.result.value, "id": x.id, "error": x.error}
                    for x in outcomes]
         return _reject(None, o, as_json, {"results": results})

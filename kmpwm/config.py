@@ -64,7 +64,7 @@ def load(path: Path) -> Config:
 
 
 def _worker(path: Path, name: str, table: object) -> WorkerConfig:
-    where = f"{path}: [workers.{name}]"
+    where = f"{path}: [workers.{name!r}]" if not name.isprintable() else f"{path}: [workers.{name}]"
     if not NAME_RE.match(name):
         raise ConfigError(f"{where}: invalid worker name (letters, digits, _ . : - ; at most 128)")
     if not isinstance(table, dict):

@@ -50,12 +50,21 @@ def color_enabled() -> bool:
     return is_tty() and "NO_COLOR" not in os.environ and os.environ.get("TERM") != "dumb"
 
 
+def printable(text: str) -> str:
+    """``text`` with control characters escaped, so that nothing a user stored (an id, a worker
+    name) can move the cursor, clear the screen or split an error over several lines."""
+    if text.isprintable():
+        return text
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
+
+
 def say(text: str = "") -> None:
-    sys.stdout.write(text + "\n")
+    """One line for people (control characters escaped)."""
+    sys.stdout.write(printable(text) + "\n")
 
 
 def warn(text: str) -> None:
-    sys.stderr.write(f"kmpwm: warning: {text}\n")
+    sys.stderr.write(f"kmpwm: warning: {printable(text)}\n")
 
 
 STATE_STYLE = {
@@ -68,7 +77,7 @@ STATE_STYLE = {
 def table(headers: Sequence[str], rows: Iterable[Sequence[Any]], *, title: str | None = None,
           style_column: int | None = None) -> None:
     """A table: rich on a colour terminal, aligned plain text otherwise."""
-    rows = [["" if c is None else str(c) for c in row] for row in rows]
+    rows = [["" if c is None else printable(str(c)) for c in row] for row in rows]
     if color_enabled():
         from rich.console import Console
         from rich.table import Table
@@ -99,7 +108,7 @@ def grouped_table(headers: Sequence[str], groups: Sequence[tuple[Sequence[Any] |
     """A table in sections, each with an optional header row (shown in bold on a terminal): rich
     on a colour terminal, aligned plain text with the same columns otherwise."""
     def cells(row):
-        return ["" if c is None else str(c) for c in row]
+        return ["" if c is None else printable(str(c)) for c in row]
 
     groups = [(None if head is None else cells(head), [cells(r) for r in rows]) for head, rows in groups]
     if color_enabled():

@@ -1163,7 +1163,9 @@ def run_due_command(paths: Paths, *, budget, grace, parallel, max_tasks, dry_run
     else:
         for row in doc["ran"]:
             if row["status"] in ("FAILURE",):
-                sys.stderr.write(f"kmpwm: {row['id']} ({row['worker']}) failed: {row['message']}\n")
+                from .output import printable
+
+                sys.stderr.write(printable(f"kmpwm: {row['id']} ({row['worker']}) failed: {row['message']}") + "\n")
     if code == 75 and not as_json:
         sys.stderr.write(f"kmpwm: the run expired ({runner.expire_reason}); "
                          f"{len(doc['expired'])} task(s) savepointed and released\n")
@@ -1190,7 +1192,9 @@ class _Progress:
         elif kind == "done":
             job, row = payload
             mark = {"SUCCESS": "ok", "FAILURE": "FAILED", "RETRY": "retry", "EXPIRED": "expired"}[row["status"]]
-            msg = f": {row['message']}" if row["message"] and row["status"] != "SUCCESS" else ""
+            from .output import printable
+
+            msg = f": {printable(str(row['message']))}" if row["message"] and row["status"] != "SUCCESS" else ""
             sys.stdout.write(f"  {mark:<8} {row['id']} in {row['duration_ms']}ms{msg}\n")
         elif kind == "expiring":
             sys.stdout.write(f"  stopping {payload.id} (told to expire)\n")

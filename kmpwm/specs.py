@@ -145,6 +145,8 @@ def request_from_spec(spec: dict, *, where: str = "", default_policy: str = "kee
             tags = [tags]
         extra = spec.get("tag")
         if extra is not None:
+            if not isinstance(extra, (str, list)):
+                raise InvalidParams("invalid tag: expected a string or a list of strings")
             tags = list(tags) + ([extra] if isinstance(extra, str) else list(extra))
         if not isinstance(tags, list) or not all(isinstance(t, str) for t in tags):
             raise InvalidParams("invalid tags: expected a list of strings")

@@ -349,6 +349,7 @@ def spec_lines(draw):
 @example(lines=[b'{"id":"big-win","worker":"echo","window":[0,1e300]}'])
 @example(lines=[b'{"id":"j1","worker":"echo","input_file":[]}'])
 @example(lines=[b'{"id":"j1","worker":"echo","tag":false}'])
+@example(lines=[b'{"id":"a\\u001b[2Jb","worker":"echo"}'])
 @example(lines=[b'{"id":"ok","worker":"echo"}', b'{"id":"bad","worker":"echo","delay":"soon"}'])
 def test_jsonl_batches(lines):
     before = journal_bytes()
