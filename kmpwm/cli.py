@@ -413,7 +413,7 @@ def main(argv: list[str] | None = None) -> int:
     from typer._click import exceptions as click_exc
 
     args = sys.argv[1:] if argv is None else list(argv)
-    as_json = "--json" in args
+    as_json = "--json" in (args[:args.index("--")] if "--" in args else args)  # after "--" it is an operand
     command = typer.main.get_command(app)
     try:
         rv = command.main(args=args, prog_name="kmpwm", standalone_mode=False)

@@ -95,7 +95,8 @@ def assert_clean(r: Run, allowed=DOCUMENTED) -> None:
     if r.rc != 0:
         errors = [ln for ln in r.err.split("\n") if ln.strip() and not ln.startswith("kmpwm: warning")]
         assert 1 <= len(errors) <= 2, r
-    if "--json" in r.args and r.out.strip():
+    options = r.args[:r.args.index("--")] if "--" in r.args else r.args  # after "--", "--json" is an operand
+    if "--json" in options and r.out.strip():
         doc = r.doc()  # exactly one document
         if r.rc not in (0, 1):
             assert doc.get("error") or doc.get("result", "SUCCESS") != "SUCCESS", r
