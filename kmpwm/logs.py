@@ -35,9 +35,12 @@ def logger(paths) -> logging.Logger:
             return os.fdopen(fd, "a", encoding=self.encoding, errors=self.errors)
 
     try:
-        from .paths import private_subdir
+        from .paths import ensure_dir, private_subdir
 
-        path = Path(private_subdir(Path(paths.log_dir))) / LOG_NAME
+        log_dir = Path(paths.log_dir)
+        if paths.home is None and log_dir.parent.name == "kmpwm":
+            ensure_dir(log_dir.parent)  # ~/.local/state/kmpwm: ours, so private too
+        path = Path(private_subdir(log_dir)) / LOG_NAME
         handler = PrivateRotatingFileHandler(path, maxBytes=MAX_BYTES, backupCount=BACKUPS, encoding="utf-8")
         handler.setFormatter(logging.Formatter("%(asctime)s %(process)d %(levelname)s %(message)s"))
         log.addHandler(handler)

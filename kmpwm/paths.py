@@ -124,8 +124,10 @@ def private_subdir(path: Path) -> Path:
 
 
 def prepare(paths: Paths) -> None:
-    """Check permissions, then create the directories a writer needs."""
+    """Check permissions, then create the directories a writer needs (all of kmpwm's own 0700)."""
     check_all(paths)
     if paths.home is not None:
         ensure_dir(paths.home)
+    else:
+        ensure_dir(paths.journal_dir.parent)  # platformdirs' kmpwm directory, not only its journal/
     ensure_dir(paths.journal_dir)
