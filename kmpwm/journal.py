@@ -35,6 +35,13 @@ _O_NOFOLLOW = getattr(os, "O_NOFOLLOW", 0)
 _O_CLOEXEC = getattr(os, "O_CLOEXEC", 0)
 
 
+def write_all(fd: int, data: bytes) -> None:
+    """os.write until every byte is written (a write may be partial)."""
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view):]
+
+
 def encode(record: dict) -> bytes:
     payload = orjson.dumps(record)
     return b"%08x %s\n" % (zlib.crc32(payload), payload)
@@ -280,10 +287,7 @@ class Journal:
                 records = [header, *records]
             blob = b"".join(encode(r) for r in records)
             try:
-                view = memoryview(blob)
-                while view:
-                    written = os.write(fd, view)
-                    view = view[written:]
+                write_all(fd, blob)
                 _datasync(fd)
             except OSError as exc:
                 try:
@@ -332,9 +336,7 @@ class Journal:
         try:
             fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | _O_NOFOLLOW, 0o600)
             try:
-                view = memoryview(data)
-                while view:
-                    view = view[os.write(fd, view):]
+                write_all(fd, data)
                 os.fsync(fd)
             finally:
                 os.close(fd)
@@ -409,9 +411,7 @@ def atomic_write(path: Path, data: bytes) -> None:
     try:
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | _O_NOFOLLOW, 0o600)
         try:
-            view = memoryview(data)
-            while view:
-                view = view[os.write(fd, view):]
+            write_all(fd, data)
             os.fsync(fd)
         finally:
             os.close(fd)

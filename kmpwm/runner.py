@@ -503,14 +503,7 @@ class Runner:
 
                 host_main(task_r, res_w, self.registry)
             except BaseException:
-                status = 70
-                try:
-                    import traceback
-
-                    traceback.print_exc()
-                    sys.stderr.flush()
-                except BaseException:
-                    pass
+                status = _child_failed()
             finally:
                 os._exit(status)
         for fd in (task_r, res_w, out_w):
@@ -658,18 +651,11 @@ class Runner:
                                          "data": None})
                 sys.stdout.flush()
                 sys.stderr.flush()
-                view = memoryview(blob)
-                while view:
-                    view = view[os.write(w, view):]
-            except BaseException:
-                status = 70
-                try:
-                    import traceback
+                from .journal import write_all
 
-                    traceback.print_exc()
-                    sys.stderr.flush()
-                except BaseException:
-                    pass
+                write_all(w, blob)
+            except BaseException:
+                status = _child_failed()
             finally:
                 os._exit(status)
         os.close(w)
@@ -939,6 +925,19 @@ class Runner:
 
 _PR_SET_PDEATHSIG = 1
 _libc = None
+
+
+def _child_failed() -> int:
+    """In a worker process that failed outside the worker: the traceback to its output (which
+    run-due logs), and the exit status that says so."""
+    try:
+        import traceback
+
+        traceback.print_exc()
+        sys.stderr.flush()
+    except BaseException:
+        pass
+    return 70
 
 
 def _load_libc():

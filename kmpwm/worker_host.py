@@ -87,11 +87,9 @@ _HEADER = 4
 
 
 def write_frame(fd: int, payload: bytes) -> None:
-    import os
+    from .journal import write_all
 
-    view = memoryview(len(payload).to_bytes(_HEADER, "big") + payload)
-    while view:
-        view = view[os.write(fd, view):]
+    write_all(fd, len(payload).to_bytes(_HEADER, "big") + payload)
 
 
 def _read_exact(fd: int, n: int) -> bytes | None:
