@@ -19,9 +19,9 @@ from typing import Any, Mapping
 
 import orjson
 
-__all__ = ["kmpwm", "kjson", "kmpwm_env", "tasks_by_id", "DEFAULT_TIMEOUT"]
+__all__ = ["kmpwm", "kjson", "jdoc", "kmpwm_env", "tasks_by_id", "DEFAULT_TIMEOUT"]
 
-DEFAULT_TIMEOUT = 60.0
+DEFAULT_TIMEOUT = 120.0
 
 
 def kmpwm_env(env: Mapping[str, str | None] | None = None) -> dict[str, str]:
@@ -37,14 +37,17 @@ def kmpwm_env(env: Mapping[str, str | None] | None = None) -> dict[str, str]:
 
 def kmpwm(*args: Any, input: str | bytes | None = None, env: Mapping[str, str | None] | None = None,
           check: int | None = None, timeout: float = DEFAULT_TIMEOUT,
-          cwd: str | os.PathLike | None = None) -> subprocess.CompletedProcess:
+          cwd: str | os.PathLike | None = None, faketime: str | None = None) -> subprocess.CompletedProcess:
     """Run ``python -m kmpwm ARGS`` and return the CompletedProcess (stdout/stderr as text).
 
     ``input``: text (or bytes) for stdin (stdin is empty otherwise); ``env``: overrides of the
-    current environment (None removes a variable); ``check``: the exit code to assert, if any.
+    current environment (None removes a variable); ``check``: the exit code to assert, if any;
+    ``faketime``: run under Debian's faketime with this offset (``+15``, ``+1d``).
     Always asserts that no traceback reached stderr.
     """
     argv = [sys.executable, "-m", "kmpwm", *(os.fspath(a) if isinstance(a, os.PathLike) else str(a) for a in args)]
+    if faketime is not None:
+        argv = ["faketime", "-f", faketime, *argv]
     if isinstance(input, bytes):
         input = input.decode("utf-8")
     proc = subprocess.run(argv, input=input if input is not None else "", capture_output=True, text=True,
@@ -73,6 +76,14 @@ def kjson(*args: Any, input: str | bytes | None = None, env: Mapping[str, str | 
         raise AssertionError(f"kmpwm {' '.join(map(str, args))}: stdout is not one JSON document ({exc}):\n"
                              f"{proc.stdout!r}\nstderr: {proc.stderr}") from None
     return doc, proc.returncode
+
+
+def jdoc(*args: Any, expect: int = 0, **kw: Any) -> Any:
+    """Run ``kmpwm ARGS --json``, assert the exit code is ``expect``, return the document."""
+    proc = kmpwm(*args, "--json", **kw)
+    assert proc.returncode == expect, (f"kmpwm {' '.join(map(str, args))} --json: exit {proc.returncode}\n"
+                                       f"stdout: {proc.stdout}\nstderr: {proc.stderr}")
+    return orjson.loads(proc.stdout)
 
 
 def tasks_by_id(doc: dict) -> dict[str, dict]:

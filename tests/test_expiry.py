@@ -15,26 +15,13 @@ from pathlib import Path
 
 import pytest
 
+from helpers import jdoc as kjson  # kjson(ARGS, expect=N) -> the --json document
+from helpers import kmpwm
+
 PY = sys.executable
 
 # -- local helpers ----------------------------------------------------------------------------
 
-
-def kmpwm(*args, input=None, env=None, timeout=120) -> subprocess.CompletedProcess:
-    e = dict(os.environ)
-    if env:
-        e.update(env)
-    r = subprocess.run([PY, "-m", "kmpwm", *map(str, args)], input=input, env=e, capture_output=True, text=True,
-                       timeout=timeout)
-    assert "Traceback" not in r.stderr, f"traceback from kmpwm {args}:\n{r.stderr}"
-    return r
-
-
-def kjson(*args, expect=0, **kw):
-    r = kmpwm(*args, "--json", **kw)
-    assert r.returncode == expect, f"kmpwm {' '.join(map(str, args))} --json: exit {r.returncode}\n" \
-                                   f"stdout: {r.stdout}\nstderr: {r.stderr}"
-    return json.loads(r.stdout)
 
 
 def tasks() -> dict:

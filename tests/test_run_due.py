@@ -18,30 +18,14 @@ from pathlib import Path
 
 import pytest
 
+from helpers import jdoc as kjson  # kjson(ARGS, expect=N) -> the --json document
+from helpers import kmpwm
+
 PY = sys.executable
 HOUR = 3600.0
 
 # -- local helpers (self-contained on purpose) ------------------------------------------------
 
-
-def kmpwm(*args, input=None, env=None, faketime=None, timeout=120) -> subprocess.CompletedProcess:
-    """Run ``python -m kmpwm ARGS`` in a subprocess; ``faketime`` is an offset like ``+15``."""
-    e = dict(os.environ)
-    if env:
-        e.update(env)
-    cmd = [PY, "-m", "kmpwm", *map(str, args)]
-    if faketime is not None:
-        cmd = ["faketime", "-f", faketime, *cmd]
-    r = subprocess.run(cmd, input=input, env=e, capture_output=True, text=True, timeout=timeout)
-    assert "Traceback" not in r.stderr, f"traceback from kmpwm {args}:\n{r.stderr}"
-    return r
-
-
-def kjson(*args, expect=0, **kw):
-    r = kmpwm(*args, "--json", **kw)
-    assert r.returncode == expect, f"kmpwm {' '.join(map(str, args))} --json: exit {r.returncode}\n" \
-                                   f"stdout: {r.stdout}\nstderr: {r.stderr}"
-    return json.loads(r.stdout)
 
 
 def ts(iso: str | None) -> float | None:

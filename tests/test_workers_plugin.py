@@ -9,7 +9,6 @@ the interpreter that runs kmpwm, and uninstalled afterwards.
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import subprocess
 import sys
@@ -17,30 +16,14 @@ from pathlib import Path
 
 import pytest
 
+from helpers import jdoc as kjson  # kjson(ARGS, expect=N) -> the --json document
+
 PY = sys.executable
 PKG_DIR = Path(__file__).resolve().parent / "plugin_pkg"
 DIST = "kmpwm-test-plugin"
 NAMES = ["tplug_sync", "tplug_ctx", "tplug_async", "tplug_class", "tplug_false", "tplug_none", "tplug_raise",
          "tplug_retry", "tplug_flaky"]
 
-
-def kmpwm(*args, input=None, env=None, faketime=None, timeout=120) -> subprocess.CompletedProcess:
-    e = dict(os.environ)
-    if env:
-        e.update(env)
-    cmd = [PY, "-m", "kmpwm", *map(str, args)]
-    if faketime is not None:
-        cmd = ["faketime", "-f", faketime, *cmd]
-    r = subprocess.run(cmd, input=input, env=e, capture_output=True, text=True, timeout=timeout)
-    assert "Traceback" not in r.stderr, f"traceback from kmpwm {args}:\n{r.stderr}"
-    return r
-
-
-def kjson(*args, expect=0, **kw):
-    r = kmpwm(*args, "--json", **kw)
-    assert r.returncode == expect, f"kmpwm {' '.join(map(str, args))} --json: exit {r.returncode}\n" \
-                                   f"stdout: {r.stdout}\nstderr: {r.stderr}"
-    return json.loads(r.stdout)
 
 
 def tasks() -> dict:
