@@ -60,7 +60,7 @@ def _complete_task(incomplete: str):
     try:
         from .store import Store
 
-        state = Store(_paths()).load().state
+        state = Store(_paths()).load(full=False).state
         ids = [i for i, t in state["tasks"].items() if i.startswith(incomplete)]
         return ids + [c for c in state["chains"] if c.startswith(incomplete)]
     except Exception:

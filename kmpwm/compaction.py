@@ -14,7 +14,7 @@ import time
 from .exitcodes import JournalError
 from .journal import Journal, encode
 from .paths import Paths, check_all
-from .state import apply, new_state
+from .state import apply, new_state, pack_task
 
 RETENTION = 7 * 86400.0
 EVENTS_PER_RECORD = 1000
@@ -89,7 +89,7 @@ def compact(paths: Paths, *, retention: float = RETENTION, now: float | None = N
         for i in range(0, len(events), EVENTS_PER_RECORD):
             chunk = events[i:i + EVENTS_PER_RECORD]
             records.append({"ts": chunk[-1][0], "arc": True, "ev": chunk})
-        ops = [{"op": "put", "task": t} for t in sorted(tasks.values(), key=lambda t: t["seq"])]
+        ops = [{"op": "put", "task": pack_task(t)} for t in sorted(tasks.values(), key=lambda t: t["seq"])]
         ops += [{"op": "put", "chain": c} for c in chains.values()]
         ops.append({"op": "meta", "seq": folder.state["seq"], "fam": folder.state["fam"]})
         for i in range(0, len(ops), OPS_PER_RECORD):
@@ -98,10 +98,9 @@ def compact(paths: Paths, *, retention: float = RETENTION, now: float | None = N
         journal.rewrite(records, compacted_size=size)
         from .store import Store
 
-        store = Store(paths)
+        store = Store(paths, journal)
         store.drop_snapshot()
-        view = store.load()
-        store.write_snapshot(view)
+        store.write_snapshot(store.load(full=False))
     after = journal.identity()
     return {
         "compacted": True,

@@ -22,7 +22,7 @@ def simulate_expire_command(paths: Paths, ids: list[str], all_: bool, grace, as_
     from .output import print_json, say
 
     grace_s = parse_duration(grace, what="grace") if grace is not None else None
-    state = Store(paths).load().state
+    state = Store(paths).load(full=False).state
     now = time.time()
     wanted = set(ids)
     chains = state["chains"]

@@ -37,6 +37,10 @@ class Paths:
         return self.journal_dir / "state.snap"
 
     @property
+    def history_file(self) -> Path:
+        return self.journal_dir / "history.snap"
+
+    @property
     def quarantine_dir(self) -> Path:
         return self.journal_dir / "quarantine"
 

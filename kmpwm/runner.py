@@ -153,7 +153,7 @@ class Runner:
 
     def run(self) -> int:
         """Run what is due; returns 75 if the run itself expired, else 0."""
-        view = self.store.load()
+        view = self.store.load(full=False)
         self.store.verify_covered(view)
         if view.damage:
             raise JournalError(
@@ -299,7 +299,7 @@ class Runner:
             return
         # A task claimed ahead may have been cancelled or replaced since: look (lock-free, only
         # the records appended meanwhile) before starting it.
-        state = self.store.load().state["tasks"]
+        state = self.store.load(full=False).state["tasks"]
         while self._ready and len(self.jobs) < self.parallel and not self.run_expired:
             task, info, limit, upstream, start_by = self._ready.pop(0)
             now_t = state.get(task["id"])

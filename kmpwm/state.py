@@ -100,6 +100,45 @@ _TASK_BASE = {
 }
 
 
+_PACKED_DEFAULTS = dict(_TASK_BASE, tags=[], after=[], trig_state={})
+
+
+def pack_task(t: dict) -> dict:
+    """``t`` without the fields that hold their default value (snapshots, history, ``put`` ops):
+    a finished task of the common kind shrinks to a third.  :func:`unpack_task` restores it."""
+    return {k: v for k, v in t.items() if k not in _PACKED_DEFAULTS or v != _PACKED_DEFAULTS[k]}
+
+
+def unpack_task(p: dict) -> dict:
+    t = _TASK_BASE.copy()
+    t["tags"] = []
+    t["after"] = []
+    t["trig_state"] = {}
+    t.update(p)
+    return t
+
+
+def live_chain(state: dict, chain: dict) -> bool:
+    return chain_next_step(state, chain) is not None
+
+
+def split_history(state: dict) -> tuple[list[str], list[str]]:
+    """Ids of the tasks and chains that can no longer change and that no later op reads.
+
+    A finished task is history unless it belongs to a chain that is still going (its result
+    feeds the next step; the chain's state is read from it).  Nothing a later op does depends on
+    history: ops act on unfinished tasks and live chains only, a finished task waits on nothing,
+    and a new task or chain with an old id simply replaces the old one.  So the fold over the
+    "hot" rest alone gives the same results as over everything; ``run-due`` and ``enqueue``
+    load only that (store.py keeps history in a file of its own)."""
+    tasks, chains = state["tasks"], state["chains"]
+    live = {cid for cid, c in chains.items() if live_chain(state, c)}
+    members = {i for cid in live for step in chains[cid]["steps"] for i in step}
+    cold_tasks = [i for i, t in tasks.items() if t["state"] not in UNFINISHED and i not in members]
+    cold_chains = [cid for cid in chains if cid not in live]
+    return cold_tasks, cold_chains
+
+
 def _insert(state: dict, task: dict, ts: float, *, blocked: bool, **extra) -> dict:
     """A new task in the state from its request record (defaults filled in; the record untouched)."""
     state["seq"] += 1
@@ -145,6 +184,8 @@ def _finish(state: dict, t: dict, new_state: str, ts: float, reason: str | None,
     t["lease"] = None
     if emit:
         emit(ts, t["id"], new_state.lower(), {"reason": reason} if reason else {})
+    if t.get("after"):
+        _drop_waits(state, t)  # a finished task waits on nothing
     _release_waiters(state, t, ts, emit)
     chain = state["chains"].get(t["chain_id"]) if t["chain_id"] else None
     if chain is None or t["step"] is None:
@@ -295,6 +336,8 @@ def _op_cancel(state: dict, op: dict, ts: float, emit: Emit) -> list:
                 targets.append(wanted)  # one appended task named exactly
             elif "#" not in wanted:
                 targets += unfinished_family(state, wanted)
+    if op.get("all") or op.get("tag") is not None:
+        targets.sort(key=lambda i: tasks[i]["seq"])  # enqueue order, whatever the dict's order
     cancelled: list[str] = []
     hook = _collect(cancelled, set(), emit)  # downstream steps cancelled too are reported as well
     for i in dict.fromkeys(targets):
@@ -436,8 +479,8 @@ def _op_trig(state: dict, op: dict, ts: float, emit: Emit) -> bool:
 
 def _op_put(state: dict, op: dict, ts: float, emit: Emit) -> bool:
     if "task" in op:
-        t = op["task"]
-        state["tasks"][t["id"]] = dict(t)
+        t = unpack_task(op["task"])
+        state["tasks"][t["id"]] = t
         for dep in t.get("after", ()):
             if t["state"] == "BLOCKED":
                 state["waiters"].setdefault(dep, []).append(t["id"])

@@ -1,15 +1,25 @@
 """The journal folded into state, kept cheap to read: a snapshot plus the tail after it.
 
-The snapshot (``journal/state.snap``) is only a cache: the state folded up to a byte offset of a
-named journal generation.  It is ignored whenever it does not match the journal (another
-generation, an offset past the end, a bad checksum), and deleting it changes nothing a user sees.
-Reading the state costs the snapshot plus the records appended after it, not the whole history.
+The snapshot is only a cache of the state folded up to a byte offset of a named journal
+generation, in two files:
+
+``journal/state.snap``    the *hot* state: unfinished tasks, chains still going (with their
+                          finished steps), counters.  What ``run-due`` and ``enqueue`` need, so
+                          their cost does not grow with finished history.
+``journal/history.snap``  finished work nothing can change any more (state.split_history), in
+                          append-only frames; read only by commands that show history
+                          (``inspect-queue --all``, ``explain``, ``events``...).
+
+Both are ignored whenever they do not match the journal (another generation, an offset past the
+end, a bad checksum): the state is then folded from the journal, and deleting them changes
+nothing a user sees.
 """
 
 from __future__ import annotations
 
 import os
 import time
+import uuid
 import zlib
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -17,12 +27,13 @@ from typing import Iterator
 
 import orjson
 
-from .exitcodes import JournalError
-from .journal import Damage, Journal, atomic_write
+from .exitcodes import JournalError, KmpwmError
+from .journal import _O_CLOEXEC, _O_NOFOLLOW, Damage, Journal, atomic_write, encode, scan_bytes, write_all
 from .paths import Paths, check_all, resolve
-from .state import apply, new_state
+from .state import apply, new_state, pack_task, split_history, unpack_task
 
-SNAPSHOT_MAGIC = b"KMPWMSNAP2 "
+SNAPSHOT_MAGIC = b"KMPWMSNAP3 "
+HISTORY_MAGIC = b"KMPWMHIST1 "
 # Write a new snapshot once the tail after the last one holds this many records or bytes.
 SNAPSHOT_AFTER_RECORDS = 2000
 SNAPSHOT_AFTER_BYTES = 4 << 20
@@ -42,6 +53,16 @@ class View:
     torn: Damage | None = None
     from_snapshot: bool = False
     verified: bool = False
+    # partial: ``state`` lacks the history written to history.snap before the snapshot it came
+    # from (``load(full=True)`` merges it in).  hid/hist: the history file this state continues
+    # and how many of its bytes belong to it.
+    partial: bool = False
+    hid: str | None = None
+    hist: int = 0
+    # history this process already wrote: id -> the very object written (a task or chain
+    # replaced since is a new object and gets written again)
+    flushed: dict = field(default_factory=dict, repr=False)
+    merged_from: "View | None" = field(default=None, repr=False)
 
 
 @contextmanager
@@ -60,19 +81,23 @@ def _no_gc():
 class Store:
     """One home's journal and its folded state; the layer every command goes through."""
 
-    def __init__(self, paths: Paths | None = None):
+    def __init__(self, paths: Paths | None = None, journal: Journal | None = None):
         self.paths = paths or resolve()
-        self.journal = Journal(self.paths)
+        self.journal = journal or Journal(self.paths)  # pass the caller's if it holds the lock
         self._view: View | None = None
         self._ino = 0
         self._tail_records = 0  # records folded since the snapshot we started from
         self._tail_bytes = 0
         self._checked = False
+        self._hist_cache: tuple | None = None  # (hid, length, tasks, chains)
 
     # -- reading --------------------------------------------------------------------------
 
-    def load(self) -> View:
-        """The current state: incremental after the first call (only new records are folded)."""
+    def load(self, full: bool = True) -> View:
+        """The current state: incremental after the first call (only new records are folded).
+
+        ``full=False`` may leave out finished history (``View.partial``): enough for everything
+        that schedules, runs or enqueues, and its cost does not grow with history."""
         if not self._checked:
             check_all(self.paths)  # once per process: a long run-due does not re-stat every cycle
             self._checked = True
@@ -84,14 +109,22 @@ class Store:
             view = self._full_load()  # the file was replaced (compaction) between stat and open
         self._view = view
         self._maybe_snapshot(view)
-        return view
+        if not (full and view.partial):
+            return view
+        merged = self._merged(view)
+        if merged is None:  # the history file is gone or damaged: fold everything from the journal
+            view = self._view = self._full_load(use_snapshot=False)
+            self._tail_records = SNAPSHOT_AFTER_RECORDS
+            self._maybe_snapshot(view)  # and leave a good pair of snapshot files behind
+            merged = view
+        return merged
 
-    def _full_load(self) -> View:
+    def _full_load(self, use_snapshot: bool = True) -> View:
         with _no_gc():  # bulk parsing makes millions of objects; the collector would rescan them all
             for _ in range(5):  # a compaction may replace the file while we read: start again
                 self._tail_records = self._tail_bytes = 0
                 ident = self.journal.identity()
-                view = self._read_snapshot()
+                view = self._read_snapshot() if use_snapshot else None
                 if view is None:
                     view = View(new_state())
                 if self._fold_tail(view, expect_ino=ident[0] if ident else None):
@@ -118,15 +151,64 @@ class Store:
         view.offset = scan.end
         return True
 
+    # -- history --------------------------------------------------------------------------
+
+    def _merged(self, view: View) -> View | None:
+        """``view`` with the history it continues merged in (None if that cannot be read)."""
+        hist = self._read_history(view.hid, view.hist)
+        if hist is None:
+            return None
+        tasks, chains = hist
+        state = dict(view.state)
+        state["tasks"] = {**tasks, **view.state["tasks"]}  # what the view holds is newer
+        state["chains"] = {**chains, **view.state["chains"]}
+        return View(state, offset=view.offset, gen=view.gen, damage=view.damage, torn=view.torn,
+                    from_snapshot=view.from_snapshot, verified=view.verified, hid=view.hid, hist=view.hist,
+                    merged_from=view)
+
+    def _read_history(self, hid: str | None, length: int) -> tuple[dict, dict] | None:
+        cached = self._hist_cache
+        if cached is not None and cached[0] == hid and cached[1] == length:
+            return cached[2], cached[3]
+        try:
+            fd = os.open(self.paths.history_file, os.O_RDONLY | _O_NOFOLLOW | _O_CLOEXEC)
+        except OSError:
+            return None
+        try:
+            with os.fdopen(fd, "rb") as fh:
+                data = fh.read(length)
+        except OSError:
+            return None
+        head = _history_header(hid)
+        if hid is None or len(data) != length or not data.startswith(head):
+            return None
+        with _no_gc():
+            scan = scan_bytes(data[len(head):], len(head))
+            if scan.damage or scan.torn or scan.end != length:
+                return None
+            tasks: dict = {}
+            chains: dict = {}
+            try:
+                for _, frame in scan.records:
+                    for packed in frame.get("tasks", ()):
+                        tasks[packed["id"]] = unpack_task(packed)
+                    for chain in frame.get("chains", ()):
+                        chains[chain["id"]] = chain
+            except (KeyError, TypeError, AttributeError):
+                return None
+        self._hist_cache = (hid, length, tasks, chains)
+        return tasks, chains
+
     # -- snapshot -------------------------------------------------------------------------
 
-    def _read_snapshot(self) -> View | None:
-        """The snapshot, if it is intact and belongs to this journal; None means fold from scratch.
+    def _snapshot_parts(self) -> tuple[dict, memoryview] | None:
+        """The snapshot's meta and its state bytes, if intact and of this journal.
 
-        Format: ``KMPWMSNAP2 <crc32 of the rest, 8 hex> <meta json>\n<state json>``: one checksum
-        covers the meta (generation, offset) and the state."""
+        Format: ``KMPWMSNAP3 <crc32 of the rest, 8 hex> <meta json>\n<state json>``: one checksum
+        covers the meta (generation, offset, history) and the state."""
         try:
-            with open(self.paths.snapshot_file, "rb") as fh:
+            fd = os.open(self.paths.snapshot_file, os.O_RDONLY | _O_NOFOLLOW | _O_CLOEXEC)
+            with os.fdopen(fd, "rb") as fh:
                 blob = fh.read()
         except OSError:
             return None
@@ -143,12 +225,27 @@ class Store:
             offset = meta["offset"]
             if header is None or ident is None or header.get("gen") != meta["gen"] or not 0 < offset <= ident[1]:
                 return None
-            if not self._at_record_boundary(offset):
+            if not isinstance(meta.get("hid"), str) or not isinstance(meta.get("hist"), int):
                 return None
-            state = orjson.loads(memoryview(blob)[nl + 1:])
         except (ValueError, KeyError, TypeError):
             return None
-        return View(state, offset=offset, gen=meta["gen"], from_snapshot=True)
+        return meta, memoryview(blob)[nl + 1:]
+
+    def _read_snapshot(self) -> View | None:
+        """The snapshot's (hot) state, if intact and of this journal; None means fold from scratch."""
+        parts = self._snapshot_parts()
+        if parts is None:
+            return None
+        meta, body = parts
+        if not self._at_record_boundary(meta["offset"]):
+            return None
+        try:
+            state = orjson.loads(body)
+            state["tasks"] = {i: unpack_task(t) for i, t in state["tasks"].items()}
+        except (ValueError, KeyError, TypeError, AttributeError):
+            return None
+        return View(state, offset=meta["offset"], gen=meta["gen"], from_snapshot=True, partial=True,
+                    hid=meta["hid"], hist=meta["hist"])
 
     def _at_record_boundary(self, offset: int) -> bool:
         try:
@@ -165,23 +262,112 @@ class Store:
             return
         try:
             self.write_snapshot(view)
-        except JournalError:
+        except KmpwmError:
             pass  # a cache that could not be written costs time, not correctness
 
-    def write_snapshot(self, view: View) -> None:
-        body = orjson.dumps(view.state)
-        meta = orjson.dumps({"gen": view.gen, "offset": view.offset, "written_at": time.time()})
-        rest = meta + b"\n" + body
+    def write_snapshot(self, view: View | None = None) -> bool:
+        """Write the snapshot of ``view`` (default: this store's current state): its new history
+        appended to history.snap, then state.snap replaced atomically.  Skipped (False) when
+        another process holds the journal lock or already wrote a newer snapshot."""
+        view = view or self._view
+        if view is None:
+            return False
+        if view.merged_from is not None:
+            view = view.merged_from
+        if view.gen is None or view.damage:
+            return False
+        from .exitcodes import LockBusy
+
+        try:
+            with self.journal.locked(timeout=0):  # writers of the snapshot files take turns
+                return self._write_snapshot_locked(view)
+        except LockBusy:
+            return False
+
+    def _write_snapshot_locked(self, view: View) -> bool:
+        current = self._snapshot_parts()
+        meta = current[0] if current is not None else None
+        if meta is not None and (meta["offset"] > view.offset or (meta["offset"] == view.offset and view.hid)):
+            return False  # already as new as ours (a state folded from scratch rewrites it: a repair)
+        tasks, chains = view.state["tasks"], view.state["chains"]
+        cold_ids, cold_chain_ids = split_history(view.state)
+        flushed = view.flushed
+        new_tasks = [i for i in cold_ids if flushed.get(i) is not tasks[i]]
+        new_chains = [c for c in cold_chain_ids if flushed.get("\0" + c) is not chains[c]]
+        frame = encode({"tasks": [pack_task(tasks[i]) for i in new_tasks],
+                        "chains": [chains[c] for c in new_chains]})
+        path = self.paths.history_file
+        if view.hid is not None:  # continue the history file this state is based on
+            hid = view.hid
+            start = max(view.hist, meta["hist"] if meta is not None and meta["hid"] == hid else 0)
+            if not self._append_history(hid, start, frame):
+                # the history this state continues is gone (deleted, damaged, another generation's):
+                # retire the snapshot that needs it, so the next reader folds everything and starts anew
+                if meta is not None and meta["hid"] == hid:
+                    self.drop_snapshot()
+                return False
+            hist = start + len(frame)
+        else:  # a state folded from the whole journal: a history file of its own
+            hid = uuid.uuid4().hex
+            head = _history_header(hid)
+            atomic_write(path, head + frame)
+            hist = len(head) + len(frame)
+        cold_tasks, cold_chains = set(cold_ids), set(cold_chain_ids)
+        hot = dict(view.state)
+        hot["tasks"] = {i: pack_task(t) for i, t in tasks.items() if i not in cold_tasks}
+        hot["chains"] = {c: ch for c, ch in chains.items() if c not in cold_chains}
+        body = orjson.dumps(hot)
+        meta_out = orjson.dumps({"gen": view.gen, "offset": view.offset, "hid": hid, "hist": hist,
+                                 "written_at": time.time()})
+        rest = meta_out + b"\n" + body
         atomic_write(self.paths.snapshot_file, SNAPSHOT_MAGIC + b"%08x " % zlib.crc32(rest) + rest)
-        self._tail_records = self._tail_bytes = 0
+        if self._hist_cache is not None and self._hist_cache[0] == hid and self._hist_cache[1] == hist - len(frame):
+            _, _, ctasks, cchains = self._hist_cache  # keep the cache in step with what we appended
+            for i in new_tasks:
+                ctasks[i] = tasks[i]
+            for c in new_chains:
+                cchains[c] = chains[c]
+            self._hist_cache = (hid, hist, ctasks, cchains)
+        for i in new_tasks:
+            flushed[i] = tasks[i]
+        for c in new_chains:
+            flushed["\0" + c] = chains[c]
+        view.hid, view.hist = hid, hist
+        if view is self._view:
+            self._tail_records = self._tail_bytes = 0
+        return True
+
+    def _append_history(self, hid: str, start: int, frame: bytes) -> bool:
+        """Put ``frame`` at ``start`` of the history file (bytes after ``start`` belong to no
+        snapshot: a writer that died before replacing state.snap).  False if the file is not
+        the history ``hid`` names."""
+        head = _history_header(hid)
+        try:
+            fd = os.open(self.paths.history_file, os.O_RDWR | _O_NOFOLLOW | _O_CLOEXEC)
+        except OSError:
+            return False
+        try:
+            if os.pread(fd, len(head), 0) != head or os.fstat(fd).st_size < start:
+                return False
+            os.ftruncate(fd, start)
+            os.lseek(fd, start, os.SEEK_SET)
+            write_all(fd, frame)
+            os.fsync(fd)
+        except OSError as exc:
+            raise JournalError(f"cannot write {self.paths.history_file}: {exc.strerror}") from None
+        finally:
+            os.close(fd)
+        return True
 
     def drop_snapshot(self) -> None:
-        try:
-            os.unlink(self.paths.snapshot_file)
-        except FileNotFoundError:
-            pass
-        except OSError as exc:
-            raise JournalError(f"cannot remove {self.paths.snapshot_file}: {exc.strerror}") from None
+        for path in (self.paths.snapshot_file, self.paths.history_file):
+            try:
+                os.unlink(path)
+            except FileNotFoundError:
+                pass
+            except OSError as exc:
+                raise JournalError(f"cannot remove {path}: {exc.strerror}") from None
+        self._hist_cache = None
 
     def verify_covered(self, view: View) -> None:
         """Fail-closed readers (run-due): find damage in the region the snapshot stands in for.
@@ -204,7 +390,7 @@ class Store:
         """Hold the writers' lock with the state brought up to date under it.  Ops staged with
         :meth:`Transaction.stage` are written as one record when the block ends without error."""
         with self.journal.locked(timeout):
-            view = self.load()
+            view = self.load(full=False)
             txn = Transaction(self, view)
             try:
                 yield txn
@@ -278,3 +464,7 @@ class Transaction:
             # a new journal: append() writes a header first; fold it too so the view knows its generation
             return [{"ts": record["ts"], "ops": [{"op": "hdr", "gen": None, "_pending": True}]}, record]
         return [record]
+
+
+def _history_header(hid: str | None) -> bytes:
+    return HISTORY_MAGIC + (hid or "").encode() + b"\n"

@@ -300,7 +300,7 @@ def _snapshot_regions(blob: bytes) -> list[tuple[str, int]]:
     return out
 
 
-def _check_snapshot_case(snap_template: Path, blob: bytes, label: str) -> list[str]:
+def _check_snapshot_case(snap_template: Path, blob: bytes, label: str, name: str = "state.snap") -> list[str]:
     from kmpwm.paths import resolve
     from kmpwm.store import Store
 
@@ -310,7 +310,7 @@ def _check_snapshot_case(snap_template: Path, blob: bytes, label: str) -> list[s
     os.chmod(root, 0o700)
     home = root / "home"
     shutil.copytree(snap_template, home)
-    (home / "journal" / "state.snap").write_bytes(blob)
+    (home / "journal" / name).write_bytes(blob)
     try:
         paths = resolve(str(home))
         expected, _ = fold_bytes((home / "journal" / "journal.log").read_bytes())
@@ -411,3 +411,22 @@ def test_damage_covered_by_the_snapshot_still_fails_closed(snap_template, tmp_pa
     assert {t["id"]: t["state"] for t in view["tasks"]} == {i: t["state"] for i, t in expected["tasks"].items()}
     doc, rc, err = home.json("run-due")
     assert rc == 0, err
+
+
+def test_history_damage_changes_nothing(snap_template):
+    """journal/history.snap (finished work, read by inspect-queue --all, explain...) flipped or
+    cut anywhere: every reader still sees exactly the journal's state."""
+    blob = (snap_template / "journal" / "history.snap").read_bytes()
+    assert len(blob) > 200, "the template's history should hold finished tasks"
+    problems = []
+    for f in (0, 0.02, 0.1, 0.3, 0.5, 0.7, 0.9, 0.999):
+        pos = min(len(blob) - 1, int(len(blob) * f))
+        for xor in (0x01, 0x20):
+            damaged = bytearray(blob)
+            damaged[pos] ^= xor
+            problems += _check_snapshot_case(snap_template, bytes(damaged), f"history flip {pos} ^{xor:#x}",
+                                             "history.snap")
+        problems += _check_snapshot_case(snap_template, blob[:pos], f"history cut at {pos}", "history.snap")
+    problems += _check_snapshot_case(snap_template, blob + b"00000000 {}\n", "history with a frame no snapshot names",
+                                     "history.snap")
+    assert not problems, "\n".join(problems[:25])

@@ -177,6 +177,49 @@ def test_fold_from_snapshot_equals_fold_from_scratch(data):
     assert shared == whole
 
 
+def hot_part(state: dict) -> dict:
+    """``state`` without its history (what state.snap holds), as a separate copy."""
+    from kmpwm.state import split_history
+
+    cold_tasks, cold_chains = split_history(state)
+    hot = orjson.loads(orjson.dumps(state))
+    for i in cold_tasks:
+        del hot["tasks"][i]
+    for c in cold_chains:
+        del hot["chains"][c]
+    return hot
+
+
+@SETTINGS
+@given(st.data())
+def test_history_never_changes_what_later_ops_do(data):
+    """run-due and enqueue fold over the hot state only (finished work of live chains, everything
+    unfinished): every later op must give the same result as over the whole state, the hot parts
+    must stay equal, and history must stay untouched unless a new task or chain takes its id."""
+    from kmpwm.state import pack_task, split_history, unpack_task
+
+    records = draw_records(data)
+    cut = data.draw(st.integers(0, len(records)), label="cut")
+    whole = fold(records[:cut])
+    cold_before = {i: copy.deepcopy(whole["tasks"][i]) for i in split_history(whole)[0]}
+    hot = hot_part(whole)
+    for r in records[cut:]:
+        assert apply(whole, fresh(r)) == apply(hot, fresh(r)), f"op results differ for {r}"
+    assert hot["seq"] == whole["seq"] and hot["fam"] == whole["fam"] and hot["waiters"] == whole["waiters"]
+    for i, t in hot["tasks"].items():
+        assert whole["tasks"][i] == t, f"task {i} differs between the hot state and the whole one"
+    for i, t in whole["tasks"].items():
+        if i not in hot["tasks"]:
+            assert cold_before.get(i) == t, f"task {i} is missing from the hot state but was not history"
+    for c, chain in whole["chains"].items():
+        assert hot["chains"].get(c, chain) == chain
+    assert all(c in hot["chains"] for c in whole["chains"] if c not in split_history(whole)[1])
+    # what the hot state leaves out stays out of its hot part, and packing round-trips
+    for t in whole["tasks"].values():
+        assert unpack_task(orjson.loads(orjson.dumps(pack_task(t)))) == t
+    assert hot_part(hot) == hot_part(whole)
+
+
 def check_invariants(after: dict, history: dict) -> None:
     """SUCCEEDED is final; attempts never decrease; later chain steps never run too early."""
     for tid, t in after["tasks"].items():
@@ -304,3 +347,38 @@ def test_store_snapshot_and_reload_equal_scratch_fold(data):
         assert not reloaded.damage and reloaded.torn is None
         os.unlink(paths.snapshot_file) if paths.snapshot_file.exists() else None
         assert Store(paths).load().state == expected
+
+
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.data())
+def test_snapshots_by_several_writers_keep_history(data):
+    """Two processes (stores) write, and snapshot at random points, in turns: a new reader's
+    full state equals the scratch fold; its hot state holds every unfinished task and live chain
+    and nothing that differs; with history.snap gone, the full state is still right."""
+    from kmpwm.paths import resolve
+    from kmpwm.store import Store
+
+    records = draw_records(data, max_records=16)
+    with tempfile.TemporaryDirectory() as tmp:
+        home = os.path.join(tmp, "home")
+        os.mkdir(home, 0o700)
+        paths = resolve(home)
+        stores = [Store(paths), Store(paths)]
+        for record in records:
+            store = stores[data.draw(st.integers(0, 1), label="writer")]
+            with store.transaction() as txn:
+                txn.commit(fresh(record)["ops"], ts=record["ts"])
+            if data.draw(st.integers(0, 3), label="snapshot?") == 0:
+                stores[data.draw(st.integers(0, 1), label="snapshotter")].write_snapshot()
+        expected = fold(records)
+        for store in (*stores, Store(paths)):
+            assert store.load().state == expected
+        hot = Store(paths).load(full=False).state
+        want = hot_part(expected)
+        assert set(want["tasks"]) <= set(hot["tasks"]) and set(want["chains"]) <= set(hot["chains"])
+        for i, t in hot["tasks"].items():
+            assert expected["tasks"][i] == t
+        if paths.history_file.exists():
+            paths.history_file.unlink()
+            assert Store(paths).load().state == expected
+            assert Store(paths).load().state == expected  # the snapshot files written anew

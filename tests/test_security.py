@@ -269,7 +269,7 @@ def _victim(tmp_path: Path) -> tuple[Path, bytes]:
     return victim, victim.read_bytes()
 
 
-@pytest.mark.parametrize("name", ["journal.log", "lock", "state.snap"])
+@pytest.mark.parametrize("name", ["journal.log", "lock", "state.snap", "history.snap"])
 def test_planted_file_symlink_is_not_followed(shome, tmp_path, name):
     doc, rc, err = shome.json("enqueue", "a", "cw", "--delay", "1h")
     assert rc == 0

@@ -1,0 +1,53 @@
+"""Finished history lives apart from the hot state (store.py): run-due and enqueue read only
+journal/state.snap, commands that show history merge journal/history.snap in.  End to end
+through the CLI: what users see never depends on which file a task sits in."""
+
+from __future__ import annotations
+
+import os
+
+from helpers import jdoc, kmpwm
+
+
+def _ids(doc) -> dict:
+    return {t["id"]: t for t in doc["tasks"]}
+
+
+def test_finished_work_stays_visible_across_the_split(home):
+    kmpwm("enqueue", "a", "echo", check=0)
+    kmpwm("enqueue", "b", "fail", "--max-attempts", "1", check=0)
+    kmpwm("chain", "--id", "c1", "echo", "echo", check=0)
+    kmpwm("chain", "--id", "c2", "echo", "echo", check=0)
+    kmpwm("enqueue", "later", "echo", "--delay", "1h", check=0)
+    kmpwm("run-due", check=0)
+    before = jdoc("inspect-queue", "--all")
+    kmpwm("compact", check=0)  # writes both snapshot files from a fold of the whole journal
+    jdir = home / "journal"
+    assert (jdir / "state.snap").exists() and (jdir / "history.snap").exists()
+    # the hot file holds the live task only; finished work is in the history file
+    assert b'"later"' in (jdir / "state.snap").read_bytes()
+    assert b'"a"' not in (jdir / "state.snap").read_bytes()
+    assert b'"a"' in (jdir / "history.snap").read_bytes()
+    after = jdoc("inspect-queue", "--all")
+    assert _ids(after) == _ids(before)
+    assert {c["id"]: c["state"] for c in after["chains"]} == {"c1": "SUCCEEDED", "c2": "SUCCEEDED"}
+    assert _ids(after)["b"]["state"] == "FAILED" and _ids(after)["a"]["state"] == "SUCCEEDED"
+    assert "SUCCEEDED" in kmpwm("explain", "a", check=0).stdout
+    assert [t["id"] for t in jdoc("inspect-queue", "a")["tasks"]] == ["a"]
+    # a finished id enqueued again runs again; the new run wins over the old one in history
+    kmpwm("enqueue", "a", "echo", "--input", '{"n": 2}', check=0)
+    assert [r["id"] for r in jdoc("run-due")["ran"]] == ["a"]
+    a = _ids(jdoc("inspect-queue", "--all"))["a"]
+    assert a["state"] == "SUCCEEDED" and a["input"] == '{"n": 2}' and a["attempts"] == 1
+    # a chain id in history replaced by a new chain: only the new one shows
+    kmpwm("chain", "--id", "c1", "echo", "--policy", "keep", check=0)
+    chains = {c["id"]: c for c in jdoc("inspect-queue", "--all")["chains"]}
+    assert chains["c1"]["state"] == "ENQUEUED" and len(chains["c1"]["steps"]) == 1
+    # cancelling a finished chain is a no-op, not an error
+    assert jdoc("cancel", "c2") == {"cancelled": []}
+    # without the history file nothing is lost: the journal is the truth
+    os.unlink(jdir / "history.snap")
+    again = jdoc("inspect-queue", "--all")
+    assert _ids(again).keys() == _ids(jdoc("inspect-queue", "--all")).keys() >= {"a", "b", "later", "c1/1/echo"}
+    assert (jdir / "history.snap").exists(), "the snapshot files are written anew after a full fold"
+    assert _ids(jdoc("inspect-queue", "--all")) == _ids(again)
