@@ -33,8 +33,11 @@ N = 10_000
 def _scheduler():
     from kmpwm import Scheduler
 
+    from kmpwm.registry import Registry
+
     home = fresh_home()
     s = Scheduler(home)
+    Registry(s.paths).entry_points  # the home's entry-point cache, as any earlier command leaves it
     s.store.load()  # permissions checked once; the directories are made by the first append
     s.store.journal._prepared or s.store.journal.paths.journal_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
     return home, s

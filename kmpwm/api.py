@@ -14,6 +14,7 @@
 
 from __future__ import annotations
 
+import gc
 import os
 import re
 import time
@@ -62,6 +63,9 @@ class Outcome:
 
 
 def check_id(value: Any, *, what: str = "id", allow_hash: bool = False) -> str:
+    if (type(value) is str and 0 < len(value) <= MAX_ID_LEN and value.isascii() and value.isprintable()
+            and not value.isspace() and (allow_hash or "#" not in value)):
+        return value  # the common case, checked in one go; the rest says what is wrong
     if not isinstance(value, str) or not value.strip():
         raise InvalidParams(f"invalid {what} {value!r}: expected a non-empty string")
     if len(value) > MAX_ID_LEN:
@@ -97,6 +101,7 @@ class Scheduler:
         self._registry = None
         self._pending: list | None = None  # (kind, payload, outcome) while a batch is open
         self._workers_ok: set[str] = set()
+        self._clean_workers: set[str] = set()  # names fit for generated task ids
         self._plain: tuple[dict, dict] | None = None  # validated default trigger and constraints
         self._assume = os.environ.get("KMPWM_ASSUME")
         self._validated: dict = {}
@@ -209,7 +214,17 @@ class Scheduler:
 
     def submit(self, req: TaskRequest, policy: ExistingWorkPolicy | str = "keep") -> Outcome:
         """Like :meth:`enqueue` but returns the full :class:`Outcome` (id, action, next run)."""
-        return self.submit_many([(req, policy)])[0]
+        if self._pending is None:
+            return self.submit_many([(req, policy)])[0]
+        try:  # inside a batch: validate now, write when the batch ends
+            pol = (policy if type(policy) is str and policy in _POLICIES
+                   else enum_value(ExistingWorkPolicy, policy, what="policy"))
+            task = self.build_task(req, time.time())
+        except KmpwmError as exc:
+            return _rejected(getattr(req, "id", None), exc)
+        outcome = Outcome(ScheduleResult.SUCCESS, task["id"])
+        self._pending.append(("enq", {"op": "enq", "task": task, "policy": pol}, outcome))
+        return outcome
 
     def submit_many(self, items: Sequence[tuple[TaskRequest, str]], *, all_or_nothing: bool = False) -> list[Outcome]:
         """Enqueue many requests in one durable append.  With ``all_or_nothing``, one invalid
@@ -284,23 +299,27 @@ class Scheduler:
         if total > MAX_CHAIN_TASKS:
             raise InvalidParams(f"chain too large ({total} tasks; the limit is {MAX_CHAIN_TASKS})")
         out_steps, seen = [], set()
+        build, clean = self.build_task, self._clean_workers
         for number, step in enumerate(steps, 1):
             counts: dict[str, int] = {}
             tasks = []
+            prefix = f"{chain_id}/{number}/"
             for req in step:
-                if not isinstance(req, TaskRequest):
+                if type(req) is not TaskRequest and not isinstance(req, TaskRequest):
                     raise InvalidParams(f"step {number}: expected TaskRequest, got {type(req).__name__}")
-                counts[req.worker] = counts.get(req.worker, 0) + 1
+                worker = req.worker
+                n = counts[worker] = counts.get(worker, 0) + 1
                 if req.id is not None:
                     task_id, trusted = check_id(req.id), True
                 else:
-                    suffix = f"#{counts[req.worker]}" if counts[req.worker] > 1 else ""
-                    task_id = f"{chain_id}/{number}/{req.worker}{suffix}"
-                    trusted = len(task_id) <= MAX_ID_LEN and not _CONTROL.search(req.worker or "")
+                    task_id = f"{prefix}{worker}#{n}" if n > 1 else f"{prefix}{worker}"
+                    if worker not in clean and isinstance(worker, str) and not _CONTROL.search(worker):
+                        clean.add(worker)
+                    trusted = len(task_id) <= MAX_ID_LEN and worker in clean
                 if task_id in seen:
                     raise InvalidParams(f"task id {task_id!r} appears twice in the chain")
                 seen.add(task_id)
-                task = self.build_task(req, now, task_id=task_id, trusted_id=trusted)
+                task = build(req, now, task_id=task_id, trusted_id=trusted)
                 if task["trigger"]["type"] in REPEATING:
                     raise InvalidParams(
                         f"chain task {task_id!r}: a chain's tasks run once; use --delay, --at or --window "
@@ -308,7 +327,7 @@ class Scheduler:
                 tasks.append(task)
             out_steps.append(tasks)
         return {"op": "chain", "id": chain_id, "policy": policy, "steps": out_steps,
-                "tags": check_tags(tags)}
+                "tags": check_tags(tags) if tags else []}
 
     # -- cancel ---------------------------------------------------------------------------
 
@@ -359,6 +378,7 @@ class Scheduler:
 
 _ONE_TIME = OneTime()
 _DEFAULT_CONSTRAINTS = Constraints()
+_POLICIES = frozenset(("keep", "replace", "append", "append-or-replace"))
 
 
 class TaskChain:
@@ -390,14 +410,22 @@ class Batch:
         if self.scheduler._pending is not None:
             raise RuntimeError("batches do not nest")
         self.scheduler._pending = []
+        # A batch makes thousands of small records that all live on: the cyclic collector would
+        # only rescan them (and the whole state) again and again.  Paused for the batch.
+        self._gc_was = gc.isenabled()
+        gc.disable()
         return self
 
     def __exit__(self, exc_type, exc, tb) -> None:
-        pending, self.scheduler._pending = self.scheduler._pending, None
-        if exc_type is not None or not pending:
-            return
-        self.scheduler._commit(pending, time.time())
-        self.outcomes = [o for _, _, o in pending]
+        try:
+            pending, self.scheduler._pending = self.scheduler._pending, None
+            if exc_type is not None or not pending:
+                return
+            self.scheduler._commit(pending, time.time())
+            self.outcomes = [o for _, _, o in pending]
+        finally:
+            if self._gc_was:
+                gc.enable()
 
 
 def _as_step(request) -> list[TaskRequest]:

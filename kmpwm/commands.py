@@ -240,9 +240,13 @@ def cancel(scheduler, ids: list[str], tag, all_: bool, as_json: bool) -> int:
 def inspect(scheduler, task_id, tag, state_filter, all_: bool, watch: bool, as_json: bool) -> int:
     from .views import parse_state_filter
 
+    from .models import FINISHED
+
     wanted = parse_state_filter(state_filter)
+    # the plain queue (unfinished work) needs no history: only --all, an ID or a final state do
+    full = all_ or task_id is not None or (wanted is not None and wanted in FINISHED)
     while True:
-        view = scheduler.store.load()
+        view = scheduler.store.load(full=full)
         warn_damage(view)
         now = time.time()
         doc = _queue_doc(view.state, now, task_id, tag, wanted, all_)
@@ -311,7 +315,7 @@ def _print_queue(doc: dict, state: dict, now: float) -> None:
 def workers(paths, as_json: bool) -> int:
     from .registry import Registry
 
-    reg = Registry(paths)
+    reg = Registry(paths, rescan=True)
     items = reg.all()
     docs = [{"name": w.name, "source": w.source, "kind": w.kind, "target": w.target,
              "distribution": w.distribution} for w in items]

@@ -67,7 +67,7 @@ def _check_workers(paths: Paths) -> tuple[list[dict], str | None]:
     from .registry import Registry
 
     try:
-        reg = Registry(paths)
+        reg = Registry(paths, rescan=True)
         items = reg.all()
         dups = reg.duplicates()
     except KmpwmError as exc:

@@ -41,6 +41,11 @@ class Paths:
         return self.journal_dir / "history.snap"
 
     @property
+    def cache_dir(self) -> Path:
+        """Caches of things outside the journal (the entry-point list): safe to delete."""
+        return self.journal_dir.parent / "cache"
+
+    @property
     def quarantine_dir(self) -> Path:
         return self.journal_dir / "quarantine"
 

@@ -2,11 +2,18 @@
 ``[workers.NAME]`` tables of ``config.toml``.  Names are unique across both.
 
 Entry points are listed only when a worker name must be checked or run, and loaded (imported)
-only in the process that runs the worker.
+only in the process that runs the worker.  Listing them through importlib.metadata parses the
+metadata of every installed distribution (~10 ms with a hundred packages), so the list is kept in
+``cache/entry-points.json`` under the home, keyed by the interpreter and the modification times
+of every ``sys.path`` entry: installing or removing a package changes its directory, so the
+cache is never used after the environment changed.  ``kmpwm workers`` and ``doctor`` always scan.
 """
 
 from __future__ import annotations
 
+import os
+import sys
+import time
 from dataclasses import dataclass
 from functools import cached_property
 
@@ -34,10 +41,43 @@ class WorkerInfo:
         return "python"
 
 
+class _LazyEntryPoint:
+    """What a cached entry point needs to be loaded; importlib.metadata only when it is."""
+
+    def __init__(self, name: str, value: str):
+        self.name, self.value = name, value
+
+    def load(self):
+        from importlib.metadata import EntryPoint
+
+        return EntryPoint(self.name, self.value, GROUP).load()
+
+
+# Directory times this close to now may still change within the same clock tick: not cached.
+_RACY_SECONDS = 2.0
+
+
+def _environment_key() -> list | None:
+    key: list = [sys.executable, sys.version, GROUP]
+    newest = 0
+    for entry in sys.path:
+        try:
+            st = os.stat(entry or ".")
+        except OSError:
+            key.append([entry, None])
+            continue
+        key.append([entry, st.st_mtime_ns, st.st_ino])
+        newest = max(newest, st.st_mtime_ns)
+    if newest / 1e9 > time.time() - _RACY_SECONDS:
+        return None  # something was installed just now: scan, and do not cache
+    return key
+
+
 class Registry:
-    def __init__(self, paths: Paths, config: Config | None = None):
+    def __init__(self, paths: Paths, config: Config | None = None, *, rescan: bool = False):
         self.paths = paths
         self._config = config
+        self._rescan = rescan  # True: always ask importlib.metadata (``workers``, ``doctor``)
 
     @cached_property
     def config(self) -> Config:
@@ -45,12 +85,21 @@ class Registry:
 
     @cached_property
     def entry_points(self) -> dict[str, WorkerInfo]:
+        key = _environment_key()
+        cache_file = self.paths.cache_dir / "entry-points.json"
+        if key is not None and not self._rescan:
+            cached = _read_cache(cache_file, key)
+            if cached is not None:
+                return {name: WorkerInfo(name, "entry-point", value, dist, entry_point=_LazyEntryPoint(name, value))
+                        for name, value, dist in cached}
         from importlib.metadata import entry_points
 
         found: dict[str, WorkerInfo] = {}
         for ep in entry_points(group=GROUP):
             dist = getattr(getattr(ep, "dist", None), "name", None)
             found.setdefault(ep.name, WorkerInfo(ep.name, "entry-point", ep.value, dist, entry_point=ep))
+        if key is not None:
+            _write_cache(cache_file, key, [[w.name, w.target, w.distribution] for w in found.values()])
         return found
 
     def _from_config(self, name: str) -> WorkerInfo | None:
@@ -82,3 +131,38 @@ class Registry:
 
     def duplicates(self) -> list[str]:
         return sorted(set(self.config.workers) & set(self.entry_points))
+
+
+def _read_cache(path, key: list) -> list | None:
+    import orjson
+
+    try:
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0))
+        with os.fdopen(fd, "rb") as fh:
+            doc = orjson.loads(fh.read())
+        if doc.get("key") != key:
+            return None
+        items = doc["entry_points"]
+        if all(isinstance(i, list) and len(i) == 3 and isinstance(i[0], str) and isinstance(i[1], str)
+               for i in items):
+            return items
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        pass
+    return None
+
+
+def _write_cache(path, key: list, items: list) -> None:
+    """Best effort: a cache that cannot be written costs time, never correctness."""
+    import orjson
+
+    from .exitcodes import KmpwmError
+    from .journal import atomic_write
+    from .paths import private_subdir
+
+    if not path.parent.parent.is_dir():
+        return  # no home yet: the first write to the journal makes it, with the right mode
+    try:
+        private_subdir(path.parent)
+        atomic_write(path, orjson.dumps({"key": key, "entry_points": items}))
+    except (KmpwmError, OSError):
+        pass

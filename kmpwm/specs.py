@@ -47,6 +47,8 @@ def normalise_input(value: Any) -> str | None:
     """A task's input as stored: a string, or the JSON text of any other JSON value."""
     if value is None:
         return None
+    if type(value) is str and value.isascii() and len(value) <= MAX_INPUT_BYTES:
+        return value  # ASCII text: valid UTF-8, one byte per character
     if not isinstance(value, str):
         import orjson
 

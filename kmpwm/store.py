@@ -46,8 +46,8 @@ VERIFY_COVERED_BYTES = 8 << 20
 class View:
     """A consistent reading of the journal."""
 
-    state: dict
-    offset: int = 0  # bytes of the journal folded into ``state``
+    _state: dict
+    offset: int = 0  # bytes of the journal folded into ``state`` (with ``pending``)
     gen: str | None = None
     damage: list[Damage] = field(default_factory=list)  # corrupt records seen (not torn tails)
     torn: Damage | None = None
@@ -63,6 +63,17 @@ class View:
     # replaced since is a new object and gets written again)
     flushed: dict = field(default_factory=dict, repr=False)
     merged_from: "View | None" = field(default=None, repr=False)
+    # records this process appended whose fold was not needed to answer it (new tasks only):
+    # folded on the next read of ``state``; a one-shot ``kmpwm enqueue`` never pays for it
+    pending: list = field(default_factory=list, repr=False)
+
+    @property
+    def state(self) -> dict:
+        if self.pending:
+            records, self.pending = self.pending, []
+            for record in records:
+                apply(self._state, record)
+        return self._state
 
 
 @contextmanager
@@ -456,8 +467,13 @@ class Transaction:
             raise RuntimeError("commit() after stage(): flush first")
         record = {"ts": time.time() if ts is None else ts, "ops": ops}
         records = self._with_header(record)
+        quick = _new_tasks_only(self.view.state, record)
         end = self.store.journal.append([record])
-        return self.store._committed(self.view, records, end)
+        if quick is None:
+            return self.store._committed(self.view, records, end)
+        self.store._committed(self.view, records[:-1], end)  # the header, if any
+        self.view.pending.append(record)
+        return quick
 
     def _with_header(self, record: dict) -> list[dict]:
         if self.view.gen is None and self.view.offset == 0:
@@ -468,3 +484,23 @@ class Transaction:
 
 def _history_header(hid: str | None) -> bytes:
     return HISTORY_MAGIC + (hid or "").encode() + b"\n"
+
+
+def _new_tasks_only(state: dict, record: dict) -> list | None:
+    """The fold's results for ``record`` if it only enqueues tasks under ids never seen (the
+    common batch), without folding it; None when the fold has to decide."""
+    tasks, fam = state["tasks"], state["fam"]
+    seen: set = set()
+    results = []
+    ts = record["ts"]
+    for op in record["ops"]:
+        if op.get("op") != "enq":
+            return None
+        task = op["task"]
+        tid = task["id"]
+        if tid in tasks or tid in fam or tid in seen:
+            return None
+        seen.add(tid)
+        due = task["due"] if "due" in task else task.get("created_at", ts)
+        results.append({"action": "enqueued", "id": tid, "due": due, "state": "ENQUEUED"})
+    return results

@@ -382,3 +382,28 @@ def test_snapshots_by_several_writers_keep_history(data):
             paths.history_file.unlink()
             assert Store(paths).load().state == expected
             assert Store(paths).load().state == expected  # the snapshot files written anew
+
+
+@SETTINGS
+@given(st.data())
+def test_results_without_folding_equal_the_fold(data):
+    """Transaction.commit answers a batch of brand-new tasks without folding it (the fold waits
+    for the next read): its answers must be exactly the fold's, and it must decline otherwise."""
+    from kmpwm.store import _new_tasks_only
+
+    records = draw_records(data)
+    state = new_state()
+    for n, r in enumerate(records):
+        ids = data.draw(st.lists(st.sampled_from(["n1", "n2", "a", "C1/1/w"]), max_size=3), label="new ids")
+        batch = {"ts": r["ts"], "ops": [{"op": "enq", "task": make_task(i, r["ts"] - 1, repeating=False, max_attempts=1,
+                                                                         backoff="linear", tags=[]),
+                                         "policy": "keep"} for i in ids]}
+        for rec in (fresh(r), batch):
+            quick = _new_tasks_only(state, rec)
+            before = copy.deepcopy(state)
+            results = apply(state, fresh(rec))
+            if quick is not None:
+                assert quick == results
+                assert all(o["op"] == "enq" and o["task"]["id"] not in before["tasks"] for o in rec["ops"])
+        if all(i in state["tasks"] for i in ids) and ids:
+            assert _new_tasks_only(state, batch) is None
