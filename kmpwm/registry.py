@@ -4,9 +4,9 @@
 Entry points are listed only when a worker name must be checked or run, and loaded (imported)
 only in the process that runs the worker.  Listing them through importlib.metadata parses the
 metadata of every installed distribution (~10 ms with a hundred packages), so the list is kept in
-``cache/entry-points.json`` under the home, keyed by the interpreter and the modification times
-of every ``sys.path`` entry: installing or removing a package changes its directory, so the
-cache is never used after the environment changed.  ``kmpwm workers`` and ``doctor`` always scan.
+``cache/entry-points.json`` under the home, keyed by the interpreter and the distribution
+metadata directories on ``sys.path`` (see ``_environment_key``), so the cache is never used
+after a package was installed, upgraded or removed.  ``kmpwm workers`` and ``doctor`` always scan.
 """
 
 from __future__ import annotations
@@ -58,18 +58,39 @@ _RACY_SECONDS = 2.0
 
 
 def _environment_key() -> list | None:
+    """What the entry points depend on: the interpreter and, for every ``sys.path`` entry, the
+    distribution metadata directories in it (name, inode, modification time).  A package
+    installed, upgraded, reinstalled or removed changes this; other files changing in the same
+    directories (the current directory of ``python -m``) do not.  None (do not cache) while a
+    metadata directory is younger than a few seconds: it may still be being written."""
     key: list = [sys.executable, sys.version, GROUP]
-    newest = 0
+    horizon = time.time() - _RACY_SECONDS
     for entry in sys.path:
         try:
-            st = os.stat(entry or ".")
+            it = os.scandir(entry or ".")
+        except NotADirectoryError:  # a zip file on the path
+            try:
+                st = os.stat(entry)
+                key.append([entry, st.st_size, st.st_mtime_ns])
+            except OSError:
+                key.append([entry, None])
+            continue
         except OSError:
             key.append([entry, None])
             continue
-        key.append([entry, st.st_mtime_ns, st.st_ino])
-        newest = max(newest, st.st_mtime_ns)
-    if newest / 1e9 > time.time() - _RACY_SECONDS:
-        return None  # something was installed just now: scan, and do not cache
+        found = []
+        with it:
+            for de in it:
+                if de.name.endswith((".dist-info", ".egg-info")):
+                    try:
+                        st = de.stat()
+                    except OSError:
+                        continue
+                    if st.st_mtime > horizon:
+                        return None
+                    found.append([de.name, st.st_ino, st.st_mtime_ns])
+        found.sort()
+        key.append([entry, found])
     return key
 
 

@@ -13,12 +13,15 @@ from helpers import kmpwm
 MODULE = "def work(ctx):\n    return None\n"
 
 
-def _install(site: Path, dist: str, worker: str) -> None:
+def _install(site: Path, dist: str, worker: str, *, age: float = 60) -> None:
+    """A package in ``site`` as pip leaves it, installed ``age`` seconds ago."""
     info = site / f"{dist}-1.0.dist-info"
     info.mkdir()
     (info / "METADATA").write_text(f"Metadata-Version: 2.1\nName: {dist}\nVersion: 1.0\n")
     (info / "entry_points.txt").write_text(f"[kmpwm.workers]\n{worker} = {dist}_mod:work\n")
     (site / f"{dist}_mod.py").write_text(MODULE)
+    if age:
+        _age(info, age)
 
 
 def _age(path: Path, seconds: float) -> None:
@@ -28,19 +31,28 @@ def _age(path: Path, seconds: float) -> None:
 
 
 def test_install_and_removal_are_seen_at_once(tmp_path, home):
+    """Each change below leaves the site directory's own time alone on purpose: what counts
+    is the metadata directories (a reinstall of the same version makes a new one)."""
     site = tmp_path / "site"
     site.mkdir()
     env = {"PYTHONPATH": str(site)}
     _install(site, "plugone", "one")
-    _age(site, 60)
     kmpwm("enqueue", "a", "one", env=env, check=0)
     cache = home / "cache" / "entry-points.json"
     assert cache.exists() and b'"one"' in cache.read_bytes()
     kmpwm("enqueue", "b", "one", env=env, check=0)  # from the cache
     # a second package appears (its directory's time changes): found by the next command
-    _install(site, "plugtwo", "two")
-    _age(site, 30)
+    _install(site, "plugtwo", "two", age=30)
     kmpwm("enqueue", "c", "two", env=env, check=0)
+    # reinstalled in place (same name, a new directory): its new entry point is seen
+    info = site / "plugtwo-1.0.dist-info"
+    for f in info.iterdir():
+        f.unlink()
+    info.rmdir()
+    _install(site, "plugtwo", "three", age=25)
+    (site / "plugtwo_mod.py").write_text(MODULE)
+    kmpwm("enqueue", "c3", "three", env=env, check=0)
+    assert kmpwm("enqueue", "c2", "two", env=env).returncode == 65
     # removed: the next command says so, not the stale cache
     for p in site.glob("plugone*"):
         if p.is_dir():
@@ -49,7 +61,6 @@ def test_install_and_removal_are_seen_at_once(tmp_path, home):
             p.rmdir()
         else:
             p.unlink()
-    _age(site, 20)
     proc = kmpwm("enqueue", "d", "one", env=env)
     assert proc.returncode == 65 and "unknown worker 'one'" in proc.stderr, proc.stderr
 
@@ -59,7 +70,7 @@ def test_fresh_install_is_scanned_not_cached(tmp_path, home):
     tick: such an environment is scanned every time and never cached."""
     site = tmp_path / "site"
     site.mkdir()
-    _install(site, "plugnew", "fresh")
+    _install(site, "plugnew", "fresh", age=0)
     kmpwm("enqueue", "a", "fresh", env={"PYTHONPATH": str(site)}, check=0)
     cache = home / "cache" / "entry-points.json"
     assert not cache.exists() or b'"fresh"' not in cache.read_bytes()
