@@ -414,7 +414,7 @@ def main(argv: list[str] | None = None) -> int:
 
     args = sys.argv[1:] if argv is None else list(argv)
     as_json = "--json" in (args[:args.index("--")] if "--" in args else args)  # after "--" it is an operand
-    command = typer.main.get_command(app)
+    command = typer.main.get_command(_app_for(args))
     try:
         rv = command.main(args=args, prog_name="kmpwm", standalone_mode=False)
         return rv if isinstance(rv, int) else 0
@@ -452,6 +452,37 @@ def main(argv: list[str] | None = None) -> int:
         where = log_exception(_paths_safe(), exc)
         return _fail(f"internal error: {type(exc).__name__}: {exc}" + (f" (traceback in {where})" if where else ""),
                      70, as_json)
+
+
+def _app_for(args: list[str]) -> typer.Typer:
+    """The app with only the command named in ``args``: typer builds a click command from every
+    registered function's signature, ~20 ms for all of them, on every start of a tool cron runs
+    every minute.  Anything else (``--help``, an unknown name, shell completion) gets the whole app."""
+    if any(k.endswith("_COMPLETE") for k in os.environ if k.startswith("_")):
+        return app
+    name = None
+    i = 0
+    while i < len(args):
+        arg = args[i]
+        if arg == "--home":
+            i += 2
+            continue
+        if arg.startswith("--home="):
+            i += 1
+            continue
+        if not arg.startswith("-"):
+            name = arg
+        break
+    commands = [c for c in app.registered_commands if c.name == name]
+    groups = [g for g in app.registered_groups if g.name == name]
+    if not commands and not groups:
+        return app
+    import copy
+
+    one = copy.copy(app)
+    one.registered_commands = commands
+    one.registered_groups = groups
+    return one
 
 
 def _paths_safe():

@@ -336,7 +336,7 @@ def workers(paths, as_json: bool) -> int:
 # -- delegated commands --------------------------------------------------------------------
 
 def run_due(paths, budget, grace, parallel, max_tasks, dry_run, as_json) -> int:
-    from .runner import run_due_command
+    from .rundue import run_due_command
 
     return run_due_command(paths, budget=budget, grace=grace, parallel=parallel, max_tasks=max_tasks,
                            dry_run=dry_run, as_json=as_json)

@@ -22,8 +22,7 @@ class TaskState(str, Enum):
     CANCELLED = "CANCELLED"
 
 
-UNFINISHED = frozenset({"ENQUEUED", "BLOCKED", "RUNNING"})
-FINISHED = frozenset({"SUCCEEDED", "FAILED", "CANCELLED"})
+from .state import DEFAULT_CONSTRAINTS_RECORD, FINISHED, MAX_EXPIRIES, UNFINISHED  # noqa: E402,F401 (re-exported)
 
 
 class ScheduleResult(str, Enum):
@@ -111,7 +110,6 @@ BACKOFF_CAP = 5 * 3600.0
 LIGHT_TIMEOUT = 30.0
 HEAVY_TIMEOUT = 600.0
 DEFAULT_GRACE = 5.0
-MAX_EXPIRIES = 5
 
 
 @dataclass
@@ -196,6 +194,5 @@ class TaskRequest:
     tags: list[str] = field(default_factory=list)
 
 
-# The stored constraints of a task that sets none.  Records leave them out and the fold fills in
-# this value, so it must only ever change together with a journal format version.
-DEFAULT_CONSTRAINTS_RECORD = Constraints().to_record()
+if Constraints().to_record() != DEFAULT_CONSTRAINTS_RECORD:  # state.py's copy must be what Constraints() means
+    raise RuntimeError("kmpwm: state.DEFAULT_CONSTRAINTS_RECORD differs from Constraints().to_record()")

@@ -24,13 +24,12 @@ from dataclasses import dataclass, field
 import orjson
 
 from . import procs
-from .exitcodes import JournalError, KmpwmError
+from .exitcodes import JournalError
 from .models import DEFAULT_GRACE
 from .paths import Paths, private_subdir
 from .probes import Device
 from .scheduling import lease_state, plan, time_limit, upstream_of
 from .store import Store
-from .timeparse import parse_duration
 from .triggers import next_after_run
 
 LEASE_MARGIN = 10.0
@@ -102,9 +101,9 @@ class Report:
 class Runner:
     def __init__(self, paths: Paths, *, budget: float | None = None, grace: float = DEFAULT_GRACE,
                  parallel: int | None = None, max_tasks: int | None = None, dry_run: bool = False,
-                 on_event=None):
+                 on_event=None, store: Store | None = None):
         self.paths = paths
-        self.store = Store(paths)
+        self.store = store or Store(paths)
         self.budget = budget
         self.grace = grace
         self.parallel = parallel or os.cpu_count() or 1
@@ -1135,84 +1134,3 @@ class _Union:
 
     def __contains__(self, item) -> bool:
         return item in self.a or item in self.b
-
-
-# -- the command ---------------------------------------------------------------------------
-
-def run_due_command(paths: Paths, *, budget, grace, parallel, max_tasks, dry_run, as_json) -> int:
-    from .output import is_tty, print_json
-
-    budget_s = parse_duration(budget, what="budget") if budget is not None else None
-    grace_s = parse_duration(grace, what="grace") if grace is not None else DEFAULT_GRACE
-    live = not as_json and is_tty()
-    progress = _Progress() if live else None
-    runner = Runner(paths, budget=budget_s, grace=grace_s, parallel=parallel, max_tasks=max_tasks,
-                    dry_run=dry_run, on_event=progress.event if progress else None)
-    code = runner.run()
-    if not dry_run:
-        _mark_last_run(paths)
-        from .compaction import auto_compact
-
-        auto_compact(paths)
-    doc = runner.report.doc()
-    if as_json:
-        print_json(doc)
-    elif live or dry_run:
-        _summary(doc, dry_run)
-    else:
-        for row in doc["ran"]:
-            if row["status"] in ("FAILURE",):
-                from .output import printable
-
-                sys.stderr.write(printable(f"kmpwm: {row['id']} ({row['worker']}) failed: {row['message']}") + "\n")
-    if code == 75 and not as_json:
-        sys.stderr.write(f"kmpwm: the run expired ({runner.expire_reason}); "
-                         f"{len(doc['expired'])} task(s) savepointed and released\n")
-    return code
-
-
-def _mark_last_run(paths: Paths) -> None:
-    """Touch ``runners/last-run`` so that doctor and ``schedule status`` can say when run-due last ran."""
-    try:
-        path = private_subdir(paths.runners_dir) / "last-run"
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0), 0o600)
-        os.close(fd)
-        os.utime(path)
-    except (OSError, KmpwmError):
-        pass
-
-
-class _Progress:
-    """One line per task as it starts and ends, on a terminal."""
-
-    def event(self, kind: str, payload) -> None:
-        if kind == "start":
-            sys.stdout.write(f"  started  {payload.id} ({payload.task['worker']})\n")
-        elif kind == "done":
-            job, row = payload
-            mark = {"SUCCESS": "ok", "FAILURE": "FAILED", "RETRY": "retry", "EXPIRED": "expired"}[row["status"]]
-            from .output import printable
-
-            msg = f": {printable(str(row['message']))}" if row["message"] and row["status"] != "SUCCESS" else ""
-            sys.stdout.write(f"  {mark:<8} {row['id']} in {row['duration_ms']}ms{msg}\n")
-        elif kind == "expiring":
-            sys.stdout.write(f"  stopping {payload.id} (told to expire)\n")
-        sys.stdout.flush()
-
-
-def _summary(doc: dict, dry_run: bool) -> None:
-    from .output import say, table
-
-    if dry_run:
-        if doc["ran"]:
-            table(["WOULD RUN", "WORKER"], [[r["id"], r["worker"]] for r in doc["ran"]])
-        else:
-            say("nothing is due")
-    elif doc["ran"]:
-        table(["ID", "WORKER", "STATUS", "TIME", "MESSAGE"],
-              [[r["id"], r["worker"], r["status"], f"{r['duration_ms']}ms", (r["message"] or "")[:60]]
-               for r in doc["ran"]], style_column=2)
-    else:
-        say("nothing was due")
-    for s in doc["skipped"]:
-        say(f"skipped {s['id']}: {s['reason']}")

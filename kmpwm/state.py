@@ -24,8 +24,20 @@ from __future__ import annotations
 
 from typing import Callable
 
-from .models import DEFAULT_CONSTRAINTS_RECORD, MAX_EXPIRIES, UNFINISHED
-from .triggers import REPEATING, backoff_delay
+# The fold owns these (models.py re-exports them); importing models or triggers here would put
+# their cost on every command, and an idle `run-due` needs neither.
+UNFINISHED = frozenset({"ENQUEUED", "BLOCKED", "RUNNING"})
+FINISHED = frozenset({"SUCCEEDED", "FAILED", "CANCELLED"})
+MAX_EXPIRIES = 5  # expiries in a row before a task is FAILED
+# The stored constraints of a task that sets none (what ``Constraints().to_record()`` gives:
+# models.py checks that at import).  Records leave them out and the fold fills in this value, so
+# it must only ever change together with a journal format version.
+DEFAULT_CONSTRAINTS_RECORD = {
+    "requires_network": False, "network_type": "not-required", "requires_charging": False,
+    "battery_not_low": False, "storage_not_low": False, "device_idle": False, "heavy": False,
+    "expedited": False, "qos": "default", "timeout": None, "backoff": "exponential", "backoff_delay": 10.0,
+    "max_attempts": 10,
+}
 
 Emit = Callable[[float, str, str, dict], None] | None  # (ts, task_id, kind, detail)
 
@@ -76,6 +88,17 @@ def chain_next_step(state: dict, chain: dict) -> int | None:
         if any(i in tasks and tasks[i]["state"] in UNFINISHED for i in step):
             return number
     return None
+
+
+def idle_at(state: dict, now: float) -> bool:
+    """True when nothing can be due at ``now``: no task running (its lease may have ended) and
+    every enqueued task due later.  False means ``run-due`` must plan (scheduling.plan), which
+    also checks on-change and device-state triggers, whose tasks are always due."""
+    for t in state["tasks"].values():
+        st = t["state"]
+        if st == "RUNNING" or (st == "ENQUEUED" and t["due"] <= now):
+            return False
+    return True
 
 
 def apply(state: dict, record: dict, emit: Emit = None) -> list:
@@ -429,6 +452,8 @@ def _op_result(state: dict, op: dict, ts: float, emit: Emit) -> bool:
     t["attempts"] += 1
     t["occ_attempts"] += 1
     t["expiries"] = 0
+    from .triggers import REPEATING, backoff_delay
+
     repeating = t["trigger"]["type"] in REPEATING
     c = t["constraints"]
     if status == "RETRY":

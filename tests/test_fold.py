@@ -407,3 +407,22 @@ def test_results_without_folding_equal_the_fold(data):
                 assert all(o["op"] == "enq" and o["task"]["id"] not in before["tasks"] for o in rec["ops"])
         if all(i in state["tasks"] for i in ids) and ids:
             assert _new_tasks_only(state, batch) is None
+
+
+@SETTINGS
+@given(st.data())
+def test_idle_means_plan_has_nothing(data):
+    """An idle `run-due` decides from state.idle_at alone, without planning: whenever it says
+    idle, the full plan must have nothing to run and nothing to write, on any device."""
+    from kmpwm.probes import Device
+    from kmpwm.scheduling import plan
+    from kmpwm.state import idle_at
+
+    records = draw_records(data)
+    state = fold(records)
+    now = records[-1]["ts"] + data.draw(st.sampled_from([-100.0, 0.0, 5.0, 61.0, 3600.0, 86400.0]), label="later")
+    assume = {"network": data.draw(st.booleans()), "charging": data.draw(st.booleans()),
+              "battery_low": data.draw(st.booleans()), "idle": data.draw(st.booleans())}
+    if idle_at(state, now):
+        p = plan(state, now, Device(assume=assume), known_worker=lambda name: True)
+        assert not p.due and not p.ops and not p.trig_updates

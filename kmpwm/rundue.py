@@ -1,0 +1,112 @@
+"""``kmpwm run-due`` as a command: parse its options, run (runner.py), report.
+
+Cron starts it every minute and almost every time nothing is due, so that case is decided from
+the hot state alone, before the runner and its device probes, worker registry and process
+machinery are even imported.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+
+from .exitcodes import KmpwmError
+from .paths import Paths, private_subdir
+from .state import idle_at
+from .store import Store
+from .timeparse import parse_duration
+
+
+def _idle(store: Store) -> bool:
+    """Nothing to run, release, fail or re-check at this moment (and a healthy journal)."""
+    view = store.load(full=False)
+    store.verify_covered(view)
+    return not view.damage and idle_at(view.state, time.time())
+
+
+def run_due_command(paths: Paths, *, budget, grace, parallel, max_tasks, dry_run, as_json) -> int:
+    from .output import is_tty, print_json
+
+    budget_s = parse_duration(budget, what="budget") if budget is not None else None
+    grace_s = parse_duration(grace, what="grace") if grace is not None else None
+    live = not as_json and is_tty()
+    store = Store(paths)
+    if not dry_run and _idle(store):
+        code, doc, expire_reason = 0, {"ran": [], "expired": [], "skipped": []}, None
+    else:
+        from .models import DEFAULT_GRACE
+        from .runner import Runner
+
+        grace_s = DEFAULT_GRACE if grace_s is None else grace_s
+        progress = _Progress() if live else None
+        runner = Runner(paths, budget=budget_s, grace=grace_s, parallel=parallel, max_tasks=max_tasks,
+                        dry_run=dry_run, on_event=progress.event if progress else None, store=store)
+        code = runner.run()
+        doc, expire_reason = runner.report.doc(), runner.expire_reason
+    if not dry_run:
+        _mark_last_run(paths)
+        from .compaction import auto_compact
+
+        auto_compact(paths)
+    if as_json:
+        print_json(doc)
+    elif live or dry_run:
+        _summary(doc, dry_run)
+    else:
+        for row in doc["ran"]:
+            if row["status"] in ("FAILURE",):
+                from .output import printable
+
+                sys.stderr.write(printable(f"kmpwm: {row['id']} ({row['worker']}) failed: {row['message']}") + "\n")
+    if code == 75 and not as_json:
+        sys.stderr.write(f"kmpwm: the run expired ({expire_reason}); "
+                         f"{len(doc['expired'])} task(s) savepointed and released\n")
+    return code
+
+
+def _mark_last_run(paths: Paths) -> None:
+    """Touch ``runners/last-run`` so that doctor and ``schedule status`` can say when run-due last ran."""
+    try:
+        path = private_subdir(paths.runners_dir) / "last-run"
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0), 0o600)
+        os.close(fd)
+        os.utime(path)
+    except (OSError, KmpwmError):
+        pass
+
+
+class _Progress:
+    """One line per task as it starts and ends, on a terminal."""
+
+    def event(self, kind: str, payload) -> None:
+        if kind == "start":
+            sys.stdout.write(f"  started  {payload.id} ({payload.task['worker']})\n")
+        elif kind == "done":
+            job, row = payload
+            mark = {"SUCCESS": "ok", "FAILURE": "FAILED", "RETRY": "retry", "EXPIRED": "expired"}[row["status"]]
+            from .output import printable
+
+            msg = f": {printable(str(row['message']))}" if row["message"] and row["status"] != "SUCCESS" else ""
+            sys.stdout.write(f"  {mark:<8} {row['id']} in {row['duration_ms']}ms{msg}\n")
+        elif kind == "expiring":
+            sys.stdout.write(f"  stopping {payload.id} (told to expire)\n")
+        sys.stdout.flush()
+
+
+def _summary(doc: dict, dry_run: bool) -> None:
+    from .output import say, table
+
+    if dry_run:
+        if doc["ran"]:
+            table(["WOULD RUN", "WORKER"], [[r["id"], r["worker"]] for r in doc["ran"]])
+        else:
+            say("nothing is due")
+    elif doc["ran"]:
+        table(["ID", "WORKER", "STATUS", "TIME", "MESSAGE"],
+              [[r["id"], r["worker"], r["status"], f"{r['duration_ms']}ms", (r["message"] or "")[:60]]
+               for r in doc["ran"]], style_column=2)
+    else:
+        say("nothing was due")
+    for s in doc["skipped"]:
+        say(f"skipped {s['id']}: {s['reason']}")
