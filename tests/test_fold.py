@@ -409,7 +409,7 @@ def test_results_without_folding_equal_the_fold(data):
             assert _new_tasks_only(state, batch) is None
 
 
-@SETTINGS
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(st.data())
 def test_idle_means_plan_has_nothing(data):
     """An idle `run-due` decides from state.idle_at alone, without planning: whenever it says
