@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import socket
 import sys
 import time
 
@@ -105,6 +104,8 @@ class Device:
 
     def _probe_network(self) -> bool:
         # A UDP connect sends no packet: it only asks the kernel for a route.
+        import socket  # only run-due probes the network; importing it costs every command
+
         for family, addr in ((socket.AF_INET, ("192.0.2.1", 9)), (socket.AF_INET6, ("2001:db8::1", 9))):
             try:
                 with socket.socket(family, socket.SOCK_DGRAM) as s:

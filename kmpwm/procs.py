@@ -4,7 +4,6 @@ process that held a lease (and never signalled by ``simulate-expire``)."""
 from __future__ import annotations
 
 import os
-import socket
 
 _HOST: str | None = None
 
@@ -12,6 +11,8 @@ _HOST: str | None = None
 def host() -> str:
     global _HOST
     if _HOST is None:
+        import socket
+
         _HOST = socket.gethostname()
     return _HOST
 

@@ -89,8 +89,9 @@ def _environment_key() -> list | None:
                     if st.st_mtime > horizon:
                         return None
                     found.append([de.name, st.st_ino, st.st_mtime_ns])
-        found.sort()
-        key.append([entry, found])
+        if found:  # directories without any (the script's, the current one) do not matter
+            found.sort()
+            key.append([entry, found])
     return key
 
 
