@@ -15,6 +15,7 @@ from .exitcodes import JournalError
 from .journal import Journal, encode
 from .paths import Paths, check_all
 from .state import apply, new_state, pack_task
+from .store import _no_gc
 
 RETENTION = 7 * 86400.0
 EVENTS_PER_RECORD = 1000
@@ -23,25 +24,41 @@ AUTO_MIN_BYTES = 1 << 20
 
 
 class Folder:
-    """Fold records while collecting the events they imply (archived events pass through)."""
+    """Fold records while collecting the events they imply (archived events pass through); events
+    older than ``cutoff`` are dropped as they come, so a long history never piles up in memory."""
 
-    def __init__(self):
+    def __init__(self, cutoff: float = float("-inf")):
         self.state = new_state()
         self.events: list[list] = []
         self.offset = 0
         self.records = 0
+        self.cutoff = cutoff
 
     def emit(self, ts, task_id, kind, detail):
-        self.events.append([ts, task_id, kind, detail])
+        if ts >= self.cutoff:
+            self.events.append([ts, task_id, kind, detail])
 
     def feed(self, scan) -> None:
+        cutoff = self.cutoff
         for _, record in scan.records:
             self.records += 1
             if record.get("arc"):
-                self.events.extend(record.get("ev", ()))
+                self.events.extend(e for e in record.get("ev", ()) if e[0] >= cutoff)
             else:
                 apply(self.state, record, self.emit)
         self.offset = scan.end
+
+    def feed_journal(self, journal: Journal, start: int, expect_ino: int | None = None) -> int | None:
+        """Fold the journal from ``start`` chunk by chunk; its inode, None if not ``expect_ino``."""
+        ino, parts = journal.read_parts(start, expect_ino=expect_ino)
+        if parts is None:
+            return None
+        for scan in parts:
+            if scan.damage:
+                raise JournalError(f"cannot compact: the journal has damaged records ({scan.damage[0].describe()})",
+                                   hint="run `kmpwm doctor --repair` first")
+            self.feed(scan)
+        return ino
 
 
 def keep_sets(state: dict, cutoff: float) -> tuple[dict, dict]:
@@ -67,40 +84,18 @@ def compact(paths: Paths, *, retention: float = RETENTION, now: float | None = N
     before = journal.identity()
     if before is None:
         return {"compacted": False, "reason": "no journal yet", "bytes_before": 0, "bytes_after": 0}
-    folder = Folder()
-    scan, ino = journal.read(0)
-    if scan.damage:
-        raise JournalError(f"cannot compact: the journal has damaged records ({scan.damage[0].describe()})",
-                           hint="run `kmpwm doctor --repair` first")
-    folder.feed(scan)
-    with journal.locked():
-        journal.sweep_temp_files()
-        tail, ino2 = journal.read(folder.offset)
-        if ino2 != ino:  # someone else rewrote it meanwhile: start over under the lock
-            folder = Folder()
-            tail, ino2 = journal.read(0)
-        if tail.damage:
-            raise JournalError("cannot compact: the journal has damaged records", hint="run `kmpwm doctor --repair` first")
-        folder.feed(tail)
-        cutoff = now - retention
-        tasks, chains = keep_sets(folder.state, cutoff)
-        events = [e for e in folder.events if e[0] >= cutoff]
-        records: list[dict] = []
-        for i in range(0, len(events), EVENTS_PER_RECORD):
-            chunk = events[i:i + EVENTS_PER_RECORD]
-            records.append({"ts": chunk[-1][0], "arc": True, "ev": chunk})
-        ops = [{"op": "put", "task": pack_task(t)} for t in sorted(tasks.values(), key=lambda t: t["seq"])]
-        ops += [{"op": "put", "chain": c} for c in chains.values()]
-        ops.append({"op": "meta", "seq": folder.state["seq"], "fam": folder.state["fam"]})
-        for i in range(0, len(ops), OPS_PER_RECORD):
-            records.append({"ts": now, "ops": ops[i:i + OPS_PER_RECORD]})
-        size = sum(len(encode(r)) for r in records)
-        journal.rewrite(records, compacted_size=size)
-        from .store import Store
-
-        store = Store(paths, journal)
-        store.drop_snapshot()
-        store.write_snapshot(store.load(full=False))
+    cutoff = now - retention
+    folder = Folder(cutoff)
+    with _no_gc():  # millions of small objects that all live on: the collector would only rescan them
+        ino = folder.feed_journal(journal, 0)
+        with journal.locked():
+            journal.sweep_temp_files()
+            if folder.feed_journal(journal, folder.offset, expect_ino=ino) is None:
+                folder = Folder(cutoff)  # someone else rewrote it meanwhile: start over under the lock
+                folder.feed_journal(journal, 0)
+            tasks, chains = keep_sets(folder.state, cutoff)
+            events = folder.events
+            _rewrite(journal, paths, folder, tasks, chains, events, now)
     after = journal.identity()
     return {
         "compacted": True,
@@ -113,6 +108,27 @@ def compact(paths: Paths, *, retention: float = RETENTION, now: float | None = N
         "events_kept": len(events),
         "retention_days": retention / 86400,
     }
+
+
+def _rewrite(journal: Journal, paths: Paths, folder: Folder, tasks: dict, chains: dict, events: list,
+             now: float) -> None:
+    """The new generation (caller holds the lock): archived events, then the live state as puts."""
+    records: list[dict] = []
+    for i in range(0, len(events), EVENTS_PER_RECORD):
+        chunk = events[i:i + EVENTS_PER_RECORD]
+        records.append({"ts": chunk[-1][0], "arc": True, "ev": chunk})
+    ops = [{"op": "put", "task": pack_task(t)} for t in sorted(tasks.values(), key=lambda t: t["seq"])]
+    ops += [{"op": "put", "chain": c} for c in chains.values()]
+    ops.append({"op": "meta", "seq": folder.state["seq"], "fam": folder.state["fam"]})
+    for i in range(0, len(ops), OPS_PER_RECORD):
+        records.append({"ts": now, "ops": ops[i:i + OPS_PER_RECORD]})
+    size = sum(len(encode(r)) for r in records)
+    journal.rewrite(records, compacted_size=size)
+    from .store import Store
+
+    store = Store(paths, journal)
+    store.drop_snapshot()
+    store.write_snapshot(store.load(full=False))
 
 
 def needs_compaction(paths: Paths) -> bool:

@@ -104,8 +104,17 @@ def scan_bytes(data: bytes, base: int = 0) -> Scan:
         pos = nl + 1
     if bad_start >= 0:
         out.damage.append(Damage(base + bad_start, base + pos))
-    out.end = base + (pos if out.torn is None else out.torn.start)
+    out.end = base + pos if out.torn is None else out.torn.start  # torn.start is absolute already
     return out
+
+
+def _add_damage(into: list[Damage], more: list[Damage]) -> None:
+    """Append damaged regions, joining one that continues the last (split between two reads)."""
+    for d in more:
+        if into and into[-1].end == d.start:
+            into[-1] = Damage(into[-1].start, d.end)
+        else:
+            into.append(d)
 
 
 class Journal:
@@ -131,28 +140,62 @@ class Journal:
 
     def read(self, start: int = 0) -> tuple[Scan, int]:
         """Scan the journal from ``start``; returns the scan and the file's inode (0 if missing)."""
+        ino, parts = self.read_parts(start)
+        whole = Scan(end=start)
+        for part in parts:
+            whole.records += part.records
+            _add_damage(whole.damage, part.damage)
+            whole.torn, whole.end = part.torn, part.end
+        return whole, ino
+
+    def read_parts(self, start: int = 0, chunk: int = 1 << 24,
+                   expect_ino: int | None = None) -> tuple[int, Iterator[Scan] | None]:
+        """The journal from ``start`` as consecutive scans of about ``chunk`` bytes each (split at
+        record boundaries; the last one carries the torn tail and the end), so that a reader can
+        fold a journal of any size without holding all of its records at once.  Returns the
+        file's inode (0 if missing) and the scans; the file is read as they are consumed.  The
+        scans are None when the file is not the one ``expect_ino`` names."""
         try:
             fd = os.open(self.path, os.O_RDONLY | _O_NOFOLLOW | _O_CLOEXEC)
         except FileNotFoundError:
-            return Scan(end=0), 0
+            return 0, iter((Scan(end=start),))
         except OSError as exc:
             raise JournalError(f"cannot open the journal {self.path}: {exc.strerror}",
                                hint="check that it is a regular file you own") from None
         try:
             ino = os.fstat(fd).st_ino
+        except OSError as exc:
+            os.close(fd)
+            raise JournalError(f"cannot read the journal {self.path}: {exc.strerror}") from None
+        if expect_ino is not None and ino != expect_ino:
+            os.close(fd)
+            return ino, None
+        return ino, self._parts(fd, start, chunk)
+
+    def _parts(self, fd: int, start: int, chunk: int) -> Iterator[Scan]:
+        try:
             if start:
                 os.lseek(fd, start, os.SEEK_SET)
-            chunks = []
+            pos, carry = start, b""
             while True:
-                chunk = os.read(fd, 1 << 22)
-                if not chunk:
-                    break
-                chunks.append(chunk)
-        except OSError as exc:
-            raise JournalError(f"cannot read the journal {self.path}: {exc.strerror}") from None
+                try:
+                    data = os.read(fd, chunk)
+                except OSError as exc:
+                    raise JournalError(f"cannot read the journal {self.path}: {exc.strerror}") from None
+                if not data:
+                    yield scan_bytes(carry, pos)  # whatever follows the last newline: a torn tail
+                    return
+                buf = carry + data if carry else data
+                nl = buf.rfind(b"\n")
+                if nl < 0:
+                    carry = buf
+                    continue
+                carry = buf[nl + 1:]
+                part = scan_bytes(buf[:nl + 1], pos)
+                pos += nl + 1
+                yield part
         finally:
             os.close(fd)
-        return scan_bytes(b"".join(chunks), start), ino
 
     def verify(self, end: int) -> list[Damage]:
         """Checksums of every complete line before ``end``, without parsing JSON: the damage found."""

@@ -28,7 +28,8 @@ from typing import Iterator
 import orjson
 
 from .exitcodes import JournalError, KmpwmError
-from .journal import _O_CLOEXEC, _O_NOFOLLOW, Damage, Journal, atomic_write, encode, scan_bytes, write_all
+from .journal import (_O_CLOEXEC, _O_NOFOLLOW, Damage, Journal, _add_damage, atomic_write, encode, scan_bytes,
+                      write_all)
 from .paths import Paths, check_all, resolve
 from .state import apply, new_state, pack_task, split_history, unpack_task
 
@@ -145,21 +146,26 @@ class Store:
     def _fold_tail(self, view: View, expect_ino: int | None = None) -> bool:
         """Fold the records after ``view.offset``; False (nothing applied) if the file read is not
         the one ``expect_ino`` names, so that an offset is never used in another file."""
-        scan, ino = self.journal.read(view.offset)
-        if expect_ino is not None and ino and ino != expect_ino:
+        ino, parts = self.journal.read_parts(view.offset, expect_ino=expect_ino or None)
+        if parts is None:
             return False
         self._ino = ino
         state = view.state
-        for _, record in scan.records:
-            ops = record.get("ops")
-            if ops and ops[0].get("op") == "hdr" and view.offset == 0 and view.gen is None:
-                view.gen = ops[0].get("gen")
-            apply(state, record)
-        view.damage.extend(scan.damage)
-        view.torn = scan.torn
-        self._tail_records += len(scan.records)
-        self._tail_bytes += scan.end - view.offset
-        view.offset = scan.end
+        start = view.offset
+        first = start == 0 and view.gen is None
+        for scan in parts:  # chunk by chunk: a huge journal is never all in memory at once
+            for _, record in scan.records:
+                if first:
+                    ops = record.get("ops")
+                    if ops and ops[0].get("op") == "hdr":
+                        view.gen = ops[0].get("gen")
+                    first = False
+                apply(state, record)
+            _add_damage(view.damage, scan.damage)
+            view.torn = scan.torn
+            self._tail_records += len(scan.records)
+            view.offset = scan.end
+        self._tail_bytes += view.offset - start
         return True
 
     # -- history --------------------------------------------------------------------------

@@ -329,3 +329,50 @@ def test_compact_keeps_live_tasks_and_history(home):
     assert doc["id"] == "later#3"
     doc, _ = kjson("cancel", "ch", check=0)
     assert sorted(doc["cancelled"]) == ["ch/2/echo", "ch/3/echo"]
+
+
+# -- reading in chunks ---------------------------------------------------------------------
+
+from hypothesis import HealthCheck, given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(lines=st.lists(st.sampled_from(["ok", "bad", "long"]), max_size=12),
+       tail=st.sampled_from([b"", b"0badc0de {\"ts\"", b"x"]),
+       chunk=st.sampled_from([1, 2, 7, 40, 1 << 20]), start_at=st.integers(0, 3))
+def test_reading_in_chunks_equals_reading_at_once(tmp_path, lines, tail, chunk, start_at):
+    """A huge journal is folded chunk by chunk (Journal.read_parts): records, damaged regions
+    (even one split between two chunks), the torn tail and the end must be exactly what one
+    read of the whole file finds."""
+    from kmpwm.journal import Journal, encode, scan_bytes
+    from kmpwm.paths import resolve
+
+    home = tmp_path / f"h{chunk}-{len(lines)}-{start_at}"
+    (home / "journal").mkdir(parents=True, mode=0o700, exist_ok=True)
+    blob = b""
+    boundaries = [0]
+    for n, kind in enumerate(lines):
+        if kind == "bad":
+            blob += b"deadbeef {\"ts\": 1, \"ops\": []}\n"
+        else:
+            blob += encode({"ts": n, "ops": [{"op": "x", "pad": "y" * (300 if kind == "long" else 3)}]})
+        boundaries.append(len(blob))
+    blob += tail
+    start = boundaries[min(start_at, len(boundaries) - 1)]
+    j = Journal(resolve(str(home)))
+    j.path.write_bytes(blob)
+    expect = scan_bytes(blob[start:], start)
+    ino, parts = j.read_parts(start, chunk=chunk)
+    records, damage, torn, end = [], [], None, start
+    from kmpwm.journal import _add_damage
+
+    for part in parts:
+        records += part.records
+        _add_damage(damage, part.damage)
+        torn, end = part.torn, part.end
+    assert ino and records == expect.records and damage == expect.damage
+    assert torn == expect.torn and end == expect.end
+    whole, _ = j.read(start)
+    assert (whole.records, whole.damage, whole.torn, whole.end) == (expect.records, expect.damage, expect.torn,
+                                                                    expect.end)
