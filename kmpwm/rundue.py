@@ -44,11 +44,17 @@ def run_due_command(paths: Paths, *, budget, grace, parallel, max_tasks, dry_run
                         dry_run=dry_run, on_event=progress.event if progress else None, store=store)
         code = runner.run()
         doc, expire_reason = runner.report.doc(), runner.expire_reason
+        runner = None  # its state may be large (a first fold of a long journal): free it before
+    store = None  # the automatic compaction below folds the journal again
     if not dry_run:
         _mark_last_run(paths)
-        from .compaction import auto_compact
+        from .compaction import auto_compact, needs_compaction
 
-        auto_compact(paths)
+        if needs_compaction(paths):
+            import gc
+
+            gc.collect()  # the run's state, freed above, may sit in reference cycles
+            auto_compact(paths)
     if as_json:
         print_json(doc)
     elif live or dry_run:
