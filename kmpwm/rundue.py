@@ -20,6 +20,8 @@ from .timeparse import parse_duration
 
 def _idle(store: Store) -> bool:
     """Nothing to run, release, fail or re-check at this moment (and a healthy journal)."""
+    if store.idle_without_loading(time.time()):
+        return True
     view = store.load(full=False)
     store.verify_covered(view)
     return not view.damage and idle_at(view.state, time.time())

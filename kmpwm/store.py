@@ -264,6 +264,36 @@ class Store:
         return View(state, offset=meta["offset"], gen=meta["gen"], from_snapshot=True, partial=True,
                     hid=meta["hid"], hist=meta["hist"])
 
+    def idle_without_loading(self, now: float) -> bool:
+        """True when the snapshot's summary and the records after it prove that nothing is due at
+        ``now`` (state.idle_at), without parsing the state: an idle ``run-due`` then costs the
+        same with 100,000 waiting tasks as with none.  False means "load and look"."""
+        if not self._checked:
+            check_all(self.paths)
+            self._checked = True
+        parts = self._snapshot_parts()  # checksummed, of this generation
+        if parts is None:
+            return False
+        meta = parts[0]
+        next_due = meta.get("next_due", 0)
+        if meta.get("running", True) or (next_due is not None and not isinstance(next_due, (int, float))):
+            return False
+        if next_due is not None and next_due <= now:
+            return False
+        offset = meta["offset"]
+        if not self._at_record_boundary(offset):
+            return False
+        if offset <= VERIFY_COVERED_BYTES and self.journal.verify(offset):
+            return False  # damage where the snapshot stands in: run-due must see it and refuse
+        _, tail = self.journal.read_parts(offset)
+        for scan in tail or ():
+            if scan.damage:  # (a torn tail is not damage: readers ignore it, run-due runs)
+                return False
+            for _, record in scan.records:
+                if not _tail_keeps_idle(record, now):
+                    return False
+        return True
+
     def _at_record_boundary(self, offset: int) -> bool:
         try:
             with open(self.journal.path, "rb") as fh:
@@ -334,8 +364,9 @@ class Store:
         hot["tasks"] = {i: pack_task(t) for i, t in tasks.items() if i not in cold_tasks}
         hot["chains"] = {c: ch for c, ch in chains.items() if c not in cold_chains}
         body = orjson.dumps(hot)
+        next_due, running = _wake_summary(tasks)
         meta_out = orjson.dumps({"gen": view.gen, "offset": view.offset, "hid": hid, "hist": hist,
-                                 "written_at": time.time()})
+                                 "next_due": next_due, "running": running, "written_at": time.time()})
         rest = meta_out + b"\n" + body
         atomic_write(self.paths.snapshot_file, SNAPSHOT_MAGIC + b"%08x " % zlib.crc32(rest) + rest)
         if self._hist_cache is not None and self._hist_cache[0] == hid and self._hist_cache[1] == hist - len(frame):
@@ -510,3 +541,41 @@ def _new_tasks_only(state: dict, record: dict) -> list | None:
         due = task["due"] if "due" in task else task.get("created_at", ts)
         results.append({"action": "enqueued", "id": tid, "due": due, "state": "ENQUEUED"})
     return results
+
+
+def _wake_summary(tasks: dict) -> tuple[float | None, bool]:
+    """The earliest due time of an enqueued task (None: none) and whether any task is running:
+    all state.idle_at needs, kept in the snapshot's meta."""
+    next_due = None
+    running = False
+    for t in tasks.values():
+        st = t["state"]
+        if st == "ENQUEUED":
+            if next_due is None or t["due"] < next_due:
+                next_due = t["due"]
+        elif st == "RUNNING":
+            running = True
+    return next_due, running
+
+
+def _tail_keeps_idle(record: dict, now: float) -> bool:
+    """Whether a record after the snapshot provably leaves nothing due at ``now``: only new tasks
+    and chains whose first tasks are due later, and cancels.  Anything else: load and look."""
+    if record.get("arc"):
+        return True
+    for op in record.get("ops", ()):
+        kind = op.get("op")
+        if kind == "cancel" or kind == "hdr":
+            continue
+        if kind == "enq":
+            tasks = [op.get("task") or {}]
+        elif kind == "chain":
+            steps = op.get("steps") or [[]]
+            tasks = steps[0]
+        else:
+            return False
+        for task in tasks:
+            due = task["due"] if "due" in task else task.get("created_at", record.get("ts", 0.0))
+            if not isinstance(due, (int, float)) or due <= now:
+                return False
+    return True

@@ -426,3 +426,38 @@ def test_idle_means_plan_has_nothing(data):
     if idle_at(state, now):
         p = plan(state, now, Device(assume=assume), known_worker=lambda name: True)
         assert not p.due and not p.ops and not p.trig_updates
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.data())
+def test_idle_without_loading_never_hides_work(data):
+    """run-due first asks the snapshot's summary and the records after it whether anything can
+    be due (Store.idle_without_loading), without parsing the state: whenever it says idle, the
+    loaded state must be idle too (state.idle_at, which test_idle_means_plan_has_nothing ties
+    to the full plan)."""
+    from kmpwm.paths import resolve
+    from kmpwm.state import idle_at
+    from kmpwm.store import Store
+
+    records = draw_records(data, max_records=14)
+    with tempfile.TemporaryDirectory() as tmp:
+        home = os.path.join(tmp, "home")
+        os.mkdir(home, 0o700)
+        paths = resolve(home)
+        store = Store(paths)
+        future = data.draw(st.booleans(), label="delayed tasks")
+        for record in records:
+            ops = fresh(record)["ops"]
+            if future:  # tasks due an hour on, so that "idle" is often the answer
+                for op in ops:
+                    for task in ([op["task"]] if op["op"] == "enq" else
+                                 [t for step in op["steps"] for t in step] if op["op"] == "chain" else []):
+                        task["due"] = task["created_at"] + 3600
+            with store.transaction() as txn:
+                txn.commit(ops, ts=record["ts"])
+            if data.draw(st.integers(0, 3), label="snapshot?") == 0:
+                store.write_snapshot()
+        last = records[-1]["ts"]
+        for now in (last - 50, last + 1, last + 100, last + 3599, last + 3601, last + 86400):
+            if Store(paths).idle_without_loading(now):
+                assert idle_at(Store(paths).load(full=False).state, now), now
