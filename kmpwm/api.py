@@ -35,6 +35,7 @@ from .models import (
 )
 from .paths import Paths, resolve
 from .specs import normalise_input
+from .state import members
 from .store import Store
 from .triggers import REPEATING, Cron, DeviceState, OneTime, Periodic, initial
 
@@ -459,7 +460,7 @@ def _check_chain_ids(state: dict, op: dict) -> None:
     """A chain task named by the user must not take over an unrelated unfinished task."""
     tasks = state["tasks"]
     old = state["chains"].get(op["id"])
-    old_ids = {i for step in old["steps"] for i in step} if old else set()
+    old_ids = {t["id"] for t in members(state, old)} if old else set()
     for step in op["steps"]:
         for task in step:
             prior = tasks.get(task["id"])

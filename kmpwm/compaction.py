@@ -14,7 +14,7 @@ import time
 from .exitcodes import JournalError
 from .journal import Journal, encode
 from .paths import Paths, check_all
-from .state import apply, new_state, pack_task
+from .state import apply, members, new_state, pack_task
 from .store import _no_gc
 
 RETENTION = 7 * 86400.0
@@ -65,9 +65,9 @@ def keep_sets(state: dict, cutoff: float) -> tuple[dict, dict]:
     tasks, chains = state["tasks"], state["chains"]
     keep_chains = {}
     for cid, chain in chains.items():
-        members = [tasks[i] for step in chain["steps"] for i in step if i in tasks]
-        live = any(t["finished_at"] is None for t in members)
-        recent = any((t["finished_at"] or 0) >= cutoff for t in members) or chain.get("created_at", 0) >= cutoff
+        own = members(state, chain)
+        live = any(t["finished_at"] is None for t in own)
+        recent = any((t["finished_at"] or 0) >= cutoff for t in own) or chain.get("created_at", 0) >= cutoff
         if live or recent:
             keep_chains[cid] = chain
     keep_tasks = {}

@@ -11,7 +11,7 @@ import time
 
 from . import procs
 from .paths import Paths, private_subdir
-from .state import base_id
+from .state import base_id, members
 from .store import Store
 from .timeparse import parse_duration
 
@@ -28,7 +28,7 @@ def simulate_expire_command(paths: Paths, ids: list[str], all_: bool, grace, as_
     chains = state["chains"]
     for cid in ids:
         if cid in chains:
-            wanted.update(i for step in chains[cid]["steps"] for i in step)
+            wanted.update(t["id"] for t in members(state, chains[cid]))
     runners: dict[tuple, list[str]] = {}
     for t in state["tasks"].values():
         lease = t.get("lease")

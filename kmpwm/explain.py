@@ -8,7 +8,7 @@ from .exitcodes import InvalidParams
 from .paths import Paths
 from .probes import Device, device_state_now, unmet
 from .scheduling import MAX_CRASHES, lease_state
-from .state import family
+from .state import family, member, members
 from .store import Store
 from .timeparse import iso, relative
 
@@ -42,9 +42,10 @@ def explain_task(state: dict, t: dict, now: float, device: Device) -> dict:
         if t.get("chain_id") and t.get("step", 1) > 1:
             chain = state["chains"].get(t["chain_id"], {"steps": []})
             prev = chain["steps"][t["step"] - 2] if len(chain["steps"]) >= t["step"] - 1 else []
-            waiting = [f"{i} ({tasks[i]['state']})" for i in prev if i in tasks and tasks[i]["state"] != "SUCCEEDED"]
+            prev = [i for i in prev if chain.get("id") and (m := member(state, chain, i)) and m["state"] != "SUCCEEDED"]
+            waiting = [f"{i} ({tasks[i]['state']})" for i in prev]
             out["reason"] = f"blocked by step {t['step'] - 1} of chain {t['chain_id']}: " + ", ".join(waiting)
-            out["details"]["blocked_by"] = [i for i in prev if i in tasks and tasks[i]["state"] != "SUCCEEDED"]
+            out["details"]["blocked_by"] = prev
         else:
             deps = [d for d in t.get("after", ()) if d in tasks and tasks[d]["state"] not in ("SUCCEEDED", "FAILED", "CANCELLED")]
             out["reason"] = "appended: waiting for " + ", ".join(f"{d} ({tasks[d]['state']})" for d in deps)
@@ -95,7 +96,7 @@ def explain_command(paths: Paths, task_id: str, as_json: bool) -> int:
     ids = []
     if task_id in state["chains"]:
         chain = state["chains"][task_id]
-        ids = [i for step in chain["steps"] for i in step]
+        ids = [t["id"] for t in members(state, chain)]
     elif task_id in tasks:
         ids = [task_id] + [i for i in family(state, task_id) if i != task_id]
     else:

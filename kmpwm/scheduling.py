@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from . import procs
 from .models import HEAVY_TIMEOUT, LIGHT_TIMEOUT
 from .probes import Device, device_state_now, unmet
+from .state import member
 from .triggers import change_signature
 
 MAX_CRASHES = 3
@@ -115,7 +116,7 @@ def upstream_of(state: dict, t: dict) -> dict:
         return {}
     merged: dict = {}
     for tid in chain["steps"][t["step"] - 2]:
-        prev = state["tasks"].get(tid)
+        prev = member(state, chain, tid)
         data = (prev or {}).get("last_result") or {}
         if isinstance(data.get("data"), dict):
             merged.update(data["data"])

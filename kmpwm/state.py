@@ -64,10 +64,21 @@ def unfinished_family(state: dict, base: str) -> list[str]:
     return [i for i in family(state, base) if tasks[i]["state"] in UNFINISHED]
 
 
+def member(state: dict, chain: dict, task_id: str) -> dict | None:
+    """The task ``task_id`` if it still belongs to ``chain``: an id a later task took over (a
+    plain task, another chain) is no longer the chain's, and never decides anything about it."""
+    t = state["tasks"].get(task_id)
+    return t if t is not None and t.get("chain_id") == chain["id"] else None
+
+
+def members(state: dict, chain: dict) -> list[dict]:
+    """The chain's tasks in step order (see :func:`member`)."""
+    return [t for step in chain["steps"] for i in step if (t := member(state, chain, i)) is not None]
+
+
 def chain_state(state: dict, chain: dict) -> str:
-    tasks = state["tasks"]
-    members = [tasks[i] for step in chain["steps"] for i in step if i in tasks]
-    states = {t["state"] for t in members}
+    members_ = members(state, chain)
+    states = {t["state"] for t in members_}
     if chain.get("cancelled"):
         return "CANCELLED"
     if "FAILED" in states:
@@ -76,17 +87,18 @@ def chain_state(state: dict, chain: dict) -> str:
         return "CANCELLED"
     if states <= {"SUCCEEDED"}:
         return "SUCCEEDED"
-    if "RUNNING" in states or any(t["attempts"] or t["state"] == "SUCCEEDED" for t in members):
+    if "RUNNING" in states or any(t["attempts"] or t["state"] == "SUCCEEDED" for t in members_):
         return "RUNNING"
     return "ENQUEUED"
 
 
 def chain_next_step(state: dict, chain: dict) -> int | None:
     """Number of the first step with an unfinished task (the savepoint), None when none is left."""
-    tasks = state["tasks"]
     for number, step in enumerate(chain["steps"], 1):
-        if any(i in tasks and tasks[i]["state"] in UNFINISHED for i in step):
-            return number
+        for i in step:
+            t = member(state, chain, i)
+            if t is not None and t["state"] in UNFINISHED:
+                return number
     return None
 
 
@@ -159,8 +171,8 @@ def split_history(state: dict) -> tuple[list[str], list[str]]:
     load only that (store.py keeps history in a file of its own)."""
     tasks, chains = state["tasks"], state["chains"]
     live = {cid for cid, c in chains.items() if live_chain(state, c)}
-    members = {i for cid in live for step in chains[cid]["steps"] for i in step}
-    cold_tasks = [i for i, t in tasks.items() if t["state"] not in UNFINISHED and i not in members]
+    in_live = {t["id"] for cid in live for t in members(state, chains[cid])}
+    cold_tasks = [i for i, t in tasks.items() if t["state"] not in UNFINISHED and i not in in_live]
     cold_chains = [cid for cid in chains if cid not in live]
     return cold_tasks, cold_chains
 
@@ -218,12 +230,19 @@ def _finish(state: dict, t: dict, new_state: str, ts: float, reason: str | None,
     if chain is None or t["step"] is None:
         return
     steps = chain["steps"]
+    if not 1 <= t["step"] <= len(steps) or t["id"] not in steps[t["step"] - 1]:
+        return  # a task of an earlier chain of that id: not part of this one
     if new_state == "SUCCEEDED":
         step = steps[t["step"] - 1]
-        tasks = state["tasks"]
-        if all(tasks[i]["state"] == "SUCCEEDED" for i in step if i in tasks) and t["step"] < len(steps):
+        done = True
+        for i in step:
+            m = member(state, chain, i)
+            if m is not None and m["state"] != "SUCCEEDED":
+                done = False
+                break
+        if done and t["step"] < len(steps):
             for i in steps[t["step"]]:
-                nxt = tasks.get(i)
+                nxt = member(state, chain, i)
                 if nxt and nxt["state"] == "BLOCKED" and not _waiting_on(state, nxt):
                     nxt["state"] = "ENQUEUED"
                     nxt["due"] = max(nxt["due"], ts)
@@ -235,7 +254,7 @@ def _finish(state: dict, t: dict, new_state: str, ts: float, reason: str | None,
     why = "upstream failed" if new_state == "FAILED" else "upstream cancelled"
     for later in steps[t["step"]:]:
         for i in later:
-            other = state["tasks"].get(i)
+            other = member(state, chain, i)
             if other and other["state"] in UNFINISHED:
                 _finish(state, other, downstream_state, ts, why, emit)
 
@@ -252,7 +271,8 @@ def _release_waiters(state: dict, t: dict, ts: float, emit: Emit) -> None:
             continue
         if w["chain_id"] and w["step"] and w["step"] > 1:
             chain = state["chains"].get(w["chain_id"])
-            if chain and any(state["tasks"].get(i, {}).get("state") != "SUCCEEDED" for i in chain["steps"][w["step"] - 2]):
+            if chain and any((m := member(state, chain, i)) is not None and m["state"] != "SUCCEEDED"
+                             for i in chain["steps"][w["step"] - 2]):
                 continue
         w["state"] = "ENQUEUED"
         w["due"] = max(w["due"], ts)
@@ -314,7 +334,7 @@ def _op_chain(state: dict, op: dict, ts: float, emit: Emit) -> dict:
     old = state["chains"].get(cid)
     action = "enqueued"
     if old is not None:
-        live = [i for step in old["steps"] for i in step if i in tasks and tasks[i]["state"] in UNFINISHED]
+        live = [t["id"] for t in members(state, old) if t["state"] in UNFINISHED]
         if live and op.get("policy", "replace") == "keep":
             if emit:
                 emit(ts, cid, "kept", {"chain": cid})
@@ -359,12 +379,12 @@ def _op_cancel(state: dict, op: dict, ts: float, emit: Emit) -> list:
         for cid, chain in chains.items():
             if tag in chain.get("tags", ()) and chain_next_step(state, chain) is not None:
                 chain["cancelled"] = True
-                targets += [i for step in chain["steps"] for i in step if tasks[i]["state"] in UNFINISHED]
+                targets += [t["id"] for t in members(state, chain) if t["state"] in UNFINISHED]
     else:
         for wanted in op.get("ids", ()):
             chain = chains.get(wanted)
             if chain is not None:
-                live = [i for step in chain["steps"] for i in step if i in tasks and tasks[i]["state"] in UNFINISHED]
+                live = [t["id"] for t in members(state, chain) if t["state"] in UNFINISHED]
                 if live:
                     chain["cancelled"] = True
                 targets += live

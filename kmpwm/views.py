@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from .exitcodes import InvalidParams
 from .models import FINISHED, UNFINISHED, TaskState, enum_value
-from .state import chain_next_step, chain_state, family
+from .state import chain_next_step, chain_state, family, members
 from .timeparse import iso
 from .triggers import to_json as trigger_json
 
@@ -78,7 +78,7 @@ def select(state: dict, now: float, *, task_id: str | None = None, tag: str | No
         ids: list[str] = []
         chain = chains.get(task_id)
         if chain is not None:
-            ids += [i for step in chain["steps"] for i in step]
+            ids += [t["id"] for t in members(state, chain)]
         if "#" in task_id:
             ids += [task_id] if task_id in tasks else []
         else:

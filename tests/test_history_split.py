@@ -51,3 +51,42 @@ def test_finished_work_stays_visible_across_the_split(home):
     assert _ids(again).keys() == _ids(jdoc("inspect-queue", "--all")).keys() >= {"a", "b", "later", "c1/1/echo"}
     assert (jdir / "history.snap").exists(), "the snapshot files are written anew after a full fold"
     assert _ids(jdoc("inspect-queue", "--all")) == _ids(again)
+
+
+def _states(home) -> dict:
+    return {t["id"]: (t["state"], t["chain_id"]) for t in jdoc("inspect-queue", "--all")["tasks"]}
+
+
+def _without_snapshots(home) -> dict:
+    for name in ("state.snap", "history.snap"):
+        (home / "journal" / name).unlink(missing_ok=True)
+    return _states(home)
+
+
+def test_a_finished_chain_stays_finished_when_its_task_id_is_reused(home):
+    """A plain task that takes the id of a finished chain's task does not bring the chain back:
+    what later commands see (hot state) and what the whole journal folds to agree (found by a
+    review: the chain came back in the whole fold only, so a task ran that the journal's own
+    fold does not have)."""
+    kmpwm("chain", "--id", "c1", "echo", check=0)
+    kmpwm("run-due", check=0)
+    kmpwm("compact", check=0)
+    kmpwm("enqueue", "c1/1/echo", "sleep", "--delay", "1h", check=0)
+    doc = jdoc("chain", "--id", "c1", "fail", "--policy", "keep")
+    assert doc["action"] == "enqueued" and doc["tasks"] == ["c1/1/fail"]
+    assert [r["id"] for r in jdoc("run-due")["ran"]] == ["c1/1/fail"]
+    seen = _states(home)
+    assert seen == {"c1/1/echo": ("ENQUEUED", None), "c1/1/fail": ("FAILED", "c1")}
+    assert _without_snapshots(home) == seen
+
+
+def test_cancelling_a_finished_chain_leaves_a_task_that_took_its_id(home):
+    kmpwm("chain", "--id", "c1", "echo", check=0)
+    kmpwm("run-due", check=0)
+    kmpwm("compact", check=0)
+    kmpwm("enqueue", "c1/1/echo", "sleep", "--delay", "1h", check=0)
+    kmpwm("enqueue", "other", "echo", "--delay", "1h", check=0)
+    assert jdoc("cancel", "c1", "other") == {"cancelled": ["other"]}
+    seen = _states(home)
+    assert seen["c1/1/echo"] == ("ENQUEUED", None)
+    assert _without_snapshots(home) == seen
