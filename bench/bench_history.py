@@ -16,7 +16,8 @@ Scenarios, each `kmpwm run-due` as a whole process (median wall; peak RSS in the
 - steady state with a snapshot, not compacted (auto-compaction held off as above);
 - steady state after compaction, history older than the retention window (7 days);
 - steady state after compaction, the same history all inside the retention window (a busy
-  week): compaction must keep it (SPEC 2), so the state keeps 333,333 finished tasks.
+  week): compaction must keep it (SPEC 2), so the state keeps 333,333 finished tasks -- in
+  journal/history.snap, apart from the hot state run-due reads.
 The steady states and the baseline are run round-robin, >= 10 runs each.  Then `kmpwm enqueue`
 (one delayed task) in the same homes, and compaction: its time, the size it leaves, and the
 longest wait of an enqueuer (the Python API, one enqueue every few ms) while it runs.
@@ -218,7 +219,8 @@ def rows(quick: bool = False, records: int | None = None, first_runs: int | None
                    f"peak RSS {mib(med(fold_rss))}; writes a {fmt_bytes(held_snap)} snapshot; {fold.spread(1, 's')}"))
     out.append(Row("steady: snapshot, not compacted", fmt_ms(st["held"].median), "<= 1.1x baseline",
                    st["held"].median / b, "run / baseline",
-                   f"snapshot {fmt_bytes(held_snap)} holds {old_info['history_tasks']:,} finished tasks; peak RSS "
+                   f"hot snapshot {fmt_bytes(held_snap)}; the {old_info['history_tasks']:,} finished tasks are in "
+                   f"history.snap, which run-due never reads; peak RSS "
                    f"{mib(med(rss['held']))}; {st['held'].spread()}"))
     out.append(Row("steady: after compaction (history > 7 days old)", fmt_ms(st["old"].median), "<= 1.1x baseline",
                    st["old"].median / b, "run / baseline",
