@@ -17,7 +17,10 @@ import time
 from dataclasses import dataclass
 from functools import cached_property
 
-from .config import Config, WorkerConfig, load
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:  # config.toml is read only when a name is looked up: no import cost before
+    from .config import Config, WorkerConfig
 from .exitcodes import ConfigError
 from .paths import Paths
 
@@ -103,7 +106,11 @@ class Registry:
 
     @cached_property
     def config(self) -> Config:
-        return self._config if self._config is not None else load(self.paths.config_file)
+        if self._config is not None:
+            return self._config
+        from .config import load
+
+        return load(self.paths.config_file)
 
     @cached_property
     def entry_points(self) -> dict[str, WorkerInfo]:
@@ -125,6 +132,8 @@ class Registry:
         return found
 
     def _from_config(self, name: str) -> WorkerInfo | None:
+        if self._config is None and "config" not in self.__dict__ and not os.path.lexists(self.paths.config_file):
+            return None  # no config.toml: nothing to read (nor to import a reader for)
         wc = self.config.workers.get(name)
         if wc is None:
             return None
