@@ -371,17 +371,8 @@ class Journal:
         name = f"{time.strftime('%Y%m%dT%H%M%S')}-{kind}-at-{offset}-{uuid.uuid4().hex[:6]}.bin"
         path = qdir / name
         try:
-            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | _O_NOFOLLOW, 0o600)
-            try:
-                write_all(fd, data)
-                os.fsync(fd)
-            finally:
-                os.close(fd)
+            _write_new(path, data)
         except OSError as exc:
-            try:
-                os.unlink(path)
-            except OSError:
-                pass
             raise JournalError(
                 f"cannot keep damaged bytes in {qdir}: {exc.strerror}" + (" (disk full)" if exc.errno == errno.ENOSPC else ""),
                 hint="nothing was changed; free space, then try again") from None
@@ -477,17 +468,29 @@ def _fsync_dir(path: Path) -> None:
         os.close(dfd)
 
 
+def _write_new(path: Path, data: bytes) -> None:
+    """Create ``path`` (never an existing file, never through a symlink), 0600, with ``data``
+    written and fsynced; on failure nothing is left behind and the OSError propagates."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | _O_NOFOLLOW, 0o600)
+    try:
+        write_all(fd, data)
+        os.fsync(fd)
+    except OSError:
+        os.close(fd)
+        try:
+            os.unlink(path)
+        except OSError:
+            pass
+        raise
+    os.close(fd)
+
+
 def atomic_write(path: Path, data: bytes) -> None:
     """Write ``data`` to ``path`` atomically: temp file in the same directory, fsync, rename,
     directory fsync.  A crash leaves either the old file or the new one, never a mix."""
     tmp = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
     try:
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | _O_NOFOLLOW, 0o600)
-        try:
-            write_all(fd, data)
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+        _write_new(tmp, data)
         os.replace(tmp, path)
     except OSError as exc:
         try:
