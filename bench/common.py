@@ -123,7 +123,7 @@ def _report():
         pass
 atexit.register(_report)
 sys.argv = ['kmpwm'] + sys.argv[1:]
-from kmpwm.cli import run
+from kmpwm.entry import run
 run()
 """
 

@@ -21,15 +21,15 @@ _LAZY = {
 
 
 def __getattr__(name: str):
-    if name == "triggers":
-        from . import triggers
+    import importlib
 
-        return triggers
+    if name == "triggers":
+        # import_module, not ``from . import triggers``: that asks this function again and again
+        # while kmpwm.triggers is not imported yet (``from kmpwm import triggers`` in a fresh process).
+        return importlib.import_module("kmpwm.triggers")
     module = _LAZY.get(name)
     if module is None:
         raise AttributeError(f"module 'kmpwm' has no attribute {name!r}")
-    import importlib
-
     value = getattr(importlib.import_module(f"kmpwm.{module}"), name)
     globals()[name] = value
     return value

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import math
 import os
-from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
 
@@ -21,19 +20,63 @@ MIN_PERIOD = 60.0
 REPEATING = frozenset({"periodic", "cron", "on_change", "device_state"})
 
 
-@dataclass(frozen=True)
-class OneTime:
-    delay: float | timedelta = 0
+class Trigger:
+    """Base of the trigger classes: immutable values, equal when of the same class with equal fields.
+
+    Written out by hand rather than with ``@dataclass(frozen=True)``: creating seven frozen
+    dataclasses costs ~3.5 ms at every start of ``kmpwm enqueue``, a command cron and scripts run
+    over and over.  Each subclass lists its fields in ``__slots__`` and sets them in ``__init__``."""
+
+    __slots__ = ()
+
+    def _set(self, **fields: Any) -> None:
+        for name, value in fields.items():
+            object.__setattr__(self, name, value)
+
+    def _values(self) -> tuple:
+        return tuple(getattr(self, name) for name in self.__slots__)
+
+    def __eq__(self, other: object) -> bool:
+        if other.__class__ is not self.__class__:
+            return NotImplemented
+        return self._values() == other._values()
+
+    def __hash__(self) -> int:
+        return hash((self.__class__.__name__, self._values()))
+
+    def __repr__(self) -> str:
+        args = ", ".join(f"{name}={getattr(self, name)!r}" for name in self.__slots__)
+        return f"{self.__class__.__name__}({args})"
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        raise AttributeError(f"cannot assign to field {name!r}: triggers are immutable")
+
+    def __delattr__(self, name: str) -> None:
+        raise AttributeError(f"cannot delete field {name!r}: triggers are immutable")
+
+    def __reduce__(self):
+        return (self.__class__, self._values())
+
+    def to_record(self, now: float) -> dict:  # pragma: no cover - every subclass has its own
+        raise NotImplementedError
+
+
+class OneTime(Trigger):
+    __slots__ = ("delay",)
+
+    def __init__(self, delay: float | timedelta = 0) -> None:
+        self._set(delay=delay)
 
     def to_record(self, now: float) -> dict:
         return {"type": "one_time", "delay": parse_duration(self.delay, what="delay")}
 
 
-@dataclass(frozen=True)
-class Periodic:
-    interval: float | timedelta | str
-    flex: float | timedelta | str | None = None
-    delay: float | timedelta = 0
+class Periodic(Trigger):
+    __slots__ = ("interval", "flex", "delay")
+
+    def __init__(self, interval: float | timedelta | str, flex: float | timedelta | str | None = None,
+                 delay: float | timedelta = 0) -> None:
+        self._set(interval=interval, flex=flex, delay=delay)
 
     def to_record(self, now: float) -> dict:
         every = parse_duration(self.interval, what="interval")
@@ -45,11 +88,12 @@ class Periodic:
         return {"type": "periodic", "every": every, "flex": flex, "delay": parse_duration(self.delay, what="delay")}
 
 
-@dataclass(frozen=True)
-class Exact:
-    at: datetime | float | str
-    behavior: ExactBehavior | str = ExactBehavior.ATTEMPT
-    delay: float | timedelta = 0
+class Exact(Trigger):
+    __slots__ = ("at", "behavior", "delay")
+
+    def __init__(self, at: datetime | float | str, behavior: ExactBehavior | str = ExactBehavior.ATTEMPT,
+                 delay: float | timedelta = 0) -> None:
+        self._set(at=at, behavior=behavior, delay=delay)
 
     def to_record(self, now: float) -> dict:
         return {
@@ -60,11 +104,12 @@ class Exact:
         }
 
 
-@dataclass(frozen=True)
-class Windowed:
-    start: datetime | float | str
-    end: datetime | float | str
-    delay: float | timedelta = 0
+class Windowed(Trigger):
+    __slots__ = ("start", "end", "delay")
+
+    def __init__(self, start: datetime | float | str, end: datetime | float | str,
+                 delay: float | timedelta = 0) -> None:
+        self._set(start=start, end=end, delay=delay)
 
     def to_record(self, now: float) -> dict:
         start = parse_time(self.start, now=now, what="window start")
@@ -76,10 +121,11 @@ class Windowed:
         return {"type": "windowed", "start": start, "end": end, "delay": parse_duration(self.delay, what="delay")}
 
 
-@dataclass(frozen=True)
-class Cron:
-    expr: str
-    delay: float | timedelta = 0
+class Cron(Trigger):
+    __slots__ = ("expr", "delay")
+
+    def __init__(self, expr: str, delay: float | timedelta = 0) -> None:
+        self._set(expr=expr, delay=delay)
 
     def to_record(self, now: float) -> dict:
         if not isinstance(self.expr, str) or len(self.expr.split()) != 5:
@@ -93,11 +139,11 @@ class Cron:
         return {"type": "cron", "expr": " ".join(self.expr.split()), "delay": parse_duration(self.delay, what="delay")}
 
 
-@dataclass(frozen=True)
-class OnChange:
-    path: str | os.PathLike
-    descendants: bool = True
-    delay: float | timedelta = 0
+class OnChange(Trigger):
+    __slots__ = ("path", "descendants", "delay")
+
+    def __init__(self, path: str | os.PathLike, descendants: bool = True, delay: float | timedelta = 0) -> None:
+        self._set(path=path, descendants=descendants, delay=delay)
 
     def to_record(self, now: float) -> dict:
         path = os.path.abspath(os.path.expanduser(os.fspath(self.path)))
@@ -107,10 +153,11 @@ class OnChange:
                 "delay": parse_duration(self.delay, what="delay")}
 
 
-@dataclass(frozen=True)
-class DeviceState:
-    name: DeviceStateName | str
-    delay: float | timedelta = 0
+class DeviceState(Trigger):
+    __slots__ = ("name", "delay")
+
+    def __init__(self, name: DeviceStateName | str, delay: float | timedelta = 0) -> None:
+        self._set(name=name, delay=delay)
 
     def to_record(self, now: float) -> dict:
         return {"type": "device_state", "state": enum_value(DeviceStateName, self.name, what="device state"),

@@ -815,3 +815,49 @@ def test_python_api_enqueue_chain_batch(home):
     assert sorted(s.cancel("p1")) == ["p1"]
     assert s.cancel("p1") == []
     assert "b0" in s.cancel_all()
+
+
+def test_entry_point_exit_runs_atexit_handlers_and_keeps_exit_codes(tmp_path):
+    """kmpwm.entry pauses the collector while the CLI is imported and freezes what is alive before
+    exit; nothing else about the exit may change: atexit handlers run, output is flushed, the
+    command's exit code is the process's."""
+    import subprocess
+    import sys
+
+    marker = tmp_path / "atexit-ran"
+    code = ("import atexit, sys\n"
+            f"atexit.register(lambda: open({str(marker)!r}, 'w').write('yes'))\n"
+            "sys.argv = ['kmpwm'] + sys.argv[1:]\n"
+            "from kmpwm.entry import run\nrun()\n")
+    ok = subprocess.run([sys.executable, "-c", code, "enqueue", "e1", "echo", "--json"], capture_output=True,
+                        text=True, timeout=60)
+    assert ok.returncode == 0 and json.loads(ok.stdout)["id"] == "e1", ok.stderr
+    assert marker.read_text() == "yes"
+    marker.unlink()
+    bad = subprocess.run([sys.executable, "-c", code, "enqueue", "e2", "no-such-worker"], capture_output=True,
+                         text=True, timeout=60)
+    assert bad.returncode == 65 and "unknown worker" in bad.stderr
+    assert marker.read_text() == "yes"
+    from importlib.metadata import entry_points
+
+    scripts = {ep.name: ep.value for ep in entry_points(group="console_scripts") if ep.name == "kmpwm"}
+    assert scripts == {"kmpwm": "kmpwm.entry:run"}
+
+
+def test_entry_point_leaves_the_collector_as_it_found_it(monkeypatch):
+    import gc
+
+    from kmpwm import entry
+
+    monkeypatch.setattr(sys, "argv", ["kmpwm", "--version"])
+    for enabled in (True, False):
+        (gc.enable if enabled else gc.disable)()
+        try:
+            with pytest.raises(SystemExit) as exc:
+                entry.run()
+            assert exc.value.code == 0
+            assert gc.isenabled() is enabled
+            assert gc.get_freeze_count() > 0
+        finally:
+            gc.unfreeze()
+            gc.enable()

@@ -232,6 +232,45 @@ def test_trigger_records_validate():
 # -- flat task specs ------------------------------------------------------------------------
 
 
+def test_triggers_are_immutable_values():
+    """Triggers are values: equal and hashed alike when of the same class with equal fields (the
+    API caches validated records by trigger), immutable, printable, picklable."""
+    import copy
+    import pickle
+
+    assert triggers.Periodic(3600, "15m") == triggers.Periodic(3600, "15m")
+    assert hash(triggers.Periodic(3600)) == hash(triggers.Periodic(3600, None, 0))
+    assert triggers.Periodic(3600) != triggers.Periodic(7200)
+    # same field values, different kinds of trigger: never equal
+    assert triggers.Cron("* * * * *") != triggers.DeviceState("* * * * *")
+    assert triggers.OneTime(0) != (0,) and triggers.OneTime(0) != 0
+    assert len({triggers.Cron("* * * * *"), triggers.DeviceState("* * * * *"), triggers.Cron("* * * * *")}) == 2
+    assert repr(triggers.Exact("+1h", "notify")) == "Exact(at='+1h', behavior='notify', delay=0)"
+    assert repr(triggers.OnChange("/tmp", descendants=False)) == "OnChange(path='/tmp', descendants=False, delay=0)"
+    t = triggers.Windowed("+1h", "+2h", delay=5)
+    assert (t.start, t.end, t.delay) == ("+1h", "+2h", 5)
+    for mutate in (lambda: setattr(t, "start", "+3h"), lambda: delattr(t, "end"),
+                   lambda: setattr(t, "other", 1)):
+        with pytest.raises(AttributeError):
+            mutate()
+    assert pickle.loads(pickle.dumps(t)) == t and copy.deepcopy(t) == t and copy.copy(t) is not None
+    with pytest.raises(TypeError):
+        triggers.Cron()
+
+
+@pytest.mark.parametrize("name", ["Scheduler", "TaskRequest", "Constraints", "WorkerResult", "ScheduleResult",
+                                  "triggers", "TaskState", "Outcome"])
+def test_public_names_import_in_a_fresh_process(name):
+    """`from kmpwm import triggers` alone once recursed until the stack ran out."""
+    import subprocess
+    import sys
+
+    proc = subprocess.run([sys.executable, "-c", f"from kmpwm import {name}; print({name}.__name__)"],
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.strip().rsplit(".", 1)[-1] == name
+
+
 def test_spec_basic_and_defaults():
     req, policy = request_from_spec({"id": "a", "worker": "echo"})
     assert isinstance(req, TaskRequest)
