@@ -223,6 +223,20 @@ class Journal:
             damage.append(Damage(bad, pos))
         return damage
 
+    def raw_from(self, start: int) -> bytes | None:
+        """The journal's bytes from ``start`` to its end, unparsed; None if it is missing or
+        cannot be read."""
+        try:
+            fd = os.open(self.path, os.O_RDONLY | _O_NOFOLLOW | _O_CLOEXEC)
+        except OSError:
+            return None
+        try:
+            with os.fdopen(fd, "rb") as fh:
+                fh.seek(start)
+                return fh.read()
+        except OSError:
+            return None
+
     def header(self) -> dict | None:
         """The first record (it names the journal's generation), None if missing or damaged."""
         try:

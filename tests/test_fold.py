@@ -476,3 +476,47 @@ def test_idle_without_loading_never_hides_work(data):
         for now in (last - 50, last + 1, last + 100, last + 3599, last + 3601, last + 86400):
             if Store(paths).idle_without_loading(now):
                 assert idle_at(Store(paths).load(full=False).state, now), now
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.data())
+def test_enqueue_proved_new_on_the_bytes_equals_the_fold(data):
+    """A process that has read nothing answers an enqueue of a few tasks by searching the
+    snapshot's and the tail's bytes for their ids (Store.unmentioned) instead of parsing the
+    state.  Whatever it answers must be exactly what the fold of the whole journal answers, and
+    the journal it leaves must fold to the same state; ids that are mentioned nowhere must take
+    that path (else it is dead code)."""
+    from kmpwm.paths import resolve
+    from kmpwm.store import Store
+
+    records = draw_records(data, max_records=14)
+    with tempfile.TemporaryDirectory() as tmp:
+        home = os.path.join(tmp, "home")
+        os.mkdir(home, 0o700)
+        paths = resolve(home)
+        writer = Store(paths)
+        for record in records:
+            with writer.transaction() as txn:
+                txn.commit(fresh(record)["ops"], ts=record["ts"])
+            if data.draw(st.integers(0, 2), label="snapshot?") == 0:
+                writer.write_snapshot()
+        ts = records[-1]["ts"] + 1
+        known = sorted({*fold(records)["tasks"], *fold(records)["chains"], *IDS})
+        ids = data.draw(st.lists(st.sampled_from([*known, "new1", "new2", "in-input"]), min_size=1, max_size=3),
+                        label="ids")
+        ops = []
+        for i in ids:
+            task = make_task(i, ts, repeating=False, max_attempts=1, backoff="linear", tags=[])
+            task["input"] = "in-input"  # mentioned in the journal's bytes, but never as a task id
+            ops.append({"op": "enq", "task": task, "policy": data.draw(st.sampled_from(["keep", "replace"]))})
+        expected_state = fold(records)
+        expected = apply(expected_state, fresh({"ts": ts, "ops": ops}))
+        reader = Store(paths)
+        with reader.transaction() as txn:
+            answers = txn.commit(orjson.loads(orjson.dumps(ops)), ts=ts)
+            took_bytes_path = txn._view is None
+        assert answers == expected
+        assert Store(paths).load().state == expected_state
+        whole_new = len(set(ids)) == len(ids) and not set(ids) & {*known, "in-input"}
+        if whole_new and paths.snapshot_file.exists():
+            assert took_bytes_path

@@ -90,3 +90,33 @@ def test_cancelling_a_finished_chain_leaves_a_task_that_took_its_id(home):
     seen = _states(home)
     assert seen["c1/1/echo"] == ("ENQUEUED", None)
     assert _without_snapshots(home) == seen
+
+
+def test_enqueue_beside_a_snapshot_answers_like_the_fold(home):
+    """An enqueue that has read nothing proves a new id on the bytes of state.snap and the
+    journal after it (Store.unmentioned); a mention anywhere sends it to the fold.  Either way
+    the answer is the fold's: kept, replaced, appended, enqueued."""
+    import json
+
+    kmpwm("enqueue", "live", "echo", "--delay", "1h", check=0)
+    kmpwm("enqueue", "other", "echo", "--delay", "1h", "--input", "lookalike", check=0)
+    kmpwm("chain", "--id", "ch", "echo", "echo", "--delay", "1h", check=0)
+    kmpwm("compact", check=0)
+    assert (home / "journal" / "state.snap").exists()
+    kmpwm("enqueue", "after-snap", "echo", "--delay", "1h", check=0)  # in the tail, not the snapshot
+
+    def enq(*args):
+        return json.loads(kmpwm("enqueue", *args, "--json", check=0).stdout)
+
+    assert enq("live", "echo")["action"] == "kept"  # in the snapshot
+    assert enq("after-snap", "echo")["action"] == "kept"  # in the tail after it
+    assert enq("lookalike", "echo")["action"] == "enqueued"  # its text is in the bytes, as an input only
+    assert enq("brand-new", "echo", "--delay", "2h")["action"] == "enqueued"
+    assert enq("brand-new", "echo")["action"] == "kept"
+    assert enq("live", "echo", "--policy", "append")["action"] == "appended"
+    assert enq("after-snap", "echo", "--policy", "replace")["action"] == "replaced"
+    doc = jdoc("inspect-queue")
+    states = {t["id"]: t["state"] for t in doc["tasks"]}
+    assert {"live", "live#2", "after-snap", "lookalike", "brand-new", "other"} <= set(states)
+    assert states["live#2"] == "BLOCKED" and states["brand-new"] == "ENQUEUED"
+    assert [t["id"] for t in jdoc("inspect-queue", "--all", "brand-new")["tasks"]] == ["brand-new"]
