@@ -33,7 +33,7 @@ from .journal import (_O_CLOEXEC, _O_NOFOLLOW, Damage, Journal, _add_damage, ato
 from .paths import Paths, check_all, resolve
 from .state import apply, new_state, pack_task, split_history, unpack_task
 
-SNAPSHOT_MAGIC = b"KMPWMSNAP3 "
+SNAPSHOT_MAGIC = b"KMPWMSNAP4 "
 HISTORY_MAGIC = b"KMPWMHIST1 "
 # Write a new snapshot once the tail after the last one holds this many records or bytes.
 SNAPSHOT_AFTER_RECORDS = 2000
@@ -221,25 +221,27 @@ class Store:
 
     # -- snapshot -------------------------------------------------------------------------
 
-    def _snapshot_parts(self) -> tuple[dict, memoryview] | None:
-        """The snapshot's meta and its state bytes, if intact and of this journal.
+    def _snapshot_parts(self, body: bool = True) -> tuple[dict, memoryview | None] | None:
+        """The snapshot's meta and (with ``body``) its state bytes, if intact and of this journal.
 
-        Format: ``KMPWMSNAP3 <crc32 of the rest, 8 hex> <meta json>\n<state json>``: one checksum
-        covers the meta (generation, offset, history) and the state."""
+        Format: ``KMPWMSNAP4 <crc32 A> <crc32 B> <meta json>\n<state json>``, checksums as 8 hex
+        digits: A covers the rest of the first line (B and the meta: generation, offset, history,
+        wake-up summary), B covers the state.  ``body=False`` reads and checks the first line
+        only: what an idle run-due needs, whatever the size of the state."""
         try:
             fd = os.open(self.paths.snapshot_file, os.O_RDONLY | _O_NOFOLLOW | _O_CLOEXEC)
             with os.fdopen(fd, "rb") as fh:
-                blob = fh.read()
+                blob = fh.read() if body else fh.readline(1 << 20)
         except OSError:
             return None
         try:
             if not blob.startswith(SNAPSHOT_MAGIC):
                 return None
             start = len(SNAPSHOT_MAGIC)
-            if zlib.crc32(memoryview(blob)[start + 9:]) != int(blob[start:start + 8], 16):
-                return None
             nl = blob.index(b"\n", start)
-            meta = orjson.loads(blob[start + 9:nl])
+            if zlib.crc32(memoryview(blob)[start + 9:nl]) != int(blob[start:start + 8], 16):
+                return None
+            meta = orjson.loads(blob[start + 18:nl])
             header = self.journal.header()
             ident = self.journal.identity()
             offset = meta["offset"]
@@ -247,9 +249,14 @@ class Store:
                 return None
             if not isinstance(meta.get("hid"), str) or not isinstance(meta.get("hist"), int):
                 return None
+            if not body:
+                return meta, None
+            state = memoryview(blob)[nl + 1:]
+            if zlib.crc32(state) != int(blob[start + 9:start + 17], 16):
+                return None
         except (ValueError, KeyError, TypeError):
             return None
-        return meta, memoryview(blob)[nl + 1:]
+        return meta, state
 
     def _read_snapshot(self) -> View | None:
         """The snapshot's (hot) state, if intact and of this journal; None means fold from scratch."""
@@ -274,7 +281,7 @@ class Store:
         if not self._checked:
             check_all(self.paths)
             self._checked = True
-        parts = self._snapshot_parts()  # checksummed, of this generation
+        parts = self._snapshot_parts(body=False)  # its first line, checksummed, of this generation
         if parts is None:
             return False
         meta = parts[0]
@@ -403,8 +410,8 @@ class Store:
         next_due, running = _wake_summary(tasks)
         meta_out = orjson.dumps({"gen": view.gen, "offset": view.offset, "hid": hid, "hist": hist,
                                  "next_due": next_due, "running": running, "written_at": time.time()})
-        rest = meta_out + b"\n" + body
-        atomic_write(self.paths.snapshot_file, SNAPSHOT_MAGIC + b"%08x " % zlib.crc32(rest) + rest)
+        line = b"%08x " % zlib.crc32(body) + meta_out
+        atomic_write(self.paths.snapshot_file, SNAPSHOT_MAGIC + b"%08x " % zlib.crc32(line) + line + b"\n" + body)
         if self._hist_cache is not None and self._hist_cache[0] == hid and self._hist_cache[1] == hist - len(frame):
             _, _, ctasks, cchains = self._hist_cache  # keep the cache in step with what we appended
             for i in new_tasks:

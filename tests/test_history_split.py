@@ -120,3 +120,26 @@ def test_enqueue_beside_a_snapshot_answers_like_the_fold(home):
     assert {"live", "live#2", "after-snap", "lookalike", "brand-new", "other"} <= set(states)
     assert states["live#2"] == "BLOCKED" and states["brand-new"] == "ENQUEUED"
     assert [t["id"] for t in jdoc("inspect-queue", "--all", "brand-new")["tasks"]] == ["brand-new"]
+
+
+def test_a_damaged_snapshot_body_is_never_trusted(home):
+    """state.snap's first line (the meta and the wake-up summary an idle run-due reads) and its
+    state have checksums of their own.  A state whose bytes were changed, even into a valid
+    state that lacks a task, is ignored by every reader: an enqueue still finds the task."""
+    import json
+
+    kmpwm("enqueue", "live", "echo", "--delay", "1h", check=0)
+    kmpwm("compact", check=0)
+    snap = home / "journal" / "state.snap"
+    blob = snap.read_bytes()
+    first, body = blob.split(b"\n", 1)
+    assert body.count(b'"live"') >= 1
+    snap.write_bytes(first + b"\n" + body.replace(b'"live"', b'"livf"'))  # still valid JSON
+    assert json.loads(kmpwm("enqueue", "live", "echo", "--json", check=0).stdout)["action"] == "kept"
+    assert [t["id"] for t in jdoc("inspect-queue")["tasks"]] == ["live"]
+    assert jdoc("run-due")["ran"] == []
+    # a damaged first line: the whole snapshot is ignored, run-due still sees what is due
+    kmpwm("enqueue", "now", "echo", check=0)
+    blob = snap.read_bytes()
+    snap.write_bytes(blob[:20] + bytes([blob[20] ^ 1]) + blob[21:])
+    assert [r["id"] for r in jdoc("run-due")["ran"]] == ["now"]
