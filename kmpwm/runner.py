@@ -12,6 +12,7 @@ of the same task at once, so every due occurrence runs exactly once across them.
 from __future__ import annotations
 
 import errno
+import functools
 import gc
 import os
 import selectors
@@ -433,7 +434,8 @@ class Runner:
             # which would force Python's slow fork path instead of vfork.
             proc = subprocess.Popen(_DEATH_PREFIX + argv, stdin=stdin, stdout=subprocess.PIPE,
                                     stderr=subprocess.PIPE, cwd=cfg.cwd, env=env, start_new_session=True,
-                                    close_fds=True, preexec_fn=None if _DEATH_PREFIX else _die_with_parent)
+                                    close_fds=True,
+                                    preexec_fn=None if _DEATH_PREFIX else functools.partial(_die_with_parent, os.getpid()))
         except FileNotFoundError:
             job.immediate = {"status": "FAILURE", "message": f"command not found: {cfg.command[0]}", "data": None}
             return
@@ -493,11 +495,12 @@ class Runner:
         sys.stderr.flush()
         parent_fds = [self._wake_r, self._wake_w] + [fd for h in self._hosts for fd in (h.to_host, h.results, h.output)
                                                      if fd >= 0] + [fd for j in self.jobs.values() for fd in j.fds]
+        parent = os.getpid()
         pid = os.fork()
         if pid == 0:
             status = 0
             try:
-                self._child_setup([task_w, res_r, out_r, *parent_fds], out_w)
+                self._child_setup([task_w, res_r, out_r, *parent_fds], out_w, parent)
                 from .worker_host import host_main
 
                 host_main(task_r, res_w, self.registry)
@@ -514,12 +517,12 @@ class Runner:
         self._hosts.append(host)
         return host
 
-    def _child_setup(self, close: list[int], out_w: int) -> None:
+    def _child_setup(self, close: list[int], out_w: int, parent: int) -> None:
         """In a freshly forked worker process: its own session (so expiry signals reach everything
-        it starts), death with run-due, default signals, none of run-due's descriptors, stdin
-        from /dev/null, stdout and stderr into ``out_w``."""
+        it starts), death with run-due (``parent``), default signals, none of run-due's
+        descriptors, stdin from /dev/null, stdout and stderr into ``out_w``."""
         os.setsid()
-        _die_with_parent()
+        _die_with_parent(parent)
         signal.set_wakeup_fd(-1)
         for signo in (signal.SIGUSR1, signal.SIGINT, signal.SIGHUP, signal.SIGCHLD):
             signal.signal(signo, signal.SIG_DFL)
@@ -629,12 +632,13 @@ class Runner:
         sys.stdout.flush()
         sys.stderr.flush()
         parent_fds = [fd for j in self.jobs.values() for fd in j.fds] + [self._wake_r, self._wake_w]
+        parent = os.getpid()
         pid = os.fork()
         if pid == 0:  # the child: never returns
             status = 0
             try:
                 gc.disable()  # a short-lived child: no collections, fewer copied pages
-                self._child_setup([r, out_r, *parent_fds], out_w)
+                self._child_setup([r, out_r, *parent_fds], out_w, parent)
                 from .worker_host import run_in_child
 
                 t = job.task
@@ -952,14 +956,21 @@ def _load_libc():
     return _libc
 
 
-def _die_with_parent() -> None:
-    """Linux: the worker gets SIGKILL if run-due dies, so an orphan never runs beside a re-run."""
+def _die_with_parent(parent: int | None = None) -> None:
+    """Linux: the worker gets SIGKILL if run-due dies, so an orphan never runs beside a re-run.
+
+    The signal is armed after fork, so run-due may already be dead by then (SIGKILLed just after
+    it recorded the claim): the child was handed to another parent and no signal will come.
+    With ``parent`` (run-due's pid before the fork) such a child exits at once instead; the
+    task's lease names a dead runner, so the next run-due claims it again."""
     libc = _load_libc()
     if libc:
         try:
             libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
         except Exception:
             pass
+    if parent is not None and os.getppid() != parent:
+        os._exit(75)
 
 
 def _death_prefix() -> list[str]:

@@ -330,6 +330,8 @@ class Store:
         tail = self.journal.raw_from(offset)
         if tail is None:
             return False
+        if len(tail) >= SNAPSHOT_AFTER_BYTES or tail.count(b"\n") >= SNAPSHOT_AFTER_RECORDS:
+            return False  # time for a new snapshot: the fold's load() writes one, so the tail stays short
         snapshot = body.obj  # the whole file: its first line (meta) holds no ids, searching it is harmless
         for task_id in ids:
             needle = orjson.dumps(task_id)

@@ -143,3 +143,24 @@ def test_a_damaged_snapshot_body_is_never_trusted(home):
     blob = snap.read_bytes()
     snap.write_bytes(blob[:20] + bytes([blob[20] ^ 1]) + blob[21:])
     assert [r["id"] for r in jdoc("run-due")["ran"]] == ["now"]
+
+
+def test_enqueues_proved_new_on_the_bytes_still_refresh_the_snapshot(home, monkeypatch):
+    """Enqueues that never read the state would never write a snapshot either; the records after
+    it (which every idle run-due reads and every such enqueue searches) must stay bounded all
+    the same: past SNAPSHOT_AFTER_RECORDS the enqueue takes the fold, which snapshots."""
+    from kmpwm import store as store_mod
+    from kmpwm.api import Scheduler
+    from kmpwm.journal import Journal
+    from kmpwm.paths import resolve
+
+    monkeypatch.setattr(store_mod, "SNAPSHOT_AFTER_RECORDS", 20)
+    kmpwm("enqueue", "first", "echo", "--delay", "1h", check=0)
+    kmpwm("compact", check=0)
+    paths = resolve(str(home))
+    for n in range(100):
+        assert Scheduler(str(home)).enqueue(f"job-{n}", None, "echo") == "SUCCESS"  # a fresh process each
+        meta = Scheduler(str(home)).store._snapshot_parts(body=False)[0]
+        tail = Journal(paths).raw_from(meta["offset"])
+        assert tail.count(b"\n") <= 20, n
+    assert len(jdoc("inspect-queue")["tasks"]) == 101

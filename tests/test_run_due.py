@@ -540,3 +540,35 @@ def test_events_record_runs(tmp_path):
     only = _event_list(kjson("events", "--task", "ev1"))
     assert only and {_task(e) for e in only} == {"ev1"}
     assert [e["status"] for e in only if _kind(e) == "ran"] == ["SUCCESS"]
+
+
+def test_a_worker_forked_as_run_due_dies_never_runs(tmp_path):
+    """PR_SET_PDEATHSIG is armed in the child after fork: if run-due was SIGKILLed in between
+    (right after it recorded the claim), no signal would ever come and the worker would run
+    as an orphan beside the run-due that claims the task again.  The child checks that its
+    parent is still the one that forked it, and exits otherwise."""
+    import subprocess
+    import sys
+
+    log = tmp_path / "child.log"
+    code = f"""
+import os, sys, time
+from kmpwm import runner
+parent = os.getpid()
+if os.fork() == 0:
+    while os.getppid() == parent:  # wait until the forking process is gone
+        time.sleep(0.005)
+    with open({str(log)!r}, "a") as f:
+        f.write("arming\\n")
+    runner._die_with_parent(parent)
+    with open({str(log)!r}, "a") as f:
+        f.write("survived\\n")
+    os._exit(0)
+os._exit(0)  # the parent dies at once, as a SIGKILLed run-due would
+"""
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=30)
+    deadline = time.time() + 10
+    while time.time() < deadline and "arming" not in (log.read_text() if log.exists() else ""):
+        time.sleep(0.02)
+    time.sleep(0.3)
+    assert log.read_text() == "arming\n"
