@@ -7,6 +7,7 @@ from __future__ import annotations
 import copy
 import os
 import tempfile
+from contextlib import contextmanager
 
 import orjson
 from hypothesis import HealthCheck, given, settings
@@ -155,6 +156,17 @@ def draw_records(data, max_records: int = 30) -> list[dict]:
         apply(state, copy.deepcopy(record))  # the state the next ops are drawn against
         records.append(record)
     return records
+
+
+@contextmanager
+def temp_home():
+    """The paths of a fresh kmpwm home (0700) in a temporary directory, removed afterwards."""
+    from kmpwm.paths import resolve
+
+    with tempfile.TemporaryDirectory() as tmp:
+        home = os.path.join(tmp, "home")
+        os.mkdir(home, 0o700)
+        yield resolve(home)
 
 
 def fresh(record: dict) -> dict:
@@ -338,15 +350,11 @@ def test_fold_examples():
 @settings(max_examples=15, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(st.data())
 def test_store_snapshot_and_reload_equal_scratch_fold(data):
-    from kmpwm.paths import resolve
     from kmpwm.store import Store
 
     records = draw_records(data, max_records=12)
     snap_at = data.draw(st.integers(0, len(records)), label="snapshot after")
-    with tempfile.TemporaryDirectory() as tmp:
-        home = os.path.join(tmp, "home")
-        os.mkdir(home, 0o700)
-        paths = resolve(home)
+    with temp_home() as paths:
         store = Store(paths)
         for n, record in enumerate(records):
             with store.transaction() as txn:
@@ -370,14 +378,10 @@ def test_snapshots_by_several_writers_keep_history(data):
     """Two processes (stores) write, and snapshot at random points, in turns: a new reader's
     full state equals the scratch fold; its hot state holds every unfinished task and live chain
     and nothing that differs; with history.snap gone, the full state is still right."""
-    from kmpwm.paths import resolve
     from kmpwm.store import Store
 
     records = draw_records(data, max_records=16)
-    with tempfile.TemporaryDirectory() as tmp:
-        home = os.path.join(tmp, "home")
-        os.mkdir(home, 0o700)
-        paths = resolve(home)
+    with temp_home() as paths:
         stores = [Store(paths), Store(paths)]
         for record in records:
             store = stores[data.draw(st.integers(0, 1), label="writer")]
@@ -450,15 +454,11 @@ def test_idle_without_loading_never_hides_work(data):
     be due (Store.idle_without_loading), without parsing the state: whenever it says idle, the
     loaded state must be idle too (state.idle_at, which test_idle_means_plan_has_nothing ties
     to the full plan)."""
-    from kmpwm.paths import resolve
     from kmpwm.state import idle_at
     from kmpwm.store import Store
 
     records = draw_records(data, max_records=14)
-    with tempfile.TemporaryDirectory() as tmp:
-        home = os.path.join(tmp, "home")
-        os.mkdir(home, 0o700)
-        paths = resolve(home)
+    with temp_home() as paths:
         store = Store(paths)
         future = data.draw(st.booleans(), label="delayed tasks")
         for record in records:
@@ -486,14 +486,10 @@ def test_enqueue_proved_new_on_the_bytes_equals_the_fold(data):
     state.  Whatever it answers must be exactly what the fold of the whole journal answers, and
     the journal it leaves must fold to the same state; ids that are mentioned nowhere must take
     that path (else it is dead code)."""
-    from kmpwm.paths import resolve
     from kmpwm.store import Store
 
     records = draw_records(data, max_records=14)
-    with tempfile.TemporaryDirectory() as tmp:
-        home = os.path.join(tmp, "home")
-        os.mkdir(home, 0o700)
-        paths = resolve(home)
+    with temp_home() as paths:
         writer = Store(paths)
         for record in records:
             with writer.transaction() as txn:
