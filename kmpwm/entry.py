@@ -8,8 +8,9 @@ what every command costs.  Two things about the cyclic garbage collector make up
   them again and again while they are created.  It is paused while the CLI is imported.
 * At exit, CPython collects several times while it tears the modules down, walking every object
   again (~10 ms for ``import typer`` alone).  Objects alive when the command has finished are
-  frozen (``gc.freeze``): the last collections skip them.  Nothing else changes at exit: atexit
-  handlers, flushing, waiting for threads and freeing by reference count happen as before.
+  frozen (``gc.freeze``): the last collections skip them.  atexit handlers, flushing, waiting for
+  threads and freeing by reference count happen as before; only a frozen object kept alive by a
+  reference cycle is not finalized at exit (kmpwm keeps nothing that needs it).
 
 Everything imported before the command runs is frozen too, so the collections a long run-due makes
 walk only the objects it made itself.

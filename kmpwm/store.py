@@ -108,14 +108,19 @@ class Store:
 
     # -- reading --------------------------------------------------------------------------
 
+    def _check_paths(self) -> None:
+        """The permission checks (exit 77), once per process: a long run-due does not re-stat
+        every cycle."""
+        if not self._checked:
+            check_all(self.paths)
+            self._checked = True
+
     def load(self, full: bool = True) -> View:
         """The current state: incremental after the first call (only new records are folded).
 
         ``full=False`` may leave out finished history (``View.partial``): enough for everything
         that schedules, runs or enqueues, and its cost does not grow with history."""
-        if not self._checked:
-            check_all(self.paths)  # once per process: a long run-due does not re-stat every cycle
-            self._checked = True
+        self._check_paths()
         ident = self.journal.identity()
         view = self._view
         if view is None or ident is None or ident[0] != self._ino or ident[1] < view.offset:
@@ -278,9 +283,7 @@ class Store:
         """True when the snapshot's summary and the records after it prove that nothing is due at
         ``now`` (state.idle_at), without parsing the state: an idle ``run-due`` then costs the
         same with 100,000 waiting tasks as with none.  False means "load and look"."""
-        if not self._checked:
-            check_all(self.paths)
-            self._checked = True
+        self._check_paths()
         parts = self._snapshot_parts(body=False)  # its first line, checksummed, of this generation
         if parts is None:
             return False
@@ -317,9 +320,7 @@ class Store:
         Call it holding the writers' lock (nothing may append or compact meanwhile)."""
         if any("#" in task_id for task_id in ids):
             return False
-        if not self._checked:
-            check_all(self.paths)
-            self._checked = True
+        self._check_paths()
         parts = self._snapshot_parts()
         if parts is None:
             return False
