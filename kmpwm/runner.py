@@ -956,20 +956,21 @@ def _load_libc():
     return _libc
 
 
-def _die_with_parent(parent: int | None = None) -> None:
+def _die_with_parent(parent: int) -> None:
     """Linux: the worker gets SIGKILL if run-due dies, so an orphan never runs beside a re-run.
 
     The signal is armed after fork, so run-due may already be dead by then (SIGKILLed just after
     it recorded the claim): the child was handed to another parent and no signal will come.
-    With ``parent`` (run-due's pid before the fork) such a child exits at once instead; the
-    task's lease names a dead runner, so the next run-due claims it again."""
+    Such a child sees that its parent is no longer ``parent`` (run-due's pid before the fork)
+    and exits at once instead; the task's lease names a dead runner, so the next run-due claims
+    it again."""
     libc = _load_libc()
     if libc:
         try:
             libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
         except Exception:
             pass
-    if parent is not None and os.getppid() != parent:
+    if os.getppid() != parent:
         os._exit(75)
 
 
