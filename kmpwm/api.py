@@ -37,7 +37,7 @@ from .paths import Paths, resolve
 from .specs import normalise_input
 from .state import members
 from .store import Store
-from .triggers import REPEATING, Cron, DeviceState, OneTime, Periodic, initial
+from .triggers import REPEATING, TIMED, Cron, DeviceState, OneTime, Periodic, initial, jitter_offset
 
 MAX_ID_LEN = 200
 MAX_CHAIN_TASKS = 10_000
@@ -146,7 +146,11 @@ class Scheduler:
             raise InvalidParams("invalid constraints: expected kmpwm.Constraints")
         else:
             trig, crec = self._validated_pair(trigger, constraints, now)
-        due, trig_state = initial(trig, now) if trig["type"] != "one_time" else (now + trig["delay"], None)
+        if trig["type"] == "one_time":
+            due, trig_state = now + trig["delay"], None
+        else:
+            offset = jitter_offset(task_id, crec["jitter"]) if "jitter" in crec else 0.0
+            due, trig_state = initial(trig, now, offset)
         data = req.input
         if data is not None:
             data = normalise_input(data)
@@ -193,6 +197,10 @@ class Scheduler:
                 hint="use --exact-behavior attempt (run late, lateness recorded) or notify",
             )
         crec = constraints.to_record()
+        for key, flag in (("jitter", "--jitter"), ("misfire_grace", "--misfire-grace")):
+            if key in crec and trig["type"] not in TIMED:
+                raise InvalidParams(f"{flag} needs a trigger with due times on a clock or grid "
+                                    "(--every, --cron or --at)")
         if crec == DEFAULT_CONSTRAINTS_RECORD:
             crec = DEFAULT_CONSTRAINTS_RECORD
         from .probes import unobservable

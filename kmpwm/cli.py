@@ -92,6 +92,7 @@ def _task_flags(
     delay, every, flex, at, exact_behavior, window, cron, on_change, no_descendants, when,
     requires_network, network_type, requires_charging, battery_not_low, storage_not_low, device_idle,
     heavy, expedited, qos, timeout, backoff, backoff_delay, max_attempts, tags,
+    tz=None, jitter=None, misfire_grace=None,
 ) -> dict:
     """The flat spec keys given on the command line (only those given)."""
     spec = {
@@ -99,6 +100,7 @@ def _task_flags(
         "window": list(window) if window else None, "cron": cron, "on_change": on_change,
         "when": when, "network_type": network_type, "qos": qos, "timeout": timeout, "backoff": backoff,
         "backoff_delay": backoff_delay, "max_attempts": max_attempts,
+        "tz": tz, "jitter": jitter, "misfire_grace": misfire_grace,
     }
     for key, flag in (("no_descendants", no_descendants), ("requires_network", requires_network),
                       ("requires_charging", requires_charging), ("battery_not_low", battery_not_low),
@@ -147,6 +149,9 @@ def enqueue_cmd(
     on_change: Optional[str] = O(None, "--on-change", metavar="PATH", help="Due when PATH changed since the last run.", rich_help_panel=TRIG),
     no_descendants: bool = O(False, "--no-descendants", help="With --on-change: only PATH itself counts.", rich_help_panel=TRIG),
     when: Optional[str] = O(None, "--when", metavar="battery-low|battery-okay|storage-low|device-idle", help="Due each time the device enters that state.", rich_help_panel=TRIG),
+    tz: Optional[str] = O(None, "--tz", metavar="ZONE", help="Read --cron, --at and --window times in this IANA zone (stored with the task).", rich_help_panel=TRIG),
+    jitter: Optional[str] = O(None, "--jitter", metavar="DUR", help="Delay each due time by a fixed per-task, per-host offset in [0, DUR).", rich_help_panel=TRIG),
+    misfire_grace: Optional[str] = O(None, "--misfire-grace", metavar="DUR", help="Skip an occurrence that would start more than DUR late (recorded as missed).", rich_help_panel=TRIG),
     requires_network: bool = O(False, "--requires-network", help="Needs a network connection.", rich_help_panel=CONS),
     network_type: Optional[str] = O(None, "--network-type", metavar="TYPE", help="connected|unmetered|not-roaming|metered|temporarily-unmetered|not-required", rich_help_panel=CONS),
     requires_charging: bool = O(False, "--requires-charging", help="Needs the device to be charging.", rich_help_panel=CONS),
@@ -169,7 +174,8 @@ def enqueue_cmd(
 
     flags = _task_flags(delay, every, flex, at, exact_behavior, window, cron, on_change, no_descendants, when,
                         requires_network, network_type, requires_charging, battery_not_low, storage_not_low,
-                        device_idle, heavy, expedited, qos, timeout, backoff, backoff_delay, max_attempts, tags)
+                        device_idle, heavy, expedited, qos, timeout, backoff, backoff_delay, max_attempts, tags,
+                        tz, jitter, misfire_grace)
     if from_file is not None:
         if task_id is not None or worker is not None or input is not None or input_file is not None or flags or policy:
             raise InvalidParams("--from takes the tasks from the file; give no ID, WORKER or task flags with it")
@@ -201,6 +207,9 @@ def chain_cmd(
     at: Optional[str] = O(None, "--at", metavar="TIME", help="Due at TIME.", rich_help_panel=TRIG),
     exact_behavior: Optional[str] = O(None, "--exact-behavior", metavar="attempt|notify|error", help="What --at does (default attempt).", rich_help_panel=TRIG),
     window: Optional[Tuple[str, str]] = O(None, "--window", metavar="START END", help="Windowed: run only inside [START, END].", rich_help_panel=TRIG),
+    tz: Optional[str] = O(None, "--tz", metavar="ZONE", help="Read --cron, --at and --window times in this IANA zone (stored with the task).", rich_help_panel=TRIG),
+    jitter: Optional[str] = O(None, "--jitter", metavar="DUR", help="Delay each due time by a fixed per-task, per-host offset in [0, DUR).", rich_help_panel=TRIG),
+    misfire_grace: Optional[str] = O(None, "--misfire-grace", metavar="DUR", help="Skip an occurrence that would start more than DUR late (recorded as missed).", rich_help_panel=TRIG),
     requires_network: bool = O(False, "--requires-network", help="Needs a network connection.", rich_help_panel=CONS),
     network_type: Optional[str] = O(None, "--network-type", metavar="TYPE", help="connected|unmetered|not-roaming|metered|temporarily-unmetered|not-required", rich_help_panel=CONS),
     requires_charging: bool = O(False, "--requires-charging", help="Needs the device to be charging.", rich_help_panel=CONS),
@@ -222,12 +231,36 @@ def chain_cmd(
 
     flags = _task_flags(delay, every, None, at, exact_behavior, window, cron, on_change, False, when,
                         requires_network, network_type, requires_charging, battery_not_low, storage_not_low,
-                        device_idle, heavy, expedited, qos, timeout, backoff, backoff_delay, max_attempts, tags)
+                        device_idle, heavy, expedited, qos, timeout, backoff, backoff_delay, max_attempts, tags,
+                        tz, jitter, misfire_grace)
     if file is not None and steps:
         raise InvalidParams("give the steps either on the command line or in --file, not both")
     if file is None and not steps:
         raise _usage("chain needs STEP... or --file FILE")
     raise typer.Exit(commands.chain(_scheduler(), steps or [], file, chain_id, policy, flags, as_json))
+
+
+@app.command("next")
+def next_cmd(
+    task_id: Optional[str] = typer.Argument(None, metavar="[ID]", help="An existing task: its own next times (jitter and zone included).",
+                                            autocompletion=_complete_task),
+    cron: Optional[str] = O(None, "--cron", metavar="EXPR", help="A 5-field cron expression."),
+    every: Optional[str] = O(None, "--every", metavar="DUR", help="An interval: the times a task enqueued now would be due."),
+    flex: Optional[str] = O(None, "--flex", metavar="DUR", help="With --every: the flex window."),
+    count: Optional[str] = O(None, "-n", "--iterations", metavar="N", help="How many times to show (default 5)."),
+    tz: Optional[str] = O(None, "--tz", metavar="ZONE", help="Read the cron expression in, and show times in, this IANA zone."),
+    as_json: bool = JSON_OPT,
+) -> None:
+    """Show the next due times of a cron expression, an interval or a task (like systemd-analyze calendar)."""
+    from .preview import next_command
+
+    if sum(x is not None for x in (task_id, cron, every)) != 1:
+        raise _usage("next needs one of --cron EXPR, --every DUR or ID")
+    if flex is not None and every is None:
+        raise InvalidParams("--flex needs --every")
+    n = _int(count, "-n", minimum=1) or 5
+    paths = _paths() if task_id is not None else None
+    raise typer.Exit(next_command(paths, task_id, cron, every, flex, min(n, 1000), tz, as_json))
 
 
 @app.command("cancel")

@@ -7,7 +7,7 @@ import time
 from .exitcodes import InvalidParams
 from .paths import Paths
 from .probes import Device, device_state_now, unmet
-from .scheduling import MAX_CRASHES, lease_state
+from .scheduling import MAX_CRASHES, lease_state, misfire, misfire_text
 from .state import family, member, members
 from .store import Store
 from .timeparse import iso, relative
@@ -64,6 +64,14 @@ def explain_task(state: dict, t: dict, now: float, device: Device) -> dict:
     if trig["type"] == "windowed" and now > trig["end"]:
         out.update(code="window-missed", reason="its window ended; the next run-due marks it FAILED (window missed)")
         return out
+    m = misfire(t, now)  # the same decision as run-due's (scheduling.plan)
+    if m is not None:
+        then = (f"the next run-due records it missed and moves it to {iso(m['next'])}" if m["next"] is not None
+                else "the next run-due records it missed and ends it FAILED (missed)")
+        out.update(code="missed", reason=f"{misfire_text(m)} — {then}")
+        out["details"]["missed"] = {"due": iso(m["due"]), "late_ms": int(m["late"] * 1000), "grace": m["grace"],
+                                    "next": iso(m["next"])}
+        return out
     if trig["type"] == "on_change":
         from .triggers import change_signature
 
@@ -78,6 +86,8 @@ def explain_task(state: dict, t: dict, now: float, device: Device) -> dict:
             return out
     reason = unmet(t["constraints"], device)
     if reason:
+        if t["constraints"].get("misfire_grace") and t["trig_state"].get("held") == t["due"]:
+            reason += " (held since it was due: a constraint wait is not a misfire)"
         out.update(code="constraint", reason=reason)
         out["details"]["readings"] = {k: device.get(k) for k in ("network", "metered", "roaming", "charging",
                                                                    "battery", "storage_low", "idle")}

@@ -130,6 +130,10 @@ class Constraints:
     backoff_delay: float | timedelta | str = DEFAULT_BACKOFF_DELAY
     max_attempts: int = DEFAULT_MAX_ATTEMPTS
     exact_behavior: ExactBehavior | str = ExactBehavior.ATTEMPT
+    # Scheduling details (SPEC section 12), for --every, --cron and --at tasks: a fixed per-task
+    # delay in [0, jitter) added to every due time, and how late an occurrence may start.
+    jitter: float | timedelta | str | None = None
+    misfire_grace: float | timedelta | str | None = None
 
     def key(self) -> tuple:
         """The values that define this object (for caching validated records)."""
@@ -161,7 +165,7 @@ class Constraints:
         if isinstance(max_attempts, bool) or not isinstance(max_attempts, int) or not 1 <= max_attempts <= MAX_ATTEMPTS_LIMIT:
             raise InvalidParams(f"invalid max attempts {self.max_attempts!r}: expected a whole number from 1 to "
                                 f"{MAX_ATTEMPTS_LIMIT}")
-        return {
+        rec = {
             "requires_network": network_type != "not-required",
             "network_type": network_type,
             "requires_charging": self.requires_charging,
@@ -176,6 +180,17 @@ class Constraints:
             "backoff_delay": parse_duration(self.backoff_delay, what="backoff delay"),
             "max_attempts": max_attempts,
         }
+        # left out when unset, so the record of a task without them stays DEFAULT_CONSTRAINTS_RECORD
+        if self.jitter is not None:
+            jitter = parse_duration(self.jitter, what="jitter")
+            if jitter > 0:
+                rec["jitter"] = jitter
+        if self.misfire_grace is not None:
+            grace = parse_duration(self.misfire_grace, what="misfire grace")
+            if grace <= 0:
+                raise InvalidParams("invalid misfire grace: must be more than 0s")
+            rec["misfire_grace"] = grace
+        return rec
 
 
 _CONSTRAINT_FIELDS = tuple(f.name for f in fields(Constraints))

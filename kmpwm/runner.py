@@ -31,7 +31,7 @@ from .paths import Paths, private_subdir
 from .probes import Device
 from .scheduling import lease_state, plan, time_limit, upstream_of
 from .store import Store
-from .triggers import next_after_run
+from .triggers import next_after_run, task_offset
 
 LEASE_MARGIN = 10.0
 TAIL = 8192
@@ -910,7 +910,8 @@ class Runner:
             if status in ("SUCCESS", "FAILURE", "RETRY"):
                 if t.get("_trig_update"):
                     op["trig_state"] = t["_trig_update"]
-                nxt = next_after_run(t["trigger"], {**t["trig_state"], **(t.get("_trig_update") or {})}, now)
+                nxt = next_after_run(t["trigger"], {**t["trig_state"], **(t.get("_trig_update") or {})}, now,
+                                     task_offset(t))
                 if nxt is not None:
                     op["next_run_at"] = nxt
                 if "_late_ms" in t:

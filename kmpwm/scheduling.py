@@ -3,6 +3,24 @@
 :func:`plan` reads the state and the device and returns the tasks to run, the tasks skipped
 with a reason, and bookkeeping ops (a missed window, a device state re-armed, a task quarantined
 after crashing its runners).  It writes nothing; the runner commits its ops with the claims.
+
+Misfire grace (SPEC section 12) is decided here too, by :func:`misfire`, which ``explain`` calls
+as well, so both say the same.  The rules:
+
+- An occurrence is late by ``now - next_run_at`` (for ``--every --flex`` the start of the flex
+  window, jitter included).  Later than the grace, it is not started: a ``missed`` event, and a
+  repeating task goes on at the first time of its grid that is still within the grace (so it may
+  run at once, in the occurrence that is on time), a one-time ``--at`` task ends FAILED ``missed``.
+- Only the start of an occurrence is judged: a retry after a backoff and a re-run after an
+  expiry continue an occurrence that did start, and a RUNNING task is never judged.
+- A machine that slept (or a run-due invoker that was not running, or a ``serve`` that was
+  stopped) is a misfire: the first run-due after waking judges the lateness.
+- A constraint wait is not a misfire: when a run-due sees the occurrence due within its grace
+  and holds it for a constraint, it records that (trig_state ``held``), and the occurrence runs
+  whenever the constraint allows, however late.  A constraint that was already unmet when the
+  first run-due saw the occurrence too late does not save it: that lateness was not the
+  constraint's.
+- ``serve`` (SPEC section 13) calls the same :func:`plan`, so it decides the same way.
 """
 
 from __future__ import annotations
@@ -13,7 +31,8 @@ from . import procs
 from .models import HEAVY_TIMEOUT, LIGHT_TIMEOUT
 from .probes import Device, device_state_now, unmet
 from .state import member
-from .triggers import change_signature
+from .timeparse import format_duration, iso
+from .triggers import TIMED, change_signature, first_due_after, task_offset
 
 MAX_CRASHES = 3
 QOS_RANK = {"high": 0, "default": 1, "low": 2}
@@ -55,6 +74,38 @@ def lease_state(t: dict, now: float) -> str:
     return "held"
 
 
+def misfire(t: dict, now: float) -> dict | None:
+    """The misfire decision for task ``t`` at ``now`` (see the module's docstring): None when it
+    may start, else ``{"due", "late", "grace", "next"}`` where ``next`` is where a repeating task
+    goes on (None: a one-time task, which ends FAILED ``missed``)."""
+    grace = t["constraints"].get("misfire_grace")
+    if not grace or t["state"] != "ENQUEUED" or t["due"] > now or t["trigger"]["type"] not in TIMED:
+        return None
+    if t.get("occ_attempts") or t.get("expiries"):
+        return None  # the occurrence started already: its retries and re-runs are not judged
+    if t["trig_state"].get("held") == t["due"]:
+        return None  # seen due in time and held by a constraint: a constraint wait is not a misfire
+    late = now - t["due"]
+    if late <= grace:
+        return None
+    nxt = first_due_after(t["trigger"], t["trig_state"], now - grace, task_offset(t))
+    return {"due": t["due"], "late": late, "grace": grace, "next": nxt}
+
+
+def misfire_text(m: dict) -> str:
+    text = (f"missed: due at {iso(m['due'])}, {format_duration(m['late'])} late "
+            f"(misfire grace {format_duration(m['grace'])})")
+    return text + (f"; next at {iso(m['next'])}" if m["next"] is not None else "; FAILED (missed)")
+
+
+def missed_ops(t: dict, m: dict) -> dict:
+    """The op that records a missed occurrence: the task moves on along its grid, or fails."""
+    detail = {"due": iso(m["due"]), "late_ms": int(m["late"] * 1000), "grace": m["grace"]}
+    if m["next"] is None:
+        return {"op": "fail", "id": t["id"], "seq": t["seq"], "reason": "missed", "missed": detail}
+    return {"op": "trig", "id": t["id"], "seq": t["seq"], "due": m["next"], "missed": dict(detail, next=iso(m["next"]))}
+
+
 def plan(state: dict, now: float, device: Device, *, exclude: set | None = None,
          known_worker=None) -> Plan:
     """What is due at ``now``; ``exclude`` holds ids this run already ran or is running."""
@@ -85,6 +136,15 @@ def plan(state: dict, now: float, device: Device, *, exclude: set | None = None,
         if known_worker is not None and not known_worker(t["worker"]):
             out.skipped.append({"id": t["id"], "reason": f"unknown worker {t['worker']!r} (not registered any more)"})
             continue
+        due_at = t["due"]
+        if st == "ENQUEUED" and t["constraints"].get("misfire_grace"):
+            m = misfire(t, now)
+            if m is not None:
+                out.ops.append(missed_ops(t, m))
+                if m["next"] is None or m["next"] > now:
+                    out.skipped.append({"id": t["id"], "reason": misfire_text(m)})
+                    continue
+                due_at = m["next"]  # the grid's next occurrence is on time: it may run in this pass
         if trig["type"] == "on_change":
             sig = change_signature(trig["path"], trig.get("descendants", True))
             if sig == t["trig_state"].get("baseline"):
@@ -103,6 +163,9 @@ def plan(state: dict, now: float, device: Device, *, exclude: set | None = None,
         reason = unmet(t["constraints"], device)
         if reason:
             out.skipped.append({"id": t["id"], "reason": reason})
+            if (st == "ENQUEUED" and t["constraints"].get("misfire_grace")
+                    and t["trig_state"].get("held") != due_at):
+                out.ops.append({"op": "trig", "id": t["id"], "seq": t["seq"], "trig_state": {"held": due_at}})
             continue
         out.due.append(t)
     out.due.sort(key=order_key)

@@ -3,7 +3,9 @@
 ``enqueue`` flags, ``enqueue --from`` JSON Lines and the tasks of ``chain --file`` all become a
 dict whose keys are the long flag names with dashes as underscores (``id``, ``worker``,
 ``input``, ``delay``, ``every``, ``flex``, ``at``, ``window``, ``cron``, ``requires_network``,
-``policy``, ``tags``, ...).  :func:`request_from_spec` turns such a dict into a TaskRequest.
+``policy``, ``tags``, ``tz``, ``jitter``, ``misfire_grace``, ...).  :func:`request_from_spec`
+turns such a dict into a TaskRequest (``tz`` goes to the trigger, ``jitter`` and
+``misfire_grace`` to the constraints).
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ from .triggers import Cron, DeviceState, Exact, OnChange, OneTime, Periodic, Win
 TRIGGER_KEYS = ("every", "at", "window", "cron", "on_change", "when")
 SPEC_KEYS = frozenset(
     {"id", "worker", "input", "input_file", "delay", "flex", "exact_behavior", "no_descendants",
-     "descendants", "policy", "tags", "tag", *TRIGGER_KEYS, *CONSTRAINT_KEYS}
+     "descendants", "policy", "tags", "tag", "tz", *TRIGGER_KEYS, *CONSTRAINT_KEYS}
 )
 BOOL_KEYS = frozenset({"requires_network", "requires_charging", "battery_not_low", "storage_not_low",
                        "device_idle", "heavy", "expedited", "no_descendants", "descendants"})
@@ -122,19 +124,25 @@ def request_from_spec(spec: dict, *, where: str = "", default_policy: str = "kee
             raise InvalidParams("--exact-behavior needs --at")
         if (spec.get("no_descendants") or spec.get("descendants") is False) and trig_key != "on_change":
             raise InvalidParams("--no-descendants needs --on-change")
+        tz = spec.get("tz")
+        if tz is not None:
+            if trig_key not in ("cron", "at", "window"):
+                raise InvalidParams("--tz needs --cron, --at or --window (the times it reads in that zone)")
+            if not isinstance(tz, str):
+                raise InvalidParams(f"invalid tz {tz!r}: expected an IANA zone name like Europe/Berlin")
         value = spec.get(trig_key) if trig_key else None
         if trig_key is None:
             trigger = OneTime(delay)
         elif trig_key == "every":
             trigger = Periodic(value, spec.get("flex"), delay)
         elif trig_key == "at":
-            trigger = Exact(value, spec.get("exact_behavior") or "attempt", delay)
+            trigger = Exact(value, spec.get("exact_behavior") or "attempt", delay, tz=tz)
         elif trig_key == "window":
             if not isinstance(value, (list, tuple)) or len(value) != 2:
                 raise InvalidParams("invalid window: expected two times [START, END]")
-            trigger = Windowed(value[0], value[1], delay)
+            trigger = Windowed(value[0], value[1], delay, tz=tz)
         elif trig_key == "cron":
-            trigger = Cron(value, delay)
+            trigger = Cron(value, delay, tz=tz)
         elif trig_key == "on_change":
             if not isinstance(value, str):
                 raise InvalidParams("invalid on_change: expected a path")

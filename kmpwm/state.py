@@ -517,6 +517,8 @@ def _op_fail(state: dict, op: dict, ts: float, emit: Emit) -> bool:
     t = _current(state, op)
     if t is None or t["state"] not in UNFINISHED:
         return False
+    if emit and op.get("missed"):  # --misfire-grace: the occurrence was too late to start
+        emit(ts, t["id"], "missed", op["missed"])
     if op.get("result"):
         t["last_result"] = op["result"]
     _finish(state, t, "FAILED", ts, op.get("reason") or "failed", emit)
@@ -527,6 +529,8 @@ def _op_trig(state: dict, op: dict, ts: float, emit: Emit) -> bool:
     t = _current(state, op)
     if t is None or t["state"] not in UNFINISHED:
         return False
+    if emit and op.get("missed"):  # --misfire-grace: skipped to the next occurrence
+        emit(ts, t["id"], "missed", op["missed"])
     if op.get("due") is not None:
         t["due"] = op["due"]
     if op.get("trig_state"):

@@ -55,10 +55,14 @@ def parse_duration(value: str | int | float | timedelta, *, what: str = "duratio
 MIN_TIME, MAX_TIME = 0.0, 253402300799.0
 
 
-def parse_time(value: str | int | float | datetime, *, now: float | None = None, what: str = "time") -> float:
-    """Return epoch seconds for a TIME (ISO 8601, ``@EPOCH`` or ``+DUR``), between 1970 and 9999."""
+def parse_time(value: str | int | float | datetime, *, now: float | None = None, what: str = "time",
+               tz=None) -> float:
+    """Return epoch seconds for a TIME (ISO 8601, ``@EPOCH`` or ``+DUR``), between 1970 and 9999.
+    ``tz`` (a tzinfo, from ``--tz``) is the zone a naive ISO time is read in instead of the local
+    one; a wall time it skips (spring forward) reads as the shifted instant, one it repeats as
+    the first of the two."""
     try:
-        epoch = _parse_time(value, now=now, what=what)
+        epoch = _parse_time(value, now=now, what=what, tz=tz)
     except (ValueError, OverflowError, OSError):
         raise InvalidParams(f"invalid {what} {value!r}: out of range") from None
     if not MIN_TIME <= epoch <= MAX_TIME:
@@ -66,7 +70,7 @@ def parse_time(value: str | int | float | datetime, *, now: float | None = None,
     return epoch
 
 
-def _parse_time(value, *, now: float | None, what: str) -> float:
+def _parse_time(value, *, now: float | None, what: str, tz=None) -> float:
     if isinstance(value, datetime):
         if value.tzinfo is None:
             raise InvalidParams(f"invalid {what} {value!r}: give an aware datetime (with a timezone)")
@@ -96,6 +100,8 @@ def _parse_time(value, *, now: float | None, what: str) -> float:
             f"invalid {what} {value!r}: expected ISO 8601 (2026-11-22T08:00:00, naive means local time), "
             "@EPOCH_SECONDS or +DURATION"
         ) from None
+    if dt.tzinfo is None and tz is not None:
+        dt = dt.replace(tzinfo=tz, fold=0)  # zoneinfo: fold 0 is the first reading, and the shifted one in a gap
     if dt.tzinfo is None:
         dt = dt.astimezone()  # naive means local time
     return dt.timestamp()
