@@ -52,7 +52,8 @@ class Trigger:
         return hash((self.__class__.__name__, self._values()))
 
     def __repr__(self) -> str:
-        args = ", ".join(f"{name}={getattr(self, name)!r}" for name in self.__slots__)
+        args = ", ".join(f"{name}={getattr(self, name)!r}" for name in self.__slots__
+                         if name != "tz" or self.tz is not None)  # a zone only when one is set
         return f"{self.__class__.__name__}({args})"
 
     def __setattr__(self, name: str, value: Any) -> None:
