@@ -67,6 +67,11 @@ def run_due_command(paths: Paths, *, budget, grace, parallel, max_tasks, dry_run
                 from .output import printable
 
                 sys.stderr.write(printable(f"kmpwm: {row['id']} ({row['worker']}) failed: {row['message']}") + "\n")
+        for s in doc["skipped"]:  # --misfire-grace: work that did not run is never silent
+            if s["reason"].startswith("missed:"):
+                from .output import printable
+
+                sys.stderr.write(printable(f"kmpwm: {s['id']} {s['reason']}") + "\n")
     if code == 75 and not as_json:
         sys.stderr.write(f"kmpwm: the run expired ({expire_reason}); "
                          f"{len(doc['expired'])} task(s) savepointed and released\n")

@@ -472,3 +472,15 @@ def test_jitter_keeps_the_grid(zone, start, offset, late):
     due, _ = initial(trig, start, offset)
     nxt = next_after_run(trig, {}, due + min(late, 800), offset)
     assert nxt - offset == cron_next(trig["expr"], due - offset, zone)
+
+
+def test_misfire_is_not_silent_off_a_terminal():
+    """Without --json, off a terminal (cron), run-due says on stderr what it did not run."""
+    at("2026-06-01 08:00:00 UTC", "enqueue", "quiet", "echo", "--at", "2026-06-01T09:00:00Z", "--misfire-grace", "1m")
+    dry, _ = at("2026-06-01 10:00:00 UTC", "run-due", "--dry-run")
+    assert dry["skipped"][0]["reason"].startswith("missed") and task("quiet")["state"] == "ENQUEUED"
+    proc = subprocess.run(["faketime", "2026-06-01 10:00:00 UTC", sys.executable, "-m", "kmpwm", "run-due"],
+                          capture_output=True, text=True, env=kmpwm_env(HOST), timeout=60, input="")
+    assert proc.returncode == 0 and proc.stdout == ""
+    assert proc.stderr.startswith("kmpwm: quiet missed: due at 2026-06-01T09:00:00Z, 1h")
+    assert proc.stderr.endswith("late (misfire grace 1m); FAILED (missed)\n")
