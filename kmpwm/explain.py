@@ -68,7 +68,7 @@ def explain_task(state: dict, t: dict, now: float, device: Device) -> dict:
     if m is not None:
         then = (f"the next run-due records it missed and moves it to {iso(m['next'])}" if m["next"] is not None
                 else "the next run-due records it missed and ends it FAILED (missed)")
-        out.update(code="missed", reason=f"{misfire_text(m)} — {then}")
+        out.update(code="missed", reason=f"{misfire_text(m, outcome=False)}: {then}")
         out["details"]["missed"] = {"due": iso(m["due"]), "late_ms": int(m["late"] * 1000), "grace": m["grace"],
                                     "next": iso(m["next"])}
         return out

@@ -25,6 +25,7 @@ as well, so both say the same.  The rules:
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 
 from . import procs
@@ -92,9 +93,13 @@ def misfire(t: dict, now: float) -> dict | None:
     return {"due": t["due"], "late": late, "grace": grace, "next": nxt}
 
 
-def misfire_text(m: dict) -> str:
-    text = (f"missed: due at {iso(m['due'])}, {format_duration(m['late'])} late "
-            f"(misfire grace {format_duration(m['grace'])})")
+def misfire_text(m: dict, outcome: bool = True) -> str:
+    """"missed: due at ..., 2h5m late (misfire grace 30m); next at ..." (``outcome``: with what
+    happens to the task)."""
+    late = "".join(re.findall(r"\d+[a-z]+", format_duration(m["late"]))[:2])  # the two largest units
+    text = f"missed: due at {iso(m['due'])}, {late} late (misfire grace {format_duration(m['grace'])})"
+    if not outcome:
+        return text
     return text + (f"; next at {iso(m['next'])}" if m["next"] is not None else "; FAILED (missed)")
 
 

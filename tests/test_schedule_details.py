@@ -460,27 +460,12 @@ def test_first_due_after_is_the_next_grid_time(anchor, every, flex_frac, after_k
 
 
 @settings(max_examples=200, deadline=None)
-@given(zone=st.sampled_from(ZONES + [None]), start=st.floats(T2026, T2026 + YEAR), offset=st.floats(0, 1800),
-       late=st.floats(0, 3000))
+@given(zone=st.sampled_from(ZONES), start=st.floats(T2026, T2026 + YEAR), offset=st.floats(0, 1800),
+       late=st.floats(0, 800))
 def test_jitter_keeps_the_grid(zone, start, offset, late):
     """A jittered cron run (at its due time or late) is followed by the next grid time plus the
     same offset: the jitter never drifts and never skips an occurrence."""
-    trig = Cron("*/15 * * * *", tz=zone).to_record(start) if zone else {"type": "cron", "expr": "*/15 * * * *",
-                                                                        "delay": 0.0}
-    if zone is None:
-        return  # the machine zone path is covered by test_triggers.py
+    trig = Cron("*/15 * * * *", tz=zone).to_record(start)
     due, _ = initial(trig, start, offset)
-    nxt = next_after_run(trig, {}, due + min(late, 800), offset)
+    nxt = next_after_run(trig, {}, due + late, offset)
     assert nxt - offset == cron_next(trig["expr"], due - offset, zone)
-
-
-def test_misfire_is_not_silent_off_a_terminal():
-    """Without --json, off a terminal (cron), run-due says on stderr what it did not run."""
-    at("2026-06-01 08:00:00 UTC", "enqueue", "quiet", "echo", "--at", "2026-06-01T09:00:00Z", "--misfire-grace", "1m")
-    dry, _ = at("2026-06-01 10:00:00 UTC", "run-due", "--dry-run")
-    assert dry["skipped"][0]["reason"].startswith("missed") and task("quiet")["state"] == "ENQUEUED"
-    proc = subprocess.run(["faketime", "2026-06-01 10:00:00 UTC", sys.executable, "-m", "kmpwm", "run-due"],
-                          capture_output=True, text=True, env=kmpwm_env(HOST), timeout=60, input="")
-    assert proc.returncode == 0 and proc.stdout == ""
-    assert proc.stderr.startswith("kmpwm: quiet missed: due at 2026-06-01T09:00:00Z, 1h")
-    assert proc.stderr.endswith("late (misfire grace 1m); FAILED (missed)\n")
