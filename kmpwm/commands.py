@@ -338,6 +338,7 @@ def workers(paths, as_json: bool, name: str | None = None) -> int:
 def describe_worker(reg, name: str, as_json: bool) -> int:
     """``kmpwm workers NAME``: the worker's declaration (kmpwm.worker(...) or config.toml)."""
     from .declare import describe
+    from .exitcodes import CONFIG
     from .timeparse import format_duration
 
     info = reg.get(name)
@@ -353,7 +354,7 @@ def describe_worker(reg, name: str, as_json: bool) -> int:
                "returns": [{"name": n, "description": t or None} for n, t in spec.returns] if spec else [],
                "errors": d.errors}
         print_json(doc)
-        return 70 if d.errors else 0
+        return CONFIG if d.errors else 0
     source = d.source + (f" ({d.distribution})" if d.distribution else "")
     say(f"{d.name}: {(spec.description if spec else '') or d.doc or '(no description)'}")
     say(f"  kind     {d.kind}, from {source}: {d.target}")
@@ -376,7 +377,7 @@ def describe_worker(reg, name: str, as_json: bool) -> int:
             table(["DATA", "DESCRIPTION"], [[n, t] for n, t in spec.returns])
     for err in d.errors:
         warn(err)
-    return 70 if d.errors else 0
+    return CONFIG if d.errors else 0
 
 
 def _show_default(key) -> str:

@@ -150,3 +150,17 @@ def test_decorator_leaves_the_function_alone():
     assert g is f and spec_of(f).default_limit() == 90 and spec_of(f).inputs[0].description == "the a"
     with pytest.raises(ValueError):
         api.worker(inputs={"a": {"kind": "x"}})
+
+
+def test_worker_that_cannot_be_imported_is_described_as_such(tmp_path):
+    home = os.environ["KMPWM_HOME"]
+    os.makedirs(home, mode=0o700, exist_ok=True)
+    cfg = os.path.join(home, "config.toml")
+    with open(cfg, "w") as f:
+        f.write(f'[workers.gone]\nentry = "no_such_module_here:run"\ncwd = "{tmp_path}"\n')
+    os.chmod(cfg, 0o600)
+    proc = kmpwm("workers", "gone", check=78)
+    assert proc.stdout.startswith("gone: ")
+    assert "cannot import no_such_module_here:run" in proc.stderr
+    doc, _ = (jdoc("workers", "gone", expect=78), None)
+    assert doc["errors"] and doc["inputs"] == []
