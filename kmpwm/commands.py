@@ -361,7 +361,8 @@ def describe_worker(reg, name: str, as_json: bool) -> int:
     if d.limit:
         why = "config.toml timeout" if info.config is not None and info.config.timeout else (
             "heavy" if spec and spec.heavy and not spec.timeout else "declared")
-        say(f"  limit    {format_duration(d.limit)} ({why}); a task's --timeout wins")
+        wins = "--timeout or --heavy" if why == "declared" else "--timeout"
+        say(f"  limit    {format_duration(d.limit)} ({why}); a task's {wins} wins")
     else:
         say("  limit    30s (light); a task's --heavy (10m) or --timeout wins")
     if spec is None:

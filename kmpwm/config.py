@@ -5,6 +5,8 @@
     timeout = "10m"                             # a DUR string or seconds
     cwd = "/home/me"
     env = { RESTIC_REPOSITORY = "/mnt/backup" }
+    description = "Back up my home"             # optional, shown by `kmpwm workers backup`
+    inputs = { tag = "a restic tag" }           # optional, the same (see kmpwm.declare)
 
     [workers.report]
     entry = "mypkg.jobs:report"                 # module:attr, imported in the worker process
