@@ -17,18 +17,35 @@ import zipfile
 import pytest
 
 from helpers import jdoc, kmpwm, kmpwm_env
-from test_builtin_workers import BLOB, BLOB_SHA, Handler, Server
+from test_builtin_workers import BLOB, BLOB_SHA, HALF, Handler, Server
+
+
+class StallingHandler(Handler):
+    """``/stall``: a plain GET gets half the blob, then nothing until the test lets go; a Range
+    request (the resume) is served at once."""
+
+    def do_GET(self):
+        if self.path != "/stall" or self.headers.get("Range"):
+            return super().do_GET() if self.path != "/stall" else self._serve_range(BLOB)
+        self.send_response(200)
+        self.send_header("Content-Length", str(len(BLOB)))
+        self.end_headers()
+        self.wfile.write(BLOB[:HALF])
+        self.wfile.flush()
+        self.server.release.wait(60)
 
 
 @pytest.fixture
 def server():
-    srv = Server(("127.0.0.1", 0), Handler)
+    srv = Server(("127.0.0.1", 0), StallingHandler)
+    srv.release = threading.Event()
     srv.expire_ctx = None
     srv.ranges = []
     thread = threading.Thread(target=srv.serve_forever, daemon=True)
     thread.start()
     srv.base = f"http://127.0.0.1:{srv.server_address[1]}"
     yield srv
+    srv.release.set()
     srv.shutdown()
     srv.server_close()
 
@@ -96,3 +113,31 @@ def test_killed_compress_leaves_no_temp_file_after_the_rerun(tmp_path):
     with zipfile.ZipFile(out) as z:
         assert hashlib.sha256(z.read("src/part5.bin")).digest() == hashlib.sha256(
             (src / "part5.bin").read_bytes()).digest()
+
+
+def _kill_run_due_when(ready, what: str) -> None:
+    """Start run-due, SIGKILL it once ``ready()`` holds, and wait for its worker to be gone."""
+    proc = subprocess.Popen([sys.executable, "-m", "kmpwm", "run-due"], env=kmpwm_env(),
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True)
+    deadline = time.monotonic() + 60
+    while not ready():
+        assert proc.poll() is None, f"run-due ended before {what}: {proc.stderr.read()}"
+        assert time.monotonic() < deadline, f"never saw {what}"
+        time.sleep(0.02)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    time.sleep(0.5)  # the worker gets SIGKILL with run-due (PR_SET_PDEATHSIG)
+
+
+def test_killed_download_resumes_and_leaves_no_part_file(server, tmp_path):
+    dest = tmp_path / "dl" / "blob.bin"
+    part = dest.parent / "blob.bin.part"
+    kmpwm("enqueue", "fetch", "download", "--input", json.dumps({"url": f"{server.base}/stall", "path": str(dest)}),
+          check=0)
+    _kill_run_due_when(lambda: part.exists() and part.stat().st_size >= HALF, "half the download")
+    assert part.exists() and not dest.exists()
+    doc = jdoc("run-due")
+    assert [r["status"] for r in doc["ran"]] == ["SUCCESS"], doc
+    assert doc["ran"][0]["data"]["resumed_from"] == HALF
+    assert dest.read_bytes() == BLOB
+    assert sorted(os.listdir(dest.parent)) == ["blob.bin"], "the killed run's .part was left behind"
