@@ -10,13 +10,14 @@ __version__ = "0.1.0"
 __all__ = [
     "Scheduler", "TaskRequest", "Constraints", "WorkerResult", "ScheduleResult", "triggers",
     "TaskState", "BackoffPolicy", "ExistingWorkPolicy", "NetworkType", "QualityOfService", "Outcome",
+    "worker",
 ]
 
 _LAZY = {
     "Scheduler": "api", "Outcome": "api", "TaskRequest": "models", "Constraints": "models",
     "ScheduleResult": "models", "TaskState": "models", "BackoffPolicy": "models",
     "ExistingWorkPolicy": "models", "NetworkType": "models", "QualityOfService": "models",
-    "WorkerResult": "results",
+    "WorkerResult": "results", "worker": "declare",
 }
 
 

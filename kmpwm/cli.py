@@ -354,11 +354,15 @@ def explain_cmd(
 
 
 @app.command("workers")
-def workers_cmd(as_json: bool = JSON_OPT) -> None:
-    """List the registered workers and where each comes from."""
+def workers_cmd(
+    name: Optional[str] = typer.Argument(None, metavar="[NAME]",
+                                         help="Describe this worker: its input keys, returned data and limits."),
+    as_json: bool = JSON_OPT,
+) -> None:
+    """List the registered workers and where each comes from, or describe one."""
     from . import commands
 
-    raise typer.Exit(commands.workers(_paths(), as_json))
+    raise typer.Exit(commands.workers(_paths(), as_json, name))
 
 
 @app.command("compact")

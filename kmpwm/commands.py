@@ -312,10 +312,12 @@ def _print_queue(doc: dict, state: dict, now: float) -> None:
 
 # -- workers -------------------------------------------------------------------------------
 
-def workers(paths, as_json: bool) -> int:
+def workers(paths, as_json: bool, name: str | None = None) -> int:
     from .registry import Registry
 
     reg = Registry(paths, rescan=True)
+    if name is not None:
+        return describe_worker(reg, name, as_json)
     items = reg.all()
     docs = [{"name": w.name, "source": w.source, "kind": w.kind, "target": w.target,
              "distribution": w.distribution} for w in items]
@@ -331,6 +333,60 @@ def workers(paths, as_json: bool) -> int:
     for name in reg.duplicates():
         warn(f"worker {name!r} is defined both in config.toml and by a package; rename one")
     return 0
+
+
+def describe_worker(reg, name: str, as_json: bool) -> int:
+    """``kmpwm workers NAME``: the worker's declaration (kmpwm.worker(...) or config.toml)."""
+    from .declare import describe
+    from .exitcodes import CONFIG
+    from .timeparse import format_duration
+
+    info = reg.get(name)
+    if info is None:
+        raise InvalidParams(f"unknown worker {name!r}", hint="`kmpwm workers` lists them")
+    d = describe(info)
+    spec = d.spec
+    if as_json:
+        doc = {"name": d.name, "kind": d.kind, "source": d.source, "target": d.target,
+               "distribution": d.distribution, "description": (spec.description if spec else None) or d.doc or None,
+               "declared": spec is not None, "limit_s": d.limit, "heavy": bool(spec and spec.heavy),
+               "inputs": [i.to_json() for i in spec.inputs] if spec else [],
+               "returns": [{"name": n, "description": t or None} for n, t in spec.returns] if spec else [],
+               "errors": d.errors}
+        print_json(doc)
+        return CONFIG if d.errors else 0
+    source = d.source + (f" ({d.distribution})" if d.distribution else "")
+    say(f"{d.name}: {(spec.description if spec else '') or d.doc or '(no description)'}")
+    say(f"  kind     {d.kind}, from {source}: {d.target}")
+    if d.limit:
+        why = "config.toml timeout" if info.config is not None and info.config.timeout else (
+            "heavy" if spec and spec.heavy and not spec.timeout else "declared")
+        wins = "--timeout or --heavy" if why == "declared" else "--timeout"
+        say(f"  limit    {format_duration(d.limit)} ({why}); a task's {wins} wins")
+    else:
+        say("  limit    30s (light); a task's --heavy (10m) or --timeout wins")
+    if spec is None:
+        say("  (this worker declares no input keys: see its documentation)")
+    else:
+        if spec.inputs:
+            say()
+            table(["INPUT", "TYPE", "DEFAULT", "REQUIRED", "DESCRIPTION"],
+                  [[i.name, i.type, _show_default(i), "yes" if i.required else "", i.description]
+                   for i in spec.inputs])
+        if spec.returns:
+            say()
+            table(["DATA", "DESCRIPTION"], [[n, t] for n, t in spec.returns])
+    for err in d.errors:
+        warn(err)
+    return CONFIG if d.errors else 0
+
+
+def _show_default(key) -> str:
+    if not key.has_default:
+        return ""
+    import orjson
+
+    return orjson.dumps(key.default).decode()
 
 
 # -- delegated commands --------------------------------------------------------------------

@@ -5,6 +5,8 @@
     timeout = "10m"                             # a DUR string or seconds
     cwd = "/home/me"
     env = { RESTIC_REPOSITORY = "/mnt/backup" }
+    description = "Back up my home"             # optional, shown by `kmpwm workers backup`
+    inputs = { tag = "a restic tag" }           # optional, the same (see kmpwm.declare)
 
     [workers.report]
     entry = "mypkg.jobs:report"                 # module:attr, imported in the worker process
@@ -31,6 +33,8 @@ class WorkerConfig:
     timeout: float | None = None
     cwd: str | None = None
     env: dict[str, str] = field(default_factory=dict)
+    description: str | None = None  # shown by `kmpwm workers NAME`
+    inputs: dict | None = None  # {key: "description" | {type, default, required, description}}
 
 
 @dataclass
@@ -69,9 +73,10 @@ def _worker(path: Path, name: str, table: object) -> WorkerConfig:
         raise ConfigError(f"{where}: invalid worker name (letters, digits, _ . : - ; at most 128)")
     if not isinstance(table, dict):
         raise ConfigError(f"{where} must be a table")
-    unknown = set(table) - {"command", "entry", "timeout", "cwd", "env"}
+    unknown = set(table) - {"command", "entry", "timeout", "cwd", "env", "description", "inputs"}
     if unknown:
-        raise ConfigError(f"{where}: unknown key {sorted(unknown)[0]!r} (expected command, entry, timeout, cwd, env)")
+        raise ConfigError(f"{where}: unknown key {sorted(unknown)[0]!r} "
+                          "(expected command, entry, timeout, cwd, env, description, inputs)")
     command, entry = table.get("command"), table.get("entry")
     if (command is None) == (entry is None):
         raise ConfigError(f"{where}: give exactly one of command = [\"prog\", \"arg\"] or entry = \"module:attr\"")
@@ -97,4 +102,13 @@ def _worker(path: Path, name: str, table: object) -> WorkerConfig:
     env = table.get("env", {})
     if not isinstance(env, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in env.items()):
         raise ConfigError(f"{where}: env must be a table of strings")
-    return WorkerConfig(name, command=command, entry=entry, timeout=timeout, cwd=cwd, env=dict(env))
+    description, inputs = table.get("description"), table.get("inputs")
+    if description is not None or inputs is not None:
+        from .declare import make_spec
+
+        try:
+            make_spec(description=description or "", inputs=inputs, where=where)
+        except ValueError as exc:
+            raise ConfigError(str(exc)) from None
+    return WorkerConfig(name, command=command, entry=entry, timeout=timeout, cwd=cwd, env=dict(env),
+                        description=description, inputs=inputs)

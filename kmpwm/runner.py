@@ -29,6 +29,7 @@ from .exitcodes import JournalError
 from .models import DEFAULT_GRACE
 from .paths import Paths, private_subdir
 from .probes import Device
+from .declare import declared_limit
 from .scheduling import lease_state, plan, time_limit, upstream_of
 from .store import Store
 from .triggers import next_after_run, task_offset
@@ -352,7 +353,7 @@ class Runner:
         slots = self.parallel - len(self.jobs) - len(self._ready)
         for n, t in enumerate(picks):
             info = self.registry.get(t["worker"])
-            limit = time_limit(t, info.config.timeout if info and info.config else None)
+            limit = time_limit(t, declared_limit(info, self._preload, t))  # a task's --timeout wins
             op = {"op": "claim", "id": t["id"], "seq": t["seq"], "runner": self.runner_id, "pid": self.pid,
                   "token": self.token, "until": now + limit + self.grace + LEASE_MARGIN + PREFETCH_MARGIN + START_SLACK}
             if t["id"] in self._broken:

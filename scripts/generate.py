@@ -123,6 +123,48 @@ EXIT_STATUS = [
     (130, "Interrupted."),
 ]
 
+EXAMPLES = [
+    ("A command worker, declared in config.toml, run every night at 02:30:",
+     """[workers.backup]
+command = ["restic", "backup", "/home/me"]
+timeout = "1h"
+description = "Back up my home directory"
+
+kmpwm enqueue nightly-backup backup --cron '30 2 * * *' --tag backup"""),
+    ("A one-time task with an input, a delay and a constraint; a periodic one due once per 15 minutes, "
+     "in the last 5 minutes of each period (the first run at once):",
+     """kmpwm enqueue report echo --input '{"title": "weekly"}' --delay 10m --requires-network
+kmpwm enqueue ping http --input '{"url": "https://example.com/health"}' --every 15m --flex 5m"""),
+    ("What a worker takes and returns, and its default time limit (the built-in transfer workers "
+     "http, download, upload and compress are heavy: 10 minutes):",
+     "kmpwm workers download"),
+    ("Many tasks in one durable append, from a file of JSON Lines, tasks.jsonl (the keys are the long "
+     "flag names with _ for -; --from - reads standard input):",
+     """{"id": "fetch-report", "worker": "download", "input": {"url": "https://example.com/report.csv", "path": "~/reports/report.csv"}, "cron": "0 6 * * 1-5", "requires_network": true}
+{"id": "tidy", "worker": "echo", "input": {"note": "weekly"}, "delay": "2h", "policy": "replace"}
+
+kmpwm enqueue --from tasks.jsonl"""),
+    ("A chain from a TOML file, photos.toml: download, then compress what was downloaded, then upload "
+     "the archive (files flow down a chain as data.path). A chain's policy defaults to replace, a "
+     "task's to keep:",
+     """id = "photos"
+policy = "keep"
+
+[[steps]]
+worker = "download"
+input = { url = "https://example.com/photos.tar", path = "~/backup/photos.tar" }
+requires_network = true
+
+[[steps]]
+worker = "compress"
+
+[[steps]]
+worker = "upload"
+input = { url = "https://example.com/upload" }
+
+kmpwm chain --file photos.toml"""),
+]
+
 SEE_ALSO = ["crontab(1)", "crontab(5)", "systemd.timer(5)", "launchd.plist(5)"]
 
 
@@ -145,6 +187,11 @@ def roff(text: str) -> str:
     lines = "".join(out).split("\n")
     # A line that starts with `.` or `'` would be read as a request.
     return "\n".join("\\&" + line if line.startswith((".", "'")) else line for line in lines)
+
+
+def verbatim(text: str) -> list[str]:
+    """Lines shown as typed (no fill), escaped for roff."""
+    return [".nf", ".RS 4"] + ["\\&" + _escape_plain(line) for line in text.split("\n")] + [".RE", ".fi"]
 
 
 def bold(text: str) -> str:
@@ -299,6 +346,9 @@ def man_page() -> str:
     for name, text in FILES:
         out += [".TP", italic(name), roff(text)]
     out += [".PP", roff(FILES_PERMISSIONS)]
+    out += [".SH EXAMPLES"]
+    for intro, code in EXAMPLES:
+        out += [".PP", roff(intro), ".PP"] + verbatim(code)
     out += ['.SH "EXIT STATUS"']
     for code, text in EXIT_STATUS:
         out += [".TP", bold(str(code)), roff(text)]

@@ -367,7 +367,7 @@ EXPECTED = {
 
 
 def _leftovers(directory):
-    return [n for n in os.listdir(directory) if n.endswith(".tmp")]
+    return [n for n in os.listdir(directory) if n.endswith(("tmp", ".part"))]
 
 
 def test_compress_zip_round_trip(tree, tmp_path):
@@ -429,7 +429,7 @@ def test_compress_expired_leaves_nothing(tree, tmp_path):
     [
         ({"paths": ["MISSING"], "output": "OUT"}, "no such file or directory: "),
         ({"output": "OUT"}, "nothing to compress"),
-        ({"path": "SRC"}, '"output"'),
+        ({"path": "SRC", "output": ""}, '"output"'),
         ({"path": "SRC", "output": "OUT", "format": "rar"}, "unknown format 'rar'"),
         ({"paths": "SRC", "output": "OUT"}, '"paths" must be a list'),
     ],

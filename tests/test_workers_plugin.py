@@ -133,3 +133,14 @@ def test_upstream_flows_through_a_chain_of_plugin_workers(plugin):
     assert ctx_data["attempt"] == 1
     assert rows["pc/2/tplug_class"]["data"]["task_id"] == "pc/2/tplug_class"
     assert {c["id"]: c for c in kjson("inspect-queue", "--all")["chains"]}["pc"]["state"] == "SUCCEEDED"
+
+
+def test_entry_point_worker_declares_itself(plugin):
+    doc = kjson("workers", "tplug_declared")
+    assert doc["description"] == "A worker that declares itself." and doc["distribution"] == DIST
+    assert doc["inputs"] == [{"name": "n", "type": "integer", "required": False, "description": "a number",
+                              "default": 1}]
+    assert doc["limit_s"] == 5
+    kjson("enqueue", "decl", "tplug_declared")
+    ran = kjson("run-due")["ran"]
+    assert ran[0]["status"] == "SUCCESS" and 0 < ran[0]["data"]["left"] <= 5  # its own limit, not 30 s

@@ -5,11 +5,11 @@ from __future__ import annotations
 import json
 import os
 import posixpath
-import secrets
 import tarfile
 import time
 import zipfile
 
+from ..declare import worker
 from ..results import Failure, Retry, Success
 
 FORMATS = ("zip", "tar.gz")
@@ -50,20 +50,37 @@ def fsync_dir(path: str) -> None:
         os.close(fd)
 
 
+@worker(
+    description="Pack files and directories into a zip or tar.gz archive, written atomically.",
+    inputs={
+        "paths": {"type": "list of strings", "description": "files and directories to pack"},
+        "path": {"type": "string", "description": "one file or directory (else upstream.path)"},
+        "output": {"type": "string", "description": "the archive (default: the first input + .zip or .tar.gz)"},
+        "format": {"type": "string", "description": "zip or tar.gz (default: from output's suffix, else zip)"},
+    },
+    returns={"path": "the archive written (what a next step such as upload takes)", "output": "the same",
+             "format": "zip or tar.gz", "files": "regular files stored", "bytes_in": "their total size",
+             "bytes_out": "the archive's size", "skipped": "entries skipped (links to directories, ...)",
+             "duration_ms": "how long it took"},
+    heavy=True,
+)
 def compress(input, ctx):
     """Pack files and directories into a zip or tar.gz archive, written atomically.
 
     Input (JSON object):
         ``paths``: list of files/directories, or ``path``: one (falls back to ``upstream["path"]``,
-        so a chain can compress what a download produced); ``output``: the archive to write;
-        ``format``: ``"zip"`` or ``"tar.gz"`` (default: from the output's suffix — ``.tar.gz`` or
-        ``.tgz`` mean tar.gz — else zip).
+        so a chain can compress what a download produced); ``output``: the archive to write
+        (default: the first input's path plus ``.zip`` or ``.tar.gz``); ``format``: ``"zip"`` or
+        ``"tar.gz"`` (default: from the output's suffix — ``.tar.gz`` or ``.tgz`` mean tar.gz —
+        else zip).
     Directories are added recursively under their own name (``dir/sub/file``); symlinks to files
     are stored as the file's content, symlinked directories and special files are skipped.
 
-    Data: ``output``, ``format``, ``files`` (regular files stored), ``bytes_in`` (their total size),
+    Data: ``path`` and ``output`` (the archive), ``format``, ``files`` (regular files stored), ``bytes_in`` (their total size),
     ``bytes_out`` (archive size), ``skipped``, ``duration_ms``.
     Told to expire between two files, it removes the partial archive and asks to be retried.
+    The archive is written to ``.NAME.kmpwm-tmp`` beside it; one left by a killed run is removed
+    by the next run.
     """
     started = time.monotonic()
     args = load_input(input, "compress")
@@ -72,15 +89,17 @@ def compress(input, ctx):
     paths = _input_paths(args, ctx)
     if isinstance(paths, Failure):
         return paths
-    output = args.get("output")
+    output, fmt = args.get("output"), args.get("format")
+    if fmt is not None and fmt not in FORMATS:
+        return Failure(f"compress: unknown format {fmt!r} (expected one of {', '.join(FORMATS)})")
+    if output is None:
+        output = os.path.normpath(paths[0]) + "." + (fmt or "zip")
     if not isinstance(output, str) or not output:
-        return Failure('compress: "output" (the archive path) is required')
+        return Failure('compress: "output" (the archive path) must be a non-empty string')
     output = os.path.abspath(os.path.expanduser(output))
     if os.path.isdir(output):
         return Failure(f"compress: output is a directory: {output}")
-    fmt = args.get("format") or _format_from_suffix(output)
-    if fmt not in FORMATS:
-        return Failure(f"compress: unknown format {fmt!r} (expected one of {', '.join(FORMATS)})")
+    fmt = fmt or _format_from_suffix(output)
 
     entries = _collect(paths, output)
     if isinstance(entries, Failure):
@@ -88,12 +107,15 @@ def compress(input, ctx):
     members, skipped = entries
 
     directory = os.path.dirname(output)
-    # Hidden and unique, in the same directory so os.replace is an atomic rename; created with
-    # os.open(0o666) rather than mkstemp so the archive gets the user's umask, not 0600.
-    tmp = os.path.join(directory, f".{os.path.basename(output)}.{secrets.token_hex(6)}.tmp")
+    # Hidden, in the same directory so os.replace is an atomic rename, and named after the output
+    # so that the next run finds and replaces one left by a run that was killed (SIGKILL leaves no
+    # chance to clean up); created with os.open(0o666) rather than mkstemp so the archive gets the
+    # user's umask, not 0600.
+    tmp = temp_path(output)
     done = False
     try:
         os.makedirs(directory, exist_ok=True)
+        _remove_stale(tmp)
         with os.fdopen(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666), "wb") as raw:
             if not _write_archive(raw, fmt, output, members, ctx):
                 return Retry("compress: stopped before the archive was complete; will start over")
@@ -115,6 +137,7 @@ def compress(input, ctx):
     return Success(
         message=f"compressed {len(files)} file(s) into {output}",
         data={
+            "path": output,
             "output": output,
             "format": fmt,
             "files": len(files),
@@ -124,6 +147,20 @@ def compress(input, ctx):
             "duration_ms": elapsed_ms(started),
         },
     )
+
+
+def temp_path(target: str) -> str:
+    """Where a built-in worker writes ``target`` before renaming it into place: hidden, beside it,
+    and the same on every run, so a run can remove what a killed run left behind."""
+    return os.path.join(os.path.dirname(target), f".{os.path.basename(target)}.kmpwm-tmp")
+
+
+def _remove_stale(tmp: str) -> None:
+    try:
+        if os.path.islink(tmp) or os.path.isfile(tmp):
+            os.remove(tmp)
+    except FileNotFoundError:
+        pass
 
 
 def _input_paths(args: dict, ctx) -> list[str] | Failure:

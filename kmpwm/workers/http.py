@@ -20,6 +20,7 @@ import urllib.error
 import urllib.parse
 import urllib.request
 
+from ..declare import worker
 from ..results import Failure, Retry, Success
 from .files import elapsed_ms, fsync_dir, load_input
 
@@ -35,6 +36,24 @@ class _Stopped(Exception):
     """Raised from inside a transfer when the worker was told to expire."""
 
 
+@worker(
+    description="Send one HTTP request; a 5xx, 408, 429 or connection error is retried, another 4xx fails.",
+    inputs={
+        "url": {"type": "string", "required": True, "description": "http:// or https:// URL"},
+        "method": {"type": "string", "default": "GET", "description": "the HTTP method"},
+        "headers": {"type": "object", "default": {}, "description": "header names to values"},
+        "body": {"type": "string", "description": "the request body (or json, not both)"},
+        "json": {"type": "any JSON", "description": "sent as the body with Content-Type application/json"},
+        "timeout": {"type": "number", "default": 30, "description": "socket timeout in seconds"},
+        "expect_status": {"type": "integer or list", "description": "these statuses succeed, any other fails"},
+        "save_body": {"type": "boolean", "default": False, "description": "put the response text in data.body"},
+    },
+    returns={"status": "the response status", "url": "the URL after redirects", "bytes": "response body size",
+             "duration_ms": "how long it took", "headers": "content-type, content-length, etag, ... when present",
+             "body": "with save_body: the text of a textual response (first 64 KiB)",
+             "truncated": "with save_body: true when body was cut"},
+    heavy=True,
+)
 def http_request(input, ctx):
     """Send one HTTP request.
 
@@ -81,6 +100,19 @@ def http_request(input, ctx):
     return _verdict(f"{method} {url}", resp, expect, data)
 
 
+@worker(
+    description="Download a URL to a file, atomically (FILE.part, renamed when complete) and resumably.",
+    inputs={
+        "url": {"type": "string", "description": "http:// or https:// URL (required unless upstream.url)"},
+        "path": {"type": "string", "required": True, "description": "the destination file"},
+        "sha256": {"type": "string", "description": "hex digest the file must have"},
+        "resume": {"type": "boolean", "default": True, "description": "continue a FILE.part with a Range request"},
+        "timeout": {"type": "number", "default": 60, "description": "socket timeout in seconds"},
+    },
+    returns={"path": "the file written", "bytes": "its size", "resumed_from": "bytes kept from an earlier attempt",
+             "sha256": "its digest", "status": "the response status", "duration_ms": "how long it took"},
+    heavy=True,
+)
 def download(input, ctx):
     """Download a URL to a file, atomically and resumably.
 
@@ -172,6 +204,24 @@ def download(input, ctx):
     )
 
 
+@worker(
+    description="Upload a file, streamed from disk, as multipart/form-data or as the raw body.",
+    inputs={
+        "url": {"type": "string", "required": True, "description": "http:// or https:// URL"},
+        "path": {"type": "string", "description": "the file to send (required unless upstream.path)"},
+        "method": {"type": "string", "default": "POST", "description": "the HTTP method"},
+        "multipart": {"type": "boolean", "default": True, "description": "false: the file is the raw body"},
+        "field": {"type": "string", "default": "file", "description": "the form field of the file"},
+        "fields": {"type": "object", "default": {}, "description": "extra text form fields (multipart)"},
+        "headers": {"type": "object", "default": {}, "description": "header names to values"},
+        "timeout": {"type": "number", "default": 60, "description": "socket timeout in seconds"},
+        "expect_status": {"type": "integer or list", "description": "these statuses succeed, any other fails"},
+    },
+    returns={"status": "the response status", "bytes": "the file's size", "url": "the URL after redirects",
+             "path": "the file sent", "duration_ms": "how long it took",
+             "response": "the response text (first 64 KiB)"},
+    heavy=True,
+)
 def upload(input, ctx):
     """Upload a file, streamed from disk.
 
@@ -181,7 +231,7 @@ def upload(input, ctx):
     ``fields`` (extra text form fields, multipart only); ``headers`` ({}); ``timeout`` (60);
     ``expect_status`` (as for ``http``).
 
-    Data: ``status``, ``bytes`` (file size), ``url``, ``duration_ms``, ``response`` (the response
+    Data: ``status``, ``bytes`` (file size), ``url``, ``path``, ``duration_ms``, ``response`` (the response
     text, first 64 KiB).
     """
     started = time.monotonic()
@@ -232,6 +282,7 @@ def upload(input, ctx):
         "status": resp.status,
         "bytes": size,
         "url": resp.geturl(),
+        "path": path,
         "duration_ms": elapsed_ms(started),
         "response": _text(resp, kept, force=True),
     }

@@ -2,6 +2,7 @@
 
 import asyncio
 
+import kmpwm
 from kmpwm import WorkerResult
 
 
@@ -51,3 +52,11 @@ def flaky_worker(input, ctx):
     if ctx.attempt < 2:
         return WorkerResult.Retry(f"attempt {ctx.attempt}: not yet")
     return WorkerResult.Success(data={"attempt": ctx.attempt, "task_id": ctx.task_id})
+
+
+@kmpwm.worker(description="A worker that declares itself.",
+              inputs={"n": {"type": "integer", "default": 1, "required": False, "description": "a number"}},
+              returns={"left": "seconds left of its time limit"}, timeout="5s")
+def declared_worker(input, ctx):
+    """Declared through kmpwm.worker: described by `kmpwm workers`, its 5 s limit applied."""
+    return WorkerResult.Success(data={"left": ctx.time_left()})
