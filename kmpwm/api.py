@@ -102,6 +102,7 @@ class Scheduler:
         self._registry = None
         self._pending: list | None = None  # (kind, payload, outcome) while a batch is open
         self._workers_ok: set[str] = set()
+        self._command_workers: set[str] = set()
         self._clean_workers: set[str] = set()  # names fit for generated task ids
         self._plain: tuple[dict, dict] | None = None  # validated default trigger and constraints
         self._assume = os.environ.get("KMPWM_ASSUME")
@@ -131,12 +132,15 @@ class Scheduler:
         if worker not in self._workers_ok:
             if not isinstance(worker, str) or not worker:
                 raise InvalidParams("missing worker name")
-            if self.registry.get(worker) is None:
+            info = self.registry.get(worker)
+            if info is None:
                 raise InvalidParams(
                     f"unknown worker {worker!r}",
                     hint="`kmpwm workers` lists the workers; declare it as [workers.NAME] in config.toml "
                     "or install a package that provides it",
                 )
+            if info.kind == "command":
+                self._command_workers.add(worker)
             self._workers_ok.add(worker)
         trigger = req.trigger if req.trigger is not None else _ONE_TIME
         constraints = req.constraints if req.constraints is not None else _DEFAULT_CONSTRAINTS
@@ -150,6 +154,11 @@ class Scheduler:
         data = req.input
         if data is not None:
             data = normalise_input(data)
+            if worker in self._command_workers and "\0" in data:
+                # it travels in KMPWM_INPUT, and no environment variable can hold a NUL byte
+                raise InvalidParams(f"invalid input: a NUL byte, which the command worker {worker!r} cannot "
+                                    "receive (it is passed in the environment, KMPWM_INPUT)",
+                                    hint="encode binary input (base64) or pass a path to a file")
         # Defaults are left out of the record (the fold fills them in): a 10,000-task batch is a
         # third of the bytes to serialise, checksum and fsync.
         task = {"id": task_id, "worker": worker, "trigger": trig, "created_at": now}

@@ -67,24 +67,19 @@ def enqueue_one(scheduler, spec: dict, as_json: bool) -> int:
 
 
 def _read_source(source: str, what: str) -> bytes:
-    if source == "-":
-        return sys.stdin.buffer.read()
-    try:
-        with open(source, "rb") as fh:
-            return fh.read()
-    except OSError as exc:
-        raise InvalidParams(f"cannot read {what} {source}: {exc.strerror}") from None
+    from .specs import MAX_SPECS_BYTES, read_bounded
+
+    return read_bounded(source, MAX_SPECS_BYTES, what)
 
 
 def enqueue_from(scheduler, source: str, as_json: bool) -> int:
     import orjson
 
-    from .specs import request_from_spec
+    from .specs import request_from_spec, spec_lines
 
-    data = _read_source(source, "task specs")
     items = []
     try:
-        for number, line in enumerate(data.splitlines(), 1):
+        for number, line in spec_lines(source):
             if not line.strip():
                 continue
             try:
