@@ -57,6 +57,7 @@ class Outcome:
     tasks: list[str] = field(default_factory=list)
     error: str | None = None
     exit_code: int = 0
+    hint: str | None = None  # how to fix it, for people (the CLI prints it under the error)
 
     @property
     def ok(self) -> bool:
@@ -141,6 +142,14 @@ class Scheduler:
                 )
             if info.kind == "command":
                 self._command_workers.add(worker)
+            elif info.source == "config":  # found now, not at 2 a.m. (entry points: at their install)
+                from .registry import import_error
+
+                problem = import_error(info)
+                if problem is not None:
+                    where = ", ".join(info.config.import_dirs)
+                    raise InvalidParams(f"worker {worker!r}: {problem} (searched {where} and sys.path; say where "
+                                        f"the module is with path = \"DIR\" in [workers.{worker}] of config.toml)")
             self._workers_ok.add(worker)
         trigger = req.trigger if req.trigger is not None else _ONE_TIME
         constraints = req.constraints if req.constraints is not None else _DEFAULT_CONSTRAINTS
@@ -447,7 +456,7 @@ def _as_step(request) -> list[TaskRequest]:
 def _rejected(task_id, exc: KmpwmError) -> Outcome:
     result = ScheduleResult(exc.result) if exc.result in ScheduleResult.__members__ else ScheduleResult.FAILED_UNKNOWN
     return Outcome(result, task_id if isinstance(task_id, str) else None, error=str(exc).splitlines()[0],
-                   exit_code=exc.exit_code)
+                   exit_code=exc.exit_code, hint=exc.hint)
 
 
 def _cancel_would_change(state: dict, op: dict) -> bool:

@@ -113,6 +113,18 @@ def make_private_dirs(path: Path) -> None:
         os.chmod(d, 0o700)
 
 
+def require_home(paths: Paths) -> None:
+    """For commands that only read: a home given by ``--home`` or ``KMPWM_HOME`` that does not
+    exist is said so (exit 1, "nothing matched"), so that a mistyped home never looks like an
+    empty queue.  The platform's default home is where the queue would be, so there an empty
+    queue is the truth and is shown."""
+    if paths.home is not None and not os.path.lexists(paths.home):
+        from .exitcodes import NothingMatched
+
+        raise NothingMatched(f"no kmpwm queue at {paths.home}: the directory does not exist",
+                             hint="check --home or KMPWM_HOME (the first enqueue creates a home)")
+
+
 def ensure_dir(path: Path) -> None:
     """Create ``path`` (and parents) with mode 0700 if missing."""
     if path.is_dir():

@@ -174,6 +174,23 @@ class Registry:
         return sorted(set(self.config.workers) & set(self.entry_points))
 
 
+def import_error(info: WorkerInfo) -> str | None:
+    """Why a Python worker cannot be loaded the way its run will load it (None: it can).  Imports
+    it here, with the worker's own ``sys.path`` additions, which are undone afterwards."""
+    from .worker_host import load_target
+
+    saved = list(sys.path)
+    try:
+        load_target(info)
+    except KeyboardInterrupt:
+        raise
+    except BaseException as exc:  # SystemExit from a module's top level too
+        return f"cannot import {info.target}: {type(exc).__name__}: {exc}"
+    finally:
+        sys.path[:] = saved
+    return None
+
+
 def _private(st: os.stat_result) -> bool:
     """Owned by this user and writable by nobody else (SPEC section 1)."""
     return (not hasattr(os, "getuid") or st.st_uid == os.getuid()) and not st.st_mode & 0o022

@@ -270,3 +270,206 @@ def test_bidi_controls_and_markup_escaped_on_a_terminal():
     shown = _on_tty("inspect-queue", "--all", env={"NO_COLOR": None, "TERM": "xterm"})  # rich
     assert "ab\\u202ecd[red]x\\u2066" in shown, shown
     assert "\u202e" not in shown and "\u2066" not in shown
+
+
+# -- 13.9: doctor finds what would stop run-due, says how to fix it, exits non-zero -----------
+
+def _doctor():
+    doc, rc = kjson("doctor")
+    return doc, rc, " | ".join(doc.get("problems", []))
+
+
+def test_doctor_healthy_home_exits_0(home):
+    kmpwm("enqueue", "a", "echo", check=0)
+    kmpwm("run-due", check=0)
+    doc, rc, problems = _doctor()
+    assert rc == 0 and doc["healthy"] and not problems, problems
+
+
+def test_doctor_lock_that_is_a_directory(home):
+    kmpwm("enqueue", "a", "echo", check=0)
+    lock = home / "journal" / "lock"
+    lock.unlink()
+    lock.mkdir()
+    kmpwm("run-due", check=74)  # what doctor must predict
+    doc, rc, problems = _doctor()
+    assert rc == 74 and not doc["healthy"] and "is a directory" in problems and f"rmdir {lock}" in problems
+    proc = kmpwm("doctor", check=74)
+    assert f"rmdir {lock}" in proc.stdout
+
+
+@pytest.mark.parametrize("how", ["group-writable", "a-file", "unwritable"])
+def test_doctor_runners_dir_with_bad_permissions(home, how):
+    kmpwm("enqueue", "a", "echo", check=0)
+    kmpwm("run-due", check=0)
+    runners = home / "journal" / "runners"
+    if how == "group-writable":
+        os.chmod(runners, 0o770)
+        fix = f"chmod 700 {runners}"
+    elif how == "a-file":
+        for f in runners.iterdir():
+            f.unlink()
+        runners.rmdir()
+        runners.write_text("")
+        fix = f"rm {runners}"
+    else:
+        if os.geteuid() == 0:
+            pytest.skip("root writes into a 0500 directory")
+        os.chmod(runners, 0o500)
+        fix = f"chmod 700 {runners}"
+    doc, rc, problems = _doctor()
+    assert rc == 77 and "runners directory" in problems and fix in problems, problems
+    assert not doc["healthy"]
+
+
+def test_doctor_read_only_journal(home, tmp_path):
+    if os.geteuid() != 0:
+        kmpwm("enqueue", "a", "echo", check=0)
+        os.chmod(home / "journal" / "journal.log", 0o400)
+        doc, rc, problems = _doctor()
+        assert rc == 74 and "read-only" in problems and "chmod u+w" in problems, problems
+        return
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4m,mode=0700", "tmpfs", str(mnt)]).returncode:
+        pytest.skip("cannot mount a tmpfs here")
+    try:
+        env = {"KMPWM_HOME": str(mnt)}
+        kmpwm("enqueue", "a", "echo", env=env, check=0)
+        subprocess.run(["mount", "-o", "remount,ro", str(mnt)], check=True)
+        assert kmpwm("run-due", env=env).returncode == 74  # what doctor must predict
+        doc, rc = kjson("doctor", env=env)
+        problems = " | ".join(doc["problems"])
+        assert rc == 74 and "read-only" in problems and "remount it read-write" in problems, problems
+    finally:
+        subprocess.run(["umount", "-l", str(mnt)])
+
+
+def test_doctor_worker_program_missing_or_not_executable(home, tmp_path):
+    script = tmp_path / "job.sh"
+    script.write_text("#!/bin/sh\nexit 0\n")
+    os.chmod(script, 0o644)
+    write_config(home, f'''
+        [workers.gone]
+        command = ["{tmp_path}/no-such-program", "x"]
+
+        [workers.noexec]
+        command = ["{script}"]
+
+        [workers.nopath]
+        command = ["no-such-program-on-path-x1"]
+
+        [workers.nocwd]
+        command = ["true"]
+        cwd = "{tmp_path}/no-such-dir"
+
+        [workers.fine]
+        command = ["true"]
+    ''')
+    doc, rc, problems = _doctor()
+    assert rc == 78 and not doc["healthy"]
+    by = {w["name"]: w for w in doc["workers"]}
+    assert "does not exist" in by["gone"]["error"]
+    assert "not executable" in by["noexec"]["error"] and f"chmod +x {script}" in by["noexec"]["error"]
+    assert "not found on PATH" in by["nopath"]["error"]
+    assert "cwd" in by["nocwd"]["error"] and "not a directory" in by["nocwd"]["error"]
+    assert by["fine"]["ok"] and by["echo"]["ok"]
+    os.chmod(script, 0o755)
+    doc, rc, _ = _doctor()
+    assert {w["name"] for w in doc["workers"] if not w["ok"]} == {"gone", "nopath", "nocwd"}
+
+
+# -- 14.9: an installed invoker that stopped running is reported ------------------------------
+
+FAKE_CRONTAB = """#!/bin/sh
+case "$1" in
+  -l) if [ -f "$FAKE_CRONTAB_FILE" ]; then cat "$FAKE_CRONTAB_FILE"; else echo "no crontab for tester" >&2; exit 1; fi ;;
+  -)  cat > "$FAKE_CRONTAB_FILE" ;;
+  -r) rm -f "$FAKE_CRONTAB_FILE" ;;
+esac
+"""
+
+
+@pytest.mark.parametrize("every,age,stale", [("1m", 3600, True), ("1m", 30, False), ("5m", 600, False),
+                                              ("5m", 1000, True)])
+def test_doctor_reports_a_stale_invoker(home, tmp_path, every, age, stale):
+    import time
+
+    fake = tmp_path / "crontab"
+    fake.write_text(FAKE_CRONTAB)
+    os.chmod(fake, 0o700)
+    env = {"KMPWM_CRONTAB": str(fake), "FAKE_CRONTAB_FILE": str(tmp_path / "crontab.txt"),
+           "XDG_CONFIG_HOME": str(tmp_path / "xdg"), "HOME": str(tmp_path)}
+    kmpwm("schedule", "install", "--backend", "cron", "--every", every, env=env, check=0)
+    kmpwm("enqueue", "a", "echo", "--delay", "1h", env=env, check=0)
+    kmpwm("run-due", env=env, check=0)  # marks the last run
+    last = home / "journal" / "runners" / "last-run"
+    t = time.time() - age
+    os.utime(last, (t, t))
+    doc, rc = kjson("doctor", env=env)
+    problems = " | ".join(doc["problems"])
+    if stale:
+        assert rc == 1 and doc["invoker"]["stale"] and "cron daemon running" in problems, doc
+        proc = kmpwm("doctor", env=env, check=1)
+        assert "STALE" in proc.stdout and "last ran" in proc.stdout
+    else:
+        assert rc == 0 and not doc["invoker"]["stale"] and not problems, doc
+
+
+# -- 14.8: a home that does not exist is said so ---------------------------------------------
+
+@pytest.mark.parametrize("args", [["inspect-queue"], ["events"], ["explain", "x"], ["doctor"]])
+def test_missing_home_is_not_an_empty_queue(tmp_path, args):
+    missing = tmp_path / "no" / "such" / "home"
+    proc = kmpwm("--home", missing, *args, check=1)
+    assert proc.stdout == "" and f"no kmpwm queue at {missing}" in proc.stderr
+    doc, rc = kjson("--home", missing, *args)
+    assert rc == 1 and doc == {"error": f"no kmpwm queue at {missing}: the directory does not exist",
+                               "exit_code": 1}
+    assert not (tmp_path / "no").exists()  # and nothing was created
+
+
+def test_existing_empty_home_is_an_empty_queue(tmp_path):
+    empty = tmp_path / "empty"
+    empty.mkdir(mode=0o700)
+    doc, rc = kjson("--home", empty, "inspect-queue")
+    assert rc == 0 and doc == {"tasks": [], "chains": []}
+
+
+# -- 14.7: an entry worker's module is found by path or next to config.toml, checked at enqueue -
+
+def test_entry_worker_module_checked_at_enqueue_and_found_by_path(home):
+    write_config(home, '[workers.gen]\nentry = "jobs_i13:gen"\n')
+    doc, rc = kjson("enqueue", "a", "gen")
+    assert rc == 65 and "No module named 'jobs_i13'" in doc["error"] and "path =" in doc["error"], doc
+    d, rc = kjson("doctor")
+    assert rc == 78 and any("No module named 'jobs_i13'" in p for p in d["problems"])
+    lib = home / "lib"
+    lib.mkdir()
+    (lib / "jobs_i13.py").write_text("def gen(text):\n    return {'got': text}\n")
+    write_config(home, '[workers.gen]\nentry = "jobs_i13:gen"\npath = "lib"\n')
+    kmpwm("enqueue", "a", "gen", "--input", "one", check=0)
+    for preload in ("1", "0"):  # imported in run-due, or only in the worker's own process
+        kmpwm("enqueue", "a", "gen", "--input", f"p{preload}", "--policy", "replace", check=0)
+        doc, _ = kjson("run-due", env={"KMPWM_PRELOAD": preload}, check=0)
+        assert doc["ran"][0]["status"] == "SUCCESS" and doc["ran"][0]["data"] == {"got": f"p{preload}"}, doc
+    assert kjson("doctor", check=0)[0]["healthy"]
+    # config.toml's own directory is searched by default
+    (lib / "jobs_i13.py").rename(home / "jobs_i13.py")
+    write_config(home, '[workers.gen]\nentry = "jobs_i13:gen"\n')
+    kmpwm("enqueue", "b", "gen", "--input", "two", check=0)
+    doc, _ = kjson("run-due", env={"KMPWM_PRELOAD": "0"}, check=0)
+    assert doc["ran"][0]["data"] == {"got": "two"}
+    # a missing attribute is caught too
+    write_config(home, '[workers.gen]\nentry = "jobs_i13:nope"\n')
+    doc, rc = kjson("enqueue", "c", "gen")
+    assert rc == 65 and "nope" in doc["error"]
+
+
+def test_entry_path_that_others_can_write_is_refused(home):
+    lib = home / "lib"
+    lib.mkdir()
+    os.chmod(lib, 0o777)
+    write_config(home, '[workers.gen]\nentry = "jobs_i13:gen"\npath = "lib"\n')
+    proc = kmpwm("enqueue", "a", "gen", check=77)
+    assert "module path of worker gen" in proc.stderr and f"chmod 700 {lib}" in proc.stderr
