@@ -361,6 +361,8 @@ class Scheduler:
         return self._cancel({"op": "cancel", "all": True})
 
     def _cancel(self, op: dict) -> list[str]:
+        if not os.path.lexists(self.paths.journal_file):
+            return []  # no journal, no task: nothing to lock, and no home made for a mistyped --home
         with self.store.transaction() as txn:
             if not _cancel_would_change(txn.state, op):
                 return []  # idempotent, and no journal growth for a no-op

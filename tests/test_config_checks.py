@@ -473,3 +473,11 @@ def test_entry_path_that_others_can_write_is_refused(home):
     write_config(home, '[workers.gen]\nentry = "jobs_i13:gen"\npath = "lib"\n')
     proc = kmpwm("enqueue", "a", "gen", check=77)
     assert "module path of worker gen" in proc.stderr and f"chmod 700 {lib}" in proc.stderr
+
+
+def test_cancel_on_a_missing_home_creates_nothing(tmp_path):
+    missing = tmp_path / "typo"
+    doc, rc = kjson("--home", missing, "cancel", "x")
+    assert rc == 0 and doc == {"cancelled": []}
+    kjson("--home", missing, "cancel", "--all", check=0)
+    assert not missing.exists()
