@@ -57,6 +57,7 @@ class Outcome:
     tasks: list[str] = field(default_factory=list)
     error: str | None = None
     exit_code: int = 0
+    hint: str | None = None  # how to fix it, for people (the CLI prints it under the error)
 
     @property
     def ok(self) -> bool:
@@ -102,6 +103,7 @@ class Scheduler:
         self._registry = None
         self._pending: list | None = None  # (kind, payload, outcome) while a batch is open
         self._workers_ok: set[str] = set()
+        self._command_workers: set[str] = set()
         self._clean_workers: set[str] = set()  # names fit for generated task ids
         self._plain: tuple[dict, dict] | None = None  # validated default trigger and constraints
         self._assume = os.environ.get("KMPWM_ASSUME")
@@ -131,12 +133,23 @@ class Scheduler:
         if worker not in self._workers_ok:
             if not isinstance(worker, str) or not worker:
                 raise InvalidParams("missing worker name")
-            if self.registry.get(worker) is None:
+            info = self.registry.get(worker)
+            if info is None:
                 raise InvalidParams(
                     f"unknown worker {worker!r}",
                     hint="`kmpwm workers` lists the workers; declare it as [workers.NAME] in config.toml "
                     "or install a package that provides it",
                 )
+            if info.kind == "command":
+                self._command_workers.add(worker)
+            elif info.source == "config":  # found now, not at 2 a.m. (entry points: at their install)
+                from .registry import import_error
+
+                problem = import_error(info)
+                if problem is not None:
+                    where = ", ".join(info.config.import_dirs)
+                    raise InvalidParams(f"worker {worker!r}: {problem} (searched {where} and sys.path; say where "
+                                        f"the module is with path = \"DIR\" in [workers.{worker}] of config.toml)")
             self._workers_ok.add(worker)
         trigger = req.trigger if req.trigger is not None else _ONE_TIME
         constraints = req.constraints if req.constraints is not None else _DEFAULT_CONSTRAINTS
@@ -154,6 +167,11 @@ class Scheduler:
         data = req.input
         if data is not None:
             data = normalise_input(data)
+            if worker in self._command_workers and "\0" in data:
+                # it travels in KMPWM_INPUT, and no environment variable can hold a NUL byte
+                raise InvalidParams(f"invalid input: a NUL byte, which the command worker {worker!r} cannot "
+                                    "receive (it is passed in the environment, KMPWM_INPUT)",
+                                    hint="encode binary input (base64) or pass a path to a file")
         # Defaults are left out of the record (the fold fills them in): a 10,000-task batch is a
         # third of the bytes to serialise, checksum and fsync.
         task = {"id": task_id, "worker": worker, "trigger": trig, "created_at": now}
@@ -351,6 +369,8 @@ class Scheduler:
         return self._cancel({"op": "cancel", "all": True})
 
     def _cancel(self, op: dict) -> list[str]:
+        if not os.path.lexists(self.paths.journal_file):
+            return []  # no journal, no task: nothing to lock, and no home made for a mistyped --home
         with self.store.transaction() as txn:
             if not _cancel_would_change(txn.state, op):
                 return []  # idempotent, and no journal growth for a no-op
@@ -446,7 +466,7 @@ def _as_step(request) -> list[TaskRequest]:
 def _rejected(task_id, exc: KmpwmError) -> Outcome:
     result = ScheduleResult(exc.result) if exc.result in ScheduleResult.__members__ else ScheduleResult.FAILED_UNKNOWN
     return Outcome(result, task_id if isinstance(task_id, str) else None, error=str(exc).splitlines()[0],
-                   exit_code=exc.exit_code)
+                   exit_code=exc.exit_code, hint=exc.hint)
 
 
 def _cancel_would_change(state: dict, op: dict) -> bool:

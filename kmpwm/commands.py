@@ -15,7 +15,8 @@ def _reject(task_id, exc_or_outcome, as_json: bool, extra: dict | None = None) -
         result, error, code = exc_or_outcome.result, str(exc_or_outcome).splitlines()[0], exc_or_outcome.exit_code
         hint = exc_or_outcome.hint
     else:
-        result, error, code, hint = exc_or_outcome.result.value, exc_or_outcome.error, exc_or_outcome.exit_code, None
+        result, error, code = exc_or_outcome.result.value, exc_or_outcome.error, exc_or_outcome.exit_code
+        hint = getattr(exc_or_outcome, "hint", None)
     if as_json:
         doc = {"result": result, "id": task_id, "error": error}
         doc.update(extra or {})
@@ -67,24 +68,19 @@ def enqueue_one(scheduler, spec: dict, as_json: bool) -> int:
 
 
 def _read_source(source: str, what: str) -> bytes:
-    if source == "-":
-        return sys.stdin.buffer.read()
-    try:
-        with open(source, "rb") as fh:
-            return fh.read()
-    except OSError as exc:
-        raise InvalidParams(f"cannot read {what} {source}: {exc.strerror}") from None
+    from .specs import MAX_SPECS_BYTES, read_bounded
+
+    return read_bounded(source, MAX_SPECS_BYTES, what)
 
 
 def enqueue_from(scheduler, source: str, as_json: bool) -> int:
     import orjson
 
-    from .specs import request_from_spec
+    from .specs import request_from_spec, spec_lines
 
-    data = _read_source(source, "task specs")
     items = []
     try:
-        for number, line in enumerate(data.splitlines(), 1):
+        for number, line in spec_lines(source):
             if not line.strip():
                 continue
             try:
@@ -238,9 +234,11 @@ def cancel(scheduler, ids: list[str], tag, all_: bool, as_json: bool) -> int:
 # -- inspect-queue -------------------------------------------------------------------------
 
 def inspect(scheduler, task_id, tag, state_filter, all_: bool, watch: bool, as_json: bool) -> int:
+    from .models import FINISHED
+    from .paths import require_home
     from .views import parse_state_filter
 
-    from .models import FINISHED
+    require_home(scheduler.paths)
 
     wanted = parse_state_filter(state_filter)
     # the plain queue (unfinished work) needs no history: only --all, an ID or a final state do
@@ -406,12 +404,18 @@ def simulate_expire(paths, ids, all_, grace, as_json) -> int:
 
 def events(paths, task, since, follow, as_json) -> int:
     from .events import events_command
+    from .paths import require_home
+
+    require_home(paths)
 
     return events_command(paths, task, since, follow, as_json)
 
 
 def explain(paths, task_id, as_json) -> int:
     from .explain import explain_command
+    from .paths import require_home
+
+    require_home(paths)
 
     return explain_command(paths, task_id, as_json)
 
@@ -424,6 +428,9 @@ def compact(paths, as_json) -> int:
 
 def doctor(paths, repair, as_json) -> int:
     from .doctor import doctor_command
+    from .paths import require_home
+
+    require_home(paths)
 
     return doctor_command(paths, repair, as_json)
 

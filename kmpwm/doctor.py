@@ -1,7 +1,10 @@
 """``kmpwm doctor [--repair]``: journal integrity, permissions, configuration, workers, invoker.
 
-Exit 0 when the journal is healthy (even without an invoker: it says so), 74 when it finds
-damage, 78 for a bad config.toml.  ``--repair`` moves every damaged region to
+Exit 0 when all is well (even without an invoker: it says so); otherwise the worst problem
+found: 74 a damaged journal or one run-due cannot write (read-only, a lock that is a directory),
+77 a private directory (runners/, quarantine/, cache/, logs/) that is not private or writable,
+78 a bad config.toml or a worker that cannot start (program missing, entry not importable), 1 an
+installed invoker that has not run for several periods (its daemon is not running).  ``--repair`` moves every damaged region to
 ``journal/quarantine/`` (with a manifest) and rewrites the journal atomically with every valid
 record, in order; it exits 0 once the journal is healthy again.
 """
@@ -10,13 +13,14 @@ from __future__ import annotations
 
 import os
 import shutil
+import stat
 import time
 
 import orjson
 
-from .exitcodes import CONFIG, IO_ERROR, KmpwmError
+from .exitcodes import CONFIG, IO_ERROR, NOPERM, NOTHING_MATCHED, InsecurePermissions, KmpwmError
 from .journal import Journal
-from .paths import Paths, check_all, private_subdir
+from .paths import Paths, check_all, check_secure, private_subdir
 from .timeparse import iso
 
 
@@ -75,24 +79,121 @@ def _check_workers(paths: Paths) -> tuple[list[dict], str | None]:
     out = []
     for w in items:
         entry = {"name": w.name, "source": w.source, "kind": w.kind, "target": w.target, "ok": True, "error": None}
-        try:
-            if w.kind == "command":
-                prog = w.config.command[0]
-                found = shutil.which(prog, path=os.environ.get("PATH")) if os.sep not in prog else (
-                    prog if os.access(prog, os.X_OK) else None)
-                if not found:
-                    raise LookupError(f"command not found: {prog}")
-            else:
-                from .worker_host import load_target
+        cfg = w.config
+        if cfg is not None and cfg.cwd and not os.path.isdir(cfg.cwd):
+            entry.update(ok=False, error=f"its cwd {cfg.cwd} is not a directory (create it or fix cwd in config.toml)")
+        elif w.kind == "command":
+            entry["error"] = _command_problem(cfg)
+            entry["ok"] = entry["error"] is None
+        else:
+            from .registry import import_error
 
-                load_target(w)
-        except Exception as exc:
-            entry.update(ok=False, error=f"{type(exc).__name__}: {exc}")
+            entry["error"] = import_error(w)
+            entry["ok"] = entry["error"] is None
         out.append(entry)
     for name in dups:
         out.append({"name": name, "source": "both", "kind": "?", "target": "", "ok": False,
                     "error": "defined both in config.toml and by a package"})
     return out, None
+
+
+def _command_problem(cfg) -> str | None:
+    """Why run-due could not start this command worker's program (None: it can)."""
+    prog = cfg.command[0]
+    path = cfg.env.get("PATH", os.environ.get("PATH"))
+    if os.sep not in prog:
+        return None if shutil.which(prog, path=path) else (
+            f"program {prog!r} not found on PATH (install it, or give its full path in command)")
+    full = prog if os.path.isabs(prog) or not cfg.cwd else os.path.join(cfg.cwd, prog)
+    if not os.path.exists(full):
+        return f"program {full} does not exist (fix command[0] in config.toml)"
+    if not os.path.isfile(full) or not os.access(full, os.X_OK):
+        return f"program {full} is not executable (chmod +x {full})"
+    return None
+
+
+def _read_only(path) -> str:
+    try:
+        if os.statvfs(path).f_flag & getattr(os, "ST_RDONLY", 1):
+            return "its file system is mounted read-only (remount it read-write)"
+    except OSError:
+        pass
+    return f"it is not writable by you (mode {stat.S_IMODE(os.stat(path).st_mode):04o}; chmod u+w {path})"
+
+
+def check_files(paths: Paths) -> list[tuple[int, str]]:
+    """What would stop run-due although the journal reads fine, as (exit code, problem and fix):
+    74 for the journal's own files (the lock, a read-only journal), 77 for kmpwm's private
+    directories (runners/, quarantine/, cache/, logs/) that are not private or not writable."""
+    out: list[tuple[int, str]] = []
+    lock = paths.lock_file
+    try:
+        st = os.lstat(lock)
+    except FileNotFoundError:
+        st = None
+    except OSError as exc:
+        out.append((IO_ERROR, f"cannot inspect the lock {lock}: {exc.strerror}"))
+        st = None
+    if st is not None and not stat.S_ISREG(st.st_mode):
+        kind = "a directory" if stat.S_ISDIR(st.st_mode) else "a symlink" if stat.S_ISLNK(st.st_mode) else "not a file"
+        out.append((IO_ERROR, f"the lock {lock} is {kind}: no command can take the journal lock; remove it "
+                              f"({'rmdir' if stat.S_ISDIR(st.st_mode) else 'rm'} {lock}), kmpwm makes a new one"))
+    for path, what in ((paths.journal_dir, "journal directory"), (paths.journal_file, "journal"), (lock, "lock")):
+        if path == lock and (st is None or not stat.S_ISREG(st.st_mode)):
+            continue
+        if os.path.exists(path) and not os.access(path, os.W_OK | (os.X_OK if path.is_dir() else 0)):
+            out.append((IO_ERROR, f"the {what} {path} is read-only: run-due cannot record claims or results; "
+                                  f"{_read_only(path)}"))
+    for path, what in ((paths.runners_dir, "runners directory"), (paths.quarantine_dir, "quarantine directory"),
+                       (paths.cache_dir, "cache directory"), (paths.log_dir, "log directory")):
+        try:
+            st = os.lstat(path)
+        except FileNotFoundError:
+            continue
+        except OSError as exc:
+            out.append((NOPERM, f"cannot inspect the {what} {path}: {exc.strerror}"))
+            continue
+        if stat.S_ISLNK(st.st_mode) or not stat.S_ISDIR(st.st_mode):
+            out.append((NOPERM, f"the {what} {path} is {'a symlink' if stat.S_ISLNK(st.st_mode) else 'not a directory'}"
+                                f": remove it (rm {path}); kmpwm creates it as a private directory"))
+            continue
+        try:
+            check_secure(path, what=f"the {what}")
+        except InsecurePermissions as exc:
+            out.append((NOPERM, f"{exc.message}; {exc.hint}"))
+            continue
+        if not os.access(path, os.W_OK | os.X_OK):
+            out.append((NOPERM, f"the {what} {path} is not writable by you (mode {stat.S_IMODE(st.st_mode):04o}): "
+                                f"chmod 700 {path}"))
+    return out
+
+
+# the invoker is stale when run-due has not run for this many of its periods (and a minute)
+STALE_PERIODS = 3
+
+
+def stale_invoker(invoker: dict, last_run: float | None, now: float) -> str | None:
+    """Why an installed invoker looks dead (its daemon not running), None when it ran lately."""
+    if not invoker.get("installed"):
+        return None
+    every = invoker.get("every") or 86400  # a schedule we cannot read: judged by a day
+    since = last_run
+    if since is None:  # never ran: judged from when it was installed (its file), if known
+        try:
+            since = os.stat(invoker["path"]).st_mtime if invoker.get("path") else None
+        except OSError:
+            since = None
+    if since is None or now - since <= STALE_PERIODS * every + 60:
+        return None
+    from .timeparse import format_duration
+
+    backend = invoker.get("backend") or "?"
+    check = {"cron": "is the cron daemon running? (systemctl status cron, or crond; pgrep -a cron)",
+             "systemd": "is the timer active? (systemctl --user status kmpwm-*.timer; loginctl enable-linger)",
+             "launchd": "is the agent loaded? (launchctl list | grep kmpwm)"}.get(backend, "is its scheduler running?")
+    ran = f"last ran {format_duration(now - last_run)} ago" if last_run is not None else "has never run"
+    return (f"the invoker ({backend}, every {format_duration(every)}) is installed but run-due {ran}: "
+            f"nothing runs your tasks; {check}")
 
 
 def doctor_command(paths: Paths, do_repair: bool, as_json: bool) -> int:
@@ -109,12 +210,18 @@ def doctor_command(paths: Paths, do_repair: bool, as_json: bool) -> int:
     report.pop("_scan")
     if report["damage"]:
         problems.append(f"journal: {len(report['damage'])} damaged region(s); run `kmpwm doctor --repair`")
+    codes = [IO_ERROR] if report["damage"] else []
+    for code, problem in check_files(paths):
+        codes.append(code)
+        problems.append(problem)
     workers, config_error = _check_workers(paths)
     if config_error:
         problems.append(f"config: {config_error}")
+        codes.append(CONFIG)
     for w in workers:
         if not w["ok"]:
             problems.append(f"worker {w['name']}: {w['error']}")
+            codes.append(CONFIG)
     try:
         from .invoker import invoker_status
 
@@ -123,12 +230,20 @@ def doctor_command(paths: Paths, do_repair: bool, as_json: bool) -> int:
         invoker = {"installed": False, "error": f"{type(exc).__name__}: {exc}"}
     last_run = None
     try:
-        last_run = iso(os.stat(paths.runners_dir / "last-run").st_mtime)
+        last_run = os.stat(paths.runners_dir / "last-run").st_mtime
     except OSError:
         pass
+    stale = stale_invoker(invoker, last_run, time.time())
+    invoker["stale"] = stale is not None
+    if stale:
+        problems.append(stale)
+        codes.append(NOTHING_MATCHED)
+    last_run = iso(last_run)
     healthy = not report["damage"]
-    code = IO_ERROR if report["damage"] else (CONFIG if config_error else 0)
-    doc = {"healthy": healthy, "journal": report, "config": {"path": str(paths.config_file), "error": config_error},
+    # the worst first: a damaged or unwritable journal, then permissions, configuration, a stale invoker
+    code = next((c for c in (IO_ERROR, NOPERM, CONFIG, NOTHING_MATCHED) if c in codes), 0)
+    doc = {"healthy": healthy and code == 0, "journal": report,
+           "config": {"path": str(paths.config_file), "error": config_error},
            "workers": workers, "invoker": invoker, "last_run_at": last_run, "repaired": repaired,
            "problems": problems, "exit_code": code}
     if as_json:
@@ -150,7 +265,7 @@ def doctor_command(paths: Paths, do_repair: bool, as_json: bool) -> int:
     for w in bad:
         say(f"          {w['name']}: {w['error']}")
     if invoker.get("installed"):
-        say(f"invoker   installed ({invoker.get('backend', '?')})")
+        say(f"invoker   installed ({invoker.get('backend', '?')})" + (", but STALE" if stale else ""))
     else:
         say("invoker   not installed: nothing runs `kmpwm run-due` periodically; `kmpwm schedule install` sets it up")
     say(f"last run  {last_run or 'never'}")

@@ -814,7 +814,8 @@ def invoker_status(paths) -> dict:
                 st = impl.status(timeout=PROBE_TIMEOUT)
             else:
                 st = impl.status()
-            backends[name] = {"installed": st["installed"], "entry": st["entry"], "path": st["path"]}
+            backends[name] = {"installed": st["installed"], "entry": st["entry"], "path": st["path"],
+                              "every": st.get("every") or (_cron_every(st["entry"]) if name == "cron" else None)}
         except Exception as exc:  # doctor reports, it does not fail
             msg = exc.message if isinstance(exc, KmpwmError) else f"{type(exc).__name__}: {exc}"
             backends[name] = {"installed": False, "entry": None, "path": None, "error": msg}
@@ -825,8 +826,23 @@ def invoker_status(paths) -> dict:
         "entry": backends[chosen]["entry"] if chosen else None,
         "path": backends[chosen]["path"] if chosen else None,
         "last_run_at": iso(last_run_at(paths)),
+        "every": backends[chosen]["every"] if chosen else None,
         "backends": backends,
     }
+
+
+def _cron_every(entry: str | None) -> int | None:
+    """The period, in seconds, of a cron line that :func:`cron_schedule` wrote (None if another)."""
+    fields = (entry or "").split()[:5]
+    if len(fields) < 5 or fields[2:] != ["*", "*", "*"]:
+        return None
+    minute, hour = fields[0], fields[1]
+    step = {"*": 1, **{f"*/{n}": n for n in range(1, 61)}}
+    if hour == "*":
+        return 60 * step[minute] if minute in step else 3600 if minute.isdigit() else None
+    if minute.isdigit():
+        return 3600 * step[hour] if hour in step else 86400 if hour.isdigit() else None
+    return None
 
 
 # -- the command ---------------------------------------------------------------------------

@@ -117,6 +117,23 @@ def _add_damage(into: list[Damage], more: list[Damage]) -> None:
             into.append(d)
 
 
+def lock_timeout() -> float:
+    """``KMPWM_LOCK_TIMEOUT`` (seconds or a DUR, default 10s).  A value that is not a finite
+    duration (``nan``, ``inf``, negative, garbage) is a configuration error (exit 78): guessing
+    would either wait forever or not at all."""
+    raw = os.environ.get("KMPWM_LOCK_TIMEOUT")
+    if raw is None or raw.strip() == "":
+        return 10.0
+    from .exitcodes import ConfigError, KmpwmError
+    from .timeparse import parse_duration
+
+    try:
+        return parse_duration(raw, what="KMPWM_LOCK_TIMEOUT")
+    except KmpwmError as exc:
+        raise ConfigError(exc.message,
+                          hint="unset it for the default of 10s") from None
+
+
 class Journal:
     """The journal file of one home: reading needs no lock, appending needs :meth:`locked`."""
 
@@ -274,10 +291,7 @@ class Journal:
             prepare(self.paths)
             self._prepared = True
         if timeout is None:
-            try:
-                timeout = float(os.environ.get("KMPWM_LOCK_TIMEOUT", "10"))
-            except ValueError:
-                timeout = 10.0
+            timeout = lock_timeout()
         try:
             fd = os.open(self.paths.lock_file, os.O_RDWR | os.O_CREAT | _O_NOFOLLOW | _O_CLOEXEC, 0o600)
         except OSError as exc:

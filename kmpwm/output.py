@@ -52,7 +52,10 @@ def color_enabled() -> bool:
 
 def printable(text: str) -> str:
     """``text`` with control characters escaped, so that nothing a user stored (an id, a worker
-    name) can move the cursor, clear the screen or split an error over several lines."""
+    name) can move the cursor, clear the screen or split an error over several lines.  Format
+    characters (category Cf: the bidi overrides U+202E, U+2066-2069, U+200E/F, zero-width ones)
+    and line/paragraph separators are not printable either, so they are escaped (``\\u202e``)
+    and cannot reorder what a terminal shows."""
     if text.isprintable():
         return text
     return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
@@ -82,11 +85,13 @@ def table(headers: Sequence[str], rows: Iterable[Sequence[Any]], *, title: str |
         from rich.console import Console
         from rich.table import Table
 
+        from rich.markup import escape
+
         t = Table(title=title, header_style="bold", box=None, pad_edge=False)
         for h in headers:
             t.add_column(h, overflow="fold")
         for row in rows:
-            cells = list(row)
+            cells = [escape(c) for c in row]  # "[red]" in an id is text, not markup
             if style_column is not None and cells[style_column] in STATE_STYLE:
                 cells[style_column] = f"[{STATE_STYLE[cells[style_column]]}]{cells[style_column]}[/]"
             t.add_row(*cells)
@@ -115,6 +120,10 @@ def grouped_table(headers: Sequence[str], groups: Sequence[tuple[Sequence[Any] |
         from rich.console import Console
         from rich.table import Table
 
+        from rich.markup import escape
+
+        groups = [(None if head is None else [escape(c) for c in head], [[escape(c) for c in r] for r in rows])
+                  for head, rows in groups]  # "[red]" in an id is text, not markup
         t = Table(header_style="bold", box=None, pad_edge=False)
         widths = [len(h) for h in headers]
         for head, rows in groups:

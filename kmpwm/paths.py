@@ -1,8 +1,9 @@
 """Where kmpwm keeps its files (SPEC section 1), and the permission rules that guard them.
 
 ``--home`` wins over ``KMPWM_HOME``; without either, platformdirs decides.  Directories are
-created 0700 and files 0600; a journal directory, home or ``config.toml`` that others can
-write to, or that belongs to another user, is refused with exit 77.
+created 0700 (parents kmpwm creates too, whatever the umask) and files 0600; a journal directory,
+home, log directory or ``config.toml`` that others can write to, or that belongs to another user,
+is refused with exit 77.
 """
 
 from __future__ import annotations
@@ -92,13 +93,44 @@ def check_secure(path: Path, *, what: str) -> None:
         )
 
 
+def make_private_dirs(path: Path) -> None:
+    """Create ``path`` and every missing parent 0700 whatever the umask (``os.makedirs`` gives the
+    parents the umask's mode: a fresh ``--home a/b`` would be 0755)."""
+    missing = []
+    p = Path(path)
+    while not os.path.isdir(p):
+        missing.append(p)
+        if p.parent == p:
+            break
+        p = p.parent
+    for d in reversed(missing):
+        try:
+            os.mkdir(d, 0o700)
+        except FileExistsError:
+            if not os.path.isdir(d):
+                raise
+            continue  # made by a concurrent kmpwm: it set the mode
+        os.chmod(d, 0o700)
+
+
+def require_home(paths: Paths) -> None:
+    """For commands that only read: a home given by ``--home`` or ``KMPWM_HOME`` that does not
+    exist is said so (exit 1, "nothing matched"), so that a mistyped home never looks like an
+    empty queue.  The platform's default home is where the queue would be, so there an empty
+    queue is the truth and is shown."""
+    if paths.home is not None and not os.path.lexists(paths.home):
+        from .exitcodes import NothingMatched
+
+        raise NothingMatched(f"no kmpwm queue at {paths.home}: the directory does not exist",
+                             hint="check --home or KMPWM_HOME (the first enqueue creates a home)")
+
+
 def ensure_dir(path: Path) -> None:
     """Create ``path`` (and parents) with mode 0700 if missing."""
     if path.is_dir():
         return
     try:
-        os.makedirs(path, mode=0o700, exist_ok=True)
-        os.chmod(path, 0o700)
+        make_private_dirs(path)
     except OSError as exc:
         raise JournalError(f"cannot create directory {path}: {exc.strerror}") from None
 
@@ -110,6 +142,8 @@ def check_all(paths: Paths) -> None:
     check_secure(paths.journal_dir, what="journal directory")
     check_secure(paths.journal_file, what="journal")
     check_secure(paths.config_file, what="config file")
+    # logs/ too: a log kmpwm may not write is work gone unrecorded, so it is refused, not skipped
+    check_secure(paths.log_dir, what="log directory")
 
 
 def private_subdir(path: Path) -> Path:
@@ -120,8 +154,7 @@ def private_subdir(path: Path) -> Path:
         st = os.lstat(path)
     except FileNotFoundError:
         try:
-            os.makedirs(path, mode=0o700, exist_ok=True)
-            os.chmod(path, 0o700)
+            make_private_dirs(path)
         except OSError as exc:
             raise JournalError(f"cannot create directory {path}: {exc.strerror}") from None
         return path

@@ -140,19 +140,29 @@ class Registry:
         target = " ".join(wc.command) if wc.command else wc.entry
         return WorkerInfo(name, "config", target, config=wc)
 
-    def get(self, name: str) -> WorkerInfo | None:
-        """The worker called ``name``, None if unknown; a name defined twice is a config error."""
-        from_config = self._from_config(name)
-        from_ep = self.entry_points.get(name)
-        if from_config and from_ep:
+    def check(self) -> None:
+        """The one validation of the configuration every command that uses workers runs: config.toml
+        parses and is well-formed (config.load), and redefines no worker a package provides.
+        Raises ConfigError (exit 78) naming the file, the worker and the problem."""
+        if self.__dict__.get("_checked") or (
+                self._config is None and "config" not in self.__dict__ and not os.path.lexists(self.paths.config_file)):
+            return  # checked, or no config.toml: nothing to read (nor to import a reader for)
+        for name in self.duplicates():
+            ep = self.entry_points[name]
             raise ConfigError(
-                f"worker {name!r} is defined twice: in {self.config.path} and by the package "
-                f"{from_ep.distribution or from_ep.target}",
-                hint="rename the [workers] table in config.toml",
+                f"{self.config.path}: [workers.{name}]: the name {name!r} is taken by the worker of the package "
+                f"{ep.distribution or '?'} ({ep.target})",
+                hint=f"rename the [workers.{name}] table in config.toml (names are unique across both)",
             )
-        return from_config or from_ep
+        self._checked = True
+
+    def get(self, name: str) -> WorkerInfo | None:
+        """The worker called ``name``, None if unknown; a broken config.toml is a ConfigError."""
+        self.check()
+        return self._from_config(name) or self.entry_points.get(name)
 
     def all(self) -> list[WorkerInfo]:
+        self.check()
         names = sorted(set(self.config.workers) | set(self.entry_points))
         out = []
         for name in names:
@@ -164,12 +174,44 @@ class Registry:
         return sorted(set(self.config.workers) & set(self.entry_points))
 
 
+def import_error(info: WorkerInfo) -> str | None:
+    """Why a Python worker cannot be loaded the way its run will load it (None: it can).  Imports
+    it here, with the worker's own ``sys.path`` additions, which are undone afterwards."""
+    from .worker_host import load_target
+
+    saved = list(sys.path)
+    try:
+        load_target(info)
+    except KeyboardInterrupt:
+        raise
+    except BaseException as exc:  # SystemExit from a module's top level too
+        return f"cannot import {info.target}: {type(exc).__name__}: {exc}"
+    finally:
+        sys.path[:] = saved
+    return None
+
+
+def _private(st: os.stat_result) -> bool:
+    """Owned by this user and writable by nobody else (SPEC section 1)."""
+    return (not hasattr(os, "getuid") or st.st_uid == os.getuid()) and not st.st_mode & 0o022
+
+
 def _read_cache(path, key: list) -> list | None:
+    """The cached entry points, or None (scan again) when the cache is missing, stale or not
+    private: it decides which code a worker name runs, so a file or directory another user could
+    have written is never read."""
     import orjson
+    import stat
 
     try:
+        dst = os.lstat(path.parent)
+        if not stat.S_ISDIR(dst.st_mode) or not _private(dst):
+            return None
         fd = os.open(path, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0))
         with os.fdopen(fd, "rb") as fh:
+            fst = os.fstat(fh.fileno())
+            if not stat.S_ISREG(fst.st_mode) or not _private(fst):
+                return None
             doc = orjson.loads(fh.read())
         if doc.get("key") != key:
             return None

@@ -93,17 +93,17 @@ class _Progress:
     """One line per task as it starts and ends, on a terminal."""
 
     def event(self, kind: str, payload) -> None:
+        from .output import printable  # ids, worker names and messages are the user's: escaped
+
         if kind == "start":
-            sys.stdout.write(f"  started  {payload.id} ({payload.task['worker']})\n")
+            sys.stdout.write(printable(f"  started  {payload.id} ({payload.task['worker']})") + "\n")
         elif kind == "done":
             job, row = payload
             mark = {"SUCCESS": "ok", "FAILURE": "FAILED", "RETRY": "retry", "EXPIRED": "expired"}[row["status"]]
-            from .output import printable
-
-            msg = f": {printable(str(row['message']))}" if row["message"] and row["status"] != "SUCCESS" else ""
-            sys.stdout.write(f"  {mark:<8} {row['id']} in {row['duration_ms']}ms{msg}\n")
+            msg = f": {row['message']}" if row["message"] and row["status"] != "SUCCESS" else ""
+            sys.stdout.write(printable(f"  {mark:<8} {row['id']} in {row['duration_ms']}ms{msg}") + "\n")
         elif kind == "expiring":
-            sys.stdout.write(f"  stopping {payload.id} (told to expire)\n")
+            sys.stdout.write(printable(f"  stopping {payload.id} (told to expire)") + "\n")
         sys.stdout.flush()
 
 

@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 import orjson
 
 from . import procs
-from .exitcodes import JournalError
+from .exitcodes import JournalError, KmpwmError
 from .models import DEFAULT_GRACE
 from .paths import Paths, private_subdir
 from .probes import Device
@@ -161,6 +161,9 @@ class Runner:
                 f"the journal has {len(view.damage)} damaged record(s) ({view.damage[0].describe()}); "
                 "run-due refuses to run, because a lost cancel or completion could run work twice",
                 hint="run `kmpwm doctor --repair` to quarantine the damage, then try again")
+        # A broken config.toml stops the run before anything is claimed, skipped or counted (exit 78):
+        # otherwise every task would be skipped as "unknown worker", silently under cron.
+        self.registry.check()
         if self.dry_run:
             return self._dry_run(view.state)
         # Nothing due and nothing to record: done, without the lock (the common case under cron).
@@ -228,6 +231,8 @@ class Runner:
         if known is None:
             try:
                 known = self.registry.get(name) is not None
+            except KmpwmError:
+                raise  # the configuration: checked in run() already, never a silent "unknown worker"
             except Exception:
                 known = False
             self._known_cache[name] = known

@@ -10,7 +10,7 @@ turns such a dict into a TaskRequest (``tz`` goes to the trigger, ``jitter`` and
 
 from __future__ import annotations
 
-from pathlib import Path
+import sys
 from typing import Any
 
 from .exitcodes import InvalidParams
@@ -70,18 +70,67 @@ def normalise_input(value: Any) -> str | None:
     return value
 
 
-def read_input_file(path: str) -> str:
+MAX_SPECS_BYTES = 64 << 20  # an ``enqueue --from`` or ``chain --file`` document, read whole
+
+
+def _mib(n: int) -> str:
+    return f"{n >> 20} MiB"
+
+
+def read_bounded(source: str, limit: int, what: str) -> bytes:
+    """The bytes of file ``source`` (``-``: stdin), at most ``limit``: a pipe or a device
+    (``/dev/zero``) is read up to ``limit + 1`` bytes and refused beyond, never into memory whole."""
     try:
-        size = Path(path).stat().st_size
-        if size > MAX_INPUT_BYTES:
-            raise InvalidParams(f"input file {path} too large ({size} bytes; the limit is 1 MiB)")
-        return Path(path).read_text(encoding="utf-8")
-    except InvalidParams:
-        raise
+        if source == "-":
+            data = sys.stdin.buffer.read(limit + 1)
+        else:
+            with open(source, "rb") as fh:
+                data = fh.read(limit + 1)
+    except OSError as exc:
+        raise InvalidParams(f"cannot read {what} {source}: {exc.strerror or exc}") from None
+    if len(data) > limit:
+        name = "stdin" if source == "-" else source
+        raise InvalidParams(f"{what} {name} is larger than the limit of {_mib(limit)}",
+                            hint="pass a path to a file in the input instead" if limit == MAX_INPUT_BYTES else None)
+    return data
+
+
+MAX_SPEC_LINE = 8 << 20  # one JSON line of ``enqueue --from``: an input of 1 MiB, escaped, fits
+
+
+def spec_lines(source: str):
+    """``(number, line)`` of the JSON Lines in ``source`` (``-``: stdin), read line by line: a
+    line longer than 8 MiB or a stream longer than 64 MiB is refused as soon as it is seen."""
+    try:
+        fh = sys.stdin.buffer if source == "-" else open(source, "rb")
+    except OSError as exc:
+        raise InvalidParams(f"cannot read task specs {source}: {exc.strerror or exc}") from None
+    name = "stdin" if source == "-" else source
+    total = 0
+    try:
+        for number, line in enumerate(iter(lambda: fh.readline(MAX_SPEC_LINE + 1), b""), 1):
+            total += len(line)
+            if len(line) > MAX_SPEC_LINE:
+                raise InvalidParams(f"line {number} of {name} is longer than {_mib(MAX_SPEC_LINE)} "
+                                    f"(a task's input is at most {_mib(MAX_INPUT_BYTES)})",
+                                    hint="pass a path to a file in the input instead")
+            if total > MAX_SPECS_BYTES:
+                raise InvalidParams(f"task specs {name} are larger than the limit of {_mib(MAX_SPECS_BYTES)}",
+                                    hint="enqueue them in several batches")
+            yield number, line
+    except OSError as exc:
+        raise InvalidParams(f"cannot read task specs {source}: {exc.strerror or exc}") from None
+    finally:
+        if fh is not sys.stdin.buffer:
+            fh.close()
+
+
+def read_input_file(path: str) -> str:
+    data = read_bounded(path, MAX_INPUT_BYTES, "input file")
+    try:
+        return data.decode("utf-8")
     except UnicodeDecodeError:
         raise InvalidParams(f"input file {path} is not UTF-8 text") from None
-    except OSError as exc:
-        raise InvalidParams(f"cannot read input file {path}: {exc.strerror}") from None
 
 
 def _bool(key: str, value: Any) -> bool:

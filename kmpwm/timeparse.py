@@ -103,8 +103,18 @@ def _parse_time(value, *, now: float | None, what: str, tz=None) -> float:
     if dt.tzinfo is None and tz is not None:
         dt = dt.replace(tzinfo=tz, fold=0)  # zoneinfo: fold 0 is the first reading, and the shifted one in a gap
     if dt.tzinfo is None:
-        dt = dt.astimezone()  # naive means local time
+        return local_epoch(dt)  # naive means local time
     return dt.timestamp()
+
+
+def local_epoch(dt: datetime) -> float:
+    """Epoch seconds of a naive local time.  A time that a DST change skips (02:30 on a
+    spring-forward night) moves forward by the gap (to 03:30), as cron runs such a job after the
+    change rather than an hour early; a time that occurs twice is its first occurrence."""
+    first, second = dt.replace(fold=0).timestamp(), dt.replace(fold=1).timestamp()
+    if datetime.fromtimestamp(first).replace(tzinfo=None) != dt.replace(fold=0):  # skipped
+        return max(first, second)
+    return min(first, second)
 
 
 def iso(epoch: float | None) -> str | None:

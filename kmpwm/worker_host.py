@@ -27,6 +27,9 @@ def load_target(info) -> Any:
     module_name, _, attr = info.config.entry.partition(":")
     if info.config.cwd and info.config.cwd not in sys.path:
         sys.path.insert(0, info.config.cwd)
+    for directory in reversed(info.config.import_dirs):  # its ``path``, then config.toml's directory
+        if directory not in sys.path:
+            sys.path.insert(0, directory)
     obj: Any = importlib.import_module(module_name)
     for part in attr.split("."):
         obj = getattr(obj, part)

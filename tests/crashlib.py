@@ -169,6 +169,7 @@ class Home:
             "env = { CRASH_SLEEP = \"0.15\" }\n\n"
             "[workers.pw]\n"
             "entry = \"crashpw:work\"\n"
+            "path = \"pylib\"\n"  # where crashpw is, for enqueue's import check in any process
         )
         cfg = self.path / "config.toml"
         fd = os.open(cfg, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
