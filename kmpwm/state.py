@@ -199,6 +199,8 @@ def _insert(state: dict, task: dict, ts: float, *, blocked: bool, chain_id: str 
     old = tasks.get(tid)
     if old is not None and old.get("after"):
         _drop_waits(state, old)
+    if old is not None and old.get("fence"):
+        t["fence"] = old["fence"]  # the old run of this id may still be stopping (see _finish)
     tasks[tid] = t
     for dep in after:
         state["waiters"].setdefault(dep, []).append(tid)
@@ -216,6 +218,12 @@ def _drop_waits(state: dict, task: dict) -> None:
 
 def _finish(state: dict, t: dict, new_state: str, ts: float, reason: str | None, emit: Emit) -> None:
     """Move ``t`` to a final state and propagate: chain steps after it, tasks appended after it."""
+    if new_state == "CANCELLED" and t["state"] == "RUNNING" and t["lease"]:
+        # Cancelled (or replaced) while a worker runs it: the holder stops that worker (it watches
+        # the journal) and then writes a release.  Until then the lease lives on as a fence that a
+        # new task of this id inherits (_insert), so no run of the id starts beside the old one.
+        lease = t["lease"]
+        t["fence"] = {k: lease.get(k) for k in ("runner", "pid", "token", "until")}
     t["state"] = new_state
     t["reason"] = reason
     t["finished_at"] = ts
@@ -426,6 +434,11 @@ def _op_claim(state: dict, op: dict, ts: float, emit: Emit) -> bool:
             t["crashes"] += 1  # the previous holder vanished without a result while running it
     elif t["state"] != "ENQUEUED":
         return False
+    fence = t.get("fence")
+    if fence is not None:
+        if fence["until"] > ts and not op.get("fence_broken"):
+            return False  # a cancelled run of this id is still stopping
+        del t["fence"]
     t["state"] = "RUNNING"
     t["lease"] = {"runner": op["runner"], "pid": op.get("pid"), "token": op.get("token"),
                   "until": op["until"], "since": ts}
@@ -449,6 +462,7 @@ def _op_result(state: dict, op: dict, ts: float, emit: Emit) -> bool:
     if t is None:
         if emit:
             emit(ts, op.get("id", "?"), "stale-result", {"status": op.get("status"), "runner": op.get("runner")})
+        _unfence(state, op, ts, emit)
         return False
     status = op["status"]
     result = {"status": status, "message": op.get("message"), "data": op.get("data")}
@@ -499,9 +513,20 @@ def _op_result(state: dict, op: dict, ts: float, emit: Emit) -> bool:
     return True
 
 
+def _unfence(state: dict, op: dict, ts: float, emit: Emit) -> None:
+    """A runner's result or release for a run that was cancelled meanwhile: its worker has
+    stopped, so the fence it left (see _finish) comes down and the id may run again."""
+    cur = state["tasks"].get(op.get("id"))
+    if cur is not None and (cur.get("fence") or {}).get("runner") == op.get("runner"):
+        del cur["fence"]
+        if emit:
+            emit(ts, cur["id"], "stopped", {"runner": op.get("runner")})
+
+
 def _op_release(state: dict, op: dict, ts: float, emit: Emit) -> bool:
     t = _holder(state, op)
     if t is None:
+        _unfence(state, op, ts, emit)
         return False
     t["state"] = "ENQUEUED"
     t["lease"] = None
