@@ -46,6 +46,11 @@ def run_due_command(paths: Paths, *, budget, grace, parallel, max_tasks, dry_run
                         dry_run=dry_run, on_event=progress.event if progress else None, store=store)
         code = runner.run()
         doc, expire_reason, failed = runner.report.doc(), runner.expire_reason, runner.report.failed
+        if runner.disk_full:
+            done = "every result of this run was recorded, no more work was started" if doc["ran"] else \
+                "no work was started"
+            sys.stderr.write(f"kmpwm: the disk holding the journal is full: {done}; free space, then run again\n")
+            code = code or 74
         runner = None  # its state may be large (a first fold of a long journal): free it before
     store = None  # the automatic compaction below folds the journal again
     if not dry_run:

@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 
 import orjson
 
-from . import procs
+from . import procs, reserve
 from .exitcodes import JournalError
 from .models import DEFAULT_GRACE
 from .paths import Paths, private_subdir
@@ -146,6 +146,7 @@ class Runner:
         self._fence_broken: set[str] = set()
         self._trig: dict[str, dict] = {}
         self._on_fold = None
+        self.disk_full = False  # no room to record results: claim nothing more (reserve.py)
 
     @property
     def registry(self):
@@ -190,7 +191,8 @@ class Runner:
                 periodic = now_m - last_claim >= RECLAIM_EVERY
                 slots = len(self.jobs) + len(self._ready) < self.parallel + self._prefetch
                 low = len(self._ready) < self.parallel  # claim ahead only when the ready queue runs low
-                want = not self.run_expired and self._room() and slots and (need_claim or periodic)
+                want = (not self.run_expired and not self.disk_full and self._room() and slots
+                        and (need_claim or periodic))
                 if self._must_write(now_m) or (want and (low or periodic)):
                     wrote = bool(self._pending)
                     claimed = self._cycle(want, replan=periodic or self._unblocks(self._pending))
@@ -202,7 +204,7 @@ class Runner:
                     if claimed or wrote:
                         continue
                 if not self.jobs and not self._ready and not self._pending and not self._release:
-                    if self.run_expired or not self._room() or not need_claim:
+                    if self.run_expired or self.disk_full or not self._room() or not need_claim:
                         break  # nothing left that this run may start
                     continue
                 self._wait(self._timeout(deadline))
@@ -268,6 +270,28 @@ class Runner:
                 or now_m - self._pending[0].ended >= GROUP_WAIT)
 
     def _cycle(self, claim: bool, *, replan: bool) -> int:
+        """Write what finished and claim what is due (_cycle_once); when the disk is full, give
+        up the reserve (reserve.py) and write the results alone, then without their data."""
+        for attempt in range(3):
+            try:
+                return self._cycle_once(claim and attempt == 0, replan=replan, lite=attempt == 2)
+            except JournalError as exc:
+                if getattr(exc, "errno", None) != errno.ENOSPC:
+                    raise
+                self.disk_full = True  # claim nothing more in this run
+                if not self._pending and not self._release:
+                    return 0  # only claims were refused: nothing was started
+                if attempt == 2:
+                    ids = ", ".join(j.id for j in self._pending) or ", ".join(t["id"] for t, *_ in self._release)
+                    raise JournalError(
+                        f"cannot record the outcome of {ids}: the disk holding the journal is full, "
+                        "even with kmpwm's reserve given up",
+                        hint="they ran (or were claimed) and, unrecorded, will run again once their leases end; "
+                             "free space now") from None
+                reserve.release(self.paths)
+        return 0
+
+    def _cycle_once(self, claim: bool, *, replan: bool, lite: bool = False) -> int:
         """One transaction, one record, one fsync: the results of finished jobs, tasks handed
         back unstarted, then leases for due tasks.  Results are folded first, so a chain step
         that just finished unblocks the next one within the same record."""
@@ -293,6 +317,12 @@ class Runner:
                 now = txn.ts
                 if finished:
                     ops, rows = self._result_ops(finished, now)
+                    if lite:  # the disk is full: the outcome matters, the data may not fit
+                        for op in ops:
+                            if op.get("data") is not None:
+                                op["data"] = None
+                                op["message"] = (op.get("message") or "") + " (its data was not kept: the disk is full)"
+                        rows = [(job, dict(row, data=None)) for job, row in rows]
                     txn.stage(ops, on_fold)
                 if released:
                     txn.stage([{"op": "release", "id": t["id"], "seq": t["seq"], "runner": self.runner_id}
@@ -306,6 +336,8 @@ class Runner:
         self.report.failed += failed
         for job, row in rows:  # durable now
             self.report.ran.append(row)
+            if row["status"] == "EXPIRED":
+                self.report.expired.append({"id": row["id"], "worker": row["worker"]})
             self.on_event("done", (job, row))
         if rows:
             _log_runs(self.paths, rows)
@@ -347,6 +379,9 @@ class Runner:
         if self.max_tasks is not None:
             free = min(free, self.max_tasks - self.claimed_count)
         if free <= 0:
+            return []
+        if not reserve.ensure(self.paths):
+            self.disk_full = True  # no room to record results: start nothing (reserve.py)
             return []
         state = txn.state
         done, jobs = self.done, self.jobs
@@ -1002,8 +1037,6 @@ class Runner:
             rows.append((job, {"id": t["id"], "worker": t["worker"], "status": status, "message": res.get("message"),
                                "data": res.get("data"), "duration_ms": duration_ms}))
             self.done.add(t["id"])
-            if status == "EXPIRED":
-                self.report.expired.append({"id": t["id"], "worker": t["worker"]})
         return ops, rows
 
 

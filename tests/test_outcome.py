@@ -16,7 +16,6 @@ import time
 from pathlib import Path
 
 import pytest
-
 from helpers import jdoc, kmpwm, kmpwm_env
 
 PY = sys.executable
@@ -236,8 +235,8 @@ def test_background_child_of_a_python_worker_is_killed_when_it_returns(tmp_path,
     jdoc("enqueue", "l2", "leave", "--input", str(m))
     doc = jdoc("run-due", "--parallel", "1", env={"KMPWM_POOL": pool})
     assert sorted((r["id"], r["status"]) for r in doc["ran"]) == [("l1", "SUCCESS"), ("l2", "SUCCESS")]
-    for rec in marks(m):
-        wait_for(lambda: gone(rec["child"]), 10, f"the worker's background child {rec['child']} to be killed")
+    for child in [rec["child"] for rec in marks(m)]:
+        wait_for(lambda c=child: gone(c), 10, f"the worker's background child {child} to be killed")
 
 
 # -- 13.14, cwd: a process that cannot be started fails its task, never run-due -----------------
@@ -365,3 +364,72 @@ def test_ctrl_c_of_a_following_command_exits_130(argv):
     proc.send_signal(signal.SIGINT)
     proc.communicate(timeout=30)
     assert proc.returncode == 130
+
+
+# -- 13.4: disk full after the claim: the result is still written, the run never repeats -------
+
+
+@pytest.fixture
+def small_disk(tmp_path, monkeypatch):
+    """A kmpwm home on its own 4 MiB tmpfs (we need root to mount one; skipped otherwise)."""
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    r = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4m,mode=0700", "tmpfs", str(mnt)],
+                       capture_output=True, text=True)
+    if r.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {r.stderr.strip()}")
+    home = mnt / "home"
+    home.mkdir(mode=0o700)
+    monkeypatch.setenv("KMPWM_HOME", str(home))
+    try:
+        yield home
+    finally:
+        subprocess.run(["umount", "-l", str(mnt)], capture_output=True)
+
+
+def fill_worker(home: Path, marker: Path, filler: Path) -> None:
+    """[workers.fill]: note the run in ``marker`` (off the small disk), fill the disk, succeed with
+    8 KB of data (more than the slack in the journal file's last page)."""
+    script = (f"echo run >> {marker}; dd if=/dev/zero of={filler} bs=4k 2>/dev/null; "
+              """printf '{"filled": true, "pad": "%s"}\\n' "$(head -c 8000 /dev/zero | tr '\\0' x)" """)
+    write_config(home, f"[workers.fill]\ncommand = {json.dumps(['sh', '-c', script])}\n"
+                       "[workers.ok]\ncommand = [\"true\"]\n")
+
+
+def test_disk_filling_during_a_run_still_records_its_result(small_disk, tmp_path):
+    marker, filler = tmp_path / "runs", small_disk.parent / "filler"
+    fill_worker(small_disk, marker, filler)
+    jdoc("enqueue", "fill", "fill")
+    r = kmpwm("run-due", "--json")
+    doc = json.loads(r.stdout)
+    assert [(row["id"], row["status"]) for row in doc["ran"]] == [("fill", "SUCCESS")], (r.stdout, r.stderr)
+    assert r.returncode == 74, r.stderr  # it says so: nothing more can start
+    assert "full: every result of this run was recorded, no more work was started" in r.stderr
+    filler.unlink()  # space again: a later run-due must not run it again
+    r = kmpwm("run-due", "--json")
+    assert r.returncode == 0, r.stderr
+    assert json.loads(r.stdout)["ran"] == []
+    assert marker.read_text().splitlines() == ["run"], "the task ran again after its result was lost"
+    t = tasks()["fill"]
+    assert t["state"] == "SUCCEEDED"
+    assert t["last_result"]["data"] == {"filled": True, "pad": "x" * 8000}  # the reserve had room for it
+
+
+def fill(path: Path) -> None:
+    """Fill the file system of ``path`` to the last page."""
+    subprocess.run(["dd", "if=/dev/zero", f"of={path}", "bs=4k"], capture_output=True)
+
+
+def test_no_worker_starts_on_a_full_disk_and_the_message_is_true(small_disk, tmp_path):
+    marker = tmp_path / "runs"
+    fill_worker(small_disk, marker, small_disk.parent / "unused")
+    jdoc("enqueue", "after", "ok")
+    filler = small_disk.parent / "filler"
+    fill(filler)
+    r = kmpwm("run-due")
+    assert r.returncode == 74, r.stderr
+    assert r.stderr.splitlines() == ["kmpwm: the disk holding the journal is full: no work was started; "
+                                     "free space, then run again"], r.stderr
+    assert tasks()["after"]["state"] == "ENQUEUED", "a task was claimed without room for its result"
+    filler.unlink()
+    assert [row["id"] for row in jdoc("run-due")["ran"]] == ["after"]
