@@ -375,7 +375,7 @@ def small_disk(tmp_path, monkeypatch):
     mnt = tmp_path / "mnt"
     mnt.mkdir()
     r = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4m,mode=0700", "tmpfs", str(mnt)],
-                       capture_output=True, text=True)
+                       capture_output=True, text=True, check=False)
     if r.returncode != 0:
         pytest.skip(f"cannot mount a tmpfs here: {r.stderr.strip()}")
     home = mnt / "home"
@@ -384,7 +384,7 @@ def small_disk(tmp_path, monkeypatch):
     try:
         yield home
     finally:
-        subprocess.run(["umount", "-l", str(mnt)], capture_output=True)
+        subprocess.run(["umount", "-l", str(mnt)], capture_output=True, check=False)
 
 
 def fill_worker(home: Path, marker: Path, filler: Path) -> None:
@@ -417,7 +417,7 @@ def test_disk_filling_during_a_run_still_records_its_result(small_disk, tmp_path
 
 def fill(path: Path) -> None:
     """Fill the file system of ``path`` to the last page."""
-    subprocess.run(["dd", "if=/dev/zero", f"of={path}", "bs=4k"], capture_output=True)
+    subprocess.run(["dd", "if=/dev/zero", f"of={path}", "bs=4k"], capture_output=True, check=False)
 
 
 def test_no_worker_starts_on_a_full_disk_and_the_message_is_true(small_disk, tmp_path):
@@ -428,8 +428,8 @@ def test_no_worker_starts_on_a_full_disk_and_the_message_is_true(small_disk, tmp
     fill(filler)
     r = kmpwm("run-due")
     assert r.returncode == 74, r.stderr
-    assert r.stderr.splitlines() == ["kmpwm: the disk holding the journal is full: no work was started; "
-                                     "free space, then run again"], r.stderr
+    assert r.stderr.splitlines() == [("kmpwm: the disk holding the journal is full: no work was started; "
+                                      "free space, then run again")], r.stderr
     assert tasks()["after"]["state"] == "ENQUEUED", "a task was claimed without room for its result"
     filler.unlink()
     assert [row["id"] for row in jdoc("run-due")["ran"]] == ["after"]
