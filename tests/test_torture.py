@@ -18,7 +18,6 @@ import threading
 import time
 
 import pytest
-
 from crashlib import Home, Tally, check_runs_against_state, collect, torture
 
 SCALE = float(os.environ.get("KMPWM_TORTURE_SCALE", "1"))
