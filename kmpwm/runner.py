@@ -917,8 +917,8 @@ class Runner:
             self._expire_job(job, self.grace)
 
     def _expire_job(self, job: Job, grace: float) -> None:
-        if job.expiring or job.immediate is not None:
-            return
+        if job.expiring or job.immediate is not None or job.exit_status is not None or job.answered:
+            return  # (a run that already ended keeps its result: it was not stopped)
         job.expiring = True
         job.kill_at = time.monotonic() + grace
         _kill(job, signal.SIGTERM)
