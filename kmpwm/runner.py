@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 
 import orjson
 
-from . import procs, reserve
+from . import groups, procs, reserve
 from .exitcodes import JournalError
 from .models import DEFAULT_GRACE
 from .paths import Paths, private_subdir
@@ -146,6 +146,7 @@ class Runner:
         self._fence_broken: set[str] = set()
         self._trig: dict[str, dict] = {}
         self._on_fold = None
+        self._groups = groups.GroupLog(paths.runners_dir, self.pid, self.token)
         self.disk_full = False  # no room to record results: claim nothing more (reserve.py)
 
     @property
@@ -177,6 +178,7 @@ class Runner:
             return 0
         deadline = time.monotonic() + self.budget if self.budget is not None else None
         self._setup()
+        groups.sweep(self.paths.runners_dir)  # what workers of killed runners left behind
         try:
             need_claim, last_claim, last_watch = True, 0.0, time.monotonic()
             while True:
@@ -518,6 +520,7 @@ class Runner:
         finally:
             stdin.close()
         job.proc, job.pid = proc, proc.pid
+        self._groups.add(proc.pid)
         for stream, name in ((proc.stdout, "out"), (proc.stderr, "err")):
             # Own a duplicate and close Popen's file object: otherwise its finaliser closes the fd
             # number again later, when it may already belong to another job's pipe.
@@ -578,6 +581,7 @@ class Runner:
                 os._exit(status)
         for fd in (task_r, res_w, out_w):
             os.close(fd)
+        self._groups.add(pid)
         host = Host(pid, task_w, res_r, out_r)
         for fd in (res_r, out_r):
             os.set_blocking(fd, False)
@@ -732,6 +736,7 @@ class Runner:
         os.close(w)
         os.close(out_w)
         job.pid = pid
+        self._groups.add(pid)
         for fd, name in ((r, "result"), (out_r, "out")):
             os.set_blocking(fd, False)
             job.fds[fd] = name
@@ -814,6 +819,7 @@ class Runner:
             os.unlink(self._expire_file())
         except OSError:
             pass
+        self._groups.close()
 
     def _expire_file(self):
         return self.paths.runners_dir / f"{self.pid}.expire"
