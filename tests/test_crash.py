@@ -350,7 +350,7 @@ def test_background_jobs_of_a_killed_runs_workers_are_killed_by_the_next_run(cho
                    '[workers.leaverpy]\nentry = "leaverpy:work"\n')
     os.chmod(cfg, 0o600)
     children = Path(str(chome.runlog) + ".children")
-    doc, rc, err = chome.json("enqueue", "left", "leaver" if worker == "sh" else "leaverpy", "--timeout", "3s")
+    _, rc, err = chome.json("enqueue", "left", "leaver" if worker == "sh" else "leaverpy", "--timeout", "3s")
     assert rc == 0, err
     proc = chome.spawn("run-due", "--grace", "1s")
     deadline = time.monotonic() + 60
