@@ -61,6 +61,7 @@ def plan(state: dict, now: float, device: Device, *, exclude: set | None = None,
     """What is due at ``now``; ``exclude`` holds ids this run already ran or is running."""
     out = Plan()
     exclude = exclude if exclude is not None else set()
+    fences = state.get("fences") or {}
     for t in state["tasks"].values():
         st = t["state"]
         if st not in ("ENQUEUED", "RUNNING") or t["id"] in exclude:
@@ -76,9 +77,9 @@ def plan(state: dict, now: float, device: Device, *, exclude: set | None = None,
                 continue
             if ls == "orphaned":
                 out.broken.add(t["id"])
-        elif t.get("fence") is not None:
+        elif fences and t["id"] in fences:
             # a cancelled run of this id is still stopping (state._finish): never start beside it
-            fs = lease_state({"state": "RUNNING", "lease": t["fence"]}, now)
+            fs = lease_state({"state": "RUNNING", "lease": fences[t["id"]]}, now)
             if fs == "held":
                 if t["due"] <= now:
                     out.skipped.append({"id": t["id"], "reason": "its cancelled previous run is still stopping"})

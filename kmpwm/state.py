@@ -199,8 +199,6 @@ def _insert(state: dict, task: dict, ts: float, *, blocked: bool, chain_id: str 
     old = tasks.get(tid)
     if old is not None and old.get("after"):
         _drop_waits(state, old)
-    if old is not None and old.get("fence"):
-        t["fence"] = old["fence"]  # the old run of this id may still be stopping (see _finish)
     tasks[tid] = t
     for dep in after:
         state["waiters"].setdefault(dep, []).append(tid)
@@ -220,10 +218,11 @@ def _finish(state: dict, t: dict, new_state: str, ts: float, reason: str | None,
     """Move ``t`` to a final state and propagate: chain steps after it, tasks appended after it."""
     if new_state == "CANCELLED" and t["state"] == "RUNNING" and t["lease"]:
         # Cancelled (or replaced) while a worker runs it: the holder stops that worker (it watches
-        # the journal) and then writes a release.  Until then the lease lives on as a fence that a
-        # new task of this id inherits (_insert), so no run of the id starts beside the old one.
+        # the journal) and then writes a release.  Until then the lease lives on as a fence on the
+        # id (state["fences"], not on the finished task: history never changes), so that no run
+        # of a new task with this id starts beside the old one (_op_claim, scheduling.plan).
         lease = t["lease"]
-        t["fence"] = {k: lease.get(k) for k in ("runner", "pid", "token", "until")}
+        state.setdefault("fences", {})[t["id"]] = {k: lease.get(k) for k in ("runner", "pid", "token", "until")}
     t["state"] = new_state
     t["reason"] = reason
     t["finished_at"] = ts
@@ -434,11 +433,14 @@ def _op_claim(state: dict, op: dict, ts: float, emit: Emit) -> bool:
             t["crashes"] += 1  # the previous holder vanished without a result while running it
     elif t["state"] != "ENQUEUED":
         return False
-    fence = t.get("fence")
+    fences = state.get("fences")
+    fence = fences.get(t["id"]) if fences else None
     if fence is not None:
         if fence["until"] > ts and not op.get("fence_broken"):
             return False  # a cancelled run of this id is still stopping
-        del t["fence"]
+        del fences[t["id"]]
+        if not fences:
+            del state["fences"]  # (a state without fences has no such key, as new_state() gives)
     t["state"] = "RUNNING"
     t["lease"] = {"runner": op["runner"], "pid": op.get("pid"), "token": op.get("token"),
                   "until": op["until"], "since": ts}
@@ -516,11 +518,14 @@ def _op_result(state: dict, op: dict, ts: float, emit: Emit) -> bool:
 def _unfence(state: dict, op: dict, ts: float, emit: Emit) -> None:
     """A runner's result or release for a run that was cancelled meanwhile: its worker has
     stopped, so the fence it left (see _finish) comes down and the id may run again."""
-    cur = state["tasks"].get(op.get("id"))
-    if cur is not None and (cur.get("fence") or {}).get("runner") == op.get("runner"):
-        del cur["fence"]
+    fences = state.get("fences")
+    tid = op.get("id")
+    if fences and tid in fences and fences[tid].get("runner") == op.get("runner"):
+        del fences[tid]
+        if not fences:
+            del state["fences"]
         if emit:
-            emit(ts, cur["id"], "stopped", {"runner": op.get("runner")})
+            emit(ts, tid, "stopped", {"runner": op.get("runner")})
 
 
 def _op_release(state: dict, op: dict, ts: float, emit: Emit) -> bool:
@@ -575,6 +580,8 @@ def _op_put(state: dict, op: dict, ts: float, emit: Emit) -> bool:
 def _op_meta(state: dict, op: dict, ts: float, emit: Emit) -> bool:
     state["seq"] = max(state["seq"], op.get("seq", 0))
     state["fam"].update(op.get("fam", {}))
+    if op.get("fences"):
+        state.setdefault("fences", {}).update(op["fences"])
     return True
 
 

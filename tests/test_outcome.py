@@ -177,14 +177,19 @@ def test_cancel_of_a_running_task_stops_its_worker(tmp_path, declare, on_term):
     assert jdoc("run-due")["ran"] == []
 
 
-def test_replace_of_a_running_task_never_overlaps_the_old_run(tmp_path, declare):
+@pytest.mark.parametrize("how", ["replace", "cancel-then-enqueue"])
+def test_replace_of_a_running_task_never_overlaps_the_old_run(tmp_path, declare, how):
     old, new = tmp_path / "old", tmp_path / "new"
     declare(v1={"marker": str(old), "sleep": 120, "on_term": "linger", "linger": 3},
             v2={"marker": str(new)})
     jdoc("enqueue", "sync", "v1")
     first = start_run_due("--grace", "10s", "--json")
     wait_for(lambda: marks(old), 30, "the old run to start")
-    assert jdoc("enqueue", "sync", "v2", "--policy", "replace")["action"] == "replaced"
+    if how == "replace":
+        assert jdoc("enqueue", "sync", "v2", "--policy", "replace")["action"] == "replaced"
+    else:  # the old task is finished (CANCELLED) at once: the new one is simply enqueued
+        assert jdoc("cancel", "sync")["cancelled"] == ["sync"]
+        assert jdoc("enqueue", "sync", "v2")["action"] == "enqueued"
     if len(marks(old)) < 3:  # the old worker is still stopping (it lingers 3 s after SIGTERM)
         why = jdoc("explain", "sync")
         assert why["code"] == "stopping" or len(marks(old)) == 3, why
