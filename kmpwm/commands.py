@@ -264,7 +264,7 @@ def inspect(scheduler, task_id, tag, state_filter, all_: bool, watch: bool, as_j
         try:
             time.sleep(1.0)
         except KeyboardInterrupt:
-            return 0
+            return 130  # interrupted by SIGINT, like any Unix tool (and events --follow)
 
 
 def _queue_doc(state, now, task_id, tag, wanted, all_) -> dict:

@@ -102,4 +102,4 @@ def events_command(paths: Paths, task: str | None, since, follow: bool, as_json:
             if folder.events:
                 last_ts = max(last_ts, folder.events[-1][0])
     except KeyboardInterrupt:
-        return 0
+        return 130  # interrupted by SIGINT, like any Unix tool (and inspect-queue --watch)

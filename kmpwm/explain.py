@@ -52,6 +52,11 @@ def explain_task(state: dict, t: dict, now: float, device: Device) -> dict:
             out["details"]["blocked_by"] = deps
         return out
     out["next_run_at"] = iso(t["due"])
+    fence = (state.get("fences") or {}).get(t["id"])
+    if fence and lease_state({"state": "RUNNING", "lease": fence}, now) == "held":
+        out.update(code="stopping", reason=f"waiting for the cancelled previous run of {t['id']} to stop "
+                                           f"(run-due pid {fence.get('pid')}); it never runs beside it")
+        return out
     trig = t["trigger"]
     lr = t.get("last_result") or {}
     if t["due"] > now:

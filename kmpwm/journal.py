@@ -360,11 +360,13 @@ class Journal:
                     os.fsync(fd)
                 except OSError:
                     pass  # the next writer trims the torn tail
-                raise JournalError(
+                err = JournalError(
                     f"cannot write to the journal {self.path}: {exc.strerror}"
                     + (" (disk full)" if exc.errno == errno.ENOSPC else ""),
-                    hint="nothing was written; free space or fix the file system, then try again",
-                ) from None
+                    hint="this record was not written; free space or fix the file system, then try again",
+                )
+                err.errno = exc.errno  # run-due makes room for results on ENOSPC (reserve.py)
+                raise err from None
             if created:
                 _fsync_dir(self.path.parent)
             return size + len(blob)

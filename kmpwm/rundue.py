@@ -35,7 +35,7 @@ def run_due_command(paths: Paths, *, budget, grace, parallel, max_tasks, dry_run
     live = not as_json and is_tty()
     store = Store(paths)
     if not dry_run and _idle(store):
-        code, doc, expire_reason = 0, {"ran": [], "expired": [], "skipped": []}, None
+        code, doc, expire_reason, failed = 0, {"ran": [], "expired": [], "skipped": []}, None, []
     else:
         from .models import DEFAULT_GRACE
         from .runner import Runner
@@ -45,7 +45,12 @@ def run_due_command(paths: Paths, *, budget, grace, parallel, max_tasks, dry_run
         runner = Runner(paths, budget=budget_s, grace=grace_s, parallel=parallel, max_tasks=max_tasks,
                         dry_run=dry_run, on_event=progress.event if progress else None, store=store)
         code = runner.run()
-        doc, expire_reason = runner.report.doc(), runner.expire_reason
+        doc, expire_reason, failed = runner.report.doc(), runner.expire_reason, runner.report.failed
+        if runner.disk_full:
+            done = "every result of this run was recorded, no more work was started" if doc["ran"] else \
+                "no work was started"
+            sys.stderr.write(f"kmpwm: the disk holding the journal is full: {done}; free space, then run again\n")
+            code = code or 74
         runner = None  # its state may be large (a first fold of a long journal): free it before
     store = None  # the automatic compaction below folds the journal again
     if not dry_run:
@@ -60,22 +65,38 @@ def run_due_command(paths: Paths, *, budget, grace, parallel, max_tasks, dry_run
     if as_json:
         print_json(doc)
     elif live or dry_run:
-        _summary(doc, dry_run)
+        _summary(doc, dry_run, failed)
     else:
-        for row in doc["ran"]:
-            if row["status"] in ("FAILURE",):
-                from .output import printable
-
-                sys.stderr.write(printable(f"kmpwm: {row['id']} ({row['worker']}) failed: {row['message']}") + "\n")
-        for s in doc["skipped"]:  # --misfire-grace: work that did not run is never silent
-            if s["reason"].startswith("missed:"):
-                from .output import printable
-
-                sys.stderr.write(printable(f"kmpwm: {s['id']} {s['reason']}") + "\n")
+        _failures(doc, failed)
     if code == 75 and not as_json:
         sys.stderr.write(f"kmpwm: the run expired ({expire_reason}); "
                          f"{len(doc['expired'])} task(s) savepointed and released\n")
     return code
+
+
+def _failures(doc: dict, failed: list) -> None:
+    """SPEC section 10, failures are never silent: off a terminal, one line on stderr for every
+    task that ended FAILED in this run (whatever the cause) and for every failed or expired run."""
+    from .output import printable
+
+    lines = []
+    ended = {f["id"]: f for f in failed}
+    for row in doc["ran"]:
+        f = ended.pop(row["id"], None)
+        if f is not None:
+            lines.append(f"kmpwm: {row['id']} ({row['worker']}) failed: {f['reason'] or row['message']}")
+        elif row["status"] == "FAILURE":
+            lines.append(f"kmpwm: {row['id']} ({row['worker']}) failed: {row['message']}")
+        elif row["status"] == "EXPIRED":
+            lines.append(f"kmpwm: {row['id']} ({row['worker']}) expired: {row['message']}")
+    for s in doc["skipped"]:  # --misfire-grace: an occurrence that did not run is never silent
+        if s["reason"].startswith("missed:"):
+            ended.pop(s["id"], None)  # a one-time task's "FAILED (missed)" is in this line already
+            lines.append(f"kmpwm: {s['id']} {s['reason']}")
+    for f in ended.values():  # ended FAILED without a run of its own: window missed, upstream failed, ...
+        lines.append(f"kmpwm: {f['id']} ({f['worker']}) failed: {f['reason']}")
+    for line in lines:
+        sys.stderr.write(printable(line) + "\n")
 
 
 def _mark_last_run(paths: Paths) -> None:
@@ -102,12 +123,14 @@ class _Progress:
             mark = {"SUCCESS": "ok", "FAILURE": "FAILED", "RETRY": "retry", "EXPIRED": "expired"}[row["status"]]
             msg = f": {row['message']}" if row["message"] and row["status"] != "SUCCESS" else ""
             sys.stdout.write(printable(f"  {mark:<8} {row['id']} in {row['duration_ms']}ms{msg}") + "\n")
-        elif kind == "expiring":
+        elif kind == "expiring" and not payload.cancelled:
             sys.stdout.write(printable(f"  stopping {payload.id} (told to expire)") + "\n")
+        elif kind == "cancelling":
+            sys.stdout.write(printable(f"  stopping {payload.id} (cancelled)") + "\n")
         sys.stdout.flush()
 
 
-def _summary(doc: dict, dry_run: bool) -> None:
+def _summary(doc: dict, dry_run: bool, failed: list = ()) -> None:
     from .output import say, table
 
     if dry_run:
@@ -123,3 +146,7 @@ def _summary(doc: dict, dry_run: bool) -> None:
         say("nothing was due")
     for s in doc["skipped"]:
         say(f"skipped {s['id']}: {s['reason']}")
+    ran = {r["id"] for r in doc["ran"]}
+    for f in failed:
+        if f["id"] not in ran:
+            say(f"failed {f['id']}: {f['reason']}")

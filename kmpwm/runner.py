@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 
 import orjson
 
-from . import procs
+from . import groups, procs, reserve
 from .exitcodes import JournalError, KmpwmError
 from .models import DEFAULT_GRACE
 from .paths import Paths, private_subdir
@@ -39,6 +39,7 @@ TAIL = 8192
 STDOUT_TAIL = 65536
 MAX_INLINE_ENV_INPUT = 100 * 1024  # larger inputs reach command workers on stdin only
 RECLAIM_EVERY = 1.0
+CANCEL_WATCH = 0.5  # how often running tasks are checked for a cancel (lock-free, the journal's tail)
 HOST_MAX_TASKS = 500  # a pool host is replaced after this many tasks (bounded leaks)
 GROUP_WAIT = 0.010  # a finished run's result waits at most this long to share a record with others
 PREFETCH_MARGIN = 5.0  # a claimed task may wait briefly for a free slot before it starts
@@ -62,6 +63,7 @@ class Job:
     kill_at: float | None = None
     expiring: bool = False
     run_expired: bool = False  # told to stop because the whole run expired
+    cancelled: bool = False  # told to stop because the task was cancelled or replaced
     exit_status: int | None = None  # raw wait status / returncode
     immediate: dict | None = None  # a result known without a process (start failure, notify)
     ended: float = 0.0  # monotonic time it was reaped
@@ -94,6 +96,7 @@ class Report:
     ran: list = field(default_factory=list)
     expired: list = field(default_factory=list)
     skipped: dict = field(default_factory=dict)
+    failed: list = field(default_factory=list)  # tasks that ended FAILED in this run: {"id", "worker", "reason"}
 
     def doc(self) -> dict:
         return {"ran": self.ran, "expired": self.expired,
@@ -131,7 +134,8 @@ class Runner:
         self._sel: selectors.BaseSelector | None = None
         self._wake_r = self._wake_w = -1
         self._signals: dict = {}
-        self._flags = {"expire": False, "child": False}
+        self._flags = {"expire": False, "child": False, "force": False, "signo": 0}
+        self._forced = False
         self._known_cache: dict[str, bool] = {}
         self._preloaded: set[str] = set()
         self._frozen = False
@@ -140,7 +144,11 @@ class Runner:
         self._pool = os.environ.get("KMPWM_POOL", "1") != "0"
         self._queue: list[dict] = []  # candidates of the last plan, best last
         self._broken: set[str] = set()
+        self._fence_broken: set[str] = set()
         self._trig: dict[str, dict] = {}
+        self._on_fold = None
+        self._groups = groups.GroupLog(paths.runners_dir, self.pid, self.token)
+        self.disk_full = False  # no room to record results: claim nothing more (reserve.py)
 
     @property
     def registry(self):
@@ -174,8 +182,9 @@ class Runner:
             return 0
         deadline = time.monotonic() + self.budget if self.budget is not None else None
         self._setup()
+        groups.sweep(self.paths.runners_dir)  # what workers of killed runners left behind
         try:
-            need_claim, last_claim = True, 0.0
+            need_claim, last_claim, last_watch = True, 0.0, time.monotonic()
             while True:
                 now_m = time.monotonic()
                 if deadline is not None and now_m >= deadline and not self.run_expired:
@@ -188,7 +197,8 @@ class Runner:
                 periodic = now_m - last_claim >= RECLAIM_EVERY
                 slots = len(self.jobs) + len(self._ready) < self.parallel + self._prefetch
                 low = len(self._ready) < self.parallel  # claim ahead only when the ready queue runs low
-                want = not self.run_expired and self._room() and slots and (need_claim or periodic)
+                want = (not self.run_expired and not self.disk_full and self._room() and slots
+                        and (need_claim or periodic))
                 if self._must_write(now_m) or (want and (low or periodic)):
                     wrote = bool(self._pending)
                     claimed = self._cycle(want, replan=periodic or self._unblocks(self._pending))
@@ -200,11 +210,14 @@ class Runner:
                     if claimed or wrote:
                         continue
                 if not self.jobs and not self._ready and not self._pending and not self._release:
-                    if self.run_expired or not self._room() or not need_claim:
+                    if self.run_expired or self.disk_full or not self._room() or not need_claim:
                         break  # nothing left that this run may start
                     continue
                 self._wait(self._timeout(deadline))
                 self._check_limits()
+                if self.jobs and time.monotonic() - last_watch >= CANCEL_WATCH:
+                    last_watch = time.monotonic()
+                    self._watch_cancels()
         finally:
             self._teardown()
         return 75 if self.run_expired else 0
@@ -265,6 +278,28 @@ class Runner:
                 or now_m - self._pending[0].ended >= GROUP_WAIT)
 
     def _cycle(self, claim: bool, *, replan: bool) -> int:
+        """Write what finished and claim what is due (_cycle_once); when the disk is full, give
+        up the reserve (reserve.py) and write the results alone, then without their data."""
+        for attempt in range(3):
+            try:
+                return self._cycle_once(claim and attempt == 0, replan=replan, lite=attempt == 2)
+            except JournalError as exc:
+                if getattr(exc, "errno", None) != errno.ENOSPC:
+                    raise
+                self.disk_full = True  # claim nothing more in this run
+                if not self._pending and not self._release:
+                    return 0  # only claims were refused: nothing was started
+                if attempt == 2:
+                    ids = ", ".join(j.id for j in self._pending) or ", ".join(t["id"] for t, *_ in self._release)
+                    raise JournalError(
+                        f"cannot record the outcome of {ids}: the disk holding the journal is full, "
+                        "even with kmpwm's reserve given up",
+                        hint="they ran (or were claimed) and, unrecorded, will run again once their leases end; "
+                             "free space now") from None
+                reserve.release(self.paths)
+        return 0
+
+    def _cycle_once(self, claim: bool, *, replan: bool, lite: bool = False) -> int:
         """One transaction, one record, one fsync: the results of finished jobs, tasks handed
         back unstarted, then leases for due tasks.  Results are folded first, so a chain step
         that just finished unblocks the next one within the same record."""
@@ -272,6 +307,16 @@ class Runner:
         released, self._release = self._release, []
         rows: list = []
         claimed: list = []
+        failed: list = []
+
+        def on_fold(ts, task_id, kind, detail):
+            # every task this record ends FAILED, whatever the cause (its run, its last attempt,
+            # too many expiries, a missed window, an upstream failure, quarantine): never silent
+            if kind == "failed":
+                t = txn.state["tasks"].get(task_id) or {}
+                failed.append({"id": task_id, "worker": t.get("worker"), "reason": detail.get("reason")})
+
+        self._on_fold = on_fold
         try:
             with self.store.transaction() as txn:
                 if txn.view.damage:
@@ -280,7 +325,13 @@ class Runner:
                 now = txn.ts
                 if finished:
                     ops, rows = self._result_ops(finished, now)
-                    txn.stage(ops)
+                    if lite:  # the disk is full: the outcome matters, the data may not fit
+                        for op in ops:
+                            if op.get("data") is not None:
+                                op["data"] = None
+                                op["message"] = (op.get("message") or "") + " (its data was not kept: the disk is full)"
+                        rows = [(job, dict(row, data=None)) for job, row in rows]
+                    txn.stage(ops, on_fold)
                 if released:
                     txn.stage([{"op": "release", "id": t["id"], "seq": t["seq"], "runner": self.runner_id}
                                for t, *_ in released])
@@ -290,8 +341,11 @@ class Runner:
             self._pending = finished + self._pending  # not written: keep them for the teardown's try
             self._release = released + self._release
             raise
+        self.report.failed += failed
         for job, row in rows:  # durable now
             self.report.ran.append(row)
+            if row["status"] == "EXPIRED":
+                self.report.expired.append({"id": row["id"], "worker": row["worker"]})
             self.on_event("done", (job, row))
         if rows:
             _log_runs(self.paths, rows)
@@ -311,7 +365,10 @@ class Runner:
             now_t = state.get(task["id"])
             if (now_t is None or now_t["seq"] != task["seq"] or now_t["state"] != "RUNNING"
                     or (now_t["lease"] or {}).get("runner") != self.runner_id):
-                continue  # no longer ours to run
+                # no longer ours to run (cancelled or replaced): a release takes down the fence
+                # its cancel left (state._finish), so the id may run again at once
+                self._release.append((task, info, limit, upstream, start_by))
+                continue
             if time.monotonic() > start_by:
                 # it waited longer than its lease allows for: hand it back rather than run it unleased
                 self._release.append((task, info, limit, upstream, start_by))
@@ -331,16 +388,19 @@ class Runner:
             free = min(free, self.max_tasks - self.claimed_count)
         if free <= 0:
             return []
+        if not reserve.ensure(self.paths):
+            self.disk_full = True  # no room to record results: start nothing (reserve.py)
+            return []
         state = txn.state
         done, jobs = self.done, self.jobs
         if replan:
             p = plan(state, now, self.device, exclude=_Union(done, jobs), known_worker=self._known)
             for s in p.skipped:
                 self.report.skipped[s["id"]] = s["reason"]
-            txn.stage(p.ops)
+            txn.stage(p.ops, self._on_fold)
             self._queue = p.due
             self._queue.reverse()  # pop() from the end takes the best first
-            self._broken, self._trig = p.broken, p.trig_updates
+            self._broken, self._trig, self._fence_broken = p.broken, p.trig_updates, p.fence_broken
         ready_ids = {t["id"] for t, *_ in self._ready}
         picks = []
         while self._queue and len(picks) < free:
@@ -363,6 +423,8 @@ class Runner:
                   "token": self.token, "until": now + limit + self.grace + LEASE_MARGIN + PREFETCH_MARGIN + START_SLACK}
             if t["id"] in self._broken:
                 op["broken"] = True
+            if t["id"] in self._fence_broken:
+                op["fence_broken"] = True  # the cancelled run's holder is gone
             if n >= slots:
                 op["ahead"] = True  # its runner dying before it starts is not the task's crash
             ops.append(op)
@@ -396,6 +458,10 @@ class Runner:
         except OSError as exc:
             job.immediate = {"status": "FAILURE", "message": f"could not start the worker: {exc.strerror or exc}",
                              "data": None}
+        except Exception as exc:  # a process that cannot be started fails its run, never run-due
+            job.immediate = {"status": "FAILURE", "message": f"could not start the worker: {exc}", "data": None}
+        if job.immediate is None and not job.pid and job.proc is None and job.host is None:
+            job.immediate = {"status": "FAILURE", "message": "could not start the worker", "data": None}
         if trig["type"] == "exact" and job.immediate is None:
             job.task["_late_ms"] = int(max(0.0, job.started_wall - trig["at"]) * 1000)
 
@@ -419,9 +485,13 @@ class Runner:
         env = dict(self._base_env)
         env.update(self._env(job, upstream))
         data = job.task["input"]
-        if data is not None and len(data) <= MAX_INLINE_ENV_INPUT:
-            env["KMPWM_INPUT"] = data
+        if data is not None and len(data) <= MAX_INLINE_ENV_INPUT and "\0" not in data:
+            env["KMPWM_INPUT"] = data  # an input with a NUL byte cannot be an environment value: stdin only
         env.update(cfg.env)
+        problem = _unstartable(cfg, env)
+        if problem:
+            job.immediate = {"status": "FAILURE", "message": problem, "data": None}
+            return
         if data:
             stdin = tempfile.TemporaryFile()
             stdin.write(data.encode("utf-8", "surrogateescape"))
@@ -456,6 +526,7 @@ class Runner:
         finally:
             stdin.close()
         job.proc, job.pid = proc, proc.pid
+        self._groups.add(proc.pid)
         for stream, name in ((proc.stdout, "out"), (proc.stderr, "err")):
             # Own a duplicate and close Popen's file object: otherwise its finaliser closes the fd
             # number again later, when it may already belong to another job's pipe.
@@ -516,6 +587,7 @@ class Runner:
                 os._exit(status)
         for fd in (task_r, res_w, out_w):
             os.close(fd)
+        self._groups.add(pid)
         host = Host(pid, task_w, res_r, out_r)
         for fd in (res_r, out_r):
             os.set_blocking(fd, False)
@@ -670,6 +742,7 @@ class Runner:
         os.close(w)
         os.close(out_w)
         job.pid = pid
+        self._groups.add(pid)
         for fd, name in ((r, "result"), (out_r, "out")):
             os.set_blocking(fd, False)
             job.fds[fd] = name
@@ -686,7 +759,10 @@ class Runner:
         self._old_wakeup = signal.set_wakeup_fd(self._wake_w, warn_on_full_buffer=False)
 
         def on_expire(signo, frame):
+            if signo == signal.SIGINT and self._flags["expire"]:
+                self._flags["force"] = True  # a second Ctrl-C: do not wait out the grace period
             self._flags["expire"] = True
+            self._flags["signo"] = signo
             if not self.expire_reason:
                 self.expire_reason = {signal.SIGUSR1: "simulate-expire delivered the expiration signal",
                                       signal.SIGTERM: "run-due received SIGTERM",
@@ -749,6 +825,7 @@ class Runner:
             os.unlink(self._expire_file())
         except OSError:
             pass
+        self._groups.close()
 
     def _expire_file(self):
         return self.paths.runners_dir / f"{self.pid}.expire"
@@ -811,6 +888,17 @@ class Runner:
         now = time.monotonic()
         if self._flags["expire"] and not self.run_expired:
             self._expire_run(self.expire_reason)
+        if self._flags["force"] and not self._forced:
+            self._forced = True
+            running = [j for j in self.jobs.values() if j.immediate is None and j.exit_status is None]
+            if running:
+                sys.stderr.write(f"kmpwm: interrupted again: killing {len(running)} worker(s) now, "
+                                 "without waiting for the grace period\n")
+                sys.stderr.flush()
+            for job in running:
+                job.expiring = True
+                _kill(job, signal.SIGKILL)
+                job.kill_at = now + 3600  # once
         for job in self.jobs.values():
             if job.immediate is not None or job.exit_status is not None:
                 continue
@@ -820,9 +908,29 @@ class Runner:
             elif not job.expiring and now >= job.started + job.limit:
                 self._expire_job(job, self.grace)
 
+    def _watch_cancels(self) -> None:
+        """A cancel (or a replace) reaches a running worker through the expiry protocol: every
+        CANCEL_WATCH seconds, the journal's new records (lock-free) say whether each running
+        task is still ours; one that is not gets SIGTERM, then SIGKILL after the grace period.
+        Its result never counts: the task stays CANCELLED, and run-due writes a release once
+        the worker is gone, which lets a replacing task of the same id start (never beside it)."""
+        state = self.store.load(full=False).state["tasks"]
+        for job in self.jobs.values():
+            if job.cancelled or job.immediate is not None or job.exit_status is not None or job.answered:
+                continue
+            t = state.get(job.id)
+            if (t is not None and t["seq"] == job.task["seq"] and t["state"] == "RUNNING"
+                    and (t["lease"] or {}).get("runner") == self.runner_id):
+                continue
+            job.cancelled = True
+            self.on_event("cancelling", job)
+            if job.expiring:
+                continue  # already told to stop
+            self._expire_job(job, self.grace)
+
     def _expire_job(self, job: Job, grace: float) -> None:
-        if job.expiring or job.immediate is not None:
-            return
+        if job.expiring or job.immediate is not None or job.exit_status is not None or job.answered:
+            return  # (a run that already ended keeps its result: it was not stopped)
         job.expiring = True
         job.kill_at = time.monotonic() + grace
         _kill(job, signal.SIGTERM)
@@ -839,9 +947,15 @@ class Runner:
             grace = float(raw.strip())
         except (OSError, ValueError):
             pass
+        running = 0
         for job in self.jobs.values():
             job.run_expired = True
+            running += job.immediate is None and job.exit_status is None and not job.expiring
             self._expire_job(job, grace)
+        if running and self._flags.get("signo") == signal.SIGINT and not self._flags["force"]:
+            sys.stderr.write(f"kmpwm: interrupted: stopping {running} worker(s), up to {grace:g}s "
+                             "(interrupt again to kill them now)\n")
+            sys.stderr.flush()
 
     # -- finishing ------------------------------------------------------------------------
 
@@ -900,9 +1014,19 @@ class Runner:
     def _result_ops(self, finished: list[Job], now: float) -> tuple[list, list]:
         ops, rows = [], []
         for job in finished:
+            if job.cancelled:
+                # cancelled while it ran: no result (the task stays CANCELLED); the release says
+                # its worker is gone, which takes down the fence of the cancelled run
+                t = job.task
+                ops.append({"op": "release", "id": t["id"], "seq": t["seq"], "runner": self.runner_id})
+                _log_stopped(self.paths, job)
+                continue
             res = self._outcome(job)
             status = res["status"]
-            if job.expiring and status != "SUCCESS":
+            if job.expiring:
+                # A run told to stop does not count, whatever it returned (SPEC section 6; WorkManager
+                # ignores a stopped worker's result): a worker that exits 0 on SIGTERM has not
+                # necessarily finished, and a chain must not move on with half-done work.
                 status = "EXPIRED"
                 res = {"status": "EXPIRED", "message": (
                     "the run expired: " + self.expire_reason if job.run_expired
@@ -926,8 +1050,6 @@ class Runner:
             rows.append((job, {"id": t["id"], "worker": t["worker"], "status": status, "message": res.get("message"),
                                "data": res.get("data"), "duration_ms": duration_ms}))
             self.done.add(t["id"])
-            if status == "EXPIRED":
-                self.report.expired.append({"id": t["id"], "worker": t["worker"]})
         return ops, rows
 
 
@@ -1003,6 +1125,24 @@ def _resolve(prog: str, cwd: str | None, path: str | None) -> str | None:
     return shutil.which(prog, path=path)
 
 
+def _unstartable(cfg, env: dict) -> str | None:
+    """Why a command worker's process cannot be started as configured (None if it can): a NUL
+    byte (no argv or environment string can hold one) or a working directory that is missing."""
+    for arg in cfg.command:
+        if "\0" in arg:
+            return f"the worker's command has a NUL byte in the argument {arg.split(chr(0))[0]!r}..."
+    for key, value in env.items():
+        if "\0" in key or "\0" in value:
+            return f"the worker's environment variable {key.split(chr(0))[0]!r} has a NUL byte"
+    if cfg.cwd is not None:
+        if "\0" in cfg.cwd:
+            return "the worker's cwd has a NUL byte"
+        if not os.path.isdir(cfg.cwd):
+            why = "is not a directory" if os.path.exists(cfg.cwd) else "does not exist"
+            return f"the worker's working directory {cfg.cwd} {why}"
+    return None
+
+
 def _kill(job: Job, signo: int) -> None:
     if not job.pid or job.exit_status is not None:
         return
@@ -1019,10 +1159,39 @@ def _kill(job: Job, signo: int) -> None:
             pass
 
 
+def _end_group_if_exited(pid: int) -> None:
+    """When a worker process has exited, SIGKILL what is left of its process group.
+
+    Every worker starts in a session and process group of its own (``start_new_session`` for a
+    command, ``setsid`` for a forked Python worker), so the processes it started and left behind
+    (``cmd &``, a daemon that did not call setsid itself) are still in that group when it exits.
+    As systemd ends a unit's cgroup, run-due ends the group: a run is over when its worker exits,
+    and nothing it started keeps running (and writing) beside the next run.  Processes that left
+    the group on purpose (setsid, double-fork daemons) are not tracked.  The group is killed
+    while the worker is still an unreaped zombie (``WNOWAIT``), so its number cannot have been
+    reused by an unrelated group.  (Python workers in a pool host: see worker_host._end_leftovers.)"""
+    if pid <= 0 or not hasattr(os, "waitid"):
+        return
+    try:
+        info = os.waitid(os.P_PID, pid, os.WEXITED | os.WNOHANG | os.WNOWAIT)
+    except (ChildProcessError, OSError):
+        return
+    if info is None or info.si_pid == 0:
+        return
+    try:
+        os.killpg(pid, signal.SIGKILL)
+    except OSError:
+        pass
+
+
 def _poll(job: Job) -> int | None:
     if job.proc is not None:
+        _end_group_if_exited(job.pid)
         code = job.proc.poll()
         return None if code is None else code
+    if job.pid <= 0:
+        return -1  # never started: waitpid(0) would reap another task's process
+    _end_group_if_exited(job.pid)
     try:
         pid, status = os.waitpid(job.pid, os.WNOHANG)
     except ChildProcessError:
@@ -1124,6 +1293,13 @@ def _notify(task: dict, paths: Paths) -> dict:
 
 def _applescript(text: str) -> str:
     return '"' + text.replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+
+def _log_stopped(paths: Paths, job: Job) -> None:
+    from .logs import logger
+
+    logger(paths).info("stopped %s (%s) attempt %d: cancelled while it ran; its result does not count",
+                       job.id, job.task["worker"], job.attempt)
 
 
 def _log_runs(paths: Paths, rows: list) -> None:

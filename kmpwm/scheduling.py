@@ -45,6 +45,7 @@ class Plan:
     skipped: list[dict] = field(default_factory=list)  # {"id", "reason"}
     ops: list[dict] = field(default_factory=list)  # bookkeeping to journal
     broken: set[str] = field(default_factory=set)  # ids whose lease holder is gone
+    fence_broken: set[str] = field(default_factory=set)  # ids whose cancelled run's holder is gone
     trig_updates: dict[str, dict] = field(default_factory=dict)  # id -> trig_state to record with the run
 
 
@@ -116,6 +117,7 @@ def plan(state: dict, now: float, device: Device, *, exclude: set | None = None,
     """What is due at ``now``; ``exclude`` holds ids this run already ran or is running."""
     out = Plan()
     exclude = exclude if exclude is not None else set()
+    fences = state.get("fences") or {}
     for t in state["tasks"].values():
         st = t["state"]
         if st not in ("ENQUEUED", "RUNNING") or t["id"] in exclude:
@@ -131,7 +133,16 @@ def plan(state: dict, now: float, device: Device, *, exclude: set | None = None,
                 continue
             if ls == "orphaned":
                 out.broken.add(t["id"])
-        elif t["due"] > now:
+        elif fences and t["id"] in fences:
+            # a cancelled run of this id is still stopping (state._finish): never start beside it
+            fs = lease_state({"state": "RUNNING", "lease": fences[t["id"]]}, now)
+            if fs == "held":
+                if t["due"] <= now:
+                    out.skipped.append({"id": t["id"], "reason": "its cancelled previous run is still stopping"})
+                continue
+            if fs == "orphaned":
+                out.fence_broken.add(t["id"])
+        if st == "ENQUEUED" and t["due"] > now:
             if trig["type"] == "windowed" and now > trig["end"]:
                 out.ops.append({"op": "fail", "id": t["id"], "seq": t["seq"], "reason": "window missed"})
             continue

@@ -216,6 +216,13 @@ def _drop_waits(state: dict, task: dict) -> None:
 
 def _finish(state: dict, t: dict, new_state: str, ts: float, reason: str | None, emit: Emit) -> None:
     """Move ``t`` to a final state and propagate: chain steps after it, tasks appended after it."""
+    if new_state == "CANCELLED" and t["state"] == "RUNNING" and t["lease"]:
+        # Cancelled (or replaced) while a worker runs it: the holder stops that worker (it watches
+        # the journal) and then writes a release.  Until then the lease lives on as a fence on the
+        # id (state["fences"], not on the finished task: history never changes), so that no run
+        # of a new task with this id starts beside the old one (_op_claim, scheduling.plan).
+        lease = t["lease"]
+        state.setdefault("fences", {})[t["id"]] = {k: lease.get(k) for k in ("runner", "pid", "token", "until")}
     t["state"] = new_state
     t["reason"] = reason
     t["finished_at"] = ts
@@ -426,6 +433,14 @@ def _op_claim(state: dict, op: dict, ts: float, emit: Emit) -> bool:
             t["crashes"] += 1  # the previous holder vanished without a result while running it
     elif t["state"] != "ENQUEUED":
         return False
+    fences = state.get("fences")
+    fence = fences.get(t["id"]) if fences else None
+    if fence is not None:
+        if fence["until"] > ts and not op.get("fence_broken"):
+            return False  # a cancelled run of this id is still stopping
+        del fences[t["id"]]
+        if not fences:
+            del state["fences"]  # (a state without fences has no such key, as new_state() gives)
     t["state"] = "RUNNING"
     t["lease"] = {"runner": op["runner"], "pid": op.get("pid"), "token": op.get("token"),
                   "until": op["until"], "since": ts}
@@ -449,6 +464,7 @@ def _op_result(state: dict, op: dict, ts: float, emit: Emit) -> bool:
     if t is None:
         if emit:
             emit(ts, op.get("id", "?"), "stale-result", {"status": op.get("status"), "runner": op.get("runner")})
+        _unfence(state, op, ts, emit)
         return False
     status = op["status"]
     result = {"status": status, "message": op.get("message"), "data": op.get("data")}
@@ -499,9 +515,23 @@ def _op_result(state: dict, op: dict, ts: float, emit: Emit) -> bool:
     return True
 
 
+def _unfence(state: dict, op: dict, ts: float, emit: Emit) -> None:
+    """A runner's result or release for a run that was cancelled meanwhile: its worker has
+    stopped, so the fence it left (see _finish) comes down and the id may run again."""
+    fences = state.get("fences")
+    tid = op.get("id")
+    if fences and tid in fences and fences[tid].get("runner") == op.get("runner"):
+        del fences[tid]
+        if not fences:
+            del state["fences"]
+        if emit:
+            emit(ts, tid, "stopped", {"runner": op.get("runner")})
+
+
 def _op_release(state: dict, op: dict, ts: float, emit: Emit) -> bool:
     t = _holder(state, op)
     if t is None:
+        _unfence(state, op, ts, emit)
         return False
     t["state"] = "ENQUEUED"
     t["lease"] = None
@@ -554,6 +584,8 @@ def _op_put(state: dict, op: dict, ts: float, emit: Emit) -> bool:
 def _op_meta(state: dict, op: dict, ts: float, emit: Emit) -> bool:
     state["seq"] = max(state["seq"], op.get("seq", 0))
     state["fam"].update(op.get("fam", {}))
+    if op.get("fences"):
+        state.setdefault("fences", {}).update(op["fences"])
     return True
 
 

@@ -532,12 +532,13 @@ class Transaction:
     def state(self) -> dict:
         return self.view.state
 
-    def stage(self, ops: list[dict]) -> list:
-        """Apply ``ops`` now (at the transaction's timestamp); they are written on flush."""
+    def stage(self, ops: list[dict], emit=None) -> list:
+        """Apply ``ops`` now (at the transaction's timestamp); they are written on flush.
+        ``emit`` sees the fold's events of these ops (state.apply)."""
         if not ops:
             return []
         self.staged.extend(ops)
-        return apply(self.view.state, {"ts": self.ts, "ops": ops})
+        return apply(self.view.state, {"ts": self.ts, "ops": ops}, emit)
 
     def flush(self) -> None:
         if not self.staged:

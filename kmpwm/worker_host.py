@@ -120,6 +120,7 @@ def host_main(in_fd: int, out_fd: int, registry) -> None:
 
     base_env = dict(os.environ)
     base_cwd = os.getcwd()
+    _become_subreaper()
     targets: dict = {}
     while True:
         header = _read_exact(in_fd, _HEADER)
@@ -148,8 +149,68 @@ def host_main(in_fd: int, out_fd: int, registry) -> None:
             targets[msg["worker"]] = info.preloaded
         sys.stdout.flush()
         sys.stderr.flush()
+        _end_leftovers()
         try:
             blob = orjson.dumps(result, default=str)
         except TypeError as exc:
             blob = orjson.dumps({"status": "FAILURE", "message": f"result not JSON-serialisable: {exc}", "data": None})
         write_frame(out_fd, blob)
+
+
+def _become_subreaper() -> None:
+    """Linux: processes a task started and orphaned are re-parented to this host (not to init),
+    so that _end_leftovers finds them even if they left the host's process group."""
+    if not sys.platform.startswith("linux"):
+        return
+    try:
+        import ctypes
+
+        ctypes.CDLL(None, use_errno=True).prctl(36, 1)  # PR_SET_CHILD_SUBREAPER
+    except Exception:
+        pass
+
+
+def _children() -> list[int]:
+    import os
+
+    pids: list[int] = []
+    try:
+        for tid in os.listdir("/proc/self/task"):
+            with open(f"/proc/self/task/{tid}/children") as fh:
+                pids += [int(p) for p in fh.read().split()]
+    except (OSError, ValueError):
+        pass
+    return pids
+
+
+def _end_leftovers() -> None:
+    """After a task, before its result is sent: SIGKILL every process it started and left
+    running, and reap them (a run is over when its worker returns, as a systemd unit's cgroup is
+    ended with its main process).  Orphaned grandchildren come back to this host (a subreaper)
+    as their parents die, hence the loop."""
+    import os
+    import signal as _signal
+    import time as _time
+
+    for _ in range(50):
+        kids = _children()
+        if not kids:
+            break
+        for pid in kids:
+            try:
+                os.kill(pid, _signal.SIGKILL)
+            except OSError:
+                pass
+        for pid in kids:
+            try:
+                os.waitpid(pid, 0)
+            except OSError:
+                pass
+        _time.sleep(0.001)  # let orphans be re-parented here
+    while True:  # zombies of processes the task started and did not wait for
+        try:
+            pid, _ = os.waitpid(-1, os.WNOHANG)
+        except OSError:
+            break
+        if pid == 0:
+            break

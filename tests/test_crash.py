@@ -311,3 +311,62 @@ def test_runner_deaths_do_not_fail_tasks_that_never_started(chome):
     lost = {i: t["reason"] for i, t in state["tasks"].items() if i not in started and t["state"] != "SUCCEEDED"}
     assert not lost, (f"{len(lost)} task(s) whose worker never started were FAILED by the deaths of runners "
                       f"that had only claimed them (claimed ahead: {sorted(claimed_ahead)}): {sorted(lost.items())[:3]}")
+
+
+LEAVER_SH = r"""#!/bin/bash
+# starts a background job, notes its pid, then works until killed
+sleep 300 &
+printf '%s %s\n' "$!" "$$" >> "$CRASH_RUNLOG.children"
+sleep 300
+"""
+
+
+def _pid_gone(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as fh:
+            stat = fh.read()
+    except FileNotFoundError:
+        return True
+    return stat[stat.rindex(")") + 2:].startswith(("Z", "X"))
+
+
+@pytest.mark.parametrize("worker", ["sh", "py"])
+def test_background_jobs_of_a_killed_runs_workers_are_killed_by_the_next_run(chome, worker):
+    """Issue 13 (leftover processes): run-due is SIGKILLed while a worker that started a
+    background job runs.  The worker dies with run-due (PR_SET_PDEATHSIG); its background job
+    must not keep running beside the re-run: the next run-due kills what is left of the group."""
+    script = chome.path / "leaver.sh"
+    script.write_text(LEAVER_SH)
+    os.chmod(script, 0o700)
+    (chome.pylib / "leaverpy.py").write_text(
+        "import os, subprocess, time\n"
+        "def work(input):\n"
+        "    p = subprocess.Popen(['sleep', '300'])\n"
+        "    with open(os.environ['CRASH_RUNLOG'] + '.children', 'a') as fh:\n"
+        "        fh.write(f'{p.pid} {os.getpid()}\\n')\n"
+        "    time.sleep(300)\n")
+    cfg = chome.path / "config.toml"
+    cfg.write_text(f'[workers.leaver]\ncommand = ["/bin/bash", "{script}"]\n'
+                   '[workers.leaverpy]\nentry = "leaverpy:work"\n')
+    os.chmod(cfg, 0o600)
+    children = Path(str(chome.runlog) + ".children")
+    _, rc, err = chome.json("enqueue", "left", "leaver" if worker == "sh" else "leaverpy", "--timeout", "3s")
+    assert rc == 0, err
+    proc = chome.spawn("run-due", "--grace", "1s")
+    deadline = time.monotonic() + 60
+    while not children.exists() or not children.read_text().strip():
+        assert time.monotonic() < deadline, "the worker did not start"
+        time.sleep(0.05)
+    proc.kill()
+    collect(proc)
+    child, leader = map(int, children.read_text().split()[:2])
+    deadline = time.monotonic() + 10
+    while not _pid_gone(leader):  # PR_SET_PDEATHSIG
+        assert time.monotonic() < deadline, "the worker outlived its run-due"
+        time.sleep(0.05)
+    assert not _pid_gone(child)  # what the fix is for: nothing else ends it
+    chome.json("run-due", "--grace", "1s")  # re-claims the orphaned task (it expires again: 3 s)
+    deadline = time.monotonic() + 10
+    while not _pid_gone(child):
+        assert time.monotonic() < deadline, f"the killed run's background job {child} is still running"
+        time.sleep(0.05)

@@ -13,11 +13,12 @@ multiplies the sizes; ``python scripts/torture.py`` runs the full 1,000 tasks / 
 from __future__ import annotations
 
 import os
+import random
+import threading
 import time
 
 import pytest
-
-from crashlib import Home, collect, torture
+from crashlib import Home, Tally, check_runs_against_state, collect, torture
 
 SCALE = float(os.environ.get("KMPWM_TORTURE_SCALE", "1"))
 
@@ -74,6 +75,86 @@ def test_cancelled_task_claimed_ahead_never_starts(thome):
                       f"(claimed ahead: {claimed_ahead})")
     state, _ = thome.fold()
     assert state["tasks"]["q3"]["state"] == "CANCELLED"
+
+
+# A worker that stops cleanly on SIGTERM (after a short linger) and logs its end either way, so that
+# every run has a known interval; its ``sleep`` runs in the background (left to the group kill).
+STOPPABLE_SH = r"""#!/bin/bash
+printf 'start %s %s %s %s\n' "$KMPWM_TASK_ID" "$KMPWM_ATTEMPT" "$$" "$EPOCHREALTIME" >> "$CRASH_RUNLOG"
+done_() { printf 'done %s %s %s %s\n' "$KMPWM_TASK_ID" "$KMPWM_ATTEMPT" "$$" "$EPOCHREALTIME" >> "$CRASH_DONELOG"; }
+trap 'sleep 0.2; done_; exit 0' TERM
+sleep "${KMPWM_INPUT#sleep=}" &
+wait $!
+done_
+"""
+
+
+def test_replace_and_cancel_storm_never_overlaps_runs_of_one_id(thome):
+    """Issue 13.5: cancel and ``--policy replace`` of RUNNING tasks while run-due loops run them.
+    A cancel reaches the running worker (SIGTERM; it exits 0 after a linger, which must not count),
+    and no run of an id starts before the previous run of that id has ended: zero overlaps, no run
+    after a task was recorded finished, every replacing task run to the end."""
+    script = thome.path / "stoppable.sh"
+    script.write_text(STOPPABLE_SH)
+    os.chmod(script, 0o700)
+    cfg = thome.path / "config.toml"
+    cfg.write_text(f'[workers.st]\ncommand = ["/bin/bash", "{script}"]\n')
+    os.chmod(cfg, 0o600)
+    rng = random.Random(int(os.environ.get("KMPWM_TORTURE_SEED", "13")))
+    ids = [f"u{i}" for i in range(3)]
+    last: dict[str, str] = {}
+    failures: list[str] = []
+    stop = threading.Event()
+
+    def runner() -> None:
+        while not stop.is_set():
+            doc, rc, err = thome.json("run-due", "--grace", "3s", "--parallel", "2", timeout=300)
+            if rc != 0 or "Traceback" in err:
+                failures.append(f"run-due exited {rc}: {err[-800:]}")
+            if doc is not None and not doc.get("ran"):
+                stop.wait(rng.uniform(0.1, 0.3))
+
+    threads = [threading.Thread(target=runner) for _ in range(3)]
+    for t in threads:
+        t.start()
+    try:
+        for _ in range(int(30 * SCALE)):
+            tid = rng.choice(ids)
+            if rng.random() < 0.75:
+                doc, rc, err = thome.json("enqueue", tid, "st", "--policy", "replace",
+                                          "--input", f"sleep={rng.uniform(0.3, 1.5):.2f}")
+                last[tid] = "replace"
+            else:
+                doc, rc, err = thome.json("cancel", tid)
+                if doc and tid in doc.get("cancelled", ()):
+                    last[tid] = "cancel"  # (a task already finished stays as it ended)
+            if rc != 0:
+                failures.append(f"{tid}: exit {rc}: {err}")
+            time.sleep(rng.uniform(0.1, 0.5))
+    finally:
+        stop.set()
+        for t in threads:
+            t.join()
+    for _ in range(20):  # drain
+        doc, rc, err = thome.json("run-due", "--grace", "3s")
+        assert rc == 0, err
+        state, _ = thome.fold()
+        if all(t["state"] not in ("ENQUEUED", "RUNNING") for t in state["tasks"].values()):
+            break
+        time.sleep(0.3)
+    assert not failures, failures[:5]
+    state, _ = thome.fold()
+    starts, dones, bad = thome.runs()
+    assert bad == 0
+    tally = Tally()
+    check_runs_against_state(state, starts, dones, tally)
+    ended = {(d.id, d.pid) for d in dones}
+    tally.check(all((s.id, s.pid) in ended for s in starts), "a run has no end line (killed, not stopped)")
+    for tid, action in last.items():
+        want = "SUCCEEDED" if action == "replace" else "CANCELLED"
+        tally.check(state["tasks"][tid]["state"] == want, f"{tid}: {state['tasks'][tid]['state']}, expected {want}")
+    assert not tally.violations, tally.violations[:20]
+    assert tally.checks > len(starts) // 2
 
 
 def test_readers_see_a_consistent_journal_while_compaction_runs(kmpwm_home, monkeypatch):
