@@ -372,6 +372,8 @@ class Runner:
                   "token": self.token, "until": now + limit + self.grace + LEASE_MARGIN + PREFETCH_MARGIN + START_SLACK}
             if t["id"] in self._broken:
                 op["broken"] = True
+            if self.forced is not None:
+                op["forced"] = True  # run-now: a pause does not hold it
             if n >= slots:
                 op["ahead"] = True  # its runner dying before it starts is not the task's crash
             ops.append(op)

@@ -431,6 +431,8 @@ def _op_claim(state: dict, op: dict, ts: float, emit: Emit) -> bool:
             t["crashes"] += 1  # the previous holder vanished without a result while running it
     elif t["state"] != "ENQUEUED":
         return False
+    if not op.get("forced") and pause_of(state, t, ts) is not None:
+        return False  # paused after the claimer planned (run-now's claims are the user's say-so)
     t["state"] = "RUNNING"
     t["lease"] = {"runner": op["runner"], "pid": op.get("pid"), "token": op.get("token"),
                   "until": op["until"], "since": ts}
@@ -615,7 +617,9 @@ def _op_pause(state: dict, op: dict, ts: float, emit: Emit) -> list:
         state["qpause"] = {"until": until, "since": ts, "by": op.get("by")}
         if emit:
             emit(ts, "*", "paused", dict(detail, queue=True))
-        return [i for i, t in state["tasks"].items() if t["state"] in UNFINISHED and t.get("paused")]
+        tasks = state["tasks"]
+        return sorted((i for i, t in tasks.items() if t["state"] in UNFINISHED and t.get("paused")),
+                      key=lambda i: tasks[i]["seq"])
     done = steer_targets(state, op, UNFINISHED)
     for i in done:
         t = state["tasks"][i]
@@ -632,7 +636,7 @@ def _op_resume(state: dict, op: dict, ts: float, emit: Emit) -> list:
     if op.get("all"):
         if state.pop("qpause", None) is not None and emit:
             emit(ts, "*", "resumed", {"by": op.get("by"), "queue": True})
-        done = [i for i, t in tasks.items() if t.get("paused")]
+        done = [i for i, t in tasks.items() if t.get("paused") and t["state"] in UNFINISHED]  # history never changes
         done.sort(key=lambda i: tasks[i]["seq"])
     else:
         done = [i for i in steer_targets(state, op, UNFINISHED) if tasks[i].get("paused")]
@@ -643,7 +647,7 @@ def _op_resume(state: dict, op: dict, ts: float, emit: Emit) -> list:
         t["updated_at"] = ts
         if emit:
             emit(ts, i, "resumed", {"by": op.get("by")})
-    return [i for i in done if tasks[i]["state"] in UNFINISHED]
+    return done
 
 
 def _op_retry(state: dict, op: dict, ts: float, emit: Emit) -> list:
@@ -669,8 +673,10 @@ def _op_retry(state: dict, op: dict, ts: float, emit: Emit) -> list:
             if chain["id"] in done_chains:
                 continue
             done_chains.add(chain["id"])
+            chain = chains[chain["id"]] = dict(chain)  # a new object: the snapshot writes history by identity
             revived += _retry_chain(state, chain, ts, emit, op.get("by"))
             continue
+        t = tasks[tid] = dict(t)
         _revive(t, "ENQUEUED", ts, emit, op.get("by"))
         revived.append(tid)
     return revived
@@ -690,6 +696,7 @@ def _retry_chain(state: dict, chain: dict, ts: float, emit: Emit, by) -> list[st
             if resume_at is None:
                 resume_at = number
             if m["state"] in FINISHED:
+                m = state["tasks"][i] = dict(m)  # a new object (see _op_retry)
                 _revive(m, "ENQUEUED" if number == resume_at else "BLOCKED", ts, emit, by)
                 revived.append(i)
     return revived

@@ -69,39 +69,45 @@ def resume(store, ids=(), tag=None, all_=False, by=None) -> list[str]:
 # -- retry ----------------------------------------------------------------------------------
 
 def retry(store, ids=(), failed=False, tag=None, by=None) -> list[str]:
-    """FAILED / CANCELLED tasks enqueued again (chains resumed at the failed step).  The op carries
-    the records it revives, read from the whole state (history included) under the lock."""
+    """FAILED / CANCELLED tasks enqueued again (chains resumed at the failed step), under the lock."""
     with store.transaction() as txn:
-        txn.view  # the hot state, up to date under the lock
+        hot = txn.state  # up to date under the lock
         full = store.load(full=True).state  # plus history: finished work may live only there
-        if failed:
-            picked = [i for i, t in full["tasks"].items() if t["state"] == "FAILED"]
-            picked.sort(key=lambda i: full["tasks"][i]["seq"])
-        else:
-            sel = {"tag": tag} if tag is not None else {"ids": list(ids)}
-            picked = steer_targets(full, sel, FINISHED - {"SUCCEEDED"})
-        if not picked:
-            return []
-        carry: dict[str, dict] = {}
-        chains: dict[str, dict] = {}
-        hot = txn.state["tasks"]
-        for i in picked:
-            t = full["tasks"][i]
-            chain = full["chains"].get(t.get("chain_id")) if t.get("chain_id") else None
-            if chain is not None:
-                if chain["id"] not in txn.state["chains"]:
-                    chains[chain["id"]] = chain
-                for m in members(full, chain):
-                    if m["id"] not in hot:
-                        carry[m["id"]] = m
-            if i not in hot:
-                carry[i] = t
-        op = {"op": "retry", "ids": picked, "by": by or who()}
-        if carry:
-            op["tasks"] = [pack_task(t) for t in sorted(carry.values(), key=lambda t: t["seq"])]
-        if chains:
-            op["chains"] = list(chains.values())
-        return txn.commit([op])[0]
+        op = retry_op(full, hot, ids, failed, tag, by or who())
+        return txn.commit([op])[0] if op is not None else []
+
+
+def retry_op(full: dict, hot: dict, ids=(), failed=False, tag=None, by=None) -> dict | None:
+    """The ``retry`` op for the tasks named (None: nothing to retry).  ``full`` is the whole
+    state, ``hot`` what a reader without history holds: the op carries every record it revives
+    (the tasks and their chain's tasks and chain) that ``hot`` lacks, so it folds the same on both."""
+    if failed:
+        picked = [i for i, t in full["tasks"].items() if t["state"] == "FAILED"]
+        picked.sort(key=lambda i: full["tasks"][i]["seq"])
+    else:
+        sel = {"tag": tag} if tag is not None else {"ids": list(ids)}
+        picked = steer_targets(full, sel, FINISHED - {"SUCCEEDED"})
+    if not picked:
+        return None
+    carry: dict[str, dict] = {}
+    chains: dict[str, dict] = {}
+    for i in picked:
+        t = full["tasks"][i]
+        chain = full["chains"].get(t.get("chain_id")) if t.get("chain_id") else None
+        if chain is not None:
+            if chain["id"] not in hot["chains"]:
+                chains[chain["id"]] = chain
+            for m in members(full, chain):
+                if m["id"] not in hot["tasks"]:
+                    carry[m["id"]] = m
+        if i not in hot["tasks"]:
+            carry[i] = t
+    op = {"op": "retry", "ids": picked, "by": by}
+    if carry:
+        op["tasks"] = [pack_task(t) for t in sorted(carry.values(), key=lambda t: t["seq"])]
+    if chains:
+        op["chains"] = list(chains.values())
+    return op
 
 
 # -- wait -----------------------------------------------------------------------------------

@@ -45,8 +45,9 @@ def task_json(t: dict, now: float) -> dict:
         "finished_at": iso(t.get("finished_at")),
         "after": t.get("after", []),
         # the task's own pause (the queue's is inspect-queue's top-level "paused"); an ended --until is over
-        "paused": bool(t.get("paused")) and (t.get("paused_until") is None or t["paused_until"] > now),
-        "paused_until": iso(t.get("paused_until")) if t.get("paused") and (t.get("paused_until") or 0) > now else None,
+        "paused": bool(t.get("paused")) and t["state"] in UNFINISHED and (t.get("paused_until") is None or t["paused_until"] > now),
+        "paused_until": (iso(t["paused_until"]) if t.get("paused") and t["state"] in UNFINISHED
+                         and (t.get("paused_until") or 0) > now else None),
         "lease": None if not t.get("lease") else {
             "runner": t["lease"]["runner"], "pid": t["lease"].get("pid"), "until": iso(t["lease"]["until"])},
     }
