@@ -232,7 +232,10 @@ class Scheduler:
         except KmpwmError as exc:
             return _rejected(getattr(req, "id", None), exc)
         outcome = Outcome(ScheduleResult.SUCCESS, task["id"])
-        self._pending.append(("enq", {"op": "enq", "task": task, "policy": pol}, outcome))
+        op = {"op": "enq", "task": task, "policy": pol}
+        if pol == "update":
+            op["by"] = _who()
+        self._pending.append(("enq", op, outcome))
         return outcome
 
     def submit_many(self, items: Sequence[tuple[TaskRequest, str]], *, all_or_nothing: bool = False) -> list[Outcome]:
@@ -250,6 +253,8 @@ class Scheduler:
                 outcomes.append(_rejected(getattr(req, "id", None), exc))
                 continue
             ops.append({"op": "enq", "task": task, "policy": pol})
+            if pol == "update":
+                ops[-1]["by"] = _who()  # events say who changed the task
             outcomes.append(Outcome(ScheduleResult.SUCCESS, task["id"]))
         if all_or_nothing and any(not o.ok for o in outcomes):
             return outcomes
@@ -478,6 +483,12 @@ class Batch:
         finally:
             if self._gc_was:
                 gc.enable()
+
+
+def _who() -> str:
+    from .steering import who
+
+    return who()
 
 
 def _as_step(request) -> list[TaskRequest]:

@@ -311,7 +311,7 @@ def _op_enq(state: dict, op: dict, ts: float, emit: Emit) -> dict:
             emit(ts, base, "kept", {})
         return {"action": "kept", "id": base, "due": first["due"], "state": first["state"]}
     if existing and policy == "update":
-        return _update(state, tasks[existing[0]], task, ts, emit)
+        return _update(state, tasks[existing[0]], task, ts, emit, op.get("by"))
     if existing and policy == "replace":
         for i in existing:
             _finish(state, tasks[i], "CANCELLED", ts, "replaced", emit)
@@ -716,7 +716,7 @@ def _revive(t: dict, new_state_: str, ts: float, emit: Emit, by) -> None:
         emit(ts, t["id"], "retried", {"by": by, "state": new_state_})
 
 
-def _update(state: dict, t: dict, task: dict, ts: float, emit: Emit) -> dict:
+def _update(state: dict, t: dict, task: dict, ts: float, emit: Emit, by=None) -> dict:
     """``--policy update``: ``t`` keeps its id, seq, attempts and (for an equal trigger) its due
     time and trigger state; it takes the new worker, input, trigger, constraints and tags.  A
     running run goes on with the definition it started with (the runner holds its own copy)."""
@@ -737,7 +737,7 @@ def _update(state: dict, t: dict, task: dict, ts: float, emit: Emit) -> dict:
             t["due"] = due
     t["updated_at"] = ts
     if emit:
-        emit(ts, t["id"], "updated", {"changed": changed})
+        emit(ts, t["id"], "updated", {"changed": changed, "by": by})
     due = t["due"] if t["state"] == "ENQUEUED" else None
     return {"action": "updated", "id": t["id"], "due": t.get("updated_due", due), "state": t["state"]}
 

@@ -328,7 +328,7 @@ def test_update_keeps_id_attempts_and_grid():
     doc = jdoc("enqueue", "p", "echo", "--every", "2h", "--delay", "5m", "--policy", "update")
     assert doc["action"] == "updated" and doc["next_run_at"] != before["next_run_at"]
     assert queue()["p"]["trigger"]["type"] == "periodic" and len(queue()) == 1  # exactly one task
-    assert any(e["event"] == "updated" for e in events("p"))
+    assert any(e["event"] == "updated" and "input" in e["changed"] and "pid" in e["by"] for e in events("p"))
     doc = jdoc("enqueue", "fresh", "echo", "--policy", "update")
     assert doc["action"] == "enqueued"
 
@@ -410,3 +410,27 @@ def test_python_api(home):
     assert s.wait("f", timeout=0.2).exit_code == 75
     assert s.task("f")["state"] == "ENQUEUED" and s.task("f")["attempts"] == 0
     assert s.pause(all=True) == [] and s.resume(all=True) == []
+
+
+def test_wait_without_inotify_falls_back_to_a_bounded_poll(home, monkeypatch):
+    """Both ways of sleeping until the journal changes: inotify_simple made unimportable here (the
+    stat poll), and whatever this machine has in the subprocess tests above."""
+    import threading
+
+    import kmpwm.steering as steering
+    from kmpwm import Scheduler
+
+    monkeypatch.setitem(sys.modules, "inotify_simple", None)  # import fails: the fallback
+    watcher = steering._Watcher(home / "journal")
+    assert watcher._ino is None
+    watcher.close()
+    s = Scheduler(home)
+    s.enqueue("a", None, "echo")
+    out = {}
+    waiter = threading.Thread(target=lambda: out.setdefault("res", s.__class__(home).wait("a", timeout=60)))
+    waiter.start()
+    time.sleep(0.3)
+    assert waiter.is_alive()
+    jdoc("run-due")
+    waiter.join(60)
+    assert out["res"].exit_code == 0 and out["res"].tasks[0]["state"] == "SUCCEEDED"
