@@ -12,7 +12,6 @@ import time
 from pathlib import Path
 
 import orjson
-import pytest
 
 from helpers import jdoc, kjson, kmpwm, kmpwm_env, tasks_by_id
 
@@ -417,7 +416,7 @@ def test_wait_without_inotify_falls_back_to_a_bounded_poll(home, monkeypatch):
     stat poll), and whatever this machine has in the subprocess tests above."""
     import threading
 
-    import kmpwm.steering as steering
+    from kmpwm import steering
     from kmpwm import Scheduler
 
     monkeypatch.setitem(sys.modules, "inotify_simple", None)  # import fails: the fallback
