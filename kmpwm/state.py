@@ -669,7 +669,9 @@ def _op_retry(state: dict, op: dict, ts: float, emit: Emit) -> list:
         if t is None or t["state"] not in FINISHED or t["state"] == "SUCCEEDED":
             continue
         chain = chains.get(t["chain_id"]) if t.get("chain_id") else None
-        if chain is not None and member(state, chain, tid) is not None and t.get("step"):
+        step = t.get("step")
+        if (chain is not None and step and step <= len(chain["steps"]) and tid in chain["steps"][step - 1]
+                and member(state, chain, tid) is not None):
             if chain["id"] in done_chains:
                 continue
             done_chains.add(chain["id"])
