@@ -312,13 +312,17 @@ class Runner:
             return
         # A task claimed ahead may have been cancelled or replaced since: look (lock-free, only
         # the records appended meanwhile) before starting it.
-        state = self.store.load(full=False).state["tasks"]
+        whole = self.store.load(full=False).state
+        state = whole["tasks"]
         while self._ready and len(self.jobs) < self.parallel and not self.run_expired:
             task, info, limit, upstream, start_by = self._ready.pop(0)
             now_t = state.get(task["id"])
             if (now_t is None or now_t["seq"] != task["seq"] or now_t["state"] != "RUNNING"
                     or (now_t["lease"] or {}).get("runner") != self.runner_id):
                 continue  # no longer ours to run
+            if self.forced is None and pause_of(whole, now_t, time.time()) is not None:
+                self._release.append((task, info, limit, upstream, start_by))  # claimed ahead, then paused
+                continue
             if time.monotonic() > start_by:
                 # it waited longer than its lease allows for: hand it back rather than run it unleased
                 self._release.append((task, info, limit, upstream, start_by))
