@@ -433,3 +433,33 @@ def test_wait_without_inotify_falls_back_to_a_bounded_poll(home, monkeypatch):
     jdoc("run-due")
     waiter.join(60)
     assert out["res"].exit_code == 0 and out["res"].tasks[0]["state"] == "SUCCEEDED"
+
+
+def test_tasks_claimed_ahead_are_handed_back_when_paused(home):
+    """run-due claims a few tasks ahead of a free slot; paused meanwhile, they are released
+    unstarted (a claimed task is RUNNING, but its worker has not started: it must not start)."""
+    from kmpwm import Scheduler
+    from kmpwm.paths import resolve
+    from kmpwm.runner import Runner
+
+    s = Scheduler(home)
+    for n in range(4):
+        s.enqueue(f"t{n}", None, "echo")
+    runner = Runner(resolve(home), parallel=1)
+    runner._avg_run = 0.01  # fast runs so far: it claims ahead
+    started_ids = []
+
+    def fake_start(task, info, limit, upstream):
+        started_ids.append(task["id"])
+        runner.jobs[task["id"]] = None  # the one slot is busy
+
+    runner._start = fake_start
+    assert runner._cycle(True, replan=True) == 4  # one started, three claimed ahead
+    assert started_ids == ["t0"]
+    s.pause(all=True)
+    runner.jobs.clear()  # t0 "finished": a slot is free
+    runner._start_ready()
+    assert started_ids == ["t0"], "a task claimed ahead started although the queue is paused"
+    runner._cycle(False, replan=False)  # hands them back
+    q = queue()
+    assert [q[f"t{n}"]["state"] for n in (1, 2, 3)] == ["ENQUEUED"] * 3
