@@ -375,6 +375,22 @@ def test_retry_racing_run_due_never_runs_a_step_twice(home):
     assert started("c/2/flip") == 2  # the failed run, then exactly one retried run
 
 
+def test_resume_racing_run_dues_never_runs_a_step_twice():
+    kmpwm("chain", "--id", "c", "echo", "echo+echo", "echo", check=0)
+    kmpwm("enqueue", "solo", "echo", check=0)
+    kmpwm("pause", "c", "solo", check=0)
+    assert jdoc("run-due")["ran"] == []
+    procs = [spawn("run-due", "--json") for _ in range(2)] + [spawn("resume", "c", "solo", "--json")]
+    procs += [spawn("run-due", "--json") for _ in range(3)]
+    for p in procs:
+        p.communicate(timeout=120)
+        assert p.returncode == 0
+    jdoc("run-due")
+    assert jdoc("inspect-queue", "c")["chains"][0]["state"] == "SUCCEEDED"
+    for tid in ("c/1/echo", "c/2/echo", "c/2/echo#2", "c/3/echo", "solo"):
+        assert started(tid) == 1, tid
+
+
 def test_pause_all_while_run_due_is_claiming():
     lines = "".join(json.dumps({"id": f"t{n}", "worker": "sleep", "input": "0.05"}) + "\n" for n in range(40))
     jdoc("enqueue", "--from", "-", input=lines)
