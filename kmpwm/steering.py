@@ -149,8 +149,10 @@ def wait(store, ids=(), tag=None, timeout: float | None = None) -> WaitResult:
         if not wanted:
             what = f"tag {tag!r}" if tag is not None else ", ".join(repr(i) for i in ids)
             raise InvalidParams(f"no task matches {what}", hint="`kmpwm inspect-queue --all` lists them")
-        base = {i: state["tasks"][i]["attempts"] for i in wanted}
         repeating = {i for i in wanted if _repeating(state["tasks"][i])}
+        # a repeating task's run in progress began before wait did: the next one counts
+        base = {i: state["tasks"][i]["attempts"] + (state["tasks"][i]["state"] == "RUNNING" and i in repeating)
+                for i in wanted}
         while True:
             tasks = state["tasks"]
             done, bad = [], False
