@@ -250,7 +250,10 @@ class Scheduler:
         except KmpwmError as exc:
             return _rejected(getattr(req, "id", None), exc)
         outcome = Outcome(ScheduleResult.SUCCESS, task["id"])
-        self._pending.append(("enq", {"op": "enq", "task": task, "policy": pol}, outcome))
+        op = {"op": "enq", "task": task, "policy": pol}
+        if pol == "update":
+            op["by"] = _who()
+        self._pending.append(("enq", op, outcome))
         return outcome
 
     def submit_many(self, items: Sequence[tuple[TaskRequest, str]], *, all_or_nothing: bool = False) -> list[Outcome]:
@@ -268,6 +271,8 @@ class Scheduler:
                 outcomes.append(_rejected(getattr(req, "id", None), exc))
                 continue
             ops.append({"op": "enq", "task": task, "policy": pol})
+            if pol == "update":
+                ops[-1]["by"] = _who()  # events say who changed the task
             outcomes.append(Outcome(ScheduleResult.SUCCESS, task["id"]))
         if all_or_nothing and any(not o.ok for o in outcomes):
             return outcomes
@@ -376,6 +381,49 @@ class Scheduler:
                 return []  # idempotent, and no journal growth for a no-op
             return txn.commit([op])[0]
 
+    # -- steering (SPEC section 11) --------------------------------------------------------
+
+    def pause(self, *ids: str, tag: str | None = None, all: bool = False, until=None) -> list[str]:
+        """Pause tasks (with their ``ID#n``), chains, a tag's tasks, or with ``all=True`` the queue
+        itself; ``until`` (aware datetime, epoch seconds or TIME text) ends the pause by itself.
+        Returns the ids paused one by one."""
+        from . import steering
+        from .timeparse import parse_time
+
+        until_ts = parse_time(until, what="until") if until is not None else None
+        return steering.pause(self.store, ids, tag, all, until_ts)
+
+    def resume(self, *ids: str, tag: str | None = None, all: bool = False) -> list[str]:
+        """Resume paused tasks (``all=True``: the queue and every paused task); returns their ids."""
+        from . import steering
+
+        return steering.resume(self.store, ids, tag, all)
+
+    def retry(self, *ids: str, failed: bool = False, tag: str | None = None) -> list[str]:
+        """Enqueue FAILED / CANCELLED tasks again, due now, attempts 0; a chain resumes at the step
+        that failed.  Returns the ids made ENQUEUED or BLOCKED again."""
+        from . import steering
+
+        return steering.retry(self.store, ids, failed, tag)
+
+    def wait(self, *ids: str, tag: str | None = None, timeout: float | None = None):
+        """Block until the tasks finish; returns a ``WaitResult`` (``tasks``, ``timed_out``,
+        ``exit_code``: 0 all SUCCEEDED, 1 one did not, 75 time-out).  Raises InvalidParams when
+        nothing matches."""
+        from . import steering
+        from .timeparse import parse_duration
+
+        return steering.wait(self.store, ids, tag, parse_duration(timeout) if timeout is not None else None)
+
+    def run_now(self, *ids: str, ignore_constraints: bool = False) -> dict:
+        """Run the tasks (a chain: its steps in order) now in this process, as run-due would;
+        returns run-due's document (``ran``, ``expired``, ``skipped``) plus ``exit_code``."""
+        from . import steering
+
+        doc, code, _ = steering.run_now(self.paths, list(ids), ignore_constraints)
+        self.store.invalidate()
+        return dict(doc, exit_code=code)
+
     # -- batches --------------------------------------------------------------------------
 
     def batch(self) -> "Batch":
@@ -407,7 +455,7 @@ class Scheduler:
 
 _ONE_TIME = OneTime()
 _DEFAULT_CONSTRAINTS = Constraints()
-_POLICIES = frozenset(("keep", "replace", "append", "append-or-replace"))
+_POLICIES = frozenset(("keep", "replace", "append", "append-or-replace", "update"))
 
 
 class TaskChain:
@@ -455,6 +503,12 @@ class Batch:
         finally:
             if self._gc_was:
                 gc.enable()
+
+
+def _who() -> str:
+    from .steering import who
+
+    return who()
 
 
 def _as_step(request) -> list[TaskRequest]:

@@ -165,7 +165,7 @@ def enqueue_cmd(
     backoff: Optional[str] = O(None, "--backoff", metavar="exponential|linear", help="Retry backoff (default exponential).", rich_help_panel=CONS),
     backoff_delay: Optional[str] = O(None, "--backoff-delay", metavar="DUR", help="First retry delay (default 10s).", rich_help_panel=CONS),
     max_attempts: Optional[str] = O(None, "--max-attempts", metavar="N", help="Runs allowed in all (default 10).", rich_help_panel=CONS),
-    policy: Optional[str] = O(None, "--policy", metavar="keep|replace|append|append-or-replace", help="When the id exists (default keep)."),
+    policy: Optional[str] = O(None, "--policy", metavar="keep|replace|append|append-or-replace|update", help="When the id exists (default keep; update: same id, attempts and schedule, new definition)."),
     tags: Optional[List[str]] = O(None, "--tag", metavar="T", help="Label the task (repeatable)."),
     as_json: bool = JSON_OPT,
 ) -> None:
@@ -278,6 +278,84 @@ def cancel_cmd(
     if given != 1:
         raise _usage("cancel needs ID..., --tag T or --all (one of them)")
     raise typer.Exit(commands.cancel(_scheduler(), ids or [], tag, all_, as_json))
+
+
+@app.command("wait")
+def wait_cmd(
+    ids: Optional[List[str]] = typer.Argument(None, metavar="ID...", help="Tasks or chains (ID covers its ID#n).",
+                                              autocompletion=_complete_task),
+    tag: Optional[str] = O(None, "--tag", metavar="T", help="Every task with this tag."),
+    timeout: Optional[str] = O(None, "--timeout", metavar="DUR", help="Give up after DUR (exit 75)."),
+    as_json: bool = JSON_OPT,
+) -> None:
+    """Wait until the tasks finish (exit 0 all succeeded, 1 one did not, 75 time-out); takes no lock."""
+    from .steering import wait_command
+
+    if bool(ids) == (tag is not None):
+        raise _usage("wait needs ID... or --tag T (one of them)")
+    raise typer.Exit(wait_command(_paths(), ids or [], tag, timeout, as_json))
+
+
+@app.command("retry")
+def retry_cmd(
+    ids: Optional[List[str]] = typer.Argument(None, metavar="ID...", help="FAILED or CANCELLED tasks, or a chain.",
+                                              autocompletion=_complete_task),
+    failed: bool = O(False, "--failed", help="Every FAILED task."),
+    tag: Optional[str] = O(None, "--tag", metavar="T", help="The FAILED and CANCELLED tasks with this tag."),
+    as_json: bool = JSON_OPT,
+) -> None:
+    """Enqueue FAILED/CANCELLED tasks again (attempts 0, same id); a chain resumes at the failed step."""
+    from .steering import retry_command
+
+    if sum(bool(x) for x in (ids, failed, tag is not None)) != 1:
+        raise _usage("retry needs ID..., --failed or --tag T (one of them)")
+    raise typer.Exit(retry_command(_paths(), ids or [], failed, tag, as_json))
+
+
+@app.command("run-now")
+def run_now_cmd(
+    ids: List[str] = typer.Argument(..., metavar="ID...", help="Tasks or chains to run now.", autocompletion=_complete_task),
+    ignore_constraints: bool = O(False, "--ignore-constraints", help="Run even when a constraint does not hold."),
+    grace: Optional[str] = O(None, "--grace", metavar="DUR", help="Time a told-to-stop worker gets before SIGKILL (default 5s)."),
+    as_json: bool = JSON_OPT,
+) -> None:
+    """Run tasks now in the foreground, as run-due would (exit 1 when a task did not run or succeed)."""
+    from .steering import run_now_command
+
+    raise typer.Exit(run_now_command(_paths(), ids, ignore_constraints, grace, as_json))
+
+
+@app.command("pause")
+def pause_cmd(
+    ids: Optional[List[str]] = typer.Argument(None, metavar="ID...", help="Tasks or chains (ID covers its ID#n).",
+                                              autocompletion=_complete_task),
+    tag: Optional[str] = O(None, "--tag", metavar="T", help="The unfinished tasks with this tag."),
+    all_: bool = O(False, "--all", help="Pause the queue itself: nothing starts, tasks enqueued later included."),
+    until: Optional[str] = O(None, "--until", metavar="TIME", help="Resume by itself at TIME (ISO 8601, @EPOCH or +DUR)."),
+    as_json: bool = JSON_OPT,
+) -> None:
+    """Pause tasks, a tag or the whole queue (a running task finishes its run)."""
+    from .steering import pause_command
+
+    if sum(bool(x) for x in (ids, tag is not None, all_)) != 1:
+        raise _usage("pause needs ID..., --tag T or --all (one of them)")
+    raise typer.Exit(pause_command(_paths(), ids or [], tag, all_, until, as_json))
+
+
+@app.command("resume")
+def resume_cmd(
+    ids: Optional[List[str]] = typer.Argument(None, metavar="ID...", help="Tasks or chains (ID covers its ID#n).",
+                                              autocompletion=_complete_task),
+    tag: Optional[str] = O(None, "--tag", metavar="T", help="The paused tasks with this tag."),
+    all_: bool = O(False, "--all", help="Resume the queue and every paused task."),
+    as_json: bool = JSON_OPT,
+) -> None:
+    """Resume paused tasks or the queue (a repeating task's missed occurrences run once)."""
+    from .steering import resume_command
+
+    if sum(bool(x) for x in (ids, tag is not None, all_)) != 1:
+        raise _usage("resume needs ID..., --tag T or --all (one of them)")
+    raise typer.Exit(resume_command(_paths(), ids or [], tag, all_, as_json))
 
 
 @app.command("inspect-queue")

@@ -46,7 +46,7 @@ def _enqueue_doc(outcome) -> dict:
 def _say_enqueued(outcome) -> None:
     when = f", next run {relative(outcome.next_run_at)}" if outcome.next_run_at is not None else ""
     words = {"enqueued": "enqueued", "kept": "kept the existing", "replaced": "replaced",
-             "appended": "appended"}
+             "appended": "appended", "updated": "updated"}
     say(f"{words.get(outcome.action, outcome.action)} {outcome.id}{when}")
 
 
@@ -268,16 +268,19 @@ def inspect(scheduler, task_id, tag, state_filter, all_: bool, watch: bool, as_j
 
 
 def _queue_doc(state, now, task_id, tag, wanted, all_) -> dict:
-    from .views import chain_json, select, task_json
+    from .views import chain_json, queue_paused, select, task_json
 
     tasks, chains = select(state, now, task_id=task_id, tag=tag, state_filter=wanted, include_finished=all_)
-    return {"tasks": [task_json(t, now) for t in tasks], "chains": [chain_json(state, c) for c in chains]}
+    return {"tasks": [task_json(t, now) for t in tasks], "chains": [chain_json(state, c) for c in chains],
+            "paused": queue_paused(state, now)}
 
 
 def _print_queue(doc: dict, state: dict, now: float) -> None:
     """Standalone tasks first, then one section per chain, in enqueue order."""
     from .output import grouped_table
 
+    if doc.get("paused"):
+        say("the queue is paused: nothing starts until `kmpwm resume --all`")
     if not doc["tasks"]:
         say("no tasks")
         return
@@ -293,7 +296,8 @@ def _print_queue(doc: dict, state: dict, now: float) -> None:
         if t["state"] == "RUNNING" and t.get("lease"):
             nxt = f"since {relative(raw[t['id']]['lease']['since'], now).replace(' ago', '')}"
         step = f"{t['step']}/{len(chains[t['chain_id']]['steps'])}" if t["chain_id"] in chains else ""
-        return [t["id"], t["worker"], t["state"], nxt, t["attempts"], step, ",".join(t["tags"]), last[:70]]
+        shown_state = t["state"] + (" (paused)" if t.get("paused") else "")
+        return [t["id"], t["worker"], shown_state, nxt, t["attempts"], step, ",".join(t["tags"]), last[:70]]
 
     groups: list = []
     alone = [row(t) for t in doc["tasks"] if not t["chain_id"]]

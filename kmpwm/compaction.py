@@ -119,10 +119,13 @@ def _rewrite(journal: Journal, paths: Paths, folder: Folder, tasks: dict, chains
         records.append({"ts": chunk[-1][0], "arc": True, "ev": chunk})
     ops = [{"op": "put", "task": pack_task(t)} for t in sorted(tasks.values(), key=lambda t: t["seq"])]
     ops += [{"op": "put", "chain": c} for c in chains.values()]
-    ops.append({"op": "meta", "seq": folder.state["seq"], "fam": folder.state["fam"]})
+    meta = {"op": "meta", "seq": folder.state["seq"], "fam": folder.state["fam"]}
+    if folder.state.get("qpause"):
+        meta["qpause"] = folder.state["qpause"]  # `pause --all` outlives a compaction
     fences = {i: f for i, f in (folder.state.get("fences") or {}).items() if f.get("until", 0) > time.time()}
     if fences:
-        ops[-1]["fences"] = fences  # cancelled runs still stopping (state._finish); ended ones are dropped
+        meta["fences"] = fences  # cancelled runs still stopping (state._finish); ended ones are dropped
+    ops.append(meta)
     for i in range(0, len(ops), OPS_PER_RECORD):
         records.append({"ts": now, "ops": ops[i:i + OPS_PER_RECORD]})
     size = sum(len(encode(r)) for r in records)

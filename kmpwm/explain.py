@@ -8,7 +8,7 @@ from .exitcodes import InvalidParams
 from .paths import Paths
 from .probes import Device, device_state_now, unmet
 from .scheduling import MAX_CRASHES, lease_state, misfire, misfire_text
-from .state import family, member, members
+from .state import family, member, members, pause_of
 from .store import Store
 from .timeparse import iso, relative
 
@@ -56,6 +56,14 @@ def explain_task(state: dict, t: dict, now: float, device: Device) -> dict:
     if fence and lease_state({"state": "RUNNING", "lease": fence}, now) == "held":
         out.update(code="stopping", reason=f"waiting for the cancelled previous run of {t['id']} to stop "
                                            f"(run-due pid {fence.get('pid')}); it never runs beside it")
+        return out
+    paused = pause_of(state, t, now)  # the same decision as run-due's (scheduling.plan)
+    if paused is not None:
+        what = "the queue is paused (`kmpwm resume --all`)" if paused["queue"] else f"paused (`kmpwm resume {t['id']}`)"
+        until = (f" until {iso(paused['until'])} ({relative(paused['until'], now)})" if paused["until"] is not None
+                 else " until resumed")
+        out.update(code="paused", reason=f"{what}{until}; it does not start while paused")
+        out["details"]["paused"] = {"queue": paused["queue"], "until": iso(paused["until"])}
         return out
     trig = t["trigger"]
     lr = t.get("last_result") or {}

@@ -49,6 +49,7 @@ class ExistingWorkPolicy(str, Enum):
     REPLACE = "replace"
     APPEND = "append"
     APPEND_OR_REPLACE = "append-or-replace"
+    UPDATE = "update"  # enqueue only (WorkManager's UPDATE): the task keeps its id, attempts and grid
 
 
 class NetworkType(str, Enum):

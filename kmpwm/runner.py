@@ -31,6 +31,7 @@ from .paths import Paths, private_subdir
 from .probes import Device
 from .declare import declared_limit
 from .scheduling import lease_state, plan, time_limit, upstream_of
+from .state import pause_of
 from .store import Store
 from .triggers import next_after_run, task_offset
 
@@ -106,8 +107,12 @@ class Report:
 class Runner:
     def __init__(self, paths: Paths, *, budget: float | None = None, grace: float = DEFAULT_GRACE,
                  parallel: int | None = None, max_tasks: int | None = None, dry_run: bool = False,
-                 on_event=None, store: Store | None = None):
+                 on_event=None, store: Store | None = None, forced: list[str] | None = None,
+                 ignore_constraints: bool = False):
         self.paths = paths
+        # run-now (SPEC section 11): only these task ids, whatever their due time (steering.plan_forced)
+        self.forced = forced
+        self.ignore_constraints = ignore_constraints
         self.store = store or Store(paths)
         self.budget = budget
         self.grace = grace
@@ -175,7 +180,7 @@ class Runner:
         if self.dry_run:
             return self._dry_run(view.state)
         # Nothing due and nothing to record: done, without the lock (the common case under cron).
-        idle = plan(view.state, time.time(), self.device, known_worker=self._known)
+        idle = self._plan(view.state, time.time(), set())
         if not idle.due and not idle.ops:
             for s in idle.skipped:
                 self.report.skipped[s["id"]] = s["reason"]
@@ -221,6 +226,14 @@ class Runner:
         finally:
             self._teardown()
         return 75 if self.run_expired else 0
+
+    def _plan(self, state: dict, now: float, exclude):
+        if self.forced is None:
+            return plan(state, now, self.device, exclude=exclude, known_worker=self._known)
+        from .steering import plan_forced
+
+        return plan_forced(state, now, self.device, self.forced, exclude=exclude, known_worker=self._known,
+                           ignore_constraints=self.ignore_constraints)
 
     def _unblocks(self, finished: list[Job]) -> bool:
         """Could these completions make other tasks due (a chain's next step, an appended task)?"""
@@ -359,7 +372,8 @@ class Runner:
             return
         # A task claimed ahead may have been cancelled or replaced since: look (lock-free, only
         # the records appended meanwhile) before starting it.
-        state = self.store.load(full=False).state["tasks"]
+        whole = self.store.load(full=False).state
+        state = whole["tasks"]
         while self._ready and len(self.jobs) < self.parallel and not self.run_expired:
             task, info, limit, upstream, start_by = self._ready.pop(0)
             now_t = state.get(task["id"])
@@ -368,6 +382,9 @@ class Runner:
                 # no longer ours to run (cancelled or replaced): a release takes down the fence
                 # its cancel left (state._finish), so the id may run again at once
                 self._release.append((task, info, limit, upstream, start_by))
+                continue
+            if self.forced is None and pause_of(whole, now_t, time.time()) is not None:
+                self._release.append((task, info, limit, upstream, start_by))  # claimed ahead, then paused
                 continue
             if time.monotonic() > start_by:
                 # it waited longer than its lease allows for: hand it back rather than run it unleased
@@ -394,7 +411,7 @@ class Runner:
         state = txn.state
         done, jobs = self.done, self.jobs
         if replan:
-            p = plan(state, now, self.device, exclude=_Union(done, jobs), known_worker=self._known)
+            p = self._plan(state, now, _Union(done, jobs))
             for s in p.skipped:
                 self.report.skipped[s["id"]] = s["reason"]
             txn.stage(p.ops, self._on_fold)
@@ -408,7 +425,9 @@ class Runner:
             t = state["tasks"].get(cand["id"])
             if t is None or t["seq"] != cand["seq"] or t["id"] in done or t["id"] in jobs or t["id"] in ready_ids:
                 continue
-            if t["state"] == "ENQUEUED" and t["due"] <= now:
+            if self.forced is None and pause_of(state, t, now) is not None:
+                continue  # paused since the plan (`pause --all` while we claim)
+            if t["state"] == "ENQUEUED" and (t["due"] <= now or self.forced is not None):
                 picks.append(t)
             elif t["state"] == "RUNNING" and lease_state(t, now) != "held":
                 picks.append(t)
@@ -425,6 +444,8 @@ class Runner:
                 op["broken"] = True
             if t["id"] in self._fence_broken:
                 op["fence_broken"] = True  # the cancelled run's holder is gone
+            if self.forced is not None:
+                op["forced"] = True  # run-now: a pause does not hold it
             if n >= slots:
                 op["ahead"] = True  # its runner dying before it starts is not the task's crash
             ops.append(op)
@@ -1042,6 +1063,8 @@ class Runner:
                     op["trig_state"] = t["_trig_update"]
                 nxt = next_after_run(t["trigger"], {**t["trig_state"], **(t.get("_trig_update") or {})}, now,
                                      task_offset(t))
+                if self.forced is not None and nxt is not None:
+                    nxt = t["due"]  # run-now: one extra run, the task's schedule unchanged
                 if nxt is not None:
                     op["next_run_at"] = nxt
                 if "_late_ms" in t:

@@ -31,7 +31,7 @@ from dataclasses import dataclass, field
 from . import procs
 from .models import HEAVY_TIMEOUT, LIGHT_TIMEOUT
 from .probes import Device, device_state_now, unmet
-from .state import member
+from .state import member, pause_of
 from .timeparse import format_duration, iso
 from .triggers import TIMED, change_signature, first_due_after, task_offset
 
@@ -148,6 +148,9 @@ def plan(state: dict, now: float, device: Device, *, exclude: set | None = None,
             continue
         if trig["type"] == "windowed" and now > trig["end"] and st == "ENQUEUED":
             out.ops.append({"op": "fail", "id": t["id"], "seq": t["seq"], "reason": "window missed"})
+            continue
+        if pause_of(state, t, now) is not None:
+            out.skipped.append({"id": t["id"], "reason": "paused"})  # explain says by whom and until when
             continue
         if known_worker is not None and not known_worker(t["worker"]):
             out.skipped.append({"id": t["id"], "reason": f"unknown worker {t['worker']!r} (not registered any more)"})

@@ -15,6 +15,9 @@ A record is ``{"ts": EPOCH, "ops": [op, ...]}``; each op has an ``op`` key:
 ``release`` a runner hands a claimed task back without a result
 ``fail``    a task ends FAILED without a run (window missed, quarantine, ...)
 ``trig``    trigger bookkeeping (next due time, on-change baseline, device-state arming)
+``pause`` / ``resume``   ids, a tag, or the queue itself (``all``), optionally ``until`` a time
+``retry``   FAILED / CANCELLED tasks (and their chain) enqueued again; carries the records it
+            revives, so that it folds the same over the hot state as over the whole one
 ``put`` / ``meta``   written by compaction: a task or chain as it stands, counters
 ``hdr``     the journal's header (its generation)
 Records flagged ``"arc": true`` are history kept by compaction for ``events``; the fold skips them.
@@ -314,6 +317,8 @@ def _op_enq(state: dict, op: dict, ts: float, emit: Emit) -> dict:
         if emit:
             emit(ts, base, "kept", {})
         return {"action": "kept", "id": base, "due": first["due"], "state": first["state"]}
+    if existing and policy == "update":
+        return _update(state, tasks[existing[0]], task, ts, emit, op.get("by"))
     if existing and policy == "replace":
         for i in existing:
             _finish(state, tasks[i], "CANCELLED", ts, "replaced", emit)
@@ -433,6 +438,8 @@ def _op_claim(state: dict, op: dict, ts: float, emit: Emit) -> bool:
             t["crashes"] += 1  # the previous holder vanished without a result while running it
     elif t["state"] != "ENQUEUED":
         return False
+    if not op.get("forced") and pause_of(state, t, ts) is not None:
+        return False  # paused after the claimer planned (run-now's claims are the user's say-so)
     fences = state.get("fences")
     fence = fences.get(t["id"]) if fences else None
     if fence is not None:
@@ -507,6 +514,8 @@ def _op_result(state: dict, op: dict, ts: float, emit: Emit) -> bool:
         t["state"] = "ENQUEUED"
         t["occ_attempts"] = 0
         t["due"] = op.get("next_run_at") if op.get("next_run_at") is not None else ts
+        if "updated_due" in t:  # --policy update gave it a new trigger while this run went on
+            t["due"] = t.pop("updated_due")
         return True
     if status == "SUCCESS":
         _finish(state, t, "SUCCEEDED", ts, None, emit)
@@ -586,7 +595,185 @@ def _op_meta(state: dict, op: dict, ts: float, emit: Emit) -> bool:
     state["fam"].update(op.get("fam", {}))
     if op.get("fences"):
         state.setdefault("fences", {}).update(op["fences"])
+    if op.get("qpause"):
+        state["qpause"] = dict(op["qpause"])
     return True
+
+
+# -- steering (SPEC section 11) -------------------------------------------------------------
+
+
+def pause_of(state: dict, t: dict, now: float) -> dict | None:
+    """Whether task ``t`` is paused at ``now``: None, or ``{"until": EPOCH|None, "queue": bool}``
+    (``queue``: the whole queue is paused).  A pause whose ``until`` has passed is over.  The one
+    place that decides it: run-due's plan, explain, the task JSON and the runner's claims ask here."""
+    q = state.get("qpause")
+    if q is not None and (q.get("until") is None or q["until"] > now):
+        return {"until": q.get("until"), "queue": True}
+    if t.get("paused") and (t.get("paused_until") is None or t["paused_until"] > now):
+        return {"until": t.get("paused_until"), "queue": False}
+    return None
+
+
+def steer_targets(state: dict, op: dict, wanted_states) -> list[str]:
+    """Ids named by ``op`` (``ids``: a chain id, ``ID`` with its ``ID#n``, or an exact ``ID#n``;
+    ``tag``: tasks with the tag or in a chain with it) whose state is in ``wanted_states``, in
+    enqueue order."""
+    tasks, chains = state["tasks"], state["chains"]
+    targets: list[str] = []
+    if op.get("tag") is not None:
+        tag = op["tag"]
+        for t in tasks.values():
+            if tag in t.get("tags", ()) or (t.get("chain_id") in chains and tag in chains[t["chain_id"]].get("tags", ())):
+                targets.append(t["id"])
+    else:
+        for wanted in op.get("ids", ()):
+            chain = chains.get(wanted)
+            if chain is not None:
+                targets += [t["id"] for t in members(state, chain)]
+            if "#" in wanted:
+                targets += [wanted] if wanted in tasks else []
+            else:
+                targets += family(state, wanted)
+    out = [i for i in dict.fromkeys(targets) if i in tasks and tasks[i]["state"] in wanted_states]
+    out.sort(key=lambda i: tasks[i]["seq"])
+    return out
+
+
+def _op_pause(state: dict, op: dict, ts: float, emit: Emit) -> list:
+    until = op.get("until")
+    detail = {"by": op.get("by")}
+    if until is not None:
+        detail["until"] = until
+    if op.get("all"):
+        state["qpause"] = {"until": until, "since": ts, "by": op.get("by")}
+        if emit:
+            emit(ts, "*", "paused", dict(detail, queue=True))
+        tasks = state["tasks"]
+        return sorted((i for i, t in tasks.items() if t["state"] in UNFINISHED and t.get("paused")),
+                      key=lambda i: tasks[i]["seq"])
+    done = steer_targets(state, op, UNFINISHED)
+    for i in done:
+        t = state["tasks"][i]
+        t["paused"] = True
+        t["paused_until"] = until
+        t["updated_at"] = ts
+        if emit:
+            emit(ts, i, "paused", detail)
+    return done
+
+
+def _op_resume(state: dict, op: dict, ts: float, emit: Emit) -> list:
+    tasks = state["tasks"]
+    if op.get("all"):
+        if state.pop("qpause", None) is not None and emit:
+            emit(ts, "*", "resumed", {"by": op.get("by"), "queue": True})
+        done = [i for i, t in tasks.items() if t.get("paused") and t["state"] in UNFINISHED]  # history never changes
+        done.sort(key=lambda i: tasks[i]["seq"])
+    else:
+        done = [i for i in steer_targets(state, op, UNFINISHED) if tasks[i].get("paused")]
+    for i in done:
+        t = tasks[i]
+        t.pop("paused", None)
+        t.pop("paused_until", None)
+        t["updated_at"] = ts
+        if emit:
+            emit(ts, i, "resumed", {"by": op.get("by")})
+    return done
+
+
+def _op_retry(state: dict, op: dict, ts: float, emit: Emit) -> list:
+    """``op["tasks"]``: the packed records of the tasks to revive as they stood when the op was
+    made (the hot state may lack them: finished work lives in history); ``op["chains"]`` likewise
+    for their chains, with ``op["ids"]`` the tasks the user asked for."""
+    tasks, chains = state["tasks"], state["chains"]
+    for packed in op.get("tasks", ()):
+        if packed["id"] not in tasks:
+            t = unpack_task(packed)
+            tasks[t["id"]] = t
+    for chain in op.get("chains", ()):
+        if chain["id"] not in chains:
+            chains[chain["id"]] = dict(chain)
+    revived: list[str] = []
+    done_chains: set = set()
+    for tid in op.get("ids", ()):
+        t = tasks.get(tid)
+        if t is None or t["state"] not in FINISHED or t["state"] == "SUCCEEDED":
+            continue
+        chain = chains.get(t["chain_id"]) if t.get("chain_id") else None
+        step = t.get("step")
+        if (chain is not None and step and step <= len(chain["steps"]) and tid in chain["steps"][step - 1]
+                and member(state, chain, tid) is not None):
+            if chain["id"] in done_chains:
+                continue
+            done_chains.add(chain["id"])
+            chain = chains[chain["id"]] = dict(chain)  # a new object: the snapshot writes history by identity
+            revived += _retry_chain(state, chain, ts, emit, op.get("by"))
+            continue
+        t = tasks[tid] = dict(t)
+        _revive(t, "ENQUEUED", ts, emit, op.get("by"))
+        revived.append(tid)
+    return revived
+
+
+def _retry_chain(state: dict, chain: dict, ts: float, emit: Emit, by) -> list[str]:
+    """The chain resumes at its first step with a task that did not succeed: that step's failed
+    and cancelled tasks are due now, the later steps' ones BLOCKED again; successes stay."""
+    chain["cancelled"] = False
+    revived = []
+    resume_at = None
+    for number, step in enumerate(chain["steps"], 1):
+        for i in step:
+            m = member(state, chain, i)
+            if m is None or m["state"] == "SUCCEEDED":
+                continue
+            if resume_at is None:
+                resume_at = number
+            if m["state"] in FINISHED:
+                m = state["tasks"][i] = dict(m)  # a new object (see _op_retry)
+                _revive(m, "ENQUEUED" if number == resume_at else "BLOCKED", ts, emit, by)
+                revived.append(i)
+    return revived
+
+
+def _revive(t: dict, new_state_: str, ts: float, emit: Emit, by) -> None:
+    t["state"] = new_state_
+    t["attempts"] = t["occ_attempts"] = t["expiries"] = t["crashes"] = 0
+    t["reason"] = None
+    t["finished_at"] = None
+    t["lease"] = None
+    t["due"] = ts
+    t["updated_at"] = ts
+    t.pop("paused", None)
+    t.pop("paused_until", None)
+    if emit:
+        emit(ts, t["id"], "retried", {"by": by, "state": new_state_})
+
+
+def _update(state: dict, t: dict, task: dict, ts: float, emit: Emit, by=None) -> dict:
+    """``--policy update``: ``t`` keeps its id, seq, attempts and (for an equal trigger) its due
+    time and trigger state; it takes the new worker, input, trigger, constraints and tags.  A
+    running run goes on with the definition it started with (the runner holds its own copy)."""
+    same_trigger = task["trigger"] == t["trigger"]
+    changed = [k for k in ("worker", "input", "trigger", "constraints", "tags")
+               if task.get(k, _PACKED_DEFAULTS.get(k)) != t.get(k)]
+    t["worker"] = task["worker"]
+    t["input"] = task.get("input")
+    t["constraints"] = task.get("constraints", DEFAULT_CONSTRAINTS_RECORD)
+    t["tags"] = list(task.get("tags") or [])
+    if not same_trigger:
+        t["trigger"] = task["trigger"]
+        t["trig_state"] = dict(task.get("trig_state") or {})
+        due = task["due"] if "due" in task else task.get("created_at", ts)
+        if t["state"] == "RUNNING":
+            t["updated_due"] = due  # the run's result must not put it back on the old grid
+        elif t["state"] == "ENQUEUED":
+            t["due"] = due
+    t["updated_at"] = ts
+    if emit:
+        emit(ts, t["id"], "updated", {"changed": changed, "by": by})
+    due = t["due"] if t["state"] == "ENQUEUED" else None
+    return {"action": "updated", "id": t["id"], "due": t.get("updated_due", due), "state": t["state"]}
 
 
 _HANDLERS = {
@@ -600,5 +787,8 @@ _HANDLERS = {
     "trig": _op_trig,
     "put": _op_put,
     "meta": _op_meta,
+    "pause": _op_pause,
+    "resume": _op_resume,
+    "retry": _op_retry,
     "hdr": lambda state, op, ts, emit: None,
 }

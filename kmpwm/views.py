@@ -44,6 +44,10 @@ def task_json(t: dict, now: float) -> dict:
         "created_at": iso(t.get("created_at")),
         "finished_at": iso(t.get("finished_at")),
         "after": t.get("after", []),
+        # the task's own pause (the queue's is inspect-queue's top-level "paused"); an ended --until is over
+        "paused": bool(t.get("paused")) and t["state"] in UNFINISHED and (t.get("paused_until") is None or t["paused_until"] > now),
+        "paused_until": (iso(t["paused_until"]) if t.get("paused") and t["state"] in UNFINISHED
+                         and (t.get("paused_until") or 0) > now else None),
         "lease": None if not t.get("lease") else {
             "runner": t["lease"]["runner"], "pid": t["lease"].get("pid"), "until": iso(t["lease"]["until"])},
     }
@@ -103,3 +107,9 @@ def select(state: dict, now: float, *, task_id: str | None = None, tag: str | No
 
 def is_finished(t: dict) -> bool:
     return t["state"] in FINISHED
+
+
+def queue_paused(state: dict, now: float) -> bool:
+    """The queue's own flag (``pause --all``), while it holds."""
+    q = state.get("qpause")
+    return q is not None and (q.get("until") is None or q["until"] > now)

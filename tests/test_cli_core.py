@@ -406,7 +406,7 @@ def test_chain_rejections():
     assert rc == 65 and doc["result"] == "REJECTED_INVALID_PARAMS" and doc["error"]
     doc, rc = kjson("chain", "--id", "bad", "--policy", "append", "echo")
     assert rc == 65 and doc["result"] == "REJECTED_INVALID_PARAMS"
-    assert inspect("--all") == {"tasks": [], "chains": []}
+    assert inspect("--all") == {"tasks": [], "chains": [], "paused": False}  # SPEC 11: the queue flag
 
 
 # -- cancel ---------------------------------------------------------------------------------

@@ -84,7 +84,31 @@ def draw_ops(data, state: dict, ts: float) -> list[dict]:
 def draw_op(data, state: dict, ts: float) -> dict:
     kind = data.draw(st.sampled_from(
         ["enq", "enq", "enq", "chain", "cancel", "claim", "result", "result", "run", "run", "run",
-         "release", "fail", "trig"]), label="kind")
+         "release", "fail", "trig", "pause", "resume", "retry", "update"]), label="kind")
+    if kind in ("pause", "resume"):  # SPEC 11: per id, per tag, or the queue itself
+        how = data.draw(st.sampled_from(["ids", "ids", "tag", "all"]), label="how")
+        op = {"op": kind, "by": "test"}
+        if how == "all":
+            op["all"] = True
+        elif how == "tag":
+            op["tag"] = data.draw(st.sampled_from(TAGS))
+        else:
+            op["ids"] = data.draw(st.lists(st.sampled_from(IDS + CHAINS + sorted(state["tasks"])), min_size=1, max_size=2))
+        if kind == "pause" and data.draw(st.booleans(), label="until?"):
+            op["until"] = ts + data.draw(st.sampled_from([1.0, 100.0]), label="for")
+        return op
+    if kind == "retry":  # built as steering.retry_op does, carrying every record (any cut may be hot)
+        from kmpwm.state import new_state as _empty
+        from kmpwm.steering import retry_op
+
+        pool = IDS + CHAINS + sorted(state["tasks"])
+        failed = data.draw(st.integers(0, 3), label="--failed?") == 0
+        op = retry_op(state, _empty(), () if failed else data.draw(st.lists(st.sampled_from(pool), min_size=1, max_size=2)),
+                      failed=failed, by="test")
+        return op or {"op": "cancel", "ids": ["nope"]}
+    if kind == "update":
+        tid = data.draw(st.sampled_from(IDS), label="id")
+        return {"op": "enq", "task": draw_task(data, tid, ts), "policy": "update", "by": "test"}
     if kind == "enq":
         # now and then an id that a chain's task has (or had): it takes that id over
         tid = data.draw(st.sampled_from(IDS + ["C1/1/w", "C2/2/w"]), label="id")
@@ -249,7 +273,10 @@ def check_invariants(after: dict, history: dict) -> None:
     for tid, t in after["tasks"].items():
         key = (tid, t["seq"])
         prev = history.get(key)
-        if prev is not None:
+        if prev is not None and prev["state"] in ("FAILED", "CANCELLED") and t["state"] in ("ENQUEUED", "BLOCKED"):
+            assert t["attempts"] == 0, f"{tid}: retried with attempts {t['attempts']}"  # kmpwm retry
+            history.setdefault("revived", set()).add(key)
+        elif prev is not None:
             assert t["attempts"] >= prev["attempts"], f"{tid}: attempts went down"
             if prev["state"] == "SUCCEEDED":
                 assert t["state"] == "SUCCEEDED", f"{tid}: SUCCEEDED became {t['state']}"
@@ -277,6 +304,8 @@ def check_invariants(after: dict, history: dict) -> None:
             for dep in t["after"]:
                 d = tasks.get(dep)
                 # (a task enqueued under that id after this one is another task: seq tells)
+                if d is not None and (dep, d["seq"]) in history.get("revived", ()):
+                    continue  # retried after this one was released: the two are apart now
                 assert d is None or d["state"] not in UNFINISHED or d["seq"] > t["seq"], f"{tid} runs before {dep} finished"
 
 

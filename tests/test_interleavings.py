@@ -50,7 +50,8 @@ from kmpwm.models import Constraints, TaskRequest
 from kmpwm.paths import resolve
 from kmpwm.probes import Device
 from kmpwm.scheduling import MAX_CRASHES, lease_state, plan, time_limit
-from kmpwm.state import apply, chain_next_step, chain_state, new_state
+from kmpwm.state import apply, chain_next_step, chain_state, new_state, pause_of
+from kmpwm.steering import retry_op
 from kmpwm.store import Store
 from kmpwm.triggers import next_after_run
 
@@ -156,6 +157,9 @@ class Interleavings(RuleBasedStateMachine):
         self.single_ids: list[str] = []
         self.late = 0
         self.initialized = False
+        self.mpause: dict[tuple, float] = {}  # (id, seq) -> paused until (inf: until resumed)
+        self.mqueue: float | None = None  # the queue paused until (inf: until resumed)
+        self.retried: set[tuple] = set()  # (id, seq) revived by a retry
 
     # -- building work through the real API ------------------------------------------------
 
@@ -295,6 +299,8 @@ class Interleavings(RuleBasedStateMachine):
             t = state["tasks"].get(cand["id"])
             if t is None or t["seq"] != cand["seq"] or t["id"] in r.done or t["id"] in r.held:
                 continue
+            if pause_of(state, t, now) is not None:
+                continue  # paused since the plan (kmpwm.runner.Runner._claim)
             if t["state"] == "ENQUEUED" and t["due"] <= now:
                 picks.append(t)
             elif t["state"] == "RUNNING" and lease_state(t, now) != "held":
@@ -326,6 +332,8 @@ class Interleavings(RuleBasedStateMachine):
     def _check_claim(self, r: SimRunner, tid: str, seq: int) -> None:
         key = (tid, seq)
         assert key not in self.succeeded, f"{tid} was claimed again after it SUCCEEDED"
+        assert self.mpause.get(key, 0) <= self.clock, f"{tid} was claimed while paused (until {self.mpause[key]})"
+        assert (self.mqueue or 0) <= self.clock, f"{tid} was claimed while the queue is paused"
         t = self.state["tasks"][tid]
         assert t["state"] == "RUNNING" and t["lease"]["runner"] == r.rid
         for other in self.runners.values():
@@ -341,6 +349,8 @@ class Interleavings(RuleBasedStateMachine):
             assert not bad, f"{tid} (step {t['step']}) claimed while earlier-step tasks {bad} are not SUCCEEDED"
         for dep in t.get("after", ()):
             d = self.state["tasks"].get(dep)
+            if d is not None and (dep, d["seq"]) in self.retried:
+                continue  # retried after its appended successor was released: the two are apart now
             assert d is None or d["state"] in FINAL, f"{tid} claimed before {dep} (it was appended after) finished"
 
     def _cycle(self, r: SimRunner, finished, released, *, claim: bool, replan: bool, free: int) -> list[str]:
@@ -481,18 +491,80 @@ class Interleavings(RuleBasedStateMachine):
         if not self.single_ids or data.draw(st.integers(0, 1), label="enqueue again?"):
             return
         sid = data.draw(st.sampled_from(sorted({i.split("#")[0] for i in self.single_ids})), label="task id")
-        policy = data.draw(st.sampled_from(["keep", "replace", "append", "append-or-replace"]), label="policy")
+        policy = data.draw(st.sampled_from(["keep", "replace", "append", "append-or-replace", "update"]), label="policy")
         spec = data.draw(task_spec, label="worker, max attempts")
+        before = {i: dict(t) for i, t in self.state["tasks"].items()}
         [res] = self._write([self._enq_op(sid, *spec, policy=policy)], [])
         event(f"enqueue again: {policy} -> {res['action']}")
+        if res["action"] == "updated":  # same task: id, seq, attempts, state and lease kept
+            t, old = self.state["tasks"][res["id"]], before[res["id"]]
+            assert (t["seq"], t["attempts"], t["state"], t["lease"]) == (old["seq"], old["attempts"], old["state"], old["lease"])
+            assert t["worker"] == spec[0] and t["constraints"]["max_attempts"] == spec[1]
         if res["id"] not in self.single_ids:
             self.single_ids.append(res["id"])
+
+    @rule(data=st.data())
+    def pause_or_resume(self, data):
+        """``kmpwm pause|resume ID|--all [--until]`` while runners are busy."""
+        if data.draw(st.integers(0, 2), label="pause?"):
+            return
+        kind = data.draw(st.sampled_from(["pause", "resume"]), label="pause or resume")
+        target = data.draw(st.sampled_from(["*"] + self.chain_ids + self.single_ids), label="target")
+        op = {"op": kind, "by": "model"}
+        if target == "*":
+            op["all"] = True
+        else:
+            op["ids"] = [target]
+        until = float("inf")
+        if kind == "pause" and data.draw(st.booleans(), label="until?"):
+            until = self.clock + data.draw(st.sampled_from([1.0, 30.0, 3600.0]), label="for")
+            op["until"] = until
+        before = {i: (t["state"], t["lease"], t["due"]) for i, t in self.state["tasks"].items()}
+        [ids] = self._write([op], [])
+        event(f"{kind} {'all' if target == '*' else 'ids'}: {len(ids)}")
+        for i, t in self.state["tasks"].items():  # pausing changes nothing else: a running task runs on
+            assert (t["state"], t["lease"], t["due"]) == before[i], i
+        if kind == "pause":
+            if target == "*":
+                self.mqueue = until
+            for i in (ids if target != "*" else ()):
+                self.mpause[(i, self.state["tasks"][i]["seq"])] = until
+        else:
+            if target == "*":
+                self.mqueue = None
+            for i in ids:
+                self.mpause.pop((i, self.state["tasks"][i]["seq"]), None)
+
+    @rule(data=st.data())
+    def retry(self, data):
+        """``kmpwm retry ID|--failed`` while runners are busy (the op built as steering.retry does)."""
+        if data.draw(st.integers(0, 2), label="retry?"):
+            return
+        target = data.draw(st.sampled_from([None] + self.chain_ids + self.single_ids), label="retry")
+        if self.store is not None:
+            full, hot = self.store.load(full=True).state, self.store.load(full=False).state
+            assert full == self.state
+        else:
+            full = hot = self.state
+        op = retry_op(full, hot, [target] if target else (), failed=target is None, by="model")
+        if op is None:
+            return
+        event(f"retry carries {len(op.get('tasks', ()))} record(s)")
+        before = {i: (t["state"], t["seq"]) for i, t in self.state["tasks"].items()}
+        [revived] = self._write([op], [])
+        event(f"retried {len(revived)}")
+        for i in revived:
+            t = self.state["tasks"][i]
+            self.retried.add((i, t["seq"]))
+            assert before[i][0] in ("FAILED", "CANCELLED") and t["seq"] == before[i][1], (i, before[i])
+            assert t["state"] in ("ENQUEUED", "BLOCKED") and t["attempts"] == 0, (i, t["state"])
 
     @rule()
     def take_snapshot(self):
         self.snapshot = (len(self.records), orjson.dumps(self.state))
         if self.store is not None:
             self.store.write_snapshot(self.store.load())
+            self.store.invalidate()  # the next reader starts from the snapshot: hot state, history apart
 
     # -- invariants ------------------------------------------------------------------------
 
@@ -582,6 +654,9 @@ class Interleavings(RuleBasedStateMachine):
             shutil.rmtree(self.tmp, ignore_errors=True)
 
     def drain(self):
+        self._write([{"op": "resume", "all": True, "by": "model"}], [])  # nothing paused any more
+        self.mpause.clear()
+        self.mqueue = None
         # living runners finish what they started with SUCCESS and hand back the rest
         for r in list(self.runners.values()):
             fin = [(tid, "SUCCESS") for tid, h in sorted(r.held.items()) if h["started"]]
