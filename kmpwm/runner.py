@@ -907,6 +907,8 @@ class Runner:
             t = job.task
             op = {"op": "result", "id": t["id"], "seq": t["seq"], "runner": self.runner_id, "status": status,
                   "message": res.get("message"), "data": res.get("data"), "duration_ms": duration_ms}
+            if t.get("lease"):
+                op["claimed"] = t["lease"]["since"]  # the claim it ran under: a lost claim loses no result
             if status in ("SUCCESS", "FAILURE", "RETRY"):
                 if t.get("_trig_update"):
                     op["trig_state"] = t["_trig_update"]

@@ -131,7 +131,7 @@ def apply(state: dict, record: dict, emit: Emit = None) -> list:
 _TASK_BASE = {
     "input": None, "constraints": DEFAULT_CONSTRAINTS_RECORD, "chain_id": None, "step": None, "attempts": 0,
     "occ_attempts": 0, "expiries": 0, "crashes": 0, "lease": None, "last_result": None, "reason": None,
-    "finished_at": None,
+    "finished_at": None, "claimed_at": None,
 }
 
 
@@ -221,6 +221,7 @@ def _finish(state: dict, t: dict, new_state: str, ts: float, reason: str | None,
     t["finished_at"] = ts
     t["updated_at"] = ts
     t["lease"] = None
+    t["claimed_at"] = None  # a finished task takes no result: what its claims were no longer matters
     if emit:
         emit(ts, t["id"], new_state.lower(), {"reason": reason} if reason else {})
     if t.get("after"):
@@ -429,6 +430,7 @@ def _op_claim(state: dict, op: dict, ts: float, emit: Emit) -> bool:
     t["state"] = "RUNNING"
     t["lease"] = {"runner": op["runner"], "pid": op.get("pid"), "token": op.get("token"),
                   "until": op["until"], "since": ts}
+    t["claimed_at"] = ts  # the newest claim: a result of an older one is stale (_unseen_claim)
     if op.get("ahead"):
         t["lease"]["ahead"] = True  # claimed ahead of a free slot: maybe never started
     t["updated_at"] = ts
@@ -444,8 +446,27 @@ def _holder(state: dict, op: dict) -> dict | None:
     return t
 
 
+def _unseen_claim(state: dict, op: dict) -> dict | None:
+    """The task of a result whose claim the fold never saw -- lost to damage and quarantined --
+    when that claim is newer than every claim the fold did see of the task.
+
+    A result is written only for a run whose claim its writer's fold accepted (under the lock, on
+    the whole journal), and it names that claim (``claimed``, the claim's time).  A claim the fold
+    saw that is newer superseded it (the run is stale); none newer means the fold is missing the
+    claim, not that the run is stale, and forgetting the result would run a succeeded step again."""
+    claimed = op.get("claimed")
+    t = _current(state, op)
+    if claimed is None or t is None or t["state"] not in ("ENQUEUED", "RUNNING"):
+        return None
+    seen = t["lease"]["since"] if t["lease"] else t.get("claimed_at")
+    if seen is not None and claimed <= seen:
+        return None
+    t["claimed_at"] = claimed
+    return t
+
+
 def _op_result(state: dict, op: dict, ts: float, emit: Emit) -> bool:
-    t = _holder(state, op)
+    t = _holder(state, op) or _unseen_claim(state, op)
     if t is None:
         if emit:
             emit(ts, op.get("id", "?"), "stale-result", {"status": op.get("status"), "runner": op.get("runner")})
