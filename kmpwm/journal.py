@@ -234,7 +234,7 @@ def correct(line: bytes) -> tuple[dict, str] | None:
     payload = line[9:]
     actual = b"%08x " % zlib.crc32(payload)
     wrong = [i for i in range(9) if line[i] != actual[i]]
-    if len(wrong) == 1 and bin(line[wrong[0]] ^ actual[wrong[0]]).count("1") == 1:
+    if len(wrong) == 1 and (line[wrong[0]] ^ actual[wrong[0]]).bit_count() == 1:
         record = _loads(payload)  # the payload is whole: the flip hit the checksum or the space
         if record is not None:
             return record, f"byte {wrong[0]}"
@@ -283,15 +283,13 @@ def mend(data: bytes) -> Mend:
             body = gap.strip(b"\n")
             if not body:
                 continue  # a record's own newline
+            at = d.start + gs + gap.index(body)  # the newlines around it only frame lines
             fixed = correct(body)
             if fixed is not None:
                 record, where = fixed
-                at = d.start + gs + gap.index(body)
                 placed.append((at + len(body), record))
                 out.corrected.append({"offset": at, "where": where})
-                out.moved.append((d.start + gs, d.start + ge, "corrected"))
-            else:
-                out.moved.append((d.start + gs, d.start + ge, "corrupt"))
+            out.moved.append((at, at + len(body), "corrupt" if fixed is None else "corrected"))
     if scan.torn is not None:
         out.moved.append((scan.torn.start, scan.torn.end, "torn"))
     placed.sort(key=lambda item: item[0])
