@@ -237,7 +237,7 @@ def correct(line: bytes) -> tuple[dict, str] | None:
     if len(wrong) == 1 and (line[wrong[0]] ^ actual[wrong[0]]).bit_count() == 1:
         record = _loads(payload)  # the payload is whole: the flip hit the checksum or the space
         if record is not None:
-            return record, f"byte {wrong[0]}"
+            return record, f"one flipped bit in byte {wrong[0]} of the record"
     if line[8:9] != b" " or not _HEX_DIGITS.issuperset(line[:8]):
         return None
     want = int(line[:8], 16)
@@ -249,7 +249,33 @@ def correct(line: bytes) -> tuple[dict, str] | None:
     if zlib.crc32(fixed) != want:
         return None
     record = _loads(bytes(fixed))
-    return (record, f"byte {9 + (bit >> 3)}") if record is not None and isinstance(record.get("ops"), list) else None
+    if record is None or not isinstance(record.get("ops"), list):
+        return None
+    return record, f"one flipped bit in byte {9 + (bit >> 3)} of the record"
+
+
+def _mend_gap(body: bytes) -> list[tuple[int, int, dict, str]]:
+    """The records :func:`correct` restores in damaged bytes that hold no valid record: each of
+    its lines alone or with the next (a byte flipped into a newline splits one record in two),
+    also without a first or last byte (a newline flipped into it glued it to its neighbour)."""
+    pieces, pos = [], 0
+    for piece in body.split(b"\n"):
+        pieces.append((pos, pos + len(piece)))
+        pos += len(piece) + 1
+    out, i = [], 0
+    while i < len(pieces):
+        step = 1
+        for span in (1, 2)[:len(pieces) - i]:
+            start, end = pieces[i][0], pieces[i + span - 1][1]
+            fixed = next(((start + lo, end - hi, r) for lo, hi in ((0, 0), (1, 0), (0, 1))
+                          if (r := correct(body[start + lo:end - hi])) is not None), None)
+            if fixed is not None:
+                lo, hi, (record, where) = fixed
+                out.append((lo, hi, record, where))
+                step = span
+                break
+        i += step
+    return out
 
 
 @dataclass
@@ -284,12 +310,11 @@ def mend(data: bytes) -> Mend:
             if not body:
                 continue  # a record's own newline
             at = d.start + gs + gap.index(body)  # the newlines around it only frame lines
-            fixed = correct(body)
-            if fixed is not None:
-                record, where = fixed
-                placed.append((at + len(body), record))
-                out.corrected.append({"offset": at, "where": where})
-            out.moved.append((at, at + len(body), "corrupt" if fixed is None else "corrected"))
+            fixed = _mend_gap(body)
+            for lo, hi, record, where in fixed:
+                placed.append((at + hi, record))
+                out.corrected.append({"offset": at + lo, "where": where})
+            out.moved.append((at, at + len(body), "corrected" if fixed else "corrupt"))
     if scan.torn is not None:
         out.moved.append((scan.torn.start, scan.torn.end, "torn"))
     placed.sort(key=lambda item: item[0])

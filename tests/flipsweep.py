@@ -51,7 +51,7 @@ def build(root: Path) -> Home:
                  ("chain", "cw", "cw+pw", "cw", "--id", "ch"),
                  ("run-due", "--parallel", "2"), ("run-due", "--parallel", "2"),
                  ("enqueue", "later", "cw", "--delay", "1h"), ("enqueue", "now", "cw")):
-        doc, rc, err = home.json(*args)
+        _, rc, err = home.json(*args)
         assert rc == 0, (args, rc, err)
     state, scan = home.fold()
     succeeded = {i for i, t in state["tasks"].items() if t["state"] == "SUCCEEDED"}
@@ -212,3 +212,31 @@ def sweep(tpl: Template, *, bits: str, case: Path | None, real_every: int = 1, s
             trial(tpl, pos, value, report, case if case is not None and n % real_every == 0 else None)
             n += 1
     return report
+
+
+def cli_trial(tpl: Template, template_home: Home, root: Path, pos: int, value: int, report: Report) -> None:
+    """One trial end to end through the command line: doctor --repair, doctor, run-due."""
+    from crashlib import parse_log
+
+    report.trials += 1
+    label = f"CLI byte {pos} {tpl.data[pos]:#04x}->{value:#04x}"
+    hit = next((n for n, (s, e) in enumerate(tpl.lines) if s <= pos < e), None)
+    single = (tpl.data[pos] ^ value).bit_count() == 1
+    excused = tpl.excused[hit] if hit is not None and not single else set()
+    case = Home(root / "cli-case")
+    shutil.rmtree(case.path)
+    shutil.copytree(template_home.path, case.path)
+    case.journal.write_bytes(tpl.data[:pos] + bytes([value]) + tpl.data[pos + 1:])
+    doc, rc, err = case.json("doctor", "--repair")
+    report.check(rc == 0 and "Traceback" not in err, f"{label}: doctor --repair exit {rc}: {err.strip()[-300:]}")
+    doc, rc, err = case.json("doctor")
+    report.check(rc == 0 and bool(doc and doc["healthy"]), f"{label}: doctor after the repair: exit {rc}")
+    doc, rc, err = case.json("run-due", "--parallel", "2")
+    report.check(rc == 0, f"{label}: run-due after the repair: exit {rc}: {err.strip()[-300:]}")
+    starts, _ = parse_log(case.runlog)
+    again = sorted({s.id for s in starts} & (tpl.succeeded - excused))
+    report.check(not again, f"{label}: run-due ran again what had succeeded: {again}")
+    state, _ = case.fold()
+    for tid in sorted(tpl.succeeded - excused):
+        t = state["tasks"].get(tid)
+        report.check(t is not None and t["state"] == "SUCCEEDED", f"{label}: {tid} is {t and t['state']} after run-due")

@@ -83,7 +83,7 @@ def _expected(original: bytes, damaged: bytes, *, flip: int | None = None, cut: 
     must keep, the fold of the records readers must show, whether there is damage (a run-due
     stopper) and whether there is a torn tail."""
     kept, shown = [], []
-    single_bit = flip is not None and bin(original[flip] ^ damaged[flip]).count("1") == 1
+    single_bit = flip is not None and (original[flip] ^ damaged[flip]).bit_count() == 1
     for start, end in _lines(original):
         line = original[start:end + 1]
         if cut is not None:
