@@ -9,8 +9,11 @@ payload (compact JSON, which never contains a raw newline), and ``\\n``::
 One record is one transaction: a batch of many enqueues is one record, so a crash can never leave
 half a batch.  Bytes after the last newline are a torn tail (a write that never completed, so no
 command reported it as done): readers ignore them and the next writer truncates them away.  A
-complete line whose checksum fails is damage in the middle: readers skip it and report it,
-``run-due`` refuses to run, and ``doctor --repair`` moves it to ``quarantine/``.
+complete line whose checksum fails is damage in the middle: readers report it and still read every
+checksum-valid record inside it (a newline flipped into another byte glues two records into one
+line: both are valid), ``run-due`` refuses to run, and ``doctor --repair`` keeps every valid
+record, restores one whose single flipped bit CRC-32 pinpoints, and moves the bytes that belong to
+no record to ``quarantine/``.
 """
 
 from __future__ import annotations
