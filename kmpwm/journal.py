@@ -317,7 +317,7 @@ def mend(data: bytes) -> Mend:
             for lo, hi, record, where in fixed:
                 placed.append((at + hi, record))
                 out.corrected.append({"offset": at + lo, "where": where})
-            out.moved.append((at, at + len(body), "corrected" if fixed else "corrupt"))
+            out.moved.append((at, at + len(body), "corrupt-mended" if fixed else "corrupt"))
     if scan.torn is not None:
         out.moved.append((scan.torn.start, scan.torn.end, "torn"))
     placed.sort(key=lambda item: item[0])
