@@ -4,9 +4,10 @@ Exit 0 when all is well (even without an invoker: it says so); otherwise the wor
 found: 74 a damaged journal or one run-due cannot write (read-only, a lock that is a directory),
 77 a private directory (runners/, quarantine/, cache/, logs/) that is not private or writable,
 78 a bad config.toml or a worker that cannot start (program missing, entry not importable), 1 an
-installed invoker that has not run for several periods (its daemon is not running).  ``--repair`` moves every damaged region to
-``journal/quarantine/`` (with a manifest) and rewrites the journal atomically with every valid
-record, in order; it exits 0 once the journal is healthy again.
+installed invoker that has not run for several periods (its daemon is not running).  ``--repair`` rewrites the journal atomically with every valid
+record, in order -- also those inside damaged lines, and one a single flipped bit damaged -- and
+moves the bytes that belong to no record to ``journal/quarantine/`` (with a manifest); it exits 0
+once the journal is healthy again.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ import time
 import orjson
 
 from .exitcodes import CONFIG, IO_ERROR, NOPERM, NOTHING_MATCHED, InsecurePermissions, KmpwmError
-from .journal import Journal
+from .journal import Journal, mend
 from .paths import Paths, check_all, check_secure, private_subdir
 from .timeparse import iso
 
@@ -40,31 +41,36 @@ def check_journal(journal: Journal) -> dict:
 
 
 def repair(paths: Paths) -> dict:
-    """Quarantine damaged regions and torn bytes; keep every valid record, in order."""
+    """Keep every valid record, in order -- the valid lines, the valid records inside damaged lines
+    (a flipped newline glues two into one), a record one flipped bit damaged -- and move the bytes
+    that belong to no record (and a corrected record's damaged bytes) to quarantine."""
     journal = Journal(paths)
     with journal.locked():
         swept = journal.sweep_temp_files()
         scan, _ = journal.read(0)
         if not scan.damage and scan.torn is None:
-            return {"quarantined": [], "records_kept": len(scan.records), "temp_files_removed": swept}
+            return {"quarantined": [], "records_kept": len(scan.records), "salvaged": 0, "corrected": [],
+                    "temp_files_removed": swept}
         with open(journal.path, "rb") as fh:
             raw = fh.read()
+        mended = mend(raw)
         moved = []
-        regions = list(scan.damage) + ([scan.torn] if scan.torn else [])
-        for d in regions:
-            path = journal.quarantine(raw[d.start:d.end], d.start, "torn" if d.torn else "corrupt")
-            moved.append({"offset": d.start, "length": d.end - d.start, "file": str(path)})
+        for start, end, kind in mended.moved:
+            path = journal.quarantine(raw[start:end], start, kind)
+            moved.append({"offset": start, "length": end - start, "kind": kind, "file": str(path)})
+        kept = [r for r in mended.records if not (r.get("ops") and r["ops"][0].get("op") == "hdr")]
         manifest = private_subdir(paths.quarantine_dir) / f"{time.strftime('%Y%m%dT%H%M%S')}-repair.json"
         fd = os.open(manifest, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | getattr(os, "O_NOFOLLOW", 0), 0o600)
         with os.fdopen(fd, "wb") as fh:
             fh.write(orjson.dumps({"journal": str(journal.path), "repaired_at": iso(time.time()),
-                                   "regions": moved, "records_kept": len(scan.records)}, option=orjson.OPT_INDENT_2))
-        kept = [r for _, r in scan.records if not (r.get("ops") and r["ops"][0].get("op") == "hdr")]
+                                   "regions": moved, "records_kept": len(kept), "salvaged": mended.salvaged,
+                                   "corrected": mended.corrected}, option=orjson.OPT_INDENT_2))
         journal.rewrite(kept)
         from .store import Store
 
         Store(paths).drop_snapshot()
-    return {"quarantined": moved, "records_kept": len(kept), "temp_files_removed": swept}
+    return {"quarantined": moved, "records_kept": len(kept), "salvaged": mended.salvaged,
+            "corrected": mended.corrected, "temp_files_removed": swept}
 
 
 def _check_workers(paths: Paths) -> tuple[list[dict], str | None]:
@@ -256,8 +262,13 @@ def doctor_command(paths: Paths, do_repair: bool, as_json: bool) -> int:
     if report["torn_tail"]:
         say(f"          torn last record ({report['torn_tail']['length']} bytes): the next write repairs it")
     if repaired:
+        extra = []
+        if repaired["salvaged"]:
+            extra.append(f"{repaired['salvaged']} found inside damaged lines")
+        if repaired["corrected"]:
+            extra.append(f"{len(repaired['corrected'])} restored from a single flipped bit")
         say(f"repaired  moved {len(repaired['quarantined'])} region(s) to {paths.quarantine_dir}; "
-            f"kept {repaired['records_kept']} valid record(s)")
+            f"kept {repaired['records_kept']} valid record(s)" + (f" ({', '.join(extra)})" if extra else ""))
     say(f"config    {paths.config_file}: " + (f"ERROR {config_error}" if config_error else
                                              "ok" if paths.config_file.exists() else "none (optional)"))
     bad = [w for w in workers if not w["ok"]]

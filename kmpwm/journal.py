@@ -9,8 +9,11 @@ payload (compact JSON, which never contains a raw newline), and ``\\n``::
 One record is one transaction: a batch of many enqueues is one record, so a crash can never leave
 half a batch.  Bytes after the last newline are a torn tail (a write that never completed, so no
 command reported it as done): readers ignore them and the next writer truncates them away.  A
-complete line whose checksum fails is damage in the middle: readers skip it and report it,
-``run-due`` refuses to run, and ``doctor --repair`` moves it to ``quarantine/``.
+complete line whose checksum fails is damage in the middle: readers report it and still read every
+checksum-valid record inside it (a newline flipped into another byte glues two records into one
+line: both are valid), ``run-due`` refuses to run, and ``doctor --repair`` keeps every valid
+record, restores one whose single flipped bit CRC-32 pinpoints, and moves the bytes that belong to
+no record to ``quarantine/``.
 """
 
 from __future__ import annotations
@@ -66,12 +69,14 @@ class Damage:
     start: int
     end: int
     torn: bool = False  # True: an incomplete last record, not damage in the middle
+    salvaged: int = 0  # checksum-valid records found inside the region (kept, not damage)
 
     def describe(self) -> str:
         size = self.end - self.start
         if self.torn:
             return f"torn last record ({size} bytes at offset {self.start}; a write that never completed)"
-        return f"corrupt record ({size} bytes at offset {self.start})"
+        kept = f"; {self.salvaged} valid record(s) inside it kept" if self.salvaged else ""
+        return f"corrupt record ({size} bytes at offset {self.start}{kept})"
 
 
 @dataclass
@@ -82,14 +87,86 @@ class Scan:
     end: int = 0  # offset after the last complete line
 
 
+def salvage(data: bytes) -> list[tuple[int, int, dict]]:
+    """Every checksum-valid record inside damaged bytes, wherever its line boundaries went: a
+    newline flipped into another byte glues two records into one line, a byte flipped into a
+    newline splits one.  Returns ``(start, end, record)`` (``end`` after the record's last payload
+    byte), left to right, never overlapping.  A record starts with eight hex digits, a space and
+    ``{``, and holds no newline; its end is the ``}`` where the checksum holds."""
+    out: list[tuple[int, int, dict]] = []
+    pos, crc32 = 0, zlib.crc32
+    while True:
+        sep = data.find(b" {", pos + 8)
+        if sep < 0:
+            return out
+        start = sep - 8
+        head = data[start:sep]
+        if not _HEX_DIGITS.issuperset(head):
+            pos = start + 1
+            continue
+        want = int(head, 16)
+        stop = data.find(b"\n", sep)
+        stop = len(data) if stop < 0 else stop
+        crc, done, close = 0, sep + 1, sep + 1
+        found = None
+        while True:
+            close = data.find(b"}", close, stop)
+            if close < 0:
+                break
+            crc = crc32(data[done:close + 1], crc)
+            done = close + 1
+            if crc == want:
+                record = _loads(data[sep + 1:close + 1])
+                if record is not None:
+                    found = (start, close + 1, record)
+                    break
+            close += 1
+        if found is None:
+            pos = start + 1
+            continue
+        out.append(found)
+        pos = found[1]
+
+
+def _loads(payload: bytes) -> dict | None:
+    try:
+        record = orjson.loads(payload)
+    except ValueError:
+        return None
+    return record if isinstance(record, dict) else None
+
+
+_HEX_DIGITS = frozenset(b"0123456789abcdef")
+
+
 def scan_bytes(data: bytes, base: int = 0) -> Scan:
-    """Split ``data`` (the journal from offset ``base``) into records and damaged regions."""
+    """Split ``data`` (the journal from offset ``base``) into records and damaged regions.
+
+    The records checksum-valid inside a damaged region (:func:`salvage`) are records like any
+    other; the region is still damage (a byte that belongs to no record, run-due refuses).  Bytes
+    after the last newline are a torn tail, unless valid records stand in them with bytes after
+    them: that is a flipped last newline, not a write that never completed, so it is damage too
+    and the records count (a write that never completed never leaves bytes after a record that
+    are not its newline)."""
     out = Scan(end=base)
     pos, n = 0, len(data)
     bad_start = -1
+
+    def close_region(end: int) -> None:
+        found = salvage(data[bad_start:end])
+        for _, rec_end, record in found:
+            out.records.append((base + bad_start + rec_end, record))
+        out.damage.append(Damage(base + bad_start, base + end, salvaged=len(found)))
+
     while pos < n:
         nl = data.find(b"\n", pos)
         if nl < 0:
+            found = salvage(data[pos:])
+            if found and pos + found[-1][1] < n:  # valid records with bytes after them: damage
+                if bad_start < 0:
+                    bad_start = pos
+                pos = n
+                break
             out.torn = Damage(base + pos, base + n, torn=True)
             break
         record = decode(data[pos:nl])
@@ -98,13 +175,153 @@ def scan_bytes(data: bytes, base: int = 0) -> Scan:
                 bad_start = pos
         else:
             if bad_start >= 0:
-                out.damage.append(Damage(base + bad_start, base + pos))
+                close_region(pos)
                 bad_start = -1
             out.records.append((base + nl + 1, record))
         pos = nl + 1
     if bad_start >= 0:
-        out.damage.append(Damage(base + bad_start, base + pos))
+        close_region(pos)
     out.end = base + pos if out.torn is None else out.torn.start  # torn.start is absolute already
+    return out
+
+
+# -- repair: what doctor --repair keeps -----------------------------------------------------
+
+CORRECT_MAX = 1 << 22  # longest damaged line whose flipped bit is searched for (~1 s at worst)
+_CRC_TABLE: list[int] = []
+_CRC_TOP: dict[int, int] = {}
+_CRC_BIT: dict[int, int] = {}
+
+
+def _crc_tables() -> None:
+    """The CRC-32 (zlib's, reflected 0xEDB88320) byte table, the index of each entry by its top
+    byte (distinct for this polynomial: one step is invertible) and the entries of single bits."""
+    for i in range(256):
+        r = i
+        for _ in range(8):
+            r = (r >> 1) ^ (0xEDB88320 if r & 1 else 0)
+        _CRC_TABLE.append(r)
+    _CRC_TOP.update((r >> 24, i) for i, r in enumerate(_CRC_TABLE))
+    _CRC_BIT.update((_CRC_TABLE[1 << b], b) for b in range(8))
+
+
+def _flipped_bit(payload: bytes, want: int) -> int | None:
+    """The bit (``8 * byte + bit``) whose flip gives ``payload`` the CRC-32 ``want``, if one does.
+
+    CRC-32 is linear: flipping bit ``b`` of byte ``j`` changes the CRC by the register value of
+    that bit pushed through the ``len - 1 - j`` bytes after it, whatever the data.  So the
+    difference is walked back one byte at a time (one table step, inverted) until it is a single
+    bit's entry.  For lines under 512 MiB every single-bit error has its own difference (the code's
+    Hamming distance is at least 3), so the answer is unique."""
+    if not _CRC_TABLE:
+        _crc_tables()
+    diff = zlib.crc32(payload) ^ want
+    table, top, bits = _CRC_TABLE, _CRC_TOP, _CRC_BIT
+    for back in range(len(payload)):
+        b = bits.get(diff)
+        if b is not None:
+            return 8 * (len(payload) - 1 - back) + b
+        i = top[diff >> 24]
+        diff = ((diff ^ table[i]) << 8) | i
+    return None
+
+
+def correct(line: bytes) -> tuple[dict, str] | None:
+    """The record ``line`` held before exactly one of its bits flipped, if that is what happened.
+
+    ``line`` is one damaged line, or the lines a byte flipped into a newline made of one record.
+    The checksum field, the space or one payload bit may be the flipped one; the answer must pass
+    the checksum and parse.  Returns the record and where the bit was, or None."""
+    if len(line) < 10 or len(line) > CORRECT_MAX:
+        return None
+    payload = line[9:]
+    actual = b"%08x " % zlib.crc32(payload)
+    wrong = [i for i in range(9) if line[i] != actual[i]]
+    if len(wrong) == 1 and (line[wrong[0]] ^ actual[wrong[0]]).bit_count() == 1:
+        record = _loads(payload)  # the payload is whole: the flip hit the checksum or the space
+        if record is not None:
+            return record, f"one flipped bit in byte {wrong[0]} of the record"
+    if line[8:9] != b" " or not _HEX_DIGITS.issuperset(line[:8]):
+        return None
+    want = int(line[:8], 16)
+    bit = _flipped_bit(payload, want)
+    if bit is None:
+        return None
+    fixed = bytearray(payload)
+    fixed[bit >> 3] ^= 1 << (bit & 7)
+    if zlib.crc32(fixed) != want:
+        return None
+    record = _loads(bytes(fixed))
+    if record is None or not isinstance(record.get("ops"), list):
+        return None
+    return record, f"one flipped bit in byte {9 + (bit >> 3)} of the record"
+
+
+def _mend_gap(body: bytes) -> list[tuple[int, int, dict, str]]:
+    """The records :func:`correct` restores in damaged bytes that hold no valid record: each of
+    its lines alone or with the next (a byte flipped into a newline splits one record in two),
+    also without a first or last byte (a newline flipped into it glued it to its neighbour)."""
+    pieces, pos = [], 0
+    for piece in body.split(b"\n"):
+        pieces.append((pos, pos + len(piece)))
+        pos += len(piece) + 1
+    out, i = [], 0
+    while i < len(pieces):
+        step = 1
+        for span in (1, 2)[:len(pieces) - i]:
+            start, end = pieces[i][0], pieces[i + span - 1][1]
+            fixed = next(((start + lo, end - hi, r) for lo, hi in ((0, 0), (1, 0), (0, 1))
+                          if (r := correct(body[start + lo:end - hi])) is not None), None)
+            if fixed is not None:
+                lo, hi, (record, where) = fixed
+                out.append((lo, hi, record, where))
+                step = span
+                break
+        i += step
+    return out
+
+
+@dataclass
+class Mend:
+    """What ``doctor --repair`` keeps and moves (see :func:`mend`)."""
+    records: list[dict] = field(default_factory=list)  # every valid record, in journal order
+    moved: list[tuple[int, int, str]] = field(default_factory=list)  # (start, end, kind) to quarantine
+    salvaged: int = 0  # valid records found inside damaged lines
+    corrected: list[dict] = field(default_factory=list)  # {"offset", "bit"}: records one flipped bit hid
+
+
+def mend(data: bytes) -> Mend:
+    """Every record the journal ``data`` holds, damage and all: the valid lines, the valid records
+    inside damaged ones (:func:`salvage`), and a record one flipped bit damaged (:func:`correct`);
+    and the bytes that belong to no record, to be kept in quarantine.  A corrected record's
+    damaged bytes are kept there too.  Nothing valid is dropped."""
+    scan = scan_bytes(data)
+    out = Mend()
+    placed = list(scan.records)
+    for d in scan.damage:
+        region = data[d.start:d.end]
+        found = salvage(region)
+        out.salvaged += len(found)
+        gaps, pos = [], 0
+        for start, end, _ in found:
+            gaps.append((pos, start))
+            pos = end
+        gaps.append((pos, len(region)))
+        for gs, ge in gaps:
+            gap = region[gs:ge]
+            body = gap.strip(b"\n")
+            if not body:
+                continue  # a record's own newline
+            at = d.start + gs + gap.index(body)  # the newlines around it only frame lines
+            fixed = _mend_gap(body)
+            for lo, hi, record, where in fixed:
+                placed.append((at + hi, record))
+                out.corrected.append({"offset": at + lo, "where": where})
+            out.moved.append((at, at + len(body), "corrupt-mended" if fixed else "corrupt"))
+    if scan.torn is not None:
+        out.moved.append((scan.torn.start, scan.torn.end, "torn"))
+    placed.sort(key=lambda item: item[0])
+    out.records = [r for _, r in placed]
     return out
 
 
@@ -112,7 +329,7 @@ def _add_damage(into: list[Damage], more: list[Damage]) -> None:
     """Append damaged regions, joining one that continues the last (split between two reads)."""
     for d in more:
         if into and into[-1].end == d.start:
-            into[-1] = Damage(into[-1].start, d.end)
+            into[-1] = Damage(into[-1].start, d.end, salvaged=into[-1].salvaged + d.salvaged)
         else:
             into.append(d)
 
@@ -266,6 +483,9 @@ class Journal:
         if not line.endswith(b"\n"):
             return None
         record = decode(line[:-1])
+        if record is None:  # a damaged first line: the header may still be whole inside it
+            found = salvage(line[:-1])
+            record = found[0][2] if found and found[0][0] == 0 else None
         if record and record.get("ops") and record["ops"][0].get("op") == "hdr":
             return record["ops"][0]
         return None
@@ -387,6 +607,16 @@ class Journal:
                 break
             pos = start
         torn = os.pread(fd, size - pos, pos)
+        found = salvage(torn)
+        if found and found[-1][1] < len(torn):
+            # valid records with bytes after them: a flipped last newline, not a torn write.  Readers
+            # count those records (scan_bytes), so they stay; ending the damaged line keeps it damage
+            # for `doctor --repair` to mend, and the records after it start on a line of their own.
+            try:
+                write_all(fd, b"\n")
+            except OSError as exc:
+                raise JournalError(f"cannot write to the journal {self.path}: {exc.strerror}") from None
+            return size + 1
         self.quarantine(torn, pos, "torn")
         try:
             os.ftruncate(fd, pos)

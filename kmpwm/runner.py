@@ -346,7 +346,8 @@ class Runner:
                         rows = [(job, dict(row, data=None)) for job, row in rows]
                     txn.stage(ops, on_fold)
                 if released:
-                    txn.stage([{"op": "release", "id": t["id"], "seq": t["seq"], "runner": self.runner_id}
+                    txn.stage([{"op": "release", "id": t["id"], "seq": t["seq"], "born": t["created_at"],
+                                "runner": self.runner_id}
                                for t, *_ in released])
                 if claim:
                     claimed = self._claim(txn, now, replan=replan or not self._queue)
@@ -438,7 +439,7 @@ class Runner:
         for n, t in enumerate(picks):
             info = self.registry.get(t["worker"])
             limit = time_limit(t, declared_limit(info, self._preload, t))  # a task's --timeout wins
-            op = {"op": "claim", "id": t["id"], "seq": t["seq"], "runner": self.runner_id, "pid": self.pid,
+            op = {"op": "claim", "id": t["id"], "seq": t["seq"], "born": t["created_at"], "runner": self.runner_id, "pid": self.pid,
                   "token": self.token, "until": now + limit + self.grace + LEASE_MARGIN + PREFETCH_MARGIN + START_SLACK}
             if t["id"] in self._broken:
                 op["broken"] = True
@@ -1056,8 +1057,11 @@ class Runner:
             run_s = duration_ms / 1000
             self._avg_run = run_s if self._avg_run is None else 0.8 * self._avg_run + 0.2 * run_s
             t = job.task
-            op = {"op": "result", "id": t["id"], "seq": t["seq"], "runner": self.runner_id, "status": status,
+            op = {"op": "result", "id": t["id"], "seq": t["seq"], "born": t["created_at"], "runner": self.runner_id,
+                  "status": status,
                   "message": res.get("message"), "data": res.get("data"), "duration_ms": duration_ms}
+            if t.get("lease"):
+                op["claimed"] = t["lease"]["since"]  # the claim it ran under: a lost claim loses no result
             if status in ("SUCCESS", "FAILURE", "RETRY"):
                 if t.get("_trig_update"):
                     op["trig_state"] = t["_trig_update"]

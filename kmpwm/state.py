@@ -134,7 +134,7 @@ def apply(state: dict, record: dict, emit: Emit = None) -> list:
 _TASK_BASE = {
     "input": None, "constraints": DEFAULT_CONSTRAINTS_RECORD, "chain_id": None, "step": None, "attempts": 0,
     "occ_attempts": 0, "expiries": 0, "crashes": 0, "lease": None, "last_result": None, "reason": None,
-    "finished_at": None,
+    "finished_at": None, "claimed_at": None,
 }
 
 
@@ -231,6 +231,7 @@ def _finish(state: dict, t: dict, new_state: str, ts: float, reason: str | None,
     t["finished_at"] = ts
     t["updated_at"] = ts
     t["lease"] = None
+    t["claimed_at"] = None  # a finished task takes no result: what its claims were no longer matters
     if emit:
         emit(ts, t["id"], new_state.lower(), {"reason": reason} if reason else {})
     if t.get("after"):
@@ -292,10 +293,16 @@ def _release_waiters(state: dict, t: dict, ts: float, emit: Emit) -> None:
 
 
 def _current(state: dict, op: dict) -> dict | None:
+    """The task ``op`` acts on, if it is still the one it names.  ``born`` (the task's
+    ``created_at``, written by run-due) names it by itself; ``seq`` counts the tasks the fold has
+    made, so a record lost to damage shifts it for every task made after it."""
     t = state["tasks"].get(op.get("id"))
-    if t is None or t["seq"] != op.get("seq"):
+    if t is None:
         return None
-    return t
+    born = op.get("born")
+    if born is not None:
+        return t if t["created_at"] == born else None
+    return t if t["seq"] == op.get("seq") else None
 
 
 # -- ops -----------------------------------------------------------------------------------
@@ -451,6 +458,7 @@ def _op_claim(state: dict, op: dict, ts: float, emit: Emit) -> bool:
     t["state"] = "RUNNING"
     t["lease"] = {"runner": op["runner"], "pid": op.get("pid"), "token": op.get("token"),
                   "until": op["until"], "since": ts}
+    t["claimed_at"] = ts  # the newest claim: a result of an older one is stale (_unseen_claim)
     if op.get("ahead"):
         t["lease"]["ahead"] = True  # claimed ahead of a free slot: maybe never started
     t["updated_at"] = ts
@@ -466,8 +474,44 @@ def _holder(state: dict, op: dict) -> dict | None:
     return t
 
 
+def _unseen_claim(state: dict, op: dict, ts: float, emit: Emit) -> dict | None:
+    """The task of a result whose claim the fold never saw -- lost to damage and quarantined --
+    when that claim is newer than every claim the fold did see of the task.
+
+    A result is written only for a run whose claim its writer's fold accepted (under the lock, on
+    the whole journal), and it names that claim (``claimed``, the claim's time).  A claim the fold
+    saw that is newer superseded it (the run is stale); none newer means the fold is missing the
+    claim, not that the run is stale, and forgetting the result would run a succeeded step again.
+    A claim was accepted only once the task was due, so a chain step that still looks BLOCKED ran
+    after every earlier step had succeeded: their lost results are recorded as successes."""
+    claimed = op.get("claimed")
+    t = _current(state, op)
+    if claimed is None or t is None or t["state"] not in UNFINISHED:
+        return None
+    seen = t["lease"]["since"] if t["lease"] else t.get("claimed_at")
+    if seen is not None and claimed <= seen:
+        return None
+    if t["state"] == "BLOCKED":
+        _upstream_succeeded(state, t, ts, emit)
+    t["claimed_at"] = claimed
+    return t
+
+
+def _upstream_succeeded(state: dict, t: dict, ts: float, emit: Emit) -> None:
+    chain = state["chains"].get(t["chain_id"]) if t["chain_id"] else None
+    if chain is None or not t["step"] or t["id"] not in chain["steps"][t["step"] - 1]:
+        return
+    for step in chain["steps"][:t["step"] - 1]:
+        for i in step:
+            m = member(state, chain, i)
+            if m is not None and m["state"] in UNFINISHED:
+                m["last_result"] = {"status": "SUCCESS", "data": None, "message": (
+                    "its result was lost to journal damage; a later step of its chain ran, so it had succeeded")}
+                _finish(state, m, "SUCCEEDED", ts, None, emit)
+
+
 def _op_result(state: dict, op: dict, ts: float, emit: Emit) -> bool:
-    t = _holder(state, op)
+    t = _holder(state, op) or _unseen_claim(state, op, ts, emit)
     if t is None:
         if emit:
             emit(ts, op.get("id", "?"), "stale-result", {"status": op.get("status"), "runner": op.get("runner")})

@@ -12,6 +12,11 @@
 3. The pytest reliability files with the long settings: kills during the snapshot write and
    compaction (scaled by KMPWM_TORTURE_TRIALS), the corruption sweeps and the input fuzzing
    (``--fuzz-examples`` hypothesis examples per property).
+4. Journal damage (tests/flipsweep.py): every bit of every byte of a small journal made through
+   the CLI flipped in turn, and every byte destroyed, each followed by ``doctor.repair`` on a real
+   home: every succeeded task stays succeeded; ``--flip-cli`` of those trials at random also run
+   ``doctor --repair``, ``doctor`` and ``run-due`` through the command line.  ``--only-flips``
+   runs just this part, ``--skip-flips`` leaves it out.
 
 Prints a table of figures; exit status 0 only when every invariant held and every test passed.
 """
@@ -89,7 +94,7 @@ def run_pytest(trials: int, fuzz_examples: int, workdir: Path) -> dict:
              "tests/test_crash.py::test_killed_rewrites_leave_no_temp_files_behind",
              "tests/test_crash.py::test_runner_deaths_do_not_fail_tasks_that_never_started",
              "tests/test_crash.py::test_background_jobs_of_a_killed_runs_workers_are_killed_by_the_next_run",
-             "tests/test_corruption.py", "tests/test_fuzz_input.py", "tests/test_faults.py", "tests/test_security.py",
+             "tests/test_corruption.py", "tests/test_salvage.py", "tests/test_fuzz_input.py", "tests/test_faults.py", "tests/test_security.py",
              "tests/test_torture.py::test_cancelled_task_claimed_ahead_never_starts",
              "tests/test_torture.py::test_replace_and_cancel_storm_never_overlaps_runs_of_one_id",
              "tests/test_torture.py::test_readers_see_a_consistent_journal_while_compaction_runs"]
@@ -106,6 +111,34 @@ def run_pytest(trials: int, fuzz_examples: int, workdir: Path) -> dict:
     if not summary:
         summary = "did not run: " + (proc.stdout + proc.stderr).strip()[-800:]
     return {"counts": counts, "summary": summary.strip("= "), "failed": failed, "rc": proc.returncode,
+            "seconds": time.monotonic() - t0}
+
+
+def run_flips(workdir: Path, cli_trials: int, seed: int) -> dict:
+    import random
+
+    import flipsweep
+
+    t0 = time.monotonic()
+    if os.path.isdir("/dev/shm") and os.access("/dev/shm", os.W_OK):  # tens of thousands of fsyncing repairs
+        workdir = Path(tempfile.mkdtemp(prefix="kmpwm-flips-", dir="/dev/shm"))
+        os.chmod(workdir, 0o700)
+    home = flipsweep.build(workdir / "flips-template")
+    tpl = flipsweep.template(home)
+    case = workdir / "flips-case"
+    import shutil
+
+    shutil.copytree(home.path, case)
+    report = flipsweep.sweep(tpl, bits="all", case=case, real_every=1, seed=seed)
+    rng = random.Random(seed)
+    cli = flipsweep.Report()
+    for _ in range(cli_trials):
+        pos = rng.randrange(len(tpl.data))
+        value = tpl.data[pos] ^ (1 << rng.randrange(8) if rng.random() < 0.5 else 0xFF)
+        flipsweep.cli_trial(tpl, home, workdir, pos, value, cli)
+    if workdir.parent == Path("/dev/shm"):
+        shutil.rmtree(workdir, ignore_errors=True)
+    return {"bytes": len(tpl.data), "records": len(tpl.records), "report": report, "cli": cli,
             "seconds": time.monotonic() - t0}
 
 
@@ -126,12 +159,18 @@ def main() -> int:
     ap.add_argument("--fuzz-examples", type=int, default=300, help="hypothesis examples per property")
     ap.add_argument("--skip-pytest", action="store_true", help="only the crash harness and the torture")
     ap.add_argument("--keep", action="store_true", help="keep the work directory")
+    ap.add_argument("--skip-flips", action="store_true", help="leave out the journal damage sweep")
+    ap.add_argument("--only-flips", action="store_true", help="only the journal damage sweep")
+    ap.add_argument("--flip-cli", type=int, default=40, help="damage trials also run through the CLI (default 40)")
     args = ap.parse_args()
 
     work = Path(tempfile.mkdtemp(prefix="kmpwm-torture-"))
     os.chmod(work, 0o700)
     started = time.monotonic()
     print(f"kmpwm long tier: seed {args.seed}, work directory {work}", flush=True)
+
+    if args.only_flips:
+        return _report_flips(run_flips(work, args.flip_cli, args.seed), work, args.keep, started)
 
     print(f"[1/3] crash injection: {args.trials} trials", flush=True)
     t0 = time.monotonic()
@@ -151,6 +190,11 @@ def main() -> int:
         print(f"[3/3] pytest reliability files (snapshot/compaction kills x{args.trials}, corruption, "
               f"{args.fuzz_examples} examples per fuzz property, faults, security)", flush=True)
         py = run_pytest(args.trials, args.fuzz_examples, work)
+
+    flips = None
+    if not args.skip_flips:
+        print("[4/4] journal damage: every bit of every byte, then repair", flush=True)
+        flips = run_flips(work, args.flip_cli, args.seed)
 
     s = crash["stats"]
     rows = [
@@ -177,9 +221,13 @@ def main() -> int:
             ("inputs fuzzed", py["counts"]["inputs"]),
             ("pytest reliability files", f"{py['summary']} ({py['seconds']:.0f}s)"),
         ]
+    if flips is not None:
+        rows += _flip_rows(flips)
     rows.append(("total time", f"{time.monotonic() - started:.0f}s"))
     print()
     print(table(rows))
+    if flips is not None:
+        _flip_violations(flips)
     if crash["violations"]:
         print("\ncrash-injection violations by kind:")
         for kind, n in Counter(categorise(v.split("] ", 1)[1]) for v in crash["violations"]).most_common():
@@ -200,7 +248,39 @@ def main() -> int:
 
         shutil.rmtree(work, ignore_errors=True)
     ok = not crash["violations"] and not tort.tally.violations and (py is None or py["rc"] == 0)
+    ok = ok and (flips is None or not (flips["report"].violations or flips["cli"].violations))
     return 0 if ok else 1
+
+
+def _flip_rows(flips: dict) -> list[tuple[str, object]]:
+    r, c = flips["report"], flips["cli"]
+    return [
+        ("journal damage trials (bytes x 8 bits + destroyed)", f"{r.trials} over {flips['bytes']} bytes, "
+         f"{flips['records']} records"),
+        ("  invariants checked / violated", f"{r.checks} / {len(r.violations)}"),
+        ("  trials after which every record was kept", r.restored),
+        ("  through the CLI: trials / checks / violated", f"{c.trials} / {c.checks} / {len(c.violations)}"),
+        ("  time", f"{flips['seconds']:.0f}s"),
+    ]
+
+
+def _flip_violations(flips: dict) -> None:
+    bad = flips["report"].violations + flips["cli"].violations
+    if bad:
+        print("\njournal damage violations:")
+        for v in bad[:15]:
+            print(f"  - {v[:300]}")
+
+
+def _report_flips(flips: dict, work: Path, keep: bool, started: float) -> int:
+    print()
+    print(table(_flip_rows(flips) + [("total time", f"{time.monotonic() - started:.0f}s")]))
+    _flip_violations(flips)
+    if not keep:
+        import shutil
+
+        shutil.rmtree(work, ignore_errors=True)
+    return 1 if flips["report"].violations or flips["cli"].violations else 0
 
 
 if __name__ == "__main__":

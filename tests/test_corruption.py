@@ -74,21 +74,40 @@ def _lines(data: bytes) -> list[tuple[int, int]]:
 
 
 def _expected(original: bytes, damaged: bytes, *, flip: int | None = None, cut: int | None = None):
-    """What kmpwm must show for ``damaged``: the fold of the records it left untouched, whether a
-    complete line is damaged (middle damage) and whether there is a torn tail."""
-    intact = []
+    """What kmpwm must show and keep for ``damaged``.
+
+    Every record whose own bytes (checksum, space, payload) are untouched is valid wherever its
+    line boundaries went -- a flipped newline glues two records into one line, both still valid --
+    and read-only commands show it.  ``doctor --repair`` keeps those and also the record whose one
+    bit flipped (CRC-32 pinpoints a single flipped bit).  Returns the complete original lines repair
+    must keep, the fold of the records readers must show, whether there is damage (a run-due
+    stopper) and whether there is a torn tail."""
+    kept, shown = [], []
+    single_bit = flip is not None and (original[flip] ^ damaged[flip]).bit_count() == 1
     for start, end in _lines(original):
+        line = original[start:end + 1]
         if cut is not None:
-            ok = end < cut
-        else:
-            ok = not (start - 1 <= flip <= end)  # a flipped newline before it merges it with the previous line
-        if ok:
-            intact.append(original[start:end + 1])
-    state, _ = fold_bytes(b"".join(intact))
-    torn = not damaged.endswith(b"\n") and len(damaged) > 0
+            if end < cut:
+                kept.append(line)
+                shown.append(line)
+        elif not start <= flip < end:
+            kept.append(line)
+            shown.append(line)
+        elif single_bit:
+            kept.append(line)
+    state, _ = fold_bytes(b"".join(shown))
+    last_newline = flip is not None and flip == len(original) - 1  # the last record, unterminated, then a byte
+    torn = not damaged.endswith(b"\n") and len(damaged) > 0 and not last_newline
     complete = damaged[: damaged.rfind(b"\n") + 1]
-    middle = len(_lines(complete)) != 0 and sum(1 for s, e in _lines(complete) if decode(complete[s:e]) is None) > 0
-    return intact, state, middle, torn
+    middle = last_newline or any(decode(complete[s:e]) is None for s, e in _lines(complete))
+    return kept, state, middle, torn
+
+
+def _damaged_span(original: bytes, flip: int) -> int:
+    """Length of the line(s) a flip at ``flip`` touched: its line, and the next one if it hit a newline."""
+    lines = _lines(original)
+    touched = [(s, e) for s, e in lines if s - 1 <= flip <= e]
+    return sum(e + 1 - s for s, e in touched)
 
 
 def _states(state: dict) -> dict:
@@ -133,9 +152,13 @@ def _check_in_process(template: Path, original: bytes, damaged: bytes, **where) 
         assert kept == want, f"{where}: repair did not keep exactly the valid records"
         qdir = home / "journal" / "quarantine"
         moved = sum(p.stat().st_size for p in qdir.glob("*.bin")) if qdir.exists() else 0
-        assert moved == len(damaged) - sum(len(x) for x in intact), f"{where}: quarantine holds {moved} bytes"
+        if "cut" in where:
+            assert moved == len(damaged) - sum(len(x) for x in intact), f"{where}: quarantine holds {moved} bytes"
+        else:  # the flipped byte and at most the line(s) it damaged; never a valid record it did not touch
+            assert 0 < moved <= _damaged_span(original, where["flip"]), f"{where}: quarantine holds {moved} bytes"
         assert result["records_kept"] == len(want) or not (middle or torn)
-        assert _states(Store(paths).load().state) == _states(expected)
+        repaired_state, _ = fold_bytes(b"".join(intact))
+        assert _states(Store(paths).load().state) == _states(repaired_state), f"{where}: repaired state"
         Scheduler(home=str(home)).enqueue("after-repair", None, "cw")
         assert "after-repair" in Store(paths).load().state["tasks"]
     finally:
@@ -396,7 +419,8 @@ def test_damage_covered_by_the_snapshot_still_fails_closed(snap_template, tmp_pa
     pos = (s + e) // 2
     damaged = original[:pos] + bytes([original[pos] ^ 0x02]) + original[pos + 1:]
     home.journal.write_bytes(damaged)
-    _, expected, middle, _ = _expected(original, damaged, flip=pos)
+    intact, _, middle, _ = _expected(original, damaged, flip=pos)
+    expected, _ = fold_bytes(b"".join(intact))  # after the repair: the one flipped bit is mended too
     assert middle
     view, rc, err = home.json("inspect-queue", "--all")
     assert rc == 0, err
