@@ -433,7 +433,7 @@ def test_existing_empty_home_is_an_empty_queue(tmp_path):
     empty = tmp_path / "empty"
     empty.mkdir(mode=0o700)
     doc, rc = kjson("--home", empty, "inspect-queue")
-    assert rc == 0 and doc == {"tasks": [], "chains": []}
+    assert rc == 0 and doc == {"tasks": [], "chains": [], "paused": False}
 
 
 # -- 14.7: an entry worker's module is found by path or next to config.toml, checked at enqueue -
