@@ -5,10 +5,11 @@ from __future__ import annotations
 import time
 
 from .exitcodes import InvalidParams
+from .leases import lease_state, lost_why
 from .paths import Paths
 from .probes import Device, device_state_now, unmet
-from .scheduling import MAX_CRASHES, lease_state
-from .state import family, member, members
+from .scheduling import MAX_CRASHES
+from .state import due_at, family, member, members
 from .store import Store
 from .timeparse import iso, relative
 
@@ -32,7 +33,7 @@ def explain_task(state: dict, t: dict, now: float, device: Device) -> dict:
                        reason=f"running: held by run-due pid {lease.get('pid')} since {relative(lease.get('since'), now)}, "
                               f"lease until {iso(lease.get('until'))}")
         else:
-            why = "its lease ended" if ls == "expired" else f"its runner (pid {lease.get('pid')}) is gone"
+            why = lost_why(t, ls)
             extra = (f"; after {MAX_CRASHES} such crashes it is quarantined (FAILED)"
                      if t.get("crashes", 0) + 1 >= MAX_CRASHES else "")
             out.update(code="due", reason=f"due again: {why}; the next run-due picks it up (at-least-once){extra}")
@@ -51,15 +52,16 @@ def explain_task(state: dict, t: dict, now: float, device: Device) -> dict:
             out["reason"] = "appended: waiting for " + ", ".join(f"{d} ({tasks[d]['state']})" for d in deps)
             out["details"]["blocked_by"] = deps
         return out
-    out["next_run_at"] = iso(t["due"])
+    due = due_at(t, now)
+    out["next_run_at"] = iso(due)
     trig = t["trigger"]
     lr = t.get("last_result") or {}
-    if t["due"] > now:
+    if due > now:
         if lr.get("status") == "RETRY":
             out.update(code="backoff", reason=f"backing off after attempt {t['occ_attempts']} "
-                                             f"until {iso(t['due'])} ({relative(t['due'], now)})")
+                                             f"until {iso(due)} ({relative(due, now)})")
         else:
-            out.update(code="not-due", reason=f"not yet due: next run {relative(t['due'], now)} ({iso(t['due'])})")
+            out.update(code="not-due", reason=f"not yet due: next run {relative(due, now)} ({iso(due)})")
         return out
     if trig["type"] == "windowed" and now > trig["end"]:
         out.update(code="window-missed", reason="its window ended; the next run-due marks it FAILED (window missed)")

@@ -47,3 +47,18 @@ def alive(pid: int | None, start_token: str | None) -> bool:
     if start_token is None:
         return True
     return current == start_token
+
+
+_BOOT: list = []
+
+
+def boot_id() -> str | None:
+    """This boot of the machine (Linux: a random id the kernel picks at boot); None if unknown.
+    A lease taken in another boot of this host names a process that no longer exists."""
+    if not _BOOT:
+        try:
+            with open("/proc/sys/kernel/random/boot_id") as fh:
+                _BOOT.append(fh.read().strip() or None)
+        except OSError:
+            _BOOT.append(None)
+    return _BOOT[0]

@@ -26,10 +26,12 @@ import orjson
 
 from . import procs
 from .exitcodes import JournalError
+from .leases import lease_state
 from .models import DEFAULT_GRACE
 from .paths import Paths, private_subdir
 from .probes import Device
-from .scheduling import lease_state, plan, time_limit, upstream_of
+from .scheduling import plan, time_limit, upstream_of
+from .state import due_at, occurrence_open
 from .store import Store
 from .triggers import next_after_run
 
@@ -113,6 +115,7 @@ class Runner:
         self.on_event = on_event or (lambda kind, payload: None)
         self.pid = os.getpid()
         self.token = procs.token(self.pid)
+        self.boot = procs.boot_id()
         self.runner_id = f"{procs.host()}/{self.pid}/{uuid.uuid4().hex[:8]}"
         self.device = Device(storage_path=str(paths.journal_dir.parent))
         self.jobs: dict[str, Job] = {}
@@ -140,6 +143,7 @@ class Runner:
         self._queue: list[dict] = []  # candidates of the last plan, best last
         self._broken: set[str] = set()
         self._trig: dict[str, dict] = {}
+        self._occ: dict[str, str] = {}
 
     @property
     def registry(self):
@@ -334,7 +338,7 @@ class Runner:
             txn.stage(p.ops)
             self._queue = p.due
             self._queue.reverse()  # pop() from the end takes the best first
-            self._broken, self._trig = p.broken, p.trig_updates
+            self._broken, self._trig, self._occ = p.broken, p.trig_updates, p.occ
         ready_ids = {t["id"] for t, *_ in self._ready}
         picks = []
         while self._queue and len(picks) < free:
@@ -342,7 +346,11 @@ class Runner:
             t = state["tasks"].get(cand["id"])
             if t is None or t["seq"] != cand["seq"] or t["id"] in done or t["id"] in jobs or t["id"] in ready_ids:
                 continue
-            if t["state"] == "ENQUEUED" and t["due"] <= now:
+            # The queue may be a cycle old and another run-due may have run the task meanwhile:
+            # the occurrence planned must still be the one the task waits for (state.occurrence).
+            if not occurrence_open(t, self._occ[t["id"]]):
+                continue
+            if t["state"] == "ENQUEUED" and due_at(t, now) <= now:
                 picks.append(t)
             elif t["state"] == "RUNNING" and lease_state(t, now) != "held":
                 picks.append(t)
@@ -354,7 +362,10 @@ class Runner:
             info = self.registry.get(t["worker"])
             limit = time_limit(t, info.config.timeout if info and info.config else None)
             op = {"op": "claim", "id": t["id"], "seq": t["seq"], "runner": self.runner_id, "pid": self.pid,
-                  "token": self.token, "until": now + limit + self.grace + LEASE_MARGIN + PREFETCH_MARGIN + START_SLACK}
+                  "token": self.token, "until": now + limit + self.grace + LEASE_MARGIN + PREFETCH_MARGIN + START_SLACK,
+                  "occ": self._occ[t["id"]]}
+            if self.boot:
+                op["boot"] = self.boot
             if t["id"] in self._broken:
                 op["broken"] = True
             if n >= slots:

@@ -9,10 +9,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from . import procs
+from .leases import lease_state
 from .models import HEAVY_TIMEOUT, LIGHT_TIMEOUT
 from .probes import Device, device_state_now, unmet
-from .state import member
+from .state import due_at, member, occurrence
 from .triggers import change_signature
 
 MAX_CRASHES = 3
@@ -26,6 +26,7 @@ class Plan:
     ops: list[dict] = field(default_factory=list)  # bookkeeping to journal
     broken: set[str] = field(default_factory=set)  # ids whose lease holder is gone
     trig_updates: dict[str, dict] = field(default_factory=dict)  # id -> trig_state to record with the run
+    occ: dict[str, str] = field(default_factory=dict)  # id -> the occurrence a claim consumes (state.occurrence)
 
 
 def time_limit(task: dict, worker_timeout: float | None = None) -> float:
@@ -40,19 +41,6 @@ def time_limit(task: dict, worker_timeout: float | None = None) -> float:
 def order_key(t: dict):
     c = t["constraints"]
     return (0 if c.get("expedited") else 1, QOS_RANK.get(c.get("qos", "default"), 1), t["due"], t["seq"])
-
-
-def lease_state(t: dict, now: float) -> str:
-    """'free', 'held', 'expired' (time ran out) or 'orphaned' (holder on this host is gone)."""
-    if t["state"] != "RUNNING":
-        return "free"
-    lease = t.get("lease") or {}
-    if lease.get("until", 0) <= now:
-        return "expired"
-    runner = lease.get("runner", "")
-    if runner.split("/", 1)[0] == procs.host() and not procs.alive(lease.get("pid"), lease.get("token")):
-        return "orphaned"
-    return "held"
 
 
 def plan(state: dict, now: float, device: Device, *, exclude: set | None = None,
@@ -75,7 +63,7 @@ def plan(state: dict, now: float, device: Device, *, exclude: set | None = None,
                 continue
             if ls == "orphaned":
                 out.broken.add(t["id"])
-        elif t["due"] > now:
+        elif due_at(t, now) > now:
             if trig["type"] == "windowed" and now > trig["end"]:
                 out.ops.append({"op": "fail", "id": t["id"], "seq": t["seq"], "reason": "window missed"})
             continue
@@ -90,12 +78,14 @@ def plan(state: dict, now: float, device: Device, *, exclude: set | None = None,
             if sig == t["trig_state"].get("baseline"):
                 continue  # nothing changed: not due
             out.trig_updates[t["id"]] = {"baseline": sig}
+            out.occ[t["id"]] = occurrence(t, sig)
         elif trig["type"] == "device_state":
             inside = device_state_now(trig["state"], device)
             armed = t["trig_state"].get("armed", True)
             if not inside:
                 if not armed:
-                    out.ops.append({"op": "trig", "id": t["id"], "seq": t["seq"], "trig_state": {"armed": True}})
+                    out.ops.append({"op": "trig", "id": t["id"], "seq": t["seq"],  # a new entry is awaited
+                                    "trig_state": {"armed": True, "entry": t["trig_state"].get("entry", 0) + 1}})
                 continue
             if not armed:
                 continue  # fired already on entering this state; re-arms when the device leaves it
@@ -104,6 +94,7 @@ def plan(state: dict, now: float, device: Device, *, exclude: set | None = None,
         if reason:
             out.skipped.append({"id": t["id"], "reason": reason})
             continue
+        out.occ.setdefault(t["id"], occurrence(t))
         out.due.append(t)
     out.due.sort(key=order_key)
     return out
