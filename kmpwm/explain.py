@@ -5,7 +5,7 @@ from __future__ import annotations
 import time
 
 from .exitcodes import InvalidParams
-from .leases import lease_state, lost_why
+from .leases import lease_state, local, lost_why
 from .paths import Paths
 from .probes import Device, device_state_now, unmet
 from .scheduling import MAX_CRASHES
@@ -29,9 +29,14 @@ def explain_task(state: dict, t: dict, now: float, device: Device) -> dict:
         out["details"]["lease"] = {"runner": lease.get("runner"), "pid": lease.get("pid"),
                                    "since": iso(lease.get("since")), "until": iso(lease.get("until"))}
         if ls == "held":
+            from . import procs
+
+            paused = (" (stopped: it goes on when it gets SIGCONT; no other run-due takes the task meanwhile)"
+                      if procs.stopped(lease.get("pid")) else "")
             out.update(running=True, code="lease",
-                       reason=f"running: held by run-due pid {lease.get('pid')} since {relative(lease.get('since'), now)}, "
-                              f"lease until {iso(lease.get('until'))}")
+                       reason=f"running: held by run-due pid {lease.get('pid')}{paused} since "
+                              f"{relative(lease.get('since'), now)}, " + (
+                                  "while that process lives" if local(lease) else f"lease until {iso(lease.get('until'))}"))
         else:
             why = lost_why(t, ls)
             extra = (f"; after {MAX_CRASHES} such crashes it is quarantined (FAILED)"

@@ -24,7 +24,7 @@ def lease_state(t: dict, now: float) -> str:
         return "free"
     lease = t.get("lease") or {}
     pid = lease.get("pid")
-    if pid and lease.get("runner", "").split("/", 1)[0] == procs.host():
+    if local(lease):
         boot = lease.get("boot")
         if boot and boot != procs.boot_id():
             return "orphaned"  # taken before a reboot: every process of that boot is gone
@@ -35,9 +35,9 @@ def lease_state(t: dict, now: float) -> str:
     return "expired" if lease.get("until", 0) <= now else "held"
 
 
-def holder_gone(t: dict, now: float) -> bool:
-    """A RUNNING task whose run is over without a result (the next run-due takes it again)."""
-    return lease_state(t, now) in ("expired", "orphaned")
+def local(lease: dict) -> bool:
+    """Is the lease's holder a process on this host (judged by its liveness, not by a clock)?"""
+    return bool(lease.get("pid")) and lease.get("runner", "").split("/", 1)[0] == procs.host()
 
 
 def lost_why(t: dict, state: str) -> str:

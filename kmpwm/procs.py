@@ -62,3 +62,15 @@ def boot_id() -> str | None:
         except OSError:
             _BOOT.append(None)
     return _BOOT[0]
+
+
+def stopped(pid: int | None) -> bool:
+    """Is process ``pid`` stopped (Ctrl-Z, SIGSTOP, a debugger)?  False when unknown."""
+    if not pid:
+        return False
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as fh:
+            stat = fh.read()
+        return stat[stat.rindex(b")") + 2:][:1] in (b"T", b"t")
+    except (OSError, ValueError):
+        return False

@@ -17,7 +17,7 @@ import time
 
 import pytest
 
-from crashlib import Home, collect, torture
+from crashlib import Home, collect, count, torture, trials_from_env
 
 SCALE = float(os.environ.get("KMPWM_TORTURE_SCALE", "1"))
 
@@ -140,7 +140,7 @@ def test_overlapping_runners_run_each_event_occurrence_once(thome, tmp_path):
     the occurrence it consumes (the contents it saw; the entry into the device state) and neither
     the claim nor the fold accepts one already consumed: with 4 overlapping runners (``--parallel
     1``, so that each works through a queue), each change and each entry runs exactly once."""
-    rounds = max(2, int(3 * SCALE))
+    rounds = max(2, trials_from_env(30) // 10)
     files = [tmp_path / f"watched{i}" for i in range(6)]
     assume = {"KMPWM_ASSUME": "battery=10"}  # battery-low: the --when tasks' state
     for i, f in enumerate(files):
@@ -166,3 +166,4 @@ def test_overlapping_runners_run_each_event_occurrence_once(thome, tmp_path):
         want = {f"{k}{i}": rnd for k in ("chg", "low") for i in range(len(files))}
         assert counts == want, (f"round {rnd}: runs per task differ from one per change / per entry into "
                                 f"battery-low: { {k: v for k, v in counts.items() if v != want.get(k)} }")
+        count("event-occurrences", len(want))
