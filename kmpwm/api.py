@@ -54,6 +54,7 @@ class Outcome:
     id: str | None
     action: str | None = None  # enqueued | kept | replaced | appended
     next_run_at: float | None = None
+    state: str | None = None  # the task's state as every view shows it (views.effective_state)
     tasks: list[str] = field(default_factory=list)
     error: str | None = None
     exit_code: int = 0
@@ -436,13 +437,18 @@ class Scheduler:
                 if kind == "chain":
                     _check_chain_ids(txn.state, op)
             results = txn.commit([op for _, op, _ in items], ts=now)
-        for (kind, op, outcome), res in zip(items, results):
-            outcome.action = res["action"]
-            outcome.id = res["id"]
-            if kind == "chain":
-                outcome.tasks = res["tasks"]
-            else:
-                outcome.next_run_at = res.get("due")
+            for (kind, op, outcome), res in zip(items, results):
+                outcome.action = res["action"]
+                outcome.id = res["id"]
+                if kind == "chain":
+                    outcome.tasks = res["tasks"]
+                    continue
+                outcome.next_run_at, outcome.state = res.get("due"), res.get("state")
+                kept = txn.state["tasks"].get(res["task"]) if res["action"] == "kept" else None
+                if kept is not None:  # an existing task: told as inspect-queue tells it
+                    from .views import effective_state, next_run_at
+
+                    outcome.state, outcome.next_run_at = effective_state(kept, now), next_run_at(kept, now)
 
     # -- reading --------------------------------------------------------------------------
 

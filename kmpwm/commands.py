@@ -45,6 +45,10 @@ def _enqueue_doc(outcome) -> dict:
 
 def _say_enqueued(outcome) -> None:
     when = f", next run {relative(outcome.next_run_at)}" if outcome.next_run_at is not None else ""
+    if outcome.state == "BLOCKED":
+        when = ", BLOCKED until the step or task before it succeeds"
+    elif outcome.state == "RUNNING":
+        when = ", running now"
     words = {"enqueued": "enqueued", "kept": "kept the existing", "replaced": "replaced",
              "appended": "appended", "updated": "updated"}
     say(f"{words.get(outcome.action, outcome.action)} {outcome.id}{when}")
@@ -278,6 +282,7 @@ def _queue_doc(state, now, task_id, tag, wanted, all_) -> dict:
 def _print_queue(doc: dict, state: dict, now: float) -> None:
     """Standalone tasks first, then one section per chain, in enqueue order."""
     from .output import grouped_table
+    from .views import next_run_at
 
     if doc.get("paused"):
         say("the queue is paused: nothing starts until `kmpwm resume --all`")
@@ -292,9 +297,12 @@ def _print_queue(doc: dict, state: dict, now: float) -> None:
         last = "" if not lr else lr["status"] + (f": {lr['message']}" if lr.get("message") else "")
         if t["reason"] and t["state"] in ("FAILED", "CANCELLED") and (not lr or t["reason"] != lr.get("message")):
             last = f"{last} ({t['reason']})" if last else t["reason"]
-        nxt = (relative(max(raw[t["id"]]["due"], now), now) if t["next_run_at"] else "")  # overdue: "now"
+        r = raw[t["id"]]
+        nxt = relative(max(next_run_at(r, now), now), now) if t["next_run_at"] else ""  # overdue: "now"
         if t["state"] == "RUNNING" and t.get("lease"):
-            nxt = f"since {relative(raw[t['id']]['lease']['since'], now).replace(' ago', '')}"
+            nxt = f"since {relative(r['lease']['since'], now).replace(' ago', '')}"
+        elif r["state"] == "RUNNING":  # its run is over without a result: as explain says it
+            last = f"{last} ({t['reason']})" if last else t["reason"]
         step = f"{t['step']}/{len(chains[t['chain_id']]['steps'])}" if t["chain_id"] in chains else ""
         shown_state = t["state"] + (" (paused)" if t.get("paused") else "")
         return [t["id"], t["worker"], shown_state, nxt, t["attempts"], step, ",".join(t["tags"]), last[:70]]

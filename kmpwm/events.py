@@ -1,6 +1,7 @@
 """``kmpwm events``: the history of runs and state changes (the seed's TaskEventBus, kept in the
 journal).  Events are what the fold of the journal implies — enqueued, started, ran (with its
-status, message, data and duration), succeeded, failed, cancelled, unblocked, kept, released —
+status, message, data and duration), succeeded, failed, cancelled, unblocked, kept, released,
+runner-lost (a run-due took over a task whose runner was gone: its ``runner``, ``pid`` and ``why``) —
 plus the history compaction archived."""
 
 from __future__ import annotations

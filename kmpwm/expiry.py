@@ -10,6 +10,7 @@ import sys
 import time
 
 from . import procs
+from .leases import lease_state
 from .paths import Paths, private_subdir
 from .state import base_id, members
 from .store import Store
@@ -32,7 +33,7 @@ def simulate_expire_command(paths: Paths, ids: list[str], all_: bool, grace, as_
     runners: dict[tuple, list[str]] = {}
     for t in state["tasks"].values():
         lease = t.get("lease")
-        if t["state"] != "RUNNING" or not lease or lease["until"] <= now:
+        if not lease or lease_state(t, now) != "held":
             continue
         if not all_ and t["id"] not in wanted and base_id(t["id"]) not in wanted:
             continue

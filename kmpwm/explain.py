@@ -5,10 +5,11 @@ from __future__ import annotations
 import time
 
 from .exitcodes import InvalidParams
+from .leases import lease_state, local, lost_why
 from .paths import Paths
 from .probes import Device, device_state_now, unmet
-from .scheduling import MAX_CRASHES, lease_state, misfire, misfire_text
-from .state import family, member, members, pause_of
+from .scheduling import MAX_CRASHES, misfire, misfire_text
+from .state import due_at, family, member, members, pause_of
 from .store import Store
 from .timeparse import iso, relative
 
@@ -28,11 +29,16 @@ def explain_task(state: dict, t: dict, now: float, device: Device) -> dict:
         out["details"]["lease"] = {"runner": lease.get("runner"), "pid": lease.get("pid"),
                                    "since": iso(lease.get("since")), "until": iso(lease.get("until"))}
         if ls == "held":
+            from . import procs
+
+            paused = (" (stopped: it goes on when it gets SIGCONT; no other run-due takes the task meanwhile)"
+                      if procs.stopped(lease.get("pid")) else "")
             out.update(running=True, code="lease",
-                       reason=f"running: held by run-due pid {lease.get('pid')} since {relative(lease.get('since'), now)}, "
-                              f"lease until {iso(lease.get('until'))}")
+                       reason=f"running: held by run-due pid {lease.get('pid')}{paused} since "
+                              f"{relative(lease.get('since'), now)}, " + (
+                                  "while that process lives" if local(lease) else f"lease until {iso(lease.get('until'))}"))
         else:
-            why = "its lease ended" if ls == "expired" else f"its runner (pid {lease.get('pid')}) is gone"
+            why = lost_why(t, ls)
             extra = (f"; after {MAX_CRASHES} such crashes it is quarantined (FAILED)"
                      if t.get("crashes", 0) + 1 >= MAX_CRASHES else "")
             out.update(code="due", reason=f"due again: {why}; the next run-due picks it up (at-least-once){extra}")
@@ -51,7 +57,8 @@ def explain_task(state: dict, t: dict, now: float, device: Device) -> dict:
             out["reason"] = "appended: waiting for " + ", ".join(f"{d} ({tasks[d]['state']})" for d in deps)
             out["details"]["blocked_by"] = deps
         return out
-    out["next_run_at"] = iso(t["due"])
+    due = due_at(t, now)
+    out["next_run_at"] = iso(due)
     fence = (state.get("fences") or {}).get(t["id"])
     if fence and lease_state({"state": "RUNNING", "lease": fence}, now) == "held":
         out.update(code="stopping", reason=f"waiting for the cancelled previous run of {t['id']} to stop "
@@ -67,12 +74,12 @@ def explain_task(state: dict, t: dict, now: float, device: Device) -> dict:
         return out
     trig = t["trigger"]
     lr = t.get("last_result") or {}
-    if t["due"] > now:
+    if due > now:
         if lr.get("status") == "RETRY":
             out.update(code="backoff", reason=f"backing off after attempt {t['occ_attempts']} "
-                                             f"until {iso(t['due'])} ({relative(t['due'], now)})")
+                                             f"until {iso(due)} ({relative(due, now)})")
         else:
-            out.update(code="not-due", reason=f"not yet due: next run {relative(t['due'], now)} ({iso(t['due'])})")
+            out.update(code="not-due", reason=f"not yet due: next run {relative(due, now)} ({iso(due)})")
         return out
     if trig["type"] == "windowed" and now > trig["end"]:
         out.update(code="window-missed", reason="its window ended; the next run-due marks it FAILED (window missed)")

@@ -47,3 +47,30 @@ def alive(pid: int | None, start_token: str | None) -> bool:
     if start_token is None:
         return True
     return current == start_token
+
+
+_BOOT: list = []
+
+
+def boot_id() -> str | None:
+    """This boot of the machine (Linux: a random id the kernel picks at boot); None if unknown.
+    A lease taken in another boot of this host names a process that no longer exists."""
+    if not _BOOT:
+        try:
+            with open("/proc/sys/kernel/random/boot_id") as fh:
+                _BOOT.append(fh.read().strip() or None)
+        except OSError:
+            _BOOT.append(None)
+    return _BOOT[0]
+
+
+def stopped(pid: int | None) -> bool:
+    """Is process ``pid`` stopped (Ctrl-Z, SIGSTOP, a debugger)?  False when unknown."""
+    if not pid:
+        return False
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as fh:
+            stat = fh.read()
+        return stat[stat.rindex(b")") + 2:][:1] in (b"T", b"t")
+    except (OSError, ValueError):
+        return False

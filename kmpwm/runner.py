@@ -30,8 +30,9 @@ from .models import DEFAULT_GRACE
 from .paths import Paths, private_subdir
 from .probes import Device
 from .declare import declared_limit
-from .scheduling import lease_state, plan, time_limit, upstream_of
-from .state import pause_of
+from .leases import lease_state
+from .scheduling import plan, time_limit, upstream_of
+from .state import due_at, occurrence_open, pause_of
 from .store import Store
 from .triggers import next_after_run, task_offset
 
@@ -122,6 +123,7 @@ class Runner:
         self.on_event = on_event or (lambda kind, payload: None)
         self.pid = os.getpid()
         self.token = procs.token(self.pid)
+        self.boot = procs.boot_id()
         self.runner_id = f"{procs.host()}/{self.pid}/{uuid.uuid4().hex[:8]}"
         self.device = Device(storage_path=str(paths.journal_dir.parent))
         self.jobs: dict[str, Job] = {}
@@ -154,6 +156,7 @@ class Runner:
         self._on_fold = None
         self._groups = groups.GroupLog(paths.runners_dir, self.pid, self.token)
         self.disk_full = False  # no room to record results: claim nothing more (reserve.py)
+        self._occ: dict[str, str] = {}
 
     @property
     def registry(self):
@@ -419,6 +422,7 @@ class Runner:
             self._queue = p.due
             self._queue.reverse()  # pop() from the end takes the best first
             self._broken, self._trig, self._fence_broken = p.broken, p.trig_updates, p.fence_broken
+            self._occ = p.occ
         ready_ids = {t["id"] for t, *_ in self._ready}
         picks = []
         while self._queue and len(picks) < free:
@@ -428,7 +432,12 @@ class Runner:
                 continue
             if self.forced is None and pause_of(state, t, now) is not None:
                 continue  # paused since the plan (`pause --all` while we claim)
-            if t["state"] == "ENQUEUED" and (t["due"] <= now or self.forced is not None):
+            # The queue may be a cycle old and another run-due may have run the task meanwhile:
+            # the occurrence planned must still be the one the task waits for (state.occurrence).
+            occ = self._occ.get(t["id"])
+            if occ is not None and not occurrence_open(t, occ):
+                continue
+            if t["state"] == "ENQUEUED" and (due_at(t, now) <= now or self.forced is not None):
                 picks.append(t)
             elif t["state"] == "RUNNING" and lease_state(t, now) != "held":
                 picks.append(t)
@@ -441,6 +450,10 @@ class Runner:
             limit = time_limit(t, declared_limit(info, self._preload, t))  # a task's --timeout wins
             op = {"op": "claim", "id": t["id"], "seq": t["seq"], "born": t["created_at"], "runner": self.runner_id, "pid": self.pid,
                   "token": self.token, "until": now + limit + self.grace + LEASE_MARGIN + PREFETCH_MARGIN + START_SLACK}
+            if occ is not None:
+                op["occ"] = occ
+            if self.boot:
+                op["boot"] = self.boot
             if t["id"] in self._broken:
                 op["broken"] = True
             if t["id"] in self._fence_broken:

@@ -28,10 +28,10 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, field
 
-from . import procs
+from .leases import lease_state
 from .models import HEAVY_TIMEOUT, LIGHT_TIMEOUT
 from .probes import Device, device_state_now, unmet
-from .state import member, pause_of
+from .state import due_at, member, occurrence, pause_of
 from .timeparse import format_duration, iso
 from .triggers import TIMED, change_signature, first_due_after, task_offset
 
@@ -47,6 +47,7 @@ class Plan:
     broken: set[str] = field(default_factory=set)  # ids whose lease holder is gone
     fence_broken: set[str] = field(default_factory=set)  # ids whose cancelled run's holder is gone
     trig_updates: dict[str, dict] = field(default_factory=dict)  # id -> trig_state to record with the run
+    occ: dict[str, str] = field(default_factory=dict)  # id -> the occurrence a claim consumes (state.occurrence)
 
 
 def time_limit(task: dict, worker_timeout: float | None = None) -> float:
@@ -61,19 +62,6 @@ def time_limit(task: dict, worker_timeout: float | None = None) -> float:
 def order_key(t: dict):
     c = t["constraints"]
     return (0 if c.get("expedited") else 1, QOS_RANK.get(c.get("qos", "default"), 1), t["due"], t["seq"])
-
-
-def lease_state(t: dict, now: float) -> str:
-    """'free', 'held', 'expired' (time ran out) or 'orphaned' (holder on this host is gone)."""
-    if t["state"] != "RUNNING":
-        return "free"
-    lease = t.get("lease") or {}
-    if lease.get("until", 0) <= now:
-        return "expired"
-    runner = lease.get("runner", "")
-    if runner.split("/", 1)[0] == procs.host() and not procs.alive(lease.get("pid"), lease.get("token")):
-        return "orphaned"
-    return "held"
 
 
 def misfire(t: dict, now: float) -> dict | None:
@@ -137,12 +125,12 @@ def plan(state: dict, now: float, device: Device, *, exclude: set | None = None,
             # a cancelled run of this id is still stopping (state._finish): never start beside it
             fs = lease_state({"state": "RUNNING", "lease": fences[t["id"]]}, now)
             if fs == "held":
-                if t["due"] <= now:
+                if due_at(t, now) <= now:
                     out.skipped.append({"id": t["id"], "reason": "its cancelled previous run is still stopping"})
                 continue
             if fs == "orphaned":
                 out.fence_broken.add(t["id"])
-        if st == "ENQUEUED" and t["due"] > now:
+        if st == "ENQUEUED" and due_at(t, now) > now:
             if trig["type"] == "windowed" and now > trig["end"]:
                 out.ops.append({"op": "fail", "id": t["id"], "seq": t["seq"], "reason": "window missed"})
             continue
@@ -155,7 +143,7 @@ def plan(state: dict, now: float, device: Device, *, exclude: set | None = None,
         if known_worker is not None and not known_worker(t["worker"]):
             out.skipped.append({"id": t["id"], "reason": f"unknown worker {t['worker']!r} (not registered any more)"})
             continue
-        due_at = t["due"]
+        due_t = t["due"]
         if st == "ENQUEUED" and t["constraints"].get("misfire_grace"):
             m = misfire(t, now)
             if m is not None:
@@ -163,18 +151,21 @@ def plan(state: dict, now: float, device: Device, *, exclude: set | None = None,
                 if m["next"] is None or m["next"] > now:
                     out.skipped.append({"id": t["id"], "reason": misfire_text(m)})
                     continue
-                due_at = m["next"]  # the grid's next occurrence is on time: it may run in this pass
+                due_t = m["next"]  # the grid's next occurrence is on time: it may run in this pass
+                out.occ[t["id"]] = occurrence(dict(t, due=due_t))  # the claim consumes that one
         if trig["type"] == "on_change":
             sig = change_signature(trig["path"], trig.get("descendants", True))
             if sig == t["trig_state"].get("baseline"):
                 continue  # nothing changed: not due
             out.trig_updates[t["id"]] = {"baseline": sig}
+            out.occ[t["id"]] = occurrence(t, sig)
         elif trig["type"] == "device_state":
             inside = device_state_now(trig["state"], device)
             armed = t["trig_state"].get("armed", True)
             if not inside:
                 if not armed:
-                    out.ops.append({"op": "trig", "id": t["id"], "seq": t["seq"], "trig_state": {"armed": True}})
+                    out.ops.append({"op": "trig", "id": t["id"], "seq": t["seq"],  # a new entry is awaited
+                                    "trig_state": {"armed": True, "entry": t["trig_state"].get("entry", 0) + 1}})
                 continue
             if not armed:
                 continue  # fired already on entering this state; re-arms when the device leaves it
@@ -183,9 +174,10 @@ def plan(state: dict, now: float, device: Device, *, exclude: set | None = None,
         if reason:
             out.skipped.append({"id": t["id"], "reason": reason})
             if (st == "ENQUEUED" and t["constraints"].get("misfire_grace")
-                    and t["trig_state"].get("held") != due_at):
-                out.ops.append({"op": "trig", "id": t["id"], "seq": t["seq"], "trig_state": {"held": due_at}})
+                    and t["trig_state"].get("held") != due_t):
+                out.ops.append({"op": "trig", "id": t["id"], "seq": t["seq"], "trig_state": {"held": due_t}})
             continue
+        out.occ.setdefault(t["id"], occurrence(t))
         out.due.append(t)
     out.due.sort(key=order_key)
     return out

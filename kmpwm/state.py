@@ -111,9 +111,55 @@ def idle_at(state: dict, now: float) -> bool:
     also checks on-change and device-state triggers, whose tasks are always due."""
     for t in state["tasks"].values():
         st = t["state"]
-        if st == "RUNNING" or (st == "ENQUEUED" and t["due"] <= now):
+        if st == "RUNNING" or (st == "ENQUEUED" and due_at(t, now) <= now):
             return False
     return True
+
+
+_DUE_NOW = frozenset({"one_time", "on_change", "device_state"})  # work due at enqueue (after its delay)
+CLOCK_SLACK = 60.0  # a clock set back by less than this is not worth judging due times anew
+
+
+def due_at(t: dict, now: float) -> float:
+    """When ``t`` is due, as judged at ``now``: its due time, except for work that was due "now"
+    (after its own delay) when the clock was set back since, by more than CLOCK_SLACK: such work
+    never waits longer from ``now`` than its delay, instead of waiting out the offset.  (Grids and
+    named times stay where they are: a periodic task's next run after the change returns to its
+    grid, next_periodic; a retry keeps its backoff.)  Read-only: every view and ``run-due`` judge
+    the same way."""
+    due = t["due"]
+    if due <= now + CLOCK_SLACK or (t.get("updated_at") or 0.0) <= now:
+        return due  # the common case: the clock did not go back since the due time was set
+    trig = t["trigger"]
+    if trig["type"] not in _DUE_NOW or (t.get("last_result") or {}).get("status") == "RETRY":
+        return due
+    return min(due, now + (trig.get("delay") or 0.0))
+
+
+def occurrence(t: dict, signature: list | None = None) -> str:
+    """The occurrence a claim of ``t`` consumes, named in the claim (``occ``): the contents
+    an on-change task saw (its ``signature`` now), the entry into the device state of a
+    ``--when`` task (counted each time the trigger re-arms), else its due time (a periodic or
+    cron slot; a one-time task's due time changes with every run that does not end it)."""
+    kind = t["trigger"]["type"]
+    if kind == "on_change":
+        return "c:" + ",".join(map(str, signature or ()))
+    if kind == "device_state":
+        return f"w:{t['trig_state'].get('entry', 0)}"
+    return f"d:{float(t['due'])!r}"
+
+
+def occurrence_open(t: dict, occ: str) -> bool:
+    """Is ``occ`` the occurrence ``t`` waits for now (not consumed by a run that ended)?  An
+    on-change occurrence is consumed once its contents became the baseline; a device-state
+    entry once the trigger disarmed (or re-armed for a later entry); a due time once the
+    task moved on from it."""
+    kind = t["trigger"]["type"]
+    if kind == "on_change":
+        return occ != occurrence(t, t["trig_state"].get("baseline"))
+    if kind == "device_state":
+        return t["trig_state"].get("armed", True) and occ == occurrence(t)
+    return occ == occurrence(t)
 
 
 def apply(state: dict, record: dict, emit: Emit = None) -> list:
@@ -323,7 +369,7 @@ def _op_enq(state: dict, op: dict, ts: float, emit: Emit) -> dict:
         first = tasks[existing[-1]]
         if emit:
             emit(ts, base, "kept", {})
-        return {"action": "kept", "id": base, "due": first["due"], "state": first["state"]}
+        return {"action": "kept", "id": base, "due": first["due"], "state": first["state"], "task": first["id"]}
     if existing and policy == "update":
         return _update(state, tasks[existing[0]], task, ts, emit, op.get("by"))
     if existing and policy == "replace":
@@ -438,13 +484,11 @@ def _op_claim(state: dict, op: dict, ts: float, emit: Emit) -> bool:
     if t is None:
         return False
     lease = t["lease"]
-    if t["state"] == "RUNNING":
-        if lease and lease["until"] > ts and not op.get("broken"):
-            return False  # held; "broken" means the writer saw the holder's process gone
-        if not (lease or {}).get("ahead"):
-            t["crashes"] += 1  # the previous holder vanished without a result while running it
-    elif t["state"] != "ENQUEUED":
+    if t["state"] not in ("RUNNING", "ENQUEUED"):
         return False
+    occ = op.get("occ")
+    if occ is not None and not occurrence_open(t, occ):
+        return False  # a claim planned on a stale view: that occurrence ran already
     if not op.get("forced") and pause_of(state, t, ts) is not None:
         return False  # paused after the claimer planned (run-now's claims are the user's say-so)
     fences = state.get("fences")
@@ -455,10 +499,22 @@ def _op_claim(state: dict, op: dict, ts: float, emit: Emit) -> bool:
         del fences[t["id"]]
         if not fences:
             del state["fences"]  # (a state without fences has no such key, as new_state() gives)
+    if t["state"] == "RUNNING":
+        if lease and lease["until"] > ts and not op.get("broken"):
+            return False  # held; "broken" means the writer saw the holder's process gone
+        if not (lease or {}).get("ahead"):
+            t["crashes"] += 1  # the previous holder vanished without a result while running it
+        if emit and lease:
+            emit(ts, t["id"], "runner-lost", {"runner": lease.get("runner"), "pid": lease.get("pid"),
+                                              "why": "its process is gone" if op.get("broken") else "its lease ended"})
     t["state"] = "RUNNING"
     t["lease"] = {"runner": op["runner"], "pid": op.get("pid"), "token": op.get("token"),
                   "until": op["until"], "since": ts}
     t["claimed_at"] = ts  # the newest claim: a result of an older one is stale (_unseen_claim)
+    if op.get("boot"):
+        t["lease"]["boot"] = op["boot"]  # the holder's boot: after a reboot it is gone for sure
+    if occ is not None:
+        t["lease"]["occ"] = occ
     if op.get("ahead"):
         t["lease"]["ahead"] = True  # claimed ahead of a free slot: maybe never started
     t["updated_at"] = ts

@@ -288,6 +288,8 @@ class Store:
         if parts is None:
             return False
         meta = parts[0]
+        if max(meta.get("written_at", 0), meta.get("latest", 0)) > now:
+            return False  # the clock went back since: due times are judged anew (state.due_at)
         next_due = meta.get("next_due", 0)
         if meta.get("running", True) or (next_due is not None and not isinstance(next_due, (int, float))):
             return False
@@ -410,9 +412,10 @@ class Store:
         hot["tasks"] = {i: pack_task(t) for i, t in tasks.items() if i not in cold_tasks}
         hot["chains"] = {c: ch for c, ch in chains.items() if c not in cold_chains}
         body = orjson.dumps(hot)
-        next_due, running = _wake_summary(tasks)
+        next_due, running, latest = _wake_summary(tasks)
         meta_out = orjson.dumps({"gen": view.gen, "offset": view.offset, "hid": hid, "hist": hist,
-                                 "next_due": next_due, "running": running, "written_at": time.time()})
+                                 "next_due": next_due, "running": running, "latest": latest,
+                                 "written_at": time.time()})
         line = b"%08x " % zlib.crc32(body) + meta_out
         atomic_write(self.paths.snapshot_file, SNAPSHOT_MAGIC + b"%08x " % zlib.crc32(line) + line + b"\n" + body)
         if self._hist_cache is not None and self._hist_cache[0] == hid and self._hist_cache[1] == hist - len(frame):
@@ -605,19 +608,23 @@ def _new_tasks_only(state: dict, record: dict) -> list | None:
     return results
 
 
-def _wake_summary(tasks: dict) -> tuple[float | None, bool]:
-    """The earliest due time of an enqueued task (None: none) and whether any task is running:
-    all state.idle_at needs, kept in the snapshot's meta."""
+def _wake_summary(tasks: dict) -> tuple[float | None, bool, float]:
+    """The earliest due time of an enqueued task (None: none), whether any task is running and
+    the latest time an enqueued task's due time was set (before it, the clock went back and
+    state.due_at judges due times anew): all state.idle_at needs, kept in the snapshot's meta."""
     next_due = None
     running = False
+    latest = 0.0
     for t in tasks.values():
         st = t["state"]
         if st == "ENQUEUED":
             if next_due is None or t["due"] < next_due:
                 next_due = t["due"]
+            if t["updated_at"] > latest:
+                latest = t["updated_at"]
         elif st == "RUNNING":
             running = True
-    return next_due, running
+    return next_due, running, latest
 
 
 def _tail_keeps_idle(record: dict, now: float) -> bool:
@@ -625,6 +632,8 @@ def _tail_keeps_idle(record: dict, now: float) -> bool:
     and chains whose first tasks are due later, and cancels.  Anything else: load and look."""
     if record.get("arc"):
         return True
+    if record.get("ts", 0) > now:
+        return False  # written before the clock went back: load and look (state.due_at)
     for op in record.get("ops", ()):
         kind = op.get("op")
         if kind == "cancel" or kind == "hdr":

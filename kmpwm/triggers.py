@@ -334,7 +334,9 @@ def next_periodic(trigger: dict, trig_state: dict, ran_at: float) -> float:
     FLEX of the period after the one that holds ``ran_at``; missed periods coalesce into one run."""
     every, flex = trigger["every"], trigger["flex"]
     anchor = trig_state.get("anchor", ran_at)
-    k = math.floor((ran_at - anchor) / every) if ran_at >= anchor else -1
+    # The grid extends before the anchor too: a run before it (the clock was set back after the
+    # task was enqueued) is followed by the next period of the grid, not by one after the anchor.
+    k = math.floor((ran_at - anchor) / every)
     return anchor + (k + 2) * every - flex
 
 

@@ -4,26 +4,29 @@ selection by id, tag and state, and the effective state of a task at a given tim
 from __future__ import annotations
 
 from .exitcodes import InvalidParams
+from .leases import lease_state, lost_why
 from .models import FINISHED, UNFINISHED, TaskState, enum_value
-from .state import chain_next_step, chain_state, family, members
+from .state import chain_next_step, chain_state, due_at, family, members
 from .timeparse import iso
 from .triggers import to_json as trigger_json
 
 
 def effective_state(t: dict, now: float) -> str:
-    """RUNNING only while its lease holds; a task whose runner vanished is claimable again."""
-    if t["state"] == "RUNNING" and t["lease"] and t["lease"]["until"] <= now:
+    """RUNNING only while its lease holds (leases.lease_state); a task whose runner is gone is
+    claimable again: ENQUEUED, due now."""
+    if t["state"] == "RUNNING" and lease_state(t, now) != "held":
         return "ENQUEUED"
     return t["state"]
 
 
 def next_run_at(t: dict, now: float) -> float | None:
+    """When it runs next: None unless ENQUEUED; a task whose runner is gone, now."""
     state = effective_state(t, now)
     if state != "ENQUEUED":
         return None
     if t["state"] == "RUNNING":
-        return t["lease"]["until"]
-    return t["due"]
+        return now
+    return due_at(t, now)
 
 
 def task_json(t: dict, now: float) -> dict:
@@ -40,7 +43,8 @@ def task_json(t: dict, now: float) -> dict:
         "input": t["input"],
         "tags": t.get("tags", []),
         "last_result": t["last_result"],
-        "reason": t.get("reason"),
+        "reason": t.get("reason") if t["state"] != "RUNNING" or (ls := lease_state(t, now)) == "held" else (
+            f"{lost_why(t, ls)}: it runs again"),
         "created_at": iso(t.get("created_at")),
         "finished_at": iso(t.get("finished_at")),
         "after": t.get("after", []),

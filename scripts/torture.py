@@ -11,7 +11,9 @@
    enqueuers and a compactor over ``--tasks`` tasks and ``--chains`` chains with parallel steps.
 3. The pytest reliability files with the long settings: kills during the snapshot write and
    compaction (scaled by KMPWM_TORTURE_TRIALS), the corruption sweeps and the input fuzzing
-   (``--fuzz-examples`` hypothesis examples per property).
+   (``--fuzz-examples`` hypothesis examples per property); runners SIGSTOPped mid-task while
+   others run on clocks hours ahead or behind, runners on five faketime offsets at once, and
+   overlapping runners over on-change and ``--when`` tasks (also scaled by the trials).
 4. Journal damage (tests/flipsweep.py): every bit of every byte of a small journal made through
    the CLI flipped in turn, and every byte destroyed, each followed by ``doctor.repair`` on a real
    home: every succeeded task stays succeeded; ``--flip-cli`` of those trials at random also run
@@ -97,7 +99,10 @@ def run_pytest(trials: int, fuzz_examples: int, workdir: Path) -> dict:
              "tests/test_corruption.py", "tests/test_salvage.py", "tests/test_fuzz_input.py", "tests/test_faults.py", "tests/test_security.py",
              "tests/test_torture.py::test_cancelled_task_claimed_ahead_never_starts",
              "tests/test_torture.py::test_replace_and_cancel_storm_never_overlaps_runs_of_one_id",
-             "tests/test_torture.py::test_readers_see_a_consistent_journal_while_compaction_runs"]
+             "tests/test_torture.py::test_readers_see_a_consistent_journal_while_compaction_runs",
+             "tests/test_crash.py::test_stopped_runner_keeps_its_lease_whatever_the_clock_says",
+             "tests/test_crash.py::test_runners_on_different_clocks_run_each_task_once",
+             "tests/test_torture.py::test_overlapping_runners_run_each_event_occurrence_once"]
     t0 = time.monotonic()
     proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-rf", *tests],
                           cwd=ROOT, env=env, capture_output=True, text=True)
@@ -219,6 +224,9 @@ def main() -> int:
         rows += [
             ("corruptions tried", py["counts"]["corruptions"]),
             ("inputs fuzzed", py["counts"]["inputs"]),
+            ("runners SIGSTOPped mid-task while others ran at +2h/+1d/-1h", py["counts"]["stopped-runners"]),
+            ("tasks run by 5 run-due at once on clocks -1h..+1d", py["counts"]["clock-skew-tasks"]),
+            ("on-change/--when occurrences under 4 overlapping runners", py["counts"]["event-occurrences"]),
             ("pytest reliability files", f"{py['summary']} ({py['seconds']:.0f}s)"),
         ]
     if flips is not None:

@@ -179,32 +179,38 @@ class Home:
 
     # -- running the CLI ------------------------------------------------------------------
 
-    def argv(self, *args) -> list[str]:
-        return [PY, "-m", "kmpwm", *map(str, args)]
+    def argv(self, *args, faketime: str | None = None) -> list[str]:
+        """``kmpwm ARGS``; with ``faketime`` (``+2h``, ``-1h``) on a clock that far off (libfaketime)."""
+        argv = [PY, "-m", "kmpwm", *map(str, args)]
+        return ["faketime", "-f", faketime, *argv] if faketime else argv
 
-    def run(self, *args, input: bytes | None = None, timeout: float = 300.0, env: dict | None = None):
-        proc = subprocess.run(self.argv(*args), input=input if input is not None else b"", capture_output=True,
-                              env=dict(self.env, **(env or {})), timeout=timeout)
+    def run(self, *args, input: bytes | None = None, timeout: float = 300.0, env: dict | None = None,
+            faketime: str | None = None):
+        proc = subprocess.run(self.argv(*args, faketime=faketime), input=input if input is not None else b"",
+                              capture_output=True, env=dict(self.env, **(env or {})), timeout=timeout)
         proc.stdout_text = proc.stdout.decode("utf-8", "replace")
         proc.stderr_text = proc.stderr.decode("utf-8", "replace")
         return proc
 
-    def json(self, *args, input: bytes | None = None, timeout: float = 300.0, env: dict | None = None):
+    def json(self, *args, input: bytes | None = None, timeout: float = 300.0, env: dict | None = None,
+             faketime: str | None = None):
         """(document or None, exit code, stderr) of ``kmpwm ARGS --json``."""
         if "--json" not in args:
             args = (*args, "--json")
-        proc = self.run(*args, input=input, timeout=timeout, env=env)
+        proc = self.run(*args, input=input, timeout=timeout, env=env, faketime=faketime)
         try:
             doc = orjson.loads(proc.stdout)
         except orjson.JSONDecodeError:
             doc = None
         return doc, proc.returncode, proc.stderr_text
 
-    def spawn(self, *args, input: bytes | None = None) -> subprocess.Popen:
+    def spawn(self, *args, input: bytes | None = None, env: dict | None = None,
+              faketime: str | None = None) -> subprocess.Popen:
         """Start ``kmpwm ARGS``; its output is drained by threads (a full pipe never blocks it):
         ``collect(proc)`` returns (stdout, stderr) once it has ended."""
-        proc = subprocess.Popen(self.argv(*args), stdin=subprocess.PIPE if input is not None else subprocess.DEVNULL,
-                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=self.env)
+        proc = subprocess.Popen(self.argv(*args, faketime=faketime),
+                                stdin=subprocess.PIPE if input is not None else subprocess.DEVNULL,
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=dict(self.env, **(env or {})))
         proc.feeder = None
         if input is not None:
             proc.feeder = threading.Thread(target=_feed, args=(proc, input), daemon=True)
@@ -355,8 +361,11 @@ def check_chain_order(state: dict, starts: list[LogLine], dones: list[LogLine], 
 
 
 def _shown_state(t: dict, now: float) -> str:
-    """The state inspect-queue shows: a RUNNING task whose lease ran out is claimable (ENQUEUED)."""
-    if t["state"] == "RUNNING" and t.get("lease") and t["lease"]["until"] <= now:
+    """The state inspect-queue shows: a RUNNING task whose runner is gone (on this host: its
+    process, whatever the clock says; elsewhere: its lease ran out) is claimable (ENQUEUED)."""
+    from kmpwm.leases import lease_state
+
+    if t["state"] == "RUNNING" and lease_state(t, now) != "held":
         return "ENQUEUED"
     return t["state"]
 

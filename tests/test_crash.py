@@ -370,3 +370,98 @@ def test_background_jobs_of_a_killed_runs_workers_are_killed_by_the_next_run(cho
     while not _pid_gone(child):
         assert time.monotonic() < deadline, f"the killed run's background job {child} is still running"
         time.sleep(0.05)
+
+
+# -- leases and claims on a real desktop: stopped runners, clocks that jump, overlapping runners ------------
+
+
+def _wait(predicate, what: str, timeout: float = 60.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.02)
+
+
+def _starts(home: Home, tid: str) -> list:
+    return [s for s in home.runs()[0] if s.id == tid]
+
+
+def test_stopped_runner_keeps_its_lease_whatever_the_clock_says(chome):
+    """Issue 13.1: a run-due stopped mid-task (Ctrl-Z / SIGSTOP, or a laptop suspended) while the
+    wall clock moves on (NTP steps it, or another runner's clock is off): the lease's end on the
+    wall clock has passed, but its holder on this host is alive, and its worker may still run.
+    No other run-due may start the task again, whatever its clock says; every view says RUNNING;
+    once resumed, the first runner records its result and the task ran exactly once."""
+    trials = max(1, trials_from_env(30) // 15)
+    for n in range(trials):
+        tid = f"long{n}"
+        doc, rc, err = chome.json("enqueue", tid, "cw", "--input", "sleep=1.5")
+        assert rc == 0, err
+        first = chome.spawn("run-due", "--json")
+        _wait(lambda: _starts(chome, tid), f"{tid} to start")
+        os.kill(first.pid, signal.SIGSTOP)
+        try:
+            for offset in ("+2h", "+1d", "-1h"):  # far past the lease's end, and back before its start
+                doc, rc, err = chome.json("run-due", faketime=offset)
+                assert rc == 0, err
+                assert tid not in [r["id"] for r in doc["ran"]], (offset, doc)
+                assert len(_starts(chome, tid)) == 1, f"run-due at {offset} started {tid} beside its stopped runner"
+                doc, rc, err = chome.json("inspect-queue", tid, faketime=offset)
+                assert rc == 0 and doc["tasks"][0]["state"] == "RUNNING", (offset, doc, err)
+                doc, rc, err = chome.json("explain", tid, faketime=offset)
+                assert rc == 0 and doc["code"] == "lease" and "(stopped" in doc["reason"], (offset, doc, err)
+        finally:
+            os.kill(first.pid, signal.SIGCONT)
+        out, err = collect(first, timeout=60)
+        assert first.returncode == 0, err
+        assert [(r["id"], r["status"]) for r in crashlib.orjson.loads(out)["ran"]] == [(tid, "SUCCESS")]
+        state, _ = chome.fold()
+        assert state["tasks"][tid]["state"] == "SUCCEEDED"
+        assert len(_starts(chome, tid)) == 1
+        crashlib.count("stopped-runners")
+    doc, rc, err = chome.json("events")
+    assert rc == 0 and not [e for e in doc["events"] if e["event"] in ("stale-result", "runner-lost")], doc
+
+
+def test_runners_on_different_clocks_run_each_task_once(chome):
+    """Issue 13.1 and 13.10: run-due processes at once on clocks an hour behind, right, ten minutes
+    and two hours and a day ahead (faketime): every task runs exactly once and succeeds; none
+    is taken from a live runner because another runner's clock says its lease ended, and work
+    enqueued "now" on the right clock is due now on the clock an hour behind too."""
+    import threading
+
+    rounds = max(1, trials_from_env(30) // 15)
+    offsets = ["-1h", "+0", "+10m", "+2h", "+1d"]
+    total = 0
+    for rnd in range(rounds):
+        ids = [f"c{rnd}-{i:02d}" for i in range(30)]
+        for i, tid in enumerate(ids):
+            worker = ("cw", "pw")[i % 2]
+            doc, rc, err = chome.json("enqueue", tid, worker, "--input", f"sleep={0.05 * (i % 5):.2f}")
+            assert rc == 0, err
+        total += len(ids)
+        errors: list = []
+
+        def loop(offset: str) -> None:
+            deadline = time.monotonic() + 120
+            while time.monotonic() < deadline:
+                proc = chome.run("run-due", "--parallel", "3", faketime=offset)
+                if proc.returncode != 0:
+                    errors.append((offset, proc.returncode, proc.stderr_text[-500:]))
+                    return
+                state, _ = chome.fold()
+                if all(state["tasks"][t]["state"] == "SUCCEEDED" for t in ids):
+                    return
+
+        threads = [threading.Thread(target=loop, args=(o,)) for o in offsets]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert not errors, errors
+        state, _ = chome.fold()
+        assert {t: state["tasks"][t]["state"] for t in ids if state["tasks"][t]["state"] != "SUCCEEDED"} == {}
+        starts = [s.id for s in chome.runs()[0]]
+        twice = sorted({t for t in ids if starts.count(t) > 1})
+        assert not twice, f"{len(twice)} task(s) ran twice with runners on clocks {offsets}: {twice[:5]}"
+    crashlib.count("clock-skew-tasks", total)

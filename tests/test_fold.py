@@ -545,3 +545,65 @@ def test_enqueue_proved_new_on_the_bytes_equals_the_fold(data):
         whole_new = len(set(ids)) == len(ids) and not set(ids) & {*known, "in-input"}
         if whole_new and paths.snapshot_file.exists():
             assert took_bytes_path
+
+
+def test_a_claim_of_a_consumed_occurrence_is_refused():
+    """Issue 13.2: every claim names the occurrence it consumes (state.occurrence); the fold refuses
+    one that a run already consumed, although the task is ENQUEUED and due, as a stale plan sees it."""
+    from kmpwm.state import occurrence
+
+    ts = 1_800_000_000.0
+    base = make_task("x", ts, repeating=False, max_attempts=3, backoff="linear", tags=[])
+    on_change = dict(base, id="c", trigger={"type": "on_change", "path": "/p", "descendants": True, "delay": 0.0},
+                     trig_state={"baseline": [1, 2, 3]})
+    when = dict(base, id="w", trigger={"type": "device_state", "state": "battery-low", "delay": 0.0},
+                trig_state={"armed": True})
+    periodic = make_task("p", ts, repeating=True, max_attempts=3, backoff="linear", tags=[])
+    s = new_state()
+    apply(s, {"ts": ts, "ops": [{"op": "enq", "task": t, "policy": "keep"} for t in (on_change, when, periodic)]})
+    tasks = s["tasks"]
+    occ = {"c": occurrence(tasks["c"], [4, 5, 6]), "w": occurrence(tasks["w"]), "p": occurrence(tasks["p"])}
+    trig = {"c": {"baseline": [4, 5, 6]}, "w": {"armed": False}, "p": None}
+    for n, tid in enumerate(("c", "w", "p")):
+        seq = tasks[tid]["seq"]
+        claim = {"op": "claim", "id": tid, "seq": seq, "runner": "r", "until": ts + 100, "occ": occ[tid]}
+        result = {"op": "result", "id": tid, "seq": seq, "runner": "r", "status": "SUCCESS",
+                  "next_run_at": ts + 2 if tid != "p" else ts + 120}
+        if trig[tid]:
+            result["trig_state"] = trig[tid]
+        assert apply(s, {"ts": ts + 1, "ops": [claim, result]}) == [True, True]
+        assert tasks[tid]["state"] == "ENQUEUED" and tasks[tid]["attempts"] == 1
+        stale = dict(claim, runner="q")  # planned before that run: the same occurrence
+        assert apply(s, {"ts": ts + 3 + n, "ops": [stale]}) == [False], tid
+        assert tasks[tid]["state"] == "ENQUEUED"
+    # a new change, a new entry into the state (the trigger re-armed), the next slot: claimable
+    apply(s, {"ts": ts + 10, "ops": [{"op": "trig", "id": "w", "seq": tasks["w"]["seq"],
+                                       "trig_state": {"armed": True, "entry": 1}}]})
+    fresh_occ = {"c": occurrence(tasks["c"], [7, 8, 9]), "w": occurrence(tasks["w"]), "p": occurrence(tasks["p"])}
+    assert all(fresh_occ[k] != occ[k] for k in occ)
+    for tid in ("c", "w", "p"):
+        claim = {"op": "claim", "id": tid, "seq": tasks[tid]["seq"], "runner": "q", "until": ts + 300, "occ": fresh_occ[tid]}
+        assert apply(s, {"ts": ts + 200, "ops": [claim]}) == [True], tid
+
+
+def test_due_now_work_stays_due_now_after_the_clock_goes_back():
+    """Issue 13.10: work due "now" (plus its delay) that was written while the clock was ahead is
+    judged due from the corrected clock, not after the offset; named times and grids stay."""
+    from kmpwm.state import due_at, idle_at
+
+    ts = 1_800_000_000.0
+    s = new_state()
+    once = make_task("once", ts + 3600, repeating=False, max_attempts=3, backoff="linear", tags=[])
+    later = dict(make_task("later", ts + 3600, repeating=False, max_attempts=3, backoff="linear", tags=[]),
+                 trigger={"type": "one_time", "delay": 600.0}, due=ts + 3600 + 600)
+    at = dict(make_task("at", ts + 3600, repeating=False, max_attempts=3, backoff="linear", tags=[]),
+              trigger={"type": "exact", "at": ts + 7200, "behavior": "attempt"}, due=ts + 7200)
+    apply(s, {"ts": ts + 3600, "ops": [{"op": "enq", "task": t, "policy": "keep"} for t in (once, later, at)]})
+    now = ts  # the clock was an hour ahead when they were enqueued, and was set back
+    assert due_at(s["tasks"]["once"], now) == now
+    assert due_at(s["tasks"]["later"], now) == now + 600
+    assert due_at(s["tasks"]["at"], now) == ts + 7200  # a time the user named stays where it is
+    assert not idle_at(s, now)
+    # the same records with the clock right: nothing changes
+    assert due_at(s["tasks"]["once"], ts + 3600) == ts + 3600
+    assert due_at(s["tasks"]["later"], ts + 3600) == ts + 4200

@@ -11,7 +11,10 @@ while runners hold them.  Task and chain records are built by the real API (``Sc
 ``Scheduler._chain_op``).  Every record is folded with ``kmpwm.state.apply`` and, in the store
 variants, also appended to a real journal through ``Store.transaction()`` + ``txn.commit``.
 Runners are either on another host (a lease is only taken over once it has run out) or on this
-host with ``kmpwm.procs.alive`` simulated (a dead holder's lease is broken at once).
+host with ``kmpwm.procs.alive`` simulated (a dead holder's lease is broken at once, and a live
+holder keeps its lease however far the clock jumps: no claim ever takes a task from one).  Every
+claim names the occurrence it planned (``state.occurrence``); one planned on a stale queue whose
+occurrence ran meanwhile is skipped, and the fold refuses it.
 
 Invariants checked after every step: a SUCCEEDED task is never claimed again and never changes;
 two runners never both hold an unexpired lease on one task; a chain's step k is never claimed (nor
@@ -50,7 +53,7 @@ from kmpwm.models import Constraints, TaskRequest
 from kmpwm.paths import resolve
 from kmpwm.probes import Device
 from kmpwm.scheduling import MAX_CRASHES, lease_state, plan, time_limit
-from kmpwm.state import apply, chain_next_step, chain_state, new_state, pause_of
+from kmpwm.state import apply, chain_next_step, chain_state, new_state, occurrence_open, pause_of
 from kmpwm.steering import retry_op
 from kmpwm.store import Store
 from kmpwm.triggers import next_after_run
@@ -117,6 +120,7 @@ class SimRunner:
         self.done: set[str] = set()
         self.queue: list[dict] = []  # candidates of the last plan, best last
         self.broken: set[str] = set()
+        self.occ: dict[str, str] = {}  # the occurrence each candidate's claim names
         if host == procs.host():
             ALIVE[self.pid] = True  # a pid on another host means nothing here: never "alive" locally
 
@@ -291,6 +295,7 @@ class Interleavings(RuleBasedStateMachine):
                     event("quarantined after crashes")
             r.queue = list(reversed(p.due))
             r.broken = set(p.broken)
+            r.occ = dict(p.occ)
             if not self.SAME_HOST:
                 assert not p.broken, "a lease of another host was taken for orphaned"
         picks = []
@@ -301,6 +306,9 @@ class Interleavings(RuleBasedStateMachine):
                 continue
             if pause_of(state, t, now) is not None:
                 continue  # paused since the plan (kmpwm.runner.Runner._claim)
+            if not occurrence_open(t, r.occ[t["id"]]):
+                event("claim: the planned occurrence ran meanwhile")
+                continue
             if t["state"] == "ENQUEUED" and t["due"] <= now:
                 picks.append(t)
             elif t["state"] == "RUNNING" and lease_state(t, now) != "held":
@@ -310,7 +318,7 @@ class Interleavings(RuleBasedStateMachine):
         ops = []
         for t in picks:
             op = {"op": "claim", "id": t["id"], "seq": t["seq"], "runner": r.rid, "pid": r.pid, "token": r.token,
-                  "until": now + time_limit(t) + LEASE_EXTRA}
+                  "until": now + time_limit(t) + LEASE_EXTRA, "occ": r.occ[t["id"]]}
             if t["id"] in r.broken:
                 op["broken"] = True
             ops.append(op)
@@ -325,6 +333,14 @@ class Interleavings(RuleBasedStateMachine):
             if self.state["tasks"][tid]["crashes"]:
                 event("claim: took over a lease its holder never finished")
             self._check_claim(r, tid, op["seq"])
+            if self.SAME_HOST:  # a live holder on this host keeps its lease whatever the clock says
+                for other in self.runners.values():
+                    h = other.held.get(tid)
+                    assert other is r or not h or h["seq"] != op["seq"] or not ALIVE.get(other.pid), (
+                        f"{tid}: {r.rid} claimed it while {other.rid} (alive) holds it (lease until "
+                        f"{h['until']}, now {self.clock})")
+                    if other is not r and h and h["seq"] == op["seq"]:
+                        event("claim: took over a dead holder's lease")
             r.held[tid] = {"seq": op["seq"], "until": op["until"], "started": False}
             claimed.append(tid)
         return claimed
@@ -433,7 +449,7 @@ class Interleavings(RuleBasedStateMachine):
         ALIVE[old.pid] = False
         self.runners[slot] = SimRunner(slot, self.host)
 
-    @rule(dt=st.sampled_from([0.5, 1.0, 5.0, 20.0, 30.0, 46.0, 51.0, 120.0, 3600.0]))
+    @rule(dt=st.sampled_from([0.5, 1.0, 5.0, 20.0, 30.0, 46.0, 51.0, 120.0, 3600.0, 86400.0]))
     def clock_advances(self, dt):
         self.clock += dt
 

@@ -572,3 +572,73 @@ os._exit(0)  # the parent dies at once, as a SIGKILLed run-due would
         time.sleep(0.02)
     time.sleep(0.3)
     assert log.read_text() == "arming\n"
+
+
+# -- the clock set back; one truth about leases (issues 13.10, 14.10) -------------------------
+
+
+def test_work_enqueued_while_the_clock_was_ahead_is_due_now_once_it_is_set_back(tmp_path, cmd_worker):
+    """Issue 13.10: the clock was an hour ahead when work was enqueued "for now" (and when the
+    snapshot was written); once it is set back, the work is due now, not in an hour, and a delay
+    counts from now."""
+    log = tmp_path / "runs.jsonl"
+    cmd_worker(tick={"log": str(log)})
+    kjson("enqueue", "now", "tick", faketime="+1h")
+    kjson("enqueue", "soon", "tick", "--delay", "10m", faketime="+1h")
+    kmpwm("compact", check=0, faketime="+1h")  # the snapshot's summary of due times is an hour ahead too
+    before = time.time()
+    t = tasks()
+    assert ts(t["now"]["next_run_at"]) <= time.time()
+    assert before + 600 - 1 <= ts(t["soon"]["next_run_at"]) <= time.time() + 600
+    row = next(line for line in kmpwm("inspect-queue", check=0).stdout.splitlines() if line.startswith("now "))
+    assert "now" in row.split()[3:] and "1h" not in row, row
+    assert kjson("explain", "now")["code"] == "due"
+    run = kjson("run-due")
+    assert [r["id"] for r in run["ran"]] == ["now"]
+    assert [r["id"] for r in read_log(log)] == ["now"]
+
+
+def test_every_view_tells_the_same_truth_about_a_dead_runner(tmp_path, cmd_worker):
+    """Issue 14.10: a run-due killed mid-task (its worker dies with it) leaves a RUNNING task whose
+    runner is gone.  inspect-queue (plain and JSON), explain and enqueue's answer all say it is
+    due again, for that reason; the next run-due takes it over and ``events`` records the loss."""
+    from helpers import kmpwm_env
+
+    started = tmp_path / "started.jsonl"
+    cmd_worker(slow={"sleep": 60, "started": str(started)})
+    kjson("enqueue", "s", "slow")
+    proc = subprocess.Popen([PY, "-m", "kmpwm", "run-due"], env=kmpwm_env(), stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 60
+    while not read_log(started) and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert read_log(started), "the worker never started"
+    proc.kill()
+    proc.wait(timeout=30)
+    t = tasks()["s"]
+    assert t["state"] == "ENQUEUED" and "is gone" in (t["reason"] or ""), t
+    assert ts(t["next_run_at"]) <= time.time()
+    plain = kmpwm("inspect-queue", check=0).stdout
+    row = next(line for line in plain.splitlines() if line.startswith("s "))
+    assert "RUNNING" not in row and "ENQUEUED" in row and "is gone" in row, plain
+    ex = kjson("explain", "s")
+    assert ex["code"] == "due" and f"pid {proc.pid}) is gone" in ex["reason"], ex
+    out = kmpwm("enqueue", "s", "slow", check=0).stdout
+    assert out.startswith("kept the existing s") and "next run now" in out, out
+    assert not [e for e in _event_list(kjson("events", "--task", "s")) if _kind(e) == "runner-lost"]
+    cmd_worker(slow={"started": str(started)})
+    run = kjson("run-due")
+    assert [(r["id"], r["status"]) for r in run["ran"]] == [("s", "SUCCESS")]
+    lost = [e for e in _event_list(kjson("events", "--task", "s")) if _kind(e) == "runner-lost"]
+    assert len(lost) == 1 and lost[0]["pid"] == proc.pid and lost[0]["why"] == "its process is gone", lost
+
+
+def test_enqueue_answers_the_state_of_a_kept_task(tmp_path, cmd_worker):
+    """Issue 14.10: ``enqueue X`` for a task that waits for an earlier chain step (BLOCKED) keeps it
+    and says so, not "next run now"; JSON has no next run for it."""
+    cmd_worker()
+    kjson("chain", "--id", "C", "w", "w")
+    out = kmpwm("enqueue", "C/2/w", "w", check=0).stdout
+    assert out.startswith("kept the existing C/2/w") and "BLOCKED" in out and "next run" not in out, out
+    doc = kjson("enqueue", "C/2/w", "w")
+    assert doc["action"] == "kept" and doc["next_run_at"] is None, doc

@@ -18,7 +18,8 @@ import threading
 import time
 
 import pytest
-from crashlib import Home, Tally, check_runs_against_state, collect, torture
+
+from crashlib import Home, Tally, check_runs_against_state, collect, count, torture, trials_from_env
 
 SCALE = float(os.environ.get("KMPWM_TORTURE_SCALE", "1"))
 
@@ -212,3 +213,39 @@ def test_readers_see_a_consistent_journal_while_compaction_runs(kmpwm_home, monk
     assert counts["compactions"] > 5 and counts["loads"] > 50, counts
     assert not bad, (f"{len(bad)} of {counts['loads']} unlocked reads during {counts['compactions']} compactions "
                      f"were inconsistent: {bad[:3]}")
+
+
+def test_overlapping_runners_run_each_event_occurrence_once(thome, tmp_path):
+    """Issue 13.2: run-due processes that overlap each plan a queue and claim from it for a while;
+    an on-change or ``--when`` task stays due (ENQUEUED, due "now") after it ran, so a runner that
+    planned before the run finished would claim it again from its stale queue.  Every claim names
+    the occurrence it consumes (the contents it saw; the entry into the device state) and neither
+    the claim nor the fold accepts one already consumed: with 4 overlapping runners (``--parallel
+    1``, so that each works through a queue), each change and each entry runs exactly once."""
+    rounds = max(2, trials_from_env(30) // 10)
+    files = [tmp_path / f"watched{i}" for i in range(6)]
+    assume = {"KMPWM_ASSUME": "battery=10"}  # battery-low: the --when tasks' state
+    for i, f in enumerate(files):
+        f.write_text("0")
+        doc, rc, err = thome.json("enqueue", f"chg{i}", "cw", "--on-change", str(f))
+        assert rc == 0, err
+        doc, rc, err = thome.json("enqueue", f"low{i}", "cw", "--when", "battery-low", env=assume)
+        assert rc == 0, err
+    for rnd in range(1, rounds + 1):
+        if rnd > 1:  # leave battery-low (re-arms the --when tasks); nothing else is due
+            doc, rc, err = thome.json("run-due", env={"KMPWM_ASSUME": "battery=90"})
+            assert rc == 0 and doc["ran"] == [], (doc, err)
+        time.sleep(0.02)  # a new mtime for each change
+        for f in files:
+            f.write_text(str(rnd))
+        procs = [thome.spawn("run-due", "--parallel", "1", "--json", env=assume) for _ in range(4)]
+        for p in procs:
+            out, err = collect(p, timeout=120)
+            assert p.returncode == 0, err
+        counts = {}
+        for s in thome.runs()[0]:
+            counts[s.id] = counts.get(s.id, 0) + 1
+        want = {f"{k}{i}": rnd for k in ("chg", "low") for i in range(len(files))}
+        assert counts == want, (f"round {rnd}: runs per task differ from one per change / per entry into "
+                                f"battery-low: { {k: v for k, v in counts.items() if v != want.get(k)} }")
+        count("event-occurrences", len(want))
