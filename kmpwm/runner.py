@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 
 import orjson
 
-from . import procs
+from . import procs, runlog
 from .exitcodes import JournalError
 from .models import DEFAULT_GRACE
 from .paths import Paths, private_subdir
@@ -66,6 +66,7 @@ class Job:
     ended: float = 0.0  # monotonic time it was reaped
     host: Host | None = None  # the pool process running it (Python workers)
     answered: bool = False  # the host sent this job's result
+    log: runlog.RunLog | None = None  # where its output goes as it arrives
 
     @property
     def id(self) -> str:
@@ -140,6 +141,9 @@ class Runner:
         self._queue: list[dict] = []  # candidates of the last plan, best last
         self._broken: set[str] = set()
         self._trig: dict[str, dict] = {}
+        self._trim_at = 0.0
+        self._hooks = None  # kmpwm.hooks.HookRunner, when config.toml has [hooks]
+        self._hooks_read = False
 
     @property
     def registry(self):
@@ -201,6 +205,9 @@ class Runner:
                     continue
                 self._wait(self._timeout(deadline))
                 self._check_limits()
+                if self._hooks:
+                    self._hooks.poll()
+            self._end_hooks()
         finally:
             self._teardown()
         return 75 if self.run_expired else 0
@@ -266,8 +273,12 @@ class Runner:
         released, self._release = self._release, []
         rows: list = []
         claimed: list = []
+        failed: list = []  # tasks that ended FAILED in this record (for on_failure)
+        hooks = self._hook_runner()
         try:
             with self.store.transaction() as txn:
+                if hooks is not None:
+                    txn.emit = lambda ts, tid, kind, detail: failed.append(tid) if kind == "failed" else None
                 if txn.view.damage:
                     raise JournalError("the journal was damaged during the run; stopping",
                                        hint="run `kmpwm doctor --repair`")
@@ -285,14 +296,63 @@ class Runner:
             self._release = released + self._release
             raise
         for job, row in rows:  # durable now
+            if job.log is not None:
+                job.log.finish(row["status"], time.time())
             self.report.ran.append(row)
             self.on_event("done", (job, row))
         if rows:
             _log_runs(self.paths, rows)
+        if hooks is not None and (rows or failed):
+            self._fire_hooks(hooks, rows, failed, txn.state)
         self._ready.extend(claimed)
         self.claimed_count += len(claimed)
         self._start_ready()
         return len(claimed)
+
+    # -- hooks (kmpwm.hooks) -----------------------------------------------------------------
+
+    def _hook_runner(self):
+        if not self._hooks_read:
+            self._hooks_read = True
+            if os.path.lexists(self.paths.config_file):
+                hooks = self.registry.config.hooks
+                if hooks:
+                    from .hooks import HookRunner
+
+                    self._hooks = HookRunner(self.paths, hooks)
+        return self._hooks
+
+    def _fire_hooks(self, hooks, rows: list, failed: list, state: dict) -> None:
+        """Right after the results are durable, once (at most once: nothing starts them again)."""
+        if os.environ.get("KMPWM_CRASH_AT") == "before-hooks":  # crash injection for the tests
+            os.kill(os.getpid(), signal.SIGKILL)
+        from .hooks import payload
+
+        ran = {job.id: (job, row) for job, row in rows}
+        tasks = state["tasks"]
+        for job, row in rows:
+            if row["status"] == "SUCCESS" and job.id in tasks:
+                hooks.fire("on_success", payload(tasks[job.id], "SUCCESS", row["message"], row["data"], job.attempt))
+        for tid in dict.fromkeys(failed):
+            t = tasks.get(tid)
+            if t is None:
+                continue
+            if tid in ran:
+                job, row = ran[tid]
+                doc = payload(t, row["status"], row["message"], row["data"], job.attempt)
+            else:  # failed without a run of its own (upstream failed, window missed)
+                doc = payload(t, "FAILURE", t.get("reason"), None, t["attempts"])
+            hooks.fire("on_failure", doc)
+
+    def _end_hooks(self) -> None:
+        """Wait for the hooks still running, then record those that failed (``hook failed``)."""
+        if not self._hooks:
+            return
+        self._hooks.wait()
+        notes = self._hooks.notes()
+        if notes:
+            with self.store.transaction() as txn:
+                txn.stage(notes)
 
     def _start_ready(self) -> None:
         if not self._ready or len(self.jobs) >= self.parallel or self.run_expired:
@@ -376,6 +436,7 @@ class Runner:
         attempt = task["occ_attempts"] + 1
         job = Job(task, attempt, info.kind if info else "python", limit, time.monotonic(), time.time())
         self.jobs[job.id] = job
+        job.log = runlog.RunLog.start(self.paths, job.id, attempt, job.started_wall, self.pid, self.token)
         self.on_event("start", job)
         trig = task["trigger"]
         try:
@@ -397,6 +458,8 @@ class Runner:
         t = job.task
         env = {"KMPWM_TASK_ID": t["id"], "KMPWM_ATTEMPT": str(job.attempt), "KMPWM_WORKER": t["worker"],
                "KMPWM_UPSTREAM": orjson.dumps(upstream).decode()}
+        if job.log is not None:
+            env["KMPWM_PROGRESS"] = job.log.progress
         if t.get("chain_id"):
             env["KMPWM_CHAIN_ID"] = t["chain_id"]
             env["KMPWM_STEP"] = str(t["step"])
@@ -468,7 +531,7 @@ class Runner:
         t = job.task
         msg = {"id": t["id"], "worker": t["worker"], "input": t["input"], "attempt": job.attempt,
                "upstream": upstream, "chain_id": t.get("chain_id"), "step": t.get("step"), "limit": job.limit,
-               "env": self._env(job, upstream)}
+               "env": self._env(job, upstream), "progress": job.log.progress if job.log else None}
         from .worker_host import write_frame
 
         host.job = job
@@ -554,9 +617,7 @@ class Runner:
                 return
             if fd == host.output:
                 if host.job is not None:
-                    host.job.out += chunk
-                    if len(host.job.out) > STDOUT_TAIL:
-                        del host.job.out[:-STDOUT_TAIL]
+                    _output(host.job, chunk)
                 continue
             host.buf += chunk
             while len(host.buf) >= 4:
@@ -565,6 +626,8 @@ class Runner:
                     break
                 frame = bytes(host.buf[4:4 + size])
                 del host.buf[:4 + size]
+                if fd != host.output and host.output >= 0:
+                    self._drain_host(host, host.output)  # its output, written before the result
                 job = host.job
                 if job is not None:
                     job.result = bytearray(frame)
@@ -644,7 +707,8 @@ class Runner:
                 t = job.task
                 ctx = WorkerContext(task_id=t["id"], attempt=job.attempt, upstream=upstream, input=t["input"],
                                     worker=t["worker"], chain_id=t.get("chain_id"), step=t.get("step"),
-                                    deadline=time.monotonic() + job.limit)
+                                    deadline=time.monotonic() + job.limit,
+                                    progress_file=job.log.progress if job.log else None)
                 os.environ.update(self._env(job, upstream))
                 result = run_in_child(info, t["input"], ctx)
                 try:
@@ -793,16 +857,23 @@ class Runner:
             if name == "result":
                 job.result += chunk
             elif name == "out":
-                job.out += chunk
-                if len(job.out) > STDOUT_TAIL:
-                    del job.out[:-STDOUT_TAIL]
+                _output(job, chunk)
             else:
+                if job.log is not None:
+                    job.log.write(chunk)
                 job.err += chunk
                 if len(job.err) > TAIL:
                     del job.err[:-TAIL]
 
     def _check_limits(self) -> None:
         now = time.monotonic()
+        if now >= self._trim_at:  # command workers append progress lines: keep their files small
+            self._trim_at = now + 1.0
+            from .progress import trim
+
+            for job in self.jobs.values():
+                if job.kind == "command" and job.log is not None:
+                    trim(job.log.progress)
         if self._flags["expire"] and not self.run_expired:
             self._expire_run(self.expire_reason)
         for job in self.jobs.values():
@@ -926,6 +997,16 @@ class Runner:
 
 
 # -- helpers -------------------------------------------------------------------------------
+
+
+def _output(job: Job, chunk: bytes) -> None:
+    """A worker's stdout (a Python worker's: stdout and stderr): to its run's file as it arrives;
+    only a bounded tail stays in memory (a command's last JSON line, a failure's message)."""
+    if job.log is not None:
+        job.log.write(chunk)
+    job.out += chunk
+    if len(job.out) > STDOUT_TAIL:
+        del job.out[:-STDOUT_TAIL]
 
 _PR_SET_PDEATHSIG = 1
 _libc = None

@@ -520,6 +520,7 @@ class Transaction:
         self._view: View | None = None
         self.staged: list[dict] = []
         self.ts = time.time()
+        self.emit = None  # set to see the events the staged ops imply (run-due's hooks)
 
     @property
     def view(self) -> View:
@@ -537,7 +538,7 @@ class Transaction:
         if not ops:
             return []
         self.staged.extend(ops)
-        return apply(self.view.state, {"ts": self.ts, "ops": ops})
+        return apply(self.view.state, {"ts": self.ts, "ops": ops}, self.emit)
 
     def flush(self) -> None:
         if not self.staged:

@@ -65,9 +65,43 @@ async def _await(awaitable):
     return await awaitable
 
 
+_output_ready = False
+
+
+def capture_output() -> None:
+    """In a worker process whose stdout and stderr are run-due's pipe: line-buffered stdout, so
+    that the two streams interleave in the order they were written, and the root logger (unless
+    the worker configures its own) writing INFO and above to stderr, so ``logging`` lands in the
+    run's output too."""
+    global _output_ready
+    if _output_ready:
+        return
+    _output_ready = True
+    try:
+        sys.stdout.reconfigure(line_buffering=True)
+        import logging
+
+        root = logging.getLogger()
+        if not root.handlers:
+            handler = logging.StreamHandler(sys.stderr)
+            handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
+            root.addHandler(handler)
+            root.setLevel(logging.INFO)
+    except Exception:
+        pass
+
+
 def run_in_child(info, input: str | None, ctx: WorkerContext) -> dict:
     """Run the worker; returns the result as a plain dict (never raises)."""
     signal.signal(signal.SIGTERM, lambda signo, frame: ctx.expire())
+    capture_output()
+    try:
+        return _run(info, input, ctx)
+    finally:
+        ctx.close()
+
+
+def _run(info, input: str | None, ctx: WorkerContext) -> dict:
     try:
         target = load_target(info)
         info.preloaded = target  # a pool host imports a worker once
@@ -132,7 +166,7 @@ def host_main(in_fd: int, out_fd: int, registry) -> None:
             pass
         ctx = WorkerContext(task_id=msg["id"], attempt=msg["attempt"], upstream=msg["upstream"],
                             input=msg["input"], worker=msg["worker"], chain_id=msg.get("chain_id"),
-                            step=msg.get("step"), deadline=None)
+                            step=msg.get("step"), deadline=None, progress_file=msg.get("progress"))
         info = registry.get(msg["worker"])
         if info is not None and msg["worker"] in targets:
             info.preloaded = targets[msg["worker"]]

@@ -1,0 +1,121 @@
+"""Progress of a running task (SPEC section 10), kept beside its run's output, never in the journal.
+
+A command worker appends lines ``FRACTION [MESSAGE]`` to the file named by ``KMPWM_PROGRESS``; a
+Python worker calls ``ctx.progress(fraction, message=None)``, which overwrites one line at the
+start of the same file (one ``pwrite``, so calling it 100,000 times costs a fraction of a second
+and the file never grows).  run-due cuts a command worker's file back to its last line once it
+passes TRIM bytes.  Readers take the last complete line; ``at`` is the file's modification time.
+"""
+
+from __future__ import annotations
+
+import os
+
+TRIM = 64 * 1024
+MESSAGE_MAX = 200
+_TAIL = 4096
+
+
+def _line(fraction, message) -> bytes:
+    if isinstance(fraction, bool) or not isinstance(fraction, (int, float)):
+        raise TypeError("progress fraction must be a number between 0 and 1")
+    fraction = float(fraction)
+    if not 0.0 <= fraction <= 1.0:  # NaN fails both
+        raise ValueError(f"progress fraction must be between 0 and 1, not {fraction!r}")
+    text = f"{fraction:.6g}"
+    if message is not None:
+        msg = " ".join(str(message).split())[:MESSAGE_MAX]
+        if msg:
+            text += " " + msg
+    return text.encode("utf-8", "replace")
+
+
+class Reporter:
+    """The writer behind ``ctx.progress`` (one per run; a no-op without a file)."""
+
+    __slots__ = ("path", "fd", "width")
+
+    def __init__(self, path: str | None):
+        self.path, self.fd, self.width = path, -1, 0
+
+    def report(self, fraction, message=None) -> None:
+        line = _line(fraction, message)
+        if not self.path:
+            return
+        if self.fd < 0:
+            try:
+                self.fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | getattr(os, "O_CLOEXEC", 0), 0o600)
+            except OSError:
+                self.path = None
+                return
+        # pad to the longest line so far: one write replaces the whole previous content
+        self.width = max(self.width, len(line))
+        try:
+            os.pwrite(self.fd, line.ljust(self.width) + b"\n", 0)
+        except OSError:
+            pass
+
+    def close(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+
+
+def read(path) -> dict | None:
+    """The latest progress in ``path``: ``{"fraction", "message", "at"}``, or None."""
+    from .timeparse import iso
+
+    try:
+        with open(path, "rb") as fh:
+            st = os.fstat(fh.fileno())
+            fh.seek(max(0, st.st_size - _TAIL))
+            tail = fh.read(_TAIL)
+    except OSError:
+        return None
+    for raw in reversed(tail.splitlines()):
+        text = raw.decode("utf-8", "replace").strip()
+        if not text:
+            continue
+        head, _, msg = text.partition(" ")
+        try:
+            fraction = float(head.rstrip("%")) / (100 if head.endswith("%") else 1)
+        except ValueError:
+            continue
+        if fraction != fraction:  # NaN
+            continue
+        return {"fraction": min(1.0, max(0.0, fraction)), "message": msg.strip()[:MESSAGE_MAX] or None,
+                "at": iso(st.st_mtime)}
+    return None
+
+
+def trim(path) -> None:
+    """Cut a command worker's progress file back to its last line (it appends; O_APPEND writers
+    go on at the new end)."""
+    try:
+        if os.stat(path).st_size <= TRIM:
+            return
+        with open(path, "r+b") as fh:
+            size = os.fstat(fh.fileno()).st_size
+            fh.seek(size - _TAIL)
+            lines = [ln for ln in fh.read().splitlines() if ln.strip()]
+            fh.truncate(0)
+            fh.seek(0)
+            if lines:
+                fh.write(lines[-1] + b"\n")
+    except OSError:
+        pass
+
+
+def of_task(paths, task_id: str) -> dict | None:
+    """The latest progress of the task's run in progress (None when it reports none)."""
+    from . import runlog
+
+    meta = runlog.running(paths, task_id)
+    if meta is None:
+        return None
+    return read(runlog.task_dir(paths, task_id) / f"{meta['run']}.progress")
+
+
+def bar(fraction: float, width: int = 20) -> str:
+    full = int(round(fraction * width))
+    return "[" + "#" * full + "-" * (width - full) + f"] {fraction * 100:3.0f}%"
