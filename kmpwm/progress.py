@@ -116,6 +116,21 @@ def of_task(paths, task_id: str) -> dict | None:
     return read(runlog.task_dir(paths, task_id) / f"{meta['run']}.progress")
 
 
-def bar(fraction: float, width: int = 20) -> str:
-    full = int(round(fraction * width))
-    return "[" + "#" * full + "-" * (width - full) + f"] {fraction * 100:3.0f}%"
+def attach(paths, docs: list[dict]) -> None:
+    """Fill ``progress`` of the RUNNING task documents (one small read per running task)."""
+    for doc in docs:
+        if doc["state"] == "RUNNING":
+            doc["progress"] = of_task(paths, doc["id"])
+
+
+def text(p: dict | None, tty: bool) -> str:
+    """A progress for people: a bar on a terminal, a percentage otherwise, then the message."""
+    if not p:
+        return ""
+    head = bar(p["fraction"]) if tty else f"{p['fraction'] * 100:.0f}%"
+    return f"{head} {p['message']}" if p.get("message") else head
+
+
+def bar(fraction: float, width: int = 12) -> str:
+    full = int(fraction * width + 0.5)
+    return "\u2588" * full + "\u2591" * (width - full) + f" {fraction * 100:3.0f}%"

@@ -46,6 +46,7 @@ def task_json(t: dict, now: float) -> dict:
         "after": t.get("after", []),
         "lease": None if not t.get("lease") else {
             "runner": t["lease"]["runner"], "pid": t["lease"].get("pid"), "until": iso(t["lease"]["until"])},
+        "progress": None,  # the latest of a running task (kmpwm.progress.attach)
     }
 
 

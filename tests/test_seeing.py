@@ -344,3 +344,125 @@ def test_bad_hooks_table_is_a_config_error(home):
     for args in (("workers",), ("enqueue", "b", "echo")):
         proc = kmpwm(*args)
         assert proc.returncode == 78 and "argv, never a shell" in proc.stderr
+
+
+# -- progress ----------------------------------------------------------------------------------
+
+PROGRESS_WORKER = """
+    import os, time
+
+    def work(input, ctx):
+        for i in range(100_000):
+            ctx.progress(i / 100_000, f"item {i}")
+        ctx.progress(0.5, "halfway there")
+        while not os.path.exists(input):
+            time.sleep(0.02)
+        return True
+"""
+
+
+def test_progress_from_python_and_command_workers_while_they_run(home, tmp_path):
+    (tmp_path / "mod").mkdir()
+    (tmp_path / "mod" / "prog.py").write_text(textwrap.dedent(PROGRESS_WORKER))
+    gate = tmp_path / "gate"
+    cmd = script(tmp_path, "cprog.sh", f"""
+        i=0
+        while [ $i -lt 20000 ]; do echo "0.1 step $i" >> "$KMPWM_PROGRESS"; i=$((i+1)); done
+        echo "0.25 a quarter" >> "$KMPWM_PROGRESS"
+        while [ ! -e {gate} ]; do sleep 0.05; done
+    """)
+    config(home, f"""
+        [workers.prog]
+        entry = "prog:work"
+        cwd = "{tmp_path / 'mod'}"
+
+        [workers.cprog]
+        command = ["sh", "{cmd}"]
+    """)
+    kmpwm("enqueue", "p", "prog", "--input", str(gate), check=0)
+    kmpwm("enqueue", "c", "cprog", check=0)
+    kmpwm("enqueue", "idle", "echo", "--delay", "1h", check=0)
+    rundue = subprocess.Popen([PY, "-m", "kmpwm", "run-due"], env=kmpwm_env(), stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE)
+    try:
+        def both():
+            tasks = {t["id"]: t for t in kjson("inspect-queue")[0]["tasks"]}
+            p, c = tasks["p"]["progress"], tasks["c"]["progress"]
+            return tasks if (p and p["message"] == "halfway there" and c and c["message"] == "a quarter") else None
+
+        tasks = wait_for(both, what="progress of both tasks")
+        assert tasks["p"]["progress"]["fraction"] == 0.5 and tasks["c"]["progress"]["fraction"] == 0.25
+        assert tasks["p"]["progress"]["at"].endswith("Z")
+        assert tasks["idle"]["progress"] is None
+        table = kmpwm("inspect-queue", check=0).stdout
+        assert "50% halfway there" in table and "25% a quarter" in table
+        assert "progress 50% halfway there" in kmpwm("explain", "p", check=0).stdout
+        assert kjson("explain", "c")[0]["progress"]["fraction"] == 0.25
+        watch = subprocess.Popen([PY, "-m", "kmpwm", "inspect-queue", "--watch", "--json"], env=kmpwm_env(),
+                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        try:
+            first = orjson.loads(watch.stdout.readline())
+            assert {t["id"]: t["progress"] for t in first["tasks"]}["p"]["message"] == "halfway there"
+        finally:
+            watch.kill()
+            watch.wait()
+        # 100,000 reports left one short line; the command's 20,000 lines were cut back
+        runs = home / "logs" / "runs"
+        assert (runs / "p" / "1.progress").stat().st_size < 100
+        wait_for(lambda: (runs / "c" / "1.progress").stat().st_size < 64 * 1024, what="the trim")
+        gate.touch()
+        assert rundue.wait(timeout=60) == 0
+    finally:
+        rundue.kill()
+        rundue.wait()
+    tasks = {t["id"]: t for t in kjson("inspect-queue", "--all")[0]["tasks"]}
+    assert tasks["p"]["state"] == "SUCCEEDED" and tasks["p"]["progress"] is None  # only while running
+    assert not list(runs.rglob("*.progress"))
+
+
+def test_progress_bar_on_a_terminal(home, tmp_path):
+    pytest.importorskip("pty")
+    import pty
+
+    gate = tmp_path / "gate"
+    config(home, f"""
+        [workers.bar]
+        command = ["sh", "-c", "echo '0.4 copying' >> $KMPWM_PROGRESS; while [ ! -e {gate} ]; do sleep 0.05; done"]
+    """)
+    kmpwm("enqueue", "b", "bar", check=0)
+    rundue = subprocess.Popen([PY, "-m", "kmpwm", "run-due"], env=kmpwm_env(), stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE)
+    try:
+        wait_for(lambda: (kjson("inspect-queue")[0]["tasks"][0]["progress"] or {}).get("fraction") == 0.4,
+                 what="progress")
+        pid, fd = pty.fork()
+        if pid == 0:
+            os.environ["COLUMNS"] = "200"
+            os.execv(PY, [PY, "-m", "kmpwm", "inspect-queue"])
+        out = b""
+        while True:
+            try:
+                chunk = os.read(fd, 4096)
+            except OSError:
+                break
+            if not chunk:
+                break
+            out += chunk
+        os.waitpid(pid, 0)
+        text = out.decode("utf-8", "replace")
+        assert "\u2588" * 5 + "\u2591" * 7 in text and "40% copying" in text, text
+    finally:
+        gate.touch()
+        rundue.wait(timeout=60)
+
+
+def test_progress_rejects_fractions_outside_0_to_1(tmp_path):
+    from kmpwm.context import WorkerContext
+
+    c = WorkerContext(task_id="t", attempt=1, progress_file=str(tmp_path / "p"))
+    for bad in (1.5, -0.1, float("nan"), "half"):
+        with pytest.raises((ValueError, TypeError)):
+            c.progress(bad)
+    c.progress(1, "done")
+    c.close()
+    assert (tmp_path / "p").read_text().strip() == "1 done"
