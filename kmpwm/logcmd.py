@@ -63,7 +63,7 @@ def logs_command(paths: Paths, task_id: str, run: int | None, all_: bool, tail: 
         chosen = metas[-1:]
     if follow:
         return _follow(paths, task_id, chosen[0], tail, as_json)
-    outs = [_tail(runlog.output(paths, task_id, m["run"]), tail) for m in chosen]
+    outs = [_tail(runlog.output(paths, m), tail) for m in chosen]
     if as_json:
         print_json({"id": task_id, "runs": [_doc(m, o) for m, o in zip(chosen, outs)]})
         return 0
@@ -84,15 +84,14 @@ def _follow(paths: Paths, task_id: str, meta: dict, tail: int | None, as_json: b
     """Print what the run has written so far, then the rest as it comes, until the run ends."""
     from .output import print_json
 
-    d = runlog.task_dir(paths, task_id)
-    path = d / f"{meta['run']}.out"
+    path = runlog.out_path(paths, meta)
     out = sys.stdout.buffer
     seen = bytearray() if as_json else None
     fd = _open(path)
     first = True
     try:
         while True:
-            current = runlog.read_meta(d, meta["run"])  # before reading: a finished run wrote all
+            current = _current(paths, task_id, meta)  # before reading: a finished run wrote all
             running = current is not None and current.get("status") == "RUNNING"
             if fd < 0:
                 fd = _open(path)
@@ -113,7 +112,7 @@ def _follow(paths: Paths, task_id: str, meta: dict, tail: int | None, as_json: b
             if not running:
                 if seen is not None:
                     if current is not None and current.get("truncated"):
-                        seen = bytearray(runlog.output(paths, task_id, meta["run"]))
+                        seen = bytearray(runlog.output(paths, meta))
                     print_json({"id": task_id, "runs": [_doc(current or meta, _tail(bytes(seen), tail))]})
                 return 0
             time.sleep(POLL)
@@ -122,6 +121,10 @@ def _follow(paths: Paths, task_id: str, meta: dict, tail: int | None, as_json: b
     finally:
         if fd >= 0:
             os.close(fd)
+
+
+def _current(paths, task_id: str, meta: dict) -> dict | None:
+    return next((m for m in runlog.runs(paths, task_id) if m["key"] == meta["key"]), None)
 
 
 def _open(path) -> int:

@@ -110,17 +110,19 @@ def of_task(paths, task_id: str) -> dict | None:
     """The latest progress of the task's run in progress (None when it reports none)."""
     from . import runlog
 
-    meta = runlog.running(paths, task_id)
-    if meta is None:
-        return None
-    return read(runlog.task_dir(paths, task_id) / f"{meta['run']}.progress")
+    meta = runlog.running_runs(paths, [task_id]).get(task_id)
+    return None if meta is None else read(runlog.progress_path(paths, meta))
 
 
 def attach(paths, docs: list[dict]) -> None:
     """Fill ``progress`` of the RUNNING task documents (one small read per running task)."""
+    from . import runlog
+
+    ids = [doc["id"] for doc in docs if doc["state"] == "RUNNING"]
+    metas = runlog.running_runs(paths, ids) if ids else {}
     for doc in docs:
-        if doc["state"] == "RUNNING":
-            doc["progress"] = of_task(paths, doc["id"])
+        if doc["id"] in metas:
+            doc["progress"] = read(runlog.progress_path(paths, metas[doc["id"]]))
 
 
 def text(p: dict | None, tty: bool) -> str:

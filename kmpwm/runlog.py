@@ -1,17 +1,20 @@
-"""Every run's output, kept per run (SPEC section 10), and the latest progress of a running run.
+"""Every run's output, kept per run (SPEC section 10), and where a running run reports progress.
 
-Layout under the log directory, one private directory per task id::
+Under the log directory::
 
-    logs/runs/<id, %-encoded>/<N>.out        the run's output (stdout and stderr interleaved)
-    logs/runs/<id, %-encoded>/<N>.meta       {"run", "attempt", "started_at", "finished_at",
-                                              "status", "truncated", "pid", "token"}
-    logs/runs/<id, %-encoded>/<N>.progress   the latest progress line (while it runs)
+    logs/runs/index.jsonl       one line when a run starts, one when it ends (appended in batches)
+    logs/runs/KEY.out           the run's output, stdout and stderr interleaved (only if it wrote any)
+    logs/runs/KEY.progress      its progress (only if it reported any; kmpwm.progress)
 
-N counts the task id's runs from 1 in start order.  run-due writes output to the file as it
-arrives (nothing accumulates in memory): once ``<N>.out`` passes CAP bytes it is renamed to
-``<N>.out.1`` and a new ``<N>.out`` begins, so at most 2 x CAP bytes are on disk during a run; when
-the run ends the last CAP bytes of the two are kept and the run is marked truncated.  A reader
-following the file (``kmpwm logs --follow``) notices the rename as ``tail -F`` does.
+KEY is unique per run (start time, run-due's pid, a counter).  Creating files is what costs on a
+busy disk, so a run that prints nothing creates none: its start and end are lines in the index,
+written once per batch of runs.  A run's number N (its id's N-th run, from 1 in start order) is
+its place among the id's start lines; the retention sweep writes N into the lines it keeps.
+
+run-due writes output to the file as it arrives (nothing accumulates in memory): once the file
+passes CAP bytes it becomes ``KEY.out.1`` and a new ``KEY.out`` begins, so at most 2 x CAP bytes
+are on disk during a run; when the run ends the last CAP bytes are kept and the run is marked
+truncated.  ``kmpwm logs --follow`` notices the switch as ``tail -F`` does.
 
 Retention: a run is kept as long as its events are (the retention window) and always for a
 task's last KEEP runs; ``sweep`` applies it (compaction calls it).
@@ -25,18 +28,12 @@ from pathlib import Path
 CAP = 1 << 20
 KEEP = 5
 RUNS_DIR = "runs"
-_FLAGS = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0)
+INDEX = "index.jsonl"
+_NEW = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0)
 
 
-def task_dir(paths, task_id: str) -> Path:
-    from urllib.parse import quote
-
-    name = quote(task_id, safe="-_")  # '.' and '/' encoded: never '.', '..' or a path
-    if len(name) > 200:
-        import hashlib
-
-        name = name[:150] + "~" + hashlib.sha256(task_id.encode("utf-8", "surrogateescape")).hexdigest()[:32]
-    return Path(paths.log_dir) / RUNS_DIR / name
+def runs_dir(paths) -> Path:
+    return Path(paths.log_dir) / RUNS_DIR
 
 
 def _iso(ts: float | None) -> str | None:
@@ -47,69 +44,79 @@ def _iso(ts: float | None) -> str | None:
     return iso(ts)
 
 
-def _write_meta(path: Path, meta: dict) -> None:
-    import orjson
-
-    tmp = path.with_name(path.name + ".tmp")
-    fd = os.open(tmp, _FLAGS, 0o600)
-    try:
-        os.write(fd, orjson.dumps(meta))
-    finally:
-        os.close(fd)
-    os.replace(tmp, path)
+_ready: set = set()
 
 
-def run_numbers(d: Path) -> list[int]:
-    try:
-        names = os.listdir(d)
-    except OSError:
-        return []
-    return sorted(int(n[:-5]) for n in names if n.endswith(".meta") and n[:-5].isdigit())
+def prepare(paths) -> Path:
+    """The private runs directory (checked once per process)."""
+    d = runs_dir(paths)
+    if d not in _ready:
+        from .paths import ensure_dir, private_subdir
+
+        if paths.home is None and Path(paths.log_dir).parent.name == "kmpwm":
+            ensure_dir(Path(paths.log_dir).parent)
+        private_subdir(Path(paths.log_dir))
+        private_subdir(d)
+        _ready.add(d)
+    return d
 
 
-_made: set = set()
+def append_index(paths, lines: list[bytes]) -> None:
+    """Append lines to the index in one write, under a shared lock (the sweep takes it exclusive,
+    so that a rewrite never loses a line)."""
+    import fcntl
+
+    path = prepare(paths) / INDEX
+    data = b"".join(lines)
+    for _ in range(5):
+        fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0), 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH)
+            try:
+                if os.stat(path).st_ino != os.fstat(fd).st_ino:
+                    continue  # swept and replaced meanwhile: append to the new one
+            except FileNotFoundError:
+                continue
+            os.write(fd, data)
+            return
+        finally:
+            os.close(fd)
 
 
 class RunLog:
-    """The output file of one run, written by run-due as the worker's output arrives."""
+    """One run's output, written by run-due as the worker's output arrives."""
 
-    __slots__ = ("dir", "n", "fd", "size", "rotated", "meta", "progress")
+    __slots__ = ("dir", "key", "task_id", "fd", "size", "rotated", "progress", "written")
 
-    def __init__(self, d: Path, n: int, fd: int, meta: dict):
-        self.dir, self.n, self.fd, self.meta = d, n, fd, meta
+    def __init__(self, d: str, key: str, task_id: str):
+        self.dir, self.key, self.task_id = d, key, task_id  # plain strings: this runs per task
+        self.fd = -1
         self.size = 0
         self.rotated = False
-        self.progress = str(d / f"{n}.progress")
+        self.written = False
+        self.progress = f"{d}/{key}.progress"
 
-    @classmethod
-    def start(cls, paths, task_id: str, attempt: int, started: float, pid: int, token) -> "RunLog | None":
-        """Open the next run's files; None if the log directory cannot be written (the run goes on)."""
-        d = task_dir(paths, task_id)
-        try:
-            from .paths import private_subdir
+    def start_line(self, attempt: int, started: float, pid: int, token) -> bytes:
+        import orjson
 
-            if d.parent not in _made:
-                if paths.home is None and Path(paths.log_dir).parent.name == "kmpwm":
-                    from .paths import ensure_dir
+        return orjson.dumps({"s": self.key, "id": self.task_id, "attempt": attempt, "at": round(started, 3),
+                             "pid": pid, "token": token}) + b"\n"
 
-                    ensure_dir(Path(paths.log_dir).parent)
-                private_subdir(Path(paths.log_dir))
-                private_subdir(d.parent)
-                _made.add(d.parent)
-            private_subdir(d)
-            nums = run_numbers(d)
-            n = (nums[-1] + 1) if nums else 1
-            fd = os.open(d / f"{n}.out", _FLAGS, 0o600)
-            meta = {"run": n, "attempt": attempt, "started_at": _iso(started), "finished_at": None,
-                    "status": "RUNNING", "truncated": False, "pid": pid, "token": token}
-            _write_meta(d / f"{n}.meta", meta)
-        except Exception:
-            return None
-        return cls(d, n, fd, meta)
+    def end_line(self, status: str, finished: float) -> bytes:
+        import orjson
+
+        return orjson.dumps({"e": self.key, "id": self.task_id, "status": status, "at": round(finished, 3),
+                             "truncated": self.rotated}) + b"\n"
 
     def write(self, chunk: bytes) -> None:
         if self.fd < 0:
-            return
+            if self.written:
+                return  # could not be opened: the run goes on without it
+            self.written = True
+            try:
+                self.fd = os.open(f"{self.dir}/{self.key}.out", _NEW, 0o600)
+            except OSError:
+                return
         try:
             os.write(self.fd, chunk)  # a regular file: the whole chunk
         except OSError:
@@ -119,143 +126,224 @@ class RunLog:
             self._rotate()
 
     def _rotate(self) -> None:
-        cur = self.dir / f"{self.n}.out"
+        cur = f"{self.dir}/{self.key}.out"
         try:
-            os.replace(cur, self.dir / f"{self.n}.out.1")
+            os.replace(cur, cur + ".1")
             os.close(self.fd)
-            self.fd = os.open(cur, _FLAGS, 0o600)
+            self.fd = os.open(cur, _NEW, 0o600)
         except OSError:
             self.fd = -1
             return
         self.size = 0
         self.rotated = True
 
-    def finish(self, status: str, finished: float) -> None:
-        """Close the output (keeping its last CAP bytes) and record how the run ended."""
+    def close(self) -> None:
+        """The run ended: close its output, keeping the last CAP bytes."""
         if self.fd >= 0:
             os.close(self.fd)
             self.fd = -1
-        try:
-            if self.rotated:
-                self._join()
-            meta = dict(self.meta, finished_at=_iso(finished), status=status, truncated=self.rotated)
-            _write_meta(self.dir / f"{self.n}.meta", meta)
-        except OSError:
-            pass
-        try:
-            os.unlink(self.progress)
-        except OSError:
-            pass
+        if self.rotated:
+            try:
+                _join(Path(self.dir), self.key)
+            except OSError:
+                pass
 
-    def _join(self) -> None:
-        cur, old = self.dir / f"{self.n}.out", self.dir / f"{self.n}.out.1"
-        with open(cur, "rb") as fh:
-            tail = fh.read()
-        need = CAP - len(tail)
-        head = b""
-        if need > 0:
-            with open(old, "rb") as fh:
-                fh.seek(0, os.SEEK_END)
-                size = fh.tell()
-                fh.seek(max(0, size - need))
-                head = fh.read()
-        tmp = self.dir / f"{self.n}.out.tmp"
-        fd = os.open(tmp, _FLAGS, 0o600)
+
+def _join(d: Path, key: str) -> None:
+    cur, old = d / f"{key}.out", d / f"{key}.out.1"
+    with open(cur, "rb") as fh:
+        tail = fh.read()
+    need = CAP - len(tail)
+    head = b""
+    if need > 0:
+        with open(old, "rb") as fh:
+            fh.seek(0, os.SEEK_END)
+            fh.seek(max(0, fh.tell() - need))
+            head = fh.read()
+    tmp = d / f"{key}.out.tmp"
+    fd = os.open(tmp, _NEW, 0o600)
+    try:
+        os.write(fd, head + tail[-CAP:])
+    finally:
+        os.close(fd)
+    os.replace(tmp, cur)
+    os.unlink(old)
+
+
+class Starter:
+    """run-due's side: new RunLogs, their index lines batched (one write per batch)."""
+
+    def __init__(self, paths, pid: int, token):
+        self.paths, self.pid, self.token = paths, pid, token
+        self.dir: str | None = None
+        self.count = 0
+        self.pending: list[bytes] = []
+
+    def start(self, task_id: str, attempt: int, started: float) -> RunLog | None:
         try:
-            os.write(fd, head + tail[-CAP:])
-        finally:
-            os.close(fd)
-        os.replace(tmp, cur)
-        os.unlink(old)
+            if self.dir is None:
+                self.dir = str(prepare(self.paths))
+        except Exception:
+            return None
+        self.count += 1
+        log = RunLog(self.dir, f"{int(started * 1000)}-{self.pid}-{self.count}", task_id)
+        self.pending.append(log.start_line(attempt, started, self.pid, self.token))
+        return log
+
+    def end(self, log: RunLog, status: str, finished: float, progress: bool) -> None:
+        """The run's result is durable: close its output, drop its progress (``progress``: it may
+        have some), and say how it ended in the index."""
+        log.close()
+        if progress:
+            try:
+                os.unlink(log.progress)
+            except OSError:
+                pass
+        self.pending.append(log.end_line(status, finished))
+
+    def flush(self) -> None:
+        if self.pending:
+            lines, self.pending = self.pending, []
+            try:
+                append_index(self.paths, lines)
+            except Exception:
+                pass  # the runs go on; only their record in the index is lost
 
 
 # -- reading ---------------------------------------------------------------------------------
 
 
-def read_meta(d: Path, n: int) -> dict | None:
+def _scan(paths, wanted: set | None = None) -> dict:
+    """Runs by task id from the index: {id: [meta, ...]} in start order (only ``wanted`` ids)."""
     import orjson
 
     try:
-        meta = orjson.loads((d / f"{n}.meta").read_bytes())
-    except (OSError, ValueError):
-        return None
-    if meta.get("status") == "RUNNING" and not _alive(meta):
-        meta["status"] = "EXPIRED"  # its run-due died: the run never reached a result
-        meta["finished_at"] = meta.get("finished_at") or _iso(_mtime(d / f"{n}.out"))
-    return meta
-
-
-def _mtime(path: Path) -> float | None:
-    try:
-        return path.stat().st_mtime
+        data = (runs_dir(paths) / INDEX).read_bytes()
     except OSError:
-        return None
+        return {}
+    needles = None
+    if wanted is not None:
+        needles = [b'"id":' + orjson.dumps(i) for i in wanted]
+    by_id: dict = {}
+    by_key: dict = {}
+    for line in data.splitlines():
+        if needles is not None and not any(n in line for n in needles):
+            continue
+        try:
+            rec = orjson.loads(line)
+        except orjson.JSONDecodeError:
+            continue  # a torn line (a crash mid-append)
+        tid = rec.get("id")
+        if "s" in rec:
+            lst = by_id.setdefault(tid, [])
+            n = rec.get("n") or (lst[-1]["run"] + 1 if lst else 1)
+            meta = {"run": n, "attempt": rec.get("attempt"), "started_at": _iso(rec.get("at")), "finished_at": None,
+                    "status": "RUNNING", "truncated": False, "key": rec["s"], "pid": rec.get("pid"),
+                    "token": rec.get("token"), "_start": rec.get("at")}
+            lst.append(meta)
+            by_key[rec["s"]] = meta
+        elif "e" in rec and rec["e"] in by_key:
+            meta = by_key[rec["e"]]
+            meta.update(status=rec.get("status"), finished_at=_iso(rec.get("at")), truncated=bool(rec.get("truncated")),
+                        _end=rec.get("at"))
+    if wanted is not None:
+        by_id = {k: v for k, v in by_id.items() if k in wanted}
+    alive_cache: dict = {}
+    for lst in by_id.values():
+        for meta in lst:
+            if meta["status"] == "RUNNING":
+                who = (meta["pid"], meta["token"])
+                if who not in alive_cache:
+                    from .procs import alive
 
-
-def _alive(meta: dict) -> bool:
-    from .procs import alive
-
-    return alive(meta.get("pid"), meta.get("token"))
+                    alive_cache[who] = alive(*who)
+                if not alive_cache[who]:  # its run-due died: the run never reached a result
+                    meta["status"] = "EXPIRED"
+    return by_id
 
 
 def runs(paths, task_id: str) -> list[dict]:
     """The kept runs of ``task_id`` (oldest first), each its meta."""
-    d = task_dir(paths, task_id)
-    out = []
-    for n in run_numbers(d):
-        meta = read_meta(d, n)
-        if meta is not None:
-            out.append(meta)
+    return _scan(paths, {task_id}).get(task_id, [])
+
+
+def running_runs(paths, task_ids) -> dict:
+    """{id: meta of its run in progress} for those of ``task_ids`` that have one."""
+    if not task_ids:
+        return {}
+    out = {}
+    for tid, lst in _scan(paths, set(task_ids)).items():
+        if lst and lst[-1]["status"] == "RUNNING":
+            out[tid] = lst[-1]
     return out
 
 
-def output(paths, task_id: str, n: int) -> bytes:
+def out_path(paths, meta: dict) -> Path:
+    return runs_dir(paths) / f"{meta['key']}.out"
+
+
+def progress_path(paths, meta: dict) -> Path:
+    return runs_dir(paths) / f"{meta['key']}.progress"
+
+
+def output(paths, meta: dict) -> bytes:
     try:
-        return (task_dir(paths, task_id) / f"{n}.out").read_bytes()
+        return out_path(paths, meta).read_bytes()
     except OSError:
         return b""
-
-
-def running(paths, task_id: str) -> dict | None:
-    """The meta of the task's run in progress, if any (its latest run, still RUNNING)."""
-    d = task_dir(paths, task_id)
-    nums = run_numbers(d)
-    if not nums:
-        return None
-    meta = read_meta(d, nums[-1])
-    return meta if meta is not None and meta.get("status") == "RUNNING" else None
 
 
 # -- retention -------------------------------------------------------------------------------
 
 
 def sweep(paths, cutoff: float, keep: int = KEEP) -> int:
-    """Delete runs that finished before ``cutoff``, except each task's last ``keep``; returns how
-    many runs were deleted.  Directories left empty are removed."""
-    root = Path(paths.log_dir) / RUNS_DIR
+    """Delete runs that ended before ``cutoff``, except each task's last ``keep``; rewrite the
+    index with the rest (their numbers written out).  Returns how many runs were deleted."""
+    import fcntl
+
+    import orjson
+
+    d = runs_dir(paths)
+    path = d / INDEX
     try:
-        names = os.listdir(root)
+        fd = os.open(path, os.O_RDWR | getattr(os, "O_NOFOLLOW", 0))
     except OSError:
         return 0
-    deleted = 0
-    for name in names:
-        d = root / name
-        nums = run_numbers(d)
-        for n in nums[:-keep] if keep else nums:
-            meta = read_meta(d, n)
-            if meta is None or meta.get("status") == "RUNNING":
-                continue
-            ended = _mtime(d / f"{n}.meta")
-            if ended is not None and ended >= cutoff:
-                continue
-            for suffix in (".out", ".out.1", ".progress", ".meta"):
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        by_id = _scan(paths)
+        lines, dropped = [], []
+        for tid, lst in by_id.items():
+            for i, meta in enumerate(lst):
+                ended = meta.get("_end") or (None if meta["status"] == "RUNNING" else meta.get("_start"))
+                old = ended is not None and ended < cutoff
+                if old and i < len(lst) - keep:
+                    dropped.append(meta)
+                    continue
+                lines.append((meta.get("_start") or 0, orjson.dumps(
+                    {"s": meta["key"], "id": tid, "n": meta["run"], "attempt": meta["attempt"], "at": meta.get("_start"),
+                     "pid": meta["pid"], "token": meta["token"]}) + b"\n"))
+                if meta["status"] != "RUNNING":
+                    lines.append((meta.get("_end") or meta.get("_start") or 0, orjson.dumps(
+                        {"e": meta["key"], "id": tid, "status": meta["status"], "at": meta.get("_end"),
+                         "truncated": meta["truncated"]}) + b"\n"))
+        if not dropped:
+            return 0
+        lines.sort(key=lambda x: x[0])
+        tmp = d / (INDEX + ".tmp")
+        out = os.open(tmp, _NEW, 0o600)
+        try:
+            os.write(out, b"".join(line for _, line in lines))
+            os.fsync(out)
+        finally:
+            os.close(out)
+        os.replace(tmp, path)
+        for meta in dropped:
+            for suffix in (".out", ".out.1", ".progress"):
                 try:
-                    os.unlink(d / f"{n}{suffix}")
+                    os.unlink(d / f"{meta['key']}{suffix}")
                 except OSError:
                     pass
-            deleted += 1
-        try:
-            os.rmdir(d)  # only when empty
-        except OSError:
-            pass
-    return deleted
+        return len(dropped)
+    finally:
+        os.close(fd)

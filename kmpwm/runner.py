@@ -67,6 +67,7 @@ class Job:
     host: Host | None = None  # the pool process running it (Python workers)
     answered: bool = False  # the host sent this job's result
     log: runlog.RunLog | None = None  # where its output goes as it arrives
+    progressed: bool = False  # a Python worker that reported progress (its file is to remove)
 
     @property
     def id(self) -> str:
@@ -142,6 +143,7 @@ class Runner:
         self._broken: set[str] = set()
         self._trig: dict[str, dict] = {}
         self._trim_at = 0.0
+        self._runlogs = runlog.Starter(paths, self.pid, self.token)  # each run's output (kmpwm.runlog)
         self._hooks = None  # kmpwm.hooks.HookRunner, when config.toml has [hooks]
         self._hooks_read = False
 
@@ -203,6 +205,7 @@ class Runner:
                     if self.run_expired or not self._room() or not need_claim:
                         break  # nothing left that this run may start
                     continue
+                self._runlogs.flush()  # the runs started meanwhile, in one line each, one write
                 self._wait(self._timeout(deadline))
                 self._check_limits()
                 if self._hooks:
@@ -297,11 +300,12 @@ class Runner:
             raise
         for job, row in rows:  # durable now
             if job.log is not None:
-                job.log.finish(row["status"], time.time())
+                self._runlogs.end(job.log, row["status"], time.time(), job.kind == "command" or job.progressed)
             self.report.ran.append(row)
             self.on_event("done", (job, row))
         if rows:
             _log_runs(self.paths, rows)
+        self._runlogs.flush()
         if hooks is not None and (rows or failed):
             self._fire_hooks(hooks, rows, failed, txn.state)
         self._ready.extend(claimed)
@@ -436,7 +440,7 @@ class Runner:
         attempt = task["occ_attempts"] + 1
         job = Job(task, attempt, info.kind if info else "python", limit, time.monotonic(), time.time())
         self.jobs[job.id] = job
-        job.log = runlog.RunLog.start(self.paths, job.id, attempt, job.started_wall, self.pid, self.token)
+        job.log = self._runlogs.start(job.id, attempt, job.started_wall)
         self.on_event("start", job)
         trig = task["trigger"]
         try:
@@ -792,6 +796,7 @@ class Runner:
                     os.waitpid(host.pid, 0)
                 except ChildProcessError:
                     pass
+        self._runlogs.flush()
         for signo, old in self._signals.items():
             signal.signal(signo, old)
         try:
@@ -956,6 +961,8 @@ class Runner:
         if job.result:
             try:
                 res = orjson.loads(bytes(job.result))
+                if isinstance(res, dict) and res.get("progress"):
+                    job.progressed = True
                 if isinstance(res, dict) and res.get("status") in ("SUCCESS", "FAILURE", "RETRY"):
                     return _checked_data(res)
             except orjson.JSONDecodeError:

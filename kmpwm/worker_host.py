@@ -96,9 +96,12 @@ def run_in_child(info, input: str | None, ctx: WorkerContext) -> dict:
     signal.signal(signal.SIGTERM, lambda signo, frame: ctx.expire())
     capture_output()
     try:
-        return _run(info, input, ctx)
+        result = _run(info, input, ctx)
     finally:
         ctx.close()
+    if ctx._reporter is not None:
+        result["progress"] = True  # run-due removes the progress file when the run ends
+    return result
 
 
 def _run(info, input: str | None, ctx: WorkerContext) -> dict:

@@ -141,8 +141,8 @@ def test_output_over_one_mib_keeps_the_last_mib_marked_truncated(home, tmp_path)
     assert b"line 00000000\n" not in raw
     lines = raw.split(b"\n")[1:-1]  # the first may be cut
     assert lines == [f"line {i:08d}".encode() for i in range(300_000 - len(lines), 300_000)]
-    files = sorted(p.name for p in (home / "logs" / "runs" / "l").iterdir())
-    assert files == ["1.meta", "1.out"]
+    files = sorted(p.suffix for p in (home / "logs" / "runs").iterdir())
+    assert files == [".jsonl", ".out"]  # the index, and one output file (no rotated part left)
     tail = kmpwm("logs", "l", "--tail", "2")
     assert tail.stdout == "line 00299998\nline 00299999\n" and "truncated" in tail.stderr
     assert kjson("logs", "l", "--tail", "1")[0]["runs"][0]["output"] == "line 00299999\n"
@@ -209,8 +209,7 @@ def test_logs_follow_streams_a_running_task_from_another_terminal(home, tmp_path
     rundue = subprocess.Popen([PY, "-m", "kmpwm", "run-due"], env=kmpwm_env(), stdout=subprocess.PIPE,
                               stderr=subprocess.PIPE)
     try:
-        out_file = home / "logs" / "runs" / "s" / "1.out"
-        wait_for(lambda: out_file.exists() and out_file.read_bytes(), what="the first line")
+        wait_for(lambda: kjson("logs", "s")[0].get("runs", [{}])[0].get("output"), what="the first line")
         follow = subprocess.Popen([PY, "-m", "kmpwm", "logs", "s", "--follow"], env=kmpwm_env(),
                                   stdout=subprocess.PIPE, stderr=subprocess.PIPE)
         assert follow.stdout.readline() == b"first line\n"
@@ -408,8 +407,10 @@ def test_progress_from_python_and_command_workers_while_they_run(home, tmp_path)
             watch.wait()
         # 100,000 reports left one short line; the command's 20,000 lines were cut back
         runs = home / "logs" / "runs"
-        assert (runs / "p" / "1.progress").stat().st_size < 100
-        wait_for(lambda: (runs / "c" / "1.progress").stat().st_size < 64 * 1024, what="the trim")
+        (pfile,) = [f for f in runs.glob("*.progress") if b"halfway" in f.read_bytes()]
+        assert pfile.stat().st_size < 100
+        (cfile,) = [f for f in runs.glob("*.progress") if f != pfile]
+        wait_for(lambda: cfile.stat().st_size < 64 * 1024, what="the trim")
         gate.touch()
         assert rundue.wait(timeout=60) == 0
     finally:
