@@ -221,14 +221,9 @@ def _scan(paths, wanted: set | None = None) -> dict:
         data = (runs_dir(paths) / INDEX).read_bytes()
     except OSError:
         return {}
-    needles = None
-    if wanted is not None:
-        needles = [b'"id":' + orjson.dumps(i) for i in wanted]
     by_id: dict = {}
     by_key: dict = {}
-    for line in data.splitlines():
-        if needles is not None and not any(n in line for n in needles):
-            continue
+    for line in _lines(data, None if wanted is None else [b'"id":' + orjson.dumps(i) for i in wanted]):
         try:
             rec = orjson.loads(line)
         except orjson.JSONDecodeError:
@@ -260,6 +255,24 @@ def _scan(paths, wanted: set | None = None) -> dict:
                 if not alive_cache[who]:  # its run-due died: the run never reached a result
                     meta["status"] = "EXPIRED"
     return by_id
+
+
+def _lines(data: bytes, needles: list[bytes] | None):
+    """The index's lines, or only those holding one of ``needles``, in file order (found with
+    bytes.find, so a large index is not split line by line to find one task's runs)."""
+    if needles is None:
+        return data.splitlines()
+    starts = set()
+    for needle in needles:
+        at = data.find(needle)
+        while at >= 0:
+            starts.add(data.rfind(b"\n", 0, at) + 1)
+            at = data.find(needle, at + len(needle))
+    out = []
+    for start in sorted(starts):
+        end = data.find(b"\n", start)
+        out.append(data[start:] if end < 0 else data[start:end])
+    return out
 
 
 def runs(paths, task_id: str) -> list[dict]:

@@ -627,7 +627,7 @@ def _tail_keeps_idle(record: dict, now: float) -> bool:
         return True
     for op in record.get("ops", ()):
         kind = op.get("op")
-        if kind == "cancel" or kind == "hdr":
+        if kind == "cancel" or kind == "hdr" or kind == "note":  # note: a failed hook, changes nothing
             continue
         if kind == "enq":
             tasks = [op.get("task") or {}]
