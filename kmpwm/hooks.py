@@ -119,7 +119,6 @@ class HookRunner:
 
     def _notify(self, kind: str, doc: dict) -> None:
         import shutil
-        import subprocess
         import sys
 
         title = f"kmpwm: {doc['id']} {'failed' if kind == 'on_failure' else 'succeeded'}"

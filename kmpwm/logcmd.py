@@ -115,7 +115,8 @@ def _follow(paths: Paths, task_id: str, meta: dict, tail: int | None, as_json: b
                         seen = bytearray(runlog.output(paths, meta))
                     print_json({"id": task_id, "runs": [_doc(current or meta, _tail(bytes(seen), tail))]})
                 return 0
-            time.sleep(POLL)
+            if not chunk:
+                time.sleep(POLL)  # while output flows, read on at once: keep up with its rotation
     except KeyboardInterrupt:
         return 0
     finally:

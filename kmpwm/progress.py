@@ -81,7 +81,9 @@ def read(path) -> dict | None:
             fraction = float(head.rstrip("%")) / (100 if head.endswith("%") else 1)
         except ValueError:
             continue
-        if fraction != fraction:  # NaN
+        import math
+
+        if math.isnan(fraction):
             continue
         return {"fraction": min(1.0, max(0.0, fraction)), "message": msg.strip()[:MESSAGE_MAX] or None,
                 "at": iso(st.st_mtime)}

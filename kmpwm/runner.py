@@ -1015,6 +1015,7 @@ def _output(job: Job, chunk: bytes) -> None:
     if len(job.out) > STDOUT_TAIL:
         del job.out[:-STDOUT_TAIL]
 
+
 _PR_SET_PDEATHSIG = 1
 _libc = None
 

@@ -55,7 +55,7 @@ def test_command_output_both_streams_interleaved_and_data_still_parsed(home, tmp
         command = ["{PY}", "{talk}"]
     """)
     kmpwm("enqueue", "t", "talk", check=0)
-    doc, rc = kjson("run-due", check=0)
+    doc, _ = kjson("run-due", check=0)
     assert doc["ran"][0]["status"] == "SUCCESS" and doc["ran"][0]["data"] == {"answer": 42}
     out = kmpwm("logs", "t", check=0).stdout
     assert out == "out 0\nerr 0\nout 1\nerr 1\nout 2\nerr 2\n{\"answer\": 42}\n"
@@ -171,7 +171,7 @@ def test_runs_numbered_all_and_run_n(home):
 
 
 def test_retention_keeps_last_five_runs_and_recent_ones(home, tmp_path):
-    config(home, f"""
+    config(home, """
         [workers.say]
         command = ["sh", "-c", "echo run $KMPWM_INPUT"]
     """)
@@ -467,3 +467,42 @@ def test_progress_rejects_fractions_outside_0_to_1(tmp_path):
     c.progress(1, "done")
     c.close()
     assert (tmp_path / "p").read_text().strip() == "1 done"
+
+
+def test_follow_keeps_up_across_the_1_mib_rotation(home, tmp_path):
+    """--follow streams everything a run writes, also past the point where run-due starts a new
+    file (the kept output is the last 1 MiB; the follower saw it all as it came)."""
+    gate = tmp_path / "gate"
+    writer = script(tmp_path, "writer.py", f"""
+        import os, sys, time
+        print("ready", flush=True)
+        while not os.path.exists({str(gate)!r}):
+            time.sleep(0.02)
+        for block in range(40):          # 40 x 64 KiB = 2.5 MiB, at a few MB/s
+            sys.stdout.write("".join(f"line {{block * 1000 + i:06d}} " + "x" * 52 + "\\n" for i in range(1000)))
+            sys.stdout.flush()
+            time.sleep(0.03)
+    """)
+    config(home, f"""
+        [workers.writer]
+        command = ["{PY}", "{writer}"]
+    """)
+    kmpwm("enqueue", "w", "writer", check=0)
+    rundue = subprocess.Popen([PY, "-m", "kmpwm", "run-due"], env=kmpwm_env(), stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE)
+    try:
+        wait_for(lambda: kjson("logs", "w")[0].get("runs", [{}])[0].get("output"), what="ready")
+        follow = subprocess.Popen([PY, "-m", "kmpwm", "logs", "w", "--follow"], env=kmpwm_env(),
+                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        assert follow.stdout.readline() == b"ready\n"
+        gate.touch()
+        out, err = follow.communicate(timeout=120)
+        assert follow.returncode == 0, err
+        lines = out.splitlines()
+        assert lines == [f"line {n:06d} ".encode() + b"x" * 52 for n in range(40_000)]
+        assert rundue.wait(timeout=60) == 0
+    finally:
+        rundue.kill()
+        rundue.wait()
+    run = kjson("logs", "w")[0]["runs"][0]
+    assert run["truncated"] is True and len(run["output"]) == 1 << 20
