@@ -70,9 +70,9 @@ _output_ready = False
 
 def capture_output() -> None:
     """In a worker process whose stdout and stderr are run-due's pipe: line-buffered stdout, so
-    that the two streams interleave in the order they were written, and the root logger (unless
-    the worker configures its own) writing INFO and above to stderr, so ``logging`` lands in the
-    run's output too."""
+    that the two streams interleave in the order they were written, and ``logging`` records of
+    INFO and above on stderr while the worker configures no handler, so they land in the run's
+    output too."""
     global _output_ready
     if _output_ready:
         return
@@ -81,12 +81,14 @@ def capture_output() -> None:
         sys.stdout.reconfigure(line_buffering=True)
         import logging
 
+        # No handler is added (``logging.basicConfig`` in the worker still takes effect): the
+        # handler of last resort, used while the worker configures none, takes INFO and up.
         root = logging.getLogger()
-        if not root.handlers:
-            handler = logging.StreamHandler(sys.stderr)
-            handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
-            root.addHandler(handler)
-            root.setLevel(logging.INFO)
+        if not root.handlers and logging.lastResort is not None:
+            logging.lastResort.setLevel(logging.INFO)
+            logging.lastResort.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
+            if root.level > logging.INFO:
+                root.setLevel(logging.INFO)
     except Exception:
         pass
 
@@ -154,6 +156,11 @@ def host_main(in_fd: int, out_fd: int, registry) -> None:
 
     base_env = dict(os.environ)
     base_cwd = os.getcwd()
+    capture_output()
+    import logging
+
+    root = logging.getLogger()
+    base_logging = (list(root.handlers), root.level)
     targets: dict = {}
     while True:
         header = _read_exact(in_fd, _HEADER)
@@ -180,6 +187,8 @@ def host_main(in_fd: int, out_fd: int, registry) -> None:
             "status": "FAILURE", "message": f"unknown worker {msg['worker']!r}", "data": None}
         if info is not None and getattr(info, "preloaded", None) is not None:
             targets[msg["worker"]] = info.preloaded
+        root.handlers[:] = base_logging[0]  # a basicConfig() in one task is not the next one's
+        root.setLevel(base_logging[1])
         sys.stdout.flush()
         sys.stderr.flush()
         try:

@@ -116,7 +116,7 @@ def test_python_worker_stdout_stderr_and_logging_kept(home, tmp_path, pool):
     for i in range(3):  # each run has its own output, none of another task's
         out = kmpwm("logs", f"p{i}", check=0).stdout
         assert out == ("printed to stdout\nprinted to stderr\nINFO mine: logged at info\n"
-                       "WARNING root: logged at warning\nlast line\n"), out
+                       "WARNING:root:logged at warning\nlast line\n"), out  # logging.warning's basicConfig
 
 
 def test_output_over_one_mib_keeps_the_last_mib_marked_truncated(home, tmp_path):
@@ -506,3 +506,23 @@ def test_follow_keeps_up_across_the_1_mib_rotation(home, tmp_path):
         rundue.wait()
     run = kjson("logs", "w")[0]["runs"][0]
     assert run["truncated"] is True and len(run["output"]) == 1 << 20
+
+
+def test_a_worker_that_configures_logging_keeps_its_format(home, tmp_path):
+    (tmp_path / "mod").mkdir()
+    (tmp_path / "mod" / "own.py").write_text(textwrap.dedent("""
+        import logging
+
+        def work(input, ctx):
+            logging.basicConfig(format="mine|%(levelname)s|%(message)s", level=logging.DEBUG)
+            logging.debug("details")
+            return True
+    """))
+    config(home, f"""
+        [workers.own]
+        entry = "own:work"
+        cwd = "{tmp_path / 'mod'}"
+    """)
+    kmpwm("enqueue", "o", "own", check=0)
+    kmpwm("run-due", check=0)
+    assert kmpwm("logs", "o", check=0).stdout == "mine|DEBUG|details\n"
