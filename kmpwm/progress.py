@@ -2,46 +2,85 @@
 
 A command worker appends lines ``FRACTION [MESSAGE]`` to the file named by ``KMPWM_PROGRESS``; a
 Python worker calls ``ctx.progress(fraction, message=None)``, which overwrites one line at the
-start of the same file (one ``pwrite``, so calling it 100,000 times costs a fraction of a second
-and the file never grows).  run-due cuts a command worker's file back to its last line once it
+start of the same file, at most every INTERVAL seconds (a call in between only remembers the
+report: 100,000 calls cost a fraction of a second, and the file never grows).  run-due cuts a command worker's file back to its last line once it
 passes TRIM bytes.  Readers take the last complete line; ``at`` is the file's modification time.
 """
 
 from __future__ import annotations
 
 import os
+import time
 
 TRIM = 64 * 1024
 MESSAGE_MAX = 200
 _TAIL = 4096
 
 
-def _line(fraction, message) -> bytes:
-    if isinstance(fraction, bool) or not isinstance(fraction, (int, float)):
-        raise TypeError("progress fraction must be a number between 0 and 1")
-    fraction = float(fraction)
-    if not 0.0 <= fraction <= 1.0:  # NaN fails both
-        raise ValueError(f"progress fraction must be between 0 and 1, not {fraction!r}")
-    text = f"{fraction:.6g}"
+INTERVAL = 0.05  # ctx.progress writes at most this often; a later report is written when it is up
+
+
+def _line(fraction: float, message) -> bytes:
+    text = f"{float(fraction):.6g}"
     if message is not None:
-        msg = " ".join(str(message).split())[:MESSAGE_MAX]
+        msg = str(message)
+        if not msg.isprintable() or len(msg) > MESSAGE_MAX:
+            msg = " ".join(msg.split())[:MESSAGE_MAX]
         if msg:
             text += " " + msg
     return text.encode("utf-8", "replace")
 
 
 class Reporter:
-    """The writer behind ``ctx.progress`` (one per run; a no-op without a file)."""
+    """The writer behind ``ctx.progress`` (one per run; a no-op without a file).
 
-    __slots__ = ("path", "fd", "width")
+    A call costs a comparison and a clock read: the file is written at most every INTERVAL
+    seconds; a report made sooner waits, and a helper thread writes it when the interval is up,
+    so the latest report always reaches the file even if the worker then goes quiet."""
 
     def __init__(self, path: str | None):
         self.path, self.fd, self.width = path, -1, 0
+        self.last = -INTERVAL
+        self.pending = None
+        self.lock = None
+        self.closed = False
 
     def report(self, fraction, message=None) -> None:
-        line = _line(fraction, message)
+        if not 0.0 <= fraction <= 1.0:  # also NaN; a non-number raises TypeError
+            raise ValueError(f"progress fraction must be between 0 and 1, not {fraction!r}")
         if not self.path:
             return
+        now = time.monotonic()
+        if now - self.last >= INTERVAL and self.lock is None:
+            self.last = now
+            self._write((fraction, message))
+            return
+        self.pending = (fraction, message)
+        if self.lock is None:
+            import threading
+
+            self.lock = threading.Lock()
+            threading.Thread(target=self._later, name="kmpwm-progress", daemon=True).start()
+        elif now - self.last >= INTERVAL:
+            with self.lock:
+                self._flush(now)
+
+    def _later(self) -> None:
+        while not self.closed:
+            time.sleep(INTERVAL)
+            with self.lock:
+                if self.closed:
+                    return
+                self._flush(time.monotonic())
+
+    def _flush(self, now: float) -> None:
+        if self.pending is not None:
+            pending, self.pending = self.pending, None
+            self.last = now
+            self._write(pending)
+
+    def _write(self, report) -> None:
+        line = _line(*report)
         if self.fd < 0:
             try:
                 self.fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | getattr(os, "O_CLOEXEC", 0), 0o600)
@@ -56,6 +95,12 @@ class Reporter:
             pass
 
     def close(self) -> None:
+        """The run is over: write a report still waiting, stop the helper thread."""
+        if self.lock is not None:
+            with self.lock:
+                self.closed = True
+                self._flush(time.monotonic())
+        self.closed = True
         if self.fd >= 0:
             os.close(self.fd)
             self.fd = -1

@@ -526,3 +526,18 @@ def test_a_worker_that_configures_logging_keeps_its_format(home, tmp_path):
     kmpwm("enqueue", "o", "own", check=0)
     kmpwm("run-due", check=0)
     assert kmpwm("logs", "o", check=0).stdout == "mine|DEBUG|details\n"
+
+
+def test_progress_latest_report_lands_after_a_burst(tmp_path):
+    """Writes are at most every 50 ms, yet the last report of a burst reaches the file although
+    the worker then goes quiet (and 100,000 reports leave one short line)."""
+    from kmpwm.context import WorkerContext
+
+    path = tmp_path / "p"
+    c = WorkerContext(task_id="t", attempt=1, progress_file=str(path))
+    for i in range(100_000):
+        c.progress(i / 100_000, f"item {i}")
+    c.progress(0.5, "halfway")
+    wait_for(lambda: path.read_text().strip() == "0.5 halfway", timeout=10, what="the last report")
+    assert path.stat().st_size < 100
+    c.close()
