@@ -170,14 +170,18 @@ def _join(d: Path, key: str) -> None:
     os.unlink(old)
 
 
+FLUSH_EVERY = 0.1  # index lines wait at most this long, so that a busy run-due writes ~10 times a second
+
+
 class Starter:
-    """run-due's side: new RunLogs, their index lines batched (one write per batch)."""
+    """run-due's side: new RunLogs, their index lines batched (one write per FLUSH_EVERY)."""
 
     def __init__(self, paths, pid: int, token):
         self.paths, self.pid, self.token = paths, pid, token
         self.dir: str | None = None
         self.count = 0
         self.pending: list[bytes] = []
+        self.last = 0.0
 
     def start(self, task_id: str, attempt: int, started: float) -> RunLog | None:
         try:
@@ -201,13 +205,23 @@ class Starter:
                 pass
         self.pending.append(log.end_line(status, finished))
 
-    def flush(self) -> None:
-        if self.pending:
-            lines, self.pending = self.pending, []
-            try:
-                append_index(self.paths, lines)
-            except Exception:
-                pass  # the runs go on; only their record in the index is lost
+    def flush(self, force: bool = False) -> float | None:
+        """Write the waiting lines if FLUSH_EVERY has passed (or ``force``); returns how long
+        until lines still waiting are due (None: none wait)."""
+        if not self.pending:
+            return None
+        import time
+
+        now = time.monotonic()
+        if not force and now - self.last < FLUSH_EVERY:
+            return self.last + FLUSH_EVERY - now
+        self.last = now
+        lines, self.pending = self.pending, []
+        try:
+            append_index(self.paths, lines)
+        except Exception:
+            pass  # the runs go on; only their record in the index is lost
+        return None
 
 
 # -- reading ---------------------------------------------------------------------------------

@@ -205,11 +205,13 @@ class Runner:
                     if self.run_expired or not self._room() or not need_claim:
                         break  # nothing left that this run may start
                     continue
-                self._runlogs.flush()  # the runs started meanwhile, in one line each, one write
-                self._wait(self._timeout(deadline))
+                later = self._runlogs.flush()  # the runs started and ended meanwhile, one write
+                timeout = self._timeout(deadline)
+                self._wait(timeout if later is None else min(timeout, later))
                 self._check_limits()
                 if self._hooks:
                     self._hooks.poll()
+            self._runlogs.flush(force=True)
             self._end_hooks()
         finally:
             self._teardown()
@@ -796,7 +798,7 @@ class Runner:
                     os.waitpid(host.pid, 0)
                 except ChildProcessError:
                     pass
-        self._runlogs.flush()
+        self._runlogs.flush(force=True)
         for signo, old in self._signals.items():
             signal.signal(signo, old)
         try:
