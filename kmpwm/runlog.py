@@ -268,6 +268,11 @@ def _scan(paths, wanted: set | None = None) -> dict:
                     alive_cache[who] = alive(*who)
                 if not alive_cache[who]:  # its run-due died: the run never reached a result
                     meta["status"] = "EXPIRED"
+                    try:  # it ended when it last wrote, as far as anyone can tell
+                        ended = os.stat(runs_dir(paths) / f"{meta['key']}.out").st_mtime
+                    except OSError:
+                        ended = meta["_start"]
+                    meta["finished_at"] = _iso(ended)
     return by_id
 
 
@@ -323,6 +328,25 @@ def output(paths, meta: dict) -> bytes:
 # -- retention -------------------------------------------------------------------------------
 
 
+def _orphans(d: Path, by_id: dict, cutoff: float) -> None:
+    """Output files no index line names (their run-due was killed before it wrote the run's
+    line), once older than the window."""
+    known = {m["key"] for lst in by_id.values() for m in lst}
+    try:
+        names = os.listdir(d)
+    except OSError:
+        return
+    for name in names:
+        key = name.split(".", 1)[0]
+        if name.startswith(INDEX) or key in known:
+            continue
+        try:
+            if os.stat(d / name).st_mtime < cutoff:
+                os.unlink(d / name)
+        except OSError:
+            pass
+
+
 def sweep(paths, cutoff: float, keep: int = KEEP) -> int:
     """Delete runs that ended before ``cutoff``, except each task's last ``keep``; rewrite the
     index with the rest (their numbers written out).  Returns how many runs were deleted."""
@@ -354,6 +378,7 @@ def sweep(paths, cutoff: float, keep: int = KEEP) -> int:
                     lines.append((meta.get("_end") or meta.get("_start") or 0, orjson.dumps(
                         {"e": meta["key"], "id": tid, "status": meta["status"], "at": meta.get("_end"),
                          "truncated": meta["truncated"]}) + b"\n"))
+        _orphans(d, by_id, cutoff)
         if not dropped:
             return 0
         lines.sort(key=lambda x: x[0])

@@ -541,3 +541,25 @@ def test_progress_latest_report_lands_after_a_burst(tmp_path):
     wait_for(lambda: path.read_text().strip() == "0.5 halfway", timeout=10, what="the last report")
     assert path.stat().st_size < 100
     c.close()
+
+
+def test_run_of_a_killed_run_due_shows_expired_and_the_next_run_is_kept_too(home, tmp_path):
+    config(home, """
+        [workers.nap]
+        command = ["sh", "-c", "echo napping; sleep 60"]
+    """)
+    kmpwm("enqueue", "n", "nap", "--timeout", "2s", check=0)
+    rundue = subprocess.Popen([PY, "-m", "kmpwm", "run-due"], env=kmpwm_env(), stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE)
+    try:
+        wait_for(lambda: kjson("logs", "n")[0].get("runs", [{}])[0].get("output") == "napping\n", what="output")
+        assert kjson("logs", "n")[0]["runs"][0]["status"] == "RUNNING"
+    finally:
+        rundue.kill()
+        rundue.wait()
+    (run,) = kjson("logs", "n", check=0)[0]["runs"]
+    assert run["status"] == "EXPIRED" and run["finished_at"] is not None and run["output"] == "napping\n"
+    kmpwm("run-due", faketime="+2m", check=0)  # the lease ended: picked up again, expires at its limit
+    runs = kjson("logs", "n", "--all", check=0)[0]["runs"]
+    assert [r["run"] for r in runs] == [1, 2] and runs[1]["status"] == "EXPIRED"
+    assert runs[1]["output"] == "napping\n"
