@@ -563,3 +563,44 @@ def test_run_of_a_killed_run_due_shows_expired_and_the_next_run_is_kept_too(home
     runs = kjson("logs", "n", "--all", check=0)[0]["runs"]
     assert [r["run"] for r in runs] == [1, 2] and runs[1]["status"] == "EXPIRED"
     assert runs[1]["output"] == "napping\n"
+
+
+def test_run_due_goes_on_with_work_while_a_hook_runs(home, tmp_path):
+    """The on_success hook of the first task waits for a file that only the second task creates;
+    with one slot, the second task can only run if run-due does not wait for the hook."""
+    gate = tmp_path / "second-ran"
+    hook = script(tmp_path, "hook.sh", f"""
+        while [ ! -e {gate} ]; do sleep 0.05; done
+        echo "saw the second task" > {tmp_path / 'hook-done'}
+    """)
+    config(home, f"""
+        [hooks]
+        on_success = ["sh", "{hook}"]
+
+        [workers.second]
+        command = ["touch", "{gate}"]
+    """)
+    kmpwm("enqueue", "first", "echo", check=0)
+    kmpwm("enqueue", "second", "second", "--delay", "1s", check=0)
+    time.sleep(1.2)
+    kmpwm("run-due", "--parallel", "1", env={"KMPWM_HOOK_TIMEOUT": "60"}, check=0)
+    assert (tmp_path / "hook-done").read_text() == "saw the second task\n"
+    assert not [e for e in kjson("events")[0]["events"] if e["event"] == "hook failed"]
+
+
+def test_notify_hook_uses_notify_send(home, tmp_path):
+    bindir = tmp_path / "bin"
+    bindir.mkdir()
+    fake = bindir / "notify-send"
+    fake.write_text(f"#!/bin/sh\nprintf '%s\\n' \"$@\" > {tmp_path / 'notified'}\n")
+    fake.chmod(0o755)
+    config(home, """
+        [hooks]
+        on_failure = "notify"
+
+        [workers.bad]
+        command = ["sh", "-c", "echo 'disk on fire' >&2; exit 1"]
+    """)
+    kmpwm("enqueue", "b", "bad", "--max-attempts", "1", check=0)
+    kmpwm("run-due", env={"PATH": f"{bindir}:{os.environ['PATH']}"}, check=0)
+    assert (tmp_path / "notified").read_text() == "kmpwm: b failed\ndisk on fire\n"
