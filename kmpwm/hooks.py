@@ -86,7 +86,7 @@ class HookRunner:
     def _env(self, doc: dict) -> dict:
         env = {k: v for k, v in os.environ.items() if not k.startswith("KMPWM_") or k in ("KMPWM_HOME",)}
         env.update({"KMPWM_TASK_ID": doc["id"], "KMPWM_WORKER": doc["worker"], "KMPWM_STATE": doc["state"],
-                    "KMPWM_STATUS": doc["status"], "KMPWM_MESSAGE": doc["message"] or "",
+                    "KMPWM_STATUS": doc["status"], "KMPWM_MESSAGE": str(doc["message"] or "").replace("\0", ""),
                     "KMPWM_ATTEMPT": str(doc["attempt"]), "KMPWM_CHAIN_ID": doc["chain_id"] or ""})
         return env
 
