@@ -420,6 +420,22 @@ def events_cmd(
     raise typer.Exit(commands.events(_paths(), task, since, follow, as_json))
 
 
+@app.command("logs")
+def logs_cmd(
+    task_id: str = typer.Argument(..., metavar="ID", help="The task.", autocompletion=_complete_task),
+    run: Optional[str] = O(None, "--run", metavar="N", help="Its N-th run (from 1, in start order) instead of the latest."),
+    all_: bool = O(False, "--all", help="Every kept run, each under a header line."),
+    tail: Optional[str] = O(None, "--tail", metavar="LINES", help="Only the last LINES lines of each run's output."),
+    follow: bool = O(False, "--follow", "-f", help="Stream the running run's output until it ends."),
+    as_json: bool = JSON_OPT,
+) -> None:
+    """The output (stdout and stderr) of a task's runs."""
+    from .logcmd import logs_command
+
+    raise typer.Exit(logs_command(_paths(), task_id, _int(run, "--run"), all_, _int(tail, "--tail", 0), follow,
+                                  as_json))
+
+
 @app.command("explain")
 def explain_cmd(
     task_id: str = typer.Argument(..., metavar="ID", help="A task, its ID#n, or a chain.", autocompletion=_complete_task),

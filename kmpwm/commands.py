@@ -252,6 +252,9 @@ def inspect(scheduler, task_id, tag, state_filter, all_: bool, watch: bool, as_j
         warn_damage(view)
         now = time.time()
         doc = _queue_doc(view.state, now, task_id, tag, wanted, all_)
+        from .progress import attach
+
+        attach(scheduler.paths, doc["tasks"])
         if as_json:
             if watch:
                 from .output import print_json_line
@@ -291,6 +294,10 @@ def _print_queue(doc: dict, state: dict, now: float) -> None:
         return
     raw = state["tasks"]
     chains = {c["id"]: c for c in doc["chains"]}
+    from .output import is_tty
+    from .progress import text as progress_text
+
+    tty = is_tty()
 
     def row(t: dict) -> list:
         lr = t["last_result"]
@@ -301,6 +308,8 @@ def _print_queue(doc: dict, state: dict, now: float) -> None:
         nxt = relative(max(next_run_at(r, now), now), now) if t["next_run_at"] else ""  # overdue: "now"
         if t["state"] == "RUNNING" and t.get("lease"):
             nxt = f"since {relative(r['lease']['since'], now).replace(' ago', '')}"
+            if t.get("progress"):
+                last = progress_text(t["progress"], tty)  # while it runs: how far it is
         elif r["state"] == "RUNNING":  # its run is over without a result: as explain says it
             last = f"{last} ({t['reason']})" if last else t["reason"]
         step = f"{t['step']}/{len(chains[t['chain_id']]['steps'])}" if t["chain_id"] in chains else ""
@@ -316,7 +325,8 @@ def _print_queue(doc: dict, state: dict, now: float) -> None:
         if members:
             nxt = f"next {c['next_step']}" if c["next_step"] else ""
             groups.append(([f"chain {cid}", "", c["state"], "", "", nxt, "", ""], members))
-    grouped_table(["ID", "WORKER", "STATE", "NEXT RUN", "ATTEMPTS", "STEP", "TAGS", "LAST RESULT"], groups,
+    last_head = "PROGRESS / LAST RESULT" if any(t.get("progress") for t in doc["tasks"]) else "LAST RESULT"
+    grouped_table(["ID", "WORKER", "STATE", "NEXT RUN", "ATTEMPTS", "STEP", "TAGS", last_head], groups,
                   style_column=2)
 
 

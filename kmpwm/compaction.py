@@ -96,6 +96,9 @@ def compact(paths: Paths, *, retention: float = RETENTION, now: float | None = N
             tasks, chains = keep_sets(folder.state, cutoff)
             events = folder.events
             _rewrite(journal, paths, folder, tasks, chains, events, now)
+    from .runlog import sweep
+
+    runs_deleted = sweep(paths, cutoff)  # run output lives as long as its events (and a task's last 5 runs)
     after = journal.identity()
     return {
         "compacted": True,
@@ -106,6 +109,7 @@ def compact(paths: Paths, *, retention: float = RETENTION, now: float | None = N
         "tasks_dropped": len(folder.state["tasks"]) - len(tasks),
         "chains_kept": len(chains),
         "events_kept": len(events),
+        "runs_deleted": runs_deleted,
         "retention_days": retention / 86400,
     }
 

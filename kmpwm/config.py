@@ -62,6 +62,7 @@ SECTIONS = ("workers",)
 class Config:
     workers: dict[str, WorkerConfig] = field(default_factory=dict)
     path: Path | None = None
+    hooks: dict = field(default_factory=dict)  # [hooks]: on_failure / on_success (kmpwm.hooks)
 
 
 def load(path: Path) -> Config:
@@ -92,6 +93,9 @@ def load(path: Path) -> Config:
         raise ConfigError(f"{path}: [workers] must be a table of [workers.NAME] tables")
     for name, table in workers.items():
         cfg.workers[name] = _worker(path, name, table)
+    from .hooks import parse_hooks
+
+    cfg.hooks = parse_hooks(path, doc.get("hooks"))
     return cfg
 
 

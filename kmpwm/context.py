@@ -26,7 +26,9 @@ class WorkerContext:
     chain_id: str | None = None
     step: int | None = None
     deadline: float | None = None  # time.monotonic() value of the time limit
+    progress_file: str | None = None  # where ctx.progress writes (beside the run's output)
     _expired: bool = False
+    _reporter: object = None
 
     @property
     def expired(self) -> bool:
@@ -38,6 +40,19 @@ class WorkerContext:
 
     def expire(self) -> None:
         self._expired = True
+
+    def progress(self, fraction: float, message: str | None = None) -> None:
+        """Report how far the run is (``fraction`` 0..1, an optional short message); shown by
+        ``inspect-queue`` and ``explain`` while the task runs.  Cheap enough to call in a loop."""
+        if self._reporter is None:
+            from .progress import Reporter
+
+            self._reporter = Reporter(self.progress_file)
+        self._reporter.report(fraction, message)
+
+    def close(self) -> None:
+        if self._reporter is not None:
+            self._reporter.close()
 
     def time_left(self) -> float | None:
         """Seconds until the time limit (None when there is none)."""

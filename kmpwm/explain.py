@@ -134,6 +134,13 @@ def explain_command(paths: Paths, task_id: str, as_json: bool) -> int:
     if not ids:
         raise InvalidParams(f"no task or chain {task_id!r}", hint="`kmpwm inspect-queue --all` lists them")
     docs = [explain_task(state, tasks[i], now, device) for i in ids if i in tasks]
+    from .progress import of_task, text
+
+    for d in docs:
+        if d["running"]:
+            d["progress"] = of_task(paths, d["id"])
+            if d["progress"]:
+                d["reason"] += f"; progress {text(d['progress'], False)} (at {d['progress']['at']})"
     if as_json:
         print_json(docs[0] if len(docs) == 1 else {"id": task_id, "tasks": docs})
     else:

@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 
 import orjson
 
-from . import groups, procs, reserve
+from . import groups, procs, reserve, runlog
 from .exitcodes import JournalError, KmpwmError
 from .models import DEFAULT_GRACE
 from .paths import Paths, private_subdir
@@ -71,6 +71,8 @@ class Job:
     ended: float = 0.0  # monotonic time it was reaped
     host: Host | None = None  # the pool process running it (Python workers)
     answered: bool = False  # the host sent this job's result
+    log: runlog.RunLog | None = None  # where its output goes as it arrives
+    progressed: bool = False  # a Python worker that reported progress (its file is to remove)
 
     @property
     def id(self) -> str:
@@ -157,6 +159,10 @@ class Runner:
         self._groups = groups.GroupLog(paths.runners_dir, self.pid, self.token)
         self.disk_full = False  # no room to record results: claim nothing more (reserve.py)
         self._occ: dict[str, str] = {}
+        self._trim_at = 0.0
+        self._runlogs = runlog.Starter(paths, self.pid, self.token)  # each run's output (kmpwm.runlog)
+        self._hooks = None  # kmpwm.hooks.HookRunner, when config.toml has [hooks]
+        self._hooks_read = False
 
     @property
     def registry(self):
@@ -221,11 +227,17 @@ class Runner:
                     if self.run_expired or self.disk_full or not self._room() or not need_claim:
                         break  # nothing left that this run may start
                     continue
-                self._wait(self._timeout(deadline))
+                later = self._runlogs.flush()  # the runs started and ended meanwhile, one write
+                timeout = self._timeout(deadline)
+                self._wait(timeout if later is None else min(timeout, later))
                 self._check_limits()
                 if self.jobs and time.monotonic() - last_watch >= CANCEL_WATCH:
                     last_watch = time.monotonic()
                     self._watch_cancels()
+                if self._hooks:
+                    self._hooks.poll()
+            self._runlogs.flush(force=True)
+            self._end_hooks()
         finally:
             self._teardown()
         return 75 if self.run_expired else 0
@@ -333,6 +345,7 @@ class Runner:
                 failed.append({"id": task_id, "worker": t.get("worker"), "reason": detail.get("reason")})
 
         self._on_fold = on_fold
+        hooks = self._hook_runner()
         try:
             with self.store.transaction() as txn:
                 if txn.view.damage:
@@ -360,16 +373,66 @@ class Runner:
             raise
         self.report.failed += failed
         for job, row in rows:  # durable now
+            if job.log is not None:
+                self._runlogs.end(job.log, row["status"], time.time(), job.kind == "command" or job.progressed)
             self.report.ran.append(row)
             if row["status"] == "EXPIRED":
                 self.report.expired.append({"id": row["id"], "worker": row["worker"]})
             self.on_event("done", (job, row))
         if rows:
             _log_runs(self.paths, rows)
+        self._runlogs.flush()
+        if hooks is not None and (rows or failed):
+            self._fire_hooks(hooks, rows, [f["id"] for f in failed], txn.state)
         self._ready.extend(claimed)
         self.claimed_count += len(claimed)
         self._start_ready()
         return len(claimed)
+
+    # -- hooks (kmpwm.hooks) -----------------------------------------------------------------
+
+    def _hook_runner(self):
+        if not self._hooks_read:
+            self._hooks_read = True
+            if os.path.lexists(self.paths.config_file):
+                hooks = self.registry.config.hooks
+                if hooks:
+                    from .hooks import HookRunner
+
+                    self._hooks = HookRunner(self.paths, hooks)
+        return self._hooks
+
+    def _fire_hooks(self, hooks, rows: list, failed: list, state: dict) -> None:
+        """Right after the results are durable, once (at most once: nothing starts them again)."""
+        if os.environ.get("KMPWM_CRASH_AT") == "before-hooks":  # crash injection for the tests
+            os.kill(os.getpid(), signal.SIGKILL)
+        from .hooks import payload
+
+        ran = {job.id: (job, row) for job, row in rows}
+        tasks = state["tasks"]
+        for job, row in rows:
+            if row["status"] == "SUCCESS" and job.id in tasks:
+                hooks.fire("on_success", payload(tasks[job.id], "SUCCESS", row["message"], row["data"], job.attempt))
+        for tid in dict.fromkeys(failed):
+            t = tasks.get(tid)
+            if t is None:
+                continue
+            if tid in ran:
+                job, row = ran[tid]
+                doc = payload(t, row["status"], row["message"], row["data"], job.attempt)
+            else:  # failed without a run of its own (upstream failed, window missed)
+                doc = payload(t, "FAILURE", t.get("reason"), None, t["attempts"])
+            hooks.fire("on_failure", doc)
+
+    def _end_hooks(self) -> None:
+        """Wait for the hooks still running, then record those that failed (``hook failed``)."""
+        if not self._hooks:
+            return
+        self._hooks.wait()
+        notes = self._hooks.notes()
+        if notes:
+            with self.store.transaction() as txn:
+                txn.stage(notes)
 
     def _start_ready(self) -> None:
         if not self._ready or len(self.jobs) >= self.parallel or self.run_expired:
@@ -479,6 +542,7 @@ class Runner:
         attempt = task["occ_attempts"] + 1
         job = Job(task, attempt, info.kind if info else "python", limit, time.monotonic(), time.time())
         self.jobs[job.id] = job
+        job.log = self._runlogs.start(job.id, attempt, job.started_wall)
         self.on_event("start", job)
         trig = task["trigger"]
         try:
@@ -504,6 +568,8 @@ class Runner:
         t = job.task
         env = {"KMPWM_TASK_ID": t["id"], "KMPWM_ATTEMPT": str(job.attempt), "KMPWM_WORKER": t["worker"],
                "KMPWM_UPSTREAM": orjson.dumps(upstream).decode()}
+        if job.log is not None:
+            env["KMPWM_PROGRESS"] = job.log.progress
         if t.get("chain_id"):
             env["KMPWM_CHAIN_ID"] = t["chain_id"]
             env["KMPWM_STEP"] = str(t["step"])
@@ -580,7 +646,7 @@ class Runner:
         t = job.task
         msg = {"id": t["id"], "worker": t["worker"], "input": t["input"], "attempt": job.attempt,
                "upstream": upstream, "chain_id": t.get("chain_id"), "step": t.get("step"), "limit": job.limit,
-               "env": self._env(job, upstream)}
+               "env": self._env(job, upstream), "progress": job.log.progress if job.log else None}
         from .worker_host import write_frame
 
         host.job = job
@@ -667,9 +733,7 @@ class Runner:
                 return
             if fd == host.output:
                 if host.job is not None:
-                    host.job.out += chunk
-                    if len(host.job.out) > STDOUT_TAIL:
-                        del host.job.out[:-STDOUT_TAIL]
+                    _output(host.job, chunk)
                 continue
             host.buf += chunk
             while len(host.buf) >= 4:
@@ -678,6 +742,8 @@ class Runner:
                     break
                 frame = bytes(host.buf[4:4 + size])
                 del host.buf[:4 + size]
+                if fd != host.output and host.output >= 0:
+                    self._drain_host(host, host.output)  # its output, written before the result
                 job = host.job
                 if job is not None:
                     job.result = bytearray(frame)
@@ -757,7 +823,8 @@ class Runner:
                 t = job.task
                 ctx = WorkerContext(task_id=t["id"], attempt=job.attempt, upstream=upstream, input=t["input"],
                                     worker=t["worker"], chain_id=t.get("chain_id"), step=t.get("step"),
-                                    deadline=time.monotonic() + job.limit)
+                                    deadline=time.monotonic() + job.limit,
+                                    progress_file=job.log.progress if job.log else None)
                 os.environ.update(self._env(job, upstream))
                 result = run_in_child(info, t["input"], ctx)
                 try:
@@ -845,6 +912,7 @@ class Runner:
                     os.waitpid(host.pid, 0)
                 except ChildProcessError:
                     pass
+        self._runlogs.flush(force=True)
         for signo, old in self._signals.items():
             signal.signal(signo, old)
         try:
@@ -911,16 +979,23 @@ class Runner:
             if name == "result":
                 job.result += chunk
             elif name == "out":
-                job.out += chunk
-                if len(job.out) > STDOUT_TAIL:
-                    del job.out[:-STDOUT_TAIL]
+                _output(job, chunk)
             else:
+                if job.log is not None:
+                    job.log.write(chunk)
                 job.err += chunk
                 if len(job.err) > TAIL:
                     del job.err[:-TAIL]
 
     def _check_limits(self) -> None:
         now = time.monotonic()
+        if now >= self._trim_at:  # command workers append progress lines: keep their files small
+            self._trim_at = now + 1.0
+            from .progress import trim
+
+            for job in self.jobs.values():
+                if job.kind == "command" and job.log is not None:
+                    trim(job.log.progress)
         if self._flags["expire"] and not self.run_expired:
             self._expire_run(self.expire_reason)
         if self._flags["force"] and not self._forced:
@@ -1040,6 +1115,8 @@ class Runner:
         if job.result:
             try:
                 res = orjson.loads(bytes(job.result))
+                if isinstance(res, dict) and res.get("progress"):
+                    job.progressed = True
                 if isinstance(res, dict) and res.get("status") in ("SUCCESS", "FAILURE", "RETRY"):
                     return _checked_data(res)
             except orjson.JSONDecodeError:
@@ -1094,6 +1171,17 @@ class Runner:
 
 
 # -- helpers -------------------------------------------------------------------------------
+
+
+def _output(job: Job, chunk: bytes) -> None:
+    """A worker's stdout (a Python worker's: stdout and stderr): to its run's file as it arrives;
+    only a bounded tail stays in memory (a command's last JSON line, a failure's message)."""
+    if job.log is not None:
+        job.log.write(chunk)
+    job.out += chunk
+    if len(job.out) > STDOUT_TAIL:
+        del job.out[:-STDOUT_TAIL]
+
 
 _PR_SET_PDEATHSIG = 1
 _libc = None

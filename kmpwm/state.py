@@ -876,7 +876,15 @@ def _update(state: dict, t: dict, task: dict, ts: float, emit: Emit, by=None) ->
     return {"action": "updated", "id": t["id"], "due": t.get("updated_due", due), "state": t["state"]}
 
 
+def _op_note(state: dict, op: dict, ts: float, emit: Emit) -> bool:
+    """Something that happened around a task without changing it (a hook that failed)."""
+    if emit:
+        emit(ts, op.get("id", "?"), op.get("event", "note"), op.get("detail") or {})
+    return True
+
+
 _HANDLERS = {
+    "note": _op_note,
     "enq": _op_enq,
     "chain": _op_chain,
     "cancel": _op_cancel,

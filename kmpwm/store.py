@@ -523,6 +523,7 @@ class Transaction:
         self._view: View | None = None
         self.staged: list[dict] = []
         self.ts = time.time()
+        self.emit = None  # set to see the events the staged ops imply (run-due's hooks)
 
     @property
     def view(self) -> View:
@@ -541,7 +542,10 @@ class Transaction:
         if not ops:
             return []
         self.staged.extend(ops)
-        return apply(self.view.state, {"ts": self.ts, "ops": ops}, emit)
+        hook = emit
+        if self.emit is not None:  # run-due's hooks see the events too
+            hook = self.emit if emit is None else (lambda *e, _a=emit, _b=self.emit: (_a(*e), _b(*e)))
+        return apply(self.view.state, {"ts": self.ts, "ops": ops}, hook)
 
     def flush(self) -> None:
         if not self.staged:
@@ -636,7 +640,7 @@ def _tail_keeps_idle(record: dict, now: float) -> bool:
         return False  # written before the clock went back: load and look (state.due_at)
     for op in record.get("ops", ()):
         kind = op.get("op")
-        if kind == "cancel" or kind == "hdr":
+        if kind == "cancel" or kind == "hdr" or kind == "note":  # note: a failed hook, changes nothing
             continue
         if kind == "enq":
             tasks = [op.get("task") or {}]

@@ -54,6 +54,7 @@ def task_json(t: dict, now: float) -> dict:
                          and (t.get("paused_until") or 0) > now else None),
         "lease": None if not t.get("lease") else {
             "runner": t["lease"]["runner"], "pid": t["lease"].get("pid"), "until": iso(t["lease"]["until"])},
+        "progress": None,  # the latest of a running task (kmpwm.progress.attach)
     }
 
 

@@ -68,9 +68,48 @@ async def _await(awaitable):
     return await awaitable
 
 
+_output_ready = False
+
+
+def capture_output() -> None:
+    """In a worker process whose stdout and stderr are run-due's pipe: line-buffered stdout, so
+    that the two streams interleave in the order they were written, and ``logging`` records of
+    INFO and above on stderr while the worker configures no handler, so they land in the run's
+    output too."""
+    global _output_ready
+    if _output_ready:
+        return
+    _output_ready = True
+    try:
+        sys.stdout.reconfigure(line_buffering=True)
+        import logging
+
+        # No handler is added (``logging.basicConfig`` in the worker still takes effect): the
+        # handler of last resort, used while the worker configures none, takes INFO and up.
+        root = logging.getLogger()
+        if not root.handlers and logging.lastResort is not None:
+            logging.lastResort.setLevel(logging.INFO)
+            logging.lastResort.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
+            if root.level > logging.INFO:
+                root.setLevel(logging.INFO)
+    except Exception:
+        pass
+
+
 def run_in_child(info, input: str | None, ctx: WorkerContext) -> dict:
     """Run the worker; returns the result as a plain dict (never raises)."""
     signal.signal(signal.SIGTERM, lambda signo, frame: ctx.expire())
+    capture_output()
+    try:
+        result = _run(info, input, ctx)
+    finally:
+        ctx.close()
+    if ctx._reporter is not None:
+        result["progress"] = True  # run-due removes the progress file when the run ends
+    return result
+
+
+def _run(info, input: str | None, ctx: WorkerContext) -> dict:
     try:
         target = load_target(info)
         info.preloaded = target  # a pool host imports a worker once
@@ -121,6 +160,11 @@ def host_main(in_fd: int, out_fd: int, registry) -> None:
     base_env = dict(os.environ)
     base_cwd = os.getcwd()
     _become_subreaper()
+    capture_output()
+    import logging
+
+    root = logging.getLogger()
+    base_logging = (list(root.handlers), root.level)
     targets: dict = {}
     while True:
         header = _read_exact(in_fd, _HEADER)
@@ -136,7 +180,7 @@ def host_main(in_fd: int, out_fd: int, registry) -> None:
             pass
         ctx = WorkerContext(task_id=msg["id"], attempt=msg["attempt"], upstream=msg["upstream"],
                             input=msg["input"], worker=msg["worker"], chain_id=msg.get("chain_id"),
-                            step=msg.get("step"), deadline=None)
+                            step=msg.get("step"), deadline=None, progress_file=msg.get("progress"))
         info = registry.get(msg["worker"])
         if info is not None and msg["worker"] in targets:
             info.preloaded = targets[msg["worker"]]
@@ -147,6 +191,8 @@ def host_main(in_fd: int, out_fd: int, registry) -> None:
             "status": "FAILURE", "message": f"unknown worker {msg['worker']!r}", "data": None}
         if info is not None and getattr(info, "preloaded", None) is not None:
             targets[msg["worker"]] = info.preloaded
+        root.handlers[:] = base_logging[0]  # a basicConfig() in one task is not the next one's
+        root.setLevel(base_logging[1])
         sys.stdout.flush()
         sys.stderr.flush()
         _end_leftovers()

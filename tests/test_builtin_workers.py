@@ -459,3 +459,39 @@ def test_compress_duplicate_names_and_bad_json(tmp_path):
                          "output": str(tmp_path / "o.zip")})
     assert dup.status == "FAILURE" and "'x.txt'" in dup.message
     assert compress("{", ctx()).status == "FAILURE"
+
+
+# --- progress (SPEC section 10) -------------------------------------------------------------------
+
+
+class Recording(WorkerContext):
+    def __init__(self, **kw):
+        super().__init__(task_id="t", attempt=1, **kw)
+        self.reports = []
+
+    def progress(self, fraction, message=None):
+        self.reports.append((fraction, message))
+        super().progress(fraction, message)
+
+
+def test_download_and_upload_report_progress(server, tmp_path):
+    from kmpwm.progress import read
+
+    pfile = tmp_path / "download.progress"
+    c = Recording(progress_file=str(pfile))
+    result = run(download, {"url": server.base + "/blob", "path": str(tmp_path / "b.bin")}, c)
+    assert result.status == "SUCCESS", result.message
+    c.close()  # a report made within 50 ms of the last write is written when the run ends
+    fractions = [f for f, _ in c.reports]
+    assert len(fractions) >= 2 and fractions == sorted(fractions) and fractions[-1] == 1.0
+    assert read(pfile)["message"] == f"downloaded {len(BLOB)} of {len(BLOB)} bytes"
+    assert pfile.stat().st_size < 100  # overwritten in place, never appended
+
+    src = tmp_path / "up.bin"
+    src.write_bytes(BLOB)
+    for multipart in (True, False):
+        c = Recording()
+        result = run(upload, {"url": server.base + "/echo", "path": str(src), "multipart": multipart}, c)
+        assert result.status == "SUCCESS", result.message
+        assert c.reports[-1] == (1.0, f"uploaded {len(BLOB)} of {len(BLOB)} bytes")
+        assert [f for f, _ in c.reports] == sorted(f for f, _ in c.reports)

@@ -264,11 +264,11 @@ def upload(input, ctx):
         boundary = "kmpwm-" + secrets.token_hex(16)
         head, tail = _multipart_frame(boundary, {k: str(v) for k, v in fields.items()}, field,
                                       os.path.basename(path), content_type)
-        body = _stream(path, ctx, head, tail)
+        body = _stream(path, ctx, head, tail, size)
         _set_default(headers, "Content-Type", f"multipart/form-data; boundary={boundary}")
         length = len(head) + size + len(tail)
     else:
-        body = _stream(path, ctx)
+        body = _stream(path, ctx, total=size)
         _set_default(headers, "Content-Type", content_type)
         length = size
     # Known up front, so servers that refuse chunked uploads still accept the streamed body.
@@ -461,6 +461,7 @@ def _receive(resp, part: str, offset: int, digest, ctx) -> str | None:
     length = resp.headers.get("Content-Length")
     expected = int(length) if length and length.isdigit() else None
     received = 0
+    total = offset + expected if expected else None
     with open(part, "ab" if offset else "wb") as out:
         try:
             while True:
@@ -472,6 +473,8 @@ def _receive(resp, part: str, offset: int, digest, ctx) -> str | None:
                 out.write(chunk)
                 digest.update(chunk)
                 received += len(chunk)
+                if total:
+                    _progress(ctx, offset + received, total, "downloaded")
             # http.client returns a short body silently when the connection drops.
             if expected is not None and received < expected:
                 return f"connection closed after {received} of {expected} bytes"
@@ -500,14 +503,24 @@ def _multipart_frame(boundary: str, fields: dict[str, str], field: str, filename
     return head, f"\r\n--{boundary}--\r\n".encode("ascii")
 
 
-def _stream(path: str, ctx, head: bytes = b"", tail: bytes = b""):
-    """The request body as an iterable, so the file is sent in chunks rather than read whole."""
+def _progress(ctx, done: int, total: int, verb: str) -> None:
+    report = getattr(ctx, "progress", None)
+    if report is not None and total > 0:
+        report(min(1.0, done / total), f"{verb} {done} of {total} bytes")
+
+
+def _stream(path: str, ctx, head: bytes = b"", tail: bytes = b"", total: int = 0):
+    """The request body as an iterable, so the file is sent in chunks rather than read whole
+    (reporting progress as the file's bytes are handed to the connection)."""
     if head:
         yield head
+    sent = 0
     with open(path, "rb") as f:
         while chunk := f.read(CHUNK):
             if ctx.expired:
                 raise _Stopped
             yield chunk
+            sent += len(chunk)
+            _progress(ctx, sent, total, "uploaded")
     if tail:
         yield tail
