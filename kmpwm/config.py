@@ -55,7 +55,7 @@ class WorkerConfig:
 
 
 WORKER_KEYS = ("command", "entry", "timeout", "cwd", "env", "path", "description", "inputs")
-SECTIONS = ("workers",)
+SECTIONS = ("workers", "hooks")
 
 
 @dataclass
@@ -87,7 +87,7 @@ def load(path: Path) -> Config:
     cfg = Config(path=path)
     unknown = sorted(set(doc) - set(SECTIONS))
     if unknown:
-        raise ConfigError(f"{path}: unknown table or key {unknown[0]!r} (expected [workers.NAME] tables)")
+        raise ConfigError(f"{path}: unknown table or key {unknown[0]!r} (expected [workers.NAME] tables and [hooks])")
     workers = doc.get("workers", {})
     if not isinstance(workers, dict):
         raise ConfigError(f"{path}: [workers] must be a table of [workers.NAME] tables")
