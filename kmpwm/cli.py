@@ -316,11 +316,12 @@ def run_due_cmd(
 def serve_cmd(
     parallel: Optional[str] = O(None, "--parallel", metavar="N", help="Tasks at once (default: number of CPUs)."),
     grace: Optional[str] = O(None, "--grace", metavar="DUR", help="Time a told-to-stop worker gets before SIGKILL (default 5s)."),
+    as_json: bool = JSON_OPT,
 ) -> None:
-    """Run due work as it becomes due, until SIGTERM (the long-running alternative to run-due)."""
+    """Run due work the moment it is due, until SIGTERM (the long-running alternative to run-due)."""
     from . import commands
 
-    raise typer.Exit(commands.serve(_paths(), _int(parallel, "--parallel"), grace))
+    raise typer.Exit(commands.serve(_paths(), _int(parallel, "--parallel"), grace, as_json))
 
 
 @app.command("simulate-expire")

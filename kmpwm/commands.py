@@ -398,10 +398,10 @@ def run_due(paths, budget, grace, parallel, max_tasks, dry_run, as_json) -> int:
                            dry_run=dry_run, as_json=as_json)
 
 
-def serve(paths, parallel, grace) -> int:
+def serve(paths, parallel, grace, as_json=False) -> int:
     from .serve import serve_command
 
-    return serve_command(paths, parallel=parallel, grace=grace)
+    return serve_command(paths, parallel=parallel, grace=grace, as_json=as_json)
 
 
 def simulate_expire(paths, ids, all_, grace, as_json) -> int:

@@ -458,7 +458,7 @@ def running_serves(paths: Paths) -> list[dict]:
 # -- the command ------------------------------------------------------------------------------
 
 
-def serve_command(paths: Paths, *, parallel: int | None, grace: str | None) -> int:
+def serve_command(paths: Paths, *, parallel: int | None, grace: str | None, as_json: bool = False) -> int:
     from .models import DEFAULT_GRACE
     from .runner import Runner
     from .timeparse import parse_duration
@@ -488,10 +488,15 @@ def serve_command(paths: Paths, *, parallel: int | None, grace: str | None) -> i
         except OSError:
             pass
     signo = runner._flags.get("signo")
+    expired = runner.report.expired
     if code == 75 and signo in (signal.SIGTERM, signal.SIGINT):
-        n = len(runner.report.expired)
-        serve.log(f"stopped ({signal.Signals(signo).name}); {n} running task(s) savepointed and released")
-        return 0
-    if code == 75:
+        serve.log(f"stopped ({signal.Signals(signo).name}); {len(expired)} running task(s) savepointed and released")
+        code = 0
+    elif code == 75:
         serve.log(f"the run expired ({runner.expire_reason}); running tasks savepointed and released")
+    if as_json:  # one document, at the end: how it stopped and what it handed back
+        from .output import print_json
+
+        print_json({"stopped_by": signal.Signals(signo).name if signo else None, "expired": expired,
+                    "exit_code": code})
     return code

@@ -79,7 +79,8 @@ def wait_for(cond, timeout: float, what: str):
 class Serve:
     def __init__(self, home: Path, tmp_path: Path, *args: str):
         self.err = open(tmp_path / f"serve-{time.monotonic_ns()}.err", "w+")
-        self.proc = subprocess.Popen([PY, "-m", "kmpwm", "serve", *args], stdout=subprocess.DEVNULL,
+        self.out = open(tmp_path / f"serve-{time.monotonic_ns()}.out", "w+")
+        self.proc = subprocess.Popen([PY, "-m", "kmpwm", "serve", *args], stdout=self.out,
                                      stderr=self.err, stdin=subprocess.DEVNULL)
         self.pid = self.proc.pid
         state = home / "journal" / "runners" / f"serve-{self.pid}.json"
@@ -178,12 +179,15 @@ def test_sigterm_during_a_chain_savepoints_it_exits_0_and_the_chain_finishes_lat
     chain.write_text(json.dumps({"steps": [[{"worker": w, "input": spec}] for w in ("wa", "wb", "wc")]}))
     doc, rc = kjson("chain", "--id", "x", "--file", str(chain))
     assert rc == 0, doc
-    s = serves()
+    s = serves("--json")
     wait_for(lambda: [r["id"] for r in lines(done)] == ["x/1/wa"], 30, "step 1 to finish")
     fast.unlink()
     wait_for(lambda: [r["id"] for r in lines(log)][-1:] == ["x/2/wb"], 30, "step 2 to start")
     out = s.stop(signal.SIGTERM, expect=0)
     assert "savepointed" in out
+    s.out.seek(0)
+    doc = json.loads(s.out.read())  # --json: one document at the end
+    assert doc == {"stopped_by": "SIGTERM", "expired": [{"id": "x/2/wb", "worker": "wb"}], "exit_code": 0}
     state = tasks()
     assert state["x/1/wa"]["state"] == "SUCCEEDED"
     assert state["x/2/wb"]["state"] == "ENQUEUED"
