@@ -234,21 +234,27 @@ class Serve:
             self._fresh_pass(runner)
 
     def idle(self, runner) -> bool:
-        """Nothing left to start: sleep until something may be due; True (claim again)."""
+        """Nothing left to start: sleep until something may be due; True (claim again, with a
+        fresh plan: the Runner's queue of candidates may be stale by then)."""
+        runner._poke = False
+        self._sleep(runner)
+        runner._poke = True
+        return True
+
+    def _sleep(self, runner) -> None:
         self._start_watching(runner)
         self._fresh_pass(runner)
         self._maybe_compact()
         while True:
             flags = runner._flags
-            if flags.get("expire") or runner._poke:
-                return True
+            if flags.get("expire"):
+                return
             if flags.get("hup"):
-                return True  # tick() reloads, then the Runner plans with the new workers
+                return  # tick() reloads, then the Runner plans with the new workers
             if self.watch.drain():
                 # A change since the Runner last planned (another process's enqueue may have been
                 # folded into one of our own transactions without a plan): plan once more.
-                runner._poke = True
-                return True
+                return
             view = runner.store.load(full=False)
             if view.damage:
                 raise JournalError(
@@ -260,20 +266,22 @@ class Serve:
             now = time.time()
             nxt, holders = wake_plan(view.state, now, runner.runner_id, procs.host())
             if nxt is not None and nxt <= now:
-                return True
+                return
             timeout = None if nxt is None else min(nxt - now + 0.0005, MAX_SLEEP)
             poll = self.watch.poll_interval()
             if poll is not None:
                 timeout = poll if timeout is None else min(timeout, poll)
             self._watch_holders(runner, holders)
+            if runner._poke:
+                return  # a lease holder is gone already
             runner._wait(timeout)
-            if self.watch.fd is None and self.watch.drain():
-                runner._poke = True
+            if runner._poke or (self.watch.fd is None and self.watch.drain()):
+                return  # the journal changed, or a lease holder exited
             if nxt is not None and time.time() >= nxt:
                 runner.device = _fresh_device(self.paths)
-                return True
+                return
             if timeout is not None and poll is None and timeout >= MAX_SLEEP - 1:
-                return True  # the longest sleep: plan again (a clock change, a suspend)
+                return  # the longest sleep: plan again (a clock change, a suspend)
 
     # -- helpers --------------------------------------------------------------------------
 
