@@ -266,3 +266,15 @@ def test_serve_starts_every_task_of_a_stream_of_enqueues_without_waiting_for_a_r
         sched.enqueue(f"s{i}", triggers.OneTime(), "w", input=json.dumps({"log": str(log)}))
         wait_for(lambda: len(lines(log)) == i + 1, 20, f"task s{i} to start")
     s.stop()
+
+
+def test_serve_without_change_notification_falls_back_to_a_bounded_poll(tmp_path, worker, serves, monkeypatch):
+    monkeypatch.setenv("KMPWM_SERVE_WATCH", "poll")  # as on a platform without inotify or kqueue
+    log = tmp_path / "log"
+    kmpwm("enqueue", "hourly", "w", "--every", "1h", "--input", json.dumps({"log": str(log)}), check=0)
+    s = serves()
+    wait_for(lambda: len(lines(log)) == 1, 20, "the periodic task's first run")
+    time.sleep(1.5)  # the poll has backed off to its longest interval (1 s)
+    kmpwm("enqueue", "now", "w", "--input", json.dumps({"log": str(log)}), check=0)
+    wait_for(lambda: [r["id"] for r in lines(log)] == ["hourly", "now"], 20, "the new task to run")
+    s.stop()
