@@ -390,6 +390,18 @@ def run_due_cmd(
                                       _int(max_tasks, "--max-tasks"), dry_run, as_json))
 
 
+@app.command("serve")
+def serve_cmd(
+    parallel: Optional[str] = O(None, "--parallel", metavar="N", help="Tasks at once (default: number of CPUs)."),
+    grace: Optional[str] = O(None, "--grace", metavar="DUR", help="Time a told-to-stop worker gets before SIGKILL (default 5s)."),
+    as_json: bool = JSON_OPT,
+) -> None:
+    """Run due work the moment it is due, until SIGTERM (the long-running alternative to run-due)."""
+    from . import commands
+
+    raise typer.Exit(commands.serve(_paths(), _int(parallel, "--parallel"), grace, as_json))
+
+
 @app.command("simulate-expire")
 def simulate_expire_cmd(
     ids: Optional[List[str]] = typer.Argument(None, metavar="ID...", help="Running tasks or chains (ID covers its ID#n).",
@@ -485,13 +497,15 @@ BACKEND_HELP = "cron, launchd or systemd (default: the platform's own)."
 def schedule_install(
     backend: Optional[str] = O(None, "--backend", metavar="cron|launchd|systemd", help=BACKEND_HELP),
     every: Optional[str] = O(None, "--every", metavar="DUR", help="How often run-due runs (default 1m)."),
+    mode: Optional[str] = O(None, "--mode", metavar="minute|serve",
+                            help="minute: run-due periodically (default); serve: also `kmpwm serve` as a service."),
     print_only: bool = O(False, "--print", help="Only print what would be installed."),
     as_json: bool = JSON_OPT,
 ) -> None:
     """Install the periodic run-due invoker (idempotent; other entries are kept)."""
     from . import commands
 
-    raise typer.Exit(commands.schedule(_paths(), "install", backend, every, print_only, as_json))
+    raise typer.Exit(commands.schedule(_paths(), "install", backend, every, print_only, as_json, mode))
 
 
 @schedule_app.command("uninstall")

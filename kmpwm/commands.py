@@ -418,6 +418,12 @@ def run_due(paths, budget, grace, parallel, max_tasks, dry_run, as_json) -> int:
                            dry_run=dry_run, as_json=as_json)
 
 
+def serve(paths, parallel, grace, as_json=False) -> int:
+    from .serve import serve_command
+
+    return serve_command(paths, parallel=parallel, grace=grace, as_json=as_json)
+
+
 def simulate_expire(paths, ids, all_, grace, as_json) -> int:
     from .expiry import simulate_expire_command
 
@@ -457,7 +463,7 @@ def doctor(paths, repair, as_json) -> int:
     return doctor_command(paths, repair, as_json)
 
 
-def schedule(paths, action, backend, every, print_only, as_json) -> int:
+def schedule(paths, action, backend, every, print_only, as_json, mode=None) -> int:
     from .invoker import schedule_command
 
-    return schedule_command(paths, action, backend, every, print_only, as_json)
+    return schedule_command(paths, action, backend, every, print_only, as_json, mode)

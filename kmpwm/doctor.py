@@ -239,6 +239,9 @@ def doctor_command(paths: Paths, do_repair: bool, as_json: bool) -> int:
         last_run = os.stat(paths.runners_dir / "last-run").st_mtime
     except OSError:
         pass
+    from .serve import running_serves
+
+    serves = [{"pid": x["pid"], "started_at": iso(x["started_at"])} for x in running_serves(paths)]
     stale = stale_invoker(invoker, last_run, time.time())
     invoker["stale"] = stale is not None
     if stale:
@@ -250,7 +253,8 @@ def doctor_command(paths: Paths, do_repair: bool, as_json: bool) -> int:
     code = next((c for c in (IO_ERROR, NOPERM, CONFIG, NOTHING_MATCHED) if c in codes), 0)
     doc = {"healthy": healthy and code == 0, "journal": report,
            "config": {"path": str(paths.config_file), "error": config_error},
-           "workers": workers, "invoker": invoker, "last_run_at": last_run, "repaired": repaired,
+           "workers": workers, "invoker": invoker, "last_run_at": last_run, "serve": {"running": serves},
+           "repaired": repaired,
            "problems": problems, "exit_code": code}
     if as_json:
         print_json(doc)
@@ -280,6 +284,8 @@ def doctor_command(paths: Paths, do_repair: bool, as_json: bool) -> int:
     else:
         say("invoker   not installed: nothing runs `kmpwm run-due` periodically; `kmpwm schedule install` sets it up")
     say(f"last run  {last_run or 'never'}")
+    say("serve     " + ("; ".join(f"running (pid {x['pid']}, since {x['started_at']})" for x in serves)
+                        if serves else "not running (`kmpwm serve` starts work the moment it is due)"))
     if problems:
         for p in problems:
             say(f"problem:  {p}")

@@ -39,6 +39,7 @@ from .timeparse import format_duration, iso, parse_duration, relative
 
 BACKENDS = ("cron", "launchd", "systemd")
 ACTIONS = ("install", "uninstall", "status")
+MODES = ("minute", "serve")
 DEFAULT_EVERY = 60.0
 MIN_EVERY = 60.0
 
@@ -46,6 +47,8 @@ CRON_BEGIN = "# BEGIN kmpwm (managed by kmpwm schedule; do not edit)"
 CRON_END = "# END kmpwm"
 LAUNCHD_LABEL = "dev.kmpwm.runner"
 SYSTEMD_NAME = "kmpwm-run-due"
+LAUNCHD_SERVE_LABEL = "dev.kmpwm.serve"
+SYSTEMD_SERVE_NAME = "kmpwm-serve"
 
 CRON_TIMEOUT = 10.0
 LAUNCHCTL_TIMEOUT = 15.0
@@ -117,8 +120,9 @@ def kmpwm_argv() -> list[str]:
 class _Target:
     """What this home's invoker runs, and the names that keep homes apart."""
 
-    def __init__(self, paths):
+    def __init__(self, paths, sub: str = "run-due"):
         self.paths = paths
+        self.sub = sub  # the subcommand it runs: run-due, or serve
         self.home = str(paths.home) if paths.home is not None else None
         self.suffix = hashlib.sha256(self.home.encode()).hexdigest()[:8] if self.home else None
         self._argv: list[str] | None = None
@@ -130,7 +134,7 @@ class _Target:
     @property
     def argv(self) -> list[str]:
         if self._argv is None:
-            self._argv = kmpwm_argv() + ["run-due"]
+            self._argv = kmpwm_argv() + [self.sub]
         return self._argv
 
     @property
@@ -314,9 +318,10 @@ def _crontab_program() -> str:
 class Cron:
     name = "cron"
 
-    def __init__(self, target: _Target, every: int | None):
+    def __init__(self, target: _Target, every: int | None, serve: bool = False):
         self.t = target
         self.every = every
+        self.serve = serve  # --mode serve: an @reboot line starts `kmpwm serve` too
 
     @property
     def begin(self) -> str:
@@ -333,9 +338,20 @@ class Cron:
             raise InvalidParams(f"the run-due command {command!r} contains \\% which cron cannot pass through")
         return f"{cron_schedule(self.every)} {command.replace('%', chr(92) + '%')}"
 
+    def reboot_line(self) -> str:
+        """``@reboot`` + the serve command, its output appended to logs/serve.log."""
+        target = _Target(self.t.paths, "serve")
+        log = shlex.quote(str(self.t.paths.log_dir / "serve.log"))
+        command = f"{target.command()} >>{log} 2>&1"
+        _no_newlines(command, "the serve command")
+        if "\\%" in command:
+            raise InvalidParams(f"the serve command {command!r} contains \\% which cron cannot pass through")
+        return f"@reboot {command.replace('%', chr(92) + '%')}"
+
     def block(self) -> str:
         _no_newlines(self.t.home_label, "the home directory")
-        return f"{self.begin}\n{self.line()}\n{self.end}\n"
+        reboot = f"{self.reboot_line()}\n" if self.serve else ""
+        return f"{self.begin}\n{self.line()}\n{reboot}{self.end}\n"
 
     # crontab I/O
     def read(self, timeout: float = CRON_TIMEOUT) -> bytes:
@@ -379,9 +395,10 @@ class Cron:
                     j += 1
                 if j < len(lines) and lines[j].startswith(CRON_END.encode()):
                     j += 1
-                else:  # no END: take the BEGIN line and the run-due lines right after it
+                else:  # no END: take the BEGIN line and the run-due (and serve) lines right after it
                     j = i + 1
-                    while j < len(lines) and b"run-due" in lines[j] and not lines[j].startswith(b"#"):
+                    while j < len(lines) and (b"run-due" in lines[j] or lines[j].startswith(b"@reboot ")) \
+                            and not lines[j].startswith(b"#"):
                         j += 1
                 blocks.append((i, j))
                 i = j
@@ -393,6 +410,15 @@ class Cron:
         body = [ln.rstrip(b"\r\n").decode(errors="replace") for ln in lines[block[0] + 1:block[1]]
                 if ln.strip() and not ln.startswith(b"#")]
         return "\n".join(body) or None
+
+    def serve_entry(self, data: bytes | None = None) -> str | None:
+        """The @reboot line of this home's block (None: not installed)."""
+        lines, blocks = self.find(self.read() if data is None else data)
+        for i, j in blocks[:1]:
+            for ln in lines[i + 1:j]:
+                if ln.startswith(b"@reboot "):
+                    return ln.rstrip(b"\r\n").decode(errors="replace")
+        return None
 
     def install(self) -> dict:
         block = self.block().encode()
@@ -433,6 +459,8 @@ class Cron:
     def status(self, timeout: float = CRON_TIMEOUT) -> dict:
         lines, blocks = self.find(self.read(timeout))
         entry = self.entry_of(lines, blocks[0]) if blocks else None
+        if entry and "\n" in entry:  # the run-due line first, the serve @reboot line after it
+            entry = next((e for e in entry.split("\n") if not e.startswith("@reboot ")), entry)
         return {"installed": bool(blocks), "entry": entry, "path": None}
 
     def printed(self, action: str) -> dict:
@@ -779,7 +807,123 @@ class Systemd:
         return {"text": text, "entry": self.t.command(), "path": str(self.timer_path), "files": files, "note": note}
 
 
+class LaunchdServe(Launchd):
+    """``--mode serve`` on macOS: a KeepAlive agent running ``kmpwm serve`` (the StartInterval
+    agent of run-due stays as the fallback)."""
+
+    @property
+    def label(self) -> str:
+        return LAUNCHD_SERVE_LABEL + (f".{self.t.suffix}" if self.t.suffix else "")
+
+    def plist(self) -> dict:
+        doc: dict[str, Any] = {"Label": self.label, "ProgramArguments": self.t.argv}
+        if self.t.env:
+            doc["EnvironmentVariables"] = dict(self.t.env)
+        doc.update({
+            "RunAtLoad": True,
+            "KeepAlive": True,
+            "ThrottleInterval": 10,
+            "ProcessType": "Background",
+            "StandardOutPath": str(self.t.paths.log_dir / "serve.log"),
+            "StandardErrorPath": str(self.t.paths.log_dir / "serve.log"),
+        })
+        return doc
+
+
+class SystemdServe(Systemd):
+    """``--mode serve`` with systemd: a user service running ``kmpwm serve``, restarted on
+    failure (the run-due timer stays as the fallback)."""
+
+    @property
+    def unit(self) -> str:
+        return SYSTEMD_SERVE_NAME + (f"-{self.t.suffix}" if self.t.suffix else "")
+
+    @property
+    def service(self) -> str:
+        return f"{self.unit}.service"
+
+    def render_service(self) -> str:
+        _no_newlines(self.t.home_label, "the home directory")
+        exec_start = " ".join(_sd_quote(a, exec_line=True) for a in self.t.argv)
+        _no_newlines(exec_start, "the serve command")
+        env_lines = "".join(f"Environment={_sd_quote(f'{k}={v}', exec_line=False)}\n"
+                            for k, v in self.t.env.items())
+        where = f" for KMPWM_HOME={self.t.home}".replace("%", "%%") if self.t.home else ""
+        return (
+            "# Managed by `kmpwm schedule`; do not edit (kmpwm schedule uninstall removes it).\n"
+            "[Unit]\n"
+            f"Description=kmpwm serve: start background tasks the moment they are due{where}\n"
+            "\n"
+            "[Service]\n"
+            "Type=simple\n"
+            f"{env_lines}"
+            f"ExecStart={exec_start}\n"
+            "ExecReload=/bin/kill -HUP $MAINPID\n"
+            "Restart=on-failure\n"
+            "RestartSec=5s\n"
+            "KillMode=mixed\n"  # SIGTERM to serve only: it stops its workers (the expiry protocol)
+            "TimeoutStopSec=60s\n"
+            "\n"
+            "[Install]\n"
+            "WantedBy=default.target\n"
+        )
+
+    def install(self) -> dict:
+        prog = _systemctl()
+        text = self.render_service().encode()
+        entry = self.t.command()
+        self._check_user_manager(prog)
+        old = _read_bytes(self.service_path)
+        if old == text and self._sc(prog, "is-enabled", "--quiet", self.service, check=False).returncode == 0 \
+                and self._sc(prog, "is-active", "--quiet", self.service, check=False).returncode == 0:
+            return {"action": "unchanged", "entry": entry, "path": str(self.service_path)}
+        _write_file(self.service_path, text)
+        try:
+            self._sc(prog, "daemon-reload")
+            self._sc(prog, "enable", "--now", self.service)
+            if old is not None and old != text:
+                self._sc(prog, "restart", self.service)
+        except KmpwmError:
+            _restore(self.service_path, old)
+            self._sc(prog, "daemon-reload", check=False)
+            raise
+        return {"action": "installed", "entry": entry, "path": str(self.service_path)}
+
+    def uninstall(self) -> dict:
+        prog = _systemctl()
+        if not self.service_path.exists():
+            return {"action": "absent", "entry": None, "path": str(self.service_path)}
+        entry = self._entry_from_file()
+        if self._sc(prog, "disable", "--now", self.service, check=False).returncode != 0:
+            wants = self.directory / "default.target.wants" / self.service
+            if wants.is_symlink() or wants.exists():
+                _remove(wants)
+        _remove(self.service_path)
+        self._sc(prog, "daemon-reload", check=False)
+        return {"action": "removed", "entry": entry, "path": str(self.service_path)}
+
+    def status(self, timeout: float = 0) -> dict:
+        installed = self.service_path.exists()
+        return {"installed": installed, "entry": self._entry_from_file() if installed else None,
+                "path": str(self.service_path)}
+
+    def printed(self, action: str) -> dict:
+        if action == "uninstall":
+            old = _read_bytes(self.service_path)
+            files = {str(self.service_path): old.decode(errors="replace")} if old is not None else {}
+            text = "".join(f"# {p}\n{c}" for p, c in files.items())
+            note = (f"would run `systemctl --user disable --now {self.service}` and remove {self.service_path}"
+                    + ("" if files else " (not installed)") + " (nothing was changed)")
+            return {"text": text, "entry": self._entry_from_file() if files else None,
+                    "path": str(self.service_path), "files": files, "note": note}
+        text = self.render_service()
+        return {"text": f"# {self.service_path}\n{text}", "entry": self.t.command(), "path": str(self.service_path),
+                "files": {str(self.service_path): text},
+                "note": f"would write it and run `systemctl --user enable --now {self.service}` (nothing was changed)"}
+
+
 _IMPLS = {"cron": Cron, "launchd": Launchd, "systemd": Systemd}
+_SERVE_IMPLS = {"launchd": LaunchdServe, "systemd": SystemdServe}
 
 
 # -- status --------------------------------------------------------------------------------
@@ -848,37 +992,70 @@ def _cron_every(entry: str | None) -> int | None:
 # -- the command ---------------------------------------------------------------------------
 
 def schedule_command(paths, action: str, backend: str | None, every: str | None,
-                     print_only: bool, as_json: bool) -> int:
-    """``kmpwm schedule install|uninstall|status``; returns the exit code."""
+                     print_only: bool, as_json: bool, mode: str | None = None) -> int:
+    """``kmpwm schedule install|uninstall|status``; returns the exit code.
+
+    ``mode`` (install only): ``minute`` (the default) installs the periodic run-due alone and
+    removes a serve set up before; ``serve`` adds ``kmpwm serve`` as a supervised service (a
+    systemd user service, a launchd KeepAlive agent, a cron @reboot line), the periodic run-due
+    staying as the fallback.  ``uninstall`` removes both."""
     from .output import print_json, say
 
     if action not in ACTIONS:
         raise InvalidParams(f"unknown schedule action {action!r}: expected install, uninstall or status")
+    if mode is not None and mode not in MODES:
+        raise InvalidParams(f"invalid --mode {mode!r}: expected minute or serve")
+    serve_mode = mode == "serve"
     name = _pick_backend(backend, probe=not print_only)
     seconds = parse_every(every, name)  # the CLI gives --every to install only; None means the default
     impl = _IMPLS[name](_Target(paths), seconds)
+    serve_impl = _SERVE_IMPLS[name](_Target(paths, "serve"), None) if name in _SERVE_IMPLS else None
+    if name == "cron":
+        impl.serve = serve_mode
     where = f"home {paths.home}" if paths.home is not None else "the default home"
 
     if print_only:
-        shown = impl.printed("uninstall" if action == "uninstall" else "install")
+        act = "uninstall" if action == "uninstall" else "install"
+        shown = impl.printed(act)
+        extra = None
+        if serve_impl is not None and (serve_mode or act == "uninstall"):
+            extra = serve_impl.printed(act)
         if as_json:
             doc = {"backend": name, "action": "printed", "entry": shown["entry"], "path": shown["path"],
-                   "text": shown["text"]}
+                   "text": shown["text"] + (extra["text"] if extra else "")}
             if shown["files"] is not None:
-                doc["files"] = shown["files"]
+                doc["files"] = {**shown["files"], **(extra["files"] if extra else {})}
+            if serve_mode:
+                doc["serve"] = {"entry": extra["entry"] if extra else impl.reboot_line(),
+                                "path": extra["path"] if extra else None}
             print_json(doc)
         else:
-            sys.stdout.write(shown["text"])
+            sys.stdout.write(shown["text"] + (("\n" + extra["text"]) if extra else ""))
             sys.stdout.flush()
             sys.stderr.write(f"kmpwm: {name}: {shown['note']}\n")
+            if extra:
+                sys.stderr.write(f"kmpwm: {name}: serve: {extra['note']}\n")
+            elif serve_mode and name == "cron":
+                sys.stderr.write("kmpwm: cron: serve: would also start `kmpwm serve` now (the @reboot line "
+                                 "starts it after each boot)\n")
         return 0
+
+    from .serve import running_serves
 
     if action == "status":
         st = impl.status()
         last = last_run_at(paths)
+        running = [{"pid": x["pid"], "started_at": iso(x["started_at"])} for x in running_serves(paths)]
+        if serve_impl is not None:
+            sst = serve_impl.status()
+        else:
+            entry = impl.serve_entry() if st["installed"] else None
+            sst = {"installed": entry is not None, "entry": entry, "path": None}
         if as_json:
             print_json({"backend": name, "installed": st["installed"], "entry": st["entry"],
-                        "last_run_at": iso(last), "path": st["path"]})
+                        "last_run_at": iso(last), "path": st["path"],
+                        "serve": {"installed": sst["installed"], "entry": sst["entry"], "path": sst["path"],
+                                  "running": running}})
             return 0
         if st["installed"]:
             extra = f" every {format_duration(st['every'])}" if st.get("every") else ""
@@ -890,11 +1067,40 @@ def schedule_command(paths, action: str, backend: str | None, every: str | None,
             say(f"{name} invoker not installed for {where}; `kmpwm schedule install --backend {name}` sets it up")
         say(f"run-due last ran: {iso(last)} ({relative(last)})" if last is not None
             else "run-due has not run yet for this home")
+        if sst["installed"]:
+            at = f" ({sst['path']})" if sst["path"] else ""
+            say(f"serve installed as a {name} service{at}: {sst['entry'] or '?'}")
+        for x in running:
+            say(f"serve is running (pid {x['pid']}, since {x['started_at']})")
+        if not running:
+            say("no serve is running for this home")
         return 0
 
-    result = impl.install() if action == "install" else impl.uninstall()
+    if action == "install":
+        result = impl.install()
+        serve_result = None
+        if serve_impl is not None:
+            if serve_mode:
+                serve_result = serve_impl.install()
+            elif serve_impl.status()["installed"]:
+                serve_result = serve_impl.uninstall()  # --mode minute: back to run-due alone
+        elif serve_mode:
+            serve_result = {"action": result["action"], "entry": impl.reboot_line(), "path": None}
+            if not running_serves(paths):
+                serve_result["started"] = _start_serve(paths)
+                serve_result["action"] = "installed"
+    else:
+        serve_entry = impl.serve_entry() if serve_impl is None else None
+        result = impl.uninstall()
+        serve_result = serve_impl.uninstall() if serve_impl is not None else None
+        if serve_entry is not None:  # cron started it: stop it with its @reboot line
+            serve_result = {"action": "removed", "entry": serve_entry, "path": None,
+                            "stopped": _stop_serves(paths)}
     if as_json:
-        print_json({"backend": name, "action": result["action"], "entry": result["entry"], "path": result["path"]})
+        doc = {"backend": name, "action": result["action"], "entry": result["entry"], "path": result["path"]}
+        if serve_result is not None:
+            doc["serve"] = serve_result
+        print_json(doc)
         return 0
     act = result["action"]
     at = f" ({result['path']})" if result["path"] else ""
@@ -908,4 +1114,51 @@ def schedule_command(paths, action: str, backend: str | None, every: str | None,
         say(f"Removed the {name} invoker for {where}{at}")
     else:
         say(f"No {name} invoker was installed for {where}; nothing to remove")
+    if serve_result is not None:
+        sat = f" ({serve_result['path']})" if serve_result.get("path") else ""
+        sact = serve_result["action"]
+        if action == "uninstall" or not serve_mode:
+            if sact == "removed":
+                stopped = serve_result.get("stopped")
+                say(f"Removed the serve service{sat}" + (f"; stopped serve pid {', '.join(map(str, stopped))}"
+                                                          if stopped else ""))
+        elif sact == "unchanged":
+            say(f"serve is already installed{sat}; nothing changed")
+        else:
+            started = serve_result.get("started")
+            say(f"Installed serve as a {name} service{sat}, run-due every {format_duration(seconds)} "
+                f"as the fallback" + (f"; started it (pid {started})" if started else ""))
+            say(f"  {serve_result['entry']}")
     return 0
+
+
+def _start_serve(paths) -> int:
+    """cron has no service manager: start ``kmpwm serve`` now, detached (its @reboot line starts
+    it after each boot); output appended to logs/serve.log."""
+    from .paths import private_subdir
+
+    target = _Target(paths, "serve")
+    log_dir = private_subdir(paths.log_dir)
+    fd = os.open(log_dir / "serve.log", os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+    try:
+        proc = subprocess.Popen(target.argv, stdin=subprocess.DEVNULL, stdout=fd, stderr=fd,
+                                env={**os.environ, **target.env}, start_new_session=True, close_fds=True)
+    finally:
+        os.close(fd)
+    return proc.pid
+
+
+def _stop_serves(paths) -> list[int]:
+    """SIGTERM the serve processes of this home (they savepoint their tasks and exit 0)."""
+    import signal
+
+    from .serve import running_serves
+
+    stopped = []
+    for x in running_serves(paths):
+        try:
+            os.kill(x["pid"], signal.SIGTERM)
+            stopped.append(x["pid"])
+        except OSError:
+            pass
+    return stopped

@@ -111,11 +111,13 @@ class Runner:
     def __init__(self, paths: Paths, *, budget: float | None = None, grace: float = DEFAULT_GRACE,
                  parallel: int | None = None, max_tasks: int | None = None, dry_run: bool = False,
                  on_event=None, store: Store | None = None, forced: list[str] | None = None,
-                 ignore_constraints: bool = False):
+                 ignore_constraints: bool = False, serve=None):
         self.paths = paths
         # run-now (SPEC section 11): only these task ids, whatever their due time (steering.plan_forced)
         self.forced = forced
         self.ignore_constraints = ignore_constraints
+        self.serve = serve  # serve.Serve: run() then never ends by itself (kmpwm serve)
+        self._poke = False  # the queue changed (serve's watch): plan again at once
         self.store = store or Store(paths)
         self.budget = budget
         self.grace = grace
@@ -190,7 +192,7 @@ class Runner:
             return self._dry_run(view.state)
         # Nothing due and nothing to record: done, without the lock (the common case under cron).
         idle = self._plan(view.state, time.time(), set())
-        if not idle.due and not idle.ops:
+        if not idle.due and not idle.ops and self.serve is None:
             for s in idle.skipped:
                 self.report.skipped[s["id"]] = s["reason"]
             return 0
@@ -200,6 +202,8 @@ class Runner:
         try:
             need_claim, last_claim, last_watch = True, 0.0, time.monotonic()
             while True:
+                if self.serve is not None:
+                    self.serve.tick(self)
                 now_m = time.monotonic()
                 if deadline is not None and now_m >= deadline and not self.run_expired:
                     self._expire_run("the run's --budget ended")
@@ -208,7 +212,7 @@ class Runner:
                 for job in self._reap():
                     self._pending.append(job)
                 self._start_ready()
-                periodic = now_m - last_claim >= RECLAIM_EVERY
+                periodic = now_m - last_claim >= RECLAIM_EVERY or self._poke
                 slots = len(self.jobs) + len(self._ready) < self.parallel + self._prefetch
                 low = len(self._ready) < self.parallel  # claim ahead only when the ready queue runs low
                 want = (not self.run_expired and not self.disk_full and self._room() and slots
@@ -219,13 +223,16 @@ class Runner:
                     if want:
                         last_claim = time.monotonic()
                         need_claim = claimed > 0
+                        self._poke = False
                     if wrote:
                         need_claim = True  # a result may have made something due (a chain's next step)
                     if claimed or wrote:
                         continue
                 if not self.jobs and not self._ready and not self._pending and not self._release:
                     if self.run_expired or self.disk_full or not self._room() or not need_claim:
-                        break  # nothing left that this run may start
+                        if self.serve is None or self.run_expired or self.disk_full:
+                            break  # nothing left that this run may start
+                        need_claim = self.serve.idle(self)  # until something is due or changes
                     continue
                 later = self._runlogs.flush()  # the runs started and ended meanwhile, one write
                 timeout = self._timeout(deadline)
@@ -513,6 +520,7 @@ class Runner:
             limit = time_limit(t, declared_limit(info, self._preload, t))  # a task's --timeout wins
             op = {"op": "claim", "id": t["id"], "seq": t["seq"], "born": t["created_at"], "runner": self.runner_id, "pid": self.pid,
                   "token": self.token, "until": now + limit + self.grace + LEASE_MARGIN + PREFETCH_MARGIN + START_SLACK}
+            occ = self._occ.get(t["id"])  # the occurrence this claim consumes (state.occurrence)
             if occ is not None:
                 op["occ"] = occ
             if self.boot:
@@ -873,8 +881,12 @@ class Runner:
         def on_child(signo, frame):
             self._flags["child"] = True
 
-        for signo, handler in ((signal.SIGUSR1, on_expire), (signal.SIGTERM, on_expire),
-                               (signal.SIGINT, on_expire), (signal.SIGHUP, on_expire), (signal.SIGCHLD, on_child)):
+        def on_hup(signo, frame):
+            self._flags["hup"] = True
+
+        for signo, handler in ((signal.SIGUSR1, on_expire), (signal.SIGTERM, on_expire), (signal.SIGINT, on_expire),
+                               (signal.SIGHUP, on_expire if self.serve is None else on_hup),
+                               (signal.SIGCHLD, on_child)):
             self._signals[signo] = signal.signal(signo, handler)
         private_subdir(self.paths.runners_dir)
 
@@ -957,6 +969,8 @@ class Runner:
                 continue
             if isinstance(key.data, Host):
                 self._drain_host(key.data, key.fd)
+            elif callable(key.data):  # serve's watches (the journal, lease holders)
+                key.data()
             else:
                 self._drain(key.data, key.fd)
 

@@ -282,7 +282,8 @@ def test_cron_failing_crontab_is_one_line_exit_70(env, monkeypatch, capsys):
 def test_status_json_with_last_run(env, capsys):
     code, doc = run(env.paths, "status", "cron", capsys=capsys)
     assert code == 0 and doc == {"backend": "cron", "installed": False, "entry": None, "last_run_at": None,
-                                 "path": None}
+                                 "path": None,
+                                 "serve": {"installed": False, "entry": None, "path": None, "running": []}}
     runners = env.kh / "journal" / "runners"
     runners.mkdir(parents=True)
     (runners / "last-run").touch()
@@ -291,7 +292,8 @@ def test_status_json_with_last_run(env, capsys):
     code, doc = run(env.paths, "status", "cron", capsys=capsys)
     assert doc["installed"] is True and doc["last_run_at"] == "2023-11-14T22:13:20Z" and "run-due" in doc["entry"]
     code, text = run(env.paths, "status", "cron", as_json=False, capsys=capsys)
-    assert "installed" in text and "2023-11-14T22:13:20Z" in text and len(text.splitlines()) == 2
+    assert "installed" in text and "2023-11-14T22:13:20Z" in text and len(text.splitlines()) == 3
+    assert text.splitlines()[2] == "no serve is running for this home"  # SPEC 13: status says whether
 
 
 # -- cron (the real crontab binary) --------------------------------------------------------
@@ -453,3 +455,93 @@ def test_invoker_status(env, capsys):
     assert [c for c in env.calls() if not c.startswith("crontab")] == []  # files only for systemd/launchd
     st = invoker_status(resolve(str(env.kh / "elsewhere")))  # another home: not installed
     assert st["installed"] is False
+
+
+# -- --mode serve (SPEC section 13) ---------------------------------------------------------
+
+def run_mode(paths, action, backend, mode, print_only=False, capsys=None):
+    code = schedule_command(paths, action, backend, None, print_only, True, mode)
+    return code, json.loads(capsys.readouterr().out)
+
+
+def test_systemd_mode_serve_adds_a_restarting_service_and_keeps_the_timer(env, monkeypatch, capsys):
+    code, doc = run_mode(env.paths, "install", "systemd", "serve", capsys=capsys)
+    assert code == 0 and doc["action"] == "installed" and doc["serve"]["action"] == "installed"
+    timer = Path(doc["path"])
+    unit = Path(doc["serve"]["path"])
+    assert timer.exists() and unit.name.startswith("kmpwm-serve-") and unit.suffix == ".service"
+    text = unit.read_text()
+    for want in ("Type=simple", "Restart=on-failure", "KillMode=mixed", "WantedBy=default.target",
+                 f'Environment="KMPWM_HOME={env.kh}"'):
+        assert want in text
+    exec_line = next(ln for ln in text.splitlines() if ln.startswith("ExecStart="))
+    assert exec_line.endswith(" serve")
+    assert f"systemctl --user enable --now {unit.name}" in env.calls()
+
+    monkeypatch.setenv("FAKE_SYSTEMCTL_ACTIVE_RC", "0")
+    env.log.unlink()
+    code, doc = run_mode(env.paths, "install", "systemd", "serve", capsys=capsys)
+    assert doc["action"] == "unchanged" and doc["serve"]["action"] == "unchanged"
+    assert not any("enable" == c.split()[2] for c in env.calls())
+
+    code, doc = run(env.paths, "status", "systemd", capsys=capsys)
+    assert doc["serve"]["installed"] is True and doc["serve"]["entry"].endswith(" serve")
+
+    code, doc = run_mode(env.paths, "install", "systemd", "minute", capsys=capsys)  # back to the timer alone
+    assert doc["serve"]["action"] == "removed" and not unit.exists() and timer.exists()
+    run_mode(env.paths, "install", "systemd", "serve", capsys=capsys)
+    env.log.unlink()
+    code, doc = run(env.paths, "uninstall", "systemd", capsys=capsys)
+    assert doc["action"] == "removed" and doc["serve"]["action"] == "removed"
+    assert not unit.exists() and not timer.exists()
+    assert f"systemctl --user disable --now {unit.name}" in env.calls()
+
+
+def test_launchd_mode_serve_is_a_keepalive_agent(env, capsys):
+    code, doc = run_mode(env.paths, "install", "launchd", "serve", capsys=capsys)
+    assert doc["action"] == "installed" and doc["serve"]["action"] == "installed"
+    data = plistlib.loads(Path(doc["serve"]["path"]).read_bytes())
+    assert data["KeepAlive"] is True and data["RunAtLoad"] is True and data["ProgramArguments"][-1] == "serve"
+    assert "StartInterval" not in data
+    assert plistlib.loads(Path(doc["path"]).read_bytes())["StartInterval"] == 60  # the fallback stays
+    code, doc = run(env.paths, "uninstall", "launchd", capsys=capsys)
+    assert doc["serve"]["action"] == "removed" and doc["action"] == "removed"
+
+
+@pytest.mark.parametrize("backend", ["cron", "launchd", "systemd"])
+def test_mode_serve_print_shows_both_and_changes_nothing(env, backend, capsys):
+    code, doc = run_mode(env.paths, "install", backend, "serve", print_only=True, capsys=capsys)
+    assert code == 0 and "run-due" in doc["text"] and "serve" in doc["serve"]["entry"]
+    assert "serve" in doc["text"].replace("serve.log", "")
+    if backend == "cron":
+        assert "\n@reboot " in doc["text"] and doc["serve"]["entry"].startswith("@reboot ")
+    assert env.calls() == [] and not env.crontab.exists() and not env.xdg.exists()
+
+
+def test_cron_mode_serve_reboot_line_starts_serve_and_uninstall_stops_it(env, capsys):
+    from kmpwm.serve import running_serves
+
+    kmpwm_home = env.kh
+    (kmpwm_home / "journal").mkdir(mode=0o700, exist_ok=True)
+    try:
+        code, doc = run_mode(env.paths, "install", "cron", "serve", capsys=capsys)
+        assert doc["serve"]["action"] == "installed" and doc["serve"]["started"]
+        text = env.crontab.read_text()
+        assert "* * * * * " in text and "\n@reboot " in text and " serve >>" in text
+        deadline = __import__("time").monotonic() + 30
+        while not running_serves(env.paths) and __import__("time").monotonic() < deadline:
+            __import__("time").sleep(0.1)
+        assert [x["pid"] for x in running_serves(env.paths)] == [doc["serve"]["started"]]
+        code, doc = run_mode(env.paths, "install", "cron", "serve", capsys=capsys)  # idempotent
+        assert doc["action"] == "unchanged" and "started" not in doc["serve"] and env.crontab.read_text() == text
+        code, st = run(env.paths, "status", "cron", capsys=capsys)
+        assert st["serve"]["installed"] is True and st["serve"]["entry"].startswith("@reboot ")
+        assert st["entry"].startswith("* * * * * ") and len(st["serve"]["running"]) == 1
+        code, doc = run(env.paths, "uninstall", "cron", capsys=capsys)
+        assert doc["action"] == "removed" and doc["serve"]["stopped"]
+        assert not env.crontab.exists() or "kmpwm" not in env.crontab.read_text()
+    finally:
+        import signal as _signal
+
+        for x in running_serves(env.paths):
+            os.kill(x["pid"], _signal.SIGTERM)
