@@ -811,7 +811,10 @@ def _op_retry(state: dict, op: dict, ts: float, emit: Emit) -> list:
             revived += _retry_chain(state, chain, ts, emit, op.get("by"))
             continue
         t = tasks[tid] = dict(t)
-        _revive(t, "ENQUEUED", ts, emit, op.get("by"))
+        waiting = [d for d in t.get("after", ()) if d in tasks and tasks[d]["state"] in UNFINISHED]
+        _revive(t, "BLOCKED" if waiting else "ENQUEUED", ts, emit, op.get("by"))
+        for d in waiting:  # appended after a task that is unfinished: it waits for it again, as appended
+            state["waiters"].setdefault(d, []).append(tid)
         revived.append(tid)
     return revived
 

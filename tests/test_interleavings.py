@@ -260,7 +260,8 @@ class Interleavings(RuleBasedStateMachine):
                 event(f"result refused ({t['state']})")
                 # A result is refused only when the lease could have passed to someone else (it had
                 # run out) or the task was cancelled meanwhile; otherwise a completion was lost.
-                assert h["until"] <= self.clock or t["state"] == "CANCELLED" or t["seq"] != h["seq"], (
+                assert (h["until"] <= self.clock or t["state"] == "CANCELLED" or t["seq"] != h["seq"]
+                        or (tid, t["seq"]) in self.retried), (  # cancelled under it, then retried
                     f"{r.rid}'s {status} result for {tid} was refused while its lease was valid until "
                     f"{h['until']} (now {self.clock}); task is {t['state']} lease={t['lease']}")
 
@@ -273,7 +274,8 @@ class Interleavings(RuleBasedStateMachine):
             h = r.held.pop(tid)
             if not ok:
                 t = self.state["tasks"][tid]
-                assert h["until"] <= self.clock or t["state"] == "CANCELLED" or t["seq"] != h["seq"], (
+                assert (h["until"] <= self.clock or t["state"] == "CANCELLED" or t["seq"] != h["seq"]
+                        or (tid, t["seq"]) in self.retried), (  # cancelled under it, then retried
                     tid, t["state"], t["lease"])
 
     def _claim(self, r: SimRunner, acc: list, *, replan: bool, free: int) -> list[str]:
@@ -365,8 +367,8 @@ class Interleavings(RuleBasedStateMachine):
             assert not bad, f"{tid} (step {t['step']}) claimed while earlier-step tasks {bad} are not SUCCEEDED"
         for dep in t.get("after", ()):
             d = self.state["tasks"].get(dep)
-            if d is not None and (dep, d["seq"]) in self.retried:
-                continue  # retried after its appended successor was released: the two are apart now
+            if d is not None and ((dep, d["seq"]) in self.retried or (tid, seq) in self.retried or d["seq"] > seq):
+                continue  # a retry (of either) set the two apart; a later seq is another task under that id
             assert d is None or d["state"] in FINAL, f"{tid} claimed before {dep} (it was appended after) finished"
 
     def _cycle(self, r: SimRunner, finished, released, *, claim: bool, replan: bool, free: int) -> list[str]:
