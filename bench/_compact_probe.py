@@ -18,9 +18,9 @@ import time
 
 def main() -> None:
     home = sys.argv[1]
-    from kmpwm import journal
-    from kmpwm.compaction import compact
-    from kmpwm.paths import resolve
+    from kmpwm.storage import journal
+    from kmpwm.storage.compaction import compact
+    from kmpwm.storage.paths import resolve
 
     marks: dict = {"start": time.time()}
     original = journal.Journal.locked

@@ -24,8 +24,20 @@ from __future__ import annotations
 import os
 import time
 
-from common import (KMPWM, Row, Stat, bench_env, drop_home, fmt_ms, fresh_home, run_process, say, section,
-                    standalone, timed)
+from common import (
+    KMPWM,
+    Row,
+    Stat,
+    bench_env,
+    drop_home,
+    fmt_ms,
+    fresh_home,
+    run_process,
+    say,
+    section,
+    standalone,
+    timed,
+)
 
 SEED_100_CHAINS_MS = 24.0
 N = 10_000
@@ -33,8 +45,7 @@ N = 10_000
 
 def _scheduler():
     from kmpwm import Scheduler
-
-    from kmpwm.registry import Registry
+    from kmpwm.running.registry import Registry
 
     home = fresh_home()
     s = Scheduler(home)
@@ -52,8 +63,9 @@ def chains_100() -> float:
     t0 = time.perf_counter()
     with s.batch() as b:
         for i in range(100):
-            s.begin_with(TaskRequest("echo")).then(TaskRequest("echo")).then(TaskRequest("echo")) \
-             .with_id(f"chain-{i}").enqueue()
+            s.begin_with(TaskRequest("echo")).then(TaskRequest("echo")).then(TaskRequest("echo")).with_id(
+                f"chain-{i}"
+            ).enqueue()
     dt = time.perf_counter() - t0
     assert len(b.outcomes) == 100 and all(o.ok and len(o.tasks) == 3 for o in b.outcomes)
     drop_home(home)
@@ -105,8 +117,19 @@ def orjson_floor() -> float:
     now = time.time()
     path = os.path.join(home, "journal.log")
     t0 = time.perf_counter()
-    blob = b"".join(orjson.dumps({"id": f"task-{i}", "worker": "echo", "trigger": {"type": "one_time", "delay": 0.0},
-                                  "created_at": now, "input": '{"n": %d}' % i}) + b"\n" for i in range(N))
+    blob = b"".join(
+        orjson.dumps(
+            {
+                "id": f"task-{i}",
+                "worker": "echo",
+                "trigger": {"type": "one_time", "delay": 0.0},
+                "created_at": now,
+                "input": '{"n": %d}' % i,
+            }
+        )
+        + b"\n"
+        for i in range(N)
+    )
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
     os.write(fd, blob)
     os.fsync(fd)
@@ -174,27 +197,71 @@ def rows(quick: bool = False) -> list[Row]:
     k10 = st["10k"].median
     out = [section("Enqueue (durable; median; in-process figures exclude imports)")]
     c = st["chains"]
-    out.append(Row("100 three-step chains, API, one batch", fmt_ms(c.median), "< 2.4 ms", c.median / 0.0024,
-                   "figure / goal", f"seed 24 ms (ids only, no fsync) = {SEED_100_CHAINS_MS / 1000 / c.median:.1f}x ours; "
-                   f"{c.spread()}"))
-    out.append(Row("10,000 one-time tasks, API, one batch", fmt_ms(k10), "< 60 ms", k10 / 0.060, "figure / goal",
-                   f"{N / k10:,.0f} tasks/s; {st['10k'].spread()}"))
+    out.append(
+        Row(
+            "100 three-step chains, API, one batch",
+            fmt_ms(c.median),
+            "< 2.4 ms",
+            c.median / 0.0024,
+            "figure / goal",
+            f"seed 24 ms (ids only, no fsync) = {SEED_100_CHAINS_MS / 1000 / c.median:.1f}x ours; {c.spread()}",
+        )
+    )
+    out.append(
+        Row(
+            "10,000 one-time tasks, API, one batch",
+            fmt_ms(k10),
+            "< 60 ms",
+            k10 / 0.060,
+            "figure / goal",
+            f"{N / k10:,.0f} tasks/s; {st['10k'].spread()}",
+        )
+    )
     s = st["stdin"]
-    out.append(Row("enqueue --from - of 10,000 lines (process)", fmt_ms(s.median), "< 0.5 s", s.median / 0.5,
-                   "figure / goal", s.spread()))
-    out.append(Row("floor: one small append + fdatasync", fmt_ms(st["fsync"].median), "(floor)", None, "",
-                   st["fsync"].spread()))
+    out.append(
+        Row(
+            "enqueue --from - of 10,000 lines (process)",
+            fmt_ms(s.median),
+            "< 0.5 s",
+            s.median / 0.5,
+            "figure / goal",
+            s.spread(),
+        )
+    )
+    out.append(
+        Row(
+            "floor: one small append + fdatasync", fmt_ms(st["fsync"].median), "(floor)", None, "", st["fsync"].spread()
+        )
+    )
     o = st["orjson"].median
-    out.append(Row("floor: orjson append of 10,000 records, 1 fsync", fmt_ms(o), "(floor)", k10 / o,
-                   "kmpwm 10k / floor", st["orjson"].spread()))
-    for name, label in (("huey", "huey SqliteHuey, 10,000 enqueues (default fsync)"),
-                        ("persist-queue", "persist-queue SQLiteQueue, 10,000 puts (auto_commit)")):
+    out.append(
+        Row(
+            "floor: orjson append of 10,000 records, 1 fsync",
+            fmt_ms(o),
+            "(floor)",
+            k10 / o,
+            "kmpwm 10k / floor",
+            st["orjson"].spread(),
+        )
+    )
+    for name, label in (
+        ("huey", "huey SqliteHuey, 10,000 enqueues (default fsync)"),
+        ("persist-queue", "persist-queue SQLiteQueue, 10,000 puts (auto_commit)"),
+    ):
         if name not in comp:
             out.append(Row(label, "skipped", "(comparison)", None, "", "not installed: pip install -e '.[bench]'"))
             continue
         m = comp[name].median
-        out.append(Row(label, fmt_ms(m), "(comparison)", m / k10, f"{name} / kmpwm 10k",
-                       f"{N / m:,.0f} tasks/s; {comp[name].spread()}"))
+        out.append(
+            Row(
+                label,
+                fmt_ms(m),
+                "(comparison)",
+                m / k10,
+                f"{name} / kmpwm 10k",
+                f"{N / m:,.0f} tasks/s; {comp[name].spread()}",
+            )
+        )
     return out
 
 

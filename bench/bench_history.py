@@ -29,15 +29,27 @@ import contextlib
 import json
 import os
 import subprocess
-import sys
-import threading
 import time
 
 import history
-from common import (BENCH_DIR, CACHE, KMPWM, PYTHON, Row, Stat, bench_env, fmt_bytes, fmt_ms, fresh_home,
-                    interleaved, run_process, say, section)
+from common import (
+    BENCH_DIR,
+    CACHE,
+    KMPWM,
+    PYTHON,
+    Row,
+    Stat,
+    bench_env,
+    fmt_bytes,
+    fmt_ms,
+    fresh_home,
+    interleaved,
+    run_process,
+    say,
+    section,
+)
 
-HELD_OFF = 10 ** 12  # a compacted_size in the header so large that automatic compaction never starts
+HELD_OFF = 10**12  # a compacted_size in the header so large that automatic compaction never starts
 
 
 def _journal(name: str, records: int, **kw) -> tuple[str, dict]:
@@ -78,7 +90,8 @@ def _compaction_with_enqueuer(path: str, snapshot: str) -> dict:
     """Compact in a separate process while this one enqueues (Python API) every ~5 ms."""
     import shutil
 
-    from kmpwm import Scheduler, triggers
+    from kmpwm import Scheduler
+    from kmpwm.core import triggers
 
     home, env = _home_with(path)
     # The steady state of a journal never compacted: the snapshot the first run-due wrote for
@@ -113,8 +126,9 @@ def _compaction_with_enqueuer(path: str, snapshot: str) -> dict:
     before = sorted(x for _, x in lat)
     lat.clear()
     lock_waits.clear()
-    proc = subprocess.Popen([PYTHON, str(BENCH_DIR / "_compact_probe.py"), home], env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    proc = subprocess.Popen(
+        [PYTHON, str(BENCH_DIR / "_compact_probe.py"), home], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE
+    )
     while proc.poll() is None:
         enqueue_once()
         time.sleep(0.005)
@@ -128,15 +142,24 @@ def _compaction_with_enqueuer(path: str, snapshot: str) -> dict:
     waits = [x for t, x in lock_waits if t <= marks["end"]]
     worst = max(lat, key=lambda tx: tx[1]) if lat else (0.0, 0.0)
     j, snap = _sizes(home)
-    return {"wall": marks["end"] - marks["start"], "lock": marks["unlocked"] - marks["locked"],
-            "max_wait": max(waits) if waits else 0.0, "max_latency": max(during) if during else 0.0,
-            "worst_after_unlock": worst[0] - marks["unlocked"], "enqueues": len(during),
-            "median_before": before[len(before) // 2], "stats": marks["stats"], "rss": marks["maxrss_kb"],
-            "journal": j, "snap": snap}
+    return {
+        "wall": marks["end"] - marks["start"],
+        "lock": marks["unlocked"] - marks["locked"],
+        "max_wait": max(waits) if waits else 0.0,
+        "max_latency": max(during) if during else 0.0,
+        "worst_after_unlock": worst[0] - marks["unlocked"],
+        "enqueues": len(during),
+        "median_before": before[len(before) // 2],
+        "stats": marks["stats"],
+        "rss": marks["maxrss_kb"],
+        "journal": j,
+        "snap": snap,
+    }
 
 
-def rows(quick: bool = False, records: int | None = None, first_runs: int | None = None,
-         rounds: int | None = None) -> list[Row]:
+def rows(
+    quick: bool = False, records: int | None = None, first_runs: int | None = None, rounds: int | None = None
+) -> list[Row]:
     records = records or (100_000 if quick else 1_000_000)
     first_runs = first_runs or (1 if quick else 3)
     rounds = rounds or (10 if not quick else 3)
@@ -171,15 +194,15 @@ def rows(quick: bool = False, records: int | None = None, first_runs: int | None
             r = run_process(KMPWM + ["run-due"], homes[key], peak=True)
             rss[key].append(r.maxrss_kb)
             return r.wall
+
         return fn
 
     say(f"  steady-state idle run-due, {rounds} interleaved rounds")
     st = interleaved({k: idle(k) for k in homes}, rounds, warmup=1)
-    counter = iter(range(10 ** 9))
+    counter = iter(range(10**9))
 
     def enq(key):
-        return lambda: run_process(KMPWM + ["enqueue", f"e{next(counter)}", "echo", "--delay", "1d"],
-                                   homes[key]).wall
+        return lambda: run_process(KMPWM + ["enqueue", f"e{next(counter)}", "echo", "--delay", "1d"], homes[key]).wall
 
     enq_rounds = max(3, rounds // 2)
     say(f"  enqueue (process) in the same homes, {enq_rounds} interleaved rounds")
@@ -191,10 +214,12 @@ def rows(quick: bool = False, records: int | None = None, first_runs: int | None
     for i in range(comp_runs):
         c = _compaction_with_enqueuer(held_path, held_snap_path)
         comps.append(c)
-        say(f"    run {i + 1}: compaction {c['wall']:.1f}s, lock held {c['lock'] * 1000:.0f} ms, enqueuer's longest "
+        say(
+            f"    run {i + 1}: compaction {c['wall']:.1f}s, lock held {c['lock'] * 1000:.0f} ms, enqueuer's longest "
             f"lock wait {c['max_wait'] * 1000:.0f} ms, longest enqueue {c['max_latency'] * 1000:.0f} ms (started "
             f"{c['worst_after_unlock']:+.2f}s from the unlock) over {c['enqueues']} enqueues "
-            f"(alone: {c['median_before'] * 1000:.1f} ms)")
+            f"(alone: {c['median_before'] * 1000:.1f} ms)"
+        )
 
     for f in (base_path, old_path, held_path, recent_path, held_snap_copy):  # rebuilt each run anyway
         try:
@@ -208,61 +233,148 @@ def rows(quick: bool = False, records: int | None = None, first_runs: int | None
     b = st["base"].median
     mib = lambda kb: f"{kb / 1024:.0f} MiB"  # noqa: E731
     out = [section(f"History: idle run-due, {label} records of history vs none (whole process, median wall)")]
-    out.append(Row(f"baseline: no history ({base_info['live_tasks']} live tasks)", fmt_ms(b), "(baseline)", 1.0, "",
-                   f"peak RSS {mib(med(rss['base']))}; {st['base'].spread()}"))
-    out.append(Row(f"first run-due, {label} old history, no snapshot", f"{first.median:.1f} s",
-                   "<= 1.1x baseline", first.median / b, "run / baseline",
-                   f"fold + snapshot + auto-compaction; peak RSS {mib(med(first_rss))}; "
-                   f"journal {fmt_bytes(old_info['bytes'])} -> {fmt_bytes(old_j)}; {first.spread(1, 's')}"))
-    out.append(Row("  same, auto-compaction held off (fold only)", f"{fold.median:.1f} s", "<= 1.1x baseline",
-                   fold.median / b, "run / baseline",
-                   f"peak RSS {mib(med(fold_rss))}; writes a {fmt_bytes(held_snap)} snapshot; {fold.spread(1, 's')}"))
-    out.append(Row("steady: snapshot, not compacted", fmt_ms(st["held"].median), "<= 1.1x baseline",
-                   st["held"].median / b, "run / baseline",
-                   f"hot snapshot {fmt_bytes(held_snap)}; the {old_info['history_tasks']:,} finished tasks are in "
-                   f"history.snap, which run-due never reads; peak RSS "
-                   f"{mib(med(rss['held']))}; {st['held'].spread()}"))
-    out.append(Row("steady: after compaction (history > 7 days old)", fmt_ms(st["old"].median), "<= 1.1x baseline",
-                   st["old"].median / b, "run / baseline",
-                   f"journal {fmt_bytes(old_j)}, snapshot {fmt_bytes(old_snap)}; peak RSS {mib(med(rss['old']))}; "
-                   f"{st['old'].spread()}"))
-    out.append(Row("steady: after compaction (history inside 7 days)", fmt_ms(st["recent"].median),
-                   "<= 1.1x baseline", st["recent"].median / b, "run / baseline",
-                   f"first run {recent_first.median:.1f} s; journal {fmt_bytes(rec_j)}, snapshot {fmt_bytes(rec_snap)}; "
-                   f"peak RSS {mib(med(rss['recent']))}; {st['recent'].spread()}"))
+    out.append(
+        Row(
+            f"baseline: no history ({base_info['live_tasks']} live tasks)",
+            fmt_ms(b),
+            "(baseline)",
+            1.0,
+            "",
+            f"peak RSS {mib(med(rss['base']))}; {st['base'].spread()}",
+        )
+    )
+    out.append(
+        Row(
+            f"first run-due, {label} old history, no snapshot",
+            f"{first.median:.1f} s",
+            "<= 1.1x baseline",
+            first.median / b,
+            "run / baseline",
+            f"fold + snapshot + auto-compaction; peak RSS {mib(med(first_rss))}; "
+            f"journal {fmt_bytes(old_info['bytes'])} -> {fmt_bytes(old_j)}; {first.spread(1, 's')}",
+        )
+    )
+    out.append(
+        Row(
+            "  same, auto-compaction held off (fold only)",
+            f"{fold.median:.1f} s",
+            "<= 1.1x baseline",
+            fold.median / b,
+            "run / baseline",
+            f"peak RSS {mib(med(fold_rss))}; writes a {fmt_bytes(held_snap)} snapshot; {fold.spread(1, 's')}",
+        )
+    )
+    out.append(
+        Row(
+            "steady: snapshot, not compacted",
+            fmt_ms(st["held"].median),
+            "<= 1.1x baseline",
+            st["held"].median / b,
+            "run / baseline",
+            f"hot snapshot {fmt_bytes(held_snap)}; the {old_info['history_tasks']:,} finished tasks are in "
+            f"history.snap, which run-due never reads; peak RSS "
+            f"{mib(med(rss['held']))}; {st['held'].spread()}",
+        )
+    )
+    out.append(
+        Row(
+            "steady: after compaction (history > 7 days old)",
+            fmt_ms(st["old"].median),
+            "<= 1.1x baseline",
+            st["old"].median / b,
+            "run / baseline",
+            f"journal {fmt_bytes(old_j)}, snapshot {fmt_bytes(old_snap)}; peak RSS {mib(med(rss['old']))}; "
+            f"{st['old'].spread()}",
+        )
+    )
+    out.append(
+        Row(
+            "steady: after compaction (history inside 7 days)",
+            fmt_ms(st["recent"].median),
+            "<= 1.1x baseline",
+            st["recent"].median / b,
+            "run / baseline",
+            f"first run {recent_first.median:.1f} s; journal {fmt_bytes(rec_j)}, snapshot {fmt_bytes(rec_snap)}; "
+            f"peak RSS {mib(med(rss['recent']))}; {st['recent'].spread()}",
+        )
+    )
     out.append(section("History: enqueue (process, one delayed task) in the same homes; SPEC: O(1) in journal size"))
     eb = en["base"].median
     out.append(Row("enqueue, no history", fmt_ms(eb), "(baseline)", 1.0, "", en["base"].spread()))
-    for key, label2 in (("held", "enqueue, snapshot, not compacted"), ("old", "enqueue, after compaction (old)"),
-                        ("recent", "enqueue, after compaction (inside 7 days)")):
-        out.append(Row(label2, fmt_ms(en[key].median), "~1x baseline", en[key].median / eb, "enqueue / baseline",
-                       en[key].spread()))
+    for key, label2 in (
+        ("held", "enqueue, snapshot, not compacted"),
+        ("old", "enqueue, after compaction (old)"),
+        ("recent", "enqueue, after compaction (inside 7 days)"),
+    ):
+        out.append(
+            Row(
+                label2,
+                fmt_ms(en[key].median),
+                "~1x baseline",
+                en[key].median / eb,
+                "enqueue / baseline",
+                en[key].spread(),
+            )
+        )
     out.append(section("Compaction"))
     wall = Stat([c["wall"] for c in comps])
-    out.append(Row(f"compaction of {label} records (kmpwm.compaction.compact)", f"{wall.median:.1f} s", "(reported)",
-                   None, "", f"peak RSS {mib(med([c['rss'] for c in comps]))}; tasks kept "
-                   f"{comps[0]['stats']['tasks_kept']:,}, events kept {comps[0]['stats']['events_kept']:,}; "
-                   f"{wall.spread(1, 's')}"))
+    out.append(
+        Row(
+            f"compaction of {label} records (kmpwm.storage.compaction.compact)",
+            f"{wall.median:.1f} s",
+            "(reported)",
+            None,
+            "",
+            f"peak RSS {mib(med([c['rss'] for c in comps]))}; tasks kept "
+            f"{comps[0]['stats']['tasks_kept']:,}, events kept {comps[0]['stats']['events_kept']:,}; "
+            f"{wall.spread(1, 's')}",
+        )
+    )
     lock = Stat([c["lock"] for c in comps])
-    out.append(Row("  of which under the lock (tail phase + rewrite)", fmt_ms(lock.median), "short", None, "",
-                   lock.spread()))
+    out.append(
+        Row("  of which under the lock (tail phase + rewrite)", fmt_ms(lock.median), "short", None, "", lock.spread())
+    )
     wait = Stat([c["max_wait"] for c in comps])
     before = med([c["median_before"] for c in comps])
-    out.append(Row("  enqueuer's longest wait for the lock", fmt_ms(wait.median), "short", wait.median / before,
-                   "wait / enqueue alone", f"enqueue alone {fmt_ms(before)}; {sum(c['enqueues'] for c in comps)} "
-                   f"enqueues (Python API, one every ~5 ms) in all; {wait.spread()}"))
+    out.append(
+        Row(
+            "  enqueuer's longest wait for the lock",
+            fmt_ms(wait.median),
+            "short",
+            wait.median / before,
+            "wait / enqueue alone",
+            f"enqueue alone {fmt_ms(before)}; {sum(c['enqueues'] for c in comps)} "
+            f"enqueues (Python API, one every ~5 ms) in all; {wait.spread()}",
+        )
+    )
     worst = Stat([c["max_latency"] for c in comps])
-    out.append(Row("  enqueuer's longest enqueue during compaction", fmt_ms(worst.median), "short",
-                   worst.median / before, "latency / enqueue alone",
-                   "not only the lock: also the enqueuer's own pauses (reload after the rewrite, GC over its "
-                   f"state); the worst started {med([c['worst_after_unlock'] for c in comps]):+.2f} s from the "
-                   f"unlock (negative: before it); {worst.spread()}"))
-    for key, j, info, what in (("old", old_j, old_info, "old history"), ("recent", rec_j, recent_info,
-                                                                        "history inside 7 days")):
+    out.append(
+        Row(
+            "  enqueuer's longest enqueue during compaction",
+            fmt_ms(worst.median),
+            "short",
+            worst.median / before,
+            "latency / enqueue alone",
+            "not only the lock: also the enqueuer's own pauses (reload after the rewrite, GC over its "
+            f"state); the worst started {med([c['worst_after_unlock'] for c in comps]):+.2f} s from the "
+            f"unlock (negative: before it); {worst.spread()}",
+        )
+    )
+    for _key, j, info, what in (
+        ("old", old_j, old_info, "old history"),
+        ("recent", rec_j, recent_info, "history inside 7 days"),
+    ):
         need = info["bytes_live_and_retention"]
-        out.append(Row(f"journal after compaction ({what})", fmt_bytes(j), "<= 2x live + retention", j / need,
-                       "journal / (live + retained records)",
-                       f"live + retained records as first written: {fmt_bytes(need)}; before: {fmt_bytes(info['bytes'])}"))
+        out.append(
+            Row(
+                f"journal after compaction ({what})",
+                fmt_bytes(j),
+                "<= 2x live + retention",
+                j / need,
+                "journal / (live + retained records)",
+                f"live + retained records as first written: {fmt_bytes(need)}; before: {fmt_bytes(info['bytes'])}",
+            )
+        )
     return out
 
 

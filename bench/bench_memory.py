@@ -16,8 +16,19 @@ from __future__ import annotations
 import os
 
 import history
-from common import (CACHE, KMPWM, Row, Stat, bench_env, fmt_bytes, fmt_ms, fresh_home, interleaved, run_process,
-                    say, section)
+from common import (
+    CACHE,
+    KMPWM,
+    Row,
+    bench_env,
+    fmt_bytes,
+    fmt_ms,
+    fresh_home,
+    interleaved,
+    run_process,
+    say,
+    section,
+)
 
 
 def rows(quick: bool = False, tasks: int | None = None) -> list[Row]:
@@ -43,28 +54,64 @@ def rows(quick: bool = False, tasks: int | None = None) -> list[Row]:
             r = run_process(KMPWM + ["run-due"], e, peak=True)
             rss[key].append(r.maxrss_kb)
             return r.wall
+
         return fn
 
     say(f"  idle run-due, {rounds} interleaved rounds")
     st = interleaved({"live": idle("live", env), "empty": idle("empty", empty_env)}, rounds)
-    n = iter(range(10 ** 9))
-    en = interleaved({"live": lambda: run_process(KMPWM + ["enqueue", f"x{next(n)}", "echo", "--delay", "1d"], env).wall,
-                      "empty": lambda: run_process(KMPWM + ["enqueue", f"x{next(n)}", "echo", "--delay", "1d"],
-                                                   empty_env).wall}, max(3, rounds // 2), warmup=0)
+    n = iter(range(10**9))
+    en = interleaved(
+        {
+            "live": lambda: run_process(KMPWM + ["enqueue", f"x{next(n)}", "echo", "--delay", "1d"], env).wall,
+            "empty": lambda: run_process(KMPWM + ["enqueue", f"x{next(n)}", "echo", "--delay", "1d"], empty_env).wall,
+        },
+        max(3, rounds // 2),
+        warmup=0,
+    )
     os.unlink(path)
     med = lambda xs: sorted(xs)[len(xs) // 2]  # noqa: E731
     live_kb, empty_kb = med(rss["live"]), med(rss["empty"])
     out = [section(f"Memory: run-due with {tasks:,} live tasks (nothing due)")]
-    out.append(Row(f"peak RSS, idle run-due, {tasks:,} live tasks", f"{live_kb / 1024:.0f} MiB", "(reported)",
-                   live_kb / empty_kb, "/ empty home", f"empty home {empty_kb / 1024:.0f} MiB; snapshot {fmt_bytes(snap)}"))
-    out.append(Row("  first run (no snapshot; folds, snapshots, compacts)", f"{first.maxrss_kb / 1024:.0f} MiB",
-                   "(reported)", first.maxrss_kb / empty_kb, "/ empty home", f"{first.wall:.2f} s wall"))
-    out.append(Row(f"  wall, idle run-due, {tasks:,} live tasks", fmt_ms(st["live"].median), "(reported)",
-                   st["live"].median / st["empty"].median, "/ empty home",
-                   f"empty {fmt_ms(st['empty'].median)}; {st['live'].spread()}"))
-    out.append(Row(f"  wall, enqueue one task beside {tasks:,} live", fmt_ms(en["live"].median), "(reported)",
-                   en["live"].median / en["empty"].median, "/ empty home",
-                   f"empty {fmt_ms(en['empty'].median)}; {en['live'].spread()}"))
+    out.append(
+        Row(
+            f"peak RSS, idle run-due, {tasks:,} live tasks",
+            f"{live_kb / 1024:.0f} MiB",
+            "(reported)",
+            live_kb / empty_kb,
+            "/ empty home",
+            f"empty home {empty_kb / 1024:.0f} MiB; snapshot {fmt_bytes(snap)}",
+        )
+    )
+    out.append(
+        Row(
+            "  first run (no snapshot; folds, snapshots, compacts)",
+            f"{first.maxrss_kb / 1024:.0f} MiB",
+            "(reported)",
+            first.maxrss_kb / empty_kb,
+            "/ empty home",
+            f"{first.wall:.2f} s wall",
+        )
+    )
+    out.append(
+        Row(
+            f"  wall, idle run-due, {tasks:,} live tasks",
+            fmt_ms(st["live"].median),
+            "(reported)",
+            st["live"].median / st["empty"].median,
+            "/ empty home",
+            f"empty {fmt_ms(st['empty'].median)}; {st['live'].spread()}",
+        )
+    )
+    out.append(
+        Row(
+            f"  wall, enqueue one task beside {tasks:,} live",
+            fmt_ms(en["live"].median),
+            "(reported)",
+            en["live"].median / en["empty"].median,
+            "/ empty home",
+            f"empty {fmt_ms(en['empty'].median)}; {en['live'].spread()}",
+        )
+    )
     return out
 
 

@@ -57,8 +57,16 @@ def fork_exec_floor(n: int, parallel: int, prefix: list[str]) -> float:
     started = 0
     while started < n or running:
         while started < n and len(running) < parallel:
-            running.append(subprocess.Popen(prefix + [true], stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                                            stderr=subprocess.PIPE, start_new_session=True, close_fds=True))
+            running.append(
+                subprocess.Popen(
+                    prefix + [true],
+                    stdin=subprocess.DEVNULL,
+                    stdout=subprocess.PIPE,
+                    stderr=subprocess.PIPE,
+                    start_new_session=True,
+                    close_fds=True,
+                )
+            )
             started += 1
         p = running.pop(0)
         p.communicate()
@@ -89,20 +97,49 @@ def rows(quick: bool = False, n: int | None = None, n_cmd: int | None = None, pa
     py_rate, cmd_rate = n / py.median, n_cmd / cmd.median
     fl_rate = n_cmd / floor.median
     out = [section(f"Dispatch (one run-due process, parallel {par}; median of {reps})")]
-    out.append(Row(f"run-due over {n:,} trivial Python tasks", f"{py_rate:,.0f} tasks/s", ">= 1,000 tasks/s",
-                   py_rate / 1000, "figure / goal (>= 1 meets)",
-                   f"{py.median:.2f} s wall, {py.median * 1000 / n:.2f} ms/task; peak RSS "
-                   f"{sorted(rss)[len(rss) // 2] / 1024:.0f} MiB; {py.spread(1, 's')}"))
-    out.append(Row(f"run-due over {n_cmd:,} command tasks (/bin/true)", f"{cmd_rate:,.0f} tasks/s",
-                   "~ fork/exec floor", cmd_rate / fl_rate, "figure / floor (1 = at the floor)",
-                   f"{cmd.median * 1000 / n_cmd:.2f} ms/task; {cmd.spread(1, 's')}"))
-    out.append(Row("floor: Popen /bin/true, same parallelism", f"{fl_rate:,.0f} tasks/s", "(floor)", None, "",
-                   f"{floor.median * 1000 / n_cmd:.2f} ms/task"))
+    out.append(
+        Row(
+            f"run-due over {n:,} trivial Python tasks",
+            f"{py_rate:,.0f} tasks/s",
+            ">= 1,000 tasks/s",
+            py_rate / 1000,
+            "figure / goal (>= 1 meets)",
+            f"{py.median:.2f} s wall, {py.median * 1000 / n:.2f} ms/task; peak RSS "
+            f"{sorted(rss)[len(rss) // 2] / 1024:.0f} MiB; {py.spread(1, 's')}",
+        )
+    )
+    out.append(
+        Row(
+            f"run-due over {n_cmd:,} command tasks (/bin/true)",
+            f"{cmd_rate:,.0f} tasks/s",
+            "~ fork/exec floor",
+            cmd_rate / fl_rate,
+            "figure / floor (1 = at the floor)",
+            f"{cmd.median * 1000 / n_cmd:.2f} ms/task; {cmd.spread(1, 's')}",
+        )
+    )
+    out.append(
+        Row(
+            "floor: Popen /bin/true, same parallelism",
+            f"{fl_rate:,.0f} tasks/s",
+            "(floor)",
+            None,
+            "",
+            f"{floor.median * 1000 / n_cmd:.2f} ms/task",
+        )
+    )
     if setpriv:
         sp_rate = n_cmd / floor_sp.median
-        out.append(Row("floor: Popen setpriv --pdeathsig KILL -- /bin/true", f"{sp_rate:,.0f} tasks/s", "(floor)",
-                       cmd_rate / sp_rate, "run-due / this floor",
-                       f"{floor_sp.median * 1000 / n_cmd:.2f} ms/task: run-due's prefix on Linux (two execs per task)"))
+        out.append(
+            Row(
+                "floor: Popen setpriv --pdeathsig KILL -- /bin/true",
+                f"{sp_rate:,.0f} tasks/s",
+                "(floor)",
+                cmd_rate / sp_rate,
+                "run-due / this floor",
+                f"{floor_sp.median * 1000 / n_cmd:.2f} ms/task: run-due's prefix on Linux (two execs per task)",
+            )
+        )
     return out
 
 

@@ -33,13 +33,13 @@ import sys
 import tempfile
 import textwrap
 import time
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import PYTHON, ROOT, bench_env, loadavg, say  # noqa: E402
 
-MARK_PY = '''
+MARK_PY = """
 import os, time
 
 def mark(input):
@@ -48,9 +48,9 @@ def mark(input):
     os.write(fd, ("%s %.6f\\n" % (os.environ["KMPWM_TASK_ID"], t)).encode())
     os.close(fd)
     return None
-'''
+"""
 
-HUEY_PY = '''
+HUEY_PY = """
 import os, time
 from huey import SqliteHuey
 
@@ -62,7 +62,7 @@ def mark(task_id):
     fd = os.open(os.environ["BENCH_MARKS"], os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
     os.write(fd, ("%s %.6f\\n" % (task_id, t)).encode())
     os.close(fd)
-'''
+"""
 
 
 def pct(values: list[float], p: float) -> float:
@@ -75,8 +75,10 @@ def pct(values: list[float], p: float) -> float:
 def row(name: str, ms: list[float], goal: str) -> str:
     if not ms:
         return f"{name:<34} skipped"
-    return (f"{name:<34} n={len(ms):<5} p50 {pct(ms, 50):8.2f}  p90 {pct(ms, 90):8.2f}  p99 {pct(ms, 99):8.2f}"
-            f"  max {max(ms):8.2f} ms   mean {statistics.fmean(ms):8.2f}   goal {goal}")
+    return (
+        f"{name:<34} n={len(ms):<5} p50 {pct(ms, 50):8.2f}  p90 {pct(ms, 90):8.2f}  p99 {pct(ms, 99):8.2f}"
+        f"  max {max(ms):8.2f} ms   mean {statistics.fmean(ms):8.2f}   goal {goal}"
+    )
 
 
 class Marks:
@@ -114,23 +116,27 @@ def make_home(base: Path, name: str) -> tuple[Path, Path]:
     os.chmod(home, 0o700)
     marks = base / f"{name}.marks"
     cfg = home / "config.toml"
-    cfg.write_text(textwrap.dedent(f'''
+    cfg.write_text(
+        textwrap.dedent(f"""
         [workers.pymark]
         entry = "benchmark_worker:mark"
 
         [workers.cmdmark]
         command = ["bash", "-c", "echo \\"$KMPWM_TASK_ID $EPOCHREALTIME\\" >> {marks}"]
-    '''))
+    """)
+    )
     os.chmod(cfg, 0o600)
     return home, marks
 
 
 def start_serve(home: Path, base: Path, marks: Path) -> subprocess.Popen:
     env = bench_env(str(home), BENCH_MARKS=str(marks), PYTHONPATH=f"{base}{os.pathsep}{ROOT}")
-    argv = [PYTHON, os.environ["BENCH_SERVE_PROFILE"]] if os.environ.get("BENCH_SERVE_PROFILE") else \
-        [PYTHON, "-m", "kmpwm", "serve", "--parallel", "2"]
-    proc = subprocess.Popen(argv, env=env,
-                            stdout=subprocess.DEVNULL, stderr=open(base / "serve.err", "a"))
+    argv = (
+        [PYTHON, os.environ["BENCH_SERVE_PROFILE"]]
+        if os.environ.get("BENCH_SERVE_PROFILE")
+        else [PYTHON, "-m", "kmpwm", "serve", "--parallel", "2"]
+    )
+    proc = subprocess.Popen(argv, env=env, stdout=subprocess.DEVNULL, stderr=open(base / "serve.err", "a"))
     state = home / "journal" / "runners" / f"serve-{proc.pid}.json"
     deadline = time.monotonic() + 30
     while not state.exists():
@@ -142,7 +148,8 @@ def start_serve(home: Path, base: Path, marks: Path) -> subprocess.Popen:
 
 
 def kmpwm_latency(base: Path, worker: str, n: int, warm: int = 20) -> list[float]:
-    from kmpwm import Scheduler, triggers
+    from kmpwm import Scheduler
+    from kmpwm.core import triggers
 
     home, marks_path = make_home(base, f"home-{worker}")
     os.environ["KMPWM_HOME"] = str(home)
@@ -167,7 +174,8 @@ def kmpwm_latency(base: Path, worker: str, n: int, warm: int = 20) -> list[float
 
 
 def at_lateness(base: Path, n: int) -> list[float]:
-    from kmpwm import Scheduler, triggers
+    from kmpwm import Scheduler
+    from kmpwm.core import triggers
 
     home, marks_path = make_home(base, "home-at")
     sched = Scheduler(home=str(home))
@@ -175,7 +183,7 @@ def at_lateness(base: Path, n: int) -> list[float]:
     serve = start_serve(home, base, marks_path)
     marks = Marks(marks_path)
     marks.wait("prime", 60)
-    start = datetime.now(timezone.utc) + timedelta(seconds=1.5)
+    start = datetime.now(UTC) + timedelta(seconds=1.5)
     ats = {}
     with sched.batch():
         for i in range(n):
@@ -204,9 +212,13 @@ def huey_latency(base: Path, n: int, warm: int = 5) -> list[float]:
     sys.path.insert(0, str(hdir))
     import benchhuey
 
-    consumer = subprocess.Popen([PYTHON, "-c", "import benchhuey; benchhuey.huey.create_consumer(workers=1).run()"],
-                                cwd=hdir, env=dict(os.environ, PYTHONPATH=str(hdir)),
-                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    consumer = subprocess.Popen(
+        [PYTHON, "-c", "import benchhuey; benchhuey.huey.create_consumer(workers=1).run()"],
+        cwd=hdir,
+        env=dict(os.environ, PYTHONPATH=str(hdir)),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     marks = Marks(marks_path)
     out = []
     try:
@@ -247,8 +259,10 @@ def main() -> int:
     rows.append(row("serve, --at lateness", at, "p99 <= 50 ms"))
     hu = huey_latency(base, args.huey) if args.huey else []
     rows.append(row("huey consumer (SqliteHuey, default)", hu, "reference"))
-    rows.append(f"{'per-minute invoker (computed)':<34} p50 30000.00  p99 59400.00  mean 30000.00 ms "
-                "(uniform wait over [0, 60) s, plus run-due's start-up)")
+    rows.append(
+        f"{'per-minute invoker (computed)':<34} p50 30000.00  p99 59400.00  mean 30000.00 ms "
+        "(uniform wait over [0, 60) s, plus run-due's start-up)"
+    )
     say(f"bench_serve: {loadavg()}")
     print("\n".join(rows))
     return 0

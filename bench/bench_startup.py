@@ -15,8 +15,7 @@ from __future__ import annotations
 import itertools
 import sys
 
-from common import (KMPWM, PYTHON, Row, bench_env, fmt_ms, fresh_home, interleaved, run_process, say,
-                    section, standalone)
+from common import KMPWM, PYTHON, Row, bench_env, fmt_ms, fresh_home, interleaved, run_process, say, section, standalone
 
 GOAL = 1.2
 
@@ -50,14 +49,29 @@ def rows(quick: bool = False) -> list[Row]:
         cpu[k] = sorted(cpu[k][-rounds:])
     med_cpu = {k: v[len(v) // 2] for k, v in cpu.items()}
     fl = st["floor"].median
-    out = [section("Start-up (whole processes, median wall; interleaved with the floor)"),
-           Row('floor: python -c "import typer"', fmt_ms(fl), "(floor)", 1.0, "",
-               f"cpu {fmt_ms(med_cpu['floor'])}; {st['floor'].spread()}")]
+    out = [
+        section("Start-up (whole processes, median wall; interleaved with the floor)"),
+        Row(
+            'floor: python -c "import typer"',
+            fmt_ms(fl),
+            "(floor)",
+            1.0,
+            "",
+            f"cpu {fmt_ms(med_cpu['floor'])}; {st['floor'].spread()}",
+        ),
+    ]
     for name, label in (("enqueue", "kmpwm enqueue ID echo"), ("run-due", "kmpwm run-due (idle: nothing due)")):
         s = st[name]
-        out.append(Row(label, fmt_ms(s.median), f"<= {GOAL}x floor", s.median / fl, f"{name} / floor",
-                       f"cpu {fmt_ms(med_cpu[name])} = {med_cpu[name] / med_cpu['floor']:.2f}x floor cpu; "
-                       f"{s.spread()}"))
+        out.append(
+            Row(
+                label,
+                fmt_ms(s.median),
+                f"<= {GOAL}x floor",
+                s.median / fl,
+                f"{name} / floor",
+                f"cpu {fmt_ms(med_cpu[name])} = {med_cpu[name] / med_cpu['floor']:.2f}x floor cpu; {s.spread()}",
+            )
+        )
     return out
 
 
@@ -70,12 +84,17 @@ def importtime() -> None:
     run_process(KMPWM + ["enqueue", "later", "echo", "--delay", "1d"], env)
     for label, argv in (("enqueue", ["enqueue", "x", "echo"]), ("run-due", ["run-due"])):
         run_process(KMPWM + argv, env)  # warm the bytecode cache
-        err = subprocess.run([PYTHON, "-X", "importtime", *KMPWM[-1:], *argv] if KMPWM[0] != PYTHON
-                             else [PYTHON, "-X", "importtime", "-m", "kmpwm", *argv],
-                             env=env, capture_output=True).stderr.decode()
+        err = subprocess.run(
+            [PYTHON, "-X", "importtime", *KMPWM[-1:], *argv]
+            if KMPWM[0] != PYTHON
+            else [PYTHON, "-X", "importtime", "-m", "kmpwm", *argv],
+            env=env,
+            capture_output=True,
+        ).stderr.decode()
         typer_mods = set()
-        floor = subprocess.run([PYTHON, "-X", "importtime", "-c", "import typer"], env=env,
-                               capture_output=True).stderr.decode()
+        floor = subprocess.run(
+            [PYTHON, "-X", "importtime", "-c", "import typer"], env=env, capture_output=True
+        ).stderr.decode()
         for line in floor.splitlines()[1:]:
             typer_mods.add(line.rsplit("|", 1)[-1].strip())
         top = []

@@ -123,20 +123,21 @@ def _report():
         pass
 atexit.register(_report)
 sys.argv = ['kmpwm'] + sys.argv[1:]
-from kmpwm.entry import run
+from kmpwm.cli.entry import run
 run()
 """
 
 
-def run_process(cmd: list[str], env: dict, stdin: bytes | None = None, capture: bool = False,
-                check: bool = True, peak: bool = False) -> ProcRun:
+def run_process(
+    cmd: list[str], env: dict, stdin: bytes | None = None, capture: bool = False, check: bool = True, peak: bool = False
+) -> ProcRun:
     """Run one process to completion; wall time from just before the spawn to its reaping.
 
     ``peak=True`` (for ``KMPWM + args`` only): run kmpwm through PEAK_WRAPPER and report the
     kmpwm process's own VmHWM as ``maxrss_kb``; otherwise ``maxrss_kb`` is wait4's ru_maxrss."""
     hwm_file = None
     if peak and sys.platform.startswith("linux"):
-        args = cmd[len(KMPWM):]
+        args = cmd[len(KMPWM) :]
         fd, hwm_file = tempfile.mkstemp(prefix="kmpwm-bench-hwm-")
         os.close(fd)
         cmd = [PYTHON, "-c", PEAK_WRAPPER, *args]
@@ -148,8 +149,9 @@ def run_process(cmd: list[str], env: dict, stdin: bytes | None = None, capture: 
         in_f.write(stdin)
         in_f.seek(0)
     t0 = time.perf_counter()
-    proc = subprocess.Popen(cmd, env=env, stdin=in_f if in_f is not None else subprocess.DEVNULL,
-                            stdout=out_fd, stderr=subprocess.PIPE)
+    proc = subprocess.Popen(
+        cmd, env=env, stdin=in_f if in_f is not None else subprocess.DEVNULL, stdout=out_fd, stderr=subprocess.PIPE
+    )
     out = proc.stdout.read() if capture else b""
     err = proc.stderr.read()
     _, status, ru = os.wait4(proc.pid, 0)
@@ -250,8 +252,7 @@ def fmt_bytes(n: float) -> str:
 def print_table(title: str, rows: list[Row], out=None) -> None:
     out = out or sys.stdout
     headers = ("item", "figure", "goal", "ratio", "ratio is", "notes")
-    cells = [(r.item, r.figure, r.goal, "" if r.ratio is None else f"{r.ratio:.2f}", r.ratio_def, r.note)
-             for r in rows]
+    cells = [(r.item, r.figure, r.goal, "" if r.ratio is None else f"{r.ratio:.2f}", r.ratio_def, r.note) for r in rows]
     widths = [max(len(h), *(len(c[i]) for c in cells)) if cells else len(h) for i, h in enumerate(headers)]
     widths[-1] = len(headers[-1])  # notes run free at the end of the line
     line = "  ".join(h.ljust(w) for h, w in zip(headers, widths)).rstrip()
@@ -260,8 +261,9 @@ def print_table(title: str, rows: list[Row], out=None) -> None:
         if c[0].startswith("## "):
             out.write(f"{c[0][3:]}{'  ' + c[-1] if c[-1] else ''}\n")
             continue
-        out.write("  ".join(v.ljust(w) if i < len(c) - 1 else v for i, (v, w) in enumerate(zip(c, widths))).rstrip()
-                  + "\n")
+        out.write(
+            "  ".join(v.ljust(w) if i < len(c) - 1 else v for i, (v, w) in enumerate(zip(c, widths))).rstrip() + "\n"
+        )
     out.flush()
 
 

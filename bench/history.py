@@ -1,4 +1,4 @@
-"""Build journals with a long history, directly in the on-disk format (kmpwm.journal.encode).
+"""Build journals with a long history, directly in the on-disk format (kmpwm.storage.journal.encode).
 
 A million CLI calls would take hours; these journals are written record by record exactly as
 kmpwm writes them (one transaction per line, CRC-32, compact JSON), with the ops of state.py:
@@ -32,12 +32,21 @@ def _task(tid: str, ts: float, delay: float = 0.0, data: str | None = None) -> d
     return t
 
 
-def build(path: str, history_records: int = 1_000_000, *, live: int = 100, live_chains: int = 10,
-          now: float | None = None, span_days: float = 60.0, recent_fraction: float = 0.01,
-          retention_days: float = 7.0, compacted_size: int | None = None) -> dict:
+def build(
+    path: str,
+    history_records: int = 1_000_000,
+    *,
+    live: int = 100,
+    live_chains: int = 10,
+    now: float | None = None,
+    span_days: float = 60.0,
+    recent_fraction: float = 0.01,
+    retention_days: float = 7.0,
+    compacted_size: int | None = None,
+) -> dict:
     """Write the journal; returns counts.  ``compacted_size`` goes into the header (automatic
     compaction waits until the journal exceeds twice it plus 1 MiB)."""
-    from kmpwm.journal import encode
+    from kmpwm.storage.journal import encode
 
     now = time.time() if now is None else now
     tasks = history_records // 3
@@ -65,13 +74,42 @@ def build(path: str, history_records: int = 1_000_000, *, live: int = 100, live_
             seq += 1
             tid = f"job-{i}"
             lines = (
-                encode({"ts": ts, "ops": [{"op": "enq", "task": _task(tid, ts, data='{"n": %d}' % i),
-                                           "policy": "keep"}]}),
-                encode({"ts": ts + 30, "ops": [{"op": "claim", "id": tid, "seq": seq, "runner": runner, "pid": 1,
-                                                "token": "bench", "until": ts + 30 + 75}]}),
-                encode({"ts": ts + 31, "ops": [{"op": "result", "id": tid, "seq": seq, "runner": runner,
-                                                "status": "SUCCESS", "message": None, "data": {"n": i},
-                                                "duration_ms": 12}]}),
+                encode(
+                    {"ts": ts, "ops": [{"op": "enq", "task": _task(tid, ts, data='{"n": %d}' % i), "policy": "keep"}]}
+                ),
+                encode(
+                    {
+                        "ts": ts + 30,
+                        "ops": [
+                            {
+                                "op": "claim",
+                                "id": tid,
+                                "seq": seq,
+                                "runner": runner,
+                                "pid": 1,
+                                "token": "bench",
+                                "until": ts + 30 + 75,
+                            }
+                        ],
+                    }
+                ),
+                encode(
+                    {
+                        "ts": ts + 31,
+                        "ops": [
+                            {
+                                "op": "result",
+                                "id": tid,
+                                "seq": seq,
+                                "runner": runner,
+                                "status": "SUCCESS",
+                                "message": None,
+                                "data": {"n": i},
+                                "duration_ms": 12,
+                            }
+                        ],
+                    }
+                ),
             )
             if i >= old:
                 bytes_recent += sum(map(len, lines))
@@ -83,8 +121,12 @@ def build(path: str, history_records: int = 1_000_000, *, live: int = 100, live_
         live_bytes = 0
         t_live = now - 3600
         for j in range(live):
-            line = encode({"ts": t_live + j, "ops": [{"op": "enq", "task": _task(f"later-{j}", t_live + j, DAY),
-                                                      "policy": "keep"}]})
+            line = encode(
+                {
+                    "ts": t_live + j,
+                    "ops": [{"op": "enq", "task": _task(f"later-{j}", t_live + j, DAY), "policy": "keep"}],
+                }
+            )
             live_bytes += len(line)
             buf.append(line)
             records += 1
@@ -93,16 +135,23 @@ def build(path: str, history_records: int = 1_000_000, *, live: int = 100, live_
             cid = f"chain-{c}"
             ts = t_live + live + c
             steps = [[_task(f"{cid}/{n}/echo", ts, DAY)] for n in (1, 2, 3)]
-            line = encode({"ts": ts, "ops": [{"op": "chain", "id": cid, "policy": "replace", "steps": steps,
-                                              "tags": []}]})
+            line = encode(
+                {"ts": ts, "ops": [{"op": "chain", "id": cid, "policy": "replace", "steps": steps, "tags": []}]}
+            )
             live_bytes += len(line)
             buf.append(line)
             records += 1
             seq += 3
         fh.write(b"".join(buf))
         os.fsync(fh.fileno())
-    return {"records": records, "history_tasks": tasks, "recent_tasks": recent, "live_tasks": live + 3 * live_chains,
-            "bytes": os.path.getsize(path), "bytes_live_and_retention": live_bytes + bytes_recent}
+    return {
+        "records": records,
+        "history_tasks": tasks,
+        "recent_tasks": recent,
+        "live_tasks": live + 3 * live_chains,
+        "bytes": os.path.getsize(path),
+        "bytes_live_and_retention": live_bytes + bytes_recent,
+    }
 
 
 def install(home: str, journal_path: str) -> None:
@@ -122,8 +171,8 @@ def install(home: str, journal_path: str) -> None:
 
 def verify(home: str, expect: dict) -> None:
     """Fold the journal with kmpwm's Store: no damage, the expected numbers of tasks."""
-    from kmpwm.paths import resolve
-    from kmpwm.store import Store
+    from kmpwm.storage.paths import resolve
+    from kmpwm.storage.store import Store
 
     store = Store(resolve(home))
     store._maybe_snapshot = lambda view: None  # a check only: leave no snapshot behind
@@ -132,5 +181,6 @@ def verify(home: str, expect: dict) -> None:
     live = sum(1 for t in tasks.values() if t["finished_at"] is None)
     done = sum(1 for t in tasks.values() if t["state"] == "SUCCEEDED")
     if view.damage or live != expect["live_tasks"] or done != expect["history_tasks"]:
-        raise SystemExit(f"built journal is not what was meant: damage={view.damage} live={live} "
-                         f"succeeded={done} expected {expect}")
+        raise SystemExit(
+            f"built journal is not what was meant: damage={view.damage} live={live} succeeded={done} expected {expect}"
+        )

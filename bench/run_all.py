@@ -21,17 +21,19 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from common import ROOT, Row, loadavg, print_table, say, section  # noqa: E402
+from common import ROOT, Row, loadavg, print_table, say  # noqa: E402
 
 PARTS = ("startup", "enqueue", "dispatch", "memory", "history")
 
 
 def _commit() -> str:
     try:
-        rev = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"], capture_output=True,
-                             text=True).stdout.strip()
-        dirty = subprocess.run(["git", "-C", str(ROOT), "status", "--porcelain", "--", "kmpwm"], capture_output=True,
-                               text=True).stdout.strip()
+        rev = subprocess.run(
+            ["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"], capture_output=True, text=True
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "-C", str(ROOT), "status", "--porcelain", "--", "kmpwm"], capture_output=True, text=True
+        ).stdout.strip()
         return rev + (" (kmpwm/ modified)" if dirty else "")
     except OSError:
         return "unknown"
@@ -48,9 +50,11 @@ def main() -> None:
         ap.error(f"unknown part(s): {', '.join(sorted(unknown))}")
     import kmpwm
 
-    head = (f"kmpwm {kmpwm.__version__} @ {_commit()}; Python {platform.python_version()}; "
-            f"{platform.system()} {platform.machine()}, {os.cpu_count()} CPUs; {time.strftime('%Y-%m-%d %H:%M:%S')}"
-            + ("; QUICK (smoke test sizes)" if args.quick else ""))
+    head = (
+        f"kmpwm {kmpwm.__version__} @ {_commit()}; Python {platform.python_version()}; "
+        f"{platform.system()} {platform.machine()}, {os.cpu_count()} CPUs; {time.strftime('%Y-%m-%d %H:%M:%S')}"
+        + ("; QUICK (smoke test sizes)" if args.quick else "")
+    )
     print(head)
     print(f"start: {loadavg()}")
     sys.stdout.flush()

@@ -29,7 +29,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import PYTHON, ROOT, bench_env, loadavg, say  # noqa: E402
 
-WORKERS_PY = '''
+WORKERS_PY = """
 import os
 from kmpwm import WorkerResult
 
@@ -40,7 +40,7 @@ def flaky(input, ctx):
     if ctx.attempt < 3:
         return WorkerResult.Retry("not yet")
     return WorkerResult.Success()
-'''
+"""
 
 
 def sample(pid: int) -> dict:
@@ -57,15 +57,22 @@ def sample(pid: int) -> dict:
             stat = Path(f"/proc/{entry}/stat").read_text()
         except OSError:
             continue
-        rest = stat[stat.rindex(")") + 2:].split()
+        rest = stat[stat.rindex(")") + 2 :].split()
         if int(rest[1]) == pid:
             children += 1
             zombies += rest[0] == "Z"
     stat = Path(f"/proc/{pid}/stat").read_text()
-    rest = stat[stat.rindex(")") + 2:].split()
+    rest = stat[stat.rindex(")") + 2 :].split()
     cpu = (int(rest[11]) + int(rest[12])) / os.sysconf("SC_CLK_TCK")
-    return {"t": time.time(), "rss_mb": rss_kb / 1024, "fds": fds, "threads": threads, "children": children,
-            "zombies": zombies, "cpu_s": cpu}
+    return {
+        "t": time.time(),
+        "rss_mb": rss_kb / 1024,
+        "fds": fds,
+        "threads": threads,
+        "children": children,
+        "zombies": zombies,
+        "cpu_s": cpu,
+    }
 
 
 def main() -> int:
@@ -80,7 +87,8 @@ def main() -> int:
     os.chmod(home, 0o700)
     (base / "soakworkers.py").write_text(WORKERS_PY)
     cfg = home / "config.toml"
-    cfg.write_text(textwrap.dedent('''
+    cfg.write_text(
+        textwrap.dedent("""
         [workers.ok]
         entry = "soakworkers:ok"
 
@@ -89,17 +97,20 @@ def main() -> int:
 
         [workers.cmd]
         command = ["/bin/true"]
-    '''))
+    """)
+    )
     os.chmod(cfg, 0o600)
     env = bench_env(str(home), PYTHONPATH=f"{base}{os.pathsep}{ROOT}")
     sys.path.insert(0, str(base))
-    from kmpwm import Constraints, Scheduler, TaskRequest, triggers
+    from kmpwm import Constraints, Scheduler, TaskRequest
+    from kmpwm.core import triggers
 
     sched = Scheduler(home=str(home))
     sched.enqueue("first", triggers.OneTime(), "ok", input="0")
     err = open(base / "serve.err", "w")
-    serve = subprocess.Popen([PYTHON, "-m", "kmpwm", "serve", "--parallel", "2"], env=env,
-                             stdout=subprocess.DEVNULL, stderr=err)
+    serve = subprocess.Popen(
+        [PYTHON, "-m", "kmpwm", "serve", "--parallel", "2"], env=env, stdout=subprocess.DEVNULL, stderr=err
+    )
     say(f"soak_serve: {loadavg()}; home {home}; serve pid {serve.pid}; {args.minutes:g} minutes")
     retry = Constraints(backoff="linear", backoff_delay=1)
     end = time.monotonic() + args.minutes * 60
@@ -111,8 +122,8 @@ def main() -> int:
         i += 1
         if i % 10 == 0:
             sched.begin_with(TaskRequest(worker="ok", input=str(i))).then(
-                [TaskRequest(worker="ok", input="a"), TaskRequest(worker="cmd")]).then(
-                TaskRequest(worker="ok", input="z")).with_id(f"chain{i}", "keep").enqueue()
+                [TaskRequest(worker="ok", input="a"), TaskRequest(worker="cmd")]
+            ).then(TaskRequest(worker="ok", input="z")).with_id(f"chain{i}", "keep").enqueue()
             enqueued += 4
         elif i % 7 == 0:
             sched.enqueue(f"flaky{i}", triggers.OneTime(), "flaky", constraints=retry)
@@ -124,8 +135,13 @@ def main() -> int:
             sched.enqueue(f"t{i}", triggers.OneTime(), "ok", input=str(i))
             enqueued += 1
         if tick >= next_compact:
-            subprocess.run([PYTHON, "-m", "kmpwm", "compact"], env=env, stdout=subprocess.DEVNULL,
-                           stderr=subprocess.DEVNULL, check=False)
+            subprocess.run(
+                [PYTHON, "-m", "kmpwm", "compact"],
+                env=env,
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL,
+                check=False,
+            )
             compactions += 1
             next_compact = tick + args.compact_every
         if tick >= next_sample:
@@ -140,8 +156,9 @@ def main() -> int:
     # drain: everything enqueued finishes
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline:
-        out = subprocess.run([PYTHON, "-m", "kmpwm", "inspect-queue", "--json"], env=env, capture_output=True,
-                             text=True, check=False)
+        out = subprocess.run(
+            [PYTHON, "-m", "kmpwm", "inspect-queue", "--json"], env=env, capture_output=True, text=True, check=False
+        )
         left = len(json.loads(out.stdout)["tasks"]) if out.returncode == 0 else -1
         if left == 0:
             break
@@ -150,21 +167,32 @@ def main() -> int:
     samples.append(last)
     serve.send_signal(signal.SIGTERM)
     rc = serve.wait(60)
-    out = subprocess.run([PYTHON, "-m", "kmpwm", "inspect-queue", "--all", "--json"], env=env, capture_output=True,
-                         text=True, check=False)
+    out = subprocess.run(
+        [PYTHON, "-m", "kmpwm", "inspect-queue", "--all", "--json"],
+        env=env,
+        capture_output=True,
+        text=True,
+        check=False,
+    )
     states: dict[str, int] = {}
     for t in json.loads(out.stdout)["tasks"]:
         states[t["state"]] = states.get(t["state"], 0) + 1
     first = samples[0]
     say(f"soak_serve: {loadavg()}")
-    print(f"soak: {args.minutes:g} min, {enqueued} tasks enqueued ({i} enqueue calls), {compactions} compactions, "
-          f"serve exit {rc}, unfinished left {left}, states after compaction {states}")
+    print(
+        f"soak: {args.minutes:g} min, {enqueued} tasks enqueued ({i} enqueue calls), {compactions} compactions, "
+        f"serve exit {rc}, unfinished left {left}, states after compaction {states}"
+    )
     for key, unit in (("rss_mb", "MB"), ("fds", ""), ("threads", ""), ("zombies", ""), ("children", "")):
         grows = last[key] > first[key] * (1.10 if key == "rss_mb" else 1) + (0 if key == "rss_mb" else 0)
-        print(f"  {key:<9} first {first[key]:8.2f}{unit}  last {last[key]:8.2f}{unit}"
-              f"  max {max(s[key] for s in samples):8.2f}{unit}" + ("   GROWS" if grows else ""))
-    print(f"  cpu      {last['cpu_s'] - first['cpu_s']:.1f} s of CPU between the first and last sample "
-          f"({(last['cpu_s'] - first['cpu_s']) / max(1.0, last['t'] - first['t']) * 100:.1f}% of one core)")
+        print(
+            f"  {key:<9} first {first[key]:8.2f}{unit}  last {last[key]:8.2f}{unit}"
+            f"  max {max(s[key] for s in samples):8.2f}{unit}" + ("   GROWS" if grows else "")
+        )
+    print(
+        f"  cpu      {last['cpu_s'] - first['cpu_s']:.1f} s of CPU between the first and last sample "
+        f"({(last['cpu_s'] - first['cpu_s']) / max(1.0, last['t'] - first['t']) * 100:.1f}% of one core)"
+    )
     return 0
 
 

@@ -8,16 +8,34 @@ from __future__ import annotations
 __version__ = "0.1.0"
 
 __all__ = [
-    "Scheduler", "TaskRequest", "Constraints", "WorkerResult", "ScheduleResult", "triggers",
-    "TaskState", "BackoffPolicy", "ExistingWorkPolicy", "NetworkType", "QualityOfService", "Outcome",
+    "Scheduler",
+    "TaskRequest",
+    "Constraints",
+    "WorkerResult",
+    "ScheduleResult",
+    "triggers",
+    "TaskState",
+    "BackoffPolicy",
+    "ExistingWorkPolicy",
+    "NetworkType",
+    "QualityOfService",
+    "Outcome",
     "worker",
 ]
 
 _LAZY = {
-    "Scheduler": "api", "Outcome": "api", "TaskRequest": "models", "Constraints": "models",
-    "ScheduleResult": "models", "TaskState": "models", "BackoffPolicy": "models",
-    "ExistingWorkPolicy": "models", "NetworkType": "models", "QualityOfService": "models",
-    "WorkerResult": "results", "worker": "declare",
+    "Scheduler": "api",
+    "Outcome": "api",
+    "TaskRequest": "models",
+    "Constraints": "models",
+    "ScheduleResult": "models",
+    "TaskState": "models",
+    "BackoffPolicy": "models",
+    "ExistingWorkPolicy": "models",
+    "NetworkType": "models",
+    "QualityOfService": "models",
+    "WorkerResult": "results",
+    "worker": "declare",
 }
 
 
@@ -26,8 +44,8 @@ def __getattr__(name: str):
 
     if name == "triggers":
         # import_module, not ``from . import triggers``: that asks this function again and again
-        # while kmpwm.triggers is not imported yet (``from kmpwm import triggers`` in a fresh process).
-        return importlib.import_module("kmpwm.triggers")
+        # while kmpwm.core.triggers is not imported yet (``from kmpwm import triggers`` in a fresh process).
+        return importlib.import_module("kmpwm.core.triggers")
     module = _LAZY.get(name)
     if module is None:
         raise AttributeError(f"module 'kmpwm' has no attribute {name!r}")

@@ -1,3 +1,3 @@
-from .entry import run
+from kmpwm.cli.entry import run
 
 run()

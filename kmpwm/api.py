@@ -1,6 +1,7 @@
 """The Python API (SPEC section 8): the layer that does the work under the CLI.
 
-    from kmpwm import Scheduler, TaskRequest, Constraints, triggers
+    from kmpwm import Scheduler, TaskRequest, Constraints
+    from kmpwm.core import triggers
 
     s = Scheduler()
     s.enqueue("data-sync", triggers.Periodic(3600), "SyncWorker",
@@ -19,11 +20,12 @@ import os
 import re
 import time
 import uuid
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Iterable, Sequence
+from typing import Any
 
-from .exitcodes import InvalidParams, KmpwmError, OsPolicy
-from .models import (
+from kmpwm.core.exitcodes import InvalidParams, KmpwmError, OsPolicy
+from kmpwm.core.models import (
     DEFAULT_CONSTRAINTS_RECORD,
     UNFINISHED,
     Constraints,
@@ -33,11 +35,11 @@ from .models import (
     TaskRequest,
     enum_value,
 )
-from .paths import Paths, resolve
-from .specs import normalise_input
-from .state import members
-from .store import Store
-from .triggers import REPEATING, TIMED, Cron, DeviceState, OneTime, Periodic, initial, jitter_offset
+from kmpwm.core.specs import normalise_input
+from kmpwm.core.state import members
+from kmpwm.core.triggers import REPEATING, TIMED, Cron, DeviceState, OneTime, Periodic, initial, jitter_offset
+from kmpwm.storage.paths import Paths, resolve
+from kmpwm.storage.store import Store
 
 MAX_ID_LEN = 200
 MAX_CHAIN_TASKS = 10_000
@@ -66,8 +68,14 @@ class Outcome:
 
 
 def check_id(value: Any, *, what: str = "id", allow_hash: bool = False) -> str:
-    if (type(value) is str and 0 < len(value) <= MAX_ID_LEN and value.isascii() and value.isprintable()
-            and not value.isspace() and (allow_hash or "#" not in value)):
+    if (
+        type(value) is str
+        and 0 < len(value) <= MAX_ID_LEN
+        and value.isascii()
+        and value.isprintable()
+        and not value.isspace()
+        and (allow_hash or "#" not in value)
+    ):
         return value  # the common case, checked in one go; the rest says what is wrong
     if not isinstance(value, str) or not value.strip():
         raise InvalidParams(f"invalid {what} {value!r}: expected a non-empty string")
@@ -88,7 +96,12 @@ def check_id(value: Any, *, what: str = "id", allow_hash: bool = False) -> str:
 def check_tags(tags: Iterable[str]) -> list[str]:
     out = []
     for tag in tags:
-        if not isinstance(tag, str) or not tag or len(tag) > 100 or any(ord(c) < 32 or 0xD800 <= ord(c) < 0xE000 for c in tag):
+        if (
+            not isinstance(tag, str)
+            or not tag
+            or len(tag) > 100
+            or any(ord(c) < 32 or 0xD800 <= ord(c) < 0xE000 for c in tag)
+        ):
             raise InvalidParams(f"invalid tag {tag!r}: expected a short non-empty string of UTF-8 text")
         if tag not in out:
             out.append(tag)
@@ -113,15 +126,14 @@ class Scheduler:
     @property
     def registry(self):
         if self._registry is None:
-            from .registry import Registry
+            from kmpwm.running.registry import Registry
 
             self._registry = Registry(self.paths)
         return self._registry
 
     # -- building task records ------------------------------------------------------------
 
-    def build_task(self, req: TaskRequest, now: float, *, task_id: str | None = None,
-                   trusted_id: bool = False) -> dict:
+    def build_task(self, req: TaskRequest, now: float, *, task_id: str | None = None, trusted_id: bool = False) -> dict:
         """Validate a request and return the task record to journal (raises KmpwmError).
 
         Validated trigger and constraint records are cached by value, so a batch of many similar
@@ -144,13 +156,15 @@ class Scheduler:
             if info.kind == "command":
                 self._command_workers.add(worker)
             elif info.source == "config":  # found now, not at 2 a.m. (entry points: at their install)
-                from .registry import import_error
+                from kmpwm.running.registry import import_error
 
                 problem = import_error(info)
                 if problem is not None:
                     where = ", ".join(info.config.import_dirs)
-                    raise InvalidParams(f"worker {worker!r}: {problem} (searched {where} and sys.path; say where "
-                                        f"the module is with path = \"DIR\" in [workers.{worker}] of config.toml)")
+                    raise InvalidParams(
+                        f"worker {worker!r}: {problem} (searched {where} and sys.path; say where "
+                        f'the module is with path = "DIR" in [workers.{worker}] of config.toml)'
+                    )
             self._workers_ok.add(worker)
         trigger = req.trigger if req.trigger is not None else _ONE_TIME
         constraints = req.constraints if req.constraints is not None else _DEFAULT_CONSTRAINTS
@@ -170,9 +184,11 @@ class Scheduler:
             data = normalise_input(data)
             if worker in self._command_workers and "\0" in data:
                 # it travels in KMPWM_INPUT, and no environment variable can hold a NUL byte
-                raise InvalidParams(f"invalid input: a NUL byte, which the command worker {worker!r} cannot "
-                                    "receive (it is passed in the environment, KMPWM_INPUT)",
-                                    hint="encode binary input (base64) or pass a path to a file")
+                raise InvalidParams(
+                    f"invalid input: a NUL byte, which the command worker {worker!r} cannot "
+                    "receive (it is passed in the environment, KMPWM_INPUT)",
+                    hint="encode binary input (base64) or pass a path to a file",
+                )
         # Defaults are left out of the record (the fold fills them in): a 10,000-task batch is a
         # third of the bytes to serialise, checksum and fsync.
         task = {"id": task_id, "worker": worker, "trigger": trig, "created_at": now}
@@ -204,7 +220,7 @@ class Scheduler:
 
     def _validate(self, trigger, constraints: Constraints, now: float) -> tuple[dict, dict]:
         if not hasattr(trigger, "to_record"):
-            raise InvalidParams(f"invalid trigger {trigger!r}: use kmpwm.triggers")
+            raise InvalidParams(f"invalid trigger {trigger!r}: use kmpwm.core.triggers")
         trig = trigger.to_record(now)
         behavior = enum_value(ExactBehavior, constraints.exact_behavior, what="exact behavior")
         if trig["type"] == "exact" and behavior != "attempt" and trig.get("behavior") == "attempt":
@@ -218,26 +234,43 @@ class Scheduler:
         crec = constraints.to_record()
         for key, flag in (("jitter", "--jitter"), ("misfire_grace", "--misfire-grace")):
             if key in crec and trig["type"] not in TIMED:
-                raise InvalidParams(f"{flag} needs a trigger with due times on a clock or grid "
-                                    "(--every, --cron or --at)")
+                raise InvalidParams(
+                    f"{flag} needs a trigger with due times on a clock or grid (--every, --cron or --at)"
+                )
         if crec == DEFAULT_CONSTRAINTS_RECORD:
             crec = DEFAULT_CONSTRAINTS_RECORD
-        from .probes import unobservable
+        from kmpwm.scheduling.probes import unobservable
 
         missing = unobservable(crec, trig)
         if missing:
-            raise OsPolicy(f"REJECTED_OS_POLICY: {missing[0]}",
-                           hint="see the README's table of constraints by platform, or set KMPWM_ASSUME")
+            raise OsPolicy(
+                f"REJECTED_OS_POLICY: {missing[0]}",
+                hint="see the README's table of constraints by platform, or set KMPWM_ASSUME",
+            )
         return trig, crec
 
     # -- enqueue --------------------------------------------------------------------------
 
-    def enqueue(self, id: str, trigger: Any = None, worker: str | None = None, input: Any = None,
-                constraints: Constraints | None = None, *, policy: ExistingWorkPolicy | str = "keep",
-                tags: Sequence[str] = ()) -> ScheduleResult:
+    def enqueue(
+        self,
+        id: str,
+        trigger: Any = None,
+        worker: str | None = None,
+        input: Any = None,
+        constraints: Constraints | None = None,
+        *,
+        policy: ExistingWorkPolicy | str = "keep",
+        tags: Sequence[str] = (),
+    ) -> ScheduleResult:
         """Schedule one task (seed: ``enqueue``); returns a ScheduleResult."""
-        req = TaskRequest(worker=worker, id=id, input=input, trigger=trigger,
-                          constraints=constraints or _DEFAULT_CONSTRAINTS, tags=list(tags) if tags else [])
+        req = TaskRequest(
+            worker=worker,
+            id=id,
+            input=input,
+            trigger=trigger,
+            constraints=constraints or _DEFAULT_CONSTRAINTS,
+            tags=list(tags) if tags else [],
+        )
         return self.submit(req, policy).result
 
     def submit(self, req: TaskRequest, policy: ExistingWorkPolicy | str = "keep") -> Outcome:
@@ -245,8 +278,11 @@ class Scheduler:
         if self._pending is None:
             return self.submit_many([(req, policy)])[0]
         try:  # inside a batch: validate now, write when the batch ends
-            pol = (policy if type(policy) is str and policy in _POLICIES
-                   else enum_value(ExistingWorkPolicy, policy, what="policy"))
+            pol = (
+                policy
+                if type(policy) is str and policy in _POLICIES
+                else enum_value(ExistingWorkPolicy, policy, what="policy")
+            )
             task = self.build_task(req, time.time())
         except KmpwmError as exc:
             return _rejected(getattr(req, "id", None), exc)
@@ -287,12 +323,17 @@ class Scheduler:
 
     # -- chains ---------------------------------------------------------------------------
 
-    def begin_with(self, request: TaskRequest | Sequence[TaskRequest]) -> "TaskChain":
+    def begin_with(self, request: TaskRequest | Sequence[TaskRequest]) -> TaskChain:
         """Start a chain with one task or several parallel tasks (seed: ``beginWith``)."""
         return TaskChain(self, [_as_step(request)])
 
-    def enqueue_chain(self, steps: Sequence[Sequence[TaskRequest]], chain_id: str | None = None,
-                      policy: str = "replace", tags: Sequence[str] = ()) -> Outcome:
+    def enqueue_chain(
+        self,
+        steps: Sequence[Sequence[TaskRequest]],
+        chain_id: str | None = None,
+        policy: str = "replace",
+        tags: Sequence[str] = (),
+    ) -> Outcome:
         now = time.time()
         try:
             op = self._chain_op(steps, chain_id, policy, now, tags)
@@ -356,11 +397,17 @@ class Scheduler:
                 if task["trigger"]["type"] in REPEATING:
                     raise InvalidParams(
                         f"chain task {task_id!r}: a chain's tasks run once; use --delay, --at or --window "
-                        "(repeating triggers belong to single tasks)")
+                        "(repeating triggers belong to single tasks)"
+                    )
                 tasks.append(task)
             out_steps.append(tasks)
-        return {"op": "chain", "id": chain_id, "policy": policy, "steps": out_steps,
-                "tags": check_tags(tags) if tags else []}
+        return {
+            "op": "chain",
+            "id": chain_id,
+            "policy": policy,
+            "steps": out_steps,
+            "tags": check_tags(tags) if tags else [],
+        }
 
     # -- cancel ---------------------------------------------------------------------------
 
@@ -388,22 +435,22 @@ class Scheduler:
         """Pause tasks (with their ``ID#n``), chains, a tag's tasks, or with ``all=True`` the queue
         itself; ``until`` (aware datetime, epoch seconds or TIME text) ends the pause by itself.
         Returns the ids paused one by one."""
-        from . import steering
-        from .timeparse import parse_time
+        from kmpwm.core.timeparse import parse_time
+        from kmpwm.scheduling import steering
 
         until_ts = parse_time(until, what="until") if until is not None else None
         return steering.pause(self.store, ids, tag, all, until_ts)
 
     def resume(self, *ids: str, tag: str | None = None, all: bool = False) -> list[str]:
         """Resume paused tasks (``all=True``: the queue and every paused task); returns their ids."""
-        from . import steering
+        from kmpwm.scheduling import steering
 
         return steering.resume(self.store, ids, tag, all)
 
     def retry(self, *ids: str, failed: bool = False, tag: str | None = None) -> list[str]:
         """Enqueue FAILED / CANCELLED tasks again, due now, attempts 0; a chain resumes at the step
         that failed.  Returns the ids made ENQUEUED or BLOCKED again."""
-        from . import steering
+        from kmpwm.scheduling import steering
 
         return steering.retry(self.store, ids, failed, tag)
 
@@ -411,15 +458,15 @@ class Scheduler:
         """Block until the tasks finish; returns a ``WaitResult`` (``tasks``, ``timed_out``,
         ``exit_code``: 0 all SUCCEEDED, 1 one did not, 75 time-out).  Raises InvalidParams when
         nothing matches."""
-        from . import steering
-        from .timeparse import parse_duration
+        from kmpwm.core.timeparse import parse_duration
+        from kmpwm.scheduling import steering
 
         return steering.wait(self.store, ids, tag, parse_duration(timeout) if timeout is not None else None)
 
     def run_now(self, *ids: str, ignore_constraints: bool = False) -> dict:
         """Run the tasks (a chain: its steps in order) now in this process, as run-due would;
         returns run-due's document (``ran``, ``expired``, ``skipped``) plus ``exit_code``."""
-        from . import steering
+        from kmpwm.scheduling import steering
 
         doc, code, _ = steering.run_now(self.paths, list(ids), ignore_constraints)
         self.store.invalidate()
@@ -427,17 +474,17 @@ class Scheduler:
 
     # -- batches --------------------------------------------------------------------------
 
-    def batch(self) -> "Batch":
+    def batch(self) -> Batch:
         """``with scheduler.batch():`` — enqueues and chains inside share one durable append."""
         return Batch(self)
 
     def _commit(self, items: list[tuple[str, dict, Outcome]], now: float) -> None:
         with self.store.transaction() as txn:
-            for kind, op, outcome in items:
+            for kind, op, _outcome in items:
                 if kind == "chain":
                     _check_chain_ids(txn.state, op)
             results = txn.commit([op for _, op, _ in items], ts=now)
-            for (kind, op, outcome), res in zip(items, results):
+            for (kind, _op, outcome), res in zip(items, results):
                 outcome.action = res["action"]
                 outcome.id = res["id"]
                 if kind == "chain":
@@ -446,7 +493,7 @@ class Scheduler:
                 outcome.next_run_at, outcome.state = res.get("due"), res.get("state")
                 kept = txn.state["tasks"].get(res["task"]) if res["action"] == "kept" else None
                 if kept is not None:  # an existing task: told as inspect-queue tells it
-                    from .views import effective_state, next_run_at
+                    from kmpwm.scheduling.views import effective_state, next_run_at
 
                     outcome.state, outcome.next_run_at = effective_state(kept, now), next_run_at(kept, now)
 
@@ -467,17 +514,18 @@ _POLICIES = frozenset(("keep", "replace", "append", "append-or-replace", "update
 class TaskChain:
     """Builder for a chain (seed: ``TaskChain``): ``then``, ``with_id``, ``enqueue``."""
 
-    def __init__(self, scheduler: Scheduler, steps: list[list[TaskRequest]], chain_id: str | None = None,
-                 policy: str = "replace"):
+    def __init__(
+        self, scheduler: Scheduler, steps: list[list[TaskRequest]], chain_id: str | None = None, policy: str = "replace"
+    ):
         self._scheduler = scheduler
         self._steps = steps
         self._id = chain_id
         self._policy = policy
 
-    def then(self, request: TaskRequest | Sequence[TaskRequest]) -> "TaskChain":
+    def then(self, request: TaskRequest | Sequence[TaskRequest]) -> TaskChain:
         return TaskChain(self._scheduler, [*self._steps, _as_step(request)], self._id, self._policy)
 
-    def with_id(self, chain_id: str, policy: ExistingWorkPolicy | str = "replace") -> "TaskChain":
+    def with_id(self, chain_id: str, policy: ExistingWorkPolicy | str = "replace") -> TaskChain:
         return TaskChain(self._scheduler, self._steps, chain_id, policy)
 
     def enqueue(self) -> Outcome:
@@ -489,7 +537,7 @@ class Batch:
         self.scheduler = scheduler
         self.outcomes: list[Outcome] = []
 
-    def __enter__(self) -> "Batch":
+    def __enter__(self) -> Batch:
         if self.scheduler._pending is not None:
             raise RuntimeError("batches do not nest")
         self.scheduler._pending = []
@@ -512,7 +560,7 @@ class Batch:
 
 
 def _who() -> str:
-    from .steering import who
+    from kmpwm.scheduling.steering import who
 
     return who()
 
@@ -525,8 +573,13 @@ def _as_step(request) -> list[TaskRequest]:
 
 def _rejected(task_id, exc: KmpwmError) -> Outcome:
     result = ScheduleResult(exc.result) if exc.result in ScheduleResult.__members__ else ScheduleResult.FAILED_UNKNOWN
-    return Outcome(result, task_id if isinstance(task_id, str) else None, error=str(exc).splitlines()[0],
-                   exit_code=exc.exit_code, hint=exc.hint)
+    return Outcome(
+        result,
+        task_id if isinstance(task_id, str) else None,
+        error=str(exc).splitlines()[0],
+        exit_code=exc.exit_code,
+        hint=exc.hint,
+    )
 
 
 def _cancel_would_change(state: dict, op: dict) -> bool:
@@ -535,8 +588,9 @@ def _cancel_would_change(state: dict, op: dict) -> bool:
         return any(t["state"] in UNFINISHED for t in tasks.values())
     if op.get("tag") is not None:
         return any(t["state"] in UNFINISHED and op["tag"] in t.get("tags", ()) for t in tasks.values()) or any(
-            op["tag"] in c.get("tags", ()) for c in state["chains"].values())
-    from .state import unfinished_family
+            op["tag"] in c.get("tags", ()) for c in state["chains"].values()
+        )
+    from kmpwm.core.state import unfinished_family
 
     for wanted in op.get("ids", ()):
         if wanted in state["chains"] or unfinished_family(state, wanted.split("#", 1)[0]):
@@ -552,6 +606,13 @@ def _check_chain_ids(state: dict, op: dict) -> None:
     for step in op["steps"]:
         for task in step:
             prior = tasks.get(task["id"])
-            if prior and prior["state"] in UNFINISHED and task["id"] not in old_ids and prior.get("chain_id") != op["id"]:
-                raise InvalidParams(f"task id {task['id']!r} is already in use by an unfinished task",
-                                    hint="name the chain's tasks differently or cancel that task first")
+            if (
+                prior
+                and prior["state"] in UNFINISHED
+                and task["id"] not in old_ids
+                and prior.get("chain_id") != op["id"]
+            ):
+                raise InvalidParams(
+                    f"task id {task['id']!r} is already in use by an unfinished task",
+                    hint="name the chain's tasks differently or cancel that task first",
+                )

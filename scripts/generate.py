@@ -57,14 +57,15 @@ def completion_script(shell: str) -> str:
     env = {k: v for k, v in os.environ.items() if not k.startswith("_TYPER_COMPLETE")}
     env[COMPLETE_VAR] = f"source_{shell}"
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
-    # `-m kmpwm` runs kmpwm.cli:main, which names the program "kmpwm" whatever argv[0] says.
-    proc = subprocess.run([sys.executable, "-m", PROG], cwd=ROOT, env=env, capture_output=True, text=True,
-                          timeout=60)
+    # `-m kmpwm` runs kmpwm.cli.app:main, which names the program "kmpwm" whatever argv[0] says.
+    proc = subprocess.run([sys.executable, "-m", PROG], cwd=ROOT, env=env, capture_output=True, text=True, timeout=60)
     if proc.returncode != 0 or COMPLETE_VAR not in proc.stdout:
-        raise SystemExit(f"generate: `{COMPLETE_VAR}=source_{shell} {PROG}` failed (exit {proc.returncode}):\n"
-                         f"{proc.stdout}{proc.stderr}")
+        raise SystemExit(
+            f"generate: `{COMPLETE_VAR}=source_{shell} {PROG}` failed (exit {proc.returncode}):\n"
+            f"{proc.stdout}{proc.stderr}"
+        )
     script = proc.stdout.strip()
-    # kmpwm.cli:main passes prog_name="kmpwm", so `-m` does not leak "__main__" into the
+    # kmpwm.cli.app:main passes prog_name="kmpwm", so `-m` does not leak "__main__" into the
     # scripts; make sure it stays that way, since the scripts must name the command users type.
     if "__main__" in script or f"complete_{shell}" not in script:
         raise SystemExit(f"generate: the {shell} script does not complete `{PROG}`:\n{script}")
@@ -83,31 +84,44 @@ def completion_script(shell: str) -> str:
 # -- man page ------------------------------------------------------------------------------
 
 ENVIRONMENT = [
-    ("KMPWM_HOME", "Keep everything (journal/, config.toml, logs/) under this directory instead of the "
-                   "platform's per-user directories. The global option --home wins over it."),
-    ("KMPWM_ASSUME", "Override the device-state probes, for simulation and tests: comma-separated "
-                     "key=value pairs with keys network, metered, roaming, charging, storage_low and idle "
-                     "(on or off) and battery (a percentage), e.g. `network=off,battery=10`. A key set here "
-                     "counts as observable, so it never causes REJECTED_OS_POLICY. A bad value exits 78."),
+    (
+        "KMPWM_HOME",
+        "Keep everything (journal/, config.toml, logs/) under this directory instead of the "
+        "platform's per-user directories. The global option --home wins over it.",
+    ),
+    (
+        "KMPWM_ASSUME",
+        "Override the device-state probes, for simulation and tests: comma-separated "
+        "key=value pairs with keys network, metered, roaming, charging, storage_low and idle "
+        "(on or off) and battery (a percentage), e.g. `network=off,battery=10`. A key set here "
+        "counts as observable, so it never causes REJECTED_OS_POLICY. A bad value exits 78.",
+    ),
     ("KMPWM_LOCK_TIMEOUT", "Seconds a command waits for the journal lock (default 10) before it exits 75."),
     ("NO_COLOR", "When set, human-readable output has no colour."),
 ]
 
-FILES_INTRO = ("With KMPWM_HOME or --home DIR, everything lives under that directory. Otherwise the "
-               "platform's per-user directories are used (platformdirs): on Linux the journal is in "
-               "$XDG_DATA_HOME/kmpwm (~/.local/share/kmpwm), config.toml in $XDG_CONFIG_HOME/kmpwm "
-               "(~/.config/kmpwm) and the logs in $XDG_STATE_HOME/kmpwm/log (~/.local/state/kmpwm/log); "
-               "on macOS in ~/Library/Application Support/kmpwm and ~/Library/Logs/kmpwm.")
+FILES_INTRO = (
+    "With KMPWM_HOME or --home DIR, everything lives under that directory. Otherwise the "
+    "platform's per-user directories are used (platformdirs): on Linux the journal is in "
+    "$XDG_DATA_HOME/kmpwm (~/.local/share/kmpwm), config.toml in $XDG_CONFIG_HOME/kmpwm "
+    "(~/.config/kmpwm) and the logs in $XDG_STATE_HOME/kmpwm/log (~/.local/state/kmpwm/log); "
+    "on macOS in ~/Library/Application Support/kmpwm and ~/Library/Logs/kmpwm."
+)
 FILES = [
-    ("journal/", "The append-only journal of every task and run, the single source of truth; any "
-                 "snapshot or cache beside it is rebuilt from it. `doctor --repair` moves damaged "
-                 "records to journal/quarantine/."),
+    (
+        "journal/",
+        "The append-only journal of every task and run, the single source of truth; any "
+        "snapshot or cache beside it is rebuilt from it. `doctor --repair` moves damaged "
+        "records to journal/quarantine/.",
+    ),
     ("config.toml", "Optional settings."),
     ("logs/", "Logs of background runs, and the tracebacks of internal errors."),
 ]
-FILES_PERMISSIONS = ("Directories are created with mode 0700 and files with mode 0600. If the journal "
-                     "directory, the home directory or config.toml is writable by group or others, or owned "
-                     "by another user, every command refuses with exit status 77 and says why.")
+FILES_PERMISSIONS = (
+    "Directories are created with mode 0700 and files with mode 0600. If the journal "
+    "directory, the home directory or config.toml is writable by group or others, or owned "
+    "by another user, every command refuses with exit status 77 and says why."
+)
 
 EXIT_STATUS = [
     (0, "Success."),
@@ -124,30 +138,39 @@ EXIT_STATUS = [
 ]
 
 EXAMPLES = [
-    ("A command worker, declared in config.toml, run every night at 02:30:",
-     """[workers.backup]
+    (
+        "A command worker, declared in config.toml, run every night at 02:30:",
+        """[workers.backup]
 command = ["restic", "backup", "/home/me"]
 timeout = "1h"
 description = "Back up my home directory"
 
-kmpwm enqueue nightly-backup backup --cron '30 2 * * *' --tag backup"""),
-    ("A one-time task with an input, a delay and a constraint; a periodic one due once per 15 minutes, "
-     "in the last 5 minutes of each period (the first run at once):",
-     """kmpwm enqueue report echo --input '{"title": "weekly"}' --delay 10m --requires-network
-kmpwm enqueue ping http --input '{"url": "https://example.com/health"}' --every 15m --flex 5m"""),
-    ("What a worker takes and returns, and its default time limit (the built-in transfer workers "
-     "http, download, upload and compress are heavy: 10 minutes):",
-     "kmpwm workers download"),
-    ("Many tasks in one durable append, from a file of JSON Lines, tasks.jsonl (the keys are the long "
-     "flag names with _ for -; --from - reads standard input):",
-     """{"id": "fetch-report", "worker": "download", "input": {"url": "https://example.com/report.csv", "path": "~/reports/report.csv"}, "cron": "0 6 * * 1-5", "requires_network": true}
+kmpwm enqueue nightly-backup backup --cron '30 2 * * *' --tag backup""",
+    ),
+    (
+        "A one-time task with an input, a delay and a constraint; a periodic one due once per 15 minutes, "
+        "in the last 5 minutes of each period (the first run at once):",
+        """kmpwm enqueue report echo --input '{"title": "weekly"}' --delay 10m --requires-network
+kmpwm enqueue ping http --input '{"url": "https://example.com/health"}' --every 15m --flex 5m""",
+    ),
+    (
+        "What a worker takes and returns, and its default time limit (the built-in transfer workers "
+        "http, download, upload and compress are heavy: 10 minutes):",
+        "kmpwm workers download",
+    ),
+    (
+        "Many tasks in one durable append, from a file of JSON Lines, tasks.jsonl (the keys are the long "
+        "flag names with _ for -; --from - reads standard input):",
+        """{"id": "fetch-report", "worker": "download", "input": {"url": "https://example.com/report.csv", "path": "~/reports/report.csv"}, "cron": "0 6 * * 1-5", "requires_network": true}
 {"id": "tidy", "worker": "echo", "input": {"note": "weekly"}, "delay": "2h", "policy": "replace"}
 
-kmpwm enqueue --from tasks.jsonl"""),
-    ("A chain from a TOML file, photos.toml: download, then compress what was downloaded, then upload "
-     "the archive (files flow down a chain as data.path). A chain's policy defaults to replace, a "
-     "task's to keep:",
-     """id = "photos"
+kmpwm enqueue --from tasks.jsonl""",
+    ),
+    (
+        "A chain from a TOML file, photos.toml: download, then compress what was downloaded, then upload "
+        "the archive (files flow down a chain as data.path). A chain's policy defaults to replace, a "
+        "task's to keep:",
+        """id = "photos"
 policy = "keep"
 
 [[steps]]
@@ -162,7 +185,8 @@ worker = "compress"
 worker = "upload"
 input = { url = "https://example.com/upload" }
 
-kmpwm chain --file photos.toml"""),
+kmpwm chain --file photos.toml""",
+    ),
 ]
 
 SEE_ALSO = ["crontab(1)", "crontab(5)", "systemd.timer(5)", "launchd.plist(5)"]
@@ -230,6 +254,7 @@ def render_paragraphs(text: str | None, separator: str) -> list[str]:
 
 def usage_piece(piece: str) -> str:
     """`[ID]` -> [\\fIID\\fR]; typer's `{ID}` (required) is plain ID in a man page."""
+
     def one(word: str) -> str:
         m = re.fullmatch(r"([\[{]?)(.*?)([\]}]?)(\.\.\.)?", word)
         opening, name, closing, dots = m.groups()
@@ -304,7 +329,7 @@ def man_page() -> str:
     import typer
 
     from kmpwm import __version__
-    from kmpwm.cli import app
+    from kmpwm.cli.app import app
 
     command = typer.main.get_command(app)
     root = context(command, PROG)
@@ -328,10 +353,16 @@ def man_page() -> str:
         out += ([".br"] if i else []) + [line]
     out += [".SH DESCRIPTION"]
     out += render_paragraphs(command.help, ".PP")
-    out += [".PP", roff("Every command takes --json: then stdout is exactly one JSON document (`events --follow`: "
-                        "JSON Lines) and human-readable text goes only to stderr. Without --json, output is for "
-                        "people: tables on a terminal, plain text otherwise."),
-            ".PP", f"Every command takes {help_names} " + roff("to show its usage.")]
+    out += [
+        ".PP",
+        roff(
+            "Every command takes --json: then stdout is exactly one JSON document (`events --follow`: "
+            "JSON Lines) and human-readable text goes only to stderr. Without --json, output is for "
+            "people: tables on a terminal, plain text otherwise."
+        ),
+        ".PP",
+        f"Every command takes {help_names} " + roff("to show its usage."),
+    ]
     out += [".SH OPTIONS"]
     out += describe_params(command, root, include_help=True)
     out += [".SH COMMANDS"]
@@ -352,11 +383,12 @@ def man_page() -> str:
     out += ['.SH "EXIT STATUS"']
     for code, text in EXIT_STATUS:
         out += [".TP", bold(str(code)), roff(text)]
-    out += [".SH \"SEE ALSO\"", ",\n".join(f"{bold(page.split('(')[0])}({page.split('(')[1]}" for page in SEE_ALSO)]
+    out += ['.SH "SEE ALSO"', ",\n".join(f"{bold(page.split('(')[0])}({page.split('(')[1]}" for page in SEE_ALSO)]
     return "\n".join(out) + "\n"
 
 
 # -- driver --------------------------------------------------------------------------------
+
 
 def generate() -> dict[str, str]:
     """Every generated file, by path relative to the repository root."""
@@ -387,8 +419,11 @@ def write_atomically(path: Path, text: str) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--check", action="store_true",
-                        help="write nothing; exit 1 if a checked-in file differs from what would be generated")
+    parser.add_argument(
+        "--check",
+        action="store_true",
+        help="write nothing; exit 1 if a checked-in file differs from what would be generated",
+    )
     args = parser.parse_args(argv)
 
     drifted = []
@@ -402,16 +437,26 @@ def main(argv: list[str] | None = None) -> int:
             if current is None:
                 print(f"{rel}: missing", file=sys.stderr)
             else:
-                diff = list(difflib.unified_diff(current.splitlines(), text.splitlines(), f"{rel} (checked in)",
-                                                 f"{rel} (generated)", lineterm=""))
+                diff = list(
+                    difflib.unified_diff(
+                        current.splitlines(),
+                        text.splitlines(),
+                        f"{rel} (checked in)",
+                        f"{rel} (generated)",
+                        lineterm="",
+                    )
+                )
                 print(f"{rel}: out of date", file=sys.stderr)
                 print("\n".join(diff[:40] + (["..."] if len(diff) > 40 else [])), file=sys.stderr)
         else:
             write_atomically(path, text)
             print(f"wrote {rel}")
     if drifted:
-        print(f"{len(drifted)} generated file(s) out of date: {', '.join(drifted)}; "
-              f"run `{REGENERATE}` and commit the result", file=sys.stderr)
+        print(
+            f"{len(drifted)} generated file(s) out of date: {', '.join(drifted)}; "
+            f"run `{REGENERATE}` and commit the result",
+            file=sys.stderr,
+        )
         return 1
     return 0
 

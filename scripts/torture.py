@@ -73,8 +73,18 @@ def run_crash(trials: int, per_home: int, seed: int, workdir: Path) -> dict:
         harness = crashlib.CrashHarness(home, seed=seed + round_no)
         t0 = time.monotonic()
         tally = harness.run(n)
-        for key in ("trials", "ops", "killed", "completed", "reruns_before_record", "quarantined", "tasks", "chains",
-                    "reported_enqueues", "reported_chains"):
+        for key in (
+            "trials",
+            "ops",
+            "killed",
+            "completed",
+            "reruns_before_record",
+            "quarantined",
+            "tasks",
+            "chains",
+            "reported_enqueues",
+            "reported_chains",
+        ):
             stats[key] += harness.stats.get(key, 0)
         for mode, c in harness.stats["kill_modes"].items():
             stats[f"mode:{mode}"] += c
@@ -83,40 +93,64 @@ def run_crash(trials: int, per_home: int, seed: int, workdir: Path) -> dict:
         violations += [f"[seed {seed + round_no}] {v}" for v in tally.violations]
         done += n
         round_no += 1
-        print(f"  crash round {round_no}: {n} trials in {time.monotonic() - t0:.0f}s, "
-              f"{tally.checks} checks, {len(tally.violations)} violations", flush=True)
+        print(
+            f"  crash round {round_no}: {n} trials in {time.monotonic() - t0:.0f}s, "
+            f"{tally.checks} checks, {len(tally.violations)} violations",
+            flush=True,
+        )
     return {"stats": stats, "checks": checks, "held": held, "violations": violations}
 
 
 def run_pytest(trials: int, fuzz_examples: int, workdir: Path) -> dict:
     counts_file = workdir / "counts.txt"
-    env = dict(os.environ, KMPWM_TORTURE_TRIALS=str(trials), KMPWM_FUZZ_EXAMPLES=str(fuzz_examples),
-               KMPWM_TORTURE_COUNTS=str(counts_file))
-    tests = ["tests/test_crash.py::test_kill_during_snapshot_write", "tests/test_crash.py::test_kill_during_compaction",
-             "tests/test_crash.py::test_killed_rewrites_leave_no_temp_files_behind",
-             "tests/test_crash.py::test_runner_deaths_do_not_fail_tasks_that_never_started",
-             "tests/test_crash.py::test_background_jobs_of_a_killed_runs_workers_are_killed_by_the_next_run",
-             "tests/test_corruption.py", "tests/test_salvage.py", "tests/test_fuzz_input.py", "tests/test_faults.py", "tests/test_security.py",
-             "tests/test_torture.py::test_cancelled_task_claimed_ahead_never_starts",
-             "tests/test_torture.py::test_replace_and_cancel_storm_never_overlaps_runs_of_one_id",
-             "tests/test_torture.py::test_readers_see_a_consistent_journal_while_compaction_runs",
-             "tests/test_crash.py::test_stopped_runner_keeps_its_lease_whatever_the_clock_says",
-             "tests/test_crash.py::test_runners_on_different_clocks_run_each_task_once",
-             "tests/test_torture.py::test_overlapping_runners_run_each_event_occurrence_once"]
+    env = dict(
+        os.environ,
+        KMPWM_TORTURE_TRIALS=str(trials),
+        KMPWM_FUZZ_EXAMPLES=str(fuzz_examples),
+        KMPWM_TORTURE_COUNTS=str(counts_file),
+    )
+    tests = [
+        "tests/test_crash.py::test_kill_during_snapshot_write",
+        "tests/test_crash.py::test_kill_during_compaction",
+        "tests/test_crash.py::test_killed_rewrites_leave_no_temp_files_behind",
+        "tests/test_crash.py::test_runner_deaths_do_not_fail_tasks_that_never_started",
+        "tests/test_crash.py::test_background_jobs_of_a_killed_runs_workers_are_killed_by_the_next_run",
+        "tests/test_corruption.py",
+        "tests/test_salvage.py",
+        "tests/test_fuzz_input.py",
+        "tests/test_faults.py",
+        "tests/test_security.py",
+        "tests/test_torture.py::test_cancelled_task_claimed_ahead_never_starts",
+        "tests/test_torture.py::test_replace_and_cancel_storm_never_overlaps_runs_of_one_id",
+        "tests/test_torture.py::test_readers_see_a_consistent_journal_while_compaction_runs",
+        "tests/test_crash.py::test_stopped_runner_keeps_its_lease_whatever_the_clock_says",
+        "tests/test_crash.py::test_runners_on_different_clocks_run_each_task_once",
+        "tests/test_torture.py::test_overlapping_runners_run_each_event_occurrence_once",
+    ]
     t0 = time.monotonic()
-    proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-rf", *tests],
-                          cwd=ROOT, env=env, capture_output=True, text=True)
+    proc = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-rf", *tests],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+    )
     counts = Counter()
     if counts_file.exists():
         for line in counts_file.read_text().splitlines():
             kind, n = line.split()
             counts[kind] += int(n)
     summary = next((ln for ln in reversed(proc.stdout.splitlines()) if re.search(r"\d+ (passed|failed)", ln)), "")
-    failed = [ln[len("FAILED "):] for ln in proc.stdout.splitlines() if ln.startswith("FAILED ")]
+    failed = [ln[len("FAILED ") :] for ln in proc.stdout.splitlines() if ln.startswith("FAILED ")]
     if not summary:
         summary = "did not run: " + (proc.stdout + proc.stderr).strip()[-800:]
-    return {"counts": counts, "summary": summary.strip("= "), "failed": failed, "rc": proc.returncode,
-            "seconds": time.monotonic() - t0}
+    return {
+        "counts": counts,
+        "summary": summary.strip("= "),
+        "failed": failed,
+        "rc": proc.returncode,
+        "seconds": time.monotonic() - t0,
+    }
 
 
 def run_flips(workdir: Path, cli_trials: int, seed: int) -> dict:
@@ -143,8 +177,13 @@ def run_flips(workdir: Path, cli_trials: int, seed: int) -> dict:
         flipsweep.cli_trial(tpl, home, workdir, pos, value, cli)
     if workdir.parent == Path("/dev/shm"):
         shutil.rmtree(workdir, ignore_errors=True)
-    return {"bytes": len(tpl.data), "records": len(tpl.records), "report": report, "cli": cli,
-            "seconds": time.monotonic() - t0}
+    return {
+        "bytes": len(tpl.data),
+        "records": len(tpl.records),
+        "report": report,
+        "cli": cli,
+        "seconds": time.monotonic() - t0,
+    }
 
 
 def table(rows: list[tuple[str, object]]) -> str:
@@ -182,18 +221,25 @@ def main() -> int:
     crash = run_crash(args.trials, args.per_home, args.seed, work)
     crash_s = time.monotonic() - t0
 
-    print(f"[2/3] concurrency torture: {args.tasks} tasks, {args.chains} chains, {args.runners} run-due, "
-          f"{args.enqueuers} enqueuers, a compactor", flush=True)
+    print(
+        f"[2/3] concurrency torture: {args.tasks} tasks, {args.chains} chains, {args.runners} run-due, "
+        f"{args.enqueuers} enqueuers, a compactor",
+        flush=True,
+    )
     home = crashlib.Home(work / "torture")
     home.install_workers()
-    tort = crashlib.torture(home, tasks=args.tasks, chains=args.chains, runners=args.runners,
-                            enqueuers=args.enqueuers, seed=args.seed)
+    tort = crashlib.torture(
+        home, tasks=args.tasks, chains=args.chains, runners=args.runners, enqueuers=args.enqueuers, seed=args.seed
+    )
     f = tort.figures
 
     py = None
     if not args.skip_pytest:
-        print(f"[3/3] pytest reliability files (snapshot/compaction kills x{args.trials}, corruption, "
-              f"{args.fuzz_examples} examples per fuzz property, faults, security)", flush=True)
+        print(
+            f"[3/3] pytest reliability files (snapshot/compaction kills x{args.trials}, corruption, "
+            f"{args.fuzz_examples} examples per fuzz property, faults, security)",
+            flush=True,
+        )
         py = run_pytest(args.trials, args.fuzz_examples, work)
 
     flips = None
@@ -214,10 +260,14 @@ def main() -> int:
         ("  crash time", f"{crash_s:.0f}s"),
         ("torture tasks + chain tasks / chains", f"{f['tasks']} + {f['chain_tasks']} / {f['chains']}"),
         ("  run-due loops / enqueuers / compactions", f"{f['runners']} / {f['enqueuers']} / {f['compactions']}"),
-        ("  runs / duplicates / losses / order violations",
-         f"{f['runs']} / {f['duplicates']} / {f['losses']} / {f['order_violations']}"),
-        ("  invariants checked / held / violated",
-         f"{tort.tally.checks} / {tort.tally.held} / {len(tort.tally.violations)}"),
+        (
+            "  runs / duplicates / losses / order violations",
+            f"{f['runs']} / {f['duplicates']} / {f['losses']} / {f['order_violations']}",
+        ),
+        (
+            "  invariants checked / held / violated",
+            f"{tort.tally.checks} / {tort.tally.held} / {len(tort.tally.violations)}",
+        ),
         ("  time / runs per second", f"{f['seconds']}s / {f['runs_per_second']}"),
     ]
     if py is not None:
@@ -263,8 +313,10 @@ def main() -> int:
 def _flip_rows(flips: dict) -> list[tuple[str, object]]:
     r, c = flips["report"], flips["cli"]
     return [
-        ("journal damage trials (bytes x 8 bits + destroyed)", f"{r.trials} over {flips['bytes']} bytes, "
-         f"{flips['records']} records"),
+        (
+            "journal damage trials (bytes x 8 bits + destroyed)",
+            f"{r.trials} over {flips['bytes']} bytes, {flips['records']} records",
+        ),
         ("  invariants checked / violated", f"{r.checks} / {len(r.violations)}"),
         ("  trials after which every record was kept", r.restored),
         ("  through the CLI: trials / checks / violated", f"{c.trials} / {c.checks} / {len(c.violations)}"),

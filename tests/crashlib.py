@@ -7,7 +7,7 @@ Three pieces, all driving the real ``kmpwm`` command line in subprocesses:
   pool of host processes).  Each run appends ``start ID ATTEMPT PID EPOCH`` to ``runs.log`` when
   it starts and ``done ...`` to ``done.log`` when it has finished, with ``O_APPEND`` (one
   ``write`` per line, so lines never interleave).  ``fold()`` folds the journal's bytes from
-  scratch with :func:`kmpwm.state.apply` (no snapshot), the reference every view is compared with.
+  scratch with :func:`kmpwm.core.state.apply` (no snapshot), the reference every view is compared with.
 * :class:`CrashHarness` – SQLite-style crash injection: groups of 1-3 concurrent CLI operations
   (enqueue, ``enqueue --from -`` batches, chains with parallel steps, cancel, run-due, compact,
   inspect-queue) each SIGKILLed at a random moment: after a random delay, right after the
@@ -122,8 +122,8 @@ def parse_log(path: Path) -> tuple[list[LogLine], int]:
 
 def fold_bytes(data: bytes):
     """Fold journal bytes from scratch: (state, scan) — the reference for every view."""
-    from kmpwm.journal import scan_bytes
-    from kmpwm.state import apply, new_state
+    from kmpwm.core.state import apply, new_state
+    from kmpwm.storage.journal import scan_bytes
 
     scan = scan_bytes(data)
     state = new_state()
@@ -148,11 +148,18 @@ class Home:
         env = dict(os.environ)
         for key in ("KMPWM_ASSUME", "FAKETIME", "LD_PRELOAD"):
             env.pop(key, None)
-        env.update({
-            "KMPWM_HOME": str(self.path), "CRASH_RUNLOG": str(self.runlog), "CRASH_DONELOG": str(self.donelog),
-            "KMPWM_LOCK_TIMEOUT": str(lock_timeout), "NO_COLOR": "1",
-            "PYTHONPATH": os.pathsep.join([str(self.pylib)] + ([env["PYTHONPATH"]] if env.get("PYTHONPATH") else [])),
-        })
+        env.update(
+            {
+                "KMPWM_HOME": str(self.path),
+                "CRASH_RUNLOG": str(self.runlog),
+                "CRASH_DONELOG": str(self.donelog),
+                "KMPWM_LOCK_TIMEOUT": str(lock_timeout),
+                "NO_COLOR": "1",
+                "PYTHONPATH": os.pathsep.join(
+                    [str(self.pylib)] + ([env["PYTHONPATH"]] if env.get("PYTHONPATH") else [])
+                ),
+            }
+        )
         self.env = env
 
     def install_workers(self) -> None:
@@ -163,13 +170,13 @@ class Home:
         (self.pylib / "crashpw.py").write_text(WORKER_PY)
         config = (
             "[workers.cw]\n"
-            f"command = [\"/bin/bash\", \"{script}\"]\n\n"
+            f'command = ["/bin/bash", "{script}"]\n\n'
             "[workers.cws]\n"
-            f"command = [\"/bin/bash\", \"{script}\"]\n"
-            "env = { CRASH_SLEEP = \"0.15\" }\n\n"
+            f'command = ["/bin/bash", "{script}"]\n'
+            'env = { CRASH_SLEEP = "0.15" }\n\n'
             "[workers.pw]\n"
-            "entry = \"crashpw:work\"\n"
-            "path = \"pylib\"\n"  # where crashpw is, for enqueue's import check in any process
+            'entry = "crashpw:work"\n'
+            'path = "pylib"\n'  # where crashpw is, for enqueue's import check in any process
         )
         cfg = self.path / "config.toml"
         fd = os.open(cfg, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
@@ -184,16 +191,33 @@ class Home:
         argv = [PY, "-m", "kmpwm", *map(str, args)]
         return ["faketime", "-f", faketime, *argv] if faketime else argv
 
-    def run(self, *args, input: bytes | None = None, timeout: float = 300.0, env: dict | None = None,
-            faketime: str | None = None):
-        proc = subprocess.run(self.argv(*args, faketime=faketime), input=input if input is not None else b"",
-                              capture_output=True, env=dict(self.env, **(env or {})), timeout=timeout)
+    def run(
+        self,
+        *args,
+        input: bytes | None = None,
+        timeout: float = 300.0,
+        env: dict | None = None,
+        faketime: str | None = None,
+    ):
+        proc = subprocess.run(
+            self.argv(*args, faketime=faketime),
+            input=input if input is not None else b"",
+            capture_output=True,
+            env=dict(self.env, **(env or {})),
+            timeout=timeout,
+        )
         proc.stdout_text = proc.stdout.decode("utf-8", "replace")
         proc.stderr_text = proc.stderr.decode("utf-8", "replace")
         return proc
 
-    def json(self, *args, input: bytes | None = None, timeout: float = 300.0, env: dict | None = None,
-             faketime: str | None = None):
+    def json(
+        self,
+        *args,
+        input: bytes | None = None,
+        timeout: float = 300.0,
+        env: dict | None = None,
+        faketime: str | None = None,
+    ):
         """(document or None, exit code, stderr) of ``kmpwm ARGS --json``."""
         if "--json" not in args:
             args = (*args, "--json")
@@ -204,20 +228,27 @@ class Home:
             doc = None
         return doc, proc.returncode, proc.stderr_text
 
-    def spawn(self, *args, input: bytes | None = None, env: dict | None = None,
-              faketime: str | None = None) -> subprocess.Popen:
+    def spawn(
+        self, *args, input: bytes | None = None, env: dict | None = None, faketime: str | None = None
+    ) -> subprocess.Popen:
         """Start ``kmpwm ARGS``; its output is drained by threads (a full pipe never blocks it):
         ``collect(proc)`` returns (stdout, stderr) once it has ended."""
-        proc = subprocess.Popen(self.argv(*args, faketime=faketime),
-                                stdin=subprocess.PIPE if input is not None else subprocess.DEVNULL,
-                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=dict(self.env, **(env or {})))
+        proc = subprocess.Popen(
+            self.argv(*args, faketime=faketime),
+            stdin=subprocess.PIPE if input is not None else subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            env=dict(self.env, **(env or {})),
+        )
         proc.feeder = None
         if input is not None:
             proc.feeder = threading.Thread(target=_feed, args=(proc, input), daemon=True)
             proc.feeder.start()
         proc.buffers = {"out": bytearray(), "err": bytearray()}
-        proc.drainers = [threading.Thread(target=_drain, args=(stream, proc.buffers[name]), daemon=True)
-                         for stream, name in ((proc.stdout, "out"), (proc.stderr, "err"))]
+        proc.drainers = [
+            threading.Thread(target=_drain, args=(stream, proc.buffers[name]), daemon=True)
+            for stream, name in ((proc.stdout, "out"), (proc.stderr, "err"))
+        ]
         for t in proc.drainers:
             t.start()
         return proc
@@ -285,6 +316,7 @@ def _size(path: Path) -> int:
 
 # -- invariant bookkeeping -----------------------------------------------------------------
 
+
 @dataclass
 class Tally:
     checks: int = 0
@@ -301,8 +333,9 @@ class Tally:
         return self.checks - len(self.violations)
 
 
-def check_runs_against_state(state: dict, starts: list[LogLine], dones: list[LogLine], tally: Tally,
-                             *, strict_cancel: bool = True) -> None:
+def check_runs_against_state(
+    state: dict, starts: list[LogLine], dones: list[LogLine], tally: Tally, *, strict_cancel: bool = True
+) -> None:
     """No run starts after its task was recorded finished; no two runs of a task at once."""
     tasks = state["tasks"]
     by_id: dict[str, list[LogLine]] = {}
@@ -316,9 +349,13 @@ def check_runs_against_state(state: dict, starts: list[LogLine], dones: list[Log
             continue
         f = t["finished_at"]
         late = [ln for ln in lines if ln.t > f]
-        tally.check(not late, lambda: (
-            f"{tid}: started again (pid {late[0].pid}, attempt {late[0].attempt}) at {late[0].t:.6f}, "
-            f"{late[0].t - f:.3f}s after it was recorded {t['state']} at {f:.6f}"))
+        tally.check(
+            not late,
+            lambda: (
+                f"{tid}: started again (pid {late[0].pid}, attempt {late[0].attempt}) at {late[0].t:.6f}, "
+                f"{late[0].t - f:.3f}s after it was recorded {t['state']} at {f:.6f}"
+            ),
+        )
     # concurrent runs of one task: a run starting before another (earlier) run of it finished
     done_at = {(d.id, d.pid): d.t for d in dones}
     for tid, lines in by_id.items():
@@ -327,8 +364,12 @@ def check_runs_against_state(state: dict, starts: list[LogLine], dones: list[Log
             end = done_at.get((a.id, a.pid))
             if end is None:
                 continue  # that run was killed (its runner died): when exactly is unknown
-            tally.check(b.t >= end, lambda: (
-                f"{tid}: two runs at once: pid {a.pid} ran {a.t:.6f}..{end:.6f} and pid {b.pid} started at {b.t:.6f}"))
+            tally.check(
+                b.t >= end,
+                lambda: (
+                    f"{tid}: two runs at once: pid {a.pid} ran {a.t:.6f}..{end:.6f} and pid {b.pid} started at {b.t:.6f}"  # noqa: E501
+                ),
+            )
 
 
 def check_chain_order(state: dict, starts: list[LogLine], dones: list[LogLine], tally: Tally) -> None:
@@ -350,20 +391,33 @@ def check_chain_order(state: dict, starts: list[LogLine], dones: list[LogLine], 
                     continue
                 s = first_start[tid]
                 for p in prev:
-                    ok = p is not None and p["state"] == "SUCCEEDED" and p["finished_at"] is not None and s > p["finished_at"]
-                    tally.check(ok, lambda: (
-                        f"chain {cid}: {tid} (step {k + 1}) started at {s:.6f} before step {k}'s "
-                        f"{p['id'] if p else '?'} was recorded SUCCEEDED "
-                        f"({p['state'] if p else 'missing'} at {p.get('finished_at') if p else None})"))
+                    ok = (
+                        p is not None
+                        and p["state"] == "SUCCEEDED"
+                        and p["finished_at"] is not None
+                        and s > p["finished_at"]
+                    )
+                    tally.check(
+                        ok,
+                        lambda: (
+                            f"chain {cid}: {tid} (step {k + 1}) started at {s:.6f} before step {k}'s "
+                            f"{p['id'] if p else '?'} was recorded SUCCEEDED "
+                            f"({p['state'] if p else 'missing'} at {p.get('finished_at') if p else None})"
+                        ),
+                    )
                     if p is not None and p["id"] in last_done:
-                        tally.check(s > last_done[p["id"]], lambda: (
-                            f"chain {cid}: {tid} started at {s:.6f} before {p['id']} finished at {last_done[p['id']]:.6f}"))
+                        tally.check(
+                            s > last_done[p["id"]],
+                            lambda: (
+                                f"chain {cid}: {tid} started at {s:.6f} before {p['id']} finished at {last_done[p['id']]:.6f}"  # noqa: E501
+                            ),
+                        )
 
 
 def _shown_state(t: dict, now: float) -> str:
     """The state inspect-queue shows: a RUNNING task whose runner is gone (on this host: its
     process, whatever the clock says; elsewhere: its lease ran out) is claimable (ENQUEUED)."""
-    from kmpwm.leases import lease_state
+    from kmpwm.running.leases import lease_state
 
     if t["state"] == "RUNNING" and lease_state(t, now) != "held":
         return "ENQUEUED"
@@ -386,8 +440,11 @@ def by_design_failure(state: dict, t: dict, starts: dict[str, int]) -> bool:
     if reason == "upstream failed" and t.get("chain_id"):
         chain = state["chains"].get(t["chain_id"])
         members = [state["tasks"].get(i) for step in chain["steps"] for i in step] if chain else []
-        return any(m is not None and by_design_failure(state, m, starts) for m in members
-                   if (m.get("reason") or "").startswith("quarantined"))
+        return any(
+            m is not None and by_design_failure(state, m, starts)
+            for m in members
+            if (m.get("reason") or "").startswith("quarantined")
+        )
     return False
 
 
@@ -432,8 +489,17 @@ class CrashHarness:
         self.cancel_attempted: set[str] = set()
         self.cancel_reported: set[str] = set()
         self.terminal: dict[str, tuple[str, float]] = {}
-        self.stats = {"trials": 0, "ops": 0, "killed": 0, "completed": 0, "by_kind": {}, "kill_modes": {},
-                      "reruns_before_record": 0, "quarantined": 0, "drain_passes": 0}
+        self.stats = {
+            "trials": 0,
+            "ops": 0,
+            "killed": 0,
+            "completed": 0,
+            "by_kind": {},
+            "kill_modes": {},
+            "reruns_before_record": 0,
+            "quarantined": 0,
+            "drain_passes": 0,
+        }
 
     # -- building operations ------------------------------------------------------------
 
@@ -453,8 +519,8 @@ class CrashHarness:
 
     def make_op(self) -> Op:
         kind = self.rng.choices(
-            ["enqueue", "batch", "chain", "run-due", "cancel", "compact", "inspect"],
-            weights=[22, 12, 14, 32, 5, 7, 8])[0]
+            ["enqueue", "batch", "chain", "run-due", "cancel", "compact", "inspect"], weights=[22, 12, 14, 32, 5, 7, 8]
+        )[0]
         if kind == "enqueue":
             tid = self._new_id("e")
             op = Op(kind, ["enqueue", tid, self._worker(), *self._task_args(), "--json"], ids=[tid])
@@ -505,8 +571,11 @@ class CrashHarness:
                 self.chain_attempted.update(op.ids)
             elif op.kind == "cancel":
                 self.cancel_attempted.update(op.ids)
-            op.base = {"journal": self.home.journal_size(), "runs": _size(self.home.runlog),
-                       "done": _size(self.home.donelog)}
+            op.base = {
+                "journal": self.home.journal_size(),
+                "runs": _size(self.home.runlog),
+                "done": _size(self.home.donelog),
+            }
             op.proc = self.home.spawn(*op.args, input=op.input)
             op.started = time.monotonic()
             self.stats["ops"] += 1
@@ -562,8 +631,10 @@ class CrashHarness:
         killed = op.killed and op.rc == -signal.SIGKILL
         self.stats["killed" if killed else "completed"] += 1
         err = op.err.decode("utf-8", "replace")
-        self.tally.check("Traceback" not in err and "internal error" not in err,
-                         lambda: f"{op.args}: traceback or internal error on stderr:\n{err[-3000:]}")
+        self.tally.check(
+            "Traceback" not in err and "internal error" not in err,
+            lambda: f"{op.args}: traceback or internal error on stderr:\n{err[-3000:]}",
+        )
         if not killed:
             self.tally.check(op.rc == 0, lambda: f"{op.args} (not killed) exited {op.rc}: {err[-2000:]}")
         try:
@@ -576,8 +647,10 @@ class CrashHarness:
             return
         if op.kind == "enqueue" and doc.get("result") == "SUCCESS":
             self.enq_reported[doc["id"]] = self.stats["trials"]
-            self.tally.check(doc["id"] == op.ids[0] and doc.get("action") == "enqueued",
-                             lambda: f"{op.args}: unexpected success document {doc}")
+            self.tally.check(
+                doc["id"] == op.ids[0] and doc.get("action") == "enqueued",
+                lambda: f"{op.args}: unexpected success document {doc}",
+            )
         elif op.kind == "batch" and "results" in doc:
             results = doc["results"]
             if results and all(r.get("result") == "SUCCESS" for r in results):
@@ -594,18 +667,27 @@ class CrashHarness:
     def check_now(self, *, final: bool = False) -> dict:
         tally = self.tally
         doc, rc, err = self.home.json("inspect-queue", "--all")
-        tally.check(rc == 0 and doc is not None, lambda: f"the journal does not open: inspect-queue exit {rc}: {err[-2000:]}")
+        tally.check(
+            rc == 0 and doc is not None, lambda: f"the journal does not open: inspect-queue exit {rc}: {err[-2000:]}"
+        )
         tally.check("Traceback" not in err, lambda: f"inspect-queue traceback: {err[-2000:]}")
         state, scan = self.home.fold()
-        tally.check(not scan.damage, lambda: f"crashes left damage in the middle of the journal: "
-                                              f"{[d.describe() for d in scan.damage]}")
+        tally.check(
+            not scan.damage,
+            lambda: f"crashes left damage in the middle of the journal: {[d.describe() for d in scan.damage]}",
+        )
         tasks = state["tasks"]
         if doc is not None:
             shown = {t["id"]: t["state"] for t in doc["tasks"]}
             folded = {i: _shown_state(t, time.time()) for i, t in tasks.items()}
-            differ = {k: (shown.get(k), folded.get(k)) for k in set(shown) | set(folded)
-                      if shown.get(k) != folded.get(k) and not _lease_ending(tasks.get(k))}
-            tally.check(not differ, lambda: f"inspect-queue differs from a fresh fold of the journal: {str(differ)[:2000]}")
+            differ = {
+                k: (shown.get(k), folded.get(k))
+                for k in set(shown) | set(folded)
+                if shown.get(k) != folded.get(k) and not _lease_ending(tasks.get(k))
+            }
+            tally.check(
+                not differ, lambda: f"inspect-queue differs from a fresh fold of the journal: {str(differ)[:2000]}"
+            )
         for tid in self.enq_reported:
             tally.check(tid in tasks, f"lost: enqueue of {tid} reported SUCCESS but the task is not in the journal")
         for cid, members in self.chain_reported.items():
@@ -614,8 +696,10 @@ class CrashHarness:
             tally.check(not missing, lambda: f"lost: chain {cid}'s tasks {missing} are not in the journal")
         for tid in self.cancel_reported:
             t = tasks.get(tid)
-            tally.check(t is not None and t["state"] in ("CANCELLED", "SUCCEEDED", "FAILED"),
-                        lambda: f"cancel of {tid} was reported but it is {t and t['state']}")
+            tally.check(
+                t is not None and t["state"] in ("CANCELLED", "SUCCEEDED", "FAILED"),
+                lambda: f"cancel of {tid} was reported but it is {t and t['state']}",
+            )
         for tid, t in tasks.items():
             if t["state"] in UNFINISHED:
                 continue
@@ -623,8 +707,10 @@ class CrashHarness:
             if seen is None:
                 self.terminal[tid] = (t["state"], t["finished_at"])
             else:
-                tally.check(seen == (t["state"], t["finished_at"]), lambda: (
-                    f"{tid}: was recorded {seen[0]} at {seen[1]}, now {t['state']} at {t['finished_at']}"))
+                tally.check(
+                    seen == (t["state"], t["finished_at"]),
+                    lambda: f"{tid}: was recorded {seen[0]} at {seen[1]}, now {t['state']} at {t['finished_at']}",
+                )
         starts, dones, bad = self.home.runs()
         tally.check(bad == 0, f"{bad} malformed line(s) in the run logs")
         check_runs_against_state(state, starts, dones, tally)
@@ -650,7 +736,10 @@ class CrashHarness:
         state = self.check_now(final=True)
         tasks = state["tasks"]
         stuck = sorted(i for i, t in tasks.items() if t["state"] in UNFINISHED)
-        tally.check(not stuck, lambda: f"stuck after draining: {[(i, tasks[i]['state'], tasks[i]['lease']) for i in stuck[:10]]}")
+        tally.check(
+            not stuck,
+            lambda: f"stuck after draining: {[(i, tasks[i]['state'], tasks[i]['lease']) for i in stuck[:10]]}",
+        )
         cancelled_chains = set(self.cancel_attempted) & set(state["chains"])
         starts, dones, _ = self.home.runs()
         start_count: dict[str, int] = {}
@@ -661,38 +750,54 @@ class CrashHarness:
             if t["state"] == "SUCCEEDED":
                 return True
             if t["state"] == "CANCELLED":
-                return (t["id"] in self.cancel_attempted or t.get("chain_id") in cancelled_chains
-                        or t.get("reason") == "upstream cancelled")
+                return (
+                    t["id"] in self.cancel_attempted
+                    or t.get("chain_id") in cancelled_chains
+                    or t.get("reason") == "upstream cancelled"
+                )
             if t["state"] == "FAILED":
                 return by_design_failure(state, t, start_count)
             return False
 
         for tid in sorted(set(self.enq_reported) | (self.enq_attempted & set(tasks))):
             t = tasks.get(tid)
-            tally.check(t is not None and acceptable(t), lambda: (
-                f"{tid}: ended {t and t['state']} ({t and t['reason']}) although its worker started only "
-                f"{start_count.get(tid, 0)} time(s); expected SUCCEEDED"
-                f"{' or CANCELLED' if tid in self.cancel_attempted else ''}"))
+            tally.check(
+                t is not None and acceptable(t),
+                lambda: (
+                    f"{tid}: ended {t and t['state']} ({t and t['reason']}) although its worker started only "
+                    f"{start_count.get(tid, 0)} time(s); expected SUCCEEDED"
+                    f"{' or CANCELLED' if tid in self.cancel_attempted else ''}"
+                ),
+            )
         for cid in sorted(set(self.chain_reported) | (self.chain_attempted & set(state["chains"]))):
             chain = state["chains"].get(cid)
             members = [tasks.get(i) for step in chain["steps"] for i in step] if chain else []
             ok = chain is not None and all(m is not None and acceptable(m) for m in members)
-            tally.check(ok, lambda: f"chain {cid}: not finished as it should: "
-                                    f"{[(m['id'], m['state'], m['reason']) for m in members if m]}")
+            tally.check(
+                ok,
+                lambda: (
+                    f"chain {cid}: not finished as it should: "
+                    f"{[(m['id'], m['state'], m['reason']) for m in members if m]}"
+                ),
+            )
         done_ids: dict[str, list[float]] = {}
         for d in dones:
             done_ids.setdefault(d.id, []).append(d.t)
         for tid, t in tasks.items():
             if t["state"] == "SUCCEEDED" and t["worker"] in LOGGED_WORKERS:
                 ok = any(x <= t["finished_at"] for x in done_ids.get(tid, []))
-                tally.check(ok, f"{tid}: recorded SUCCEEDED at {t['finished_at']} but its worker never finished before that")
+                tally.check(
+                    ok, f"{tid}: recorded SUCCEEDED at {t['finished_at']} but its worker never finished before that"
+                )
             if t["state"] == "FAILED" and (t.get("reason") or "").startswith("quarantined"):
                 self.stats["quarantined"] += 1
         check_chain_order(state, starts, dones, tally)
         self.stats["reruns_before_record"] = sum(c - 1 for c in start_count.values() if c > 1)
         doc, rc, err = self.home.json("doctor")
-        tally.check(rc == 0 and doc is not None and doc.get("healthy") is True and not doc["journal"]["damage"],
-                    lambda: f"doctor after the crashes: exit {rc}, {doc and doc.get('problems')}: {err[-1000:]}")
+        tally.check(
+            rc == 0 and doc is not None and doc.get("healthy") is True and not doc["journal"]["damage"],
+            lambda: f"doctor after the crashes: exit {rc}, {doc and doc.get('problems')}: {err[-1000:]}",
+        )
         self.stats["tasks"] = len(tasks)
         self.stats["chains"] = len(state["chains"])
         self.stats["reported_enqueues"] = len(self.enq_reported)
@@ -716,14 +821,25 @@ def _kill(op: Op) -> None:
 
 # -- concurrency torture -------------------------------------------------------------------
 
+
 @dataclass
 class TortureResult:
     tally: Tally
     figures: dict
 
 
-def torture(home: Home, *, tasks: int, chains: int, runners: int, enqueuers: int, compactor: bool = True,
-            seed: int = 0, timeout: float = 900.0, parallel: int = 2) -> TortureResult:
+def torture(
+    home: Home,
+    *,
+    tasks: int,
+    chains: int,
+    runners: int,
+    enqueuers: int,
+    compactor: bool = True,
+    seed: int = 0,
+    timeout: float = 900.0,
+    parallel: int = 2,
+) -> TortureResult:
     """``runners`` run-due loops and ``enqueuers`` enqueuers at once (plus a compactor)."""
     rng = random.Random(seed)
     tally = Tally()
@@ -836,12 +952,16 @@ def torture(home: Home, *, tasks: int, chains: int, runners: int, enqueuers: int
     losses = duplicates = 0
     for tid in sorted(reported_tasks):
         t = all_tasks.get(tid)
-        if not tally.check(t is not None and t["state"] == "SUCCEEDED",
-                           lambda: f"lost: {tid} is {t and t['state']} ({t and t['reason']})"):
+        if not tally.check(
+            t is not None and t["state"] == "SUCCEEDED",
+            lambda: f"lost: {tid} is {t and t['state']} ({t and t['reason']})",
+        ):
             losses += 1
         runs = start_count.get(tid, 0)
-        if not tally.check(runs == 1 and done_count.get(tid, 0) == 1,
-                           lambda: f"{tid} ran {runs} time(s) (finished {done_count.get(tid, 0)}), expected exactly once"):
+        if not tally.check(
+            runs == 1 and done_count.get(tid, 0) == 1,
+            lambda: f"{tid} ran {runs} time(s) (finished {done_count.get(tid, 0)}), expected exactly once",
+        ):
             if runs > 1:
                 duplicates += 1
             elif runs == 0:
@@ -856,16 +976,27 @@ def torture(home: Home, *, tasks: int, chains: int, runners: int, enqueuers: int
     tally.violations += order_tally.violations
     for cid in reported_chains:
         chain = state["chains"].get(cid)
-        tally.check(chain is not None and all(all_tasks[i]["state"] == "SUCCEEDED" for s in chain["steps"] for i in s),
-                    f"chain {cid} did not succeed")
+        tally.check(
+            chain is not None and all(all_tasks[i]["state"] == "SUCCEEDED" for s in chain["steps"] for i in s),
+            f"chain {cid} did not succeed",
+        )
     check_runs_against_state(state, starts, dones, tally)
     doc, rc, err = home.json("doctor")
     tally.check(rc == 0 and doc is not None and doc.get("healthy"), lambda: f"doctor: exit {rc}: {err[-500:]}")
-    figures.update({
-        "tasks": tasks, "chains": chains, "chain_tasks": expected - tasks, "runners": runners, "enqueuers": enqueuers,
-        "runs": len(starts), "duplicates": duplicates, "losses": losses,
-        "order_violations": len(order_tally.violations), "seconds": round(elapsed, 1),
-        "drain_seconds": round(time.monotonic() - enqueued_at, 1),
-        "runs_per_second": round(len(starts) / elapsed, 1) if elapsed else 0.0,
-    })
+    figures.update(
+        {
+            "tasks": tasks,
+            "chains": chains,
+            "chain_tasks": expected - tasks,
+            "runners": runners,
+            "enqueuers": enqueuers,
+            "runs": len(starts),
+            "duplicates": duplicates,
+            "losses": losses,
+            "order_violations": len(order_tally.violations),
+            "seconds": round(elapsed, 1),
+            "drain_seconds": round(time.monotonic() - enqueued_at, 1),
+            "runs_per_second": round(len(starts) / elapsed, 1) if elapsed else 0.0,
+        }
+    )
     return TortureResult(tally, figures)

@@ -45,12 +45,17 @@ def build(root: Path) -> Home:
     flaky.write_text(FLAKY_SH)
     os.chmod(flaky, 0o700)
     with open(home.path / "config.toml", "a") as fh:
-        fh.write(f"\n[workers.flaky]\ncommand = [\"/bin/bash\", \"{flaky}\"]\n")
-    for args in (("enqueue", "a", "cw"), ("enqueue", "b", "pw", "--input", "hello"),
-                 ("enqueue", "r", "flaky", "--backoff-delay", "0s"),
-                 ("chain", "cw", "cw+pw", "cw", "--id", "ch"),
-                 ("run-due", "--parallel", "2"), ("run-due", "--parallel", "2"),
-                 ("enqueue", "later", "cw", "--delay", "1h"), ("enqueue", "now", "cw")):
+        fh.write(f'\n[workers.flaky]\ncommand = ["/bin/bash", "{flaky}"]\n')
+    for args in (
+        ("enqueue", "a", "cw"),
+        ("enqueue", "b", "pw", "--input", "hello"),
+        ("enqueue", "r", "flaky", "--backoff-delay", "0s"),
+        ("chain", "cw", "cw+pw", "cw", "--id", "ch"),
+        ("run-due", "--parallel", "2"),
+        ("run-due", "--parallel", "2"),
+        ("enqueue", "later", "cw", "--delay", "1h"),
+        ("enqueue", "now", "cw"),
+    ):
         _, rc, err = home.json(*args)
         assert rc == 0, (args, rc, err)
     state, scan = home.fold()
@@ -73,7 +78,7 @@ class Template:
 
 
 def template(home: Home) -> Template:
-    from kmpwm.journal import decode
+    from kmpwm.storage.journal import decode
 
     data = home.journal.read_bytes()
     lines, pos = [], 0
@@ -105,9 +110,13 @@ def _excused(records: list[dict], n: int, state: dict) -> set[str]:
         for op in record["ops"]:
             if op["op"] == "result" and (t := state["tasks"].get(op["id"])) and t["chain_id"]:
                 chain = state["chains"][t["chain_id"]]
-                proved.update(i for step in chain["steps"][:t["step"] - 1] for i in step)
-    created = {i for op in records[n]["ops"] if op["op"] in ("enq", "chain")
-               for i in ([op["task"]["id"]] if op["op"] == "enq" else [t["id"] for s in op["steps"] for t in s])}
+                proved.update(i for step in chain["steps"][: t["step"] - 1] for i in step)
+    created = {
+        i
+        for op in records[n]["ops"]
+        if op["op"] in ("enq", "chain")
+        for i in ([op["task"]["id"]] if op["op"] == "enq" else [t["id"] for s in op["steps"] for t in s])
+    }
     return (out - proved) | created
 
 
@@ -130,23 +139,25 @@ def _no_hdr(records) -> list[dict]:
 
 def trial(tpl: Template, pos: int, value: int, report: Report, case: Path | None = None) -> None:
     """Set byte ``pos`` to ``value`` and check everything (``case``: a home to repair for real)."""
-    from kmpwm.journal import decode, mend, scan_bytes
+    from kmpwm.storage.journal import decode, mend, scan_bytes
 
     report.trials += 1
     old = tpl.data[pos]
-    damaged = tpl.data[:pos] + bytes([value]) + tpl.data[pos + 1:]
+    damaged = tpl.data[:pos] + bytes([value]) + tpl.data[pos + 1 :]
     label = f"byte {pos} {old:#04x}->{value:#04x}"
     hit = next((n for n, (s, e) in enumerate(tpl.lines) if s <= pos < e), None)  # None: a newline
     single = (old ^ value).bit_count() == 1
-    if hit is not None and decode(damaged[tpl.lines[hit][0]:tpl.lines[hit][1]]) == tpl.records[hit]:
+    if hit is not None and decode(damaged[tpl.lines[hit][0] : tpl.lines[hit][1]]) == tpl.records[hit]:
         hit = None  # still the same record: a hex digit of its checksum in upper case
         harmless = True
     else:
         harmless = False
     untouched = [r for n, r in enumerate(tpl.records) if n != hit]
     scan = scan_bytes(damaged)
-    report.check(bool(scan.damage) != harmless and scan.torn is None,
-                 f"{label}: readers see damage {scan.damage}, torn {scan.torn}")
+    report.check(
+        bool(scan.damage) != harmless and scan.torn is None,
+        f"{label}: readers see damage {scan.damage}, torn {scan.torn}",
+    )
     report.check([r for _, r in scan.records] == untouched, f"{label}: readers do not show every untouched record")
     want = _no_hdr(tpl.records if single or hit is None else untouched)
     if case is None:
@@ -155,29 +166,34 @@ def trial(tpl: Template, pos: int, value: int, report: Report, case: Path | None
     else:
         kept, healthy = _repair_for_real(case, damaged)
     report.check(healthy, f"{label}: the journal is not healthy after the repair")
-    report.check(kept == want, f"{label}: repair kept {len(kept)} records, expected {len(want)}"
-                 + ("" if len(kept) != len(want) else " (different ones)"))
+    report.check(
+        kept == want,
+        f"{label}: repair kept {len(kept)} records, expected {len(want)}"
+        + ("" if len(kept) != len(want) else " (different ones)"),
+    )
     if kept == _no_hdr(tpl.records):
         report.restored += 1
     state, _ = fold_bytes(b"".join(_encode(r) for r in kept))
     excused = tpl.excused[hit] if hit is not None and not single else set()
     for tid in sorted(tpl.succeeded - excused):
         t = state["tasks"].get(tid)
-        report.check(t is not None and t["state"] == "SUCCEEDED",
-                     f"{label}: {tid} had SUCCEEDED, after the repair it is {t and t['state']}"
-                     + (f" (record {hit} destroyed)" if hit is not None else " (a newline)"))
+        report.check(
+            t is not None and t["state"] == "SUCCEEDED",
+            f"{label}: {tid} had SUCCEEDED, after the repair it is {t and t['state']}"
+            + (f" (record {hit} destroyed)" if hit is not None else " (a newline)"),
+        )
 
 
 def _encode(record: dict) -> bytes:
-    from kmpwm.journal import encode
+    from kmpwm.storage.journal import encode
 
     return encode(record)
 
 
 def _repair_for_real(case: Path, damaged: bytes) -> tuple[list[dict], bool]:
-    from kmpwm.doctor import check_journal, repair
-    from kmpwm.journal import Journal
-    from kmpwm.paths import resolve
+    from kmpwm.storage.journal import Journal
+    from kmpwm.storage.paths import resolve
+    from kmpwm.system.doctor import check_journal, repair
 
     jdir = case / "journal"
     for p in jdir.iterdir():
@@ -194,8 +210,9 @@ def _repair_for_real(case: Path, damaged: bytes) -> tuple[list[dict], bool]:
     return _no_hdr(r for _, r in after["_scan"].records), healthy
 
 
-def sweep(tpl: Template, *, bits: str, case: Path | None, real_every: int = 1, seed: int = 0,
-          destroy: bool = True) -> Report:
+def sweep(
+    tpl: Template, *, bits: str, case: Path | None, real_every: int = 1, seed: int = 0, destroy: bool = True
+) -> Report:
     """Damage every byte: ``bits`` is "all" (each of its 8 bits in turn) or "one" (one random bit
     per byte); ``destroy`` adds, at every byte, a value 8 bits away (beyond mending).  Every
     ``real_every``-th trial repairs a real home (``case``) through ``doctor.repair``; the rest
@@ -226,7 +243,7 @@ def cli_trial(tpl: Template, template_home: Home, root: Path, pos: int, value: i
     case = Home(root / "cli-case")
     shutil.rmtree(case.path)
     shutil.copytree(template_home.path, case.path)
-    case.journal.write_bytes(tpl.data[:pos] + bytes([value]) + tpl.data[pos + 1:])
+    case.journal.write_bytes(tpl.data[:pos] + bytes([value]) + tpl.data[pos + 1 :])
     doc, rc, err = case.json("doctor", "--repair")
     report.check(rc == 0 and "Traceback" not in err, f"{label}: doctor --repair exit {rc}: {err.strip()[-300:]}")
     doc, rc, err = case.json("doctor")

@@ -15,7 +15,8 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 import orjson
 
@@ -35,9 +36,15 @@ def kmpwm_env(env: Mapping[str, str | None] | None = None) -> dict[str, str]:
     return out
 
 
-def kmpwm(*args: Any, input: str | bytes | None = None, env: Mapping[str, str | None] | None = None,
-          check: int | None = None, timeout: float = DEFAULT_TIMEOUT,
-          cwd: str | os.PathLike | None = None, faketime: str | None = None) -> subprocess.CompletedProcess:
+def kmpwm(
+    *args: Any,
+    input: str | bytes | None = None,
+    env: Mapping[str, str | None] | None = None,
+    check: int | None = None,
+    timeout: float = DEFAULT_TIMEOUT,
+    cwd: str | os.PathLike | None = None,
+    faketime: str | None = None,
+) -> subprocess.CompletedProcess:
     """Run ``python -m kmpwm ARGS`` and return the CompletedProcess (stdout/stderr as text).
 
     ``input``: text (or bytes) for stdin (stdin is empty otherwise); ``env``: overrides of the
@@ -50,18 +57,31 @@ def kmpwm(*args: Any, input: str | bytes | None = None, env: Mapping[str, str | 
         argv = ["faketime", "-f", faketime, *argv]
     if isinstance(input, bytes):
         input = input.decode("utf-8")
-    proc = subprocess.run(argv, input=input if input is not None else "", capture_output=True, text=True,
-                          env=kmpwm_env(env), timeout=timeout, cwd=cwd)
+    proc = subprocess.run(
+        argv,
+        input=input if input is not None else "",
+        capture_output=True,
+        text=True,
+        env=kmpwm_env(env),
+        timeout=timeout,
+        cwd=cwd,
+    )
     assert "Traceback" not in proc.stderr, f"traceback from kmpwm {args}:\n{proc.stderr}"
     if check is not None:
         assert proc.returncode == check, (
             f"kmpwm {' '.join(map(str, args))}: exit {proc.returncode}, expected {check}\n"
-            f"stdout: {proc.stdout}\nstderr: {proc.stderr}")
+            f"stdout: {proc.stdout}\nstderr: {proc.stderr}"
+        )
     return proc
 
 
-def kjson(*args: Any, input: str | bytes | None = None, env: Mapping[str, str | None] | None = None,
-          check: int | None = None, timeout: float = DEFAULT_TIMEOUT) -> tuple[Any, int]:
+def kjson(
+    *args: Any,
+    input: str | bytes | None = None,
+    env: Mapping[str, str | None] | None = None,
+    check: int | None = None,
+    timeout: float = DEFAULT_TIMEOUT,
+) -> tuple[Any, int]:
     """Run ``kmpwm ARGS --json`` (``--json`` appended unless given) and return (document, exit code).
 
     Asserts that stdout is exactly one JSON document.
@@ -73,16 +93,19 @@ def kjson(*args: Any, input: str | bytes | None = None, env: Mapping[str, str | 
     try:
         doc = orjson.loads(proc.stdout)
     except orjson.JSONDecodeError as exc:
-        raise AssertionError(f"kmpwm {' '.join(map(str, args))}: stdout is not one JSON document ({exc}):\n"
-                             f"{proc.stdout!r}\nstderr: {proc.stderr}") from None
+        raise AssertionError(
+            f"kmpwm {' '.join(map(str, args))}: stdout is not one JSON document ({exc}):\n"
+            f"{proc.stdout!r}\nstderr: {proc.stderr}"
+        ) from None
     return doc, proc.returncode
 
 
 def jdoc(*args: Any, expect: int = 0, **kw: Any) -> Any:
     """Run ``kmpwm ARGS --json``, assert the exit code is ``expect``, return the document."""
     proc = kmpwm(*args, "--json", **kw)
-    assert proc.returncode == expect, (f"kmpwm {' '.join(map(str, args))} --json: exit {proc.returncode}\n"
-                                       f"stdout: {proc.stdout}\nstderr: {proc.stderr}")
+    assert proc.returncode == expect, (
+        f"kmpwm {' '.join(map(str, args))} --json: exit {proc.returncode}\nstdout: {proc.stdout}\nstderr: {proc.stderr}"
+    )
     return orjson.loads(proc.stdout)
 
 

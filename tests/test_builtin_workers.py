@@ -17,7 +17,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
-from kmpwm.context import WorkerContext
+from kmpwm.running.context import WorkerContext
 from kmpwm.workers.files import compress
 from kmpwm.workers.http import download, http_request, upload
 
@@ -33,7 +33,7 @@ class Handler(BaseHTTPRequestHandler):
     def do_GET(self):
         route = self.path
         if route == "/text":
-            self._reply(200, "héllo".encode("utf-8"), "text/plain; charset=utf-8")
+            self._reply(200, "héllo".encode(), "text/plain; charset=utf-8")
         elif route == "/binary":
             self._reply(200, bytes(range(256)), "application/octet-stream")
         elif route == "/500":
@@ -143,6 +143,7 @@ def run(worker, args, context=None):
 
 # --- http --------------------------------------------------------------------------------------
 
+
 def test_http_get_text(server):
     result = run(http_request, {"url": server.base + "/text", "save_body": True})
     assert result.status == "SUCCESS", result.message
@@ -162,8 +163,16 @@ def test_http_body_left_out_unless_asked_or_binary(server):
 
 
 def test_http_post_json(server):
-    result = run(http_request, {"url": server.base + "/echo", "method": "post", "json": {"a": [1, 2]},
-                                "headers": {"X-Test": "1"}, "save_body": True})
+    result = run(
+        http_request,
+        {
+            "url": server.base + "/echo",
+            "method": "post",
+            "json": {"a": [1, 2]},
+            "headers": {"X-Test": "1"},
+            "save_body": True,
+        },
+    )
     assert result.status == "SUCCESS", result.message
     echo = json.loads(result.data["body"])
     assert echo["method"] == "POST"
@@ -210,6 +219,7 @@ def test_http_bad_input_is_failure(raw, fragment):
 
 
 # --- download ----------------------------------------------------------------------------------
+
 
 def test_download_atomic_with_sha(server, tmp_path):
     dest = tmp_path / "sub" / "blob.bin"
@@ -295,6 +305,7 @@ def test_download_url_from_upstream_and_status_rules(server, tmp_path):
 
 # --- upload ------------------------------------------------------------------------------------
 
+
 def _parts(echo):
     """Parse the echoed multipart body with the stdlib's MIME parser."""
     raw = f"Content-Type: {echo['content_type']}\r\n\r\n".encode() + base64.b64decode(echo["body"])
@@ -305,8 +316,7 @@ def _parts(echo):
 def test_upload_multipart(server, tmp_path):
     src = tmp_path / "report.txt"
     src.write_bytes(b"line one\r\nline two\n" * 100)
-    result = run(upload, {"url": server.base + "/echo", "path": str(src), "field": "doc",
-                          "fields": {"note": "hi"}})
+    result = run(upload, {"url": server.base + "/echo", "path": str(src), "field": "doc", "fields": {"note": "hi"}})
     assert result.status == "SUCCESS", result.message
     assert result.data["bytes"] == src.stat().st_size and result.data["status"] == 200
     echo = json.loads(result.data["response"])
@@ -321,8 +331,9 @@ def test_upload_multipart(server, tmp_path):
 def test_upload_raw_large_from_upstream(server, tmp_path):
     src = tmp_path / "blob.bin"
     src.write_bytes(BLOB)
-    result = run(upload, {"url": server.base + "/echo", "method": "PUT", "multipart": False},
-                 ctx(upstream={"path": str(src)}))
+    result = run(
+        upload, {"url": server.base + "/echo", "method": "PUT", "multipart": False}, ctx(upstream={"path": str(src)})
+    )
     assert result.status == "SUCCESS", result.message
     echo = json.loads(result.data["response"])
     assert echo["method"] == "PUT" and echo["length"] == len(BLOB) and echo["sha256"] == BLOB_SHA
@@ -344,6 +355,7 @@ def test_upload_failures(server, tmp_path):
 
 
 # --- compress ----------------------------------------------------------------------------------
+
 
 @pytest.fixture
 def tree(tmp_path):
@@ -385,9 +397,7 @@ def test_compress_zip_round_trip(tree, tmp_path):
     assert _leftovers(out.parent) == []
 
 
-@pytest.mark.parametrize(
-    "name, fmt", [("archive.tar.gz", None), ("archive.tgz", None), ("archive.bin", "tar.gz")]
-)
+@pytest.mark.parametrize("name, fmt", [("archive.tar.gz", None), ("archive.tgz", None), ("archive.bin", "tar.gz")])
 def test_compress_tar_gz_round_trip(tree, tmp_path, name, fmt):
     root, single = tree
     out = tmp_path / name
@@ -455,8 +465,10 @@ def test_compress_duplicate_names_and_bad_json(tmp_path):
     (tmp_path / "b").mkdir()
     (tmp_path / "a" / "x.txt").write_text("1")
     (tmp_path / "b" / "x.txt").write_text("2")
-    dup = run(compress, {"paths": [str(tmp_path / "a" / "x.txt"), str(tmp_path / "b" / "x.txt")],
-                         "output": str(tmp_path / "o.zip")})
+    dup = run(
+        compress,
+        {"paths": [str(tmp_path / "a" / "x.txt"), str(tmp_path / "b" / "x.txt")], "output": str(tmp_path / "o.zip")},
+    )
     assert dup.status == "FAILURE" and "'x.txt'" in dup.message
     assert compress("{", ctx()).status == "FAILURE"
 
@@ -475,7 +487,7 @@ class Recording(WorkerContext):
 
 
 def test_download_and_upload_report_progress(server, tmp_path):
-    from kmpwm.progress import read
+    from kmpwm.running.progress import read
 
     pfile = tmp_path / "download.progress"
     c = Recording(progress_file=str(pfile))

@@ -13,16 +13,28 @@ import sys
 import textwrap
 import time
 from concurrent.futures import ThreadPoolExecutor
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
-
 from helpers import kjson, kmpwm, kmpwm_env, tasks_by_id
 
 ISO_Z = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d(\.\d+)?Z$")
-TASK_KEYS = {"id", "worker", "state", "chain_id", "step", "attempts", "next_run_at", "trigger",
-             "constraints", "input", "tags", "last_result", "reason"}
+TASK_KEYS = {
+    "id",
+    "worker",
+    "state",
+    "chain_id",
+    "step",
+    "attempts",
+    "next_run_at",
+    "trigger",
+    "constraints",
+    "input",
+    "tags",
+    "last_result",
+    "reason",
+}
 
 
 def parse_iso(text: str) -> float:
@@ -77,7 +89,7 @@ def test_enqueue_json_and_task_fields():
 def test_every_trigger_flag_parses_and_is_stored(tmp_path):
     watched = tmp_path / "watched.txt"
     watched.write_text("x")
-    at = datetime.now(timezone.utc).replace(microsecond=0) + timedelta(hours=3)
+    at = datetime.now(UTC).replace(microsecond=0) + timedelta(hours=3)
     at_text = at.strftime("%Y-%m-%dT%H:%M:%SZ")
     now = time.time()
     calls = [
@@ -135,14 +147,37 @@ def test_every_trigger_flag_parses_and_is_stored(tmp_path):
 
 def test_every_constraint_flag_parses_and_is_stored():
     doc, rc = kjson(
-        "enqueue", "c1", "echo", "--requires-network", "--requires-charging", "--battery-not-low",
-        "--storage-not-low", "--device-idle", "--heavy", "--expedited", "--qos", "high", "--timeout", "2m",
-        "--backoff", "linear", "--backoff-delay", "30s", "--max-attempts", "3", "--tag", "x", "--tag", "y",
-        "--input", "hello world",
+        "enqueue",
+        "c1",
+        "echo",
+        "--requires-network",
+        "--requires-charging",
+        "--battery-not-low",
+        "--storage-not-low",
+        "--device-idle",
+        "--heavy",
+        "--expedited",
+        "--qos",
+        "high",
+        "--timeout",
+        "2m",
+        "--backoff",
+        "linear",
+        "--backoff-delay",
+        "30s",
+        "--max-attempts",
+        "3",
+        "--tag",
+        "x",
+        "--tag",
+        "y",
+        "--input",
+        "hello world",
     )
     assert rc == 0 and doc["result"] == "SUCCESS"
-    doc, rc = kjson("enqueue", "c2", "echo", "--network-type", "metered", "--qos", "LOW",
-                    env={"KMPWM_ASSUME": "metered=on"})
+    doc, rc = kjson(
+        "enqueue", "c2", "echo", "--network-type", "metered", "--qos", "LOW", env={"KMPWM_ASSUME": "metered=on"}
+    )
     assert rc == 0, doc
     tasks = tasks_by_id(inspect())
     c = tasks["c1"]["constraints"]
@@ -165,7 +200,7 @@ def test_every_constraint_flag_parses_and_is_stored():
 
 
 def test_input_file(tmp_path):
-    text = "line one\nüñïçødé ✓\n{\"not\": \"parsed\"}\n"
+    text = 'line one\nüñïçødé ✓\n{"not": "parsed"}\n'
     f = tmp_path / "in.txt"
     f.write_text(text, encoding="utf-8")
     kmpwm("enqueue", "f", "echo", "--input-file", f, check=0)
@@ -259,7 +294,9 @@ def test_enqueue_from_file(tmp_path, home):
         {"id": "j1", "worker": "echo", "policy": "append", "input": [1, "two", None]},
     ]
     f = tmp_path / "tasks.jsonl"
-    f.write_text("\n".join(json.dumps(s) for s in specs[:2]) + "\n\n" + "\n".join(json.dumps(s) for s in specs[2:]) + "\n")
+    f.write_text(
+        "\n".join(json.dumps(s) for s in specs[:2]) + "\n\n" + "\n".join(json.dumps(s) for s in specs[2:]) + "\n"
+    )
     doc, rc = kjson("enqueue", "--from", f)
     assert rc == 0, doc
     assert [r["id"] for r in doc["results"]] == ["j1", "j2", "j3", "j4", "j1#2"]
@@ -280,10 +317,13 @@ def test_enqueue_from_file(tmp_path, home):
 
 
 def test_enqueue_from_stdin():
-    lines = "\n".join(json.dumps(s) for s in [
-        {"id": "s1", "worker": "echo", "input": True},
-        {"id": "s2", "worker": "sleep", "delay": 60, "tags": ["t"]},
-    ])
+    lines = "\n".join(
+        json.dumps(s)
+        for s in [
+            {"id": "s1", "worker": "echo", "input": True},
+            {"id": "s2", "worker": "sleep", "delay": 60, "tags": ["t"]},
+        ]
+    )
     doc, rc = kjson("enqueue", "--from", "-", input=lines)
     assert rc == 0 and [r["id"] for r in doc["results"]] == ["s1", "s2"]
     tasks = tasks_by_id(inspect())
@@ -291,12 +331,15 @@ def test_enqueue_from_stdin():
     assert tasks["s2"]["worker"] == "sleep" and tasks["s2"]["tags"] == ["t"]
 
 
-@pytest.mark.parametrize("bad_line, where", [
-    ('{"id": "b2", "worker": "echo"', "middle"),                    # malformed JSON
-    ('{"id": "b2", "worker": "no-such-worker"}', "last"),          # unknown worker
-    ('{"id": "b2", "worker": "echo", "every": "30s"}', "middle"),  # a bad value
-    ('{"id": "b2", "worker": "echo", "bogus_key": 1}', "last"),    # an unknown key
-])
+@pytest.mark.parametrize(
+    "bad_line, where",
+    [
+        ('{"id": "b2", "worker": "echo"', "middle"),  # malformed JSON
+        ('{"id": "b2", "worker": "no-such-worker"}', "last"),  # unknown worker
+        ('{"id": "b2", "worker": "echo", "every": "30s"}', "middle"),  # a bad value
+        ('{"id": "b2", "worker": "echo", "bogus_key": 1}', "last"),  # an unknown key
+    ],
+)
 def test_enqueue_from_all_or_nothing(home, bad_line, where):
     good = [json.dumps({"id": f"g{i}", "worker": "echo"}) for i in range(3)]
     lines = good[:1] + [bad_line] + good[1:] if where == "middle" else good + [bad_line]
@@ -313,8 +356,21 @@ def test_enqueue_from_all_or_nothing(home, bad_line, where):
 
 
 def test_chain_positional_steps_and_flags_apply_to_every_task():
-    doc, rc = kjson("chain", "--id", "sync", "echo", "echo+sleep+echo", "fail",
-                    "--delay", "1h", "--requires-network", "--tag", "T", "--max-attempts", "2")
+    doc, rc = kjson(
+        "chain",
+        "--id",
+        "sync",
+        "echo",
+        "echo+sleep+echo",
+        "fail",
+        "--delay",
+        "1h",
+        "--requires-network",
+        "--tag",
+        "T",
+        "--max-attempts",
+        "2",
+    )
     assert rc == 0, doc
     assert doc["result"] == "SUCCESS" and doc["id"] == "sync" and doc["action"] == "enqueued"
     expected = ["sync/1/echo", "sync/2/echo", "sync/2/sleep", "sync/2/echo#2", "sync/3/fail"]
@@ -445,7 +501,10 @@ def test_cancel_ids_tag_all_idempotent():
 
 
 def test_cancel_chain_id_expands_to_unfinished_tasks(tmp_path):
-    chain = {"id": "ch", "steps": [[{"worker": "echo"}], [{"worker": "echo", "delay": "1h"}, {"worker": "sleep", "delay": "1h"}]]}
+    chain = {
+        "id": "ch",
+        "steps": [[{"worker": "echo"}], [{"worker": "echo", "delay": "1h"}, {"worker": "sleep", "delay": "1h"}]],
+    }
     kmpwm("chain", "--file", "-", input=json.dumps(chain), check=0)
     run, _ = kjson("run-due", check=0)
     assert [r["id"] for r in run["ran"]] == ["ch/1/echo"]
@@ -507,8 +566,13 @@ def test_inspect_queue_filters():
 
 def test_inspect_state_running_while_a_task_runs():
     kmpwm("enqueue", "slow", "sleep", "--input", "2", check=0)
-    runner = subprocess.Popen([sys.executable, "-m", "kmpwm", "run-due", "--json"], env=kmpwm_env(),
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    runner = subprocess.Popen(
+        [sys.executable, "-m", "kmpwm", "run-due", "--json"],
+        env=kmpwm_env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     try:
         seen = []
         deadline = time.monotonic() + 10
@@ -590,8 +654,9 @@ REJECTIONS = [
 def test_rejected_enqueue_exit_codes_and_json(home):
     """SPEC 7/9: a bad value is 65, an unobservable constraint 69; --json still prints
     {"result": ..., "error": ...}; nothing is written."""
-    cases = [(args, code) for args, code in REJECTIONS
-             if not (code == 69 and "--network-type" in args and _have_nmcli())]
+    cases = [
+        (args, code) for args, code in REJECTIONS if not (code == 69 and "--network-type" in args and _have_nmcli())
+    ]
     procs = parallel([((*args, "--json"), {}) for args, _ in cases])
     wrong = []
     for (args, code), proc in zip(cases, procs):
@@ -600,8 +665,13 @@ def test_rejected_enqueue_exit_codes_and_json(home):
         except ValueError:
             doc = None
         want = "REJECTED_INVALID_PARAMS" if code == 65 else "REJECTED_OS_POLICY"
-        if proc.returncode != code or not isinstance(doc, dict) or doc.get("result") != want \
-                or not isinstance(doc.get("error"), str) or not doc["error"]:
+        if (
+            proc.returncode != code
+            or not isinstance(doc, dict)
+            or doc.get("result") != want
+            or not isinstance(doc.get("error"), str)
+            or not doc["error"]
+        ):
             wrong.append(f"{' '.join(args)}: exit {proc.returncode} (want {code}), stdout {proc.stdout.strip()!r}")
     assert not wrong, "\n".join(wrong)
     assert enq_records(home) == 0
@@ -637,9 +707,11 @@ USAGE_ERRORS = [
 
 
 def test_usage_errors_exit_2():
-    wrong = [f"{' '.join(args)}: exit {p.returncode}, stderr {p.stderr!r}"
-             for args, p in zip(USAGE_ERRORS, parallel([(a, {}) for a in USAGE_ERRORS]))
-             if p.returncode != 2 or not p.stderr.strip()]
+    wrong = [
+        f"{' '.join(args)}: exit {p.returncode}, stderr {p.stderr!r}"
+        for args, p in zip(USAGE_ERRORS, parallel([(a, {}) for a in USAGE_ERRORS]))
+        if p.returncode != 2 or not p.stderr.strip()
+    ]
     assert not wrong, "\n".join(wrong)
 
 
@@ -665,9 +737,11 @@ EVERY_COMMAND = [
 
 def _all_refused(commands=EVERY_COMMAND, code=77):
     calls = [(args, {"input": '{"id": "z", "worker": "echo"}\n'}) for args in commands]
-    wrong = [f"{' '.join(args)}: exit {proc.returncode}, stderr {proc.stderr.strip()!r}"
-             for args, proc in zip(commands, parallel(calls))
-             if proc.returncode != code or not proc.stderr.strip()]
+    wrong = [
+        f"{' '.join(args)}: exit {proc.returncode}, stderr {proc.stderr.strip()!r}"
+        for args, proc in zip(commands, parallel(calls))
+        if proc.returncode != code or not proc.stderr.strip()
+    ]
     assert not wrong, f"expected exit {code} from every command:\n" + "\n".join(wrong)
 
 
@@ -748,7 +822,7 @@ def test_files_0600_and_dirs_0700_after_first_enqueue(tmp_path):
 
 CONCURRENT_SCRIPT = textwrap.dedent("""
     import sys
-    from kmpwm.cli import main
+    from kmpwm.cli.app import main
     who = sys.argv[1]
     for n in range(int(sys.argv[2])):
         rc = main(["enqueue", f"{who}-{n}", "echo", "--delay", "1h", "--tag", who])
@@ -758,9 +832,16 @@ CONCURRENT_SCRIPT = textwrap.dedent("""
 
 
 def test_concurrent_enqueuers_lose_nothing(home):
-    procs = [subprocess.Popen([sys.executable, "-c", CONCURRENT_SCRIPT, f"p{i}", "50"], env=kmpwm_env(),
-                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-             for i in range(4)]
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-c", CONCURRENT_SCRIPT, f"p{i}", "50"],
+            env=kmpwm_env(),
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for i in range(4)
+    ]
     for p in procs:
         _, err = p.communicate(timeout=120)
         assert p.returncode == 0, err
@@ -769,7 +850,7 @@ def test_concurrent_enqueuers_lose_nothing(home):
     assert ids == {f"p{i}-{n}" for i in range(4) for n in range(50)}
     doc, rc = kjson("doctor")
     assert rc == 0 and doc["healthy"] is True
-    from kmpwm.journal import decode
+    from kmpwm.storage.journal import decode
 
     lines = journal_lines(home)
     assert all(decode(line) is not None for line in lines)
@@ -780,19 +861,25 @@ def test_concurrent_enqueuers_lose_nothing(home):
 
 
 def test_python_api_enqueue_chain_batch(home):
-    from kmpwm import Constraints, ScheduleResult, Scheduler, TaskRequest, triggers
+    from kmpwm import Constraints, Scheduler, ScheduleResult, TaskRequest
+    from kmpwm.core import triggers
 
     s = Scheduler(home)
     assert s.enqueue("p1", None, "echo") == ScheduleResult.SUCCESS
-    assert s.enqueue("p2", triggers.Periodic(timedelta(hours=1)), "echo",
-                     constraints=Constraints(requires_network=True)) == ScheduleResult.SUCCESS
+    assert (
+        s.enqueue("p2", triggers.Periodic(timedelta(hours=1)), "echo", constraints=Constraints(requires_network=True))
+        == ScheduleResult.SUCCESS
+    )
     assert s.enqueue("p3", triggers.OneTime(60), "echo", input={"a": 1}) is ScheduleResult.SUCCESS
     assert s.enqueue("p4", None, "no-such-worker") == ScheduleResult.REJECTED_INVALID_PARAMS
     assert isinstance(ScheduleResult.SUCCESS, str) and ScheduleResult.SUCCESS == "SUCCESS"
 
-    outcome = (s.begin_with(TaskRequest("echo"))
-               .then([TaskRequest("echo"), TaskRequest("sleep")])
-               .with_id("api-chain").enqueue())
+    outcome = (
+        s.begin_with(TaskRequest("echo"))
+        .then([TaskRequest("echo"), TaskRequest("sleep")])
+        .with_id("api-chain")
+        .enqueue()
+    )
     assert outcome.result == ScheduleResult.SUCCESS
     assert outcome.tasks == ["api-chain/1/echo", "api-chain/2/echo", "api-chain/2/sleep"]
 
@@ -818,36 +905,40 @@ def test_python_api_enqueue_chain_batch(home):
 
 
 def test_entry_point_exit_runs_atexit_handlers_and_keeps_exit_codes(tmp_path):
-    """kmpwm.entry pauses the collector while the CLI is imported and freezes what is alive before
+    """kmpwm.cli.entry pauses the collector while the CLI is imported and freezes what is alive before
     exit; nothing else about the exit may change: atexit handlers run, output is flushed, the
     command's exit code is the process's."""
     import subprocess
     import sys
 
     marker = tmp_path / "atexit-ran"
-    code = ("import atexit, sys\n"
-            f"atexit.register(lambda: open({str(marker)!r}, 'w').write('yes'))\n"
-            "sys.argv = ['kmpwm'] + sys.argv[1:]\n"
-            "from kmpwm.entry import run\nrun()\n")
-    ok = subprocess.run([sys.executable, "-c", code, "enqueue", "e1", "echo", "--json"], capture_output=True,
-                        text=True, timeout=60)
+    code = (
+        "import atexit, sys\n"
+        f"atexit.register(lambda: open({str(marker)!r}, 'w').write('yes'))\n"
+        "sys.argv = ['kmpwm'] + sys.argv[1:]\n"
+        "from kmpwm.cli.entry import run\nrun()\n"
+    )
+    ok = subprocess.run(
+        [sys.executable, "-c", code, "enqueue", "e1", "echo", "--json"], capture_output=True, text=True, timeout=60
+    )
     assert ok.returncode == 0 and json.loads(ok.stdout)["id"] == "e1", ok.stderr
     assert marker.read_text() == "yes"
     marker.unlink()
-    bad = subprocess.run([sys.executable, "-c", code, "enqueue", "e2", "no-such-worker"], capture_output=True,
-                         text=True, timeout=60)
+    bad = subprocess.run(
+        [sys.executable, "-c", code, "enqueue", "e2", "no-such-worker"], capture_output=True, text=True, timeout=60
+    )
     assert bad.returncode == 65 and "unknown worker" in bad.stderr
     assert marker.read_text() == "yes"
     from importlib.metadata import entry_points
 
     scripts = {ep.name: ep.value for ep in entry_points(group="console_scripts") if ep.name == "kmpwm"}
-    assert scripts == {"kmpwm": "kmpwm.entry:run"}
+    assert scripts == {"kmpwm": "kmpwm.cli.entry:run"}
 
 
 def test_entry_point_leaves_the_collector_as_it_found_it(monkeypatch):
     import gc
 
-    from kmpwm import entry
+    from kmpwm.cli import entry
 
     monkeypatch.setattr(sys, "argv", ["kmpwm", "--version"])
     for enabled in (True, False):

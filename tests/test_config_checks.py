@@ -17,7 +17,6 @@ from pathlib import Path
 
 import orjson
 import pytest
-
 from helpers import kjson, kmpwm, kmpwm_env
 
 
@@ -32,17 +31,20 @@ def write_config(home: Path, text: str) -> Path:
 # -- 13.7: one loader; a broken config.toml is exit 78 before anything is claimed --------------
 
 BROKEN = {
-    "syntax": ("[workers.x\ncommand = [\"true\"]\n", "invalid TOML"),
-    "command-string": ("[workers.x]\ncommand = \"echo hi\"\n", "command must be a non-empty list"),
-    "env-number": ("[workers.x]\ncommand = [\"true\"]\nenv = { RETRIES = 3 }\n", "env value of RETRIES must be a string"),
-    "bad-timeout": ("[workers.x]\ncommand = [\"true\"]\ntimeout = \"soon\"\n", "invalid timeout"),
-    "nan-timeout": ("[workers.x]\ncommand = [\"true\"]\ntimeout = nan\n", "invalid timeout"),
-    "redefined-builtin": ("[workers.echo]\ncommand = [\"true\"]\n", "taken by the worker of the package"),
-    "nul-in-env": ("[workers.x]\ncommand = [\"true\"]\nenv = { A = \"a\\u0000b\" }\n", "env value of A contains a NUL byte"),
-    "nul-in-argument": ("[workers.x]\ncommand = [\"true\", \"a\\u0000b\"]\n", "command argument 1 contains a NUL byte"),
-    "unknown-key": ("[workers.x]\ncommand = [\"true\"]\ntimeotu = \"1m\"\n", "unknown key 'timeotu'"),
-    "unknown-table": ("[worker.x]\ncommand = [\"true\"]\n", "unknown table or key 'worker'"),
-    "path-on-command": ("[workers.x]\ncommand = [\"true\"]\npath = \"lib\"\n", "path is for entry workers"),
+    "syntax": ('[workers.x\ncommand = ["true"]\n', "invalid TOML"),
+    "command-string": ('[workers.x]\ncommand = "echo hi"\n', "command must be a non-empty list"),
+    "env-number": ('[workers.x]\ncommand = ["true"]\nenv = { RETRIES = 3 }\n', "env value of RETRIES must be a string"),
+    "bad-timeout": ('[workers.x]\ncommand = ["true"]\ntimeout = "soon"\n', "invalid timeout"),
+    "nan-timeout": ('[workers.x]\ncommand = ["true"]\ntimeout = nan\n', "invalid timeout"),
+    "redefined-builtin": ('[workers.echo]\ncommand = ["true"]\n', "taken by the worker of the package"),
+    "nul-in-env": (
+        '[workers.x]\ncommand = ["true"]\nenv = { A = "a\\u0000b" }\n',
+        "env value of A contains a NUL byte",
+    ),
+    "nul-in-argument": ('[workers.x]\ncommand = ["true", "a\\u0000b"]\n', "command argument 1 contains a NUL byte"),
+    "unknown-key": ('[workers.x]\ncommand = ["true"]\ntimeotu = "1m"\n', "unknown key 'timeotu'"),
+    "unknown-table": ('[worker.x]\ncommand = ["true"]\n', "unknown table or key 'worker'"),
+    "path-on-command": ('[workers.x]\ncommand = ["true"]\npath = "lib"\n', "path is for entry workers"),
 }
 
 
@@ -78,6 +80,7 @@ def test_broken_config_stops_run_due_before_claiming(home, case):
 
 # -- 13.12: every directory kmpwm creates is 0700 whatever the umask ---------------------------
 
+
 def _umask_022():
     os.umask(0o022)
 
@@ -85,12 +88,23 @@ def _umask_022():
 @pytest.mark.parametrize("command", [["run-due"], ["enqueue", "a", "echo"]])
 def test_fresh_home_is_private_under_umask_022(tmp_path, command):
     home = tmp_path / "new" / "deeper" / "home"
-    proc = subprocess.run([sys.executable, "-m", "kmpwm", "--home", str(home), *command], capture_output=True,
-                          text=True, env=kmpwm_env(), preexec_fn=_umask_022, timeout=120)
+    proc = subprocess.run(
+        [sys.executable, "-m", "kmpwm", "--home", str(home), *command],
+        capture_output=True,
+        text=True,
+        env=kmpwm_env(),
+        preexec_fn=_umask_022,
+        timeout=120,
+    )
     assert proc.returncode == 0, proc.stderr
     if command[0] == "enqueue":
-        subprocess.run([sys.executable, "-m", "kmpwm", "--home", str(home), "run-due"], check=True,
-                       env=kmpwm_env(), preexec_fn=_umask_022, timeout=120)
+        subprocess.run(
+            [sys.executable, "-m", "kmpwm", "--home", str(home), "run-due"],
+            check=True,
+            env=kmpwm_env(),
+            preexec_fn=_umask_022,
+            timeout=120,
+        )
     made = [tmp_path / "new", tmp_path / "new" / "deeper"]
     made += [Path(root) / d for root, dirs, _ in os.walk(tmp_path / "new" / "deeper") for d in dirs]
     files = [Path(root) / f for root, _, fs in os.walk(home) for f in fs]
@@ -115,9 +129,15 @@ def test_group_writable_logs_dir_is_refused(home):
 
 # -- 13.13: inputs are bounded for pipes and devices too ---------------------------------------
 
-@pytest.mark.parametrize("args", [["enqueue", "a", "echo", "--input-file", "/dev/zero"],
-                                  ["enqueue", "--from", "/dev/zero"],
-                                  ["chain", "--file", "/dev/zero"]])
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["enqueue", "a", "echo", "--input-file", "/dev/zero"],
+        ["enqueue", "--from", "/dev/zero"],
+        ["chain", "--file", "/dev/zero"],
+    ],
+)
 def test_dev_zero_is_refused_not_read_forever(args):
     doc, rc = kjson(*args, timeout=60)
     assert rc == 65 and ("larger than the limit of" in doc["error"] or "longer than 8 MiB" in doc["error"]), doc
@@ -142,13 +162,19 @@ def test_from_stream_over_limit_is_refused_whole():
     big = line * ((64 << 20) // len(line) + 2)
     doc, rc = kjson("enqueue", "--from", "-", input=big, timeout=120)
     assert rc == 65 and "larger than the limit of 64 MiB" in doc["error"] and doc["results"] == []
-    doc, rc = kjson("enqueue", "--from", "-", input=line + '{"id": "u", "worker": "echo", "input": "'
-                    + "z" * (9 << 20) + '"}\n', timeout=120)
+    doc, rc = kjson(
+        "enqueue",
+        "--from",
+        "-",
+        input=line + '{"id": "u", "worker": "echo", "input": "' + "z" * (9 << 20) + '"}\n',
+        timeout=120,
+    )
     assert rc == 65 and "line 2" in doc["error"] and "longer than 8 MiB" in doc["error"], doc
     assert kjson("inspect-queue", "--all", check=0)[0]["tasks"] == []
 
 
 # -- 13.14: NUL bytes and a lock timeout that would never end ----------------------------------
+
 
 def test_nul_in_input_for_command_worker_is_rejected(home, tmp_path):
     write_config(home, '[workers.cmd]\ncommand = ["cat"]\n')
@@ -177,6 +203,7 @@ def test_bad_lock_timeout_is_a_config_error_not_a_hang(value):
 
 # -- 13.11: a cache that decides what code runs is read only when private --------------------
 
+
 def _hostile_cache(home: Path) -> Path:
     """The entry-point cache as another user would leave it: 'echo' mapped to another callable."""
     kmpwm("workers", check=0)
@@ -184,8 +211,9 @@ def _hostile_cache(home: Path) -> Path:
     kmpwm("cancel", "warm", check=0)
     cache = home / "cache" / "entry-points.json"
     doc = orjson.loads(cache.read_bytes())
-    doc["entry_points"] = [[n, "kmpwm.workers.builtin:fail" if n == "echo" else v, d]
-                           for n, v, d in doc["entry_points"]]
+    doc["entry_points"] = [
+        [n, "kmpwm.workers.builtin:fail" if n == "echo" else v, d] for n, v, d in doc["entry_points"]
+    ]
     cache.write_bytes(orjson.dumps(doc))
     return cache
 
@@ -226,12 +254,16 @@ def test_private_cache_is_used(home):
 
 # -- 13 extra: --at on a local time a DST change skips moves forward, as cron does -------------
 
-@pytest.mark.parametrize("tz,local,expected", [
-    ("Europe/Berlin", "2030-03-31T02:30:00", "2030-03-31T01:30:00Z"),     # 03:30 CEST, not 01:30 CET
-    ("America/New_York", "2030-03-10T02:30:00", "2030-03-10T07:30:00Z"),  # 03:30 EDT, not 01:30 EST
-    ("Europe/Berlin", "2030-10-27T02:30:00", "2030-10-27T00:30:00Z"),     # twice: the first (CEST)
-    ("Europe/Berlin", "2030-07-01T12:00:00", "2030-07-01T10:00:00Z"),     # an ordinary time
-])
+
+@pytest.mark.parametrize(
+    "tz,local,expected",
+    [
+        ("Europe/Berlin", "2030-03-31T02:30:00", "2030-03-31T01:30:00Z"),  # 03:30 CEST, not 01:30 CET
+        ("America/New_York", "2030-03-10T02:30:00", "2030-03-10T07:30:00Z"),  # 03:30 EDT, not 01:30 EST
+        ("Europe/Berlin", "2030-10-27T02:30:00", "2030-10-27T00:30:00Z"),  # twice: the first (CEST)
+        ("Europe/Berlin", "2030-07-01T12:00:00", "2030-07-01T10:00:00Z"),  # an ordinary time
+    ],
+)
 def test_at_in_a_dst_gap_moves_forward(tz, local, expected):
     doc, rc = kjson("enqueue", "a", "echo", "--at", local, env={"TZ": tz})
     assert rc == 0 and doc["next_run_at"] == expected, doc
@@ -239,13 +271,19 @@ def test_at_in_a_dst_gap_moves_forward(tz, local, expected):
 
 # -- 13 extra: bidi and other format characters are escaped on a terminal too -----------------
 
+
 def _on_tty(*args, env=None) -> str:
     """Run kmpwm with stdout on a pseudo-terminal (the live progress and rich tables); its output."""
     import pty
 
     master, slave = pty.openpty()
-    proc = subprocess.Popen([sys.executable, "-m", "kmpwm", *args], stdin=subprocess.DEVNULL, stdout=slave,
-                            stderr=subprocess.PIPE, env=kmpwm_env(env))
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "kmpwm", *args],
+        stdin=subprocess.DEVNULL,
+        stdout=slave,
+        stderr=subprocess.PIPE,
+        env=kmpwm_env(env),
+    )
     os.close(slave)
     chunks = []
     while True:
@@ -273,6 +311,7 @@ def test_bidi_controls_and_markup_escaped_on_a_terminal():
 
 
 # -- 13.9: doctor finds what would stop run-due, says how to fix it, exits non-zero -----------
+
 
 def _doctor():
     doc, rc = kjson("doctor")
@@ -349,7 +388,9 @@ def test_doctor_worker_program_missing_or_not_executable(home, tmp_path):
     script = tmp_path / "job.sh"
     script.write_text("#!/bin/sh\nexit 0\n")
     os.chmod(script, 0o644)
-    write_config(home, f'''
+    write_config(
+        home,
+        f'''
         [workers.gone]
         command = ["{tmp_path}/no-such-program", "x"]
 
@@ -365,7 +406,8 @@ def test_doctor_worker_program_missing_or_not_executable(home, tmp_path):
 
         [workers.fine]
         command = ["true"]
-    ''')
+    ''',
+    )
     doc, rc, problems = _doctor()
     assert rc == 78 and not doc["healthy"]
     by = {w["name"]: w for w in doc["workers"]}
@@ -390,16 +432,21 @@ esac
 """
 
 
-@pytest.mark.parametrize("every,age,stale", [("1m", 3600, True), ("1m", 30, False), ("5m", 600, False),
-                                              ("5m", 1000, True)])
+@pytest.mark.parametrize(
+    "every,age,stale", [("1m", 3600, True), ("1m", 30, False), ("5m", 600, False), ("5m", 1000, True)]
+)
 def test_doctor_reports_a_stale_invoker(home, tmp_path, every, age, stale):
     import time
 
     fake = tmp_path / "crontab"
     fake.write_text(FAKE_CRONTAB)
     os.chmod(fake, 0o700)
-    env = {"KMPWM_CRONTAB": str(fake), "FAKE_CRONTAB_FILE": str(tmp_path / "crontab.txt"),
-           "XDG_CONFIG_HOME": str(tmp_path / "xdg"), "HOME": str(tmp_path)}
+    env = {
+        "KMPWM_CRONTAB": str(fake),
+        "FAKE_CRONTAB_FILE": str(tmp_path / "crontab.txt"),
+        "XDG_CONFIG_HOME": str(tmp_path / "xdg"),
+        "HOME": str(tmp_path),
+    }
     kmpwm("schedule", "install", "--backend", "cron", "--every", every, env=env, check=0)
     kmpwm("enqueue", "a", "echo", "--delay", "1h", env=env, check=0)
     kmpwm("run-due", env=env, check=0)  # marks the last run
@@ -418,14 +465,14 @@ def test_doctor_reports_a_stale_invoker(home, tmp_path, every, age, stale):
 
 # -- 14.8: a home that does not exist is said so ---------------------------------------------
 
+
 @pytest.mark.parametrize("args", [["inspect-queue"], ["events"], ["explain", "x"], ["doctor"]])
 def test_missing_home_is_not_an_empty_queue(tmp_path, args):
     missing = tmp_path / "no" / "such" / "home"
     proc = kmpwm("--home", missing, *args, check=1)
     assert proc.stdout == "" and f"no kmpwm queue at {missing}" in proc.stderr
     doc, rc = kjson("--home", missing, *args)
-    assert rc == 1 and doc == {"error": f"no kmpwm queue at {missing}: the directory does not exist",
-                               "exit_code": 1}
+    assert rc == 1 and doc == {"error": f"no kmpwm queue at {missing}: the directory does not exist", "exit_code": 1}
     assert not (tmp_path / "no").exists()  # and nothing was created
 
 
@@ -437,6 +484,7 @@ def test_existing_empty_home_is_an_empty_queue(tmp_path):
 
 
 # -- 14.7: an entry worker's module is found by path or next to config.toml, checked at enqueue -
+
 
 def test_entry_worker_module_checked_at_enqueue_and_found_by_path(home):
     write_config(home, '[workers.gen]\nentry = "jobs_i13:gen"\n')

@@ -2,7 +2,7 @@
 
 Device state is simulated with ``KMPWM_ASSUME`` in the environment of each ``run-due``; the
 helpers of tests/helpers.py run the real command line in subprocesses.  Probe failures are
-tested in process (``kmpwm.probes.Device`` and ``kmpwm.scheduling.plan``).
+tested in process (``kmpwm.scheduling.probes.Device`` and ``kmpwm.scheduling.plan``).
 """
 
 from __future__ import annotations
@@ -16,12 +16,10 @@ from datetime import datetime
 from pathlib import Path
 
 import pytest
-
 from helpers import kjson, kmpwm_env, tasks_by_id
 
-from kmpwm.probes import Device, device_state_now, unmet
-from kmpwm.timeparse import parse_duration
-
+from kmpwm.core.timeparse import parse_duration
+from kmpwm.scheduling.probes import Device, device_state_now, unmet
 
 # -- local helpers ------------------------------------------------------------------------------
 
@@ -88,16 +86,41 @@ def write_config(home: Path, text: str) -> None:
 CASES = {
     "requires-network": (["--requires-network"], None, "network=off", "network=on", ["network", "off"]),
     "connected": (["--network-type", "connected"], None, "network=off", "network=on", ["network", "off"]),
-    "unmetered": (["--network-type", "unmetered"], "metered=off", "network=on,metered=on",
-                  "network=on,metered=off", ["metered", "on"]),
-    "unmetered-offline": (["--network-type", "unmetered"], "metered=off", "network=off,metered=off",
-                          "network=on,metered=off", ["network", "off"]),
-    "temporarily-unmetered": (["--network-type", "temporarily-unmetered"], "metered=on",
-                              "network=on,metered=on", "network=on,metered=off", ["metered", "on"]),
-    "metered": (["--network-type", "metered"], "metered=off", "network=on,metered=off",
-                "network=on,metered=on", ["metered", "off"]),
-    "not-roaming": (["--network-type", "not-roaming"], "roaming=off", "network=on,roaming=on",
-                    "network=on,roaming=off", ["roaming", "on"]),
+    "unmetered": (
+        ["--network-type", "unmetered"],
+        "metered=off",
+        "network=on,metered=on",
+        "network=on,metered=off",
+        ["metered", "on"],
+    ),
+    "unmetered-offline": (
+        ["--network-type", "unmetered"],
+        "metered=off",
+        "network=off,metered=off",
+        "network=on,metered=off",
+        ["network", "off"],
+    ),
+    "temporarily-unmetered": (
+        ["--network-type", "temporarily-unmetered"],
+        "metered=on",
+        "network=on,metered=on",
+        "network=on,metered=off",
+        ["metered", "on"],
+    ),
+    "metered": (
+        ["--network-type", "metered"],
+        "metered=off",
+        "network=on,metered=off",
+        "network=on,metered=on",
+        ["metered", "off"],
+    ),
+    "not-roaming": (
+        ["--network-type", "not-roaming"],
+        "roaming=off",
+        "network=on,roaming=on",
+        "network=on,roaming=off",
+        ["roaming", "on"],
+    ),
     "requires-charging": (["--requires-charging"], None, "charging=off", "charging=on", ["charging", "off"]),
     "battery-not-low": (["--battery-not-low"], None, "battery=14", "battery=15", ["battery", "14"]),
     "storage-not-low": (["--storage-not-low"], None, "storage_low=on", "storage_low=off", ["storage", "on"]),
@@ -138,10 +161,15 @@ def test_constraints_in_spec_from_jsonl_and_all_must_hold():
     assert ran_ids(run_due(env=assume("charging=on,battery=80"))) == ["both"]
 
 
-@pytest.mark.parametrize("network_type, key", [
-    ("unmetered", "metered"), ("metered", "metered"), ("temporarily-unmetered", "metered"),
-    ("not-roaming", "roaming"),
-])
+@pytest.mark.parametrize(
+    "network_type, key",
+    [
+        ("unmetered", "metered"),
+        ("metered", "metered"),
+        ("temporarily-unmetered", "metered"),
+        ("not-roaming", "roaming"),
+    ],
+)
 def test_unobservable_network_type_is_rejected_os_policy(tmp_path, network_type, key):
     empty = tmp_path / "empty-bin"
     empty.mkdir()
@@ -159,8 +187,14 @@ def test_observable_constraints_need_no_assume(tmp_path):
     empty = tmp_path / "empty-bin"
     empty.mkdir()
     env = {"KMPWM_ASSUME": None, "PATH": str(empty)}
-    specs = [{"requires_network": True}, {"network_type": "connected"}, {"requires_charging": True},
-             {"battery_not_low": True}, {"storage_not_low": True}, {"device_idle": True}]
+    specs = [
+        {"requires_network": True},
+        {"network_type": "connected"},
+        {"requires_charging": True},
+        {"battery_not_low": True},
+        {"storage_not_low": True},
+        {"device_idle": True},
+    ]
     text = "\n".join(json.dumps({"id": f"ok{n}", "worker": "echo", **s}) for n, s in enumerate(specs))
     doc, _ = kjson("enqueue", "--from", "-", input=text, env=env, check=0)
     assert [r["result"] for r in doc["results"]] == ["SUCCESS"] * len(specs)
@@ -188,8 +222,11 @@ def test_order_expedited_then_qos_then_due_time():
 
 
 def test_max_tasks_with_constraint_skips_do_not_count():
-    specs = [{"id": "net", "worker": "echo", "requires_network": True, "expedited": True},
-             {"id": "a", "worker": "echo"}, {"id": "b", "worker": "echo"}]
+    specs = [
+        {"id": "net", "worker": "echo", "requires_network": True, "expedited": True},
+        {"id": "a", "worker": "echo"},
+        {"id": "b", "worker": "echo"},
+    ]
     kjson("enqueue", "--from", "-", input="\n".join(json.dumps(s) for s in specs), check=0)
     out = run_due("--parallel", "1", "--max-tasks", "1", env=assume("network=off"))
     assert ran_ids(out) == ["a"]
@@ -227,8 +264,9 @@ def test_battery_probe_that_raises_falls_back(monkeypatch):
 
 
 def test_plan_survives_a_raising_probe(home):
-    from kmpwm import Constraints, Scheduler, triggers
-    from kmpwm.scheduling import plan
+    from kmpwm import Constraints, Scheduler
+    from kmpwm.core import triggers
+    from kmpwm.scheduling.plan import plan
 
     s = Scheduler(home=str(home))
     assert s.enqueue("n", None, "echo", constraints=Constraints(requires_network=True)) == "SUCCESS"
@@ -237,8 +275,10 @@ def test_plan_survives_a_raising_probe(home):
     class AllBroken(Device):
         def __getattribute__(self, name):
             if name.startswith("_probe_"):
+
                 def fail():
                     raise OSError(f"{name} broke")
+
                 return fail
             return object.__getattribute__(self, name)
 
@@ -305,8 +345,13 @@ def test_explain_blocked_by_earlier_chain_step():
 
 def test_explain_held_by_lease_then_finished():
     enqueue("slow", "sleep", "--input", "3")
-    bg = subprocess.Popen([sys.executable, "-m", "kmpwm", "run-due", "--json"], env=kmpwm_env(),
-                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    bg = subprocess.Popen(
+        [sys.executable, "-m", "kmpwm", "run-due", "--json"],
+        env=kmpwm_env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     try:
         deadline = time.monotonic() + 15
         ex = explain("slow")

@@ -19,13 +19,12 @@ import stat
 import tempfile
 from pathlib import Path
 
-import orjson
 import pytest
+from crashlib import Home, count, fold_bytes
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from crashlib import Home, count, fold_bytes
-from kmpwm.journal import decode
+from kmpwm.storage.journal import decode
 
 # -- the template journal ------------------------------------------------------------------
 
@@ -34,7 +33,8 @@ from kmpwm.journal import decode
 def template(tmp_path_factory) -> Path:
     """A home whose journal has every kind of record: header, single and batch enqueues, a chain,
     a cancel, claims and results from a run-due, then more enqueues (one due now)."""
-    from kmpwm import Scheduler, TaskRequest, triggers
+    from kmpwm import Scheduler, TaskRequest
+    from kmpwm.core import triggers
 
     root = tmp_path_factory.mktemp("corruption")
     os.chmod(root, 0o700)
@@ -85,7 +85,7 @@ def _expected(original: bytes, damaged: bytes, *, flip: int | None = None, cut: 
     kept, shown = [], []
     single_bit = flip is not None and (original[flip] ^ damaged[flip]).bit_count() == 1
     for start, end in _lines(original):
-        line = original[start:end + 1]
+        line = original[start : end + 1]
         if cut is not None:
             if end < cut:
                 kept.append(line)
@@ -126,9 +126,9 @@ def _case_home(template: Path, data: bytes) -> Path:
 def _check_in_process(template: Path, original: bytes, damaged: bytes, **where) -> None:
     """Library-level: the view, doctor's report, repair, and a write after the repair."""
     from kmpwm import Scheduler
-    from kmpwm.doctor import check_journal, repair
-    from kmpwm.paths import resolve
-    from kmpwm.store import Store
+    from kmpwm.storage.paths import resolve
+    from kmpwm.storage.store import Store
+    from kmpwm.system.doctor import check_journal, repair
 
     count("corruptions")
     intact, expected, middle, torn = _expected(original, damaged, **where)
@@ -139,7 +139,7 @@ def _check_in_process(template: Path, original: bytes, damaged: bytes, **where) 
         assert _states(view.state) == _states(expected), f"{where}: untouched valid records not all shown"
         assert bool(view.damage) == middle, f"{where}: damage {view.damage}, expected middle damage={middle}"
         assert (view.torn is not None) == torn, f"{where}: torn {view.torn}, expected {torn}"
-        from kmpwm.journal import Journal
+        from kmpwm.storage.journal import Journal
 
         report = check_journal(Journal(paths))
         assert bool(report["damage"]) == middle and bool(report["torn_tail"]) == torn
@@ -169,9 +169,16 @@ def _regions(original: bytes) -> list[tuple[str, int]]:
     """Every region of every record: checksum, separator, payload start/middle/end, newline."""
     out = []
     for n, (start, end) in enumerate(_lines(original)):
-        for name, pos in (("crc[0]", start), ("crc[5]", start + 5), ("crc[7]", start + 7), ("space", start + 8),
-                          ("payload[0]", start + 9), ("payload[mid]", (start + 9 + end) // 2),
-                          ("payload[-1]", end - 1), ("newline", end)):
+        for name, pos in (
+            ("crc[0]", start),
+            ("crc[5]", start + 5),
+            ("crc[7]", start + 7),
+            ("space", start + 8),
+            ("payload[0]", start + 9),
+            ("payload[mid]", (start + 9 + end) // 2),
+            ("payload[-1]", end - 1),
+            ("newline", end),
+        ):
             out.append((f"record {n} {name}", pos))
     return out
 
@@ -181,7 +188,7 @@ def test_every_region_flip_and_truncation(template):
     regions = _regions(original)
     assert len(regions) >= 8 * 12
     cases = 0
-    for label, pos in regions:
+    for _label, pos in regions:
         for xor in (0x01, 0x80, original[pos] ^ 0x0A if original[pos] != 0x0A else 0x20):
             damaged = bytearray(original)
             damaged[pos] ^= xor
@@ -193,8 +200,11 @@ def test_every_region_flip_and_truncation(template):
     assert cases >= 400
 
 
-@settings(max_examples=int(os.environ.get("KMPWM_FUZZ_EXAMPLES", "120")), deadline=None,
-          suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
+@settings(
+    max_examples=int(os.environ.get("KMPWM_FUZZ_EXAMPLES", "120")),
+    deadline=None,
+    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
+)
 @given(data=st.data())
 def test_fuzzed_journal_damage(template, data):
     original = (template / "journal" / "journal.log").read_bytes()
@@ -208,6 +218,7 @@ def test_fuzzed_journal_damage(template, data):
 
 
 # -- end to end through the CLI ------------------------------------------------------------
+
 
 def _cli_case(template: Path, damaged: bytes, tmp_path: Path) -> Home:
     home = Home(tmp_path / "home")
@@ -228,15 +239,15 @@ def test_cli_reports_fails_closed_and_repairs(template, tmp_path, case):
     if case == "middle-payload":
         s, e = lines[len(lines) // 2]
         pos = (s + e) // 2
-        damaged = original[:pos] + bytes([original[pos] ^ 0x04]) + original[pos + 1:]
+        damaged = original[:pos] + bytes([original[pos] ^ 0x04]) + original[pos + 1 :]
         where = {"flip": pos}
     elif case == "middle-newline":
         pos = lines[3][1]
-        damaged = original[:pos] + b" " + original[pos + 1:]
+        damaged = original[:pos] + b" " + original[pos + 1 :]
         where = {"flip": pos}
     elif case == "middle-crc":
         pos = lines[-3][0] + 2
-        damaged = original[:pos] + (b"0" if original[pos:pos + 1] != b"0" else b"1") + original[pos + 1:]
+        damaged = original[:pos] + (b"0" if original[pos : pos + 1] != b"0" else b"1") + original[pos + 1 :]
         where = {"flip": pos}
     elif case == "header":
         damaged = b"X" + original[1:]
@@ -246,7 +257,7 @@ def test_cli_reports_fails_closed_and_repairs(template, tmp_path, case):
         damaged = original[:pos]
         where = {"cut": pos}
     else:
-        damaged = original + b"deadbeef {\"ts\":1,\"ops\":[{\"op\":\"cancel\",\"all\":tr"
+        damaged = original + b'deadbeef {"ts":1,"ops":[{"op":"cancel","all":tr'
         where = {"cut": len(original) + 99}
     count("corruptions")
     intact, expected, middle, torn = _expected(original, damaged, **where)
@@ -286,18 +297,20 @@ def test_cli_reports_fails_closed_and_repairs(template, tmp_path, case):
     state, _ = home.fold()
     if "g" in expected["tasks"]:
         assert state["tasks"]["g"]["state"] == "SUCCEEDED"
-    for tid, t in expected["tasks"].items():
+    for tid, _t in expected["tasks"].items():
         assert tid in state["tasks"], f"{tid} was dropped"
 
 
 # -- the snapshot: a cache, damage to it changes nothing --------------------------------------
 
+
 @pytest.fixture(scope="module")
 def snap_template(template, tmp_path_factory) -> Path:
     """The template plus a snapshot covering most of the journal, and records after it."""
-    from kmpwm import Scheduler, triggers
-    from kmpwm.paths import resolve
-    from kmpwm.store import Store
+    from kmpwm import Scheduler
+    from kmpwm.core import triggers
+    from kmpwm.storage.paths import resolve
+    from kmpwm.storage.store import Store
 
     root = tmp_path_factory.mktemp("snapshot")
     os.chmod(root, 0o700)
@@ -324,8 +337,8 @@ def _snapshot_regions(blob: bytes) -> list[tuple[str, int]]:
 
 
 def _check_snapshot_case(snap_template: Path, blob: bytes, label: str, name: str = "state.snap") -> list[str]:
-    from kmpwm.paths import resolve
-    from kmpwm.store import Store
+    from kmpwm.storage.paths import resolve
+    from kmpwm.storage.store import Store
 
     count("corruptions")
     problems = []
@@ -340,13 +353,18 @@ def _check_snapshot_case(snap_template: Path, blob: bytes, label: str, name: str
         store = Store(paths)
         view = store.load()
         if _states(view.state) != _states(expected):
-            diff = {k for k in set(view.state["tasks"]) | set(expected["tasks"])
-                    if _states(view.state).get(k) != _states(expected).get(k)}
+            diff = {
+                k
+                for k in set(view.state["tasks"]) | set(expected["tasks"])
+                if _states(view.state).get(k) != _states(expected).get(k)
+            }
             problems.append(f"{label}: the view differs from the journal for {sorted(diff)}")
         store.verify_covered(view)  # what run-due checks before it runs anything
         if view.damage:
-            problems.append(f"{label}: a damaged snapshot makes the healthy journal look damaged "
-                            f"({view.damage[0].describe()}): run-due would refuse to run")
+            problems.append(
+                f"{label}: a damaged snapshot makes the healthy journal look damaged "
+                f"({view.damage[0].describe()}): run-due would refuse to run"
+            )
     except Exception as exc:  # noqa: BLE001 - any exception here is a finding
         problems.append(f"{label}: {type(exc).__name__}: {exc}")
     finally:
@@ -367,8 +385,11 @@ def test_snapshot_damage_changes_nothing(snap_template):
     assert not problems, f"{len(problems)} damaged snapshot(s) changed what users see:\n" + "\n".join(problems[:25])
 
 
-@settings(max_examples=int(os.environ.get("KMPWM_FUZZ_EXAMPLES", "80")), deadline=None,
-          suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
+@settings(
+    max_examples=int(os.environ.get("KMPWM_FUZZ_EXAMPLES", "80")),
+    deadline=None,
+    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
+)
 @given(data=st.data())
 def test_fuzzed_snapshot_damage(snap_template, data):
     blob = (snap_template / "journal" / "state.snap").read_bytes()
@@ -398,9 +419,11 @@ def test_damaged_snapshot_offset_does_not_stop_run_due(snap_template, tmp_path):
     if rc == 74:
         rdoc, rrc, rerr = home.json("doctor", "--repair")
         doc, rc2, err2 = home.json("run-due")
-        assert rc2 == 0, (f"run-due refuses (exit 74: {err.strip()}) because of a damaged snapshot, doctor says "
-                          f"the journal is healthy and doctor --repair (exit {rrc}) does not help: run-due still "
-                          f"exits {rc2}: {err2.strip()}")
+        assert rc2 == 0, (
+            f"run-due refuses (exit 74: {err.strip()}) because of a damaged snapshot, doctor says "
+            f"the journal is healthy and doctor --repair (exit {rrc}) does not help: run-due still "
+            f"exits {rc2}: {err2.strip()}"
+        )
     else:
         assert rc == 0, err
     state, _ = home.fold()
@@ -417,7 +440,7 @@ def test_damage_covered_by_the_snapshot_still_fails_closed(snap_template, tmp_pa
     original = home.journal.read_bytes()
     s, e = _lines(original)[2]
     pos = (s + e) // 2
-    damaged = original[:pos] + bytes([original[pos] ^ 0x02]) + original[pos + 1:]
+    damaged = original[:pos] + bytes([original[pos] ^ 0x02]) + original[pos + 1 :]
     home.journal.write_bytes(damaged)
     intact, _, middle, _ = _expected(original, damaged, flip=pos)
     expected, _ = fold_bytes(b"".join(intact))  # after the repair: the one flipped bit is mended too
@@ -448,9 +471,11 @@ def test_history_damage_changes_nothing(snap_template):
         for xor in (0x01, 0x20):
             damaged = bytearray(blob)
             damaged[pos] ^= xor
-            problems += _check_snapshot_case(snap_template, bytes(damaged), f"history flip {pos} ^{xor:#x}",
-                                             "history.snap")
+            problems += _check_snapshot_case(
+                snap_template, bytes(damaged), f"history flip {pos} ^{xor:#x}", "history.snap"
+            )
         problems += _check_snapshot_case(snap_template, blob[:pos], f"history cut at {pos}", "history.snap")
-    problems += _check_snapshot_case(snap_template, blob + b"00000000 {}\n", "history with a frame no snapshot names",
-                                     "history.snap")
+    problems += _check_snapshot_case(
+        snap_template, blob + b"00000000 {}\n", "history with a frame no snapshot names", "history.snap"
+    )
     assert not problems, "\n".join(problems[:25])

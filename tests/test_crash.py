@@ -26,9 +26,8 @@ import subprocess
 import time
 from pathlib import Path
 
-import pytest
-
 import crashlib
+import pytest
 from crashlib import CrashHarness, Home, collect, fold_bytes, trials_from_env
 
 SEED = int(os.environ.get("KMPWM_TORTURE_SEED", "20261122"))
@@ -59,11 +58,13 @@ def test_crash_injection_invariants_hold(chome):
 
 # -- a kill during the snapshot write ---------------------------------------------------------
 
+
 def _build_big_tail(home: Home, monkeypatch) -> set[str]:
     """A journal whose tail is over SNAPSHOT_AFTER_BYTES (4 MiB), so that the next command that
     loads it writes a snapshot; no snapshot yet.  Built in-process without fsync (setup only)."""
-    from kmpwm import Scheduler, triggers
-    from kmpwm import journal as journal_mod
+    from kmpwm import Scheduler
+    from kmpwm.core import triggers
+    from kmpwm.storage import journal as journal_mod
 
     ids = set()
     with monkeypatch.context() as m:
@@ -113,16 +114,17 @@ def _kill_when(proc: subprocess.Popen, condition, *, extra: float, limit: float 
 def _assert_snapshot_consistent(home: Home) -> bool:
     """A snapshot that exists is complete (atomic: kmpwm accepts it) and equals the fold of the
     journal up to its offset.  Returns whether one exists."""
-    from kmpwm.paths import resolve
-    from kmpwm.store import Store
+    from kmpwm.storage.paths import resolve
+    from kmpwm.storage.store import Store
 
     if not home.snapshot.exists():
         return False
     view = Store(resolve(str(home.path)))._read_snapshot()
     assert view is not None, "the snapshot on disk is torn or stale: kmpwm ignores it (the write was not atomic)"
-    expected, _ = fold_bytes(home.journal.read_bytes()[:view.offset])
-    assert {i: t["state"] for i, t in view.state["tasks"].items()} == \
-        {i: t["state"] for i, t in expected["tasks"].items()}, "the snapshot differs from the journal it covers"
+    expected, _ = fold_bytes(home.journal.read_bytes()[: view.offset])
+    assert {i: t["state"] for i, t in view.state["tasks"].items()} == {
+        i: t["state"] for i, t in expected["tasks"].items()
+    }, "the snapshot differs from the journal it covers"
     return True
 
 
@@ -143,7 +145,9 @@ def test_kill_during_snapshot_write(chome, monkeypatch):
         else:
             proc = chome.spawn("enqueue", f"new{n}", "cw", "--delay", "1h", "--json")
         if rng.random() < 0.75:
-            inside += _kill_when(proc, lambda: bool(_snapshot_tmp(chome)), extra=rng.choice([0, 0, 0.0005, 0.002, 0.005]))
+            inside += _kill_when(
+                proc, lambda: bool(_snapshot_tmp(chome)), extra=rng.choice([0, 0, 0.0005, 0.002, 0.005])
+            )
         else:
             time.sleep(rng.uniform(0, 0.6))
             proc.send_signal(signal.SIGKILL)
@@ -170,11 +174,13 @@ def test_kill_during_snapshot_write(chome, monkeypatch):
 
 # -- a kill during compaction ----------------------------------------------------------------
 
+
 def _build_history(home: Home, monkeypatch, n: int = 2000) -> None:
     """A journal of a few thousand records: single enqueues (one record each), chains, a cancel,
     then a run-due pass so that there are claims, results and finished tasks."""
-    from kmpwm import Scheduler, TaskRequest, triggers
-    from kmpwm import journal as journal_mod
+    from kmpwm import Scheduler, TaskRequest
+    from kmpwm.core import triggers
+    from kmpwm.storage import journal as journal_mod
 
     with monkeypatch.context() as m:
         m.setattr(journal_mod, "_datasync", lambda fd: None)
@@ -217,8 +223,9 @@ def test_kill_during_compaction(chome, monkeypatch):
             enq = chome.spawn("enqueue", f"during{n}", "cw", "--delay", "1h", "--json")
         mode = rng.choice(["tmp", "tmp", "time", "never"])
         if mode == "tmp":
-            inside += _kill_when(proc, lambda: bool(_compaction_tmp(chome)),
-                                 extra=rng.choice([0, 0, 0.0005, 0.001, 0.002, 0.005, 0.02]))
+            inside += _kill_when(
+                proc, lambda: bool(_compaction_tmp(chome)), extra=rng.choice([0, 0, 0.0005, 0.001, 0.002, 0.005, 0.02])
+            )
         elif mode == "time":
             time.sleep(rng.uniform(0, 1.0))
             proc.send_signal(signal.SIGKILL)
@@ -235,7 +242,10 @@ def test_kill_during_compaction(chome, monkeypatch):
             reported.add(f"during{n}")
         # either the old journal or the new one, never missing a task
         doc, rc, err = chome.json("doctor")
-        assert rc == 0 and doc["healthy"] and not doc["journal"]["damage"] and not doc["journal"]["torn_tail"], (rc, err)
+        assert rc == 0 and doc["healthy"] and not doc["journal"]["damage"] and not doc["journal"]["torn_tail"], (
+            rc,
+            err,
+        )
         gens.add(doc["journal"]["generation"])
         state, _ = chome.fold()
         now = {i: (t["state"], t["finished_at"], t["attempts"]) for i, t in state["tasks"].items()}
@@ -277,8 +287,10 @@ def test_killed_rewrites_leave_no_temp_files_behind(chome, monkeypatch):
     doc, rc, err = chome.json("doctor", "--repair")
     assert rc == 0, err
     still = _compaction_tmp(chome) + _snapshot_tmp(chome)
-    assert not still, (f"{len(left)} temp file(s) of killed compactions ({size} bytes) were never removed, "
-                       f"even by a later compact and doctor --repair: {still}")
+    assert not still, (
+        f"{len(left)} temp file(s) of killed compactions ({size} bytes) were never removed, "
+        f"even by a later compact and doctor --repair: {still}"
+    )
 
 
 def test_runner_deaths_do_not_fail_tasks_that_never_started(chome):
@@ -296,8 +308,11 @@ def test_runner_deaths_do_not_fail_tasks_that_never_started(chome):
             assert rc == 0, err
         seen = {s.id for s in chome.runs()[0]}
         proc = chome.spawn("run-due", "--parallel", "1", "--json")
-        _kill_when(proc, lambda: any(s.id.startswith("q0") or s.id.startswith("q1")
-                                     for s in chome.runs()[0] if s.id not in seen), extra=0.05)
+        _kill_when(
+            proc,
+            lambda: any(s.id.startswith("q0") or s.id.startswith("q1") for s in chome.runs()[0] if s.id not in seen),
+            extra=0.05,
+        )
         collect(proc)
         assert proc.returncode == -signal.SIGKILL
         state, _ = chome.fold()
@@ -309,8 +324,10 @@ def test_runner_deaths_do_not_fail_tasks_that_never_started(chome):
     assert rc == 0, err
     state, _ = chome.fold()
     lost = {i: t["reason"] for i, t in state["tasks"].items() if i not in started and t["state"] != "SUCCEEDED"}
-    assert not lost, (f"{len(lost)} task(s) whose worker never started were FAILED by the deaths of runners "
-                      f"that had only claimed them (claimed ahead: {sorted(claimed_ahead)}): {sorted(lost.items())[:3]}")
+    assert not lost, (
+        f"{len(lost)} task(s) whose worker never started were FAILED by the deaths of runners "
+        f"that had only claimed them (claimed ahead: {sorted(claimed_ahead)}): {sorted(lost.items())[:3]}"
+    )
 
 
 LEAVER_SH = r"""#!/bin/bash
@@ -327,7 +344,7 @@ def _pid_gone(pid: int) -> bool:
             stat = fh.read()
     except FileNotFoundError:
         return True
-    return stat[stat.rindex(")") + 2:].startswith(("Z", "X"))
+    return stat[stat.rindex(")") + 2 :].startswith(("Z", "X"))
 
 
 @pytest.mark.parametrize("worker", ["sh", "py"])
@@ -344,10 +361,12 @@ def test_background_jobs_of_a_killed_runs_workers_are_killed_by_the_next_run(cho
         "    p = subprocess.Popen(['sleep', '300'])\n"
         "    with open(os.environ['CRASH_RUNLOG'] + '.children', 'a') as fh:\n"
         "        fh.write(f'{p.pid} {os.getpid()}\\n')\n"
-        "    time.sleep(300)\n")
+        "    time.sleep(300)\n"
+    )
     cfg = chome.path / "config.toml"
-    cfg.write_text(f'[workers.leaver]\ncommand = ["/bin/bash", "{script}"]\n'
-                   '[workers.leaverpy]\nentry = "leaverpy:work"\n')
+    cfg.write_text(
+        f'[workers.leaver]\ncommand = ["/bin/bash", "{script}"]\n[workers.leaverpy]\nentry = "leaverpy:work"\n'
+    )
     os.chmod(cfg, 0o600)
     children = Path(str(chome.runlog) + ".children")
     _, rc, err = chome.json("enqueue", "left", "leaver" if worker == "sh" else "leaverpy", "--timeout", "3s")

@@ -15,7 +15,6 @@ import sys
 import time
 
 import pytest
-
 from helpers import kjson, kmpwm
 
 CRON = shutil.which("cron") or "/usr/sbin/cron"
@@ -65,7 +64,7 @@ def test_installed_crontab_line_makes_the_real_cron_daemon_run_a_due_task(cron_d
     script = tmp_path / "worker.py"
     script.write_text(f"import pathlib, os\npathlib.Path({str(marker)!r}).write_text(os.environ['KMPWM_TASK_ID'])\n")
     config = home / "config.toml"
-    config.write_text(f'[workers.mark]\ncommand = [{sys.executable!r}, {str(script)!r}]\n')
+    config.write_text(f"[workers.mark]\ncommand = [{sys.executable!r}, {str(script)!r}]\n")
     os.chmod(config, 0o600)
 
     doc, rc = kjson("schedule", "install", "--backend", "cron", "--every", "1m")

@@ -14,14 +14,12 @@ import time
 from pathlib import Path
 
 import pytest
-
 from helpers import jdoc as kjson  # kjson(ARGS, expect=N) -> the --json document
 from helpers import kmpwm
 
 PY = sys.executable
 
 # -- local helpers ----------------------------------------------------------------------------
-
 
 
 def tasks() -> dict:
@@ -56,7 +54,7 @@ def pid_gone(pid: int) -> bool:
             stat = fh.read()
     except FileNotFoundError:
         return True
-    return stat[stat.rindex(")") + 2:].startswith(("Z", "X"))
+    return stat[stat.rindex(")") + 2 :].startswith(("Z", "X"))
 
 
 def write_config(home: Path, workers: dict[str, dict]) -> None:
@@ -75,7 +73,7 @@ def write_config(home: Path, workers: dict[str, dict]) -> None:
 #   sleep      seconds to sleep (0 if the file ``fast_if`` exists)
 #   ignore_term  ignore SIGTERM (so only SIGKILL stops it)
 #   out        JSON object printed as the last stdout line
-WORKER = r'''
+WORKER = r"""
 import json, os, signal, sys, time
 cfg = json.loads(sys.argv[1])
 if cfg.get("ignore_term"):
@@ -92,7 +90,7 @@ while time.monotonic() < end:
     time.sleep(min(0.1, max(0.0, end - time.monotonic())))
 if cfg.get("out") is not None:
     print(json.dumps(cfg["out"]))
-'''
+"""
 
 
 @pytest.fixture
@@ -111,17 +109,20 @@ def chain_abc(tmp_path, declare):
     """Chain ``x``: wA -> wB (slow until ``fast`` exists, and ignoring nothing) -> wC."""
     m = {k: tmp_path / f"{k}.marks" for k in "ABC"}
     fast = tmp_path / "fast"
-    declare(wA={"marker": str(m["A"]), "out": {"a": 1}},
-            wB={"marker": str(m["B"]), "sleep": 30, "fast_if": str(fast), "out": {"b": 2}},
-            wC={"marker": str(m["C"]), "out": {"c": 3}})
+    declare(
+        wA={"marker": str(m["A"]), "out": {"a": 1}},
+        wB={"marker": str(m["B"]), "sleep": 30, "fast_if": str(fast), "out": {"b": 2}},
+        wC={"marker": str(m["C"]), "out": {"c": 3}},
+    )
     doc = kjson("chain", "--id", "x", "wA", "wB", "wC")
     assert doc["tasks"] == ["x/1/wA", "x/2/wB", "x/3/wC"]
     return m, fast
 
 
 def start_run_due(*extra) -> subprocess.Popen:
-    return subprocess.Popen([PY, "-m", "kmpwm", "run-due", *extra], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
+    return subprocess.Popen(
+        [PY, "-m", "kmpwm", "run-due", *extra], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
 
 
 def wait_until_b_runs(proc: subprocess.Popen, marks: dict) -> int:

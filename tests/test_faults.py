@@ -18,10 +18,9 @@ import sys
 from pathlib import Path
 
 import pytest
-
 from crashlib import Home, fold_bytes
 
-WRAPPER = r'''
+WRAPPER = r"""
 import errno, os, re, sys
 pattern = re.compile(os.environ["FAULT_NAME_RE"])
 after = int(os.environ.get("FAULT_AFTER", "0"))
@@ -64,9 +63,9 @@ def fdatasync(fd):
 os.write, os.fsync = write, fsync
 if real_fdatasync is not None:
     os.fdatasync = fdatasync
-from kmpwm.cli import main
+from kmpwm.cli.app import main
 sys.exit(main(sys.argv[1:]))
-'''
+"""
 
 
 @pytest.fixture
@@ -76,17 +75,37 @@ def fhome(kmpwm_home) -> Home:
     return home
 
 
-def faulty(home: Home, tmp_path: Path, *args, name: str, errno_name: str = "ENOSPC", after: int = 0,
-           op: str = "write", partial: bool = False, input: bytes | None = None):
+def faulty(
+    home: Home,
+    tmp_path: Path,
+    *args,
+    name: str,
+    errno_name: str = "ENOSPC",
+    after: int = 0,
+    op: str = "write",
+    partial: bool = False,
+    input: bytes | None = None,
+):
     """Run ``kmpwm ARGS --json`` with the fault injected; (doc, rc, stderr)."""
     import orjson
 
     script = tmp_path / "fault_wrapper.py"
     script.write_text(WRAPPER)
-    env = dict(home.env, FAULT_NAME_RE=name, FAULT_AFTER=str(after), FAULT_ERRNO=errno_name, FAULT_OP=op,
-               FAULT_PARTIAL="1" if partial else "0")
-    proc = subprocess.run([sys.executable, str(script), *map(str, args), "--json"], capture_output=True,
-                          input=input or b"", env=env, timeout=120)
+    env = dict(
+        home.env,
+        FAULT_NAME_RE=name,
+        FAULT_AFTER=str(after),
+        FAULT_ERRNO=errno_name,
+        FAULT_OP=op,
+        FAULT_PARTIAL="1" if partial else "0",
+    )
+    proc = subprocess.run(
+        [sys.executable, str(script), *map(str, args), "--json"],
+        capture_output=True,
+        input=input or b"",
+        env=env,
+        timeout=120,
+    )
     err = proc.stderr.decode("utf-8", "replace")
     try:
         doc = orjson.loads(proc.stdout)
@@ -124,15 +143,23 @@ def seed_tasks(home: Home, n: int = 3) -> list[str]:
 
 # -- injected faults --------------------------------------------------------------------------
 
-@pytest.mark.parametrize("errno_name,op,partial", [
-    ("ENOSPC", "write", False), ("ENOSPC", "write", True), ("EIO", "write", True), ("EIO", "fsync", False),
-    ("EDQUOT", "write", False),
-])
+
+@pytest.mark.parametrize(
+    "errno_name,op,partial",
+    [
+        ("ENOSPC", "write", False),
+        ("ENOSPC", "write", True),
+        ("EIO", "write", True),
+        ("EIO", "fsync", False),
+        ("EDQUOT", "write", False),
+    ],
+)
 def test_append_fault_fails_74_and_leaves_the_journal_intact(fhome, tmp_path, errno_name, op, partial):
     ids = seed_tasks(fhome)
     before = fhome.journal.read_bytes()
-    doc, rc, err = faulty(fhome, tmp_path, "enqueue", "new", "echo", name=r"^journal\.log$", errno_name=errno_name,
-                          op=op, partial=partial)
+    doc, rc, err = faulty(
+        fhome, tmp_path, "enqueue", "new", "echo", name=r"^journal\.log$", errno_name=errno_name, op=op, partial=partial
+    )
     assert_failed_cleanly(rc, err, "journal")
     if errno_name == "ENOSPC":
         assert "disk full" in err or "No space" in err
@@ -165,7 +192,8 @@ def test_compaction_fault_keeps_the_old_journal(fhome, tmp_path, errno_name, op)
 
 
 def test_snapshot_write_fault_is_only_a_cache_miss(fhome, tmp_path):
-    from kmpwm import Scheduler, triggers
+    from kmpwm import Scheduler
+    from kmpwm.core import triggers
 
     s = Scheduler(home=str(fhome.path))
     for i in range(5):
@@ -193,7 +221,7 @@ def test_disk_full_while_repairing_a_torn_tail(fhome, tmp_path):
 
 
 def test_disk_full_during_doctor_repair(fhome, tmp_path):
-    ids = seed_tasks(fhome, 4)
+    seed_tasks(fhome, 4)
     data = bytearray(fhome.journal.read_bytes())
     second = data.index(b"\n") + 20
     data[second] ^= 0x01
@@ -224,6 +252,7 @@ def test_disk_full_when_recording_a_result(fhome, tmp_path):
 
 # -- a real small file system ----------------------------------------------------------------
 
+
 @pytest.fixture
 def tmpfs(tmp_path):
     """A 256 KiB tmpfs; skipped (with the reason) where mounting is not allowed."""
@@ -231,8 +260,9 @@ def tmpfs(tmp_path):
     mnt.mkdir()
     if os.geteuid() != 0:
         pytest.skip("mounting a tmpfs needs root")
-    proc = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=256k,mode=0700", "tmpfs", str(mnt)],
-                          capture_output=True, text=True)
+    proc = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=256k,mode=0700", "tmpfs", str(mnt)], capture_output=True, text=True
+    )
     if proc.returncode != 0:
         pytest.skip(f"cannot mount a tmpfs here: {proc.stderr.strip()}")
     try:
@@ -330,8 +360,9 @@ def test_full_log_file_system_is_not_a_traceback(tmp_path, fhome):
         pytest.skip("mounting a tmpfs needs root")
     logs = fhome.path / "logs"
     logs.mkdir(mode=0o700, exist_ok=True)
-    proc = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64k,mode=0700", "tmpfs", str(logs)],
-                          capture_output=True, text=True)
+    proc = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=64k,mode=0700", "tmpfs", str(logs)], capture_output=True, text=True
+    )
     if proc.returncode != 0:
         pytest.skip(f"cannot mount a tmpfs here: {proc.stderr.strip()}")
     try:

@@ -1,6 +1,6 @@
 """The state is a pure fold of journal records (kmpwm/state.py): folding from scratch equals
 folding a prefix, round-tripping the state through JSON (a snapshot), then folding the rest.
-Plus invariants of the fold, and the same property through kmpwm.store.Store on a real file."""
+Plus invariants of the fold, and the same property through kmpwm.storage.store.Store on a real file."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ import orjson
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from kmpwm.state import apply, new_state
+from kmpwm.core.state import apply, new_state
 
 IDS = ["a", "b", "c"]
 CHAINS = ["C1", "C2"]
@@ -26,25 +26,47 @@ SETTINGS = settings(max_examples=50, deadline=None, suppress_health_check=[Healt
 
 def make_task(task_id: str, ts: float, *, repeating: bool, max_attempts: int, backoff: str, tags: list[str]) -> dict:
     """A task record shaped like the ones Scheduler.build_task writes."""
-    trigger = ({"type": "periodic", "every": 60.0, "flex": 60.0, "delay": 0.0} if repeating
-               else {"type": "one_time", "delay": 0.0})
+    trigger = (
+        {"type": "periodic", "every": 60.0, "flex": 60.0, "delay": 0.0}
+        if repeating
+        else {"type": "one_time", "delay": 0.0}
+    )
     return {
-        "id": task_id, "worker": "w", "input": None, "trigger": trigger,
-        "constraints": {"requires_network": False, "network_type": "not-required", "requires_charging": False,
-                        "battery_not_low": False, "storage_not_low": False, "device_idle": False, "heavy": False,
-                        "expedited": False, "qos": "default", "timeout": None, "backoff": backoff,
-                        "backoff_delay": 10.0, "max_attempts": max_attempts},
-        "tags": tags, "created_at": ts, "due": ts,
+        "id": task_id,
+        "worker": "w",
+        "input": None,
+        "trigger": trigger,
+        "constraints": {
+            "requires_network": False,
+            "network_type": "not-required",
+            "requires_charging": False,
+            "battery_not_low": False,
+            "storage_not_low": False,
+            "device_idle": False,
+            "heavy": False,
+            "expedited": False,
+            "qos": "default",
+            "timeout": None,
+            "backoff": backoff,
+            "backoff_delay": 10.0,
+            "max_attempts": max_attempts,
+        },
+        "tags": tags,
+        "created_at": ts,
+        "due": ts,
         "trig_state": {"anchor": ts} if repeating else {},
     }
 
 
 def draw_task(data, task_id: str, ts: float) -> dict:
-    return make_task(task_id, ts,
-                     repeating=data.draw(st.booleans().map(lambda b: b and task_id in IDS), label="repeating"),
-                     max_attempts=data.draw(st.integers(1, 3), label="max_attempts"),
-                     backoff=data.draw(st.sampled_from(["exponential", "linear"]), label="backoff"),
-                     tags=data.draw(st.lists(st.sampled_from(TAGS), unique=True, max_size=2), label="tags"))
+    return make_task(
+        task_id,
+        ts,
+        repeating=data.draw(st.booleans().map(lambda b: b and task_id in IDS), label="repeating"),
+        max_attempts=data.draw(st.integers(1, 3), label="max_attempts"),
+        backoff=data.draw(st.sampled_from(["exponential", "linear"]), label="backoff"),
+        tags=data.draw(st.lists(st.sampled_from(TAGS), unique=True, max_size=2), label="tags"),
+    )
 
 
 def pick_task(data, state: dict, prefer: tuple[str, ...] = ()):
@@ -62,8 +84,14 @@ def pick_task(data, state: dict, prefer: tuple[str, ...] = ()):
     return tid, t, seq
 
 
-PREFER = {"claim": ("ENQUEUED",), "result": ("RUNNING",), "release": ("RUNNING",), "fail": ("ENQUEUED", "BLOCKED"),
-          "trig": ("ENQUEUED",), "run": ("ENQUEUED",)}
+PREFER = {
+    "claim": ("ENQUEUED",),
+    "result": ("RUNNING",),
+    "release": ("RUNNING",),
+    "fail": ("ENQUEUED", "BLOCKED"),
+    "trig": ("ENQUEUED",),
+    "run": ("ENQUEUED",),
+}
 
 
 def draw_ops(data, state: dict, ts: float) -> list[dict]:
@@ -72,9 +100,16 @@ def draw_ops(data, state: dict, ts: float) -> list[dict]:
     if op["op"] != "run":
         return [op]
     claim = dict(op, op="claim")
-    result = {"op": "result", "id": op["id"], "seq": op["seq"], "runner": op["runner"],
-              "status": data.draw(st.sampled_from(["SUCCESS", "SUCCESS", "FAILURE", "RETRY", "EXPIRED"]), label="st"),
-              "message": None, "data": {"k": data.draw(st.integers(0, 3))}, "duration_ms": 1}
+    result = {
+        "op": "result",
+        "id": op["id"],
+        "seq": op["seq"],
+        "runner": op["runner"],
+        "status": data.draw(st.sampled_from(["SUCCESS", "SUCCESS", "FAILURE", "RETRY", "EXPIRED"]), label="st"),
+        "message": None,
+        "data": {"k": data.draw(st.integers(0, 3))},
+        "duration_ms": 1,
+    }
     t = state["tasks"].get(op["id"])
     if t and t["trigger"]["type"] == "periodic" and result["status"] != "EXPIRED":
         result["next_run_at"] = ts + 60.0
@@ -82,9 +117,31 @@ def draw_ops(data, state: dict, ts: float) -> list[dict]:
 
 
 def draw_op(data, state: dict, ts: float) -> dict:
-    kind = data.draw(st.sampled_from(
-        ["enq", "enq", "enq", "chain", "cancel", "claim", "result", "result", "run", "run", "run",
-         "release", "fail", "trig", "pause", "resume", "retry", "update"]), label="kind")
+    kind = data.draw(
+        st.sampled_from(
+            [
+                "enq",
+                "enq",
+                "enq",
+                "chain",
+                "cancel",
+                "claim",
+                "result",
+                "result",
+                "run",
+                "run",
+                "run",
+                "release",
+                "fail",
+                "trig",
+                "pause",
+                "resume",
+                "retry",
+                "update",
+            ]
+        ),
+        label="kind",
+    )
     if kind in ("pause", "resume"):  # SPEC 11: per id, per tag, or the queue itself
         how = data.draw(st.sampled_from(["ids", "ids", "tag", "all"]), label="how")
         op = {"op": kind, "by": "test"}
@@ -93,18 +150,25 @@ def draw_op(data, state: dict, ts: float) -> dict:
         elif how == "tag":
             op["tag"] = data.draw(st.sampled_from(TAGS))
         else:
-            op["ids"] = data.draw(st.lists(st.sampled_from(IDS + CHAINS + sorted(state["tasks"])), min_size=1, max_size=2))
+            op["ids"] = data.draw(
+                st.lists(st.sampled_from(IDS + CHAINS + sorted(state["tasks"])), min_size=1, max_size=2)
+            )
         if kind == "pause" and data.draw(st.booleans(), label="until?"):
             op["until"] = ts + data.draw(st.sampled_from([1.0, 100.0]), label="for")
         return op
     if kind == "retry":  # built as steering.retry_op does, carrying every record (any cut may be hot)
-        from kmpwm.state import new_state as _empty
-        from kmpwm.steering import retry_op
+        from kmpwm.core.state import new_state as _empty
+        from kmpwm.scheduling.steering import retry_op
 
         pool = IDS + CHAINS + sorted(state["tasks"])
         failed = data.draw(st.integers(0, 3), label="--failed?") == 0
-        op = retry_op(state, _empty(), () if failed else data.draw(st.lists(st.sampled_from(pool), min_size=1, max_size=2)),
-                      failed=failed, by="test")
+        op = retry_op(
+            state,
+            _empty(),
+            () if failed else data.draw(st.lists(st.sampled_from(pool), min_size=1, max_size=2)),
+            failed=failed,
+            by="test",
+        )
         return op or {"op": "cancel", "ids": ["nope"]}
     if kind == "update":
         tid = data.draw(st.sampled_from(IDS), label="id")
@@ -119,16 +183,22 @@ def draw_op(data, state: dict, ts: float) -> dict:
         widths = data.draw(st.lists(st.integers(1, 2), min_size=1, max_size=3), label="widths")
         steps = []
         for number, width in enumerate(widths, 1):
-            steps.append([draw_task(data, f"{cid}/{number}/w" + (f"#{k}" if k > 1 else ""), ts)
-                          for k in range(1, width + 1)])
+            steps.append(
+                [draw_task(data, f"{cid}/{number}/w" + (f"#{k}" if k > 1 else ""), ts) for k in range(1, width + 1)]
+            )
         named = data.draw(st.sampled_from([None, None, "a", "C1/1/w", "C2/1/w"]), label="a task named by the user")
         if named is not None and all(t["id"] != named for step in steps for t in step):
             steps[-1][0] = draw_task(data, named, ts)  # ids chosen by the user: maybe another chain's
         from kmpwm.api import _check_chain_ids
-        from kmpwm.exitcodes import InvalidParams
+        from kmpwm.core.exitcodes import InvalidParams
 
-        op = {"op": "chain", "id": cid, "policy": data.draw(st.sampled_from(["keep", "replace"]), label="cpol"),
-              "steps": steps, "tags": data.draw(st.lists(st.sampled_from(TAGS), unique=True, max_size=1))}
+        op = {
+            "op": "chain",
+            "id": cid,
+            "policy": data.draw(st.sampled_from(["keep", "replace"]), label="cpol"),
+            "steps": steps,
+            "tags": data.draw(st.lists(st.sampled_from(TAGS), unique=True, max_size=1)),
+        }
         try:  # what the API refuses (a chain taking over an unrelated unfinished task) never reaches a journal
             _check_chain_ids(state, op)
         except InvalidParams:
@@ -148,20 +218,39 @@ def draw_op(data, state: dict, ts: float) -> dict:
     if kind in ("claim", "run"):
         if kind == "run":
             return {"op": "run", "id": tid, "seq": seq, "runner": runner, "pid": 1, "token": "x", "until": ts + 50.0}
-        return {"op": "claim", "id": tid, "seq": seq, "runner": runner, "pid": 1, "token": "x",
-                "until": ts + data.draw(st.sampled_from([0.0, 5.0, 50.0, 500.0]), label="lease"),
-                **({"broken": True} if data.draw(st.integers(0, 4), label="broken") == 0 else {})}
+        return {
+            "op": "claim",
+            "id": tid,
+            "seq": seq,
+            "runner": runner,
+            "pid": 1,
+            "token": "x",
+            "until": ts + data.draw(st.sampled_from([0.0, 5.0, 50.0, 500.0]), label="lease"),
+            **({"broken": True} if data.draw(st.integers(0, 4), label="broken") == 0 else {}),
+        }
     if kind == "result":
         status = data.draw(st.sampled_from(["SUCCESS", "FAILURE", "RETRY", "EXPIRED"]), label="status")
-        op = {"op": "result", "id": tid, "seq": seq, "runner": runner, "status": status,
-              "message": data.draw(st.sampled_from([None, "msg"])), "data": {"n": 1} if status == "SUCCESS" else None,
-              "duration_ms": 5}
+        op = {
+            "op": "result",
+            "id": tid,
+            "seq": seq,
+            "runner": runner,
+            "status": status,
+            "message": data.draw(st.sampled_from([None, "msg"])),
+            "data": {"n": 1} if status == "SUCCESS" else None,
+            "duration_ms": 5,
+        }
         if t and t["trigger"]["type"] == "periodic" and status != "EXPIRED":
             op["next_run_at"] = ts + 60.0
         return op
     if kind == "release":
-        return {"op": "release", "id": tid, "seq": seq, "runner": runner,
-                **({"due": ts + 10.0} if data.draw(st.booleans()) else {})}
+        return {
+            "op": "release",
+            "id": tid,
+            "seq": seq,
+            "runner": runner,
+            **({"due": ts + 10.0} if data.draw(st.booleans()) else {}),
+        }
     if kind == "fail":
         return {"op": "fail", "id": tid, "seq": seq, "reason": "window missed"}
     return {"op": "trig", "id": tid, "seq": seq, "due": ts + 30.0}
@@ -185,7 +274,7 @@ def draw_records(data, max_records: int = 30) -> list[dict]:
 @contextmanager
 def temp_home():
     """The paths of a fresh kmpwm home (0700) in a temporary directory, removed afterwards."""
-    from kmpwm.paths import resolve
+    from kmpwm.storage.paths import resolve
 
     with tempfile.TemporaryDirectory() as tmp:
         home = os.path.join(tmp, "home")
@@ -227,7 +316,7 @@ def test_fold_from_snapshot_equals_fold_from_scratch(data):
 
 def hot_part(state: dict) -> dict:
     """``state`` without its history (what state.snap holds), as a separate copy."""
-    from kmpwm.state import split_history
+    from kmpwm.core.state import split_history
 
     cold_tasks, cold_chains = split_history(state)
     hot = orjson.loads(orjson.dumps(state))
@@ -244,7 +333,7 @@ def test_history_never_changes_what_later_ops_do(data):
     """run-due and enqueue fold over the hot state only (finished work of live chains, everything
     unfinished): every later op must give the same result as over the whole state, the hot parts
     must stay equal, and history must stay untouched unless a new task or chain takes its id."""
-    from kmpwm.state import pack_task, split_history, unpack_task
+    from kmpwm.core.state import pack_task, split_history, unpack_task
 
     records = draw_records(data)
     cut = data.draw(st.integers(0, len(records)), label="cut")
@@ -278,7 +367,9 @@ def check_invariants(after: dict, history: dict) -> None:
             history.setdefault("revived", set()).add(key)
         elif prev is not None:
             # (a retry resets attempts; one in this record may be followed by a cancel in it)
-            assert t["attempts"] >= prev["attempts"] or key in history.get("revived_now", ()), f"{tid}: attempts went down"
+            assert t["attempts"] >= prev["attempts"] or key in history.get("revived_now", ()), (
+                f"{tid}: attempts went down"
+            )
             if prev["state"] == "SUCCEEDED":
                 assert t["state"] == "SUCCEEDED", f"{tid}: SUCCEEDED became {t['state']}"
         history[key] = {"attempts": t["attempts"], "state": t["state"]}
@@ -304,14 +395,17 @@ def check_invariants(after: dict, history: dict) -> None:
     for tid, t in tasks.items():
         if t["state"] in ("ENQUEUED", "RUNNING") and t.get("after"):
             if (tid, t["seq"]) in released:
-                continue  # judged when it was released; a retry of its predecessor later (maybe from history) sets them apart
+                # judged when it was released; a retry of its predecessor later (maybe from history) sets them apart
+                continue
             released.add((tid, t["seq"]))
             for dep in t["after"]:
                 d = tasks.get(dep)
                 # (a task enqueued under that id after this one is another task: seq tells)
                 if d is not None and (dep, d["seq"]) in history.get("revived", ()):
                     continue  # retried after this one was released: the two are apart now
-                assert d is None or d["state"] not in UNFINISHED or d["seq"] > t["seq"], f"{tid} runs before {dep} finished"
+                assert d is None or d["state"] not in UNFINISHED or d["seq"] > t["seq"], (
+                    f"{tid} runs before {dep} finished"
+                )
 
 
 @settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -338,8 +432,11 @@ def test_fold_invariants(data):
                 assert t["finished_at"] is not None
             # attempts of the current occurrence stay within the limit (an update may have lowered the
             # limit, or made a periodic task with many runs a one-time one, under a task)
-            assert (t["occ_attempts"] <= t["constraints"]["max_attempts"] or t["trigger"]["type"] == "periodic"
-                    or (t["id"], t["seq"]) in history.get("updated", ()))
+            assert (
+                t["occ_attempts"] <= t["constraints"]["max_attempts"]
+                or t["trigger"]["type"] == "periodic"
+                or (t["id"], t["seq"]) in history.get("updated", ())
+            )
 
 
 def test_fold_examples():
@@ -352,9 +449,13 @@ def test_fold_examples():
     assert r[0]["id"] == "a#2" and r[0]["action"] == "appended"
     assert s["tasks"]["a#2"]["state"] == "BLOCKED"
     seq = s["tasks"]["a"]["seq"]
-    assert apply(s, {"ts": ts + 2, "ops": [{"op": "claim", "id": "a", "seq": seq, "runner": "r", "until": ts + 100}]}) == [True]
+    assert apply(
+        s, {"ts": ts + 2, "ops": [{"op": "claim", "id": "a", "seq": seq, "runner": "r", "until": ts + 100}]}
+    ) == [True]
     # another runner cannot claim a held lease
-    assert apply(s, {"ts": ts + 3, "ops": [{"op": "claim", "id": "a", "seq": seq, "runner": "q", "until": ts + 100}]}) == [False]
+    assert apply(
+        s, {"ts": ts + 3, "ops": [{"op": "claim", "id": "a", "seq": seq, "runner": "q", "until": ts + 100}]}
+    ) == [False]
     apply(s, {"ts": ts + 4, "ops": [{"op": "result", "id": "a", "seq": seq, "runner": "r", "status": "RETRY"}]})
     assert s["tasks"]["a"]["state"] == "ENQUEUED" and s["tasks"]["a"]["attempts"] == 1
     assert s["tasks"]["a"]["due"] == ts + 4 + 10.0  # first backoff: the backoff delay
@@ -380,8 +481,16 @@ def test_fold_examples():
     apply(c, {"ts": ts, "ops": [{"op": "chain", "id": "C", "policy": "replace", "steps": steps, "tags": []}]})
     assert [c["tasks"][i]["state"] for i in ("C/1/w", "C/2/w", "C/3/w")] == ["ENQUEUED", "BLOCKED", "BLOCKED"]
     seq = c["tasks"]["C/1/w"]["seq"]
-    apply(c, {"ts": ts + 1, "ops": [{"op": "claim", "id": "C/1/w", "seq": seq, "runner": "r", "until": ts + 60},
-                                    {"op": "result", "id": "C/1/w", "seq": seq, "runner": "r", "status": "SUCCESS"}]})
+    apply(
+        c,
+        {
+            "ts": ts + 1,
+            "ops": [
+                {"op": "claim", "id": "C/1/w", "seq": seq, "runner": "r", "until": ts + 60},
+                {"op": "result", "id": "C/1/w", "seq": seq, "runner": "r", "status": "SUCCESS"},
+            ],
+        },
+    )
     assert c["tasks"]["C/2/w"]["state"] == c["tasks"]["C/2/w#2"]["state"] == "ENQUEUED"
     assert c["tasks"]["C/3/w"]["state"] == "BLOCKED"
     seq = c["tasks"]["C/2/w"]["seq"]
@@ -395,7 +504,7 @@ def test_fold_examples():
 @settings(max_examples=15, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(st.data())
 def test_store_snapshot_and_reload_equal_scratch_fold(data):
-    from kmpwm.store import Store
+    from kmpwm.storage.store import Store
 
     records = draw_records(data, max_records=12)
     snap_at = data.draw(st.integers(0, len(records)), label="snapshot after")
@@ -423,7 +532,7 @@ def test_snapshots_by_several_writers_keep_history(data):
     """Two processes (stores) write, and snapshot at random points, in turns: a new reader's
     full state equals the scratch fold; its hot state holds every unfinished task and live chain
     and nothing that differs; with history.snap gone, the full state is still right."""
-    from kmpwm.store import Store
+    from kmpwm.storage.store import Store
 
     records = draw_records(data, max_records=16)
     with temp_home() as paths:
@@ -453,15 +562,23 @@ def test_snapshots_by_several_writers_keep_history(data):
 def test_results_without_folding_equal_the_fold(data):
     """Transaction.commit answers a batch of brand-new tasks without folding it (the fold waits
     for the next read): its answers must be exactly the fold's, and it must decline otherwise."""
-    from kmpwm.store import _new_tasks_only
+    from kmpwm.storage.store import _new_tasks_only
 
     records = draw_records(data)
     state = new_state()
-    for n, r in enumerate(records):
+    for _n, r in enumerate(records):
         ids = data.draw(st.lists(st.sampled_from(["n1", "n2", "a", "C1/1/w"]), max_size=3), label="new ids")
-        batch = {"ts": r["ts"], "ops": [{"op": "enq", "task": make_task(i, r["ts"] - 1, repeating=False, max_attempts=1,
-                                                                         backoff="linear", tags=[]),
-                                         "policy": "keep"} for i in ids]}
+        batch = {
+            "ts": r["ts"],
+            "ops": [
+                {
+                    "op": "enq",
+                    "task": make_task(i, r["ts"] - 1, repeating=False, max_attempts=1, backoff="linear", tags=[]),
+                    "policy": "keep",
+                }
+                for i in ids
+            ],
+        }
         for rec in (fresh(r), batch):
             quick = _new_tasks_only(state, rec)
             before = copy.deepcopy(state)
@@ -478,15 +595,19 @@ def test_results_without_folding_equal_the_fold(data):
 def test_idle_means_plan_has_nothing(data):
     """An idle `run-due` decides from state.idle_at alone, without planning: whenever it says
     idle, the full plan must have nothing to run and nothing to write, on any device."""
-    from kmpwm.probes import Device
-    from kmpwm.scheduling import plan
-    from kmpwm.state import idle_at
+    from kmpwm.core.state import idle_at
+    from kmpwm.scheduling.plan import plan
+    from kmpwm.scheduling.probes import Device
 
     records = draw_records(data)
     state = fold(records)
     now = records[-1]["ts"] + data.draw(st.sampled_from([-100.0, 0.0, 5.0, 61.0, 3600.0, 86400.0]), label="later")
-    assume = {"network": data.draw(st.booleans()), "charging": data.draw(st.booleans()),
-              "battery_low": data.draw(st.booleans()), "idle": data.draw(st.booleans())}
+    assume = {
+        "network": data.draw(st.booleans()),
+        "charging": data.draw(st.booleans()),
+        "battery_low": data.draw(st.booleans()),
+        "idle": data.draw(st.booleans()),
+    }
     if idle_at(state, now):
         p = plan(state, now, Device(assume=assume), known_worker=lambda name: True)
         assert not p.due and not p.ops and not p.trig_updates
@@ -499,8 +620,8 @@ def test_idle_without_loading_never_hides_work(data):
     be due (Store.idle_without_loading), without parsing the state: whenever it says idle, the
     loaded state must be idle too (state.idle_at, which test_idle_means_plan_has_nothing ties
     to the full plan)."""
-    from kmpwm.state import idle_at
-    from kmpwm.store import Store
+    from kmpwm.core.state import idle_at
+    from kmpwm.storage.store import Store
 
     records = draw_records(data, max_records=14)
     with temp_home() as paths:
@@ -510,8 +631,13 @@ def test_idle_without_loading_never_hides_work(data):
             ops = fresh(record)["ops"]
             if future:  # tasks due an hour on, so that "idle" is often the answer
                 for op in ops:
-                    for task in ([op["task"]] if op["op"] == "enq" else
-                                 [t for step in op["steps"] for t in step] if op["op"] == "chain" else []):
+                    for task in (
+                        [op["task"]]
+                        if op["op"] == "enq"
+                        else [t for step in op["steps"] for t in step]
+                        if op["op"] == "chain"
+                        else []
+                    ):
                         task["due"] = task["created_at"] + 3600
             with store.transaction() as txn:
                 txn.commit(ops, ts=record["ts"])
@@ -531,7 +657,7 @@ def test_enqueue_proved_new_on_the_bytes_equals_the_fold(data):
     state.  Whatever it answers must be exactly what the fold of the whole journal answers, and
     the journal it leaves must fold to the same state; ids that are mentioned nowhere must take
     that path (else it is dead code)."""
-    from kmpwm.store import Store
+    from kmpwm.storage.store import Store
 
     records = draw_records(data, max_records=14)
     with temp_home() as paths:
@@ -543,8 +669,9 @@ def test_enqueue_proved_new_on_the_bytes_equals_the_fold(data):
                 writer.write_snapshot()
         ts = records[-1]["ts"] + 1
         known = sorted({*fold(records)["tasks"], *fold(records)["chains"], *IDS})
-        ids = data.draw(st.lists(st.sampled_from([*known, "new1", "new2", "in-input"]), min_size=1, max_size=3),
-                        label="ids")
+        ids = data.draw(
+            st.lists(st.sampled_from([*known, "new1", "new2", "in-input"]), min_size=1, max_size=3), label="ids"
+        )
         ops = []
         for i in ids:
             task = make_task(i, ts, repeating=False, max_attempts=1, backoff="linear", tags=[])
@@ -566,14 +693,19 @@ def test_enqueue_proved_new_on_the_bytes_equals_the_fold(data):
 def test_a_claim_of_a_consumed_occurrence_is_refused():
     """Issue 13.2: every claim names the occurrence it consumes (state.occurrence); the fold refuses
     one that a run already consumed, although the task is ENQUEUED and due, as a stale plan sees it."""
-    from kmpwm.state import occurrence
+    from kmpwm.core.state import occurrence
 
     ts = 1_800_000_000.0
     base = make_task("x", ts, repeating=False, max_attempts=3, backoff="linear", tags=[])
-    on_change = dict(base, id="c", trigger={"type": "on_change", "path": "/p", "descendants": True, "delay": 0.0},
-                     trig_state={"baseline": [1, 2, 3]})
-    when = dict(base, id="w", trigger={"type": "device_state", "state": "battery-low", "delay": 0.0},
-                trig_state={"armed": True})
+    on_change = dict(
+        base,
+        id="c",
+        trigger={"type": "on_change", "path": "/p", "descendants": True, "delay": 0.0},
+        trig_state={"baseline": [1, 2, 3]},
+    )
+    when = dict(
+        base, id="w", trigger={"type": "device_state", "state": "battery-low", "delay": 0.0}, trig_state={"armed": True}
+    )
     periodic = make_task("p", ts, repeating=True, max_attempts=3, backoff="linear", tags=[])
     s = new_state()
     apply(s, {"ts": ts, "ops": [{"op": "enq", "task": t, "policy": "keep"} for t in (on_change, when, periodic)]})
@@ -583,8 +715,14 @@ def test_a_claim_of_a_consumed_occurrence_is_refused():
     for n, tid in enumerate(("c", "w", "p")):
         seq = tasks[tid]["seq"]
         claim = {"op": "claim", "id": tid, "seq": seq, "runner": "r", "until": ts + 100, "occ": occ[tid]}
-        result = {"op": "result", "id": tid, "seq": seq, "runner": "r", "status": "SUCCESS",
-                  "next_run_at": ts + 2 if tid != "p" else ts + 120}
+        result = {
+            "op": "result",
+            "id": tid,
+            "seq": seq,
+            "runner": "r",
+            "status": "SUCCESS",
+            "next_run_at": ts + 2 if tid != "p" else ts + 120,
+        }
         if trig[tid]:
             result["trig_state"] = trig[tid]
         assert apply(s, {"ts": ts + 1, "ops": [claim, result]}) == [True, True]
@@ -593,27 +731,45 @@ def test_a_claim_of_a_consumed_occurrence_is_refused():
         assert apply(s, {"ts": ts + 3 + n, "ops": [stale]}) == [False], tid
         assert tasks[tid]["state"] == "ENQUEUED"
     # a new change, a new entry into the state (the trigger re-armed), the next slot: claimable
-    apply(s, {"ts": ts + 10, "ops": [{"op": "trig", "id": "w", "seq": tasks["w"]["seq"],
-                                       "trig_state": {"armed": True, "entry": 1}}]})
+    apply(
+        s,
+        {
+            "ts": ts + 10,
+            "ops": [{"op": "trig", "id": "w", "seq": tasks["w"]["seq"], "trig_state": {"armed": True, "entry": 1}}],
+        },
+    )
     fresh_occ = {"c": occurrence(tasks["c"], [7, 8, 9]), "w": occurrence(tasks["w"]), "p": occurrence(tasks["p"])}
     assert all(fresh_occ[k] != occ[k] for k in occ)
     for tid in ("c", "w", "p"):
-        claim = {"op": "claim", "id": tid, "seq": tasks[tid]["seq"], "runner": "q", "until": ts + 300, "occ": fresh_occ[tid]}
+        claim = {
+            "op": "claim",
+            "id": tid,
+            "seq": tasks[tid]["seq"],
+            "runner": "q",
+            "until": ts + 300,
+            "occ": fresh_occ[tid],
+        }
         assert apply(s, {"ts": ts + 200, "ops": [claim]}) == [True], tid
 
 
 def test_due_now_work_stays_due_now_after_the_clock_goes_back():
     """Issue 13.10: work due "now" (plus its delay) that was written while the clock was ahead is
     judged due from the corrected clock, not after the offset; named times and grids stay."""
-    from kmpwm.state import due_at, idle_at
+    from kmpwm.core.state import due_at, idle_at
 
     ts = 1_800_000_000.0
     s = new_state()
     once = make_task("once", ts + 3600, repeating=False, max_attempts=3, backoff="linear", tags=[])
-    later = dict(make_task("later", ts + 3600, repeating=False, max_attempts=3, backoff="linear", tags=[]),
-                 trigger={"type": "one_time", "delay": 600.0}, due=ts + 3600 + 600)
-    at = dict(make_task("at", ts + 3600, repeating=False, max_attempts=3, backoff="linear", tags=[]),
-              trigger={"type": "exact", "at": ts + 7200, "behavior": "attempt"}, due=ts + 7200)
+    later = dict(
+        make_task("later", ts + 3600, repeating=False, max_attempts=3, backoff="linear", tags=[]),
+        trigger={"type": "one_time", "delay": 600.0},
+        due=ts + 3600 + 600,
+    )
+    at = dict(
+        make_task("at", ts + 3600, repeating=False, max_attempts=3, backoff="linear", tags=[]),
+        trigger={"type": "exact", "at": ts + 7200, "behavior": "attempt"},
+        due=ts + 7200,
+    )
     apply(s, {"ts": ts + 3600, "ops": [{"op": "enq", "task": t, "policy": "keep"} for t in (once, later, at)]})
     now = ts  # the clock was an hour ahead when they were enqueued, and was set back
     assert due_at(s["tasks"]["once"], now) == now

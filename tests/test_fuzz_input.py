@@ -7,7 +7,7 @@ Every example must end with a documented exit code (0, 2 usage, 65 invalid param
 the journal byte for byte as it was (nothing half-written), an accepted one appends exactly one
 record; and whatever was accepted must not break reading the queue afterwards.
 
-The fuzzing runs the CLI in-process (``kmpwm.cli.main``) for speed; the enormous inputs run the
+The fuzzing runs the CLI in-process (``kmpwm.cli.app.main``) for speed; the enormous inputs run the
 real command line.  ``KMPWM_FUZZ_EXAMPLES`` scales the number of examples per property.
 """
 
@@ -22,21 +22,25 @@ from pathlib import Path
 
 import orjson
 import pytest
+from crashlib import Home, Tally, check_chain_order, count
 from hypothesis import HealthCheck, assume, example, given, settings
 from hypothesis import strategies as st
 
-from crashlib import Home, Tally, check_chain_order, count
-from kmpwm.journal import decode
+from kmpwm.storage.journal import decode
 
 EXAMPLES = int(os.environ.get("KMPWM_FUZZ_EXAMPLES", "60"))
-FUZZ = settings(max_examples=EXAMPLES, deadline=None, report_multiple_bugs=False,
-                suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow,
-                                       HealthCheck.filter_too_much])
+FUZZ = settings(
+    max_examples=EXAMPLES,
+    deadline=None,
+    report_multiple_bugs=False,
+    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow, HealthCheck.filter_too_much],
+)
 DOCUMENTED = {0, 1, 2, 65, 69, 78}
 MIB = 1 << 20
 
 
 # -- running the CLI in-process ------------------------------------------------------------
+
 
 class Run:
     def __init__(self, args, rc, out: bytes, err: str):
@@ -50,7 +54,7 @@ class Run:
 
 
 def cli(*args, stdin: bytes = b"") -> Run:
-    from kmpwm.cli import main
+    from kmpwm.cli.app import main
 
     out, err = io.BytesIO(), io.BytesIO()
     o = io.TextIOWrapper(out, encoding="utf-8", errors="strict", write_through=True)  # as a real pipe
@@ -90,12 +94,14 @@ def assert_clean(r: Run, allowed=DOCUMENTED) -> None:
     """Documented exit code, no traceback, no internal error, short error, one JSON document."""
     count("inputs")
     assert "Traceback" not in r.err and "internal error" not in r.err, r
-    assert not re.search(r"[\x00-\x08\x0b-\x1f\x7f]", r.err), f"raw control characters (terminal escapes) in the message\n{r}"
+    assert not re.search(r"[\x00-\x08\x0b-\x1f\x7f]", r.err), (
+        f"raw control characters (terminal escapes) in the message\n{r}"
+    )
     assert r.rc in allowed, r
     if r.rc != 0:
         errors = [ln for ln in r.err.split("\n") if ln.strip() and not ln.startswith("kmpwm: warning")]
         assert 1 <= len(errors) <= 2, r
-    options = r.args[:r.args.index("--")] if "--" in r.args else r.args  # after "--", "--json" is an operand
+    options = r.args[: r.args.index("--")] if "--" in r.args else r.args  # after "--", "--json" is an operand
     if "--json" in options and r.out.strip():
         doc = r.doc()  # exactly one document
         if r.rc not in (0, 1):
@@ -112,7 +118,7 @@ def assert_journal_intact(before: bytes, r: Run) -> None:
         assert not after or (after.endswith(b"\n") and all(decode(ln) is not None for ln in after.split(b"\n")[:-1])), r
         return
     assert after.startswith(before) and after.endswith(b"\n") or not after, r
-    for line in after[len(before):].split(b"\n")[:-1]:
+    for line in after[len(before) :].split(b"\n")[:-1]:
         assert decode(line) is not None, r
 
 
@@ -124,8 +130,8 @@ def assert_queue_readable() -> None:
         r.doc()
     state = Path(os.environ["KMPWM_HOME"]) / "journal" / "journal.log"
     if state.exists():
-        from kmpwm.paths import resolve
-        from kmpwm.store import Store
+        from kmpwm.storage.paths import resolve
+        from kmpwm.storage.store import Store
 
         for tid in list(Store(resolve()).load().state["tasks"])[:5]:
             r = cli("explain", tid, "--json")
@@ -136,14 +142,18 @@ def assert_queue_readable() -> None:
 
 # Command-line text: any Unicode a terminal can pass, plus the lone surrogates Python makes of
 # bytes that are not UTF-8 (os.fsdecode); never NUL (argv cannot hold it).
-arg_char = st.one_of(st.characters(blacklist_categories=("Cs",), blacklist_characters="\x00"),
-                     st.sampled_from(["\udcff", "\udc80", "\udce9"]))
+arg_char = st.one_of(
+    st.characters(blacklist_categories=("Cs",), blacklist_characters="\x00"),
+    st.sampled_from(["\udcff", "\udc80", "\udce9"]),
+)
 arg_text = st.text(arg_char, max_size=30)
 
 units = st.sampled_from(["ms", "s", "m", "h", "d", "w", "", "y", "S", "M", " "])
-number = st.one_of(st.integers(0, 10 ** 12).map(str), st.floats(0, 1e12, allow_nan=False).map(lambda f: f"{f:.3f}"),
-                   st.sampled_from(["0", "00", "1e5", "1E3", ".5", "5.", "-1", "+1", "nan", "inf", "9" * 40,
-                                    "1_000", "٣"]))
+number = st.one_of(
+    st.integers(0, 10**12).map(str),
+    st.floats(0, 1e12, allow_nan=False).map(lambda f: f"{f:.3f}"),
+    st.sampled_from(["0", "00", "1e5", "1E3", ".5", "5.", "-1", "+1", "nan", "inf", "9" * 40, "1_000", "٣"]),
+)
 duration = st.one_of(
     st.lists(st.tuples(number, units).map("".join), min_size=1, max_size=4).map("".join),
     st.text(st.sampled_from("0123456789.msdhw -+eE_"), max_size=15),
@@ -160,19 +170,34 @@ def times(draw):
         sep = draw(st.sampled_from(["T", " "]))
         return dt.isoformat(sep=sep)
     if kind == 1:
-        return "@" + draw(st.one_of(number, st.integers(-10 ** 20, 10 ** 20).map(str),
-                                    st.floats(allow_nan=True).map(repr)))
+        return "@" + draw(
+            st.one_of(number, st.integers(-(10**20), 10**20).map(str), st.floats(allow_nan=True).map(repr))
+        )
     if kind == 2:
         return "+" + draw(duration)
     if kind == 3:
-        return draw(st.sampled_from(["2026-11-22", "2026-11-22T25:00:00", "2026-02-30T00:00:00", "0001-01-01",
-                                     "9999-12-31T23:59:59", "0001-01-01T00:00:00+14:00", "now", "", "@", "+"]))
+        return draw(
+            st.sampled_from(
+                [
+                    "2026-11-22",
+                    "2026-11-22T25:00:00",
+                    "2026-02-30T00:00:00",
+                    "0001-01-01",
+                    "9999-12-31T23:59:59",
+                    "0001-01-01T00:00:00+14:00",
+                    "now",
+                    "",
+                    "@",
+                    "+",
+                ]
+            )
+        )
     return draw(arg_text)
 
 
 def _at_oracle(value: str) -> bool:
-    from kmpwm.exitcodes import InvalidParams
-    from kmpwm.timeparse import parse_time
+    from kmpwm.core.exitcodes import InvalidParams
+    from kmpwm.core.timeparse import parse_time
 
     try:
         parse_time(value)
@@ -185,14 +210,15 @@ def _at_oracle(value: str) -> bool:
 
 # -- durations and times ---------------------------------------------------------------------
 
+
 @FUZZ
 @given(flag=st.sampled_from(["--delay", "--every", "--timeout", "--backoff-delay", "--flex"]), value=duration)
 @example(flag="--delay", value="9" * 400)
 @example(flag="--delay", value="")
 @example(flag="--every", value="59.999s")
 def test_duration_flags(flag, value):
-    from kmpwm.exitcodes import InvalidParams
-    from kmpwm.timeparse import parse_duration
+    from kmpwm.core.exitcodes import InvalidParams
+    from kmpwm.core.timeparse import parse_duration
 
     args = ["enqueue", "fz-dur", "echo", f"{flag}={value}", "--policy", "replace", "--json"]
     if flag == "--flex":
@@ -242,10 +268,40 @@ def test_windows(start, end):
 
 
 @FUZZ
-@given(expr=st.one_of(
-    st.lists(st.sampled_from(["*", "*/0", "*/5", "0", "59", "60", "-1", "1-5", "5-1", "31", "2", "L", "?", "MON",
-                              "jan", "1,2,3", "*/99999999", "H", "@daily", "#", "1#2"]), min_size=1, max_size=7)
-    .map(" ".join), arg_text))
+@given(
+    expr=st.one_of(
+        st.lists(
+            st.sampled_from(
+                [
+                    "*",
+                    "*/0",
+                    "*/5",
+                    "0",
+                    "59",
+                    "60",
+                    "-1",
+                    "1-5",
+                    "5-1",
+                    "31",
+                    "2",
+                    "L",
+                    "?",
+                    "MON",
+                    "jan",
+                    "1,2,3",
+                    "*/99999999",
+                    "H",
+                    "@daily",
+                    "#",
+                    "1#2",
+                ]
+            ),
+            min_size=1,
+            max_size=7,
+        ).map(" ".join),
+        arg_text,
+    )
+)
 @example(expr="0 0 31 2 *")
 @example(expr="0 0 30 2 *")
 def test_cron_expressions(expr):
@@ -260,9 +316,27 @@ def test_cron_expressions(expr):
 # -- the command line at large ----------------------------------------------------------------
 
 FLAGS = {
-    "enqueue": ["--input", "--input-file", "--delay", "--every", "--flex", "--at", "--exact-behavior", "--cron",
-                "--on-change", "--when", "--network-type", "--qos", "--timeout", "--backoff", "--backoff-delay",
-                "--max-attempts", "--policy", "--tag", "--window"],
+    "enqueue": [
+        "--input",
+        "--input-file",
+        "--delay",
+        "--every",
+        "--flex",
+        "--at",
+        "--exact-behavior",
+        "--cron",
+        "--on-change",
+        "--when",
+        "--network-type",
+        "--qos",
+        "--timeout",
+        "--backoff",
+        "--backoff-delay",
+        "--max-attempts",
+        "--policy",
+        "--tag",
+        "--window",
+    ],
     "chain": ["--id", "--policy", "--delay", "--at", "--qos", "--timeout", "--max-attempts", "--tag", "--window"],
     "cancel": ["--tag"],
     "inspect-queue": ["--tag", "--state"],
@@ -271,8 +345,21 @@ FLAGS = {
     "workers": [],
     "compact": [],
 }
-SWITCHES = ["--json", "--all", "--no-descendants", "--requires-network", "--requires-charging", "--battery-not-low",
-            "--storage-not-low", "--device-idle", "--heavy", "--expedited", "--bogus", "-x", "--"]
+SWITCHES = [
+    "--json",
+    "--all",
+    "--no-descendants",
+    "--requires-network",
+    "--requires-charging",
+    "--battery-not-low",
+    "--storage-not-low",
+    "--device-idle",
+    "--heavy",
+    "--expedited",
+    "--bogus",
+    "-x",
+    "--",
+]
 
 
 @st.composite
@@ -287,8 +374,16 @@ def argvs(draw):
         elif choice == 1:
             args.append(draw(st.sampled_from(SWITCHES)))
         else:
-            args.append(draw(st.one_of(arg_text, st.sampled_from(["echo", "fail", "sleep", "a", "a+b", "echo+echo",
-                                                                    "os:system", "a#2", "x/y", "-", ".."]))))
+            args.append(
+                draw(
+                    st.one_of(
+                        arg_text,
+                        st.sampled_from(
+                            ["echo", "fail", "sleep", "a", "a+b", "echo+echo", "os:system", "a#2", "x/y", "-", ".."]
+                        ),
+                    )
+                )
+            )
     if draw(st.booleans()):
         args.append("--json")
     return args
@@ -314,17 +409,50 @@ def test_cli_arguments(args):
 # -- JSON Lines batches -------------------------------------------------------------------------
 
 json_scalar = st.one_of(
-    st.none(), st.booleans(), st.integers(-(2 ** 63), 2 ** 63 - 1), st.integers(-(10 ** 30), 10 ** 30),
-    st.floats(allow_nan=False, allow_infinity=False), st.sampled_from([1e308, -1e308, 1e18, -1e18, 0.5, 2 ** 64]),
-    st.text(max_size=20), duration, times(),
+    st.none(),
+    st.booleans(),
+    st.integers(-(2**63), 2**63 - 1),
+    st.integers(-(10**30), 10**30),
+    st.floats(allow_nan=False, allow_infinity=False),
+    st.sampled_from([1e308, -1e308, 1e18, -1e18, 0.5, 2**64]),
+    st.text(max_size=20),
+    duration,
+    times(),
 )
-json_value = st.recursive(json_scalar, lambda inner: st.one_of(st.lists(inner, max_size=3),
-                                                               st.dictionaries(st.text(max_size=8), inner, max_size=3)),
-                          max_leaves=8)
-SPEC_KEYS = ["id", "worker", "input", "delay", "every", "flex", "at", "window", "cron", "when", "on_change",
-             "exact_behavior", "requires_network", "network_type", "heavy", "expedited", "qos", "timeout",
-             "backoff", "backoff_delay", "max_attempts", "policy", "tags", "tag", "input_file", "no_descendants",
-             "bogus"]
+json_value = st.recursive(
+    json_scalar,
+    lambda inner: st.one_of(st.lists(inner, max_size=3), st.dictionaries(st.text(max_size=8), inner, max_size=3)),
+    max_leaves=8,
+)
+SPEC_KEYS = [
+    "id",
+    "worker",
+    "input",
+    "delay",
+    "every",
+    "flex",
+    "at",
+    "window",
+    "cron",
+    "when",
+    "on_change",
+    "exact_behavior",
+    "requires_network",
+    "network_type",
+    "heavy",
+    "expedited",
+    "qos",
+    "timeout",
+    "backoff",
+    "backoff_delay",
+    "max_attempts",
+    "policy",
+    "tags",
+    "tag",
+    "input_file",
+    "no_descendants",
+    "bogus",
+]
 
 
 @st.composite
@@ -334,8 +462,10 @@ def spec_lines(draw):
         return draw(st.binary(max_size=60)).replace(b"\n", b" ")
     if kind == 1:
         return json.dumps(draw(json_value)).encode()
-    spec = {"id": draw(st.one_of(st.sampled_from(["j1", "j2", "j3", "a#2", "x/y", " ", ""]), st.text(max_size=12))),
-            "worker": draw(st.sampled_from(["echo", "echo", "echo", "fail", "nope", "os:system"]))}
+    spec = {
+        "id": draw(st.one_of(st.sampled_from(["j1", "j2", "j3", "a#2", "x/y", " ", ""]), st.text(max_size=12))),
+        "worker": draw(st.sampled_from(["echo", "echo", "echo", "fail", "nope", "os:system"])),
+    }
     for key in draw(st.lists(st.sampled_from(SPEC_KEYS), max_size=4, unique=True)):
         spec[key] = draw(json_value)
     if draw(st.booleans()):
@@ -370,17 +500,28 @@ def test_jsonl_batches(lines):
 
 chain_task = st.one_of(
     st.sampled_from(["echo", "fail", "nope", "echo+echo", "", "+", "echo+", "os:system"]),
-    st.fixed_dictionaries({"worker": st.sampled_from(["echo", "fail", "nope", ""])},
-                          optional={k: json_value for k in ("id", "input", "delay", "at", "qos", "max_attempts",
-                                                            "every", "policy", "constraints", "bogus")}),
+    st.fixed_dictionaries(
+        {"worker": st.sampled_from(["echo", "fail", "nope", ""])},
+        optional={
+            k: json_value
+            for k in ("id", "input", "delay", "at", "qos", "max_attempts", "every", "policy", "constraints", "bogus")
+        },
+    ),
     json_value,
 )
-chain_step = st.one_of(chain_task, st.lists(chain_task, max_size=3), st.fixed_dictionaries({"tasks": st.lists(chain_task, max_size=3)}))
+chain_step = st.one_of(
+    chain_task, st.lists(chain_task, max_size=3), st.fixed_dictionaries({"tasks": st.lists(chain_task, max_size=3)})
+)
 chain_doc = st.one_of(
-    st.fixed_dictionaries({"steps": st.lists(chain_step, max_size=4)},
-                          optional={"id": st.one_of(st.text(max_size=10), json_value),
-                                    "policy": st.one_of(st.sampled_from(["keep", "replace", "append"]), json_value),
-                                    "tags": json_value, "bogus": json_value}),
+    st.fixed_dictionaries(
+        {"steps": st.lists(chain_step, max_size=4)},
+        optional={
+            "id": st.one_of(st.text(max_size=10), json_value),
+            "policy": st.one_of(st.sampled_from(["keep", "replace", "append"]), json_value),
+            "tags": json_value,
+            "bogus": json_value,
+        },
+    ),
     st.lists(chain_step, max_size=3),
     json_value,
 )
@@ -395,7 +536,11 @@ def _strip_none(value):
 
 
 @FUZZ
-@given(doc=chain_doc, fmt=st.sampled_from(["json", "toml", "stdin", "noext"]), raw=st.one_of(st.none(), st.binary(max_size=80)))
+@given(
+    doc=chain_doc,
+    fmt=st.sampled_from(["json", "toml", "stdin", "noext"]),
+    raw=st.one_of(st.none(), st.binary(max_size=80)),
+)
 def test_chain_files(tmp_path_factory, doc, fmt, raw):
     import tomli_w
 
@@ -428,28 +573,48 @@ def test_chain_files(tmp_path_factory, doc, fmt, raw):
 
 # -- config.toml ------------------------------------------------------------------------------
 
-worker_table = st.fixed_dictionaries({}, optional={
-    "command": st.one_of(st.lists(st.text(max_size=10), max_size=3), st.text(max_size=10), st.integers()),
-    "entry": st.one_of(st.sampled_from(["mod:attr", "os:system", "kmpwm.workers.builtin:echo", "a.b:c.d", ":", "x"]),
-                       st.text(max_size=10)),
-    "timeout": st.one_of(st.sampled_from(["10m", "0s", "-1", "abc", "1e5"]), st.integers(-5, 10 ** 12),
-                         st.floats(allow_nan=False)),
-    "cwd": st.one_of(st.text(max_size=10), st.integers()),
-    "env": st.one_of(st.dictionaries(st.text(max_size=5), st.text(max_size=5), max_size=2),
-                     st.dictionaries(st.text(max_size=5), st.integers(), max_size=2), st.text(max_size=5)),
-    "bogus": st.text(max_size=5),
-})
+worker_table = st.fixed_dictionaries(
+    {},
+    optional={
+        "command": st.one_of(st.lists(st.text(max_size=10), max_size=3), st.text(max_size=10), st.integers()),
+        "entry": st.one_of(
+            st.sampled_from(["mod:attr", "os:system", "kmpwm.workers.builtin:echo", "a.b:c.d", ":", "x"]),
+            st.text(max_size=10),
+        ),
+        "timeout": st.one_of(
+            st.sampled_from(["10m", "0s", "-1", "abc", "1e5"]), st.integers(-5, 10**12), st.floats(allow_nan=False)
+        ),
+        "cwd": st.one_of(st.text(max_size=10), st.integers()),
+        "env": st.one_of(
+            st.dictionaries(st.text(max_size=5), st.text(max_size=5), max_size=2),
+            st.dictionaries(st.text(max_size=5), st.integers(), max_size=2),
+            st.text(max_size=5),
+        ),
+        "bogus": st.text(max_size=5),
+    },
+)
 config_doc = st.one_of(
-    st.fixed_dictionaries({"workers": st.dictionaries(
-        st.one_of(st.sampled_from(["ok", "echo", "a.b", "-x", "x y", "é", "a" * 200]), st.text(max_size=8)),
-        st.one_of(worker_table, st.integers(), st.text(max_size=5)), max_size=3)}),
+    st.fixed_dictionaries(
+        {
+            "workers": st.dictionaries(
+                st.one_of(st.sampled_from(["ok", "echo", "a.b", "-x", "x y", "é", "a" * 200]), st.text(max_size=8)),
+                st.one_of(worker_table, st.integers(), st.text(max_size=5)),
+                max_size=3,
+            )
+        }
+    ),
     st.dictionaries(st.text(max_size=8), st.one_of(st.integers(), st.text(max_size=5), worker_table), max_size=3),
 )
 
 
 @FUZZ
 @example(doc={"workers": {"a\x1b[2J\nb\nc": {"command": ["x"]}}}, raw=None)
-@given(doc=config_doc, raw=st.one_of(st.none(), st.binary(max_size=60), st.sampled_from([b"\xff\xfe", b"[workers", b"[workers.x]\ncommand = []"])))
+@given(
+    doc=config_doc,
+    raw=st.one_of(
+        st.none(), st.binary(max_size=60), st.sampled_from([b"\xff\xfe", b"[workers", b"[workers.x]\ncommand = []"])
+    ),
+)
 def test_config_toml(doc, raw):
     import tomli_w
 
@@ -478,6 +643,7 @@ def test_config_toml(doc, raw):
 
 
 # -- enormous inputs, through the real command line ---------------------------------------------
+
 
 @pytest.fixture
 def bhome(kmpwm_home) -> Home:
@@ -575,7 +741,8 @@ def test_deeply_nested_data_is_rejected_or_handled(bhome, depth):
     for _ in range(3):
         doc, rc, err = bhome.json("run-due")
         assert rc == 0 and "internal error" not in err, (
-            f"run-due exit {rc} on a task whose worker returned data nested {depth} deep: {err.strip()}")
+            f"run-due exit {rc} on a task whose worker returned data nested {depth} deep: {err.strip()}"
+        )
     state, _ = bhome.fold()
     assert state["tasks"]["innocent"]["state"] == "SUCCEEDED", state["tasks"]["innocent"]["reason"]
     view, rc, err = bhome.json("inspect-queue", "--all")

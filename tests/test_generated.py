@@ -15,13 +15,16 @@ from pathlib import Path
 import pytest
 import typer
 
-from kmpwm import exitcodes
-from kmpwm.cli import app
+from kmpwm.cli.app import app
+from kmpwm.core import exitcodes
 
 ROOT = Path(__file__).resolve().parent.parent
 MAN_PAGE = ROOT / "man" / "kmpwm.1"
-COMPLETIONS = {"bash": ROOT / "completions" / "kmpwm.bash", "zsh": ROOT / "completions" / "_kmpwm",
-               "fish": ROOT / "completions" / "kmpwm.fish"}
+COMPLETIONS = {
+    "bash": ROOT / "completions" / "kmpwm.bash",
+    "zsh": ROOT / "completions" / "_kmpwm",
+    "fish": ROOT / "completions" / "kmpwm.fish",
+}
 REGENERATE = "python scripts/generate.py"
 TIMEOUT = 120
 
@@ -66,9 +69,15 @@ def _roff_name(name: str) -> str:
 
 # -- (a) the checked-in files are what the generator writes --------------------------------
 
+
 def test_generated_files_are_up_to_date():
-    proc = subprocess.run([sys.executable, str(ROOT / "scripts" / "generate.py"), "--check"], cwd=ROOT,
-                          capture_output=True, text=True, timeout=TIMEOUT)
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "scripts" / "generate.py"), "--check"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=TIMEOUT,
+    )
     assert proc.returncode == 0, (
         f"completions/ or man/kmpwm.1 is out of date with the CLI; run `{REGENERATE}` and commit the result.\n"
         f"{proc.stdout}{proc.stderr}"
@@ -84,17 +93,20 @@ def test_man_page_has_no_date_or_other_run_dependent_text():
 
 # -- (b) the man page renders cleanly ------------------------------------------------------
 
+
 def test_man_page_renders_without_warnings():
     groff = shutil.which("groff")
     if groff is None:
         pytest.skip("groff is not installed")
-    proc = subprocess.run([groff, "-man", "-Tutf8", "-ww", "-z", str(MAN_PAGE)], capture_output=True, text=True,
-                          timeout=TIMEOUT)
+    proc = subprocess.run(
+        [groff, "-man", "-Tutf8", "-ww", "-z", str(MAN_PAGE)], capture_output=True, text=True, timeout=TIMEOUT
+    )
     assert proc.returncode == 0, proc.stderr
     assert proc.stderr == ""
 
 
 # -- (c) everything in the command tree is documented and completable ----------------------
+
 
 def _man_sections() -> dict[str, str]:
     """The man page split at `.SH`/`.SS` headings: {heading: body}."""
@@ -133,8 +145,7 @@ def test_man_page_documents_every_command_and_option():
 
 def test_man_page_has_the_fixed_sections():
     sections = _man_sections()
-    for heading in ("NAME", "SYNOPSIS", "DESCRIPTION", "OPTIONS", "COMMANDS", "ENVIRONMENT", "FILES",
-                    "EXIT STATUS"):
+    for heading in ("NAME", "SYNOPSIS", "DESCRIPTION", "OPTIONS", "COMMANDS", "ENVIRONMENT", "FILES", "EXIT STATUS"):
         assert heading in sections, heading
     for variable in ("KMPWM_HOME", "KMPWM_ASSUME", "KMPWM_LOCK_TIMEOUT", "NO_COLOR"):
         assert f"\\fB{variable}\\fR" in sections["ENVIRONMENT"], variable
@@ -157,25 +168,34 @@ def test_completion_scripts_call_back_into_kmpwm(shell):
 
 # -- (d) every command, option and argument says what it does ------------------------------
 
+
 def test_every_command_has_help():
     missing = [ctx.command_path for command, ctx in TREE if not (command.help or "").strip()]
     assert not missing, f"commands without help text in kmpwm/cli.py: {', '.join(missing)}"
 
 
 def test_every_option_has_help():
-    missing = [f"{ctx.command_path} {'/'.join(option.opts)}" for command, ctx in TREE
-               for option in _options(command, ctx) if not (option.help or "").strip()]
+    missing = [
+        f"{ctx.command_path} {'/'.join(option.opts)}"
+        for command, ctx in TREE
+        for option in _options(command, ctx)
+        if not (option.help or "").strip()
+    ]
     assert not missing, f"options without help= in kmpwm/cli.py: {', '.join(missing)}"
 
 
 def test_every_argument_has_help():
-    missing = [f"{ctx.command_path} {argument.make_metavar(ctx)}" for command, ctx in TREE
-               for argument in command.get_params(ctx)
-               if argument.param_type_name == "argument" and not (getattr(argument, "help", None) or "").strip()]
+    missing = [
+        f"{ctx.command_path} {argument.make_metavar(ctx)}"
+        for command, ctx in TREE
+        for argument in command.get_params(ctx)
+        if argument.param_type_name == "argument" and not (getattr(argument, "help", None) or "").strip()
+    ]
     assert not missing, f"arguments without help= in kmpwm/cli.py: {', '.join(missing)}"
 
 
 # -- (e) completion really happens, dynamically --------------------------------------------
+
 
 @pytest.fixture
 def completion_env(tmp_path) -> dict[str, str]:
@@ -188,10 +208,13 @@ def completion_env(tmp_path) -> dict[str, str]:
     wrapper = bin_dir / "kmpwm"
     wrapper.write_text(f'#!/bin/sh\nexec "{sys.executable}" -m kmpwm "$@"\n')
     wrapper.chmod(0o755)
-    env = {k: v for k, v in os.environ.items()
-           if not k.startswith(("_KMPWM_COMPLETE", "_TYPER_COMPLETE", "KMPWM_"))}
-    env.update(KMPWM_HOME=str(home), PATH=f"{bin_dir}{os.pathsep}{env.get('PATH', '')}",
-               PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")])), NO_COLOR="1")
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("_KMPWM_COMPLETE", "_TYPER_COMPLETE", "KMPWM_"))}
+    env.update(
+        KMPWM_HOME=str(home),
+        PATH=f"{bin_dir}{os.pathsep}{env.get('PATH', '')}",
+        PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")])),
+        NO_COLOR="1",
+    )
     return env
 
 
@@ -208,9 +231,13 @@ printf '%s\n' "${COMPREPLY[@]}"
 
 def _bash_complete(env: dict[str, str], *words: str) -> list[str]:
     """What Tab offers in bash after ``words`` (the last one being completed)."""
-    proc = subprocess.run(["bash", "--norc", "--noprofile", "-c", BASH_COMPLETE, "complete",
-                           str(COMPLETIONS["bash"]), *words], env=env, capture_output=True, text=True,
-                          timeout=TIMEOUT)
+    proc = subprocess.run(
+        ["bash", "--norc", "--noprofile", "-c", BASH_COMPLETE, "complete", str(COMPLETIONS["bash"]), *words],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=TIMEOUT,
+    )
     assert proc.returncode == 0, proc.stderr
     return [line for line in proc.stdout.splitlines() if line]
 
@@ -239,8 +266,13 @@ def test_bash_completes_worker_names(completion_env):
 
 @needs_bash
 def test_bash_completes_task_ids_from_the_journal(completion_env):
-    subprocess.run([sys.executable, "-m", "kmpwm", "enqueue", "nightly-backup", "echo", "--delay", "1h"],
-                   env=completion_env, check=True, capture_output=True, timeout=TIMEOUT)
+    subprocess.run(
+        [sys.executable, "-m", "kmpwm", "enqueue", "nightly-backup", "echo", "--delay", "1h"],
+        env=completion_env,
+        check=True,
+        capture_output=True,
+        timeout=TIMEOUT,
+    )
     assert _bash_complete(completion_env, "kmpwm", "cancel", "nightly") == ["nightly-backup"]
 
 
@@ -255,8 +287,13 @@ words=(kmpwm enq); CURRENT=2
 $_comps[kmpwm]
 $_comps[kmpwm]
 """
-    proc = subprocess.run(["zsh", "-df", "-c", script, "zsh", str(COMPLETIONS["zsh"].parent)], env=completion_env,
-                          capture_output=True, text=True, timeout=TIMEOUT)
+    proc = subprocess.run(
+        ["zsh", "-df", "-c", script, "zsh", str(COMPLETIONS["zsh"].parent)],
+        env=completion_env,
+        capture_output=True,
+        text=True,
+        timeout=TIMEOUT,
+    )
     assert proc.returncode == 0, proc.stderr
     offers = proc.stdout.splitlines()
     assert len(offers) == 2 and all('"enqueue"' in line for line in offers), proc.stdout + proc.stderr
@@ -264,7 +301,12 @@ $_comps[kmpwm]
 
 @pytest.mark.skipif(shutil.which("fish") is None, reason="fish is not installed")
 def test_fish_completes_a_command(completion_env):
-    proc = subprocess.run(["fish", "--no-config", "-c", f"source {COMPLETIONS['fish']}; complete -C 'kmpwm enq'"],
-                          env=completion_env, capture_output=True, text=True, timeout=TIMEOUT)
+    proc = subprocess.run(
+        ["fish", "--no-config", "-c", f"source {COMPLETIONS['fish']}; complete -C 'kmpwm enq'"],
+        env=completion_env,
+        capture_output=True,
+        text=True,
+        timeout=TIMEOUT,
+    )
     assert proc.returncode == 0, proc.stderr
     assert [line.split("\t")[0] for line in proc.stdout.splitlines()] == ["enqueue"]

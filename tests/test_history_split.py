@@ -149,10 +149,10 @@ def test_enqueues_proved_new_on_the_bytes_still_refresh_the_snapshot(home, monke
     """Enqueues that never read the state would never write a snapshot either; the records after
     it (which every idle run-due reads and every such enqueue searches) must stay bounded all
     the same: past SNAPSHOT_AFTER_RECORDS the enqueue takes the fold, which snapshots."""
-    from kmpwm import store as store_mod
     from kmpwm.api import Scheduler
-    from kmpwm.journal import Journal
-    from kmpwm.paths import resolve
+    from kmpwm.storage import store as store_mod
+    from kmpwm.storage.journal import Journal
+    from kmpwm.storage.paths import resolve
 
     monkeypatch.setattr(store_mod, "SNAPSHOT_AFTER_RECORDS", 20)
     kmpwm("enqueue", "first", "echo", "--delay", "1h", check=0)

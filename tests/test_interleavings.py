@@ -1,6 +1,6 @@
 """Model-based test: random interleavings of several simulated ``run-due`` processes on one state.
 
-Each simulated runner does what ``kmpwm.runner.Runner`` does in one ``_cycle``: under the lock it
+Each simulated runner does what ``kmpwm.running.runner.Runner`` does in one ``_cycle``: under the lock it
 writes the results of the jobs it finished, hands back claimed-but-unstarted tasks (``release``),
 then plans (``kmpwm.scheduling.plan``), stages the plan's bookkeeping ops (quarantine) and claims
 due tasks from its (possibly stale) queue with leases, all as ONE journal record.  Runners also
@@ -8,10 +8,10 @@ crash (their leases are abandoned), exit, start prefetched tasks, and write "rac
 an older view (which only the fold can refuse); the clock advances; chains and tasks are cancelled;
 chains and tasks are enqueued again with every policy (keep, replace, append, append-or-replace)
 while runners hold them.  Task and chain records are built by the real API (``Scheduler.build_task``,
-``Scheduler._chain_op``).  Every record is folded with ``kmpwm.state.apply`` and, in the store
+``Scheduler._chain_op``).  Every record is folded with ``kmpwm.core.state.apply`` and, in the store
 variants, also appended to a real journal through ``Store.transaction()`` + ``txn.commit``.
 Runners are either on another host (a lease is only taken over once it has run out) or on this
-host with ``kmpwm.procs.alive`` simulated (a dead holder's lease is broken at once, and a live
+host with ``kmpwm.system.procs.alive`` simulated (a dead holder's lease is broken at once, and a live
 holder keeps its lease however far the clock jumps: no claim ever takes a task from one).  Every
 claim names the occurrence it planned (``state.occurrence``); one planned on a stale queue whose
 occurrence ran meanwhile is skipped, and the fold refuses it.
@@ -46,17 +46,17 @@ from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, rule, run_state_machine_as_test
 
-import kmpwm.procs as procs
-import kmpwm.runner as runner_mod
+import kmpwm.running.runner as runner_mod
+import kmpwm.system.procs as procs
 from kmpwm.api import Scheduler
-from kmpwm.models import Constraints, TaskRequest
-from kmpwm.paths import resolve
-from kmpwm.probes import Device
-from kmpwm.scheduling import MAX_CRASHES, lease_state, plan, time_limit
-from kmpwm.state import apply, chain_next_step, chain_state, new_state, occurrence_open, pause_of
-from kmpwm.steering import retry_op
-from kmpwm.store import Store
-from kmpwm.triggers import next_after_run
+from kmpwm.core.models import Constraints, TaskRequest
+from kmpwm.core.state import apply, chain_next_step, chain_state, new_state, occurrence_open, pause_of
+from kmpwm.core.triggers import next_after_run
+from kmpwm.scheduling.plan import MAX_CRASHES, lease_state, plan, time_limit
+from kmpwm.scheduling.probes import Device
+from kmpwm.scheduling.steering import retry_op
+from kmpwm.storage.paths import resolve
+from kmpwm.storage.store import Store
 
 T0 = 1_900_000_000.0
 FAKE_HOST = "simhost-not-this-machine"
@@ -131,7 +131,7 @@ chain_spec = st.lists(st.lists(task_spec, min_size=1, max_size=3), min_size=2, m
 
 class Interleavings(RuleBasedStateMachine):
     N_RUNNERS = 3
-    SAME_HOST = False  # True: runners use this host's name and kmpwm.procs.alive is simulated
+    SAME_HOST = False  # True: runners use this host's name and kmpwm.system.procs.alive is simulated
     USE_STORE = False  # True: every record also goes through Store.transaction() + commit
 
     def __init__(self):
@@ -168,16 +168,19 @@ class Interleavings(RuleBasedStateMachine):
     # -- building work through the real API ------------------------------------------------
 
     def _chain_op(self, cid: str, spec, policy: str = "keep") -> dict:
-        steps = [[TaskRequest(worker, constraints=Constraints(max_attempts=m, backoff_delay=5)) for worker, m in step]
-                 for step in spec]
+        steps = [
+            [TaskRequest(worker, constraints=Constraints(max_attempts=m, backoff_delay=5)) for worker, m in step]
+            for step in spec
+        ]
         return self.sched._chain_op(steps, cid, policy, self.clock, ())
 
     def _enq_op(self, sid: str, worker: str, max_attempts: int, policy: str = "keep") -> dict:
         req = TaskRequest(worker, id=sid, constraints=Constraints(max_attempts=max_attempts, backoff_delay=5))
         return {"op": "enq", "task": self.sched.build_task(req, self.clock), "policy": policy}
 
-    @initialize(chains=st.lists(chain_spec, min_size=1, max_size=3),
-                singles=st.lists(task_spec, min_size=0, max_size=3))
+    @initialize(
+        chains=st.lists(chain_spec, min_size=1, max_size=3), singles=st.lists(task_spec, min_size=0, max_size=3)
+    )
     def setup_work(self, chains, singles):
         ops = []
         for n, spec in enumerate(chains, 1):
@@ -225,9 +228,16 @@ class Interleavings(RuleBasedStateMachine):
         for tid, status in finished:
             h = r.held[tid]
             t = self.state["tasks"][tid]
-            op = {"op": "result", "id": tid, "seq": h["seq"], "runner": r.rid, "status": status,
-                  "message": "boom" if status != "SUCCESS" else None,
-                  "data": {"by": r.rid} if status == "SUCCESS" else None, "duration_ms": 7}
+            op = {
+                "op": "result",
+                "id": tid,
+                "seq": h["seq"],
+                "runner": r.rid,
+                "status": status,
+                "message": "boom" if status != "SUCCESS" else None,
+                "data": {"by": r.rid} if status == "SUCCESS" else None,
+                "duration_ms": 7,
+            }
             if status != "EXPIRED":
                 nxt = next_after_run(t["trigger"], t["trig_state"], self.clock)
                 if nxt is not None:
@@ -260,10 +270,15 @@ class Interleavings(RuleBasedStateMachine):
                 event(f"result refused ({t['state']})")
                 # A result is refused only when the lease could have passed to someone else (it had
                 # run out) or the task was cancelled meanwhile; otherwise a completion was lost.
-                assert (h["until"] <= self.clock or t["state"] == "CANCELLED" or t["seq"] != h["seq"]
-                        or (tid, t["seq"]) in self.retried), (  # cancelled under it, then retried
+                assert (
+                    h["until"] <= self.clock
+                    or t["state"] == "CANCELLED"
+                    or t["seq"] != h["seq"]
+                    or (tid, t["seq"]) in self.retried
+                ), (  # cancelled under it, then retried
                     f"{r.rid}'s {status} result for {tid} was refused while its lease was valid until "
-                    f"{h['until']} (now {self.clock}); task is {t['state']} lease={t['lease']}")
+                    f"{h['until']} (now {self.clock}); task is {t['state']} lease={t['lease']}"
+                )
 
     def _release(self, r: SimRunner, ids: list[str], acc: list) -> None:
         if not ids:
@@ -274,18 +289,27 @@ class Interleavings(RuleBasedStateMachine):
             h = r.held.pop(tid)
             if not ok:
                 t = self.state["tasks"][tid]
-                assert (h["until"] <= self.clock or t["state"] == "CANCELLED" or t["seq"] != h["seq"]
-                        or (tid, t["seq"]) in self.retried), (  # cancelled under it, then retried
-                    tid, t["state"], t["lease"])
+                assert (
+                    h["until"] <= self.clock
+                    or t["state"] == "CANCELLED"
+                    or t["seq"] != h["seq"]
+                    or (tid, t["seq"]) in self.retried
+                ), (  # cancelled under it, then retried
+                    tid,
+                    t["state"],
+                    t["lease"],
+                )
 
     def _claim(self, r: SimRunner, acc: list, *, replan: bool, free: int) -> list[str]:
-        """kmpwm.runner.Runner._claim, against the model's state."""
+        """kmpwm.running.runner.Runner._claim, against the model's state."""
         now = self.clock
         state = self.state
         if replan or not r.queue:
             p = plan(state, now, self.device, exclude=r.done | set(r.held), known_worker=lambda n: True)
-            before = {op["id"]: (state["tasks"][op["id"]]["state"], lease_state(state["tasks"][op["id"]], now))
-                      for op in p.ops}
+            before = {
+                op["id"]: (state["tasks"][op["id"]]["state"], lease_state(state["tasks"][op["id"]], now))
+                for op in p.ops
+            }
             res = self._stage(p.ops, acc)
             for op, ok in zip(p.ops, res):
                 assert op["op"] in ("fail", "trig"), op
@@ -307,7 +331,7 @@ class Interleavings(RuleBasedStateMachine):
             if t is None or t["seq"] != cand["seq"] or t["id"] in r.done or t["id"] in r.held:
                 continue
             if pause_of(state, t, now) is not None:
-                continue  # paused since the plan (kmpwm.runner.Runner._claim)
+                continue  # paused since the plan (kmpwm.running.runner.Runner._claim)
             if not occurrence_open(t, r.occ[t["id"]]):
                 event("claim: the planned occurrence ran meanwhile")
                 continue
@@ -319,8 +343,16 @@ class Interleavings(RuleBasedStateMachine):
             return []
         ops = []
         for t in picks:
-            op = {"op": "claim", "id": t["id"], "seq": t["seq"], "runner": r.rid, "pid": r.pid, "token": r.token,
-                  "until": now + time_limit(t) + LEASE_EXTRA, "occ": r.occ[t["id"]]}
+            op = {
+                "op": "claim",
+                "id": t["id"],
+                "seq": t["seq"],
+                "runner": r.rid,
+                "pid": r.pid,
+                "token": r.token,
+                "until": now + time_limit(t) + LEASE_EXTRA,
+                "occ": r.occ[t["id"]],
+            }
             if t["id"] in r.broken:
                 op["broken"] = True
             ops.append(op)
@@ -340,7 +372,8 @@ class Interleavings(RuleBasedStateMachine):
                     h = other.held.get(tid)
                     assert other is r or not h or h["seq"] != op["seq"] or not ALIVE.get(other.pid), (
                         f"{tid}: {r.rid} claimed it while {other.rid} (alive) holds it (lease until "
-                        f"{h['until']}, now {self.clock})")
+                        f"{h['until']}, now {self.clock})"
+                    )
                     if other is not r and h and h["seq"] == op["seq"]:
                         event("claim: took over a dead holder's lease")
             r.held[tid] = {"seq": op["seq"], "until": op["until"], "started": False}
@@ -357,13 +390,15 @@ class Interleavings(RuleBasedStateMachine):
         for other in self.runners.values():
             h = other.held.get(tid)
             if other is not r and h and h["seq"] == seq and h["until"] > self.clock:
-                raise AssertionError(f"{tid}: {r.rid} claimed it while {other.rid} holds a lease until "
-                                     f"{h['until']} (now {self.clock})")
+                raise AssertionError(
+                    f"{tid}: {r.rid} claimed it while {other.rid} holds a lease until {h['until']} (now {self.clock})"
+                )
         cid = t.get("chain_id")
         if cid and t["step"] > 1:
             chain = self.state["chains"][cid]
-            bad = [i for s in chain["steps"][: t["step"] - 1] for i in s
-                   if self.state["tasks"][i]["state"] != "SUCCEEDED"]
+            bad = [
+                i for s in chain["steps"][: t["step"] - 1] for i in s if self.state["tasks"][i]["state"] != "SUCCEEDED"
+            ]
             assert not bad, f"{tid} (step {t['step']}) claimed while earlier-step tasks {bad} are not SUCCEEDED"
         for dep in t.get("after", ()):
             d = self.state["tasks"].get(dep)
@@ -422,8 +457,15 @@ class Interleavings(RuleBasedStateMachine):
         t = self.state["tasks"][data.draw(st.sampled_from(cands), label="racy claim")]
         before, lease_before = t["state"], t["lease"]
         held_by_other = t["state"] == "RUNNING" and t["lease"]["until"] > self.clock
-        op = {"op": "claim", "id": t["id"], "seq": t["seq"], "runner": r.rid, "pid": r.pid, "token": r.token,
-              "until": self.clock + time_limit(t) + LEASE_EXTRA}
+        op = {
+            "op": "claim",
+            "id": t["id"],
+            "seq": t["seq"],
+            "runner": r.rid,
+            "pid": r.pid,
+            "token": r.token,
+            "until": self.clock + time_limit(t) + LEASE_EXTRA,
+        }
         [ok] = self._write([op], [])
         event(f"racy claim of a {before} task {'accepted' if ok else 'refused'}")
         if before not in ("ENQUEUED", "RUNNING") or held_by_other:
@@ -509,14 +551,21 @@ class Interleavings(RuleBasedStateMachine):
         if not self.single_ids or data.draw(st.integers(0, 1), label="enqueue again?"):
             return
         sid = data.draw(st.sampled_from(sorted({i.split("#")[0] for i in self.single_ids})), label="task id")
-        policy = data.draw(st.sampled_from(["keep", "replace", "append", "append-or-replace", "update"]), label="policy")
+        policy = data.draw(
+            st.sampled_from(["keep", "replace", "append", "append-or-replace", "update"]), label="policy"
+        )
         spec = data.draw(task_spec, label="worker, max attempts")
         before = {i: dict(t) for i, t in self.state["tasks"].items()}
         [res] = self._write([self._enq_op(sid, *spec, policy=policy)], [])
         event(f"enqueue again: {policy} -> {res['action']}")
         if res["action"] == "updated":  # same task: id, seq, attempts, state and lease kept
             t, old = self.state["tasks"][res["id"]], before[res["id"]]
-            assert (t["seq"], t["attempts"], t["state"], t["lease"]) == (old["seq"], old["attempts"], old["state"], old["lease"])
+            assert (t["seq"], t["attempts"], t["state"], t["lease"]) == (
+                old["seq"],
+                old["attempts"],
+                old["state"],
+                old["lease"],
+            )
             assert t["worker"] == spec[0] and t["constraints"]["max_attempts"] == spec[1]
         if res["id"] not in self.single_ids:
             self.single_ids.append(res["id"])
@@ -545,7 +594,7 @@ class Interleavings(RuleBasedStateMachine):
         if kind == "pause":
             if target == "*":
                 self.mqueue = until
-            for i in (ids if target != "*" else ()):
+            for i in ids if target != "*" else ():
                 self.mpause[(i, self.state["tasks"][i]["seq"])] = until
         else:
             if target == "*":
@@ -615,14 +664,19 @@ class Interleavings(RuleBasedStateMachine):
             assert (t["lease"] is not None) == (t["state"] == "RUNNING"), tid
             if t["state"] == "FAILED":
                 assert t["reason"] == "upstream failed" or (tid, t["seq"]) in self.legit_failed, (
-                    f"{tid} FAILED without a failure, give-up, expiry or quarantine: {t['reason']}")
+                    f"{tid} FAILED without a failure, give-up, expiry or quarantine: {t['reason']}"
+                )
             if t["state"] == "CANCELLED":
-                assert (t["reason"] == "replaced" or (tid, t["seq"]) in self.cancelled_keys
-                        or (t["reason"] == "upstream cancelled" and t["chain_id"] in self.rechained)), (tid, t["reason"])
+                assert (
+                    t["reason"] == "replaced"
+                    or (tid, t["seq"]) in self.cancelled_keys
+                    or (t["reason"] == "upstream cancelled" and t["chain_id"] in self.rechained)
+                ), (tid, t["reason"])
             if t["state"] == "BLOCKED" and not t["chain_id"]:
                 # an appended task waits only while what it was appended after is unfinished
                 assert any(tasks[d]["state"] in UNFINISHED for d in t["after"] if d in tasks), (
-                    f"{tid} stays BLOCKED after {t['after']} finished")
+                    f"{tid} stays BLOCKED after {t['after']} finished"
+                )
         # at most one runner holds an unexpired lease on a task, and the fold agrees with it
         live = {r.rid: r for r in self.runners.values()}
         holders: dict[tuple, list] = {}
@@ -646,8 +700,9 @@ class Interleavings(RuleBasedStateMachine):
                 earlier_ok = all(tasks[i]["state"] == "SUCCEEDED" for s in steps[: k - 1] for i in s)
                 for i in step:
                     if tasks[i]["state"] in ("ENQUEUED", "RUNNING") and not earlier_ok:
-                        raise AssertionError(f"{i} is {tasks[i]['state']} while an earlier step of {cid} "
-                                             "is not SUCCEEDED")
+                        raise AssertionError(
+                            f"{i} is {tasks[i]['state']} while an earlier step of {cid} is not SUCCEEDED"
+                        )
                     if tasks[i]["state"] == "BLOCKED":
                         assert k > 1 and tasks[i]["attempts"] == 0
             cstate = chain_state(self.state, chain)
@@ -660,7 +715,8 @@ class Interleavings(RuleBasedStateMachine):
                 assert nxt is not None, cid
                 first = [tasks[i] for i in steps[nxt - 1]]
                 assert all(t["state"] in ("ENQUEUED", "RUNNING", "SUCCEEDED") for t in first), (
-                    f"chain {cid} ({cstate}) is stuck at step {nxt}: {[(t['id'], t['state']) for t in first]}")
+                    f"chain {cid} ({cstate}) is stuck at step {nxt}: {[(t['id'], t['state']) for t in first]}"
+                )
 
     # -- the final phase -------------------------------------------------------------------
 
@@ -683,8 +739,10 @@ class Interleavings(RuleBasedStateMachine):
             ALIVE[r.pid] = False
         self.state_invariants()
         self.clock += 86400.0
-        event(f"chains done before the final phase: {sum(chain_state(self.state, c) in FINAL for c in self.state['chains'].values())}/{len(self.state['chains'])}")
-        for n in range(200):
+        event(
+            f"chains done before the final phase: {sum(chain_state(self.state, c) in FINAL for c in self.state['chains'].values())}/{len(self.state['chains'])}"  # noqa: E501
+        )
+        for _ in range(200):
             r = SimRunner(0, self.host)
             self.runners = {0: r}
             claimed = self._cycle(r, [], [], claim=True, replan=True, free=10_000)
@@ -721,8 +779,11 @@ class Interleavings(RuleBasedStateMachine):
         for tid, t in tasks.items():
             assert t["state"] in FINAL, f"{tid} is lost: {t['state']}"
             if not t["chain_id"] and t["state"] != "SUCCEEDED":
-                assert ((tid, t["seq"]) in self.legit_failed or t["reason"] == "replaced"
-                        or (tid, t["seq"]) in self.cancelled_keys), (tid, t["state"], t["reason"])
+                assert (
+                    (tid, t["seq"]) in self.legit_failed
+                    or t["reason"] == "replaced"
+                    or (tid, t["seq"]) in self.cancelled_keys
+                ), (tid, t["state"], t["reason"])
             if t["chain_id"] and t["state"] == "CANCELLED" and t["reason"] == "upstream cancelled":
                 assert (tid, t["seq"]) in self.cancelled_keys or t["chain_id"] in self.rechained
         for key, n in self.success_results.items():
@@ -752,9 +813,12 @@ class SameHostStoreInterleavings(Interleavings):
 
 
 def _settings(n: int, steps: int = 40) -> settings:
-    return settings(max_examples=n, stateful_step_count=steps, deadline=None,
-                    suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much,
-                                           HealthCheck.function_scoped_fixture])
+    return settings(
+        max_examples=n,
+        stateful_step_count=steps,
+        deadline=None,
+        suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much, HealthCheck.function_scoped_fixture],
+    )
 
 
 @pytest.fixture
@@ -826,7 +890,7 @@ def test_expiries_then_give_up_keep_succeeded_sibling(simulated_liveness):
     """A parallel step: one task SUCCEEDS, its sibling expires MAX_EXPIRIES times on alternating
     runners (due again at once, same attempt) and ends FAILED; the chain FAILS, later steps become
     ``upstream failed``, and the succeeded sibling is never claimed again."""
-    from kmpwm.models import MAX_EXPIRIES
+    from kmpwm.core.models import MAX_EXPIRIES
 
     m = Interleavings()
     try:
@@ -868,8 +932,10 @@ def test_expiries_then_give_up_keep_succeeded_sibling(simulated_liveness):
 # waiting with the real margins happens within a second here.  The margins only add a constant to
 # every lease; they cannot cover a wait in the ready queue that grows with the number of tasks
 # claimed ahead (parallel + prefetch) times their run time.
-_SCALED_KMPWM = ("import sys, kmpwm.runner as r; r.LEASE_MARGIN = 0.0; r.PREFETCH_MARGIN = 0.0; "
-                 "sys.argv = ['kmpwm'] + sys.argv[1:]; from kmpwm.cli import run; run()")
+_SCALED_KMPWM = (
+    "import sys, kmpwm.running.runner as r; r.LEASE_MARGIN = 0.0; r.PREFETCH_MARGIN = 0.0; "
+    "sys.argv = ['kmpwm'] + sys.argv[1:]; from kmpwm.cli.app import run; run()"
+)
 
 
 def test_concurrent_run_due_never_runs_a_prefetched_task_twice(home):
@@ -881,13 +947,20 @@ def test_concurrent_run_due_never_runs_a_prefetched_task_twice(home):
     import sys
     import time
 
-    from kmpwm.journal import Journal
+    from kmpwm.storage.journal import Journal
 
     env = dict(os.environ)
-    specs = "\n".join(orjson.dumps({"id": f"t{i}", "worker": "sleep", "input": "0.5", "timeout": "1s"}).decode()
-                      for i in range(8))
-    enq = subprocess.run([sys.executable, "-m", "kmpwm", "enqueue", "--from", "-", "--json"], input=specs,
-                         env=env, capture_output=True, text=True, timeout=60)
+    specs = "\n".join(
+        orjson.dumps({"id": f"t{i}", "worker": "sleep", "input": "0.5", "timeout": "1s"}).decode() for i in range(8)
+    )
+    enq = subprocess.run(
+        [sys.executable, "-m", "kmpwm", "enqueue", "--from", "-", "--json"],
+        input=specs,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert enq.returncode == 0, enq.stderr
     argv = [sys.executable, "-c", _SCALED_KMPWM, "run-due", "--parallel", "1", "--grace", "0.2", "--json"]
     a = subprocess.Popen(argv, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
@@ -912,6 +985,8 @@ def test_concurrent_run_due_never_runs_a_prefetched_task_twice(home):
     ran_a = [r["id"] for r in orjson.loads(out_a)["ran"]]
     ran_b = [r["id"] for r in orjson.loads(b.stdout)["ran"]]
     both = sorted(set(ran_a) & set(ran_b))
-    assert not both, (f"tasks {both} were run by both run-due processes (A ran {ran_a}, B ran {ran_b}): A claimed "
-                      "them ahead of a free slot, their leases ran out while they waited, B took them over, and A "
-                      "still started them")
+    assert not both, (
+        f"tasks {both} were run by both run-due processes (A ran {ran_a}, B ran {ran_b}): A claimed "
+        "them ahead of a free slot, their leases ran out while they waited, B took them over, and A "
+        "still started them"
+    )

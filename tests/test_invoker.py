@@ -17,10 +17,10 @@ from pathlib import Path
 
 import pytest
 
-from kmpwm import invoker
-from kmpwm.exitcodes import InvalidParams, KmpwmError, OsPolicy
-from kmpwm.invoker import CRON_BEGIN, CRON_END, invoker_status, parse_every, schedule_command
-from kmpwm.paths import resolve
+from kmpwm.core.exitcodes import InvalidParams, KmpwmError, OsPolicy
+from kmpwm.storage.paths import resolve
+from kmpwm.system import invoker
+from kmpwm.system.invoker import CRON_BEGIN, CRON_END, invoker_status, parse_every, schedule_command
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -82,8 +82,14 @@ def env(tmp_path, monkeypatch):
     }
     for k, v in vals.items():
         monkeypatch.setenv(k, v)
-    for k in ("FAKE_LAUNCHCTL_PRINT_RC", "FAKE_LAUNCHCTL_BOOTSTRAP_FAIL", "FAKE_SYSTEMCTL_NO_BUS",
-              "FAKE_SYSTEMCTL_ACTIVE_RC", "FAKE_SYSTEMCTL_ENABLE_FAIL", "FAKE_CRONTAB_FAIL"):
+    for k in (
+        "FAKE_LAUNCHCTL_PRINT_RC",
+        "FAKE_LAUNCHCTL_BOOTSTRAP_FAIL",
+        "FAKE_SYSTEMCTL_NO_BUS",
+        "FAKE_SYSTEMCTL_ACTIVE_RC",
+        "FAKE_SYSTEMCTL_ENABLE_FAIL",
+        "FAKE_CRONTAB_FAIL",
+    ):
         monkeypatch.delenv(k, raising=False)
 
     class E:
@@ -112,6 +118,7 @@ def run(paths, action, backend, every=None, print_only=False, as_json=True, caps
 
 # -- intervals and backends ----------------------------------------------------------------
 
+
 def test_every_default_minimum_and_cron_shapes():
     assert parse_every(None, "cron") == 60
     assert parse_every("90s", "systemd") == 90
@@ -119,8 +126,15 @@ def test_every_default_minimum_and_cron_shapes():
     for bad in ("30s", "59s", "0", "nonsense"):
         with pytest.raises(InvalidParams):
             parse_every(bad, "systemd")
-    for ok, line in (("1m", "* * * * *"), ("5m", "*/5 * * * *"), ("30m", "*/30 * * * *"), ("1h", "0 * * * *"),
-                     ("60m", "0 * * * *"), ("6h", "0 */6 * * *"), ("1d", "0 0 * * *")):
+    for ok, line in (
+        ("1m", "* * * * *"),
+        ("5m", "*/5 * * * *"),
+        ("30m", "*/30 * * * *"),
+        ("1h", "0 * * * *"),
+        ("60m", "0 * * * *"),
+        ("6h", "0 */6 * * *"),
+        ("1d", "0 0 * * *"),
+    ):
         assert invoker.cron_schedule(parse_every(ok, "cron")) == line
     for bad in ("7m", "90s", "45m", "5h", "2d"):
         with pytest.raises(InvalidParams, match="cron"):
@@ -153,6 +167,7 @@ def test_installed_command_is_absolute(env):
 
 # -- --print -----------------------------------------------------------------------------------
 
+
 @pytest.mark.parametrize("backend", ["cron", "launchd", "systemd"])
 def test_print_changes_nothing_and_runs_nothing(env, backend):
     p = cli("--home", str(env.kh), "schedule", "install", "--backend", backend, "--print")
@@ -162,10 +177,10 @@ def test_print_changes_nothing_and_runs_nothing(env, backend):
         lines = out.splitlines()
         assert lines[0] == f"{CRON_BEGIN} home={env.kh}" and lines[2] == f"{CRON_END} home={env.kh}"
         assert lines[1].startswith("* * * * * KMPWM_HOME=") and lines[1].endswith(" run-due")
-        assert shlex.split(lines[1][len("* * * * * "):])[0] == f"KMPWM_HOME={env.kh}"
+        assert shlex.split(lines[1][len("* * * * * ") :])[0] == f"KMPWM_HOME={env.kh}"
     elif backend == "launchd":
         doc = plistlib.loads(out.encode())
-        assert doc["Label"].startswith("dev.kmpwm.runner.")
+        assert doc["Label"].startswith("dev.kmpwm.running.runner.")
         assert doc["ProgramArguments"][-1] == "run-due" and os.path.isabs(doc["ProgramArguments"][0])
         assert doc["EnvironmentVariables"] == {"KMPWM_HOME": str(env.kh)}
         assert doc["StartInterval"] == 60 and doc["RunAtLoad"] is False
@@ -198,8 +213,16 @@ def test_print_works_without_any_backend_program(env, tmp_path):
     empty = tmp_path / "empty"
     empty.mkdir()
     for backend in ("cron", "launchd", "systemd"):
-        p = cli("--home", str(env.kh), "schedule", "status", "--backend", backend, "--print",
-                env_extra={"PATH": str(empty), "KMPWM_CRONTAB": ""})
+        p = cli(
+            "--home",
+            str(env.kh),
+            "schedule",
+            "status",
+            "--backend",
+            backend,
+            "--print",
+            env_extra={"PATH": str(empty), "KMPWM_CRONTAB": ""},
+        )
         assert p.returncode == 0 and "run-due" in p.stdout, p.stderr
 
 
@@ -266,7 +289,7 @@ def test_cron_line_quoting(env, tmp_path, capsys):
     code, doc = run(resolve(str(odd)), "install", "cron", capsys=capsys)
     line = doc["entry"]
     assert "\\%" in line  # cron would cut the command at a bare %
-    words = shlex.split(line[len("* * * * * "):].replace("\\%", "%"))
+    words = shlex.split(line[len("* * * * * ") :].replace("\\%", "%"))
     assert words[0] == f"KMPWM_HOME={odd}" and words[-1] == "run-due"
 
 
@@ -281,9 +304,14 @@ def test_cron_failing_crontab_is_one_line_exit_70(env, monkeypatch, capsys):
 
 def test_status_json_with_last_run(env, capsys):
     code, doc = run(env.paths, "status", "cron", capsys=capsys)
-    assert code == 0 and doc == {"backend": "cron", "installed": False, "entry": None, "last_run_at": None,
-                                 "path": None,
-                                 "serve": {"installed": False, "entry": None, "path": None, "running": []}}
+    assert code == 0 and doc == {
+        "backend": "cron",
+        "installed": False,
+        "entry": None,
+        "last_run_at": None,
+        "path": None,
+        "serve": {"installed": False, "entry": None, "path": None, "running": []},
+    }
     runners = env.kh / "journal" / "runners"
     runners.mkdir(parents=True)
     (runners / "last-run").touch()
@@ -297,6 +325,7 @@ def test_status_json_with_last_run(env, capsys):
 
 
 # -- cron (the real crontab binary) --------------------------------------------------------
+
 
 @pytest.mark.skipif(shutil.which("crontab") is None, reason="no crontab program")
 def test_real_crontab_end_to_end(tmp_path):
@@ -333,11 +362,12 @@ def test_real_crontab_end_to_end(tmp_path):
 
 # -- launchd (fake launchctl) --------------------------------------------------------------
 
+
 def test_launchd_install_reinstall_uninstall(env, monkeypatch, capsys):
     code, doc = run(env.paths, "install", "launchd", every="2m", capsys=capsys)
     assert code == 0 and doc["action"] == "installed"
     plist = Path(doc["path"])
-    assert plist.parent == env.home / "Library" / "LaunchAgents" and plist.name.startswith("dev.kmpwm.runner.")
+    assert plist.parent == env.home / "Library" / "LaunchAgents" and plist.name.startswith("dev.kmpwm.running.runner.")
     data = plistlib.loads(plist.read_bytes())
     label = data["Label"]
     assert plist.name == f"{label}.plist"
@@ -356,8 +386,11 @@ def test_launchd_install_reinstall_uninstall(env, monkeypatch, capsys):
     env.log.unlink()
     code, doc = run(env.paths, "install", "launchd", every="5m", capsys=capsys)
     assert doc["action"] == "installed" and plistlib.loads(plist.read_bytes())["StartInterval"] == 300
-    assert env.calls() == [f"launchctl print gui/{uid}/{label}", f"launchctl bootout gui/{uid}/{label}",
-                           f"launchctl bootstrap gui/{uid} {plist}"]
+    assert env.calls() == [
+        f"launchctl print gui/{uid}/{label}",
+        f"launchctl bootout gui/{uid}/{label}",
+        f"launchctl bootstrap gui/{uid} {plist}",
+    ]
 
     code, doc = run(env.paths, "status", "launchd", capsys=capsys)
     assert doc["installed"] is True and doc["path"] == str(plist) and "KMPWM_HOME=" in doc["entry"]
@@ -379,6 +412,7 @@ def test_launchd_bootstrap_fallback_to_load(env, monkeypatch, capsys):
 
 # -- systemd (fake systemctl) --------------------------------------------------------------
 
+
 def test_systemd_install_reinstall_uninstall(env, monkeypatch, capsys):
     code, doc = run(env.paths, "install", "systemd", every="90s", capsys=capsys)
     assert code == 0 and doc["action"] == "installed"
@@ -389,13 +423,21 @@ def test_systemd_install_reinstall_uninstall(env, monkeypatch, capsys):
     s = service.read_text()
     assert "Type=oneshot" in s and f'Environment="KMPWM_HOME={env.kh}"' in s
     exec_line = next(ln for ln in s.splitlines() if ln.startswith("ExecStart="))
-    assert os.path.isabs(shlex.split(exec_line[len("ExecStart="):])[0]) and exec_line.endswith(" run-due")
+    assert os.path.isabs(shlex.split(exec_line[len("ExecStart=") :])[0]) and exec_line.endswith(" run-due")
     t = timer.read_text()
-    for want in ("OnBootSec=1min", "OnUnitActiveSec=90s", "Persistent=true", f"Unit={service.name}",
-                 "WantedBy=timers.target"):
+    for want in (
+        "OnBootSec=1min",
+        "OnUnitActiveSec=90s",
+        "Persistent=true",
+        f"Unit={service.name}",
+        "WantedBy=timers.target",
+    ):
         assert want in t
-    assert env.calls() == ["systemctl --user show-environment", "systemctl --user daemon-reload",
-                           f"systemctl --user enable --now {timer.name}"]
+    assert env.calls() == [
+        "systemctl --user show-environment",
+        "systemctl --user daemon-reload",
+        f"systemctl --user enable --now {timer.name}",
+    ]
 
     monkeypatch.setenv("FAKE_SYSTEMCTL_ACTIVE_RC", "0")
     env.log.unlink()
@@ -406,8 +448,11 @@ def test_systemd_install_reinstall_uninstall(env, monkeypatch, capsys):
     env.log.unlink()
     code, doc = run(env.paths, "install", "systemd", every="1h", capsys=capsys)
     assert doc["action"] == "installed" and "OnUnitActiveSec=1h" in timer.read_text()
-    assert env.calls()[-3:] == ["systemctl --user daemon-reload", f"systemctl --user enable --now {timer.name}",
-                                f"systemctl --user restart {timer.name}"]
+    assert env.calls()[-3:] == [
+        "systemctl --user daemon-reload",
+        f"systemctl --user enable --now {timer.name}",
+        f"systemctl --user restart {timer.name}",
+    ]
 
     code, doc = run(env.paths, "status", "systemd", capsys=capsys)
     assert doc["installed"] is True and doc["entry"].startswith(f"KMPWM_HOME={shlex.quote(str(env.kh))} ")
@@ -445,6 +490,7 @@ def test_systemd_default_home_uses_home_config(env, monkeypatch, capsys):
 
 # -- invoker_status (for doctor) --------------------------------------------------------------
 
+
 def test_invoker_status(env, capsys):
     st = invoker_status(env.paths)
     assert st["installed"] is False and st["backend"] is None and set(st["backends"]) == {"cron", "launchd", "systemd"}
@@ -459,6 +505,7 @@ def test_invoker_status(env, capsys):
 
 # -- --mode serve (SPEC section 13) ---------------------------------------------------------
 
+
 def run_mode(paths, action, backend, mode, print_only=False, capsys=None):
     code = schedule_command(paths, action, backend, None, print_only, True, mode)
     return code, json.loads(capsys.readouterr().out)
@@ -471,8 +518,13 @@ def test_systemd_mode_serve_adds_a_restarting_service_and_keeps_the_timer(env, m
     unit = Path(doc["serve"]["path"])
     assert timer.exists() and unit.name.startswith("kmpwm-serve-") and unit.suffix == ".service"
     text = unit.read_text()
-    for want in ("Type=simple", "Restart=on-failure", "KillMode=mixed", "WantedBy=default.target",
-                 f'Environment="KMPWM_HOME={env.kh}"'):
+    for want in (
+        "Type=simple",
+        "Restart=on-failure",
+        "KillMode=mixed",
+        "WantedBy=default.target",
+        f'Environment="KMPWM_HOME={env.kh}"',
+    ):
         assert want in text
     exec_line = next(ln for ln in text.splitlines() if ln.startswith("ExecStart="))
     assert exec_line.endswith(" serve")
@@ -519,7 +571,7 @@ def test_mode_serve_print_shows_both_and_changes_nothing(env, backend, capsys):
 
 
 def test_cron_mode_serve_reboot_line_starts_serve_and_uninstall_stops_it(env, capsys):
-    from kmpwm.serve import running_serves
+    from kmpwm.running.serve import running_serves
 
     kmpwm_home = env.kh
     (kmpwm_home / "journal").mkdir(mode=0o700, exist_ok=True)

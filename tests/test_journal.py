@@ -10,10 +10,10 @@ import time
 from pathlib import Path
 
 import pytest
-
 from helpers import kjson, kmpwm, tasks_by_id
-from kmpwm import store as store_mod
-from kmpwm.journal import decode
+
+from kmpwm.storage import store as store_mod
+from kmpwm.storage.journal import decode
 
 
 def journal(home: Path) -> Path:
@@ -93,7 +93,7 @@ def test_torn_tail_is_ignored_then_repaired(home, damage):
 def test_torn_tail_does_not_stop_run_due(home):
     enqueue_each("a", delay="0s")
     with open(journal(home), "ab") as fh:
-        fh.write(b"12345678 {\"ts\":")
+        fh.write(b'12345678 {"ts":')
     run, rc = kjson("run-due")
     assert rc == 0 and [r["id"] for r in run["ran"]] == ["a"]
     assert_all_records_valid(journal(home))
@@ -106,7 +106,7 @@ def _flip_byte_in_record(path: Path, index: int) -> bytes:
     """Change one byte inside the payload of record ``index`` (0 = header); returns the old line."""
     data = bytearray(path.read_bytes())
     lines = bytes(data).split(b"\n")
-    start = sum(len(l) + 1 for l in lines[:index])
+    start = sum(len(line) + 1 for line in lines[:index])
     line = lines[index]
     pos = start + line.index(b'"id":"') + len(b'"id":"')  # the first letter of the task id
     data[pos] = ord("Z") if data[pos] != ord("Z") else ord("Y")
@@ -182,8 +182,12 @@ def test_deleting_or_damaging_the_snapshot_changes_nothing_visible(tmp_path, hom
     batch = tmp_path / "batch.jsonl"
     with open(batch, "w") as fh:
         for i in range(n):
-            fh.write(json.dumps({"id": f"t{i}", "worker": "echo", "delay": "1h", "input": pad,
-                                 "tags": ["odd" if i % 2 else "even"]}) + "\n")
+            fh.write(
+                json.dumps(
+                    {"id": f"t{i}", "worker": "echo", "delay": "1h", "input": pad, "tags": ["odd" if i % 2 else "even"]}
+                )
+                + "\n"
+            )
     doc, rc = kjson("enqueue", "--from", batch)
     assert rc == 0 and len(doc["results"]) == n
     kmpwm("enqueue", "single-1", "echo", "--delay", "1h", check=0)
@@ -197,7 +201,7 @@ def test_deleting_or_damaging_the_snapshot_changes_nothing_visible(tmp_path, hom
         proc = kmpwm("inspect-queue", "--all", "--json", check=0)
         return json.loads(proc.stdout), proc.stderr
 
-    from kmpwm.paths import resolve
+    from kmpwm.storage.paths import resolve
 
     view = store_mod.Store(resolve(str(home))).load()
     assert view.from_snapshot, "the snapshot is used (and records after it are replayed)"
@@ -208,16 +212,16 @@ def test_deleting_or_damaging_the_snapshot_changes_nothing_visible(tmp_path, hom
     assert without_snapshot == with_snapshot
     assert err2 == err
     # a damaged snapshot is ignored just the same
-    snap.write_bytes(b"KMPWMSNAP1 {\"gen\": \"nope\"}\nnot json at all")
+    snap.write_bytes(b'KMPWMSNAP1 {"gen": "nope"}\nnot json at all')
     damaged_snapshot, _ = visible()
     assert damaged_snapshot == with_snapshot
 
 
 def test_store_snapshot_plus_tail_equals_full_fold(home):
     """A stale snapshot plus the records after it gives the same state as the whole journal."""
-    from kmpwm.paths import resolve
-    from kmpwm.state import apply, new_state
-    from kmpwm.store import Store
+    from kmpwm.core.state import apply, new_state
+    from kmpwm.storage.paths import resolve
+    from kmpwm.storage.store import Store
 
     enqueue_each("a", "b")
     store = Store(resolve(str(home)))
@@ -338,15 +342,18 @@ from hypothesis import strategies as st  # noqa: E402
 
 
 @settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
-@given(lines=st.lists(st.sampled_from(["ok", "bad", "long"]), max_size=12),
-       tail=st.sampled_from([b"", b"0badc0de {\"ts\"", b"x"]),
-       chunk=st.sampled_from([1, 2, 7, 40, 1 << 20]), start_at=st.integers(0, 3))
+@given(
+    lines=st.lists(st.sampled_from(["ok", "bad", "long"]), max_size=12),
+    tail=st.sampled_from([b"", b'0badc0de {"ts"', b"x"]),
+    chunk=st.sampled_from([1, 2, 7, 40, 1 << 20]),
+    start_at=st.integers(0, 3),
+)
 def test_reading_in_chunks_equals_reading_at_once(tmp_path, lines, tail, chunk, start_at):
     """A huge journal is folded chunk by chunk (Journal.read_parts): records, damaged regions
     (even one split between two chunks), the torn tail and the end must be exactly what one
     read of the whole file finds."""
-    from kmpwm.journal import Journal, encode, scan_bytes
-    from kmpwm.paths import resolve
+    from kmpwm.storage.journal import Journal, encode, scan_bytes
+    from kmpwm.storage.paths import resolve
 
     home = tmp_path / f"h{chunk}-{len(lines)}-{start_at}"
     (home / "journal").mkdir(parents=True, mode=0o700, exist_ok=True)
@@ -354,7 +361,7 @@ def test_reading_in_chunks_equals_reading_at_once(tmp_path, lines, tail, chunk, 
     boundaries = [0]
     for n, kind in enumerate(lines):
         if kind == "bad":
-            blob += b"deadbeef {\"ts\": 1, \"ops\": []}\n"
+            blob += b'deadbeef {"ts": 1, "ops": []}\n'
         else:
             blob += encode({"ts": n, "ops": [{"op": "x", "pad": "y" * (300 if kind == "long" else 3)}]})
         boundaries.append(len(blob))
@@ -365,7 +372,7 @@ def test_reading_in_chunks_equals_reading_at_once(tmp_path, lines, tail, chunk, 
     expect = scan_bytes(blob[start:], start)
     ino, parts = j.read_parts(start, chunk=chunk)
     records, damage, torn, end = [], [], None, start
-    from kmpwm.journal import _add_damage
+    from kmpwm.storage.journal import _add_damage
 
     for part in parts:
         records += part.records
@@ -374,5 +381,9 @@ def test_reading_in_chunks_equals_reading_at_once(tmp_path, lines, tail, chunk, 
     assert ino and records == expect.records and damage == expect.damage
     assert torn == expect.torn and end == expect.end
     whole, _ = j.read(start)
-    assert (whole.records, whole.damage, whole.torn, whole.end) == (expect.records, expect.damage, expect.torn,
-                                                                    expect.end)
+    assert (whole.records, whole.damage, whole.torn, whole.end) == (
+        expect.records,
+        expect.damage,
+        expect.torn,
+        expect.end,
+    )

@@ -26,7 +26,7 @@ PY = sys.executable
 #   on_term   "exit0": exit 0 at once; "ignore": keep sleeping; "linger": sleep ``linger`` s, then exit 0
 #   child     start ``sleep 300`` in the background (its pid in the start line) and go on
 #   exit      the exit status at the end (default 0)
-WORKER = r'''
+WORKER = r"""
 import json, os, signal, subprocess, sys, time
 cfg = json.loads(sys.argv[1])
 def mark(ev, **kw):
@@ -53,17 +53,17 @@ while time.monotonic() < end:
     time.sleep(0.05)
 mark("end")
 sys.exit(cfg.get("exit", 0))
-'''
+"""
 
 # A Python entry worker (in the pool or forked) that leaves ``sleep 300`` running.
-ENTRY = r'''
+ENTRY = r"""
 import json, os, subprocess
 def leave_child(input):
     pid = subprocess.Popen(["sleep", "300"], stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
                            stderr=subprocess.DEVNULL).pid
     with open(input, "a") as fh:
         fh.write(json.dumps({"ev": "start", "child": pid, "pid": os.getpid()}) + "\n")
-'''
+"""
 
 
 def write_config(home: Path, text: str) -> None:
@@ -110,7 +110,7 @@ def gone(pid: int) -> bool:
             stat = fh.read()
     except FileNotFoundError:
         return True
-    return stat[stat.rindex(")") + 2:].startswith(("Z", "X"))
+    return stat[stat.rindex(")") + 2 :].startswith(("Z", "X"))
 
 
 def tasks() -> dict:
@@ -118,8 +118,13 @@ def tasks() -> dict:
 
 
 def start_run_due(*extra) -> subprocess.Popen:
-    return subprocess.Popen([PY, "-m", "kmpwm", "run-due", *extra], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, env=kmpwm_env())
+    return subprocess.Popen(
+        [PY, "-m", "kmpwm", "run-due", *extra],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=kmpwm_env(),
+    )
 
 
 def finish(proc: subprocess.Popen, timeout: float = 60) -> tuple[int, str, str]:
@@ -180,8 +185,7 @@ def test_cancel_of_a_running_task_stops_its_worker(tmp_path, declare, on_term):
 @pytest.mark.parametrize("how", ["replace", "cancel-then-enqueue"])
 def test_replace_of_a_running_task_never_overlaps_the_old_run(tmp_path, declare, how):
     old, new = tmp_path / "old", tmp_path / "new"
-    declare(v1={"marker": str(old), "sleep": 120, "on_term": "linger", "linger": 3},
-            v2={"marker": str(new)})
+    declare(v1={"marker": str(old), "sleep": 120, "on_term": "linger", "linger": 3}, v2={"marker": str(new)})
     jdoc("enqueue", "sync", "v1")
     first = start_run_due("--grace", "10s", "--json")
     wait_for(lambda: marks(old), 30, "the old run to start")
@@ -268,8 +272,7 @@ def test_nul_byte_in_a_config_env_value_fails_the_task_not_run_due(home):
     jdoc("enqueue", "bad", "w")
     jdoc("enqueue", "good", "ok")
     # the NUL arrives after enqueue (enqueue itself refuses such a config: 78)
-    write_config(home, '[workers.w]\ncommand = ["true"]\nenv = { X = "a\\u0000b" }\n'
-                       '[workers.ok]\ncommand = ["true"]\n')
+    write_config(home, '[workers.w]\ncommand = ["true"]\nenv = { X = "a\\u0000b" }\n[workers.ok]\ncommand = ["true"]\n')
     r = kmpwm("run-due", "--json")
     assert r.returncode != 70 and "embedded null byte" not in r.stderr, r.stderr
     if r.returncode == 78:  # refused up front at config load: also clear
@@ -297,7 +300,7 @@ def test_nul_byte_in_an_input_reaches_a_command_worker_on_stdin(tmp_path, home):
 
 
 def test_poll_of_a_job_never_started_does_not_reap_another_process():
-    from kmpwm.runner import Job, _poll
+    from kmpwm.running.runner import Job, _poll
 
     child = subprocess.Popen(["true"])
     wait_for(lambda: gone(child.pid), 10, "the child to exit")
@@ -367,8 +370,9 @@ def test_second_ctrl_c_forces_the_stop(tmp_path, declare):
 @pytest.mark.parametrize("argv", [["events", "--follow"], ["inspect-queue", "--watch"]])
 def test_ctrl_c_of_a_following_command_exits_130(argv):
     jdoc("enqueue", "a", "echo")
-    proc = subprocess.Popen([PY, "-m", "kmpwm", *argv], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True, env=kmpwm_env())
+    proc = subprocess.Popen(
+        [PY, "-m", "kmpwm", *argv], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=kmpwm_env()
+    )
     assert proc.stdout.readline()  # it has printed: it is in its loop
     time.sleep(0.2)
     proc.send_signal(signal.SIGINT)
@@ -384,8 +388,12 @@ def small_disk(tmp_path, monkeypatch):
     """A kmpwm home on its own 4 MiB tmpfs (we need root to mount one; skipped otherwise)."""
     mnt = tmp_path / "mnt"
     mnt.mkdir()
-    r = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4m,mode=0700", "tmpfs", str(mnt)],
-                       capture_output=True, text=True, check=False)
+    r = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=4m,mode=0700", "tmpfs", str(mnt)],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
     if r.returncode != 0:
         pytest.skip(f"cannot mount a tmpfs here: {r.stderr.strip()}")
     home = mnt / "home"
@@ -400,10 +408,13 @@ def small_disk(tmp_path, monkeypatch):
 def fill_worker(home: Path, marker: Path, filler: Path) -> None:
     """[workers.fill]: note the run in ``marker`` (off the small disk), fill the disk, succeed with
     8 KB of data (more than the slack in the journal file's last page)."""
-    script = (f"echo run >> {marker}; dd if=/dev/zero of={filler} bs=4k 2>/dev/null; "
-              """printf '{"filled": true, "pad": "%s"}\\n' "$(head -c 8000 /dev/zero | tr '\\0' x)" """)
-    write_config(home, f"[workers.fill]\ncommand = {json.dumps(['sh', '-c', script])}\n"
-                       "[workers.ok]\ncommand = [\"true\"]\n")
+    script = (
+        f"echo run >> {marker}; dd if=/dev/zero of={filler} bs=4k 2>/dev/null; "
+        """printf '{"filled": true, "pad": "%s"}\\n' "$(head -c 8000 /dev/zero | tr '\\0' x)" """
+    )
+    write_config(
+        home, f'[workers.fill]\ncommand = {json.dumps(["sh", "-c", script])}\n[workers.ok]\ncommand = ["true"]\n'
+    )
 
 
 def test_disk_filling_during_a_run_still_records_its_result(small_disk, tmp_path):
@@ -438,8 +449,9 @@ def test_no_worker_starts_on_a_full_disk_and_the_message_is_true(small_disk, tmp
     fill(filler)
     r = kmpwm("run-due")
     assert r.returncode == 74, r.stderr
-    assert r.stderr.splitlines() == [("kmpwm: the disk holding the journal is full: no work was started; "
-                                      "free space, then run again")], r.stderr
+    assert r.stderr.splitlines() == [
+        ("kmpwm: the disk holding the journal is full: no work was started; free space, then run again")
+    ], r.stderr
     assert tasks()["after"]["state"] == "ENQUEUED", "a task was claimed without room for its result"
     filler.unlink()
     assert [row["id"] for row in jdoc("run-due")["ran"]] == ["after"]

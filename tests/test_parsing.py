@@ -6,34 +6,49 @@ from __future__ import annotations
 import json
 import math
 import time
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 
 import pytest
+from helpers import kjson
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from helpers import kjson
-from kmpwm.exitcodes import InvalidParams
-from kmpwm.models import BACKOFF_CAP, Constraints, TaskRequest
-from kmpwm.specs import request_from_spec
-from kmpwm.timeparse import format_duration, iso, parse_duration, parse_time
-from kmpwm import triggers
-from kmpwm.triggers import backoff_delay, next_periodic
+from kmpwm.core import triggers
+from kmpwm.core.exitcodes import InvalidParams
+from kmpwm.core.models import BACKOFF_CAP, Constraints, TaskRequest
+from kmpwm.core.specs import request_from_spec
+from kmpwm.core.timeparse import format_duration, iso, parse_duration, parse_time
+from kmpwm.core.triggers import backoff_delay, next_periodic
 
 # -- durations ------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("text, seconds", [
-    ("500ms", 0.5), ("30s", 30), ("15m", 900), ("2h", 7200), ("1d", 86400), ("1h30m", 5400),
-    ("90", 90), ("0", 0), ("1d2h3m4s", 93784), ("2h500ms", 7200.5), (" 15m ", 900), ("2H", 7200),
-    ("1.5h", 5400), ("0s", 0),
-])
+@pytest.mark.parametrize(
+    "text, seconds",
+    [
+        ("500ms", 0.5),
+        ("30s", 30),
+        ("15m", 900),
+        ("2h", 7200),
+        ("1d", 86400),
+        ("1h30m", 5400),
+        ("90", 90),
+        ("0", 0),
+        ("1d2h3m4s", 93784),
+        ("2h500ms", 7200.5),
+        (" 15m ", 900),
+        ("2H", 7200),
+        ("1.5h", 5400),
+        ("0s", 0),
+    ],
+)
 def test_parse_duration_accepts(text, seconds):
     assert parse_duration(text) == pytest.approx(seconds)
 
 
-@pytest.mark.parametrize("text", ["", "   ", "-5s", "1x", "s", "5 parsecs", "1h-30m", "h1", "--5", "1e3",
-                                  "nan", "inf", "1h 30m x", "5ss"])
+@pytest.mark.parametrize(
+    "text", ["", "   ", "-5s", "1x", "s", "5 parsecs", "1h-30m", "h1", "--5", "1e3", "nan", "inf", "1h 30m x", "5ss"]
+)
 def test_parse_duration_rejects(text):
     with pytest.raises(InvalidParams) as exc:
         parse_duration(text)
@@ -61,7 +76,11 @@ UNITS = {"d": 86400, "h": 3600, "m": 60, "s": 1, "ms": 0.001}
 
 
 @settings(max_examples=100, deadline=None)
-@given(st.lists(st.tuples(st.sampled_from(list(UNITS)), st.integers(0, 500)), min_size=1, max_size=5, unique_by=lambda p: p[0]))
+@given(
+    st.lists(
+        st.tuples(st.sampled_from(list(UNITS)), st.integers(0, 500)), min_size=1, max_size=5, unique_by=lambda p: p[0]
+    )
+)
 def test_parse_duration_combinations(parts):
     order = list(UNITS)
     parts = sorted(parts, key=lambda p: order.index(p[0]))
@@ -80,19 +99,20 @@ def test_format_duration_round_trips(seconds):
 
 def test_parse_time_forms():
     now = 1_800_000_000.0
-    assert parse_time("2026-11-22T08:00:00Z") == datetime(2026, 11, 22, 8, tzinfo=timezone.utc).timestamp()
-    assert parse_time("2026-11-22T10:00:00+02:00") == datetime(2026, 11, 22, 8, tzinfo=timezone.utc).timestamp()
+    assert parse_time("2026-11-22T08:00:00Z") == datetime(2026, 11, 22, 8, tzinfo=UTC).timestamp()
+    assert parse_time("2026-11-22T10:00:00+02:00") == datetime(2026, 11, 22, 8, tzinfo=UTC).timestamp()
     assert parse_time("@1800000000") == 1_800_000_000
     assert parse_time("@1800000000.25") == 1_800_000_000.25
     assert parse_time("+90s", now=now) == now + 90
     assert parse_time("+1h30m", now=now) == now + 5400
-    assert parse_time(datetime(2030, 1, 1, tzinfo=timezone.utc)) == datetime(2030, 1, 1, tzinfo=timezone.utc).timestamp()
+    assert parse_time(datetime(2030, 1, 1, tzinfo=UTC)) == datetime(2030, 1, 1, tzinfo=UTC).timestamp()
     before = time.time()
     assert before + 59 <= parse_time("+1m") <= time.time() + 61
 
 
-@pytest.mark.parametrize("text", ["", "tomorrow", "@abc", "+-5s", "+", "2026-13-01T00:00:00", "2026-11-22T25:00",
-                                  "@", "+5x"])
+@pytest.mark.parametrize(
+    "text", ["", "tomorrow", "@abc", "+-5s", "+", "2026-13-01T00:00:00", "2026-11-22T25:00", "@", "+5x"]
+)
 def test_parse_time_rejects(text):
     with pytest.raises(InvalidParams):
         parse_time(text, now=1_800_000_000.0)
@@ -114,7 +134,7 @@ def tz_tokyo(monkeypatch):
 
 def test_naive_time_is_local_time(tz_tokyo):
     # Tokyo is UTC+9 with no daylight saving time
-    assert parse_time("2030-01-01T09:00:00") == datetime(2030, 1, 1, 0, tzinfo=timezone.utc).timestamp()
+    assert parse_time("2030-01-01T09:00:00") == datetime(2030, 1, 1, 0, tzinfo=UTC).timestamp()
 
 
 def test_naive_time_is_local_time_end_to_end():
@@ -129,7 +149,7 @@ def test_iso_output():
     assert iso(None) is None
     assert iso(0) == "1970-01-01T00:00:00Z"
     assert iso(1.5) == "1970-01-01T00:00:01.500Z"
-    assert iso(datetime(2026, 11, 22, 8, tzinfo=timezone.utc).timestamp()) == "2026-11-22T08:00:00Z"
+    assert iso(datetime(2026, 11, 22, 8, tzinfo=UTC).timestamp()) == "2026-11-22T08:00:00Z"
 
 
 @settings(max_examples=100, deadline=None)
@@ -212,19 +232,26 @@ def test_trigger_records_validate():
     now = 1_800_000_000.0
     assert triggers.Periodic(60).to_record(now)["every"] == 60
     assert triggers.Periodic(timedelta(hours=1)).to_record(now)["flex"] == 3600
-    for bad in (lambda: triggers.Periodic(59.9), lambda: triggers.Periodic("1h", "2h"),
-                lambda: triggers.Windowed(now + 20, now + 10), lambda: triggers.Windowed(now - 20, now - 10),
-                lambda: triggers.Cron("* * *"), lambda: triggers.Cron("61 * * * *"),
-                lambda: triggers.OnChange("/no/such/path/for/kmpwm"), lambda: triggers.DeviceState("raining"),
-                lambda: triggers.Exact("whenever"), lambda: triggers.OneTime("-1s")):
+    for bad in (
+        lambda: triggers.Periodic(59.9),
+        lambda: triggers.Periodic("1h", "2h"),
+        lambda: triggers.Windowed(now + 20, now + 10),
+        lambda: triggers.Windowed(now - 20, now - 10),
+        lambda: triggers.Cron("* * *"),
+        lambda: triggers.Cron("61 * * * *"),
+        lambda: triggers.OnChange("/no/such/path/for/kmpwm"),
+        lambda: triggers.DeviceState("raining"),
+        lambda: triggers.Exact("whenever"),
+        lambda: triggers.OneTime("-1s"),
+    ):
         with pytest.raises(InvalidParams):
             bad().to_record(now)
     w = triggers.Windowed("+1h", "+2h").to_record(now)
     assert (w["start"], w["end"]) == (now + 3600, now + 7200)
     assert triggers.DeviceState("Battery_Low").to_record(now)["state"] == "battery-low"
     assert triggers.BatteryOkay().to_record(now)["state"] == "battery-okay"
-    e = triggers.Exact(datetime(2030, 1, 1, tzinfo=timezone.utc)).to_record(now)
-    assert e["at"] == datetime(2030, 1, 1, tzinfo=timezone.utc).timestamp()
+    e = triggers.Exact(datetime(2030, 1, 1, tzinfo=UTC)).to_record(now)
+    assert e["at"] == datetime(2030, 1, 1, tzinfo=UTC).timestamp()
     due, _ = triggers.initial(triggers.OneTime(timedelta(minutes=5)).to_record(now), now)
     assert due == now + 300
 
@@ -249,8 +276,7 @@ def test_triggers_are_immutable_values():
     assert repr(triggers.OnChange("/tmp", descendants=False)) == "OnChange(path='/tmp', descendants=False, delay=0)"
     t = triggers.Windowed("+1h", "+2h", delay=5)
     assert (t.start, t.end, t.delay) == ("+1h", "+2h", 5)
-    for mutate in (lambda: setattr(t, "start", "+3h"), lambda: delattr(t, "end"),
-                   lambda: setattr(t, "other", 1)):
+    for mutate in (lambda: setattr(t, "start", "+3h"), lambda: delattr(t, "end"), lambda: setattr(t, "other", 1)):
         with pytest.raises(AttributeError):
             mutate()
     assert pickle.loads(pickle.dumps(t)) == t and copy.deepcopy(t) == t and copy.copy(t) is not None
@@ -258,15 +284,21 @@ def test_triggers_are_immutable_values():
         triggers.Cron()
 
 
-@pytest.mark.parametrize("name", ["Scheduler", "TaskRequest", "Constraints", "WorkerResult", "ScheduleResult",
-                                  "triggers", "TaskState", "Outcome"])
+@pytest.mark.parametrize(
+    "name",
+    ["Scheduler", "TaskRequest", "Constraints", "WorkerResult", "ScheduleResult", "triggers", "TaskState", "Outcome"],
+)
 def test_public_names_import_in_a_fresh_process(name):
     """`from kmpwm import triggers` alone once recursed until the stack ran out."""
     import subprocess
     import sys
 
-    proc = subprocess.run([sys.executable, "-c", f"from kmpwm import {name}; print({name}.__name__)"],
-                          capture_output=True, text=True, timeout=60)
+    proc = subprocess.run(
+        [sys.executable, "-c", f"from kmpwm import {name}; print({name}.__name__)"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert proc.stdout.strip().rsplit(".", 1)[-1] == name
 
@@ -281,10 +313,20 @@ def test_spec_basic_and_defaults():
 
 
 def test_spec_values():
-    req, policy = request_from_spec({
-        "id": "a", "worker": "echo", "input": {"x": [1, 2]}, "every": "2h", "flex": "10m", "tags": ["t"],
-        "requires_network": True, "qos": "HIGH", "max_attempts": 3, "policy": "Append_Or_Replace",
-    })
+    req, policy = request_from_spec(
+        {
+            "id": "a",
+            "worker": "echo",
+            "input": {"x": [1, 2]},
+            "every": "2h",
+            "flex": "10m",
+            "tags": ["t"],
+            "requires_network": True,
+            "qos": "HIGH",
+            "max_attempts": 3,
+            "policy": "Append_Or_Replace",
+        }
+    )
     assert json.loads(req.input) == {"x": [1, 2]}
     assert isinstance(req.trigger, triggers.Periodic)
     rec = req.trigger.to_record(0)
@@ -302,24 +344,27 @@ def test_spec_values():
     assert request_from_spec({"worker": "echo"}, need_id=False)[0].id is None
 
 
-@pytest.mark.parametrize("spec", [
-    {"worker": "echo"},                                             # no id
-    {"id": "a"},                                                    # no worker
-    {"id": 5, "worker": "echo"},
-    {"id": "a", "worker": "echo", "bogus": 1},                     # unknown key
-    {"id": "a", "worker": "echo", "every": "1h", "cron": "* * * * *"},  # two triggers
-    {"id": "a", "worker": "echo", "window": "+1h"},                # window not a pair
-    {"id": "a", "worker": "echo", "window": ["+1h"]},
-    {"id": "a", "worker": "echo", "requires_network": "yes"},      # a switch takes a JSON boolean
-    {"id": "a", "worker": "echo", "flex": "5m"},                   # flex needs every
-    {"id": "a", "worker": "echo", "exact_behavior": "notify"},     # needs at
-    {"id": "a", "worker": "echo", "no_descendants": True},         # needs on_change
-    {"id": "a", "worker": "echo", "policy": "sometimes"},
-    {"id": "a", "worker": "echo", "tags": [1, 2]},
-    {"id": "a", "worker": "echo", "input": "x", "input_file": "/etc/hostname"},
-    {"id": "a", "worker": "echo", "input_file": "/no/such/file/kmpwm"},
-    "not a dict",
-])
+@pytest.mark.parametrize(
+    "spec",
+    [
+        {"worker": "echo"},  # no id
+        {"id": "a"},  # no worker
+        {"id": 5, "worker": "echo"},
+        {"id": "a", "worker": "echo", "bogus": 1},  # unknown key
+        {"id": "a", "worker": "echo", "every": "1h", "cron": "* * * * *"},  # two triggers
+        {"id": "a", "worker": "echo", "window": "+1h"},  # window not a pair
+        {"id": "a", "worker": "echo", "window": ["+1h"]},
+        {"id": "a", "worker": "echo", "requires_network": "yes"},  # a switch takes a JSON boolean
+        {"id": "a", "worker": "echo", "flex": "5m"},  # flex needs every
+        {"id": "a", "worker": "echo", "exact_behavior": "notify"},  # needs at
+        {"id": "a", "worker": "echo", "no_descendants": True},  # needs on_change
+        {"id": "a", "worker": "echo", "policy": "sometimes"},
+        {"id": "a", "worker": "echo", "tags": [1, 2]},
+        {"id": "a", "worker": "echo", "input": "x", "input_file": "/etc/hostname"},
+        {"id": "a", "worker": "echo", "input_file": "/no/such/file/kmpwm"},
+        "not a dict",
+    ],
+)
 def test_spec_rejects(spec):
     with pytest.raises(InvalidParams):
         req, _ = request_from_spec(spec, where="line 3")
@@ -333,19 +378,30 @@ def test_spec_errors_name_the_line():
     assert exc.value.message.startswith("line 7")
 
 
-@pytest.mark.parametrize("kw", [
-    {"max_attempts": 0}, {"max_attempts": True}, {"max_attempts": "many"}, {"timeout": "0s"},
-    {"timeout": "soon"}, {"qos": "urgent"}, {"backoff": "random"}, {"network_type": "5g"},
-    {"backoff_delay": "-1s"}, {"requires_network": "yes"},
-])
+@pytest.mark.parametrize(
+    "kw",
+    [
+        {"max_attempts": 0},
+        {"max_attempts": True},
+        {"max_attempts": "many"},
+        {"timeout": "0s"},
+        {"timeout": "soon"},
+        {"qos": "urgent"},
+        {"backoff": "random"},
+        {"network_type": "5g"},
+        {"backoff_delay": "-1s"},
+        {"requires_network": "yes"},
+    ],
+)
 def test_constraints_reject(kw):
     with pytest.raises(InvalidParams):
         Constraints(**kw).to_record()
 
 
 def test_constraints_record():
-    c = Constraints(network_type="Unmetered", timeout=timedelta(minutes=1), backoff="LINEAR",
-                    backoff_delay="1m", max_attempts="4").to_record()
+    c = Constraints(
+        network_type="Unmetered", timeout=timedelta(minutes=1), backoff="LINEAR", backoff_delay="1m", max_attempts="4"
+    ).to_record()
     assert c["network_type"] == "unmetered" and c["requires_network"] is True
     assert c["timeout"] == 60 and c["backoff"] == "linear" and c["backoff_delay"] == 60 and c["max_attempts"] == 4
     d = Constraints().to_record()

@@ -109,9 +109,13 @@ def world(tmp_path, kmpwm_home):
     shim.write_text(f'#!/bin/sh\nexec "{sys.executable}" -m kmpwm "$@"\n')
     shim.chmod(0o755)
     env = dict(os.environ)
-    env.update(KMPWM_HOME=str(home), PATH=f"{bin_dir}{os.pathsep}{env.get('PATH', '')}",
-               PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")])),
-               NO_COLOR="1", COLUMNS="200")
+    env.update(
+        KMPWM_HOME=str(home),
+        PATH=f"{bin_dir}{os.pathsep}{env.get('PATH', '')}",
+        PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")])),
+        NO_COLOR="1",
+        COLUMNS="200",
+    )
     env.pop("KMPWM_ASSUME", None)
     return home, cwd, env
 
@@ -127,8 +131,15 @@ def _write_file(block: Block, home: Path, cwd: Path) -> None:
 def _run_console(block: Block, home: Path, cwd: Path, env: dict) -> list[str]:
     problems = []
     for cmd, expected, code in console_commands(block):
-        proc = subprocess.run(["sh", "-c", cmd], cwd=cwd, env=env, stdout=subprocess.PIPE,
-                              stderr=subprocess.STDOUT, text=True, timeout=120)
+        proc = subprocess.run(
+            ["sh", "-c", cmd],
+            cwd=cwd,
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            timeout=120,
+        )
         where = f"README line {block.line_no} `$ {cmd}`"
         if proc.returncode != code:
             problems.append(f"{where}: exit {proc.returncode}, expected {code}\n{proc.stdout}")
@@ -136,9 +147,11 @@ def _run_console(block: Block, home: Path, cwd: Path, env: dict) -> list[str]:
         got = [shape(x, str(home), str(cwd)) for x in proc.stdout.splitlines()]
         want = [shape(x, str(home), str(cwd)) for x in expected]
         if got != want:
-            diff = "\n".join(f"  README: {w!r}\n  actual: {g!r}" for w, g in zip(want + [""] * len(got),
-                                                                            got + [""] * len(want))
-                             if w != g)
+            diff = "\n".join(
+                f"  README: {w!r}\n  actual: {g!r}"
+                for w, g in zip(want + [""] * len(got), got + [""] * len(want))
+                if w != g
+            )
             problems.append(f"{where}: output differs from the README\n{diff}\nfull output:\n{proc.stdout}")
     return problems
 
@@ -147,8 +160,10 @@ CHECK = re.compile(r"^(?P<expr>[^#\s].*?)\s+#\s*->\s*(?P<want>.+?)\s*$")
 
 
 def _python_source(block: Block) -> str:
-    out = ["def __readme_check(value, want, line):",
-           "    assert str(value) == want, f'README line {line}: got {value!s}, the README says {want}'"]
+    out = [
+        "def __readme_check(value, want, line):",
+        "    assert str(value) == want, f'README line {line}: got {value!s}, the README says {want}'",
+    ]
     for n, line in enumerate(block.lines, block.line_no + 1):
         m = CHECK.match(line)
         out.append(f"__readme_check({m['expr']}, {m['want']!r}, {n})" if m else line)
@@ -156,8 +171,9 @@ def _python_source(block: Block) -> str:
 
 
 def _run_python(block: Block, cwd: Path, env: dict) -> list[str]:
-    proc = subprocess.run([sys.executable, "-c", _python_source(block)], cwd=cwd, env=env,
-                          capture_output=True, text=True, timeout=120)
+    proc = subprocess.run(
+        [sys.executable, "-c", _python_source(block)], cwd=cwd, env=env, capture_output=True, text=True, timeout=120
+    )
     if proc.returncode != 0:
         return [f"README line {block.line_no} (python): exit {proc.returncode}\n{proc.stdout}{proc.stderr}"]
     return []
@@ -185,25 +201,43 @@ def test_readme_examples_work_as_written(world):
 
 # -- the checker itself -------------------------------------------------------------------------
 
+
 def test_shape_ignores_times_and_durations_but_not_words():
     a = shape("report: ENQUEUED — not yet due: next run in 9m57s (2026-11-22T09:09:03.200Z)", "/h", "/w")
     b = shape("report: ENQUEUED — not yet due: next run in 10m (2026-12-02T18:20:15.774Z)", "/h", "/w")
     assert a == b
     assert shape("ID  WORKER  STATE", "/h", "/w") != shape("ID  WORKER  STEP", "/h", "/w")
-    assert shape("journal /h/journal/journal.log: 12 record(s)", "/h", "/w") == \
-        "journal $KMPWM_HOME/journal/journal.log: <N> record(s)"
+    assert (
+        shape("journal /h/journal/journal.log: 12 record(s)", "/h", "/w")
+        == "journal $KMPWM_HOME/journal/journal.log: <N> record(s)"
+    )
 
 
 def test_checker_fails_on_output_the_tool_no_longer_prints(world, tmp_path):
     home, cwd, env = world
-    stale = Block("console", ["$ kmpwm enqueue a echo", "enqueued a, next run now",
-                              "$ kmpwm inspect-queue",
-                              "ID  WORKER  STATE     NEXT RUN  ATTEMPTS  CHAIN  TAGS  LAST RESULT",
-                              "a   echo    ENQUEUED  now       0"], 1)
+    stale = Block(
+        "console",
+        [
+            "$ kmpwm enqueue a echo",
+            "enqueued a, next run now",
+            "$ kmpwm inspect-queue",
+            "ID  WORKER  STATE     NEXT RUN  ATTEMPTS  CHAIN  TAGS  LAST RESULT",
+            "a   echo    ENQUEUED  now       0",
+        ],
+        1,
+    )
     problems = _run_console(stale, home, cwd, env)
     assert len(problems) == 1 and "CHAIN" in problems[0]
-    wrong_exit = Block("console", ["$ kmpwm workers nope  # exit 65", "kmpwm: error: unknown worker 'nope'",
-                                   "kmpwm: `kmpwm workers` lists them", "$ kmpwm workers nope"], 1)
+    wrong_exit = Block(
+        "console",
+        [
+            "$ kmpwm workers nope  # exit 65",
+            "kmpwm: error: unknown worker 'nope'",
+            "kmpwm: `kmpwm workers` lists them",
+            "$ kmpwm workers nope",
+        ],
+        1,
+    )
     problems = _run_console(wrong_exit, home, cwd, env)
     assert len(problems) == 1 and "exit 65, expected 0" in problems[0]
     bad_python = Block("python", ["x = 1 + 1", "x  # -> 3"], 1)

@@ -1,6 +1,7 @@
 """End-to-end tests of ``kmpwm run-due`` with real processes (SPEC sections 3-6, 9).
 
-Every test gets its own KMPWM_HOME (the autouse fixture of conftest.py; ``home`` is its path).  Command workers are small Python scripts written into
+Every test gets its own KMPWM_HOME (the autouse fixture of conftest.py; ``home`` is its path).  Command
+workers are small Python scripts written into
 tmp_path and declared in ``$KMPWM_HOME/config.toml``; their behaviour is driven by their input
 (or argv), and they record what they saw (env, stdin, timestamps) in JSON Lines files written
 with single O_APPEND writes.
@@ -17,7 +18,6 @@ from datetime import datetime
 from pathlib import Path
 
 import pytest
-
 from helpers import jdoc as kjson  # kjson(ARGS, expect=N) -> the --json document
 from helpers import kmpwm
 
@@ -25,7 +25,6 @@ PY = sys.executable
 HOUR = 3600.0
 
 # -- local helpers (self-contained on purpose) ------------------------------------------------
-
 
 
 def ts(iso: str | None) -> float | None:
@@ -74,7 +73,7 @@ def write_config(home: Path, workers: dict[str, dict]) -> None:
 #   stdout / stderr   text to print
 #   out      JSON object printed as the last stdout line
 #   ignore_term       ignore SIGTERM
-WORKER = r'''
+WORKER = r"""
 import json, os, signal, sys, time
 
 raw = sys.stdin.read()
@@ -128,7 +127,7 @@ if cfg.get("stderr"):
 sys.stdout.flush()
 sys.stderr.flush()
 sys.exit(code)
-'''
+"""
 
 
 @pytest.fixture
@@ -158,13 +157,21 @@ def test_concurrent_run_due_runs_every_task_exactly_once(tmp_path, cmd_worker):
     cmd_worker()
     log = tmp_path / "runs.jsonl"
     ids = [f"t{i:02d}" for i in range(40)]
-    lines = "".join(json.dumps({"id": i, "worker": "w", "input": json.dumps({"log": str(log), "sleep": 0.05})}) + "\n"
-                    for i in ids)
+    lines = "".join(
+        json.dumps({"id": i, "worker": "w", "input": json.dumps({"log": str(log), "sleep": 0.05})}) + "\n" for i in ids
+    )
     doc = kjson("enqueue", "--from", "-", input=lines)
     assert [r["result"] for r in doc["results"]] == ["SUCCESS"] * 40
 
-    procs = [subprocess.Popen([PY, "-m", "kmpwm", "run-due", "--parallel", "2", "--json"],
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(4)]
+    procs = [
+        subprocess.Popen(
+            [PY, "-m", "kmpwm", "run-due", "--parallel", "2", "--json"],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for _ in range(4)
+    ]
     outs = []
     for p in procs:
         out, err = p.communicate(timeout=180)
@@ -261,7 +268,7 @@ def test_failing_step_fails_the_rest_of_the_chain(tmp_path, cmd_worker):
 
 
 def test_failing_builtin_in_parallel_step(tmp_path):
-    doc = kjson("chain", "--id", "g", "echo", "fail+echo", "echo")
+    kjson("chain", "--id", "g", "echo", "fail+echo", "echo")
     run = kjson("run-due", "--parallel", "2")
     assert "g/3/echo" not in {r["id"] for r in run["ran"]}
     state = tasks()
@@ -393,8 +400,13 @@ def test_periodic_runs_once_per_period_and_coalesces_missed_periods(tmp_path, cm
 
 def test_command_worker_exit_codes_and_environment(tmp_path, home, script):
     log = tmp_path / "env.jsonl"
-    write_config(home, {"w": {"command": [PY, str(script)]},
-                        "missing": {"command": [str(tmp_path / "no-such-dir" / "kmpwm-no-such-program")]}})
+    write_config(
+        home,
+        {
+            "w": {"command": [PY, str(script)]},
+            "missing": {"command": [str(tmp_path / "no-such-dir" / "kmpwm-no-such-program")]},
+        },
+    )
     inputs = {
         "okjson": {"log": str(log), "stdout": "some chatter\nmore chatter", "out": {"k": 1, "s": "x"}},
         "oktext": {"stdout": "just text, no JSON"},
@@ -553,7 +565,7 @@ def test_a_worker_forked_as_run_due_dies_never_runs(tmp_path):
     log = tmp_path / "child.log"
     code = f"""
 import os, sys, time
-from kmpwm import runner
+from kmpwm.running import runner
 parent = os.getpid()
 if os.fork() == 0:
     while os.getppid() == parent:  # wait until the forking process is gone
@@ -607,8 +619,9 @@ def test_every_view_tells_the_same_truth_about_a_dead_runner(tmp_path, cmd_worke
     started = tmp_path / "started.jsonl"
     cmd_worker(slow={"sleep": 60, "started": str(started)})
     kjson("enqueue", "s", "slow")
-    proc = subprocess.Popen([PY, "-m", "kmpwm", "run-due"], env=kmpwm_env(), stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        [PY, "-m", "kmpwm", "run-due"], env=kmpwm_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
     deadline = time.monotonic() + 60
     while not read_log(started) and time.monotonic() < deadline:
         time.sleep(0.02)

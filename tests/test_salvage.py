@@ -21,7 +21,7 @@ import flipsweep
 import pytest
 from crashlib import Home, count, fold_bytes, parse_log
 
-from kmpwm.state import apply, new_state
+from kmpwm.core.state import apply, new_state
 
 
 def _scratch(prefix: str) -> Path:
@@ -55,13 +55,16 @@ def test_every_byte_damaged_then_repaired_loses_no_success(built):
         shutil.rmtree(root, ignore_errors=True)
     count("corruptions", report.trials)
     assert report.trials == 2 * len(tpl.data) and report.checks > 10 * report.trials
-    assert not report.violations, (f"{len(report.violations)} violated of {report.checks} checks in "
-                                   f"{report.trials} trials:\n" + "\n".join(report.violations[:30]))
+    assert not report.violations, (
+        f"{len(report.violations)} violated of {report.checks} checks in "
+        f"{report.trials} trials:\n" + "\n".join(report.violations[:30])
+    )
     # every single-bit flip restores the journal exactly; a destroyed byte on a newline does too
     assert report.restored >= len(tpl.data)
 
 
 # -- end to end through the CLI ------------------------------------------------------------
+
 
 def _case(built, tmp_path) -> tuple[Home, flipsweep.Template]:
     home, tpl = built
@@ -110,8 +113,7 @@ def test_flipped_newline_after_a_claim_keeps_both_records(built, tmp_path):
     """The issue's case: one bit of the newline after a claim record.  Readers show both glued
     records, run-due refuses, repair keeps both and quarantines the one byte."""
     home, tpl = _case(built, tmp_path)
-    n = _record(tpl, lambda ops: any(o["op"] == "claim" for o in ops)
-                and not any(o["op"] == "result" for o in ops))
+    n = _record(tpl, lambda ops: any(o["op"] == "claim" for o in ops) and not any(o["op"] == "result" for o in ops))
     assert any(o["op"] == "result" for o in tpl.records[n + 1]["ops"]) or n + 1 < len(tpl.records)
     nl = tpl.lines[n][1]
     data = bytearray(tpl.data)
@@ -128,7 +130,7 @@ def test_flipped_newline_after_a_claim_keeps_both_records(built, tmp_path):
     quarantined = [p for p in (home.journal_dir / "quarantine").glob("*.bin")]
     assert [p.read_bytes() for p in quarantined] == [b"\x0b"]
     kept = flipsweep._no_hdr(r for _, r in fold_bytes(home.journal.read_bytes())[1].records)
-    assert kept[:len(tpl.records) - 1] == flipsweep._no_hdr(tpl.records), "every original record is kept, in order"
+    assert kept[: len(tpl.records) - 1] == flipsweep._no_hdr(tpl.records), "every original record is kept, in order"
 
 
 def _destroy(tpl: flipsweep.Template, n: int) -> bytes:
@@ -143,9 +145,12 @@ def _destroy(tpl: flipsweep.Template, n: int) -> bytes:
 
 DESTROYED = {
     # the claim of r's second (successful) run: its result must still count
-    "claim": lambda ops: any(o["op"] == "claim" and o["id"] == "r" for o in ops)
-    and not any(o["op"] == "result" for o in ops) and ops[0].get("op") == "claim"
-    and [o["id"] for o in ops if o["op"] == "claim"] == ["r"],
+    "claim": lambda ops: (
+        any(o["op"] == "claim" and o["id"] == "r" for o in ops)
+        and not any(o["op"] == "result" for o in ops)
+        and ops[0].get("op") == "claim"
+        and [o["id"] for o in ops if o["op"] == "claim"] == ["r"]
+    ),
     # r's RETRY: its second claim and successful result must not be taken for stale
     "retry-result": lambda ops: any(o["op"] == "result" and o["id"] == "r" and o["status"] == "RETRY" for o in ops),
     # the first chain step's success: the later steps ran, so it had succeeded
@@ -166,8 +171,15 @@ def test_destroyed_record_forgets_no_other_success(built, tmp_path, what):
     excused = tpl.excused[n]
     # what the test is about may not be lost (the record may hold another task's success too:
     # run-due writes the results that finished together in one record)
-    assert not excused & {"claim": {"r"}, "retry-result": {"r"}, "parallel-claims": {"ch/2/cw", "ch/2/pw"},
-                          "first-step-result": {"ch/1/cw"}}[what], excused
+    assert (
+        not excused
+        & {
+            "claim": {"r"},
+            "retry-result": {"r"},
+            "parallel-claims": {"ch/2/cw", "ch/2/pw"},
+            "first-step-result": {"ch/1/cw"},
+        }[what]
+    ), excused
     repaired = _repair_then_run(home, tpl, excused)
     assert repaired["salvaged"] == 0 and repaired["corrected"] == []
 
@@ -195,6 +207,7 @@ def test_flipped_last_newline_is_not_cut_by_the_next_writer(built, tmp_path):
 
 # -- the fold ------------------------------------------------------------------------------
 
+
 def _fold(*records) -> dict:
     state = new_state()
     for ts, ops in records:
@@ -202,20 +215,45 @@ def _fold(*records) -> dict:
     return state
 
 
-ENQ = (1.0, [{"op": "enq", "task": {"id": "t", "worker": "w", "trigger": {"type": "one_time", "delay": 0.0},
-                                    "created_at": 1.0}}])
-ENQ_OTHER = (0.5, [{"op": "enq", "task": {"id": "o", "worker": "w", "trigger": {"type": "one_time", "delay": 0.0},
-                                          "created_at": 0.5}}])
+ENQ = (
+    1.0,
+    [
+        {
+            "op": "enq",
+            "task": {"id": "t", "worker": "w", "trigger": {"type": "one_time", "delay": 0.0}, "created_at": 1.0},
+        }
+    ],
+)
+ENQ_OTHER = (
+    0.5,
+    [
+        {
+            "op": "enq",
+            "task": {"id": "o", "worker": "w", "trigger": {"type": "one_time", "delay": 0.0}, "created_at": 0.5},
+        }
+    ],
+)
 
 
 def _claim(ts, runner, **kw):
-    return ts, [{"op": "claim", "id": "t", "seq": kw.pop("seq", 1), "born": 1.0, "runner": runner, "until": ts + 60,
-                 **kw}]
+    return ts, [
+        {"op": "claim", "id": "t", "seq": kw.pop("seq", 1), "born": 1.0, "runner": runner, "until": ts + 60, **kw}
+    ]
 
 
 def _result(ts, runner, status, claimed, **kw):
-    return ts, [{"op": "result", "id": "t", "seq": kw.pop("seq", 1), "born": 1.0, "runner": runner, "status": status,
-                 "claimed": claimed, **kw}]
+    return ts, [
+        {
+            "op": "result",
+            "id": "t",
+            "seq": kw.pop("seq", 1),
+            "born": 1.0,
+            "runner": runner,
+            "status": status,
+            "claimed": claimed,
+            **kw,
+        }
+    ]
 
 
 def test_fold_applies_a_result_whose_claim_was_lost():
@@ -234,8 +272,13 @@ def test_fold_still_ignores_a_stale_result():
     state = _fold(ENQ, _claim(2.0, "R1"), _claim(90.0, "R2", broken=True), _result(95.0, "R1", "FAILURE", claimed=2.0))
     t = state["tasks"]["t"]
     assert t["state"] == "RUNNING" and t["lease"]["runner"] == "R2"
-    state = _fold(ENQ, _claim(2.0, "R1"), _claim(90.0, "R2", broken=True), _result(92.0, "R2", "RETRY", claimed=90.0),
-                  _result(95.0, "R1", "SUCCESS", claimed=2.0))
+    state = _fold(
+        ENQ,
+        _claim(2.0, "R1"),
+        _claim(90.0, "R2", broken=True),
+        _result(92.0, "R2", "RETRY", claimed=90.0),
+        _result(95.0, "R1", "SUCCESS", claimed=2.0),
+    )
     assert state["tasks"]["t"]["state"] == "ENQUEUED", "a result of a claim older than the last one seen is stale"
 
 
@@ -251,7 +294,7 @@ def test_fold_names_a_task_by_its_birth_when_an_earlier_record_is_lost():
 def test_repair_mends_several_errors_in_one_damaged_region():
     """One region: a newline flipped (two records glued), a bit flipped in each of the two records
     after it, and a byte flipped into a newline in a fourth.  Every record comes back, in order."""
-    from kmpwm.journal import encode, mend, scan_bytes
+    from kmpwm.storage.journal import encode, mend, scan_bytes
 
     records = [{"ts": float(i), "ops": [{"op": "enq", "task": {"id": f"J{i}*", "worker": "w"}}]} for i in range(6)]
     lines = [bytearray(encode(r)) for r in records]

@@ -13,17 +13,16 @@ import json
 import subprocess
 import sys
 import time
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 from zoneinfo import ZoneInfo
 
 import orjson
 import pytest
+from helpers import kjson, kmpwm, kmpwm_env, tasks_by_id
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from helpers import kjson, kmpwm, kmpwm_env, tasks_by_id
-
-from kmpwm.triggers import (
+from kmpwm.core.triggers import (
     Cron,
     cron_next,
     first_due_after,
@@ -42,8 +41,9 @@ def at(clock: str, *args, tz: str = TOKYO, env: dict | None = None, check: int |
     argv = ["faketime", clock, sys.executable, "-m", "kmpwm", *map(str, args)]
     if "--json" not in args:
         argv.append("--json")
-    proc = subprocess.run(argv, capture_output=True, text=True, env=kmpwm_env({"TZ": tz, **HOST, **(env or {})}),
-                          timeout=60, input="")
+    proc = subprocess.run(
+        argv, capture_output=True, text=True, env=kmpwm_env({"TZ": tz, **HOST, **(env or {})}), timeout=60, input=""
+    )
     assert "Traceback" not in proc.stderr, proc.stderr
     if check is not None:
         assert proc.returncode == check, f"{argv}: exit {proc.returncode}\n{proc.stdout}\n{proc.stderr}"
@@ -56,7 +56,7 @@ def epoch(iso: str) -> float:
 
 
 def utc(text: str) -> float:
-    return datetime.fromisoformat(text).replace(tzinfo=timezone.utc).timestamp()
+    return datetime.fromisoformat(text).replace(tzinfo=UTC).timestamp()
 
 
 def task(task_id: str, clock: str = "2030-01-01 00:00:00 UTC", tz: str = TOKYO) -> dict:
@@ -80,14 +80,49 @@ CRON_DST_CASES = [
     # Berlin, spring forward 2026-03-29 02:00 CET -> 03:00 CEST: 09:00 stays 09:00
     (BERLIN, "0 9 * * *", "2026-03-28 12:00:00", "2026-03-29T07:00:00Z", "2026-03-29 07:05:00", "2026-03-30T07:00:00Z"),
     # Berlin: 02:30 does not exist on 2026-03-29: the shifted instant (03:30 CEST), then 02:30 again
-    (BERLIN, "30 2 * * *", "2026-03-28 12:00:00", "2026-03-29T01:30:00Z", "2026-03-29 01:35:00", "2026-03-30T00:30:00Z"),
+    (
+        BERLIN,
+        "30 2 * * *",
+        "2026-03-28 12:00:00",
+        "2026-03-29T01:30:00Z",
+        "2026-03-29 01:35:00",
+        "2026-03-30T00:30:00Z",
+    ),
     # Berlin, fall back 2026-10-25 03:00 CEST -> 02:00 CET: 02:30 twice, runs at the first
-    (BERLIN, "30 2 * * *", "2026-10-24 12:00:00", "2026-10-25T00:30:00Z", "2026-10-25 00:45:00", "2026-10-26T01:30:00Z"),
+    (
+        BERLIN,
+        "30 2 * * *",
+        "2026-10-24 12:00:00",
+        "2026-10-25T00:30:00Z",
+        "2026-10-25 00:45:00",
+        "2026-10-26T01:30:00Z",
+    ),
     # New York, spring forward 2026-03-08 02:00 EST -> 03:00 EDT: 02:30 shifted to 03:30 EDT
-    (NEW_YORK, "30 2 * * *", "2026-03-07 12:00:00", "2026-03-08T07:30:00Z", "2026-03-08 07:35:00", "2026-03-09T06:30:00Z"),
+    (
+        NEW_YORK,
+        "30 2 * * *",
+        "2026-03-07 12:00:00",
+        "2026-03-08T07:30:00Z",
+        "2026-03-08 07:35:00",
+        "2026-03-09T06:30:00Z",
+    ),
     # New York, fall back 2026-11-01 02:00 EDT -> 01:00 EST: 01:30 twice, runs at the first
-    (NEW_YORK, "30 1 * * *", "2026-10-31 12:00:00", "2026-11-01T05:30:00Z", "2026-11-01 05:45:00", "2026-11-02T06:30:00Z"),
-    (NEW_YORK, "0 9 * * *", "2026-10-31 14:00:00", "2026-11-01T14:00:00Z", "2026-11-01 14:05:00", "2026-11-02T14:00:00Z"),
+    (
+        NEW_YORK,
+        "30 1 * * *",
+        "2026-10-31 12:00:00",
+        "2026-11-01T05:30:00Z",
+        "2026-11-01 05:45:00",
+        "2026-11-02T06:30:00Z",
+    ),
+    (
+        NEW_YORK,
+        "0 9 * * *",
+        "2026-10-31 14:00:00",
+        "2026-11-01T14:00:00Z",
+        "2026-11-01 14:05:00",
+        "2026-11-02T14:00:00Z",
+    ),
 ]
 
 
@@ -122,12 +157,15 @@ def test_cron_without_tz_follows_the_machine_zone_and_with_tz_does_not():
     assert task("zoned")["next_run_at"] == "2026-06-02T07:00:00Z"  # 09:00 CEST, as before
 
 
-@pytest.mark.parametrize("when, expected", [
-    ("2026-03-29T02:30:00", "2026-03-29T01:30:00Z"),  # does not exist in Berlin: the shifted instant
-    ("2026-10-25T02:30:00", "2026-10-25T00:30:00Z"),  # exists twice: the first
-    ("2026-07-01T09:00:00", "2026-07-01T07:00:00Z"),
-    ("2026-07-01T09:00:00+00:00", "2026-07-01T09:00:00Z"),  # an explicit offset wins over --tz
-])
+@pytest.mark.parametrize(
+    "when, expected",
+    [
+        ("2026-03-29T02:30:00", "2026-03-29T01:30:00Z"),  # does not exist in Berlin: the shifted instant
+        ("2026-10-25T02:30:00", "2026-10-25T00:30:00Z"),  # exists twice: the first
+        ("2026-07-01T09:00:00", "2026-07-01T07:00:00Z"),
+        ("2026-07-01T09:00:00+00:00", "2026-07-01T09:00:00Z"),  # an explicit offset wins over --tz
+    ],
+)
 def test_at_tz_reads_naive_times_in_the_zone(when, expected):
     doc, _ = at("2026-03-01 00:00:00 UTC", "enqueue", "a", "echo", "--at", when, "--tz", BERLIN, tz=NEW_YORK)
     assert doc["next_run_at"] == expected
@@ -136,28 +174,41 @@ def test_at_tz_reads_naive_times_in_the_zone(when, expected):
 
 
 def test_window_tz():
-    at("2026-03-01 00:00:00 UTC", "enqueue", "w", "echo", "--window", "2026-03-08T01:00:00", "2026-03-08T04:00:00",
-       "--tz", NEW_YORK, tz=BERLIN)
+    at(
+        "2026-03-01 00:00:00 UTC",
+        "enqueue",
+        "w",
+        "echo",
+        "--window",
+        "2026-03-08T01:00:00",
+        "2026-03-08T04:00:00",
+        "--tz",
+        NEW_YORK,
+        tz=BERLIN,
+    )
     trig = task("w", "2026-03-01 00:00:00 UTC")["trigger"]
     assert (trig["start"], trig["end"], trig["tz"]) == ("2026-03-08T06:00:00Z", "2026-03-08T08:00:00Z", NEW_YORK)
 
 
-@pytest.mark.parametrize("args", [
-    ["enqueue", "x", "echo", "--cron", "0 9 * * *", "--tz", "Mars/Olympus_Mons"],
-    ["enqueue", "x", "echo", "--at", "+1h", "--tz", "Europe/Nowhere"],
-    ["enqueue", "x", "echo", "--cron", "0 9 * * *", "--tz", "../../etc/passwd"],
-    ["enqueue", "x", "echo", "--every", "1h", "--tz", BERLIN],  # --tz has nothing to read there
-    ["enqueue", "x", "echo", "--on-change", "/tmp", "--jitter", "1m"],
-    ["enqueue", "x", "echo", "--jitter", "1m"],
-    ["enqueue", "x", "echo", "--window", "+1h", "+2h", "--misfire-grace", "1m"],
-    ["enqueue", "x", "echo", "--every", "1h", "--misfire-grace", "0"],
-    ["enqueue", "x", "echo", "--every", "1h", "--jitter", "soon"],
-    ["next", "--cron", "0 9 * * *", "--tz", "Not/AZone"],
-    ["next", "--every", "30s"],
-    ["next", "--cron", "61 * * * *"],
-    ["next", "--cron", "0 9 * * *", "-n", "0"],
-    ["next", "no-such-task"],
-])
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["enqueue", "x", "echo", "--cron", "0 9 * * *", "--tz", "Mars/Olympus_Mons"],
+        ["enqueue", "x", "echo", "--at", "+1h", "--tz", "Europe/Nowhere"],
+        ["enqueue", "x", "echo", "--cron", "0 9 * * *", "--tz", "../../etc/passwd"],
+        ["enqueue", "x", "echo", "--every", "1h", "--tz", BERLIN],  # --tz has nothing to read there
+        ["enqueue", "x", "echo", "--on-change", "/tmp", "--jitter", "1m"],
+        ["enqueue", "x", "echo", "--jitter", "1m"],
+        ["enqueue", "x", "echo", "--window", "+1h", "+2h", "--misfire-grace", "1m"],
+        ["enqueue", "x", "echo", "--every", "1h", "--misfire-grace", "0"],
+        ["enqueue", "x", "echo", "--every", "1h", "--jitter", "soon"],
+        ["next", "--cron", "0 9 * * *", "--tz", "Not/AZone"],
+        ["next", "--every", "30s"],
+        ["next", "--cron", "61 * * * *"],
+        ["next", "--cron", "0 9 * * *", "-n", "0"],
+        ["next", "no-such-task"],
+    ],
+)
 def test_invalid_is_65(args):
     doc, rc = kjson(*args)
     assert rc == 65, doc
@@ -194,19 +245,56 @@ def test_jitter_offsets_spread_evenly_over_1000_ids_and_are_stable():
 
 
 def test_jitter_in_next_run_at_stable_per_id_and_host():
-    doc, _ = at("2026-06-01 08:00:00 UTC", "enqueue", "j", "echo", "--cron", "0 9 * * *", "--tz", BERLIN,
-                "--jitter", "30m", tz=NEW_YORK)
+    doc, _ = at(
+        "2026-06-01 08:00:00 UTC",
+        "enqueue",
+        "j",
+        "echo",
+        "--cron",
+        "0 9 * * *",
+        "--tz",
+        BERLIN,
+        "--jitter",
+        "30m",
+        tz=NEW_YORK,
+    )
     off = jitter_offset("j", 1800, host="host-a")
     assert epoch(doc["next_run_at"]) == pytest.approx(utc("2026-06-02 07:00:00") + off, abs=0.002)
     assert task("j")["constraints"]["jitter"] == 1800
     # another host computes another offset; the same host the same one
-    doc2, _ = at("2026-06-01 08:00:00 UTC", "enqueue", "j", "echo", "--cron", "0 9 * * *", "--tz", BERLIN,
-                 "--jitter", "30m", "--policy", "replace", env={"KMPWM_HOST": "host-b"})
-    assert epoch(doc2["next_run_at"]) == pytest.approx(utc("2026-06-02 07:00:00")
-                                                       + jitter_offset("j", 1800, host="host-b"), abs=0.002)
+    doc2, _ = at(
+        "2026-06-01 08:00:00 UTC",
+        "enqueue",
+        "j",
+        "echo",
+        "--cron",
+        "0 9 * * *",
+        "--tz",
+        BERLIN,
+        "--jitter",
+        "30m",
+        "--policy",
+        "replace",
+        env={"KMPWM_HOST": "host-b"},
+    )
+    assert epoch(doc2["next_run_at"]) == pytest.approx(
+        utc("2026-06-02 07:00:00") + jitter_offset("j", 1800, host="host-b"), abs=0.002
+    )
     assert doc2["next_run_at"] != doc["next_run_at"]
-    doc3, _ = at("2026-06-01 08:00:00 UTC", "enqueue", "j", "echo", "--cron", "0 9 * * *", "--tz", BERLIN,
-                 "--jitter", "30m", "--policy", "replace")
+    doc3, _ = at(
+        "2026-06-01 08:00:00 UTC",
+        "enqueue",
+        "j",
+        "echo",
+        "--cron",
+        "0 9 * * *",
+        "--tz",
+        BERLIN,
+        "--jitter",
+        "30m",
+        "--policy",
+        "replace",
+    )
     assert doc3["next_run_at"] == doc["next_run_at"]
     # not due before its offset, due after it; the next time keeps the same offset
     assert ran(at("2026-06-02 07:00:00 UTC", "run-due")[0]) == ([] if off > 1 else ["j"])
@@ -221,12 +309,13 @@ def test_jitter_on_every_and_at():
     first = epoch(doc["next_run_at"])
     assert utc("2026-06-01 08:00:00") + off <= first <= utc("2026-06-01 08:00:05") + off
     anchor = first - off
-    at(f"{datetime.fromtimestamp(first + 30, timezone.utc):%Y-%m-%d %H:%M:%S} UTC", "run-due")
+    at(f"{datetime.fromtimestamp(first + 30, UTC):%Y-%m-%d %H:%M:%S} UTC", "run-due")
     # the next due time stays on the un-jittered grid, plus the same offset
     assert epoch(task("p")["next_run_at"]) == pytest.approx(anchor + 3600 + off, abs=0.002)
     doc, _ = at("2026-06-01 08:00:00 UTC", "enqueue", "x", "echo", "--at", "2026-06-01T12:00:00Z", "--jitter", "20m")
-    assert epoch(doc["next_run_at"]) == pytest.approx(utc("2026-06-01 12:00:00")
-                                                      + jitter_offset("x", 1200, host="host-a"), abs=0.002)
+    assert epoch(doc["next_run_at"]) == pytest.approx(
+        utc("2026-06-01 12:00:00") + jitter_offset("x", 1200, host="host-a"), abs=0.002
+    )
 
 
 # -- --misfire-grace ----------------------------------------------------------------------------
@@ -264,8 +353,19 @@ def test_misfire_next_occurrence_on_time_runs_in_the_same_pass():
 
 
 def test_misfire_cron_in_a_zone():
-    at("2026-03-28 12:00:00 UTC", "enqueue", "mc", "echo", "--cron", "0 9 * * *", "--tz", BERLIN,
-       "--misfire-grace", "30m", tz=NEW_YORK)
+    at(
+        "2026-03-28 12:00:00 UTC",
+        "enqueue",
+        "mc",
+        "echo",
+        "--cron",
+        "0 9 * * *",
+        "--tz",
+        BERLIN,
+        "--misfire-grace",
+        "30m",
+        tz=NEW_YORK,
+    )
     out, _ = at("2026-03-29 08:00:00 UTC", "run-due", tz=NEW_YORK)  # 10:00 CEST, an hour late
     assert ran(out) == [] and out["skipped"][0]["reason"].startswith("missed")
     assert task("mc")["next_run_at"] == "2026-03-30T07:00:00Z"
@@ -293,10 +393,28 @@ def test_misfire_without_grace_runs_late_once_as_before():
 def test_constraint_wait_is_not_a_misfire():
     """Seen due in time and held by a constraint: it runs once the constraint holds, however late.
     First seen too late (the machine slept), with the constraint unmet: missed all the same."""
-    at("2026-06-01 08:00:00 UTC", "enqueue", "held", "echo", "--at", "2026-06-01T09:00:00Z",
-       "--misfire-grace", "5m", "--requires-charging")
-    at("2026-06-01 08:00:00 UTC", "enqueue", "slept", "echo", "--at", "2026-06-01T10:00:00Z",
-       "--misfire-grace", "5m", "--requires-charging")
+    at(
+        "2026-06-01 08:00:00 UTC",
+        "enqueue",
+        "held",
+        "echo",
+        "--at",
+        "2026-06-01T09:00:00Z",
+        "--misfire-grace",
+        "5m",
+        "--requires-charging",
+    )
+    at(
+        "2026-06-01 08:00:00 UTC",
+        "enqueue",
+        "slept",
+        "echo",
+        "--at",
+        "2026-06-01T10:00:00Z",
+        "--misfire-grace",
+        "5m",
+        "--requires-charging",
+    )
     off = {"KMPWM_ASSUME": "charging=off"}
     on = {"KMPWM_ASSUME": "charging=on"}
     out, _ = at("2026-06-01 09:01:00 UTC", "run-due", env=off)
@@ -314,8 +432,18 @@ def test_misfire_does_not_judge_a_retry(home):
     """A retry after its backoff continues an occurrence that started: not a misfire."""
     (home / "config.toml").write_text('[workers.again]\ncommand = ["sh", "-c", "exit 75"]\n')
     (home / "config.toml").chmod(0o600)
-    at("2026-06-01 08:00:00 UTC", "enqueue", "rt", "again", "--at", "2026-06-01T09:00:00Z", "--misfire-grace", "5m",
-       "--max-attempts", "3")
+    at(
+        "2026-06-01 08:00:00 UTC",
+        "enqueue",
+        "rt",
+        "again",
+        "--at",
+        "2026-06-01T09:00:00Z",
+        "--misfire-grace",
+        "5m",
+        "--max-attempts",
+        "3",
+    )
     out, _ = at("2026-06-01 09:01:00 UTC", "run-due")
     assert [r["status"] for r in out["ran"]] == ["RETRY"]
     out, _ = at("2026-06-01 12:00:00 UTC", "run-due")  # the retry is hours late: still runs
@@ -328,8 +456,9 @@ def test_misfire_does_not_judge_a_retry(home):
 
 def test_next_cron_tz_and_n():
     doc, _ = at("2026-03-27 12:00:00 UTC", "next", "--cron", "30 2 * * *", "--tz", BERLIN, "-n", "4", tz=NEW_YORK)
-    assert doc == {"times": ["2026-03-28T01:30:00Z", "2026-03-29T01:30:00Z", "2026-03-30T00:30:00Z",
-                             "2026-03-31T00:30:00Z"]}
+    assert doc == {
+        "times": ["2026-03-28T01:30:00Z", "2026-03-29T01:30:00Z", "2026-03-30T00:30:00Z", "2026-03-31T00:30:00Z"]
+    }
     doc, _ = at("2026-10-31 12:00:00 UTC", "next", "--cron", "30 1 * * *", "--tz", NEW_YORK, tz=BERLIN)
     assert doc["times"][:2] == ["2026-11-01T05:30:00Z", "2026-11-02T06:30:00Z"] and len(doc["times"]) == 5
 
@@ -344,21 +473,30 @@ def test_next_every_first_is_now():
 
 
 def test_next_of_a_task_has_its_jitter_and_zone():
-    at("2026-06-01 08:00:00 UTC", "enqueue", "nj", "echo", "--cron", "0 9 * * 1-5", "--tz", NEW_YORK,
-       "--jitter", "10m")
+    at("2026-06-01 08:00:00 UTC", "enqueue", "nj", "echo", "--cron", "0 9 * * 1-5", "--tz", NEW_YORK, "--jitter", "10m")
     off = jitter_offset("nj", 600, host="host-a")
     doc, _ = at("2026-06-01 08:00:00 UTC", "next", "nj", "-n", "3")
     expected = [utc(d) + off for d in ("2026-06-01 13:00:00", "2026-06-02 13:00:00", "2026-06-03 13:00:00")]
     assert [epoch(x) for x in doc["times"]] == pytest.approx(expected, abs=0.002)
     assert doc["times"][0] == task("nj")["next_run_at"]
     # human output: the task's zone, the UTC time and the relative time, one per line
-    proc = subprocess.run(["faketime", "2026-06-01 08:00:00 UTC", sys.executable, "-m", "kmpwm", "next", "nj", "-n", "2"],
-                          capture_output=True, text=True, env=kmpwm_env({"TZ": TOKYO, **HOST}), timeout=60)
+    proc = subprocess.run(
+        ["faketime", "2026-06-01 08:00:00 UTC", sys.executable, "-m", "kmpwm", "next", "nj", "-n", "2"],
+        capture_output=True,
+        text=True,
+        env=kmpwm_env({"TZ": TOKYO, **HOST}),
+        timeout=60,
+    )
     lines = proc.stdout.splitlines()
     assert proc.returncode == 0 and len(lines) == 2
     assert " EDT " in lines[0] and doc["times"][0] in lines[0] and "in 5h" in lines[0]
-    proc = subprocess.run([sys.executable, "-m", "kmpwm", "next", "nj", "-n", "1", "--tz", BERLIN],
-                          capture_output=True, text=True, env=kmpwm_env({**HOST}), timeout=60)
+    proc = subprocess.run(
+        [sys.executable, "-m", "kmpwm", "next", "nj", "-n", "1", "--tz", BERLIN],
+        capture_output=True,
+        text=True,
+        env=kmpwm_env({**HOST}),
+        timeout=60,
+    )
     assert " CEST " in proc.stdout
 
 
@@ -373,29 +511,63 @@ def test_next_of_one_time_and_event_tasks():
 
 
 def test_enqueue_from_and_chain_file_and_chain_flags():
-    lines = "\n".join(json.dumps(x) for x in (
-        {"id": "f1", "worker": "echo", "cron": "0 9 * * *", "tz": BERLIN, "jitter": "5m", "misfire_grace": "1h"},
-        {"id": "f2", "worker": "echo", "at": "2026-07-01T09:00:00", "tz": NEW_YORK},
-    ))
-    proc = subprocess.run(["faketime", "2026-06-01 08:00:00 UTC", sys.executable, "-m", "kmpwm", "enqueue", "--from", "-",
-                           "--json"], input=lines, capture_output=True, text=True, env=kmpwm_env(HOST), timeout=60)
+    lines = "\n".join(
+        json.dumps(x)
+        for x in (
+            {"id": "f1", "worker": "echo", "cron": "0 9 * * *", "tz": BERLIN, "jitter": "5m", "misfire_grace": "1h"},
+            {"id": "f2", "worker": "echo", "at": "2026-07-01T09:00:00", "tz": NEW_YORK},
+        )
+    )
+    proc = subprocess.run(
+        ["faketime", "2026-06-01 08:00:00 UTC", sys.executable, "-m", "kmpwm", "enqueue", "--from", "-", "--json"],
+        input=lines,
+        capture_output=True,
+        text=True,
+        env=kmpwm_env(HOST),
+        timeout=60,
+    )
     assert proc.returncode == 0, proc.stderr
     f1 = task("f1", "2026-06-01 08:00:00 UTC")
-    assert f1["trigger"]["tz"] == BERLIN and f1["constraints"]["jitter"] == 300 and f1["constraints"]["misfire_grace"] == 3600
+    assert (
+        f1["trigger"]["tz"] == BERLIN
+        and f1["constraints"]["jitter"] == 300
+        and f1["constraints"]["misfire_grace"] == 3600
+    )
     assert task("f2", "2026-06-01 08:00:00 UTC")["next_run_at"] == "2026-07-01T13:00:00Z"
     bad = json.dumps({"id": "f3", "worker": "echo", "cron": "0 9 * * *", "tz": "Nowhere/Land"})
     assert kjson("enqueue", "--from", "-", input=bad)[1] == 65
-    chain = {"id": "ch", "steps": [[{"worker": "echo", "at": "2026-07-01T09:00:00", "tz": BERLIN,
-                                     "misfire_grace": "10m"}], ["echo"]]}
-    proc = subprocess.run(["faketime", "2026-06-01 08:00:00 UTC", sys.executable, "-m", "kmpwm", "chain", "--file", "-",
-                           "--json"], input=json.dumps(chain), capture_output=True, text=True, env=kmpwm_env(HOST),
-                          timeout=60)
+    chain = {
+        "id": "ch",
+        "steps": [[{"worker": "echo", "at": "2026-07-01T09:00:00", "tz": BERLIN, "misfire_grace": "10m"}], ["echo"]],
+    }
+    proc = subprocess.run(
+        ["faketime", "2026-06-01 08:00:00 UTC", sys.executable, "-m", "kmpwm", "chain", "--file", "-", "--json"],
+        input=json.dumps(chain),
+        capture_output=True,
+        text=True,
+        env=kmpwm_env(HOST),
+        timeout=60,
+    )
     assert proc.returncode == 0, proc.stderr
     first = task("ch/1/echo", "2026-06-01 08:00:00 UTC")
     assert first["next_run_at"] == "2026-07-01T07:00:00Z" and first["constraints"]["misfire_grace"] == 600
     # chain flags apply to every task of the chain
-    doc, _ = at("2026-06-01 08:00:00 UTC", "chain", "--id", "cf", "echo", "echo", "--at", "2026-07-01T09:00:00",
-                "--tz", NEW_YORK, "--jitter", "5m", "--misfire-grace", "1h")
+    doc, _ = at(
+        "2026-06-01 08:00:00 UTC",
+        "chain",
+        "--id",
+        "cf",
+        "echo",
+        "echo",
+        "--at",
+        "2026-07-01T09:00:00",
+        "--tz",
+        NEW_YORK,
+        "--jitter",
+        "5m",
+        "--misfire-grace",
+        "1h",
+    )
     for tid in doc["tasks"]:
         t = task(tid, "2026-06-01 08:00:00 UTC")
         assert t["trigger"]["tz"] == NEW_YORK and t["constraints"]["jitter"] == 300
@@ -403,16 +575,25 @@ def test_enqueue_from_and_chain_file_and_chain_flags():
 
 
 def test_python_api(home):
-    from kmpwm import Constraints, Scheduler, ScheduleResult, triggers
+    from kmpwm import Constraints, Scheduler, ScheduleResult
+    from kmpwm.core import triggers
 
     s = Scheduler(home=str(home))
-    r = s.enqueue("api", triggers.Cron("0 9 * * *", tz=BERLIN), "echo",
-                  constraints=Constraints(jitter=timedelta(minutes=5), misfire_grace="1h"))
+    r = s.enqueue(
+        "api",
+        triggers.Cron("0 9 * * *", tz=BERLIN),
+        "echo",
+        constraints=Constraints(jitter=timedelta(minutes=5), misfire_grace="1h"),
+    )
     assert r == ScheduleResult.SUCCESS
-    assert s.enqueue("api2", triggers.Cron("0 9 * * *", tz="Bad/Zone"), "echo") == ScheduleResult.REJECTED_INVALID_PARAMS
+    assert (
+        s.enqueue("api2", triggers.Cron("0 9 * * *", tz="Bad/Zone"), "echo") == ScheduleResult.REJECTED_INVALID_PARAMS
+    )
     assert s.enqueue("api3", triggers.Exact("2030-01-01T09:00:00", tz=NEW_YORK), "echo") == ScheduleResult.SUCCESS
-    assert s.enqueue("api4", triggers.Windowed("2030-01-01T09:00:00", "2030-01-01T10:00:00", tz=NEW_YORK),
-                     "echo") == ScheduleResult.SUCCESS
+    assert (
+        s.enqueue("api4", triggers.Windowed("2030-01-01T09:00:00", "2030-01-01T10:00:00", tz=NEW_YORK), "echo")
+        == ScheduleResult.SUCCESS
+    )
     tasks = tasks_by_id(kjson("inspect-queue", check=0)[0])
     assert tasks["api"]["trigger"]["tz"] == BERLIN and tasks["api"]["constraints"]["jitter"] == 300
     assert tasks["api3"]["next_run_at"] == "2030-01-01T14:00:00Z"
@@ -428,8 +609,12 @@ T2026 = utc("2026-01-01 00:00:00")
 
 
 @settings(max_examples=200, deadline=None)
-@given(zone=st.sampled_from(ZONES), after=st.floats(T2026, T2026 + YEAR), hour=st.integers(0, 23),
-       minute=st.integers(0, 59))
+@given(
+    zone=st.sampled_from(ZONES),
+    after=st.floats(T2026, T2026 + YEAR),
+    hour=st.integers(0, 23),
+    minute=st.integers(0, 59),
+)
 def test_cron_next_in_a_zone_is_later_and_at_that_wall_time(zone, after, hour, minute):
     nxt = cron_next(f"{minute} {hour} * * *", after, zone)
     assert after < nxt <= after + 2 * 86400
@@ -441,8 +626,13 @@ def test_cron_next_in_a_zone_is_later_and_at_that_wall_time(zone, after, hour, m
 
 
 @settings(max_examples=200, deadline=None)
-@given(anchor=st.floats(T2026, T2026 + YEAR), every=st.sampled_from([60.0, 900.0, 3600.0, 86400.0]),
-       flex_frac=st.sampled_from([0.0, 0.25, 1.0]), after_k=st.floats(0, 50), offset=st.floats(0, 3599))
+@given(
+    anchor=st.floats(T2026, T2026 + YEAR),
+    every=st.sampled_from([60.0, 900.0, 3600.0, 86400.0]),
+    flex_frac=st.sampled_from([0.0, 0.25, 1.0]),
+    after_k=st.floats(0, 50),
+    offset=st.floats(0, 3599),
+)
 def test_first_due_after_is_the_next_grid_time(anchor, every, flex_frac, after_k, offset):
     flex = every * flex_frac
     trig = {"type": "periodic", "every": every, "flex": flex, "delay": 0.0}
@@ -458,8 +648,9 @@ def test_first_due_after_is_the_next_grid_time(anchor, every, flex_frac, after_k
 
 
 @settings(max_examples=200, deadline=None)
-@given(zone=st.sampled_from(ZONES), start=st.floats(T2026, T2026 + YEAR), offset=st.floats(0, 1800),
-       late=st.floats(0, 800))
+@given(
+    zone=st.sampled_from(ZONES), start=st.floats(T2026, T2026 + YEAR), offset=st.floats(0, 1800), late=st.floats(0, 800)
+)
 def test_jitter_keeps_the_grid(zone, start, offset, late):
     """A jittered cron run (at its due time or late) is followed by the next grid time plus the
     same offset: the jitter never drifts and never skips an occurrence."""

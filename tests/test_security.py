@@ -15,7 +15,6 @@ from pathlib import Path
 
 import orjson
 import pytest
-
 from crashlib import Home
 
 REPO = Path(__file__).resolve().parents[1]
@@ -29,8 +28,14 @@ def shome(kmpwm_home) -> Home:
 
 
 def run_with_umask(home: Home, umask: int, *args, input: bytes = b""):
-    proc = subprocess.run(home.argv(*args, "--json"), input=input, capture_output=True, env=home.env, timeout=120,
-                          preexec_fn=lambda: os.umask(umask))
+    proc = subprocess.run(
+        home.argv(*args, "--json"),
+        input=input,
+        capture_output=True,
+        env=home.env,
+        timeout=120,
+        preexec_fn=lambda: os.umask(umask),
+    )
     assert b"Traceback" not in proc.stderr, proc.stderr
     return proc
 
@@ -49,6 +54,7 @@ def kmpwm_owned(home: Home) -> list[Path]:
 
 # -- modes -----------------------------------------------------------------------------------
 
+
 @pytest.mark.parametrize("umask", [0o000, 0o022])
 def test_every_file_0600_and_directory_0700_whatever_the_umask(shome, umask, tmp_path):
     big = tmp_path / "big"
@@ -60,10 +66,14 @@ def test_every_file_0600_and_directory_0700_whatever_the_umask(shome, umask, tmp
     os.write(fd, b"old log line\n" * 90_000)
     os.close(fd)
     steps = [
-        ("enqueue", "a", "cw"), ("chain", "--id", "c", "cw", "cw+pw"), ("enqueue", "f", "fail"),
+        ("enqueue", "a", "cw"),
+        ("chain", "--id", "c", "cw", "cw+pw"),
+        ("enqueue", "f", "fail"),
         *[("enqueue", f"big{i}", "cw", "--delay", "1h", "--input-file", big) for i in range(5)],
         ("inspect-queue",),  # the tail is over 4 MiB: writes the snapshot
-        ("run-due",), ("compact",), ("cancel", "--all"),
+        ("run-due",),
+        ("compact",),
+        ("cancel", "--all"),
     ]
     for args in steps:
         proc = run_with_umask(shome, umask, *args)
@@ -86,6 +96,7 @@ def test_every_file_0600_and_directory_0700_whatever_the_umask(shome, umask, tmp
 
 
 # -- refusing insecure homes (exit 77) -----------------------------------------------------------
+
 
 def _insecure_cases():
     for target in ("home", "journal", "config"):
@@ -138,8 +149,10 @@ def test_insecure_journal_file_is_refused(shome, problem):
 
 # -- workers only from registered sources ------------------------------------------------------
 
-@pytest.mark.parametrize("worker", ["os:system", "kmpwm.workers.builtin:echo", "subprocess:run", "/bin/sh",
-                                    "crashpw:work", "../../bin/sh"])
+
+@pytest.mark.parametrize(
+    "worker", ["os:system", "kmpwm.workers.builtin:echo", "subprocess:run", "/bin/sh", "crashpw:work", "../../bin/sh"]
+)
 def test_enqueue_names_only_registered_workers(shome, worker):
     doc, rc, err = shome.json("enqueue", "x", worker)
     assert rc == 65 and doc["result"] == "REJECTED_INVALID_PARAMS" and "unknown worker" in err, (rc, err)
@@ -147,13 +160,21 @@ def test_enqueue_names_only_registered_workers(shome, worker):
 
 def _plant(home: Home, tasks: list[dict]) -> None:
     """Append a valid record (right checksum) with these task requests: journal tampering."""
-    from kmpwm.journal import encode
-
     import time as _time
 
-    record = {"ts": _time.time(), "ops": [{"op": "enq", "task": dict(t, created_at=_time.time(),
-                                                                   trigger={"type": "one_time", "delay": 0.0}),
-                                          "policy": "keep"} for t in tasks]}
+    from kmpwm.storage.journal import encode
+
+    record = {
+        "ts": _time.time(),
+        "ops": [
+            {
+                "op": "enq",
+                "task": dict(t, created_at=_time.time(), trigger={"type": "one_time", "delay": 0.0}),
+                "policy": "keep",
+            }
+            for t in tasks
+        ],
+    }
     with open(home.journal, "ab") as fh:
         fh.write(encode(record))
 
@@ -164,14 +185,23 @@ def test_workers_never_come_from_the_journal(shome, tmp_path):
     pwned = tmp_path / "pwned"
     doc, rc, err = shome.json("enqueue", "legit", "cw", "--delay", "1h")
     assert rc == 0
-    _plant(shome, [
-        {"id": "p1", "worker": "os:system", "input": f"touch {pwned}1"},
-        {"id": "p2", "worker": "kmpwm.workers.builtin:echo"},
-        {"id": "p3", "worker": "/usr/bin/touch", "input": f"{pwned}3"},
-        {"id": "p4", "worker": "cw", "command": ["/usr/bin/touch", f"{pwned}4"], "entry": "os:system",
-         "cwd": "/", "env": {"LD_PRELOAD": "/nonexistent.so"}},
-        {"id": "p5", "worker": "crashpw.work"},
-    ])
+    _plant(
+        shome,
+        [
+            {"id": "p1", "worker": "os:system", "input": f"touch {pwned}1"},
+            {"id": "p2", "worker": "kmpwm.workers.builtin:echo"},
+            {"id": "p3", "worker": "/usr/bin/touch", "input": f"{pwned}3"},
+            {
+                "id": "p4",
+                "worker": "cw",
+                "command": ["/usr/bin/touch", f"{pwned}4"],
+                "entry": "os:system",
+                "cwd": "/",
+                "env": {"LD_PRELOAD": "/nonexistent.so"},
+            },
+            {"id": "p5", "worker": "crashpw.work"},
+        ],
+    )
     doc, rc, err = shome.json("run-due")
     assert rc == 0, err
     assert not list(tmp_path.glob("pwned*")), "a worker from the journal ran"
@@ -184,6 +214,7 @@ def test_workers_never_come_from_the_journal(shome, tmp_path):
 
 
 # -- no shell anywhere ------------------------------------------------------------------------
+
 
 def test_no_shell_in_the_source():
     bad = re.compile(r"shell\s*=\s*True|os\.system\(|os\.popen\(|\[\s*['\"]/bin/sh['\"]|['\"]sh['\"],\s*['\"]-c['\"]")
@@ -201,8 +232,9 @@ def test_command_arguments_and_input_are_not_shell_parsed(shome, tmp_path):
     cfg = shome.path / "config.toml"
     text = cfg.read_text() + (
         "\n[workers.argv]\n"
-        f"command = [\"{sys.executable}\", \"-c\", \"import sys, os; open({str(out)!r}, 'w').write(repr(sys.argv[1:]))\", "
-        f"\"$(touch {marker}1)\", \";\", \"touch\", \"{marker}2\", \"|\", \"`touch {marker}3`\", \"&&\", \"*\"]\n")
+        f'command = ["{sys.executable}", "-c", "import sys, os; open({str(out)!r}, \'w\').write(repr(sys.argv[1:]))", '
+        f'"$(touch {marker}1)", ";", "touch", "{marker}2", "|", "`touch {marker}3`", "&&", "*"]\n'
+    )
     cfg.write_text(text)
     os.chmod(cfg, 0o600)
     doc, rc, err = shome.json("enqueue", "meta", "argv", "--input", f"$(touch {marker}4); `touch {marker}5`")
@@ -211,8 +243,16 @@ def test_command_arguments_and_input_are_not_shell_parsed(shome, tmp_path):
     assert rc == 0, err
     doc, rc, err = shome.json("run-due")
     assert rc == 0 and all(r["status"] == "SUCCESS" for r in doc["ran"]), doc
-    assert eval(out.read_text()) == [f"$(touch {marker}1)", ";", "touch", f"{marker}2", "|", f"`touch {marker}3`",
-                                     "&&", "*"]
+    assert eval(out.read_text()) == [
+        f"$(touch {marker}1)",
+        ";",
+        "touch",
+        f"{marker}2",
+        "|",
+        f"`touch {marker}3`",
+        "&&",
+        "*",
+    ]
     assert not list(tmp_path.glob("m*")), "something was run through a shell"
 
 
@@ -222,15 +262,26 @@ def test_cron_line_quotes_a_hostile_home(tmp_path):
     home = tmp_path / "we ird$(touch PWN1)'q\";`touch PWN2`;x"
     home.mkdir(mode=0o700)
     env = dict(os.environ, KMPWM_HOME=str(home))
-    proc = subprocess.run([sys.executable, "-m", "kmpwm", "schedule", "install", "--backend", "cron", "--print"],
-                          capture_output=True, text=True, env=env, timeout=60)
+    proc = subprocess.run(
+        [sys.executable, "-m", "kmpwm", "schedule", "install", "--backend", "cron", "--print"],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=60,
+    )
     assert proc.returncode == 0, proc.stderr
     entry = next(ln for ln in proc.stdout.splitlines() if ln and not ln.startswith("#"))
     command = entry.split(None, 5)[5].replace("\\%", "%")  # what cron hands to /bin/sh
     words = shlex.split(command)
     assert words[0] == f"KMPWM_HOME={home}", words
-    run = subprocess.run(["/bin/sh", "-c", command], cwd=tmp_path, capture_output=True, text=True, timeout=60,
-                         env={"PATH": os.environ["PATH"]})
+    run = subprocess.run(
+        ["/bin/sh", "-c", command],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={"PATH": os.environ["PATH"]},
+    )
     assert run.returncode == 0, run.stderr
     assert not list(tmp_path.glob("PWN*")), "the crontab line let the shell run part of the home's name"
     assert (home / "journal").is_dir() or run.returncode == 0
@@ -238,13 +289,18 @@ def test_cron_line_quotes_a_hostile_home(tmp_path):
 
 # -- the environment a worker gets ------------------------------------------------------------
 
+
 def test_worker_environment_is_as_documented(shome, tmp_path):
     dump = tmp_path / "env.json"
     cfg = shome.path / "config.toml"
-    cfg.write_text(cfg.read_text() + (
-        "\n[workers.envdump]\n"
-        f"command = [\"{sys.executable}\", \"-c\", \"import os, json; open({str(dump)!r}, 'w').write(json.dumps(dict(os.environ)))\"]\n"
-        "env = { FROM_CONFIG = \"yes\" }\n"))
+    cfg.write_text(
+        cfg.read_text()
+        + (
+            "\n[workers.envdump]\n"
+            f'command = ["{sys.executable}", "-c", "import os, json; open({str(dump)!r}, \'w\').write(json.dumps(dict(os.environ)))"]\n'  # noqa: E501
+            'env = { FROM_CONFIG = "yes" }\n'
+        )
+    )
     os.chmod(cfg, 0o600)
     doc, rc, err = shome.json("enqueue", "env1", "envdump", "--input", '{"k": 1}')
     assert rc == 0
@@ -255,13 +311,21 @@ def test_worker_environment_is_as_documented(shome, tmp_path):
     assert env["KMPWM_UPSTREAM"] == "{}" and env["FROM_CONFIG"] == "yes"
     assert env.get("INHERITED_FROM_RUN_DUE") == "1", "README: a command inherits run-due's environment"
     readme = (REPO / "README.md").read_text()
-    for name in ("KMPWM_INPUT", "KMPWM_TASK_ID", "KMPWM_ATTEMPT", "KMPWM_WORKER", "KMPWM_UPSTREAM", "KMPWM_CHAIN_ID",
-                 "KMPWM_STEP"):
+    for name in (
+        "KMPWM_INPUT",
+        "KMPWM_TASK_ID",
+        "KMPWM_ATTEMPT",
+        "KMPWM_WORKER",
+        "KMPWM_UPSTREAM",
+        "KMPWM_CHAIN_ID",
+        "KMPWM_STEP",
+    ):
         assert name in readme, f"{name} is passed to workers but not documented"
     assert "inherits run-due's environment" in readme
 
 
 # -- symlinks planted in the journal directory ----------------------------------------------------
+
 
 def _victim(tmp_path: Path) -> tuple[Path, bytes]:
     victim = tmp_path / "victim.txt"
@@ -277,8 +341,14 @@ def test_planted_file_symlink_is_not_followed(shome, tmp_path, name):
     link = shome.journal_dir / name
     link.unlink(missing_ok=True)
     link.symlink_to(victim)
-    for args in (("enqueue", "b", "cw"), ("run-due",), ("compact",), ("doctor", "--repair"), ("cancel", "--all"),
-                 ("inspect-queue",)):
+    for args in (
+        ("enqueue", "b", "cw"),
+        ("run-due",),
+        ("compact",),
+        ("doctor", "--repair"),
+        ("cancel", "--all"),
+        ("inspect-queue",),
+    ):
         doc, rc, err = shome.json(*args)
         assert "Traceback" not in err and "internal error" not in err, (args, err)
         assert rc in (0, 74), (args, rc, err)
@@ -309,4 +379,5 @@ def test_planted_directory_symlink_is_not_followed(shome, tmp_path, name):
         assert "Traceback" not in err and "internal error" not in err, (args, err)
     assert sorted(p.name for p in elsewhere.iterdir()) == ["keep"], (
         f"kmpwm followed the planted journal/{name} symlink and wrote {sorted(p.name for p in elsewhere.iterdir())} "
-        f"into {elsewhere}")
+        f"into {elsewhere}"
+    )

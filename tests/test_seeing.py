@@ -43,22 +43,29 @@ def wait_for(pred, timeout: float = 30.0, what: str = "condition"):
 
 
 def test_command_output_both_streams_interleaved_and_data_still_parsed(home, tmp_path):
-    talk = script(tmp_path, "talk.py", """
+    talk = script(
+        tmp_path,
+        "talk.py",
+        """
         import sys, time
         for i in range(3):
             print(f"out {i}", flush=True); time.sleep(0.05)
             print(f"err {i}", file=sys.stderr, flush=True); time.sleep(0.05)
         print('{"answer": 42}')
-    """)
-    config(home, f"""
+    """,
+    )
+    config(
+        home,
+        f"""
         [workers.talk]
         command = ["{PY}", "{talk}"]
-    """)
+    """,
+    )
     kmpwm("enqueue", "t", "talk", check=0)
     doc, _ = kjson("run-due", check=0)
     assert doc["ran"][0]["status"] == "SUCCESS" and doc["ran"][0]["data"] == {"answer": 42}
     out = kmpwm("logs", "t", check=0).stdout
-    assert out == "out 0\nerr 0\nout 1\nerr 1\nout 2\nerr 2\n{\"answer\": 42}\n"
+    assert out == 'out 0\nerr 0\nout 1\nerr 1\nout 2\nerr 2\n{"answer": 42}\n'
     doc, _ = kjson("logs", "t", check=0)
     assert doc["id"] == "t"
     (run,) = doc["runs"]
@@ -70,15 +77,22 @@ def test_command_output_both_streams_interleaved_and_data_still_parsed(home, tmp
 
 
 def test_failed_command_keeps_its_message_and_whole_output(home, tmp_path):
-    bad = script(tmp_path, "bad.sh", """
+    bad = script(
+        tmp_path,
+        "bad.sh",
+        """
         echo "starting"
         echo "disk full" >&2
         exit 3
-    """)
-    config(home, f"""
+    """,
+    )
+    config(
+        home,
+        f"""
         [workers.bad]
         command = ["sh", "{bad}"]
-    """)
+    """,
+    )
     kmpwm("enqueue", "b", "bad", "--max-attempts", "1", check=0)
     doc, _ = kjson("run-due", check=0)
     assert doc["ran"][0]["status"] == "FAILURE" and doc["ran"][0]["message"] == "disk full"
@@ -104,32 +118,44 @@ PYWORKER = """
 def test_python_worker_stdout_stderr_and_logging_kept(home, tmp_path, pool):
     (tmp_path / "mod").mkdir()
     (tmp_path / "mod" / "talky.py").write_text(textwrap.dedent(PYWORKER))
-    config(home, f"""
+    config(
+        home,
+        f"""
         [workers.talky]
         entry = "talky:talk"
-        cwd = "{tmp_path / 'mod'}"
-    """)
+        cwd = "{tmp_path / "mod"}"
+    """,
+    )
     for i in range(3):
         kmpwm("enqueue", f"p{i}", "talky", check=0)
     doc, _ = kjson("run-due", "--parallel", "1", env={"KMPWM_POOL": pool}, check=0)
     assert [r["status"] for r in doc["ran"]] == ["SUCCESS"] * 3
     for i in range(3):  # each run has its own output, none of another task's
         out = kmpwm("logs", f"p{i}", check=0).stdout
-        assert out == ("printed to stdout\nprinted to stderr\nINFO mine: logged at info\n"
-                       "WARNING:root:logged at warning\nlast line\n"), out  # logging.warning's basicConfig
+        assert out == (
+            "printed to stdout\nprinted to stderr\nINFO mine: logged at info\n"
+            "WARNING:root:logged at warning\nlast line\n"
+        ), out  # logging.warning's basicConfig
 
 
 def test_output_over_one_mib_keeps_the_last_mib_marked_truncated(home, tmp_path):
-    loud = script(tmp_path, "loud.py", """
+    loud = script(
+        tmp_path,
+        "loud.py",
+        """
         import sys
         w = sys.stdout.write
         for i in range(300_000):       # about 3.4 MB
             w(f"line {i:08d}\\n")
-    """)
-    config(home, f"""
+    """,
+    )
+    config(
+        home,
+        f"""
         [workers.loud]
         command = ["{PY}", "{loud}"]
-    """)
+    """,
+    )
     kmpwm("enqueue", "l", "loud", check=0)
     kmpwm("run-due", check=0)
     doc, _ = kjson("logs", "l", check=0)
@@ -171,10 +197,13 @@ def test_runs_numbered_all_and_run_n(home):
 
 
 def test_retention_keeps_last_five_runs_and_recent_ones(home, tmp_path):
-    config(home, """
+    config(
+        home,
+        """
         [workers.say]
         command = ["sh", "-c", "echo run $KMPWM_INPUT"]
-    """)
+    """,
+    )
     for i in range(1, 8):
         kmpwm("enqueue", "r", "say", "--input", str(i), check=0)
         kmpwm("run-due", check=0)
@@ -191,27 +220,39 @@ def test_retention_keeps_last_five_runs_and_recent_ones(home, tmp_path):
 
 def test_logs_follow_streams_a_running_task_from_another_terminal(home, tmp_path):
     gate = tmp_path / "gate"
-    slow = script(tmp_path, "slow.py", f"""
+    slow = script(
+        tmp_path,
+        "slow.py",
+        f"""
         import os, sys, time
         print("first line", flush=True)
         while not os.path.exists({str(gate)!r}):
             time.sleep(0.02)
         print("second line", file=sys.stderr, flush=True)
-        while not os.path.exists({str(gate) + '2'!r}):
+        while not os.path.exists({str(gate) + "2"!r}):
             time.sleep(0.02)
         print("done")
-    """)
-    config(home, f"""
+    """,
+    )
+    config(
+        home,
+        f"""
         [workers.slow]
         command = ["{PY}", "{slow}"]
-    """)
+    """,
+    )
     kmpwm("enqueue", "s", "slow", check=0)
-    rundue = subprocess.Popen([PY, "-m", "kmpwm", "run-due"], env=kmpwm_env(), stdout=subprocess.PIPE,
-                              stderr=subprocess.PIPE)
+    rundue = subprocess.Popen(
+        [PY, "-m", "kmpwm", "run-due"], env=kmpwm_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE
+    )
     try:
         wait_for(lambda: kjson("logs", "s")[0].get("runs", [{}])[0].get("output"), what="the first line")
-        follow = subprocess.Popen([PY, "-m", "kmpwm", "logs", "s", "--follow"], env=kmpwm_env(),
-                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        follow = subprocess.Popen(
+            [PY, "-m", "kmpwm", "logs", "s", "--follow"],
+            env=kmpwm_env(),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+        )
         assert follow.stdout.readline() == b"first line\n"
         gate.touch()
         assert follow.stdout.readline() == b"second line\n"
@@ -245,14 +286,18 @@ def hook_calls(home: Path) -> list[dict]:
 
 def hooks_config(home: Path, tmp_path: Path, extra: str = "") -> None:
     rec = script(tmp_path, "rec.py", RECORDER)
-    config(home, f"""
+    config(
+        home,
+        f"""
         [hooks]
         on_failure = ["{PY}", "{rec}", "failure"]
         on_success = ["{PY}", "{rec}", "success"]
 
         [workers.bad]
         command = ["sh", "-c", "echo 'it broke' >&2; exit 4"]
-    """ + extra)
+    """
+        + extra,
+    )
 
 
 def test_hooks_get_environment_and_stdin_for_success_failure_and_upstream_failure(home, tmp_path):
@@ -265,12 +310,25 @@ def test_hooks_get_environment_and_stdin_for_success_failure_and_upstream_failur
     assert set(calls) == {"good", "bad", "ch/1/bad", "ch/2/echo"}
     good = calls["good"]
     assert good["which"] == "success"
-    assert good["stdin"] == {"id": "good", "worker": "echo", "state": "SUCCEEDED", "status": "SUCCESS",
-                             "message": "echo from good", "data": {"task": "good", "input": "x"}, "attempt": 1,
-                             "chain_id": None}
-    assert good["env"] == {"KMPWM_TASK_ID": "good", "KMPWM_WORKER": "echo", "KMPWM_STATE": "SUCCEEDED",
-                           "KMPWM_STATUS": "SUCCESS", "KMPWM_MESSAGE": "echo from good", "KMPWM_ATTEMPT": "1",
-                           "KMPWM_CHAIN_ID": ""}
+    assert good["stdin"] == {
+        "id": "good",
+        "worker": "echo",
+        "state": "SUCCEEDED",
+        "status": "SUCCESS",
+        "message": "echo from good",
+        "data": {"task": "good", "input": "x"},
+        "attempt": 1,
+        "chain_id": None,
+    }
+    assert good["env"] == {
+        "KMPWM_TASK_ID": "good",
+        "KMPWM_WORKER": "echo",
+        "KMPWM_STATE": "SUCCEEDED",
+        "KMPWM_STATUS": "SUCCESS",
+        "KMPWM_MESSAGE": "echo from good",
+        "KMPWM_ATTEMPT": "1",
+        "KMPWM_CHAIN_ID": "",
+    }
     bad = calls["bad"]
     assert bad["which"] == "failure" and bad["stdin"]["status"] == "FAILURE" and bad["stdin"]["state"] == "FAILED"
     assert bad["env"]["KMPWM_MESSAGE"] == "it broke" and bad["env"]["KMPWM_CHAIN_ID"] == ""
@@ -282,10 +340,14 @@ def test_hooks_get_environment_and_stdin_for_success_failure_and_upstream_failur
 
 
 def test_retry_is_not_a_failure_until_the_last_attempt(home, tmp_path):
-    hooks_config(home, tmp_path, """
+    hooks_config(
+        home,
+        tmp_path,
+        """
         [workers.again]
         command = ["sh", "-c", "exit 75"]
-    """)
+    """,
+    )
     kmpwm("enqueue", "r", "again", "--max-attempts", "2", "--backoff-delay", "0", check=0)
     kmpwm("run-due", check=0)
     assert hook_calls(home) == []
@@ -295,14 +357,17 @@ def test_retry_is_not_a_failure_until_the_last_attempt(home, tmp_path):
 
 
 def test_failing_and_hanging_hooks_are_events_and_never_touch_the_task(home, tmp_path):
-    config(home, """
+    config(
+        home,
+        """
         [hooks]
         on_success = ["sh", "-c", "echo cannot page >&2; exit 3"]
         on_failure = ["sleep", "60"]
 
         [workers.bad]
         command = ["sh", "-c", "exit 1"]
-    """)
+    """,
+    )
     kmpwm("enqueue", "a", "echo", check=0)
     kmpwm("enqueue", "b", "bad", "--max-attempts", "1", check=0)
     kmpwm("run-due", env={"KMPWM_HOOK_TIMEOUT": "1"}, check=0)
@@ -336,10 +401,13 @@ def test_hook_never_runs_twice_when_run_due_is_killed_after_the_result(home, tmp
 
 def test_bad_hooks_table_is_a_config_error(home):
     kmpwm("enqueue", "a", "echo", check=0)
-    config(home, """
+    config(
+        home,
+        """
         [hooks]
         on_failure = "notify-me --urgent"
-    """)
+    """,
+    )
     for args in (("workers",), ("enqueue", "b", "echo")):
         proc = kmpwm(*args)
         assert proc.returncode == 78 and "argv, never a shell" in proc.stderr
@@ -364,26 +432,35 @@ def test_progress_from_python_and_command_workers_while_they_run(home, tmp_path)
     (tmp_path / "mod").mkdir()
     (tmp_path / "mod" / "prog.py").write_text(textwrap.dedent(PROGRESS_WORKER))
     gate = tmp_path / "gate"
-    cmd = script(tmp_path, "cprog.sh", f"""
+    cmd = script(
+        tmp_path,
+        "cprog.sh",
+        f"""
         i=0
         while [ $i -lt 20000 ]; do echo "0.1 step $i" >> "$KMPWM_PROGRESS"; i=$((i+1)); done
         echo "0.25 a quarter" >> "$KMPWM_PROGRESS"
         while [ ! -e {gate} ]; do sleep 0.05; done
-    """)
-    config(home, f"""
+    """,
+    )
+    config(
+        home,
+        f"""
         [workers.prog]
         entry = "prog:work"
-        cwd = "{tmp_path / 'mod'}"
+        cwd = "{tmp_path / "mod"}"
 
         [workers.cprog]
         command = ["sh", "{cmd}"]
-    """)
+    """,
+    )
     kmpwm("enqueue", "p", "prog", "--input", str(gate), check=0)
     kmpwm("enqueue", "c", "cprog", check=0)
     kmpwm("enqueue", "idle", "echo", "--delay", "1h", check=0)
-    rundue = subprocess.Popen([PY, "-m", "kmpwm", "run-due"], env=kmpwm_env(), stdout=subprocess.PIPE,
-                              stderr=subprocess.PIPE)
+    rundue = subprocess.Popen(
+        [PY, "-m", "kmpwm", "run-due"], env=kmpwm_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE
+    )
     try:
+
         def both():
             tasks = {t["id"]: t for t in kjson("inspect-queue")[0]["tasks"]}
             p, c = tasks["p"]["progress"], tasks["c"]["progress"]
@@ -397,8 +474,12 @@ def test_progress_from_python_and_command_workers_while_they_run(home, tmp_path)
         assert "50% halfway there" in table and "25% a quarter" in table
         assert "progress 50% halfway there" in kmpwm("explain", "p", check=0).stdout
         assert kjson("explain", "c")[0]["progress"]["fraction"] == 0.25
-        watch = subprocess.Popen([PY, "-m", "kmpwm", "inspect-queue", "--watch", "--json"], env=kmpwm_env(),
-                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        watch = subprocess.Popen(
+            [PY, "-m", "kmpwm", "inspect-queue", "--watch", "--json"],
+            env=kmpwm_env(),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+        )
         try:
             first = orjson.loads(watch.stdout.readline())
             assert {t["id"]: t["progress"] for t in first["tasks"]}["p"]["message"] == "halfway there"
@@ -426,16 +507,21 @@ def test_progress_bar_on_a_terminal(home, tmp_path):
     import pty
 
     gate = tmp_path / "gate"
-    config(home, f"""
+    config(
+        home,
+        f"""
         [workers.bar]
         command = ["sh", "-c", "echo '0.4 copying' >> $KMPWM_PROGRESS; while [ ! -e {gate} ]; do sleep 0.05; done"]
-    """)
+    """,
+    )
     kmpwm("enqueue", "b", "bar", check=0)
-    rundue = subprocess.Popen([PY, "-m", "kmpwm", "run-due"], env=kmpwm_env(), stdout=subprocess.PIPE,
-                              stderr=subprocess.PIPE)
+    rundue = subprocess.Popen(
+        [PY, "-m", "kmpwm", "run-due"], env=kmpwm_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE
+    )
     try:
-        wait_for(lambda: (kjson("inspect-queue")[0]["tasks"][0]["progress"] or {}).get("fraction") == 0.4,
-                 what="progress")
+        wait_for(
+            lambda: (kjson("inspect-queue")[0]["tasks"][0]["progress"] or {}).get("fraction") == 0.4, what="progress"
+        )
         pid, fd = pty.fork()
         if pid == 0:
             os.environ["COLUMNS"] = "200"
@@ -458,7 +544,7 @@ def test_progress_bar_on_a_terminal(home, tmp_path):
 
 
 def test_progress_rejects_fractions_outside_0_to_1(tmp_path):
-    from kmpwm.context import WorkerContext
+    from kmpwm.running.context import WorkerContext
 
     c = WorkerContext(task_id="t", attempt=1, progress_file=str(tmp_path / "p"))
     for bad in (1.5, -0.1, float("nan"), "half"):
@@ -473,7 +559,10 @@ def test_follow_keeps_up_across_the_1_mib_rotation(home, tmp_path):
     """--follow streams everything a run writes, also past the point where run-due starts a new
     file (the kept output is the last 1 MiB; the follower saw it all as it came)."""
     gate = tmp_path / "gate"
-    writer = script(tmp_path, "writer.py", f"""
+    writer = script(
+        tmp_path,
+        "writer.py",
+        f"""
         import os, sys, time
         print("ready", flush=True)
         while not os.path.exists({str(gate)!r}):
@@ -482,18 +571,27 @@ def test_follow_keeps_up_across_the_1_mib_rotation(home, tmp_path):
             sys.stdout.write("".join(f"line {{block * 1000 + i:06d}} " + "x" * 52 + "\\n" for i in range(1000)))
             sys.stdout.flush()
             time.sleep(0.03)
-    """)
-    config(home, f"""
+    """,
+    )
+    config(
+        home,
+        f"""
         [workers.writer]
         command = ["{PY}", "{writer}"]
-    """)
+    """,
+    )
     kmpwm("enqueue", "w", "writer", check=0)
-    rundue = subprocess.Popen([PY, "-m", "kmpwm", "run-due"], env=kmpwm_env(), stdout=subprocess.PIPE,
-                              stderr=subprocess.PIPE)
+    rundue = subprocess.Popen(
+        [PY, "-m", "kmpwm", "run-due"], env=kmpwm_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE
+    )
     try:
         wait_for(lambda: kjson("logs", "w")[0].get("runs", [{}])[0].get("output"), what="ready")
-        follow = subprocess.Popen([PY, "-m", "kmpwm", "logs", "w", "--follow"], env=kmpwm_env(),
-                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        follow = subprocess.Popen(
+            [PY, "-m", "kmpwm", "logs", "w", "--follow"],
+            env=kmpwm_env(),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+        )
         assert follow.stdout.readline() == b"ready\n"
         gate.touch()
         out, err = follow.communicate(timeout=120)
@@ -510,19 +608,24 @@ def test_follow_keeps_up_across_the_1_mib_rotation(home, tmp_path):
 
 def test_a_worker_that_configures_logging_keeps_its_format(home, tmp_path):
     (tmp_path / "mod").mkdir()
-    (tmp_path / "mod" / "own.py").write_text(textwrap.dedent("""
+    (tmp_path / "mod" / "own.py").write_text(
+        textwrap.dedent("""
         import logging
 
         def work(input, ctx):
             logging.basicConfig(format="mine|%(levelname)s|%(message)s", level=logging.DEBUG)
             logging.debug("details")
             return True
-    """))
-    config(home, f"""
+    """)
+    )
+    config(
+        home,
+        f"""
         [workers.own]
         entry = "own:work"
-        cwd = "{tmp_path / 'mod'}"
-    """)
+        cwd = "{tmp_path / "mod"}"
+    """,
+    )
     kmpwm("enqueue", "o", "own", check=0)
     kmpwm("run-due", check=0)
     assert kmpwm("logs", "o", check=0).stdout == "mine|DEBUG|details\n"
@@ -531,7 +634,7 @@ def test_a_worker_that_configures_logging_keeps_its_format(home, tmp_path):
 def test_progress_latest_report_lands_after_a_burst(tmp_path):
     """Writes are at most every 50 ms, yet the last report of a burst reaches the file although
     the worker then goes quiet (and 100,000 reports leave one short line)."""
-    from kmpwm.context import WorkerContext
+    from kmpwm.running.context import WorkerContext
 
     path = tmp_path / "p"
     c = WorkerContext(task_id="t", attempt=1, progress_file=str(path))
@@ -544,13 +647,17 @@ def test_progress_latest_report_lands_after_a_burst(tmp_path):
 
 
 def test_run_of_a_killed_run_due_shows_expired_and_the_next_run_is_kept_too(home, tmp_path):
-    config(home, """
+    config(
+        home,
+        """
         [workers.nap]
         command = ["sh", "-c", "echo napping; sleep 60"]
-    """)
+    """,
+    )
     kmpwm("enqueue", "n", "nap", "--timeout", "2s", check=0)
-    rundue = subprocess.Popen([PY, "-m", "kmpwm", "run-due"], env=kmpwm_env(), stdout=subprocess.PIPE,
-                              stderr=subprocess.PIPE)
+    rundue = subprocess.Popen(
+        [PY, "-m", "kmpwm", "run-due"], env=kmpwm_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE
+    )
     try:
         wait_for(lambda: kjson("logs", "n")[0].get("runs", [{}])[0].get("output") == "napping\n", what="output")
         assert kjson("logs", "n")[0]["runs"][0]["status"] == "RUNNING"
@@ -569,17 +676,24 @@ def test_run_due_goes_on_with_work_while_a_hook_runs(home, tmp_path):
     """The on_success hook of the first task waits for a file that only the second task creates;
     with one slot, the second task can only run if run-due does not wait for the hook."""
     gate = tmp_path / "second-ran"
-    hook = script(tmp_path, "hook.sh", f"""
+    hook = script(
+        tmp_path,
+        "hook.sh",
+        f"""
         while [ ! -e {gate} ]; do sleep 0.05; done
-        echo "saw the second task" > {tmp_path / 'hook-done'}
-    """)
-    config(home, f"""
+        echo "saw the second task" > {tmp_path / "hook-done"}
+    """,
+    )
+    config(
+        home,
+        f"""
         [hooks]
         on_success = ["sh", "{hook}"]
 
         [workers.second]
         command = ["touch", "{gate}"]
-    """)
+    """,
+    )
     kmpwm("enqueue", "first", "echo", check=0)
     kmpwm("enqueue", "second", "second", "--delay", "1s", check=0)
     time.sleep(1.2)
@@ -594,13 +708,16 @@ def test_notify_hook_uses_notify_send(home, tmp_path):
     fake = bindir / "notify-send"
     fake.write_text(f"#!/bin/sh\nprintf '%s\\n' \"$@\" > {tmp_path / 'notified'}\n")
     fake.chmod(0o755)
-    config(home, """
+    config(
+        home,
+        """
         [hooks]
         on_failure = "notify"
 
         [workers.bad]
         command = ["sh", "-c", "echo 'disk on fire' >&2; exit 1"]
-    """)
+    """,
+    )
     kmpwm("enqueue", "b", "bad", "--max-attempts", "1", check=0)
     kmpwm("run-due", env={"PATH": f"{bindir}:{os.environ['PATH']}"}, check=0)
     assert (tmp_path / "notified").read_text() == "kmpwm: b failed\ndisk on fire\n"

@@ -13,18 +13,17 @@ import signal
 import subprocess
 import sys
 import time
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
-
 from helpers import kjson, kmpwm
 
 PY = sys.executable
 
 # A command worker: appends {"id", "pid", "t"} to input["log"] when it starts; sleeps input["sleep"]
 # seconds unless the file input["fast"] exists; appends to input["done"] when it ends.
-WORKER = r'''
+WORKER = r"""
 import json, os, sys, time
 cfg = json.loads(os.environ.get("KMPWM_INPUT") or "{}")
 def append(path, rec):
@@ -38,7 +37,7 @@ if cfg.get("sleep") and not (cfg.get("fast") and os.path.exists(cfg["fast"])):
     time.sleep(cfg["sleep"])
 if cfg.get("done"):
     append(cfg["done"], rec)
-'''
+"""
 
 
 def write_config(home: Path, names: list[str], script: Path) -> None:
@@ -80,8 +79,9 @@ class Serve:
     def __init__(self, home: Path, tmp_path: Path, *args: str):
         self.err = open(tmp_path / f"serve-{time.monotonic_ns()}.err", "w+")
         self.out = open(tmp_path / f"serve-{time.monotonic_ns()}.out", "w+")
-        self.proc = subprocess.Popen([PY, "-m", "kmpwm", "serve", *args], stdout=self.out,
-                                     stderr=self.err, stdin=subprocess.DEVNULL)
+        self.proc = subprocess.Popen(
+            [PY, "-m", "kmpwm", "serve", *args], stdout=self.out, stderr=self.err, stdin=subprocess.DEVNULL
+        )
         self.pid = self.proc.pid
         state = home / "journal" / "runners" / f"serve-{self.pid}.json"
         wait_for(lambda: state.exists() or self.proc.poll() is not None, 30, "serve to start")
@@ -137,9 +137,17 @@ def test_serve_picks_up_an_enqueue_from_another_process_at_once(tmp_path, worker
 
 def test_serve_wakes_for_an_at_task_without_any_enqueue(tmp_path, worker, serves):
     log = tmp_path / "log"
-    at = datetime.now(timezone.utc) + timedelta(seconds=3)
-    kmpwm("enqueue", "timed", "w", "--at", at.strftime("%Y-%m-%dT%H:%M:%S.%fZ")[:-4] + "Z",
-          "--input", json.dumps({"log": str(log)}), check=0)
+    at = datetime.now(UTC) + timedelta(seconds=3)
+    kmpwm(
+        "enqueue",
+        "timed",
+        "w",
+        "--at",
+        at.strftime("%Y-%m-%dT%H:%M:%S.%fZ")[:-4] + "Z",
+        "--input",
+        json.dumps({"log": str(log)}),
+        check=0,
+    )
     s = serves()
     rec = wait_for(lambda: lines(log), 30, "the --at task to start")[0]
     assert rec["t"] >= at.timestamp() - 0.01
@@ -152,13 +160,18 @@ def test_two_serves_and_run_due_never_run_a_task_twice(tmp_path, worker, serves)
     a, b = serves("--parallel", "3"), serves("--parallel", "2")
     ids = []
     for batch in range(4):
-        specs = "".join(json.dumps({"id": f"t{batch}-{i:03d}", "worker": "w",
-                                    "input": json.dumps({"log": str(log)})}) + "\n" for i in range(50))
+        specs = "".join(
+            json.dumps({"id": f"t{batch}-{i:03d}", "worker": "w", "input": json.dumps({"log": str(log)})}) + "\n"
+            for i in range(50)
+        )
         ids += [f"t{batch}-{i:03d}" for i in range(50)]
         kjson("enqueue", "--from", "-", input=specs, check=0)
         kmpwm("run-due", "--parallel", "2", check=0)
-    wait_for(lambda: len(lines(log)) >= 200 and all(t["state"] == "SUCCEEDED" for t in tasks().values()),
-             120, "every task to finish")
+    wait_for(
+        lambda: len(lines(log)) >= 200 and all(t["state"] == "SUCCEEDED" for t in tasks().values()),
+        120,
+        "every task to finish",
+    )
     time.sleep(1)
     seen = [r["id"] for r in lines(log)]
     assert sorted(seen) == sorted(ids), "every task ran exactly once across two serves and run-due"
@@ -196,8 +209,11 @@ def test_sigterm_during_a_chain_savepoints_it_exits_0_and_the_chain_finishes_lat
     assert chains["x"]["next_step"] == 2
     fast.touch()
     s2 = serves()
-    wait_for(lambda: {c["id"]: c for c in kjson("inspect-queue", "--all")[0]["chains"]}["x"]["state"] == "SUCCEEDED",
-             30, "the chain to finish under a new serve")
+    wait_for(
+        lambda: {c["id"]: c for c in kjson("inspect-queue", "--all")[0]["chains"]}["x"]["state"] == "SUCCEEDED",
+        30,
+        "the chain to finish under a new serve",
+    )
     assert [r["id"] for r in lines(done)] == ["x/1/wa", "x/2/wb", "x/3/wc"]  # step 1 not run again
     s2.stop()
 
@@ -205,8 +221,14 @@ def test_sigterm_during_a_chain_savepoints_it_exits_0_and_the_chain_finishes_lat
 def test_a_killed_serves_task_is_picked_up_by_another_serve_at_once(tmp_path, worker, serves):
     log, done, fast = tmp_path / "log", tmp_path / "done", tmp_path / "fast"
     a = serves()
-    kmpwm("enqueue", "long", "w", "--input", json.dumps({"log": str(log), "done": str(done), "sleep": 60,
-                                                          "fast": str(fast)}), check=0)
+    kmpwm(
+        "enqueue",
+        "long",
+        "w",
+        "--input",
+        json.dumps({"log": str(log), "done": str(done), "sleep": 60, "fast": str(fast)}),
+        check=0,
+    )
     wait_for(lambda: lines(log), 20, "the task to start under the first serve")
     assert tasks()["long"]["state"] == "RUNNING"
     b = serves()
@@ -251,13 +273,13 @@ def test_serve_status_and_doctor_say_whether_a_serve_runs(tmp_path, worker, serv
     assert doc["serve"]["running"] == []
 
 
-def test_serve_starts_every_task_of_a_stream_of_enqueues_without_waiting_for_a_recheck(tmp_path, worker, home,
-                                                                                       serves):
+def test_serve_starts_every_task_of_a_stream_of_enqueues_without_waiting_for_a_recheck(tmp_path, worker, home, serves):
     """Enqueues from another process, one after another while the serve is busy writing results:
     each must start promptly.  (A record folded into serve's own transaction without a plan once
     left a task waiting for the one-minute recheck; seen once in 300 tasks in bench_serve.py, so
     this test catches such a race only by chance.)"""
-    from kmpwm import Scheduler, triggers
+    from kmpwm import Scheduler
+    from kmpwm.core import triggers
 
     log = tmp_path / "log"
     sched = Scheduler(home=str(home))

@@ -12,7 +12,6 @@ import time
 from pathlib import Path
 
 import orjson
-
 from helpers import jdoc, kjson, kmpwm, kmpwm_env, tasks_by_id
 
 
@@ -41,11 +40,17 @@ def write_config(home: Path, workers: dict[str, dict]) -> None:
 
 
 def spawn(*args, **kw) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-m", "kmpwm", *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True, env=kmpwm_env(kw.get("env")))
+    return subprocess.Popen(
+        [sys.executable, "-m", "kmpwm", *args],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=kmpwm_env(kw.get("env")),
+    )
 
 
 # -- pause / resume -------------------------------------------------------------------------
+
 
 def test_pause_skips_with_reason_explains_and_resume_runs():
     kmpwm("enqueue", "a", "echo", check=0)
@@ -146,6 +151,7 @@ def test_pause_usage_errors():
 
 # -- retry ----------------------------------------------------------------------------------
 
+
 def test_retry_a_failed_task_same_id_attempts_back_to_zero():
     kmpwm("enqueue", "f", "fail", "--max-attempts", "1", check=0)
     jdoc("run-due")
@@ -214,6 +220,7 @@ def test_retry_of_history_after_compaction_and_snapshot(home):
 
 # -- wait -----------------------------------------------------------------------------------
 
+
 def test_wait_exit_codes_and_json():
     kmpwm("enqueue", "ok", "echo", check=0)
     kmpwm("enqueue", "bad", "fail", "--max-attempts", "1", check=0)
@@ -272,6 +279,7 @@ def test_wait_on_a_repeating_task_counts_its_next_run():
 
 # -- run-now --------------------------------------------------------------------------------
 
+
 def test_run_now_a_future_task_and_a_repeating_one_keeps_its_schedule():
     kmpwm("enqueue", "later", "echo", "--delay", "2h", check=0)
     kmpwm("enqueue", "p", "echo", "--every", "1h", "--delay", "30m", check=0)
@@ -316,6 +324,7 @@ def test_run_now_runs_a_paused_task_but_run_due_does_not():
 
 # -- --policy update ------------------------------------------------------------------------
 
+
 def test_update_keeps_id_attempts_and_grid():
     kmpwm("enqueue", "p", "echo", "--every", "1h", "--input", "old", check=0)
     jdoc("run-due")
@@ -356,6 +365,7 @@ def test_update_while_running_finishes_with_the_old_definition(home):
 
 
 # -- races between real processes ----------------------------------------------------------
+
 
 def test_retry_racing_run_due_never_runs_a_step_twice(home):
     write_config(home, {"flip": {"command": ["sh", "-c", f"test -e {home}/ok"]}})
@@ -408,6 +418,7 @@ def test_pause_all_while_run_due_is_claiming():
 
 # -- Python API -----------------------------------------------------------------------------
 
+
 def test_python_api(home):
     from kmpwm import Scheduler
 
@@ -432,8 +443,8 @@ def test_wait_without_inotify_falls_back_to_a_bounded_poll(home, monkeypatch):
     stat poll), and whatever this machine has in the subprocess tests above."""
     import threading
 
-    from kmpwm import steering
     from kmpwm import Scheduler
+    from kmpwm.scheduling import steering
 
     monkeypatch.setitem(sys.modules, "inotify_simple", None)  # import fails: the fallback
     watcher = steering._Watcher(home / "journal")
@@ -455,8 +466,8 @@ def test_tasks_claimed_ahead_are_handed_back_when_paused(home):
     """run-due claims a few tasks ahead of a free slot; paused meanwhile, they are released
     unstarted (a claimed task is RUNNING, but its worker has not started: it must not start)."""
     from kmpwm import Scheduler
-    from kmpwm.paths import resolve
-    from kmpwm.runner import Runner
+    from kmpwm.running.runner import Runner
+    from kmpwm.storage.paths import resolve
 
     s = Scheduler(home)
     for n in range(4):

@@ -18,7 +18,6 @@ import threading
 import time
 
 import pytest
-
 from crashlib import Home, Tally, check_runs_against_state, collect, count, torture, trials_from_env
 
 SCALE = float(os.environ.get("KMPWM_TORTURE_SCALE", "1"))
@@ -32,8 +31,14 @@ def thome(tmp_path) -> Home:
 
 
 def test_concurrency_torture(thome):
-    result = torture(thome, tasks=int(200 * SCALE), chains=int(20 * SCALE), runners=4, enqueuers=2,
-                     seed=int(os.environ.get("KMPWM_TORTURE_SEED", "7")))
+    result = torture(
+        thome,
+        tasks=int(200 * SCALE),
+        chains=int(20 * SCALE),
+        runners=4,
+        enqueuers=2,
+        seed=int(os.environ.get("KMPWM_TORTURE_SEED", "7")),
+    )
     figures, tally = result.figures, result.tally
     assert figures["duplicates"] == 0 and figures["losses"] == 0 and figures["order_violations"] == 0, figures
     assert not tally.violations, "\n".join([str(figures)] + tally.violations[:40])
@@ -71,9 +76,11 @@ def test_cancelled_task_claimed_ahead_never_starts(thome):
     out, err = collect(runner, timeout=60)
     assert runner.returncode == 0, err
     late = [s for s in _started(thome, "q3") if s.t > cancelled_at]
-    assert not late, (f"q3 was cancelled (durably, `kmpwm cancel` exit 0) at {cancelled_at:.3f} and then started "
-                      f"{late[0].t - cancelled_at:.3f}s later by the run-due that had claimed it ahead "
-                      f"(claimed ahead: {claimed_ahead})")
+    assert not late, (
+        f"q3 was cancelled (durably, `kmpwm cancel` exit 0) at {cancelled_at:.3f} and then started "
+        f"{late[0].t - cancelled_at:.3f}s later by the run-due that had claimed it ahead "
+        f"(claimed ahead: {claimed_ahead})"
+    )
     state, _ = thome.fold()
     assert state["tasks"]["q3"]["state"] == "CANCELLED"
 
@@ -122,8 +129,9 @@ def test_replace_and_cancel_storm_never_overlaps_runs_of_one_id(thome):
         for _ in range(int(30 * SCALE)):
             tid = rng.choice(ids)
             if rng.random() < 0.75:
-                doc, rc, err = thome.json("enqueue", tid, "st", "--policy", "replace",
-                                          "--input", f"sleep={rng.uniform(0.3, 1.5):.2f}")
+                doc, rc, err = thome.json(
+                    "enqueue", tid, "st", "--policy", "replace", "--input", f"sleep={rng.uniform(0.3, 1.5):.2f}"
+                )
                 last[tid] = "replace"
             else:
                 doc, rc, err = thome.json("cancel", tid)
@@ -165,11 +173,12 @@ def test_readers_see_a_consistent_journal_while_compaction_runs(kmpwm_home, monk
     there (run-due would refuse to run, exit 74) or miss a task."""
     import threading
 
-    from kmpwm import Scheduler, triggers
-    from kmpwm import journal as journal_mod
-    from kmpwm.compaction import compact
-    from kmpwm.paths import resolve
-    from kmpwm.store import Store
+    from kmpwm import Scheduler
+    from kmpwm.core import triggers
+    from kmpwm.storage import journal as journal_mod
+    from kmpwm.storage.compaction import compact
+    from kmpwm.storage.paths import resolve
+    from kmpwm.storage.store import Store
 
     monkeypatch.setattr(journal_mod, "_datasync", lambda fd: None)  # speed: durability is not the point here
     s = Scheduler(home=str(kmpwm_home))
@@ -211,8 +220,10 @@ def test_readers_see_a_consistent_journal_while_compaction_runs(kmpwm_home, monk
     for t in threads:
         t.join()
     assert counts["compactions"] > 5 and counts["loads"] > 50, counts
-    assert not bad, (f"{len(bad)} of {counts['loads']} unlocked reads during {counts['compactions']} compactions "
-                     f"were inconsistent: {bad[:3]}")
+    assert not bad, (
+        f"{len(bad)} of {counts['loads']} unlocked reads during {counts['compactions']} compactions "
+        f"were inconsistent: {bad[:3]}"
+    )
 
 
 def test_overlapping_runners_run_each_event_occurrence_once(thome, tmp_path):
@@ -246,6 +257,8 @@ def test_overlapping_runners_run_each_event_occurrence_once(thome, tmp_path):
         for s in thome.runs()[0]:
             counts[s.id] = counts.get(s.id, 0) + 1
         want = {f"{k}{i}": rnd for k in ("chg", "low") for i in range(len(files))}
-        assert counts == want, (f"round {rnd}: runs per task differ from one per change / per entry into "
-                                f"battery-low: { {k: v for k, v in counts.items() if v != want.get(k)} }")
+        assert counts == want, (
+            f"round {rnd}: runs per task differ from one per change / per entry into "
+            f"battery-low: { {k: v for k, v in counts.items() if v != want.get(k)} }"
+        )
         count("event-occurrences", len(want))

@@ -19,14 +19,13 @@ from pathlib import Path
 
 import orjson
 import pytest
+from helpers import kjson, kmpwm_env, tasks_by_id
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from helpers import kjson, kmpwm, kmpwm_env, tasks_by_id
-
-from kmpwm.exitcodes import InvalidParams
-from kmpwm.timeparse import parse_duration
-from kmpwm.triggers import Periodic, initial, next_after_run, next_periodic
+from kmpwm.core.exitcodes import InvalidParams
+from kmpwm.core.timeparse import parse_duration
+from kmpwm.core.triggers import Periodic, initial, next_after_run, next_periodic
 
 HOUR = 3600.0
 MIN = 60.0
@@ -311,9 +310,10 @@ def test_window_end_before_start_is_invalid():
 
 def test_window_boundaries_in_plan(home):
     """[START, END] is closed: due at START and at END, missed just after END."""
-    from kmpwm import Scheduler, triggers
-    from kmpwm.probes import Device
-    from kmpwm.scheduling import plan
+    from kmpwm import Scheduler
+    from kmpwm.core import triggers
+    from kmpwm.scheduling.plan import plan
+    from kmpwm.scheduling.probes import Device
 
     now = time.time()
     start, end = now + 600.0, now + 1200.0
@@ -402,10 +402,13 @@ def test_cron_fall_back_next_day_stays_at_local_0230():
     assert task("cf2", env=BERLIN)["next_run_at"] == "2026-10-26T01:30:00Z"
 
 
-@pytest.mark.parametrize("enq_at, expected", [
-    ("2026-03-28 12:00:00", "2026-03-29T07:00:00Z"),  # 09:00 CEST, the day DST starts
-    ("2026-10-24 12:00:00", "2026-10-25T08:00:00Z"),  # 09:00 CET, the day DST ends
-])
+@pytest.mark.parametrize(
+    "enq_at, expected",
+    [
+        ("2026-03-28 12:00:00", "2026-03-29T07:00:00Z"),  # 09:00 CEST, the day DST starts
+        ("2026-10-24 12:00:00", "2026-10-25T08:00:00Z"),  # 09:00 CET, the day DST ends
+    ],
+)
 def test_cron_local_time_across_dst_change(enq_at, expected):
     """Cron expressions are in local time: '0 9 * * *' is 09:00 on the wall clock of that day,
     whatever the UTC offset was when the next time was computed."""
@@ -480,12 +483,15 @@ def test_on_change_missing_path_is_invalid(tmp_path):
 # -- --when device states ----------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("state, inside, outside", [
-    ("battery-low", "battery=10", "battery=50"),
-    ("battery-okay", "battery=50", "battery=10"),
-    ("storage-low", "storage_low=on", "storage_low=off"),
-    ("device-idle", "idle=on", "idle=off"),
-])
+@pytest.mark.parametrize(
+    "state, inside, outside",
+    [
+        ("battery-low", "battery=10", "battery=50"),
+        ("battery-okay", "battery=50", "battery=10"),
+        ("storage-low", "storage_low=on", "storage_low=off"),
+        ("device-idle", "idle=on", "idle=off"),
+    ],
+)
 def test_when_fires_on_entering_and_rearms_on_leaving(state, inside, outside):
     enqueue("wh", "echo", "--when", state)
     A = lambda v: {"KMPWM_ASSUME": v}  # noqa: E731
@@ -523,8 +529,9 @@ def test_when_unknown_state_is_invalid():
 
 def _retry_worker(home: Path) -> None:
     cfg = home / "config.toml"
-    cfg.write_text(f'[workers.again]\ncommand = [{orjson.dumps(sys.executable).decode()}, "-c", '
-                   '"import sys; sys.exit(75)"]\n')
+    cfg.write_text(
+        f'[workers.again]\ncommand = [{orjson.dumps(sys.executable).decode()}, "-c", "import sys; sys.exit(75)"]\n'
+    )
     os.chmod(cfg, 0o600)
 
 
@@ -554,9 +561,9 @@ def test_cron_retry_runs_after_backoff_then_returns_to_schedule(home):
     _retry_worker(home)
     enqueue("cr", "again", "--cron", "0 0 1 1 *", "--backoff-delay", "10s", "--max-attempts", "2", env=UTC)
     first = epoch(task("cr")["next_run_at"])
-    out, _ = at(datetime.fromtimestamp(first + 60, timezone.utc).strftime("%Y-%m-%d %H:%M:%S UTC"), "run-due", env=UTC)
+    out, _ = at(datetime.fromtimestamp(first + 60, UTC).strftime("%Y-%m-%d %H:%M:%S UTC"), "run-due", env=UTC)
     assert _statuses(out) == [("cr", "RETRY")]
-    out, _ = at(datetime.fromtimestamp(first + 120, timezone.utc).strftime("%Y-%m-%d %H:%M:%S UTC"), "run-due", env=UTC)
+    out, _ = at(datetime.fromtimestamp(first + 120, UTC).strftime("%Y-%m-%d %H:%M:%S UTC"), "run-due", env=UTC)
     assert [i for i, _ in _statuses(out)] == ["cr"]  # the last allowed attempt of this occurrence
     t = task("cr", env=UTC)
     assert t["state"] == "ENQUEUED"  # cron repeats: the next occurrence is still scheduled

@@ -15,7 +15,6 @@ import time
 import zipfile
 
 import pytest
-
 from helpers import jdoc, kmpwm, kmpwm_env
 from test_builtin_workers import BLOB, BLOB_SHA, HALF, Handler, Server
 
@@ -91,8 +90,13 @@ def test_killed_compress_leaves_no_temp_file_after_the_rerun(tmp_path):
     out = tmp_path / "out" / "src.zip"
     kmpwm("enqueue", "pack", "compress", "--input", json.dumps({"path": str(src), "output": str(out)}), check=0)
     tmp = out.parent / ".src.zip.kmpwm-tmp"
-    proc = subprocess.Popen([sys.executable, "-m", "kmpwm", "run-due"], env=kmpwm_env(),
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "kmpwm", "run-due"],
+        env=kmpwm_env(),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        start_new_session=True,
+    )
     deadline = time.monotonic() + 60
     while not (tmp.exists() and tmp.stat().st_size > 0):
         assert proc.poll() is None, f"run-due ended before compress started writing: {proc.stderr.read()}"
@@ -111,14 +115,21 @@ def test_killed_compress_leaves_no_temp_file_after_the_rerun(tmp_path):
     assert [r["status"] for r in doc["ran"]] == ["SUCCESS"], doc
     assert sorted(os.listdir(out.parent)) == ["src.zip"], "the killed run's temp file was left behind"
     with zipfile.ZipFile(out) as z:
-        assert hashlib.sha256(z.read("src/part5.bin")).digest() == hashlib.sha256(
-            (src / "part5.bin").read_bytes()).digest()
+        assert (
+            hashlib.sha256(z.read("src/part5.bin")).digest()
+            == hashlib.sha256((src / "part5.bin").read_bytes()).digest()
+        )
 
 
 def _kill_run_due_when(ready, what: str) -> None:
     """Start run-due, SIGKILL it once ``ready()`` holds, and wait for its worker to be gone."""
-    proc = subprocess.Popen([sys.executable, "-m", "kmpwm", "run-due"], env=kmpwm_env(),
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "kmpwm", "run-due"],
+        env=kmpwm_env(),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        start_new_session=True,
+    )
     deadline = time.monotonic() + 60
     while not ready():
         assert proc.poll() is None, f"run-due ended before {what}: {proc.stderr.read()}"
@@ -132,8 +143,14 @@ def _kill_run_due_when(ready, what: str) -> None:
 def test_killed_download_resumes_and_leaves_no_part_file(server, tmp_path):
     dest = tmp_path / "dl" / "blob.bin"
     part = dest.parent / "blob.bin.part"
-    kmpwm("enqueue", "fetch", "download", "--input", json.dumps({"url": f"{server.base}/stall", "path": str(dest)}),
-          check=0)
+    kmpwm(
+        "enqueue",
+        "fetch",
+        "download",
+        "--input",
+        json.dumps({"url": f"{server.base}/stall", "path": str(dest)}),
+        check=0,
+    )
     _kill_run_due_when(lambda: part.exists() and part.stat().st_size >= HALF, "half the download")
     assert part.exists() and not dest.exists()
     doc = jdoc("run-due")

@@ -7,7 +7,6 @@ import os
 import textwrap
 
 import pytest
-
 from helpers import jdoc, kmpwm
 
 WORKER_MODULE = '''
@@ -39,7 +38,8 @@ def declared(tmp_path):
     os.makedirs(home, mode=0o700, exist_ok=True)
     cfg = os.path.join(home, "config.toml")
     with open(cfg, "w") as f:
-        f.write(textwrap.dedent(f'''
+        f.write(
+            textwrap.dedent(f'''
             [workers.short]
             entry = "declmod:short"
             cwd = "{mod}"
@@ -56,7 +56,8 @@ def declared(tmp_path):
             command = ["true"]
             description = "A command that does nothing."
             inputs = {{ target = {{ type = "string", required = true, description = "where" }}, note = "free text" }}
-        '''))
+        ''')
+        )
     os.chmod(cfg, 0o600)
     return mod
 
@@ -141,7 +142,7 @@ def test_bad_declaration_in_config_is_loud(tmp_path):
 
 def test_decorator_leaves_the_function_alone():
     import kmpwm as api
-    from kmpwm.declare import spec_of
+    from kmpwm.running.declare import spec_of
 
     def f(input):
         return 1

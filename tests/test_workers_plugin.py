@@ -15,15 +15,22 @@ import sys
 from pathlib import Path
 
 import pytest
-
 from helpers import jdoc as kjson  # kjson(ARGS, expect=N) -> the --json document
 
 PY = sys.executable
 PKG_DIR = Path(__file__).resolve().parent / "plugin_pkg"
 DIST = "kmpwm-test-plugin"
-NAMES = ["tplug_sync", "tplug_ctx", "tplug_async", "tplug_class", "tplug_false", "tplug_none", "tplug_raise",
-         "tplug_retry", "tplug_flaky"]
-
+NAMES = [
+    "tplug_sync",
+    "tplug_ctx",
+    "tplug_async",
+    "tplug_class",
+    "tplug_false",
+    "tplug_none",
+    "tplug_raise",
+    "tplug_retry",
+    "tplug_flaky",
+]
 
 
 def tasks() -> dict:
@@ -31,8 +38,12 @@ def tasks() -> dict:
 
 
 def _pip(*args) -> subprocess.CompletedProcess:
-    return subprocess.run([PY, "-m", "pip", "--disable-pip-version-check", "--no-input", *args],
-                          capture_output=True, text=True, timeout=300)
+    return subprocess.run(
+        [PY, "-m", "pip", "--disable-pip-version-check", "--no-input", *args],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
 
 
 @pytest.fixture(scope="module")
@@ -79,15 +90,24 @@ def test_every_worker_shape_runs(plugin):
     assert row("tplug_sync")["data"] == {"shape": "sync", "input": "in-tplug_sync"}
 
     assert row("tplug_ctx")["status"] == "SUCCESS"
-    assert row("tplug_ctx")["data"] == {"shape": "ctx", "input": "in-tplug_ctx", "attempt": 1,
-                                        "task_id": "p-tplug_ctx", "upstream": {}}
+    assert row("tplug_ctx")["data"] == {
+        "shape": "ctx",
+        "input": "in-tplug_ctx",
+        "attempt": 1,
+        "task_id": "p-tplug_ctx",
+        "upstream": {},
+    }
 
     assert row("tplug_async")["status"] == "SUCCESS"
     assert row("tplug_async")["data"] == {"shape": "async", "input": "in-tplug_async"}
 
     assert row("tplug_class")["status"] == "SUCCESS"
-    assert row("tplug_class")["data"] == {"shape": "class", "input": "in-tplug_class", "task_id": "p-tplug_class",
-                                          "attempt": 1}
+    assert row("tplug_class")["data"] == {
+        "shape": "class",
+        "input": "in-tplug_class",
+        "task_id": "p-tplug_class",
+        "attempt": 1,
+    }
 
     assert row("tplug_none")["status"] == "SUCCESS"
     assert row("tplug_none")["data"] is None
@@ -138,8 +158,9 @@ def test_upstream_flows_through_a_chain_of_plugin_workers(plugin):
 def test_entry_point_worker_declares_itself(plugin):
     doc = kjson("workers", "tplug_declared")
     assert doc["description"] == "A worker that declares itself." and doc["distribution"] == DIST
-    assert doc["inputs"] == [{"name": "n", "type": "integer", "required": False, "description": "a number",
-                              "default": 1}]
+    assert doc["inputs"] == [
+        {"name": "n", "type": "integer", "required": False, "description": "a number", "default": 1}
+    ]
     assert doc["limit_s"] == 5
     kjson("enqueue", "decl", "tplug_declared")
     ran = kjson("run-due")["ran"]

@@ -7,8 +7,8 @@ from __future__ import annotations
 
 import json
 
-from ..declare import worker
-from ..results import Failure, Retry, Success
+from kmpwm.core.results import Failure, Retry, Success
+from kmpwm.running.declare import worker
 
 
 def _parse(input: str | None):
@@ -23,8 +23,12 @@ def _parse(input: str | None):
 @worker(
     description="Succeed, returning the input as data (for demos and trying out chains).",
     inputs={"(any)": {"type": "any JSON", "description": "an object becomes data; anything else is data.input"}},
-    returns={"(input keys)": "the input object's keys", "input": "the input, when it is not an object",
-             "upstream": "the previous chain step's data, when there is one", "task": "this task's id"},
+    returns={
+        "(input keys)": "the input object's keys",
+        "input": "the input, when it is not an object",
+        "upstream": "the previous chain step's data, when there is one",
+        "task": "this task's id",
+    },
 )
 def echo(input, ctx):
     """Succeed with ``data``: the input if it is a JSON object, else ``{"input": ...}``; the upstream

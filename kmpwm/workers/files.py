@@ -9,8 +9,8 @@ import tarfile
 import time
 import zipfile
 
-from ..declare import worker
-from ..results import Failure, Retry, Success
+from kmpwm.core.results import Failure, Retry, Success
+from kmpwm.running.declare import worker
 
 FORMATS = ("zip", "tar.gz")
 
@@ -58,10 +58,16 @@ def fsync_dir(path: str) -> None:
         "output": {"type": "string", "description": "the archive (default: the first input + .zip or .tar.gz)"},
         "format": {"type": "string", "description": "zip or tar.gz (default: from output's suffix, else zip)"},
     },
-    returns={"path": "the archive written (what a next step such as upload takes)", "output": "the same",
-             "format": "zip or tar.gz", "files": "regular files stored", "bytes_in": "their total size",
-             "bytes_out": "the archive's size", "skipped": "entries skipped (links to directories, ...)",
-             "duration_ms": "how long it took"},
+    returns={
+        "path": "the archive written (what a next step such as upload takes)",
+        "output": "the same",
+        "format": "zip or tar.gz",
+        "files": "regular files stored",
+        "bytes_in": "their total size",
+        "bytes_out": "the archive's size",
+        "skipped": "entries skipped (links to directories, ...)",
+        "duration_ms": "how long it took",
+    },
     heavy=True,
 )
 def compress(input, ctx):
@@ -76,7 +82,8 @@ def compress(input, ctx):
     Directories are added recursively under their own name (``dir/sub/file``); symlinks to files
     are stored as the file's content, symlinked directories and special files are skipped.
 
-    Data: ``path`` and ``output`` (the archive), ``format``, ``files`` (regular files stored), ``bytes_in`` (their total size),
+    Data: ``path`` and ``output`` (the archive), ``format``, ``files`` (regular files stored), ``bytes_in``
+    (their total size),
     ``bytes_out`` (archive size), ``skipped``, ``duration_ms``.
     Told to expire between two files, it removes the partial archive and asks to be retried.
     The archive is written to ``.NAME.kmpwm-tmp`` beside it; one left by a killed run is removed
@@ -217,7 +224,10 @@ def _write_archive(raw, fmt: str, output: str, members, ctx) -> bool:
     """Write ``members`` into the open file ``raw``; False if told to expire part-way."""
     if fmt == "zip":
         with zipfile.ZipFile(
-            raw, "w", compression=zipfile.ZIP_DEFLATED, strict_timestamps=False  # pre-1980 mtimes
+            raw,
+            "w",
+            compression=zipfile.ZIP_DEFLATED,
+            strict_timestamps=False,  # pre-1980 mtimes
         ) as archive:
             for full, arcname, _ in members:
                 if ctx.expired:

@@ -20,9 +20,9 @@ import urllib.error
 import urllib.parse
 import urllib.request
 
-from ..declare import worker
-from ..results import Failure, Retry, Success
-from .files import elapsed_ms, fsync_dir, load_input
+from kmpwm.core.results import Failure, Retry, Success
+from kmpwm.running.declare import worker
+from kmpwm.workers.files import elapsed_ms, fsync_dir, load_input
 
 USER_AGENT = "kmpwm/0.1"
 CHUNK = 64 * 1024
@@ -48,10 +48,15 @@ class _Stopped(Exception):
         "expect_status": {"type": "integer or list", "description": "these statuses succeed, any other fails"},
         "save_body": {"type": "boolean", "default": False, "description": "put the response text in data.body"},
     },
-    returns={"status": "the response status", "url": "the URL after redirects", "bytes": "response body size",
-             "duration_ms": "how long it took", "headers": "content-type, content-length, etag, ... when present",
-             "body": "with save_body: the text of a textual response (first 64 KiB)",
-             "truncated": "with save_body: true when body was cut"},
+    returns={
+        "status": "the response status",
+        "url": "the URL after redirects",
+        "bytes": "response body size",
+        "duration_ms": "how long it took",
+        "headers": "content-type, content-length, etag, ... when present",
+        "body": "with save_body: the text of a textual response (first 64 KiB)",
+        "truncated": "with save_body: true when body was cut",
+    },
     heavy=True,
 )
 def http_request(input, ctx):
@@ -109,8 +114,14 @@ def http_request(input, ctx):
         "resume": {"type": "boolean", "default": True, "description": "continue a FILE.part with a Range request"},
         "timeout": {"type": "number", "default": 60, "description": "socket timeout in seconds"},
     },
-    returns={"path": "the file written", "bytes": "its size", "resumed_from": "bytes kept from an earlier attempt",
-             "sha256": "its digest", "status": "the response status", "duration_ms": "how long it took"},
+    returns={
+        "path": "the file written",
+        "bytes": "its size",
+        "resumed_from": "bytes kept from an earlier attempt",
+        "sha256": "its digest",
+        "status": "the response status",
+        "duration_ms": "how long it took",
+    },
     heavy=True,
 )
 def download(input, ctx):
@@ -187,8 +198,10 @@ def download(input, ctx):
             stopped = _receive(resp, part, offset, digest, ctx)
             if stopped is not None:
                 size = os.path.getsize(part)
-                return Retry(f"download {url}: {stopped} at {size} bytes; will resume",
-                             data={"path": path, "bytes": size, "resumed_from": offset, "status": status})
+                return Retry(
+                    f"download {url}: {stopped} at {size} bytes; will resume",
+                    data={"path": path, "bytes": size, "resumed_from": offset, "status": status},
+                )
 
     actual = digest.hexdigest()
     if expected is not None and actual != expected.lower():
@@ -199,8 +212,14 @@ def download(input, ctx):
     size = os.path.getsize(path)
     return Success(
         message=f"downloaded {size} bytes to {path}" + (f" (resumed at {offset})" if offset else ""),
-        data={"path": path, "bytes": size, "resumed_from": offset, "sha256": actual, "status": status,
-              "duration_ms": elapsed_ms(started)},
+        data={
+            "path": path,
+            "bytes": size,
+            "resumed_from": offset,
+            "sha256": actual,
+            "status": status,
+            "duration_ms": elapsed_ms(started),
+        },
     )
 
 
@@ -217,9 +236,14 @@ def download(input, ctx):
         "timeout": {"type": "number", "default": 60, "description": "socket timeout in seconds"},
         "expect_status": {"type": "integer or list", "description": "these statuses succeed, any other fails"},
     },
-    returns={"status": "the response status", "bytes": "the file's size", "url": "the URL after redirects",
-             "path": "the file sent", "duration_ms": "how long it took",
-             "response": "the response text (first 64 KiB)"},
+    returns={
+        "status": "the response status",
+        "bytes": "the file's size",
+        "url": "the URL after redirects",
+        "path": "the file sent",
+        "duration_ms": "how long it took",
+        "response": "the response text (first 64 KiB)",
+    },
     heavy=True,
 )
 def upload(input, ctx):
@@ -262,8 +286,9 @@ def upload(input, ctx):
     content_type = mimetypes.guess_type(path)[0] or "application/octet-stream"
     if args.get("multipart", True):
         boundary = "kmpwm-" + secrets.token_hex(16)
-        head, tail = _multipart_frame(boundary, {k: str(v) for k, v in fields.items()}, field,
-                                      os.path.basename(path), content_type)
+        head, tail = _multipart_frame(
+            boundary, {k: str(v) for k, v in fields.items()}, field, os.path.basename(path), content_type
+        )
         body = _stream(path, ctx, head, tail, size)
         _set_default(headers, "Content-Type", f"multipart/form-data; boundary={boundary}")
         length = len(head) + size + len(tail)
@@ -290,6 +315,7 @@ def upload(input, ctx):
 
 
 # --- input checks (ValueError carries the message of the Failure) -------------------------------
+
 
 def _url(value) -> str:
     if not isinstance(value, str) or not value:
@@ -354,6 +380,7 @@ def _payload(body, json_value, headers: dict) -> bytes | None:
 
 
 # --- the exchange ------------------------------------------------------------------------------
+
 
 def _open(request, timeout: float):
     """The response, including error statuses (urllib raises those; the caller decides)."""
@@ -439,6 +466,7 @@ def _looks_utf8(raw: bytes) -> bool:
 
 # --- download and upload helpers ---------------------------------------------------------------
 
+
 def _range_start(content_range: str | None) -> int | None:
     match = re.match(r"\s*bytes\s+(\d+)-", content_range or "")
     return int(match.group(1)) if match else None
@@ -491,15 +519,17 @@ def _quote(value: str) -> str:
     return value.replace("\r", "%0D").replace("\n", "%0A").replace('"', "%22")
 
 
-def _multipart_frame(boundary: str, fields: dict[str, str], field: str, filename: str,
-                     content_type: str) -> tuple[bytes, bytes]:
+def _multipart_frame(
+    boundary: str, fields: dict[str, str], field: str, filename: str, content_type: str
+) -> tuple[bytes, bytes]:
     """The bytes before and after the file's content in a multipart/form-data body."""
     head = b""
     for name, value in fields.items():
-        head += (f"--{boundary}\r\nContent-Disposition: form-data; name=\"{_quote(name)}\"\r\n\r\n"
-                 f"{value}\r\n").encode("utf-8")
-    head += (f"--{boundary}\r\nContent-Disposition: form-data; name=\"{_quote(field)}\"; "
-             f"filename=\"{_quote(filename)}\"\r\nContent-Type: {content_type}\r\n\r\n").encode("utf-8")
+        head += (f'--{boundary}\r\nContent-Disposition: form-data; name="{_quote(name)}"\r\n\r\n{value}\r\n').encode()
+    head += (
+        f'--{boundary}\r\nContent-Disposition: form-data; name="{_quote(field)}"; '
+        f'filename="{_quote(filename)}"\r\nContent-Type: {content_type}\r\n\r\n'
+    ).encode()
     return head, f"\r\n--{boundary}--\r\n".encode("ascii")
 
 

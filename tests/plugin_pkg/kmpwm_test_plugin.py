@@ -13,8 +13,9 @@ def sync_worker(input):
 
 def ctx_worker(input, ctx):
     """A function taking (input, ctx)."""
-    return WorkerResult.Success(data={"shape": "ctx", "input": input, "attempt": ctx.attempt,
-                                      "task_id": ctx.task_id, "upstream": ctx.upstream})
+    return WorkerResult.Success(
+        data={"shape": "ctx", "input": input, "attempt": ctx.attempt, "task_id": ctx.task_id, "upstream": ctx.upstream}
+    )
 
 
 async def async_worker(input):
@@ -27,8 +28,9 @@ class ClassWorker:
     """A class with do_work(self, input, ctx)."""
 
     def do_work(self, input, ctx):
-        return WorkerResult.Success(data={"shape": "class", "input": input, "task_id": ctx.task_id,
-                                          "attempt": ctx.attempt})
+        return WorkerResult.Success(
+            data={"shape": "class", "input": input, "task_id": ctx.task_id, "attempt": ctx.attempt}
+        )
 
 
 def false_worker(input):
@@ -54,9 +56,12 @@ def flaky_worker(input, ctx):
     return WorkerResult.Success(data={"attempt": ctx.attempt, "task_id": ctx.task_id})
 
 
-@kmpwm.worker(description="A worker that declares itself.",
-              inputs={"n": {"type": "integer", "default": 1, "required": False, "description": "a number"}},
-              returns={"left": "seconds left of its time limit"}, timeout="5s")
+@kmpwm.worker(
+    description="A worker that declares itself.",
+    inputs={"n": {"type": "integer", "default": 1, "required": False, "description": "a number"}},
+    returns={"left": "seconds left of its time limit"},
+    timeout="5s",
+)
 def declared_worker(input, ctx):
     """Declared through kmpwm.worker: described by `kmpwm workers`, its 5 s limit applied."""
     return WorkerResult.Success(data={"left": ctx.time_left()})

@@ -1,0 +1,961 @@
+"""The command line: parse, call the API, print.  No scheduling logic lives here.
+
+No ``from __future__ import annotations`` here, on purpose: typer reads every command's
+annotations, and string annotations cost it an eval each (~5 ms for enqueue's options at every
+start of the command)."""
+
+import os
+import sys
+from pathlib import Path
+
+import typer
+
+from kmpwm import __version__
+from kmpwm.core.exitcodes import USAGE, InvalidParams, KmpwmError
+
+app = typer.Typer(
+    name="kmpwm",
+    help="A per-user persistent background-task scheduler: triggers, constraints, retries, chains "
+    "with savepoints, run by cron/launchd/systemd through `kmpwm run-due`.",
+    no_args_is_help=True,
+    add_completion=True,
+    pretty_exceptions_enable=False,
+    rich_markup_mode=None,
+    context_settings={"help_option_names": ["-h", "--help"]},
+)
+schedule_app = typer.Typer(
+    help="Install, remove or show the periodic `run-due` invoker (cron, launchd, systemd).", no_args_is_help=True
+)
+app.add_typer(schedule_app, name="schedule")
+
+_home: str | None = None
+
+JSON_OPT = typer.Option(False, "--json", help="Print exactly one JSON document on stdout.")
+
+
+def _scheduler():
+    from kmpwm.api import Scheduler
+
+    return Scheduler(paths=_paths())
+
+
+def _paths():
+    """This home's paths, after the permission checks every command makes (exit 77)."""
+    from kmpwm.storage.paths import check_all, resolve
+
+    paths = resolve(_home)
+    check_all(paths)
+    return paths
+
+
+def _complete_worker(incomplete: str):
+    try:
+        from kmpwm.running.registry import Registry
+
+        return [w.name for w in Registry(_paths()).all() if w.name.startswith(incomplete)]
+    except Exception:
+        return []
+
+
+def _complete_task(incomplete: str):
+    try:
+        from kmpwm.storage.store import Store
+
+        state = Store(_paths()).load(full=False).state
+        ids = [i for i, t in state["tasks"].items() if i.startswith(incomplete)]
+        return ids + [c for c in state["chains"] if c.startswith(incomplete)]
+    except Exception:
+        return []
+
+
+def _version_callback(value: bool) -> None:
+    if value:
+        typer.echo(f"kmpwm {__version__}")
+        raise typer.Exit(0)
+
+
+@app.callback()
+def _main(
+    home: Path | None = typer.Option(
+        None, "--home", metavar="DIR", help="Keep everything under DIR (wins over KMPWM_HOME)."
+    ),
+    version: bool = typer.Option(
+        False, "--version", callback=_version_callback, is_eager=True, help="Print the version and exit."
+    ),
+) -> None:
+    global _home
+    _home = str(home) if home is not None else None
+
+
+# -- shared option groups ------------------------------------------------------------------
+
+
+def _task_flags(
+    delay,
+    every,
+    flex,
+    at,
+    exact_behavior,
+    window,
+    cron,
+    on_change,
+    no_descendants,
+    when,
+    requires_network,
+    network_type,
+    requires_charging,
+    battery_not_low,
+    storage_not_low,
+    device_idle,
+    heavy,
+    expedited,
+    qos,
+    timeout,
+    backoff,
+    backoff_delay,
+    max_attempts,
+    tags,
+    tz=None,
+    jitter=None,
+    misfire_grace=None,
+) -> dict:
+    """The flat spec keys given on the command line (only those given)."""
+    spec = {
+        "delay": delay,
+        "every": every,
+        "flex": flex,
+        "at": at,
+        "exact_behavior": exact_behavior,
+        "window": list(window) if window else None,
+        "cron": cron,
+        "on_change": on_change,
+        "when": when,
+        "network_type": network_type,
+        "qos": qos,
+        "timeout": timeout,
+        "backoff": backoff,
+        "backoff_delay": backoff_delay,
+        "max_attempts": max_attempts,
+        "tz": tz,
+        "jitter": jitter,
+        "misfire_grace": misfire_grace,
+    }
+    for key, flag in (
+        ("no_descendants", no_descendants),
+        ("requires_network", requires_network),
+        ("requires_charging", requires_charging),
+        ("battery_not_low", battery_not_low),
+        ("storage_not_low", storage_not_low),
+        ("device_idle", device_idle),
+        ("heavy", heavy),
+        ("expedited", expedited),
+    ):
+        if flag:
+            spec[key] = True
+    if tags:
+        spec["tags"] = list(tags)
+    return {k: v for k, v in spec.items() if v is not None}
+
+
+def _int(value: str | None, flag: str, minimum: int = 1) -> int | None:
+    if value is None:
+        return None
+    try:
+        n = int(value)
+    except ValueError:
+        raise InvalidParams(f"invalid {flag} {value!r}: expected a whole number") from None
+    if not minimum <= n <= 1_000_000:
+        raise InvalidParams(f"invalid {flag} {value!r}: must be from {minimum} to 1000000")
+    return n
+
+
+Opt = typer.Option
+TRIG = "Trigger"
+CONS = "Constraints"
+
+
+@app.command("enqueue")
+def enqueue_cmd(
+    task_id: str | None = typer.Argument(None, metavar="ID", help="The task's id (its unique-work name)."),
+    worker: str | None = typer.Argument(
+        None, metavar="WORKER", help="A registered worker name.", autocompletion=_complete_worker
+    ),
+    input: str | None = Opt(None, "--input", metavar="TEXT", help="Input text passed to the worker."),
+    input_file: Path | None = Opt(
+        None, "--input-file", metavar="FILE", help="Read the input from FILE (- for stdin; at most 1 MiB)."
+    ),
+    from_file: str | None = Opt(
+        None,
+        "--from",
+        metavar="FILE",
+        help="Read JSON Lines task specs from FILE (- for stdin; at most 64 MiB, each input at most 1 MiB): one durable append, all or nothing.",  # noqa: E501
+    ),
+    delay: str | None = Opt(
+        None,
+        "--delay",
+        metavar="DUR",
+        help="Due DUR from now (also an initial delay for other triggers).",
+        rich_help_panel=TRIG,
+    ),
+    every: str | None = Opt(
+        None, "--every", metavar="DUR", help="Periodic: due once per DUR (>= 60s).", rich_help_panel=TRIG
+    ),
+    flex: str | None = Opt(
+        None,
+        "--flex",
+        metavar="DUR",
+        help="Periodic: due anywhere in the last DUR of each period.",
+        rich_help_panel=TRIG,
+    ),
+    at: str | None = Opt(
+        None, "--at", metavar="TIME", help="Exact: due at TIME (ISO 8601, @EPOCH or +DUR).", rich_help_panel=TRIG
+    ),
+    exact_behavior: str | None = Opt(
+        None,
+        "--exact-behavior",
+        metavar="attempt|notify|error",
+        help="What --at does (default attempt).",
+        rich_help_panel=TRIG,
+    ),
+    window: tuple[str, str] | None = Opt(
+        None, "--window", metavar="START END", help="Windowed: run only inside [START, END].", rich_help_panel=TRIG
+    ),
+    cron: str | None = Opt(
+        None, "--cron", metavar="EXPR", help="A 5-field cron expression, local time.", rich_help_panel=TRIG
+    ),
+    on_change: str | None = Opt(
+        None, "--on-change", metavar="PATH", help="Due when PATH changed since the last run.", rich_help_panel=TRIG
+    ),
+    no_descendants: bool = Opt(
+        False, "--no-descendants", help="With --on-change: only PATH itself counts.", rich_help_panel=TRIG
+    ),
+    when: str | None = Opt(
+        None,
+        "--when",
+        metavar="battery-low|battery-okay|storage-low|device-idle",
+        help="Due each time the device enters that state.",
+        rich_help_panel=TRIG,
+    ),
+    tz: str | None = Opt(
+        None,
+        "--tz",
+        metavar="ZONE",
+        help="Read --cron, --at and --window times in this IANA zone (stored with the task).",
+        rich_help_panel=TRIG,
+    ),
+    jitter: str | None = Opt(
+        None,
+        "--jitter",
+        metavar="DUR",
+        help="Delay each due time by a fixed per-task, per-host offset in [0, DUR).",
+        rich_help_panel=TRIG,
+    ),
+    misfire_grace: str | None = Opt(
+        None,
+        "--misfire-grace",
+        metavar="DUR",
+        help="Skip an occurrence that would start more than DUR late (recorded as missed).",
+        rich_help_panel=TRIG,
+    ),
+    requires_network: bool = Opt(False, "--requires-network", help="Needs a network connection.", rich_help_panel=CONS),
+    network_type: str | None = Opt(
+        None,
+        "--network-type",
+        metavar="TYPE",
+        help="connected|unmetered|not-roaming|metered|temporarily-unmetered|not-required",
+        rich_help_panel=CONS,
+    ),
+    requires_charging: bool = Opt(
+        False, "--requires-charging", help="Needs the device to be charging.", rich_help_panel=CONS
+    ),
+    battery_not_low: bool = Opt(
+        False, "--battery-not-low", help="Needs the battery at 15% or more.", rich_help_panel=CONS
+    ),
+    storage_not_low: bool = Opt(False, "--storage-not-low", help="Needs storage not low.", rich_help_panel=CONS),
+    device_idle: bool = Opt(False, "--device-idle", help="Needs the device idle.", rich_help_panel=CONS),
+    heavy: bool = Opt(False, "--heavy", help="A long task: 10m time limit instead of 30s.", rich_help_panel=CONS),
+    expedited: bool = Opt(False, "--expedited", help="Run before non-expedited due tasks.", rich_help_panel=CONS),
+    qos: str | None = Opt(
+        None, "--qos", metavar="high|default|low", help="Order among due tasks.", rich_help_panel=CONS
+    ),
+    timeout: str | None = Opt(None, "--timeout", metavar="DUR", help="Time limit of one run.", rich_help_panel=CONS),
+    backoff: str | None = Opt(
+        None,
+        "--backoff",
+        metavar="exponential|linear",
+        help="Retry backoff (default exponential).",
+        rich_help_panel=CONS,
+    ),
+    backoff_delay: str | None = Opt(
+        None, "--backoff-delay", metavar="DUR", help="First retry delay (default 10s).", rich_help_panel=CONS
+    ),
+    max_attempts: str | None = Opt(
+        None, "--max-attempts", metavar="N", help="Runs allowed in all (default 10).", rich_help_panel=CONS
+    ),
+    policy: str | None = Opt(
+        None,
+        "--policy",
+        metavar="keep|replace|append|append-or-replace|update",
+        help="When the id exists (default keep; update: same id, attempts and schedule, new definition).",
+    ),
+    tags: list[str] | None = Opt(None, "--tag", metavar="T", help="Label the task (repeatable)."),
+    as_json: bool = JSON_OPT,
+) -> None:
+    """Enqueue a task: ID WORKER plus a trigger and constraints, or --from FILE of JSON Lines."""
+    from kmpwm.cli import commands
+
+    flags = _task_flags(
+        delay,
+        every,
+        flex,
+        at,
+        exact_behavior,
+        window,
+        cron,
+        on_change,
+        no_descendants,
+        when,
+        requires_network,
+        network_type,
+        requires_charging,
+        battery_not_low,
+        storage_not_low,
+        device_idle,
+        heavy,
+        expedited,
+        qos,
+        timeout,
+        backoff,
+        backoff_delay,
+        max_attempts,
+        tags,
+        tz,
+        jitter,
+        misfire_grace,
+    )
+    if from_file is not None:
+        if task_id is not None or worker is not None or input is not None or input_file is not None or flags or policy:
+            raise InvalidParams("--from takes the tasks from the file; give no ID, WORKER or task flags with it")
+        raise typer.Exit(commands.enqueue_from(_scheduler(), from_file, as_json))
+    if task_id is None or worker is None:
+        raise _usage("enqueue needs ID and WORKER (or --from FILE)")
+    spec = dict(flags, id=task_id, worker=worker)
+    if input is not None:
+        spec["input"] = input
+    if input_file is not None:
+        spec["input_file"] = str(input_file)
+    if policy is not None:
+        spec["policy"] = policy
+    raise typer.Exit(commands.enqueue_one(_scheduler(), spec, as_json))
+
+
+@app.command("chain")
+def chain_cmd(
+    steps: list[str] | None = typer.Argument(
+        None,
+        metavar="STEP...",
+        help="Worker names in order; A+B runs A and B in parallel.",
+        autocompletion=_complete_worker,
+    ),
+    chain_id: str | None = Opt(None, "--id", metavar="ID", help="The chain's id (generated if left out)."),
+    policy: str | None = Opt(
+        None, "--policy", metavar="keep|replace", help="When the chain id exists (default replace)."
+    ),
+    file: str | None = Opt(
+        None,
+        "--file",
+        metavar="FILE",
+        help="TOML or JSON chain file (- for stdin; at most 64 MiB) with per-task input and constraints.",
+    ),
+    delay: str | None = Opt(None, "--delay", metavar="DUR", help="Due DUR from now.", rich_help_panel=TRIG),
+    every: str | None = Opt(
+        None,
+        "--every",
+        metavar="DUR",
+        help="Not for chains (their tasks run once); accepted to say so.",
+        rich_help_panel=TRIG,
+    ),
+    cron: str | None = Opt(
+        None,
+        "--cron",
+        metavar="EXPR",
+        help="Not for chains (their tasks run once); accepted to say so.",
+        rich_help_panel=TRIG,
+    ),
+    on_change: str | None = Opt(
+        None,
+        "--on-change",
+        metavar="PATH",
+        help="Not for chains (their tasks run once); accepted to say so.",
+        rich_help_panel=TRIG,
+    ),
+    when: str | None = Opt(
+        None,
+        "--when",
+        metavar="STATE",
+        help="Not for chains (their tasks run once); accepted to say so.",
+        rich_help_panel=TRIG,
+    ),
+    at: str | None = Opt(None, "--at", metavar="TIME", help="Due at TIME.", rich_help_panel=TRIG),
+    exact_behavior: str | None = Opt(
+        None,
+        "--exact-behavior",
+        metavar="attempt|notify|error",
+        help="What --at does (default attempt).",
+        rich_help_panel=TRIG,
+    ),
+    window: tuple[str, str] | None = Opt(
+        None, "--window", metavar="START END", help="Windowed: run only inside [START, END].", rich_help_panel=TRIG
+    ),
+    tz: str | None = Opt(
+        None,
+        "--tz",
+        metavar="ZONE",
+        help="Read --cron, --at and --window times in this IANA zone (stored with the task).",
+        rich_help_panel=TRIG,
+    ),
+    jitter: str | None = Opt(
+        None,
+        "--jitter",
+        metavar="DUR",
+        help="Delay each due time by a fixed per-task, per-host offset in [0, DUR).",
+        rich_help_panel=TRIG,
+    ),
+    misfire_grace: str | None = Opt(
+        None,
+        "--misfire-grace",
+        metavar="DUR",
+        help="Skip an occurrence that would start more than DUR late (recorded as missed).",
+        rich_help_panel=TRIG,
+    ),
+    requires_network: bool = Opt(False, "--requires-network", help="Needs a network connection.", rich_help_panel=CONS),
+    network_type: str | None = Opt(
+        None,
+        "--network-type",
+        metavar="TYPE",
+        help="connected|unmetered|not-roaming|metered|temporarily-unmetered|not-required",
+        rich_help_panel=CONS,
+    ),
+    requires_charging: bool = Opt(
+        False, "--requires-charging", help="Needs the device to be charging.", rich_help_panel=CONS
+    ),
+    battery_not_low: bool = Opt(
+        False, "--battery-not-low", help="Needs the battery at 15% or more.", rich_help_panel=CONS
+    ),
+    storage_not_low: bool = Opt(False, "--storage-not-low", help="Needs storage not low.", rich_help_panel=CONS),
+    device_idle: bool = Opt(False, "--device-idle", help="Needs the device idle.", rich_help_panel=CONS),
+    heavy: bool = Opt(False, "--heavy", help="Long tasks: 10m time limit instead of 30s.", rich_help_panel=CONS),
+    expedited: bool = Opt(False, "--expedited", help="Run before non-expedited due tasks.", rich_help_panel=CONS),
+    qos: str | None = Opt(
+        None, "--qos", metavar="high|default|low", help="Order among due tasks.", rich_help_panel=CONS
+    ),
+    timeout: str | None = Opt(None, "--timeout", metavar="DUR", help="Time limit of one run.", rich_help_panel=CONS),
+    backoff: str | None = Opt(
+        None,
+        "--backoff",
+        metavar="exponential|linear",
+        help="Retry backoff (default exponential).",
+        rich_help_panel=CONS,
+    ),
+    backoff_delay: str | None = Opt(
+        None, "--backoff-delay", metavar="DUR", help="First retry delay (default 10s).", rich_help_panel=CONS
+    ),
+    max_attempts: str | None = Opt(
+        None, "--max-attempts", metavar="N", help="Runs allowed in all (default 10).", rich_help_panel=CONS
+    ),
+    tags: list[str] | None = Opt(None, "--tag", metavar="T", help="Label the chain and its tasks (repeatable)."),
+    as_json: bool = JSON_OPT,
+) -> None:
+    """Enqueue a chain: steps run in order, A+B in parallel; each step gets the previous step's data."""
+    from kmpwm.cli import commands
+
+    flags = _task_flags(
+        delay,
+        every,
+        None,
+        at,
+        exact_behavior,
+        window,
+        cron,
+        on_change,
+        False,
+        when,
+        requires_network,
+        network_type,
+        requires_charging,
+        battery_not_low,
+        storage_not_low,
+        device_idle,
+        heavy,
+        expedited,
+        qos,
+        timeout,
+        backoff,
+        backoff_delay,
+        max_attempts,
+        tags,
+        tz,
+        jitter,
+        misfire_grace,
+    )
+    if file is not None and steps:
+        raise InvalidParams("give the steps either on the command line or in --file, not both")
+    if file is None and not steps:
+        raise _usage("chain needs STEP... or --file FILE")
+    raise typer.Exit(commands.chain(_scheduler(), steps or [], file, chain_id, policy, flags, as_json))
+
+
+@app.command("next")
+def next_cmd(
+    task_id: str | None = typer.Argument(
+        None,
+        metavar="[ID]",
+        help="An existing task: its own next times (jitter and zone included).",
+        autocompletion=_complete_task,
+    ),
+    cron: str | None = Opt(None, "--cron", metavar="EXPR", help="A 5-field cron expression."),
+    every: str | None = Opt(
+        None, "--every", metavar="DUR", help="An interval: the times a task enqueued now would be due."
+    ),
+    flex: str | None = Opt(None, "--flex", metavar="DUR", help="With --every: the flex window."),
+    count: str | None = Opt(None, "-n", "--iterations", metavar="N", help="How many times to show (default 5)."),
+    tz: str | None = Opt(
+        None, "--tz", metavar="ZONE", help="Read the cron expression in, and show times in, this IANA zone."
+    ),
+    as_json: bool = JSON_OPT,
+) -> None:
+    """Show the next due times of a cron expression, an interval or a task (like systemd-analyze calendar)."""
+    from kmpwm.scheduling.preview import next_command
+
+    if sum(x is not None for x in (task_id, cron, every)) != 1:
+        raise _usage("next needs one of --cron EXPR, --every DUR or ID")
+    if flex is not None and every is None:
+        raise InvalidParams("--flex needs --every")
+    n = _int(count, "-n", minimum=1) or 5
+    paths = _paths() if task_id is not None else None
+    raise typer.Exit(next_command(paths, task_id, cron, every, flex, min(n, 1000), tz, as_json))
+
+
+@app.command("cancel")
+def cancel_cmd(
+    ids: list[str] | None = typer.Argument(
+        None, metavar="ID...", help="Task or chain ids (ID covers its ID#n).", autocompletion=_complete_task
+    ),
+    tag: str | None = Opt(None, "--tag", metavar="T", help="Cancel the unfinished tasks with this tag."),
+    all_: bool = Opt(False, "--all", help="Cancel every unfinished task."),
+    as_json: bool = JSON_OPT,
+) -> None:
+    """Cancel tasks and chains (idempotent; an unknown id is not an error)."""
+    from kmpwm.cli import commands
+
+    given = sum(bool(x) for x in (ids, tag is not None, all_))
+    if given != 1:
+        raise _usage("cancel needs ID..., --tag T or --all (one of them)")
+    raise typer.Exit(commands.cancel(_scheduler(), ids or [], tag, all_, as_json))
+
+
+@app.command("wait")
+def wait_cmd(
+    ids: list[str] | None = typer.Argument(
+        None, metavar="ID...", help="Tasks or chains (ID covers its ID#n).", autocompletion=_complete_task
+    ),
+    tag: str | None = Opt(None, "--tag", metavar="T", help="Every task with this tag."),
+    timeout: str | None = Opt(None, "--timeout", metavar="DUR", help="Give up after DUR (exit 75)."),
+    as_json: bool = JSON_OPT,
+) -> None:
+    """Wait until the tasks finish (exit 0 all succeeded, 1 one did not, 75 time-out); takes no lock."""
+    from kmpwm.scheduling.steering import wait_command
+
+    if bool(ids) == (tag is not None):
+        raise _usage("wait needs ID... or --tag T (one of them)")
+    raise typer.Exit(wait_command(_paths(), ids or [], tag, timeout, as_json))
+
+
+@app.command("retry")
+def retry_cmd(
+    ids: list[str] | None = typer.Argument(
+        None, metavar="ID...", help="FAILED or CANCELLED tasks, or a chain.", autocompletion=_complete_task
+    ),
+    failed: bool = Opt(False, "--failed", help="Every FAILED task."),
+    tag: str | None = Opt(None, "--tag", metavar="T", help="The FAILED and CANCELLED tasks with this tag."),
+    as_json: bool = JSON_OPT,
+) -> None:
+    """Enqueue FAILED/CANCELLED tasks again (attempts 0, same id); a chain resumes at the failed step."""
+    from kmpwm.scheduling.steering import retry_command
+
+    if sum(bool(x) for x in (ids, failed, tag is not None)) != 1:
+        raise _usage("retry needs ID..., --failed or --tag T (one of them)")
+    raise typer.Exit(retry_command(_paths(), ids or [], failed, tag, as_json))
+
+
+@app.command("run-now")
+def run_now_cmd(
+    ids: list[str] = typer.Argument(
+        ..., metavar="ID...", help="Tasks or chains to run now.", autocompletion=_complete_task
+    ),
+    ignore_constraints: bool = Opt(False, "--ignore-constraints", help="Run even when a constraint does not hold."),
+    grace: str | None = Opt(
+        None, "--grace", metavar="DUR", help="Time a told-to-stop worker gets before SIGKILL (default 5s)."
+    ),
+    as_json: bool = JSON_OPT,
+) -> None:
+    """Run tasks now in the foreground, as run-due would (exit 1 when a task did not run or succeed)."""
+    from kmpwm.scheduling.steering import run_now_command
+
+    raise typer.Exit(run_now_command(_paths(), ids, ignore_constraints, grace, as_json))
+
+
+@app.command("pause")
+def pause_cmd(
+    ids: list[str] | None = typer.Argument(
+        None, metavar="ID...", help="Tasks or chains (ID covers its ID#n).", autocompletion=_complete_task
+    ),
+    tag: str | None = Opt(None, "--tag", metavar="T", help="The unfinished tasks with this tag."),
+    all_: bool = Opt(False, "--all", help="Pause the queue itself: nothing starts, tasks enqueued later included."),
+    until: str | None = Opt(
+        None, "--until", metavar="TIME", help="Resume by itself at TIME (ISO 8601, @EPOCH or +DUR)."
+    ),
+    as_json: bool = JSON_OPT,
+) -> None:
+    """Pause tasks, a tag or the whole queue (a running task finishes its run)."""
+    from kmpwm.scheduling.steering import pause_command
+
+    if sum(bool(x) for x in (ids, tag is not None, all_)) != 1:
+        raise _usage("pause needs ID..., --tag T or --all (one of them)")
+    raise typer.Exit(pause_command(_paths(), ids or [], tag, all_, until, as_json))
+
+
+@app.command("resume")
+def resume_cmd(
+    ids: list[str] | None = typer.Argument(
+        None, metavar="ID...", help="Tasks or chains (ID covers its ID#n).", autocompletion=_complete_task
+    ),
+    tag: str | None = Opt(None, "--tag", metavar="T", help="The paused tasks with this tag."),
+    all_: bool = Opt(False, "--all", help="Resume the queue and every paused task."),
+    as_json: bool = JSON_OPT,
+) -> None:
+    """Resume paused tasks or the queue (a repeating task's missed occurrences run once)."""
+    from kmpwm.scheduling.steering import resume_command
+
+    if sum(bool(x) for x in (ids, tag is not None, all_)) != 1:
+        raise _usage("resume needs ID..., --tag T or --all (one of them)")
+    raise typer.Exit(resume_command(_paths(), ids or [], tag, all_, as_json))
+
+
+@app.command("inspect-queue")
+def inspect_cmd(
+    task_id: str | None = typer.Argument(
+        None, metavar="[ID]", help="One task, its ID#n, or a chain.", autocompletion=_complete_task
+    ),
+    tag: str | None = Opt(None, "--tag", metavar="T", help="Only tasks with this tag."),
+    state: str | None = Opt(None, "--state", metavar="S", help="Only tasks in this state (any case)."),
+    all_: bool = Opt(False, "--all", help="Include finished tasks."),
+    watch: bool = Opt(False, "--watch", help="Refresh until interrupted."),
+    as_json: bool = JSON_OPT,
+) -> None:
+    """Show the queue: unfinished tasks by default, grouped by chain."""
+    from kmpwm.cli import commands
+
+    raise typer.Exit(commands.inspect(_scheduler(), task_id, tag, state, all_, watch, as_json))
+
+
+@app.command("run-due")
+def run_due_cmd(
+    budget: str | None = Opt(
+        None, "--budget", metavar="DUR", help="Time for the whole run; then running tasks expire (exit 75)."
+    ),
+    grace: str | None = Opt(
+        None, "--grace", metavar="DUR", help="Time a told-to-stop worker gets before SIGKILL (default 5s)."
+    ),
+    parallel: str | None = Opt(None, "--parallel", metavar="N", help="Tasks at once (default: number of CPUs)."),
+    max_tasks: str | None = Opt(None, "--max-tasks", metavar="N", help="Run at most N tasks."),
+    dry_run: bool = Opt(False, "--dry-run", help="Show what is due, run nothing."),
+    as_json: bool = JSON_OPT,
+) -> None:
+    """Run what is due now (cron, launchd or a systemd timer calls this every minute)."""
+    from kmpwm.cli import commands
+
+    raise typer.Exit(
+        commands.run_due(
+            _paths(), budget, grace, _int(parallel, "--parallel"), _int(max_tasks, "--max-tasks"), dry_run, as_json
+        )
+    )
+
+
+@app.command("serve")
+def serve_cmd(
+    parallel: str | None = Opt(None, "--parallel", metavar="N", help="Tasks at once (default: number of CPUs)."),
+    grace: str | None = Opt(
+        None, "--grace", metavar="DUR", help="Time a told-to-stop worker gets before SIGKILL (default 5s)."
+    ),
+    as_json: bool = JSON_OPT,
+) -> None:
+    """Run due work the moment it is due, until SIGTERM (the long-running alternative to run-due)."""
+    from kmpwm.cli import commands
+
+    raise typer.Exit(commands.serve(_paths(), _int(parallel, "--parallel"), grace, as_json))
+
+
+@app.command("simulate-expire")
+def simulate_expire_cmd(
+    ids: list[str] | None = typer.Argument(
+        None, metavar="ID...", help="Running tasks or chains (ID covers its ID#n).", autocompletion=_complete_task
+    ),
+    all_: bool = Opt(False, "--all", help="Every running task."),
+    grace: str | None = Opt(None, "--grace", metavar="DUR", help="Grace before SIGKILL (default 5s)."),
+    as_json: bool = JSON_OPT,
+) -> None:
+    """Deliver the expiration signal to the run-due processes running these tasks (exit 1: none)."""
+    from kmpwm.cli import commands
+
+    if bool(ids) == all_:
+        raise _usage("simulate-expire needs ID... or --all")
+    raise typer.Exit(commands.simulate_expire(_paths(), ids or [], all_, grace, as_json))
+
+
+@app.command("events")
+def events_cmd(
+    task: str | None = Opt(
+        None,
+        "--task",
+        metavar="ID",
+        help="Only this task (and its ID#n, or a chain's tasks).",
+        autocompletion=_complete_task,
+    ),
+    since: str | None = Opt(None, "--since", metavar="DUR", help="Only events of the last DUR."),
+    follow: bool = Opt(False, "--follow", "-f", help="Keep printing new events (JSON Lines with --json)."),
+    as_json: bool = JSON_OPT,
+) -> None:
+    """The history of runs and state changes."""
+    from kmpwm.cli import commands
+
+    raise typer.Exit(commands.events(_paths(), task, since, follow, as_json))
+
+
+@app.command("logs")
+def logs_cmd(
+    task_id: str = typer.Argument(..., metavar="ID", help="The task.", autocompletion=_complete_task),
+    run: str | None = Opt(
+        None, "--run", metavar="N", help="Its N-th run (from 1, in start order) instead of the latest."
+    ),
+    all_: bool = Opt(False, "--all", help="Every kept run, each under a header line."),
+    tail: str | None = Opt(None, "--tail", metavar="LINES", help="Only the last LINES lines of each run's output."),
+    follow: bool = Opt(False, "--follow", "-f", help="Stream the running run's output until it ends."),
+    as_json: bool = JSON_OPT,
+) -> None:
+    """The output (stdout and stderr) of a task's runs."""
+    from kmpwm.cli.logcmd import logs_command
+
+    raise typer.Exit(
+        logs_command(_paths(), task_id, _int(run, "--run"), all_, _int(tail, "--tail", 0), follow, as_json)
+    )
+
+
+@app.command("explain")
+def explain_cmd(
+    task_id: str = typer.Argument(
+        ..., metavar="ID", help="A task, its ID#n, or a chain.", autocompletion=_complete_task
+    ),
+    as_json: bool = JSON_OPT,
+) -> None:
+    """Why a task is or is not running now."""
+    from kmpwm.cli import commands
+
+    raise typer.Exit(commands.explain(_paths(), task_id, as_json))
+
+
+@app.command("workers")
+def workers_cmd(
+    name: str | None = typer.Argument(
+        None, metavar="[NAME]", help="Describe this worker: its input keys, returned data and limits."
+    ),
+    as_json: bool = JSON_OPT,
+) -> None:
+    """List the registered workers and where each comes from, or describe one."""
+    from kmpwm.cli import commands
+
+    raise typer.Exit(commands.workers(_paths(), as_json, name))
+
+
+@app.command("compact")
+def compact_cmd(as_json: bool = JSON_OPT) -> None:
+    """Rewrite the journal atomically, keeping live work and recent history."""
+    from kmpwm.cli import commands
+
+    raise typer.Exit(commands.compact(_paths(), as_json))
+
+
+@app.command("doctor")
+def doctor_cmd(
+    repair: bool = Opt(False, "--repair", help="Move damaged records to journal/quarantine/ and keep every valid one."),
+    as_json: bool = JSON_OPT,
+) -> None:
+    """Check the journal, permissions, workers and the invoker."""
+    from kmpwm.cli import commands
+
+    raise typer.Exit(commands.doctor(_paths(), repair, as_json))
+
+
+BACKEND_HELP = "cron, launchd or systemd (default: the platform's own)."
+
+
+@schedule_app.command("install")
+def schedule_install(
+    backend: str | None = Opt(None, "--backend", metavar="cron|launchd|systemd", help=BACKEND_HELP),
+    every: str | None = Opt(None, "--every", metavar="DUR", help="How often run-due runs (default 1m)."),
+    mode: str | None = Opt(
+        None,
+        "--mode",
+        metavar="minute|serve",
+        help="minute: run-due periodically (default); serve: also `kmpwm serve` as a service.",
+    ),
+    print_only: bool = Opt(False, "--print", help="Only print what would be installed."),
+    as_json: bool = JSON_OPT,
+) -> None:
+    """Install the periodic run-due invoker (idempotent; other entries are kept)."""
+    from kmpwm.cli import commands
+
+    raise typer.Exit(commands.schedule(_paths(), "install", backend, every, print_only, as_json, mode))
+
+
+@schedule_app.command("uninstall")
+def schedule_uninstall(
+    backend: str | None = Opt(None, "--backend", metavar="cron|launchd|systemd", help=BACKEND_HELP),
+    print_only: bool = Opt(False, "--print", help="Only print what would be removed."),
+    as_json: bool = JSON_OPT,
+) -> None:
+    """Remove the run-due invoker."""
+    from kmpwm.cli import commands
+
+    raise typer.Exit(commands.schedule(_paths(), "uninstall", backend, None, print_only, as_json))
+
+
+@schedule_app.command("status")
+def schedule_status(
+    backend: str | None = Opt(None, "--backend", metavar="cron|launchd|systemd", help=BACKEND_HELP),
+    print_only: bool = Opt(False, "--print", help="Print the invoker this backend would install."),
+    as_json: bool = JSON_OPT,
+) -> None:
+    """Show whether the run-due invoker is installed."""
+    from kmpwm.cli import commands
+
+    raise typer.Exit(commands.schedule(_paths(), "status", backend, None, print_only, as_json))
+
+
+# -- entry point ---------------------------------------------------------------------------
+
+
+class _Usage(Exception):
+    pass
+
+
+def _usage(message: str) -> Exception:
+    return _Usage(message)
+
+
+def _fail(message: str, code: int, as_json: bool, hint: str | None = None) -> int:
+    if as_json:
+        from kmpwm.cli.output import print_json
+
+        print_json({"error": message, "exit_code": code})
+    from kmpwm.cli.output import printable
+
+    sys.stderr.write(f"kmpwm: error: {printable(message)}\n")
+    if hint:
+        sys.stderr.write(f"kmpwm: {printable(hint)}\n")
+    return code
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Console-script entry: never a traceback on the terminal; named exit codes."""
+    from typer._click import exceptions as click_exc
+
+    args = sys.argv[1:] if argv is None else list(argv)
+    as_json = "--json" in (args[: args.index("--")] if "--" in args else args)  # after "--" it is an operand
+    command = typer.main.get_command(_app_for(args))
+    try:
+        rv = command.main(args=args, prog_name="kmpwm", standalone_mode=False)
+        return rv if isinstance(rv, int) else 0
+    except _Usage as exc:
+        return _fail(f"{exc} (see kmpwm --help)", USAGE, as_json)
+    except click_exc.NoArgsIsHelpError as exc:
+        sys.stderr.write(exc.format_message() if hasattr(exc, "format_message") else "")
+        return USAGE
+    except click_exc.UsageError as exc:
+        ctx_name = exc.ctx.command_path if getattr(exc, "ctx", None) else "kmpwm"
+        return _fail(f"{exc.format_message()} (see {ctx_name} --help)", USAGE, as_json)
+    except click_exc.ClickException as exc:
+        return _fail(exc.format_message(), exc.exit_code, as_json)
+    except KmpwmError as exc:
+        return _fail(exc.message, exc.exit_code, as_json, exc.hint)
+    except KeyboardInterrupt:
+        sys.stderr.write("kmpwm: interrupted\n")
+        return 130
+    except BrokenPipeError:
+        try:
+            sys.stdout = open(os.devnull, "w")
+        except OSError:
+            pass
+        return 0
+    except OSError as exc:  # the file system refused (disk full, read-only, ...): an I/Opt error, 74
+        import errno as _errno
+
+        where = f" ({exc.filename})" if getattr(exc, "filename", None) else ""
+        full = " — the disk is full" if exc.errno == _errno.ENOSPC else ""
+        return _fail(
+            f"I/Opt error: {exc.strerror or exc}{where}{full}",
+            74,
+            as_json,
+            "nothing was left half-written; fix the file system, then try again",
+        )
+    except Exception as exc:  # an internal error: the traceback goes to the log, not the terminal
+        from kmpwm.system.logs import log_exception
+
+        where = log_exception(_paths_safe(), exc)
+        return _fail(
+            f"internal error: {type(exc).__name__}: {exc}" + (f" (traceback in {where})" if where else ""), 70, as_json
+        )
+
+
+def _app_for(args: list[str]) -> typer.Typer:
+    """The app with only the command named in ``args``: typer builds a click command from every
+    registered function's signature, ~20 ms for all of them, on every start of a tool cron runs
+    every minute.  Anything else (``--help``, an unknown name, shell completion) gets the whole app."""
+    if any(k.endswith("_COMPLETE") for k in os.environ if k.startswith("_")):
+        return app
+    name = None
+    i = 0
+    while i < len(args):
+        arg = args[i]
+        if arg == "--home":
+            i += 2
+            continue
+        if arg.startswith("--home="):
+            i += 1
+            continue
+        if not arg.startswith("-"):
+            name = arg
+        break
+    commands = [c for c in app.registered_commands if c.name == name]
+    groups = [g for g in app.registered_groups if g.name == name]
+    if not commands and not groups:
+        return app
+    import copy
+
+    one = copy.copy(app)
+    one.registered_commands = commands
+    one.registered_groups = groups
+    return one
+
+
+def _paths_safe():
+    try:
+        from kmpwm.storage.paths import resolve
+
+        return resolve(_home)
+    except Exception:
+        return None
+
+
+def run() -> None:
+    sys.exit(main())

@@ -1,0 +1,165 @@
+"""``kmpwm logs ID [--run N | --all] [--tail LINES] [--follow]``: the kept output of a task's runs
+(SPEC section 10).  ``--follow`` reads the running run's file as run-due writes it (following its
+rotation past 1 MiB like ``tail -F``) and returns when the run ends."""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+
+from kmpwm.core.exitcodes import InvalidParams, NothingMatched
+from kmpwm.running import runlog
+from kmpwm.storage.paths import Paths, check_all
+
+POLL = 0.1
+
+
+def _tail(data: bytes, lines: int | None) -> bytes:
+    if lines is None:
+        return data
+    if lines == 0:
+        return b""
+    parts = data.splitlines(keepends=True)
+    return b"".join(parts[-lines:])
+
+
+def _header(meta: dict) -> str:
+    bits = [
+        f"run {meta['run']}",
+        f"attempt {meta.get('attempt')}",
+        str(meta.get("status")),
+        f"started {meta.get('started_at')}",
+    ]
+    if meta.get("finished_at"):
+        bits.append(f"finished {meta['finished_at']}")
+    if meta.get("truncated"):
+        bits.append("truncated: only the last 1 MiB kept")
+    return "==> " + ", ".join(bits) + " <=="
+
+
+def _doc(meta: dict, out: bytes) -> dict:
+    return {
+        "run": meta["run"],
+        "attempt": meta.get("attempt"),
+        "started_at": meta.get("started_at"),
+        "finished_at": meta.get("finished_at"),
+        "status": meta.get("status"),
+        "output": out.decode("utf-8", "replace"),
+        "truncated": bool(meta.get("truncated")),
+    }
+
+
+def logs_command(
+    paths: Paths, task_id: str, run: int | None, all_: bool, tail: int | None, follow: bool, as_json: bool
+) -> int:
+    from kmpwm.cli.output import print_json
+
+    check_all(paths)
+    if run is not None and all_:
+        raise InvalidParams("give --run N or --all, not both")
+    if follow and all_:
+        raise InvalidParams("--follow follows one run: give it without --all")
+    metas = runlog.runs(paths, task_id)
+    if not metas:
+        raise NothingMatched(f"no kept run of task {task_id!r}")
+    if run is not None:
+        chosen = [m for m in metas if m["run"] == run]
+        if not chosen:
+            raise NothingMatched(
+                f"task {task_id!r} has no kept run {run} (kept: {', '.join(str(m['run']) for m in metas)})"
+            )
+    elif all_:
+        chosen = metas
+    else:
+        chosen = metas[-1:]
+    if follow:
+        return _follow(paths, task_id, chosen[0], tail, as_json)
+    outs = [_tail(runlog.output(paths, m), tail) for m in chosen]
+    if as_json:
+        print_json({"id": task_id, "runs": [_doc(m, o) for m, o in zip(chosen, outs)]})
+        return 0
+    out = sys.stdout.buffer
+    for m, o in zip(chosen, outs):
+        if all_:
+            out.write((_header(m) + "\n").encode())
+        elif m.get("truncated"):
+            sys.stderr.write(f"kmpwm: run {m['run']}'s output was truncated: only its last 1 MiB was kept\n")
+        out.write(o)
+        if all_ and o and not o.endswith(b"\n"):
+            out.write(b"\n")
+    out.flush()
+    return 0
+
+
+def _follow(paths: Paths, task_id: str, meta: dict, tail: int | None, as_json: bool) -> int:
+    """Print what the run has written so far, then the rest as it comes, until the run ends."""
+    from kmpwm.cli.output import print_json
+
+    path = runlog.out_path(paths, meta)
+    out = sys.stdout.buffer
+    seen = bytearray() if as_json else None
+    fd = _open(path)
+    first = True
+    try:
+        while True:
+            current = _current(paths, task_id, meta)  # before reading: a finished run wrote all
+            running = current is not None and current.get("status") == "RUNNING"
+            if fd < 0:
+                fd = _open(path)
+            chunk = _read_all(fd)
+            if running and fd >= 0 and _rotated(fd, path):  # moved aside at 1 MiB: finish it, go on
+                chunk += _read_all(fd)
+                os.close(fd)
+                fd = _open(path)
+                chunk += _read_all(fd)
+            if first:
+                chunk, first = _tail(chunk, tail), False
+            if chunk:
+                if seen is not None:
+                    seen += chunk
+                else:
+                    out.write(chunk)
+                    out.flush()
+            if not running:
+                if seen is not None:
+                    if current is not None and current.get("truncated"):
+                        seen = bytearray(runlog.output(paths, meta))
+                    print_json({"id": task_id, "runs": [_doc(current or meta, _tail(bytes(seen), tail))]})
+                return 0
+            if not chunk:
+                time.sleep(POLL)  # while output flows, read on at once: keep up with its rotation
+    except KeyboardInterrupt:
+        return 0
+    finally:
+        if fd >= 0:
+            os.close(fd)
+
+
+def _current(paths, task_id: str, meta: dict) -> dict | None:
+    return next((m for m in runlog.runs(paths, task_id) if m["key"] == meta["key"]), None)
+
+
+def _open(path) -> int:
+    try:
+        return os.open(path, os.O_RDONLY)
+    except OSError:
+        return -1
+
+
+def _read_all(fd: int) -> bytes:
+    if fd < 0:
+        return b""
+    parts = []
+    while True:
+        chunk = os.read(fd, 1 << 16)
+        if not chunk:
+            return b"".join(parts)
+        parts.append(chunk)
+
+
+def _rotated(fd: int, path) -> bool:
+    try:
+        return os.stat(path).st_ino != os.fstat(fd).st_ino
+    except OSError:
+        return False

@@ -1,0 +1,267 @@
+"""Task specs with flat keys: the one way a task is described outside Python.
+
+``enqueue`` flags, ``enqueue --from`` JSON Lines and the tasks of ``chain --file`` all become a
+dict whose keys are the long flag names with dashes as underscores (``id``, ``worker``,
+``input``, ``delay``, ``every``, ``flex``, ``at``, ``window``, ``cron``, ``requires_network``,
+``policy``, ``tags``, ``tz``, ``jitter``, ``misfire_grace``, ...).  :func:`request_from_spec`
+turns such a dict into a TaskRequest (``tz`` goes to the trigger, ``jitter`` and
+``misfire_grace`` to the constraints).
+"""
+
+from __future__ import annotations
+
+import sys
+from typing import Any
+
+from kmpwm.core.exitcodes import InvalidParams
+from kmpwm.core.models import CONSTRAINT_KEYS, Constraints, ExistingWorkPolicy, TaskRequest, enum_value
+from kmpwm.core.triggers import Cron, DeviceState, Exact, OnChange, OneTime, Periodic, Windowed
+
+TRIGGER_KEYS = ("every", "at", "window", "cron", "on_change", "when")
+SPEC_KEYS = frozenset(
+    {
+        "id",
+        "worker",
+        "input",
+        "input_file",
+        "delay",
+        "flex",
+        "exact_behavior",
+        "no_descendants",
+        "descendants",
+        "policy",
+        "tags",
+        "tag",
+        "tz",
+        *TRIGGER_KEYS,
+        *CONSTRAINT_KEYS,
+    }
+)
+BOOL_KEYS = frozenset(
+    {
+        "requires_network",
+        "requires_charging",
+        "battery_not_low",
+        "storage_not_low",
+        "device_idle",
+        "heavy",
+        "expedited",
+        "no_descendants",
+        "descendants",
+    }
+)
+MAX_INPUT_BYTES = 1 << 20  # 1 MiB per task: inputs live in the journal and in memory
+
+
+MAX_DEPTH = 64  # nesting of JSON values kmpwm stores (inputs, results' data)
+
+
+def json_depth(value: Any, limit: int = MAX_DEPTH) -> int:
+    """Nesting depth of a JSON value, counting stops past ``limit``."""
+    depth, level = 0, [value]
+    while level and depth <= limit:
+        depth += 1
+        nxt = []
+        for v in level:
+            if isinstance(v, dict):
+                nxt.extend(v.values())
+            elif isinstance(v, list):
+                nxt.extend(v)
+        level = nxt
+    return depth
+
+
+def normalise_input(value: Any) -> str | None:
+    """A task's input as stored: a string, or the JSON text of any other JSON value."""
+    if value is None:
+        return None
+    if type(value) is str and value.isascii() and len(value) <= MAX_INPUT_BYTES:
+        return value  # ASCII text: valid UTF-8, one byte per character
+    if not isinstance(value, str):
+        import orjson
+
+        if json_depth(value) > MAX_DEPTH:
+            raise InvalidParams(f"invalid input: nested deeper than {MAX_DEPTH} levels")
+        try:
+            value = orjson.dumps(value).decode()
+        except TypeError as exc:
+            raise InvalidParams(f"invalid input: {exc}") from None
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        raise InvalidParams("invalid input: not valid UTF-8 text (it has undecodable bytes)") from None
+    if len(value) > MAX_INPUT_BYTES or len(value.encode("utf-8", "surrogatepass")) > MAX_INPUT_BYTES:
+        raise InvalidParams(
+            f"input too large ({len(value.encode('utf-8', 'surrogatepass'))} bytes; the limit is 1 MiB)",
+            hint="pass a path to a file in the input instead",
+        )
+    return value
+
+
+MAX_SPECS_BYTES = 64 << 20  # an ``enqueue --from`` or ``chain --file`` document, read whole
+
+
+def _mib(n: int) -> str:
+    return f"{n >> 20} MiB"
+
+
+def read_bounded(source: str, limit: int, what: str) -> bytes:
+    """The bytes of file ``source`` (``-``: stdin), at most ``limit``: a pipe or a device
+    (``/dev/zero``) is read up to ``limit + 1`` bytes and refused beyond, never into memory whole."""
+    try:
+        if source == "-":
+            data = sys.stdin.buffer.read(limit + 1)
+        else:
+            with open(source, "rb") as fh:
+                data = fh.read(limit + 1)
+    except OSError as exc:
+        raise InvalidParams(f"cannot read {what} {source}: {exc.strerror or exc}") from None
+    if len(data) > limit:
+        name = "stdin" if source == "-" else source
+        raise InvalidParams(
+            f"{what} {name} is larger than the limit of {_mib(limit)}",
+            hint="pass a path to a file in the input instead" if limit == MAX_INPUT_BYTES else None,
+        )
+    return data
+
+
+MAX_SPEC_LINE = 8 << 20  # one JSON line of ``enqueue --from``: an input of 1 MiB, escaped, fits
+
+
+def spec_lines(source: str):
+    """``(number, line)`` of the JSON Lines in ``source`` (``-``: stdin), read line by line: a
+    line longer than 8 MiB or a stream longer than 64 MiB is refused as soon as it is seen."""
+    try:
+        fh = sys.stdin.buffer if source == "-" else open(source, "rb")
+    except OSError as exc:
+        raise InvalidParams(f"cannot read task specs {source}: {exc.strerror or exc}") from None
+    name = "stdin" if source == "-" else source
+    total = 0
+    try:
+        for number, line in enumerate(iter(lambda: fh.readline(MAX_SPEC_LINE + 1), b""), 1):
+            total += len(line)
+            if len(line) > MAX_SPEC_LINE:
+                raise InvalidParams(
+                    f"line {number} of {name} is longer than {_mib(MAX_SPEC_LINE)} "
+                    f"(a task's input is at most {_mib(MAX_INPUT_BYTES)})",
+                    hint="pass a path to a file in the input instead",
+                )
+            if total > MAX_SPECS_BYTES:
+                raise InvalidParams(
+                    f"task specs {name} are larger than the limit of {_mib(MAX_SPECS_BYTES)}",
+                    hint="enqueue them in several batches",
+                )
+            yield number, line
+    except OSError as exc:
+        raise InvalidParams(f"cannot read task specs {source}: {exc.strerror or exc}") from None
+    finally:
+        if fh is not sys.stdin.buffer:
+            fh.close()
+
+
+def read_input_file(path: str) -> str:
+    data = read_bounded(path, MAX_INPUT_BYTES, "input file")
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError:
+        raise InvalidParams(f"input file {path} is not UTF-8 text") from None
+
+
+def _bool(key: str, value: Any) -> bool:
+    if isinstance(value, bool):
+        return value
+    raise InvalidParams(f"invalid {key}: expected true or false, got {value!r}")
+
+
+def request_from_spec(
+    spec: dict, *, where: str = "", default_policy: str = "keep", need_id: bool = True
+) -> tuple[TaskRequest, str]:
+    """Validate a flat spec and return the request and its policy."""
+    prefix = f"{where}: " if where else ""
+    if not isinstance(spec, dict):
+        raise InvalidParams(f'{prefix}expected a JSON object with at least "id" and "worker"')
+    unknown = [k for k in spec if k not in SPEC_KEYS]
+    if unknown:
+        raise InvalidParams(f"{prefix}unknown key {unknown[0]!r}")
+    try:
+        for key in BOOL_KEYS & spec.keys():
+            _bool(key, spec[key])
+        worker = spec.get("worker")
+        if not isinstance(worker, str) or not worker:
+            raise InvalidParams('missing "worker" (a worker name)')
+        task_id = spec.get("id")
+        if task_id is None and need_id:
+            raise InvalidParams('missing "id"')
+        if task_id is not None and not isinstance(task_id, str):
+            raise InvalidParams(f"invalid id {task_id!r}: expected a string")
+        triggers_given = [k for k in TRIGGER_KEYS if spec.get(k) not in (None, False)]
+        if len(triggers_given) > 1:
+            raise InvalidParams(
+                f"two triggers at once (--{triggers_given[0].replace('_', '-')} and "
+                f"--{triggers_given[1].replace('_', '-')}); a task has one trigger"
+            )
+        delay = spec.get("delay")
+        if delay is None:
+            delay = 0
+        trig_key = triggers_given[0] if triggers_given else None
+        if spec.get("flex") is not None and trig_key != "every":
+            raise InvalidParams("--flex needs --every")
+        if spec.get("exact_behavior") is not None and trig_key != "at":
+            raise InvalidParams("--exact-behavior needs --at")
+        if (spec.get("no_descendants") or spec.get("descendants") is False) and trig_key != "on_change":
+            raise InvalidParams("--no-descendants needs --on-change")
+        tz = spec.get("tz")
+        if tz is not None:
+            if trig_key not in ("cron", "at", "window"):
+                raise InvalidParams("--tz needs --cron, --at or --window (the times it reads in that zone)")
+            if not isinstance(tz, str):
+                raise InvalidParams(f"invalid tz {tz!r}: expected an IANA zone name like Europe/Berlin")
+        value = spec.get(trig_key) if trig_key else None
+        if trig_key is None:
+            trigger = OneTime(delay)
+        elif trig_key == "every":
+            trigger = Periodic(value, spec.get("flex"), delay)
+        elif trig_key == "at":
+            trigger = Exact(value, spec.get("exact_behavior") or "attempt", delay, tz=tz)
+        elif trig_key == "window":
+            if not isinstance(value, (list, tuple)) or len(value) != 2:
+                raise InvalidParams("invalid window: expected two times [START, END]")
+            trigger = Windowed(value[0], value[1], delay, tz=tz)
+        elif trig_key == "cron":
+            trigger = Cron(value, delay, tz=tz)
+        elif trig_key == "on_change":
+            if not isinstance(value, str):
+                raise InvalidParams("invalid on_change: expected a path")
+            trigger = OnChange(value, not (spec.get("no_descendants") or spec.get("descendants") is False), delay)
+        else:
+            trigger = DeviceState(value, delay)
+        constraints = Constraints(**{k: spec[k] for k in CONSTRAINT_KEYS if k in spec and spec[k] is not None})
+        tags = spec.get("tags", [])
+        if isinstance(tags, str):
+            tags = [tags]
+        extra = spec.get("tag")
+        if extra is not None:
+            if not isinstance(extra, (str, list)):
+                raise InvalidParams("invalid tag: expected a string or a list of strings")
+            tags = list(tags) + ([extra] if isinstance(extra, str) else list(extra))
+        if not isinstance(tags, list) or not all(isinstance(t, str) for t in tags):
+            raise InvalidParams("invalid tags: expected a list of strings")
+        if "input" in spec and spec.get("input_file") is not None:
+            raise InvalidParams("give --input or --input-file, not both")
+        if spec.get("input_file") is not None and not isinstance(spec["input_file"], str):
+            raise InvalidParams("invalid input_file: expected a path")
+        raw_input = read_input_file(spec["input_file"]) if spec.get("input_file") is not None else spec.get("input")
+        policy = enum_value(ExistingWorkPolicy, spec.get("policy") or default_policy, what="policy")
+    except InvalidParams as exc:
+        if prefix:
+            exc.message = prefix + exc.message
+            exc.args = (exc.message,)
+        raise
+    return TaskRequest(
+        worker=worker,
+        id=task_id,
+        input=normalise_input(raw_input),
+        trigger=trigger,
+        constraints=constraints,
+        tags=list(tags),
+    ), policy

@@ -1,0 +1,962 @@
+"""The state: a pure fold of journal records into tasks, chains and savepoints.
+
+``apply(state, record)`` is the only place where the meaning of a record lives.  It uses no
+clock but the record's own ``ts``, reads no files and calls no worker, so folding the same records
+always gives the same state, whether from scratch or from a snapshot plus the tail.  The state is
+plain JSON data (dicts, lists, strings, numbers) so that a snapshot is just its serialisation.
+
+A record is ``{"ts": EPOCH, "ops": [op, ...]}``; each op has an ``op`` key:
+
+``enq``     a task request with its policy (keep / replace / append / append-or-replace)
+``chain``   a chain of steps of task requests, with its policy (keep / replace)
+``cancel``  ids (tasks, their ``ID#n`` appends, chains), a tag, or everything
+``claim``   a runner leases a task before running it
+``result``  a run's outcome (SUCCESS / FAILURE / RETRY / EXPIRED)
+``release`` a runner hands a claimed task back without a result
+``fail``    a task ends FAILED without a run (window missed, quarantine, ...)
+``trig``    trigger bookkeeping (next due time, on-change baseline, device-state arming)
+``pause`` / ``resume``   ids, a tag, or the queue itself (``all``), optionally ``until`` a time
+``retry``   FAILED / CANCELLED tasks (and their chain) enqueued again; carries the records it
+            revives, so that it folds the same over the hot state as over the whole one
+``put`` / ``meta``   written by compaction: a task or chain as it stands, counters
+``hdr``     the journal's header (its generation)
+Records flagged ``"arc": true`` are history kept by compaction for ``events``; the fold skips them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+# The fold owns these (models.py re-exports them); importing models or triggers here would put
+# their cost on every command, and an idle `run-due` needs neither.
+UNFINISHED = frozenset({"ENQUEUED", "BLOCKED", "RUNNING"})
+FINISHED = frozenset({"SUCCEEDED", "FAILED", "CANCELLED"})
+MAX_EXPIRIES = 5  # expiries in a row before a task is FAILED
+# The stored constraints of a task that sets none (what ``Constraints().to_record()`` gives:
+# models.py checks that at import).  Records leave them out and the fold fills in this value, so
+# it must only ever change together with a journal format version.
+DEFAULT_CONSTRAINTS_RECORD = {
+    "requires_network": False,
+    "network_type": "not-required",
+    "requires_charging": False,
+    "battery_not_low": False,
+    "storage_not_low": False,
+    "device_idle": False,
+    "heavy": False,
+    "expedited": False,
+    "qos": "default",
+    "timeout": None,
+    "backoff": "exponential",
+    "backoff_delay": 10.0,
+    "max_attempts": 10,
+}
+
+Emit = Callable[[float, str, str, dict], None] | None  # (ts, task_id, kind, detail)
+
+
+def new_state() -> dict:
+    return {"tasks": {}, "chains": {}, "seq": 0, "fam": {}, "waiters": {}}
+
+
+def family(state: dict, base: str) -> list[str]:
+    """``base`` and its appended ``base#n`` ids that exist, oldest first."""
+    n = state["fam"].get(base)
+    if n is None:  # never appended to: at most the base itself (the common case, kept cheap)
+        return [base] if base in state["tasks"] else []
+    ids = [base] + [f"{base}#{i}" for i in range(2, n + 1)]
+    return [i for i in ids if i in state["tasks"]]
+
+
+def base_id(task_id: str) -> str:
+    return task_id.split("#", 1)[0]
+
+
+def unfinished_family(state: dict, base: str) -> list[str]:
+    tasks = state["tasks"]
+    return [i for i in family(state, base) if tasks[i]["state"] in UNFINISHED]
+
+
+def member(state: dict, chain: dict, task_id: str) -> dict | None:
+    """The task ``task_id`` if it still belongs to ``chain``: an id a later task took over (a
+    plain task, another chain) is no longer the chain's, and never decides anything about it."""
+    t = state["tasks"].get(task_id)
+    return t if t is not None and t.get("chain_id") == chain["id"] else None
+
+
+def members(state: dict, chain: dict) -> list[dict]:
+    """The chain's tasks in step order (see :func:`member`)."""
+    return [t for step in chain["steps"] for i in step if (t := member(state, chain, i)) is not None]
+
+
+def chain_state(state: dict, chain: dict) -> str:
+    members_ = members(state, chain)
+    states = {t["state"] for t in members_}
+    if chain.get("cancelled"):
+        return "CANCELLED"
+    if "FAILED" in states:
+        return "FAILED"
+    if "CANCELLED" in states:
+        return "CANCELLED"
+    if states <= {"SUCCEEDED"}:
+        return "SUCCEEDED"
+    if "RUNNING" in states or any(t["attempts"] or t["state"] == "SUCCEEDED" for t in members_):
+        return "RUNNING"
+    return "ENQUEUED"
+
+
+def chain_next_step(state: dict, chain: dict) -> int | None:
+    """Number of the first step with an unfinished task (the savepoint), None when none is left."""
+    for number, step in enumerate(chain["steps"], 1):
+        for i in step:
+            t = member(state, chain, i)
+            if t is not None and t["state"] in UNFINISHED:
+                return number
+    return None
+
+
+def idle_at(state: dict, now: float) -> bool:
+    """True when nothing can be due at ``now``: no task running (its lease may have ended) and
+    every enqueued task due later.  False means ``run-due`` must plan (scheduling.plan), which
+    also checks on-change and device-state triggers, whose tasks are always due."""
+    for t in state["tasks"].values():
+        st = t["state"]
+        if st == "RUNNING" or (st == "ENQUEUED" and due_at(t, now) <= now):
+            return False
+    return True
+
+
+_DUE_NOW = frozenset({"one_time", "on_change", "device_state"})  # work due at enqueue (after its delay)
+CLOCK_SLACK = 60.0  # a clock set back by less than this is not worth judging due times anew
+
+
+def due_at(t: dict, now: float) -> float:
+    """When ``t`` is due, as judged at ``now``: its due time, except for work that was due "now"
+    (after its own delay) when the clock was set back since, by more than CLOCK_SLACK: such work
+    never waits longer from ``now`` than its delay, instead of waiting out the offset.  (Grids and
+    named times stay where they are: a periodic task's next run after the change returns to its
+    grid, next_periodic; a retry keeps its backoff.)  Read-only: every view and ``run-due`` judge
+    the same way."""
+    due = t["due"]
+    if due <= now + CLOCK_SLACK or (t.get("updated_at") or 0.0) <= now:
+        return due  # the common case: the clock did not go back since the due time was set
+    trig = t["trigger"]
+    if trig["type"] not in _DUE_NOW or (t.get("last_result") or {}).get("status") == "RETRY":
+        return due
+    return min(due, now + (trig.get("delay") or 0.0))
+
+
+def occurrence(t: dict, signature: list | None = None) -> str:
+    """The occurrence a claim of ``t`` consumes, named in the claim (``occ``): the contents
+    an on-change task saw (its ``signature`` now), the entry into the device state of a
+    ``--when`` task (counted each time the trigger re-arms), else its due time (a periodic or
+    cron slot; a one-time task's due time changes with every run that does not end it)."""
+    kind = t["trigger"]["type"]
+    if kind == "on_change":
+        return "c:" + ",".join(map(str, signature or ()))
+    if kind == "device_state":
+        return f"w:{t['trig_state'].get('entry', 0)}"
+    return f"d:{float(t['due'])!r}"
+
+
+def occurrence_open(t: dict, occ: str) -> bool:
+    """Is ``occ`` the occurrence ``t`` waits for now (not consumed by a run that ended)?  An
+    on-change occurrence is consumed once its contents became the baseline; a device-state
+    entry once the trigger disarmed (or re-armed for a later entry); a due time once the
+    task moved on from it."""
+    kind = t["trigger"]["type"]
+    if kind == "on_change":
+        return occ != occurrence(t, t["trig_state"].get("baseline"))
+    if kind == "device_state":
+        return t["trig_state"].get("armed", True) and occ == occurrence(t)
+    return occ == occurrence(t)
+
+
+def apply(state: dict, record: dict, emit: Emit = None) -> list:
+    """Fold one record into ``state`` (in place); returns one result per op."""
+    if record.get("arc"):
+        return []
+    ts = record.get("ts", 0.0)
+    results = []
+    for op in record.get("ops", ()):
+        handler = _HANDLERS.get(op.get("op"))
+        results.append(handler(state, op, ts, emit) if handler else None)
+    return results
+
+
+# -- helpers -------------------------------------------------------------------------------
+
+
+_TASK_BASE = {
+    "input": None,
+    "constraints": DEFAULT_CONSTRAINTS_RECORD,
+    "chain_id": None,
+    "step": None,
+    "attempts": 0,
+    "occ_attempts": 0,
+    "expiries": 0,
+    "crashes": 0,
+    "lease": None,
+    "last_result": None,
+    "reason": None,
+    "finished_at": None,
+    "claimed_at": None,
+}
+
+
+_PACKED_DEFAULTS = dict(_TASK_BASE, tags=[], after=[], trig_state={})
+_TEMPLATE = dict.fromkeys(
+    ("id", "worker", "trigger", "created_at", "due", "state", "seq", "updated_at", "tags", "after", "trig_state"), None
+)
+_TEMPLATE.update(_TASK_BASE)
+
+
+def pack_task(t: dict) -> dict:
+    """``t`` without the fields that hold their default value (snapshots, history, ``put`` ops):
+    a finished task of the common kind shrinks to a third.  :func:`unpack_task` restores it."""
+    return {k: v for k, v in t.items() if k not in _PACKED_DEFAULTS or v != _PACKED_DEFAULTS[k]}
+
+
+def unpack_task(p: dict) -> dict:
+    t = _TASK_BASE.copy()
+    t["tags"] = []
+    t["after"] = []
+    t["trig_state"] = {}
+    t.update(p)
+    return t
+
+
+def live_chain(state: dict, chain: dict) -> bool:
+    return chain_next_step(state, chain) is not None
+
+
+def split_history(state: dict) -> tuple[list[str], list[str]]:
+    """Ids of the tasks and chains that can no longer change and that no later op reads.
+
+    A finished task is history unless it belongs to a chain that is still going (its result
+    feeds the next step; the chain's state is read from it).  Nothing a later op does depends on
+    history: ops act on unfinished tasks and live chains only, a finished task waits on nothing,
+    and a new task or chain with an old id simply replaces the old one.  So the fold over the
+    "hot" rest alone gives the same results as over everything; ``run-due`` and ``enqueue``
+    load only that (store.py keeps history in a file of its own)."""
+    tasks, chains = state["tasks"], state["chains"]
+    live = {cid for cid, c in chains.items() if live_chain(state, c)}
+    in_live = {t["id"] for cid in live for t in members(state, chains[cid])}
+    cold_tasks = [i for i, t in tasks.items() if t["state"] not in UNFINISHED and i not in in_live]
+    cold_chains = [cid for cid in chains if cid not in live]
+    return cold_tasks, cold_chains
+
+
+def _insert(
+    state: dict, task: dict, ts: float, *, blocked: bool, chain_id: str | None = None, step: int | None = None
+) -> dict:
+    """A new task in the state from its request record (defaults filled in; the record untouched:
+    the containers a task may change are its own, the rest are never changed in place)."""
+    seq = state["seq"] = state["seq"] + 1
+    t = _TEMPLATE.copy()  # copying a dict of every key is twice as fast as building one
+    t["due"] = t["created_at"] = task.get("created_at", ts)
+    t.update(task)
+    t["chain_id"] = chain_id
+    t["step"] = step
+    t["state"] = "BLOCKED" if blocked else "ENQUEUED"
+    t["seq"] = seq
+    t["updated_at"] = ts
+    tags, after, trig_state = task.get("tags"), task.get("after"), task.get("trig_state")
+    t["tags"] = list(tags) if tags else []
+    t["after"] = after = list(after) if after else []
+    t["trig_state"] = dict(trig_state) if trig_state else {}
+    tasks = state["tasks"]
+    tid = t["id"]
+    old = tasks.get(tid)
+    if old is not None and old.get("after"):
+        _drop_waits(state, old)
+    tasks[tid] = t
+    for dep in after:
+        state["waiters"].setdefault(dep, []).append(tid)
+    return t
+
+
+def _drop_waits(state: dict, task: dict) -> None:
+    for dep in task.get("after", ()):
+        waiting = state["waiters"].get(dep)
+        if waiting and task["id"] in waiting:
+            waiting.remove(task["id"])
+            if not waiting:
+                del state["waiters"][dep]
+
+
+def _finish(state: dict, t: dict, new_state: str, ts: float, reason: str | None, emit: Emit) -> None:
+    """Move ``t`` to a final state and propagate: chain steps after it, tasks appended after it."""
+    if new_state == "CANCELLED" and t["state"] == "RUNNING" and t["lease"]:
+        # Cancelled (or replaced) while a worker runs it: the holder stops that worker (it watches
+        # the journal) and then writes a release.  Until then the lease lives on as a fence on the
+        # id (state["fences"], not on the finished task: history never changes), so that no run
+        # of a new task with this id starts beside the old one (_op_claim, scheduling.plan).
+        lease = t["lease"]
+        state.setdefault("fences", {})[t["id"]] = {k: lease.get(k) for k in ("runner", "pid", "token", "until")}
+    t["state"] = new_state
+    t["reason"] = reason
+    t["finished_at"] = ts
+    t["updated_at"] = ts
+    t["lease"] = None
+    t["claimed_at"] = None  # a finished task takes no result: what its claims were no longer matters
+    if emit:
+        emit(ts, t["id"], new_state.lower(), {"reason": reason} if reason else {})
+    if t.get("after"):
+        _drop_waits(state, t)  # a finished task waits on nothing
+    _release_waiters(state, t, ts, emit)
+    chain = state["chains"].get(t["chain_id"]) if t["chain_id"] else None
+    if chain is None or t["step"] is None:
+        return
+    steps = chain["steps"]
+    if not 1 <= t["step"] <= len(steps) or t["id"] not in steps[t["step"] - 1]:
+        return  # a task of an earlier chain of that id: not part of this one
+    if new_state == "SUCCEEDED":
+        step = steps[t["step"] - 1]
+        done = True
+        for i in step:
+            m = member(state, chain, i)
+            if m is not None and m["state"] != "SUCCEEDED":
+                done = False
+                break
+        if done and t["step"] < len(steps):
+            for i in steps[t["step"]]:
+                nxt = member(state, chain, i)
+                if nxt and nxt["state"] == "BLOCKED" and not _waiting_on(state, nxt):
+                    nxt["state"] = "ENQUEUED"
+                    nxt["due"] = max(nxt["due"], ts)
+                    nxt["updated_at"] = ts
+                    if emit:
+                        emit(ts, i, "unblocked", {"chain": chain["id"], "step": t["step"] + 1})
+        return
+    downstream_state = "FAILED" if new_state == "FAILED" else "CANCELLED"
+    why = "upstream failed" if new_state == "FAILED" else "upstream cancelled"
+    for later in steps[t["step"] :]:
+        for i in later:
+            other = member(state, chain, i)
+            if other and other["state"] in UNFINISHED:
+                _finish(state, other, downstream_state, ts, why, emit)
+
+
+def _waiting_on(state: dict, t: dict) -> bool:
+    tasks = state["tasks"]
+    return any(dep in tasks and tasks[dep]["state"] in UNFINISHED for dep in t.get("after", ()))
+
+
+def _release_waiters(state: dict, t: dict, ts: float, emit: Emit) -> None:
+    for wid in state["waiters"].pop(t["id"], ()):
+        w = state["tasks"].get(wid)
+        if w is None or w["state"] != "BLOCKED" or _waiting_on(state, w):
+            continue
+        if w["chain_id"] and w["step"] and w["step"] > 1:
+            chain = state["chains"].get(w["chain_id"])
+            if chain and any(
+                (m := member(state, chain, i)) is not None and m["state"] != "SUCCEEDED"
+                for i in chain["steps"][w["step"] - 2]
+            ):
+                continue
+        w["state"] = "ENQUEUED"
+        w["due"] = max(w["due"], ts)
+        w["updated_at"] = ts
+        if emit:
+            emit(ts, wid, "unblocked", {"after": t["id"]})
+
+
+def _current(state: dict, op: dict) -> dict | None:
+    """The task ``op`` acts on, if it is still the one it names.  ``born`` (the task's
+    ``created_at``, written by run-due) names it by itself; ``seq`` counts the tasks the fold has
+    made, so a record lost to damage shifts it for every task made after it."""
+    t = state["tasks"].get(op.get("id"))
+    if t is None:
+        return None
+    born = op.get("born")
+    if born is not None:
+        return t if t["created_at"] == born else None
+    return t if t["seq"] == op.get("seq") else None
+
+
+# -- ops -----------------------------------------------------------------------------------
+
+
+def _op_enq(state: dict, op: dict, ts: float, emit: Emit) -> dict:
+    task = op["task"]
+    base = task["id"]
+    tasks = state["tasks"]
+    if base not in tasks and base not in state["fam"]:  # a new id: nothing to keep, replace or append to
+        t = _insert(state, task, ts, blocked=False)
+        if emit:
+            emit(ts, base, "enqueued", {"worker": t["worker"]})
+        return {"action": "enqueued", "id": base, "due": t["due"], "state": "ENQUEUED"}
+    policy = op.get("policy", "keep")
+    existing = unfinished_family(state, base)
+    if existing and policy == "keep":
+        first = tasks[existing[-1]]
+        if emit:
+            emit(ts, base, "kept", {})
+        return {"action": "kept", "id": base, "due": first["due"], "state": first["state"], "task": first["id"]}
+    if existing and policy == "update":
+        return _update(state, tasks[existing[0]], task, ts, emit, op.get("by"))
+    if existing and policy == "replace":
+        for i in existing:
+            _finish(state, tasks[i], "CANCELLED", ts, "replaced", emit)
+        t = _insert(state, task, ts, blocked=False)
+        if emit:
+            emit(ts, t["id"], "enqueued", {"worker": t["worker"], "policy": policy})
+        return {"action": "replaced", "id": t["id"], "due": t["due"], "state": t["state"]}
+    if existing and policy in ("append", "append-or-replace"):
+        n = state["fam"].get(base, 1) + 1
+        state["fam"][base] = n
+        task = dict(task, id=f"{base}#{n}", after=[existing[-1]])
+        t = _insert(state, task, ts, blocked=True)
+        if emit:
+            emit(ts, t["id"], "enqueued", {"worker": t["worker"], "policy": policy, "after": existing[-1]})
+        return {"action": "appended", "id": t["id"], "due": None, "state": t["state"]}
+    t = _insert(state, task, ts, blocked=False)
+    if emit:
+        emit(ts, t["id"], "enqueued", {"worker": t["worker"]})
+    return {"action": "enqueued", "id": t["id"], "due": t["due"], "state": t["state"]}
+
+
+def _op_chain(state: dict, op: dict, ts: float, emit: Emit) -> dict:
+    cid = op["id"]
+    tasks = state["tasks"]
+    old = state["chains"].get(cid)
+    action = "enqueued"
+    if old is not None:
+        live = [t["id"] for t in members(state, old) if t["state"] in UNFINISHED]
+        if live and op.get("policy", "replace") == "keep":
+            if emit:
+                emit(ts, cid, "kept", {"chain": cid})
+            return {"action": "kept", "id": cid, "tasks": [i for step in old["steps"] for i in step]}
+        if live:
+            action = "replaced"
+            for i in live:
+                if tasks[i]["state"] in UNFINISHED:
+                    _finish(state, tasks[i], "CANCELLED", ts, "replaced", emit)
+    ids_by_step = []
+    all_ids: list[str] = []
+    get = tasks.get
+    for number, step in enumerate(op["steps"], 1):
+        ids = []
+        for task in step:
+            tid = task["id"]
+            prior = get(tid)
+            if prior is not None and prior["state"] in UNFINISHED:
+                _finish(state, prior, "CANCELLED", ts, "replaced", emit)
+            _insert(state, task, ts, blocked=number > 1, chain_id=cid, step=number)
+            ids.append(tid)
+            if emit:
+                emit(ts, tid, "enqueued", {"worker": task["worker"], "chain": cid, "step": number})
+        ids_by_step.append(ids)
+        all_ids += ids
+    state["chains"][cid] = {
+        "id": cid,
+        "steps": ids_by_step,
+        "created_at": ts,
+        "cancelled": False,
+        "tags": op.get("tags", []),
+    }
+    return {"action": action, "id": cid, "tasks": all_ids}
+
+
+def _op_cancel(state: dict, op: dict, ts: float, emit: Emit) -> list:
+    tasks, chains = state["tasks"], state["chains"]
+    targets: list[str] = []
+    if op.get("all"):
+        targets = [i for i, t in tasks.items() if t["state"] in UNFINISHED]
+        for chain in chains.values():
+            if chain_next_step(state, chain) is not None:
+                chain["cancelled"] = True
+    elif op.get("tag") is not None:
+        tag = op["tag"]
+        targets = [i for i, t in tasks.items() if t["state"] in UNFINISHED and tag in t.get("tags", ())]
+        for _cid, chain in chains.items():
+            if tag in chain.get("tags", ()) and chain_next_step(state, chain) is not None:
+                chain["cancelled"] = True
+                targets += [t["id"] for t in members(state, chain) if t["state"] in UNFINISHED]
+    else:
+        for wanted in op.get("ids", ()):
+            chain = chains.get(wanted)
+            if chain is not None:
+                live = [t["id"] for t in members(state, chain) if t["state"] in UNFINISHED]
+                if live:
+                    chain["cancelled"] = True
+                targets += live
+            if wanted in tasks and "#" in wanted and tasks[wanted]["state"] in UNFINISHED:
+                targets.append(wanted)  # one appended task named exactly
+            elif "#" not in wanted:
+                targets += unfinished_family(state, wanted)
+    if op.get("all") or op.get("tag") is not None:
+        targets.sort(key=lambda i: tasks[i]["seq"])  # enqueue order, whatever the dict's order
+    cancelled: list[str] = []
+    hook = _collect(cancelled, set(), emit)  # downstream steps cancelled too are reported as well
+    for i in dict.fromkeys(targets):
+        t = tasks[i]
+        if t["state"] in UNFINISHED:
+            _finish(state, t, "CANCELLED", ts, "cancelled", hook)
+    return cancelled
+
+
+def _collect(out: list, seen: set, emit: Emit) -> Emit:
+    def hook(ts: float, task_id: str, kind: str, detail: dict) -> None:
+        if kind == "cancelled" and task_id not in seen:
+            seen.add(task_id)
+            out.append(task_id)
+        if emit:
+            emit(ts, task_id, kind, detail)
+
+    return hook
+
+
+def _op_claim(state: dict, op: dict, ts: float, emit: Emit) -> bool:
+    t = _current(state, op)
+    if t is None:
+        return False
+    lease = t["lease"]
+    if t["state"] not in ("RUNNING", "ENQUEUED"):
+        return False
+    occ = op.get("occ")
+    if occ is not None and not occurrence_open(t, occ):
+        return False  # a claim planned on a stale view: that occurrence ran already
+    if not op.get("forced") and pause_of(state, t, ts) is not None:
+        return False  # paused after the claimer planned (run-now's claims are the user's say-so)
+    fences = state.get("fences")
+    fence = fences.get(t["id"]) if fences else None
+    if fence is not None:
+        if fence["until"] > ts and not op.get("fence_broken"):
+            return False  # a cancelled run of this id is still stopping
+        del fences[t["id"]]
+        if not fences:
+            del state["fences"]  # (a state without fences has no such key, as new_state() gives)
+    if t["state"] == "RUNNING":
+        if lease and lease["until"] > ts and not op.get("broken"):
+            return False  # held; "broken" means the writer saw the holder's process gone
+        if not (lease or {}).get("ahead"):
+            t["crashes"] += 1  # the previous holder vanished without a result while running it
+        if emit and lease:
+            emit(
+                ts,
+                t["id"],
+                "runner-lost",
+                {
+                    "runner": lease.get("runner"),
+                    "pid": lease.get("pid"),
+                    "why": "its process is gone" if op.get("broken") else "its lease ended",
+                },
+            )
+    t["state"] = "RUNNING"
+    t["lease"] = {
+        "runner": op["runner"],
+        "pid": op.get("pid"),
+        "token": op.get("token"),
+        "until": op["until"],
+        "since": ts,
+    }
+    t["claimed_at"] = ts  # the newest claim: a result of an older one is stale (_unseen_claim)
+    if op.get("boot"):
+        t["lease"]["boot"] = op["boot"]  # the holder's boot: after a reboot it is gone for sure
+    if occ is not None:
+        t["lease"]["occ"] = occ
+    if op.get("ahead"):
+        t["lease"]["ahead"] = True  # claimed ahead of a free slot: maybe never started
+    t["updated_at"] = ts
+    if emit:
+        emit(ts, t["id"], "started", {"runner": op["runner"], "pid": op.get("pid"), "attempt": t["occ_attempts"] + 1})
+    return True
+
+
+def _holder(state: dict, op: dict) -> dict | None:
+    t = _current(state, op)
+    if t is None or t["state"] != "RUNNING" or not t["lease"] or t["lease"]["runner"] != op.get("runner"):
+        return None
+    return t
+
+
+def _unseen_claim(state: dict, op: dict, ts: float, emit: Emit) -> dict | None:
+    """The task of a result whose claim the fold never saw -- lost to damage and quarantined --
+    when that claim is newer than every claim the fold did see of the task.
+
+    A result is written only for a run whose claim its writer's fold accepted (under the lock, on
+    the whole journal), and it names that claim (``claimed``, the claim's time).  A claim the fold
+    saw that is newer superseded it (the run is stale); none newer means the fold is missing the
+    claim, not that the run is stale, and forgetting the result would run a succeeded step again.
+    A claim was accepted only once the task was due, so a chain step that still looks BLOCKED ran
+    after every earlier step had succeeded: their lost results are recorded as successes."""
+    claimed = op.get("claimed")
+    t = _current(state, op)
+    if claimed is None or t is None or t["state"] not in UNFINISHED:
+        return None
+    seen = t["lease"]["since"] if t["lease"] else t.get("claimed_at")
+    if seen is not None and claimed <= seen:
+        return None
+    if t["state"] == "BLOCKED":
+        _upstream_succeeded(state, t, ts, emit)
+    t["claimed_at"] = claimed
+    return t
+
+
+def _upstream_succeeded(state: dict, t: dict, ts: float, emit: Emit) -> None:
+    chain = state["chains"].get(t["chain_id"]) if t["chain_id"] else None
+    if chain is None or not t["step"] or t["id"] not in chain["steps"][t["step"] - 1]:
+        return
+    for step in chain["steps"][: t["step"] - 1]:
+        for i in step:
+            m = member(state, chain, i)
+            if m is not None and m["state"] in UNFINISHED:
+                m["last_result"] = {
+                    "status": "SUCCESS",
+                    "data": None,
+                    "message": (
+                        "its result was lost to journal damage; a later step of its chain ran, so it had succeeded"
+                    ),
+                }
+                _finish(state, m, "SUCCEEDED", ts, None, emit)
+
+
+def _op_result(state: dict, op: dict, ts: float, emit: Emit) -> bool:
+    t = _holder(state, op) or _unseen_claim(state, op, ts, emit)
+    if t is None:
+        if emit:
+            emit(ts, op.get("id", "?"), "stale-result", {"status": op.get("status"), "runner": op.get("runner")})
+        _unfence(state, op, ts, emit)
+        return False
+    status = op["status"]
+    result = {"status": status, "message": op.get("message"), "data": op.get("data")}
+    if op.get("late_ms") is not None:
+        result["late_ms"] = op["late_ms"]  # an exact task: how late it ran
+    if emit:
+        emit(ts, t["id"], "ran", dict(result, duration_ms=op.get("duration_ms"), runner=op.get("runner")))
+    t["lease"] = None
+    t["updated_at"] = ts
+    t["crashes"] = 0
+    if status == "EXPIRED":
+        t["last_result"] = result
+        t["expiries"] += 1
+        if t["expiries"] >= MAX_EXPIRIES:
+            _finish(state, t, "FAILED", ts, f"expired {t['expiries']} times in a row", emit)
+        else:
+            t["state"] = "ENQUEUED"
+            t["due"] = ts
+        return True
+    t["last_result"] = result
+    t["attempts"] += 1
+    t["occ_attempts"] += 1
+    t["expiries"] = 0
+    from kmpwm.core.triggers import REPEATING, backoff_delay
+
+    repeating = t["trigger"]["type"] in REPEATING
+    c = t["constraints"]
+    if status == "RETRY":
+        if t["occ_attempts"] < c["max_attempts"]:
+            t["state"] = "ENQUEUED"
+            t["due"] = ts + backoff_delay(c["backoff"], c["backoff_delay"], t["occ_attempts"])
+            return True  # the occurrence goes on: its trigger bookkeeping waits for its end
+        status = "FAILURE"
+        reason = f"gave up after {t['occ_attempts']} attempts" + (f": {op['message']}" if op.get("message") else "")
+    else:
+        reason = op.get("message") or "worker failed"
+    if op.get("trig_state"):  # the occurrence ended: a new on-change baseline, a disarmed --when
+        t["trig_state"] = dict(t["trig_state"], **op["trig_state"])
+    if repeating:
+        t["state"] = "ENQUEUED"
+        t["occ_attempts"] = 0
+        t["due"] = op.get("next_run_at") if op.get("next_run_at") is not None else ts
+        if "updated_due" in t:  # --policy update gave it a new trigger while this run went on
+            t["due"] = t.pop("updated_due")
+        return True
+    if status == "SUCCESS":
+        _finish(state, t, "SUCCEEDED", ts, None, emit)
+    else:
+        _finish(state, t, "FAILED", ts, reason, emit)
+    return True
+
+
+def _unfence(state: dict, op: dict, ts: float, emit: Emit) -> None:
+    """A runner's result or release for a run that was cancelled meanwhile: its worker has
+    stopped, so the fence it left (see _finish) comes down and the id may run again."""
+    fences = state.get("fences")
+    tid = op.get("id")
+    if fences and tid in fences and fences[tid].get("runner") == op.get("runner"):
+        del fences[tid]
+        if not fences:
+            del state["fences"]
+        if emit:
+            emit(ts, tid, "stopped", {"runner": op.get("runner")})
+
+
+def _op_release(state: dict, op: dict, ts: float, emit: Emit) -> bool:
+    t = _holder(state, op)
+    if t is None:
+        _unfence(state, op, ts, emit)
+        return False
+    t["state"] = "ENQUEUED"
+    t["lease"] = None
+    t["updated_at"] = ts
+    if op.get("due") is not None:
+        t["due"] = op["due"]
+    if emit:
+        emit(ts, t["id"], "released", {"runner": op.get("runner")})
+    return True
+
+
+def _op_fail(state: dict, op: dict, ts: float, emit: Emit) -> bool:
+    t = _current(state, op)
+    if t is None or t["state"] not in UNFINISHED:
+        return False
+    if emit and op.get("missed"):  # --misfire-grace: the occurrence was too late to start
+        emit(ts, t["id"], "missed", op["missed"])
+    if op.get("result"):
+        t["last_result"] = op["result"]
+    _finish(state, t, "FAILED", ts, op.get("reason") or "failed", emit)
+    return True
+
+
+def _op_trig(state: dict, op: dict, ts: float, emit: Emit) -> bool:
+    t = _current(state, op)
+    if t is None or t["state"] not in UNFINISHED:
+        return False
+    if emit and op.get("missed"):  # --misfire-grace: skipped to the next occurrence
+        emit(ts, t["id"], "missed", op["missed"])
+    if op.get("due") is not None:
+        t["due"] = op["due"]
+    if op.get("trig_state"):
+        t["trig_state"] = dict(t["trig_state"], **op["trig_state"])
+    t["updated_at"] = ts
+    return True
+
+
+def _op_put(state: dict, op: dict, ts: float, emit: Emit) -> bool:
+    if "task" in op:
+        t = unpack_task(op["task"])
+        state["tasks"][t["id"]] = t
+        for dep in t.get("after", ()):
+            if t["state"] == "BLOCKED":
+                state["waiters"].setdefault(dep, []).append(t["id"])
+    if "chain" in op:
+        state["chains"][op["chain"]["id"]] = dict(op["chain"])
+    return True
+
+
+def _op_meta(state: dict, op: dict, ts: float, emit: Emit) -> bool:
+    state["seq"] = max(state["seq"], op.get("seq", 0))
+    state["fam"].update(op.get("fam", {}))
+    if op.get("fences"):
+        state.setdefault("fences", {}).update(op["fences"])
+    if op.get("qpause"):
+        state["qpause"] = dict(op["qpause"])
+    return True
+
+
+# -- steering (SPEC section 11) -------------------------------------------------------------
+
+
+def pause_of(state: dict, t: dict, now: float) -> dict | None:
+    """Whether task ``t`` is paused at ``now``: None, or ``{"until": EPOCH|None, "queue": bool}``
+    (``queue``: the whole queue is paused).  A pause whose ``until`` has passed is over.  The one
+    place that decides it: run-due's plan, explain, the task JSON and the runner's claims ask here."""
+    q = state.get("qpause")
+    if q is not None and (q.get("until") is None or q["until"] > now):
+        return {"until": q.get("until"), "queue": True}
+    if t.get("paused") and (t.get("paused_until") is None or t["paused_until"] > now):
+        return {"until": t.get("paused_until"), "queue": False}
+    return None
+
+
+def steer_targets(state: dict, op: dict, wanted_states) -> list[str]:
+    """Ids named by ``op`` (``ids``: a chain id, ``ID`` with its ``ID#n``, or an exact ``ID#n``;
+    ``tag``: tasks with the tag or in a chain with it) whose state is in ``wanted_states``, in
+    enqueue order."""
+    tasks, chains = state["tasks"], state["chains"]
+    targets: list[str] = []
+    if op.get("tag") is not None:
+        tag = op["tag"]
+        for t in tasks.values():
+            if tag in t.get("tags", ()) or (
+                t.get("chain_id") in chains and tag in chains[t["chain_id"]].get("tags", ())
+            ):
+                targets.append(t["id"])
+    else:
+        for wanted in op.get("ids", ()):
+            chain = chains.get(wanted)
+            if chain is not None:
+                targets += [t["id"] for t in members(state, chain)]
+            if "#" in wanted:
+                targets += [wanted] if wanted in tasks else []
+            else:
+                targets += family(state, wanted)
+    out = [i for i in dict.fromkeys(targets) if i in tasks and tasks[i]["state"] in wanted_states]
+    out.sort(key=lambda i: tasks[i]["seq"])
+    return out
+
+
+def _op_pause(state: dict, op: dict, ts: float, emit: Emit) -> list:
+    until = op.get("until")
+    detail = {"by": op.get("by")}
+    if until is not None:
+        detail["until"] = until
+    if op.get("all"):
+        state["qpause"] = {"until": until, "since": ts, "by": op.get("by")}
+        if emit:
+            emit(ts, "*", "paused", dict(detail, queue=True))
+        tasks = state["tasks"]
+        return sorted(
+            (i for i, t in tasks.items() if t["state"] in UNFINISHED and t.get("paused")), key=lambda i: tasks[i]["seq"]
+        )
+    done = steer_targets(state, op, UNFINISHED)
+    for i in done:
+        t = state["tasks"][i]
+        t["paused"] = True
+        t["paused_until"] = until
+        t["updated_at"] = ts
+        if emit:
+            emit(ts, i, "paused", detail)
+    return done
+
+
+def _op_resume(state: dict, op: dict, ts: float, emit: Emit) -> list:
+    tasks = state["tasks"]
+    if op.get("all"):
+        if state.pop("qpause", None) is not None and emit:
+            emit(ts, "*", "resumed", {"by": op.get("by"), "queue": True})
+        done = [i for i, t in tasks.items() if t.get("paused") and t["state"] in UNFINISHED]  # history never changes
+        done.sort(key=lambda i: tasks[i]["seq"])
+    else:
+        done = [i for i in steer_targets(state, op, UNFINISHED) if tasks[i].get("paused")]
+    for i in done:
+        t = tasks[i]
+        t.pop("paused", None)
+        t.pop("paused_until", None)
+        t["updated_at"] = ts
+        if emit:
+            emit(ts, i, "resumed", {"by": op.get("by")})
+    return done
+
+
+def _op_retry(state: dict, op: dict, ts: float, emit: Emit) -> list:
+    """``op["tasks"]``: the packed records of the tasks to revive as they stood when the op was
+    made (the hot state may lack them: finished work lives in history); ``op["chains"]`` likewise
+    for their chains, with ``op["ids"]`` the tasks the user asked for."""
+    tasks, chains = state["tasks"], state["chains"]
+    for packed in op.get("tasks", ()):
+        if packed["id"] not in tasks:
+            t = unpack_task(packed)
+            tasks[t["id"]] = t
+    for chain in op.get("chains", ()):
+        if chain["id"] not in chains:
+            chains[chain["id"]] = dict(chain)
+    revived: list[str] = []
+    done_chains: set = set()
+    for tid in op.get("ids", ()):
+        t = tasks.get(tid)
+        if t is None or t["state"] not in FINISHED or t["state"] == "SUCCEEDED":
+            continue
+        chain = chains.get(t["chain_id"]) if t.get("chain_id") else None
+        step = t.get("step")
+        if (
+            chain is not None
+            and step
+            and step <= len(chain["steps"])
+            and tid in chain["steps"][step - 1]
+            and member(state, chain, tid) is not None
+        ):
+            if chain["id"] in done_chains:
+                continue
+            done_chains.add(chain["id"])
+            chain = chains[chain["id"]] = dict(chain)  # a new object: the snapshot writes history by identity
+            revived += _retry_chain(state, chain, ts, emit, op.get("by"))
+            continue
+        t = tasks[tid] = dict(t)
+        waiting = [d for d in t.get("after", ()) if d in tasks and tasks[d]["state"] in UNFINISHED]
+        _revive(t, "BLOCKED" if waiting else "ENQUEUED", ts, emit, op.get("by"))
+        for d in waiting:  # appended after a task that is unfinished: it waits for it again, as appended
+            state["waiters"].setdefault(d, []).append(tid)
+        revived.append(tid)
+    return revived
+
+
+def _retry_chain(state: dict, chain: dict, ts: float, emit: Emit, by) -> list[str]:
+    """The chain resumes at its first step with a task that did not succeed: that step's failed
+    and cancelled tasks are due now, the later steps' ones BLOCKED again; successes stay."""
+    chain["cancelled"] = False
+    revived = []
+    resume_at = None
+    for number, step in enumerate(chain["steps"], 1):
+        for i in step:
+            m = member(state, chain, i)
+            if m is None or m["state"] == "SUCCEEDED":
+                continue
+            if resume_at is None:
+                resume_at = number
+            if m["state"] in FINISHED:
+                m = state["tasks"][i] = dict(m)  # a new object (see _op_retry)
+                _revive(m, "ENQUEUED" if number == resume_at else "BLOCKED", ts, emit, by)
+                revived.append(i)
+    return revived
+
+
+def _revive(t: dict, new_state_: str, ts: float, emit: Emit, by) -> None:
+    t["state"] = new_state_
+    t["attempts"] = t["occ_attempts"] = t["expiries"] = t["crashes"] = 0
+    t["reason"] = None
+    t["finished_at"] = None
+    t["lease"] = None
+    t["due"] = ts
+    t["updated_at"] = ts
+    t.pop("paused", None)
+    t.pop("paused_until", None)
+    if emit:
+        emit(ts, t["id"], "retried", {"by": by, "state": new_state_})
+
+
+def _update(state: dict, t: dict, task: dict, ts: float, emit: Emit, by=None) -> dict:
+    """``--policy update``: ``t`` keeps its id, seq, attempts and (for an equal trigger) its due
+    time and trigger state; it takes the new worker, input, trigger, constraints and tags.  A
+    running run goes on with the definition it started with (the runner holds its own copy)."""
+    same_trigger = task["trigger"] == t["trigger"]
+    changed = [
+        k
+        for k in ("worker", "input", "trigger", "constraints", "tags")
+        if task.get(k, _PACKED_DEFAULTS.get(k)) != t.get(k)
+    ]
+    t["worker"] = task["worker"]
+    t["input"] = task.get("input")
+    t["constraints"] = task.get("constraints", DEFAULT_CONSTRAINTS_RECORD)
+    t["tags"] = list(task.get("tags") or [])
+    if not same_trigger:
+        t["trigger"] = task["trigger"]
+        t["trig_state"] = dict(task.get("trig_state") or {})
+        due = task["due"] if "due" in task else task.get("created_at", ts)
+        if t["state"] == "RUNNING":
+            t["updated_due"] = due  # the run's result must not put it back on the old grid
+        elif t["state"] == "ENQUEUED":
+            t["due"] = due
+    t["updated_at"] = ts
+    if emit:
+        emit(ts, t["id"], "updated", {"changed": changed, "by": by})
+    due = t["due"] if t["state"] == "ENQUEUED" else None
+    return {"action": "updated", "id": t["id"], "due": t.get("updated_due", due), "state": t["state"]}
+
+
+def _op_note(state: dict, op: dict, ts: float, emit: Emit) -> bool:
+    """Something that happened around a task without changing it (a hook that failed)."""
+    if emit:
+        emit(ts, op.get("id", "?"), op.get("event", "note"), op.get("detail") or {})
+    return True
+
+
+_HANDLERS = {
+    "note": _op_note,
+    "enq": _op_enq,
+    "chain": _op_chain,
+    "cancel": _op_cancel,
+    "claim": _op_claim,
+    "result": _op_result,
+    "release": _op_release,
+    "fail": _op_fail,
+    "trig": _op_trig,
+    "put": _op_put,
+    "meta": _op_meta,
+    "pause": _op_pause,
+    "resume": _op_resume,
+    "retry": _op_retry,
+    "hdr": lambda state, op, ts, emit: None,
+}

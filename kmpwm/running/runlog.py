@@ -1,0 +1,461 @@
+"""Every run's output, kept per run (SPEC section 10), and where a running run reports progress.
+
+Under the log directory::
+
+    logs/runs/index.jsonl       one line when a run starts, one when it ends (appended in batches)
+    logs/runs/KEY.out           the run's output, stdout and stderr interleaved (only if it wrote any)
+    logs/runs/KEY.progress      its progress (only if it reported any; kmpwm.running.progress)
+
+KEY is unique per run (start time, run-due's pid, a counter).  Creating files is what costs on a
+busy disk, so a run that prints nothing creates none: its start and end are lines in the index,
+written once per batch of runs.  A run's number N (its id's N-th run, from 1 in start order) is
+its place among the id's start lines; the retention sweep writes N into the lines it keeps.
+
+run-due writes output to the file as it arrives (nothing accumulates in memory): once the file
+passes CAP bytes it becomes ``KEY.out.1`` and a new ``KEY.out`` begins, so at most 2 x CAP bytes
+are on disk during a run; when the run ends the last CAP bytes are kept and the run is marked
+truncated.  ``kmpwm logs --follow`` notices the switch as ``tail -F`` does.
+
+Retention: a run is kept as long as its events are (the retention window) and always for a
+task's last KEEP runs; ``sweep`` applies it (compaction calls it).
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+CAP = 1 << 20
+KEEP = 5
+RUNS_DIR = "runs"
+INDEX = "index.jsonl"
+_NEW = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0)
+
+
+def runs_dir(paths) -> Path:
+    return Path(paths.log_dir) / RUNS_DIR
+
+
+def _iso(ts: float | None) -> str | None:
+    if ts is None:
+        return None
+    from kmpwm.core.timeparse import iso
+
+    return iso(ts)
+
+
+_ready: set = set()
+
+
+def prepare(paths) -> Path:
+    """The private runs directory (checked once per process)."""
+    d = runs_dir(paths)
+    if d not in _ready:
+        from kmpwm.storage.paths import ensure_dir, private_subdir
+
+        if paths.home is None and Path(paths.log_dir).parent.name == "kmpwm":
+            ensure_dir(Path(paths.log_dir).parent)
+        private_subdir(Path(paths.log_dir))
+        private_subdir(d)
+        _ready.add(d)
+    return d
+
+
+def append_index(paths, lines: list[bytes]) -> None:
+    """Append lines to the index in one write, under a shared lock (the sweep takes it exclusive,
+    so that a rewrite never loses a line)."""
+    import fcntl
+
+    path = prepare(paths) / INDEX
+    data = b"".join(lines)
+    for _ in range(5):
+        fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0), 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH)
+            try:
+                if os.stat(path).st_ino != os.fstat(fd).st_ino:
+                    continue  # swept and replaced meanwhile: append to the new one
+            except FileNotFoundError:
+                continue
+            os.write(fd, data)
+            return
+        finally:
+            os.close(fd)
+
+
+class RunLog:
+    """One run's output, written by run-due as the worker's output arrives."""
+
+    __slots__ = ("dir", "key", "task_id", "fd", "size", "rotated", "progress", "written")
+
+    def __init__(self, d: str, key: str, task_id: str):
+        self.dir, self.key, self.task_id = d, key, task_id  # plain strings: this runs per task
+        self.fd = -1
+        self.size = 0
+        self.rotated = False
+        self.written = False
+        self.progress = f"{d}/{key}.progress"
+
+    def start_line(self, attempt: int, started: float, pid: int, token) -> bytes:
+        import orjson
+
+        return (
+            orjson.dumps(
+                {
+                    "s": self.key,
+                    "id": self.task_id,
+                    "attempt": attempt,
+                    "at": round(started, 3),
+                    "pid": pid,
+                    "token": token,
+                }
+            )
+            + b"\n"
+        )
+
+    def end_line(self, status: str, finished: float) -> bytes:
+        import orjson
+
+        return (
+            orjson.dumps(
+                {
+                    "e": self.key,
+                    "id": self.task_id,
+                    "status": status,
+                    "at": round(finished, 3),
+                    "truncated": self.rotated,
+                }
+            )
+            + b"\n"
+        )
+
+    def write(self, chunk: bytes) -> None:
+        if self.fd < 0:
+            if self.written:
+                return  # could not be opened: the run goes on without it
+            self.written = True
+            try:
+                self.fd = os.open(f"{self.dir}/{self.key}.out", _NEW, 0o600)
+            except OSError:
+                return
+        try:
+            os.write(self.fd, chunk)  # a regular file: the whole chunk
+        except OSError:
+            return
+        self.size += len(chunk)
+        if self.size > CAP:
+            self._rotate()
+
+    def _rotate(self) -> None:
+        cur = f"{self.dir}/{self.key}.out"
+        try:
+            os.replace(cur, cur + ".1")
+            os.close(self.fd)
+            self.fd = os.open(cur, _NEW, 0o600)
+        except OSError:
+            self.fd = -1
+            return
+        self.size = 0
+        self.rotated = True
+
+    def close(self) -> None:
+        """The run ended: close its output, keeping the last CAP bytes."""
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+        if self.rotated:
+            try:
+                _join(Path(self.dir), self.key)
+            except OSError:
+                pass
+
+
+def _join(d: Path, key: str) -> None:
+    cur, old = d / f"{key}.out", d / f"{key}.out.1"
+    with open(cur, "rb") as fh:
+        tail = fh.read()
+    need = CAP - len(tail)
+    head = b""
+    if need > 0:
+        with open(old, "rb") as fh:
+            fh.seek(0, os.SEEK_END)
+            fh.seek(max(0, fh.tell() - need))
+            head = fh.read()
+    tmp = d / f"{key}.out.tmp"
+    fd = os.open(tmp, _NEW, 0o600)
+    try:
+        os.write(fd, head + tail[-CAP:])
+    finally:
+        os.close(fd)
+    os.replace(tmp, cur)
+    os.unlink(old)
+
+
+FLUSH_EVERY = 0.1  # index lines wait at most this long, so that a busy run-due writes ~10 times a second
+
+
+class Starter:
+    """run-due's side: new RunLogs, their index lines batched (one write per FLUSH_EVERY)."""
+
+    def __init__(self, paths, pid: int, token):
+        self.paths, self.pid, self.token = paths, pid, token
+        self.dir: str | None = None
+        self.count = 0
+        self.pending: list[bytes] = []
+        self.last = 0.0
+
+    def start(self, task_id: str, attempt: int, started: float) -> RunLog | None:
+        try:
+            if self.dir is None:
+                self.dir = str(prepare(self.paths))
+        except Exception:
+            return None
+        self.count += 1
+        log = RunLog(self.dir, f"{int(started * 1000)}-{self.pid}-{self.count}", task_id)
+        self.pending.append(log.start_line(attempt, started, self.pid, self.token))
+        return log
+
+    def end(self, log: RunLog, status: str, finished: float, progress: bool) -> None:
+        """The run's result is durable: close its output, drop its progress (``progress``: it may
+        have some), and say how it ended in the index."""
+        log.close()
+        if progress:
+            try:
+                os.unlink(log.progress)
+            except OSError:
+                pass
+        self.pending.append(log.end_line(status, finished))
+
+    def flush(self, force: bool = False) -> float | None:
+        """Write the waiting lines if FLUSH_EVERY has passed (or ``force``); returns how long
+        until lines still waiting are due (None: none wait)."""
+        if not self.pending:
+            return None
+        import time
+
+        now = time.monotonic()
+        if not force and now - self.last < FLUSH_EVERY:
+            return self.last + FLUSH_EVERY - now
+        self.last = now
+        lines, self.pending = self.pending, []
+        try:
+            append_index(self.paths, lines)
+        except Exception:
+            pass  # the runs go on; only their record in the index is lost
+        return None
+
+
+# -- reading ---------------------------------------------------------------------------------
+
+
+def _scan(paths, wanted: set | None = None) -> dict:
+    """Runs by task id from the index: {id: [meta, ...]} in start order (only ``wanted`` ids)."""
+    import orjson
+
+    try:
+        data = (runs_dir(paths) / INDEX).read_bytes()
+    except OSError:
+        return {}
+    by_id: dict = {}
+    by_key: dict = {}
+    for line in _lines(data, None if wanted is None else [b'"id":' + orjson.dumps(i) for i in wanted]):
+        try:
+            rec = orjson.loads(line)
+        except orjson.JSONDecodeError:
+            continue  # a torn line (a crash mid-append)
+        tid = rec.get("id")
+        if "s" in rec:
+            lst = by_id.setdefault(tid, [])
+            n = rec.get("n") or (lst[-1]["run"] + 1 if lst else 1)
+            meta = {
+                "run": n,
+                "attempt": rec.get("attempt"),
+                "started_at": _iso(rec.get("at")),
+                "finished_at": None,
+                "status": "RUNNING",
+                "truncated": False,
+                "key": rec["s"],
+                "pid": rec.get("pid"),
+                "token": rec.get("token"),
+                "_start": rec.get("at"),
+            }
+            lst.append(meta)
+            by_key[rec["s"]] = meta
+        elif "e" in rec and rec["e"] in by_key:
+            meta = by_key[rec["e"]]
+            meta.update(
+                status=rec.get("status"),
+                finished_at=_iso(rec.get("at")),
+                truncated=bool(rec.get("truncated")),
+                _end=rec.get("at"),
+            )
+    if wanted is not None:
+        by_id = {k: v for k, v in by_id.items() if k in wanted}
+    alive_cache: dict = {}
+    for lst in by_id.values():
+        for meta in lst:
+            if meta["status"] == "RUNNING":
+                who = (meta["pid"], meta["token"])
+                if who not in alive_cache:
+                    from kmpwm.system.procs import alive
+
+                    alive_cache[who] = alive(*who)
+                if not alive_cache[who]:  # its run-due died: the run never reached a result
+                    meta["status"] = "EXPIRED"
+                    try:  # it ended when it last wrote, as far as anyone can tell
+                        ended = os.stat(runs_dir(paths) / f"{meta['key']}.out").st_mtime
+                    except OSError:
+                        ended = meta["_start"]
+                    meta["finished_at"] = _iso(ended)
+    return by_id
+
+
+def _lines(data: bytes, needles: list[bytes] | None):
+    """The index's lines, or only those holding one of ``needles``, in file order (found with
+    bytes.find, so a large index is not split line by line to find one task's runs)."""
+    if needles is None:
+        return data.splitlines()
+    starts = set()
+    for needle in needles:
+        at = data.find(needle)
+        while at >= 0:
+            starts.add(data.rfind(b"\n", 0, at) + 1)
+            at = data.find(needle, at + len(needle))
+    out = []
+    for start in sorted(starts):
+        end = data.find(b"\n", start)
+        out.append(data[start:] if end < 0 else data[start:end])
+    return out
+
+
+def runs(paths, task_id: str) -> list[dict]:
+    """The kept runs of ``task_id`` (oldest first), each its meta."""
+    return _scan(paths, {task_id}).get(task_id, [])
+
+
+def running_runs(paths, task_ids) -> dict:
+    """{id: meta of its run in progress} for those of ``task_ids`` that have one."""
+    if not task_ids:
+        return {}
+    out = {}
+    for tid, lst in _scan(paths, set(task_ids)).items():
+        if lst and lst[-1]["status"] == "RUNNING":
+            out[tid] = lst[-1]
+    return out
+
+
+def out_path(paths, meta: dict) -> Path:
+    return runs_dir(paths) / f"{meta['key']}.out"
+
+
+def progress_path(paths, meta: dict) -> Path:
+    return runs_dir(paths) / f"{meta['key']}.progress"
+
+
+def output(paths, meta: dict) -> bytes:
+    try:
+        return out_path(paths, meta).read_bytes()
+    except OSError:
+        return b""
+
+
+# -- retention -------------------------------------------------------------------------------
+
+
+def _orphans(d: Path, by_id: dict, cutoff: float) -> None:
+    """Output files no index line names (their run-due was killed before it wrote the run's
+    line), once older than the window."""
+    known = {m["key"] for lst in by_id.values() for m in lst}
+    try:
+        names = os.listdir(d)
+    except OSError:
+        return
+    for name in names:
+        key = name.split(".", 1)[0]
+        if name.startswith(INDEX) or key in known:
+            continue
+        try:
+            if os.stat(d / name).st_mtime < cutoff:
+                os.unlink(d / name)
+        except OSError:
+            pass
+
+
+def sweep(paths, cutoff: float, keep: int = KEEP) -> int:
+    """Delete runs that ended before ``cutoff``, except each task's last ``keep``; rewrite the
+    index with the rest (their numbers written out).  Returns how many runs were deleted."""
+    import fcntl
+
+    import orjson
+
+    d = runs_dir(paths)
+    path = d / INDEX
+    try:
+        fd = os.open(path, os.O_RDWR | getattr(os, "O_NOFOLLOW", 0))
+    except OSError:
+        return 0
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        by_id = _scan(paths)
+        lines, dropped = [], []
+        for tid, lst in by_id.items():
+            for i, meta in enumerate(lst):
+                ended = meta.get("_end") or (None if meta["status"] == "RUNNING" else meta.get("_start"))
+                old = ended is not None and ended < cutoff
+                if old and i < len(lst) - keep:
+                    dropped.append(meta)
+                    continue
+                lines.append(
+                    (
+                        meta.get("_start") or 0,
+                        orjson.dumps(
+                            {
+                                "s": meta["key"],
+                                "id": tid,
+                                "n": meta["run"],
+                                "attempt": meta["attempt"],
+                                "at": meta.get("_start"),
+                                "pid": meta["pid"],
+                                "token": meta["token"],
+                            }
+                        )
+                        + b"\n",
+                    )
+                )
+                if meta["status"] != "RUNNING":
+                    lines.append(
+                        (
+                            meta.get("_end") or meta.get("_start") or 0,
+                            orjson.dumps(
+                                {
+                                    "e": meta["key"],
+                                    "id": tid,
+                                    "status": meta["status"],
+                                    "at": meta.get("_end"),
+                                    "truncated": meta["truncated"],
+                                }
+                            )
+                            + b"\n",
+                        )
+                    )
+        _orphans(d, by_id, cutoff)
+        if not dropped:
+            return 0
+        lines.sort(key=lambda x: x[0])
+        tmp = d / (INDEX + ".tmp")
+        out = os.open(tmp, _NEW, 0o600)
+        try:
+            os.write(out, b"".join(line for _, line in lines))
+            os.fsync(out)
+        finally:
+            os.close(out)
+        os.replace(tmp, path)
+        for meta in dropped:
+            for suffix in (".out", ".out.1", ".progress"):
+                try:
+                    os.unlink(d / f"{meta['key']}{suffix}")
+                except OSError:
+                    pass
+        return len(dropped)
+    finally:
+        os.close(fd)

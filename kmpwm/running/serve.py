@@ -1,0 +1,516 @@
+"""``kmpwm serve``: one long-lived runner that starts work the moment it is due.
+
+It is the Runner of ``run-due`` (runner.py), driven without end: the Runner runs what is due,
+and when nothing is left that it may start it calls ``Serve.idle``, which sleeps in the Runner's
+own selector until the earliest of
+
+- the next due time in the folded state (an ``--at`` time, a periodic task's next run, a lease
+  that ends), computed exactly, so that nothing wakes it before;
+- a change of the journal by another process (an enqueue, cancel, retry, resume, run-now): the
+  journal directory is watched with inotify on Linux (inotify-simple), kqueue on macOS and the
+  BSDs (standard library), else by polling its size and inode with a backoff of at most 1 s;
+- the exit of a process on this host that holds a lease (pidfd on Linux), whose tasks are then
+  free at once;
+- a minute, while due work waits for a constraint or a trigger condition (device state is read
+  again each time), or ``MAX_SLEEP`` at the longest while something is due later (a suspended
+  machine or a changed clock is noticed within that);
+- a signal: SIGTERM or SIGINT (the expiry protocol for running tasks, then exit 0), SIGUSR1
+  (``simulate-expire``: the same, then exit 75, as ``run-due``), SIGHUP (``config.toml`` read
+  again).
+
+With nothing due and nothing changing it makes no system call at all.  Coexisting with
+``run-due`` and other ``serve`` processes is the leases' business, exactly as between two
+``run-due``: a task is only ever run under a lease its runner claimed in the journal.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import sys
+import time
+
+from kmpwm.core.exitcodes import JournalError, KmpwmError
+from kmpwm.storage.paths import Paths, private_subdir
+
+RECHECK = 60.0  # due work waiting for a constraint or a trigger condition: look again this often
+MAX_SLEEP = 900.0  # longest sleep while something is due later (clock changes, suspend)
+TRIM_EVERY = 60.0  # while busy: forget finished runs (bounded memory), read the device again
+COMPACT_CHECK = 300.0  # at most this often: is an automatic compaction due?
+POLL_MIN, POLL_MAX = 0.05, 1.0  # fallback without change notification: stat backoff bounds
+STATE_PREFIX = "serve-"  # runners/serve-PID.json: who is serving this home (doctor, schedule status)
+
+
+# -- watching the journal -------------------------------------------------------------------
+
+
+class _InotifyWatch:
+    """Linux: the journal directory's inotify events for the journal file."""
+
+    def __init__(self, paths: Paths):
+        import inotify_simple as ino
+
+        self._ino = ino.INotify(nonblocking=True)
+        flags = ino.flags
+        self._ino.add_watch(
+            str(paths.journal_dir), flags.MODIFY | flags.CLOSE_WRITE | flags.MOVED_TO | flags.CREATE | flags.DELETE
+        )
+        self._name = paths.journal_file.name
+        self.fd = self._ino.fileno()
+
+    def drain(self) -> bool:
+        changed = False
+        try:
+            for event in self._ino.read(timeout=0):
+                if event.name == self._name or not event.name:
+                    changed = True
+        except (BlockingIOError, InterruptedError):
+            pass
+        return changed
+
+    def poll_interval(self) -> float | None:
+        return None
+
+    def close(self) -> None:
+        self._ino.close()
+
+
+class _KqueueWatch:
+    """macOS and the BSDs: kqueue vnode events on the journal file and its directory (a
+    compaction renames a new file into place: the directory changes, the file is opened again)."""
+
+    def __init__(self, paths: Paths):
+        import select
+
+        self._select = select
+        self._paths = paths
+        self._kq = select.kqueue()
+        self.fd = self._kq.fileno()
+        self._fds: list[int] = []
+        self._arm()
+
+    def _arm(self) -> None:
+        sel = self._select
+        for fd in self._fds:
+            os.close(fd)
+        self._fds = []
+        events = []
+        for path, fflags in (
+            (self._paths.journal_dir, sel.KQ_NOTE_WRITE),
+            (
+                self._paths.journal_file,
+                sel.KQ_NOTE_WRITE | sel.KQ_NOTE_EXTEND | sel.KQ_NOTE_DELETE | sel.KQ_NOTE_RENAME,
+            ),
+        ):
+            try:
+                fd = os.open(path, os.O_RDONLY | getattr(os, "O_EVTONLY", 0) | os.O_CLOEXEC)
+            except OSError:
+                continue
+            self._fds.append(fd)
+            events.append(
+                sel.kevent(fd, filter=sel.KQ_FILTER_VNODE, flags=sel.KQ_EV_ADD | sel.KQ_EV_CLEAR, fflags=fflags)
+            )
+        if events:
+            self._kq.control(events, 0, 0)
+
+    def drain(self) -> bool:
+        got = self._kq.control(None, 64, 0)
+        if got:
+            self._arm()  # the file may have been replaced: watch the new one
+        return bool(got)
+
+    def poll_interval(self) -> float | None:
+        return None
+
+    def close(self) -> None:
+        for fd in self._fds:
+            os.close(fd)
+        self._kq.close()
+
+
+class _PollWatch:
+    """Anywhere else: the journal file's inode and size, looked at with a backoff (never more
+    than POLL_MAX between looks, so a change is seen within a second)."""
+
+    fd = None
+
+    def __init__(self, paths: Paths):
+        self._path = paths.journal_file
+        self._last = self._ident()
+        self._interval = POLL_MIN
+
+    def _ident(self):
+        try:
+            st = os.stat(self._path)
+        except OSError:
+            return None
+        return st.st_ino, st.st_size, st.st_mtime_ns
+
+    def drain(self) -> bool:
+        now = self._ident()
+        if now != self._last:
+            self._last = now
+            self._interval = POLL_MIN
+            return True
+        self._interval = min(POLL_MAX, self._interval * 2)
+        return False
+
+    def poll_interval(self) -> float | None:
+        return self._interval
+
+    def close(self) -> None:
+        pass
+
+
+def make_watch(paths: Paths):
+    """The best change notification this platform has (KMPWM_SERVE_WATCH=poll forces the fallback)."""
+    forced = os.environ.get("KMPWM_SERVE_WATCH", "")
+    if forced != "poll":
+        if sys.platform.startswith("linux"):
+            try:
+                return _InotifyWatch(paths)
+            except (ImportError, OSError):
+                pass  # no inotify-simple, or no inotify instances left: poll
+        elif hasattr(__import__("select"), "kqueue"):
+            try:
+                return _KqueueWatch(paths)
+            except OSError:
+                pass
+    return _PollWatch(paths)
+
+
+# -- when to wake ---------------------------------------------------------------------------
+
+
+def wake_plan(state: dict, now: float, runner_id: str, host: str) -> tuple[float | None, dict]:
+    """The next time anything can become due without a change to the journal (None: never), and
+    the lease holders on this host whose exit frees a task (pid -> start token)."""
+    nxt: float | None = None
+    waiting = False
+    holders: dict = {}
+    for t in state["tasks"].values():
+        st = t["state"]
+        if st == "ENQUEUED":
+            due = t["due"]
+            if due > now:
+                if nxt is None or due < nxt:
+                    nxt = due
+            else:
+                waiting = True  # due, yet not run: a constraint, a trigger condition, a pause
+        elif st == "RUNNING":
+            lease = t.get("lease") or {}
+            until = lease.get("until") or 0.0
+            if nxt is None or until < nxt:
+                nxt = until
+            holder = lease.get("runner") or ""
+            if holder != runner_id and holder.split("/", 1)[0] == host and lease.get("pid"):
+                holders[lease["pid"]] = lease.get("token")
+    if waiting and (nxt is None or now + RECHECK < nxt):
+        nxt = now + RECHECK
+    return nxt, holders
+
+
+# -- the serve ------------------------------------------------------------------------------
+
+
+class Serve:
+    """The Runner's companion in ``kmpwm serve`` (see the module's docstring)."""
+
+    def __init__(self, paths: Paths, *, log=None):
+        self.paths = paths
+        self.log = log or _log
+        self.watch = None
+        self._registered = False
+        self._holders: dict[int, int] = {}  # pid -> pidfd
+        now = time.monotonic()
+        self._trimmed = now
+        self._compact_checked = now
+        self.stopping = False
+
+    # -- hooks the Runner calls ----------------------------------------------------------
+
+    def tick(self, runner) -> None:
+        """At the top of each turn of the Runner's loop: cheap unless there is something to do."""
+        flags = runner._flags
+        if flags.get("hup"):
+            flags["hup"] = False
+            self.reload(runner)
+        now = time.monotonic()
+        if now - self._trimmed >= TRIM_EVERY and not runner._pending:
+            self._fresh_pass(runner)
+
+    def idle(self, runner) -> bool:
+        """Nothing left to start: sleep until something may be due; True (claim again, with a
+        fresh plan: the Runner's queue of candidates may be stale by then)."""
+        runner._poke = False
+        self._sleep(runner)
+        runner._poke = True
+        return True
+
+    def _sleep(self, runner) -> None:
+        self._start_watching(runner)
+        self._fresh_pass(runner)
+        self._maybe_compact()
+        while True:
+            flags = runner._flags
+            if flags.get("expire"):
+                return
+            if flags.get("hup"):
+                return  # tick() reloads, then the Runner plans with the new workers
+            if self.watch.drain():
+                # A change since the Runner last planned (another process's enqueue may have been
+                # folded into one of our own transactions without a plan): plan once more.
+                return
+            view = runner.store.load(full=False)
+            if view.damage:
+                raise JournalError(
+                    f"the journal has {len(view.damage)} damaged record(s) ({view.damage[0].describe()}); "
+                    "serve stops, because a lost cancel or completion could run work twice",
+                    hint="run `kmpwm doctor --repair` to quarantine the damage, then start it again",
+                )
+            from kmpwm.system import procs
+
+            now = time.time()
+            nxt, holders = wake_plan(view.state, now, runner.runner_id, procs.host())
+            if nxt is not None and nxt <= now:
+                return
+            timeout = None if nxt is None else min(nxt - now + 0.0005, MAX_SLEEP)
+            poll = self.watch.poll_interval()
+            if poll is not None:
+                timeout = poll if timeout is None else min(timeout, poll)
+            self._watch_holders(runner, holders)
+            if runner._poke:
+                return  # a lease holder is gone already
+            runner._wait(timeout)
+            if runner._poke or (self.watch.fd is None and self.watch.drain()):
+                return  # the journal changed, or a lease holder exited
+            if nxt is not None and time.time() >= nxt:
+                runner.device = _fresh_device(self.paths)
+                return
+            if timeout is not None and poll is None and timeout >= MAX_SLEEP - 1:
+                return  # the longest sleep: plan again (a clock change, a suspend)
+
+    # -- helpers --------------------------------------------------------------------------
+
+    def _start_watching(self, runner) -> None:
+        if self._registered:
+            return
+        import selectors
+
+        self.watch = make_watch(self.paths)
+        if self.watch.fd is not None:
+            runner._sel.register(self.watch.fd, selectors.EVENT_READ, lambda: self._on_change(runner))
+        self._registered = True
+
+    def _on_change(self, runner) -> None:
+        if self.watch.drain():
+            # Any change, ours included: a record of another process may have been folded into
+            # one of our transactions without a plan, so "was it ours?" cannot be told reliably.
+            # A plan costs little (well under a millisecond for a thousand tasks).
+            runner._poke = True
+
+    def _watch_holders(self, runner, holders: dict) -> None:
+        """pidfds of the processes on this host that hold leases: their exit frees the tasks."""
+        import selectors
+
+        from kmpwm.system import procs
+
+        for pid in list(self._holders):
+            if pid not in holders:
+                self._drop_holder(runner, pid)
+        if not hasattr(os, "pidfd_open"):
+            return
+        for pid, token in holders.items():
+            if pid in self._holders or pid == os.getpid():
+                continue
+            try:
+                fd = os.pidfd_open(pid)
+            except OSError:
+                runner._poke = True  # gone already: its leases are free now
+                continue
+            if not procs.alive(pid, token):  # the pid was recycled before we opened it
+                os.close(fd)
+                runner._poke = True
+                continue
+            self._holders[pid] = fd
+            runner._sel.register(fd, selectors.EVENT_READ, lambda pid=pid: self._holder_gone(runner, pid))
+
+    def _holder_gone(self, runner, pid: int) -> None:
+        self._drop_holder(runner, pid)
+        runner._poke = True
+
+    def _drop_holder(self, runner, pid: int) -> None:
+        fd = self._holders.pop(pid, None)
+        if fd is None:
+            return
+        try:
+            runner._sel.unregister(fd)
+        except (KeyError, ValueError):
+            pass
+        os.close(fd)
+
+    def _fresh_pass(self, runner) -> None:
+        """What a new run-due would start with: no memory of finished runs, new device readings."""
+        runner.done.clear()
+        from kmpwm.running.runner import Report
+
+        runner.report = Report()
+        runner.device = _fresh_device(self.paths)
+        self._trimmed = time.monotonic()
+
+    def _maybe_compact(self) -> None:
+        now = time.monotonic()
+        if now - self._compact_checked < COMPACT_CHECK:
+            return
+        self._compact_checked = now
+        from kmpwm.storage.compaction import auto_compact, needs_compaction
+
+        try:
+            if needs_compaction(self.paths):
+                auto_compact(self.paths)
+        except KmpwmError as exc:
+            self.log(f"automatic compaction failed: {exc}")
+
+    def reload(self, runner) -> None:
+        """SIGHUP: read config.toml again; a broken file keeps the workers as they were."""
+        from kmpwm.running.registry import Registry
+
+        fresh = Registry(self.paths)
+        try:
+            fresh.config  # noqa: B018  read and check it now, not at the next claim
+        except KmpwmError as exc:
+            self.log(f"config.toml not reloaded: {exc}")
+            return
+        runner._registry = fresh
+        runner._known_cache.clear()
+        for host in runner._hosts:  # pool hosts hold the old workers: idle ones retire now
+            if host.job is None:
+                runner._close_host(host)
+            else:
+                host.retire = True
+        runner._poke = True
+        self.log("config.toml re-read")
+
+    def close(self, runner) -> None:
+        for pid in list(self._holders):
+            self._drop_holder(runner, pid)
+        if self.watch is not None:
+            if self.watch.fd is not None and runner._sel is not None:
+                try:
+                    runner._sel.unregister(self.watch.fd)
+                except (KeyError, ValueError):
+                    pass
+            self.watch.close()
+
+
+def _log(line: str) -> None:
+    sys.stderr.write(f"kmpwm serve: {line}\n")
+    sys.stderr.flush()
+
+
+def _fresh_device(paths: Paths):
+    from kmpwm.scheduling.probes import Device
+
+    return Device(storage_path=str(paths.journal_dir.parent))
+
+
+# -- who is serving ---------------------------------------------------------------------------
+
+
+def _state_file(paths: Paths, pid: int):
+    return paths.runners_dir / f"{STATE_PREFIX}{pid}.json"
+
+
+def _write_state(paths: Paths) -> None:
+    import orjson
+
+    from kmpwm.system import procs
+
+    pid = os.getpid()
+    doc = {"pid": pid, "token": procs.token(pid), "host": procs.host(), "started_at": time.time()}
+    path = _state_file(paths, pid)
+    tmp = path.with_suffix(".tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | getattr(os, "O_NOFOLLOW", 0), 0o600)
+    try:
+        os.write(fd, orjson.dumps(doc))
+    finally:
+        os.close(fd)
+    os.replace(tmp, path)
+
+
+def running_serves(paths: Paths) -> list[dict]:
+    """The ``serve`` processes now serving this home (dead ones' files are removed)."""
+    import orjson
+
+    from kmpwm.system import procs
+
+    found = []
+    try:
+        names = sorted(os.listdir(paths.runners_dir))
+    except OSError:
+        return []
+    for name in names:
+        if not (name.startswith(STATE_PREFIX) and name.endswith(".json")):
+            continue
+        path = paths.runners_dir / name
+        try:
+            doc = orjson.loads(path.read_bytes())
+            pid, token = int(doc["pid"]), doc.get("token")
+        except (OSError, ValueError, KeyError, TypeError):
+            continue
+        if doc.get("host") not in (None, procs.host()):
+            continue
+        if procs.alive(pid, token):
+            found.append({"pid": pid, "started_at": doc.get("started_at")})
+        else:
+            try:
+                path.unlink()
+            except OSError:
+                pass
+    return found
+
+
+# -- the command ------------------------------------------------------------------------------
+
+
+def serve_command(paths: Paths, *, parallel: int | None, grace: str | None, as_json: bool = False) -> int:
+    from kmpwm.core.models import DEFAULT_GRACE
+    from kmpwm.core.timeparse import parse_duration
+    from kmpwm.running.runner import Runner
+
+    grace_s = parse_duration(grace, what="grace") if grace is not None else DEFAULT_GRACE
+    private_subdir(paths.runners_dir)
+    serve = Serve(paths)
+
+    def done(kind, payload):
+        if kind != "done":
+            return
+        _job, row = payload
+        if row["status"] == "FAILURE":
+            from kmpwm.cli.output import printable
+
+            serve.log(printable(f"{row['id']} ({row['worker']}) failed: {row['message']}"))
+
+    runner = Runner(paths, grace=grace_s, parallel=parallel, on_event=done, serve=serve)
+    _write_state(paths)
+    serve.log(f"serving {paths.journal_dir.parent} (pid {os.getpid()})")
+    try:
+        code = runner.run()
+    finally:
+        serve.close(runner)
+        try:
+            _state_file(paths, os.getpid()).unlink()
+        except OSError:
+            pass
+    signo = runner._flags.get("signo")
+    expired = runner.report.expired
+    if code == 75 and signo in (signal.SIGTERM, signal.SIGINT):
+        serve.log(f"stopped ({signal.Signals(signo).name}); {len(expired)} running task(s) savepointed and released")
+        code = 0
+    elif code == 75:
+        serve.log(f"the run expired ({runner.expire_reason}); running tasks savepointed and released")
+    if as_json:  # one document, at the end: how it stopped and what it handed back
+        from kmpwm.cli.output import print_json
+
+        print_json({"stopped_by": signal.Signals(signo).name if signo else None, "expired": expired, "exit_code": code})
+    return code

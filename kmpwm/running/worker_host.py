@@ -1,0 +1,276 @@
+"""Running one Python worker inside its own process (the child side of run-due).
+
+The worker object is a callable ``(input)`` or ``(input, ctx)``, sync or async, or a class with
+``do_work`` taking the same; it returns a WorkerResult, True/False/None, or raises (a failure
+with the exception's message; the traceback goes to stderr, which run-due logs).
+"""
+
+from __future__ import annotations
+
+import importlib
+import inspect
+import signal
+import sys
+import traceback
+from typing import Any
+
+from kmpwm.core.results import Failure, WorkerResult, normalise
+from kmpwm.running.context import WorkerContext
+
+
+def load_target(info) -> Any:
+    """The object behind a worker: an entry point's, or a config ``entry = "module:attr"``."""
+    if getattr(info, "preloaded", None) is not None:
+        return info.preloaded
+    if info.entry_point is not None:
+        return info.entry_point.load()
+    module_name, _, attr = info.config.entry.partition(":")
+    if info.config.cwd and info.config.cwd not in sys.path:
+        sys.path.insert(0, info.config.cwd)
+    for directory in reversed(info.config.import_dirs):  # its ``path``, then config.toml's directory
+        if directory not in sys.path:
+            sys.path.insert(0, directory)
+    obj: Any = importlib.import_module(module_name)
+    for part in attr.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
+def _wants_ctx(func) -> bool:
+    try:
+        params = list(inspect.signature(func).parameters.values())
+    except (TypeError, ValueError):
+        return False
+    positional = [p for p in params if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+    if any(p.kind == p.VAR_POSITIONAL for p in params):
+        return True
+    return len(positional) >= 2
+
+
+def call(target: Any, input: str | None, ctx: WorkerContext) -> WorkerResult:
+    """Invoke ``target`` the way its signature asks and normalise what it returns."""
+    if inspect.isclass(target):
+        target = target().do_work
+    elif not callable(target):
+        return Failure(f"worker object {target!r} is not callable")
+    elif hasattr(target, "do_work") and not inspect.isfunction(target):
+        target = target.do_work
+    args = (input, ctx) if _wants_ctx(target) else (input,)
+    value = target(*args)
+    if inspect.isawaitable(value):
+        import asyncio  # only async workers pay for it
+
+        value = asyncio.run(_await(value))
+    return normalise(value)
+
+
+async def _await(awaitable):
+    return await awaitable
+
+
+_output_ready = False
+
+
+def capture_output() -> None:
+    """In a worker process whose stdout and stderr are run-due's pipe: line-buffered stdout, so
+    that the two streams interleave in the order they were written, and ``logging`` records of
+    INFO and above on stderr while the worker configures no handler, so they land in the run's
+    output too."""
+    global _output_ready
+    if _output_ready:
+        return
+    _output_ready = True
+    try:
+        sys.stdout.reconfigure(line_buffering=True)
+        import logging
+
+        # No handler is added (``logging.basicConfig`` in the worker still takes effect): the
+        # handler of last resort, used while the worker configures none, takes INFO and up.
+        root = logging.getLogger()
+        if not root.handlers and logging.lastResort is not None:
+            logging.lastResort.setLevel(logging.INFO)
+            logging.lastResort.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
+            if root.level > logging.INFO:
+                root.setLevel(logging.INFO)
+    except Exception:
+        pass
+
+
+def run_in_child(info, input: str | None, ctx: WorkerContext) -> dict:
+    """Run the worker; returns the result as a plain dict (never raises)."""
+    signal.signal(signal.SIGTERM, lambda signo, frame: ctx.expire())
+    capture_output()
+    try:
+        result = _run(info, input, ctx)
+    finally:
+        ctx.close()
+    if ctx._reporter is not None:
+        result["progress"] = True  # run-due removes the progress file when the run ends
+    return result
+
+
+def _run(info, input: str | None, ctx: WorkerContext) -> dict:
+    try:
+        target = load_target(info)
+        info.preloaded = target  # a pool host imports a worker once
+        result = call(target, input, ctx)
+    except Exception as exc:
+        traceback.print_exc()  # to the output tail, which run-due logs
+        return {"status": "FAILURE", "message": str(exc) or type(exc).__name__, "data": None}
+    except SystemExit as exc:
+        return {
+            "status": "SUCCESS" if exc.code in (0, None) else "FAILURE",
+            "message": None if exc.code in (0, None) else f"worker exited with {exc.code}",
+            "data": None,
+        }
+    return {"status": result.status, "message": result.message, "data": result.data}
+
+
+# -- the warm pool: a host process runs Python tasks one after another ------------------------
+
+_HEADER = 4
+
+
+def write_frame(fd: int, payload: bytes) -> None:
+    from kmpwm.storage.journal import write_all
+
+    write_all(fd, len(payload).to_bytes(_HEADER, "big") + payload)
+
+
+def _read_exact(fd: int, n: int) -> bytes | None:
+    import os
+
+    chunks, left = [], n
+    while left:
+        chunk = os.read(fd, left)
+        if not chunk:
+            return None
+        chunks.append(chunk)
+        left -= len(chunk)
+    return b"".join(chunks)
+
+
+def host_main(in_fd: int, out_fd: int, registry) -> None:
+    """The loop of a pool host: read a task, run it, write its result; exit at end of input.
+
+    Between tasks the host restores its environment, working directory and signal handler, so a
+    task sees the same process state as the first one did.  run-due replaces a host after a task
+    that was told to stop, after a crash, and after a bounded number of tasks."""
+    import os
+
+    import orjson
+
+    base_env = dict(os.environ)
+    base_cwd = os.getcwd()
+    _become_subreaper()
+    capture_output()
+    import logging
+
+    root = logging.getLogger()
+    base_logging = (list(root.handlers), root.level)
+    targets: dict = {}
+    while True:
+        header = _read_exact(in_fd, _HEADER)
+        if header is None:
+            return
+        msg = orjson.loads(_read_exact(in_fd, int.from_bytes(header, "big")) or b"{}")
+        os.environ.clear()
+        os.environ.update(base_env)
+        os.environ.update(msg["env"])
+        try:
+            os.chdir(base_cwd)
+        except OSError:
+            pass
+        ctx = WorkerContext(
+            task_id=msg["id"],
+            attempt=msg["attempt"],
+            upstream=msg["upstream"],
+            input=msg["input"],
+            worker=msg["worker"],
+            chain_id=msg.get("chain_id"),
+            step=msg.get("step"),
+            deadline=None,
+            progress_file=msg.get("progress"),
+        )
+        info = registry.get(msg["worker"])
+        if info is not None and msg["worker"] in targets:
+            info.preloaded = targets[msg["worker"]]
+        import time as _time
+
+        ctx.deadline = _time.monotonic() + msg["limit"]
+        result = (
+            run_in_child(info, msg["input"], ctx)
+            if info is not None
+            else {"status": "FAILURE", "message": f"unknown worker {msg['worker']!r}", "data": None}
+        )
+        if info is not None and getattr(info, "preloaded", None) is not None:
+            targets[msg["worker"]] = info.preloaded
+        root.handlers[:] = base_logging[0]  # a basicConfig() in one task is not the next one's
+        root.setLevel(base_logging[1])
+        sys.stdout.flush()
+        sys.stderr.flush()
+        _end_leftovers()
+        try:
+            blob = orjson.dumps(result, default=str)
+        except TypeError as exc:
+            blob = orjson.dumps({"status": "FAILURE", "message": f"result not JSON-serialisable: {exc}", "data": None})
+        write_frame(out_fd, blob)
+
+
+def _become_subreaper() -> None:
+    """Linux: processes a task started and orphaned are re-parented to this host (not to init),
+    so that _end_leftovers finds them even if they left the host's process group."""
+    if not sys.platform.startswith("linux"):
+        return
+    try:
+        import ctypes
+
+        ctypes.CDLL(None, use_errno=True).prctl(36, 1)  # PR_SET_CHILD_SUBREAPER
+    except Exception:
+        pass
+
+
+def _children() -> list[int]:
+    import os
+
+    pids: list[int] = []
+    try:
+        for tid in os.listdir("/proc/self/task"):
+            with open(f"/proc/self/task/{tid}/children") as fh:
+                pids += [int(p) for p in fh.read().split()]
+    except (OSError, ValueError):
+        pass
+    return pids
+
+
+def _end_leftovers() -> None:
+    """After a task, before its result is sent: SIGKILL every process it started and left
+    running, and reap them (a run is over when its worker returns, as a systemd unit's cgroup is
+    ended with its main process).  Orphaned grandchildren come back to this host (a subreaper)
+    as their parents die, hence the loop."""
+    import os
+    import signal as _signal
+    import time as _time
+
+    for _ in range(50):
+        kids = _children()
+        if not kids:
+            break
+        for pid in kids:
+            try:
+                os.kill(pid, _signal.SIGKILL)
+            except OSError:
+                pass
+        for pid in kids:
+            try:
+                os.waitpid(pid, 0)
+            except OSError:
+                pass
+        _time.sleep(0.001)  # let orphans be re-parented here
+    while True:  # zombies of processes the task started and did not wait for
+        try:
+            pid, _ = os.waitpid(-1, os.WNOHANG)
+        except OSError:
+            break
+        if pid == 0:
+            break

@@ -1,0 +1,270 @@
+"""Device state: real probes, cached for one run-due, overridden by ``KMPWM_ASSUME``.
+
+``KMPWM_ASSUME="network=off,battery=10"`` overrides any probe (keys ``network``, ``metered``,
+``roaming``, ``charging``, ``battery``, ``storage_low``, ``idle``).  A probe that fails never fails
+the caller: it falls back to the permissive reading and says so in ``errors``.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import sys
+import time
+
+from kmpwm.core.exitcodes import ConfigError
+
+BATTERY_LOW_PERCENT = 15
+ASSUME_KEYS = {
+    "network": "bool",
+    "metered": "bool",
+    "roaming": "bool",
+    "charging": "bool",
+    "battery": "percent",
+    "storage_low": "bool",
+    "idle": "bool",
+}
+STORAGE_LOW_FRACTION = 0.05
+STORAGE_LOW_BYTES = 500 * 1024 * 1024
+IDLE_AFTER_SECONDS = 300  # a session idle this long counts as an idle device
+
+
+def parse_assume(text: str | None) -> dict:
+    """Parse ``KMPWM_ASSUME``; a bad value is a configuration error (exit 78)."""
+    out: dict = {}
+    if not text:
+        return out
+    for part in text.split(","):
+        part = part.strip()
+        if not part:
+            continue
+        key, sep, value = part.partition("=")
+        key, value = key.strip().lower(), value.strip().lower()
+        if not sep or key not in ASSUME_KEYS:
+            raise ConfigError(f"KMPWM_ASSUME: unknown setting {part!r} (keys: {', '.join(ASSUME_KEYS)})")
+        if ASSUME_KEYS[key] == "bool":
+            if value not in ("on", "off", "true", "false", "1", "0", "yes", "no"):
+                raise ConfigError(f"KMPWM_ASSUME: {key} must be on or off, not {value!r}")
+            out[key] = value in ("on", "true", "1", "yes")
+        else:
+            try:
+                pct = float(value.rstrip("%"))
+            except ValueError:
+                raise ConfigError(f"KMPWM_ASSUME: battery must be a percentage, not {value!r}") from None
+            if not 0 <= pct <= 100:
+                raise ConfigError(f"KMPWM_ASSUME: battery must be between 0 and 100, not {value!r}")
+            out[key] = pct
+    return out
+
+
+def _have_networkmanager() -> bool:
+    return sys.platform.startswith("linux") and shutil.which("nmcli") is not None
+
+
+def observable(key: str, assume: dict | None = None) -> bool:
+    """Can this platform read ``key`` (a KMPWM_ASSUME key)?"""
+    assume = parse_assume(os.environ.get("KMPWM_ASSUME")) if assume is None else assume
+    if key in assume:
+        return True
+    if key == "metered":
+        return _have_networkmanager()
+    if key == "roaming":
+        # ModemManager knows a cellular modem's registration (home or roaming); without it only
+        # KMPWM_ASSUME can say
+        return sys.platform.startswith("linux") and shutil.which("mmcli") is not None
+    return True
+
+
+def unobservable(constraints: dict, trigger: dict) -> list[str]:
+    """Reasons a task could never be judged here (REJECTED_OS_POLICY at enqueue)."""
+    assume = parse_assume(os.environ.get("KMPWM_ASSUME"))
+    nt = constraints.get("network_type")
+    out = []
+    if nt in ("unmetered", "metered", "temporarily-unmetered") and not observable("metered", assume):
+        out.append(
+            f"--network-type {nt}: this platform cannot tell a metered network apart (needs NetworkManager on Linux)"
+        )
+    if nt == "not-roaming" and not observable("roaming", assume):
+        out.append(
+            "--network-type not-roaming: this platform cannot tell whether the network is roaming "
+            "(needs ModemManager's mmcli on Linux; or set KMPWM_ASSUME=roaming=off)"
+        )
+    return out
+
+
+class Device:
+    """Readings of one run-due: each probe runs at most once, lazily."""
+
+    def __init__(self, assume: dict | None = None, storage_path: str | None = None):
+        self.assume = parse_assume(os.environ.get("KMPWM_ASSUME")) if assume is None else assume
+        self.storage_path = storage_path or os.path.expanduser("~")
+        self._cache: dict = {}
+        self.errors: dict[str, str] = {}
+
+    def get(self, key: str):
+        if key in self.assume:
+            return self.assume[key]
+        if key not in self._cache:
+            try:
+                self._cache[key] = getattr(self, f"_probe_{key}")()
+            except Exception as exc:  # a probe must never take run-due down
+                self.errors[key] = f"{type(exc).__name__}: {exc}"
+                self._cache[key] = _FALLBACK[key]
+        return self._cache[key]
+
+    def _probe_network(self) -> bool:
+        # A UDP connect sends no packet: it only asks the kernel for a route.
+        import socket  # only run-due probes the network; importing it costs every command
+
+        for family, addr in ((socket.AF_INET, ("192.0.2.1", 9)), (socket.AF_INET6, ("2001:db8::1", 9))):
+            try:
+                with socket.socket(family, socket.SOCK_DGRAM) as s:
+                    s.connect(addr)
+                    local = s.getsockname()[0]
+                if local and not local.startswith("127.") and local != "::1":
+                    return True
+            except OSError:
+                continue
+        return False
+
+    def _battery(self):
+        if "battery_raw" not in self._cache:
+            import psutil
+
+            self._cache["battery_raw"] = getattr(psutil, "sensors_battery", lambda: None)()
+        return self._cache["battery_raw"]
+
+    def _probe_charging(self) -> bool:
+        b = self._battery()
+        return True if b is None or b.power_plugged is None else bool(b.power_plugged)
+
+    def _probe_battery(self) -> float:
+        b = self._battery()
+        return 100.0 if b is None else float(b.percent)
+
+    def _probe_storage_low(self) -> bool:
+        usage = shutil.disk_usage(self.storage_path)
+        # Low: under 5% free, counted against at most 10 GiB so that big disks are not "low" at 50 GiB free.
+        return usage.free < min(usage.total * STORAGE_LOW_FRACTION, 20 * STORAGE_LOW_BYTES)
+
+    def _probe_metered(self) -> bool:
+        if not _have_networkmanager():
+            return False
+        import subprocess
+
+        out = subprocess.run(
+            ["nmcli", "-t", "-f", "GENERAL.METERED", "device", "show"],
+            capture_output=True,
+            text=True,
+            timeout=0.5,
+            check=False,
+        ).stdout.lower()
+        return "yes" in out
+
+    def _probe_roaming(self) -> bool:
+        """Linux with ModemManager: is any modem registered on a roaming network?"""
+        if not shutil.which("mmcli"):
+            return False
+        import subprocess
+
+        listing = subprocess.run(["mmcli", "-L", "-K"], capture_output=True, text=True, timeout=0.5, check=False).stdout
+        paths = [line.split(":", 1)[1].strip() for line in listing.splitlines() if line.startswith("modem-list.value")]
+        for path in paths:
+            out = subprocess.run(
+                ["mmcli", "-m", path, "-K"], capture_output=True, text=True, timeout=0.5, check=False
+            ).stdout
+            for line in out.splitlines():
+                if line.startswith("modem.3gpp.registration-state") and line.split(":", 1)[1].strip() == "roaming":
+                    return True
+        return False
+
+    def _probe_idle(self) -> bool:
+        seconds = self._session_idle_seconds()
+        if seconds is not None:
+            return seconds >= IDLE_AFTER_SECONDS
+        load1 = os.getloadavg()[0]  # a server without a session: idle when barely loaded
+        return load1 < 0.25 * (os.cpu_count() or 1)
+
+    def _session_idle_seconds(self) -> float | None:
+        """How long the user's session has been idle: logind (Linux) or IOKit (macOS); None if unknown."""
+        import subprocess
+
+        try:
+            if sys.platform == "darwin":
+                out = subprocess.run(
+                    ["ioreg", "-c", "IOHIDSystem", "-d", "4"], capture_output=True, text=True, timeout=0.5, check=False
+                ).stdout
+                for line in out.splitlines():
+                    if "HIDIdleTime" in line:
+                        return int(line.rsplit("=", 1)[1].strip()) / 1e9
+                return None
+            session = os.environ.get("XDG_SESSION_ID")
+            if not session or not shutil.which("loginctl"):
+                return None
+            out = subprocess.run(
+                ["loginctl", "show-session", session, "-p", "IdleHint", "-p", "IdleSinceHintMonotonic"],
+                capture_output=True,
+                text=True,
+                timeout=0.5,
+                check=False,
+            ).stdout
+        except (OSError, subprocess.SubprocessError, ValueError):
+            return None
+        props = dict(line.split("=", 1) for line in out.splitlines() if "=" in line)
+        if props.get("IdleHint") != "yes":
+            return 0.0 if props else None
+        since = int(props.get("IdleSinceHintMonotonic", "0") or 0) / 1e6
+        return max(0.0, time.monotonic() - since) if since else IDLE_AFTER_SECONDS
+
+    def battery_low(self) -> bool:
+        return self.get("battery") < BATTERY_LOW_PERCENT
+
+    def readings(self) -> dict:
+        return {k: self.get(k) for k in ASSUME_KEYS}
+
+
+_FALLBACK = {
+    "network": True,
+    "metered": False,
+    "roaming": False,
+    "charging": True,
+    "battery": 100.0,
+    "storage_low": False,
+    "idle": True,
+}
+
+
+def unmet(constraints: dict, device: Device) -> str | None:
+    """The first constraint that does not hold now, with its reading; None if all hold."""
+    nt = constraints.get("network_type", "not-required")
+    if nt != "not-required":
+        if not device.get("network"):
+            return "waiting for a network connection (network: off)"
+        if nt in ("unmetered", "temporarily-unmetered") and device.get("metered"):
+            return "waiting for an unmetered network (metered: on)"
+        if nt == "metered" and not device.get("metered"):
+            return "waiting for a metered network (metered: off)"
+        if nt == "not-roaming" and device.get("roaming"):
+            return "waiting for a non-roaming network (roaming: on)"
+    if constraints.get("requires_charging") and not device.get("charging"):
+        return "waiting for charging (charging: off)"
+    if constraints.get("battery_not_low") and device.battery_low():
+        return f"waiting for the battery to be not low (battery: {device.get('battery'):g}%)"
+    if constraints.get("storage_not_low") and device.get("storage_low"):
+        return "waiting for storage to be not low (storage_low: on)"
+    if constraints.get("device_idle") and not device.get("idle"):
+        return "waiting for the device to be idle (idle: off)"
+    return None
+
+
+def device_state_now(name: str, device: Device) -> bool:
+    """Is the device in the ``--when`` state ``name`` now?"""
+    if name == "battery-low":
+        return device.battery_low()
+    if name == "battery-okay":
+        return not device.battery_low()
+    if name == "storage-low":
+        return bool(device.get("storage_low"))
+    if name == "device-idle":
+        return bool(device.get("idle"))
+    return False

@@ -1,0 +1,142 @@
+"""Read-side views of the state: the task and chain documents of ``inspect-queue --json``,
+selection by id, tag and state, and the effective state of a task at a given time."""
+
+from __future__ import annotations
+
+from kmpwm.core.exitcodes import InvalidParams
+from kmpwm.core.models import FINISHED, UNFINISHED, TaskState, enum_value
+from kmpwm.core.state import chain_next_step, chain_state, due_at, family, members
+from kmpwm.core.timeparse import iso
+from kmpwm.core.triggers import to_json as trigger_json
+from kmpwm.running.leases import lease_state, lost_why
+
+
+def effective_state(t: dict, now: float) -> str:
+    """RUNNING only while its lease holds (leases.lease_state); a task whose runner is gone is
+    claimable again: ENQUEUED, due now."""
+    if t["state"] == "RUNNING" and lease_state(t, now) != "held":
+        return "ENQUEUED"
+    return t["state"]
+
+
+def next_run_at(t: dict, now: float) -> float | None:
+    """When it runs next: None unless ENQUEUED; a task whose runner is gone, now."""
+    state = effective_state(t, now)
+    if state != "ENQUEUED":
+        return None
+    if t["state"] == "RUNNING":
+        return now
+    return due_at(t, now)
+
+
+def task_json(t: dict, now: float) -> dict:
+    return {
+        "id": t["id"],
+        "worker": t["worker"],
+        "state": effective_state(t, now),
+        "chain_id": t.get("chain_id"),
+        "step": t.get("step"),
+        "attempts": t["attempts"],
+        "next_run_at": iso(next_run_at(t, now)),
+        "trigger": trigger_json(t["trigger"]),
+        "constraints": t["constraints"],
+        "input": t["input"],
+        "tags": t.get("tags", []),
+        "last_result": t["last_result"],
+        "reason": t.get("reason")
+        if t["state"] != "RUNNING" or (ls := lease_state(t, now)) == "held"
+        else (f"{lost_why(t, ls)}: it runs again"),
+        "created_at": iso(t.get("created_at")),
+        "finished_at": iso(t.get("finished_at")),
+        "after": t.get("after", []),
+        # the task's own pause (the queue's is inspect-queue's top-level "paused"); an ended --until is over
+        "paused": bool(t.get("paused"))
+        and t["state"] in UNFINISHED
+        and (t.get("paused_until") is None or t["paused_until"] > now),
+        "paused_until": (
+            iso(t["paused_until"])
+            if t.get("paused") and t["state"] in UNFINISHED and (t.get("paused_until") or 0) > now
+            else None
+        ),
+        "lease": None
+        if not t.get("lease")
+        else {"runner": t["lease"]["runner"], "pid": t["lease"].get("pid"), "until": iso(t["lease"]["until"])},
+        "progress": None,  # the latest of a running task (kmpwm.running.progress.attach)
+    }
+
+
+def chain_json(state: dict, chain: dict) -> dict:
+    return {
+        "id": chain["id"],
+        "state": chain_state(state, chain),
+        "steps": chain["steps"],
+        "next_step": chain_next_step(state, chain),
+        "created_at": iso(chain.get("created_at")),
+    }
+
+
+def parse_state_filter(value: str | None) -> str | None:
+    if value is None:
+        return None
+    return (
+        enum_value(TaskState, value.upper(), what="state")
+        if value.upper() in TaskState.__members__
+        else _bad_state(value)
+    )
+
+
+def _bad_state(value: str):
+    raise InvalidParams(f"invalid state {value!r}: expected one of {'|'.join(s.value for s in TaskState)}")
+
+
+def select(
+    state: dict,
+    now: float,
+    *,
+    task_id: str | None = None,
+    tag: str | None = None,
+    state_filter: str | None = None,
+    include_finished: bool = False,
+) -> tuple[list[dict], list[dict]]:
+    """Tasks and chains to show, in enqueue order."""
+    tasks = state["tasks"]
+    chains = state["chains"]
+    if task_id is not None:
+        ids: list[str] = []
+        chain = chains.get(task_id)
+        if chain is not None:
+            ids += [t["id"] for t in members(state, chain)]
+        if "#" in task_id:
+            ids += [task_id] if task_id in tasks else []
+        else:
+            ids += family(state, task_id)
+        picked = [tasks[i] for i in dict.fromkeys(ids) if i in tasks]
+    else:
+        picked = list(tasks.values())
+    if tag is not None:
+        picked = [
+            t
+            for t in picked
+            if tag in t.get("tags", ())
+            or (t.get("chain_id") in chains and tag in chains[t["chain_id"]].get("tags", ()))
+        ]
+    if state_filter is not None:
+        picked = [t for t in picked if effective_state(t, now) == state_filter]
+    elif not include_finished and task_id is None:
+        picked = [t for t in picked if t["state"] in UNFINISHED]
+    picked.sort(key=lambda t: t["seq"])
+    chain_ids = dict.fromkeys(t["chain_id"] for t in picked if t.get("chain_id"))
+    if task_id is not None and task_id in chains:
+        chain_ids[task_id] = None
+    shown = [chains[c] for c in chain_ids if c in chains]
+    return picked, shown
+
+
+def is_finished(t: dict) -> bool:
+    return t["state"] in FINISHED
+
+
+def queue_paused(state: dict, now: float) -> bool:
+    """The queue's own flag (``pause --all``), while it holds."""
+    q = state.get("qpause")
+    return q is not None and (q.get("until") is None or q["until"] > now)

@@ -1,0 +1,183 @@
+"""Compaction: rewrite the journal atomically, keeping every live task, chain and savepoint,
+finished work and event history within the retention window (default 7 days).
+
+The old records are read in two phases so that enqueuers are not blocked for long: everything up
+to the current end is folded without the lock; then, under the lock, only the records appended
+meanwhile are folded before the new generation replaces the file (temp file, fsync, rename,
+directory fsync).  A crash at any point leaves either the old journal or the new one.
+"""
+
+from __future__ import annotations
+
+import time
+
+from kmpwm.core.exitcodes import JournalError
+from kmpwm.core.state import apply, members, new_state, pack_task
+from kmpwm.storage.journal import Journal, encode
+from kmpwm.storage.paths import Paths, check_all
+from kmpwm.storage.store import _no_gc
+
+RETENTION = 7 * 86400.0
+EVENTS_PER_RECORD = 1000
+OPS_PER_RECORD = 500
+AUTO_MIN_BYTES = 1 << 20
+
+
+class Folder:
+    """Fold records while collecting the events they imply (archived events pass through); events
+    older than ``cutoff`` are dropped as they come, so a long history never piles up in memory."""
+
+    def __init__(self, cutoff: float = float("-inf")):
+        self.state = new_state()
+        self.events: list[list] = []
+        self.offset = 0
+        self.records = 0
+        self.cutoff = cutoff
+
+    def emit(self, ts, task_id, kind, detail):
+        if ts >= self.cutoff:
+            self.events.append([ts, task_id, kind, detail])
+
+    def feed(self, scan) -> None:
+        cutoff = self.cutoff
+        for _, record in scan.records:
+            self.records += 1
+            if record.get("arc"):
+                self.events.extend(e for e in record.get("ev", ()) if e[0] >= cutoff)
+            else:
+                apply(self.state, record, self.emit)
+        self.offset = scan.end
+
+    def feed_journal(self, journal: Journal, start: int, expect_ino: int | None = None) -> int | None:
+        """Fold the journal from ``start`` chunk by chunk; its inode, None if not ``expect_ino``."""
+        ino, parts = journal.read_parts(start, expect_ino=expect_ino)
+        if parts is None:
+            return None
+        for scan in parts:
+            if scan.damage:
+                raise JournalError(
+                    f"cannot compact: the journal has damaged records ({scan.damage[0].describe()})",
+                    hint="run `kmpwm doctor --repair` first",
+                )
+            self.feed(scan)
+        return ino
+
+
+def keep_sets(state: dict, cutoff: float) -> tuple[dict, dict]:
+    tasks, chains = state["tasks"], state["chains"]
+    keep_chains = {}
+    for cid, chain in chains.items():
+        own = members(state, chain)
+        live = any(t["finished_at"] is None for t in own)
+        recent = any((t["finished_at"] or 0) >= cutoff for t in own) or chain.get("created_at", 0) >= cutoff
+        if live or recent:
+            keep_chains[cid] = chain
+    keep_tasks = {}
+    for tid, t in tasks.items():
+        if t["finished_at"] is None or t["finished_at"] >= cutoff or t.get("chain_id") in keep_chains:
+            keep_tasks[tid] = t
+    return keep_tasks, keep_chains
+
+
+def compact(paths: Paths, *, retention: float = RETENTION, now: float | None = None) -> dict:
+    check_all(paths)
+    journal = Journal(paths)
+    now = time.time() if now is None else now
+    before = journal.identity()
+    if before is None:
+        return {"compacted": False, "reason": "no journal yet", "bytes_before": 0, "bytes_after": 0}
+    cutoff = now - retention
+    folder = Folder(cutoff)
+    with _no_gc():  # millions of small objects that all live on: the collector would only rescan them
+        ino = folder.feed_journal(journal, 0)
+        with journal.locked():
+            journal.sweep_temp_files()
+            if folder.feed_journal(journal, folder.offset, expect_ino=ino) is None:
+                folder = Folder(cutoff)  # someone else rewrote it meanwhile: start over under the lock
+                folder.feed_journal(journal, 0)
+            tasks, chains = keep_sets(folder.state, cutoff)
+            events = folder.events
+            _rewrite(journal, paths, folder, tasks, chains, events, now)
+    from kmpwm.running.runlog import sweep
+
+    runs_deleted = sweep(paths, cutoff)  # run output lives as long as its events (and a task's last 5 runs)
+    after = journal.identity()
+    return {
+        "compacted": True,
+        "bytes_before": before[1] if before else 0,
+        "bytes_after": after[1] if after else 0,
+        "records_before": folder.records,
+        "tasks_kept": len(tasks),
+        "tasks_dropped": len(folder.state["tasks"]) - len(tasks),
+        "chains_kept": len(chains),
+        "events_kept": len(events),
+        "runs_deleted": runs_deleted,
+        "retention_days": retention / 86400,
+    }
+
+
+def _rewrite(
+    journal: Journal, paths: Paths, folder: Folder, tasks: dict, chains: dict, events: list, now: float
+) -> None:
+    """The new generation (caller holds the lock): archived events, then the live state as puts."""
+    records: list[dict] = []
+    for i in range(0, len(events), EVENTS_PER_RECORD):
+        chunk = events[i : i + EVENTS_PER_RECORD]
+        records.append({"ts": chunk[-1][0], "arc": True, "ev": chunk})
+    ops = [{"op": "put", "task": pack_task(t)} for t in sorted(tasks.values(), key=lambda t: t["seq"])]
+    ops += [{"op": "put", "chain": c} for c in chains.values()]
+    meta = {"op": "meta", "seq": folder.state["seq"], "fam": folder.state["fam"]}
+    if folder.state.get("qpause"):
+        meta["qpause"] = folder.state["qpause"]  # `pause --all` outlives a compaction
+    fences = {i: f for i, f in (folder.state.get("fences") or {}).items() if f.get("until", 0) > time.time()}
+    if fences:
+        meta["fences"] = fences  # cancelled runs still stopping (state._finish); ended ones are dropped
+    ops.append(meta)
+    for i in range(0, len(ops), OPS_PER_RECORD):
+        records.append({"ts": now, "ops": ops[i : i + OPS_PER_RECORD]})
+    size = sum(len(encode(r)) for r in records)
+    journal.rewrite(records, compacted_size=size)
+    from kmpwm.storage.store import Store
+
+    store = Store(paths, journal)
+    store.drop_snapshot()
+    store.write_snapshot(store.load(full=False))
+
+
+def needs_compaction(paths: Paths) -> bool:
+    """Automatic compaction once the journal is over twice its compacted size (and 1 MiB)."""
+    journal = Journal(paths)
+    ident = journal.identity()
+    if ident is None or ident[1] < AUTO_MIN_BYTES:
+        return False
+    header = journal.header() or {}
+    base = header.get("compacted_size", 0)
+    return ident[1] > 2 * base + AUTO_MIN_BYTES
+
+
+def compact_command(paths: Paths, as_json: bool) -> int:
+    from kmpwm.cli.output import print_json, say
+
+    stats = compact(paths)
+    if as_json:
+        print_json(stats)
+    elif stats["compacted"]:
+        say(
+            f"compacted: {stats['bytes_before']} -> {stats['bytes_after']} bytes; kept {stats['tasks_kept']} task(s), "
+            f"{stats['chains_kept']} chain(s), {stats['events_kept']} event(s); dropped {stats['tasks_dropped']} "
+            f"finished task(s) older than {stats['retention_days']:g} days"
+        )
+    else:
+        say(f"nothing to compact ({stats['reason']})")
+    return 0
+
+
+def auto_compact(paths: Paths) -> None:
+    """Best effort after run-due: never fails the run (errors go to the log)."""
+    try:
+        if needs_compaction(paths):
+            compact(paths)
+    except Exception as exc:
+        from kmpwm.system.logs import logger
+
+        logger(paths).warning("automatic compaction skipped: %s", exc)

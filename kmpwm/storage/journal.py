@@ -1,0 +1,776 @@
+"""The append-only journal (SPEC section 2): self-checking records, durable appends, damage
+detection and repair.
+
+On disk every record is one line: eight hex digits of the CRC-32 of the payload, a space, the
+payload (compact JSON, which never contains a raw newline), and ``\\n``::
+
+    1a2b3c4d {"ts":1763800000.0,"ops":[...]}\\n
+
+One record is one transaction: a batch of many enqueues is one record, so a crash can never leave
+half a batch.  Bytes after the last newline are a torn tail (a write that never completed, so no
+command reported it as done): readers ignore them and the next writer truncates them away.  A
+complete line whose checksum fails is damage in the middle: readers report it and still read every
+checksum-valid record inside it (a newline flipped into another byte glues two records into one
+line: both are valid), ``run-due`` refuses to run, and ``doctor --repair`` keeps every valid
+record, restores one whose single flipped bit CRC-32 pinpoints, and moves the bytes that belong to
+no record to ``quarantine/``.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import time
+import uuid
+import zlib
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import orjson
+
+from kmpwm.core.exitcodes import JournalError, LockBusy
+from kmpwm.storage.paths import Paths, prepare, private_subdir
+
+FORMAT_VERSION = 1
+_O_NOFOLLOW = getattr(os, "O_NOFOLLOW", 0)
+_O_CLOEXEC = getattr(os, "O_CLOEXEC", 0)
+
+
+def write_all(fd: int, data: bytes) -> None:
+    """os.write until every byte is written (a write may be partial)."""
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view) :]
+
+
+def encode(record: dict) -> bytes:
+    payload = orjson.dumps(record)
+    return b"%08x %s\n" % (zlib.crc32(payload), payload)
+
+
+def decode(line: bytes) -> dict | None:
+    """The record in one line (without its newline), or None if it fails its checksum."""
+    if len(line) < 10 or line[8:9] != b" ":
+        return None
+    payload = line[9:]
+    try:
+        if int(line[:8], 16) != zlib.crc32(payload):
+            return None
+        record = orjson.loads(payload)
+    except ValueError:
+        return None
+    return record if isinstance(record, dict) else None
+
+
+@dataclass
+class Damage:
+    start: int
+    end: int
+    torn: bool = False  # True: an incomplete last record, not damage in the middle
+    salvaged: int = 0  # checksum-valid records found inside the region (kept, not damage)
+
+    def describe(self) -> str:
+        size = self.end - self.start
+        if self.torn:
+            return f"torn last record ({size} bytes at offset {self.start}; a write that never completed)"
+        kept = f"; {self.salvaged} valid record(s) inside it kept" if self.salvaged else ""
+        return f"corrupt record ({size} bytes at offset {self.start}{kept})"
+
+
+@dataclass
+class Scan:
+    records: list[tuple[int, dict]] = field(default_factory=list)  # (offset after record, record)
+    damage: list[Damage] = field(default_factory=list)  # corrupt complete lines
+    torn: Damage | None = None
+    end: int = 0  # offset after the last complete line
+
+
+def salvage(data: bytes) -> list[tuple[int, int, dict]]:
+    """Every checksum-valid record inside damaged bytes, wherever its line boundaries went: a
+    newline flipped into another byte glues two records into one line, a byte flipped into a
+    newline splits one.  Returns ``(start, end, record)`` (``end`` after the record's last payload
+    byte), left to right, never overlapping.  A record starts with eight hex digits, a space and
+    ``{``, and holds no newline; its end is the ``}`` where the checksum holds."""
+    out: list[tuple[int, int, dict]] = []
+    pos, crc32 = 0, zlib.crc32
+    while True:
+        sep = data.find(b" {", pos + 8)
+        if sep < 0:
+            return out
+        start = sep - 8
+        head = data[start:sep]
+        if not _HEX_DIGITS.issuperset(head):
+            pos = start + 1
+            continue
+        want = int(head, 16)
+        stop = data.find(b"\n", sep)
+        stop = len(data) if stop < 0 else stop
+        crc, done, close = 0, sep + 1, sep + 1
+        found = None
+        while True:
+            close = data.find(b"}", close, stop)
+            if close < 0:
+                break
+            crc = crc32(data[done : close + 1], crc)
+            done = close + 1
+            if crc == want:
+                record = _loads(data[sep + 1 : close + 1])
+                if record is not None:
+                    found = (start, close + 1, record)
+                    break
+            close += 1
+        if found is None:
+            pos = start + 1
+            continue
+        out.append(found)
+        pos = found[1]
+
+
+def _loads(payload: bytes) -> dict | None:
+    try:
+        record = orjson.loads(payload)
+    except ValueError:
+        return None
+    return record if isinstance(record, dict) else None
+
+
+_HEX_DIGITS = frozenset(b"0123456789abcdef")
+
+
+def scan_bytes(data: bytes, base: int = 0) -> Scan:
+    """Split ``data`` (the journal from offset ``base``) into records and damaged regions.
+
+    The records checksum-valid inside a damaged region (:func:`salvage`) are records like any
+    other; the region is still damage (a byte that belongs to no record, run-due refuses).  Bytes
+    after the last newline are a torn tail, unless valid records stand in them with bytes after
+    them: that is a flipped last newline, not a write that never completed, so it is damage too
+    and the records count (a write that never completed never leaves bytes after a record that
+    are not its newline)."""
+    out = Scan(end=base)
+    pos, n = 0, len(data)
+    bad_start = -1
+
+    def close_region(end: int) -> None:
+        found = salvage(data[bad_start:end])
+        for _, rec_end, record in found:
+            out.records.append((base + bad_start + rec_end, record))
+        out.damage.append(Damage(base + bad_start, base + end, salvaged=len(found)))
+
+    while pos < n:
+        nl = data.find(b"\n", pos)
+        if nl < 0:
+            found = salvage(data[pos:])
+            if found and pos + found[-1][1] < n:  # valid records with bytes after them: damage
+                if bad_start < 0:
+                    bad_start = pos
+                pos = n
+                break
+            out.torn = Damage(base + pos, base + n, torn=True)
+            break
+        record = decode(data[pos:nl])
+        if record is None:
+            if bad_start < 0:
+                bad_start = pos
+        else:
+            if bad_start >= 0:
+                close_region(pos)
+                bad_start = -1
+            out.records.append((base + nl + 1, record))
+        pos = nl + 1
+    if bad_start >= 0:
+        close_region(pos)
+    out.end = base + pos if out.torn is None else out.torn.start  # torn.start is absolute already
+    return out
+
+
+# -- repair: what doctor --repair keeps -----------------------------------------------------
+
+CORRECT_MAX = 1 << 22  # longest damaged line whose flipped bit is searched for (~1 s at worst)
+_CRC_TABLE: list[int] = []
+_CRC_TOP: dict[int, int] = {}
+_CRC_BIT: dict[int, int] = {}
+
+
+def _crc_tables() -> None:
+    """The CRC-32 (zlib's, reflected 0xEDB88320) byte table, the index of each entry by its top
+    byte (distinct for this polynomial: one step is invertible) and the entries of single bits."""
+    for i in range(256):
+        r = i
+        for _ in range(8):
+            r = (r >> 1) ^ (0xEDB88320 if r & 1 else 0)
+        _CRC_TABLE.append(r)
+    _CRC_TOP.update((r >> 24, i) for i, r in enumerate(_CRC_TABLE))
+    _CRC_BIT.update((_CRC_TABLE[1 << b], b) for b in range(8))
+
+
+def _flipped_bit(payload: bytes, want: int) -> int | None:
+    """The bit (``8 * byte + bit``) whose flip gives ``payload`` the CRC-32 ``want``, if one does.
+
+    CRC-32 is linear: flipping bit ``b`` of byte ``j`` changes the CRC by the register value of
+    that bit pushed through the ``len - 1 - j`` bytes after it, whatever the data.  So the
+    difference is walked back one byte at a time (one table step, inverted) until it is a single
+    bit's entry.  For lines under 512 MiB every single-bit error has its own difference (the code's
+    Hamming distance is at least 3), so the answer is unique."""
+    if not _CRC_TABLE:
+        _crc_tables()
+    diff = zlib.crc32(payload) ^ want
+    table, top, bits = _CRC_TABLE, _CRC_TOP, _CRC_BIT
+    for back in range(len(payload)):
+        b = bits.get(diff)
+        if b is not None:
+            return 8 * (len(payload) - 1 - back) + b
+        i = top[diff >> 24]
+        diff = ((diff ^ table[i]) << 8) | i
+    return None
+
+
+def correct(line: bytes) -> tuple[dict, str] | None:
+    """The record ``line`` held before exactly one of its bits flipped, if that is what happened.
+
+    ``line`` is one damaged line, or the lines a byte flipped into a newline made of one record.
+    The checksum field, the space or one payload bit may be the flipped one; the answer must pass
+    the checksum and parse.  Returns the record and where the bit was, or None."""
+    if len(line) < 10 or len(line) > CORRECT_MAX:
+        return None
+    payload = line[9:]
+    actual = b"%08x " % zlib.crc32(payload)
+    wrong = [i for i in range(9) if line[i] != actual[i]]
+    if len(wrong) == 1 and (line[wrong[0]] ^ actual[wrong[0]]).bit_count() == 1:
+        record = _loads(payload)  # the payload is whole: the flip hit the checksum or the space
+        if record is not None:
+            return record, f"one flipped bit in byte {wrong[0]} of the record"
+    if line[8:9] != b" " or not _HEX_DIGITS.issuperset(line[:8]):
+        return None
+    want = int(line[:8], 16)
+    bit = _flipped_bit(payload, want)
+    if bit is None:
+        return None
+    fixed = bytearray(payload)
+    fixed[bit >> 3] ^= 1 << (bit & 7)
+    if zlib.crc32(fixed) != want:
+        return None
+    record = _loads(bytes(fixed))
+    if record is None or not isinstance(record.get("ops"), list):
+        return None
+    return record, f"one flipped bit in byte {9 + (bit >> 3)} of the record"
+
+
+def _mend_gap(body: bytes) -> list[tuple[int, int, dict, str]]:
+    """The records :func:`correct` restores in damaged bytes that hold no valid record: each of
+    its lines alone or with the next (a byte flipped into a newline splits one record in two),
+    also without a first or last byte (a newline flipped into it glued it to its neighbour)."""
+    pieces, pos = [], 0
+    for piece in body.split(b"\n"):
+        pieces.append((pos, pos + len(piece)))
+        pos += len(piece) + 1
+    out, i = [], 0
+    while i < len(pieces):
+        step = 1
+        for span in (1, 2)[: len(pieces) - i]:
+            start, end = pieces[i][0], pieces[i + span - 1][1]
+            fixed = next(
+                (
+                    (start + lo, end - hi, r)
+                    for lo, hi in ((0, 0), (1, 0), (0, 1))
+                    if (r := correct(body[start + lo : end - hi])) is not None
+                ),
+                None,
+            )
+            if fixed is not None:
+                lo, hi, (record, where) = fixed
+                out.append((lo, hi, record, where))
+                step = span
+                break
+        i += step
+    return out
+
+
+@dataclass
+class Mend:
+    """What ``doctor --repair`` keeps and moves (see :func:`mend`)."""
+
+    records: list[dict] = field(default_factory=list)  # every valid record, in journal order
+    moved: list[tuple[int, int, str]] = field(default_factory=list)  # (start, end, kind) to quarantine
+    salvaged: int = 0  # valid records found inside damaged lines
+    corrected: list[dict] = field(default_factory=list)  # {"offset", "bit"}: records one flipped bit hid
+
+
+def mend(data: bytes) -> Mend:
+    """Every record the journal ``data`` holds, damage and all: the valid lines, the valid records
+    inside damaged ones (:func:`salvage`), and a record one flipped bit damaged (:func:`correct`);
+    and the bytes that belong to no record, to be kept in quarantine.  A corrected record's
+    damaged bytes are kept there too.  Nothing valid is dropped."""
+    scan = scan_bytes(data)
+    out = Mend()
+    placed = list(scan.records)
+    for d in scan.damage:
+        region = data[d.start : d.end]
+        found = salvage(region)
+        out.salvaged += len(found)
+        gaps, pos = [], 0
+        for start, end, _ in found:
+            gaps.append((pos, start))
+            pos = end
+        gaps.append((pos, len(region)))
+        for gs, ge in gaps:
+            gap = region[gs:ge]
+            body = gap.strip(b"\n")
+            if not body:
+                continue  # a record's own newline
+            at = d.start + gs + gap.index(body)  # the newlines around it only frame lines
+            fixed = _mend_gap(body)
+            for lo, hi, record, where in fixed:
+                placed.append((at + hi, record))
+                out.corrected.append({"offset": at + lo, "where": where})
+            out.moved.append((at, at + len(body), "corrupt-mended" if fixed else "corrupt"))
+    if scan.torn is not None:
+        out.moved.append((scan.torn.start, scan.torn.end, "torn"))
+    placed.sort(key=lambda item: item[0])
+    out.records = [r for _, r in placed]
+    return out
+
+
+def _add_damage(into: list[Damage], more: list[Damage]) -> None:
+    """Append damaged regions, joining one that continues the last (split between two reads)."""
+    for d in more:
+        if into and into[-1].end == d.start:
+            into[-1] = Damage(into[-1].start, d.end, salvaged=into[-1].salvaged + d.salvaged)
+        else:
+            into.append(d)
+
+
+def lock_timeout() -> float:
+    """``KMPWM_LOCK_TIMEOUT`` (seconds or a DUR, default 10s).  A value that is not a finite
+    duration (``nan``, ``inf``, negative, garbage) is a configuration error (exit 78): guessing
+    would either wait forever or not at all."""
+    raw = os.environ.get("KMPWM_LOCK_TIMEOUT")
+    if raw is None or raw.strip() == "":
+        return 10.0
+    from kmpwm.core.exitcodes import ConfigError, KmpwmError
+    from kmpwm.core.timeparse import parse_duration
+
+    try:
+        return parse_duration(raw, what="KMPWM_LOCK_TIMEOUT")
+    except KmpwmError as exc:
+        raise ConfigError(exc.message, hint="unset it for the default of 10s") from None
+
+
+class Journal:
+    """The journal file of one home: reading needs no lock, appending needs :meth:`locked`."""
+
+    def __init__(self, paths: Paths):
+        self.paths = paths
+        self.path = paths.journal_file
+        self._lock_depth = 0
+        self._prepared = False  # permissions checked and directories made, once per process
+
+    # -- reading --------------------------------------------------------------------------
+
+    def identity(self) -> tuple[int, int] | None:
+        """(inode, size) of the journal file, None when it does not exist yet."""
+        try:
+            st = os.stat(self.path)
+        except FileNotFoundError:
+            return None
+        except OSError as exc:
+            raise JournalError(f"cannot read the journal {self.path}: {exc.strerror}") from None
+        return st.st_ino, st.st_size
+
+    def read(self, start: int = 0) -> tuple[Scan, int]:
+        """Scan the journal from ``start``; returns the scan and the file's inode (0 if missing)."""
+        ino, parts = self.read_parts(start)
+        whole = Scan(end=start)
+        for part in parts:
+            whole.records += part.records
+            _add_damage(whole.damage, part.damage)
+            whole.torn, whole.end = part.torn, part.end
+        return whole, ino
+
+    def read_parts(
+        self, start: int = 0, chunk: int = 1 << 24, expect_ino: int | None = None
+    ) -> tuple[int, Iterator[Scan] | None]:
+        """The journal from ``start`` as consecutive scans of about ``chunk`` bytes each (split at
+        record boundaries; the last one carries the torn tail and the end), so that a reader can
+        fold a journal of any size without holding all of its records at once.  Returns the
+        file's inode (0 if missing) and the scans; the file is read as they are consumed.  The
+        scans are None when the file is not the one ``expect_ino`` names."""
+        try:
+            fd = os.open(self.path, os.O_RDONLY | _O_NOFOLLOW | _O_CLOEXEC)
+        except FileNotFoundError:
+            return 0, iter((Scan(end=start),))
+        except OSError as exc:
+            raise JournalError(
+                f"cannot open the journal {self.path}: {exc.strerror}", hint="check that it is a regular file you own"
+            ) from None
+        try:
+            ino = os.fstat(fd).st_ino
+        except OSError as exc:
+            os.close(fd)
+            raise JournalError(f"cannot read the journal {self.path}: {exc.strerror}") from None
+        if expect_ino is not None and ino != expect_ino:
+            os.close(fd)
+            return ino, None
+        return ino, self._parts(fd, start, chunk)
+
+    def _parts(self, fd: int, start: int, chunk: int) -> Iterator[Scan]:
+        try:
+            if start:
+                os.lseek(fd, start, os.SEEK_SET)
+            pos, carry = start, b""
+            while True:
+                try:
+                    data = os.read(fd, chunk)
+                except OSError as exc:
+                    raise JournalError(f"cannot read the journal {self.path}: {exc.strerror}") from None
+                if not data:
+                    yield scan_bytes(carry, pos)  # whatever follows the last newline: a torn tail
+                    return
+                buf = carry + data if carry else data
+                nl = buf.rfind(b"\n")
+                if nl < 0:
+                    carry = buf
+                    continue
+                carry = buf[nl + 1 :]
+                part = scan_bytes(buf[: nl + 1], pos)
+                pos += nl + 1
+                yield part
+        finally:
+            os.close(fd)
+
+    def verify(self, end: int) -> list[Damage]:
+        """Checksums of every complete line before ``end``, without parsing JSON: the damage found."""
+        try:
+            with open(self.path, "rb") as fh:
+                data = fh.read(end)
+        except OSError as exc:
+            raise JournalError(f"cannot read the journal {self.path}: {exc.strerror}") from None
+        damage: list[Damage] = []
+        pos, crc32, bad = 0, zlib.crc32, -1
+        for line in data.split(b"\n")[:-1]:  # the last piece is after the last newline: not a record
+            ok = len(line) > 9 and line[8:9] == b" "
+            if ok:
+                try:
+                    ok = int(line[:8], 16) == crc32(line[9:])
+                except ValueError:
+                    ok = False
+            if not ok and bad < 0:
+                bad = pos
+            elif ok and bad >= 0:
+                damage.append(Damage(bad, pos))
+                bad = -1
+            pos += len(line) + 1
+        if bad >= 0:
+            damage.append(Damage(bad, pos))
+        return damage
+
+    def raw_from(self, start: int) -> bytes | None:
+        """The journal's bytes from ``start`` to its end, unparsed; None if it is missing or
+        cannot be read."""
+        try:
+            fd = os.open(self.path, os.O_RDONLY | _O_NOFOLLOW | _O_CLOEXEC)
+        except OSError:
+            return None
+        try:
+            with os.fdopen(fd, "rb") as fh:
+                fh.seek(start)
+                return fh.read()
+        except OSError:
+            return None
+
+    def header(self) -> dict | None:
+        """The first record (it names the journal's generation), None if missing or damaged."""
+        try:
+            with open(self.path, "rb") as fh:
+                line = fh.readline(1 << 16)
+        except FileNotFoundError:
+            return None
+        except OSError as exc:
+            raise JournalError(f"cannot read the journal {self.path}: {exc.strerror}") from None
+        if not line.endswith(b"\n"):
+            return None
+        record = decode(line[:-1])
+        if record is None:  # a damaged first line: the header may still be whole inside it
+            found = salvage(line[:-1])
+            record = found[0][2] if found and found[0][0] == 0 else None
+        if record and record.get("ops") and record["ops"][0].get("op") == "hdr":
+            return record["ops"][0]
+        return None
+
+    # -- writing --------------------------------------------------------------------------
+
+    @contextmanager
+    def locked(self, timeout: float | None = None) -> Iterator[None]:
+        """Hold the writers' lock (portalocker's flock on ``journal/lock``); re-entrant.
+
+        Waits up to ``KMPWM_LOCK_TIMEOUT`` seconds (default 10), then raises LockBusy (exit 75).
+        The lock file is opened per transaction so that no lock descriptor is inherited by
+        worker processes forked between transactions.
+        """
+        if self._lock_depth:
+            self._lock_depth += 1
+            try:
+                yield
+            finally:
+                self._lock_depth -= 1
+            return
+        if not self._prepared:
+            prepare(self.paths)
+            self._prepared = True
+        if timeout is None:
+            timeout = lock_timeout()
+        try:
+            fd = os.open(self.paths.lock_file, os.O_RDWR | os.O_CREAT | _O_NOFOLLOW | _O_CLOEXEC, 0o600)
+        except OSError as exc:
+            raise JournalError(f"cannot open the lock file {self.paths.lock_file}: {exc.strerror}") from None
+        fh = os.fdopen(fd, "r+b")
+        deadline = time.monotonic() + timeout
+        pause = 0.002
+        try:
+            while not _try_lock(fh):
+                if time.monotonic() >= deadline:
+                    raise LockBusy(
+                        f"the journal is locked by another kmpwm process (waited {timeout:g}s)",
+                        hint="try again; set KMPWM_LOCK_TIMEOUT to wait longer",
+                    ) from None
+                time.sleep(pause)
+                pause = min(pause * 2, 0.05)
+            self._lock_depth = 1
+            try:
+                yield
+            finally:
+                self._lock_depth = 0
+                try:
+                    _unlock(fh)
+                except Exception:
+                    pass
+        finally:
+            fh.close()
+
+    def _open_for_append(self) -> tuple[int, bool]:
+        try:
+            fd = os.open(self.path, os.O_RDWR | os.O_APPEND | _O_NOFOLLOW | _O_CLOEXEC)
+            return fd, False
+        except FileNotFoundError:
+            pass
+        except OSError as exc:
+            raise JournalError(
+                f"cannot open the journal {self.path} for writing: {exc.strerror}",
+                hint="it must be a regular file you own (not a symlink)",
+            ) from None
+        try:
+            fd = os.open(self.path, os.O_RDWR | os.O_APPEND | os.O_CREAT | os.O_EXCL | _O_NOFOLLOW | _O_CLOEXEC, 0o600)
+        except OSError as exc:
+            raise JournalError(f"cannot create the journal {self.path}: {exc.strerror}") from None
+        return fd, True
+
+    def append(self, records: list[dict]) -> int:
+        """Append records durably (write, fsync); the caller holds :meth:`locked`.
+
+        Repairs a torn tail first. On failure the file is truncated back, so a failed append
+        leaves no partial record.  Returns the offset after the last record written.
+        """
+        assert self._lock_depth, "append without the journal lock"
+        fd, created = self._open_for_append()
+        try:
+            size = os.fstat(fd).st_size
+            if not created and size:
+                size = self._repair_torn_tail(fd, size)
+            if size == 0:  # a new journal (or one whose only record was torn) starts with its header
+                header = {"ts": time.time(), "ops": [{"op": "hdr", "gen": uuid.uuid4().hex, "v": FORMAT_VERSION}]}
+                records = [header, *records]
+            blob = b"".join(encode(r) for r in records)
+            try:
+                write_all(fd, blob)
+                _datasync(fd)
+            except OSError as exc:
+                try:
+                    os.ftruncate(fd, size)
+                    os.fsync(fd)
+                except OSError:
+                    pass  # the next writer trims the torn tail
+                err = JournalError(
+                    f"cannot write to the journal {self.path}: {exc.strerror}"
+                    + (" (disk full)" if exc.errno == errno.ENOSPC else ""),
+                    hint="this record was not written; free space or fix the file system, then try again",
+                )
+                err.errno = exc.errno  # run-due makes room for results on ENOSPC (reserve.py)
+                raise err from None
+            if created:
+                _fsync_dir(self.path.parent)
+            return size + len(blob)
+        finally:
+            os.close(fd)
+
+    def _repair_torn_tail(self, fd: int, size: int) -> int:
+        """If the file does not end with a newline, keep the torn bytes in quarantine and cut them off."""
+        if size == 0 or os.pread(fd, 1, size - 1) == b"\n":
+            return size
+        pos, step = size, 1 << 16
+        while pos > 0:
+            start = max(0, pos - step)
+            chunk = os.pread(fd, pos - start, start)
+            nl = chunk.rfind(b"\n")
+            if nl >= 0:
+                pos = start + nl + 1
+                break
+            pos = start
+        torn = os.pread(fd, size - pos, pos)
+        found = salvage(torn)
+        if found and found[-1][1] < len(torn):
+            # valid records with bytes after them: a flipped last newline, not a torn write.  Readers
+            # count those records (scan_bytes), so they stay; ending the damaged line keeps it damage
+            # for `doctor --repair` to mend, and the records after it start on a line of their own.
+            try:
+                write_all(fd, b"\n")
+            except OSError as exc:
+                raise JournalError(f"cannot write to the journal {self.path}: {exc.strerror}") from None
+            return size + 1
+        self.quarantine(torn, pos, "torn")
+        try:
+            os.ftruncate(fd, pos)
+            os.fsync(fd)
+        except OSError as exc:
+            raise JournalError(f"cannot repair the torn end of the journal {self.path}: {exc.strerror}") from None
+        return pos
+
+    def quarantine(self, data: bytes, offset: int, kind: str) -> Path:
+        """Keep damaged bytes in ``journal/quarantine/`` so that nothing is ever silently dropped."""
+        qdir = private_subdir(self.paths.quarantine_dir)
+        name = f"{time.strftime('%Y%m%dT%H%M%S')}-{kind}-at-{offset}-{uuid.uuid4().hex[:6]}.bin"
+        path = qdir / name
+        try:
+            _write_new(path, data)
+        except OSError as exc:
+            raise JournalError(
+                f"cannot keep damaged bytes in {qdir}: {exc.strerror}"
+                + (" (disk full)" if exc.errno == errno.ENOSPC else ""),
+                hint="nothing was changed; free space, then try again",
+            ) from None
+        return path
+
+    def sweep_temp_files(self) -> list[str]:
+        """Remove what killed writers left: temp files of journal rewrites (made only under the
+        lock, so any seen while holding it is stale) and of snapshots whose writer is gone."""
+        assert self._lock_depth, "sweep without the journal lock"
+        from kmpwm.system import procs
+
+        removed = []
+        try:
+            names = os.listdir(self.paths.journal_dir)
+        except OSError:
+            return removed
+        for name in names:
+            if not (name.startswith(".") and name.endswith(".tmp")):
+                continue
+            parts = name.split(".")  # .journal.log.<pid>.<rand>.tmp / .state.snap.<pid>.<rand>.tmp
+            stale = name.startswith(f".{self.path.name}.")
+            if not stale and len(parts) >= 5 and parts[-3].isdigit():
+                stale = procs.token(int(parts[-3])) is None
+            if stale:
+                try:
+                    os.unlink(self.paths.journal_dir / name)
+                    removed.append(name)
+                except OSError:
+                    pass
+        return removed
+
+    def rewrite(self, records: list[dict], *, compacted_size: int | None = None) -> None:
+        """Atomically replace the journal with a new generation holding ``records`` (caller locked)."""
+        assert self._lock_depth, "rewrite without the journal lock"
+        hdr = {"op": "hdr", "gen": uuid.uuid4().hex, "v": FORMAT_VERSION}
+        if compacted_size is not None:
+            hdr["compacted_size"] = compacted_size  # automatic compaction waits until the journal doubles
+        header = {"ts": time.time(), "ops": [hdr]}
+        atomic_write(self.path, b"".join(encode(r) for r in [header, *records]))
+
+
+# The writers' lock is portalocker's POSIX lock: an exclusive flock(2) on journal/lock.  On POSIX
+# it is taken with fcntl.flock directly -- the very call portalocker makes there, so it excludes
+# and is excluded by a portalocker.lock() on the same file -- because importing portalocker 4
+# costs ~15 ms (it reads its version through importlib.metadata), a fifth of a whole idle
+# `kmpwm run-due`.  Elsewhere portalocker does it.
+try:
+    import fcntl as _fcntl
+except ImportError:  # pragma: no cover - not POSIX
+    _fcntl = None
+
+
+def _try_lock(fh) -> bool:
+    if _fcntl is not None:
+        try:
+            _fcntl.flock(fh.fileno(), _fcntl.LOCK_EX | _fcntl.LOCK_NB)
+            return True
+        except BlockingIOError:
+            return False
+    import portalocker  # pragma: no cover - not POSIX
+
+    try:  # pragma: no cover
+        portalocker.lock(fh, portalocker.LockFlags.EXCLUSIVE | portalocker.LockFlags.NON_BLOCKING)
+        return True
+    except portalocker.exceptions.LockException:  # pragma: no cover
+        return False
+
+
+def _unlock(fh) -> None:
+    if _fcntl is not None:
+        _fcntl.flock(fh.fileno(), _fcntl.LOCK_UN)
+        return
+    import portalocker  # pragma: no cover - not POSIX
+
+    portalocker.unlock(fh)  # pragma: no cover
+
+
+def _datasync(fd: int) -> None:
+    """Make appended bytes durable: data and the new size (fdatasync where there is one)."""
+    (getattr(os, "fdatasync", None) or os.fsync)(fd)
+
+
+def _fsync_dir(path: Path) -> None:
+    try:
+        dfd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(dfd)
+    except OSError:
+        pass
+    finally:
+        os.close(dfd)
+
+
+def _write_new(path: Path, data: bytes) -> None:
+    """Create ``path`` (never an existing file, never through a symlink), 0600, with ``data``
+    written and fsynced; on failure nothing is left behind and the OSError propagates."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | _O_NOFOLLOW, 0o600)
+    try:
+        write_all(fd, data)
+        os.fsync(fd)
+    except OSError:
+        os.close(fd)
+        try:
+            os.unlink(path)
+        except OSError:
+            pass
+        raise
+    os.close(fd)
+
+
+def atomic_write(path: Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` atomically: temp file in the same directory, fsync, rename,
+    directory fsync.  A crash leaves either the old file or the new one, never a mix."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
+    try:
+        _write_new(tmp, data)
+        os.replace(tmp, path)
+    except OSError as exc:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise JournalError(
+            f"cannot write {path}: {exc.strerror}" + (" (disk full)" if exc.errno == errno.ENOSPC else ""),
+            hint="the previous file is unchanged",
+        ) from None
+    _fsync_dir(path.parent)

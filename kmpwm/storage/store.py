@@ -1,0 +1,689 @@
+"""The journal folded into state, kept cheap to read: a snapshot plus the tail after it.
+
+The snapshot is only a cache of the state folded up to a byte offset of a named journal
+generation, in two files:
+
+``journal/state.snap``    the *hot* state: unfinished tasks, chains still going (with their
+                          finished steps), counters.  What ``run-due`` and ``enqueue`` need, so
+                          their cost does not grow with finished history.
+``journal/history.snap``  finished work nothing can change any more (state.split_history), in
+                          append-only frames; read only by commands that show history
+                          (``inspect-queue --all``, ``explain``, ``events``...).
+
+Both are ignored whenever they do not match the journal (another generation, an offset past the
+end, a bad checksum): the state is then folded from the journal, and deleting them changes
+nothing a user sees.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+import uuid
+import zlib
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+
+import orjson
+
+from kmpwm.core.exitcodes import JournalError, KmpwmError
+from kmpwm.core.state import apply, new_state, pack_task, split_history, unpack_task
+from kmpwm.storage.journal import (
+    _O_CLOEXEC,
+    _O_NOFOLLOW,
+    Damage,
+    Journal,
+    _add_damage,
+    atomic_write,
+    encode,
+    scan_bytes,
+    write_all,
+)
+from kmpwm.storage.paths import Paths, check_all, resolve
+
+SNAPSHOT_MAGIC = b"KMPWMSNAP4 "
+HISTORY_MAGIC = b"KMPWMHIST1 "
+# Write a new snapshot once the tail after the last one holds this many records or bytes.
+SNAPSHOT_AFTER_RECORDS = 2000
+SNAPSHOT_AFTER_BYTES = 4 << 20
+# An enqueue of at most this many tasks into a home whose state was not read yet asks
+# Store.unmentioned, on the bytes, whether their ids are new, instead of parsing the state.
+PROVE_NEW_MAX_IDS = 16
+# run-due re-checks the checksums of the part of the journal a snapshot covers up to this size,
+# so damage there is found even though the state came from the snapshot.
+VERIFY_COVERED_BYTES = 8 << 20
+
+
+@dataclass
+class View:
+    """A consistent reading of the journal."""
+
+    _state: dict
+    offset: int = 0  # bytes of the journal folded into ``state`` (with ``pending``)
+    gen: str | None = None
+    damage: list[Damage] = field(default_factory=list)  # corrupt records seen (not torn tails)
+    torn: Damage | None = None
+    from_snapshot: bool = False
+    verified: bool = False
+    # partial: ``state`` lacks the history written to history.snap before the snapshot it came
+    # from (``load(full=True)`` merges it in).  hid/hist: the history file this state continues
+    # and how many of its bytes belong to it.
+    partial: bool = False
+    hid: str | None = None
+    hist: int = 0
+    # history this process already wrote: id -> the very object written (a task or chain
+    # replaced since is a new object and gets written again)
+    flushed: dict = field(default_factory=dict, repr=False)
+    merged_from: View | None = field(default=None, repr=False)
+    # records this process appended whose fold was not needed to answer it (new tasks only):
+    # folded on the next read of ``state``; a one-shot ``kmpwm enqueue`` never pays for it
+    pending: list = field(default_factory=list, repr=False)
+
+    @property
+    def state(self) -> dict:
+        if self.pending:
+            records, self.pending = self.pending, []
+            for record in records:
+                apply(self._state, record)
+        return self._state
+
+
+@contextmanager
+def _no_gc():
+    import gc
+
+    was = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if was:
+            gc.enable()
+
+
+class Store:
+    """One home's journal and its folded state; the layer every command goes through."""
+
+    def __init__(self, paths: Paths | None = None, journal: Journal | None = None):
+        self.paths = paths or resolve()
+        self.journal = journal or Journal(self.paths)  # pass the caller's if it holds the lock
+        self._view: View | None = None
+        self._ino = 0
+        self._tail_records = 0  # records folded since the snapshot we started from
+        self._tail_bytes = 0
+        self._checked = False
+        self._hist_cache: tuple | None = None  # (hid, length, tasks, chains)
+
+    # -- reading --------------------------------------------------------------------------
+
+    def _check_paths(self) -> None:
+        """The permission checks (exit 77), once per process: a long run-due does not re-stat
+        every cycle."""
+        if not self._checked:
+            check_all(self.paths)
+            self._checked = True
+
+    def load(self, full: bool = True) -> View:
+        """The current state: incremental after the first call (only new records are folded).
+
+        ``full=False`` may leave out finished history (``View.partial``): enough for everything
+        that schedules, runs or enqueues, and its cost does not grow with history."""
+        self._check_paths()
+        ident = self.journal.identity()
+        view = self._view
+        if view is None or ident is None or ident[0] != self._ino or ident[1] < view.offset:
+            view = self._full_load()
+        elif ident[1] > view.offset and not self._fold_tail(view, expect_ino=self._ino):
+            view = self._full_load()  # the file was replaced (compaction) between stat and open
+        self._view = view
+        self._maybe_snapshot(view)
+        if not (full and view.partial):
+            return view
+        merged = self._merged(view)
+        if merged is None:  # the history file is gone or damaged: fold everything from the journal
+            view = self._view = self._full_load(use_snapshot=False)
+            self._tail_records = SNAPSHOT_AFTER_RECORDS
+            self._maybe_snapshot(view)  # and leave a good pair of snapshot files behind
+            merged = view
+        return merged
+
+    def _full_load(self, use_snapshot: bool = True) -> View:
+        with _no_gc():  # bulk parsing makes millions of objects; the collector would rescan them all
+            for _ in range(5):  # a compaction may replace the file while we read: start again
+                self._tail_records = self._tail_bytes = 0
+                ident = self.journal.identity()
+                view = self._read_snapshot() if use_snapshot else None
+                if view is None:
+                    view = View(new_state())
+                if self._fold_tail(view, expect_ino=ident[0] if ident else None):
+                    return view
+        return view
+
+    def _fold_tail(self, view: View, expect_ino: int | None = None) -> bool:
+        """Fold the records after ``view.offset``; False (nothing applied) if the file read is not
+        the one ``expect_ino`` names, so that an offset is never used in another file."""
+        ino, parts = self.journal.read_parts(view.offset, expect_ino=expect_ino or None)
+        if parts is None:
+            return False
+        self._ino = ino
+        state = view.state
+        start = view.offset
+        first = start == 0 and view.gen is None
+        for scan in parts:  # chunk by chunk: a huge journal is never all in memory at once
+            for _, record in scan.records:
+                if first:
+                    ops = record.get("ops")
+                    if ops and ops[0].get("op") == "hdr":
+                        view.gen = ops[0].get("gen")
+                    first = False
+                apply(state, record)
+            _add_damage(view.damage, scan.damage)
+            view.torn = scan.torn
+            self._tail_records += len(scan.records)
+            view.offset = scan.end
+        self._tail_bytes += view.offset - start
+        return True
+
+    # -- history --------------------------------------------------------------------------
+
+    def _merged(self, view: View) -> View | None:
+        """``view`` with the history it continues merged in (None if that cannot be read)."""
+        hist = self._read_history(view.hid, view.hist)
+        if hist is None:
+            return None
+        tasks, chains = hist
+        state = dict(view.state)
+        state["tasks"] = {**tasks, **view.state["tasks"]}  # what the view holds is newer
+        state["chains"] = {**chains, **view.state["chains"]}
+        return View(
+            state,
+            offset=view.offset,
+            gen=view.gen,
+            damage=view.damage,
+            torn=view.torn,
+            from_snapshot=view.from_snapshot,
+            verified=view.verified,
+            hid=view.hid,
+            hist=view.hist,
+            merged_from=view,
+        )
+
+    def _read_history(self, hid: str | None, length: int) -> tuple[dict, dict] | None:
+        cached = self._hist_cache
+        if cached is not None and cached[0] == hid and cached[1] == length:
+            return cached[2], cached[3]
+        try:
+            fd = os.open(self.paths.history_file, os.O_RDONLY | _O_NOFOLLOW | _O_CLOEXEC)
+        except OSError:
+            return None
+        try:
+            with os.fdopen(fd, "rb") as fh:
+                data = fh.read(length)
+        except OSError:
+            return None
+        head = _history_header(hid)
+        if hid is None or len(data) != length or not data.startswith(head):
+            return None
+        with _no_gc():
+            scan = scan_bytes(data[len(head) :], len(head))
+            if scan.damage or scan.torn or scan.end != length:
+                return None
+            tasks: dict = {}
+            chains: dict = {}
+            try:
+                for _, frame in scan.records:
+                    for packed in frame.get("tasks", ()):
+                        tasks[packed["id"]] = unpack_task(packed)
+                    for chain in frame.get("chains", ()):
+                        chains[chain["id"]] = chain
+            except (KeyError, TypeError, AttributeError):
+                return None
+        self._hist_cache = (hid, length, tasks, chains)
+        return tasks, chains
+
+    # -- snapshot -------------------------------------------------------------------------
+
+    def _snapshot_parts(self, body: bool = True) -> tuple[dict, memoryview | None] | None:
+        """The snapshot's meta and (with ``body``) its state bytes, if intact and of this journal.
+
+        Format: ``KMPWMSNAP4 <crc32 A> <crc32 B> <meta json>\n<state json>``, checksums as 8 hex
+        digits: A covers the rest of the first line (B and the meta: generation, offset, history,
+        wake-up summary), B covers the state.  ``body=False`` reads and checks the first line
+        only: what an idle run-due needs, whatever the size of the state."""
+        try:
+            fd = os.open(self.paths.snapshot_file, os.O_RDONLY | _O_NOFOLLOW | _O_CLOEXEC)
+            with os.fdopen(fd, "rb") as fh:
+                blob = fh.read() if body else fh.readline(1 << 20)
+        except OSError:
+            return None
+        try:
+            if not blob.startswith(SNAPSHOT_MAGIC):
+                return None
+            start = len(SNAPSHOT_MAGIC)
+            nl = blob.index(b"\n", start)
+            if zlib.crc32(memoryview(blob)[start + 9 : nl]) != int(blob[start : start + 8], 16):
+                return None
+            meta = orjson.loads(blob[start + 18 : nl])
+            header = self.journal.header()
+            ident = self.journal.identity()
+            offset = meta["offset"]
+            if header is None or ident is None or header.get("gen") != meta["gen"] or not 0 < offset <= ident[1]:
+                return None
+            if not isinstance(meta.get("hid"), str) or not isinstance(meta.get("hist"), int):
+                return None
+            if not body:
+                return meta, None
+            state = memoryview(blob)[nl + 1 :]
+            if zlib.crc32(state) != int(blob[start + 9 : start + 17], 16):
+                return None
+        except (ValueError, KeyError, TypeError):
+            return None
+        return meta, state
+
+    def _read_snapshot(self) -> View | None:
+        """The snapshot's (hot) state, if intact and of this journal; None means fold from scratch."""
+        parts = self._snapshot_parts()
+        if parts is None:
+            return None
+        meta, body = parts
+        if not self._at_record_boundary(meta["offset"]):
+            return None
+        try:
+            state = orjson.loads(body)
+            state["tasks"] = {i: unpack_task(t) for i, t in state["tasks"].items()}
+        except (ValueError, KeyError, TypeError, AttributeError):
+            return None
+        return View(
+            state,
+            offset=meta["offset"],
+            gen=meta["gen"],
+            from_snapshot=True,
+            partial=True,
+            hid=meta["hid"],
+            hist=meta["hist"],
+        )
+
+    def idle_without_loading(self, now: float) -> bool:
+        """True when the snapshot's summary and the records after it prove that nothing is due at
+        ``now`` (state.idle_at), without parsing the state: an idle ``run-due`` then costs the
+        same with 100,000 waiting tasks as with none.  False means "load and look"."""
+        self._check_paths()
+        parts = self._snapshot_parts(body=False)  # its first line, checksummed, of this generation
+        if parts is None:
+            return False
+        meta = parts[0]
+        if max(meta.get("written_at", 0), meta.get("latest", 0)) > now:
+            return False  # the clock went back since: due times are judged anew (state.due_at)
+        next_due = meta.get("next_due", 0)
+        if meta.get("running", True) or (next_due is not None and not isinstance(next_due, (int, float))):
+            return False
+        if next_due is not None and next_due <= now:
+            return False
+        offset = meta["offset"]
+        if not self._at_record_boundary(offset):
+            return False
+        if offset <= VERIFY_COVERED_BYTES and self.journal.verify(offset):
+            return False  # damage where the snapshot stands in: run-due must see it and refuse
+        _, tail = self.journal.read_parts(offset)
+        for scan in tail or ():
+            if scan.damage:  # (a torn tail is not damage: readers ignore it, run-due runs)
+                return False
+            for _, record in scan.records:
+                if not _tail_keeps_idle(record, now):
+                    return False
+        return True
+
+    def unmentioned(self, ids: list[str]) -> bool:
+        """True when none of ``ids`` occurs in the hot state or in the records after it, proved on
+        their bytes: the snapshot (checksummed, of this journal generation) and the journal after
+        it are searched for each id as orjson writes it, a JSON string with its quotes.  orjson
+        wrote every id in both, so an id that is there is found.  Any mention (a task, a chain,
+        an input that holds the same text) answers False, and the caller folds the state as
+        usual.  An enqueue beside 100,000 waiting tasks then needs no parsing of them.  Ids with
+        a ``#`` are never proved new: the fold makes ``base#n`` ids itself (policy append), and
+        those appear in no record.
+
+        Call it holding the writers' lock (nothing may append or compact meanwhile)."""
+        if any("#" in task_id for task_id in ids):
+            return False
+        self._check_paths()
+        parts = self._snapshot_parts()
+        if parts is None:
+            return False
+        meta, body = parts
+        offset = meta["offset"]
+        if not self._at_record_boundary(offset):
+            return False
+        tail = self.journal.raw_from(offset)
+        if tail is None:
+            return False
+        if len(tail) >= SNAPSHOT_AFTER_BYTES or tail.count(b"\n") >= SNAPSHOT_AFTER_RECORDS:
+            return False  # time for a new snapshot: the fold's load() writes one, so the tail stays short
+        snapshot = body.obj  # the whole file: its first line (meta) holds no ids, searching it is harmless
+        for task_id in ids:
+            needle = orjson.dumps(task_id)
+            if needle in snapshot or needle in tail:
+                return False
+        return True
+
+    def _at_record_boundary(self, offset: int) -> bool:
+        try:
+            with open(self.journal.path, "rb") as fh:
+                fh.seek(offset - 1)
+                return fh.read(1) == b"\n"
+        except OSError:
+            return False
+
+    def _maybe_snapshot(self, view: View) -> None:
+        if view.damage or view.gen is None:
+            return  # never cache over damage: it must stay visible until repaired
+        if self._tail_records < SNAPSHOT_AFTER_RECORDS and self._tail_bytes < SNAPSHOT_AFTER_BYTES:
+            return
+        try:
+            self.write_snapshot(view)
+        except KmpwmError:
+            pass  # a cache that could not be written costs time, not correctness
+
+    def write_snapshot(self, view: View | None = None) -> bool:
+        """Write the snapshot of ``view`` (default: this store's current state): its new history
+        appended to history.snap, then state.snap replaced atomically.  Skipped (False) when
+        another process holds the journal lock or already wrote a newer snapshot."""
+        view = view or self._view
+        if view is None:
+            return False
+        if view.merged_from is not None:
+            view = view.merged_from
+        if view.gen is None or view.damage:
+            return False
+        from kmpwm.core.exitcodes import LockBusy
+
+        try:
+            with self.journal.locked(timeout=0):  # writers of the snapshot files take turns
+                return self._write_snapshot_locked(view)
+        except LockBusy:
+            return False
+
+    def _write_snapshot_locked(self, view: View) -> bool:
+        current = self._snapshot_parts()
+        meta = current[0] if current is not None else None
+        if meta is not None and (meta["offset"] > view.offset or (meta["offset"] == view.offset and view.hid)):
+            return False  # already as new as ours (a state folded from scratch rewrites it: a repair)
+        tasks, chains = view.state["tasks"], view.state["chains"]
+        cold_ids, cold_chain_ids = split_history(view.state)
+        flushed = view.flushed
+        new_tasks = [i for i in cold_ids if flushed.get(i) is not tasks[i]]
+        new_chains = [c for c in cold_chain_ids if flushed.get("\0" + c) is not chains[c]]
+        frame = encode({"tasks": [pack_task(tasks[i]) for i in new_tasks], "chains": [chains[c] for c in new_chains]})
+        path = self.paths.history_file
+        if view.hid is not None:  # continue the history file this state is based on
+            hid = view.hid
+            start = max(view.hist, meta["hist"] if meta is not None and meta["hid"] == hid else 0)
+            if not self._append_history(hid, start, frame):
+                # the history this state continues is gone (deleted, damaged, another generation's):
+                # retire the snapshot that needs it, so the next reader folds everything and starts anew
+                if meta is not None and meta["hid"] == hid:
+                    self.drop_snapshot()
+                return False
+            hist = start + len(frame)
+        else:  # a state folded from the whole journal: a history file of its own
+            hid = uuid.uuid4().hex
+            head = _history_header(hid)
+            atomic_write(path, head + frame)
+            hist = len(head) + len(frame)
+        cold_tasks, cold_chains = set(cold_ids), set(cold_chain_ids)
+        hot = dict(view.state)
+        hot["tasks"] = {i: pack_task(t) for i, t in tasks.items() if i not in cold_tasks}
+        hot["chains"] = {c: ch for c, ch in chains.items() if c not in cold_chains}
+        body = orjson.dumps(hot)
+        next_due, running, latest = _wake_summary(tasks)
+        meta_out = orjson.dumps(
+            {
+                "gen": view.gen,
+                "offset": view.offset,
+                "hid": hid,
+                "hist": hist,
+                "next_due": next_due,
+                "running": running,
+                "latest": latest,
+                "written_at": time.time(),
+            }
+        )
+        line = b"%08x " % zlib.crc32(body) + meta_out
+        atomic_write(self.paths.snapshot_file, SNAPSHOT_MAGIC + b"%08x " % zlib.crc32(line) + line + b"\n" + body)
+        if self._hist_cache is not None and self._hist_cache[0] == hid and self._hist_cache[1] == hist - len(frame):
+            _, _, ctasks, cchains = self._hist_cache  # keep the cache in step with what we appended
+            for i in new_tasks:
+                ctasks[i] = tasks[i]
+            for c in new_chains:
+                cchains[c] = chains[c]
+            self._hist_cache = (hid, hist, ctasks, cchains)
+        for i in new_tasks:
+            flushed[i] = tasks[i]
+        for c in new_chains:
+            flushed["\0" + c] = chains[c]
+        view.hid, view.hist = hid, hist
+        if view is self._view:
+            self._tail_records = self._tail_bytes = 0
+        return True
+
+    def _append_history(self, hid: str, start: int, frame: bytes) -> bool:
+        """Put ``frame`` at ``start`` of the history file (bytes after ``start`` belong to no
+        snapshot: a writer that died before replacing state.snap).  False if the file is not
+        the history ``hid`` names."""
+        head = _history_header(hid)
+        try:
+            fd = os.open(self.paths.history_file, os.O_RDWR | _O_NOFOLLOW | _O_CLOEXEC)
+        except OSError:
+            return False
+        try:
+            if os.pread(fd, len(head), 0) != head or os.fstat(fd).st_size < start:
+                return False
+            os.ftruncate(fd, start)
+            os.lseek(fd, start, os.SEEK_SET)
+            write_all(fd, frame)
+            os.fsync(fd)
+        except OSError as exc:
+            raise JournalError(f"cannot write {self.paths.history_file}: {exc.strerror}") from None
+        finally:
+            os.close(fd)
+        return True
+
+    def drop_snapshot(self) -> None:
+        for path in (self.paths.snapshot_file, self.paths.history_file):
+            try:
+                os.unlink(path)
+            except FileNotFoundError:
+                pass
+            except OSError as exc:
+                raise JournalError(f"cannot remove {path}: {exc.strerror}") from None
+        self._hist_cache = None
+
+    def verify_covered(self, view: View) -> None:
+        """Fail-closed readers (run-due): find damage in the region the snapshot stands in for.
+        CRC-only, and only while that region is small; beyond it, `kmpwm doctor` checks it."""
+        if view.from_snapshot and not getattr(view, "verified", False) and view.offset <= VERIFY_COVERED_BYTES:
+            start = min((d.start for d in view.damage), default=None)
+            found = [d for d in self.journal.verify(view.offset) if start is None or d.start < start]
+            view.damage[:0] = found
+            view.verified = True
+
+    def invalidate(self) -> None:
+        """Forget the in-memory state (after the journal was rewritten)."""
+        self._view = None
+        self._ino = 0
+
+    # -- writing --------------------------------------------------------------------------
+
+    @contextmanager
+    def transaction(self, timeout: float | None = None) -> Iterator[Transaction]:
+        """Hold the writers' lock with the state brought up to date under it.  Ops staged with
+        :meth:`Transaction.stage` are written as one record when the block ends without error."""
+        with self.journal.locked(timeout):
+            txn = Transaction(self)
+            try:
+                yield txn
+                txn.flush()
+            except BaseException:
+                if txn.staged:
+                    self.invalidate()  # the in-memory state saw ops that never reached the disk
+                raise
+
+    def _committed(self, view: View, records: list[dict], end: int) -> list:
+        results = []
+        for record in records:
+            ops = record.get("ops")
+            if ops and ops[0].get("op") == "hdr":
+                header = self.journal.header() if ops[0].get("_pending") else ops[0]
+                view.gen = header.get("gen") if header else None
+                continue
+            results = apply(view.state, record)
+        ident = self.journal.identity()
+        self._ino = ident[0] if ident else 0
+        self._tail_records += len(records)
+        self._tail_bytes += end - view.offset
+        view.offset = end
+        return results
+
+
+class Transaction:
+    """Writes made while holding the lock: ``commit`` appends one durable record now; ``stage``
+    applies ops to the in-memory state at once (so that later decisions see them) and the whole
+    transaction's staged ops become one record, with one fsync, when it ends."""
+
+    def __init__(self, store: Store):
+        self.store = store
+        self._view: View | None = None
+        self.staged: list[dict] = []
+        self.ts = time.time()
+        self.emit = None  # set to see the events the staged ops imply (run-due's hooks)
+
+    @property
+    def view(self) -> View:
+        """The state brought up to date under the lock, read at first use."""
+        if self._view is None:
+            self._view = self.store.load(full=False)
+        return self._view
+
+    @property
+    def state(self) -> dict:
+        return self.view.state
+
+    def stage(self, ops: list[dict], emit=None) -> list:
+        """Apply ``ops`` now (at the transaction's timestamp); they are written on flush.
+        ``emit`` sees the fold's events of these ops (state.apply)."""
+        if not ops:
+            return []
+        self.staged.extend(ops)
+        hook = emit
+        if self.emit is not None:  # run-due's hooks see the events too
+            hook = self.emit if emit is None else (lambda *e, _a=emit, _b=self.emit: (_a(*e), _b(*e)))
+        return apply(self.view.state, {"ts": self.ts, "ops": ops}, hook)
+
+    def flush(self) -> None:
+        if not self.staged:
+            return
+        ops, self.staged = self.staged, []
+        record = {"ts": self.ts, "ops": ops}
+        records = self._with_header(record)
+        end = self.store.journal.append([record])
+        self.store._committed(self.view, records[:-1], end)  # the header only: ops were applied when staged
+
+    def commit(self, ops: list[dict], ts: float | None = None) -> list:
+        """Append ``ops`` as one record (all or nothing), fsynced; returns the fold's results."""
+        if not ops:
+            return []
+        if self.staged:
+            raise RuntimeError("commit() after stage(): flush first")
+        record = {"ts": time.time() if ts is None else ts, "ops": ops}
+        if self._view is None and self.store._view is None and len(ops) <= PROVE_NEW_MAX_IDS:
+            # nothing read yet in this process: a few new tasks are proved new on the bytes
+            quick = _new_tasks_only(_NOTHING, record)
+            if quick is not None and self.store.unmentioned([r["id"] for r in quick]):
+                self.store.journal.append([record])
+                return quick  # the state stays unread: the next load() folds this record too
+        records = self._with_header(record)
+        quick = _new_tasks_only(self.view.state, record)
+        end = self.store.journal.append([record])
+        if quick is None:
+            return self.store._committed(self.view, records, end)
+        self.store._committed(self.view, records[:-1], end)  # the header, if any
+        self.view.pending.append(record)
+        return quick
+
+    def _with_header(self, record: dict) -> list[dict]:
+        if self.view.gen is None and self.view.offset == 0:
+            # a new journal: append() writes a header first; fold it too so the view knows its generation
+            return [{"ts": record["ts"], "ops": [{"op": "hdr", "gen": None, "_pending": True}]}, record]
+        return [record]
+
+
+def _history_header(hid: str | None) -> bytes:
+    return HISTORY_MAGIC + (hid or "").encode() + b"\n"
+
+
+_NOTHING: dict = {"tasks": {}, "fam": {}}  # for _new_tasks_only's checks within one record
+
+
+def _new_tasks_only(state: dict, record: dict) -> list | None:
+    """The fold's results for ``record`` if it only enqueues tasks under ids never seen (the
+    common batch), without folding it; None when the fold has to decide."""
+    tasks, fam = state["tasks"], state["fam"]
+    seen: set = set()
+    results = []
+    ts = record["ts"]
+    for op in record["ops"]:
+        if op.get("op") != "enq":
+            return None
+        task = op["task"]
+        tid = task["id"]
+        if tid in tasks or tid in fam or tid in seen:
+            return None
+        seen.add(tid)
+        due = task["due"] if "due" in task else task.get("created_at", ts)
+        results.append({"action": "enqueued", "id": tid, "due": due, "state": "ENQUEUED"})
+    return results
+
+
+def _wake_summary(tasks: dict) -> tuple[float | None, bool, float]:
+    """The earliest due time of an enqueued task (None: none), whether any task is running and
+    the latest time an enqueued task's due time was set (before it, the clock went back and
+    state.due_at judges due times anew): all state.idle_at needs, kept in the snapshot's meta."""
+    next_due = None
+    running = False
+    latest = 0.0
+    for t in tasks.values():
+        st = t["state"]
+        if st == "ENQUEUED":
+            if next_due is None or t["due"] < next_due:
+                next_due = t["due"]
+            if t["updated_at"] > latest:
+                latest = t["updated_at"]
+        elif st == "RUNNING":
+            running = True
+    return next_due, running, latest
+
+
+def _tail_keeps_idle(record: dict, now: float) -> bool:
+    """Whether a record after the snapshot provably leaves nothing due at ``now``: only new tasks
+    and chains whose first tasks are due later, and cancels.  Anything else: load and look."""
+    if record.get("arc"):
+        return True
+    if record.get("ts", 0) > now:
+        return False  # written before the clock went back: load and look (state.due_at)
+    for op in record.get("ops", ()):
+        kind = op.get("op")
+        if kind == "cancel" or kind == "hdr" or kind == "note":  # note: a failed hook, changes nothing
+            continue
+        if kind == "enq":
+            tasks = [op.get("task") or {}]
+        elif kind == "chain":
+            steps = op.get("steps") or [[]]
+            tasks = steps[0]
+        else:
+            return False
+        for task in tasks:
+            due = task["due"] if "due" in task else task.get("created_at", record.get("ts", 0.0))
+            if not isinstance(due, (int, float)) or due <= now:
+                return False
+    return True

@@ -1,0 +1,371 @@
+"""``kmpwm doctor [--repair]``: journal integrity, permissions, configuration, workers, invoker.
+
+Exit 0 when all is well (even without an invoker: it says so); otherwise the worst problem
+found: 74 a damaged journal or one run-due cannot write (read-only, a lock that is a directory),
+77 a private directory (runners/, quarantine/, cache/, logs/) that is not private or writable,
+78 a bad config.toml or a worker that cannot start (program missing, entry not importable), 1 an
+installed invoker that has not run for several periods (its daemon is not running).  ``--repair`` rewrites
+the journal atomically with every valid
+record, in order -- also those inside damaged lines, and one a single flipped bit damaged -- and
+moves the bytes that belong to no record to ``journal/quarantine/`` (with a manifest); it exits 0
+once the journal is healthy again.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import stat
+import time
+
+import orjson
+
+from kmpwm.core.exitcodes import CONFIG, IO_ERROR, NOPERM, NOTHING_MATCHED, InsecurePermissions, KmpwmError
+from kmpwm.core.timeparse import iso
+from kmpwm.storage.journal import Journal, mend
+from kmpwm.storage.paths import Paths, check_all, check_secure, private_subdir
+
+
+def check_journal(journal: Journal) -> dict:
+    scan, _ = journal.read(0)
+    ident = journal.identity()
+    header = journal.header()
+    return {
+        "path": str(journal.path),
+        "bytes": ident[1] if ident else 0,
+        "records": len(scan.records),
+        "generation": header.get("gen") if header else None,
+        "damage": [{"offset": d.start, "length": d.end - d.start, "what": d.describe()} for d in scan.damage],
+        "torn_tail": None
+        if scan.torn is None
+        else {"offset": scan.torn.start, "length": scan.torn.end - scan.torn.start},
+        "_scan": scan,
+    }
+
+
+def repair(paths: Paths) -> dict:
+    """Keep every valid record, in order -- the valid lines, the valid records inside damaged lines
+    (a flipped newline glues two into one), a record one flipped bit damaged -- and move the bytes
+    that belong to no record (and a corrected record's damaged bytes) to quarantine."""
+    journal = Journal(paths)
+    with journal.locked():
+        swept = journal.sweep_temp_files()
+        scan, _ = journal.read(0)
+        if not scan.damage and scan.torn is None:
+            return {
+                "quarantined": [],
+                "records_kept": len(scan.records),
+                "salvaged": 0,
+                "corrected": [],
+                "temp_files_removed": swept,
+            }
+        with open(journal.path, "rb") as fh:
+            raw = fh.read()
+        mended = mend(raw)
+        moved = []
+        for start, end, kind in mended.moved:
+            path = journal.quarantine(raw[start:end], start, kind)
+            moved.append({"offset": start, "length": end - start, "kind": kind, "file": str(path)})
+        kept = [r for r in mended.records if not (r.get("ops") and r["ops"][0].get("op") == "hdr")]
+        manifest = private_subdir(paths.quarantine_dir) / f"{time.strftime('%Y%m%dT%H%M%S')}-repair.json"
+        fd = os.open(manifest, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | getattr(os, "O_NOFOLLOW", 0), 0o600)
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(
+                orjson.dumps(
+                    {
+                        "journal": str(journal.path),
+                        "repaired_at": iso(time.time()),
+                        "regions": moved,
+                        "records_kept": len(kept),
+                        "salvaged": mended.salvaged,
+                        "corrected": mended.corrected,
+                    },
+                    option=orjson.OPT_INDENT_2,
+                )
+            )
+        journal.rewrite(kept)
+        from kmpwm.storage.store import Store
+
+        Store(paths).drop_snapshot()
+    return {
+        "quarantined": moved,
+        "records_kept": len(kept),
+        "salvaged": mended.salvaged,
+        "corrected": mended.corrected,
+        "temp_files_removed": swept,
+    }
+
+
+def _check_workers(paths: Paths) -> tuple[list[dict], str | None]:
+    from kmpwm.running.registry import Registry
+
+    try:
+        reg = Registry(paths, rescan=True)
+        items = reg.all()
+        dups = reg.duplicates()
+    except KmpwmError as exc:
+        return [], exc.message
+    out = []
+    for w in items:
+        entry = {"name": w.name, "source": w.source, "kind": w.kind, "target": w.target, "ok": True, "error": None}
+        cfg = w.config
+        if cfg is not None and cfg.cwd and not os.path.isdir(cfg.cwd):
+            entry.update(ok=False, error=f"its cwd {cfg.cwd} is not a directory (create it or fix cwd in config.toml)")
+        elif w.kind == "command":
+            entry["error"] = _command_problem(cfg)
+            entry["ok"] = entry["error"] is None
+        else:
+            from kmpwm.running.registry import import_error
+
+            entry["error"] = import_error(w)
+            entry["ok"] = entry["error"] is None
+        out.append(entry)
+    for name in dups:
+        out.append(
+            {
+                "name": name,
+                "source": "both",
+                "kind": "?",
+                "target": "",
+                "ok": False,
+                "error": "defined both in config.toml and by a package",
+            }
+        )
+    return out, None
+
+
+def _command_problem(cfg) -> str | None:
+    """Why run-due could not start this command worker's program (None: it can)."""
+    prog = cfg.command[0]
+    path = cfg.env.get("PATH", os.environ.get("PATH"))
+    if os.sep not in prog:
+        return (
+            None
+            if shutil.which(prog, path=path)
+            else (f"program {prog!r} not found on PATH (install it, or give its full path in command)")
+        )
+    full = prog if os.path.isabs(prog) or not cfg.cwd else os.path.join(cfg.cwd, prog)
+    if not os.path.exists(full):
+        return f"program {full} does not exist (fix command[0] in config.toml)"
+    if not os.path.isfile(full) or not os.access(full, os.X_OK):
+        return f"program {full} is not executable (chmod +x {full})"
+    return None
+
+
+def _read_only(path) -> str:
+    try:
+        if os.statvfs(path).f_flag & getattr(os, "ST_RDONLY", 1):
+            return "its file system is mounted read-only (remount it read-write)"
+    except OSError:
+        pass
+    return f"it is not writable by you (mode {stat.S_IMODE(os.stat(path).st_mode):04o}; chmod u+w {path})"
+
+
+def check_files(paths: Paths) -> list[tuple[int, str]]:
+    """What would stop run-due although the journal reads fine, as (exit code, problem and fix):
+    74 for the journal's own files (the lock, a read-only journal), 77 for kmpwm's private
+    directories (runners/, quarantine/, cache/, logs/) that are not private or not writable."""
+    out: list[tuple[int, str]] = []
+    lock = paths.lock_file
+    try:
+        st = os.lstat(lock)
+    except FileNotFoundError:
+        st = None
+    except OSError as exc:
+        out.append((IO_ERROR, f"cannot inspect the lock {lock}: {exc.strerror}"))
+        st = None
+    if st is not None and not stat.S_ISREG(st.st_mode):
+        kind = "a directory" if stat.S_ISDIR(st.st_mode) else "a symlink" if stat.S_ISLNK(st.st_mode) else "not a file"
+        out.append(
+            (
+                IO_ERROR,
+                f"the lock {lock} is {kind}: no command can take the journal lock; remove it "
+                f"({'rmdir' if stat.S_ISDIR(st.st_mode) else 'rm'} {lock}), kmpwm makes a new one",
+            )
+        )
+    for path, what in ((paths.journal_dir, "journal directory"), (paths.journal_file, "journal"), (lock, "lock")):
+        if path == lock and (st is None or not stat.S_ISREG(st.st_mode)):
+            continue
+        if os.path.exists(path) and not os.access(path, os.W_OK | (os.X_OK if path.is_dir() else 0)):
+            out.append(
+                (
+                    IO_ERROR,
+                    f"the {what} {path} is read-only: run-due cannot record claims or results; {_read_only(path)}",
+                )
+            )
+    for path, what in (
+        (paths.runners_dir, "runners directory"),
+        (paths.quarantine_dir, "quarantine directory"),
+        (paths.cache_dir, "cache directory"),
+        (paths.log_dir, "log directory"),
+    ):
+        try:
+            st = os.lstat(path)
+        except FileNotFoundError:
+            continue
+        except OSError as exc:
+            out.append((NOPERM, f"cannot inspect the {what} {path}: {exc.strerror}"))
+            continue
+        if stat.S_ISLNK(st.st_mode) or not stat.S_ISDIR(st.st_mode):
+            out.append(
+                (
+                    NOPERM,
+                    f"the {what} {path} is {'a symlink' if stat.S_ISLNK(st.st_mode) else 'not a directory'}"
+                    f": remove it (rm {path}); kmpwm creates it as a private directory",
+                )
+            )
+            continue
+        try:
+            check_secure(path, what=f"the {what}")
+        except InsecurePermissions as exc:
+            out.append((NOPERM, f"{exc.message}; {exc.hint}"))
+            continue
+        if not os.access(path, os.W_OK | os.X_OK):
+            out.append(
+                (
+                    NOPERM,
+                    f"the {what} {path} is not writable by you (mode {stat.S_IMODE(st.st_mode):04o}): chmod 700 {path}",
+                )
+            )
+    return out
+
+
+# the invoker is stale when run-due has not run for this many of its periods (and a minute)
+STALE_PERIODS = 3
+
+
+def stale_invoker(invoker: dict, last_run: float | None, now: float) -> str | None:
+    """Why an installed invoker looks dead (its daemon not running), None when it ran lately."""
+    if not invoker.get("installed"):
+        return None
+    every = invoker.get("every") or 86400  # a schedule we cannot read: judged by a day
+    since = last_run
+    if since is None:  # never ran: judged from when it was installed (its file), if known
+        try:
+            since = os.stat(invoker["path"]).st_mtime if invoker.get("path") else None
+        except OSError:
+            since = None
+    if since is None or now - since <= STALE_PERIODS * every + 60:
+        return None
+    from kmpwm.core.timeparse import format_duration
+
+    backend = invoker.get("backend") or "?"
+    check = {
+        "cron": "is the cron daemon running? (systemctl status cron, or crond; pgrep -a cron)",
+        "systemd": "is the timer active? (systemctl --user status kmpwm-*.timer; loginctl enable-linger)",
+        "launchd": "is the agent loaded? (launchctl list | grep kmpwm)",
+    }.get(backend, "is its scheduler running?")
+    ran = f"last ran {format_duration(now - last_run)} ago" if last_run is not None else "has never run"
+    return (
+        f"the invoker ({backend}, every {format_duration(every)}) is installed but run-due {ran}: "
+        f"nothing runs your tasks; {check}"
+    )
+
+
+def doctor_command(paths: Paths, do_repair: bool, as_json: bool) -> int:
+    from kmpwm.cli.output import print_json, say
+
+    check_all(paths)
+    journal = Journal(paths)
+    problems: list[str] = []
+    repaired = None
+    report = check_journal(journal)
+    if do_repair:
+        repaired = repair(paths)
+        report = check_journal(journal)
+    report.pop("_scan")
+    if report["damage"]:
+        problems.append(f"journal: {len(report['damage'])} damaged region(s); run `kmpwm doctor --repair`")
+    codes = [IO_ERROR] if report["damage"] else []
+    for code, problem in check_files(paths):
+        codes.append(code)
+        problems.append(problem)
+    workers, config_error = _check_workers(paths)
+    if config_error:
+        problems.append(f"config: {config_error}")
+        codes.append(CONFIG)
+    for w in workers:
+        if not w["ok"]:
+            problems.append(f"worker {w['name']}: {w['error']}")
+            codes.append(CONFIG)
+    try:
+        from kmpwm.system.invoker import invoker_status
+
+        invoker = invoker_status(paths)
+    except Exception as exc:  # doctor reports, it does not fail on the invoker
+        invoker = {"installed": False, "error": f"{type(exc).__name__}: {exc}"}
+    last_run = None
+    try:
+        last_run = os.stat(paths.runners_dir / "last-run").st_mtime
+    except OSError:
+        pass
+    from kmpwm.running.serve import running_serves
+
+    serves = [{"pid": x["pid"], "started_at": iso(x["started_at"])} for x in running_serves(paths)]
+    stale = stale_invoker(invoker, last_run, time.time())
+    invoker["stale"] = stale is not None
+    if stale:
+        problems.append(stale)
+        codes.append(NOTHING_MATCHED)
+    last_run = iso(last_run)
+    healthy = not report["damage"]
+    # the worst first: a damaged or unwritable journal, then permissions, configuration, a stale invoker
+    code = next((c for c in (IO_ERROR, NOPERM, CONFIG, NOTHING_MATCHED) if c in codes), 0)
+    doc = {
+        "healthy": healthy and code == 0,
+        "journal": report,
+        "config": {"path": str(paths.config_file), "error": config_error},
+        "workers": workers,
+        "invoker": invoker,
+        "last_run_at": last_run,
+        "serve": {"running": serves},
+        "repaired": repaired,
+        "problems": problems,
+        "exit_code": code,
+    }
+    if as_json:
+        print_json(doc)
+        return code
+    say(
+        f"journal   {report['path']}: {report['records']} record(s), {report['bytes']} bytes"
+        + (", healthy" if healthy else f", {len(report['damage'])} DAMAGED region(s)")
+    )
+    for d in report["damage"]:
+        say(f"          {d['what']}")
+    if report["torn_tail"]:
+        say(f"          torn last record ({report['torn_tail']['length']} bytes): the next write repairs it")
+    if repaired:
+        extra = []
+        if repaired["salvaged"]:
+            extra.append(f"{repaired['salvaged']} found inside damaged lines")
+        if repaired["corrected"]:
+            extra.append(f"{len(repaired['corrected'])} restored from a single flipped bit")
+        say(
+            f"repaired  moved {len(repaired['quarantined'])} region(s) to {paths.quarantine_dir}; "
+            f"kept {repaired['records_kept']} valid record(s)" + (f" ({', '.join(extra)})" if extra else "")
+        )
+    say(
+        f"config    {paths.config_file}: "
+        + (f"ERROR {config_error}" if config_error else "ok" if paths.config_file.exists() else "none (optional)")
+    )
+    bad = [w for w in workers if not w["ok"]]
+    say(f"workers   {len(workers)} registered" + (f", {len(bad)} with problems" if bad else ", all importable"))
+    for w in bad:
+        say(f"          {w['name']}: {w['error']}")
+    if invoker.get("installed"):
+        say(f"invoker   installed ({invoker.get('backend', '?')})" + (", but STALE" if stale else ""))
+    else:
+        say("invoker   not installed: nothing runs `kmpwm run-due` periodically; `kmpwm schedule install` sets it up")
+    say(f"last run  {last_run or 'never'}")
+    say(
+        "serve     "
+        + (
+            "; ".join(f"running (pid {x['pid']}, since {x['started_at']})" for x in serves)
+            if serves
+            else "not running (`kmpwm serve` starts work the moment it is due)"
+        )
+    )
+    if problems:
+        for p in problems:
+            say(f"problem:  {p}")
+    return code

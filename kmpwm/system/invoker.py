@@ -1,0 +1,1313 @@
+"""The periodic ``run-due`` invoker: ``kmpwm schedule install|uninstall|status`` (SPEC section 6).
+
+Three backends, one entry per kmpwm home (``KMPWM_HOME`` / ``--home``, or the default layout):
+
+* **cron** – a marked block in the user's crontab, edited through ``crontab -l`` / ``crontab -``;
+  every other byte of the crontab is kept.  ``KMPWM_CRONTAB`` names the crontab program
+  (default ``crontab``), so tests can point it at a fake.
+* **launchd** – ``~/Library/LaunchAgents/dev.kmpwm.running.runner[.<hash>].plist``, loaded with
+  ``launchctl bootstrap gui/<uid>`` (fallback ``launchctl load -w``).
+* **systemd** – ``$XDG_CONFIG_HOME/systemd/user/kmpwm-run-due[-<hash>].{service,timer}``, enabled
+  with ``systemctl --user enable --now``.
+
+``<hash>`` is a short hash of the home directory; the default layout has no suffix, so two homes can
+be installed side by side and ``uninstall`` removes only the current home's entry.  The installed
+command is the absolute path of this kmpwm (its console script when it belongs to the running
+Python environment, else ``python -m kmpwm``) and carries the home in ``KMPWM_HOME`` (or, for the
+default layout, the ``XDG_*_HOME`` variables set now, so that cron finds the same journal).
+
+``--print`` shows what would be written or removed and runs no command at all.  Every subprocess
+gets an argv list and a timeout; failures become one-line :class:`KmpwmError` messages.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import plistlib
+import re
+import shlex
+import shutil
+import subprocess
+import sys
+import sysconfig
+from pathlib import Path
+from typing import Any
+
+from kmpwm.core.exitcodes import FAILED_UNKNOWN, InvalidParams, KmpwmError, OsPolicy
+from kmpwm.core.timeparse import format_duration, iso, parse_duration, relative
+
+BACKENDS = ("cron", "launchd", "systemd")
+ACTIONS = ("install", "uninstall", "status")
+MODES = ("minute", "serve")
+DEFAULT_EVERY = 60.0
+MIN_EVERY = 60.0
+
+CRON_BEGIN = "# BEGIN kmpwm (managed by kmpwm schedule; do not edit)"
+CRON_END = "# END kmpwm"
+LAUNCHD_LABEL = "dev.kmpwm.running.runner"
+SYSTEMD_NAME = "kmpwm-run-due"
+LAUNCHD_SERVE_LABEL = "dev.kmpwm.running.serve"
+SYSTEMD_SERVE_NAME = "kmpwm-serve"
+
+CRON_TIMEOUT = 10.0
+LAUNCHCTL_TIMEOUT = 15.0
+SYSTEMCTL_TIMEOUT = 30.0
+PROBE_TIMEOUT = 2.0
+
+# With the default layout (no KMPWM_HOME) platformdirs reads these on Linux; cron and the service
+# managers do not inherit a login shell's values, so the ones set now are baked into the entry.
+_XDG_VARS = ("XDG_DATA_HOME", "XDG_CONFIG_HOME", "XDG_STATE_HOME")
+
+
+class InvokerError(KmpwmError):
+    """A backend command failed (exit 70)."""
+
+    exit_code = FAILED_UNKNOWN
+
+
+# -- what to run ---------------------------------------------------------------------------
+
+
+def _script_in_env(script: Path) -> bool:
+    """Whether a ``kmpwm`` console script belongs to the running Python environment."""
+    exe_dir = Path(os.path.abspath(sys.executable)).parent
+    dirs = {exe_dir}
+    try:
+        dirs.add(Path(os.path.abspath(sysconfig.get_path("scripts"))))
+    except (KeyError, TypeError):
+        pass
+    candidates = {Path(os.path.abspath(script))}
+    try:
+        candidates.add(script.resolve())
+    except OSError:
+        pass
+    if any(c.parent in dirs for c in candidates):
+        return True
+    try:  # e.g. a pipx symlink, or a copy elsewhere: its shebang names our interpreter
+        with open(script, "rb") as fh:
+            first = fh.readline(4096)
+    except OSError:
+        return False
+    if not first.startswith(b"#!"):
+        return False
+    try:
+        interp = shlex.split(first[2:].decode(errors="replace"))[0]
+    except (ValueError, IndexError):
+        return False
+    return Path(os.path.abspath(interp)).parent == exe_dir
+
+
+def kmpwm_argv() -> list[str]:
+    """The absolute command that runs this kmpwm (without the subcommand)."""
+    candidates = []
+    found = shutil.which("kmpwm")
+    if found:
+        candidates.append(Path(os.path.abspath(found)))
+    try:
+        scripts = Path(os.path.abspath(sysconfig.get_path("scripts")))
+        candidates.append(scripts / ("kmpwm.exe" if os.name == "nt" else "kmpwm"))
+    except (KeyError, TypeError):
+        pass
+    for script in candidates:
+        if script.is_file() and os.access(script, os.X_OK) and _script_in_env(script):
+            return [str(script)]
+    if not sys.executable:
+        raise InvokerError(
+            "cannot tell which Python runs kmpwm (sys.executable is empty)",
+            hint="install kmpwm with pip or pipx so that a `kmpwm` command exists",
+        )
+    return [os.path.abspath(sys.executable), "-m", "kmpwm"]
+
+
+class _Target:
+    """What this home's invoker runs, and the names that keep homes apart."""
+
+    def __init__(self, paths, sub: str = "run-due"):
+        self.paths = paths
+        self.sub = sub  # the subcommand it runs: run-due, or serve
+        self.home = str(paths.home) if paths.home is not None else None
+        self.suffix = hashlib.sha256(self.home.encode()).hexdigest()[:8] if self.home else None
+        self._argv: list[str] | None = None
+
+    @property
+    def home_label(self) -> str:
+        return self.home if self.home is not None else "default"
+
+    @property
+    def argv(self) -> list[str]:
+        if self._argv is None:
+            self._argv = kmpwm_argv() + [self.sub]
+        return self._argv
+
+    @property
+    def env(self) -> dict[str, str]:
+        if self.home is not None:
+            return {"KMPWM_HOME": self.home}
+        if sys.platform == "darwin" or os.name == "nt":
+            return {}
+        return {k: os.environ[k] for k in _XDG_VARS if os.environ.get(k, "").startswith("/")}
+
+    def command(self) -> str:
+        """The invocation as a /bin/sh command line."""
+        return _shell_command(self.env, self.argv)
+
+
+def _shell_command(env: dict[str, str], argv: list[str]) -> str:
+    parts = [f"{k}={shlex.quote(v)}" for k, v in env.items()] + [shlex.quote(a) for a in argv]
+    return " ".join(parts)
+
+
+def _no_newlines(text: str, what: str) -> None:
+    if "\n" in text or "\r" in text or "\0" in text:
+        raise InvalidParams(
+            f"{what} contains a newline or NUL character; {text!r} cannot be written into a crontab or unit file",
+            hint="use a --home without such characters",
+        )
+
+
+# -- choices -----------------------------------------------------------------------------
+
+
+def _systemd_user_usable(probe: bool) -> bool:
+    if shutil.which("systemctl") is None or not os.path.isdir("/run/systemd/system"):
+        return False
+    if not probe:  # --print runs no command: judge by the user manager's runtime directory
+        runtime = os.environ.get("XDG_RUNTIME_DIR") or (f"/run/user/{os.getuid()}" if hasattr(os, "getuid") else "")
+        return bool(runtime) and (
+            os.path.exists(os.path.join(runtime, "systemd")) or os.path.exists(os.path.join(runtime, "bus"))
+        )
+    try:
+        proc = subprocess.run(
+            ["systemctl", "--user", "show-environment"],
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            timeout=PROBE_TIMEOUT,
+        )
+    except (OSError, subprocess.SubprocessError):
+        return False
+    return proc.returncode == 0
+
+
+def default_backend(probe: bool = True) -> str:
+    """macOS: launchd; Linux: systemd when ``systemctl --user`` works, else cron; elsewhere cron."""
+    if sys.platform == "darwin":
+        return "launchd"
+    if sys.platform.startswith("linux") and _systemd_user_usable(probe):
+        return "systemd"
+    return "cron"
+
+
+def _pick_backend(backend: str | None, probe: bool) -> str:
+    if backend is None or backend == "":
+        return default_backend(probe)
+    name = backend.strip().lower()
+    if name not in BACKENDS:
+        raise InvalidParams(f"unknown backend {backend!r}: expected cron, launchd or systemd")
+    return name
+
+
+_CRON_MINUTES = [m for m in range(1, 61) if 60 % m == 0]
+_CRON_HOURS = [h for h in range(1, 25) if 24 % h == 0]
+
+
+def parse_every(every: str | None, backend: str) -> int:
+    """``--every`` in whole seconds (default 60s, at least 60s; cron needs a value it can express)."""
+    seconds = DEFAULT_EVERY if every is None else parse_duration(every, what="--every")
+    if seconds < MIN_EVERY:
+        raise InvalidParams(f"invalid --every {every!r}: must be at least 1m (60s)")
+    if seconds != int(seconds):
+        raise InvalidParams(f"invalid --every {every!r}: must be a whole number of seconds")
+    seconds = int(seconds)
+    if backend == "cron":
+        minutes, rest = divmod(seconds, 60)
+        ok = rest == 0 and (minutes in _CRON_MINUTES or (minutes % 60 == 0 and minutes // 60 in _CRON_HOURS))
+        if not ok:
+            raise InvalidParams(
+                f"invalid --every {every!r} for cron: cron can run every N minutes with N dividing 60 "
+                f"({', '.join(f'{m}m' for m in _CRON_MINUTES[:-1])}) or every N hours with N dividing 24 "
+                f"({', '.join(f'{h}h' for h in _CRON_HOURS)})",
+                hint="pick one of those, or use --backend systemd/launchd for any interval",
+            )
+    return seconds
+
+
+def cron_schedule(seconds: int) -> str:
+    minutes = seconds // 60
+    if minutes == 1:
+        return "* * * * *"
+    if minutes < 60:
+        return f"*/{minutes} * * * *"
+    hours = minutes // 60
+    if hours == 1:
+        return "0 * * * *"
+    if hours == 24:
+        return "0 0 * * *"
+    return f"0 */{hours} * * *"
+
+
+# -- running commands --------------------------------------------------------------------
+
+
+def _run(argv: list[str], *, timeout: float, input: bytes | None = None) -> subprocess.CompletedProcess:
+    env = dict(os.environ, LC_ALL="C", LANG="C")
+    try:
+        return subprocess.run(
+            argv,
+            input=input,
+            stdin=None if input is not None else subprocess.DEVNULL,
+            capture_output=True,
+            timeout=timeout,
+            env=env,
+        )
+    except subprocess.TimeoutExpired:
+        raise InvokerError(f"`{shlex.join(argv)}` did not finish within {timeout:g}s") from None
+    except FileNotFoundError:
+        raise OsPolicy(f"{argv[0]} not found") from None
+    except OSError as exc:
+        raise InvokerError(f"cannot run {argv[0]}: {exc.strerror or exc}") from None
+
+
+def _stderr_line(proc: subprocess.CompletedProcess) -> str:
+    text = (proc.stderr or b"").decode(errors="replace").strip() or (proc.stdout or b"").decode(
+        errors="replace"
+    ).strip()
+    return text.splitlines()[-1].strip() if text else f"exit status {proc.returncode}"
+
+
+def _write_file(path: Path, data: bytes, mode: int = 0o644) -> None:
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
+        try:
+            with os.fdopen(fd, "wb") as fh:
+                fh.write(data)
+            os.chmod(tmp, mode)
+            os.replace(tmp, path)
+        except BaseException:
+            try:
+                os.unlink(tmp)
+            except OSError:
+                pass
+            raise
+    except OSError as exc:
+        raise InvokerError(f"cannot write {path}: {exc.strerror or exc}") from None
+
+
+def _read_bytes(path: Path) -> bytes | None:
+    try:
+        return path.read_bytes()
+    except FileNotFoundError:
+        return None
+    except OSError as exc:
+        raise InvokerError(f"cannot read {path}: {exc.strerror or exc}") from None
+
+
+def _remove(path: Path) -> bool:
+    try:
+        path.unlink()
+        return True
+    except FileNotFoundError:
+        return False
+    except OSError as exc:
+        raise InvokerError(f"cannot remove {path}: {exc.strerror or exc}") from None
+
+
+def _restore(path: Path, old: bytes | None) -> None:
+    try:
+        if old is None:
+            path.unlink(missing_ok=True)
+        else:
+            _write_file(path, old)
+    except (OSError, KmpwmError):
+        pass
+
+
+# -- cron ----------------------------------------------------------------------------------
+
+
+def _crontab_program() -> str:
+    prog = os.environ.get("KMPWM_CRONTAB") or "crontab"
+    found = shutil.which(prog)
+    if found is None:
+        raise OsPolicy(
+            f"{prog} not found: the cron backend needs the crontab command",
+            hint="install cron (e.g. `apt install cron`), or use --backend systemd/launchd, "
+            "or --print to see the entry",
+        )
+    return found
+
+
+class Cron:
+    name = "cron"
+
+    def __init__(self, target: _Target, every: int | None, serve: bool = False):
+        self.t = target
+        self.every = every
+        self.serve = serve  # --mode serve: an @reboot line starts `kmpwm serve` too
+
+    @property
+    def begin(self) -> str:
+        return f"{CRON_BEGIN} home={self.t.home_label}"
+
+    @property
+    def end(self) -> str:
+        return f"{CRON_END} home={self.t.home_label}"
+
+    def line(self) -> str:
+        command = self.t.command()
+        _no_newlines(command, "the run-due command")
+        if "\\%" in command:
+            raise InvalidParams(f"the run-due command {command!r} contains \\% which cron cannot pass through")
+        return f"{cron_schedule(self.every)} {command.replace('%', chr(92) + '%')}"
+
+    def reboot_line(self) -> str:
+        """``@reboot`` + the serve command, its output appended to logs/serve.log."""
+        target = _Target(self.t.paths, "serve")
+        log = shlex.quote(str(self.t.paths.log_dir / "serve.log"))
+        command = f"{target.command()} >>{log} 2>&1"
+        _no_newlines(command, "the serve command")
+        if "\\%" in command:
+            raise InvalidParams(f"the serve command {command!r} contains \\% which cron cannot pass through")
+        return f"@reboot {command.replace('%', chr(92) + '%')}"
+
+    def block(self) -> str:
+        _no_newlines(self.t.home_label, "the home directory")
+        reboot = f"{self.reboot_line()}\n" if self.serve else ""
+        return f"{self.begin}\n{self.line()}\n{reboot}{self.end}\n"
+
+    # crontab I/O
+    def read(self, timeout: float = CRON_TIMEOUT) -> bytes:
+        prog = _crontab_program()
+        proc = _run([prog, "-l"], timeout=timeout)
+        if proc.returncode == 0:
+            return proc.stdout
+        if b"no crontab for" in (proc.stderr or b"").lower():
+            return b""
+        raise InvokerError(
+            f"`crontab -l` failed: {_stderr_line(proc)}",
+            hint="check that you may use cron (/etc/cron.allow, /etc/cron.deny)",
+        )
+
+    def write(self, data: bytes) -> None:
+        prog = _crontab_program()
+        if data.strip() == b"":
+            proc = _run([prog, "-r"], timeout=CRON_TIMEOUT)
+            if proc.returncode == 0 or b"no crontab for" in (proc.stderr or b"").lower():
+                return
+            what = "crontab -r"
+        else:
+            proc = _run([prog, "-"], timeout=CRON_TIMEOUT, input=data)
+            if proc.returncode == 0:
+                return
+            what = "crontab -"
+        raise InvokerError(
+            f"`{what}` failed: {_stderr_line(proc)}", hint="your crontab was left as it was; check it with `crontab -l`"
+        )
+
+    def find(self, data: bytes) -> tuple[list[bytes], list[tuple[int, int]]]:
+        """Split the crontab into lines (with their endings) and locate this home's blocks [i, j)."""
+        # bytes.splitlines also splits on \r, \v, \f...: split on \n only, keep everything else
+        lines = re.findall(rb"[^\n]*\n|[^\n]+$", data) if data else []
+        begin = self.begin.encode()
+        blocks = []
+        i = 0
+        while i < len(lines):
+            if lines[i].rstrip(b"\r\n") == begin:
+                j = i + 1
+                while j < len(lines) and not lines[j].startswith(CRON_END.encode()):
+                    if lines[j].startswith(CRON_BEGIN.encode()):
+                        break  # another block begins: ours lost its END
+                    j += 1
+                if j < len(lines) and lines[j].startswith(CRON_END.encode()):
+                    j += 1
+                else:  # no END: take the BEGIN line and the run-due (and serve) lines right after it
+                    j = i + 1
+                    while (
+                        j < len(lines)
+                        and (b"run-due" in lines[j] or lines[j].startswith(b"@reboot "))
+                        and not lines[j].startswith(b"#")
+                    ):
+                        j += 1
+                blocks.append((i, j))
+                i = j
+            else:
+                i += 1
+        return lines, blocks
+
+    def entry_of(self, lines: list[bytes], block: tuple[int, int]) -> str | None:
+        body = [
+            ln.rstrip(b"\r\n").decode(errors="replace")
+            for ln in lines[block[0] + 1 : block[1]]
+            if ln.strip() and not ln.startswith(b"#")
+        ]
+        return "\n".join(body) or None
+
+    def serve_entry(self, data: bytes | None = None) -> str | None:
+        """The @reboot line of this home's block (None: not installed)."""
+        lines, blocks = self.find(self.read() if data is None else data)
+        for i, j in blocks[:1]:
+            for ln in lines[i + 1 : j]:
+                if ln.startswith(b"@reboot "):
+                    return ln.rstrip(b"\r\n").decode(errors="replace")
+        return None
+
+    def install(self) -> dict:
+        block = self.block().encode()
+        entry = self.line()
+        data = self.read()
+        lines, blocks = self.find(data)
+        if len(blocks) == 1 and b"".join(lines[blocks[0][0] : blocks[0][1]]) == block:
+            return {"action": "unchanged", "entry": entry, "path": None}
+        if blocks:
+            out = b"".join(lines[: blocks[0][0]]) + block
+            prev = blocks[0][1]
+            for i, j in blocks[1:]:
+                out += b"".join(lines[prev:i])
+                prev = j
+            out += b"".join(lines[prev:])
+        else:
+            out = data
+            if out and not out.endswith(b"\n"):
+                out += b"\n"
+            out += block
+        self.write(out)
+        return {"action": "installed", "entry": entry, "path": None}
+
+    def uninstall(self) -> dict:
+        data = self.read()
+        lines, blocks = self.find(data)
+        if not blocks:
+            return {"action": "absent", "entry": None, "path": None}
+        entry = self.entry_of(lines, blocks[0])
+        out, prev = b"", 0
+        for i, j in blocks:
+            out += b"".join(lines[prev:i])
+            prev = j
+        out += b"".join(lines[prev:])
+        self.write(out)
+        return {"action": "removed", "entry": entry, "path": None}
+
+    def status(self, timeout: float = CRON_TIMEOUT) -> dict:
+        lines, blocks = self.find(self.read(timeout))
+        entry = self.entry_of(lines, blocks[0]) if blocks else None
+        if entry and "\n" in entry:  # the run-due line first, the serve @reboot line after it
+            entry = next((e for e in entry.split("\n") if not e.startswith("@reboot ")), entry)
+        return {"installed": bool(blocks), "entry": entry, "path": None}
+
+    def printed(self, action: str) -> dict:
+        if action == "uninstall":
+            text = (
+                f"# would remove this home's block from your crontab: the lines from\n"
+                f"{self.begin}\n# through\n{self.end}\n"
+            )
+            note = "would edit the crontab with `crontab -l` and `crontab -` (nothing was changed)"
+            return {"text": text, "entry": None, "path": None, "files": None, "note": note}
+        return {
+            "text": self.block(),
+            "entry": self.line(),
+            "path": None,
+            "files": None,
+            "note": "would add (or replace) this block in your crontab (nothing was changed)",
+        }
+
+
+# -- launchd -------------------------------------------------------------------------------
+
+
+def _launchctl() -> str:
+    found = shutil.which("launchctl")
+    if found is None:
+        raise OsPolicy(
+            "launchctl not found: launchd is macOS's service manager",
+            hint="use --backend cron or systemd here, or --print to see the plist",
+        )
+    return found
+
+
+class Launchd:
+    name = "launchd"
+
+    def __init__(self, target: _Target, every: int | None):
+        self.t = target
+        self.every = every
+
+    @property
+    def label(self) -> str:
+        return LAUNCHD_LABEL + (f".{self.t.suffix}" if self.t.suffix else "")
+
+    @property
+    def path(self) -> Path:
+        return Path.home() / "Library" / "LaunchAgents" / f"{self.label}.plist"
+
+    def plist(self) -> dict:
+        doc: dict[str, Any] = {"Label": self.label, "ProgramArguments": self.t.argv}
+        if self.t.env:
+            doc["EnvironmentVariables"] = dict(self.t.env)
+        doc.update(
+            {
+                "StartInterval": int(self.every),
+                "RunAtLoad": False,
+                "ProcessType": "Background",
+                "StandardOutPath": str(self.t.paths.log_dir / "launchd.out.log"),
+                "StandardErrorPath": str(self.t.paths.log_dir / "launchd.err.log"),
+            }
+        )
+        return doc
+
+    def render(self) -> bytes:
+        return plistlib.dumps(self.plist(), fmt=plistlib.FMT_XML, sort_keys=False)
+
+    def _domain(self) -> str:
+        return f"gui/{os.getuid()}" if hasattr(os, "getuid") else "gui/0"
+
+    def _loaded(self, prog: str) -> bool:
+        return _run([prog, "print", f"{self._domain()}/{self.label}"], timeout=LAUNCHCTL_TIMEOUT).returncode == 0
+
+    def _unload(self, prog: str) -> None:
+        proc = _run([prog, "bootout", f"{self._domain()}/{self.label}"], timeout=LAUNCHCTL_TIMEOUT)
+        if proc.returncode != 0 and self.path.exists():
+            _run([prog, "unload", "-w", str(self.path)], timeout=LAUNCHCTL_TIMEOUT)  # older macOS; not loaded is fine
+
+    def install(self) -> dict:
+        prog = _launchctl()
+        new = self.render()
+        entry = self.t.command()
+        old = _read_bytes(self.path)
+        loaded = self._loaded(prog)
+        if old == new and loaded:
+            return {"action": "unchanged", "entry": entry, "path": str(self.path)}
+        from kmpwm.storage.paths import ensure_dir
+
+        ensure_dir(self.t.paths.log_dir)  # launchd does not create the log directory
+        if loaded:
+            self._unload(prog)
+        _write_file(self.path, new)
+        proc = _run([prog, "bootstrap", self._domain(), str(self.path)], timeout=LAUNCHCTL_TIMEOUT)
+        if proc.returncode != 0:
+            first = _stderr_line(proc)
+            proc = _run([prog, "load", "-w", str(self.path)], timeout=LAUNCHCTL_TIMEOUT)
+            if proc.returncode != 0:
+                _restore(self.path, old)
+                raise InvokerError(
+                    f"launchctl could not load {self.path}: {first}",
+                    hint="run it from a logged-in GUI session, or use --backend cron",
+                )
+        return {"action": "installed", "entry": entry, "path": str(self.path)}
+
+    def uninstall(self) -> dict:
+        prog = _launchctl()
+        if not self.path.exists():
+            return {"action": "absent", "entry": None, "path": str(self.path)}
+        entry = self._entry_from_file()
+        self._unload(prog)
+        _remove(self.path)
+        return {"action": "removed", "entry": entry, "path": str(self.path)}
+
+    def _entry_from_file(self) -> str | None:
+        try:
+            doc = plistlib.loads(self.path.read_bytes())
+            return _shell_command(dict(doc.get("EnvironmentVariables") or {}), list(doc["ProgramArguments"]))
+        except Exception:
+            return None
+
+    def _every_from_file(self) -> int | None:
+        try:
+            return int(plistlib.loads(self.path.read_bytes())["StartInterval"])
+        except Exception:
+            return None
+
+    def status(self, timeout: float = 0) -> dict:
+        installed = self.path.exists()
+        return {
+            "installed": installed,
+            "entry": self._entry_from_file() if installed else None,
+            "path": str(self.path),
+            "every": self._every_from_file() if installed else None,
+        }
+
+    def printed(self, action: str) -> dict:
+        if action == "uninstall":
+            old = _read_bytes(self.path)
+            text = old.decode(errors="replace") if old is not None else ""
+            note = (
+                f"would run `launchctl bootout {self._domain()}/{self.label}` and remove {self.path}"
+                + ("" if old is not None else " (not installed)")
+                + " (nothing was changed)"
+            )
+            return {
+                "text": text,
+                "entry": self._entry_from_file() if old is not None else None,
+                "path": str(self.path),
+                "files": {str(self.path): text} if old is not None else {},
+                "note": note,
+            }
+        text = self.render().decode()
+        note = (
+            f"would write {self.path} and run `launchctl bootstrap {self._domain()} {self.path}` (nothing was changed)"
+        )
+        return {
+            "text": text,
+            "entry": self.t.command(),
+            "path": str(self.path),
+            "files": {str(self.path): text},
+            "note": note,
+        }
+
+
+# -- systemd -------------------------------------------------------------------------------
+
+
+def _systemctl() -> str:
+    found = shutil.which("systemctl")
+    if found is None:
+        raise OsPolicy(
+            "systemctl not found: this system does not run systemd",
+            hint="use --backend cron (or launchd on macOS), or --print to see the units",
+        )
+    return found
+
+
+def _sd_quote(arg: str, *, exec_line: bool) -> str:
+    """Quote one word for a unit file (specifiers and, in Exec lines, variables escaped)."""
+    s = arg.replace("%", "%%")
+    if exec_line:
+        s = s.replace("$", "$$")
+    if s and re.fullmatch(r"[A-Za-z0-9_@%+=:,./$-]+", s):
+        return s
+    return '"' + s.replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+
+def _sd_unquote(value: str, *, exec_line: bool) -> list[str]:
+    words = shlex.split(value)
+    out = []
+    for w in words:
+        w = w.replace("%%", "%")
+        out.append(w.replace("$$", "$") if exec_line else w)
+    return out
+
+
+def _sd_span(seconds: int) -> str:
+    if seconds % 3600 == 0:
+        return f"{seconds // 3600}h"
+    if seconds % 60 == 0:
+        return f"{seconds // 60}min"
+    return f"{seconds}s"
+
+
+def _sd_span_seconds(text: str) -> int | None:
+    m = re.fullmatch(r"\s*(\d+)\s*(h|min|s)?\s*", text)
+    if not m:
+        return None
+    return int(m.group(1)) * {"h": 3600, "min": 60, "s": 1, None: 1}[m.group(2)]
+
+
+class Systemd:
+    name = "systemd"
+
+    def __init__(self, target: _Target, every: int | None):
+        self.t = target
+        self.every = every
+
+    @property
+    def unit(self) -> str:
+        return SYSTEMD_NAME + (f"-{self.t.suffix}" if self.t.suffix else "")
+
+    @property
+    def directory(self) -> Path:
+        base = os.environ.get("XDG_CONFIG_HOME")
+        root = Path(base) if base and os.path.isabs(base) else Path.home() / ".config"
+        return root / "systemd" / "user"
+
+    @property
+    def service_path(self) -> Path:
+        return self.directory / f"{self.unit}.service"
+
+    @property
+    def timer_path(self) -> Path:
+        return self.directory / f"{self.unit}.timer"
+
+    @property
+    def timer(self) -> str:
+        return f"{self.unit}.timer"
+
+    def render(self) -> tuple[str, str]:
+        _no_newlines(self.t.home_label, "the home directory")
+        exec_start = " ".join(_sd_quote(a, exec_line=True) for a in self.t.argv)
+        _no_newlines(exec_start, "the run-due command")
+        env_lines = "".join(f"Environment={_sd_quote(f'{k}={v}', exec_line=False)}\n" for k, v in self.t.env.items())
+        where = f" for KMPWM_HOME={self.t.home}".replace("%", "%%") if self.t.home else ""
+        service = (
+            "# Managed by `kmpwm schedule`; do not edit (kmpwm schedule uninstall removes it).\n"
+            "[Unit]\n"
+            f"Description=kmpwm run-due: run the due background tasks{where}\n"
+            "\n"
+            "[Service]\n"
+            "Type=oneshot\n"
+            f"{env_lines}"
+            f"ExecStart={exec_start}\n"
+        )
+        timer = (
+            "# Managed by `kmpwm schedule`; do not edit (kmpwm schedule uninstall removes it).\n"
+            "[Unit]\n"
+            f"Description=Run kmpwm run-due every {format_duration(self.every)}{where}\n"
+            "\n"
+            "[Timer]\n"
+            "OnBootSec=1min\n"
+            f"OnUnitActiveSec={_sd_span(self.every)}\n"
+            "AccuracySec=1s\n"
+            "Persistent=true\n"
+            f"Unit={self.unit}.service\n"
+            "\n"
+            "[Install]\n"
+            "WantedBy=timers.target\n"
+        )
+        return service, timer
+
+    def _check_user_manager(self, prog: str) -> None:
+        proc = _run([prog, "--user", "show-environment"], timeout=PROBE_TIMEOUT + 3)
+        if proc.returncode != 0:
+            raise OsPolicy(
+                f"no systemd user manager is reachable (`systemctl --user`: {_stderr_line(proc)})",
+                hint="log in to a session with a user manager (or `loginctl enable-linger $USER`), "
+                "or use --backend cron",
+            )
+
+    def _sc(self, prog: str, *args: str, check: bool = True) -> subprocess.CompletedProcess:
+        proc = _run([prog, "--user", *args], timeout=SYSTEMCTL_TIMEOUT)
+        if check and proc.returncode != 0:
+            raise InvokerError(
+                f"`systemctl --user {' '.join(args)}` failed: {_stderr_line(proc)}",
+                hint="see `journalctl --user -xe`; or use --backend cron",
+            )
+        return proc
+
+    def install(self) -> dict:
+        prog = _systemctl()
+        service, timer = self.render()
+        entry = self.t.command()
+        self._check_user_manager(prog)
+        old_service, old_timer = _read_bytes(self.service_path), _read_bytes(self.timer_path)
+        same = old_service == service.encode() and old_timer == timer.encode()
+        if (
+            same
+            and self._sc(prog, "is-enabled", "--quiet", self.timer, check=False).returncode == 0
+            and self._sc(prog, "is-active", "--quiet", self.timer, check=False).returncode == 0
+        ):
+            return {"action": "unchanged", "entry": entry, "path": str(self.timer_path)}
+        _write_file(self.service_path, service.encode())
+        _write_file(self.timer_path, timer.encode())
+        try:
+            self._sc(prog, "daemon-reload")
+            self._sc(prog, "enable", "--now", self.timer)
+            if not same and old_timer is not None:
+                self._sc(prog, "restart", self.timer)  # pick up a new interval
+        except KmpwmError:
+            _restore(self.service_path, old_service)
+            _restore(self.timer_path, old_timer)
+            self._sc(prog, "daemon-reload", check=False)
+            raise
+        return {"action": "installed", "entry": entry, "path": str(self.timer_path)}
+
+    def uninstall(self) -> dict:
+        prog = _systemctl()
+        if not self.service_path.exists() and not self.timer_path.exists():
+            return {"action": "absent", "entry": None, "path": str(self.timer_path)}
+        entry = self._entry_from_file()
+        disabled = self._sc(prog, "disable", "--now", self.timer, check=False)
+        if disabled.returncode != 0:  # no user manager: remove the enablement link by hand
+            wants = self.directory / "timers.target.wants" / self.timer
+            if wants.is_symlink() or wants.exists():
+                _remove(wants)
+        _remove(self.timer_path)
+        _remove(self.service_path)
+        self._sc(prog, "daemon-reload", check=False)
+        return {"action": "removed", "entry": entry, "path": str(self.timer_path)}
+
+    def _entry_from_file(self) -> str | None:
+        try:
+            text = self.service_path.read_text()
+        except OSError:
+            return None
+        env: dict[str, str] = {}
+        argv: list[str] = []
+        try:
+            for line in text.splitlines():
+                if line.startswith("Environment="):
+                    for word in _sd_unquote(line[len("Environment=") :], exec_line=False):
+                        k, _, v = word.partition("=")
+                        env[k] = v
+                elif line.startswith("ExecStart="):
+                    argv = _sd_unquote(line[len("ExecStart=") :], exec_line=True)
+        except ValueError:
+            return None
+        return _shell_command(env, argv) if argv else None
+
+    def _every_from_file(self) -> int | None:
+        try:
+            for line in self.timer_path.read_text().splitlines():
+                if line.startswith("OnUnitActiveSec="):
+                    return _sd_span_seconds(line.split("=", 1)[1])
+        except OSError:
+            pass
+        return None
+
+    def status(self, timeout: float = 0) -> dict:
+        installed = self.timer_path.exists()
+        enabled = (self.directory / "timers.target.wants" / self.timer).exists()
+        return {
+            "installed": installed,
+            "entry": self._entry_from_file() if installed else None,
+            "path": str(self.timer_path),
+            "every": self._every_from_file() if installed else None,
+            "enabled": enabled,
+        }
+
+    def printed(self, action: str) -> dict:
+        if action == "uninstall":
+            files = {}
+            for p in (self.service_path, self.timer_path):
+                old = _read_bytes(p)
+                if old is not None:
+                    files[str(p)] = old.decode(errors="replace")
+            text = "".join(f"# {p}\n{c}" + ("" if c.endswith("\n") else "\n") for p, c in files.items())
+            note = (
+                f"would run `systemctl --user disable --now {self.timer}`, remove {self.service_path} and "
+                f"{self.timer_path}" + ("" if files else " (not installed)") + ", then "
+                "`systemctl --user daemon-reload` (nothing was changed)"
+            )
+            return {
+                "text": text,
+                "entry": self._entry_from_file() if files else None,
+                "path": str(self.timer_path),
+                "files": files,
+                "note": note,
+            }
+        service, timer = self.render()
+        files = {str(self.service_path): service, str(self.timer_path): timer}
+        text = f"# {self.service_path}\n{service}\n# {self.timer_path}\n{timer}"
+        note = (
+            f"would write both files and run `systemctl --user daemon-reload` and "
+            f"`systemctl --user enable --now {self.timer}` (nothing was changed)"
+        )
+        return {"text": text, "entry": self.t.command(), "path": str(self.timer_path), "files": files, "note": note}
+
+
+class LaunchdServe(Launchd):
+    """``--mode serve`` on macOS: a KeepAlive agent running ``kmpwm serve`` (the StartInterval
+    agent of run-due stays as the fallback)."""
+
+    @property
+    def label(self) -> str:
+        return LAUNCHD_SERVE_LABEL + (f".{self.t.suffix}" if self.t.suffix else "")
+
+    def plist(self) -> dict:
+        doc: dict[str, Any] = {"Label": self.label, "ProgramArguments": self.t.argv}
+        if self.t.env:
+            doc["EnvironmentVariables"] = dict(self.t.env)
+        doc.update(
+            {
+                "RunAtLoad": True,
+                "KeepAlive": True,
+                "ThrottleInterval": 10,
+                "ProcessType": "Background",
+                "StandardOutPath": str(self.t.paths.log_dir / "serve.log"),
+                "StandardErrorPath": str(self.t.paths.log_dir / "serve.log"),
+            }
+        )
+        return doc
+
+
+class SystemdServe(Systemd):
+    """``--mode serve`` with systemd: a user service running ``kmpwm serve``, restarted on
+    failure (the run-due timer stays as the fallback)."""
+
+    @property
+    def unit(self) -> str:
+        return SYSTEMD_SERVE_NAME + (f"-{self.t.suffix}" if self.t.suffix else "")
+
+    @property
+    def service(self) -> str:
+        return f"{self.unit}.service"
+
+    def render_service(self) -> str:
+        _no_newlines(self.t.home_label, "the home directory")
+        exec_start = " ".join(_sd_quote(a, exec_line=True) for a in self.t.argv)
+        _no_newlines(exec_start, "the serve command")
+        env_lines = "".join(f"Environment={_sd_quote(f'{k}={v}', exec_line=False)}\n" for k, v in self.t.env.items())
+        where = f" for KMPWM_HOME={self.t.home}".replace("%", "%%") if self.t.home else ""
+        return (
+            "# Managed by `kmpwm schedule`; do not edit (kmpwm schedule uninstall removes it).\n"
+            "[Unit]\n"
+            f"Description=kmpwm serve: start background tasks the moment they are due{where}\n"
+            "\n"
+            "[Service]\n"
+            "Type=simple\n"
+            f"{env_lines}"
+            f"ExecStart={exec_start}\n"
+            "ExecReload=/bin/kill -HUP $MAINPID\n"
+            "Restart=on-failure\n"
+            "RestartSec=5s\n"
+            "KillMode=mixed\n"  # SIGTERM to serve only: it stops its workers (the expiry protocol)
+            "TimeoutStopSec=60s\n"
+            "\n"
+            "[Install]\n"
+            "WantedBy=default.target\n"
+        )
+
+    def install(self) -> dict:
+        prog = _systemctl()
+        text = self.render_service().encode()
+        entry = self.t.command()
+        self._check_user_manager(prog)
+        old = _read_bytes(self.service_path)
+        if (
+            old == text
+            and self._sc(prog, "is-enabled", "--quiet", self.service, check=False).returncode == 0
+            and self._sc(prog, "is-active", "--quiet", self.service, check=False).returncode == 0
+        ):
+            return {"action": "unchanged", "entry": entry, "path": str(self.service_path)}
+        _write_file(self.service_path, text)
+        try:
+            self._sc(prog, "daemon-reload")
+            self._sc(prog, "enable", "--now", self.service)
+            if old is not None and old != text:
+                self._sc(prog, "restart", self.service)
+        except KmpwmError:
+            _restore(self.service_path, old)
+            self._sc(prog, "daemon-reload", check=False)
+            raise
+        return {"action": "installed", "entry": entry, "path": str(self.service_path)}
+
+    def uninstall(self) -> dict:
+        prog = _systemctl()
+        if not self.service_path.exists():
+            return {"action": "absent", "entry": None, "path": str(self.service_path)}
+        entry = self._entry_from_file()
+        if self._sc(prog, "disable", "--now", self.service, check=False).returncode != 0:
+            wants = self.directory / "default.target.wants" / self.service
+            if wants.is_symlink() or wants.exists():
+                _remove(wants)
+        _remove(self.service_path)
+        self._sc(prog, "daemon-reload", check=False)
+        return {"action": "removed", "entry": entry, "path": str(self.service_path)}
+
+    def status(self, timeout: float = 0) -> dict:
+        installed = self.service_path.exists()
+        return {
+            "installed": installed,
+            "entry": self._entry_from_file() if installed else None,
+            "path": str(self.service_path),
+        }
+
+    def printed(self, action: str) -> dict:
+        if action == "uninstall":
+            old = _read_bytes(self.service_path)
+            files = {str(self.service_path): old.decode(errors="replace")} if old is not None else {}
+            text = "".join(f"# {p}\n{c}" for p, c in files.items())
+            note = (
+                f"would run `systemctl --user disable --now {self.service}` and remove {self.service_path}"
+                + ("" if files else " (not installed)")
+                + " (nothing was changed)"
+            )
+            return {
+                "text": text,
+                "entry": self._entry_from_file() if files else None,
+                "path": str(self.service_path),
+                "files": files,
+                "note": note,
+            }
+        text = self.render_service()
+        return {
+            "text": f"# {self.service_path}\n{text}",
+            "entry": self.t.command(),
+            "path": str(self.service_path),
+            "files": {str(self.service_path): text},
+            "note": f"would write it and run `systemctl --user enable --now {self.service}` (nothing was changed)",
+        }
+
+
+_IMPLS = {"cron": Cron, "launchd": Launchd, "systemd": Systemd}
+_SERVE_IMPLS = {"launchd": LaunchdServe, "systemd": SystemdServe}
+
+
+# -- status --------------------------------------------------------------------------------
+
+
+def last_run_at(paths) -> float | None:
+    try:
+        return os.stat(paths.journal_dir / "runners" / "last-run").st_mtime
+    except OSError:
+        return None
+
+
+def invoker_status(paths) -> dict:
+    """A cheap report for ``kmpwm doctor``; never raises for a backend's sake.
+
+    ``{"installed": bool, "backend": name|None, "entry": str|None, "path": str|None,
+    "last_run_at": ISO|None, "backends": {name: {"installed", "entry", "path"[, "error"]}}}``.
+    launchd and systemd are judged by their files only; cron runs ``crontab -l`` (2 s timeout)
+    when a crontab program exists.
+    """
+    target = _Target(paths)
+    order = ["launchd", "cron", "systemd"] if sys.platform == "darwin" else ["systemd", "cron", "launchd"]
+    backends: dict[str, dict] = {}
+    for name in order:
+        impl = _IMPLS[name](target, None)
+        try:
+            if name == "cron":
+                try:
+                    _crontab_program()
+                except OsPolicy:
+                    backends[name] = {"installed": False, "entry": None, "path": None, "error": "crontab not found"}
+                    continue
+                st = impl.status(timeout=PROBE_TIMEOUT)
+            else:
+                st = impl.status()
+            backends[name] = {
+                "installed": st["installed"],
+                "entry": st["entry"],
+                "path": st["path"],
+                "every": st.get("every") or (_cron_every(st["entry"]) if name == "cron" else None),
+            }
+        except Exception as exc:  # doctor reports, it does not fail
+            msg = exc.message if isinstance(exc, KmpwmError) else f"{type(exc).__name__}: {exc}"
+            backends[name] = {"installed": False, "entry": None, "path": None, "error": msg}
+    chosen = next((n for n in order if backends[n]["installed"]), None)
+    return {
+        "installed": chosen is not None,
+        "backend": chosen,
+        "entry": backends[chosen]["entry"] if chosen else None,
+        "path": backends[chosen]["path"] if chosen else None,
+        "last_run_at": iso(last_run_at(paths)),
+        "every": backends[chosen]["every"] if chosen else None,
+        "backends": backends,
+    }
+
+
+def _cron_every(entry: str | None) -> int | None:
+    """The period, in seconds, of a cron line that :func:`cron_schedule` wrote (None if another)."""
+    fields = (entry or "").split()[:5]
+    if len(fields) < 5 or fields[2:] != ["*", "*", "*"]:
+        return None
+    minute, hour = fields[0], fields[1]
+    step = {"*": 1, **{f"*/{n}": n for n in range(1, 61)}}
+    if hour == "*":
+        return 60 * step[minute] if minute in step else 3600 if minute.isdigit() else None
+    if minute.isdigit():
+        return 3600 * step[hour] if hour in step else 86400 if hour.isdigit() else None
+    return None
+
+
+# -- the command ---------------------------------------------------------------------------
+
+
+def schedule_command(
+    paths, action: str, backend: str | None, every: str | None, print_only: bool, as_json: bool, mode: str | None = None
+) -> int:
+    """``kmpwm schedule install|uninstall|status``; returns the exit code.
+
+    ``mode`` (install only): ``minute`` (the default) installs the periodic run-due alone and
+    removes a serve set up before; ``serve`` adds ``kmpwm serve`` as a supervised service (a
+    systemd user service, a launchd KeepAlive agent, a cron @reboot line), the periodic run-due
+    staying as the fallback.  ``uninstall`` removes both."""
+    from kmpwm.cli.output import print_json, say
+
+    if action not in ACTIONS:
+        raise InvalidParams(f"unknown schedule action {action!r}: expected install, uninstall or status")
+    if mode is not None and mode not in MODES:
+        raise InvalidParams(f"invalid --mode {mode!r}: expected minute or serve")
+    serve_mode = mode == "serve"
+    name = _pick_backend(backend, probe=not print_only)
+    seconds = parse_every(every, name)  # the CLI gives --every to install only; None means the default
+    impl = _IMPLS[name](_Target(paths), seconds)
+    serve_impl = _SERVE_IMPLS[name](_Target(paths, "serve"), None) if name in _SERVE_IMPLS else None
+    if name == "cron":
+        impl.serve = serve_mode
+    where = f"home {paths.home}" if paths.home is not None else "the default home"
+
+    if print_only:
+        act = "uninstall" if action == "uninstall" else "install"
+        shown = impl.printed(act)
+        extra = None
+        if serve_impl is not None and (serve_mode or act == "uninstall"):
+            extra = serve_impl.printed(act)
+        if as_json:
+            doc = {
+                "backend": name,
+                "action": "printed",
+                "entry": shown["entry"],
+                "path": shown["path"],
+                "text": shown["text"] + (extra["text"] if extra else ""),
+            }
+            if shown["files"] is not None:
+                doc["files"] = {**shown["files"], **(extra["files"] if extra else {})}
+            if serve_mode:
+                doc["serve"] = {
+                    "entry": extra["entry"] if extra else impl.reboot_line(),
+                    "path": extra["path"] if extra else None,
+                }
+            print_json(doc)
+        else:
+            sys.stdout.write(shown["text"] + (("\n" + extra["text"]) if extra else ""))
+            sys.stdout.flush()
+            sys.stderr.write(f"kmpwm: {name}: {shown['note']}\n")
+            if extra:
+                sys.stderr.write(f"kmpwm: {name}: serve: {extra['note']}\n")
+            elif serve_mode and name == "cron":
+                sys.stderr.write(
+                    "kmpwm: cron: serve: would also start `kmpwm serve` now (the @reboot line "
+                    "starts it after each boot)\n"
+                )
+        return 0
+
+    from kmpwm.running.serve import running_serves
+
+    if action == "status":
+        st = impl.status()
+        last = last_run_at(paths)
+        running = [{"pid": x["pid"], "started_at": iso(x["started_at"])} for x in running_serves(paths)]
+        if serve_impl is not None:
+            sst = serve_impl.status()
+        else:
+            entry = impl.serve_entry() if st["installed"] else None
+            sst = {"installed": entry is not None, "entry": entry, "path": None}
+        if as_json:
+            print_json(
+                {
+                    "backend": name,
+                    "installed": st["installed"],
+                    "entry": st["entry"],
+                    "last_run_at": iso(last),
+                    "path": st["path"],
+                    "serve": {
+                        "installed": sst["installed"],
+                        "entry": sst["entry"],
+                        "path": sst["path"],
+                        "running": running,
+                    },
+                }
+            )
+            return 0
+        if st["installed"]:
+            extra = f" every {format_duration(st['every'])}" if st.get("every") else ""
+            at = f" ({st['path']})" if st["path"] else ""
+            say(f"{name} invoker installed for {where}{extra}{at}: {st['entry'] or '?'}")
+            if name == "systemd" and not st.get("enabled", True):
+                say("  note: the timer is not enabled; run `kmpwm schedule install --backend systemd`")
+        else:
+            say(f"{name} invoker not installed for {where}; `kmpwm schedule install --backend {name}` sets it up")
+        say(
+            f"run-due last ran: {iso(last)} ({relative(last)})"
+            if last is not None
+            else "run-due has not run yet for this home"
+        )
+        if sst["installed"]:
+            at = f" ({sst['path']})" if sst["path"] else ""
+            say(f"serve installed as a {name} service{at}: {sst['entry'] or '?'}")
+        for x in running:
+            say(f"serve is running (pid {x['pid']}, since {x['started_at']})")
+        if not running:
+            say("no serve is running for this home")
+        return 0
+
+    if action == "install":
+        result = impl.install()
+        serve_result = None
+        if serve_impl is not None:
+            if serve_mode:
+                serve_result = serve_impl.install()
+            elif serve_impl.status()["installed"]:
+                serve_result = serve_impl.uninstall()  # --mode minute: back to run-due alone
+        elif serve_mode:
+            serve_result = {"action": result["action"], "entry": impl.reboot_line(), "path": None}
+            if not running_serves(paths):
+                serve_result["started"] = _start_serve(paths)
+                serve_result["action"] = "installed"
+    else:
+        serve_entry = impl.serve_entry() if serve_impl is None else None
+        result = impl.uninstall()
+        serve_result = serve_impl.uninstall() if serve_impl is not None else None
+        if serve_entry is not None:  # cron started it: stop it with its @reboot line
+            serve_result = {"action": "removed", "entry": serve_entry, "path": None, "stopped": _stop_serves(paths)}
+    if as_json:
+        doc = {"backend": name, "action": result["action"], "entry": result["entry"], "path": result["path"]}
+        if serve_result is not None:
+            doc["serve"] = serve_result
+        print_json(doc)
+        return 0
+    act = result["action"]
+    at = f" ({result['path']})" if result["path"] else ""
+    if act == "installed":
+        say(f"Installed the {name} invoker for {where}: run-due every {format_duration(seconds)}{at}")
+        say(f"  {result['entry']}")
+    elif act == "unchanged":
+        say(
+            f"The {name} invoker for {where} is already installed (every {format_duration(seconds)}); "
+            f"nothing changed{at}"
+        )
+    elif act == "removed":
+        say(f"Removed the {name} invoker for {where}{at}")
+    else:
+        say(f"No {name} invoker was installed for {where}; nothing to remove")
+    if serve_result is not None:
+        sat = f" ({serve_result['path']})" if serve_result.get("path") else ""
+        sact = serve_result["action"]
+        if action == "uninstall" or not serve_mode:
+            if sact == "removed":
+                stopped = serve_result.get("stopped")
+                say(
+                    f"Removed the serve service{sat}"
+                    + (f"; stopped serve pid {', '.join(map(str, stopped))}" if stopped else "")
+                )
+        elif sact == "unchanged":
+            say(f"serve is already installed{sat}; nothing changed")
+        else:
+            started = serve_result.get("started")
+            say(
+                f"Installed serve as a {name} service{sat}, run-due every {format_duration(seconds)} "
+                f"as the fallback" + (f"; started it (pid {started})" if started else "")
+            )
+            say(f"  {serve_result['entry']}")
+    return 0
+
+
+def _start_serve(paths) -> int:
+    """cron has no service manager: start ``kmpwm serve`` now, detached (its @reboot line starts
+    it after each boot); output appended to logs/serve.log."""
+    from kmpwm.storage.paths import private_subdir
+
+    target = _Target(paths, "serve")
+    log_dir = private_subdir(paths.log_dir)
+    fd = os.open(log_dir / "serve.log", os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+    try:
+        proc = subprocess.Popen(
+            target.argv,
+            stdin=subprocess.DEVNULL,
+            stdout=fd,
+            stderr=fd,
+            env={**os.environ, **target.env},
+            start_new_session=True,
+            close_fds=True,
+        )
+    finally:
+        os.close(fd)
+    return proc.pid
+
+
+def _stop_serves(paths) -> list[int]:
+    """SIGTERM the serve processes of this home (they savepoint their tasks and exit 0)."""
+    import signal
+
+    from kmpwm.running.serve import running_serves
+
+    stopped = []
+    for x in running_serves(paths):
+        try:
+            os.kill(x["pid"], signal.SIGTERM)
+            stopped.append(x["pid"])
+        except OSError:
+            pass
+    return stopped
