@@ -26,16 +26,16 @@ __all__ = [
 _LAZY = {
     "Scheduler": "api",
     "Outcome": "api",
-    "TaskRequest": "models",
-    "Constraints": "models",
-    "ScheduleResult": "models",
-    "TaskState": "models",
-    "BackoffPolicy": "models",
-    "ExistingWorkPolicy": "models",
-    "NetworkType": "models",
-    "QualityOfService": "models",
-    "WorkerResult": "results",
-    "worker": "declare",
+    "TaskRequest": "core.models",
+    "Constraints": "core.models",
+    "ScheduleResult": "core.models",
+    "TaskState": "core.models",
+    "BackoffPolicy": "core.models",
+    "ExistingWorkPolicy": "core.models",
+    "NetworkType": "core.models",
+    "QualityOfService": "core.models",
+    "WorkerResult": "core.results",
+    "worker": "running.declare",
 }
 
 
