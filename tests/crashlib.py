@@ -351,7 +351,7 @@ def check_runs_against_state(
         late = [ln for ln in lines if ln.t > f]
         tally.check(
             not late,
-            lambda: (
+            lambda tid=tid, late=late, f=f, t=t: (
                 f"{tid}: started again (pid {late[0].pid}, attempt {late[0].attempt}) at {late[0].t:.6f}, "
                 f"{late[0].t - f:.3f}s after it was recorded {t['state']} at {f:.6f}"
             ),
@@ -366,7 +366,7 @@ def check_runs_against_state(
                 continue  # that run was killed (its runner died): when exactly is unknown
             tally.check(
                 b.t >= end,
-                lambda: (
+                lambda tid=tid, a=a, b=b, end=end: (
                     f"{tid}: two runs at once: pid {a.pid} ran {a.t:.6f}..{end:.6f} and pid {b.pid} started at {b.t:.6f}"  # noqa: E501
                 ),
             )

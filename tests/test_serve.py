@@ -286,7 +286,14 @@ def test_serve_starts_every_task_of_a_stream_of_enqueues_without_waiting_for_a_r
     s = serves("--parallel", "2")
     for i in range(150):
         sched.enqueue(f"s{i}", triggers.OneTime(), "w", input=json.dumps({"log": str(log)}))
-        wait_for(lambda: len(lines(log)) == i + 1, 20, f"task s{i} to start")
+        try:
+            wait_for(lambda: len(lines(log)) == i + 1 or s.proc.poll() is not None, 20, f"task s{i} to start")
+        except AssertionError as e:  # say what the serve and the task were doing
+            raise AssertionError(
+                f"{e}; serve alive: {s.proc.poll() is None}; task: {tasks().get(f's{i}')}; "
+                f"serve stderr: {s.stderr()[-2000:]}"
+            ) from None
+        assert s.proc.poll() is None, s.stderr()
     s.stop()
 
 
