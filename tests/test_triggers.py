@@ -561,9 +561,9 @@ def test_cron_retry_runs_after_backoff_then_returns_to_schedule(home):
     _retry_worker(home)
     enqueue("cr", "again", "--cron", "0 0 1 1 *", "--backoff-delay", "10s", "--max-attempts", "2", env=UTC)
     first = epoch(task("cr")["next_run_at"])
-    out, _ = at(datetime.fromtimestamp(first + 60, UTC).strftime("%Y-%m-%d %H:%M:%S UTC"), "run-due", env=UTC)
+    out, _ = at(datetime.fromtimestamp(first + 60, timezone.utc).strftime("%Y-%m-%d %H:%M:%S UTC"), "run-due", env=UTC)
     assert _statuses(out) == [("cr", "RETRY")]
-    out, _ = at(datetime.fromtimestamp(first + 120, UTC).strftime("%Y-%m-%d %H:%M:%S UTC"), "run-due", env=UTC)
+    out, _ = at(datetime.fromtimestamp(first + 120, timezone.utc).strftime("%Y-%m-%d %H:%M:%S UTC"), "run-due", env=UTC)
     assert [i for i, _ in _statuses(out)] == ["cr"]  # the last allowed attempt of this occurrence
     t = task("cr", env=UTC)
     assert t["state"] == "ENQUEUED"  # cron repeats: the next occurrence is still scheduled
