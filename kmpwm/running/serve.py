@@ -35,10 +35,6 @@ from kmpwm.storage.paths import Paths, private_subdir
 
 RECHECK = 60.0  # due work waiting for a constraint or a trigger condition: look again this often
 MAX_SLEEP = 900.0  # longest sleep while something is due later (clock changes, suspend)
-# Change notification has been seen to miss a write (issue 19: about once in 300 enqueues under
-# load, cause not found yet): however the watch is made, the journal's size and inode are also
-# looked at this often, so a missed wake-up costs seconds, never the whole sleep.
-CHECK_EVERY = 5.0
 TRIM_EVERY = 60.0  # while busy: forget finished runs (bounded memory), read the device again
 COMPACT_CHECK = 300.0  # at most this often: is an automatic compaction due?
 POLL_MIN, POLL_MAX = 0.05, 1.0  # fallback without change notification: stat backoff bounds
@@ -265,7 +261,6 @@ class Serve:
                 # A change since the Runner last planned (another process's enqueue may have been
                 # folded into one of our own transactions without a plan): plan once more.
                 return
-            seen = runner.store.journal.identity()  # before the load: a write after it is noticed below
             view = runner.store.load(full=False)
             if view.damage:
                 raise JournalError(
@@ -279,7 +274,7 @@ class Serve:
             nxt, holders = wake_plan(view.state, now, runner.runner_id, procs.host())
             if nxt is not None and nxt <= now:
                 return
-            timeout = CHECK_EVERY if nxt is None else min(nxt - now + 0.0005, MAX_SLEEP, CHECK_EVERY)
+            timeout = None if nxt is None else min(nxt - now + 0.0005, MAX_SLEEP)
             poll = self.watch.poll_interval()
             if poll is not None:
                 timeout = poll if timeout is None else min(timeout, poll)
@@ -289,8 +284,6 @@ class Serve:
             runner._wait(timeout)
             if runner._poke or (self.watch.fd is None and self.watch.drain()):
                 return  # the journal changed, or a lease holder exited
-            if runner.store.journal.identity() != seen:
-                return  # changed without a notification (CHECK_EVERY)
             if nxt is not None and time.time() >= nxt:
                 runner.device = _fresh_device(self.paths)
                 return
