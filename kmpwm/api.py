@@ -39,7 +39,7 @@ from kmpwm.core.specs import normalise_input
 from kmpwm.core.state import members
 from kmpwm.core.triggers import REPEATING, TIMED, Cron, DeviceState, OneTime, Periodic, initial, jitter_offset
 from kmpwm.storage.paths import Paths, resolve
-from kmpwm.storage.store import Store
+from kmpwm.storage.stores import open_store
 
 MAX_ID_LEN = 200
 MAX_CHAIN_TASKS = 10_000
@@ -113,7 +113,7 @@ class Scheduler:
 
     def __init__(self, home: str | os.PathLike | None = None, *, paths: Paths | None = None):
         self.paths = paths or resolve(home)
-        self.store = Store(self.paths)
+        self.store = open_store(self.paths)
         self._registry = None
         self._pending: list | None = None  # (kind, payload, outcome) while a batch is open
         self._workers_ok: set[str] = set()
@@ -422,7 +422,7 @@ class Scheduler:
         return self._cancel({"op": "cancel", "all": True})
 
     def _cancel(self, op: dict) -> list[str]:
-        if not os.path.lexists(self.paths.journal_file):
+        if not self.store.exists():
             return []  # no journal, no task: nothing to lock, and no home made for a mistyped --home
         with self.store.transaction() as txn:
             if not _cancel_would_change(txn.state, op):

@@ -17,13 +17,105 @@ import pytest
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # `import helpers` from any test file
 
 
+# -- the stores: the behaviour suites run against the journal and against PostgreSQL ----------
+#
+# A module with ``pytestmark = pytest.mark.both_stores`` runs each of its tests twice: on the
+# embedded journal and on a fresh PostgreSQL database (KMPWM_STORE), as River runs one driver
+# suite against every driver.  The server: ``KMPWM_TEST_PG`` (a libpq URL whose user may create
+# databases), else a throwaway cluster this session starts (scripts/pgcluster.py) and stops.
+# ``pytest --store journal`` (or ``postgresql``) runs one side only.
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def pytest_addoption(parser):
+    parser.addoption(
+        "--store", choices=("both", "journal", "postgresql"), default="both", help="stores for both_stores tests"
+    )
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "both_stores: run the module's tests on the journal and on PostgreSQL")
+    config.addinivalue_line("markers", "journal_only: a test of the journal's own files (not run on PostgreSQL)")
+
+
+def pytest_generate_tests(metafunc):
+    if "store_kind" not in metafunc.fixturenames:
+        return
+    if metafunc.definition.get_closest_marker("both_stores") is None:
+        return
+    choice = metafunc.config.getoption("--store")
+    kinds = ["journal", "postgresql"] if choice == "both" else [choice]
+    if metafunc.definition.get_closest_marker("journal_only") is not None:
+        kinds = [k for k in kinds if k == "journal"]
+    metafunc.parametrize("store_kind", kinds, indirect=True, ids=[k[:2] if k == "journal" else "pg" for k in kinds])
+
+
+@pytest.fixture
+def store_kind(request) -> str:
+    return getattr(request, "param", "journal")
+
+
+@pytest.fixture(scope="session")
+def pg_server(tmp_path_factory):
+    """A libpq URL of a PostgreSQL server this session may create databases in."""
+    url = os.environ.get("KMPWM_TEST_PG")
+    if url:
+        yield url
+        return
+    import shutil
+    import subprocess
+    import tempfile
+
+    # not under pytest's 0700 temporary tree: the server runs as another user when we are root
+    root = tempfile.mkdtemp(prefix="kmpwm-pg-")
+    script = ROOT / "scripts" / "pgcluster.py"
+    try:
+        out = subprocess.run(
+            [sys.executable, str(script), "start", str(root)], check=True, capture_output=True, text=True
+        )
+    except subprocess.CalledProcessError as exc:
+        pytest.fail(f"cannot start a PostgreSQL cluster for the tests: {exc.stderr.strip() or exc}")
+    try:
+        yield out.stdout.strip()
+    finally:
+        subprocess.run([sys.executable, str(script), "stop", str(root)], check=False, capture_output=True)
+        shutil.rmtree(root, ignore_errors=True)
+
+
+@pytest.fixture
+def pg_url(pg_server) -> str:
+    """A fresh, empty database on the test server (dropped at the end of the test)."""
+    import uuid
+
+    import psycopg
+
+    name = "t_" + uuid.uuid4().hex[:12]
+    with psycopg.connect(pg_server, autocommit=True) as conn:
+        conn.execute(f"CREATE DATABASE {name}")
+    url = _with_dbname(pg_server, name)
+    yield url
+    with psycopg.connect(pg_server, autocommit=True) as conn:
+        conn.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
+
+
+def _with_dbname(url: str, name: str) -> str:
+    from urllib.parse import urlsplit, urlunsplit
+
+    parts = urlsplit(url)
+    return urlunsplit((parts.scheme, parts.netloc, "/" + name, parts.query, parts.fragment))
+
+
 @pytest.fixture(autouse=True)
-def kmpwm_home(tmp_path, monkeypatch) -> Path:
+def kmpwm_home(tmp_path, monkeypatch, store_kind, request) -> Path:
     """The kmpwm home of this test (also in ``os.environ["KMPWM_HOME"]``)."""
     home = tmp_path / "home"
     home.mkdir(mode=0o700)
     os.chmod(home, 0o700)  # mkdir's mode is filtered by the umask
     monkeypatch.setenv("KMPWM_HOME", str(home))
+    monkeypatch.delenv("KMPWM_STORE", raising=False)
+    if store_kind == "postgresql":
+        monkeypatch.setenv("KMPWM_STORE", request.getfixturevalue("pg_url"))
     monkeypatch.delenv("KMPWM_ASSUME", raising=False)
     monkeypatch.setenv("KMPWM_LOCK_TIMEOUT", "20")
     monkeypatch.setenv("NO_COLOR", "1")

@@ -19,6 +19,8 @@ from pathlib import Path
 import pytest
 from helpers import kjson, kmpwm, kmpwm_env, tasks_by_id
 
+pytestmark = pytest.mark.both_stores  # each test runs on the journal and on PostgreSQL (conftest.py)
+
 ISO_Z = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d(\.\d+)?Z$")
 TASK_KEYS = {
     "id",

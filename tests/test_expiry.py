@@ -17,6 +17,8 @@ import pytest
 from helpers import jdoc as kjson  # kjson(ARGS, expect=N) -> the --json document
 from helpers import kmpwm
 
+pytestmark = pytest.mark.both_stores  # each test runs on the journal and on PostgreSQL (conftest.py)
+
 PY = sys.executable
 
 # -- local helpers ----------------------------------------------------------------------------
@@ -75,6 +77,7 @@ def write_config(home: Path, workers: dict[str, dict]) -> None:
 #   out        JSON object printed as the last stdout line
 WORKER = r"""
 import json, os, signal, sys, time
+
 cfg = json.loads(sys.argv[1])
 if cfg.get("ignore_term"):
     signal.signal(signal.SIGTERM, signal.SIG_IGN)

@@ -18,6 +18,8 @@ from pathlib import Path
 import pytest
 from helpers import jdoc, kmpwm, kmpwm_env
 
+pytestmark = pytest.mark.both_stores  # each test runs on the journal and on PostgreSQL (conftest.py)
+
 PY = sys.executable
 
 # A command worker configured by argv[1] (JSON); every event is a JSON line in ``marker``:
@@ -58,6 +60,7 @@ sys.exit(cfg.get("exit", 0))
 # A Python entry worker (in the pool or forked) that leaves ``sleep 300`` running.
 ENTRY = r"""
 import json, os, subprocess
+
 def leave_child(input):
     pid = subprocess.Popen(["sleep", "300"], stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
                            stderr=subprocess.DEVNULL).pid

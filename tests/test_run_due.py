@@ -21,6 +21,8 @@ import pytest
 from helpers import jdoc as kjson  # kjson(ARGS, expect=N) -> the --json document
 from helpers import kmpwm
 
+pytestmark = pytest.mark.both_stores  # each test runs on the journal and on PostgreSQL (conftest.py)
+
 PY = sys.executable
 HOUR = 3600.0
 
@@ -566,6 +568,7 @@ def test_a_worker_forked_as_run_due_dies_never_runs(tmp_path):
     code = f"""
 import os, sys, time
 from kmpwm.running import runner
+
 parent = os.getpid()
 if os.fork() == 0:
     while os.getppid() == parent:  # wait until the forking process is gone

@@ -31,6 +31,8 @@ from kmpwm.core.triggers import (
     next_after_run,
 )
 
+pytestmark = pytest.mark.both_stores  # each test runs on the journal and on PostgreSQL (conftest.py)
+
 BERLIN, NEW_YORK, TOKYO = "Europe/Berlin", "America/New_York", "Asia/Tokyo"
 HOST = {"KMPWM_HOST": "host-a"}
 

@@ -14,6 +14,8 @@ import orjson
 import pytest
 from helpers import kjson, kmpwm, kmpwm_env
 
+pytestmark = pytest.mark.both_stores  # each test runs on the journal and on PostgreSQL (conftest.py)
+
 PY = sys.executable
 
 

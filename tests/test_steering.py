@@ -12,7 +12,10 @@ import time
 from pathlib import Path
 
 import orjson
+import pytest
 from helpers import jdoc, kjson, kmpwm, kmpwm_env, tasks_by_id
+
+pytestmark = pytest.mark.both_stores  # each test runs on the journal and on PostgreSQL (conftest.py)
 
 
 def queue(*args) -> dict:

@@ -18,6 +18,8 @@ import pytest
 from helpers import jdoc, kmpwm, kmpwm_env
 from test_builtin_workers import BLOB, BLOB_SHA, HALF, Handler, Server
 
+pytestmark = pytest.mark.both_stores  # each test runs on the journal and on PostgreSQL (conftest.py)
+
 
 class StallingHandler(Handler):
     """``/stall``: a plain GET gets half the blob, then nothing until the test lets go; a Range

@@ -27,6 +27,8 @@ schedule_app = typer.Typer(
     help="Install, remove or show the periodic `run-due` invoker (cron, launchd, systemd).", no_args_is_help=True
 )
 app.add_typer(schedule_app, name="schedule")
+store_app = typer.Typer(help="Move a queue between stores (the journal, PostgreSQL).", no_args_is_help=True)
+app.add_typer(store_app, name="store")
 
 _home: str | None = None
 
@@ -59,9 +61,9 @@ def _complete_worker(incomplete: str):
 
 def _complete_task(incomplete: str):
     try:
-        from kmpwm.storage.store import Store
+        from kmpwm.storage.stores import open_store
 
-        state = Store(_paths()).load(full=False).state
+        state = open_store(_paths()).load(full=False).state
         ids = [i for i, t in state["tasks"].items() if i.startswith(incomplete)]
         return ids + [c for c in state["chains"] if c.startswith(incomplete)]
     except Exception:
@@ -79,12 +81,21 @@ def _main(
     home: Path | None = typer.Option(
         None, "--home", metavar="DIR", help="Keep everything under DIR (wins over KMPWM_HOME)."
     ),
+    store: str | None = typer.Option(
+        None,
+        "--store",
+        metavar="URL",
+        help="Keep the queue in this store: postgresql://... (a fleet's shared queue) or 'journal' "
+        "(wins over KMPWM_STORE and [store] url in config.toml).",
+    ),
     version: bool = typer.Option(
         False, "--version", callback=_version_callback, is_eager=True, help="Print the version and exit."
     ),
 ) -> None:
     global _home
     _home = str(home) if home is not None else None
+    if store is not None:
+        os.environ["KMPWM_STORE"] = store  # the store of this command and of the workers it starts
 
 
 # -- shared option groups ------------------------------------------------------------------
@@ -799,6 +810,20 @@ def doctor_cmd(
 BACKEND_HELP = "cron, launchd or systemd (default: the platform's own)."
 
 
+@store_app.command("copy")
+def store_copy(
+    to: str | None = Opt(None, "--to", metavar="URL", help="Copy this home's store into URL ('journal': its journal)."),
+    from_: str | None = Opt(None, "--from", metavar="URL", help="Copy URL's unfinished work into this home's store."),
+    as_json: bool = JSON_OPT,
+) -> None:
+    """Copy every unfinished task, chain and savepoint to (or from) another store; never overwrites."""
+    from kmpwm.cli import commands
+
+    if (to is None) == (from_ is None):
+        raise _Usage("store copy needs exactly one of --to URL and --from URL")
+    raise typer.Exit(commands.store_copy(_paths(), to, from_, as_json))
+
+
 @schedule_app.command("install")
 def schedule_install(
     backend: str | None = Opt(None, "--backend", metavar="cron|launchd|systemd", help=BACKEND_HELP),
@@ -927,10 +952,10 @@ def _app_for(args: list[str]) -> typer.Typer:
     i = 0
     while i < len(args):
         arg = args[i]
-        if arg == "--home":
+        if arg in ("--home", "--store"):
             i += 2
             continue
-        if arg.startswith("--home="):
+        if arg.startswith(("--home=", "--store=")):
             i += 1
             continue
         if not arg.startswith("-"):

@@ -508,3 +508,31 @@ def schedule(paths, action, backend, every, print_only, as_json, mode=None) -> i
     from kmpwm.system.invoker import schedule_command
 
     return schedule_command(paths, action, backend, every, print_only, as_json, mode)
+
+
+def store_copy(paths, to: str | None, from_: str | None, as_json: bool) -> int:
+    """``kmpwm store copy --to URL | --from URL`` (storage.copy)."""
+    from kmpwm.cli.output import print_json, say
+    from kmpwm.storage.copy import copy_between
+    from kmpwm.storage.stores import named_store, open_store
+
+    here = open_store(paths)
+    other = named_store(paths, to if to is not None else from_)
+    source, target = (here, other) if to is not None else (other, here)
+    report = copy_between(source, target)
+    doc = {"from": source_name(source), "to": source_name(target), **report}
+    if report["was_running"]:
+        sys.stderr.write(
+            f"kmpwm: warning: {len(report['was_running'])} running task(s) copied as ENQUEUED "
+            f"({', '.join(report['was_running'][:3])}): stop the source's runners before they run twice\n"
+        )
+    if as_json:
+        print_json(doc)
+    else:
+        say(f"copied {report['copied']} task(s) and {report['chains']} chain(s) from {doc['from']} to {doc['to']}")
+    return 0
+
+
+def source_name(store) -> str:
+    describe = getattr(store, "describe", None)
+    return describe() if describe else f"journal {store.paths.journal_dir}"

@@ -16,6 +16,7 @@ from kmpwm.core.state import idle_at
 from kmpwm.core.timeparse import parse_duration
 from kmpwm.storage.paths import Paths, private_subdir
 from kmpwm.storage.store import Store
+from kmpwm.storage.stores import open_store
 
 
 def _idle(store: Store) -> bool:
@@ -33,7 +34,7 @@ def run_due_command(paths: Paths, *, budget, grace, parallel, max_tasks, dry_run
     budget_s = parse_duration(budget, what="budget") if budget is not None else None
     grace_s = parse_duration(grace, what="grace") if grace is not None else None
     live = not as_json and is_tty()
-    store = Store(paths)
+    store = open_store(paths)
     if not dry_run and _idle(store):
         code, doc, expire_reason, failed = 0, {"ran": [], "expired": [], "skipped": []}, None, []
     else:

@@ -540,7 +540,7 @@ def _op_claim(state: dict, op: dict, ts: float, emit: Emit) -> bool:
                 {
                     "runner": lease.get("runner"),
                     "pid": lease.get("pid"),
-                    "why": "its process is gone" if op.get("broken") else "its lease ended",
+                    "why": "its process is gone" if op.get("broken") is True else "its lease ended",
                 },
             )
     t["state"] = "RUNNING"

@@ -55,7 +55,7 @@ class WorkerConfig:
 
 
 WORKER_KEYS = ("command", "entry", "timeout", "cwd", "env", "path", "description", "inputs")
-SECTIONS = ("workers", "hooks")
+SECTIONS = ("workers", "hooks", "store")
 
 
 @dataclass
@@ -87,7 +87,9 @@ def load(path: Path) -> Config:
     cfg = Config(path=path)
     unknown = sorted(set(doc) - set(SECTIONS))
     if unknown:
-        raise ConfigError(f"{path}: unknown table or key {unknown[0]!r} (expected [workers.NAME] tables and [hooks])")
+        raise ConfigError(
+            f"{path}: unknown table or key {unknown[0]!r} (expected [workers.NAME] tables, [hooks] and [store])"
+        )
     workers = doc.get("workers", {})
     if not isinstance(workers, dict):
         raise ConfigError(f"{path}: [workers] must be a table of [workers.NAME] tables")
@@ -96,6 +98,9 @@ def load(path: Path) -> Config:
     from kmpwm.running.hooks import parse_hooks
 
     cfg.hooks = parse_hooks(path, doc.get("hooks"))
+    from kmpwm.storage.stores import check_store_table
+
+    check_store_table(path, doc.get("store"))
     return cfg
 
 

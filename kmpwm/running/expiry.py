@@ -13,7 +13,7 @@ from kmpwm.core.state import base_id, members
 from kmpwm.core.timeparse import parse_duration
 from kmpwm.running.leases import lease_state
 from kmpwm.storage.paths import Paths, private_subdir
-from kmpwm.storage.store import Store
+from kmpwm.storage.stores import open_store
 from kmpwm.system import procs
 
 EXPIRE_SIGNAL = signal.SIGUSR1
@@ -23,7 +23,7 @@ def simulate_expire_command(paths: Paths, ids: list[str], all_: bool, grace, as_
     from kmpwm.cli.output import print_json, say
 
     grace_s = parse_duration(grace, what="grace") if grace is not None else None
-    state = Store(paths).load(full=False).state
+    state = open_store(paths).load(full=False).state
     now = time.time()
     wanted = set(ids)
     chains = state["chains"]

@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 
 import orjson
 
-from kmpwm.core.exitcodes import JournalError, KmpwmError
+from kmpwm.core.exitcodes import ConfigError, JournalError, KmpwmError
 from kmpwm.core.models import DEFAULT_GRACE
 from kmpwm.core.state import due_at, occurrence_open, pause_of
 from kmpwm.core.triggers import next_after_run, task_offset
@@ -36,6 +36,7 @@ from kmpwm.scheduling.probes import Device
 from kmpwm.storage import reserve
 from kmpwm.storage.paths import Paths, private_subdir
 from kmpwm.storage.store import Store
+from kmpwm.storage.stores import open_store
 from kmpwm.system import procs
 
 LEASE_MARGIN = 10.0
@@ -43,6 +44,7 @@ TAIL = 8192
 STDOUT_TAIL = 65536
 MAX_INLINE_ENV_INPUT = 100 * 1024  # larger inputs reach command workers on stdin only
 RECLAIM_EVERY = 1.0
+LOST_STORE_MARGIN = 3.0  # a shared store's lease: stop our runs this long before it could end
 CANCEL_WATCH = 0.5  # how often running tasks are checked for a cancel (lock-free, the journal's tail)
 HOST_MAX_TASKS = 500  # a pool host is replaced after this many tasks (bounded leaks)
 GROUP_WAIT = 0.010  # a finished run's result waits at most this long to share a record with others
@@ -134,7 +136,7 @@ class Runner:
         self.ignore_constraints = ignore_constraints
         self.serve = serve  # serve.Serve: run() then never ends by itself (kmpwm serve)
         self._poke = False  # the queue changed (serve's watch): plan again at once
-        self.store = store or Store(paths)
+        self.store = store or open_store(paths)
         self.budget = budget
         self.grace = grace
         self.parallel = parallel or os.cpu_count() or 1
@@ -179,6 +181,11 @@ class Runner:
         self._occ: dict[str, str] = {}
         self._trim_at = 0.0
         self._runlogs = runlog.Starter(paths, self.pid, self.token)  # each run's output (kmpwm.running.runlog)
+        # a shared store (storage.pgstore): leases on the database's clock, renewed while runs last
+        self._renew = getattr(self.store, "renew", None)
+        self._lease_base = 0.0  # monotonic time of the oldest moment our leases were last pushed on
+        self._renew_at = 0.0
+        self._store_retry_at = 0.0  # after a failed write to a shared store: try again from then
         self._hooks = None  # kmpwm.running.hooks.HookRunner, when config.toml has [hooks]
         self._hooks_read = False
 
@@ -205,6 +212,11 @@ class Runner:
         # A broken config.toml stops the run before anything is claimed, skipped or counted (exit 78):
         # otherwise every task would be skipped as "unknown worker", silently under cron.
         self.registry.check()
+        if self._renew is not None and self.store.lease() <= self.grace + LOST_STORE_MARGIN + 2:
+            raise ConfigError(
+                f"KMPWM_LEASE ({self.store.lease():g}s) must exceed the grace period ({self.grace:g}s) by more than "
+                f"{LOST_STORE_MARGIN + 2:g}s: a run that loses the store must be stopped before its lease ends"
+            )
         if self.dry_run:
             return self._dry_run(view.state)
         # Nothing due and nothing to record: done, without the lock (the common case under cron).
@@ -214,6 +226,8 @@ class Runner:
                 self.report.skipped[s["id"]] = s["reason"]
             return 0
         deadline = time.monotonic() + self.budget if self.budget is not None else None
+        if self._renew is not None:
+            self.store.note_runner(self.runner_id.split("/", 1)[0], self.runner_id)
         self._setup()
         groups.sweep(self.paths.runners_dir)  # what workers of killed runners left behind
         try:
@@ -235,7 +249,7 @@ class Runner:
                 want = (
                     not self.run_expired and not self.disk_full and self._room() and slots and (need_claim or periodic)
                 )
-                if self._must_write(now_m) or (want and (low or periodic)):
+                if (self._must_write(now_m) or (want and (low or periodic))) and now_m >= self._store_retry_at:
                     wrote = bool(self._pending)
                     claimed = self._cycle(want, replan=periodic or self._unblocks(self._pending))
                     if want:
@@ -254,8 +268,12 @@ class Runner:
                     continue
                 later = self._runlogs.flush()  # the runs started and ended meanwhile, one write
                 timeout = self._timeout(deadline)
+                if self._renew is not None and (self.jobs or self._pending):
+                    timeout = min(timeout, max(0.0, min(self._renew_at, self._store_retry_at) - time.monotonic()))
                 self._wait(timeout if later is None else min(timeout, later))
                 self._check_limits()
+                if self._renew is not None:
+                    self._renew_leases()
                 if self.jobs and time.monotonic() - last_watch >= CANCEL_WATCH:
                     last_watch = time.monotonic()
                     self._watch_cancels()
@@ -352,6 +370,46 @@ class Runner:
     def _cycle(self, claim: bool, *, replan: bool) -> int:
         """Write what finished and claim what is due (_cycle_once); when the disk is full, give
         up the reserve (reserve.py) and write the results alone, then without their data."""
+        if self._renew is None:
+            return self._cycle_journal(claim, replan=replan)
+        held = bool(self.jobs)
+        start = time.monotonic()
+        try:
+            claimed = self._cycle_journal(claim, replan=replan)
+        except JournalError as exc:
+            if not held or self.run_expired and not self.jobs:
+                raise  # nothing of ours is running: say so and stop (exit 74)
+            # Our runs go on while the store is away; their leases are renewed when it is back,
+            # and stopped by the expiry protocol before they could end (_renew_leases).
+            self._store_retry_at = time.monotonic() + 1.0
+            if not getattr(self, "_store_said", False):
+                self._store_said = True
+                sys.stderr.write(f"kmpwm: {exc.message}; retrying while {len(self.jobs)} run(s) go on\n")
+            return 0
+        if claimed and not held:
+            self._lease_base = start  # the first leases of this stretch begin with this write
+            self._renew_at = start + self.store.lease() / 4
+        return claimed
+
+    def _renew_leases(self) -> None:
+        """Push our leases on (every KMPWM_LEASE/4) while runs last; when the store cannot be
+        reached, stop the runs by the expiry protocol in time for them to end (grace included)
+        before their leases do, so that no other host ever runs one of them beside us."""
+        now = time.monotonic()
+        if not self.jobs:
+            return
+        lease = self.store.lease()
+        if now >= self._renew_at:
+            if self._renew(self.runner_id):
+                self._lease_base = now
+                self._renew_at = now + lease / 4
+            else:
+                self._renew_at = now + 1.0
+        ends = self._lease_base + lease
+        if not self.run_expired and now >= ends - self.grace - LOST_STORE_MARGIN:
+            self._expire_run("the store cannot be reached: its leases would end before the runs do")
+
+    def _cycle_journal(self, claim: bool, *, replan: bool) -> int:
         for attempt in range(3):
             try:
                 return self._cycle_once(claim and attempt == 0, replan=replan, lite=attempt == 2)
@@ -531,7 +589,7 @@ class Runner:
             free = min(free, self.max_tasks - self.claimed_count)
         if free <= 0:
             return []
-        if not reserve.ensure(self.paths):
+        if self._renew is None and not reserve.ensure(self.paths):  # (a shared store keeps its own room)
             self.disk_full = True  # no room to record results: start nothing (reserve.py)
             return []
         state = txn.state
@@ -586,7 +644,7 @@ class Runner:
             if self.boot:
                 op["boot"] = self.boot
             if t["id"] in self._broken:
-                op["broken"] = True
+                op["broken"] = "expired" if lease_state(t, now) == "expired" else True
             if t["id"] in self._fence_broken:
                 op["fence_broken"] = True  # the cancelled run's holder is gone
             if self.forced is not None:

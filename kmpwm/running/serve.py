@@ -162,8 +162,11 @@ class _PollWatch:
         pass
 
 
-def make_watch(paths: Paths):
-    """The best change notification this platform has (KMPWM_SERVE_WATCH=poll forces the fallback)."""
+def make_watch(paths: Paths, store=None):
+    """The best change notification this platform has (KMPWM_SERVE_WATCH=poll forces the fallback);
+    a shared store's own notifications (PostgreSQL's LISTEN) when it has them."""
+    if store is not None and hasattr(store, "watch"):
+        return store.watch()
     forced = os.environ.get("KMPWM_SERVE_WATCH", "")
     if forced != "poll":
         if sys.platform.startswith("linux"):
@@ -297,13 +300,20 @@ class Serve:
             return
         import selectors
 
-        self.watch = make_watch(self.paths)
+        self.watch = make_watch(self.paths, runner.store)
         if self.watch.fd is not None:
             runner._sel.register(self.watch.fd, selectors.EVENT_READ, lambda: self._on_change(runner))
         self._registered = True
 
     def _on_change(self, runner) -> None:
-        if self.watch.drain():
+        fd = self.watch.fd
+        changed = self.watch.drain()
+        if self.watch.fd != fd:  # a shared store's listening connection was made anew
+            import selectors
+
+            runner._sel.unregister(fd)
+            runner._sel.register(self.watch.fd, selectors.EVENT_READ, lambda: self._on_change(runner))
+        if changed:
             # Any change, ours included: a record of another process may have been folded into
             # one of our transactions without a plan, so "was it ours?" cannot be told reliably.
             # A plan costs little (well under a millisecond for a thousand tasks).

@@ -43,10 +43,14 @@ def _line(ev: list) -> str:
 
 
 def events_command(paths: Paths, task: str | None, since, follow: bool, as_json: bool) -> int:
-    from kmpwm.cli.output import print_json, print_json_line, say
+    from kmpwm.cli.output import print_json_line, say
 
     check_all(paths)
     cutoff = time.time() - parse_duration(since, what="--since") if since is not None else None
+    from kmpwm.storage.stores import store_url
+
+    if store_url(paths) is not None:
+        return _shared_events(paths, task, cutoff, follow, as_json)
     journal = Journal(paths)
     folder = Folder()
     scan, ino = journal.read(0)
@@ -57,24 +61,10 @@ def events_command(paths: Paths, task: str | None, since, follow: bool, as_json:
             "events from them are missing; run `kmpwm doctor --repair`\n"
         )
 
-    def chain_ids() -> set:
-        chain = folder.state["chains"].get(task) if task else None
-        return {i for step in chain["steps"] for i in step} if chain else set()
-
-    def wanted(evs):
-        ids = chain_ids()
-        return [e for e in evs if (cutoff is None or e[0] >= cutoff) and _matches(e, task, ids)]
-
+    wanted = _selector(folder, task, cutoff)
     selected = wanted(folder.events)
     if not follow:
-        if as_json:
-            print_json({"events": [event_doc(e) for e in selected]})
-        elif selected:
-            for e in selected:
-                say(_line(e))
-        else:
-            say("no events")
-        return 0
+        return _print_all(selected, as_json)
     emit = (lambda e: print_json_line(event_doc(e))) if as_json else (lambda e: say(_line(e)))
     for e in selected:
         emit(e)
@@ -106,3 +96,62 @@ def events_command(paths: Paths, task: str | None, since, follow: bool, as_json:
                 last_ts = max(last_ts, folder.events[-1][0])
     except KeyboardInterrupt:
         return 130  # interrupted by SIGINT, like any Unix tool (and inspect-queue --watch)
+
+
+def _selector(folder: Folder, task: str | None, cutoff: float | None):
+    def chain_ids() -> set:
+        chain = folder.state["chains"].get(task) if task else None
+        return {i for step in chain["steps"] for i in step} if chain else set()
+
+    def wanted(evs):
+        ids = chain_ids()
+        return [e for e in evs if (cutoff is None or e[0] >= cutoff) and _matches(e, task, ids)]
+
+    return wanted
+
+
+def _print_all(selected: list, as_json: bool) -> int:
+    from kmpwm.cli.output import print_json, say
+
+    if as_json:
+        print_json({"events": [event_doc(e) for e in selected]})
+    elif selected:
+        for e in selected:
+            say(_line(e))
+    else:
+        say("no events")
+    return 0
+
+
+class _Rows:
+    """Records of a shared store in the shape Folder.feed takes (a journal scan)."""
+
+    def __init__(self, rows: list, after: int):
+        self.records = rows
+        self.end = rows[-1][0] if rows else after
+        self.damage: list = []
+
+
+def _shared_events(paths: Paths, task: str | None, cutoff: float | None, follow: bool, as_json: bool) -> int:
+    """``events`` of a shared store: the same fold over its records (storage.pgstore)."""
+    from kmpwm.cli.output import print_json_line, say
+    from kmpwm.storage.stores import open_store
+
+    store = open_store(paths)
+    folder = Folder()
+    folder.feed(_Rows(list(store.records(0)), 0))
+    wanted = _selector(folder, task, cutoff)
+    if not follow:
+        return _print_all(wanted(folder.events), as_json)
+    emit = (lambda e: print_json_line(event_doc(e))) if as_json else (lambda e: say(_line(e)))
+    printed = 0
+    try:
+        while True:
+            for e in wanted(folder.events[printed:]):
+                emit(e)
+            sys.stdout.flush()
+            printed = len(folder.events)
+            time.sleep(0.3)
+            folder.feed(_Rows(list(store.records(folder.offset)), folder.offset))
+    except KeyboardInterrupt:
+        return 130

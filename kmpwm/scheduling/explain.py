@@ -11,7 +11,7 @@ from kmpwm.running.leases import lease_state, local, lost_why
 from kmpwm.scheduling.plan import MAX_CRASHES, misfire, misfire_text
 from kmpwm.scheduling.probes import Device, device_state_now, unmet
 from kmpwm.storage.paths import Paths
-from kmpwm.storage.store import Store
+from kmpwm.storage.stores import open_store
 
 
 def explain_task(state: dict, t: dict, now: float, device: Device) -> dict:
@@ -165,7 +165,7 @@ def explain_task(state: dict, t: dict, now: float, device: Device) -> dict:
 def explain_command(paths: Paths, task_id: str, as_json: bool) -> int:
     from kmpwm.cli.output import print_json, say
 
-    state = Store(paths).load().state
+    state = open_store(paths).load().state
     now = time.time()
     device = Device(storage_path=str(paths.journal_dir.parent))
     tasks = state["tasks"]

@@ -124,8 +124,10 @@ def plan(state: dict, now: float, device: Device, *, exclude: set | None = None,
                     }
                 )
                 continue
-            if ls == "orphaned":
-                out.broken.add(t["id"])
+            # taken over: its holder is gone, or its lease ended (the claim says so, so that every
+            # reader's fold accepts it whatever its own clock says: a shared store's leases are
+            # judged by the database's clock)
+            out.broken.add(t["id"])
         elif fences and t["id"] in fences:
             # a cancelled run of this id is still stopping (state._finish): never start beside it
             fs = lease_state({"state": "RUNNING", "lease": fences[t["id"]]}, now)
@@ -133,8 +135,7 @@ def plan(state: dict, now: float, device: Device, *, exclude: set | None = None,
                 if due_at(t, now) <= now:
                     out.skipped.append({"id": t["id"], "reason": "its cancelled previous run is still stopping"})
                 continue
-            if fs == "orphaned":
-                out.fence_broken.add(t["id"])
+            out.fence_broken.add(t["id"])  # its holder is gone or its lease ended
         if st == "ENQUEUED" and due_at(t, now) > now:
             if trig["type"] == "windowed" and now > trig["end"]:
                 out.ops.append({"op": "fail", "id": t["id"], "seq": t["seq"], "reason": "window missed"})

@@ -102,9 +102,9 @@ def next_command(
     elif every is not None:
         times = every_times(every, flex, n, now)
     else:
-        from kmpwm.storage.store import Store
+        from kmpwm.storage.stores import open_store
 
-        task = _find(Store(paths).load(full=False).state, task_id)
+        task = _find(open_store(paths).load(full=False).state, task_id)
         times, note = task_times(task, n, now)
         if tz is None:
             tz = task["trigger"].get("tz")

@@ -145,7 +145,8 @@ def wait(store, ids=(), tag=None, timeout: float | None = None) -> WaitResult:
     lock-free, incrementally, each time the journal changes (inotify when ``inotify_simple`` is
     installed, else a bounded stat poll)."""
     deadline = None if timeout is None else time.monotonic() + timeout
-    watcher = _Watcher(store.paths.journal_dir)  # armed before the first read: no change slips between
+    # armed before the first read: no change slips between (a shared store: its notifications)
+    watcher = _StoreWatcher(store.watch()) if hasattr(store, "watch") else _Watcher(store.paths.journal_dir)
     try:
         state = store.load(full=True).state
         wanted = _matching(state, ids, tag)
@@ -187,6 +188,24 @@ def wait(store, ids=(), tag=None, timeout: float | None = None) -> WaitResult:
             state = store.load(full=True).state
     finally:
         watcher.close()
+
+
+class _StoreWatcher:
+    """Sleeps until a shared store notifies a change (storage.pgstore.PgWatch), at most 1 s."""
+
+    def __init__(self, watch):
+        self._watch = watch
+
+    def wait(self, left: float | None) -> None:
+        import select
+
+        limit = 1.0 if left is None else max(0.0, min(left, 1.0))
+        ready, _, _ = select.select([self._watch.fd], [], [], limit)
+        if ready:
+            self._watch.drain()
+
+    def close(self) -> None:
+        self._watch.close()
 
 
 class _Watcher:
@@ -282,8 +301,7 @@ def plan_forced(
             if ls == "held":
                 out.skipped.append({"id": i, "reason": f"running: held by run-due pid {(t['lease'] or {}).get('pid')}"})
                 continue
-            if ls == "orphaned":
-                out.broken.add(i)
+            out.broken.add(i)  # its holder is gone or its lease ended (plan.plan)
         if known_worker is not None and not known_worker(t["worker"]):
             out.skipped.append({"id": i, "reason": f"unknown worker {t['worker']!r} (not registered any more)"})
             continue
@@ -306,12 +324,12 @@ def _ids_or_tag(ids, tag, all_) -> str:
 def pause_command(paths, ids, tag, all_, until, as_json) -> int:
     from kmpwm.cli.output import print_json, say
     from kmpwm.core.timeparse import iso, parse_time
-    from kmpwm.storage.store import Store
+    from kmpwm.storage.stores import open_store
 
     until_ts = parse_time(until, what="--until") if until is not None else None
     if until_ts is not None and until_ts <= time.time():
         raise InvalidParams(f"invalid --until {until!r}: the time has passed")
-    done = pause(Store(paths), ids, tag, all_, until_ts)
+    done = pause(open_store(paths), ids, tag, all_, until_ts)
     if as_json:
         print_json({"paused": done})
         return 0
@@ -327,9 +345,9 @@ def pause_command(paths, ids, tag, all_, until, as_json) -> int:
 
 def resume_command(paths, ids, tag, all_, as_json) -> int:
     from kmpwm.cli.output import print_json, say
-    from kmpwm.storage.store import Store
+    from kmpwm.storage.stores import open_store
 
-    done = resume(Store(paths), ids, tag, all_)
+    done = resume(open_store(paths), ids, tag, all_)
     if as_json:
         print_json({"resumed": done})
         return 0
@@ -344,9 +362,9 @@ def resume_command(paths, ids, tag, all_, as_json) -> int:
 
 def retry_command(paths, ids, failed, tag, as_json) -> int:
     from kmpwm.cli.output import print_json, say
-    from kmpwm.storage.store import Store
+    from kmpwm.storage.stores import open_store
 
-    done = retry(Store(paths), ids, failed, tag)
+    done = retry(open_store(paths), ids, failed, tag)
     if as_json:
         print_json({"retried": done})
     elif done:
@@ -361,10 +379,10 @@ def wait_command(paths, ids, tag, timeout, as_json) -> int:
 
     from kmpwm.cli.output import print_json, say
     from kmpwm.core.timeparse import parse_duration
-    from kmpwm.storage.store import Store
+    from kmpwm.storage.stores import open_store
 
     timeout_s = parse_duration(timeout, what="--timeout") if timeout is not None else None
-    res = wait(Store(paths), ids, tag, timeout_s)
+    res = wait(open_store(paths), ids, tag, timeout_s)
     if as_json:
         print_json(res.doc())
     else:
@@ -383,9 +401,9 @@ def run_now(paths, ids, ignore_constraints=False, grace=None, on_event=None):
     did not succeed)."""
     from kmpwm.core.models import DEFAULT_GRACE
     from kmpwm.running.runner import Runner
-    from kmpwm.storage.store import Store
+    from kmpwm.storage.stores import open_store
 
-    store = Store(paths)
+    store = open_store(paths)
     state = store.load(full=True).state
     forced = expand_ids(state, ids)
     if not forced:

@@ -124,6 +124,10 @@ class Store:
             check_all(self.paths)
             self._checked = True
 
+    def exists(self) -> bool:
+        """Whether anything was ever written (no journal: no task, nothing to lock)."""
+        return os.path.lexists(self.paths.journal_file)
+
     def load(self, full: bool = True) -> View:
         """The current state: incremental after the first call (only new records are folded).
 

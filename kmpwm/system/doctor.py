@@ -308,12 +308,17 @@ def doctor_command(paths: Paths, do_repair: bool, as_json: bool) -> int:
         problems.append(stale)
         codes.append(NOTHING_MATCHED)
     last_run = iso(last_run)
+    store = _check_store(paths)
+    if store is not None and store.get("error"):
+        problems.append(f"store: {store['error']}")
+        codes.append(store["exit_code"])
     healthy = not report["damage"]
     # the worst first: a damaged or unwritable journal, then permissions, configuration, a stale invoker
     code = next((c for c in (IO_ERROR, NOPERM, CONFIG, NOTHING_MATCHED) if c in codes), 0)
     doc = {
         "healthy": healthy and code == 0,
         "journal": report,
+        "store": store,
         "config": {"path": str(paths.config_file), "error": config_error},
         "workers": workers,
         "invoker": invoker,
@@ -344,6 +349,16 @@ def doctor_command(paths: Paths, do_repair: bool, as_json: bool) -> int:
             f"repaired  moved {len(repaired['quarantined'])} region(s) to {paths.quarantine_dir}; "
             f"kept {repaired['records_kept']} valid record(s)" + (f" ({', '.join(extra)})" if extra else "")
         )
+    if store is not None:
+        say(
+            f"store     {store['url']}: "
+            + (
+                f"ERROR {store['error']}"
+                if store.get("error")
+                else f"schema v{store['schema']}, {store['records']} record(s), hosts: "
+                + (", ".join(h["host"] for h in store["hosts"]) or "none yet")
+            )
+        )
     say(
         f"config    {paths.config_file}: "
         + (f"ERROR {config_error}" if config_error else "ok" if paths.config_file.exists() else "none (optional)")
@@ -369,3 +384,32 @@ def doctor_command(paths: Paths, do_repair: bool, as_json: bool) -> int:
         for p in problems:
             say(f"problem:  {p}")
     return code
+
+
+def _check_store(paths: Paths) -> dict | None:
+    """A shared store (SPEC section 14): reachable, its schema current (migrated on first use),
+    the hosts that ran work in it.  The URL is shown masked; None for the embedded journal."""
+    from kmpwm.core.exitcodes import KmpwmError
+    from kmpwm.storage.stores import store_url
+
+    try:
+        url = store_url(paths)
+    except KmpwmError as exc:
+        return {"url": None, "error": exc.message, "exit_code": exc.exit_code}
+    if url is None:
+        return None
+    from kmpwm.storage.pgstore import SCHEMA_VERSION, PgStore, mask
+
+    doc = {"url": mask(url), "kind": "postgresql", "schema": None, "expected_schema": SCHEMA_VERSION}
+    try:
+        store = PgStore(paths, url)
+        store.conn()
+        doc["schema"] = store.schema_version()
+        doc["records"] = store._execute("SELECT count(*) FROM kmpwm_records").fetchone()[0]
+        doc["hosts"] = store.hosts()
+        store.close()
+    except KmpwmError as exc:
+        return dict(doc, error=exc.message, exit_code=exc.exit_code)
+    if doc["schema"] != SCHEMA_VERSION:
+        return dict(doc, error=f"schema v{doc['schema']}, expected v{SCHEMA_VERSION}", exit_code=CONFIG)
+    return doc

@@ -1,0 +1,618 @@
+"""The fleet store: the journal's records in PostgreSQL, shared by many hosts (SPEC section 14).
+
+The same records as the embedded journal, folded by the same fold (``core.state.apply``), so
+every command, JSON document and semantic is the journal's.  What the database adds:
+
+* **Order and exclusion.**  A writer takes ``pg_advisory_xact_lock`` (the journal's exclusive
+  lock), folds the records after the ones it has seen, decides, and inserts one record in the
+  same transaction.  Records get their ``seq`` under that lock, so every reader sees a prefix of
+  one order, without a lock of its own.
+* **Claims the database refuses twice.**  Every accepted claim inserts a row keyed by the task,
+  its generation, the occurrence it consumes, the attempt and the lease it takes over
+  (``kmpwm_claims``' primary key).  Two claims of one occurrence from the same starting point can
+  never both commit, whatever a runner's fold believed.
+* **Leases on the database's clock.**  ``kmpwm_leases`` holds each running claim's end,
+  ``now() + KMPWM_LEASE``, renewed by its runner while the run lasts (:meth:`PgStore.renew`).  A
+  reader translates each end into its own clock (remaining seconds by the database's clock, added
+  to its own ``now``), so hosts whose clocks disagree judge a foreign lease alike.  A holder on the
+  reader's own host is still judged by its pid and start token (``running.leases``).
+* **Notifications.**  Every write sends ``NOTIFY kmpwm``; ``serve`` listens (:class:`PgWatch`).
+
+psycopg is imported here only: nothing of it loads on the journal's paths.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from urllib.parse import urlsplit, urlunsplit
+
+import orjson
+
+from kmpwm.core.exitcodes import ConfigError, JournalError, KmpwmError, LockBusy
+from kmpwm.core.state import apply, new_state, pack_task, unpack_task
+from kmpwm.storage.paths import Paths, check_all
+
+SCHEMA_VERSION = 2
+LOCK_KEY = 0x6B6D7077  # "kmpw": the advisory lock every writer takes
+CHANNEL = "kmpwm"
+SNAPSHOT_AFTER_RECORDS = 2000
+DEFAULT_LEASE = 60.0
+
+# Each version's statements, applied in order inside one transaction (under the writers' lock).
+MIGRATIONS: dict[int, list[str]] = {
+    1: [
+        """CREATE TABLE IF NOT EXISTS kmpwm_meta (key text PRIMARY KEY, value text NOT NULL)""",
+        """CREATE TABLE IF NOT EXISTS kmpwm_records (
+               seq bigserial PRIMARY KEY,
+               written_at timestamptz NOT NULL DEFAULT now(),
+               host text NOT NULL DEFAULT '',
+               body bytea NOT NULL)""",
+        """CREATE TABLE IF NOT EXISTS kmpwm_snapshot (
+               id int PRIMARY KEY CHECK (id = 1),
+               seq bigint NOT NULL,
+               body bytea NOT NULL)""",
+        """CREATE TABLE IF NOT EXISTS kmpwm_claims (
+               task_id text NOT NULL,
+               task_seq bigint NOT NULL,
+               occ text NOT NULL,
+               attempt text NOT NULL,
+               taken_from text NOT NULL,
+               runner text NOT NULL,
+               claimed_at timestamptz NOT NULL DEFAULT now(),
+               PRIMARY KEY (task_id, task_seq, occ, attempt, taken_from))""",
+        """CREATE TABLE IF NOT EXISTS kmpwm_leases (
+               task_id text NOT NULL,
+               runner text NOT NULL,
+               expires_at timestamptz NOT NULL,
+               PRIMARY KEY (task_id, runner))""",
+        """CREATE INDEX IF NOT EXISTS kmpwm_leases_runner ON kmpwm_leases (runner)""",
+    ],
+    # the hosts that ran work here, and when last (doctor lists them)
+    2: [
+        """CREATE TABLE IF NOT EXISTS kmpwm_hosts (
+               host text PRIMARY KEY,
+               last_seen timestamptz NOT NULL DEFAULT now(),
+               runner text NOT NULL DEFAULT '')""",
+    ],
+}
+
+
+def mask(url: str) -> str:
+    """``url`` with its password replaced by ``***`` (for every message and document)."""
+    try:
+        parts = urlsplit(url)
+    except ValueError:
+        return "<unreadable URL>"
+    netloc = parts.netloc
+    if "@" in netloc:
+        cred, host = netloc.rsplit("@", 1)
+        if ":" in cred:
+            cred = cred.split(":", 1)[0] + ":***"
+        netloc = f"{cred}@{host}"
+    query = re.sub(r"(?i)(password=)[^&]*", r"\1***", parts.query)
+    return urlunsplit((parts.scheme, netloc, parts.path, query, parts.fragment))
+
+
+def check_url(url: str) -> str:
+    """A libpq URL kmpwm accepts (exit 78 otherwise); returns it unchanged."""
+    try:
+        parts = urlsplit(url)
+        parts.port  # noqa: B018 -- raises ValueError for a port that is not a number
+    except ValueError as exc:
+        raise ConfigError(f"malformed store URL {mask(url)}: {exc}") from None
+    if parts.scheme not in ("postgresql", "postgres"):
+        raise ConfigError(f"unsupported store URL {mask(url)}: expected postgresql://... (or nothing: the journal)")
+    if any(ord(c) < 32 for c in url):
+        raise ConfigError("malformed store URL: it contains control characters")
+    return url
+
+
+def lease_seconds() -> float:
+    """``KMPWM_LEASE``: how long a lease in a shared store lasts without a renewal (default 60s)."""
+    raw = os.environ.get("KMPWM_LEASE")
+    if not raw:
+        return DEFAULT_LEASE
+    from kmpwm.core.timeparse import parse_duration
+
+    try:
+        value = parse_duration(raw, what="KMPWM_LEASE")
+    except KmpwmError as exc:
+        raise ConfigError(str(exc)) from None
+    if not 5 <= value <= 86400:
+        raise ConfigError(f"KMPWM_LEASE={raw!r}: expected a duration between 5s and 1d")
+    return value
+
+
+def _pgpass_check() -> None:
+    """A ``.pgpass`` (PGPASSFILE or ~/.pgpass) readable by others is refused (exit 77), as the
+    journal directory is: libpq itself would only warn and ignore it."""
+    path = os.environ.get("PGPASSFILE") or os.path.expanduser("~/.pgpass")
+    try:
+        st = os.stat(path)
+    except OSError:
+        return
+    if st.st_mode & 0o077:
+        from kmpwm.core.exitcodes import InsecurePermissions
+
+        raise InsecurePermissions(
+            f"{path} is readable or writable by others (mode {st.st_mode & 0o777:04o}); chmod 600 it"
+        )
+
+
+class _Psycopg:
+    """psycopg, imported on first use, with a clear line when it is not installed."""
+
+    mod = None
+
+    @classmethod
+    def get(cls):
+        if cls.mod is None:
+            try:
+                import psycopg
+            except ImportError:
+                raise ConfigError(
+                    "the store is PostgreSQL but psycopg is not installed",
+                    hint="pip install 'kmpwm[postgresql]'",
+                ) from None
+            cls.mod = psycopg
+        return cls.mod
+
+
+class PgView:
+    """A consistent reading (the journal store's ``View``, for the parts callers use)."""
+
+    def __init__(self, state: dict, seq: int = 0):
+        self._state = state
+        self.seq = seq
+        self.offset = seq
+        self.damage: list = []
+        self.torn = None
+        self.from_snapshot = False
+        self.partial = False
+        self.pending: list = []
+
+    @property
+    def state(self) -> dict:
+        if self.pending:
+            records, self.pending = self.pending, []
+            for record in records:
+                apply(self._state, record)
+        return self._state
+
+
+class PgStore:
+    """The store of a PostgreSQL database; the same interface as ``storage.store.Store``."""
+
+    kind = "postgresql"
+
+    def __init__(self, paths: Paths, url: str):
+        self.paths = paths
+        self.url = check_url(url)
+        self._conn = None
+        self._view: PgView | None = None
+        self._tail = 0  # records folded since the snapshot we started from
+        self._checked = False
+        self._lease = None
+        self._in_txn = 0
+        self.host = None
+
+    # -- the connection -------------------------------------------------------------------
+
+    def describe(self) -> str:
+        return mask(self.url)
+
+    def _error(self, exc: Exception, doing: str) -> JournalError:
+        msg = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        return JournalError(
+            f"the store {mask(self.url)}: {doing} failed: {msg.replace(self.url, mask(self.url))}",
+            hint="check that the server is up and the URL, user and database are right (kmpwm doctor)",
+        )
+
+    def conn(self):
+        if self._conn is not None and not self._conn.closed:
+            return self._conn
+        psycopg = _Psycopg.get()
+        if not self._checked:
+            check_all(self.paths)
+            _pgpass_check()
+            self._checked = True
+        try:
+            self._conn = psycopg.connect(
+                self.url, autocommit=True, connect_timeout=10, application_name="kmpwm", prepare_threshold=None
+            )
+        except psycopg.ProgrammingError as exc:  # a URL libpq cannot parse
+            raise ConfigError(f"malformed store URL {mask(self.url)}: {str(exc).splitlines()[0]}") from None
+        except psycopg.Error as exc:
+            raise self._error(exc, "connecting") from None
+        self._migrate()
+        return self._conn
+
+    def close(self) -> None:
+        if self._conn is not None:
+            try:
+                self._conn.close()
+            except Exception:  # noqa: BLE001 -- closing a broken connection may fail; nothing to keep
+                pass
+            self._conn = None
+
+    def _execute(self, sql: str, params=(), doing: str = "a statement"):
+        psycopg = _Psycopg.get()
+        try:
+            return self.conn().execute(sql, params)
+        except psycopg.Error as exc:
+            self._drop_broken()
+            raise self._error(exc, doing) from None
+
+    def _drop_broken(self) -> None:
+        if self._conn is not None and (self._conn.closed or self._conn.broken):
+            self._conn = None
+
+    def schema_version(self) -> int | None:
+        row = self._conn.execute("SELECT to_regclass('kmpwm_meta') IS NOT NULL").fetchone()
+        if not row[0]:
+            return None
+        row = self._conn.execute("SELECT value FROM kmpwm_meta WHERE key = 'schema'").fetchone()
+        return int(row[0]) if row else None
+
+    def _migrate(self) -> None:
+        psycopg = _Psycopg.get()
+        conn = self._conn
+        try:
+            version = self.schema_version()
+            if version == SCHEMA_VERSION:
+                return
+            if version is not None and version > SCHEMA_VERSION:
+                raise ConfigError(
+                    f"the store {mask(self.url)} has schema version {version}, newer than this kmpwm knows "
+                    f"({SCHEMA_VERSION})",
+                    hint="upgrade kmpwm on this host",
+                )
+            with conn.transaction():
+                conn.execute("SELECT pg_advisory_xact_lock(%s)", (LOCK_KEY,))
+                version = self.schema_version() or 0  # another host may have migrated meanwhile
+                for v in range(version + 1, SCHEMA_VERSION + 1):
+                    for statement in MIGRATIONS[v]:
+                        conn.execute(statement)
+                    conn.execute(
+                        "INSERT INTO kmpwm_meta (key, value) VALUES ('schema', %s) "
+                        "ON CONFLICT (key) DO UPDATE SET value = excluded.value",
+                        (str(v),),
+                    )
+        except psycopg.Error as exc:
+            self._drop_broken()
+            raise self._error(exc, "creating or migrating the schema") from None
+
+    # -- reading --------------------------------------------------------------------------
+
+    def exists(self) -> bool:
+        return True
+
+    def load(self, full: bool = True) -> PgView:
+        """The current state: the snapshot (first time) and the records after what was folded."""
+        view = self._view
+        if view is None:
+            row = self._execute("SELECT seq, body FROM kmpwm_snapshot WHERE id = 1", doing="reading the snapshot")
+            row = row.fetchone()
+            view = PgView(new_state())
+            if row is not None:
+                try:
+                    state = orjson.loads(row[1])
+                    state["tasks"] = {i: unpack_task(t) for i, t in state["tasks"].items()}
+                    view = PgView(state, row[0])
+                    view.from_snapshot = True
+                except (ValueError, KeyError, TypeError, AttributeError):
+                    view = PgView(new_state())
+            self._tail = 0
+        self._fold_new(view)
+        self._view = view
+        self._overlay_leases(view)
+        if self._tail >= SNAPSHOT_AFTER_RECORDS and not self._in_txn:
+            self.write_snapshot(view)
+        return view
+
+    def _fold_new(self, view: PgView) -> None:
+        cur = self._execute(
+            "SELECT seq, body FROM kmpwm_records WHERE seq > %s ORDER BY seq", (view.seq,), doing="reading records"
+        )
+        state = view.state
+        for seq, body in cur:
+            apply(state, orjson.loads(body))
+            view.seq = view.offset = seq
+            self._tail += 1
+
+    def _overlay_leases(self, view: PgView) -> None:
+        """Each foreign running lease's end, by the database's clock, on this host's clock."""
+        running = [t for t in view.state["tasks"].values() if t["state"] == "RUNNING" and t.get("lease")]
+        fences = view.state.get("fences") or {}
+        if not running and not fences:
+            return
+        rows = self._execute(
+            "SELECT task_id, runner, extract(epoch FROM expires_at - now()) FROM kmpwm_leases",
+            doing="reading leases",
+        ).fetchall()
+        left = {(tid, runner): float(secs) for tid, runner, secs in rows}
+        now = time.time()
+        for t in running:
+            lease = t["lease"]
+            lease["until"] = now + left.get((t["id"], lease.get("runner")), -1.0)
+        for tid, fence in fences.items():
+            fence["until"] = now + left.get((tid, fence.get("runner")), -1.0)
+
+    def records(self, after: int = 0) -> Iterator[tuple[int, dict]]:
+        """Every record after ``after`` (events, store copy), oldest first."""
+        cur = self._execute(
+            "SELECT seq, body FROM kmpwm_records WHERE seq > %s ORDER BY seq", (after,), doing="reading records"
+        )
+        for seq, body in cur:
+            yield seq, orjson.loads(body)
+
+    def idle_without_loading(self, now: float) -> bool:
+        return False
+
+    def unmentioned(self, ids: list[str]) -> bool:
+        return False
+
+    def verify_covered(self, view) -> None:
+        return None
+
+    def invalidate(self) -> None:
+        self._view = None
+
+    def write_snapshot(self, view: PgView | None = None) -> bool:
+        view = view or self.load(full=False)
+        hot = dict(view.state)
+        hot["tasks"] = {i: pack_task(t) for i, t in view.state["tasks"].items()}
+        body = orjson.dumps(hot)
+        self._execute(
+            "INSERT INTO kmpwm_snapshot (id, seq, body) VALUES (1, %s, %s) "
+            "ON CONFLICT (id) DO UPDATE SET seq = excluded.seq, body = excluded.body "
+            "WHERE kmpwm_snapshot.seq < excluded.seq",
+            (view.seq, body),
+            doing="writing the snapshot",
+        )
+        self._tail = 0
+        return True
+
+    def drop_snapshot(self) -> None:
+        self._execute("DELETE FROM kmpwm_snapshot", doing="dropping the snapshot")
+
+    def watch(self) -> PgWatch:
+        """serve's change notification: LISTEN on a connection of its own."""
+        return PgWatch(self)
+
+    # -- leases ---------------------------------------------------------------------------
+
+    def lease(self) -> float:
+        if self._lease is None:
+            self._lease = lease_seconds()
+        return self._lease
+
+    def note_runner(self, host: str, runner: str) -> None:
+        """A runner of ``host`` starts (doctor's list of hosts)."""
+        self._execute(
+            "INSERT INTO kmpwm_hosts (host, runner) VALUES (%s, %s) "
+            "ON CONFLICT (host) DO UPDATE SET last_seen = now(), runner = excluded.runner",
+            (host, runner),
+            doing="noting this host",
+        )
+
+    def hosts(self) -> list[dict]:
+        rows = self._execute(
+            "SELECT host, extract(epoch FROM now() - last_seen), runner FROM kmpwm_hosts ORDER BY host",
+            doing="listing hosts",
+        ).fetchall()
+        return [{"host": h, "seen_ago_s": round(float(a), 1), "runner": r} for h, a, r in rows]
+
+    def renew(self, runner: str) -> bool:
+        """Push the end of every lease ``runner`` holds to ``now() + KMPWM_LEASE`` (the database's
+        clock).  False when the database cannot be reached: the caller counts from its last
+        success and stops its runs before the leases end."""
+        psycopg = _Psycopg.get()
+        try:
+            self.conn().execute(
+                "UPDATE kmpwm_leases SET expires_at = now() + make_interval(secs => %s) WHERE runner = %s",
+                (self.lease(), runner),
+            )
+            return True
+        except (psycopg.Error, JournalError):
+            self._drop_broken()
+            return False
+
+    # -- writing --------------------------------------------------------------------------
+
+    @contextmanager
+    def transaction(self, timeout: float | None = None) -> Iterator[PgTransaction]:
+        """The writers' lock (an advisory lock, held to the end of one database transaction) with
+        the state brought up to date under it; staged ops become one record at the end."""
+        psycopg = _Psycopg.get()
+        from kmpwm.storage.journal import lock_timeout
+
+        if timeout is None:
+            timeout = lock_timeout()
+        conn = self.conn()
+        txn = None
+        self._in_txn += 1
+        try:
+            with conn.transaction():
+                conn.execute(f"SET LOCAL lock_timeout = '{max(1, int(timeout * 1000))}ms'")
+                try:
+                    conn.execute("SELECT pg_advisory_xact_lock(%s)", (LOCK_KEY,))
+                except psycopg.errors.LockNotAvailable:
+                    raise LockBusy(
+                        f"another kmpwm process has held the store's lock for {timeout:g}s", hint="try again"
+                    ) from None
+                conn.execute("SET LOCAL lock_timeout = 0")
+                txn = PgTransaction(self)
+                yield txn
+                txn.flush()
+                conn.execute(f"NOTIFY {CHANNEL}")
+        except psycopg.Error as exc:
+            self.invalidate()
+            self._drop_broken()
+            raise self._error(exc, "a write") from None
+        except BaseException:
+            if txn is not None and txn.touched:
+                self.invalidate()  # the in-memory state saw ops that never reached the database
+            raise
+        finally:
+            self._in_txn -= 1
+
+    def _insert(self, record: dict, pre: list) -> None:
+        """One record and its side rows (claims, leases), inside the open transaction."""
+        conn = self._conn
+        conn.execute("INSERT INTO kmpwm_records (host, body) VALUES (%s, %s)", (self.host or "", orjson.dumps(record)))
+        lease = self.lease()
+        for op, before in pre:
+            kind = op.get("op")
+            if kind == "claim" and before is not None:
+                cur = conn.execute(
+                    "INSERT INTO kmpwm_claims (task_id, task_seq, occ, attempt, taken_from, runner) "
+                    "VALUES (%s, %s, %s, %s, %s, %s) ON CONFLICT DO NOTHING",
+                    (op["id"], int(op.get("seq") or 0), op.get("occ") or "", before[0], before[1], op["runner"]),
+                )
+                if cur.rowcount != 1:
+                    raise JournalError(
+                        f"the database refused a second claim of task {op['id']} "
+                        f"(occurrence {op.get('occ')}, attempt {before[0]}): another runner claimed it first",
+                        hint="nothing ran twice; run-due will plan again",
+                    )
+                conn.execute(
+                    "INSERT INTO kmpwm_leases (task_id, runner, expires_at) "
+                    "VALUES (%s, %s, now() + make_interval(secs => %s)) "
+                    "ON CONFLICT (task_id, runner) DO UPDATE SET expires_at = excluded.expires_at",
+                    (op["id"], op["runner"], lease),
+                )
+            elif kind == "release" and op.get("runner"):
+                # a claim handed back unstarted: the occurrence was not consumed
+                conn.execute(
+                    "DELETE FROM kmpwm_claims WHERE task_id = %s AND runner = %s AND claimed_at >= "
+                    "(SELECT max(claimed_at) FROM kmpwm_claims WHERE task_id = %s AND runner = %s)",
+                    (op["id"], op["runner"], op["id"], op["runner"]),
+                )
+                conn.execute("DELETE FROM kmpwm_leases WHERE task_id = %s AND runner = %s", (op["id"], op["runner"]))
+            elif kind == "result" and op.get("runner"):
+                conn.execute("DELETE FROM kmpwm_leases WHERE task_id = %s AND runner = %s", (op["id"], op["runner"]))
+
+
+def _claim_key(state: dict, op: dict) -> tuple[str, str] | None:
+    """(the attempt at its occurrence, the runner whose lease it takes over or '') of a claim
+    about to be folded: every legitimate second claim of one occurrence differs in one of them
+    (a retry or an expired run counts an attempt, a dead holder's lease is taken over by name, a
+    claim handed back unstarted deletes its row)."""
+    t = state["tasks"].get(op.get("id"))
+    if t is None:
+        return None
+    taken = (t.get("lease") or {}).get("runner", "") if t["state"] == "RUNNING" else ""
+    return f"{t.get('occ_attempts', 0)}.{t.get('crashes', 0)}.{t.get('expiries', 0)}", taken
+
+
+class PgTransaction:
+    """Writes made while holding the store's lock (the journal's ``Transaction``)."""
+
+    def __init__(self, store: PgStore):
+        self.store = store
+        self._view: PgView | None = None
+        self.staged: list[dict] = []
+        self._pre: list = []
+        self.touched = False
+        self.ts = time.time()
+        self.emit = None
+
+    @property
+    def view(self) -> PgView:
+        if self._view is None:
+            self._view = self.store.load(full=False)
+        return self._view
+
+    @property
+    def state(self) -> dict:
+        return self.view.state
+
+    def _keys(self, ops: list[dict]) -> list:
+        state = self.state
+        return [(op, _claim_key(state, op) if op.get("op") == "claim" else None) for op in ops]
+
+    def stage(self, ops: list[dict], emit=None) -> list:
+        if not ops:
+            return []
+        self.touched = True
+        hook = emit
+        if self.emit is not None:
+            hook = self.emit if emit is None else (lambda *e, _a=emit, _b=self.emit: (_a(*e), _b(*e)))
+        pre = self._keys(ops)
+        results = apply(self.state, {"ts": self.ts, "ops": ops}, hook)
+        for (op, key), ok in zip(pre, results):
+            self.staged.append(op)
+            self._pre.append((op, key if ok is True else None))
+        return results
+
+    def flush(self) -> None:
+        if not self.staged:
+            return
+        ops, pre = self.staged, self._pre
+        self.staged, self._pre = [], []
+        self.store._insert({"ts": self.ts, "ops": ops}, pre)
+        self._advance()
+
+    def commit(self, ops: list[dict], ts: float | None = None) -> list:
+        if not ops:
+            return []
+        if self.staged:
+            raise RuntimeError("commit() after stage(): flush first")
+        self.touched = True
+        record = {"ts": time.time() if ts is None else ts, "ops": ops}
+        pre = self._keys(ops)
+        results = apply(self.state, record)
+        self.store._insert(record, [(op, key if ok is True else None) for (op, key), ok in zip(pre, results)])
+        self._advance()
+        return results
+
+    def _advance(self) -> None:
+        """Our record is folded already: move past its seq so it is not folded again."""
+        row = self.store._conn.execute("SELECT currval('kmpwm_records_seq_seq')").fetchone()
+        self.view.seq = self.view.offset = row[0]
+        self.store._tail += 1
+
+
+class PgWatch:
+    """``LISTEN kmpwm`` on a connection of its own: its socket turns readable when any host writes
+    (serve's watch interface: ``fd``, ``drain``, ``poll_interval``, ``close``)."""
+
+    def __init__(self, store: PgStore):
+        self._store = store
+        self._conn = None
+        self.fd = None
+        self._connect()
+
+    def _connect(self) -> None:
+        psycopg = _Psycopg.get()
+        try:
+            self._conn = psycopg.connect(self._store.url, autocommit=True, connect_timeout=10, application_name="kmpwm")
+            self._conn.execute(f"LISTEN {CHANNEL}")
+        except psycopg.Error as exc:
+            raise self._store._error(exc, "listening for changes") from None
+        self.fd = self._conn.fileno()
+
+    def drain(self) -> bool:
+        pg = self._conn.pgconn
+        try:
+            pg.consume_input()
+        except Exception:  # noqa: BLE001 -- the connection is gone: listen anew (or fail loudly)
+            self._conn.close()
+            self._connect()  # the fd changes: serve re-registers it (changed() tells it to plan again)
+            return True
+        changed = False
+        while pg.notifies() is not None:
+            changed = True
+        return changed
+
+    def poll_interval(self) -> float | None:
+        return None
+
+    def close(self) -> None:
+        if self._conn is not None:
+            self._conn.close()

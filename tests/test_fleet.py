@@ -1,0 +1,278 @@
+"""The fleet store (SPEC section 14): one queue on PostgreSQL, shared by several hosts.
+
+The behaviour suites marked ``both_stores`` already run every command against PostgreSQL; this
+file tests what only a shared store has: the schema and its migration, URLs (masked, malformed,
+unreachable), hosts sharing one queue with real concurrent runners, leases judged by the
+database's clock, claims the database refuses twice, serve woken by notifications, and
+``store copy``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+
+import psycopg
+import pytest
+from helpers import jdoc, kmpwm, kmpwm_env
+
+from kmpwm.storage import pgstore
+
+
+@pytest.fixture
+def pg(pg_url, monkeypatch):
+    monkeypatch.setenv("KMPWM_STORE", pg_url)
+    return pg_url
+
+
+def q(url, sql, params=()):
+    with psycopg.connect(url, autocommit=True) as conn:
+        cur = conn.execute(sql, params)
+        return cur.fetchall() if cur.description else None
+
+
+def write_config(home, text):
+    (home / "config.toml").write_text(text)
+    os.chmod(home / "config.toml", 0o600)
+
+
+# -- the schema -------------------------------------------------------------------------------
+
+
+def test_schema_is_created_on_first_use_and_versioned(pg, home):
+    kmpwm("enqueue", "a", "echo", check=0)
+    assert q(pg, "SELECT value FROM kmpwm_meta WHERE key = 'schema'") == [(str(pgstore.SCHEMA_VERSION),)]
+    assert not (home / "journal" / "journal.log").exists()  # nothing went to the journal
+    doc = jdoc("doctor")
+    assert doc["store"]["schema"] == pgstore.SCHEMA_VERSION and doc["store"]["records"] == 1
+
+
+def test_a_store_of_the_first_schema_version_is_migrated_and_keeps_its_tasks(pg):
+    with psycopg.connect(pg, autocommit=True) as conn:
+        for statement in pgstore.MIGRATIONS[1]:
+            conn.execute(statement)
+        conn.execute("INSERT INTO kmpwm_meta VALUES ('schema', '1')")
+    # a record written by version 1: an enqueue
+    kmpwm("enqueue", "old", "echo", check=0)  # migrates first, then writes
+    assert q(pg, "SELECT value FROM kmpwm_meta WHERE key = 'schema'") == [(str(pgstore.SCHEMA_VERSION),)]
+    assert q(pg, "SELECT to_regclass('kmpwm_hosts') IS NOT NULL") == [(True,)]
+    run = jdoc("run-due")
+    assert [r["id"] for r in run["ran"]] == ["old"]
+    assert [h["host"] for h in jdoc("doctor")["store"]["hosts"]]  # v2's table is in use
+
+
+def test_a_schema_newer_than_this_kmpwm_is_refused(pg):
+    kmpwm("inspect-queue", check=0)
+    q(pg, "UPDATE kmpwm_meta SET value = '99' WHERE key = 'schema'")
+    r = kmpwm("enqueue", "a", "echo", check=78)
+    assert "schema version 99" in r.stderr and "Traceback" not in r.stderr
+
+
+# -- URLs ---------------------------------------------------------------------------------------
+
+
+def test_a_password_is_never_printed(pg_server, home):
+    url = pg_server.replace("kmpwm@", "nobody_here:s3cr3t-pw@")
+    for args in (["--store", url, "enqueue", "a", "echo"], ["--store", url, "doctor", "--json"]):
+        r = kmpwm(*args)
+        assert r.returncode in (74, 78), r
+        assert "s3cr3t" not in r.stdout + r.stderr
+        assert "***" in r.stdout + r.stderr
+    assert pgstore.mask("postgresql://u:pw@h/db?password=x&sslmode=require") == (
+        "postgresql://u:***@h/db?password=***&sslmode=require"
+    )
+
+
+def test_a_malformed_url_is_78_and_an_unreachable_server_74(home, tmp_path):
+    r = kmpwm("--store", "postgresql://h:notaport/db", "inspect-queue", check=78)
+    assert r.stderr.count("\n") <= 2 and "Traceback" not in r.stderr
+    r = kmpwm("--store", "mysql://h/db", "inspect-queue", check=78)
+    assert "postgresql://" in r.stderr
+    r = kmpwm("--store", f"postgresql://kmpwm@/x?host={tmp_path}&connect_timeout=2", "enqueue", "a", "echo", check=74)
+    assert "Traceback" not in r.stderr and r.stderr.startswith("kmpwm: ")
+
+
+def test_store_url_from_config_toml_and_env_and_flag(pg_url, home, monkeypatch):
+    monkeypatch.delenv("KMPWM_STORE", raising=False)
+    write_config(home, f'[store]\nurl = "{pg_url}"\n')
+    kmpwm("enqueue", "viaconfig", "echo", check=0)
+    assert q(pg_url, "SELECT count(*) FROM kmpwm_records") == [(1,)]
+    # --store journal wins over the config: the journal is empty
+    assert jdoc("--store", "journal", "inspect-queue", "--all")["tasks"] == []
+    write_config(home, "[store]\nurl = 42\n")
+    kmpwm("inspect-queue", check=78)
+
+
+def test_an_insecure_pgpass_is_refused(pg, home, tmp_path, monkeypatch):
+    pgpass = tmp_path / "pgpass"
+    pgpass.write_text("*:*:*:*:pw\n")
+    os.chmod(pgpass, 0o644)
+    monkeypatch.setenv("PGPASSFILE", str(pgpass))
+    r = kmpwm("enqueue", "a", "echo", check=77)
+    assert "chmod 600" in r.stderr
+
+
+# -- claims -------------------------------------------------------------------------------------
+
+
+def test_the_database_refuses_a_second_claim_of_one_occurrence(pg, home):
+    """Even if a runner's fold believed it free, the claims table's key refuses a second claim of
+    the same occurrence from the same starting point: nothing runs twice."""
+    kmpwm("enqueue", "once", "echo", check=0)
+    from kmpwm import Scheduler
+    from kmpwm.core.state import occurrence
+
+    t = Scheduler(home).task("once")
+    # another runner's claim of this very occurrence, as if it committed first
+    q(
+        pg,
+        "INSERT INTO kmpwm_claims (task_id, task_seq, occ, attempt, taken_from, runner) VALUES (%s,%s,%s,%s,'',%s)",
+        ("once", t["seq"], occurrence(t), "0.0.0", "elsewhere/1/x"),
+    )
+    r = kmpwm("run-due", "--json", check=74)
+    assert "refused a second claim" in r.stderr
+    assert jdoc("inspect-queue", "once")["tasks"][0]["state"] == "ENQUEUED"  # nothing was recorded
+
+
+def test_hosts_share_one_queue_and_each_task_runs_once(pg, home, tmp_path):
+    """Three hosts' runners at once (KMPWM_HOST=a|b|c) on 150 tasks: every task exactly once."""
+    marks = tmp_path / "marks"
+    marks.mkdir()
+    write_config(
+        home,
+        f'[workers.mark]\ncommand = ["sh", "-c", "echo $KMPWM_HOST >> {marks}/$KMPWM_TASK_ID"]\n',
+    )
+    from kmpwm import Scheduler
+
+    s = Scheduler(home)
+    with s.batch():
+        for n in range(150):
+            s.enqueue(f"t{n}", None, "mark")
+    procs = []
+    for _round in range(2):
+        for host in "abc":
+            env = dict(kmpwm_env(), KMPWM_HOST=host)
+            procs.append(subprocess.Popen([sys.executable, "-m", "kmpwm", "run-due", "--parallel", "3"], env=env))
+    for p in procs:
+        assert p.wait(timeout=120) == 0
+    counts = {f.name: f.read_text().split() for f in marks.iterdir()}
+    assert len(counts) == 150
+    assert all(len(v) == 1 for v in counts.values()), {k: v for k, v in counts.items() if len(v) != 1}
+    hosts = {v[0] for v in counts.values()}
+    assert hosts <= set("abc")
+    done = jdoc("inspect-queue", "--all", "--state", "SUCCEEDED")["tasks"]
+    assert len(done) == 150
+    assert q(pg, "SELECT count(*) FROM kmpwm_claims") == [(150,)]
+
+
+def test_a_foreign_lease_is_judged_by_the_database_clock(pg, home, tmp_path, monkeypatch):
+    """Host a's runner holds a task (its clock a day ahead); host b, on the real clock, leaves it
+    alone while a renews; once a is gone without a word (SIGKILL, a dead machine) b takes the
+    task over when the lease ends by the database's clock, not before."""
+    monkeypatch.setenv("KMPWM_LEASE", "12s")
+    started = tmp_path / "started"
+    write_config(
+        home,
+        f'[workers.slow]\ncommand = ["sh", "-c", "echo $KMPWM_HOST >> {started}; sleep 30"]\n',
+    )
+    kmpwm("enqueue", "long", "slow", "--timeout", "10m", check=0)
+    env_a = dict(kmpwm_env(), KMPWM_HOST="a")
+    a = subprocess.Popen(
+        ["faketime", "-f", "+1d", sys.executable, "-m", "kmpwm", "run-due"],
+        env=env_a,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
+    try:
+        deadline = time.monotonic() + 20
+        while not (started.exists() and started.read_text()):
+            assert time.monotonic() < deadline, "host a never started the task"
+            time.sleep(0.1)
+        t0 = time.monotonic()
+        env_b = dict(kmpwm_env(), KMPWM_HOST="b")
+        lease = jdoc("inspect-queue", "long", env=env_b)["tasks"][0]
+        assert lease["state"] == "RUNNING"
+        time.sleep(14)  # longer than a lease: a renewed it meanwhile
+        r = kmpwm("run-due", "--json", env=env_b, check=0)
+        assert json.loads(r.stdout)["ran"] == []
+        assert started.read_text().split() == ["a"]
+        os.killpg(a.pid, 9)  # host a dies, its workers with it
+        a.wait()
+        killed = time.monotonic()
+        # before the lease can have ended: still held
+        r = kmpwm("run-due", "--json", env=env_b, check=0)
+        if time.monotonic() - killed < 8:
+            assert json.loads(r.stdout)["ran"] == []
+        time.sleep(max(0.0, 13 - (time.monotonic() - killed)))
+        env_b_quick = dict(env_b)
+        write_config(home, '[workers.slow]\ncommand = ["sh", "-c", "echo $KMPWM_HOST >> ' + str(started) + '"]\n')
+        r = kmpwm("run-due", "--json", env=env_b_quick, check=0)
+        assert [x["id"] for x in json.loads(r.stdout)["ran"]] == ["long"], r.stdout
+        assert started.read_text().split() == ["a", "b"]
+        assert time.monotonic() - t0 > 14
+        events = jdoc("events", "--task", "long")["events"]
+        assert any(e["event"] == "runner-lost" and e.get("why") == "its lease ended" for e in events)
+    finally:
+        if a.poll() is None:
+            os.killpg(a.pid, 9)
+
+
+# -- serve and store copy -----------------------------------------------------------------------
+
+
+def test_serve_wakes_on_the_database_notification(pg, home, tmp_path):
+    marks = tmp_path / "ran"
+    write_config(home, f'[workers.mark]\ncommand = ["sh", "-c", "echo $KMPWM_TASK_ID >> {marks}"]\n')
+    serve = subprocess.Popen(
+        [sys.executable, "-m", "kmpwm", "serve"], env=kmpwm_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
+    )
+    try:
+        time.sleep(1.5)
+        for n in range(3):
+            kmpwm("enqueue", f"s{n}", "mark", check=0)
+            deadline = time.monotonic() + 10
+            while not (marks.exists() and f"s{n}" in marks.read_text().split()):
+                assert time.monotonic() < deadline, f"serve did not start s{n}"
+                time.sleep(0.02)
+    finally:
+        serve.terminate()
+        assert serve.wait(timeout=30) == 0, serve.stderr.read()
+
+
+def test_store_copy_journal_to_postgresql_and_back(pg_url, home, monkeypatch):
+    monkeypatch.delenv("KMPWM_STORE", raising=False)
+    write_config(home, '[workers.flaky]\ncommand = ["sh", "-c", "exit 75"]\n')  # 75: retry me
+    kmpwm("enqueue", "plain", "echo", "--delay", "1h", check=0)
+    kmpwm("enqueue", "done", "echo", check=0)
+    jdoc("run-due")  # done: SUCCEEDED, not copied
+    kmpwm("chain", "--id", "c", "echo", "flaky", "echo", "--backoff-delay", "1h", check=0)
+    jdoc("run-due")  # c/2/fail retries later: the chain's savepoint is step 2
+    before = jdoc("inspect-queue", "c")["tasks"]
+    doc = jdoc("store", "copy", "--to", pg_url)
+    assert doc["copied"] == 4 and doc["chains"] == 1 and "plain" in doc["ids"] and "done" not in doc["ids"]
+    there = jdoc("--store", pg_url, "inspect-queue", "--all")
+    ids = {t["id"] for t in there["tasks"]}
+    assert ids == {"plain", "c/1/echo", "c/2/flaky", "c/3/echo"}
+    after = {t["id"]: t for t in jdoc("--store", pg_url, "inspect-queue", "c")["tasks"]}
+    for t in before:
+        assert after[t["id"]]["state"] == t["state"]
+        assert after[t["id"]]["attempts"] == t["attempts"]
+    # a second copy would overwrite: refused, nothing written
+    r = kmpwm("store", "copy", "--to", pg_url, check=65)
+    assert "never overwrites" in r.stderr
+    # and back, into an empty journal of another home
+    other = home.parent / "other"
+    other.mkdir(mode=0o700)
+    env = dict(kmpwm_env(), KMPWM_HOME=str(other))
+    doc = json.loads(kmpwm("store", "copy", "--from", pg_url, "--json", env=env, check=0).stdout)
+    assert doc["copied"] == 4
+    back = json.loads(kmpwm("inspect-queue", "--all", "--json", env=env, check=0).stdout)["tasks"]
+    assert {t["id"] for t in back} == ids
+    # the copied chain goes on from its savepoint: step 1 never runs again
+    write_config(home, '[workers.flaky]\ncommand = ["true"]\n')
+    r = json.loads(kmpwm("--store", pg_url, "run-now", "c", "--json", check=0).stdout)
+    assert [x["id"] for x in r["ran"]] == ["c/2/flaky", "c/3/echo"]
