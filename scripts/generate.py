@@ -97,6 +97,17 @@ ENVIRONMENT = [
         "counts as observable, so it never causes REJECTED_OS_POLICY. A bad value exits 78.",
     ),
     ("KMPWM_LOCK_TIMEOUT", "Seconds a command waits for the journal lock (default 10) before it exits 75."),
+    (
+        "KMPWM_STORE",
+        "Keep the queue in a shared store: a libpq URL (postgresql://...), so that several hosts run one "
+        "queue; 'journal' (or unset) is the embedded journal. --store wins over it; [store] url in "
+        "config.toml comes after it. Passwords are never printed.",
+    ),
+    (
+        "KMPWM_LEASE",
+        "How long a lease in a shared store lasts without a renewal (a DUR, default 60s), judged by the "
+        "database's clock. A runner renews its leases while runs last, and stops its runs when it cannot.",
+    ),
     ("NO_COLOR", "When set, human-readable output has no colour."),
 ]
 

@@ -23,7 +23,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))  # `import helpers` fro
 # embedded journal and on a fresh PostgreSQL database (KMPWM_STORE), as River runs one driver
 # suite against every driver.  The server: ``KMPWM_TEST_PG`` (a libpq URL whose user may create
 # databases), else a throwaway cluster this session starts (scripts/pgcluster.py) and stops.
-# ``pytest --store journal`` (or ``postgresql``) runs one side only.
+# ``pytest --store journal`` (or ``postgresql``) runs one side only.  Modules marked
+# ``both_stores(long=True)`` run on PostgreSQL only with ``--long-stores`` (scripts/long-tier),
+# to keep CI's run short.
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -31,6 +33,11 @@ ROOT = Path(__file__).resolve().parent.parent
 def pytest_addoption(parser):
     parser.addoption(
         "--store", choices=("both", "journal", "postgresql"), default="both", help="stores for both_stores tests"
+    )
+    parser.addoption(
+        "--long-stores",
+        action="store_true",
+        help="also run the modules marked both_stores(long=True) on PostgreSQL (scripts/long-tier)",
     )
 
 
@@ -46,6 +53,11 @@ def pytest_generate_tests(metafunc):
         return
     choice = metafunc.config.getoption("--store")
     kinds = ["journal", "postgresql"] if choice == "both" else [choice]
+    if metafunc.definition.get_closest_marker("both_stores").kwargs.get("long") and not metafunc.config.getoption(
+        "--long-stores"
+    ):
+        kinds = [k for k in kinds if k == "journal"] or kinds  # PostgreSQL's side in the long tier
+
     if metafunc.definition.get_closest_marker("journal_only") is not None:
         kinds = [k for k in kinds if k == "journal"]
     metafunc.parametrize("store_kind", kinds, indirect=True, ids=[k[:2] if k == "journal" else "pg" for k in kinds])

@@ -21,7 +21,7 @@ from kmpwm.running.context import WorkerContext
 from kmpwm.workers.files import compress
 from kmpwm.workers.http import download, http_request, upload
 
-pytestmark = pytest.mark.both_stores  # each test runs on the journal and on PostgreSQL (conftest.py)
+pytestmark = pytest.mark.both_stores(long=True)  # PostgreSQL's side runs in scripts/long-tier
 
 BLOB = hashlib.sha256(b"seed").digest() * (1024 * 1024 // 32)  # 1 MiB, not compressible to nothing
 BLOB_SHA = hashlib.sha256(BLOB).hexdigest()

@@ -21,7 +21,7 @@ from helpers import kjson, kmpwm_env, tasks_by_id
 from kmpwm.core.timeparse import parse_duration
 from kmpwm.scheduling.probes import Device, device_state_now, unmet
 
-pytestmark = pytest.mark.both_stores  # each test runs on the journal and on PostgreSQL (conftest.py)
+pytestmark = pytest.mark.both_stores(long=True)  # PostgreSQL's side runs in scripts/long-tier
 
 # -- local helpers ------------------------------------------------------------------------------
 

@@ -31,7 +31,7 @@ from kmpwm.core.triggers import (
     next_after_run,
 )
 
-pytestmark = pytest.mark.both_stores  # each test runs on the journal and on PostgreSQL (conftest.py)
+pytestmark = pytest.mark.both_stores(long=True)  # PostgreSQL's side runs in scripts/long-tier
 
 BERLIN, NEW_YORK, TOKYO = "Europe/Berlin", "America/New_York", "Asia/Tokyo"
 HOST = {"KMPWM_HOST": "host-a"}

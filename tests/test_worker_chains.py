@@ -18,7 +18,7 @@ import pytest
 from helpers import jdoc, kmpwm, kmpwm_env
 from test_builtin_workers import BLOB, BLOB_SHA, HALF, Handler, Server
 
-pytestmark = pytest.mark.both_stores  # each test runs on the journal and on PostgreSQL (conftest.py)
+pytestmark = pytest.mark.both_stores(long=True)  # PostgreSQL's side runs in scripts/long-tier
 
 
 class StallingHandler(Handler):
