@@ -240,12 +240,17 @@ class PgStore:
             self._conn = None
 
     def _execute(self, sql: str, params=(), doing: str = "a statement"):
+        """One statement; outside a transaction, a connection that broke (the server restarted,
+        an administrator ended it) is made anew once, and the statement tried again."""
         psycopg = _Psycopg.get()
-        try:
-            return self.conn().execute(sql, params)
-        except psycopg.Error as exc:
-            self._drop_broken()
-            raise self._error(exc, doing) from None
+        for attempt in (1, 2):
+            try:
+                return self.conn().execute(sql, params)
+            except psycopg.Error as exc:
+                broken = self._conn is not None and (self._conn.closed or self._conn.broken)
+                self._drop_broken()
+                if not (broken and attempt == 1 and not self._in_txn):
+                    raise self._error(exc, doing) from None
 
     def _drop_broken(self) -> None:
         if self._conn is not None and (self._conn.closed or self._conn.broken):
@@ -433,6 +438,8 @@ class PgStore:
 
         if timeout is None:
             timeout = lock_timeout()
+        if not self._in_txn and self._conn is not None:
+            self._execute("SELECT 1", doing="connecting")  # a connection ended meanwhile is made anew
         conn = self.conn()
         txn = None
         self._in_txn += 1
