@@ -280,3 +280,18 @@ def test_a_dead_holder_frees_its_lease_only_on_its_own_host():
     c = queue(C)["s"]
     assert c["state"] == "ENQUEUED" and "is gone" in (c["reason"] or "")  # its pid is checked here
     assert [r["id"] for r in jdoc("run-due", "--dry-run", env=C)["ran"]] == ["s"]
+
+
+def test_serve_is_not_woken_by_tasks_pinned_elsewhere():
+    """An idle serve sleeps until something can run here: a due task pinned to another host
+    neither wakes it now nor makes it re-check the device every minute."""
+    from kmpwm.core.state import apply, idle_at, new_state
+    from kmpwm.running.serve import wake_plan
+
+    now = 1_800_000_000.0
+    state = new_state()
+    task = {"id": "t", "worker": "echo", "trigger": {"type": "one_time", "delay": 0.0}, "created_at": now}
+    apply(state, {"ts": now, "ops": [{"op": "enq", "task": dict(task, host="host-b"), "policy": "keep"}]})
+    assert wake_plan(state, now + 1, "host-a/1/r", "host-a") == (None, {})
+    assert idle_at(state, now + 1, "host-a") and not idle_at(state, now + 1, "host-b")
+    assert wake_plan(state, now + 1, "host-b/1/r", "host-b")[0] is not None
