@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from kmpwm.core.exitcodes import InvalidParams, KmpwmError, OsPolicy
+from kmpwm.core.hosts import check_host, this_host
 from kmpwm.core.models import (
     DEFAULT_CONSTRAINTS_RECORD,
     UNFINISHED,
@@ -174,10 +175,22 @@ class Scheduler:
             raise InvalidParams("invalid constraints: expected kmpwm.Constraints")
         else:
             trig, crec = self._validated_pair(trigger, constraints, now)
+        host = req.host
+        if host is not None:
+            host = check_host(host, "host")
+        if trig["type"] == "on_change":
+            # a path means something on the machine it lives on: the task runs where it was enqueued
+            here = this_host()
+            if host is not None and host != here:
+                raise InvalidParams(
+                    f"--on-change task {task_id!r}: pinned to the host that enqueues it ({here}), not {host!r} "
+                    f"(its path is on this machine; enqueue it on {host} to watch a path there)"
+                )
+            host = here
         if trig["type"] == "one_time":
             due, trig_state = now + trig["delay"], None
         else:
-            offset = jitter_offset(task_id, crec["jitter"]) if "jitter" in crec else 0.0
+            offset = jitter_offset(task_id, crec["jitter"], host) if "jitter" in crec else 0.0
             due, trig_state = initial(trig, now, offset)
         data = req.input
         if data is not None:
@@ -198,6 +211,8 @@ class Scheduler:
             task["constraints"] = crec
         if req.tags:
             task["tags"] = check_tags(req.tags)
+        if host is not None:
+            task["host"] = host
         if due != now:
             task["due"] = due
         if trig_state:
@@ -261,8 +276,11 @@ class Scheduler:
         *,
         policy: ExistingWorkPolicy | str = "keep",
         tags: Sequence[str] = (),
+        host: str | None = None,
     ) -> ScheduleResult:
-        """Schedule one task (seed: ``enqueue``); returns a ScheduleResult."""
+        """Schedule one task (seed: ``enqueue``); returns a ScheduleResult.  ``host`` pins it to
+        the runners of that host (``KMPWM_HOST``, else the machine's name); an on-change task is
+        pinned to this host whatever it says (another host is REJECTED_INVALID_PARAMS)."""
         req = TaskRequest(
             worker=worker,
             id=id,
@@ -270,6 +288,7 @@ class Scheduler:
             trigger=trigger,
             constraints=constraints or _DEFAULT_CONSTRAINTS,
             tags=list(tags) if tags else [],
+            host=host,
         )
         return self.submit(req, policy).result
 

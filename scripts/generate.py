@@ -96,6 +96,13 @@ ENVIRONMENT = [
         "(on or off) and battery (a percentage), e.g. `network=off,battery=10`. A key set here "
         "counts as observable, so it never causes REJECTED_OS_POLICY. A bad value exits 78.",
     ),
+    (
+        "KMPWM_HOST",
+        "This runner's host name (default: the machine's name; empty counts as unset). Leases "
+        "record it, tasks pinned with --host NAME run only where it is NAME, and --jitter offsets "
+        "are fixed per host. A name has at most 253 characters and no '/', whitespace or control "
+        "characters; a bad one exits 78.",
+    ),
     ("KMPWM_LOCK_TIMEOUT", "Seconds a command waits for the journal lock (default 10) before it exits 75."),
     (
         "KMPWM_STORE",

@@ -1,7 +1,7 @@
 """Shared fixtures: every test gets its own fresh kmpwm home.
 
 The autouse fixture points ``KMPWM_HOME`` at ``tmp_path / "home"`` (created 0700), clears
-``KMPWM_ASSUME`` so real probes or a test's own overrides decide, and sets
+``KMPWM_ASSUME`` so real probes or a test's own overrides decide (and ``KMPWM_HOST``), and sets
 ``KMPWM_LOCK_TIMEOUT`` so a stuck lock fails a test in seconds rather than hanging it.
 Subprocesses started through :mod:`tests.helpers` inherit this environment.
 """
@@ -129,6 +129,7 @@ def kmpwm_home(tmp_path, monkeypatch, store_kind, request) -> Path:
     if store_kind == "postgresql":
         monkeypatch.setenv("KMPWM_STORE", request.getfixturevalue("pg_url"))
     monkeypatch.delenv("KMPWM_ASSUME", raising=False)
+    monkeypatch.delenv("KMPWM_HOST", raising=False)  # the machine's name, unless a test names a host
     monkeypatch.setenv("KMPWM_LOCK_TIMEOUT", "20")
     monkeypatch.setenv("NO_COLOR", "1")
     return home

@@ -24,8 +24,10 @@ UNFINISHED = {"ENQUEUED", "BLOCKED", "RUNNING"}
 SETTINGS = settings(max_examples=50, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
 
-def make_task(task_id: str, ts: float, *, repeating: bool, max_attempts: int, backoff: str, tags: list[str]) -> dict:
-    """A task record shaped like the ones Scheduler.build_task writes."""
+def make_task(
+    task_id: str, ts: float, *, repeating: bool, max_attempts: int, backoff: str, tags: list[str], host=None
+) -> dict:
+    """A task record shaped like the ones Scheduler.build_task writes (``host`` only when pinned)."""
     trigger = (
         {"type": "periodic", "every": 60.0, "flex": 60.0, "delay": 0.0}
         if repeating
@@ -55,6 +57,7 @@ def make_task(task_id: str, ts: float, *, repeating: bool, max_attempts: int, ba
         "created_at": ts,
         "due": ts,
         "trig_state": {"anchor": ts} if repeating else {},
+        **({"host": host} if host is not None else {}),
     }
 
 
@@ -66,6 +69,7 @@ def draw_task(data, task_id: str, ts: float) -> dict:
         max_attempts=data.draw(st.integers(1, 3), label="max_attempts"),
         backoff=data.draw(st.sampled_from(["exponential", "linear"]), label="backoff"),
         tags=data.draw(st.lists(st.sampled_from(TAGS), unique=True, max_size=2), label="tags"),
+        host=data.draw(st.sampled_from([None, None, "h1", "h2"]), label="host"),  # --host: pinned
     )
 
 
@@ -439,6 +443,33 @@ def test_fold_invariants(data):
             )
 
 
+def test_host_field_folds_packs_and_updates():
+    """``host`` (--host) is on every task, null unless pinned; it survives packing (snapshots,
+    compaction's put ops) and ``--policy update`` takes the new request's value, null included."""
+    from kmpwm.core.state import pack_task, unpack_task
+
+    ts = 1_800_000_000.0
+    t = lambda i, host=None: make_task(  # noqa: E731
+        i, ts, repeating=False, max_attempts=3, backoff="exponential", tags=[], host=host
+    )
+    s = new_state()
+    apply(s, {"ts": ts, "ops": [{"op": "enq", "task": t("a", "h1"), "policy": "keep"}]})
+    apply(s, {"ts": ts, "ops": [{"op": "enq", "task": t("b"), "policy": "keep"}]})
+    assert s["tasks"]["a"]["host"] == "h1" and s["tasks"]["b"]["host"] is None
+    assert pack_task(s["tasks"]["a"])["host"] == "h1" and "host" not in pack_task(s["tasks"]["b"])
+    assert unpack_task(orjson.loads(orjson.dumps(pack_task(s["tasks"]["a"])))) == s["tasks"]["a"]
+    assert unpack_task(pack_task(s["tasks"]["b"]))["host"] is None
+    events = []
+    emit = lambda ts_, tid, kind, detail: events.append((tid, kind, detail))  # noqa: E731
+    r = apply(s, {"ts": ts + 1, "ops": [{"op": "enq", "task": t("a", "h2"), "policy": "update"}]}, emit)
+    assert r[0]["action"] == "updated" and s["tasks"]["a"]["host"] == "h2"
+    assert ("a", "updated", {"changed": ["host"], "by": None}) in events
+    apply(s, {"ts": ts + 2, "ops": [{"op": "enq", "task": t("a"), "policy": "update"}]})
+    assert s["tasks"]["a"]["host"] is None  # the new request is not pinned: neither is the task
+    apply(s, {"ts": ts + 3, "ops": [{"op": "enq", "task": t("b", "h1"), "policy": "keep"}]})
+    assert s["tasks"]["b"]["host"] is None  # keep: the old request stands
+
+
 def test_fold_examples():
     """A few hand-written sequences with known outcomes."""
     ts = 1_800_000_000.0
@@ -608,8 +639,9 @@ def test_idle_means_plan_has_nothing(data):
         "battery_low": data.draw(st.booleans()),
         "idle": data.draw(st.booleans()),
     }
-    if idle_at(state, now):
-        p = plan(state, now, Device(assume=assume), known_worker=lambda name: True)
+    host = data.draw(st.sampled_from([None, "h1", "h2"]), label="this host")
+    if idle_at(state, now, host):
+        p = plan(state, now, Device(assume=assume), known_worker=lambda name: True, host=host)
         assert not p.due and not p.ops and not p.trig_updates
 
 

@@ -17,7 +17,6 @@ LAYERS = {"core": 0, "storage": 1, "scheduling": 2, "running": 3, "workers": 3, 
 # (importing module, imported package or module) pairs that break the direction today.
 DEBTS = {
     # process identity and the log file are OS primitives the lower layers need
-    ("kmpwm.core.triggers", "kmpwm.system.procs"),
     ("kmpwm.storage.journal", "kmpwm.system.procs"),
     ("kmpwm.storage.compaction", "kmpwm.system.logs"),
     ("kmpwm.running.expiry", "kmpwm.system.procs"),

@@ -42,9 +42,15 @@ def _scheduler():
 
 
 def _paths():
-    """This home's paths, after the permission checks every command makes (exit 77)."""
+    """This home's paths, after the permission checks every command makes (exit 77), and with a
+    ``KMPWM_HOST`` that is a host name (exit 78): every command refuses a bad one, not only those
+    that happen to read it this time."""
     from kmpwm.storage.paths import check_all, resolve
 
+    if os.environ.get("KMPWM_HOST"):
+        from kmpwm.core.hosts import this_host
+
+        this_host()
     paths = resolve(_home)
     check_all(paths)
     return paths
@@ -129,6 +135,7 @@ def _task_flags(
     tz=None,
     jitter=None,
     misfire_grace=None,
+    host=None,
 ) -> dict:
     """The flat spec keys given on the command line (only those given)."""
     spec = {
@@ -150,6 +157,7 @@ def _task_flags(
         "tz": tz,
         "jitter": jitter,
         "misfire_grace": misfire_grace,
+        "host": host,
     }
     for key, flag in (
         ("no_descendants", no_descendants),
@@ -310,6 +318,12 @@ def enqueue_cmd(
         help="When the id exists (default keep; update: same id, attempts and schedule, new definition).",
     ),
     tags: list[str] | None = Opt(None, "--tag", metavar="T", help="Label the task (repeatable)."),
+    host: str | None = Opt(
+        None,
+        "--host",
+        metavar="NAME",
+        help="Run it only on host NAME (KMPWM_HOST, else the machine's name); --on-change tasks: this host.",
+    ),
     as_json: bool = JSON_OPT,
 ) -> None:
     """Enqueue a task: ID WORKER plus a trigger and constraints, or --from FILE of JSON Lines."""
@@ -343,6 +357,7 @@ def enqueue_cmd(
         tz,
         jitter,
         misfire_grace,
+        host,
     )
     if from_file is not None:
         if task_id is not None or worker is not None or input is not None or input_file is not None or flags or policy:
@@ -475,6 +490,12 @@ def chain_cmd(
         None, "--max-attempts", metavar="N", help="Runs allowed in all (default 10).", rich_help_panel=CONS
     ),
     tags: list[str] | None = Opt(None, "--tag", metavar="T", help="Label the chain and its tasks (repeatable)."),
+    host: str | None = Opt(
+        None,
+        "--host",
+        metavar="NAME",
+        help="Run its tasks only on host NAME (KMPWM_HOST, else the machine's name).",
+    ),
     as_json: bool = JSON_OPT,
 ) -> None:
     """Enqueue a chain: steps run in order, A+B in parallel; each step gets the previous step's data."""
@@ -508,6 +529,7 @@ def chain_cmd(
         tz,
         jitter,
         misfire_grace,
+        host,
     )
     if file is not None and steps:
         raise InvalidParams("give the steps either on the command line or in --file, not both")

@@ -333,6 +333,8 @@ def _print_queue(doc: dict, state: dict, now: float) -> None:
                 last = progress_text(t["progress"], tty)  # while it runs: how far it is
         elif r["state"] == "RUNNING":  # its run is over without a result: as explain says it
             last = f"{last} ({t['reason']})" if last else t["reason"]
+        if t.get("host") and t["state"] in ("ENQUEUED", "BLOCKED"):
+            nxt = f"{nxt} on {t['host']}".strip()  # pinned (--host): only that host runs it
         step = f"{t['step']}/{len(chains[t['chain_id']]['steps'])}" if t["chain_id"] in chains else ""
         shown_state = t["state"] + (" (paused)" if t.get("paused") else "")
         return [t["id"], t["worker"], shown_state, nxt, t["attempts"], step, ",".join(t["tags"]), last[:70]]

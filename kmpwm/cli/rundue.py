@@ -12,20 +12,30 @@ import sys
 import time
 
 from kmpwm.core.exitcodes import KmpwmError
-from kmpwm.core.state import idle_at
+from kmpwm.core.hosts import pinned_elsewhere, this_host
+from kmpwm.core.state import due_at, idle_at
 from kmpwm.core.timeparse import parse_duration
 from kmpwm.storage.paths import Paths, private_subdir
 from kmpwm.storage.store import Store
 from kmpwm.storage.stores import open_store
 
 
-def _idle(store: Store) -> bool:
-    """Nothing to run, release, fail or re-check at this moment (and a healthy journal)."""
+def _idle(store: Store, skipped: list) -> bool:
+    """Nothing to run, release, fail or re-check at this moment (and a healthy journal).  Due
+    tasks pinned to another host (``--host``) never run here: they go to ``skipped`` with the
+    reason scheduling.plan gives, as when a plan is made."""
     if store.idle_without_loading(time.time()):
         return True
     view = store.load(full=False)
     store.verify_covered(view)
-    return not view.damage and idle_at(view.state, time.time())
+    now = time.time()
+    host = this_host()
+    if view.damage or not idle_at(view.state, now, host):
+        return False
+    for t in view.state["tasks"].values():
+        if t["state"] == "ENQUEUED" and t.get("host") not in (None, host) and due_at(t, now) <= now:
+            skipped.append({"id": t["id"], "reason": pinned_elsewhere(t, host)})
+    return True
 
 
 def run_due_command(paths: Paths, *, budget, grace, parallel, max_tasks, dry_run, as_json) -> int:
@@ -35,8 +45,9 @@ def run_due_command(paths: Paths, *, budget, grace, parallel, max_tasks, dry_run
     grace_s = parse_duration(grace, what="grace") if grace is not None else None
     live = not as_json and is_tty()
     store = open_store(paths)
-    if not dry_run and _idle(store):
-        code, doc, expire_reason, failed = 0, {"ran": [], "expired": [], "skipped": []}, None, []
+    skipped: list = []
+    if not dry_run and _idle(store, skipped):
+        code, doc, expire_reason, failed = 0, {"ran": [], "expired": [], "skipped": skipped}, None, []
     else:
         from kmpwm.core.models import DEFAULT_GRACE
         from kmpwm.running.runner import Runner

@@ -220,6 +220,7 @@ class TaskRequest:
     trigger: Any = None  # a kmpwm.core.triggers object; None means OneTime()
     constraints: Constraints | None = None  # None means Constraints()
     tags: list[str] = field(default_factory=list)
+    host: str | None = None  # --host: run only on the runners of this host (None: any host)
 
 
 if Constraints().to_record() != DEFAULT_CONSTRAINTS_RECORD:  # state.py's copy must be what Constraints() means

@@ -3,7 +3,7 @@
 ``enqueue`` flags, ``enqueue --from`` JSON Lines and the tasks of ``chain --file`` all become a
 dict whose keys are the long flag names with dashes as underscores (``id``, ``worker``,
 ``input``, ``delay``, ``every``, ``flex``, ``at``, ``window``, ``cron``, ``requires_network``,
-``policy``, ``tags``, ``tz``, ``jitter``, ``misfire_grace``, ...).  :func:`request_from_spec`
+``policy``, ``tags``, ``tz``, ``jitter``, ``misfire_grace``, ``host``, ...).  :func:`request_from_spec`
 turns such a dict into a TaskRequest (``tz`` goes to the trigger, ``jitter`` and
 ``misfire_grace`` to the constraints).
 """
@@ -33,6 +33,7 @@ SPEC_KEYS = frozenset(
         "tags",
         "tag",
         "tz",
+        "host",
         *TRIGGER_KEYS,
         *CONSTRAINT_KEYS,
     }
@@ -252,6 +253,11 @@ def request_from_spec(
             raise InvalidParams("invalid input_file: expected a path")
         raw_input = read_input_file(spec["input_file"]) if spec.get("input_file") is not None else spec.get("input")
         policy = enum_value(ExistingWorkPolicy, spec.get("policy") or default_policy, what="policy")
+        host = spec.get("host")
+        if host is not None:
+            from kmpwm.core.hosts import check_host
+
+            check_host(host, "host")
     except InvalidParams as exc:
         if prefix:
             exc.message = prefix + exc.message
@@ -264,4 +270,5 @@ def request_from_spec(
         trigger=trigger,
         constraints=constraints,
         tags=list(tags),
+        host=host,
     ), policy

@@ -114,12 +114,15 @@ def chain_next_step(state: dict, chain: dict) -> int | None:
     return None
 
 
-def idle_at(state: dict, now: float) -> bool:
+def idle_at(state: dict, now: float, host: str | None = None) -> bool:
     """True when nothing can be due at ``now``: no task running (its lease may have ended) and
     every enqueued task due later.  False means ``run-due`` must plan (scheduling.plan), which
-    also checks on-change and device-state triggers, whose tasks are always due."""
+    also checks on-change and device-state triggers, whose tasks are always due.  With ``host``
+    (the runner's host name), tasks pinned to another host do not count: they never run here."""
     for t in state["tasks"].values():
         st = t["state"]
+        if host is not None and t.get("host") not in (None, host):
+            continue
         if st == "RUNNING" or (st == "ENQUEUED" and due_at(t, now) <= now):
             return False
     return True
@@ -200,6 +203,7 @@ _TASK_BASE = {
     "reason": None,
     "finished_at": None,
     "claimed_at": None,
+    "host": None,  # --host: the only host whose runners run it (None: any host)
 }
 
 
@@ -909,16 +913,18 @@ def _revive(t: dict, new_state_: str, ts: float, emit: Emit, by) -> None:
 
 def _update(state: dict, t: dict, task: dict, ts: float, emit: Emit, by=None) -> dict:
     """``--policy update``: ``t`` keeps its id, seq, attempts and (for an equal trigger) its due
-    time and trigger state; it takes the new worker, input, trigger, constraints and tags.  A
-    running run goes on with the definition it started with (the runner holds its own copy)."""
+    time and trigger state; it takes the new worker, input, trigger, constraints, tags and host
+    (the new request's ``--host``, None unpinning it).  A running run goes on with the
+    definition it started with (the runner holds its own copy), on the host that claimed it."""
     same_trigger = task["trigger"] == t["trigger"]
     changed = [
         k
-        for k in ("worker", "input", "trigger", "constraints", "tags")
+        for k in ("worker", "input", "trigger", "constraints", "tags", "host")
         if task.get(k, _PACKED_DEFAULTS.get(k)) != t.get(k)
     ]
     t["worker"] = task["worker"]
     t["input"] = task.get("input")
+    t["host"] = task.get("host")
     t["constraints"] = task.get("constraints", DEFAULT_CONSTRAINTS_RECORD)
     t["tags"] = list(task.get("tags") or [])
     if not same_trigger:

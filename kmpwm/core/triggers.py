@@ -313,12 +313,9 @@ TIMED = frozenset({"periodic", "cron", "exact"})
 
 def jitter_host() -> str:
     """The host name the jitter offset is fixed for: ``KMPWM_HOST``, else the machine's name."""
-    name = os.environ.get("KMPWM_HOST")
-    if name:
-        return name
-    from kmpwm.system import procs
+    from kmpwm.core.hosts import this_host
 
-    return procs.host()
+    return this_host()
 
 
 def jitter_offset(task_id: str, jitter: float | None, host: str | None = None) -> float:
@@ -340,9 +337,10 @@ def jitter_offset(task_id: str, jitter: float | None, host: str | None = None) -
 
 
 def task_offset(task: dict) -> float:
-    """The jitter offset of a task as the state holds it (0 without ``--jitter``)."""
+    """The jitter offset of a task as the state holds it (0 without ``--jitter``); a task pinned
+    to a host (``--host``) has the offset of that host, wherever it is computed."""
     jitter = (task.get("constraints") or {}).get("jitter")
-    return jitter_offset(task["id"], jitter) if jitter else 0.0
+    return jitter_offset(task["id"], jitter, task.get("host")) if jitter else 0.0
 
 
 def initial(trigger: dict, now: float, offset: float = 0.0) -> tuple[float, dict]:

@@ -146,7 +146,9 @@ class Runner:
         self.pid = os.getpid()
         self.token = procs.token(self.pid)
         self.boot = procs.boot_id()
-        self.runner_id = f"{procs.host()}/{self.pid}/{uuid.uuid4().hex[:8]}"
+        # the host name (KMPWM_HOST, else the machine's): leases name it, pinned tasks match it
+        self.host = procs.host()
+        self.runner_id = f"{self.host}/{self.pid}/{uuid.uuid4().hex[:8]}"
         self.device = Device(storage_path=str(paths.journal_dir.parent))
         self.jobs: dict[str, Job] = {}
         self.done: set[str] = set()
@@ -287,7 +289,7 @@ class Runner:
 
     def _plan(self, state: dict, now: float, exclude):
         if self.forced is None:
-            return plan(state, now, self.device, exclude=exclude, known_worker=self._known)
+            return plan(state, now, self.device, exclude=exclude, known_worker=self._known, host=self.host)
         from kmpwm.scheduling.steering import plan_forced
 
         return plan_forced(
@@ -298,6 +300,7 @@ class Runner:
             exclude=exclude,
             known_worker=self._known,
             ignore_constraints=self.ignore_constraints,
+            host=self.host,
         )
 
     def _unblocks(self, finished: list[Job]) -> bool:
@@ -309,7 +312,7 @@ class Runner:
         return self.max_tasks is None or self.claimed_count < self.max_tasks
 
     def _dry_run(self, state: dict) -> int:
-        p = plan(state, time.time(), self.device, known_worker=self._known)
+        p = plan(state, time.time(), self.device, known_worker=self._known, host=self.host)
         for t in p.due[: self.max_tasks or None]:
             self.report.ran.append(
                 {
@@ -610,6 +613,8 @@ class Runner:
             t = state["tasks"].get(cand["id"])
             if t is None or t["seq"] != cand["seq"] or t["id"] in done or t["id"] in jobs or t["id"] in ready_ids:
                 continue
+            if t.get("host") not in (None, self.host):
+                continue  # pinned to another host since the plan (--policy update)
             if self.forced is None and pause_of(state, t, now) is not None:
                 continue  # paused since the plan (`pause --all` while we claim)
             # The queue may be a cycle old and another run-due may have run the task meanwhile:

@@ -187,12 +187,15 @@ def make_watch(paths: Paths, store=None):
 
 def wake_plan(state: dict, now: float, runner_id: str, host: str) -> tuple[float | None, dict]:
     """The next time anything can become due without a change to the journal (None: never), and
-    the lease holders on this host whose exit frees a task (pid -> start token)."""
+    the lease holders on this host whose exit frees a task (pid -> start token).  Tasks pinned
+    to another host than ``host`` do not wake it."""
     nxt: float | None = None
     waiting = False
     holders: dict = {}
     for t in state["tasks"].values():
         st = t["state"]
+        if t.get("host") not in (None, host):
+            continue  # pinned to another host: never due here, and its leases are that host's
         if st == "ENQUEUED":
             due = t["due"]
             if due > now:
@@ -271,10 +274,8 @@ class Serve:
                     "serve stops, because a lost cancel or completion could run work twice",
                     hint="run `kmpwm doctor --repair` to quarantine the damage, then start it again",
                 )
-            from kmpwm.system import procs
-
             now = time.time()
-            nxt, holders = wake_plan(view.state, now, runner.runner_id, procs.host())
+            nxt, holders = wake_plan(view.state, now, runner.runner_id, runner.host)
             if nxt is not None and nxt <= now:
                 return
             timeout = None if nxt is None else min(nxt - now + 0.0005, MAX_SLEEP)

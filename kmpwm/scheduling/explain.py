@@ -5,18 +5,24 @@ from __future__ import annotations
 import time
 
 from kmpwm.core.exitcodes import InvalidParams
+from kmpwm.core.hosts import this_host
 from kmpwm.core.state import due_at, family, member, members, pause_of
 from kmpwm.core.timeparse import iso, relative
 from kmpwm.running.leases import lease_state, local, lost_why
-from kmpwm.scheduling.plan import MAX_CRASHES, misfire, misfire_text
+from kmpwm.scheduling.plan import MAX_CRASHES, misfire, misfire_text, pinned_elsewhere
 from kmpwm.scheduling.probes import Device, device_state_now, unmet
+from kmpwm.scheduling.views import lease_host
 from kmpwm.storage.paths import Paths
 from kmpwm.storage.stores import open_store
 
 
-def explain_task(state: dict, t: dict, now: float, device: Device) -> dict:
+def explain_task(state: dict, t: dict, now: float, device: Device, host: str | None = None) -> dict:
+    """Why ``t`` is or is not running at ``now``, as judged by a runner of ``host`` (default:
+    this process's host name)."""
     tasks = state["tasks"]
     st = t["state"]
+    if host is None:
+        host = this_host()
     out = {
         "id": t["id"],
         "state": st,
@@ -26,6 +32,8 @@ def explain_task(state: dict, t: dict, now: float, device: Device) -> dict:
         "next_run_at": None,
         "details": {},
     }
+    if t.get("host") is not None:
+        out["details"]["host"] = t["host"]
     if st in ("SUCCEEDED", "FAILED", "CANCELLED"):
         out["code"] = "finished"
         out["reason"] = f"{st} {relative(t['finished_at'], now)}" + (f": {t['reason']}" if t.get("reason") else "")
@@ -38,6 +46,7 @@ def explain_task(state: dict, t: dict, now: float, device: Device) -> dict:
             "pid": lease.get("pid"),
             "since": iso(lease.get("since")),
             "until": iso(lease.get("until")),
+            "host": lease_host(lease),
         }
         if ls == "held":
             from kmpwm.system import procs
@@ -50,10 +59,19 @@ def explain_task(state: dict, t: dict, now: float, device: Device) -> dict:
             out.update(
                 running=True,
                 code="lease",
-                reason=f"running: held by run-due pid {lease.get('pid')}{paused} since "
+                reason=f"running: held by run-due pid {lease.get('pid')}"
+                + ("" if local(lease) else f" on host {lease_host(lease)}")
+                + f"{paused} since "
                 f"{relative(lease.get('since'), now)}, "
                 + ("while that process lives" if local(lease) else f"lease until {iso(lease.get('until'))}"),
             )
+        elif (pinned := pinned_elsewhere(t, host)) is not None:
+            out.update(
+                code="host",
+                reason=f"its run on host {lease_host(lease)} is over without a result; {pinned}: "
+                f"a runner on {t['host']} picks it up again",
+            )
+            return out
         else:
             why = lost_why(t, ls)
             extra = (
@@ -83,6 +101,11 @@ def explain_task(state: dict, t: dict, now: float, device: Device) -> dict:
         return out
     due = due_at(t, now)
     out["next_run_at"] = iso(due)
+    pinned = pinned_elsewhere(t, host)  # the same decision as run-due's (scheduling.plan), made first
+    if pinned is not None:
+        when = "due now there" if due <= now else f"next run {relative(due, now)} ({iso(due)})"
+        out.update(code="host", reason=f"{pinned}: only a runner on host {t['host']} runs it; {when}")
+        return out
     fence = (state.get("fences") or {}).get(t["id"])
     if fence and lease_state({"state": "RUNNING", "lease": fence}, now) == "held":
         out.update(

@@ -21,6 +21,11 @@ as well, so both say the same.  The rules:
   first run-due saw the occurrence too late does not save it: that lateness was not the
   constraint's.
 - ``serve`` (SPEC section 13) calls the same :func:`plan`, so it decides the same way.
+
+Hosts (SPEC section 14): a task pinned to another host (``--host``, or an ``--on-change`` task
+enqueued elsewhere) is not this runner's to judge: it is skipped, due, with the reason
+:func:`pinned_elsewhere` gives, before anything else is decided, so no other host marks its
+window missed, records it missed or counts its lease's end; the pinned host's runners do.
 """
 
 from __future__ import annotations
@@ -28,6 +33,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, field
 
+from kmpwm.core.hosts import pinned_elsewhere, this_host
 from kmpwm.core.models import HEAVY_TIMEOUT, LIGHT_TIMEOUT
 from kmpwm.core.state import due_at, member, occurrence, pause_of
 from kmpwm.core.timeparse import format_duration, iso
@@ -100,15 +106,30 @@ def missed_ops(t: dict, m: dict) -> dict:
     return {"op": "trig", "id": t["id"], "seq": t["seq"], "due": m["next"], "missed": dict(detail, next=iso(m["next"]))}
 
 
-def plan(state: dict, now: float, device: Device, *, exclude: set | None = None, known_worker=None) -> Plan:
-    """What is due at ``now``; ``exclude`` holds ids this run already ran or is running."""
+def plan(
+    state: dict,
+    now: float,
+    device: Device,
+    *,
+    exclude: set | None = None,
+    known_worker=None,
+    host: str | None = None,
+) -> Plan:
+    """What is due at ``now``; ``exclude`` holds ids this run already ran or is running; ``host``
+    is the runner's host name (default: this process's, core.hosts.this_host)."""
     out = Plan()
     exclude = exclude if exclude is not None else set()
     fences = state.get("fences") or {}
+    if host is None:
+        host = this_host()
     for t in state["tasks"].values():
         st = t["state"]
         if st not in ("ENQUEUED", "RUNNING") or t["id"] in exclude:
             continue
+        if t.get("host") is not None and t["host"] != host:
+            if st == "ENQUEUED" and due_at(t, now) <= now:
+                out.skipped.append({"id": t["id"], "reason": pinned_elsewhere(t, host)})
+            continue  # the pinned host's runners judge it: its window, misfires, leases
         trig = t["trigger"]
         if st == "RUNNING":
             ls = lease_state(t, now)

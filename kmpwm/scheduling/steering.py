@@ -276,15 +276,21 @@ def plan_forced(
     exclude=(),
     known_worker=None,
     ignore_constraints: bool = False,
+    host: str | None = None,
 ):
     """run-now's plan: the ``forced`` tasks that can start now, whatever their due time (and a
-    pause: naming a task is the user's say-so); BLOCKED ones, those running elsewhere and those
-    whose constraints do not hold (unless ``ignore_constraints``) are skipped with the reason."""
-    from kmpwm.scheduling.plan import Plan, lease_state, order_key
+    pause: naming a task is the user's say-so); BLOCKED ones, those running elsewhere, those
+    pinned to another host than ``host`` (never run on the wrong host, --ignore-constraints or
+    not) and those whose constraints do not hold (unless ``ignore_constraints``) are skipped
+    with the reason."""
+    from kmpwm.core.hosts import this_host
+    from kmpwm.scheduling.plan import Plan, lease_state, order_key, pinned_elsewhere
     from kmpwm.scheduling.probes import unmet
 
     out = Plan()
     tasks = state["tasks"]
+    if host is None:
+        host = this_host()
     for i in forced:
         t = tasks.get(i)
         if t is None or i in exclude:
@@ -301,6 +307,11 @@ def plan_forced(
             if ls == "held":
                 out.skipped.append({"id": i, "reason": f"running: held by run-due pid {(t['lease'] or {}).get('pid')}"})
                 continue
+        why = pinned_elsewhere(t, host)
+        if why:
+            out.skipped.append({"id": i, "reason": f"{why}: it runs only there"})
+            continue
+        if st == "RUNNING":
             out.broken.add(i)  # its holder is gone or its lease ended (plan.plan)
         if known_worker is not None and not known_worker(t["worker"]):
             out.skipped.append({"id": i, "reason": f"unknown worker {t['worker']!r} (not registered any more)"})

@@ -60,9 +60,21 @@ def task_json(t: dict, now: float) -> dict:
         ),
         "lease": None
         if not t.get("lease")
-        else {"runner": t["lease"]["runner"], "pid": t["lease"].get("pid"), "until": iso(t["lease"]["until"])},
+        else {
+            "runner": t["lease"]["runner"],
+            "pid": t["lease"].get("pid"),
+            "until": iso(t["lease"]["until"]),
+            "host": lease_host(t["lease"]),
+        },
         "progress": None,  # the latest of a running task (kmpwm.running.progress.attach)
+        "host": t.get("host"),  # --host: the only host that runs it (null: any host)
     }
+
+
+def lease_host(lease: dict) -> str | None:
+    """The host of a lease's holder: the first part of its runner id (``host/pid/...``)."""
+    runner = lease.get("runner")
+    return runner.split("/", 1)[0] if isinstance(runner, str) and runner else None
 
 
 def chain_json(state: dict, chain: dict) -> dict:

@@ -3,16 +3,14 @@ process that held a lease (and never signalled by ``simulate-expire``)."""
 
 from __future__ import annotations
 
-_HOST: str | None = None
+from kmpwm.core.hosts import this_host
 
 
 def host() -> str:
-    global _HOST
-    if _HOST is None:
-        import socket
-
-        _HOST = socket.gethostname()
-    return _HOST
+    """This runner's host name: ``KMPWM_HOST``, else the machine's name (core.hosts.this_host).
+    Leases name it, so two runners with different ``KMPWM_HOST`` on one machine judge each
+    other's leases as another host's: by the lease's end, not by pid liveness."""
+    return this_host()
 
 
 def token(pid: int) -> str | None:
