@@ -101,7 +101,7 @@ def shape(line: str, home: str, cwd: str) -> str:
 
 
 @pytest.fixture
-def world(tmp_path, kmpwm_home):
+def world(tmp_path, kmpwm_home, pg_url):
     home, cwd, bin_dir = kmpwm_home, tmp_path / "work", tmp_path / "bin"  # home: like `mktemp -d`
     for d in (cwd, bin_dir):
         d.mkdir(mode=0o700)
@@ -117,6 +117,7 @@ def world(tmp_path, kmpwm_home):
         COLUMNS="200",
     )
     env.pop("KMPWM_ASSUME", None)
+    env["DATABASE_URL"] = pg_url  # the Fleet section's database: a fresh one on the test server
     return home, cwd, env
 
 
