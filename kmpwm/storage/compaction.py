@@ -90,7 +90,8 @@ def compact(paths: Paths, *, retention: float = RETENTION, now: float | None = N
         store = open_store(paths)
         view = store.load(full=False)
         store.write_snapshot(view)
-        return {"compacted": False, "reason": f"a shared store keeps its records; snapshot written at record {view.seq}"}
+        reason = f"a shared store keeps its records; snapshot written at record {view.seq}"
+        return {"compacted": False, "reason": reason}
     journal = Journal(paths)
     now = time.time() if now is None else now
     before = journal.identity()
