@@ -276,3 +276,19 @@ def test_store_copy_journal_to_postgresql_and_back(pg_url, home, monkeypatch):
     write_config(home, '[workers.flaky]\ncommand = ["true"]\n')
     r = json.loads(kmpwm("--store", pg_url, "run-now", "c", "--json", check=0).stdout)
     assert [x["id"] for x in r["ran"]] == ["c/2/flaky", "c/3/echo"]
+
+
+def test_run_output_is_read_on_any_host(pg, home, tmp_path):
+    """A run's output goes to the store: `kmpwm logs` on another host (another home) shows it."""
+    write_config(home, '[workers.talk]\ncommand = ["sh", "-c", "echo hello from $KMPWM_HOST; echo oops >&2"]\n')
+    kmpwm("enqueue", "talk", "talk", "--every", "60s", check=0)
+    kmpwm("run-due", env={"KMPWM_HOST": "a"}, check=0)
+    other = tmp_path / "other-home"
+    other.mkdir(mode=0o700)
+    env = {"KMPWM_HOME": str(other), "KMPWM_HOST": "b"}
+    r = kmpwm("logs", "talk", env=env, check=0)
+    assert r.stdout == "hello from a\noops\n"
+    doc = json.loads(kmpwm("logs", "talk", "--all", "--json", env=env, check=0).stdout)
+    assert [x["run"] for x in doc["runs"]] == [1] and doc["runs"][0]["status"] == "SUCCESS"
+    assert jdoc("compact")["compacted"] is False  # a shared store keeps records; runs are swept by age
+    assert json.loads(kmpwm("logs", "talk", "--json", env=env, check=0).stdout)["runs"][0]["output"]

@@ -73,7 +73,7 @@ def logs_command(
         chosen = metas
     else:
         chosen = metas[-1:]
-    if follow:
+    if follow and "_store" not in chosen[0]:  # (a run another host finished: its whole output, below)
         return _follow(paths, task_id, chosen[0], tail, as_json)
     outs = [_tail(runlog.output(paths, m), tail) for m in chosen]
     if as_json:

@@ -197,8 +197,10 @@ FLUSH_EVERY = 0.1  # index lines wait at most this long, so that a busy run-due 
 class Starter:
     """run-due's side: new RunLogs, their index lines batched (one write per FLUSH_EVERY)."""
 
-    def __init__(self, paths, pid: int, token):
+    def __init__(self, paths, pid: int, token, store=None, host: str = ""):
         self.paths, self.pid, self.token = paths, pid, token
+        self.store, self.host = store, host  # a shared store: runs are numbered and kept there too
+        self.starts: list = []
         self.dir: str | None = None
         self.count = 0
         self.pending: list[bytes] = []
@@ -213,7 +215,20 @@ class Starter:
         self.count += 1
         log = RunLog(self.dir, f"{int(started * 1000)}-{self.pid}-{self.count}", task_id)
         self.pending.append(log.start_line(attempt, started, self.pid, self.token))
+        if self.store is not None:
+            self.starts.append((task_id, f"{self.host}:{log.key}", self.host, attempt, started))
         return log
+
+    def flush_starts(self) -> None:
+        """Tell a shared store which runs started (before any of them is said to have ended)."""
+        if self.starts:
+            starts, self.starts = self.starts, []
+            try:
+                self.store.start_runs(starts)
+            except Exception as exc:  # the runs go on; `kmpwm logs` elsewhere misses their start
+                import sys
+
+                sys.stderr.write(f"kmpwm: warning: {getattr(exc, 'message', exc)}\n")
 
     def end(self, log: RunLog, status: str, finished: float, progress: bool) -> None:
         """The run's result is durable: close its output, drop its progress (``progress``: it may
@@ -237,6 +252,7 @@ class Starter:
         if not force and now - self.last < FLUSH_EVERY:
             return self.last + FLUSH_EVERY - now
         self.last = now
+        self.flush_starts()
         lines, self.pending = self.pending, []
         try:
             append_index(self.paths, lines)
@@ -329,8 +345,58 @@ def _lines(data: bytes, needles: list[bytes] | None):
 
 
 def runs(paths, task_id: str) -> list[dict]:
-    """The kept runs of ``task_id`` (oldest first), each its meta."""
-    return _scan(paths, {task_id}).get(task_id, [])
+    """The kept runs of ``task_id`` (oldest first), each its meta.  On a shared store (SPEC
+    section 14) every host's runs, from the store: its run table numbers them and keeps the
+    output of those that ended; a run still marked RUNNING that a later run followed, or whose
+    runner on this host is gone, ended without a result (EXPIRED)."""
+    from kmpwm.storage.stores import store_url
+
+    local = _scan(paths, {task_id}).get(task_id, [])
+    if store_url(paths) is None:
+        return local
+    from kmpwm.storage.stores import open_store
+    from kmpwm.system.procs import host
+
+    store = open_store(paths)
+    here = host()
+    mine = {f"{here}:{m['key']}": m for m in local}
+    rows = store.runs(task_id)
+    metas = []
+    for n, r in enumerate(rows):
+        status, finished = r["status"], r["finished"]
+        if status == "RUNNING":
+            gone = n + 1 < len(rows) or (r["key"] in mine and mine[r["key"]]["status"] != "RUNNING")
+            if gone:
+                status = "EXPIRED"
+                finished = (mine.get(r["key"]) or {}).get("_end") or r["started"]
+        meta = {
+            "run": r["run"],
+            "attempt": r["attempt"],
+            "started_at": _iso(r["started"]),
+            "finished_at": _iso(finished),
+            "status": status,
+            "truncated": r["truncated"],
+            "key": r["key"],
+            "host": r["host"],
+            "_start": r["started"],
+        }
+        local_meta = mine.get(r["key"])
+        if r["status"] == "RUNNING" and local_meta is not None:
+            # it ran here and never reached a result: its output is this host's file (followable)
+            meta.update(key=local_meta["key"], pid=local_meta["pid"], token=local_meta["token"])
+        else:
+            meta.update(_store=store, _task=task_id)
+        metas.append(meta)
+    return metas
+
+
+def shared_row(log: RunLog, host: str, attempt: int, started: float, finished: float, row: dict) -> tuple:
+    """A finished run for a shared store's run table (``PgStore.save_runs``)."""
+    try:
+        out = Path(f"{log.dir}/{log.key}.out").read_bytes()[-CAP:]
+    except OSError:
+        out = b""
+    return (log.task_id, f"{host}:{log.key}", host, attempt, started, finished, row["status"], log.rotated, out)
 
 
 def running_runs(paths, task_ids) -> dict:
@@ -353,6 +419,8 @@ def progress_path(paths, meta: dict) -> Path:
 
 
 def output(paths, meta: dict) -> bytes:
+    if "_store" in meta:
+        return meta["_store"].run_output(meta["_task"], meta["key"])
     try:
         return out_path(paths, meta).read_bytes()
     except OSError:

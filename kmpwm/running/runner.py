@@ -182,7 +182,9 @@ class Runner:
         self.disk_full = False  # no room to record results: claim nothing more (reserve.py)
         self._occ: dict[str, str] = {}
         self._trim_at = 0.0
-        self._runlogs = runlog.Starter(paths, self.pid, self.token)  # each run's output (kmpwm.running.runlog)
+        shared = self.store if getattr(self.store, "kind", "journal") != "journal" else None
+        # each run's output (kmpwm.running.runlog); on a shared store, kept there too
+        self._runlogs = runlog.Starter(paths, self.pid, self.token, shared, self.host)
         # a shared store (storage.pgstore): leases on the database's clock, renewed while runs last
         self._renew = getattr(self.store, "renew", None)
         self._lease_base = 0.0  # monotonic time of the oldest moment our leases were last pushed on
@@ -488,13 +490,23 @@ class Runner:
             self._release = released + self._release
             raise
         self.report.failed += failed
+        shared: list = []
         for job, row in rows:  # durable now
             if job.log is not None:
-                self._runlogs.end(job.log, row["status"], time.time(), job.kind == "command" or job.progressed)
+                ended = time.time()
+                self._runlogs.end(job.log, row["status"], ended, job.kind == "command" or job.progressed)
+                if self._renew is not None:
+                    shared.append(runlog.shared_row(job.log, self.host, job.attempt, job.started_wall, ended, row))
             self.report.ran.append(row)
             if row["status"] == "EXPIRED":
                 self.report.expired.append({"id": row["id"], "worker": row["worker"]})
             self.on_event("done", (job, row))
+        if shared:
+            self._runlogs.flush_starts()  # a run's start reaches the store before its end
+            try:
+                self.store.save_runs(shared)  # kmpwm logs on every host (a shared store)
+            except KmpwmError as exc:
+                sys.stderr.write(f"kmpwm: warning: {exc.message} (the output stays in this host's logs)\n")
         if rows:
             _log_runs(self.paths, rows)
         self._runlogs.flush()

@@ -90,6 +90,9 @@ def compact(paths: Paths, *, retention: float = RETENTION, now: float | None = N
         store = open_store(paths)
         view = store.load(full=False)
         store.write_snapshot(view)
+        from kmpwm.running.runlog import KEEP
+
+        store.sweep_runs((time.time() if now is None else now) - retention, KEEP)
         reason = f"a shared store keeps its records; snapshot written at record {view.seq}"
         return {"compacted": False, "reason": reason}
     journal = Journal(paths)

@@ -36,7 +36,7 @@ from kmpwm.core.exitcodes import ConfigError, JournalError, KmpwmError, LockBusy
 from kmpwm.core.state import apply, new_state, pack_task, unpack_task
 from kmpwm.storage.paths import Paths, check_all
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 LOCK_KEY = 0x6B6D7077  # "kmpw": the advisory lock every writer takes
 CHANNEL = "kmpwm"
 SNAPSHOT_AFTER_RECORDS = 2000
@@ -77,6 +77,21 @@ MIGRATIONS: dict[int, list[str]] = {
                host text PRIMARY KEY,
                last_seen timestamptz NOT NULL DEFAULT now(),
                runner text NOT NULL DEFAULT '')""",
+    ],
+    # every finished run's output (kmpwm logs on any host), with its place in the run history
+    3: [
+        """CREATE TABLE IF NOT EXISTS kmpwm_runs (
+               task_id text NOT NULL,
+               key text NOT NULL,
+               run int NOT NULL,
+               host text NOT NULL,
+               attempt int,
+               started double precision NOT NULL,
+               finished double precision,
+               status text,
+               truncated boolean NOT NULL DEFAULT false,
+               output bytea NOT NULL,
+               PRIMARY KEY (task_id, key))""",
     ],
 }
 
@@ -411,6 +426,68 @@ class PgStore:
             doing="listing hosts",
         ).fetchall()
         return [{"host": h, "seen_ago_s": round(float(a), 1), "runner": r} for h, a, r in rows]
+
+    # -- run output -------------------------------------------------------------------------
+
+    _RUN_NO = "coalesce((SELECT max(run) FROM kmpwm_runs WHERE task_id = %s), 0) + 1"
+
+    def start_runs(self, rows: list[tuple]) -> None:
+        """Runs that started: (task_id, key, host, attempt, started) each; numbered per task in
+        the order they reach the store (one task's runs never overlap)."""
+        self._many(
+            "INSERT INTO kmpwm_runs (task_id, key, run, host, attempt, started, status, output) "
+            f"VALUES (%s, %s, {self._RUN_NO}, %s, %s, %s, 'RUNNING', '') ON CONFLICT (task_id, key) DO NOTHING",
+            [(t, k, t, h, a, st) for t, k, h, a, st in rows],
+            "keeping run starts",
+        )
+
+    def save_runs(self, rows: list[tuple]) -> None:
+        """Finished runs and their output: (task_id, key, host, attempt, started, finished,
+        status, truncated, output) each."""
+        self._many(
+            "INSERT INTO kmpwm_runs (task_id, key, run, host, attempt, started, finished, status, truncated, output) "
+            f"VALUES (%s, %s, {self._RUN_NO}, %s, %s, %s, %s, %s, %s, %s) ON CONFLICT (task_id, key) DO UPDATE SET "
+            "finished = excluded.finished, status = excluded.status, truncated = excluded.truncated, "
+            "output = excluded.output",
+            [(r[0], r[1], r[0], *r[2:]) for r in rows],
+            "keeping run output",
+        )
+
+    def _many(self, sql: str, rows: list, doing: str) -> None:
+        psycopg = _Psycopg.get()
+        try:
+            with self.conn().cursor() as cur:
+                cur.executemany(sql, rows)
+        except psycopg.Error as exc:
+            self._drop_broken()
+            raise self._error(exc, doing) from None
+
+    def runs(self, task_id: str) -> list[dict]:
+        rows = self._execute(
+            "SELECT key, run, host, attempt, started, finished, status, truncated FROM kmpwm_runs "
+            "WHERE task_id = %s ORDER BY run",
+            (task_id,),
+            doing="reading runs",
+        ).fetchall()
+        keys = ("key", "run", "host", "attempt", "started", "finished", "status", "truncated")
+        return [dict(zip(keys, r)) for r in rows]
+
+    def run_output(self, task_id: str, key: str) -> bytes:
+        row = self._execute(
+            "SELECT output FROM kmpwm_runs WHERE task_id = %s AND key = %s", (task_id, key), doing="reading output"
+        ).fetchone()
+        return bytes(row[0]) if row else b""
+
+    def sweep_runs(self, cutoff: float, keep: int) -> int:
+        """Drop runs that ended before ``cutoff`` beyond each task's last ``keep`` (as run output
+        files are swept on one host)."""
+        cur = self._execute(
+            "DELETE FROM kmpwm_runs r WHERE r.finished < %s AND "
+            "(SELECT count(*) FROM kmpwm_runs x WHERE x.task_id = r.task_id AND x.run > r.run) >= %s",
+            (cutoff, keep),
+            doing="sweeping run output",
+        )
+        return cur.rowcount
 
     def renew(self, runner: str) -> bool:
         """Push the end of every lease ``runner`` holds to ``now() + KMPWM_LEASE`` (the database's
