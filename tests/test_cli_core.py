@@ -287,6 +287,7 @@ def test_finished_tasks_do_not_count_for_policies():
 # -- enqueue --from ---------------------------------------------------------------------------
 
 
+@pytest.mark.journal_only  # reads the journal's files
 def test_enqueue_from_file(tmp_path, home):
     specs = [
         {"id": "j1", "worker": "echo", "input": {"k": [1, 2], "s": "x"}},
@@ -747,6 +748,7 @@ def _all_refused(commands=EVERY_COMMAND, code=77):
     assert not wrong, f"expected exit {code} from every command:\n" + "\n".join(wrong)
 
 
+@pytest.mark.journal_only  # reads the journal's files
 def test_group_writable_journal_dir_is_refused(home):
     kmpwm("enqueue", "a", "echo", "--delay", "1h", check=0)
     os.chmod(home / "journal", 0o770)
@@ -768,6 +770,7 @@ def test_world_writable_config_is_refused(home):
     assert json.loads(proc.stdout)["exit_code"] == 77
 
 
+@pytest.mark.journal_only  # reads the journal's files
 def test_journal_dir_owned_by_another_user_is_refused(home):
     if os.getuid() != 0:
         pytest.skip("needs root to give a directory away")
@@ -791,6 +794,7 @@ def test_world_writable_home_is_refused(home):
     assert not (home / "journal" / "journal.log").exists()
 
 
+@pytest.mark.journal_only  # reads the journal's files
 def test_home_option_wins_over_env(tmp_path, home):
     other = tmp_path / "other"
     doc, rc = kjson("--home", other, "enqueue", "h", "echo")
@@ -805,6 +809,7 @@ def test_home_option_wins_over_env(tmp_path, home):
     assert [t["id"] for t in doc["tasks"]] == ["h"]
 
 
+@pytest.mark.journal_only  # reads the journal's files
 def test_files_0600_and_dirs_0700_after_first_enqueue(tmp_path):
     fresh = tmp_path / "fresh-home"  # kmpwm creates it
     kmpwm("enqueue", "a", "echo", env={"KMPWM_HOME": str(fresh)}, check=0)
@@ -833,6 +838,7 @@ CONCURRENT_SCRIPT = textwrap.dedent("""
 """)
 
 
+@pytest.mark.journal_only  # reads the journal's files
 def test_concurrent_enqueuers_lose_nothing(home):
     procs = [
         subprocess.Popen(
@@ -862,6 +868,7 @@ def test_concurrent_enqueuers_lose_nothing(home):
 # -- the Python API -------------------------------------------------------------------------
 
 
+@pytest.mark.journal_only  # reads the journal's files
 def test_python_api_enqueue_chain_batch(home):
     from kmpwm import Constraints, Scheduler, ScheduleResult, TaskRequest
     from kmpwm.core import triggers

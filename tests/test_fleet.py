@@ -14,6 +14,7 @@ import os
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import psycopg
 import pytest
@@ -292,3 +293,20 @@ def test_run_output_is_read_on_any_host(pg, home, tmp_path):
     assert [x["run"] for x in doc["runs"]] == [1] and doc["runs"][0]["status"] == "SUCCESS"
     assert jdoc("compact")["compacted"] is False  # a shared store keeps records; runs are swept by age
     assert json.loads(kmpwm("logs", "talk", "--json", env=env, check=0).stdout)["runs"][0]["output"]
+
+
+def test_three_hosts_under_kills_terminations_and_a_restart_keep_every_invariant():
+    """A short trial of scripts/fleet_torture.py (its own cluster, which it restarts): three hosts
+    with serve and run-due, hosts SIGKILLed, connections terminated, the server restarted, a clock
+    jumping; no run of a task beside another, no succeeded step again, no occurrence twice,
+    nothing lost.  The long tier runs it at full size."""
+    script = Path(__file__).resolve().parent.parent / "scripts" / "fleet_torture.py"
+    r = subprocess.run(
+        [sys.executable, str(script), "--tasks", "60", "--chains", "6", "--periodic", "4", "--seconds", "15"],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    total = json.loads(r.stdout.strip().splitlines()[-1])
+    assert r.returncode == 0 and total["violations"] == 0, r.stdout + r.stderr[-3000:]
+    assert total["runs"] >= 60 + 6 * 5 + 4 and total["checks"] > 100
