@@ -310,3 +310,61 @@ def test_three_hosts_under_kills_terminations_and_a_restart_keep_every_invariant
     total = json.loads(r.stdout.strip().splitlines()[-1])
     assert r.returncode == 0 and total["violations"] == 0, r.stdout + r.stderr[-3000:]
     assert total["runs"] >= 60 + 6 * 5 + 4 and total["checks"] > 100
+
+
+@pytest.fixture
+def own_cluster():
+    """A PostgreSQL server of this test alone (it is stopped and started again)."""
+    import shutil
+    import tempfile
+
+    script = Path(__file__).resolve().parent.parent / "scripts" / "pgcluster.py"
+    root = tempfile.mkdtemp(prefix="kmpwm-pg-own-")
+    url = subprocess.run(
+        [sys.executable, str(script), "start", root], check=True, capture_output=True, text=True
+    ).stdout.strip()
+
+    def ctl(action):
+        subprocess.run([sys.executable, str(script), action, root], check=True, capture_output=True)
+
+    yield url, ctl
+    subprocess.run([sys.executable, str(script), "stop", root], check=False, capture_output=True)
+    shutil.rmtree(root, ignore_errors=True)
+
+
+def test_a_host_that_loses_the_database_stops_its_run_before_the_lease_ends(own_cluster, home, tmp_path, monkeypatch):
+    url, ctl = own_cluster
+    monkeypatch.setenv("KMPWM_STORE", url)
+    monkeypatch.setenv("KMPWM_LEASE", "10s")
+    log = tmp_path / "worker.log"
+    write_config(
+        home,
+        "[workers.long]\n"
+        f'command = ["sh", "-c", "echo start >> {log}; trap \'echo stopped >> {log}; exit 0\' TERM; '
+        f'sleep 120 & wait"]\n',
+    )
+    kmpwm("enqueue", "long", "long", "--timeout", "10m", check=0)
+    a = subprocess.Popen(
+        [sys.executable, "-m", "kmpwm", "run-due", "--grace", "1s"],
+        env=kmpwm_env({"KMPWM_HOST": "a"}),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    deadline = time.monotonic() + 20
+    while not (log.exists() and "start" in log.read_text()):
+        assert time.monotonic() < deadline, "the run never started"
+        time.sleep(0.05)
+    time.sleep(3)  # a renewal or so
+    ctl("stop")  # the database goes away (a partition, from host a's side)
+    lost = time.monotonic()
+    out, err = a.communicate(timeout=60)
+    stopped_after = time.monotonic() - lost
+    assert "stopped" in log.read_text(), "the worker was not stopped by the expiry protocol (SIGTERM)"
+    assert stopped_after < 10, f"host a stopped its run {stopped_after:.1f}s after losing the store: too late"
+    assert a.returncode == 74 and "Traceback" not in err, err
+    ctl("start")
+    time.sleep(max(0.0, 11 - (time.monotonic() - lost)))  # the lease has ended by now, whatever a did
+    write_config(home, '[workers.long]\ncommand = ["true"]\n')
+    r = kmpwm("run-due", "--json", "--grace", "1s", env={"KMPWM_HOST": "b"}, check=0)
+    assert [x["id"] for x in json.loads(r.stdout)["ran"]] == ["long"]

@@ -396,6 +396,19 @@ class Runner:
             self._renew_at = start + self.store.lease() / 4
         return claimed
 
+    def _look(self) -> dict | None:
+        """The state, read lock-free; None when a shared store cannot be reached while our runs go
+        on (they are stopped in time by _renew_leases, not abandoned by an exit)."""
+        try:
+            return self.store.load(full=False).state
+        except JournalError as exc:
+            if self._renew is None or not self.jobs:
+                raise
+            if not getattr(self, "_store_said", False):
+                self._store_said = True
+                sys.stderr.write(f"kmpwm: {exc.message}; retrying while {len(self.jobs)} run(s) go on\n")
+            return None
+
     def _renew_leases(self) -> None:
         """Push our leases on (every KMPWM_LEASE/4) while runs last; when the store cannot be
         reached, stop the runs by the expiry protocol in time for them to end (grace included)
@@ -567,7 +580,9 @@ class Runner:
             return
         # A task claimed ahead may have been cancelled or replaced since: look (lock-free, only
         # the records appended meanwhile) before starting it.
-        whole = self.store.load(full=False).state
+        whole = self._look()
+        if whole is None:
+            return  # the shared store is away: start nothing until it is back
         state = whole["tasks"]
         while self._ready and len(self.jobs) < self.parallel and not self.run_expired:
             task, info, limit, upstream, start_by = self._ready.pop(0)
@@ -1217,7 +1232,10 @@ class Runner:
         task is still ours; one that is not gets SIGTERM, then SIGKILL after the grace period.
         Its result never counts: the task stays CANCELLED, and run-due writes a release once
         the worker is gone, which lets a replacing task of the same id start (never beside it)."""
-        state = self.store.load(full=False).state["tasks"]
+        whole = self._look()
+        if whole is None:
+            return  # the shared store is away: look again at the next watch
+        state = whole["tasks"]
         for job in self.jobs.values():
             if job.cancelled or job.immediate is not None or job.exit_status is not None or job.answered:
                 continue
