@@ -368,3 +368,14 @@ def test_a_host_that_loses_the_database_stops_its_run_before_the_lease_ends(own_
     write_config(home, '[workers.long]\ncommand = ["true"]\n')
     r = kmpwm("run-due", "--json", "--grace", "1s", env={"KMPWM_HOST": "b"}, check=0)
     assert [x["id"] for x in json.loads(r.stdout)["ran"]] == ["long"]
+
+
+def test_schedule_install_carries_the_store_and_host_but_never_a_password(home, monkeypatch):
+    monkeypatch.setenv("KMPWM_STORE", "postgresql://kmpwm@db.internal/kmpwm")
+    monkeypatch.setenv("KMPWM_HOST", "server-a")
+    r = kmpwm("schedule", "install", "--backend", "cron", "--print", check=0)
+    line = next(x for x in r.stdout.splitlines() if "run-due" in x)
+    assert "KMPWM_STORE=postgresql://kmpwm@db.internal/kmpwm" in line and "KMPWM_HOST=server-a" in line
+    monkeypatch.setenv("KMPWM_STORE", "postgresql://kmpwm:hunter2@db.internal/kmpwm")
+    r = kmpwm("schedule", "install", "--backend", "systemd", "--print", check=78)
+    assert "hunter2" not in r.stdout + r.stderr and ".pgpass" in r.stderr

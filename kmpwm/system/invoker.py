@@ -142,15 +142,45 @@ class _Target:
 
     @property
     def env(self) -> dict[str, str]:
+        fleet = _fleet_env()
         if self.home is not None:
-            return {"KMPWM_HOME": self.home}
+            return {"KMPWM_HOME": self.home, **fleet}
         if sys.platform == "darwin" or os.name == "nt":
-            return {}
-        return {k: os.environ[k] for k in _XDG_VARS if os.environ.get(k, "").startswith("/")}
+            return fleet
+        return {**{k: os.environ[k] for k in _XDG_VARS if os.environ.get(k, "").startswith("/")}, **fleet}
 
     def command(self) -> str:
         """The invocation as a /bin/sh command line."""
         return _shell_command(self.env, self.argv)
+
+
+def _fleet_env() -> dict[str, str]:
+    """``KMPWM_STORE`` and ``KMPWM_HOST`` of the installing command (SPEC section 14: one
+    ``schedule install`` per machine with ``KMPWM_STORE``), carried into the invoker.  A store URL
+    holding a password is refused: the entry is printed (``--print``, ``schedule status``) and
+    lives in a crontab or unit file; the password belongs in ``~/.pgpass``."""
+    out = {}
+    store = os.environ.get("KMPWM_STORE", "").strip()
+    if store:
+        from urllib.parse import urlsplit
+
+        try:
+            parts = urlsplit(store)
+            secret = parts.password is not None or "password=" in parts.query.lower()
+        except ValueError:
+            secret = False
+        if secret:
+            from kmpwm.core.exitcodes import ConfigError
+            from kmpwm.storage.pgstore import mask
+
+            raise ConfigError(
+                f"the store URL {mask(store)} holds a password, which the invoker's entry would show",
+                hint="put the password in ~/.pgpass (mode 0600) and give the URL without it",
+            )
+        out["KMPWM_STORE"] = store
+    if os.environ.get("KMPWM_HOST"):
+        out["KMPWM_HOST"] = os.environ["KMPWM_HOST"]
+    return out
 
 
 def _shell_command(env: dict[str, str], argv: list[str]) -> str:
