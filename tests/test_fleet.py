@@ -379,3 +379,28 @@ def test_schedule_install_carries_the_store_and_host_but_never_a_password(home, 
     monkeypatch.setenv("KMPWM_STORE", "postgresql://kmpwm:hunter2@db.internal/kmpwm")
     r = kmpwm("schedule", "install", "--backend", "systemd", "--print", check=78)
     assert "hunter2" not in r.stdout + r.stderr and ".pgpass" in r.stderr
+
+
+def test_a_snapshot_gives_the_state_the_records_give(pg, home):
+    """The store's snapshot is a cache: state from snapshot plus tail == state from every record."""
+    from kmpwm import Scheduler
+    from kmpwm.core.state import apply, new_state
+    from kmpwm.storage.paths import resolve
+
+    s = Scheduler(home)
+    for n in range(20):
+        s.enqueue(f"s{n}", None, "echo")
+    kmpwm("run-due", check=0)
+    s.store.write_snapshot()
+    for n in range(5):
+        s.enqueue(f"late{n}", None, "echo")
+    fresh = pgstore.PgStore(resolve(home), pg)
+    got = fresh.load().state
+    assert fresh.load().from_snapshot
+    scratch = new_state()
+    for _, rec in fresh.records(0):
+        apply(scratch, rec)
+    assert got["tasks"] == scratch["tasks"] and got["chains"] == scratch["chains"]
+    assert len(got["tasks"]) == 25
+    kmpwm("compact", check=0)
+    assert q(pg, "SELECT count(*) FROM kmpwm_snapshot") == [(1,)]

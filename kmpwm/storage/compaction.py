@@ -93,7 +93,7 @@ def compact(paths: Paths, *, retention: float = RETENTION, now: float | None = N
         from kmpwm.running.runlog import KEEP
 
         store.sweep_runs((time.time() if now is None else now) - retention, KEEP)
-        reason = f"a shared store keeps its records; snapshot written at record {view.seq}"
+        reason = f"a shared store keeps its records; snapshot written at record {view.offset}"
         return {"compacted": False, "reason": reason}
     journal = Journal(paths)
     now = time.time() if now is None else now

@@ -35,6 +35,7 @@ import orjson
 from kmpwm.core.exitcodes import ConfigError, JournalError, KmpwmError, LockBusy
 from kmpwm.core.state import apply, new_state, pack_task, unpack_task
 from kmpwm.storage.paths import Paths, check_all
+from kmpwm.storage.store import Transaction, View
 
 SCHEMA_VERSION = 3
 LOCK_KEY = 0x6B6D7077  # "kmpw": the advisory lock every writer takes
@@ -177,28 +178,6 @@ class _Psycopg:
         return cls.mod
 
 
-class PgView:
-    """A consistent reading (the journal store's ``View``, for the parts callers use)."""
-
-    def __init__(self, state: dict, seq: int = 0):
-        self._state = state
-        self.seq = seq
-        self.offset = seq
-        self.damage: list = []
-        self.torn = None
-        self.from_snapshot = False
-        self.partial = False
-        self.pending: list = []
-
-    @property
-    def state(self) -> dict:
-        if self.pending:
-            records, self.pending = self.pending, []
-            for record in records:
-                apply(self._state, record)
-        return self._state
-
-
 class PgStore:
     """The store of a PostgreSQL database; the same interface as ``storage.store.Store``."""
 
@@ -208,7 +187,7 @@ class PgStore:
         self.paths = paths
         self.url = check_url(url)
         self._conn = None
-        self._view: PgView | None = None
+        self._view: View | None = None
         self._tail = 0  # records folded since the snapshot we started from
         self._checked = False
         self._lease = None
@@ -311,21 +290,21 @@ class PgStore:
     def exists(self) -> bool:
         return True
 
-    def load(self, full: bool = True) -> PgView:
+    def load(self, full: bool = True) -> View:
         """The current state: the snapshot (first time) and the records after what was folded."""
         view = self._view
         if view is None:
             row = self._execute("SELECT seq, body FROM kmpwm_snapshot WHERE id = 1", doing="reading the snapshot")
             row = row.fetchone()
-            view = PgView(new_state())
+            view = View(new_state())
             if row is not None:
                 try:
                     state = orjson.loads(row[1])
                     state["tasks"] = {i: unpack_task(t) for i, t in state["tasks"].items()}
-                    view = PgView(state, row[0])
+                    view = View(state, offset=row[0])
                     view.from_snapshot = True
                 except (ValueError, KeyError, TypeError, AttributeError):
-                    view = PgView(new_state())
+                    view = View(new_state())
             self._tail = 0
         self._fold_new(view)
         self._view = view
@@ -334,17 +313,17 @@ class PgStore:
             self.write_snapshot(view)
         return view
 
-    def _fold_new(self, view: PgView) -> None:
+    def _fold_new(self, view: View) -> None:
         cur = self._execute(
-            "SELECT seq, body FROM kmpwm_records WHERE seq > %s ORDER BY seq", (view.seq,), doing="reading records"
+            "SELECT seq, body FROM kmpwm_records WHERE seq > %s ORDER BY seq", (view.offset,), doing="reading records"
         )
         state = view.state
         for seq, body in cur:
             apply(state, orjson.loads(body))
-            view.seq = view.offset = seq
+            view.offset = seq
             self._tail += 1
 
-    def _overlay_leases(self, view: PgView) -> None:
+    def _overlay_leases(self, view: View) -> None:
         """Each foreign running lease's end, by the database's clock, on this host's clock."""
         running = [t for t in view.state["tasks"].values() if t["state"] == "RUNNING" and t.get("lease")]
         fences = view.state.get("fences") or {}
@@ -382,7 +361,7 @@ class PgStore:
     def invalidate(self) -> None:
         self._view = None
 
-    def write_snapshot(self, view: PgView | None = None) -> bool:
+    def write_snapshot(self, view: View | None = None) -> bool:
         view = view or self.load(full=False)
         hot = dict(view.state)
         hot["tasks"] = {i: pack_task(t) for i, t in view.state["tasks"].items()}
@@ -391,7 +370,7 @@ class PgStore:
             "INSERT INTO kmpwm_snapshot (id, seq, body) VALUES (1, %s, %s) "
             "ON CONFLICT (id) DO UPDATE SET seq = excluded.seq, body = excluded.body "
             "WHERE kmpwm_snapshot.seq < excluded.seq",
-            (view.seq, body),
+            (view.offset, body),
             doing="writing the snapshot",
         )
         self._tail = 0
@@ -594,27 +573,14 @@ def _claim_key(state: dict, op: dict) -> tuple[str, str] | None:
     return f"{t.get('occ_attempts', 0)}.{t.get('crashes', 0)}.{t.get('expiries', 0)}", taken
 
 
-class PgTransaction:
-    """Writes made while holding the store's lock (the journal's ``Transaction``)."""
+class PgTransaction(Transaction):
+    """Writes made while holding the store's lock (the journal's ``Transaction``: ``view``,
+    ``state``, ``stage``, ``commit``), written as rows of the database."""
 
     def __init__(self, store: PgStore):
-        self.store = store
-        self._view: PgView | None = None
-        self.staged: list[dict] = []
-        self._pre: list = []
+        super().__init__(store)
+        self._pre: list = []  # (op, claim key) of each staged op
         self.touched = False
-        self.ts = time.time()
-        self.emit = None
-
-    @property
-    def view(self) -> PgView:
-        if self._view is None:
-            self._view = self.store.load(full=False)
-        return self._view
-
-    @property
-    def state(self) -> dict:
-        return self.view.state
 
     def _keys(self, ops: list[dict]) -> list:
         state = self.state
@@ -624,11 +590,8 @@ class PgTransaction:
         if not ops:
             return []
         self.touched = True
-        hook = emit
-        if self.emit is not None:
-            hook = self.emit if emit is None else (lambda *e, _a=emit, _b=self.emit: (_a(*e), _b(*e)))
         pre = self._keys(ops)
-        results = apply(self.state, {"ts": self.ts, "ops": ops}, hook)
+        results = apply(self.state, {"ts": self.ts, "ops": ops}, self._hook(emit))
         for (op, key), ok in zip(pre, results):
             self.staged.append(op)
             self._pre.append((op, key if ok is True else None))
@@ -658,7 +621,7 @@ class PgTransaction:
     def _advance(self) -> None:
         """Our record is folded already: move past its seq so it is not folded again."""
         row = self.store._conn.execute("SELECT currval('kmpwm_records_seq_seq')").fetchone()
-        self.view.seq = self.view.offset = row[0]
+        self.view.offset = row[0]
         self.store._tail += 1
 
 

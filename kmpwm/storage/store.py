@@ -579,10 +579,13 @@ class Transaction:
         if not ops:
             return []
         self.staged.extend(ops)
-        hook = emit
-        if self.emit is not None:  # run-due's hooks see the events too
-            hook = self.emit if emit is None else (lambda *e, _a=emit, _b=self.emit: (_a(*e), _b(*e)))
-        return apply(self.view.state, {"ts": self.ts, "ops": ops}, hook)
+        return apply(self.view.state, {"ts": self.ts, "ops": ops}, self._hook(emit))
+
+    def _hook(self, emit):
+        """``emit`` and the transaction's own ``emit`` (run-due's hooks see the events too)."""
+        if self.emit is None:
+            return emit
+        return self.emit if emit is None else (lambda *e, _a=emit, _b=self.emit: (_a(*e), _b(*e)))
 
     def flush(self) -> None:
         if not self.staged:
