@@ -174,13 +174,14 @@ class Runner:
         self._fence_broken: set[str] = set()
         self._trig: dict[str, dict] = {}
         self._on_fold = None
-        self._groups = groups.GroupLog(paths.runners_dir, self.pid, self.token)
+        self._groups = groups.GroupLog(paths.runners_dir, self.pid, self.token, self.runner_id)
         self.disk_full = False  # no room to record results: claim nothing more (reserve.py)
         self._occ: dict[str, str] = {}
         self._trim_at = 0.0
         self._runlogs = runlog.Starter(paths, self.pid, self.token)  # each run's output (kmpwm.running.runlog)
         self._hooks = None  # kmpwm.running.hooks.HookRunner, when config.toml has [hooks]
         self._hooks_read = False
+        self._crash_at = os.environ.get("KMPWM_CRASH_AT")  # crash injection for the tests
 
     @property
     def registry(self):
@@ -565,6 +566,12 @@ class Runner:
                 picks.append(t)
         if not picks:
             return []
+        if any(t["state"] == "RUNNING" or t["id"] in self._fence_broken for t in picks):
+            # Taking over from a runner that is gone (it died since this run began, or while this
+            # run planned): first kill whatever of its runs is left, so that no worker of the old
+            # run is still going when this one starts (a command it was starting has no death
+            # signal yet: groups.py).
+            groups.sweep(self.paths.runners_dir)
         ops, prepared = [], []
         slots = self.parallel - len(self.jobs) - len(self._ready)
         for n, t in enumerate(picks):
@@ -642,6 +649,7 @@ class Runner:
             "KMPWM_ATTEMPT": str(job.attempt),
             "KMPWM_WORKER": t["worker"],
             "KMPWM_UPSTREAM": orjson.dumps(upstream).decode(),
+            groups.MARK_ENV: self.runner_id,  # what the next run-due kills if this one dies starting it
         }
         if job.log is not None:
             env["KMPWM_PROGRESS"] = job.log.progress
@@ -681,9 +689,16 @@ class Runner:
             job.immediate = {"status": "FAILURE", "message": f"command not found: {argv[0]}", "data": None}
             return
         argv[0] = prog
+        preexec = None if _DEATH_PREFIX else functools.partial(_die_with_parent, os.getpid())
+        if self._crash_at in ("command-fork", "command-fork-hold"):  # crash injection for the tests
+            preexec = functools.partial(_kill_parent_then_go_on, os.getpid(), self._crash_at.endswith("hold"))
+        # setpriv makes the command die with run-due (PR_SET_PDEATHSIG) without a preexec_fn,
+        # which would force Python's slow fork path instead of vfork (measured: 2.3x fewer command
+        # tasks per second).  The signal is armed only once setpriv runs, so a run-due killed
+        # before that leaves an orphan: the launch line and the marks (groups.py) let the next
+        # run-due find and kill it before it claims the task again.
+        self._groups.launching()
         try:
-            # setpriv makes the command die with run-due (PR_SET_PDEATHSIG) without a preexec_fn,
-            # which would force Python's slow fork path instead of vfork.
             proc = subprocess.Popen(
                 _DEATH_PREFIX + argv,
                 stdin=stdin,
@@ -693,7 +708,7 @@ class Runner:
                 env=env,
                 start_new_session=True,
                 close_fds=True,
-                preexec_fn=None if _DEATH_PREFIX else functools.partial(_die_with_parent, os.getpid()),
+                preexec_fn=preexec,
             )
         except FileNotFoundError:
             job.immediate = {"status": "FAILURE", "message": f"command not found: {cfg.command[0]}", "data": None}
@@ -709,6 +724,7 @@ class Runner:
             }
             return
         finally:
+            self._groups.launched()
             stdin.close()
         job.proc, job.pid = proc, proc.pid
         self._groups.add(proc.pid)
@@ -1379,6 +1395,21 @@ def _die_with_parent(parent: int) -> None:
             pass
     if os.getppid() != parent:
         os._exit(75)
+
+
+def _kill_parent_then_go_on(parent: int, hold: bool) -> None:
+    """Crash injection (``KMPWM_CRASH_AT=command-fork``), in a command worker's child before it
+    execs: SIGKILL run-due, wait until it is gone, then go on to exec setpriv and the command --
+    the window in which setpriv has not yet armed the death signal and run-due has not noted
+    the worker's process group.  ``command-fork-hold``: before going on, wait (up to a minute)
+    for the file ``KMPWM_CRASH_HOLD`` names to exist, as a child stuck before its exec would."""
+    os.kill(parent, signal.SIGKILL)
+    while os.getppid() == parent:
+        time.sleep(0.001)
+    hold_file = os.environ.get("KMPWM_CRASH_HOLD") if hold else None
+    deadline = time.monotonic() + 60
+    while hold_file and not os.path.exists(hold_file) and time.monotonic() < deadline:
+        time.sleep(0.01)
 
 
 def _death_prefix() -> list[str]:
