@@ -330,6 +330,45 @@ def test_runner_deaths_do_not_fail_tasks_that_never_started(chome):
     )
 
 
+def test_runner_deaths_between_claim_and_start_do_not_quarantine_the_task(chome):
+    """A run-due killed after its claim was recorded but before it started the worker
+    (``KMPWM_CRASH_AT=before-start``), four times in a row: the task never ran, so none of
+    these deaths is its crash; it must not be quarantined, and the next run-due runs it."""
+    doc, rc, err = chome.json("enqueue", "nq", "cw")
+    assert rc == 0, err
+    for death in range(4):
+        proc = chome.spawn("run-due", "--json", env={"KMPWM_CRASH_AT": "before-start"})
+        _, err = collect(proc, timeout=60)
+        state, _ = chome.fold()
+        t = state["tasks"]["nq"]
+        assert t["state"] == "RUNNING", f"after {death} runner death(s) before its start: {t['state']} {t['reason']}"
+        assert proc.returncode == -signal.SIGKILL, (death, proc.returncode, err)
+    assert not _starts(chome, "nq")
+    doc, rc, err = chome.json("run-due", "--json")
+    assert rc == 0, err
+    assert [(r["id"], r["status"]) for r in doc["ran"]] == [("nq", "SUCCESS")], doc
+    state, _ = chome.fold()
+    assert state["tasks"]["nq"]["state"] == "SUCCEEDED", state["tasks"]["nq"]
+
+
+def test_runner_deaths_while_the_worker_ran_still_quarantine_the_task(chome):
+    """The other side: a run-due killed three times in a row while the task's worker ran (a
+    worker that brings its runner down) quarantines the task: FAILED with the reason."""
+    doc, rc, err = chome.json("enqueue", "cq", "cw", "--input", "sleep=30")
+    assert rc == 0, err
+    for death in range(3):
+        proc = chome.spawn("run-due", "--json")
+        inside = _kill_when(proc, lambda n=death: len(_starts(chome, "cq")) > n, extra=0.3)
+        collect(proc)
+        assert inside and proc.returncode == -signal.SIGKILL, (death, proc.returncode)
+    doc, rc, err = chome.json("run-due", "--json")
+    assert rc == 0, err
+    state, _ = chome.fold()
+    t = state["tasks"]["cq"]
+    assert t["state"] == "FAILED" and t["reason"].startswith("quarantined"), t
+    assert len(_starts(chome, "cq")) == 3
+
+
 LEAVER_SH = r"""#!/bin/bash
 # starts a background job, notes its pid, then works until killed
 sleep 300 &

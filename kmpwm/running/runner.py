@@ -30,7 +30,7 @@ from kmpwm.core.state import due_at, occurrence_open, pause_of
 from kmpwm.core.triggers import next_after_run, task_offset
 from kmpwm.running import groups, runlog
 from kmpwm.running.declare import declared_limit
-from kmpwm.running.leases import lease_state
+from kmpwm.running.leases import StartLog, forget_started, holder_started, lease_state
 from kmpwm.scheduling.plan import plan, time_limit, upstream_of
 from kmpwm.scheduling.probes import Device
 from kmpwm.storage import reserve
@@ -182,6 +182,7 @@ class Runner:
         self._hooks = None  # kmpwm.running.hooks.HookRunner, when config.toml has [hooks]
         self._hooks_read = False
         self._crash_at = os.environ.get("KMPWM_CRASH_AT")  # crash injection for the tests
+        self._starts = StartLog(paths.runners_dir, self.pid, self.token, self.boot)  # leases.holder_started
 
     @property
     def registry(self):
@@ -217,6 +218,7 @@ class Runner:
         deadline = time.monotonic() + self.budget if self.budget is not None else None
         self._setup()
         groups.sweep(self.paths.runners_dir)  # what workers of killed runners left behind
+        forget_started(self.paths.runners_dir)
         try:
             need_claim, last_claim, last_watch = True, 0.0, time.monotonic()
             while True:
@@ -270,7 +272,7 @@ class Runner:
 
     def _plan(self, state: dict, now: float, exclude):
         if self.forced is None:
-            return plan(state, now, self.device, exclude=exclude, known_worker=self._known)
+            return plan(state, now, self.device, exclude=exclude, known_worker=self._known, started=self._started_by)
         from kmpwm.scheduling.steering import plan_forced
 
         return plan_forced(
@@ -596,6 +598,8 @@ class Runner:
                 op["broken"] = True
             if t["id"] in self._fence_broken:
                 op["fence_broken"] = True  # the cancelled run's holder is gone
+            if t["state"] == "RUNNING" and self._started_by(t) is False:
+                op["unstarted"] = True  # its gone holder never started the worker: not the task's crash
             if self.forced is not None:
                 op["forced"] = True  # run-now: a pause does not hold it
             if n >= slots:
@@ -614,6 +618,8 @@ class Runner:
     # -- starting -------------------------------------------------------------------------
 
     def _start(self, task: dict, info, limit: float, upstream: dict) -> None:
+        if self._crash_at == "before-start":  # crash injection for the tests: claimed, not started
+            os.kill(os.getpid(), signal.SIGKILL)
         attempt = task["occ_attempts"] + 1
         job = Job(task, attempt, info.kind if info else "python", limit, time.monotonic(), time.time())
         self.jobs[job.id] = job
@@ -641,6 +647,14 @@ class Runner:
             job.immediate = {"status": "FAILURE", "message": "could not start the worker", "data": None}
         if trig["type"] == "exact" and job.immediate is None:
             job.task["_late_ms"] = int(max(0.0, job.started_wall - trig["at"]) * 1000)
+        if job.immediate is None:
+            self._starts.add(job.id, (task.get("lease") or {}).get("since"))  # its worker started
+
+    def _started_by(self, t: dict):
+        """Did the gone holder of RUNNING task ``t`` start its worker? (leases.holder_started)"""
+        if (t.get("lease") or {}).get("ahead"):
+            return None
+        return holder_started(self.paths.runners_dir, t)
 
     def _env(self, job: Job, upstream: dict) -> dict:
         t = job.task
@@ -1007,6 +1021,7 @@ class Runner:
         ):
             self._signals[signo] = signal.signal(signo, handler)
         private_subdir(self.paths.runners_dir)
+        self._starts.open()  # before the first claim: its absence would count every death
 
     def _teardown(self) -> None:
         # Anything still running here means an unexpected error: stop it and hand the tasks back.
@@ -1059,6 +1074,7 @@ class Runner:
         except OSError:
             pass
         self._groups.close()
+        self._starts.close()
 
     def _expire_file(self):
         return self.paths.runners_dir / f"{self.pid}.expire"

@@ -46,6 +46,7 @@ class Plan:
     ops: list[dict] = field(default_factory=list)  # bookkeeping to journal
     broken: set[str] = field(default_factory=set)  # ids whose lease holder is gone
     fence_broken: set[str] = field(default_factory=set)  # ids whose cancelled run's holder is gone
+    unstarted: set[str] = field(default_factory=set)  # ids whose gone holder never started the worker
     trig_updates: dict[str, dict] = field(default_factory=dict)  # id -> trig_state to record with the run
     occ: dict[str, str] = field(default_factory=dict)  # id -> the occurrence a claim consumes (state.occurrence)
 
@@ -100,8 +101,13 @@ def missed_ops(t: dict, m: dict) -> dict:
     return {"op": "trig", "id": t["id"], "seq": t["seq"], "due": m["next"], "missed": dict(detail, next=iso(m["next"]))}
 
 
-def plan(state: dict, now: float, device: Device, *, exclude: set | None = None, known_worker=None) -> Plan:
-    """What is due at ``now``; ``exclude`` holds ids this run already ran or is running."""
+def plan(
+    state: dict, now: float, device: Device, *, exclude: set | None = None, known_worker=None, started=None
+) -> Plan:
+    """What is due at ``now``; ``exclude`` holds ids this run already ran or is running;
+    ``started(t)`` says whether the gone holder of RUNNING task ``t`` had started its worker
+    (True, False, or None: cannot tell; running.leases.holder_started).  A holder's death counts
+    towards quarantine unless it had only claimed the task (ahead of a slot, or never started it)."""
     out = Plan()
     exclude = exclude if exclude is not None else set()
     fences = state.get("fences") or {}
@@ -114,7 +120,11 @@ def plan(state: dict, now: float, device: Device, *, exclude: set | None = None,
             ls = lease_state(t, now)
             if ls == "held":
                 continue
-            if t.get("crashes", 0) + 1 >= MAX_CRASHES:
+            counts = not (t["lease"] or {}).get("ahead")
+            if counts and ls == "orphaned" and started is not None and started(t) is False:
+                counts = False
+                out.unstarted.add(t["id"])
+            if counts and t.get("crashes", 0) + 1 >= MAX_CRASHES:
                 out.ops.append(
                     {
                         "op": "fail",
