@@ -330,6 +330,45 @@ def test_runner_deaths_do_not_fail_tasks_that_never_started(chome):
     )
 
 
+def test_runner_deaths_between_claim_and_start_do_not_quarantine_the_task(chome):
+    """A run-due killed after its claim was recorded but before it started the worker
+    (``KMPWM_CRASH_AT=before-start``), four times in a row: the task never ran, so none of
+    these deaths is its crash; it must not be quarantined, and the next run-due runs it."""
+    doc, rc, err = chome.json("enqueue", "nq", "cw")
+    assert rc == 0, err
+    for death in range(4):
+        proc = chome.spawn("run-due", "--json", env={"KMPWM_CRASH_AT": "before-start"})
+        _, err = collect(proc, timeout=60)
+        state, _ = chome.fold()
+        t = state["tasks"]["nq"]
+        assert t["state"] == "RUNNING", f"after {death} runner death(s) before its start: {t['state']} {t['reason']}"
+        assert proc.returncode == -signal.SIGKILL, (death, proc.returncode, err)
+    assert not _starts(chome, "nq")
+    doc, rc, err = chome.json("run-due", "--json")
+    assert rc == 0, err
+    assert [(r["id"], r["status"]) for r in doc["ran"]] == [("nq", "SUCCESS")], doc
+    state, _ = chome.fold()
+    assert state["tasks"]["nq"]["state"] == "SUCCEEDED", state["tasks"]["nq"]
+
+
+def test_runner_deaths_while_the_worker_ran_still_quarantine_the_task(chome):
+    """The other side: a run-due killed three times in a row while the task's worker ran (a
+    worker that brings its runner down) quarantines the task: FAILED with the reason."""
+    doc, rc, err = chome.json("enqueue", "cq", "cw", "--input", "sleep=30")
+    assert rc == 0, err
+    for death in range(3):
+        proc = chome.spawn("run-due", "--json")
+        inside = _kill_when(proc, lambda n=death: len(_starts(chome, "cq")) > n, extra=0.3)
+        collect(proc)
+        assert inside and proc.returncode == -signal.SIGKILL, (death, proc.returncode)
+    doc, rc, err = chome.json("run-due", "--json")
+    assert rc == 0, err
+    state, _ = chome.fold()
+    t = state["tasks"]["cq"]
+    assert t["state"] == "FAILED" and t["reason"].startswith("quarantined"), t
+    assert len(_starts(chome, "cq")) == 3
+
+
 LEAVER_SH = r"""#!/bin/bash
 # starts a background job, notes its pid, then works until killed
 sleep 300 &
@@ -389,6 +428,74 @@ def test_background_jobs_of_a_killed_runs_workers_are_killed_by_the_next_run(cho
     while not _pid_gone(child):
         assert time.monotonic() < deadline, f"the killed run's background job {child} is still running"
         time.sleep(0.05)
+
+
+def _overlaps(home: Home, tid: str) -> list[str]:
+    """Runs of ``tid`` that started while an earlier run of it was still going: a run that has
+    no done line counts as going until its process is gone (it was killed, or it still runs)."""
+    starts, dones, _ = home.runs()
+    starts = sorted((s for s in starts if s.id == tid), key=lambda s: s.t)
+    done_at = {d.pid: d.t for d in dones if d.id == tid}
+    out = []
+    for a, b in zip(starts, starts[1:]):
+        end = done_at.get(a.pid)
+        if end is not None and b.t < end:
+            out.append(f"pid {a.pid} ran {a.t:.6f}..{end:.6f} and pid {b.pid} started at {b.t:.6f}")
+        elif end is None and not _pid_gone(a.pid):
+            out.append(f"pid {a.pid} (started {a.t:.6f}) is still running beside pid {b.pid}")
+    return out
+
+
+def test_command_worker_whose_run_due_died_starting_it_never_runs_beside_the_rerun(chome):
+    """Issue 13.11 (task b25 ran twice at once under load): run-due is SIGKILLed after it forked
+    a command worker but before ``setpriv`` armed the death signal and before run-due noted the
+    worker's process group (``KMPWM_CRASH_AT=command-fork`` kills it exactly there).  Nothing
+    kills that worker when run-due dies, and the task's lease names a dead runner: the next
+    run-due must kill the orphan (and what it started) before it runs the task again."""
+    doc, rc, err = chome.json("enqueue", "b25", "cw", "--input", "sleep=4")
+    assert rc == 0, err
+    proc = chome.spawn("run-due", "--json", env={"KMPWM_CRASH_AT": "command-fork"})
+    _, err = collect(proc, timeout=60)
+    assert proc.returncode == -signal.SIGKILL, (proc.returncode, err)
+    _wait(lambda: _starts(chome, "b25"), "the orphaned worker to start")
+    orphan = _starts(chome, "b25")[0]
+    assert not _pid_gone(orphan.pid)  # the window: the worker outlived its run-due
+    doc, rc, err = chome.json("run-due", "--json")
+    assert rc == 0, err
+    assert [(r["id"], r["status"]) for r in doc["ran"]] == [("b25", "SUCCESS")], doc
+    runs = _starts(chome, "b25")
+    assert len(runs) == 2, runs
+    _wait(lambda: _pid_gone(orphan.pid), "the orphan to end", timeout=10)
+    time.sleep(max(0.0, orphan.t + 4.5 - time.time()))  # past the time an unkilled orphan would finish
+    assert not _overlaps(chome, "b25"), _overlaps(chome, "b25")
+    done = [d for d in chome.runs()[1] if d.id == "b25" and d.pid == orphan.pid]
+    assert not done, f"the orphaned first run finished at {done[0].t:.6f}, after the re-run started at {runs[1].t:.6f}"
+    state, _ = chome.fold()
+    assert state["tasks"]["b25"]["state"] == "SUCCEEDED"
+
+
+def test_command_worker_still_before_its_exec_when_its_run_due_died_is_killed_by_the_next_run(chome):
+    """The same window, with the orphan still between its fork and its exec when the next
+    run-due looks (a child descheduled on a loaded machine): it is still a copy of the dead
+    run-due, with no environment of its own yet.  The next run-due must find it (by the name
+    run-due gave it for the start) and kill it, so that it never goes on to run the task beside
+    the re-run."""
+    doc, rc, err = chome.json("enqueue", "b26", "cw", "--input", "sleep=1")
+    assert rc == 0, err
+    hold = chome.path / "go-on"
+    env = {"KMPWM_CRASH_AT": "command-fork-hold", "KMPWM_CRASH_HOLD": str(hold)}
+    proc = chome.spawn("run-due", "--json", env=env)
+    _, err = collect(proc, timeout=60)
+    assert proc.returncode == -signal.SIGKILL, (proc.returncode, err)
+    doc, rc, err = chome.json("run-due", "--json")
+    assert rc == 0, err
+    assert [(r["id"], r["status"]) for r in doc["ran"]] == [("b26", "SUCCESS")], doc
+    hold.write_text("")  # an orphan still waiting would now exec and run the task a second time
+    time.sleep(1.0)
+    runs = _starts(chome, "b26")
+    assert len(runs) == 1, f"the task ran {len(runs)} times: {runs}"
+    state, _ = chome.fold()
+    assert state["tasks"]["b26"]["state"] == "SUCCEEDED"
 
 
 # -- leases and claims on a real desktop: stopped runners, clocks that jump, overlapping runners ------------

@@ -310,6 +310,7 @@ def test_worker_environment_is_as_documented(shome, tmp_path):
     assert env["KMPWM_INPUT"] == '{"k": 1}' and env["KMPWM_ATTEMPT"] == "1" and env["KMPWM_WORKER"] == "envdump"
     assert env["KMPWM_UPSTREAM"] == "{}" and env["FROM_CONFIG"] == "yes"
     assert env.get("INHERITED_FROM_RUN_DUE") == "1", "README: a command inherits run-due's environment"
+    assert env["KMPWM_RUNNER"].count("/") == 2  # host/pid/id: how the next run-due finds an orphan (groups.py)
     readme = (REPO / "README.md").read_text()
     for name in (
         "KMPWM_INPUT",
@@ -319,6 +320,7 @@ def test_worker_environment_is_as_documented(shome, tmp_path):
         "KMPWM_UPSTREAM",
         "KMPWM_CHAIN_ID",
         "KMPWM_STEP",
+        "KMPWM_RUNNER",
     ):
         assert name in readme, f"{name} is passed to workers but not documented"
     assert "inherits run-due's environment" in readme

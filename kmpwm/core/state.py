@@ -534,7 +534,7 @@ def _op_claim(state: dict, op: dict, ts: float, emit: Emit) -> bool:
     if t["state"] == "RUNNING":
         if lease and lease["until"] > ts and not op.get("broken"):
             return False  # held; "broken" means the writer saw the holder's process gone
-        if not (lease or {}).get("ahead"):
+        if not (lease or {}).get("ahead") and not op.get("unstarted"):
             t["crashes"] += 1  # the previous holder vanished without a result while running it
         if emit and lease:
             emit(

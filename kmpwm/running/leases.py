@@ -14,7 +14,11 @@ is judged by the lease's end on the wall clock, the one clock every host can rea
 
 from __future__ import annotations
 
+import os
+
 from kmpwm.system import procs
+
+STARTED_KEEP = 7 * 86400.0  # a dead runner's start marks are kept this long (then its deaths count)
 
 
 def lease_state(t: dict, now: float) -> str:
@@ -44,3 +48,105 @@ def lost_why(t: dict, state: str) -> str:
     """Why a RUNNING task's run is over without a result, in the words every view uses."""
     lease = t.get("lease") or {}
     return "its lease ended" if state == "expired" else f"its runner (pid {lease.get('pid')}) is gone"
+
+
+# -- did the holder start the worker? ----------------------------------------------------------
+#
+# A task is quarantined after its runner died MAX_CRASHES times in a row while running it: a
+# worker that brings its run-due down (memory, a crash in a C extension) must not do so forever.
+# A runner killed after it recorded a claim but before it started the worker (OOM, a reboot, a
+# systemd timeout) says nothing about the task, so such a death is not counted.  Each runner
+# keeps ``runners/<pid>.started``, created before its first claim: its pid's start token and
+# boot, then one line per run whose worker it started (the claim's time and the task's id),
+# written right after the start.  The file goes when the runner ends; a dead runner's stays
+# (up to STARTED_KEEP) for whoever takes its tasks over.  No file, or one of another process
+# with that pid: cannot tell, and the death counts, as it always did.
+
+
+class StartLog:
+    def __init__(self, runners_dir, pid: int, token: str | None, boot: str | None):
+        self.path = os.path.join(runners_dir, f"{pid}.started")
+        self.header = f"{token or ''} {boot or ''}\n"
+        self.fd = -1
+
+    def open(self) -> None:
+        try:
+            self.fd = os.open(
+                self.path,
+                os.O_WRONLY
+                | os.O_CREAT
+                | os.O_TRUNC
+                | os.O_APPEND
+                | getattr(os, "O_NOFOLLOW", 0)
+                | getattr(os, "O_CLOEXEC", 0),
+                0o600,
+            )
+            os.write(self.fd, self.header.encode())
+        except OSError:
+            self.close()  # no file: a death of this runner counts for every task it held
+
+    def add(self, task_id: str, since) -> None:
+        if self.fd < 0:
+            return
+        try:
+            os.write(self.fd, _mark(task_id, since))
+        except OSError:
+            pass
+
+    def close(self) -> None:
+        if self.fd >= 0:
+            try:
+                os.close(self.fd)
+            except OSError:
+                pass
+            self.fd = -1
+        try:
+            os.unlink(self.path)
+        except OSError:
+            pass
+
+
+def _mark(task_id: str, since) -> bytes:
+    import orjson
+
+    return orjson.dumps([since, task_id]) + b"\n"
+
+
+def holder_started(runners_dir, t: dict) -> bool | None:
+    """Did the runner holding ``t``'s lease (a runner of this host that is gone) start the
+    run's worker?  None when it cannot be told (see above)."""
+    lease = t.get("lease") or {}
+    if not local(lease) or lease.get("since") is None:
+        return None
+    try:
+        with open(os.path.join(runners_dir, f"{lease['pid']}.started"), "rb") as fh:
+            data = fh.read()
+    except OSError:
+        return None
+    header, _, marks = data.partition(b"\n")
+    token, _, boot = header.decode("utf-8", "replace").partition(" ")
+    if token != (lease.get("token") or "") or (lease.get("boot") and boot != lease["boot"]):
+        return None  # another process had that pid since
+    return _mark(t["id"], lease["since"]) in marks.splitlines(keepends=True)
+
+
+def forget_started(runners_dir) -> None:
+    """Remove the start marks of runners that are gone, once older than STARTED_KEEP."""
+    import time
+
+    try:
+        names = [n for n in os.listdir(runners_dir) if n.endswith(".started")]
+    except OSError:
+        return
+    for name in names:
+        path = os.path.join(runners_dir, name)
+        try:
+            if time.time() - os.stat(path).st_mtime < STARTED_KEEP:
+                continue
+            with open(path, "rb") as fh:
+                token = fh.readline().decode("utf-8", "replace").partition(" ")[0]
+            if procs.alive(int(name[: -len(".started")]), token or None):
+                continue
+            os.unlink(path)
+        except (OSError, ValueError):
+            continue

@@ -30,7 +30,7 @@ from kmpwm.core.state import due_at, occurrence_open, pause_of
 from kmpwm.core.triggers import next_after_run, task_offset
 from kmpwm.running import groups, runlog
 from kmpwm.running.declare import declared_limit
-from kmpwm.running.leases import lease_state
+from kmpwm.running.leases import StartLog, forget_started, holder_started, lease_state
 from kmpwm.scheduling.plan import plan, time_limit, upstream_of
 from kmpwm.scheduling.probes import Device
 from kmpwm.storage import reserve
@@ -178,7 +178,7 @@ class Runner:
         self._fence_broken: set[str] = set()
         self._trig: dict[str, dict] = {}
         self._on_fold = None
-        self._groups = groups.GroupLog(paths.runners_dir, self.pid, self.token)
+        self._groups = groups.GroupLog(paths.runners_dir, self.pid, self.token, self.runner_id)
         self.disk_full = False  # no room to record results: claim nothing more (reserve.py)
         self._occ: dict[str, str] = {}
         self._trim_at = 0.0
@@ -192,6 +192,8 @@ class Runner:
         self._store_retry_at = 0.0  # after a failed write to a shared store: try again from then
         self._hooks = None  # kmpwm.running.hooks.HookRunner, when config.toml has [hooks]
         self._hooks_read = False
+        self._crash_at = os.environ.get("KMPWM_CRASH_AT")  # crash injection for the tests
+        self._starts = StartLog(paths.runners_dir, self.pid, self.token, self.boot)  # leases.holder_started
 
     @property
     def registry(self):
@@ -234,6 +236,7 @@ class Runner:
             self.store.note_runner(self.runner_id.split("/", 1)[0], self.runner_id)
         self._setup()
         groups.sweep(self.paths.runners_dir)  # what workers of killed runners left behind
+        forget_started(self.paths.runners_dir)
         try:
             need_claim, last_claim, last_watch = True, 0.0, time.monotonic()
             while True:
@@ -291,7 +294,15 @@ class Runner:
 
     def _plan(self, state: dict, now: float, exclude):
         if self.forced is None:
-            return plan(state, now, self.device, exclude=exclude, known_worker=self._known, host=self.host)
+            return plan(
+                state,
+                now,
+                self.device,
+                exclude=exclude,
+                known_worker=self._known,
+                host=self.host,
+                started=self._started_by,
+            )
         from kmpwm.scheduling.steering import plan_forced
 
         return plan_forced(
@@ -655,6 +666,12 @@ class Runner:
                 picks.append(t)
         if not picks:
             return []
+        if any(t["state"] == "RUNNING" or t["id"] in self._fence_broken for t in picks):
+            # Taking over from a runner that is gone (it died since this run began, or while this
+            # run planned): first kill whatever of its runs is left, so that no worker of the old
+            # run is still going when this one starts (a command it was starting has no death
+            # signal yet: groups.py).
+            groups.sweep(self.paths.runners_dir)
         ops, prepared = [], []
         slots = self.parallel - len(self.jobs) - len(self._ready)
         for n, t in enumerate(picks):
@@ -679,6 +696,8 @@ class Runner:
                 op["broken"] = "expired" if lease_state(t, now) == "expired" else True
             if t["id"] in self._fence_broken:
                 op["fence_broken"] = True  # the cancelled run's holder is gone
+            if t["state"] == "RUNNING" and self._started_by(t) is False:
+                op["unstarted"] = True  # its gone holder never started the worker: not the task's crash
             if self.forced is not None:
                 op["forced"] = True  # run-now: a pause does not hold it
             if n >= slots:
@@ -697,6 +716,8 @@ class Runner:
     # -- starting -------------------------------------------------------------------------
 
     def _start(self, task: dict, info, limit: float, upstream: dict) -> None:
+        if self._crash_at == "before-start":  # crash injection for the tests: claimed, not started
+            os.kill(os.getpid(), signal.SIGKILL)
         attempt = task["occ_attempts"] + 1
         job = Job(task, attempt, info.kind if info else "python", limit, time.monotonic(), time.time())
         self.jobs[job.id] = job
@@ -724,6 +745,14 @@ class Runner:
             job.immediate = {"status": "FAILURE", "message": "could not start the worker", "data": None}
         if trig["type"] == "exact" and job.immediate is None:
             job.task["_late_ms"] = int(max(0.0, job.started_wall - trig["at"]) * 1000)
+        if job.immediate is None:
+            self._starts.add(job.id, (task.get("lease") or {}).get("since"))  # its worker started
+
+    def _started_by(self, t: dict):
+        """Did the gone holder of RUNNING task ``t`` start its worker? (leases.holder_started)"""
+        if (t.get("lease") or {}).get("ahead"):
+            return None
+        return holder_started(self.paths.runners_dir, t)
 
     def _env(self, job: Job, upstream: dict) -> dict:
         t = job.task
@@ -732,6 +761,7 @@ class Runner:
             "KMPWM_ATTEMPT": str(job.attempt),
             "KMPWM_WORKER": t["worker"],
             "KMPWM_UPSTREAM": orjson.dumps(upstream).decode(),
+            groups.MARK_ENV: self.runner_id,  # what the next run-due kills if this one dies starting it
         }
         if job.log is not None:
             env["KMPWM_PROGRESS"] = job.log.progress
@@ -771,9 +801,16 @@ class Runner:
             job.immediate = {"status": "FAILURE", "message": f"command not found: {argv[0]}", "data": None}
             return
         argv[0] = prog
+        preexec = None if _DEATH_PREFIX else functools.partial(_die_with_parent, os.getpid())
+        if self._crash_at in ("command-fork", "command-fork-hold"):  # crash injection for the tests
+            preexec = functools.partial(_kill_parent_then_go_on, os.getpid(), self._crash_at.endswith("hold"))
+        # setpriv makes the command die with run-due (PR_SET_PDEATHSIG) without a preexec_fn,
+        # which would force Python's slow fork path instead of vfork (measured: 2.3x fewer command
+        # tasks per second).  The signal is armed only once setpriv runs, so a run-due killed
+        # before that leaves an orphan: the launch line and the marks (groups.py) let the next
+        # run-due find and kill it before it claims the task again.
+        self._groups.launching()
         try:
-            # setpriv makes the command die with run-due (PR_SET_PDEATHSIG) without a preexec_fn,
-            # which would force Python's slow fork path instead of vfork.
             proc = subprocess.Popen(
                 _DEATH_PREFIX + argv,
                 stdin=stdin,
@@ -783,7 +820,7 @@ class Runner:
                 env=env,
                 start_new_session=True,
                 close_fds=True,
-                preexec_fn=None if _DEATH_PREFIX else functools.partial(_die_with_parent, os.getpid()),
+                preexec_fn=preexec,
             )
         except FileNotFoundError:
             job.immediate = {"status": "FAILURE", "message": f"command not found: {cfg.command[0]}", "data": None}
@@ -799,6 +836,7 @@ class Runner:
             }
             return
         finally:
+            self._groups.launched()
             stdin.close()
         job.proc, job.pid = proc, proc.pid
         self._groups.add(proc.pid)
@@ -1081,6 +1119,7 @@ class Runner:
         ):
             self._signals[signo] = signal.signal(signo, handler)
         private_subdir(self.paths.runners_dir)
+        self._starts.open()  # before the first claim: its absence would count every death
 
     def _teardown(self) -> None:
         # Anything still running here means an unexpected error: stop it and hand the tasks back.
@@ -1133,6 +1172,7 @@ class Runner:
         except OSError:
             pass
         self._groups.close()
+        self._starts.close()
 
     def _expire_file(self):
         return self.paths.runners_dir / f"{self.pid}.expire"
@@ -1472,6 +1512,21 @@ def _die_with_parent(parent: int) -> None:
             pass
     if os.getppid() != parent:
         os._exit(75)
+
+
+def _kill_parent_then_go_on(parent: int, hold: bool) -> None:
+    """Crash injection (``KMPWM_CRASH_AT=command-fork``), in a command worker's child before it
+    execs: SIGKILL run-due, wait until it is gone, then go on to exec setpriv and the command --
+    the window in which setpriv has not yet armed the death signal and run-due has not noted
+    the worker's process group.  ``command-fork-hold``: before going on, wait (up to a minute)
+    for the file ``KMPWM_CRASH_HOLD`` names to exist, as a child stuck before its exec would."""
+    os.kill(parent, signal.SIGKILL)
+    while os.getppid() == parent:
+        time.sleep(0.001)
+    hold_file = os.environ.get("KMPWM_CRASH_HOLD") if hold else None
+    deadline = time.monotonic() + 60
+    while hold_file and not os.path.exists(hold_file) and time.monotonic() < deadline:
+        time.sleep(0.01)
 
 
 def _death_prefix() -> list[str]:

@@ -52,6 +52,7 @@ class Plan:
     ops: list[dict] = field(default_factory=list)  # bookkeeping to journal
     broken: set[str] = field(default_factory=set)  # ids whose lease holder is gone
     fence_broken: set[str] = field(default_factory=set)  # ids whose cancelled run's holder is gone
+    unstarted: set[str] = field(default_factory=set)  # ids whose gone holder never started the worker
     trig_updates: dict[str, dict] = field(default_factory=dict)  # id -> trig_state to record with the run
     occ: dict[str, str] = field(default_factory=dict)  # id -> the occurrence a claim consumes (state.occurrence)
 
@@ -114,9 +115,13 @@ def plan(
     exclude: set | None = None,
     known_worker=None,
     host: str | None = None,
+    started=None,
 ) -> Plan:
     """What is due at ``now``; ``exclude`` holds ids this run already ran or is running; ``host``
-    is the runner's host name (default: this process's, core.hosts.this_host)."""
+    is the runner's host name (default: this process's, core.hosts.this_host); ``started(t)``
+    says whether the gone holder of RUNNING task ``t`` had started its worker (True, False, or
+    None: cannot tell; running.leases.holder_started).  A holder's death counts towards
+    quarantine unless it had only claimed the task (ahead of a slot, or never started it)."""
     out = Plan()
     exclude = exclude if exclude is not None else set()
     fences = state.get("fences") or {}
@@ -135,7 +140,11 @@ def plan(
             ls = lease_state(t, now)
             if ls == "held":
                 continue
-            if t.get("crashes", 0) + 1 >= MAX_CRASHES:
+            counts = not (t["lease"] or {}).get("ahead")
+            if counts and ls == "orphaned" and started is not None and started(t) is False:
+                counts = False
+                out.unstarted.add(t["id"])
+            if counts and t.get("crashes", 0) + 1 >= MAX_CRASHES:
                 out.ops.append(
                     {
                         "op": "fail",
