@@ -136,6 +136,11 @@ class Runner:
         self.ignore_constraints = ignore_constraints
         self.serve = serve  # serve.Serve: run() then never ends by itself (kmpwm serve)
         self._poke = False  # the queue changed (serve's watch): plan again at once
+        # (journal inode, offset) that the last plan saw, our own records of its transaction
+        # included: serve may take a due task left unstarted for one that waits for a
+        # constraint only while the journal has nothing after this (serve._sleep)
+        self.planned_at: tuple[int, int] | None = None
+        self._replanned = False
         self.store = store or open_store(paths)
         self.budget = budget
         self.grace = grace
@@ -478,6 +483,7 @@ class Runner:
 
         self._on_fold = on_fold
         hooks = self._hook_runner()
+        self._replanned = False
         try:
             with self.store.transaction() as txn:
                 if txn.view.damage:
@@ -513,6 +519,8 @@ class Runner:
             self._pending = finished + self._pending  # not written: keep them for the teardown's try
             self._release = released + self._release
             raise
+        if self._replanned:  # the lock was held from the plan to our record: nothing came between
+            self.planned_at = self.store.position()
         self.report.failed += failed
         shared: list = []
         for job, row in rows:  # durable now
@@ -636,6 +644,7 @@ class Runner:
         state = txn.state
         done, jobs = self.done, self.jobs
         if replan:
+            self._replanned = True
             p = self._plan(state, now, _Union(done, jobs))
             for s in p.skipped:
                 self.report.skipped[s["id"]] = s["reason"]

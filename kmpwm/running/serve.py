@@ -237,6 +237,10 @@ class Serve:
 
     def tick(self, runner) -> None:
         """At the top of each turn of the Runner's loop: cheap unless there is something to do."""
+        # Watch from the first turn on, before the Runner's first plan: a change after that plan is
+        # then noticed, one before it is in the plan.  (Armed only when it first fell asleep, the
+        # watch missed any enqueue between the last plan and the arming: issue 19.)
+        self._start_watching(runner)
         flags = runner._flags
         if flags.get("hup"):
             flags["hup"] = False
@@ -274,6 +278,12 @@ class Serve:
                     "serve stops, because a lost cancel or completion could run work twice",
                     hint="run `kmpwm doctor --repair` to quarantine the damage, then start it again",
                 )
+            if runner.store.position() != runner.planned_at:
+                # Records that the Runner's last plan did not see (another process's, folded by
+                # this load or by one of our transactions that planned nothing): wake_plan would
+                # take a task among them that is due now for one that waits for a constraint,
+                # and sleep a minute.  Plan again.
+                return
             now = time.time()
             nxt, holders = wake_plan(view.state, now, runner.runner_id, runner.host)
             if nxt is not None and nxt <= now:

@@ -349,6 +349,10 @@ class PgStore:
         for seq, body in cur:
             yield seq, orjson.loads(body)
 
+    def position(self) -> tuple[int, int] | None:
+        """(0, the last record folded into the cached state); None before the first load."""
+        return None if self._view is None else (0, self._view.offset)
+
     def idle_without_loading(self, now: float) -> bool:
         return False
 

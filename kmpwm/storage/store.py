@@ -152,6 +152,13 @@ class Store:
             merged = view
         return merged
 
+    def position(self) -> tuple[int, int] | None:
+        """(inode, offset) of the journal folded into the cached state (inode 0: no journal yet);
+        None before the first load.  A reader compares it to tell whether records came since."""
+        if self._view is None:
+            return None
+        return self._ino, self._view.offset
+
     def _full_load(self, use_snapshot: bool = True) -> View:
         with _no_gc():  # bulk parsing makes millions of objects; the collector would rescan them all
             for _ in range(5):  # a compaction may replace the file while we read: start again
