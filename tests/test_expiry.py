@@ -17,7 +17,7 @@ import pytest
 from helpers import jdoc as kjson  # kjson(ARGS, expect=N) -> the --json document
 from helpers import kmpwm
 
-pytestmark = pytest.mark.both_stores  # each test runs on the journal and on PostgreSQL (conftest.py)
+pytestmark = pytest.mark.both_stores(long=True)  # PostgreSQL's side runs in scripts/long-tier
 
 PY = sys.executable
 

@@ -322,8 +322,9 @@ class Interleavings(RuleBasedStateMachine):
             r.queue = list(reversed(p.due))
             r.broken = set(p.broken)
             r.occ = dict(p.occ)
-            if not self.SAME_HOST:
-                assert not p.broken, "a lease of another host was taken for orphaned"
+            if not self.SAME_HOST:  # another host's lease is taken over only once it ended
+                late = {i for i in p.broken if lease_state(state["tasks"][i], now) != "expired"}
+                assert not late, f"a lease of another host was taken before it ended: {late}"
         picks = []
         while r.queue and len(picks) < free:
             cand = r.queue.pop()
@@ -353,8 +354,8 @@ class Interleavings(RuleBasedStateMachine):
                 "until": now + time_limit(t) + LEASE_EXTRA,
                 "occ": r.occ[t["id"]],
             }
-            if t["id"] in r.broken:
-                op["broken"] = True
+            if t["id"] in r.broken:  # as Runner._claim marks it
+                op["broken"] = "expired" if lease_state(t, now) == "expired" else True
             ops.append(op)
         res = self._stage(ops, acc)
         claimed = []
@@ -362,8 +363,10 @@ class Interleavings(RuleBasedStateMachine):
             if not ok:
                 continue
             tid = op["id"]
-            if op.get("broken"):
+            if op.get("broken") is True:
                 event("claim: broke an orphaned lease")
+            elif op.get("broken"):
+                event("claim: took over a lease that ended")
             if self.state["tasks"][tid]["crashes"]:
                 event("claim: took over a lease its holder never finished")
             self._check_claim(r, tid, op["seq"])

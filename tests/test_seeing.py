@@ -14,7 +14,7 @@ import orjson
 import pytest
 from helpers import kjson, kmpwm, kmpwm_env
 
-pytestmark = pytest.mark.both_stores  # each test runs on the journal and on PostgreSQL (conftest.py)
+pytestmark = pytest.mark.both_stores(long=True)  # PostgreSQL's side runs in scripts/long-tier
 
 PY = sys.executable
 

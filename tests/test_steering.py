@@ -15,7 +15,7 @@ import orjson
 import pytest
 from helpers import jdoc, kjson, kmpwm, kmpwm_env, tasks_by_id
 
-pytestmark = pytest.mark.both_stores  # each test runs on the journal and on PostgreSQL (conftest.py)
+pytestmark = pytest.mark.both_stores(long=True)  # PostgreSQL's side runs in scripts/long-tier
 
 
 def queue(*args) -> dict:

@@ -201,6 +201,7 @@ class Starter:
         self.paths, self.pid, self.token = paths, pid, token
         self.store, self.host = store, host  # a shared store: runs are numbered and kept there too
         self.starts: list = []
+        self.start_error: Exception | None = None
         self.dir: str | None = None
         self.count = 0
         self.pending: list[bytes] = []
@@ -226,9 +227,7 @@ class Starter:
             try:
                 self.store.start_runs(starts)
             except Exception as exc:  # the runs go on; `kmpwm logs` elsewhere misses their start
-                import sys
-
-                sys.stderr.write(f"kmpwm: warning: {getattr(exc, 'message', exc)}\n")
+                self.start_error = exc  # the runner says so (runlog never prints)
 
     def end(self, log: RunLog, status: str, finished: float, progress: bool) -> None:
         """The run's result is durable: close its output, drop its progress (``progress``: it may
