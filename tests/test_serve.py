@@ -307,10 +307,10 @@ import pathlib, sys, time
 import kmpwm.running.serve as s
 marker, mode = sys.argv[1], sys.argv[2]
 make_watch = s.make_watch
-def slow(paths):
+def slow(paths, *rest):
     pathlib.Path(marker).touch()
     time.sleep(2)
-    return make_watch(paths)
+    return make_watch(paths, *rest)
 s.make_watch = slow
 if mode == "late":
     tick = s.Serve.tick

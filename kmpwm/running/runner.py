@@ -535,13 +535,13 @@ class Runner:
             self.on_event("done", (job, row))
         if shared:
             self._runlogs.flush_starts()  # a run's start reaches the store before its end
-        if self._runlogs.start_error is not None:
-            exc, self._runlogs.start_error = self._runlogs.start_error, None
-            sys.stderr.write(f"kmpwm: warning: {getattr(exc, 'message', exc)} (run starts not kept in the store)\n")
             try:
                 self.store.save_runs(shared)  # kmpwm logs on every host (a shared store)
             except KmpwmError as exc:
                 sys.stderr.write(f"kmpwm: warning: {exc.message} (the output stays in this host's logs)\n")
+        if self._runlogs.start_error is not None:
+            exc, self._runlogs.start_error = self._runlogs.start_error, None
+            sys.stderr.write(f"kmpwm: warning: {getattr(exc, 'message', exc)} (run starts not kept in the store)\n")
         if rows:
             _log_runs(self.paths, rows)
         self._runlogs.flush()
