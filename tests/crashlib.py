@@ -417,7 +417,7 @@ def check_chain_order(state: dict, starts: list[LogLine], dones: list[LogLine], 
 def _shown_state(t: dict, now: float) -> str:
     """The state inspect-queue shows: a RUNNING task whose runner is gone (on this host: its
     process, whatever the clock says; elsewhere: its lease ran out) is claimable (ENQUEUED)."""
-    from kmpwm.running.leases import lease_state
+    from kmpwm.scheduling.leases import lease_state
 
     if t["state"] == "RUNNING" and lease_state(t, now) != "held":
         return "ENQUEUED"

@@ -489,7 +489,7 @@ class Recording(WorkerContext):
 
 
 def test_download_and_upload_report_progress(server, tmp_path):
-    from kmpwm.running.progress import read
+    from kmpwm.storage.progress import read
 
     pfile = tmp_path / "download.progress"
     c = Recording(progress_file=str(pfile))

@@ -11,7 +11,7 @@ while runners hold them.  Task and chain records are built by the real API (``Sc
 ``Scheduler._chain_op``).  Every record is folded with ``kmpwm.core.state.apply`` and, in the store
 variants, also appended to a real journal through ``Store.transaction()`` + ``txn.commit``.
 Runners are either on another host (a lease is only taken over once it has run out) or on this
-host with ``kmpwm.system.procs.alive`` simulated (a dead holder's lease is broken at once, and a live
+host with ``kmpwm.platform.procs.alive`` simulated (a dead holder's lease is broken at once, and a live
 holder keeps its lease however far the clock jumps: no claim ever takes a task from one).  Every
 claim names the occurrence it planned (``state.occurrence``); one planned on a stale queue whose
 occurrence ran meanwhile is skipped, and the fold refuses it.
@@ -46,8 +46,8 @@ from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, rule, run_state_machine_as_test
 
+import kmpwm.platform.procs as procs
 import kmpwm.running.runner as runner_mod
-import kmpwm.system.procs as procs
 from kmpwm.api import Scheduler
 from kmpwm.core.models import Constraints, TaskRequest
 from kmpwm.core.state import apply, chain_next_step, chain_state, new_state, occurrence_open, pause_of
@@ -131,7 +131,7 @@ chain_spec = st.lists(st.lists(task_spec, min_size=1, max_size=3), min_size=2, m
 
 class Interleavings(RuleBasedStateMachine):
     N_RUNNERS = 3
-    SAME_HOST = False  # True: runners use this host's name and kmpwm.system.procs.alive is simulated
+    SAME_HOST = False  # True: runners use this host's name and kmpwm.platform.procs.alive is simulated
     USE_STORE = False  # True: every record also goes through Store.transaction() + commit
 
     def __init__(self):

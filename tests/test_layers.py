@@ -12,29 +12,21 @@ from pathlib import Path
 PKG = Path(__file__).resolve().parents[1] / "kmpwm"
 
 # Lowest first: a module may import from its own layer and the layers below it.
-LAYERS = {"core": 0, "storage": 1, "scheduling": 2, "running": 3, "workers": 3, "system": 4, "api": 5, "cli": 6}
+LAYERS = {
+    "core": 0,
+    "platform": 0,
+    "storage": 1,
+    "scheduling": 2,
+    "running": 3,
+    "workers": 3,
+    "system": 4,
+    "api": 5,
+    "cli": 6,
+}
 
 # (importing module, imported package or module) pairs that break the direction today.
 DEBTS = {
-    # process identity and the log file are OS primitives the lower layers need
-    ("kmpwm.storage.journal", "kmpwm.system.procs"),
-    ("kmpwm.storage.compaction", "kmpwm.system.logs"),
-    ("kmpwm.running.expiry", "kmpwm.system.procs"),
-    ("kmpwm.running.groups", "kmpwm.system.procs"),
-    ("kmpwm.running.leases", "kmpwm.system.procs"),
-    ("kmpwm.running.runner", "kmpwm.system.procs"),
-    ("kmpwm.running.runner", "kmpwm.system.logs"),
-    ("kmpwm.running.hooks", "kmpwm.system.logs"),
-    ("kmpwm.running.runlog", "kmpwm.system.procs"),
-    ("kmpwm.running.serve", "kmpwm.system.procs"),
-    ("kmpwm.scheduling.explain", "kmpwm.system.procs"),
-    ("kmpwm.scheduling.steering", "kmpwm.system.procs"),
-    # the lease rules live with the runner; planning and views judge leases too
-    ("kmpwm.scheduling.plan", "kmpwm.running.leases"),
-    ("kmpwm.scheduling.explain", "kmpwm.running.leases"),
-    ("kmpwm.scheduling.views", "kmpwm.running.leases"),
-    ("kmpwm.scheduling.explain", "kmpwm.running.progress"),
-    ("kmpwm.storage.compaction", "kmpwm.running.runlog"),
+    # run-now runs a task through the runner (issue 15: the command moves to cli/)
     ("kmpwm.scheduling.steering", "kmpwm.running.runner"),
     # domain code that still prints (issue 15 step 2)
     ("kmpwm.running.expiry", "kmpwm.cli.output"),

@@ -956,7 +956,7 @@ def main(argv: list[str] | None = None) -> int:
             "nothing was left half-written; fix the file system, then try again",
         )
     except Exception as exc:  # an internal error: the traceback goes to the log, not the terminal
-        from kmpwm.system.logs import log_exception
+        from kmpwm.storage.logs import log_exception
 
         where = log_exception(_paths_safe(), exc)
         return _fail(

@@ -270,7 +270,7 @@ def inspect(scheduler, task_id, tag, state_filter, all_: bool, watch: bool, as_j
         warn_damage(view)
         now = time.time()
         doc = _queue_doc(view.state, now, task_id, tag, wanted, all_)
-        from kmpwm.running.progress import attach
+        from kmpwm.storage.progress import attach
 
         attach(scheduler.paths, doc["tasks"])
         if as_json:
@@ -316,7 +316,7 @@ def _print_queue(doc: dict, state: dict, now: float) -> None:
     raw = state["tasks"]
     chains = {c["id"]: c for c in doc["chains"]}
     from kmpwm.cli.output import is_tty
-    from kmpwm.running.progress import text as progress_text
+    from kmpwm.storage.progress import text as progress_text
 
     tty = is_tty()
 

@@ -9,7 +9,7 @@ import sys
 import time
 
 from kmpwm.core.exitcodes import InvalidParams, NothingMatched
-from kmpwm.running import runlog
+from kmpwm.storage import runlog
 from kmpwm.storage.paths import Paths, check_all
 
 POLL = 0.1

@@ -45,7 +45,7 @@ class WorkerContext:
         """Report how far the run is (``fraction`` 0..1, an optional short message); shown by
         ``inspect-queue`` and ``explain`` while the task runs.  Cheap enough to call in a loop."""
         if self._reporter is None:
-            from kmpwm.running.progress import Reporter
+            from kmpwm.storage.progress import Reporter
 
             self._reporter = Reporter(self.progress_file)
         self._reporter.report(fraction, message)

@@ -11,10 +11,10 @@ import time
 
 from kmpwm.core.state import base_id, members
 from kmpwm.core.timeparse import parse_duration
-from kmpwm.running.leases import lease_state
+from kmpwm.platform import procs
+from kmpwm.scheduling.leases import lease_state
 from kmpwm.storage.paths import Paths, private_subdir
 from kmpwm.storage.stores import open_store
-from kmpwm.system import procs
 
 EXPIRE_SIGNAL = signal.SIGUSR1
 

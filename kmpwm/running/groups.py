@@ -33,7 +33,7 @@ import os
 import signal
 import time
 
-from kmpwm.system import procs
+from kmpwm.platform import procs
 
 MARK_ENV = "KMPWM_RUNNER"  # in a worker's environment: the id of the runner that started it
 DEATH_WAIT = 2.0  # how long a sweep waits for the processes it killed to be gone

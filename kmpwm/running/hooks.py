@@ -157,7 +157,7 @@ class HookRunner:
 
             argv = ["osascript", "-e", f"display notification {_applescript(body)} with title {_applescript(title)}"]
         if argv is None:
-            from kmpwm.system.logs import logger
+            from kmpwm.storage.logs import logger
 
             logger(self.paths).info("notification (%s): %s: %s", kind, title, body)
             return
@@ -205,7 +205,7 @@ class HookRunner:
             except OSError:
                 pass
         error = f"{why}: {tail}" if tail else why
-        from kmpwm.system.logs import logger
+        from kmpwm.storage.logs import logger
 
         logger(self.paths).warning("hook %s for %s failed: %s", kind, doc["id"], error)
         self.failures.append((doc["id"], {"hook": kind, "error": error}))

@@ -28,16 +28,16 @@ from kmpwm.core.exitcodes import ConfigError, JournalError, KmpwmError
 from kmpwm.core.models import DEFAULT_GRACE
 from kmpwm.core.state import due_at, occurrence_open, pause_of
 from kmpwm.core.triggers import next_after_run, task_offset
-from kmpwm.running import groups, runlog
+from kmpwm.platform import procs
+from kmpwm.running import groups
 from kmpwm.running.declare import declared_limit
-from kmpwm.running.leases import StartLog, forget_started, holder_started, lease_state
+from kmpwm.scheduling.leases import StartLog, forget_started, holder_started, lease_state
 from kmpwm.scheduling.plan import plan, time_limit, upstream_of
 from kmpwm.scheduling.probes import Device
-from kmpwm.storage import reserve
+from kmpwm.storage import reserve, runlog
 from kmpwm.storage.paths import Paths, private_subdir
 from kmpwm.storage.store import Store
 from kmpwm.storage.stores import open_store
-from kmpwm.system import procs
 
 LEASE_MARGIN = 10.0
 TAIL = 8192
@@ -188,7 +188,7 @@ class Runner:
         self._occ: dict[str, str] = {}
         self._trim_at = 0.0
         shared = self.store if getattr(self.store, "kind", "journal") != "journal" else None
-        # each run's output (kmpwm.running.runlog); on a shared store, kept there too
+        # each run's output (kmpwm.storage.runlog); on a shared store, kept there too
         self._runlogs = runlog.Starter(paths, self.pid, self.token, shared, self.host)
         # a shared store (storage.pgstore): leases on the database's clock, renewed while runs last
         self._renew = getattr(self.store, "renew", None)
@@ -1249,7 +1249,7 @@ class Runner:
         now = time.monotonic()
         if now >= self._trim_at:  # command workers append progress lines: keep their files small
             self._trim_at = now + 1.0
-            from kmpwm.running.progress import trim
+            from kmpwm.storage.progress import trim
 
             for job in self.jobs.values():
                 if job.kind == "command" and job.log is not None:
@@ -1728,7 +1728,7 @@ def _notify(task: dict, paths: Paths) -> dict:
             method = "osascript"
     except (OSError, subprocess.SubprocessError):
         method = "log"
-    from kmpwm.system.logs import logger
+    from kmpwm.storage.logs import logger
 
     logger(paths).info("notification for %s: %s (%s)", task["id"], body, method)
     return {
@@ -1743,7 +1743,7 @@ def _applescript(text: str) -> str:
 
 
 def _log_stopped(paths: Paths, job: Job) -> None:
-    from kmpwm.system.logs import logger
+    from kmpwm.storage.logs import logger
 
     logger(paths).info(
         "stopped %s (%s) attempt %d: cancelled while it ran; its result does not count",
@@ -1755,7 +1755,7 @@ def _log_stopped(paths: Paths, job: Job) -> None:
 
 def _log_runs(paths: Paths, rows: list) -> None:
     """One log write per cycle: every run, with the output tail of those that did not succeed."""
-    from kmpwm.system.logs import logger
+    from kmpwm.storage.logs import logger
 
     lines = []
     worst = "INFO"

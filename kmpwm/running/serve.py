@@ -334,7 +334,7 @@ class Serve:
         """pidfds of the processes on this host that hold leases: their exit frees the tasks."""
         import selectors
 
-        from kmpwm.system import procs
+        from kmpwm.platform import procs
 
         for pid in list(self._holders):
             if pid not in holders:
@@ -445,7 +445,7 @@ def _state_file(paths: Paths, pid: int):
 def _write_state(paths: Paths) -> None:
     import orjson
 
-    from kmpwm.system import procs
+    from kmpwm.platform import procs
 
     pid = os.getpid()
     doc = {"pid": pid, "token": procs.token(pid), "host": procs.host(), "started_at": time.time()}
@@ -463,7 +463,7 @@ def running_serves(paths: Paths) -> list[dict]:
     """The ``serve`` processes now serving this home (dead ones' files are removed)."""
     import orjson
 
-    from kmpwm.system import procs
+    from kmpwm.platform import procs
 
     found = []
     try:

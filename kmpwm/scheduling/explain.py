@@ -8,7 +8,7 @@ from kmpwm.core.exitcodes import InvalidParams
 from kmpwm.core.hosts import this_host
 from kmpwm.core.state import due_at, family, member, members, pause_of
 from kmpwm.core.timeparse import iso, relative
-from kmpwm.running.leases import lease_state, local, lost_why
+from kmpwm.scheduling.leases import lease_state, local, lost_why
 from kmpwm.scheduling.plan import MAX_CRASHES, misfire, misfire_text, pinned_elsewhere
 from kmpwm.scheduling.probes import Device, device_state_now, unmet
 from kmpwm.scheduling.views import lease_host
@@ -49,7 +49,7 @@ def explain_task(state: dict, t: dict, now: float, device: Device, host: str | N
             "host": lease_host(lease),
         }
         if ls == "held":
-            from kmpwm.system import procs
+            from kmpwm.platform import procs
 
             paused = (
                 " (stopped: it goes on when it gets SIGCONT; no other run-due takes the task meanwhile)"
@@ -203,7 +203,7 @@ def explain_command(paths: Paths, task_id: str, as_json: bool) -> int:
     if not ids:
         raise InvalidParams(f"no task or chain {task_id!r}", hint="`kmpwm inspect-queue --all` lists them")
     docs = [explain_task(state, tasks[i], now, device) for i in ids if i in tasks]
-    from kmpwm.running.progress import of_task, text
+    from kmpwm.storage.progress import of_task, text
 
     for d in docs:
         if d["running"]:

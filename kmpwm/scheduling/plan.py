@@ -38,7 +38,7 @@ from kmpwm.core.models import HEAVY_TIMEOUT, LIGHT_TIMEOUT
 from kmpwm.core.state import due_at, member, occurrence, pause_of
 from kmpwm.core.timeparse import format_duration, iso
 from kmpwm.core.triggers import TIMED, change_signature, first_due_after, task_offset
-from kmpwm.running.leases import lease_state
+from kmpwm.scheduling.leases import lease_state
 from kmpwm.scheduling.probes import Device, device_state_now, unmet
 
 MAX_CRASHES = 3

@@ -25,7 +25,7 @@ def who() -> str:
         user = pwd.getpwuid(os.getuid()).pw_name
     except (ImportError, KeyError):
         user = os.environ.get("USER", "?")
-    from kmpwm.system.procs import host
+    from kmpwm.platform.procs import host
 
     return f"{user}@{host()} pid {os.getpid()}"
 

@@ -8,7 +8,7 @@ from kmpwm.core.models import FINISHED, UNFINISHED, TaskState, enum_value
 from kmpwm.core.state import chain_next_step, chain_state, due_at, family, members
 from kmpwm.core.timeparse import iso
 from kmpwm.core.triggers import to_json as trigger_json
-from kmpwm.running.leases import lease_state, lost_why
+from kmpwm.scheduling.leases import lease_state, lost_why
 
 
 def effective_state(t: dict, now: float) -> str:
@@ -66,7 +66,7 @@ def task_json(t: dict, now: float) -> dict:
             "until": iso(t["lease"]["until"]),
             "host": lease_host(t["lease"]),
         },
-        "progress": None,  # the latest of a running task (kmpwm.running.progress.attach)
+        "progress": None,  # the latest of a running task (kmpwm.storage.progress.attach)
         "host": t.get("host"),  # --host: the only host that runs it (null: any host)
     }
 

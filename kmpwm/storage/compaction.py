@@ -90,7 +90,7 @@ def compact(paths: Paths, *, retention: float = RETENTION, now: float | None = N
         store = open_store(paths)
         view = store.load(full=False)
         store.write_snapshot(view)
-        from kmpwm.running.runlog import KEEP
+        from kmpwm.storage.runlog import KEEP
 
         store.sweep_runs((time.time() if now is None else now) - retention, KEEP)
         reason = f"a shared store keeps its records; snapshot written at record {view.offset}"
@@ -112,7 +112,7 @@ def compact(paths: Paths, *, retention: float = RETENTION, now: float | None = N
             tasks, chains = keep_sets(folder.state, cutoff)
             events = folder.events
             _rewrite(journal, paths, folder, tasks, chains, events, now)
-    from kmpwm.running.runlog import sweep
+    from kmpwm.storage.runlog import sweep
 
     runs_deleted = sweep(paths, cutoff)  # run output lives as long as its events (and a task's last 5 runs)
     after = journal.identity()
@@ -192,6 +192,6 @@ def auto_compact(paths: Paths) -> None:
         if needs_compaction(paths):
             compact(paths)
     except Exception as exc:
-        from kmpwm.system.logs import logger
+        from kmpwm.storage.logs import logger
 
         logger(paths).warning("automatic compaction skipped: %s", exc)

@@ -654,7 +654,7 @@ class Journal:
         """Remove what killed writers left: temp files of journal rewrites (made only under the
         lock, so any seen while holding it is stale) and of snapshots whose writer is gone."""
         assert self._lock_depth, "sweep without the journal lock"
-        from kmpwm.system import procs
+        from kmpwm.platform import procs
 
         removed = []
         try:

@@ -4,7 +4,7 @@ Under the log directory::
 
     logs/runs/index.jsonl       one line when a run starts, one when it ends (appended in batches)
     logs/runs/KEY.out           the run's output, stdout and stderr interleaved (only if it wrote any)
-    logs/runs/KEY.progress      its progress (only if it reported any; kmpwm.running.progress)
+    logs/runs/KEY.progress      its progress (only if it reported any; kmpwm.storage.progress)
 
 KEY is unique per run (start time, run-due's pid, a counter).  Creating files is what costs on a
 busy disk, so a run that prints nothing creates none: its start and end are lines in the index,
@@ -312,7 +312,7 @@ def _scan(paths, wanted: set | None = None) -> dict:
             if meta["status"] == "RUNNING":
                 who = (meta["pid"], meta["token"])
                 if who not in alive_cache:
-                    from kmpwm.system.procs import alive
+                    from kmpwm.platform.procs import alive
 
                     alive_cache[who] = alive(*who)
                 if not alive_cache[who]:  # its run-due died: the run never reached a result
@@ -353,8 +353,8 @@ def runs(paths, task_id: str) -> list[dict]:
     local = _scan(paths, {task_id}).get(task_id, [])
     if store_url(paths) is None:
         return local
+    from kmpwm.platform.procs import host
     from kmpwm.storage.stores import open_store
-    from kmpwm.system.procs import host
 
     store = open_store(paths)
     here = host()

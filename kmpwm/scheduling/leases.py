@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import os
 
-from kmpwm.system import procs
+from kmpwm.platform import procs
 
 STARTED_KEEP = 7 * 86400.0  # a dead runner's start marks are kept this long (then its deaths count)
 

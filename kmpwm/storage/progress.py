@@ -159,7 +159,7 @@ def trim(path) -> None:
 
 def of_task(paths, task_id: str) -> dict | None:
     """The latest progress of the task's run in progress (None when it reports none)."""
-    from kmpwm.running import runlog
+    from kmpwm.storage import runlog
 
     meta = runlog.running_runs(paths, [task_id]).get(task_id)
     return None if meta is None else read(runlog.progress_path(paths, meta))
@@ -167,7 +167,7 @@ def of_task(paths, task_id: str) -> dict | None:
 
 def attach(paths, docs: list[dict]) -> None:
     """Fill ``progress`` of the RUNNING task documents (one small read per running task)."""
-    from kmpwm.running import runlog
+    from kmpwm.storage import runlog
 
     ids = [doc["id"] for doc in docs if doc["state"] == "RUNNING"]
     metas = runlog.running_runs(paths, ids) if ids else {}

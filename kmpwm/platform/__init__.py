@@ -1,0 +1,1 @@
+"""Operating-system primitives every layer may use: process identity and liveness."""
