@@ -120,7 +120,7 @@ def plan(
     """What is due at ``now``; ``exclude`` holds ids this run already ran or is running; ``host``
     is the runner's host name (default: this process's, core.hosts.this_host); ``started(t)``
     says whether the gone holder of RUNNING task ``t`` had started its worker (True, False, or
-    None: cannot tell; running.leases.holder_started).  A holder's death counts towards
+    None: cannot tell; scheduling.leases.holder_started).  A holder's death counts towards
     quarantine unless it had only claimed the task (ahead of a slot, or never started it)."""
     out = Plan()
     exclude = exclude if exclude is not None else set()

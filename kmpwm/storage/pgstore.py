@@ -15,7 +15,7 @@ every command, JSON document and semantic is the journal's.  What the database a
   ``now() + KMPWM_LEASE``, renewed by its runner while the run lasts (:meth:`PgStore.renew`).  A
   reader translates each end into its own clock (remaining seconds by the database's clock, added
   to its own ``now``), so hosts whose clocks disagree judge a foreign lease alike.  A holder on the
-  reader's own host is still judged by its pid and start token (``running.leases``).
+  reader's own host is still judged by its pid and start token (``scheduling.leases``).
 * **Notifications.**  Every write sends ``NOTIFY kmpwm``; ``serve`` listens (:class:`PgWatch`).
 
 psycopg is imported here only: nothing of it loads on the journal's paths.
