@@ -17,10 +17,11 @@ from pathlib import Path
 
 import pytest
 
+from kmpwm.cli.schedulecmd import schedule_command
 from kmpwm.core.exitcodes import InvalidParams, KmpwmError, OsPolicy
 from kmpwm.storage.paths import resolve
 from kmpwm.system import invoker
-from kmpwm.system.invoker import CRON_BEGIN, CRON_END, invoker_status, parse_every, schedule_command
+from kmpwm.system.invoker import CRON_BEGIN, CRON_END, invoker_status, parse_every
 
 ROOT = Path(__file__).resolve().parent.parent
 

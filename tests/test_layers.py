@@ -38,7 +38,6 @@ DEBTS = {
     ("kmpwm.scheduling.steering", "kmpwm.cli.rundue"),
     ("kmpwm.storage.compaction", "kmpwm.cli.output"),
     ("kmpwm.system.doctor", "kmpwm.cli.output"),
-    ("kmpwm.system.invoker", "kmpwm.cli.output"),
 }
 
 # Modules outside cli/ that write to the terminal today (worker_host is the child side of a run:
@@ -54,7 +53,6 @@ PRINTS = {
     "kmpwm.scheduling.steering",
     "kmpwm.storage.compaction",
     "kmpwm.system.doctor",
-    "kmpwm.system.invoker",
 }
 
 

@@ -507,7 +507,7 @@ def doctor(paths, repair, as_json) -> int:
 
 
 def schedule(paths, action, backend, every, print_only, as_json, mode=None) -> int:
-    from kmpwm.system.invoker import schedule_command
+    from kmpwm.cli.schedulecmd import schedule_command
 
     return schedule_command(paths, action, backend, every, print_only, as_json, mode)
 

@@ -31,11 +31,12 @@ import shutil
 import subprocess
 import sys
 import sysconfig
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 from kmpwm.core.exitcodes import FAILED_UNKNOWN, InvalidParams, KmpwmError, OsPolicy
-from kmpwm.core.timeparse import format_duration, iso, parse_duration, relative
+from kmpwm.core.timeparse import format_duration, iso, parse_duration
 
 BACKENDS = ("cron", "launchd", "systemd")
 ACTIONS = ("install", "uninstall", "status")
@@ -1059,8 +1060,8 @@ class SystemdServe(Systemd):
         }
 
 
-_IMPLS = {"cron": Cron, "launchd": Launchd, "systemd": Systemd}
-_SERVE_IMPLS = {"launchd": LaunchdServe, "systemd": SystemdServe}
+_IMPLS: dict[str, type[Backend]] = {"cron": Cron, "launchd": Launchd, "systemd": Systemd}
+_SERVE_IMPLS: dict[str, type[Backend]] = {"launchd": LaunchdServe, "systemd": SystemdServe}
 
 
 # -- status --------------------------------------------------------------------------------
@@ -1134,17 +1135,43 @@ def _cron_every(entry: str | None) -> int | None:
 # -- the command ---------------------------------------------------------------------------
 
 
-def schedule_command(
-    paths, action: str, backend: str | None, every: str | None, print_only: bool, as_json: bool, mode: str | None = None
-) -> int:
-    """``kmpwm schedule install|uninstall|status``; returns the exit code.
+class Backend(Protocol):
+    """What ``schedule`` needs of a backend (:class:`Cron`, :class:`Launchd`, :class:`Systemd`,
+    and the serve services :class:`LaunchdServe`, :class:`SystemdServe`).  Each method returns a
+    plain dict: ``install``/``uninstall`` -> ``{"action", "entry", "path"}``, ``status`` ->
+    ``{"installed", "entry", "path"[, "every", "enabled"]}``, ``printed`` -> ``{"text", "entry",
+    "path", "files", "note"}``."""
 
-    ``mode`` (install only): ``minute`` (the default) installs the periodic run-due alone and
-    removes a serve set up before; ``serve`` adds ``kmpwm serve`` as a supervised service (a
-    systemd user service, a launchd KeepAlive agent, a cron @reboot line), the periodic run-due
-    staying as the fallback.  ``uninstall`` removes both."""
-    from kmpwm.cli.output import print_json, say
+    def install(self) -> dict: ...
 
+    def uninstall(self) -> dict: ...
+
+    def status(self, timeout: float = ...) -> dict: ...
+
+    def printed(self, action: str) -> dict: ...
+
+
+@dataclass
+class Plan:
+    """One ``schedule`` invocation resolved: the backend, its serve service (None for cron, whose
+    serve is an ``@reboot`` line inside its own block), and what the user asked for."""
+
+    paths: Any
+    name: str
+    seconds: int
+    impl: Backend
+    serve_impl: Backend | None
+    serve_mode: bool
+
+    @property
+    def where(self) -> str:
+        return f"home {self.paths.home}" if self.paths.home is not None else "the default home"
+
+
+def resolve_plan(
+    paths, action: str, backend: str | None, every: str | None, print_only: bool, mode: str | None
+) -> Plan:
+    """Check the arguments and pick the backend (InvalidParams / OsPolicy on bad input)."""
     if action not in ACTIONS:
         raise InvalidParams(f"unknown schedule action {action!r}: expected install, uninstall or status")
     if mode is not None and mode not in MODES:
@@ -1154,154 +1181,111 @@ def schedule_command(
     seconds = parse_every(every, name)  # the CLI gives --every to install only; None means the default
     impl = _IMPLS[name](_Target(paths), seconds)
     serve_impl = _SERVE_IMPLS[name](_Target(paths, "serve"), None) if name in _SERVE_IMPLS else None
-    if name == "cron":
+    if isinstance(impl, Cron):
         impl.serve = serve_mode
-    where = f"home {paths.home}" if paths.home is not None else "the default home"
+    return Plan(paths, name, seconds, impl, serve_impl, serve_mode)
 
+
+def schedule(
+    paths, action: str, backend: str | None, every: str | None, print_only: bool, mode: str | None = None
+) -> dict:
+    """``kmpwm schedule install|uninstall|status``: do it (or, ``print_only``, only say what would
+    be done) and return the report the CLI renders: ``{"kind": "printed"|"status"|"changed",
+    "plan": Plan, "doc": the JSON document, ...}``.
+
+    ``mode`` (install only): ``minute`` (the default) installs the periodic run-due alone and
+    removes a serve set up before; ``serve`` adds ``kmpwm serve`` as a supervised service (a
+    systemd user service, a launchd KeepAlive agent, a cron @reboot line), the periodic run-due
+    staying as the fallback.  ``uninstall`` removes both."""
+    plan = resolve_plan(paths, action, backend, every, print_only, mode)
     if print_only:
-        act = "uninstall" if action == "uninstall" else "install"
-        shown = impl.printed(act)
-        extra = None
-        if serve_impl is not None and (serve_mode or act == "uninstall"):
-            extra = serve_impl.printed(act)
-        if as_json:
-            doc = {
-                "backend": name,
-                "action": "printed",
-                "entry": shown["entry"],
-                "path": shown["path"],
-                "text": shown["text"] + (extra["text"] if extra else ""),
-            }
-            if shown["files"] is not None:
-                doc["files"] = {**shown["files"], **(extra["files"] if extra else {})}
-            if serve_mode:
-                doc["serve"] = {
-                    "entry": extra["entry"] if extra else impl.reboot_line(),
-                    "path": extra["path"] if extra else None,
-                }
-            print_json(doc)
-        else:
-            sys.stdout.write(shown["text"] + (("\n" + extra["text"]) if extra else ""))
-            sys.stdout.flush()
-            sys.stderr.write(f"kmpwm: {name}: {shown['note']}\n")
-            if extra:
-                sys.stderr.write(f"kmpwm: {name}: serve: {extra['note']}\n")
-            elif serve_mode and name == "cron":
-                sys.stderr.write(
-                    "kmpwm: cron: serve: would also start `kmpwm serve` now (the @reboot line "
-                    "starts it after each boot)\n"
-                )
-        return 0
+        return _printed(plan, "uninstall" if action == "uninstall" else "install")
+    if action == "status":
+        return _status(plan)
+    return _change(plan, action)
 
+
+def _printed(plan: Plan, act: str) -> dict:
+    shown = plan.impl.printed(act)
+    extra = None
+    if plan.serve_impl is not None and (plan.serve_mode or act == "uninstall"):
+        extra = plan.serve_impl.printed(act)
+    doc = {
+        "backend": plan.name,
+        "action": "printed",
+        "entry": shown["entry"],
+        "path": shown["path"],
+        "text": shown["text"] + (extra["text"] if extra else ""),
+    }
+    if shown["files"] is not None:
+        doc["files"] = {**shown["files"], **(extra["files"] if extra else {})}
+    if plan.serve_mode:
+        doc["serve"] = {
+            "entry": extra["entry"] if extra else plan.impl.reboot_line(),
+            "path": extra["path"] if extra else None,
+        }
+    return {"kind": "printed", "plan": plan, "doc": doc, "shown": shown, "extra": extra}
+
+
+def _status(plan: Plan) -> dict:
     from kmpwm.running.serve import running_serves
 
-    if action == "status":
-        st = impl.status()
-        last = last_run_at(paths)
-        running = [{"pid": x["pid"], "started_at": iso(x["started_at"])} for x in running_serves(paths)]
-        if serve_impl is not None:
-            sst = serve_impl.status()
-        else:
-            entry = impl.serve_entry() if st["installed"] else None
-            sst = {"installed": entry is not None, "entry": entry, "path": None}
-        if as_json:
-            print_json(
-                {
-                    "backend": name,
-                    "installed": st["installed"],
-                    "entry": st["entry"],
-                    "last_run_at": iso(last),
-                    "path": st["path"],
-                    "serve": {
-                        "installed": sst["installed"],
-                        "entry": sst["entry"],
-                        "path": sst["path"],
-                        "running": running,
-                    },
-                }
-            )
-            return 0
-        if st["installed"]:
-            extra = f" every {format_duration(st['every'])}" if st.get("every") else ""
-            at = f" ({st['path']})" if st["path"] else ""
-            say(f"{name} invoker installed for {where}{extra}{at}: {st['entry'] or '?'}")
-            if name == "systemd" and not st.get("enabled", True):
-                say("  note: the timer is not enabled; run `kmpwm schedule install --backend systemd`")
-        else:
-            say(f"{name} invoker not installed for {where}; `kmpwm schedule install --backend {name}` sets it up")
-        say(
-            f"run-due last ran: {iso(last)} ({relative(last)})"
-            if last is not None
-            else "run-due has not run yet for this home"
-        )
-        if sst["installed"]:
-            at = f" ({sst['path']})" if sst["path"] else ""
-            say(f"serve installed as a {name} service{at}: {sst['entry'] or '?'}")
-        for x in running:
-            say(f"serve is running (pid {x['pid']}, since {x['started_at']})")
-        if not running:
-            say("no serve is running for this home")
-        return 0
+    st = plan.impl.status()
+    last = last_run_at(plan.paths)
+    running = [{"pid": x["pid"], "started_at": iso(x["started_at"])} for x in running_serves(plan.paths)]
+    if plan.serve_impl is not None:
+        sst = plan.serve_impl.status()
+    else:
+        entry = plan.impl.serve_entry() if st["installed"] else None
+        sst = {"installed": entry is not None, "entry": entry, "path": None}
+    doc = {
+        "backend": plan.name,
+        "installed": st["installed"],
+        "entry": st["entry"],
+        "last_run_at": iso(last),
+        "path": st["path"],
+        "serve": {"installed": sst["installed"], "entry": sst["entry"], "path": sst["path"], "running": running},
+    }
+    return {"kind": "status", "plan": plan, "doc": doc, "status": st, "last": last}
 
+
+def _change(plan: Plan, action: str) -> dict:
     if action == "install":
-        result = impl.install()
-        serve_result = None
-        if serve_impl is not None:
-            if serve_mode:
-                serve_result = serve_impl.install()
-            elif serve_impl.status()["installed"]:
-                serve_result = serve_impl.uninstall()  # --mode minute: back to run-due alone
-        elif serve_mode:
-            serve_result = {"action": result["action"], "entry": impl.reboot_line(), "path": None}
-            if not running_serves(paths):
-                serve_result["started"] = _start_serve(paths)
-                serve_result["action"] = "installed"
+        result = plan.impl.install()
+        serve_result = _install_serve(plan, result)
     else:
-        serve_entry = impl.serve_entry() if serve_impl is None else None
-        result = impl.uninstall()
-        serve_result = serve_impl.uninstall() if serve_impl is not None else None
+        serve_entry = plan.impl.serve_entry() if plan.serve_impl is None else None
+        result = plan.impl.uninstall()
+        serve_result = plan.serve_impl.uninstall() if plan.serve_impl is not None else None
         if serve_entry is not None:  # cron started it: stop it with its @reboot line
-            serve_result = {"action": "removed", "entry": serve_entry, "path": None, "stopped": _stop_serves(paths)}
-    if as_json:
-        doc = {"backend": name, "action": result["action"], "entry": result["entry"], "path": result["path"]}
-        if serve_result is not None:
-            doc["serve"] = serve_result
-        print_json(doc)
-        return 0
-    act = result["action"]
-    at = f" ({result['path']})" if result["path"] else ""
-    if act == "installed":
-        say(f"Installed the {name} invoker for {where}: run-due every {format_duration(seconds)}{at}")
-        say(f"  {result['entry']}")
-    elif act == "unchanged":
-        say(
-            f"The {name} invoker for {where} is already installed (every {format_duration(seconds)}); "
-            f"nothing changed{at}"
-        )
-    elif act == "removed":
-        say(f"Removed the {name} invoker for {where}{at}")
-    else:
-        say(f"No {name} invoker was installed for {where}; nothing to remove")
+            serve_result = {
+                "action": "removed",
+                "entry": serve_entry,
+                "path": None,
+                "stopped": _stop_serves(plan.paths),
+            }
+    doc = {"backend": plan.name, "action": result["action"], "entry": result["entry"], "path": result["path"]}
     if serve_result is not None:
-        sat = f" ({serve_result['path']})" if serve_result.get("path") else ""
-        sact = serve_result["action"]
-        if action == "uninstall" or not serve_mode:
-            if sact == "removed":
-                stopped = serve_result.get("stopped")
-                say(
-                    f"Removed the serve service{sat}"
-                    + (f"; stopped serve pid {', '.join(map(str, stopped))}" if stopped else "")
-                )
-        elif sact == "unchanged":
-            say(f"serve is already installed{sat}; nothing changed")
-        else:
-            started = serve_result.get("started")
-            say(
-                f"Installed serve as a {name} service{sat}, run-due every {format_duration(seconds)} "
-                f"as the fallback" + (f"; started it (pid {started})" if started else "")
-            )
-            say(f"  {serve_result['entry']}")
-    return 0
+        doc["serve"] = serve_result
+    return {"kind": "changed", "plan": plan, "doc": doc, "action": action}
+
+
+def _install_serve(plan: Plan, result: dict) -> dict | None:
+    if plan.serve_impl is not None:
+        if plan.serve_mode:
+            return plan.serve_impl.install()
+        if plan.serve_impl.status()["installed"]:
+            return plan.serve_impl.uninstall()  # --mode minute: back to run-due alone
+        return None
+    if not plan.serve_mode:
+        return None
+    from kmpwm.running.serve import running_serves
+
+    serve_result = {"action": result["action"], "entry": plan.impl.reboot_line(), "path": None}
+    if not running_serves(plan.paths):
+        serve_result["started"] = _start_serve(plan.paths)
+        serve_result["action"] = "installed"
+    return serve_result
 
 
 def _start_serve(paths) -> int:
