@@ -37,7 +37,6 @@ DEBTS = {
     ("kmpwm.scheduling.steering", "kmpwm.cli.output"),
     ("kmpwm.scheduling.steering", "kmpwm.cli.rundue"),
     ("kmpwm.storage.compaction", "kmpwm.cli.output"),
-    ("kmpwm.system.doctor", "kmpwm.cli.output"),
 }
 
 # Modules outside cli/ that write to the terminal today (worker_host is the child side of a run:
@@ -52,7 +51,6 @@ PRINTS = {
     "kmpwm.scheduling.preview",
     "kmpwm.scheduling.steering",
     "kmpwm.storage.compaction",
-    "kmpwm.system.doctor",
 }
 
 

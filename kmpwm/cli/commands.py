@@ -498,8 +498,8 @@ def compact(paths, as_json) -> int:
 
 
 def doctor(paths, repair, as_json) -> int:
+    from kmpwm.cli.doctorcmd import doctor_command
     from kmpwm.storage.paths import require_home
-    from kmpwm.system.doctor import doctor_command
 
     require_home(paths)
 

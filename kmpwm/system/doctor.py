@@ -262,32 +262,54 @@ def stale_invoker(invoker: dict, last_run: float | None, now: float) -> str | No
     )
 
 
-def doctor_command(paths: Paths, do_repair: bool, as_json: bool) -> int:
-    from kmpwm.cli.output import print_json, say
-
+def doctor(paths: Paths, do_repair: bool) -> dict:
+    """``kmpwm doctor [--repair]``: check everything run-due needs and return the report (its
+    ``exit_code``: the worst problem found, 0 when healthy)."""
     check_all(paths)
     journal = Journal(paths)
-    problems: list[str] = []
     repaired = None
     report = check_journal(journal)
     if do_repair:
         repaired = repair(paths)
         report = check_journal(journal)
     report.pop("_scan")
+    found: list[tuple[int, str]] = []  # (exit code, problem)
     if report["damage"]:
-        problems.append(f"journal: {len(report['damage'])} damaged region(s); run `kmpwm doctor --repair`")
-    codes = [IO_ERROR] if report["damage"] else []
-    for code, problem in check_files(paths):
-        codes.append(code)
-        problems.append(problem)
+        found.append((IO_ERROR, f"journal: {len(report['damage'])} damaged region(s); run `kmpwm doctor --repair`"))
+    found += check_files(paths)
     workers, config_error = _check_workers(paths)
     if config_error:
-        problems.append(f"config: {config_error}")
-        codes.append(CONFIG)
-    for w in workers:
-        if not w["ok"]:
-            problems.append(f"worker {w['name']}: {w['error']}")
-            codes.append(CONFIG)
+        found.append((CONFIG, f"config: {config_error}"))
+    found += [(CONFIG, f"worker {w['name']}: {w['error']}") for w in workers if not w["ok"]]
+    invoker, last_run, stale = _check_invoker(paths)
+    if stale:
+        found.append((NOTHING_MATCHED, stale))
+    store = _check_store(paths)
+    if store is not None and store.get("error"):
+        found.append((store["exit_code"], f"store: {store['error']}"))
+    codes = {c for c, _ in found}
+    # the worst first: a damaged or unwritable journal, then permissions, configuration, a stale invoker
+    code = next((c for c in (IO_ERROR, NOPERM, CONFIG, NOTHING_MATCHED) if c in codes), 0)
+    from kmpwm.running.serve import running_serves
+
+    return {
+        "healthy": not report["damage"] and code == 0,
+        "journal": report,
+        "store": store,
+        "config": {"path": str(paths.config_file), "error": config_error},
+        "workers": workers,
+        "invoker": invoker,
+        "last_run_at": iso(last_run),
+        "serve": {"running": [{"pid": x["pid"], "started_at": iso(x["started_at"])} for x in running_serves(paths)]},
+        "repaired": repaired,
+        "problems": [p for _, p in found],
+        "exit_code": code,
+    }
+
+
+def _check_invoker(paths: Paths) -> tuple[dict, float | None, str | None]:
+    """The installed invoker, when run-due last ran, and why the invoker is stale (installed, but
+    run-due has not run for too long) or None."""
     try:
         from kmpwm.system.invoker import invoker_status
 
@@ -299,91 +321,9 @@ def doctor_command(paths: Paths, do_repair: bool, as_json: bool) -> int:
         last_run = os.stat(paths.runners_dir / "last-run").st_mtime
     except OSError:
         pass
-    from kmpwm.running.serve import running_serves
-
-    serves = [{"pid": x["pid"], "started_at": iso(x["started_at"])} for x in running_serves(paths)]
     stale = stale_invoker(invoker, last_run, time.time())
     invoker["stale"] = stale is not None
-    if stale:
-        problems.append(stale)
-        codes.append(NOTHING_MATCHED)
-    last_run = iso(last_run)
-    store = _check_store(paths)
-    if store is not None and store.get("error"):
-        problems.append(f"store: {store['error']}")
-        codes.append(store["exit_code"])
-    healthy = not report["damage"]
-    # the worst first: a damaged or unwritable journal, then permissions, configuration, a stale invoker
-    code = next((c for c in (IO_ERROR, NOPERM, CONFIG, NOTHING_MATCHED) if c in codes), 0)
-    doc = {
-        "healthy": healthy and code == 0,
-        "journal": report,
-        "store": store,
-        "config": {"path": str(paths.config_file), "error": config_error},
-        "workers": workers,
-        "invoker": invoker,
-        "last_run_at": last_run,
-        "serve": {"running": serves},
-        "repaired": repaired,
-        "problems": problems,
-        "exit_code": code,
-    }
-    if as_json:
-        print_json(doc)
-        return code
-    say(
-        f"journal   {report['path']}: {report['records']} record(s), {report['bytes']} bytes"
-        + (", healthy" if healthy else f", {len(report['damage'])} DAMAGED region(s)")
-    )
-    for d in report["damage"]:
-        say(f"          {d['what']}")
-    if report["torn_tail"]:
-        say(f"          torn last record ({report['torn_tail']['length']} bytes): the next write repairs it")
-    if repaired:
-        extra = []
-        if repaired["salvaged"]:
-            extra.append(f"{repaired['salvaged']} found inside damaged lines")
-        if repaired["corrected"]:
-            extra.append(f"{len(repaired['corrected'])} restored from a single flipped bit")
-        say(
-            f"repaired  moved {len(repaired['quarantined'])} region(s) to {paths.quarantine_dir}; "
-            f"kept {repaired['records_kept']} valid record(s)" + (f" ({', '.join(extra)})" if extra else "")
-        )
-    if store is not None:
-        say(
-            f"store     {store['url']}: "
-            + (
-                f"ERROR {store['error']}"
-                if store.get("error")
-                else f"schema v{store['schema']}, {store['records']} record(s), hosts: "
-                + (", ".join(h["host"] for h in store["hosts"]) or "none yet")
-            )
-        )
-    say(
-        f"config    {paths.config_file}: "
-        + (f"ERROR {config_error}" if config_error else "ok" if paths.config_file.exists() else "none (optional)")
-    )
-    bad = [w for w in workers if not w["ok"]]
-    say(f"workers   {len(workers)} registered" + (f", {len(bad)} with problems" if bad else ", all importable"))
-    for w in bad:
-        say(f"          {w['name']}: {w['error']}")
-    if invoker.get("installed"):
-        say(f"invoker   installed ({invoker.get('backend', '?')})" + (", but STALE" if stale else ""))
-    else:
-        say("invoker   not installed: nothing runs `kmpwm run-due` periodically; `kmpwm schedule install` sets it up")
-    say(f"last run  {last_run or 'never'}")
-    say(
-        "serve     "
-        + (
-            "; ".join(f"running (pid {x['pid']}, since {x['started_at']})" for x in serves)
-            if serves
-            else "not running (`kmpwm serve` starts work the moment it is due)"
-        )
-    )
-    if problems:
-        for p in problems:
-            say(f"problem:  {p}")
-    return code
+    return invoker, last_run, stale
 
 
 def _check_store(paths: Paths) -> dict | None:
