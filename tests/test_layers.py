@@ -36,7 +36,6 @@ DEBTS = {
     ("kmpwm.scheduling.preview", "kmpwm.cli.output"),
     ("kmpwm.scheduling.steering", "kmpwm.cli.output"),
     ("kmpwm.scheduling.steering", "kmpwm.cli.rundue"),
-    ("kmpwm.storage.compaction", "kmpwm.cli.output"),
 }
 
 # Modules outside cli/ that write to the terminal today (worker_host is the child side of a run:
@@ -50,7 +49,6 @@ PRINTS = {
     "kmpwm.scheduling.explain",
     "kmpwm.scheduling.preview",
     "kmpwm.scheduling.steering",
-    "kmpwm.storage.compaction",
 }
 
 

@@ -492,9 +492,20 @@ def explain(paths, task_id, as_json) -> int:
 
 
 def compact(paths, as_json) -> int:
-    from kmpwm.storage.compaction import compact_command
+    from kmpwm.storage.compaction import compact as compact_journal
 
-    return compact_command(paths, as_json)
+    stats = compact_journal(paths)
+    if as_json:
+        print_json(stats)
+    elif stats["compacted"]:
+        say(
+            f"compacted: {stats['bytes_before']} -> {stats['bytes_after']} bytes; kept {stats['tasks_kept']} task(s), "
+            f"{stats['chains_kept']} chain(s), {stats['events_kept']} event(s); dropped {stats['tasks_dropped']} "
+            f"finished task(s) older than {stats['retention_days']:g} days"
+        )
+    else:
+        say(f"nothing to compact ({stats['reason']})")
+    return 0
 
 
 def doctor(paths, repair, as_json) -> int:

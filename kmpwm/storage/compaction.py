@@ -169,23 +169,6 @@ def needs_compaction(paths: Paths) -> bool:
     return ident[1] > 2 * base + AUTO_MIN_BYTES
 
 
-def compact_command(paths: Paths, as_json: bool) -> int:
-    from kmpwm.cli.output import print_json, say
-
-    stats = compact(paths)
-    if as_json:
-        print_json(stats)
-    elif stats["compacted"]:
-        say(
-            f"compacted: {stats['bytes_before']} -> {stats['bytes_after']} bytes; kept {stats['tasks_kept']} task(s), "
-            f"{stats['chains_kept']} chain(s), {stats['events_kept']} event(s); dropped {stats['tasks_dropped']} "
-            f"finished task(s) older than {stats['retention_days']:g} days"
-        )
-    else:
-        say(f"nothing to compact ({stats['reason']})")
-    return 0
-
-
 def auto_compact(paths: Paths) -> None:
     """Best effort after run-due: never fails the run (errors go to the log)."""
     try:
