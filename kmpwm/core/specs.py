@@ -187,71 +187,11 @@ def request_from_spec(
     try:
         for key in BOOL_KEYS & spec.keys():
             _bool(key, spec[key])
-        worker = spec.get("worker")
-        if not isinstance(worker, str) or not worker:
-            raise InvalidParams('missing "worker" (a worker name)')
-        task_id = spec.get("id")
-        if task_id is None and need_id:
-            raise InvalidParams('missing "id"')
-        if task_id is not None and not isinstance(task_id, str):
-            raise InvalidParams(f"invalid id {task_id!r}: expected a string")
-        triggers_given = [k for k in TRIGGER_KEYS if spec.get(k) not in (None, False)]
-        if len(triggers_given) > 1:
-            raise InvalidParams(
-                f"two triggers at once (--{triggers_given[0].replace('_', '-')} and "
-                f"--{triggers_given[1].replace('_', '-')}); a task has one trigger"
-            )
-        delay = spec.get("delay")
-        if delay is None:
-            delay = 0
-        trig_key = triggers_given[0] if triggers_given else None
-        if spec.get("flex") is not None and trig_key != "every":
-            raise InvalidParams("--flex needs --every")
-        if spec.get("exact_behavior") is not None and trig_key != "at":
-            raise InvalidParams("--exact-behavior needs --at")
-        if (spec.get("no_descendants") or spec.get("descendants") is False) and trig_key != "on_change":
-            raise InvalidParams("--no-descendants needs --on-change")
-        tz = spec.get("tz")
-        if tz is not None:
-            if trig_key not in ("cron", "at", "window"):
-                raise InvalidParams("--tz needs --cron, --at or --window (the times it reads in that zone)")
-            if not isinstance(tz, str):
-                raise InvalidParams(f"invalid tz {tz!r}: expected an IANA zone name like Europe/Berlin")
-        value = spec.get(trig_key) if trig_key else None
-        if trig_key is None:
-            trigger = OneTime(delay)
-        elif trig_key == "every":
-            trigger = Periodic(value, spec.get("flex"), delay)
-        elif trig_key == "at":
-            trigger = Exact(value, spec.get("exact_behavior") or "attempt", delay, tz=tz)
-        elif trig_key == "window":
-            if not isinstance(value, (list, tuple)) or len(value) != 2:
-                raise InvalidParams("invalid window: expected two times [START, END]")
-            trigger = Windowed(value[0], value[1], delay, tz=tz)
-        elif trig_key == "cron":
-            trigger = Cron(value, delay, tz=tz)
-        elif trig_key == "on_change":
-            if not isinstance(value, str):
-                raise InvalidParams("invalid on_change: expected a path")
-            trigger = OnChange(value, not (spec.get("no_descendants") or spec.get("descendants") is False), delay)
-        else:
-            trigger = DeviceState(value, delay)
+        worker, task_id = _spec_names(spec, need_id)
+        trigger = _spec_trigger(spec)
         constraints = Constraints(**{k: spec[k] for k in CONSTRAINT_KEYS if k in spec and spec[k] is not None})
-        tags = spec.get("tags", [])
-        if isinstance(tags, str):
-            tags = [tags]
-        extra = spec.get("tag")
-        if extra is not None:
-            if not isinstance(extra, (str, list)):
-                raise InvalidParams("invalid tag: expected a string or a list of strings")
-            tags = list(tags) + ([extra] if isinstance(extra, str) else list(extra))
-        if not isinstance(tags, list) or not all(isinstance(t, str) for t in tags):
-            raise InvalidParams("invalid tags: expected a list of strings")
-        if "input" in spec and spec.get("input_file") is not None:
-            raise InvalidParams("give --input or --input-file, not both")
-        if spec.get("input_file") is not None and not isinstance(spec["input_file"], str):
-            raise InvalidParams("invalid input_file: expected a path")
-        raw_input = read_input_file(spec["input_file"]) if spec.get("input_file") is not None else spec.get("input")
+        tags = _spec_tags(spec)
+        raw_input = _spec_input(spec)
         policy = enum_value(ExistingWorkPolicy, spec.get("policy") or default_policy, what="policy")
         host = spec.get("host")
         if host is not None:
@@ -263,12 +203,113 @@ def request_from_spec(
             exc.message = prefix + exc.message
             exc.args = (exc.message,)
         raise
-    return TaskRequest(
+    request = TaskRequest(
         worker=worker,
         id=task_id,
         input=normalise_input(raw_input),
         trigger=trigger,
         constraints=constraints,
-        tags=list(tags),
+        tags=tags,
         host=host,
-    ), policy
+    )
+    return request, policy
+
+
+def _spec_names(spec: dict, need_id: bool) -> tuple[str, str | None]:
+    worker = spec.get("worker")
+    if not isinstance(worker, str) or not worker:
+        raise InvalidParams('missing "worker" (a worker name)')
+    task_id = spec.get("id")
+    if task_id is None and need_id:
+        raise InvalidParams('missing "id"')
+    if task_id is not None and not isinstance(task_id, str):
+        raise InvalidParams(f"invalid id {task_id!r}: expected a string")
+    return worker, task_id
+
+
+# the option each trigger's modifier needs: (spec key, trigger keys it applies to, message)
+_MODIFIERS = (
+    ("flex", ("every",), "--flex needs --every"),
+    ("exact_behavior", ("at",), "--exact-behavior needs --at"),
+)
+
+
+def _spec_trigger_key(spec: dict) -> str | None:
+    """The one trigger a spec names (None: a one-time task), its modifiers checked against it."""
+    given = [k for k in TRIGGER_KEYS if spec.get(k) not in (None, False)]
+    if len(given) > 1:
+        raise InvalidParams(
+            f"two triggers at once (--{given[0].replace('_', '-')} and "
+            f"--{given[1].replace('_', '-')}); a task has one trigger"
+        )
+    key = given[0] if given else None
+    for option, keys, message in _MODIFIERS:
+        if spec.get(option) is not None and key not in keys:
+            raise InvalidParams(message)
+    if _no_descendants(spec) and key != "on_change":
+        raise InvalidParams("--no-descendants needs --on-change")
+    tz = spec.get("tz")
+    if tz is not None:
+        if key not in ("cron", "at", "window"):
+            raise InvalidParams("--tz needs --cron, --at or --window (the times it reads in that zone)")
+        if not isinstance(tz, str):
+            raise InvalidParams(f"invalid tz {tz!r}: expected an IANA zone name like Europe/Berlin")
+    return key
+
+
+def _no_descendants(spec: dict) -> bool:
+    return bool(spec.get("no_descendants") or spec.get("descendants") is False)
+
+
+def _spec_trigger(spec: dict):
+    key = _spec_trigger_key(spec)
+    delay = spec.get("delay")
+    if delay is None:
+        delay = 0
+    if key is None:
+        return OneTime(delay)
+    return _TRIGGER_BUILDERS[key](spec, spec.get(key), delay, spec.get("tz"))
+
+
+def _window(spec: dict, value, delay, tz):
+    if not isinstance(value, (list, tuple)) or len(value) != 2:
+        raise InvalidParams("invalid window: expected two times [START, END]")
+    return Windowed(value[0], value[1], delay, tz=tz)
+
+
+def _on_change(spec: dict, value, delay, tz):
+    if not isinstance(value, str):
+        raise InvalidParams("invalid on_change: expected a path")
+    return OnChange(value, not _no_descendants(spec), delay)
+
+
+_TRIGGER_BUILDERS = {
+    "every": lambda spec, value, delay, tz: Periodic(value, spec.get("flex"), delay),
+    "at": lambda spec, value, delay, tz: Exact(value, spec.get("exact_behavior") or "attempt", delay, tz=tz),
+    "window": _window,
+    "cron": lambda spec, value, delay, tz: Cron(value, delay, tz=tz),
+    "on_change": _on_change,
+    "when": lambda spec, value, delay, tz: DeviceState(value, delay),
+}
+
+
+def _spec_tags(spec: dict) -> list[str]:
+    tags = spec.get("tags", [])
+    if isinstance(tags, str):
+        tags = [tags]
+    extra = spec.get("tag")
+    if extra is not None:
+        if not isinstance(extra, (str, list)):
+            raise InvalidParams("invalid tag: expected a string or a list of strings")
+        tags = list(tags) + ([extra] if isinstance(extra, str) else list(extra))
+    if not isinstance(tags, list) or not all(isinstance(t, str) for t in tags):
+        raise InvalidParams("invalid tags: expected a list of strings")
+    return list(tags)
+
+
+def _spec_input(spec: dict):
+    if "input" in spec and spec.get("input_file") is not None:
+        raise InvalidParams("give --input or --input-file, not both")
+    if spec.get("input_file") is not None and not isinstance(spec["input_file"], str):
+        raise InvalidParams("invalid input_file: expected a path")
+    return read_input_file(spec["input_file"]) if spec.get("input_file") is not None else spec.get("input")
