@@ -109,6 +109,31 @@ def check_tags(tags: Iterable[str]) -> list[str]:
     return out
 
 
+def _chain_id(chain_id: str | None) -> str:
+    if chain_id is None:
+        return f"chain-{uuid.uuid4().hex[:10]}"
+    check_id(chain_id, what="chain id")
+    if "/" in chain_id:
+        raise InvalidParams(f"invalid chain id {chain_id!r}: '/' separates the parts of its task ids")
+    return chain_id
+
+
+def _task_host(host: str | None, trig: dict, task_id: str) -> str | None:
+    """The host a task is pinned to: the one asked for, checked; an on-change task's is the host
+    that enqueues it (a path means something on the machine it lives on)."""
+    if host is not None:
+        host = check_host(host, "host")
+    if trig["type"] != "on_change":
+        return host
+    here = this_host()
+    if host is not None and host != here:
+        raise InvalidParams(
+            f"--on-change task {task_id!r}: pinned to the host that enqueues it ({here}), not {host!r} "
+            f"(its path is on this machine; enqueue it on {host} to watch a path there)"
+        )
+    return here
+
+
 class Scheduler:
     """Enqueue, chain, cancel and inspect tasks of one kmpwm home (``KMPWM_HOME`` by default)."""
 
@@ -145,28 +170,7 @@ class Scheduler:
             task_id = check_id(task_id, allow_hash=True)
         worker = req.worker
         if worker not in self._workers_ok:
-            if not isinstance(worker, str) or not worker:
-                raise InvalidParams("missing worker name")
-            info = self.registry.get(worker)
-            if info is None:
-                raise InvalidParams(
-                    f"unknown worker {worker!r}",
-                    hint="`kmpwm workers` lists the workers; declare it as [workers.NAME] in config.toml "
-                    "or install a package that provides it",
-                )
-            if info.kind == "command":
-                self._command_workers.add(worker)
-            elif info.source == "config":  # found now, not at 2 a.m. (entry points: at their install)
-                from kmpwm.running.registry import import_error
-
-                problem = import_error(info)
-                if problem is not None:
-                    where = ", ".join(info.config.import_dirs)
-                    raise InvalidParams(
-                        f"worker {worker!r}: {problem} (searched {where} and sys.path; say where "
-                        f'the module is with path = "DIR" in [workers.{worker}] of config.toml)'
-                    )
-            self._workers_ok.add(worker)
+            self._check_worker(worker)
         trigger = req.trigger if req.trigger is not None else _ONE_TIME
         constraints = req.constraints if req.constraints is not None else _DEFAULT_CONSTRAINTS
         if trigger is _ONE_TIME and constraints is _DEFAULT_CONSTRAINTS and self._plain is not None:
@@ -175,18 +179,7 @@ class Scheduler:
             raise InvalidParams("invalid constraints: expected kmpwm.Constraints")
         else:
             trig, crec = self._validated_pair(trigger, constraints, now)
-        host = req.host
-        if host is not None:
-            host = check_host(host, "host")
-        if trig["type"] == "on_change":
-            # a path means something on the machine it lives on: the task runs where it was enqueued
-            here = this_host()
-            if host is not None and host != here:
-                raise InvalidParams(
-                    f"--on-change task {task_id!r}: pinned to the host that enqueues it ({here}), not {host!r} "
-                    f"(its path is on this machine; enqueue it on {host} to watch a path there)"
-                )
-            host = here
+        host = _task_host(req.host, trig, task_id)
         if trig["type"] == "one_time":
             due, trig_state = now + trig["delay"], None
         else:
@@ -194,30 +187,59 @@ class Scheduler:
             due, trig_state = initial(trig, now, offset)
         data = req.input
         if data is not None:
-            data = normalise_input(data)
-            if worker in self._command_workers and "\0" in data:
-                # it travels in KMPWM_INPUT, and no environment variable can hold a NUL byte
-                raise InvalidParams(
-                    f"invalid input: a NUL byte, which the command worker {worker!r} cannot "
-                    "receive (it is passed in the environment, KMPWM_INPUT)",
-                    hint="encode binary input (base64) or pass a path to a file",
-                )
+            data = self._task_input(data, worker)
         # Defaults are left out of the record (the fold fills them in): a 10,000-task batch is a
         # third of the bytes to serialise, checksum and fsync.
         task = {"id": task_id, "worker": worker, "trigger": trig, "created_at": now}
-        if data is not None:
-            task["input"] = data
-        if crec is not DEFAULT_CONSTRAINTS_RECORD:
-            task["constraints"] = crec
-        if req.tags:
-            task["tags"] = check_tags(req.tags)
-        if host is not None:
-            task["host"] = host
-        if due != now:
-            task["due"] = due
-        if trig_state:
-            task["trig_state"] = trig_state
+        tags = check_tags(req.tags) if req.tags else None
+        optional = (
+            ("input", data, data is not None),
+            ("constraints", crec, crec is not DEFAULT_CONSTRAINTS_RECORD),
+            ("tags", tags, tags is not None),
+            ("host", host, host is not None),
+            ("due", due, due != now),
+            ("trig_state", trig_state, bool(trig_state)),
+        )
+        for key, value, present in optional:
+            if present:
+                task[key] = value
         return task
+
+    def _check_worker(self, worker) -> None:
+        """The worker exists (and a config worker's module imports): found now, not at 2 a.m."""
+        if not isinstance(worker, str) or not worker:
+            raise InvalidParams("missing worker name")
+        info = self.registry.get(worker)
+        if info is None:
+            raise InvalidParams(
+                f"unknown worker {worker!r}",
+                hint="`kmpwm workers` lists the workers; declare it as [workers.NAME] in config.toml "
+                "or install a package that provides it",
+            )
+        if info.kind == "command":
+            self._command_workers.add(worker)
+        elif info.source == "config":  # (entry points: checked at their install)
+            from kmpwm.running.registry import import_error
+
+            problem = import_error(info)
+            if problem is not None:
+                where = ", ".join(info.config.import_dirs)
+                raise InvalidParams(
+                    f"worker {worker!r}: {problem} (searched {where} and sys.path; say where "
+                    f'the module is with path = "DIR" in [workers.{worker}] of config.toml)'
+                )
+        self._workers_ok.add(worker)
+
+    def _task_input(self, data: str, worker: str) -> str:
+        data = normalise_input(data)
+        if worker in self._command_workers and "\0" in data:
+            # it travels in KMPWM_INPUT, and no environment variable can hold a NUL byte
+            raise InvalidParams(
+                f"invalid input: a NUL byte, which the command worker {worker!r} cannot "
+                "receive (it is passed in the environment, KMPWM_INPUT)",
+                hint="encode binary input (base64) or pass a path to a file",
+            )
+        return data
 
     def _validated_pair(self, trigger, constraints: Constraints, now: float) -> tuple[dict, dict]:
         if not isinstance(trigger, _CACHEABLE_TRIGGERS):
@@ -380,46 +402,15 @@ class Scheduler:
         policy = enum_value(ExistingWorkPolicy, policy, what="chain policy")
         if policy not in ("keep", "replace"):
             raise InvalidParams(f"invalid chain policy {policy!r}: a chain takes keep or replace")
-        if chain_id is None:
-            chain_id = f"chain-{uuid.uuid4().hex[:10]}"
-        check_id(chain_id, what="chain id")
-        if "/" in chain_id:
-            raise InvalidParams(f"invalid chain id {chain_id!r}: '/' separates the parts of its task ids")
+        chain_id = _chain_id(chain_id)
         steps = [step if type(step) is list else list(step) for step in steps]
         if not steps or not all(steps):
             raise InvalidParams("a chain needs at least one step, and every step at least one task")
         total = sum(map(len, steps))
         if total > MAX_CHAIN_TASKS:
             raise InvalidParams(f"chain too large ({total} tasks; the limit is {MAX_CHAIN_TASKS})")
-        out_steps, seen = [], set()
-        build, clean = self.build_task, self._clean_workers
-        for number, step in enumerate(steps, 1):
-            counts: dict[str, int] = {}
-            tasks = []
-            prefix = f"{chain_id}/{number}/"
-            for req in step:
-                if type(req) is not TaskRequest and not isinstance(req, TaskRequest):
-                    raise InvalidParams(f"step {number}: expected TaskRequest, got {type(req).__name__}")
-                worker = req.worker
-                n = counts[worker] = counts.get(worker, 0) + 1
-                if req.id is not None:
-                    task_id, trusted = check_id(req.id), True
-                else:
-                    task_id = f"{prefix}{worker}#{n}" if n > 1 else f"{prefix}{worker}"
-                    if worker not in clean and isinstance(worker, str) and not _CONTROL.search(worker):
-                        clean.add(worker)
-                    trusted = len(task_id) <= MAX_ID_LEN and worker in clean
-                if task_id in seen:
-                    raise InvalidParams(f"task id {task_id!r} appears twice in the chain")
-                seen.add(task_id)
-                task = build(req, now, task_id=task_id, trusted_id=trusted)
-                if task["trigger"]["type"] in REPEATING:
-                    raise InvalidParams(
-                        f"chain task {task_id!r}: a chain's tasks run once; use --delay, --at or --window "
-                        "(repeating triggers belong to single tasks)"
-                    )
-                tasks.append(task)
-            out_steps.append(tasks)
+        seen: set[str] = set()
+        out_steps = [self._chain_step(step, number, chain_id, now, seen) for number, step in enumerate(steps, 1)]
         return {
             "op": "chain",
             "id": chain_id,
@@ -427,6 +418,36 @@ class Scheduler:
             "steps": out_steps,
             "tags": check_tags(tags) if tags else [],
         }
+
+    def _chain_step(self, step: list, number: int, chain_id: str, now: float, seen: set[str]) -> list[dict]:
+        """The task records of one chain step; a task without an id gets ``CHAIN/STEP/WORKER[#n]``."""
+        counts: dict[str, int] = {}
+        tasks = []
+        prefix = f"{chain_id}/{number}/"
+        clean = self._clean_workers
+        for req in step:
+            if type(req) is not TaskRequest and not isinstance(req, TaskRequest):
+                raise InvalidParams(f"step {number}: expected TaskRequest, got {type(req).__name__}")
+            worker = req.worker
+            n = counts[worker] = counts.get(worker, 0) + 1
+            if req.id is not None:
+                task_id, trusted = check_id(req.id), True
+            else:
+                task_id = f"{prefix}{worker}#{n}" if n > 1 else f"{prefix}{worker}"
+                if worker not in clean and isinstance(worker, str) and not _CONTROL.search(worker):
+                    clean.add(worker)
+                trusted = len(task_id) <= MAX_ID_LEN and worker in clean
+            if task_id in seen:
+                raise InvalidParams(f"task id {task_id!r} appears twice in the chain")
+            seen.add(task_id)
+            task = self.build_task(req, now, task_id=task_id, trusted_id=trusted)
+            if task["trigger"]["type"] in REPEATING:
+                raise InvalidParams(
+                    f"chain task {task_id!r}: a chain's tasks run once; use --delay, --at or --window "
+                    "(repeating triggers belong to single tasks)"
+                )
+            tasks.append(task)
+        return tasks
 
     # -- cancel ---------------------------------------------------------------------------
 
