@@ -113,51 +113,13 @@ def _worker(path: Path, name: str, table: object) -> WorkerConfig:
     unknown = set(table) - set(WORKER_KEYS)
     if unknown:
         raise ConfigError(f"{where}: unknown key {sorted(unknown)[0]!r} (expected {', '.join(WORKER_KEYS)})")
-    command, entry = table.get("command"), table.get("entry")
-    if (command is None) == (entry is None):
-        raise ConfigError(f'{where}: give exactly one of command = ["prog", "arg"] or entry = "module:attr"')
-    if command is not None and (
-        not isinstance(command, list) or not command or not all(isinstance(a, str) for a in command) or not command[0]
-    ):
-        raise ConfigError(f'{where}: command must be a non-empty list of strings, e.g. ["prog", "arg"]')
-    for n, arg in enumerate(command or ()):
-        if "\0" in arg:
-            raise ConfigError(f"{where}: command argument {n} contains a NUL byte (no program can receive one)")
-    if entry is not None and (not isinstance(entry, str) or not ENTRY_RE.match(entry)):
-        raise ConfigError(f'{where}: entry must look like "module:attr"')
-    timeout = table.get("timeout")
-    if timeout is not None:
-        from kmpwm.core.timeparse import parse_duration
-
-        try:
-            timeout = parse_duration(timeout, what="timeout")
-        except KmpwmError as exc:
-            raise ConfigError(f"{where}: {exc.message}") from None
-        if timeout <= 0:
-            raise ConfigError(f"{where}: timeout must be more than 0s")
+    command, entry = _worker_program(where, table)
+    timeout = _worker_timeout(where, table.get("timeout"))
     cwd = table.get("cwd")
     if cwd is not None and (not isinstance(cwd, str) or not cwd or "\0" in cwd):
         raise ConfigError(f"{where}: cwd must be a directory name (a non-empty string without NUL bytes)")
-    env = table.get("env", {})
-    if not isinstance(env, dict):
-        raise ConfigError(f'{where}: env must be a table of strings, e.g. env = {{ NAME = "value" }}')
-    for key, value in env.items():
-        if not isinstance(value, str):
-            raise ConfigError(
-                f'{where}: env value of {key} must be a string, not {_toml_type(value)} (quote it: {key} = "...")'
-            )
-        if not key or "=" in key or "\0" in key:
-            raise ConfigError(f"{where}: env name {key!r} is not a valid variable name")
-        if "\0" in value:
-            raise ConfigError(f"{where}: env value of {key} contains a NUL byte (no program can receive one)")
-    extra = table.get("path")
-    if extra is not None:
-        if entry is None:
-            raise ConfigError(f"{where}: path is for entry workers (where the module is); a command worker has cwd")
-        if not isinstance(extra, str) or not extra or "\0" in extra:
-            raise ConfigError(f"{where}: path must be a directory name (a non-empty string without NUL bytes)")
-        extra = os.path.normpath(os.path.join(path.parent, os.path.expanduser(extra)))
-        check_secure(Path(extra), what=f"module path of worker {name}")  # it decides what code runs
+    env = _worker_env(where, table.get("env", {}))
+    extra = _worker_path(where, name, path, table.get("path"), entry)
     description, inputs = table.get("description"), table.get("inputs")
     if description is not None or inputs is not None:
         from kmpwm.running.declare import make_spec
@@ -172,12 +134,72 @@ def _worker(path: Path, name: str, table: object) -> WorkerConfig:
         entry=entry,
         timeout=timeout,
         cwd=cwd,
-        env=dict(env),
+        env=env,
         path=extra,
         config_dir=str(path.parent) if entry is not None else None,
         description=description,
         inputs=inputs,
     )
+
+
+def _worker_program(where: str, table: dict) -> tuple[list[str] | None, str | None]:
+    """``command = [...]`` or ``entry = "module:attr"``: exactly one, well formed."""
+    command, entry = table.get("command"), table.get("entry")
+    if (command is None) == (entry is None):
+        raise ConfigError(f'{where}: give exactly one of command = ["prog", "arg"] or entry = "module:attr"')
+    if command is not None and (
+        not isinstance(command, list) or not command or not all(isinstance(a, str) for a in command) or not command[0]
+    ):
+        raise ConfigError(f'{where}: command must be a non-empty list of strings, e.g. ["prog", "arg"]')
+    for n, arg in enumerate(command or ()):
+        if "\0" in arg:
+            raise ConfigError(f"{where}: command argument {n} contains a NUL byte (no program can receive one)")
+    if entry is not None and (not isinstance(entry, str) or not ENTRY_RE.match(entry)):
+        raise ConfigError(f'{where}: entry must look like "module:attr"')
+    return command, entry
+
+
+def _worker_timeout(where: str, timeout: object) -> float | None:
+    if timeout is None:
+        return None
+    from kmpwm.core.timeparse import parse_duration
+
+    try:
+        seconds = parse_duration(timeout, what="timeout")
+    except KmpwmError as exc:
+        raise ConfigError(f"{where}: {exc.message}") from None
+    if seconds <= 0:
+        raise ConfigError(f"{where}: timeout must be more than 0s")
+    return seconds
+
+
+def _worker_env(where: str, env: object) -> dict[str, str]:
+    if not isinstance(env, dict):
+        raise ConfigError(f'{where}: env must be a table of strings, e.g. env = {{ NAME = "value" }}')
+    for key, value in env.items():
+        if not isinstance(value, str):
+            raise ConfigError(
+                f'{where}: env value of {key} must be a string, not {_toml_type(value)} (quote it: {key} = "...")'
+            )
+        if not key or "=" in key or "\0" in key:
+            raise ConfigError(f"{where}: env name {key!r} is not a valid variable name")
+        if "\0" in value:
+            raise ConfigError(f"{where}: env value of {key} contains a NUL byte (no program can receive one)")
+    return dict(env)
+
+
+def _worker_path(where: str, name: str, path: Path, extra: object, entry: str | None) -> str | None:
+    """``path = "DIR"``: where an entry worker's module is, relative to config.toml; it decides
+    what code runs, so it must pass the permission rules."""
+    if extra is None:
+        return None
+    if entry is None:
+        raise ConfigError(f"{where}: path is for entry workers (where the module is); a command worker has cwd")
+    if not isinstance(extra, str) or not extra or "\0" in extra:
+        raise ConfigError(f"{where}: path must be a directory name (a non-empty string without NUL bytes)")
+    extra = os.path.normpath(os.path.join(path.parent, os.path.expanduser(extra)))
+    check_secure(Path(extra), what=f"module path of worker {name}")
+    return extra
 
 
 def _toml_type(value: object) -> str:
