@@ -387,59 +387,72 @@ def workers(paths, as_json: bool, name: str | None = None) -> int:
 def describe_worker(reg, name: str, as_json: bool) -> int:
     """``kmpwm workers NAME``: the worker's declaration (kmpwm.worker(...) or config.toml)."""
     from kmpwm.core.exitcodes import CONFIG
-    from kmpwm.core.timeparse import format_duration
     from kmpwm.running.declare import describe
 
     info = reg.get(name)
     if info is None:
         raise InvalidParams(f"unknown worker {name!r}", hint="`kmpwm workers` lists them")
     d = describe(info)
-    spec = d.spec
     if as_json:
-        doc = {
-            "name": d.name,
-            "kind": d.kind,
-            "source": d.source,
-            "target": d.target,
-            "distribution": d.distribution,
-            "description": (spec.description if spec else None) or d.doc or None,
-            "declared": spec is not None,
-            "limit_s": d.limit,
-            "heavy": bool(spec and spec.heavy),
-            "inputs": [i.to_json() for i in spec.inputs] if spec else [],
-            "returns": [{"name": n, "description": t or None} for n, t in spec.returns] if spec else [],
-            "errors": d.errors,
-        }
-        print_json(doc)
+        print_json(_worker_doc(d))
         return CONFIG if d.errors else 0
+    spec = d.spec
     source = d.source + (f" ({d.distribution})" if d.distribution else "")
     say(f"{d.name}: {(spec.description if spec else '') or d.doc or '(no description)'}")
     say(f"  kind     {d.kind}, from {source}: {d.target}")
-    if d.limit:
-        why = (
-            "config.toml timeout"
-            if info.config is not None and info.config.timeout
-            else ("heavy" if spec and spec.heavy and not spec.timeout else "declared")
-        )
-        wins = "--timeout or --heavy" if why == "declared" else "--timeout"
-        say(f"  limit    {format_duration(d.limit)} ({why}); a task's {wins} wins")
-    else:
-        say("  limit    30s (light); a task's --heavy (10m) or --timeout wins")
+    say(f"  limit    {_limit_line(info, d)}")
     if spec is None:
         say("  (this worker declares no input keys: see its documentation)")
     else:
-        if spec.inputs:
-            say()
-            table(
-                ["INPUT", "TYPE", "DEFAULT", "REQUIRED", "DESCRIPTION"],
-                [[i.name, i.type, _show_default(i), "yes" if i.required else "", i.description] for i in spec.inputs],
-            )
-        if spec.returns:
-            say()
-            table(["DATA", "DESCRIPTION"], [[n, t] for n, t in spec.returns])
+        _say_declaration(spec)
     for err in d.errors:
         warn(err)
     return CONFIG if d.errors else 0
+
+
+def _worker_doc(d) -> dict:
+    spec = d.spec
+    return {
+        "name": d.name,
+        "kind": d.kind,
+        "source": d.source,
+        "target": d.target,
+        "distribution": d.distribution,
+        "description": (spec.description if spec else None) or d.doc or None,
+        "declared": spec is not None,
+        "limit_s": d.limit,
+        "heavy": bool(spec and spec.heavy),
+        "inputs": [i.to_json() for i in spec.inputs] if spec else [],
+        "returns": [{"name": n, "description": t or None} for n, t in spec.returns] if spec else [],
+        "errors": d.errors,
+    }
+
+
+def _limit_line(info, d) -> str:
+    """A worker's time limit and where it comes from."""
+    from kmpwm.core.timeparse import format_duration
+
+    spec = d.spec
+    if not d.limit:
+        return "30s (light); a task's --heavy (10m) or --timeout wins"
+    if info.config is not None and info.config.timeout:
+        why = "config.toml timeout"
+    else:
+        why = "heavy" if spec and spec.heavy and not spec.timeout else "declared"
+    wins = "--timeout or --heavy" if why == "declared" else "--timeout"
+    return f"{format_duration(d.limit)} ({why}); a task's {wins} wins"
+
+
+def _say_declaration(spec) -> None:
+    if spec.inputs:
+        say()
+        table(
+            ["INPUT", "TYPE", "DEFAULT", "REQUIRED", "DESCRIPTION"],
+            [[i.name, i.type, _show_default(i), "yes" if i.required else "", i.description] for i in spec.inputs],
+        )
+    if spec.returns:
+        say()
+        table(["DATA", "DESCRIPTION"], [[n, t] for n, t in spec.returns])
 
 
 def _show_default(key) -> str:

@@ -99,10 +99,7 @@ def table(
         for h in headers:
             t.add_column(h, overflow="fold")
         for row in rows:
-            cells = [escape(c) for c in row]  # "[red]" in an id is text, not markup
-            if style_column is not None and cells[style_column] in STATE_STYLE:
-                cells[style_column] = f"[{STATE_STYLE[cells[style_column]]}]{cells[style_column]}[/]"
-            t.add_row(*cells)
+            t.add_row(*_styled([escape(c) for c in row], style_column))  # "[red]" in an id is text, not markup
         Console().print(t)
         return
     if title:
@@ -130,44 +127,53 @@ def grouped_table(
 
     groups = [(None if head is None else cells(head), [cells(r) for r in rows]) for head, rows in groups]
     if color_enabled():
-        from rich.console import Console
-        from rich.markup import escape
-        from rich.table import Table
-
-        groups = [
-            (None if head is None else [escape(c) for c in head], [[escape(c) for c in r] for r in rows])
-            for head, rows in groups
-        ]  # "[red]" in an id is text, not markup
-        t = Table(header_style="bold", box=None, pad_edge=False)
-        widths = [len(h) for h in headers]
-        for head, rows in groups:
-            for row in ([head] if head else []) + list(rows):
-                for i, cell in enumerate(row):
-                    widths[i] = max(widths[i], len(cell))
-        for n, h in enumerate(headers):
-            last = n == len(headers) - 1  # only the last column gives way on a narrow terminal
-            t.add_column(h, no_wrap=True, overflow="ellipsis", min_width=None if last else widths[n])
-        for n, (head, rows) in enumerate(groups):
-            if head is not None:
-                if n:
-                    t.add_section()
-                t.add_row(*[f"[bold]{c}[/]" if c else "" for c in head])
-            for row in rows:
-                row = list(row)
-                if style_column is not None and row[style_column] in STATE_STYLE:
-                    row[style_column] = f"[{STATE_STYLE[row[style_column]]}]{row[style_column]}[/]"
-                t.add_row(*row)
-        Console().print(t)
+        _rich_grouped_table(headers, groups, style_column)
         return
+    widths = _column_widths(headers, groups)
+    say("  ".join(h.ljust(w) for h, w in zip(headers, widths)).rstrip())
+    for head, rows in groups:
+        for row in ([head] if head else []) + list(rows):
+            say("  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip())
+
+
+def _column_widths(headers: Sequence[str], groups: list) -> list[int]:
     widths = [len(h) for h in headers]
     for head, rows in groups:
         for row in ([head] if head else []) + list(rows):
             for i, cell in enumerate(row):
                 widths[i] = max(widths[i], len(cell))
-    say("  ".join(h.ljust(w) for h, w in zip(headers, widths)).rstrip())
-    for head, rows in groups:
-        for row in ([head] if head else []) + list(rows):
-            say("  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip())
+    return widths
+
+
+def _rich_grouped_table(headers: Sequence[str], groups: list, style_column: int | None) -> None:
+    from rich.console import Console
+    from rich.markup import escape
+    from rich.table import Table
+
+    groups = [
+        (None if head is None else [escape(c) for c in head], [[escape(c) for c in r] for r in rows])
+        for head, rows in groups
+    ]  # "[red]" in an id is text, not markup
+    t = Table(header_style="bold", box=None, pad_edge=False)
+    widths = _column_widths(headers, groups)
+    for n, h in enumerate(headers):
+        last = n == len(headers) - 1  # only the last column gives way on a narrow terminal
+        t.add_column(h, no_wrap=True, overflow="ellipsis", min_width=None if last else widths[n])
+    for n, (head, rows) in enumerate(groups):
+        if head is not None:
+            if n:
+                t.add_section()
+            t.add_row(*[f"[bold]{c}[/]" if c else "" for c in head])
+        for row in rows:
+            t.add_row(*_styled(list(row), style_column))
+    Console().print(t)
+
+
+def _styled(row: list[str], style_column: int | None) -> list[str]:
+    """The state column in its colour (rich markup)."""
+    if style_column is not None and row[style_column] in STATE_STYLE:
+        row[style_column] = f"[{STATE_STYLE[row[style_column]]}]{row[style_column]}[/]"
+    return row
 
 
 def now() -> float:

@@ -142,25 +142,14 @@ def download(input, ctx):
     if isinstance(args, Failure):
         return args
     try:
-        url = _url(args.get("url") or (ctx.upstream or {}).get("url"))
-        path = args.get("path")
-        if not isinstance(path, str) or not path:
-            raise ValueError('"path" (the destination file) is required')
-        expected = args.get("sha256")
-        if expected is not None and not (isinstance(expected, str) and HEX64.fullmatch(expected)):
-            raise ValueError('"sha256" must be 64 hex digits')
-        timeout = _timeout(args.get("timeout", 60), ctx)
+        url, path, expected, timeout = _download_args(args, ctx)
     except ValueError as exc:
         return Failure(f"download: {exc}")
     path = os.path.abspath(os.path.expanduser(path))
-    if os.path.isdir(path):
-        return Failure(f"download: destination is a directory: {path}")
-    try:
-        os.makedirs(os.path.dirname(path), exist_ok=True)
-    except OSError as exc:
-        return Failure(f"download: cannot create the destination's directory: {exc}")
+    problem = _prepare_destination(path)
+    if problem is not None:
+        return problem
     part = path + ".part"
-
     offset = os.path.getsize(part) if os.path.exists(part) else 0
     if offset and not args.get("resume", True):
         os.remove(part)
@@ -176,21 +165,9 @@ def download(input, ctx):
         return Retry(f"download {url}: {_reason(exc)}")
     with resp:
         status = resp.status
-        if status == 416 and offset:
-            # The .part may already hold the whole file (an attempt stopped right at the end).
-            if _range_total(resp.headers.get("Content-Range")) != offset:
-                os.remove(part)
-                return Retry(f"download {url}: server refused to resume at byte {offset}; will start over")
-        elif status == 206:
-            if _range_start(resp.headers.get("Content-Range")) != offset:
-                os.remove(part)
-                return Retry(f"download {url}: server sent an unexpected range; will start over")
-        elif 200 <= status < 300:
-            offset = 0
-        else:
-            verdict = Retry if _transient(status) else Failure
-            label = f"GET {url} -> {status} {resp.reason or ''}".rstrip()
-            return verdict(label, data={"status": status, "url": url})
+        offset = _resume_offset(resp, offset, part, url)
+        if not isinstance(offset, int):
+            return offset  # a Retry or Failure
         digest = hashlib.sha256()
         if offset:
             _hash_file(part, digest)
@@ -202,7 +179,6 @@ def download(input, ctx):
                     f"download {url}: {stopped} at {size} bytes; will resume",
                     data={"path": path, "bytes": size, "resumed_from": offset, "status": status},
                 )
-
     actual = digest.hexdigest()
     if expected is not None and actual != expected.lower():
         os.remove(part)
@@ -221,6 +197,51 @@ def download(input, ctx):
             "duration_ms": elapsed_ms(started),
         },
     )
+
+
+def _download_args(args: dict, ctx) -> tuple[str, str, str | None, float]:
+    """url, destination, expected sha256, timeout (ValueError on a bad one)."""
+    url = _url(args.get("url") or (ctx.upstream or {}).get("url"))
+    path = args.get("path")
+    if not isinstance(path, str) or not path:
+        raise ValueError('"path" (the destination file) is required')
+    expected = args.get("sha256")
+    if expected is not None and not (isinstance(expected, str) and HEX64.fullmatch(expected)):
+        raise ValueError('"sha256" must be 64 hex digits')
+    return url, path, expected, _timeout(args.get("timeout", 60), ctx)
+
+
+def _prepare_destination(path: str):
+    """None when ``path`` can be written, else the Failure."""
+    if os.path.isdir(path):
+        return Failure(f"download: destination is a directory: {path}")
+    try:
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+    except OSError as exc:
+        return Failure(f"download: cannot create the destination's directory: {exc}")
+    return None
+
+
+def _resume_offset(resp, offset: int, part: str, url: str):
+    """Where the response's bytes go in ``part`` (0: from the start), or the Retry/Failure the
+    response calls for."""
+    status = resp.status
+    if status == 416 and offset:
+        # The .part may already hold the whole file (an attempt stopped right at the end).
+        if _range_total(resp.headers.get("Content-Range")) != offset:
+            os.remove(part)
+            return Retry(f"download {url}: server refused to resume at byte {offset}; will start over")
+        return offset
+    if status == 206:
+        if _range_start(resp.headers.get("Content-Range")) != offset:
+            os.remove(part)
+            return Retry(f"download {url}: server sent an unexpected range; will start over")
+        return offset
+    if 200 <= status < 300:
+        return 0
+    verdict = Retry if _transient(status) else Failure
+    label = f"GET {url} -> {status} {resp.reason or ''}".rstrip()
+    return verdict(label, data={"status": status, "url": url})
 
 
 @worker(
