@@ -106,74 +106,157 @@ def _main(
 
 # -- shared option groups ------------------------------------------------------------------
 
+Opt = typer.Option
+TRIG = "Trigger"
+CONS = "Constraints"
+_NOT_FOR_CHAINS = "Not for chains (their tasks run once); accepted to say so."
 
-def _task_flags(
-    delay,
-    every,
-    flex,
-    at,
-    exact_behavior,
-    window,
-    cron,
-    on_change,
-    no_descendants,
-    when,
-    requires_network,
-    network_type,
-    requires_charging,
-    battery_not_low,
-    storage_not_low,
-    device_idle,
-    heavy,
-    expedited,
-    qos,
-    timeout,
-    backoff,
-    backoff_delay,
-    max_attempts,
-    tags,
-    tz=None,
-    jitter=None,
-    misfire_grace=None,
-    host=None,
-) -> dict:
+# The task options of `enqueue` and `chain`, declared once: (parameter, type, option).  `chain`
+# takes them all but the two in _ENQUEUE_ONLY, with the help text of _CHAIN_HELP where it differs.
+_TASK_OPTIONS = (  # (parameter, type, flag, metavar (None: a switch), help, help panel)
+    ("delay", str | None, "--delay", "DUR", "Due DUR from now (also an initial delay for other triggers).", TRIG),
+    ("every", str | None, "--every", "DUR", "Periodic: due once per DUR (>= 60s).", TRIG),
+    ("flex", str | None, "--flex", "DUR", "Periodic: due anywhere in the last DUR of each period.", TRIG),
+    ("at", str | None, "--at", "TIME", "Exact: due at TIME (ISO 8601, @EPOCH or +DUR).", TRIG),
+    (
+        "exact_behavior",
+        str | None,
+        "--exact-behavior",
+        "attempt|notify|error",
+        "What --at does (default attempt).",
+        TRIG,
+    ),
+    ("window", tuple[str, str] | None, "--window", "START END", "Windowed: run only inside [START, END].", TRIG),
+    ("cron", str | None, "--cron", "EXPR", "A 5-field cron expression, local time.", TRIG),
+    ("on_change", str | None, "--on-change", "PATH", "Due when PATH changed since the last run.", TRIG),
+    ("no_descendants", bool, "--no-descendants", None, "With --on-change: only PATH itself counts.", TRIG),
+    (
+        "when",
+        str | None,
+        "--when",
+        "battery-low|battery-okay|storage-low|device-idle",
+        "Due each time the device enters that state.",
+        TRIG,
+    ),
+    (
+        "tz",
+        str | None,
+        "--tz",
+        "ZONE",
+        "Read --cron, --at and --window times in this IANA zone (stored with the task).",
+        TRIG,
+    ),
+    (
+        "jitter",
+        str | None,
+        "--jitter",
+        "DUR",
+        "Delay each due time by a fixed per-task, per-host offset in [0, DUR).",
+        TRIG,
+    ),
+    (
+        "misfire_grace",
+        str | None,
+        "--misfire-grace",
+        "DUR",
+        "Skip an occurrence that would start more than DUR late (recorded as missed).",
+        TRIG,
+    ),
+    ("requires_network", bool, "--requires-network", None, "Needs a network connection.", CONS),
+    (
+        "network_type",
+        str | None,
+        "--network-type",
+        "TYPE",
+        "connected|unmetered|not-roaming|metered|temporarily-unmetered|not-required",
+        CONS,
+    ),
+    ("requires_charging", bool, "--requires-charging", None, "Needs the device to be charging.", CONS),
+    ("battery_not_low", bool, "--battery-not-low", None, "Needs the battery at 15% or more.", CONS),
+    ("storage_not_low", bool, "--storage-not-low", None, "Needs storage not low.", CONS),
+    ("device_idle", bool, "--device-idle", None, "Needs the device idle.", CONS),
+    ("heavy", bool, "--heavy", None, "A long task: 10m time limit instead of 30s.", CONS),
+    ("expedited", bool, "--expedited", None, "Run before non-expedited due tasks.", CONS),
+    ("qos", str | None, "--qos", "high|default|low", "Order among due tasks.", CONS),
+    ("timeout", str | None, "--timeout", "DUR", "Time limit of one run.", CONS),
+    ("backoff", str | None, "--backoff", "exponential|linear", "Retry backoff (default exponential).", CONS),
+    ("backoff_delay", str | None, "--backoff-delay", "DUR", "First retry delay (default 10s).", CONS),
+    ("max_attempts", str | None, "--max-attempts", "N", "Runs allowed in all (default 10).", CONS),
+    ("tags", list[str] | None, "--tag", "T", "Label the task (repeatable).", None),
+    (
+        "host",
+        str | None,
+        "--host",
+        "NAME",
+        "Run it only on host NAME (KMPWM_HOST, else the machine's name); --on-change tasks: this host.",
+        None,
+    ),
+)
+_ENQUEUE_ONLY = frozenset({"flex", "no_descendants"})
+_CHAIN_HELP = {
+    "delay": "Due DUR from now.",
+    "every": _NOT_FOR_CHAINS,
+    "cron": _NOT_FOR_CHAINS,
+    "on_change": _NOT_FOR_CHAINS,
+    "when": _NOT_FOR_CHAINS,
+    "at": "Due at TIME.",
+    "heavy": "Long tasks: 10m time limit instead of 30s.",
+    "tags": "Label the chain and its tasks (repeatable).",
+    "host": "Run its tasks only on host NAME (KMPWM_HOST, else the machine's name).",
+}
+_FLAGS = frozenset(row[0] for row in _TASK_OPTIONS if row[1] is bool)
+
+
+def _task_options(command: str):
+    """Give a command the task options in place of its ``flags`` parameter: typer sees them as
+    parameters, the command gets them as ``flags``, the flat spec keys given on the command line."""
+    import functools
+    import inspect
+
+    shared = []
+    for name, kind, flag, metavar, help, panel in _TASK_OPTIONS:
+        if command == "chain":
+            if name in _ENQUEUE_ONLY:
+                continue
+            help = _CHAIN_HELP.get(name, help)
+            metavar = "STATE" if name == "when" else metavar
+        option = Opt(False if kind is bool else None, flag, metavar=metavar, help=help, rich_help_panel=panel)
+        shared.append(inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=option, annotation=kind))
+    names = [p.name for p in shared]
+
+    def decorate(func):
+        own = [p.replace(kind=inspect.Parameter.KEYWORD_ONLY) for p in inspect.signature(func).parameters.values()]
+        at = [p.name for p in own].index("flags")
+        params = own[:at] + shared + own[at + 1 :]  # the options take the place of ``flags``
+
+        @functools.wraps(func)
+        def command_with_options(**kwargs):
+            given = {name: kwargs.pop(name) for name in names}
+            return func(flags=_task_flags(given), **kwargs)
+
+        command_with_options.__signature__ = inspect.Signature(params)
+        command_with_options.__annotations__ = {p.name: p.annotation for p in params}
+        return command_with_options
+
+    return decorate
+
+
+def _task_flags(given: dict) -> dict:
     """The flat spec keys given on the command line (only those given)."""
-    spec = {
-        "delay": delay,
-        "every": every,
-        "flex": flex,
-        "at": at,
-        "exact_behavior": exact_behavior,
-        "window": list(window) if window else None,
-        "cron": cron,
-        "on_change": on_change,
-        "when": when,
-        "network_type": network_type,
-        "qos": qos,
-        "timeout": timeout,
-        "backoff": backoff,
-        "backoff_delay": backoff_delay,
-        "max_attempts": max_attempts,
-        "tz": tz,
-        "jitter": jitter,
-        "misfire_grace": misfire_grace,
-        "host": host,
-    }
-    for key, flag in (
-        ("no_descendants", no_descendants),
-        ("requires_network", requires_network),
-        ("requires_charging", requires_charging),
-        ("battery_not_low", battery_not_low),
-        ("storage_not_low", storage_not_low),
-        ("device_idle", device_idle),
-        ("heavy", heavy),
-        ("expedited", expedited),
-    ):
-        if flag:
-            spec[key] = True
-    if tags:
-        spec["tags"] = list(tags)
-    return {k: v for k, v in spec.items() if v is not None}
+    spec = {}
+    for key, value in given.items():
+        if key in _FLAGS:
+            if value:
+                spec[key] = True
+        elif key == "window":
+            if value:
+                spec[key] = list(value)
+        elif key == "tags":
+            if value:
+                spec[key] = list(value)
+        elif value is not None:
+            spec[key] = value
+    return spec
 
 
 def _int(value: str | None, flag: str, minimum: int = 1) -> int | None:
@@ -188,12 +271,8 @@ def _int(value: str | None, flag: str, minimum: int = 1) -> int | None:
     return n
 
 
-Opt = typer.Option
-TRIG = "Trigger"
-CONS = "Constraints"
-
-
 @app.command("enqueue")
+@_task_options("enqueue")
 def enqueue_cmd(
     task_id: str | None = typer.Argument(None, metavar="ID", help="The task's id (its unique-work name)."),
     worker: str | None = typer.Argument(
@@ -209,156 +288,18 @@ def enqueue_cmd(
         metavar="FILE",
         help="Read JSON Lines task specs from FILE (- for stdin; at most 64 MiB, each input at most 1 MiB): one durable append, all or nothing.",  # noqa: E501
     ),
-    delay: str | None = Opt(
-        None,
-        "--delay",
-        metavar="DUR",
-        help="Due DUR from now (also an initial delay for other triggers).",
-        rich_help_panel=TRIG,
-    ),
-    every: str | None = Opt(
-        None, "--every", metavar="DUR", help="Periodic: due once per DUR (>= 60s).", rich_help_panel=TRIG
-    ),
-    flex: str | None = Opt(
-        None,
-        "--flex",
-        metavar="DUR",
-        help="Periodic: due anywhere in the last DUR of each period.",
-        rich_help_panel=TRIG,
-    ),
-    at: str | None = Opt(
-        None, "--at", metavar="TIME", help="Exact: due at TIME (ISO 8601, @EPOCH or +DUR).", rich_help_panel=TRIG
-    ),
-    exact_behavior: str | None = Opt(
-        None,
-        "--exact-behavior",
-        metavar="attempt|notify|error",
-        help="What --at does (default attempt).",
-        rich_help_panel=TRIG,
-    ),
-    window: tuple[str, str] | None = Opt(
-        None, "--window", metavar="START END", help="Windowed: run only inside [START, END].", rich_help_panel=TRIG
-    ),
-    cron: str | None = Opt(
-        None, "--cron", metavar="EXPR", help="A 5-field cron expression, local time.", rich_help_panel=TRIG
-    ),
-    on_change: str | None = Opt(
-        None, "--on-change", metavar="PATH", help="Due when PATH changed since the last run.", rich_help_panel=TRIG
-    ),
-    no_descendants: bool = Opt(
-        False, "--no-descendants", help="With --on-change: only PATH itself counts.", rich_help_panel=TRIG
-    ),
-    when: str | None = Opt(
-        None,
-        "--when",
-        metavar="battery-low|battery-okay|storage-low|device-idle",
-        help="Due each time the device enters that state.",
-        rich_help_panel=TRIG,
-    ),
-    tz: str | None = Opt(
-        None,
-        "--tz",
-        metavar="ZONE",
-        help="Read --cron, --at and --window times in this IANA zone (stored with the task).",
-        rich_help_panel=TRIG,
-    ),
-    jitter: str | None = Opt(
-        None,
-        "--jitter",
-        metavar="DUR",
-        help="Delay each due time by a fixed per-task, per-host offset in [0, DUR).",
-        rich_help_panel=TRIG,
-    ),
-    misfire_grace: str | None = Opt(
-        None,
-        "--misfire-grace",
-        metavar="DUR",
-        help="Skip an occurrence that would start more than DUR late (recorded as missed).",
-        rich_help_panel=TRIG,
-    ),
-    requires_network: bool = Opt(False, "--requires-network", help="Needs a network connection.", rich_help_panel=CONS),
-    network_type: str | None = Opt(
-        None,
-        "--network-type",
-        metavar="TYPE",
-        help="connected|unmetered|not-roaming|metered|temporarily-unmetered|not-required",
-        rich_help_panel=CONS,
-    ),
-    requires_charging: bool = Opt(
-        False, "--requires-charging", help="Needs the device to be charging.", rich_help_panel=CONS
-    ),
-    battery_not_low: bool = Opt(
-        False, "--battery-not-low", help="Needs the battery at 15% or more.", rich_help_panel=CONS
-    ),
-    storage_not_low: bool = Opt(False, "--storage-not-low", help="Needs storage not low.", rich_help_panel=CONS),
-    device_idle: bool = Opt(False, "--device-idle", help="Needs the device idle.", rich_help_panel=CONS),
-    heavy: bool = Opt(False, "--heavy", help="A long task: 10m time limit instead of 30s.", rich_help_panel=CONS),
-    expedited: bool = Opt(False, "--expedited", help="Run before non-expedited due tasks.", rich_help_panel=CONS),
-    qos: str | None = Opt(
-        None, "--qos", metavar="high|default|low", help="Order among due tasks.", rich_help_panel=CONS
-    ),
-    timeout: str | None = Opt(None, "--timeout", metavar="DUR", help="Time limit of one run.", rich_help_panel=CONS),
-    backoff: str | None = Opt(
-        None,
-        "--backoff",
-        metavar="exponential|linear",
-        help="Retry backoff (default exponential).",
-        rich_help_panel=CONS,
-    ),
-    backoff_delay: str | None = Opt(
-        None, "--backoff-delay", metavar="DUR", help="First retry delay (default 10s).", rich_help_panel=CONS
-    ),
-    max_attempts: str | None = Opt(
-        None, "--max-attempts", metavar="N", help="Runs allowed in all (default 10).", rich_help_panel=CONS
-    ),
+    flags: dict | None = None,
     policy: str | None = Opt(
         None,
         "--policy",
         metavar="keep|replace|append|append-or-replace|update",
         help="When the id exists (default keep; update: same id, attempts and schedule, new definition).",
     ),
-    tags: list[str] | None = Opt(None, "--tag", metavar="T", help="Label the task (repeatable)."),
-    host: str | None = Opt(
-        None,
-        "--host",
-        metavar="NAME",
-        help="Run it only on host NAME (KMPWM_HOST, else the machine's name); --on-change tasks: this host.",
-    ),
     as_json: bool = JSON_OPT,
 ) -> None:
     """Enqueue a task: ID WORKER plus a trigger and constraints, or --from FILE of JSON Lines."""
     from kmpwm.cli import commands
 
-    flags = _task_flags(
-        delay,
-        every,
-        flex,
-        at,
-        exact_behavior,
-        window,
-        cron,
-        on_change,
-        no_descendants,
-        when,
-        requires_network,
-        network_type,
-        requires_charging,
-        battery_not_low,
-        storage_not_low,
-        device_idle,
-        heavy,
-        expedited,
-        qos,
-        timeout,
-        backoff,
-        backoff_delay,
-        max_attempts,
-        tags,
-        tz,
-        jitter,
-        misfire_grace,
-        host,
-    )
     if from_file is not None:
         if task_id is not None or worker is not None or input is not None or input_file is not None or flags or policy:
             raise InvalidParams("--from takes the tasks from the file; give no ID, WORKER or task flags with it")
@@ -376,6 +317,7 @@ def enqueue_cmd(
 
 
 @app.command("chain")
+@_task_options("chain")
 def chain_cmd(
     steps: list[str] | None = typer.Argument(
         None,
@@ -393,144 +335,12 @@ def chain_cmd(
         metavar="FILE",
         help="TOML or JSON chain file (- for stdin; at most 64 MiB) with per-task input and constraints.",
     ),
-    delay: str | None = Opt(None, "--delay", metavar="DUR", help="Due DUR from now.", rich_help_panel=TRIG),
-    every: str | None = Opt(
-        None,
-        "--every",
-        metavar="DUR",
-        help="Not for chains (their tasks run once); accepted to say so.",
-        rich_help_panel=TRIG,
-    ),
-    cron: str | None = Opt(
-        None,
-        "--cron",
-        metavar="EXPR",
-        help="Not for chains (their tasks run once); accepted to say so.",
-        rich_help_panel=TRIG,
-    ),
-    on_change: str | None = Opt(
-        None,
-        "--on-change",
-        metavar="PATH",
-        help="Not for chains (their tasks run once); accepted to say so.",
-        rich_help_panel=TRIG,
-    ),
-    when: str | None = Opt(
-        None,
-        "--when",
-        metavar="STATE",
-        help="Not for chains (their tasks run once); accepted to say so.",
-        rich_help_panel=TRIG,
-    ),
-    at: str | None = Opt(None, "--at", metavar="TIME", help="Due at TIME.", rich_help_panel=TRIG),
-    exact_behavior: str | None = Opt(
-        None,
-        "--exact-behavior",
-        metavar="attempt|notify|error",
-        help="What --at does (default attempt).",
-        rich_help_panel=TRIG,
-    ),
-    window: tuple[str, str] | None = Opt(
-        None, "--window", metavar="START END", help="Windowed: run only inside [START, END].", rich_help_panel=TRIG
-    ),
-    tz: str | None = Opt(
-        None,
-        "--tz",
-        metavar="ZONE",
-        help="Read --cron, --at and --window times in this IANA zone (stored with the task).",
-        rich_help_panel=TRIG,
-    ),
-    jitter: str | None = Opt(
-        None,
-        "--jitter",
-        metavar="DUR",
-        help="Delay each due time by a fixed per-task, per-host offset in [0, DUR).",
-        rich_help_panel=TRIG,
-    ),
-    misfire_grace: str | None = Opt(
-        None,
-        "--misfire-grace",
-        metavar="DUR",
-        help="Skip an occurrence that would start more than DUR late (recorded as missed).",
-        rich_help_panel=TRIG,
-    ),
-    requires_network: bool = Opt(False, "--requires-network", help="Needs a network connection.", rich_help_panel=CONS),
-    network_type: str | None = Opt(
-        None,
-        "--network-type",
-        metavar="TYPE",
-        help="connected|unmetered|not-roaming|metered|temporarily-unmetered|not-required",
-        rich_help_panel=CONS,
-    ),
-    requires_charging: bool = Opt(
-        False, "--requires-charging", help="Needs the device to be charging.", rich_help_panel=CONS
-    ),
-    battery_not_low: bool = Opt(
-        False, "--battery-not-low", help="Needs the battery at 15% or more.", rich_help_panel=CONS
-    ),
-    storage_not_low: bool = Opt(False, "--storage-not-low", help="Needs storage not low.", rich_help_panel=CONS),
-    device_idle: bool = Opt(False, "--device-idle", help="Needs the device idle.", rich_help_panel=CONS),
-    heavy: bool = Opt(False, "--heavy", help="Long tasks: 10m time limit instead of 30s.", rich_help_panel=CONS),
-    expedited: bool = Opt(False, "--expedited", help="Run before non-expedited due tasks.", rich_help_panel=CONS),
-    qos: str | None = Opt(
-        None, "--qos", metavar="high|default|low", help="Order among due tasks.", rich_help_panel=CONS
-    ),
-    timeout: str | None = Opt(None, "--timeout", metavar="DUR", help="Time limit of one run.", rich_help_panel=CONS),
-    backoff: str | None = Opt(
-        None,
-        "--backoff",
-        metavar="exponential|linear",
-        help="Retry backoff (default exponential).",
-        rich_help_panel=CONS,
-    ),
-    backoff_delay: str | None = Opt(
-        None, "--backoff-delay", metavar="DUR", help="First retry delay (default 10s).", rich_help_panel=CONS
-    ),
-    max_attempts: str | None = Opt(
-        None, "--max-attempts", metavar="N", help="Runs allowed in all (default 10).", rich_help_panel=CONS
-    ),
-    tags: list[str] | None = Opt(None, "--tag", metavar="T", help="Label the chain and its tasks (repeatable)."),
-    host: str | None = Opt(
-        None,
-        "--host",
-        metavar="NAME",
-        help="Run its tasks only on host NAME (KMPWM_HOST, else the machine's name).",
-    ),
+    flags: dict | None = None,
     as_json: bool = JSON_OPT,
 ) -> None:
     """Enqueue a chain: steps run in order, A+B in parallel; each step gets the previous step's data."""
     from kmpwm.cli import commands
 
-    flags = _task_flags(
-        delay,
-        every,
-        None,
-        at,
-        exact_behavior,
-        window,
-        cron,
-        on_change,
-        False,
-        when,
-        requires_network,
-        network_type,
-        requires_charging,
-        battery_not_low,
-        storage_not_low,
-        device_idle,
-        heavy,
-        expedited,
-        qos,
-        timeout,
-        backoff,
-        backoff_delay,
-        max_attempts,
-        tags,
-        tz,
-        jitter,
-        misfire_grace,
-        host,
-    )
     if file is not None and steps:
         raise InvalidParams("give the steps either on the command line or in --file, not both")
     if file is None and not steps:
