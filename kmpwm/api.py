@@ -24,6 +24,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from kmpwm.core import schema
 from kmpwm.core.exitcodes import InvalidParams, KmpwmError, OsPolicy
 from kmpwm.core.hosts import check_host, this_host
 from kmpwm.core.models import (
@@ -328,7 +329,7 @@ class Scheduler:
         except KmpwmError as exc:
             return _rejected(getattr(req, "id", None), exc)
         outcome = Outcome(ScheduleResult.SUCCESS, task["id"])
-        op = {"op": "enq", "task": task, "policy": pol}
+        op = schema.enq(task, pol)
         if pol == "update":
             op["by"] = _who()
         self._pending.append(("enq", op, outcome))
@@ -348,7 +349,7 @@ class Scheduler:
             except KmpwmError as exc:
                 outcomes.append(_rejected(getattr(req, "id", None), exc))
                 continue
-            ops.append({"op": "enq", "task": task, "policy": pol})
+            ops.append(schema.enq(task, pol))
             if pol == "update":
                 ops[-1]["by"] = _who()  # events say who changed the task
             outcomes.append(Outcome(ScheduleResult.SUCCESS, task["id"]))
@@ -411,13 +412,7 @@ class Scheduler:
             raise InvalidParams(f"chain too large ({total} tasks; the limit is {MAX_CHAIN_TASKS})")
         seen: set[str] = set()
         out_steps = [self._chain_step(step, number, chain_id, now, seen) for number, step in enumerate(steps, 1)]
-        return {
-            "op": "chain",
-            "id": chain_id,
-            "policy": policy,
-            "steps": out_steps,
-            "tags": check_tags(tags) if tags else [],
-        }
+        return schema.chain(chain_id, policy, out_steps, check_tags(tags) if tags else [])
 
     def _chain_step(self, step: list, number: int, chain_id: str, now: float, seen: set[str]) -> list[dict]:
         """The task records of one chain step; a task without an id gets ``CHAIN/STEP/WORKER[#n]``."""
@@ -453,13 +448,13 @@ class Scheduler:
 
     def cancel(self, *ids: str) -> list[str]:
         """Cancel tasks (with their ``ID#n``) or chains by id; returns the ids cancelled."""
-        return self._cancel({"op": "cancel", "ids": list(ids)})
+        return self._cancel(schema.cancel(ids=list(ids)))
 
     def cancel_tag(self, tag: str) -> list[str]:
-        return self._cancel({"op": "cancel", "tag": tag})
+        return self._cancel(schema.cancel(tag=tag))
 
     def cancel_all(self) -> list[str]:
-        return self._cancel({"op": "cancel", "all": True})
+        return self._cancel(schema.cancel(all=True))
 
     def _cancel(self, op: dict) -> list[str]:
         if not self.store.exists():

@@ -22,6 +22,7 @@ import signal
 import time
 from dataclasses import dataclass, field
 
+from kmpwm.core import schema
 from kmpwm.core.exitcodes import ConfigError
 
 HOOK_TIMEOUT = 30.0
@@ -212,7 +213,7 @@ class HookRunner:
 
     def notes(self) -> list[dict]:
         """Journal ops recording the hooks that failed (shown by ``events`` as ``hook failed``)."""
-        ops = [{"op": "note", "id": tid, "event": "hook failed", "detail": detail} for tid, detail in self.failures]
+        ops = [schema.note(tid, "hook failed", detail) for tid, detail in self.failures]
         self.failures = []
         return ops
 

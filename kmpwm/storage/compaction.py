@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import time
 
+from kmpwm.core import schema
 from kmpwm.core.exitcodes import JournalError
 from kmpwm.core.state import apply, members, new_state, pack_task
 from kmpwm.storage.journal import Journal, encode
@@ -138,9 +139,9 @@ def _rewrite(
     for i in range(0, len(events), EVENTS_PER_RECORD):
         chunk = events[i : i + EVENTS_PER_RECORD]
         records.append({"ts": chunk[-1][0], "arc": True, "ev": chunk})
-    ops = [{"op": "put", "task": pack_task(t)} for t in sorted(tasks.values(), key=lambda t: t["seq"])]
-    ops += [{"op": "put", "chain": c} for c in chains.values()]
-    meta = {"op": "meta", "seq": folder.state["seq"], "fam": folder.state["fam"]}
+    ops = [schema.put_task(pack_task(t)) for t in sorted(tasks.values(), key=lambda t: t["seq"])]
+    ops += [schema.put_chain(c) for c in chains.values()]
+    meta = schema.meta(folder.state["seq"], folder.state["fam"])
     if folder.state.get("qpause"):
         meta["qpause"] = folder.state["qpause"]  # `pause --all` outlives a compaction
     fences = {i: f for i, f in (folder.state.get("fences") or {}).items() if f.get("until", 0) > time.time()}

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import copy as _copy
 
+from kmpwm.core import schema
 from kmpwm.core.exitcodes import InvalidParams
 from kmpwm.core.state import UNFINISHED, live_chain, members, pack_task
 
@@ -28,21 +29,21 @@ def plan_copy(state: dict) -> tuple[list[dict], list[str], list[str]]:
             running.append(t["id"])
             t["state"] = "ENQUEUED"
             t["lease"] = None
-        ops.append({"op": "put", "task": pack_task(t)})
+        ops.append(schema.put_task(pack_task(t)))
         ids.append(t["id"])
         taken.add(t["id"])
 
     for cid, chain in chains.items():
         if not live_chain(state, chain):
             continue
-        ops.append({"op": "put", "chain": _copy.deepcopy(chain)})
+        ops.append(schema.put_chain(_copy.deepcopy(chain)))
         ids.append(cid)
         for t in members(state, chain):
             put_task(t)
     for tid, t in tasks.items():
         if tid not in taken and t["state"] in UNFINISHED:
             put_task(t)
-    meta = {"op": "meta", "seq": state["seq"], "fam": dict(state["fam"])}
+    meta = schema.meta(state["seq"], dict(state["fam"]))
     if state.get("qpause"):
         meta["qpause"] = dict(state["qpause"])
     return ([meta] + ops if ops or state.get("qpause") else []), ids, running

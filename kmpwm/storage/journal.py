@@ -30,6 +30,7 @@ from pathlib import Path
 
 import orjson
 
+from kmpwm.core import schema
 from kmpwm.core.exitcodes import JournalError, LockBusy
 from kmpwm.storage.paths import Paths, prepare, private_subdir
 
@@ -578,7 +579,7 @@ class Journal:
             if not created and size:
                 size = self._repair_torn_tail(fd, size)
             if size == 0:  # a new journal (or one whose only record was torn) starts with its header
-                header = {"ts": time.time(), "ops": [{"op": "hdr", "gen": uuid.uuid4().hex, "v": FORMAT_VERSION}]}
+                header = {"ts": time.time(), "ops": [schema.header(uuid.uuid4().hex, FORMAT_VERSION)]}
                 records = [header, *records]
             blob = b"".join(encode(r) for r in records)
             try:
@@ -679,7 +680,7 @@ class Journal:
     def rewrite(self, records: list[dict], *, compacted_size: int | None = None) -> None:
         """Atomically replace the journal with a new generation holding ``records`` (caller locked)."""
         assert self._lock_depth, "rewrite without the journal lock"
-        hdr = {"op": "hdr", "gen": uuid.uuid4().hex, "v": FORMAT_VERSION}
+        hdr = schema.header(uuid.uuid4().hex, FORMAT_VERSION)
         if compacted_size is not None:
             hdr["compacted_size"] = compacted_size  # automatic compaction waits until the journal doubles
         header = {"ts": time.time(), "ops": [hdr]}
