@@ -60,19 +60,7 @@ def logs_command(
         raise InvalidParams("give --run N or --all, not both")
     if follow and all_:
         raise InvalidParams("--follow follows one run: give it without --all")
-    metas = runlog.runs(paths, task_id)
-    if not metas:
-        raise NothingMatched(f"no kept run of task {task_id!r}")
-    if run is not None:
-        chosen = [m for m in metas if m["run"] == run]
-        if not chosen:
-            raise NothingMatched(
-                f"task {task_id!r} has no kept run {run} (kept: {', '.join(str(m['run']) for m in metas)})"
-            )
-    elif all_:
-        chosen = metas
-    else:
-        chosen = metas[-1:]
+    chosen = _chosen_runs(runlog.runs(paths, task_id), task_id, run, all_)
     if follow and "_store" not in chosen[0]:  # (a run another host finished: its whole output, below)
         return _follow(paths, task_id, chosen[0], tail, as_json)
     outs = [_tail(runlog.output(paths, m), tail) for m in chosen]
@@ -90,6 +78,22 @@ def logs_command(
             out.write(b"\n")
     out.flush()
     return 0
+
+
+def _chosen_runs(metas: list[dict], task_id: str, run: int | None, all_: bool) -> list[dict]:
+    """The kept runs asked for: run N, all of them, or the last (NothingMatched if none)."""
+    if not metas:
+        raise NothingMatched(f"no kept run of task {task_id!r}")
+    if all_:
+        return metas
+    if run is None:
+        return metas[-1:]
+    chosen = [m for m in metas if m["run"] == run]
+    if not chosen:
+        raise NothingMatched(
+            f"task {task_id!r} has no kept run {run} (kept: {', '.join(str(m['run']) for m in metas)})"
+        )
+    return chosen
 
 
 def _follow(paths: Paths, task_id: str, meta: dict, tail: int | None, as_json: bool) -> int:

@@ -426,23 +426,53 @@ class Store:
         new_tasks = [i for i in cold_ids if flushed.get(i) is not tasks[i]]
         new_chains = [c for c in cold_chain_ids if flushed.get("\0" + c) is not chains[c]]
         frame = encode({"tasks": [pack_task(tasks[i]) for i in new_tasks], "chains": [chains[c] for c in new_chains]})
-        path = self.paths.history_file
-        if view.hid is not None:  # continue the history file this state is based on
-            hid = view.hid
-            start = max(view.hist, meta["hist"] if meta is not None and meta["hid"] == hid else 0)
-            if not self._append_history(hid, start, frame):
-                # the history this state continues is gone (deleted, damaged, another generation's):
-                # retire the snapshot that needs it, so the next reader folds everything and starts anew
-                if meta is not None and meta["hid"] == hid:
-                    self.drop_snapshot()
-                return False
-            hist = start + len(frame)
-        else:  # a state folded from the whole journal: a history file of its own
+        written = self._write_history(view, meta, frame)
+        if written is None:
+            return False
+        hid, hist = written
+        self._write_state_file(view, hid, hist, set(cold_ids), set(cold_chain_ids))
+        self._note_flushed(view, hid, hist, hist - len(frame), new_tasks, new_chains)
+        return True
+
+    def _note_flushed(self, view: View, hid: str, hist: int, before: int, new_tasks: list, new_chains: list) -> None:
+        """After a snapshot: the view, its flushed marks and the history cache know what went cold."""
+        tasks, chains, flushed = view.state["tasks"], view.state["chains"], view.flushed
+        if self._hist_cache is not None and self._hist_cache[0] == hid and self._hist_cache[1] == before:
+            _, _, ctasks, cchains = self._hist_cache  # keep the cache in step with what we appended
+            for i in new_tasks:
+                ctasks[i] = tasks[i]
+            for c in new_chains:
+                cchains[c] = chains[c]
+            self._hist_cache = (hid, hist, ctasks, cchains)
+        for i in new_tasks:
+            flushed[i] = tasks[i]
+        for c in new_chains:
+            flushed["\0" + c] = chains[c]
+        view.hid, view.hist = hid, hist
+        if view is self._view:
+            self._tail_records = self._tail_bytes = 0
+
+    def _write_history(self, view: View, meta: dict | None, frame: bytes) -> tuple[str, int] | None:
+        """Append ``frame`` (the tasks and chains gone cold) to the history this state continues,
+        or start a history file of its own; its id and new length, None if it cannot continue."""
+        if view.hid is None:  # a state folded from the whole journal: a history file of its own
             hid = uuid.uuid4().hex
             head = _history_header(hid)
-            atomic_write(path, head + frame)
-            hist = len(head) + len(frame)
-        cold_tasks, cold_chains = set(cold_ids), set(cold_chain_ids)
+            atomic_write(self.paths.history_file, head + frame)
+            return hid, len(head) + len(frame)
+        hid = view.hid
+        start = max(view.hist, meta["hist"] if meta is not None and meta["hid"] == hid else 0)
+        if not self._append_history(hid, start, frame):
+            # the history this state continues is gone (deleted, damaged, another generation's):
+            # retire the snapshot that needs it, so the next reader folds everything and starts anew
+            if meta is not None and meta["hid"] == hid:
+                self.drop_snapshot()
+            return None
+        return hid, start + len(frame)
+
+    def _write_state_file(self, view: View, hid: str, hist: int, cold_tasks: set, cold_chains: set) -> None:
+        """Replace state.snap: the hot tasks and chains, and the summary a cheap reader needs."""
+        tasks, chains = view.state["tasks"], view.state["chains"]
         hot = dict(view.state)
         hot["tasks"] = {i: pack_task(t) for i, t in tasks.items() if i not in cold_tasks}
         hot["chains"] = {c: ch for c, ch in chains.items() if c not in cold_chains}
@@ -462,21 +492,6 @@ class Store:
         )
         line = b"%08x " % zlib.crc32(body) + meta_out
         atomic_write(self.paths.snapshot_file, SNAPSHOT_MAGIC + b"%08x " % zlib.crc32(line) + line + b"\n" + body)
-        if self._hist_cache is not None and self._hist_cache[0] == hid and self._hist_cache[1] == hist - len(frame):
-            _, _, ctasks, cchains = self._hist_cache  # keep the cache in step with what we appended
-            for i in new_tasks:
-                ctasks[i] = tasks[i]
-            for c in new_chains:
-                cchains[c] = chains[c]
-            self._hist_cache = (hid, hist, ctasks, cchains)
-        for i in new_tasks:
-            flushed[i] = tasks[i]
-        for c in new_chains:
-            flushed["\0" + c] = chains[c]
-        view.hid, view.hist = hid, hist
-        if view is self._view:
-            self._tail_records = self._tail_bytes = 0
-        return True
 
     def _append_history(self, hid: str, start: int, frame: bytes) -> bool:
         """Put ``frame`` at ``start`` of the history file (bytes after ``start`` belong to no

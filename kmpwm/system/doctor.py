@@ -165,27 +165,11 @@ def check_files(paths: Paths) -> list[tuple[int, str]]:
     """What would stop run-due although the journal reads fine, as (exit code, problem and fix):
     74 for the journal's own files (the lock, a read-only journal), 77 for kmpwm's private
     directories (runners/, quarantine/, cache/, logs/) that are not private or not writable."""
-    out: list[tuple[int, str]] = []
-    lock = paths.lock_file
-    try:
-        st = os.lstat(lock)
-    except FileNotFoundError:
-        st = None
-    except OSError as exc:
-        out.append((IO_ERROR, f"cannot inspect the lock {lock}: {exc.strerror}"))
-        st = None
-    if st is not None and not stat.S_ISREG(st.st_mode):
-        kind = "a directory" if stat.S_ISDIR(st.st_mode) else "a symlink" if stat.S_ISLNK(st.st_mode) else "not a file"
-        out.append(
-            (
-                IO_ERROR,
-                f"the lock {lock} is {kind}: no command can take the journal lock; remove it "
-                f"({'rmdir' if stat.S_ISDIR(st.st_mode) else 'rm'} {lock}), kmpwm makes a new one",
-            )
-        )
-    for path, what in ((paths.journal_dir, "journal directory"), (paths.journal_file, "journal"), (lock, "lock")):
-        if path == lock and (st is None or not stat.S_ISREG(st.st_mode)):
-            continue
+    out, lock_is_file = _check_lock(paths.lock_file)
+    journal_files = [(paths.journal_dir, "journal directory"), (paths.journal_file, "journal")]
+    if lock_is_file:
+        journal_files.append((paths.lock_file, "lock"))
+    for path, what in journal_files:
         if os.path.exists(path) and not os.access(path, os.W_OK | (os.X_OK if path.is_dir() else 0)):
             out.append(
                 (
@@ -199,35 +183,51 @@ def check_files(paths: Paths) -> list[tuple[int, str]]:
         (paths.cache_dir, "cache directory"),
         (paths.log_dir, "log directory"),
     ):
-        try:
-            st = os.lstat(path)
-        except FileNotFoundError:
-            continue
-        except OSError as exc:
-            out.append((NOPERM, f"cannot inspect the {what} {path}: {exc.strerror}"))
-            continue
-        if stat.S_ISLNK(st.st_mode) or not stat.S_ISDIR(st.st_mode):
-            out.append(
-                (
-                    NOPERM,
-                    f"the {what} {path} is {'a symlink' if stat.S_ISLNK(st.st_mode) else 'not a directory'}"
-                    f": remove it (rm {path}); kmpwm creates it as a private directory",
-                )
-            )
-            continue
-        try:
-            check_secure(path, what=f"the {what}")
-        except InsecurePermissions as exc:
-            out.append((NOPERM, f"{exc.message}; {exc.hint}"))
-            continue
-        if not os.access(path, os.W_OK | os.X_OK):
-            out.append(
-                (
-                    NOPERM,
-                    f"the {what} {path} is not writable by you (mode {stat.S_IMODE(st.st_mode):04o}): chmod 700 {path}",
-                )
-            )
+        problem = _check_private_dir(path, what)
+        if problem is not None:
+            out.append((NOPERM, problem))
     return out
+
+
+def _check_lock(lock) -> tuple[list[tuple[int, str]], bool]:
+    """Problems with the journal's lock file, and whether it is a regular file."""
+    try:
+        st = os.lstat(lock)
+    except FileNotFoundError:
+        return [], False
+    except OSError as exc:
+        return [(IO_ERROR, f"cannot inspect the lock {lock}: {exc.strerror}")], False
+    if stat.S_ISREG(st.st_mode):
+        return [], True
+    is_dir = stat.S_ISDIR(st.st_mode)
+    kind = "a directory" if is_dir else "a symlink" if stat.S_ISLNK(st.st_mode) else "not a file"
+    problem = (
+        f"the lock {lock} is {kind}: no command can take the journal lock; remove it "
+        f"({'rmdir' if is_dir else 'rm'} {lock}), kmpwm makes a new one"
+    )
+    return [(IO_ERROR, problem)], False
+
+
+def _check_private_dir(path, what: str) -> str | None:
+    """Why one of kmpwm's private directories would stop run-due (None: fine, or not there yet)."""
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        return None
+    except OSError as exc:
+        return f"cannot inspect the {what} {path}: {exc.strerror}"
+    if stat.S_ISLNK(st.st_mode) or not stat.S_ISDIR(st.st_mode):
+        return (
+            f"the {what} {path} is {'a symlink' if stat.S_ISLNK(st.st_mode) else 'not a directory'}"
+            f": remove it (rm {path}); kmpwm creates it as a private directory"
+        )
+    try:
+        check_secure(path, what=f"the {what}")
+    except InsecurePermissions as exc:
+        return f"{exc.message}; {exc.hint}"
+    if not os.access(path, os.W_OK | os.X_OK):
+        return f"the {what} {path} is not writable by you (mode {stat.S_IMODE(st.st_mode):04o}): chmod 700 {path}"
+    return None
 
 
 # the invoker is stale when run-due has not run for this many of its periods (and a minute)
