@@ -170,31 +170,11 @@ def sweep(runners_dir) -> int:
     except OSError:
         return 0
     dead = []  # (path, noted group lines, runner id if it died starting a command, its start)
-    boot = None
+    boot: list[str | None] = []  # read once, when a dead runner needs it
     for name in names:
-        path = os.path.join(runners_dir, name)
-        try:
-            pid = int(name[: -len(".groups")])
-            with open(path) as fh:
-                lines = fh.read().splitlines()
-        except (OSError, ValueError):
-            continue
-        if not lines:
-            continue
-        token, boot_noted, runner_id = (lines[0].split(" ") + ["", ""])[:3]
-        if procs.alive(pid, token or None):
-            continue  # that run-due is still running
-        boot = _boot_id() if boot is None else boot
-        if boot_noted != boot:
-            dead.append((path, [], "", 0))  # another boot: every process of it is gone
-            continue
-        notes = [ln for ln in lines[1:] if ln != "launch"]
-        starting = runner_id if len(lines) > 1 and lines[-1] == "launch" else ""
-        try:
-            since = int(token)
-        except ValueError:
-            since = 0
-        dead.append((path, notes, starting, since))
+        found = _dead_runner(os.path.join(runners_dir, name), name, boot)
+        if found is not None:
+            dead.append(found)
     if not dead:
         return 0
     table = _processes()
@@ -216,6 +196,33 @@ def sweep(runners_dir) -> int:
         except OSError:
             pass
     return len(killed)
+
+
+def _dead_runner(path: str, name: str, boot: list) -> tuple[str, list[str], str, int] | None:
+    """The notes of a run-due that is gone: (path, group lines, its runner id if it died while
+    starting a command, its start); None while it runs (or the file is unreadable or empty)."""
+    try:
+        pid = int(name[: -len(".groups")])
+        with open(path) as fh:
+            lines = fh.read().splitlines()
+    except (OSError, ValueError):
+        return None
+    if not lines:
+        return None
+    token, boot_noted, runner_id = (lines[0].split(" ") + ["", ""])[:3]
+    if procs.alive(pid, token or None):
+        return None  # that run-due is still running
+    if not boot:
+        boot.append(_boot_id())
+    if boot_noted != boot[0]:
+        return path, [], "", 0  # another boot: every process of it is gone
+    notes = [ln for ln in lines[1:] if ln != "launch"]
+    starting = runner_id if len(lines) > 1 and lines[-1] == "launch" else ""
+    try:
+        since = int(token)
+    except ValueError:
+        since = 0
+    return path, notes, starting, since
 
 
 def _kill(pid: int) -> bool:
