@@ -26,20 +26,20 @@ import orjson
 
 from kmpwm.core.exitcodes import ConfigError, JournalError, KmpwmError
 from kmpwm.core.models import DEFAULT_GRACE
-from kmpwm.core.state import due_at, occurrence_open, pause_of
+from kmpwm.core.state import pause_of
 from kmpwm.core.triggers import next_after_run, task_offset
 from kmpwm.platform import procs
-from kmpwm.running import groups
+from kmpwm.running import claims, groups
+from kmpwm.running.claims import Claim
 from kmpwm.running.declare import declared_limit
-from kmpwm.scheduling.leases import StartLog, forget_started, holder_started, lease_state
-from kmpwm.scheduling.plan import plan, time_limit, upstream_of
+from kmpwm.scheduling.leases import StartLog, forget_started, holder_started
+from kmpwm.scheduling.plan import plan, time_limit
 from kmpwm.scheduling.probes import Device
 from kmpwm.storage import reserve, runlog
 from kmpwm.storage.paths import Paths, private_subdir
 from kmpwm.storage.store import Store
 from kmpwm.storage.stores import open_store
 
-LEASE_MARGIN = 10.0
 TAIL = 8192
 STDOUT_TAIL = 65536
 MAX_INLINE_ENV_INPUT = 100 * 1024  # larger inputs reach command workers on stdin only
@@ -48,8 +48,6 @@ LOST_STORE_MARGIN = 3.0  # a shared store's lease: stop our runs this long befor
 CANCEL_WATCH = 0.5  # how often running tasks are checked for a cancel (lock-free, the journal's tail)
 HOST_MAX_TASKS = 500  # a pool host is replaced after this many tasks (bounded leaks)
 GROUP_WAIT = 0.010  # a finished run's result waits at most this long to share a record with others
-PREFETCH_MARGIN = 5.0  # a claimed task may wait briefly for a free slot before it starts
-START_SLACK = 0.5  # scheduling delay between claiming a task and starting it
 
 
 @dataclass
@@ -154,15 +152,16 @@ class Runner:
         # the host name (KMPWM_HOST, else the machine's): leases name it, pinned tasks match it
         self.host = procs.host()
         self.runner_id = f"{self.host}/{self.pid}/{uuid.uuid4().hex[:8]}"
+        self.who = claims.Identity(self.runner_id, self.pid, self.token, self.boot, self.host)
         self.device = Device(storage_path=str(paths.journal_dir.parent))
         self.jobs: dict[str, Job] = {}
         self.done: set[str] = set()
         self.claimed_count = 0
         self._prefetch = max(8, 4 * self.parallel)  # at most this many claimed ahead of free slots
         self._avg_run: float | None = None  # moving average of run times (s), for the prefetch depth
-        self._ready: list = []  # claimed, not started yet: (task, info, limit, upstream)
+        self._ready: list[Claim] = []  # claimed, not started yet
         self._pending: list[Job] = []  # finished, result not written yet
-        self._release: list = []  # claimed but never started (the run expired): hand back
+        self._release: list[Claim] = []  # claimed but never started (the run expired): hand back
         self.report = Report()
         self.run_expired = False
         self.expire_reason = ""
@@ -178,14 +177,10 @@ class Runner:
         self._hosts: list[Host] = []
         self._base_env: dict | None = None
         self._pool = os.environ.get("KMPWM_POOL", "1") != "0"
-        self._queue: list[dict] = []  # candidates of the last plan, best last
-        self._broken: set[str] = set()
-        self._fence_broken: set[str] = set()
-        self._trig: dict[str, dict] = {}
+        self._planned = claims.Candidates()  # what the last plan said may be claimed
         self._on_fold = None
         self._groups = groups.GroupLog(paths.runners_dir, self.pid, self.token, self.runner_id)
         self.disk_full = False  # no room to record results: claim nothing more (reserve.py)
-        self._occ: dict[str, str] = {}
         self._trim_at = 0.0
         shared = self.store if getattr(self.store, "kind", "journal") != "journal" else None
         # each run's output (kmpwm.storage.runlog); on a shared store, kept there too
@@ -454,7 +449,7 @@ class Runner:
                 if not self._pending and not self._release:
                     return 0  # only claims were refused: nothing was started
                 if attempt == 2:
-                    ids = ", ".join(j.id for j in self._pending) or ", ".join(t["id"] for t, *_ in self._release)
+                    ids = ", ".join(j.id for j in self._pending) or ", ".join(c.id for c in self._release)
                     raise JournalError(
                         f"cannot record the outcome of {ids}: the disk holding the journal is full, "
                         "even with kmpwm's reserve given up",
@@ -505,16 +500,16 @@ class Runner:
                         [
                             {
                                 "op": "release",
-                                "id": t["id"],
-                                "seq": t["seq"],
-                                "born": t["created_at"],
+                                "id": c.id,
+                                "seq": c.task["seq"],
+                                "born": c.task["created_at"],
                                 "runner": self.runner_id,
                             }
-                            for t, *_ in released
+                            for c in released
                         ]
                     )
                 if claim:
-                    claimed = self._claim(txn, now, replan=replan or not self._queue)
+                    claimed = self._claim(txn, now, replan=replan or not self._planned.queue)
         except BaseException:
             self._pending = finished + self._pending  # not written: keep them for the teardown's try
             self._release = released + self._release
@@ -607,35 +602,35 @@ class Runner:
             return  # the shared store is away: start nothing until it is back
         state = whole["tasks"]
         while self._ready and len(self.jobs) < self.parallel and not self.run_expired:
-            task, info, limit, upstream, start_by = self._ready.pop(0)
-            now_t = state.get(task["id"])
+            c = self._ready.pop(0)
+            now_t = state.get(c.id)
             if (
                 now_t is None
-                or now_t["seq"] != task["seq"]
+                or now_t["seq"] != c.task["seq"]
                 or now_t["state"] != "RUNNING"
                 or (now_t["lease"] or {}).get("runner") != self.runner_id
             ):
                 # no longer ours to run (cancelled or replaced): a release takes down the fence
                 # its cancel left (state._finish), so the id may run again at once
-                self._release.append((task, info, limit, upstream, start_by))
+                self._release.append(c)
                 continue
             if self.forced is None and pause_of(whole, now_t, time.time()) is not None:
-                self._release.append((task, info, limit, upstream, start_by))  # claimed ahead, then paused
+                self._release.append(c)  # claimed ahead, then paused
                 continue
-            if time.monotonic() > start_by:
+            if time.monotonic() > c.start_by:
                 # it waited longer than its lease allows for: hand it back rather than run it unleased
-                self._release.append((task, info, limit, upstream, start_by))
+                self._release.append(c)
                 continue
-            self._start(task, info, limit, upstream)
+            self._start(c)
 
     def _prefetch_depth(self) -> int:
         """How many tasks to claim beyond the free slots: only as many as recent run times say
         will start within PREFETCH_MARGIN (slow tasks are never claimed ahead)."""
         if self._avg_run is None:
             return 0
-        return min(self._prefetch, int(PREFETCH_MARGIN * self.parallel / max(self._avg_run, 1e-3)))
+        return min(self._prefetch, int(claims.PREFETCH_MARGIN * self.parallel / max(self._avg_run, 1e-3)))
 
-    def _claim(self, txn, now: float, *, replan: bool) -> list:
+    def _claim(self, txn, now: float, *, replan: bool) -> list[Claim]:
         free = self.parallel + self._prefetch_depth() - len(self.jobs) - len(self._ready)
         if self.max_tasks is not None:
             free = min(free, self.max_tasks - self.claimed_count)
@@ -645,93 +640,56 @@ class Runner:
             self.disk_full = True  # no room to record results: start nothing (reserve.py)
             return []
         state = txn.state
-        done, jobs = self.done, self.jobs
         if replan:
             self._replanned = True
-            p = self._plan(state, now, _Union(done, jobs))
+            p = self._plan(state, now, _Union(self.done, self.jobs))
             for s in p.skipped:
                 self.report.skipped[s["id"]] = s["reason"]
             txn.stage(p.ops, self._on_fold)
-            self._queue = p.due
-            self._queue.reverse()  # pop() from the end takes the best first
-            self._broken, self._trig, self._fence_broken = p.broken, p.trig_updates, p.fence_broken
-            self._occ = p.occ
-        ready_ids = {t["id"] for t, *_ in self._ready}
-        picks = []
-        while self._queue and len(picks) < free:
-            cand = self._queue.pop()
-            t = state["tasks"].get(cand["id"])
-            if t is None or t["seq"] != cand["seq"] or t["id"] in done or t["id"] in jobs or t["id"] in ready_ids:
-                continue
-            if t.get("host") not in (None, self.host):
-                continue  # pinned to another host since the plan (--policy update)
-            if self.forced is None and pause_of(state, t, now) is not None:
-                continue  # paused since the plan (`pause --all` while we claim)
-            # The queue may be a cycle old and another run-due may have run the task meanwhile:
-            # the occurrence planned must still be the one the task waits for (state.occurrence).
-            occ = self._occ.get(t["id"])
-            if occ is not None and not occurrence_open(t, occ):
-                continue
-            if t["state"] == "ENQUEUED" and (due_at(t, now) <= now or self.forced is not None):
-                picks.append(t)
-            elif t["state"] == "RUNNING" and lease_state(t, now) != "held":
-                picks.append(t)
+            self._planned = claims.Candidates.of(p)
+        taken = _Union(self.done, _Union(self.jobs, {c.id for c in self._ready}))
+        slots = self.parallel - len(self.jobs) - len(self._ready)
+        picks: list[Claim] = []
+        while self._planned.queue and len(picks) < free:
+            c = claims.claim(
+                state,
+                self._planned.queue.pop(),
+                now,
+                self.who,
+                planned=self._planned,
+                grace=self.grace,
+                limit_of=self._limit_of,
+                taken=taken,
+                forced=self.forced is not None,
+                ahead=len(picks) >= slots,
+                started=self._started_by,
+            )
+            if isinstance(c, Claim):
+                picks.append(c)
         if not picks:
             return []
-        if any(t["state"] == "RUNNING" or t["id"] in self._fence_broken for t in picks):
+        if any(c.takeover for c in picks):
             # Taking over from a runner that is gone (it died since this run began, or while this
             # run planned): first kill whatever of its runs is left, so that no worker of the old
             # run is still going when this one starts (a command it was starting has no death
             # signal yet: groups.py).
             groups.sweep(self.paths.runners_dir)
-        ops, prepared = [], []
-        slots = self.parallel - len(self.jobs) - len(self._ready)
-        for n, t in enumerate(picks):
-            info = self.registry.get(t["worker"])
-            limit = time_limit(t, declared_limit(info, self._preload, t))  # a task's --timeout wins
-            op = {
-                "op": "claim",
-                "id": t["id"],
-                "seq": t["seq"],
-                "born": t["created_at"],
-                "runner": self.runner_id,
-                "pid": self.pid,
-                "token": self.token,
-                "until": now + limit + self.grace + LEASE_MARGIN + PREFETCH_MARGIN + START_SLACK,
-            }
-            occ = self._occ.get(t["id"])  # the occurrence this claim consumes (state.occurrence)
-            if occ is not None:
-                op["occ"] = occ
-            if self.boot:
-                op["boot"] = self.boot
-            if t["id"] in self._broken:
-                op["broken"] = "expired" if lease_state(t, now) == "expired" else True
-            if t["id"] in self._fence_broken:
-                op["fence_broken"] = True  # the cancelled run's holder is gone
-            if t["state"] == "RUNNING" and self._started_by(t) is False:
-                op["unstarted"] = True  # its gone holder never started the worker: not the task's crash
-            if self.forced is not None:
-                op["forced"] = True  # run-now: a pause does not hold it
-            if n >= slots:
-                op["ahead"] = True  # its runner dying before it starts is not the task's crash
-            ops.append(op)
-            # the lease covers a run that starts within PREFETCH_MARGIN (plus scheduling slack)
-            prepared.append((t, info, limit, upstream_of(state, t), time.monotonic() + PREFETCH_MARGIN + START_SLACK))
-        starts = []
-        for (t, info, limit, upstream, until), ok in zip(prepared, txn.stage(ops)):
-            if ok:
-                task = dict(state["tasks"][t["id"]])
-                task["_trig_update"] = self._trig.get(t["id"])
-                starts.append((task, info, limit, upstream, until))
-        return starts
+        # the lease covers a run that starts within PREFETCH_MARGIN (plus scheduling slack)
+        start_by = time.monotonic() + claims.PREFETCH_MARGIN + claims.START_SLACK
+        oks = txn.stage([c.op for c in picks])
+        return [claims.accepted(c, state, self._planned, start_by) for c, ok in zip(picks, oks) if ok]
+
+    def _limit_of(self, t: dict):
+        info = self.registry.get(t["worker"])
+        return info, time_limit(t, declared_limit(info, self._preload, t))  # a task's --timeout wins
 
     # -- starting -------------------------------------------------------------------------
 
-    def _start(self, task: dict, info, limit: float, upstream: dict) -> None:
+    def _start(self, c: Claim) -> None:
         if self._crash_at == "before-start":  # crash injection for the tests: claimed, not started
             os.kill(os.getpid(), signal.SIGKILL)
-        attempt = task["occ_attempts"] + 1
-        job = Job(task, attempt, info.kind if info else "python", limit, time.monotonic(), time.time())
+        task, info, upstream, attempt = c.task, c.info, c.upstream, c.attempt
+        job = Job(task, attempt, info.kind if info else "python", c.limit, time.monotonic(), time.time())
         self.jobs[job.id] = job
         job.log = self._runlogs.start(job.id, attempt, job.started_wall)
         self.on_event("start", job)
