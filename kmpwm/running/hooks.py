@@ -153,7 +153,7 @@ class HookRunner:
         if shutil.which("notify-send"):
             argv = ["notify-send", title, body]
         elif sys.platform == "darwin" and shutil.which("osascript"):
-            from kmpwm.running.runner import _applescript
+            from kmpwm.running.launch import applescript as _applescript
 
             argv = ["osascript", "-e", f"display notification {_applescript(body)} with title {_applescript(title)}"]
         if argv is None:
