@@ -46,7 +46,7 @@ def serve_command(paths: Paths, *, parallel: int | None, grace: str | None, as_j
             state_file(paths, os.getpid()).unlink()
         except OSError:
             pass
-    signo = runner._flags.get("signo")
+    signo = runner.signals.flags.get("signo")
     expired = runner.report.expired
     if code == 75 and signo in (signal.SIGTERM, signal.SIGINT):
         serve.log(f"stopped ({signal.Signals(signo).name}); {len(expired)} running task(s) savepointed and released")

@@ -32,6 +32,7 @@ from kmpwm.running.declare import declared_limit
 from kmpwm.running.jobs import Job, Report
 from kmpwm.running.launch import Launcher
 from kmpwm.running.pool import Host
+from kmpwm.running.signals import Signals
 from kmpwm.scheduling.leases import StartLog, forget_started, holder_started
 from kmpwm.scheduling.plan import plan, time_limit
 from kmpwm.scheduling.probes import Device
@@ -44,12 +45,6 @@ RECLAIM_EVERY = 1.0
 LOST_STORE_MARGIN = 3.0  # a shared store's lease: stop our runs this long before it could end
 CANCEL_WATCH = 0.5  # how often running tasks are checked for a cancel (lock-free, the journal's tail)
 GROUP_WAIT = 0.010  # a finished run's result waits at most this long to share a record with others
-
-_EXPIRE_REASONS = {
-    signal.SIGUSR1: "simulate-expire delivered the expiration signal",
-    signal.SIGTERM: "run-due received SIGTERM",
-    signal.SIGINT: "run-due was interrupted",
-}
 
 
 class Runner:
@@ -109,9 +104,7 @@ class Runner:
         self.expire_reason = ""
         self._registry = None
         self._sel: selectors.BaseSelector | None = None
-        self._wake_r = self._wake_w = -1
-        self._signals: dict = {}
-        self._flags = {"expire": False, "child": False, "force": False, "signo": 0}
+        self.signals = Signals()
         self._forced = False
         self._known_cache: dict[str, bool] = {}
         self._planned = claims.Candidates()  # what the last plan said may be claimed
@@ -154,7 +147,7 @@ class Runner:
 
     def _parent_fds(self) -> list[int]:
         """run-due's descriptors that a worker process it forks must close."""
-        return [self._wake_r, self._wake_w] + [fd for j in self.jobs.values() for fd in j.fds]
+        return self.signals.fds() + [fd for j in self.jobs.values() for fd in j.fds]
 
     # -- the pass -------------------------------------------------------------------------
 
@@ -222,8 +215,8 @@ class Runner:
     def _check_expiry(self, deadline: float | None, now_m: float) -> None:
         if deadline is not None and now_m >= deadline and not self.run_expired:
             self._expire_run("the run's --budget ended")
-        if self._flags["expire"] and not self.run_expired:
-            self._expire_run(self.expire_reason or "the expiration signal arrived")
+        if self.signals.flags["expire"] and not self.run_expired:
+            self._expire_run(self.signals.reason or "the expiration signal arrived")
 
     def _write_and_claim(self, now_m: float) -> bool:
         """Record what finished and claim what is due when it is time to; True when that wrote or
@@ -464,7 +457,7 @@ class Runner:
         self.report.failed += failed
         self._recorded(rows)
         if hooks is not None and (rows or failed):
-            self._fire_hooks(hooks, rows, [f["id"] for f in failed], txn.state)
+            hooks.fire_results(rows, [f["id"] for f in failed], txn.state)
         self._ready.extend(claimed)
         self.claimed_count += len(claimed)
         self._start_ready()
@@ -543,28 +536,6 @@ class Runner:
 
                     self._hooks = HookRunner(self.paths, hooks)
         return self._hooks
-
-    def _fire_hooks(self, hooks, rows: list, failed: list, state: dict) -> None:
-        """Right after the results are durable, once (at most once: nothing starts them again)."""
-        if os.environ.get("KMPWM_CRASH_AT") == "before-hooks":  # crash injection for the tests
-            os.kill(os.getpid(), signal.SIGKILL)
-        from kmpwm.running.hooks import payload
-
-        ran = {job.id: (job, row) for job, row in rows}
-        tasks = state["tasks"]
-        for job, row in rows:
-            if row["status"] == "SUCCESS" and job.id in tasks:
-                hooks.fire("on_success", payload(tasks[job.id], "SUCCESS", row["message"], row["data"], job.attempt))
-        for tid in dict.fromkeys(failed):
-            t = tasks.get(tid)
-            if t is None:
-                continue
-            if tid in ran:
-                job, row = ran[tid]
-                doc = payload(t, row["status"], row["message"], row["data"], job.attempt)
-            else:  # failed without a run of its own (upstream failed, window missed)
-                doc = payload(t, "FAILURE", t.get("reason"), None, t["attempts"])
-            hooks.fire("on_failure", doc)
 
     def _end_hooks(self) -> None:
         """Wait for the hooks still running, then record those that failed (``hook failed``)."""
@@ -700,52 +671,18 @@ class Runner:
     def _setup(self) -> None:
         self._sel = selectors.DefaultSelector()
         self.launcher.attach(self._sel)
-        self._wake_r, self._wake_w = os.pipe()
-        os.set_blocking(self._wake_r, False)
-        os.set_blocking(self._wake_w, False)
-        self._sel.register(self._wake_r, selectors.EVENT_READ, None)
-        self._old_wakeup = signal.set_wakeup_fd(self._wake_w, warn_on_full_buffer=False)
-        for signo, handler in (
-            (signal.SIGUSR1, self._on_expire),
-            (signal.SIGTERM, self._on_expire),
-            (signal.SIGINT, self._on_expire),
-            (signal.SIGHUP, self._on_expire if self.serve is None else self._on_hup),
-            (signal.SIGCHLD, self._on_child),
-        ):
-            self._signals[signo] = signal.signal(signo, handler)
+        self.signals.install(self._sel, hup_expires=self.serve is None)
         private_subdir(self.paths.runners_dir)
         self._starts.open()  # before the first claim: its absence would count every death
-
-    def _on_expire(self, signo, frame) -> None:
-        if signo == signal.SIGINT and self._flags["expire"]:
-            self._flags["force"] = True  # a second Ctrl-C: do not wait out the grace period
-        self._flags["expire"] = True
-        self._flags["signo"] = signo
-        if not self.expire_reason:
-            self.expire_reason = _EXPIRE_REASONS.get(signo, "signal")
-
-    def _on_child(self, signo, frame) -> None:
-        self._flags["child"] = True
-
-    def _on_hup(self, signo, frame) -> None:
-        self._flags["hup"] = True
 
     def _teardown(self) -> None:
         # Anything still running here means an unexpected error: stop it and hand the tasks back.
         self._hand_back()
         self.pool.shutdown()
         self._runlogs.flush(force=True)
-        for signo, old in self._signals.items():
-            signal.signal(signo, old)
-        try:
-            signal.set_wakeup_fd(self._old_wakeup)
-        except (ValueError, AttributeError):
-            pass
         if self._sel is not None:
             self._sel.close()
-        for fd in (self._wake_r, self._wake_w):
-            if fd >= 0:
-                os.close(fd)
+        self.signals.restore()
         try:
             os.unlink(self._expire_file())
         except OSError:
@@ -789,7 +726,7 @@ class Runner:
     def _wait(self, timeout: float) -> None:
         for key, _ in self._sel.select(timeout):
             if key.data is None:
-                pipes.drain(self._wake_r, lambda chunk: None)  # the signals' wake-up bytes
+                self.signals.drain()
             elif isinstance(key.data, Host):
                 self.pool.drain(key.data, key.fd)
             elif callable(key.data):  # serve's watches (the journal, lease holders)
@@ -812,9 +749,9 @@ class Runner:
         if now >= self._trim_at:  # command workers append progress lines: keep their files small
             self._trim_at = now + 1.0
             self._trim_progress()
-        if self._flags["expire"] and not self.run_expired:
-            self._expire_run(self.expire_reason)
-        if self._flags["force"] and not self._forced:
+        if self.signals.flags["expire"] and not self.run_expired:
+            self._expire_run(self.signals.reason)
+        if self.signals.flags["force"] and not self._forced:
             self._forced = True
             self._kill_now(now)
         for job in self.jobs.values():
@@ -888,7 +825,8 @@ class Runner:
             job.run_expired = True
             running += job.running and not job.expiring
             self._expire_job(job, grace)
-        if running and self._flags.get("signo") == signal.SIGINT and not self._flags["force"]:
+        flags = self.signals.flags
+        if running and flags.get("signo") == signal.SIGINT and not flags["force"]:
             self._warn(
                 f"interrupted: stopping {running} worker(s), up to {grace:g}s (interrupt again to kill them now)"
             )
@@ -896,7 +834,7 @@ class Runner:
     # -- finishing ------------------------------------------------------------------------
 
     def _reap(self) -> list[Job]:
-        self._flags["child"] = False
+        self.signals.flags["child"] = False
         finished = [job for job in list(self.jobs.values()) if self._ended(job)]
         now = time.monotonic()
         for job in finished:

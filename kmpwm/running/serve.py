@@ -240,7 +240,7 @@ class Serve:
         # then noticed, one before it is in the plan.  (Armed only when it first fell asleep, the
         # watch missed any enqueue between the last plan and the arming: issue 19.)
         self._start_watching(runner)
-        flags = runner._flags
+        flags = runner.signals.flags
         if flags.get("hup"):
             flags["hup"] = False
             self.reload(runner)
@@ -261,47 +261,57 @@ class Serve:
         self._fresh_pass(runner)
         self._maybe_compact()
         while True:
-            flags = runner._flags
-            if flags.get("expire"):
+            view = self._look_again(runner)
+            if view is None or not self._sleep_once(runner, view):
                 return
-            if flags.get("hup"):
-                return  # tick() reloads, then the Runner plans with the new workers
-            if self.watch.drain():
-                # A change since the Runner last planned (another process's enqueue may have been
-                # folded into one of our own transactions without a plan): plan once more.
-                return
-            view = runner.store.load(full=False)
-            if view.damage:
-                raise JournalError(
-                    f"the journal has {len(view.damage)} damaged record(s) ({view.damage[0].describe()}); "
-                    "serve stops, because a lost cancel or completion could run work twice",
-                    hint="run `kmpwm doctor --repair` to quarantine the damage, then start it again",
-                )
-            if runner.store.position() != runner.planned_at:
-                # Records that the Runner's last plan did not see (another process's, folded by
-                # this load or by one of our transactions that planned nothing): wake_plan would
-                # take a task among them that is due now for one that waits for a constraint,
-                # and sleep a minute.  Plan again.
-                return
-            now = time.time()
-            nxt, holders = wake_plan(view.state, now, runner.runner_id, runner.host)
-            if nxt is not None and nxt <= now:
-                return
-            timeout = None if nxt is None else min(nxt - now + 0.0005, MAX_SLEEP)
-            poll = self.watch.poll_interval()
-            if poll is not None:
-                timeout = poll if timeout is None else min(timeout, poll)
-            self._watch_holders(runner, holders)
-            if runner._poke:
-                return  # a lease holder is gone already
-            runner._wait(timeout)
-            if runner._poke or (self.watch.fd is None and self.watch.drain()):
-                return  # the journal changed, or a lease holder exited
-            if nxt is not None and time.time() >= nxt:
-                runner.device = _fresh_device(self.paths)
-                return
-            if timeout is not None and poll is None and timeout >= MAX_SLEEP - 1:
-                return  # the longest sleep: plan again (a clock change, a suspend)
+
+    def _look_again(self, runner):
+        """The state, when nothing calls for a plan at once (else None: wake up)."""
+        flags = runner.signals.flags
+        if flags.get("expire"):
+            return None
+        if flags.get("hup"):
+            return None  # tick() reloads, then the Runner plans with the new workers
+        if self.watch.drain():
+            # A change since the Runner last planned (another process's enqueue may have been
+            # folded into one of our own transactions without a plan): plan once more.
+            return None
+        view = runner.store.load(full=False)
+        if view.damage:
+            raise JournalError(
+                f"the journal has {len(view.damage)} damaged record(s) ({view.damage[0].describe()}); "
+                "serve stops, because a lost cancel or completion could run work twice",
+                hint="run `kmpwm doctor --repair` to quarantine the damage, then start it again",
+            )
+        if runner.store.position() != runner.planned_at:
+            # Records that the Runner's last plan did not see (another process's, folded by
+            # this load or by one of our transactions that planned nothing): wake_plan would
+            # take a task among them that is due now for one that waits for a constraint,
+            # and sleep a minute.  Plan again.
+            return None
+        return view
+
+    def _sleep_once(self, runner, view) -> bool:
+        """Sleep until the next due time, a change or a lease holder's exit; False: wake up."""
+        now = time.time()
+        nxt, holders = wake_plan(view.state, now, runner.runner_id, runner.host)
+        if nxt is not None and nxt <= now:
+            return False
+        timeout = None if nxt is None else min(nxt - now + 0.0005, MAX_SLEEP)
+        poll = self.watch.poll_interval()
+        if poll is not None:
+            timeout = poll if timeout is None else min(timeout, poll)
+        self._watch_holders(runner, holders)
+        if runner._poke:
+            return False  # a lease holder is gone already
+        runner._wait(timeout)
+        if runner._poke or (self.watch.fd is None and self.watch.drain()):
+            return False  # the journal changed, or a lease holder exited
+        if nxt is not None and time.time() >= nxt:
+            runner.device = _fresh_device(self.paths)
+            return False
+        # the longest sleep: plan again (a clock change, a suspend)
+        return timeout is None or poll is not None or timeout < MAX_SLEEP - 1
 
     # -- helpers --------------------------------------------------------------------------
 
