@@ -47,11 +47,11 @@ from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, rule, run_state_machine_as_test
 
 import kmpwm.platform.procs as procs
-import kmpwm.running.runner as runner_mod
 from kmpwm.api import Scheduler
-from kmpwm.core.models import Constraints, TaskRequest
-from kmpwm.core.state import apply, chain_next_step, chain_state, new_state, occurrence_open, pause_of
+from kmpwm.core.models import DEFAULT_GRACE, Constraints, TaskRequest
+from kmpwm.core.state import apply, chain_next_step, chain_state, new_state
 from kmpwm.core.triggers import next_after_run
+from kmpwm.running import claims
 from kmpwm.scheduling.plan import MAX_CRASHES, lease_state, plan, time_limit
 from kmpwm.scheduling.probes import Device
 from kmpwm.scheduling.steering import retry_op
@@ -62,8 +62,7 @@ T0 = 1_900_000_000.0
 FAKE_HOST = "simhost-not-this-machine"
 FINAL = {"SUCCEEDED", "FAILED", "CANCELLED"}
 UNFINISHED = {"ENQUEUED", "BLOCKED", "RUNNING"}
-GRACE = runner_mod.DEFAULT_GRACE
-LEASE_EXTRA = GRACE + runner_mod.LEASE_MARGIN + getattr(runner_mod, "PREFETCH_MARGIN", 0.0)
+GRACE = DEFAULT_GRACE
 STATUSES = ["SUCCESS", "SUCCESS", "SUCCESS", "SUCCESS", "FAILURE", "RETRY", "RETRY", "EXPIRED", "EXPIRED"]
 
 # Simulated liveness of runner processes, by pid (used when runners claim to be on this host).
@@ -118,9 +117,8 @@ class SimRunner:
         self.token = f"tok{self.pid}"
         self.held: dict[str, dict] = {}  # id -> {"seq", "until", "started"}
         self.done: set[str] = set()
-        self.queue: list[dict] = []  # candidates of the last plan, best last
-        self.broken: set[str] = set()
-        self.occ: dict[str, str] = {}  # the occurrence each candidate's claim names
+        self.planned = claims.Candidates()  # the last plan's candidates, the occurrence each claim names
+        self.who = claims.Identity(self.rid, self.pid, self.token, None, host)
         if host == procs.host():
             ALIVE[self.pid] = True  # a pid on another host means nothing here: never "alive" locally
 
@@ -301,10 +299,11 @@ class Interleavings(RuleBasedStateMachine):
                 )
 
     def _claim(self, r: SimRunner, acc: list, *, replan: bool, free: int) -> list[str]:
-        """kmpwm.running.runner.Runner._claim, against the model's state."""
+        """What kmpwm.running.runner.Runner._claim does, against the model's state: the plan, then
+        the real claim function (kmpwm.running.claims.claim) for its candidates."""
         now = self.clock
         state = self.state
-        if replan or not r.queue:
+        if replan or not r.planned.queue:
             p = plan(state, now, self.device, exclude=r.done | set(r.held), known_worker=lambda n: True)
             before = {
                 op["id"]: (state["tasks"][op["id"]]["state"], lease_state(state["tasks"][op["id"]], now))
@@ -319,44 +318,31 @@ class Interleavings(RuleBasedStateMachine):
                     assert before[op["id"]][0] == "RUNNING" and before[op["id"]][1] != "held", (op, before[op["id"]])
                     self.legit_failed.add((op["id"], op["seq"]))
                     event("quarantined after crashes")
-            r.queue = list(reversed(p.due))
-            r.broken = set(p.broken)
-            r.occ = dict(p.occ)
+            r.planned = claims.Candidates.of(p)
             if not self.SAME_HOST:  # another host's lease is taken over only once it ended
                 late = {i for i in p.broken if lease_state(state["tasks"][i], now) != "expired"}
                 assert not late, f"a lease of another host was taken before it ended: {late}"
         picks = []
-        while r.queue and len(picks) < free:
-            cand = r.queue.pop()
-            t = state["tasks"].get(cand["id"])
-            if t is None or t["seq"] != cand["seq"] or t["id"] in r.done or t["id"] in r.held:
-                continue
-            if pause_of(state, t, now) is not None:
-                continue  # paused since the plan (kmpwm.running.runner.Runner._claim)
-            if not occurrence_open(t, r.occ[t["id"]]):
+        taken = r.done | set(r.held)
+        while r.planned.queue and len(picks) < free:
+            c = claims.claim(
+                state,
+                r.planned.queue.pop(),
+                now,
+                r.who,
+                planned=r.planned,
+                grace=GRACE,
+                limit_of=lambda t: (None, time_limit(t)),
+                taken=taken,
+            )
+            if c == "the planned occurrence ran meanwhile":
                 event("claim: the planned occurrence ran meanwhile")
-                continue
-            if t["state"] == "ENQUEUED" and t["due"] <= now:
-                picks.append(t)
-            elif t["state"] == "RUNNING" and lease_state(t, now) != "held":
-                picks.append(t)
+            if isinstance(c, claims.Claim):
+                assert c.occurrence == r.planned.occ[c.id], "a claim names the occurrence planned"
+                picks.append(c)
         if not picks:
             return []
-        ops = []
-        for t in picks:
-            op = {
-                "op": "claim",
-                "id": t["id"],
-                "seq": t["seq"],
-                "runner": r.rid,
-                "pid": r.pid,
-                "token": r.token,
-                "until": now + time_limit(t) + LEASE_EXTRA,
-                "occ": r.occ[t["id"]],
-            }
-            if t["id"] in r.broken:  # as Runner._claim marks it
-                op["broken"] = "expired" if lease_state(t, now) == "expired" else True
-            ops.append(op)
+        ops = [c.op for c in picks]
         res = self._stage(ops, acc)
         claimed = []
         for op, ok in zip(ops, res):
@@ -467,7 +453,7 @@ class Interleavings(RuleBasedStateMachine):
             "runner": r.rid,
             "pid": r.pid,
             "token": r.token,
-            "until": self.clock + time_limit(t) + LEASE_EXTRA,
+            "until": claims.lease_end(self.clock, time_limit(t), GRACE),
         }
         [ok] = self._write([op], [])
         event(f"racy claim of a {before} task {'accepted' if ok else 'refused'}")
@@ -936,7 +922,7 @@ def test_expiries_then_give_up_keep_succeeded_sibling(simulated_liveness):
 # every lease; they cannot cover a wait in the ready queue that grows with the number of tasks
 # claimed ahead (parallel + prefetch) times their run time.
 _SCALED_KMPWM = (
-    "import sys, kmpwm.running.runner as r; r.LEASE_MARGIN = 0.0; r.PREFETCH_MARGIN = 0.0; "
+    "import sys, kmpwm.running.claims as c; c.LEASE_MARGIN = 0.0; c.PREFETCH_MARGIN = 0.0; "
     "sys.argv = ['kmpwm'] + sys.argv[1:]; from kmpwm.cli.app import run; run()"
 )
 

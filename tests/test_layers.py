@@ -29,8 +29,6 @@ DEBTS = {
     # run-now runs a task through the runner (issue 15: the command moves to cli/)
     ("kmpwm.scheduling.steering", "kmpwm.running.runner"),
     # domain code that still prints (issue 15 step 2)
-    ("kmpwm.running.expiry", "kmpwm.cli.output"),
-    ("kmpwm.running.serve", "kmpwm.cli.output"),
     ("kmpwm.scheduling.events", "kmpwm.cli.output"),
     ("kmpwm.scheduling.explain", "kmpwm.cli.output"),
     ("kmpwm.scheduling.preview", "kmpwm.cli.output"),
@@ -42,9 +40,6 @@ DEBTS = {
 # its stdout and stderr are the worker's own, which run-due captures).
 PRINTS = {
     "kmpwm.running.worker_host",
-    "kmpwm.running.expiry",
-    "kmpwm.running.runner",
-    "kmpwm.running.serve",
     "kmpwm.scheduling.events",
     "kmpwm.scheduling.explain",
     "kmpwm.scheduling.preview",

@@ -303,7 +303,8 @@ def test_nul_byte_in_an_input_reaches_a_command_worker_on_stdin(tmp_path, home):
 
 
 def test_poll_of_a_job_never_started_does_not_reap_another_process():
-    from kmpwm.running.runner import Job, _poll
+    from kmpwm.running.jobs import Job
+    from kmpwm.running.jobs import poll as _poll
 
     child = subprocess.Popen(["true"])
     wait_for(lambda: gone(child.pid), 10, "the child to exit")

@@ -567,7 +567,7 @@ def test_a_worker_forked_as_run_due_dies_never_runs(tmp_path):
     log = tmp_path / "child.log"
     code = f"""
 import os, sys, time
-from kmpwm.running import runner
+from kmpwm.running import child
 
 parent = os.getpid()
 if os.fork() == 0:
@@ -575,7 +575,7 @@ if os.fork() == 0:
         time.sleep(0.005)
     with open({str(log)!r}, "a") as f:
         f.write("arming\\n")
-    runner._die_with_parent(parent)
+    child.die_with_parent(parent)
     with open({str(log)!r}, "a") as f:
         f.write("survived\\n")
     os._exit(0)

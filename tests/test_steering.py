@@ -479,9 +479,9 @@ def test_tasks_claimed_ahead_are_handed_back_when_paused(home):
     runner._avg_run = 0.01  # fast runs so far: it claims ahead
     started_ids = []
 
-    def fake_start(task, info, limit, upstream):
-        started_ids.append(task["id"])
-        runner.jobs[task["id"]] = None  # the one slot is busy
+    def fake_start(claim):
+        started_ids.append(claim.id)
+        runner.jobs[claim.id] = None  # the one slot is busy
 
     runner._start = fake_start
     assert runner._cycle(True, replan=True) == 4  # one started, three claimed ahead

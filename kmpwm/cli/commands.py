@@ -475,13 +475,13 @@ def run_due(paths, budget, grace, parallel, max_tasks, dry_run, as_json) -> int:
 
 
 def serve(paths, parallel, grace, as_json=False) -> int:
-    from kmpwm.running.serve import serve_command
+    from kmpwm.cli.serve import serve_command
 
     return serve_command(paths, parallel=parallel, grace=grace, as_json=as_json)
 
 
 def simulate_expire(paths, ids, all_, grace, as_json) -> int:
-    from kmpwm.running.expiry import simulate_expire_command
+    from kmpwm.cli.expire import simulate_expire_command
 
     return simulate_expire_command(paths, ids, all_, grace, as_json)
 

@@ -63,6 +63,7 @@ def run_due_command(paths: Paths, *, budget, grace, parallel, max_tasks, dry_run
             dry_run=dry_run,
             on_event=progress.event if progress else None,
             store=store,
+            warn=warn,
         )
         code = runner.run()
         doc, expire_reason, failed = runner.report.doc(), runner.expire_reason, runner.report.failed
@@ -121,6 +122,12 @@ def _failures(doc: dict, failed: list) -> None:
         lines.append(f"kmpwm: {f['id']} ({f['worker']}) failed: {f['reason']}")
     for line in lines:
         sys.stderr.write(printable(line) + "\n")
+
+
+def warn(text: str) -> None:
+    """A runner's warning (Runner's ``warn``), as it happens: on stderr."""
+    sys.stderr.write(f"kmpwm: {text}\n")
+    sys.stderr.flush()
 
 
 def _mark_last_run(paths: Paths) -> None:

@@ -6,11 +6,9 @@ from __future__ import annotations
 
 import os
 import signal
-import sys
 import time
 
 from kmpwm.core.state import base_id, members
-from kmpwm.core.timeparse import parse_duration
 from kmpwm.platform import procs
 from kmpwm.scheduling.leases import lease_state
 from kmpwm.storage.paths import Paths, private_subdir
@@ -19,27 +17,12 @@ from kmpwm.storage.stores import open_store
 EXPIRE_SIGNAL = signal.SIGUSR1
 
 
-def simulate_expire_command(paths: Paths, ids: list[str], all_: bool, grace, as_json: bool) -> int:
-    from kmpwm.cli.output import print_json, say
-
-    grace_s = parse_duration(grace, what="grace") if grace is not None else None
+def simulate_expire(paths: Paths, ids: list[str], all_: bool, grace_s: float | None) -> list[dict]:
+    """Signal the run-due processes of this host running ``ids`` (chain ids name their tasks;
+    ``all_``: every running task); ``grace_s``: the grace period they are to give their workers.
+    Returns who was signalled: [{"pid", "runner", "tasks"}]."""
     state = open_store(paths).load(full=False).state
-    now = time.time()
-    wanted = set(ids)
-    chains = state["chains"]
-    for cid in ids:
-        if cid in chains:
-            wanted.update(t["id"] for t in members(state, chains[cid]))
-    runners: dict[tuple, list[str]] = {}
-    for t in state["tasks"].values():
-        lease = t.get("lease")
-        if not lease or lease_state(t, now) != "held":
-            continue
-        if not all_ and t["id"] not in wanted and base_id(t["id"]) not in wanted:
-            continue
-        if lease["runner"].split("/", 1)[0] != procs.host():
-            continue  # held on another machine sharing this home
-        runners.setdefault((lease.get("pid"), lease.get("token"), lease["runner"]), []).append(t["id"])
+    runners = _holders(state, _wanted(state, ids), all_, time.time())
     signalled = []
     for (pid, token, runner), tasks in runners.items():
         if not procs.alive(pid, token):
@@ -54,12 +37,28 @@ def simulate_expire_command(paths: Paths, ids: list[str], all_: bool, grace, as_
         except ProcessLookupError:
             continue
         signalled.append({"pid": pid, "runner": runner, "tasks": sorted(tasks)})
-    code = 0 if signalled else 1
-    if as_json:
-        print_json({"signalled": signalled, "exit_code": code})
-    elif signalled:
-        for s in signalled:
-            say(f"sent the expiration signal to run-due pid {s['pid']} (running {', '.join(s['tasks'])})")
-    else:
-        sys.stderr.write("kmpwm: nothing matching is running\n")
-    return code
+    return signalled
+
+
+def _wanted(state: dict, ids: list[str]) -> set[str]:
+    wanted = set(ids)
+    chains = state["chains"]
+    for cid in ids:
+        if cid in chains:
+            wanted.update(t["id"] for t in members(state, chains[cid]))
+    return wanted
+
+
+def _holders(state: dict, wanted: set[str], all_: bool, now: float) -> dict[tuple, list[str]]:
+    """(pid, token, runner id) -> the wanted tasks it holds a lease on, for runners of this host."""
+    runners: dict[tuple, list[str]] = {}
+    for t in state["tasks"].values():
+        lease = t.get("lease")
+        if not lease or lease_state(t, now) != "held":
+            continue
+        if not all_ and t["id"] not in wanted and base_id(t["id"]) not in wanted:
+            continue
+        if lease["runner"].split("/", 1)[0] != procs.host():
+            continue  # held on another machine sharing this home
+        runners.setdefault((lease.get("pid"), lease.get("token"), lease["runner"]), []).append(t["id"])
+    return runners

@@ -1,7 +1,7 @@
 """Process groups of workers whose run-due was killed (the crash case of leftover processes).
 
 Every worker starts in a process group of its own, and run-due kills what is left of the group
-when the worker ends (runner._end_group_if_exited).  If run-due itself is killed, its workers
+when the worker ends (jobs.end_group_if_exited).  If run-due itself is killed, its workers
 get SIGKILL (PR_SET_PDEATHSIG), but what they started does not: a background job would keep
 running beside the re-run of its task.  So run-due notes each worker's group in
 ``runners/<pid>.groups`` (the group's number and its leader's start token, one line each), and

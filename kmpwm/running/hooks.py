@@ -95,6 +95,28 @@ class HookRunner:
         except Exception as exc:  # a hook never fails the run
             self._failed(kind, doc, f"could not start: {exc}")
 
+    def fire_results(self, rows: list, failed: list, state: dict) -> None:
+        """After a runner's results are durable, once (at most once: nothing starts them again):
+        ``on_success`` for each run that succeeded (``rows``: (job, row)), ``on_failure`` for
+        each task the record ended FAILED (``failed``: ids), with or without a run of its own."""
+        if os.environ.get("KMPWM_CRASH_AT") == "before-hooks":  # crash injection for the tests
+            os.kill(os.getpid(), signal.SIGKILL)
+        ran = {job.id: (job, row) for job, row in rows}
+        tasks = state["tasks"]
+        for job, row in rows:
+            if row["status"] == "SUCCESS" and job.id in tasks:
+                self.fire("on_success", payload(tasks[job.id], "SUCCESS", row["message"], row["data"], job.attempt))
+        for tid in dict.fromkeys(failed):
+            t = tasks.get(tid)
+            if t is None:
+                continue
+            if tid in ran:
+                job, row = ran[tid]
+                doc = payload(t, row["status"], row["message"], row["data"], job.attempt)
+            else:  # failed without a run of its own (upstream failed, window missed)
+                doc = payload(t, "FAILURE", t.get("reason"), None, t["attempts"])
+            self.fire("on_failure", doc)
+
     def _env(self, doc: dict) -> dict:
         env = {k: v for k, v in os.environ.items() if not k.startswith("KMPWM_") or k in ("KMPWM_HOME",)}
         env.update(
@@ -154,7 +176,7 @@ class HookRunner:
         if shutil.which("notify-send"):
             argv = ["notify-send", title, body]
         elif sys.platform == "darwin" and shutil.which("osascript"):
-            from kmpwm.running.runner import _applescript
+            from kmpwm.running.launch import applescript as _applescript
 
             argv = ["osascript", "-e", f"display notification {_applescript(body)} with title {_applescript(title)}"]
         if argv is None:

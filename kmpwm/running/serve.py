@@ -26,12 +26,11 @@ With nothing due and nothing changing it makes no system call at all.  Coexistin
 from __future__ import annotations
 
 import os
-import signal
 import sys
 import time
 
 from kmpwm.core.exitcodes import JournalError, KmpwmError
-from kmpwm.storage.paths import Paths, private_subdir
+from kmpwm.storage.paths import Paths
 
 RECHECK = 60.0  # due work waiting for a constraint or a trigger condition: look again this often
 MAX_SLEEP = 900.0  # longest sleep while something is due later (clock changes, suspend)
@@ -224,7 +223,7 @@ class Serve:
 
     def __init__(self, paths: Paths, *, log=None):
         self.paths = paths
-        self.log = log or _log
+        self.log = log or (lambda line: None)  # log(line): what serve says as it goes (the CLI prints it)
         self.watch = None
         self._registered = False
         self._holders: dict[int, int] = {}  # pid -> pidfd
@@ -241,7 +240,7 @@ class Serve:
         # then noticed, one before it is in the plan.  (Armed only when it first fell asleep, the
         # watch missed any enqueue between the last plan and the arming: issue 19.)
         self._start_watching(runner)
-        flags = runner._flags
+        flags = runner.signals.flags
         if flags.get("hup"):
             flags["hup"] = False
             self.reload(runner)
@@ -262,47 +261,57 @@ class Serve:
         self._fresh_pass(runner)
         self._maybe_compact()
         while True:
-            flags = runner._flags
-            if flags.get("expire"):
+            view = self._look_again(runner)
+            if view is None or not self._sleep_once(runner, view):
                 return
-            if flags.get("hup"):
-                return  # tick() reloads, then the Runner plans with the new workers
-            if self.watch.drain():
-                # A change since the Runner last planned (another process's enqueue may have been
-                # folded into one of our own transactions without a plan): plan once more.
-                return
-            view = runner.store.load(full=False)
-            if view.damage:
-                raise JournalError(
-                    f"the journal has {len(view.damage)} damaged record(s) ({view.damage[0].describe()}); "
-                    "serve stops, because a lost cancel or completion could run work twice",
-                    hint="run `kmpwm doctor --repair` to quarantine the damage, then start it again",
-                )
-            if runner.store.position() != runner.planned_at:
-                # Records that the Runner's last plan did not see (another process's, folded by
-                # this load or by one of our transactions that planned nothing): wake_plan would
-                # take a task among them that is due now for one that waits for a constraint,
-                # and sleep a minute.  Plan again.
-                return
-            now = time.time()
-            nxt, holders = wake_plan(view.state, now, runner.runner_id, runner.host)
-            if nxt is not None and nxt <= now:
-                return
-            timeout = None if nxt is None else min(nxt - now + 0.0005, MAX_SLEEP)
-            poll = self.watch.poll_interval()
-            if poll is not None:
-                timeout = poll if timeout is None else min(timeout, poll)
-            self._watch_holders(runner, holders)
-            if runner._poke:
-                return  # a lease holder is gone already
-            runner._wait(timeout)
-            if runner._poke or (self.watch.fd is None and self.watch.drain()):
-                return  # the journal changed, or a lease holder exited
-            if nxt is not None and time.time() >= nxt:
-                runner.device = _fresh_device(self.paths)
-                return
-            if timeout is not None and poll is None and timeout >= MAX_SLEEP - 1:
-                return  # the longest sleep: plan again (a clock change, a suspend)
+
+    def _look_again(self, runner):
+        """The state, when nothing calls for a plan at once (else None: wake up)."""
+        flags = runner.signals.flags
+        if flags.get("expire"):
+            return None
+        if flags.get("hup"):
+            return None  # tick() reloads, then the Runner plans with the new workers
+        if self.watch.drain():
+            # A change since the Runner last planned (another process's enqueue may have been
+            # folded into one of our own transactions without a plan): plan once more.
+            return None
+        view = runner.store.load(full=False)
+        if view.damage:
+            raise JournalError(
+                f"the journal has {len(view.damage)} damaged record(s) ({view.damage[0].describe()}); "
+                "serve stops, because a lost cancel or completion could run work twice",
+                hint="run `kmpwm doctor --repair` to quarantine the damage, then start it again",
+            )
+        if runner.store.position() != runner.planned_at:
+            # Records that the Runner's last plan did not see (another process's, folded by
+            # this load or by one of our transactions that planned nothing): wake_plan would
+            # take a task among them that is due now for one that waits for a constraint,
+            # and sleep a minute.  Plan again.
+            return None
+        return view
+
+    def _sleep_once(self, runner, view) -> bool:
+        """Sleep until the next due time, a change or a lease holder's exit; False: wake up."""
+        now = time.time()
+        nxt, holders = wake_plan(view.state, now, runner.runner_id, runner.host)
+        if nxt is not None and nxt <= now:
+            return False
+        timeout = None if nxt is None else min(nxt - now + 0.0005, MAX_SLEEP)
+        poll = self.watch.poll_interval()
+        if poll is not None:
+            timeout = poll if timeout is None else min(timeout, poll)
+        self._watch_holders(runner, holders)
+        if runner._poke:
+            return False  # a lease holder is gone already
+        runner._wait(timeout)
+        if runner._poke or (self.watch.fd is None and self.watch.drain()):
+            return False  # the journal changed, or a lease holder exited
+        if nxt is not None and time.time() >= nxt:
+            runner.device = _fresh_device(self.paths)
+            return False
+        # the longest sleep: plan again (a clock change, a suspend)
+        return timeout is None or poll is not None or timeout < MAX_SLEEP - 1
 
     # -- helpers --------------------------------------------------------------------------
 
@@ -373,7 +382,7 @@ class Serve:
     def _fresh_pass(self, runner) -> None:
         """What a new run-due would start with: no memory of finished runs, new device readings."""
         runner.done.clear()
-        from kmpwm.running.runner import Report
+        from kmpwm.running.jobs import Report
 
         runner.report = Report()
         runner.device = _fresh_device(self.paths)
@@ -404,11 +413,7 @@ class Serve:
             return
         runner._registry = fresh
         runner._known_cache.clear()
-        for host in runner._hosts:  # pool hosts hold the old workers: idle ones retire now
-            if host.job is None:
-                runner._close_host(host)
-            else:
-                host.retire = True
+        runner.pool.retire()  # pool hosts hold the old workers: idle ones retire now
         runner._poke = True
         self.log("config.toml re-read")
 
@@ -424,11 +429,6 @@ class Serve:
             self.watch.close()
 
 
-def _log(line: str) -> None:
-    sys.stderr.write(f"kmpwm serve: {line}\n")
-    sys.stderr.flush()
-
-
 def _fresh_device(paths: Paths):
     from kmpwm.scheduling.probes import Device
 
@@ -438,18 +438,18 @@ def _fresh_device(paths: Paths):
 # -- who is serving ---------------------------------------------------------------------------
 
 
-def _state_file(paths: Paths, pid: int):
+def state_file(paths: Paths, pid: int):
     return paths.runners_dir / f"{STATE_PREFIX}{pid}.json"
 
 
-def _write_state(paths: Paths) -> None:
+def write_state(paths: Paths) -> None:
     import orjson
 
     from kmpwm.platform import procs
 
     pid = os.getpid()
     doc = {"pid": pid, "token": procs.token(pid), "host": procs.host(), "started_at": time.time()}
-    path = _state_file(paths, pid)
+    path = state_file(paths, pid)
     tmp = path.with_suffix(".tmp")
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | getattr(os, "O_NOFOLLOW", 0), 0o600)
     try:
@@ -489,49 +489,3 @@ def running_serves(paths: Paths) -> list[dict]:
             except OSError:
                 pass
     return found
-
-
-# -- the command ------------------------------------------------------------------------------
-
-
-def serve_command(paths: Paths, *, parallel: int | None, grace: str | None, as_json: bool = False) -> int:
-    from kmpwm.core.models import DEFAULT_GRACE
-    from kmpwm.core.timeparse import parse_duration
-    from kmpwm.running.runner import Runner
-
-    grace_s = parse_duration(grace, what="grace") if grace is not None else DEFAULT_GRACE
-    private_subdir(paths.runners_dir)
-    serve = Serve(paths)
-
-    def done(kind, payload):
-        if kind != "done":
-            return
-        _job, row = payload
-        if row["status"] == "FAILURE":
-            from kmpwm.cli.output import printable
-
-            serve.log(printable(f"{row['id']} ({row['worker']}) failed: {row['message']}"))
-
-    runner = Runner(paths, grace=grace_s, parallel=parallel, on_event=done, serve=serve)
-    _write_state(paths)
-    serve.log(f"serving {paths.journal_dir.parent} (pid {os.getpid()})")
-    try:
-        code = runner.run()
-    finally:
-        serve.close(runner)
-        try:
-            _state_file(paths, os.getpid()).unlink()
-        except OSError:
-            pass
-    signo = runner._flags.get("signo")
-    expired = runner.report.expired
-    if code == 75 and signo in (signal.SIGTERM, signal.SIGINT):
-        serve.log(f"stopped ({signal.Signals(signo).name}); {len(expired)} running task(s) savepointed and released")
-        code = 0
-    elif code == 75:
-        serve.log(f"the run expired ({runner.expire_reason}); running tasks savepointed and released")
-    if as_json:  # one document, at the end: how it stopped and what it handed back
-        from kmpwm.cli.output import print_json
-
-        print_json({"stopped_by": signal.Signals(signo).name if signo else None, "expired": expired, "exit_code": code})
-    return code

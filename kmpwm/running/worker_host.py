@@ -11,6 +11,7 @@ import importlib
 import inspect
 import signal
 import sys
+import time
 import traceback
 from typing import Any
 
@@ -124,6 +125,57 @@ def _run(info, input: str | None, ctx: WorkerContext) -> dict:
             "data": None,
         }
     return {"status": result.status, "message": result.message, "data": result.data}
+
+
+# -- a forked worker process (KMPWM_POOL=0) and what every worker process shares ---------------
+
+
+def forked_main(info, task: dict, *, attempt: int, upstream: dict, limit: float, progress, env: dict, fd: int) -> None:
+    """The body of a worker process forked for one task: run it, write its result to ``fd``."""
+    import os
+
+    import orjson
+
+    ctx = WorkerContext(
+        task_id=task["id"],
+        attempt=attempt,
+        upstream=upstream,
+        input=task["input"],
+        worker=task["worker"],
+        chain_id=task.get("chain_id"),
+        step=task.get("step"),
+        deadline=time.monotonic() + limit,
+        progress_file=progress,
+    )
+    os.environ.update(env)
+    result = run_in_child(info, task["input"], ctx)
+    try:
+        blob = orjson.dumps(result, default=str)
+    except TypeError as exc:
+        blob = orjson.dumps({"status": "FAILURE", "message": f"result not JSON-serialisable: {exc}", "data": None})
+    sys.stdout.flush()
+    sys.stderr.flush()
+    from kmpwm.storage.journal import write_all
+
+    write_all(fd, blob)
+
+
+def child_failed() -> int:
+    """In a worker process that failed outside the worker: the traceback to its output (which
+    run-due logs), and the exit status that says so."""
+    try:
+        traceback.print_exc()
+        sys.stderr.flush()
+    except BaseException:
+        pass
+    return 70
+
+
+def flush_streams() -> None:
+    """In run-due, just before it forks a worker process: what run-due has buffered must not
+    be written again by the worker as part of its own output."""
+    sys.stdout.flush()
+    sys.stderr.flush()
 
 
 # -- the warm pool: a host process runs Python tasks one after another ------------------------
