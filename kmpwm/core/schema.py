@@ -103,6 +103,7 @@ if TYPE_CHECKING:  # creating the types costs ~2 ms: for readers and type checke
         op: Literal["release"]
         id: str
         seq: int
+        born: float
         runner: str
         due: float
 
@@ -248,8 +249,13 @@ def result(task: dict, runner: str, status: str, message, data, duration_ms: int
     return op
 
 
-def release(task: dict, runner: str, due: float | None = None) -> Release:
-    op: Release = {"op": "release", "id": task["id"], "seq": task["seq"], "runner": runner}
+def release(task: dict, runner: str, *, born: bool = False, due: float | None = None) -> Release:
+    """A claimed task handed back without a result (``born``: say which task it was, by its
+    created_at, as a claim does)."""
+    op: Release = {"op": "release", "id": task["id"], "seq": task["seq"]}
+    if born:
+        op["born"] = task["created_at"]
+    op["runner"] = runner
     if due is not None:
         op["due"] = due
     return op

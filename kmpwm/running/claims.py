@@ -13,6 +13,7 @@ from __future__ import annotations
 from collections.abc import Callable, Container
 from dataclasses import dataclass, field
 
+from kmpwm.core import schema
 from kmpwm.core.state import due_at, occurrence_open, pause_of
 from kmpwm.scheduling.leases import lease_state
 from kmpwm.scheduling.plan import upstream_of
@@ -142,16 +143,7 @@ def claim(
         return why
     t = state["tasks"][cand["id"]]
     info, limit = limit_of(t)
-    op = {
-        "op": "claim",
-        "id": t["id"],
-        "seq": t["seq"],
-        "born": t["created_at"],
-        "runner": who.runner,
-        "pid": who.pid,
-        "token": who.token,
-        "until": lease_end(now, limit, grace),
-    }
+    op = schema.claim(t, who.runner, who.pid, who.token, lease_end(now, limit, grace))
     if occ is not None:
         op["occ"] = occ  # the occurrence this claim consumes (state.occurrence)
     if who.boot:

@@ -8,6 +8,7 @@ import time
 
 import orjson
 
+from kmpwm.core import schema
 from kmpwm.core.triggers import next_after_run, task_offset
 from kmpwm.running.jobs import Job
 from kmpwm.storage.paths import Paths
@@ -45,25 +46,13 @@ def release_op(job: Job, runner_id: str) -> dict:
     """Cancelled while it ran: no result (the task stays CANCELLED); the release says its worker
     is gone, which takes down the fence of the cancelled run."""
     t = job.task
-    return {"op": "release", "id": t["id"], "seq": t["seq"], "runner": runner_id}
+    return schema.release(t, runner_id)
 
 
 def result_op(job: Job, res: dict, duration_ms: int, now: float, runner_id: str, forced: bool) -> dict:
     t = job.task
     status = res["status"]
-    op = {
-        "op": "result",
-        "id": t["id"],
-        "seq": t["seq"],
-        "born": t["created_at"],
-        "runner": runner_id,
-        "status": status,
-        "message": res.get("message"),
-        "data": res.get("data"),
-        "duration_ms": duration_ms,
-    }
-    if t.get("lease"):
-        op["claimed"] = t["lease"]["since"]  # the claim it ran under: a lost claim loses no result
+    op = schema.result(t, runner_id, status, res.get("message"), res.get("data"), duration_ms)
     if status not in RECORDED:
         return op
     if t.get("_trig_update"):

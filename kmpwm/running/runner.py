@@ -22,6 +22,7 @@ import signal
 import time
 import uuid
 
+from kmpwm.core import schema
 from kmpwm.core.exitcodes import ConfigError, JournalError, KmpwmError
 from kmpwm.core.models import DEFAULT_GRACE
 from kmpwm.core.state import pause_of
@@ -487,13 +488,7 @@ class Runner:
         return rows
 
     def _release_op(self, c: Claim) -> dict:
-        return {
-            "op": "release",
-            "id": c.id,
-            "seq": c.task["seq"],
-            "born": c.task["created_at"],
-            "runner": self.runner_id,
-        }
+        return schema.release(c.task, self.runner_id, born=True)
 
     def _recorded(self, rows: list) -> None:
         """The results of ``rows`` are durable now: report them, end their runs' output files."""
