@@ -308,37 +308,49 @@ def _finish(state: dict, t: dict, new_state: str, ts: float, reason: str | None,
     if t.get("after"):
         _drop_waits(state, t)  # a finished task waits on nothing
     _release_waiters(state, t, ts, emit)
-    chain = state["chains"].get(t["chain_id"]) if t["chain_id"] else None
-    if chain is None or t["step"] is None:
+    chain = _chain_of_step(state, t)
+    if chain is None:
         return
-    steps = chain["steps"]
-    if not 1 <= t["step"] <= len(steps) or t["id"] not in steps[t["step"] - 1]:
-        return  # a task of an earlier chain of that id: not part of this one
     if new_state == "SUCCEEDED":
-        step = steps[t["step"] - 1]
-        done = True
-        for i in step:
-            m = member(state, chain, i)
-            if m is not None and m["state"] != "SUCCEEDED":
-                done = False
-                break
-        if done and t["step"] < len(steps):
-            for i in steps[t["step"]]:
-                nxt = member(state, chain, i)
-                if nxt and nxt["state"] == "BLOCKED" and not _waiting_on(state, nxt):
-                    nxt["state"] = "ENQUEUED"
-                    nxt["due"] = max(nxt["due"], ts)
-                    nxt["updated_at"] = ts
-                    if emit:
-                        emit(ts, i, "unblocked", {"chain": chain["id"], "step": t["step"] + 1})
+        _step_succeeded(state, chain, t["step"], ts, emit)
         return
     downstream_state = "FAILED" if new_state == "FAILED" else "CANCELLED"
     why = "upstream failed" if new_state == "FAILED" else "upstream cancelled"
-    for later in steps[t["step"] :]:
+    for later in chain["steps"][t["step"] :]:
         for i in later:
             other = member(state, chain, i)
             if other and other["state"] in UNFINISHED:
                 _finish(state, other, downstream_state, ts, why, emit)
+
+
+def _chain_of_step(state: dict, t: dict) -> dict | None:
+    """The chain whose step ``t`` is (None: not in a chain, or a task of an earlier chain of that id)."""
+    chain = state["chains"].get(t["chain_id"]) if t["chain_id"] else None
+    if chain is None or t["step"] is None:
+        return None
+    steps = chain["steps"]
+    if not 1 <= t["step"] <= len(steps) or t["id"] not in steps[t["step"] - 1]:
+        return None
+    return chain
+
+
+def _step_succeeded(state: dict, chain: dict, number: int, ts: float, emit: Emit) -> None:
+    """A task of step ``number`` succeeded: when all of the step did, the next step's tasks go."""
+    steps = chain["steps"]
+    for i in steps[number - 1]:
+        m = member(state, chain, i)
+        if m is not None and m["state"] != "SUCCEEDED":
+            return
+    if number >= len(steps):
+        return
+    for i in steps[number]:
+        nxt = member(state, chain, i)
+        if nxt and nxt["state"] == "BLOCKED" and not _waiting_on(state, nxt):
+            nxt["state"] = "ENQUEUED"
+            nxt["due"] = max(nxt["due"], ts)
+            nxt["updated_at"] = ts
+            if emit:
+                emit(ts, i, "unblocked", {"chain": chain["id"], "step": number + 1})
 
 
 def _waiting_on(state: dict, t: dict) -> bool:
@@ -463,34 +475,12 @@ def _op_chain(state: dict, op: dict, ts: float, emit: Emit) -> dict:
 
 
 def _op_cancel(state: dict, op: dict, ts: float, emit: Emit) -> list:
-    tasks, chains = state["tasks"], state["chains"]
-    targets: list[str] = []
-    if op.get("all"):
-        targets = [i for i, t in tasks.items() if t["state"] in UNFINISHED]
-        for chain in chains.values():
-            if chain_next_step(state, chain) is not None:
-                chain["cancelled"] = True
-    elif op.get("tag") is not None:
-        tag = op["tag"]
-        targets = [i for i, t in tasks.items() if t["state"] in UNFINISHED and tag in t.get("tags", ())]
-        for _cid, chain in chains.items():
-            if tag in chain.get("tags", ()) and chain_next_step(state, chain) is not None:
-                chain["cancelled"] = True
-                targets += [t["id"] for t in members(state, chain) if t["state"] in UNFINISHED]
-    else:
-        for wanted in op.get("ids", ()):
-            chain = chains.get(wanted)
-            if chain is not None:
-                live = [t["id"] for t in members(state, chain) if t["state"] in UNFINISHED]
-                if live:
-                    chain["cancelled"] = True
-                targets += live
-            if wanted in tasks and "#" in wanted and tasks[wanted]["state"] in UNFINISHED:
-                targets.append(wanted)  # one appended task named exactly
-            elif "#" not in wanted:
-                targets += unfinished_family(state, wanted)
+    tasks = state["tasks"]
     if op.get("all") or op.get("tag") is not None:
+        targets = _cancel_all_or_tag(state, op.get("tag"))
         targets.sort(key=lambda i: tasks[i]["seq"])  # enqueue order, whatever the dict's order
+    else:
+        targets = _cancel_ids(state, op.get("ids", ()))
     cancelled: list[str] = []
     hook = _collect(cancelled, set(), emit)  # downstream steps cancelled too are reported as well
     for i in dict.fromkeys(targets):
@@ -498,6 +488,43 @@ def _op_cancel(state: dict, op: dict, ts: float, emit: Emit) -> list:
         if t["state"] in UNFINISHED:
             _finish(state, t, "CANCELLED", ts, "cancelled", hook)
     return cancelled
+
+
+def _cancel_all_or_tag(state: dict, tag: str | None) -> list[str]:
+    """The unfinished tasks to cancel for ``cancel --all`` (tag None) or ``--tag``; the live chains
+    concerned are marked cancelled."""
+    tasks, chains = state["tasks"], state["chains"]
+    if tag is None:
+        targets = [i for i, t in tasks.items() if t["state"] in UNFINISHED]
+        for chain in chains.values():
+            if chain_next_step(state, chain) is not None:
+                chain["cancelled"] = True
+        return targets
+    targets = [i for i, t in tasks.items() if t["state"] in UNFINISHED and tag in t.get("tags", ())]
+    for chain in chains.values():
+        if tag in chain.get("tags", ()) and chain_next_step(state, chain) is not None:
+            chain["cancelled"] = True
+            targets += [t["id"] for t in members(state, chain) if t["state"] in UNFINISHED]
+    return targets
+
+
+def _cancel_ids(state: dict, ids) -> list[str]:
+    """The unfinished tasks named: a chain's live tasks, a task with its appended ``ID#n`` ones,
+    or one ``ID#n`` named exactly."""
+    tasks, chains = state["tasks"], state["chains"]
+    targets: list[str] = []
+    for wanted in ids:
+        chain = chains.get(wanted)
+        if chain is not None:
+            live = [t["id"] for t in members(state, chain) if t["state"] in UNFINISHED]
+            if live:
+                chain["cancelled"] = True
+            targets += live
+        if wanted in tasks and "#" in wanted and tasks[wanted]["state"] in UNFINISHED:
+            targets.append(wanted)  # one appended task named exactly
+        elif "#" not in wanted:
+            targets += unfinished_family(state, wanted)
+    return targets
 
 
 def _collect(out: list, seen: set, emit: Emit) -> Emit:
@@ -513,42 +540,19 @@ def _collect(out: list, seen: set, emit: Emit) -> Emit:
 
 def _op_claim(state: dict, op: dict, ts: float, emit: Emit) -> bool:
     t = _current(state, op)
-    if t is None:
-        return False
-    lease = t["lease"]
-    if t["state"] not in ("RUNNING", "ENQUEUED"):
+    if t is None or t["state"] not in ("RUNNING", "ENQUEUED"):
         return False
     occ = op.get("occ")
     if occ is not None and not occurrence_open(t, occ):
         return False  # a claim planned on a stale view: that occurrence ran already
     if not op.get("forced") and pause_of(state, t, ts) is not None:
         return False  # paused after the claimer planned (run-now's claims are the user's say-so)
-    fences = state.get("fences")
-    fence = fences.get(t["id"]) if fences else None
-    if fence is not None:
-        if fence["until"] > ts and not op.get("fence_broken"):
-            return False  # a cancelled run of this id is still stopping
-        del fences[t["id"]]
-        if not fences:
-            del state["fences"]  # (a state without fences has no such key, as new_state() gives)
-    if t["state"] == "RUNNING":
-        if lease and lease["until"] > ts and not op.get("broken"):
-            return False  # held; "broken" means the writer saw the holder's process gone
-        if not (lease or {}).get("ahead") and not op.get("unstarted"):
-            t["crashes"] += 1  # the previous holder vanished without a result while running it
-        if emit and lease:
-            emit(
-                ts,
-                t["id"],
-                "runner-lost",
-                {
-                    "runner": lease.get("runner"),
-                    "pid": lease.get("pid"),
-                    "why": "its process is gone" if op.get("broken") is True else "its lease ended",
-                },
-            )
+    if not _past_fence(state, t["id"], op, ts):
+        return False  # a cancelled run of this id is still stopping
+    if t["state"] == "RUNNING" and not _take_over(t, op, ts, emit):
+        return False  # held; "broken" means the writer saw the holder's process gone
     t["state"] = "RUNNING"
-    t["lease"] = {
+    lease = t["lease"] = {
         "runner": op["runner"],
         "pid": op.get("pid"),
         "token": op.get("token"),
@@ -557,14 +561,43 @@ def _op_claim(state: dict, op: dict, ts: float, emit: Emit) -> bool:
     }
     t["claimed_at"] = ts  # the newest claim: a result of an older one is stale (_unseen_claim)
     if op.get("boot"):
-        t["lease"]["boot"] = op["boot"]  # the holder's boot: after a reboot it is gone for sure
+        lease["boot"] = op["boot"]  # the holder's boot: after a reboot it is gone for sure
     if occ is not None:
-        t["lease"]["occ"] = occ
+        lease["occ"] = occ
     if op.get("ahead"):
-        t["lease"]["ahead"] = True  # claimed ahead of a free slot: maybe never started
+        lease["ahead"] = True  # claimed ahead of a free slot: maybe never started
     t["updated_at"] = ts
     if emit:
         emit(ts, t["id"], "started", {"runner": op["runner"], "pid": op.get("pid"), "attempt": t["occ_attempts"] + 1})
+    return True
+
+
+def _past_fence(state: dict, task_id: str, op: dict, ts: float) -> bool:
+    """False while the fence of a cancelled run of ``task_id`` stands; a fence that ended (or
+    whose holder the claimer saw gone) is taken down."""
+    fences = state.get("fences")
+    fence = fences.get(task_id) if fences else None
+    if fence is None:
+        return True
+    if fence["until"] > ts and not op.get("fence_broken"):
+        return False
+    del fences[task_id]
+    if not fences:
+        del state["fences"]  # (a state without fences has no such key, as new_state() gives)
+    return True
+
+
+def _take_over(t: dict, op: dict, ts: float, emit: Emit) -> bool:
+    """A claim of a RUNNING task: only over a lease that ended or whose holder is gone; the gone
+    holder's run counts as a crash of the task unless it never started."""
+    lease = t["lease"]
+    if lease and lease["until"] > ts and not op.get("broken"):
+        return False
+    if not (lease or {}).get("ahead") and not op.get("unstarted"):
+        t["crashes"] += 1  # the previous holder vanished without a result while running it
+    if emit and lease:
+        why = "its process is gone" if op.get("broken") is True else "its lease ended"
+        emit(ts, t["id"], "runner-lost", {"runner": lease.get("runner"), "pid": lease.get("pid"), "why": why})
     return True
 
 
@@ -853,28 +886,25 @@ def _op_retry(state: dict, op: dict, ts: float, emit: Emit) -> list:
         t = tasks.get(tid)
         if t is None or t["state"] not in FINISHED or t["state"] == "SUCCEEDED":
             continue
-        chain = chains.get(t["chain_id"]) if t.get("chain_id") else None
-        step = t.get("step")
-        if (
-            chain is not None
-            and step
-            and step <= len(chain["steps"])
-            and tid in chain["steps"][step - 1]
-            and member(state, chain, tid) is not None
-        ):
-            if chain["id"] in done_chains:
-                continue
-            done_chains.add(chain["id"])
-            chain = chains[chain["id"]] = dict(chain)  # a new object: the snapshot writes history by identity
-            revived += _retry_chain(state, chain, ts, emit, op.get("by"))
+        chain = _chain_of_step(state, t) if t.get("chain_id") and t.get("step") else None
+        if chain is not None and member(state, chain, tid) is not None:
+            if chain["id"] not in done_chains:
+                done_chains.add(chain["id"])
+                chain = chains[chain["id"]] = dict(chain)  # a new object: the snapshot writes history by identity
+                revived += _retry_chain(state, chain, ts, emit, op.get("by"))
             continue
-        t = tasks[tid] = dict(t)
-        waiting = [d for d in t.get("after", ()) if d in tasks and tasks[d]["state"] in UNFINISHED]
-        _revive(t, "BLOCKED" if waiting else "ENQUEUED", ts, emit, op.get("by"))
-        for d in waiting:  # appended after a task that is unfinished: it waits for it again, as appended
-            state["waiters"].setdefault(d, []).append(tid)
+        _retry_task(state, tid, ts, emit, op.get("by"))
         revived.append(tid)
     return revived
+
+
+def _retry_task(state: dict, tid: str, ts: float, emit: Emit, by) -> None:
+    tasks = state["tasks"]
+    t = tasks[tid] = dict(tasks[tid])  # a new object (see _op_retry)
+    waiting = [d for d in t.get("after", ()) if d in tasks and tasks[d]["state"] in UNFINISHED]
+    _revive(t, "BLOCKED" if waiting else "ENQUEUED", ts, emit, by)
+    for d in waiting:  # appended after a task that is unfinished: it waits for it again, as appended
+        state["waiters"].setdefault(d, []).append(tid)
 
 
 def _retry_chain(state: dict, chain: dict, ts: float, emit: Emit, by) -> list[str]:
