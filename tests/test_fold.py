@@ -811,3 +811,41 @@ def test_due_now_work_stays_due_now_after_the_clock_goes_back():
     # the same records with the clock right: nothing changes
     assert due_at(s["tasks"]["once"], ts + 3600) == ts + 3600
     assert due_at(s["tasks"]["later"], ts + 3600) == ts + 4200
+
+
+def test_periodic_and_cron_slots_found_while_the_clock_was_ahead_come_back_after_it_is_set_back():
+    """Issue 13.10: a periodic or cron task whose next slot was found from a run while the clock
+    was a day ahead waits, once the clock is set back, for the slot that would follow a run now,
+    not a day more; a periodic task never run is due now; a retry keeps its backoff."""
+    from kmpwm.core.state import due_at
+    from kmpwm.core.triggers import cron_next
+
+    ts = 1_800_000_000.0
+    ahead = ts + 86400
+    hourly = {"type": "periodic", "every": 3600.0, "flex": 3600.0, "delay": 0.0}
+    ran = dict(
+        make_task("ran", ahead - 3600, repeating=True, max_attempts=3, backoff="linear", tags=[]),
+        trigger=hourly,
+        trig_state={"anchor": ahead - 3600},
+        due=ahead + 3600,
+        state="ENQUEUED",
+        updated_at=ahead,
+        last_result={"status": "SUCCESS", "data": None, "message": None},
+    )
+    fresh = dict(ran, id="fresh", due=ahead, trig_state={"anchor": ahead}, last_result=None)
+    nightly = dict(
+        ran,
+        id="nightly",
+        trigger={"type": "cron", "expr": "0 3 * * *", "delay": 0.0},
+        trig_state={},
+        due=cron_next("0 3 * * *", ahead),
+    )
+    retrying = dict(ran, id="retrying", last_result={"status": "RETRY", "data": None, "message": None})
+    now = ts  # the clock was a day ahead and was set back
+    assert now < due_at(ran, now) <= now + 3600
+    assert due_at(fresh, now) == now
+    assert due_at(nightly, now) == cron_next("0 3 * * *", now) < nightly["due"]
+    assert due_at(retrying, now) == retrying["due"]
+    # the same tasks judged with the clock right: nothing changes
+    for t in (ran, fresh, nightly, retrying):
+        assert due_at(t, ahead) == t["due"]
