@@ -370,6 +370,47 @@ def test_a_host_that_loses_the_database_stops_its_run_before_the_lease_ends(own_
     assert [x["id"] for x in json.loads(r.stdout)["ran"]] == ["long"]
 
 
+def test_serve_rides_out_a_database_outage_and_starts_work_when_it_is_back(own_cluster, home, tmp_path, monkeypatch):
+    """serve with nothing running outlives the database going away (a cron ``@reboot`` serve has
+    no supervisor to restart it): it says so once, tries again with a backoff, says when the
+    store is back, and starts what was enqueued; SIGTERM still stops it at once (exit 0)."""
+    url, ctl = own_cluster
+    monkeypatch.setenv("KMPWM_STORE", url)
+    marks = tmp_path / "ran"
+    write_config(home, f'[workers.mark]\ncommand = ["sh", "-c", "echo $KMPWM_TASK_ID >> {marks}"]\n')
+    err_path = tmp_path / "serve.err"
+    with open(err_path, "w") as err:
+        serve = subprocess.Popen(
+            [sys.executable, "-m", "kmpwm", "serve"], env=kmpwm_env(), stdout=subprocess.DEVNULL, stderr=err
+        )
+    try:
+        kmpwm("enqueue", "before", "mark", check=0)
+        deadline = time.monotonic() + 20
+        while not (marks.exists() and "before" in marks.read_text()):
+            assert time.monotonic() < deadline, "serve did not start the first task"
+            time.sleep(0.05)
+        ctl("stop")
+        time.sleep(6)  # a few failed tries
+        assert serve.poll() is None, err_path.read_text()
+        said = err_path.read_text()
+        assert "failed" in said and "retrying" in said and "Traceback" not in said, said
+        assert said.count("retrying") == 1, said  # once per outage, not once per try
+        ctl("start")
+        kmpwm("enqueue", "after", "mark", check=0)
+        deadline = time.monotonic() + 60
+        while not (marks.exists() and "after" in marks.read_text()):
+            assert time.monotonic() < deadline, "serve did not start work once the database was back:\n" + (
+                err_path.read_text()
+            )
+            time.sleep(0.1)
+        assert "reachable again" in err_path.read_text()
+    finally:
+        serve.terminate()
+        code = serve.wait(timeout=30)
+    assert code == 0, err_path.read_text()
+    assert "Traceback" not in err_path.read_text()
+
+
 def test_schedule_install_carries_the_store_and_host_but_never_a_password(home, monkeypatch):
     monkeypatch.setenv("KMPWM_STORE", "postgresql://kmpwm@db.internal/kmpwm")
     monkeypatch.setenv("KMPWM_HOST", "server-a")

@@ -43,6 +43,7 @@ from kmpwm.storage.store import Store
 from kmpwm.storage.stores import open_store
 
 RECLAIM_EVERY = 1.0
+STORE_BACKOFF_MAX = 30.0  # serve, a shared store away and nothing running: try it again this often at least
 LOST_STORE_MARGIN = 3.0  # a shared store's lease: stop our runs this long before it could end
 CANCEL_WATCH = 0.5  # how often running tasks are checked for a cancel (lock-free, the journal's tail)
 GROUP_WAIT = 0.010  # a finished run's result waits at most this long to share a record with others
@@ -122,6 +123,7 @@ class Runner:
         self._renew_at = 0.0
         self._store_retry_at = 0.0  # after a failed write to a shared store: try again from then
         self._store_said = False  # the store's absence was warned about
+        self._store_backoff = 0.0  # serve with nothing running: seconds until it tries the store again
         self._hooks = None  # kmpwm.running.hooks.HookRunner, when config.toml has [hooks]
         self._hooks_read = False
         self._crash_at = os.environ.get("KMPWM_CRASH_AT")  # crash injection for the tests
@@ -350,13 +352,21 @@ class Runner:
         try:
             claimed = self._cycle_journal(claim, replan=replan)
         except JournalError as exc:
-            if not held or self.run_expired and not self.jobs:
-                raise  # nothing of ours is running: say so and stop (exit 74)
+            if self.run_expired and not self.jobs:
+                raise  # stopping anyway: say so (exit 74)
+            if not held:
+                if self.serve is None:
+                    raise  # nothing of ours is running: say so and stop (exit 74)
+                self.store_unreachable(exc)  # serve outlives the outage (no supervisor restarts a cron @reboot serve)
+                return 0
             # Our runs go on while the store is away; their leases are renewed when it is back,
             # and stopped by the expiry protocol before they could end (_renew_leases).
             self._store_retry_at = time.monotonic() + 1.0
             self._store_away(exc)
             return 0
+        if self._store_said:
+            self._store_said, self._store_backoff = False, 0.0
+            self._warn("the store is reachable again")
         if claimed and not held:
             self._lease_base = start  # the first leases of this stretch begin with this write
             self._renew_at = start + self.store.lease() / 4
@@ -365,7 +375,15 @@ class Runner:
     def _store_away(self, exc: JournalError) -> None:
         if not self._store_said:
             self._store_said = True
-            self._warn(f"{exc.message}; retrying while {len(self.jobs)} run(s) go on")
+            going = f" while {len(self.jobs)} run(s) go on" if self.jobs else f" every {STORE_BACKOFF_MAX:g}s at most"
+            self._warn(f"{exc.message}; retrying{going}")
+
+    def store_unreachable(self, exc: JournalError) -> None:
+        """serve, nothing of ours running, and the shared store cannot be reached: try again after
+        a backoff (1 s, doubling to STORE_BACKOFF_MAX), saying so once per outage."""
+        self._store_backoff = min(STORE_BACKOFF_MAX, self._store_backoff * 2) if self._store_backoff else 1.0
+        self._store_retry_at = time.monotonic() + self._store_backoff
+        self._store_away(exc)
 
     def _look(self) -> dict | None:
         """The state, read lock-free; None when a shared store cannot be reached while our runs go

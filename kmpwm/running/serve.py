@@ -226,6 +226,7 @@ class Serve:
         self.log = log or (lambda line: None)  # log(line): what serve says as it goes (the CLI prints it)
         self.watch = None
         self._registered = False
+        self._watched_fd = None  # the watch's socket registered with the Runner's selector
         self._holders: dict[int, int] = {}  # pid -> pidfd
         now = time.monotonic()
         self._trimmed = now
@@ -276,7 +277,14 @@ class Serve:
             # A change since the Runner last planned (another process's enqueue may have been
             # folded into one of our own transactions without a plan): plan once more.
             return None
-        view = runner.store.load(full=False)
+        try:
+            view = runner.store.load(full=False)
+        except JournalError as exc:
+            if runner._renew is None or runner.run_expired:
+                raise  # the journal: a failed read is not an outage to wait out
+            runner.store_unreachable(exc)  # the shared store is away: wait, then plan (and write) again
+            runner._wait(max(0.0, runner._store_retry_at - time.monotonic()))
+            return None
         if view.damage:
             raise JournalError(
                 f"the journal has {len(view.damage)} damaged record(s) ({view.damage[0].describe()}); "
@@ -306,6 +314,7 @@ class Serve:
             return False  # a lease holder is gone already
         runner._wait(timeout)
         if runner._poke or (self.watch.fd is None and self.watch.drain()):
+            self._follow_fd(runner)
             return False  # the journal changed, or a lease holder exited
         if nxt is not None and time.time() >= nxt:
             runner.device = _fresh_device(self.paths)
@@ -323,21 +332,31 @@ class Serve:
         self.watch = make_watch(self.paths, runner.store)
         if self.watch.fd is not None:
             runner._sel.register(self.watch.fd, selectors.EVENT_READ, lambda: self._on_change(runner))
+        self._watched_fd = self.watch.fd
         self._registered = True
 
     def _on_change(self, runner) -> None:
-        fd = self.watch.fd
         changed = self.watch.drain()
-        if self.watch.fd != fd:  # a shared store's listening connection was made anew
-            import selectors
-
-            runner._sel.unregister(fd)
-            runner._sel.register(self.watch.fd, selectors.EVENT_READ, lambda: self._on_change(runner))
+        self._follow_fd(runner)
         if changed:
             # Any change, ours included: a record of another process may have been folded into
             # one of our transactions without a plan, so "was it ours?" cannot be told reliably.
             # A plan costs little (well under a millisecond for a thousand tasks).
             runner._poke = True
+
+    def _follow_fd(self, runner) -> None:
+        """A shared store's listening connection was lost or made anew: watch its new socket (none
+        while the store is away: the watch polls, poll_interval)."""
+        fd = self.watch.fd
+        if fd == self._watched_fd:
+            return
+        import selectors
+
+        if self._watched_fd is not None:
+            runner._sel.unregister(self._watched_fd)
+        if fd is not None:
+            runner._sel.register(fd, selectors.EVENT_READ, lambda: self._on_change(runner))
+        self._watched_fd = fd
 
     def _watch_holders(self, runner, holders: dict) -> None:
         """pidfds of the processes on this host that hold leases: their exit frees the tasks."""

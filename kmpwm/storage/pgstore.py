@@ -629,6 +629,9 @@ class PgTransaction(Transaction):
         self.store._tail += 1
 
 
+RECONNECT_EVERY = 2.0  # a lost listening connection: try to listen again this often
+
+
 class PgWatch:
     """``LISTEN kmpwm`` on a connection of its own: its socket turns readable when any host writes
     (serve's watch interface: ``fd``, ``drain``, ``poll_interval``, ``close``)."""
@@ -641,28 +644,43 @@ class PgWatch:
 
     def _connect(self) -> None:
         psycopg = _Psycopg.get()
+        conn = None
         try:
-            self._conn = psycopg.connect(self._store.url, autocommit=True, connect_timeout=10, application_name="kmpwm")
-            self._conn.execute(f"LISTEN {CHANNEL}")
+            conn = psycopg.connect(self._store.url, autocommit=True, connect_timeout=10, application_name="kmpwm")
+            conn.execute(f"LISTEN {CHANNEL}")
         except psycopg.Error as exc:
+            if conn is not None:
+                conn.close()
             raise self._store._error(exc, "listening for changes") from None
-        self.fd = self._conn.fileno()
+        self._conn, self.fd = conn, conn.fileno()
 
     def drain(self) -> bool:
+        """True when something changed, or may have: the connection was lost (and listens anew if
+        it can; while the server is away ``fd`` is None and the watch polls)."""
+        if self._conn is None:
+            return self._reconnect()
         pg = self._conn.pgconn
         try:
             pg.consume_input()
-        except Exception:  # noqa: BLE001 -- the connection is gone: listen anew (or fail loudly)
+        except Exception:  # noqa: BLE001 -- the connection is gone: listen anew
             self._conn.close()
-            self._connect()  # the fd changes: serve re-registers it (changed() tells it to plan again)
-            return True
+            self._conn, self.fd = None, None
+            self._reconnect()  # the fd changes: serve watches the new one
+            return True  # (missed notifications: plan again)
         changed = False
         while pg.notifies() is not None:
             changed = True
         return changed
 
+    def _reconnect(self) -> bool:
+        try:
+            self._connect()
+        except KmpwmError:
+            return False  # still away: the runner says so when it tries the store
+        return True
+
     def poll_interval(self) -> float | None:
-        return None
+        return None if self._conn is not None else RECONNECT_EVERY
 
     def close(self) -> None:
         if self._conn is not None:
