@@ -26,16 +26,9 @@ LAYERS = {
 
 # (importing module, imported package or module) pairs that break the direction today.
 DEBTS = {
-    # run-now runs a task through the runner (issue 15: the command moves to cli/)
-    ("kmpwm.scheduling.steering", "kmpwm.running.runner"),
     # domain code that still prints (issue 15 step 2)
     ("kmpwm.running.expiry", "kmpwm.cli.output"),
     ("kmpwm.running.serve", "kmpwm.cli.output"),
-    ("kmpwm.scheduling.events", "kmpwm.cli.output"),
-    ("kmpwm.scheduling.explain", "kmpwm.cli.output"),
-    ("kmpwm.scheduling.preview", "kmpwm.cli.output"),
-    ("kmpwm.scheduling.steering", "kmpwm.cli.output"),
-    ("kmpwm.scheduling.steering", "kmpwm.cli.rundue"),
     ("kmpwm.storage.compaction", "kmpwm.cli.output"),
     ("kmpwm.system.doctor", "kmpwm.cli.output"),
     ("kmpwm.system.invoker", "kmpwm.cli.output"),
@@ -48,10 +41,6 @@ PRINTS = {
     "kmpwm.running.expiry",
     "kmpwm.running.runner",
     "kmpwm.running.serve",
-    "kmpwm.scheduling.events",
-    "kmpwm.scheduling.explain",
-    "kmpwm.scheduling.preview",
-    "kmpwm.scheduling.steering",
     "kmpwm.storage.compaction",
     "kmpwm.system.doctor",
     "kmpwm.system.invoker",

@@ -111,27 +111,10 @@ def select(
     include_finished: bool = False,
 ) -> tuple[list[dict], list[dict]]:
     """Tasks and chains to show, in enqueue order."""
-    tasks = state["tasks"]
     chains = state["chains"]
-    if task_id is not None:
-        ids: list[str] = []
-        chain = chains.get(task_id)
-        if chain is not None:
-            ids += [t["id"] for t in members(state, chain)]
-        if "#" in task_id:
-            ids += [task_id] if task_id in tasks else []
-        else:
-            ids += family(state, task_id)
-        picked = [tasks[i] for i in dict.fromkeys(ids) if i in tasks]
-    else:
-        picked = list(tasks.values())
+    picked = _named(state, task_id) if task_id is not None else list(state["tasks"].values())
     if tag is not None:
-        picked = [
-            t
-            for t in picked
-            if tag in t.get("tags", ())
-            or (t.get("chain_id") in chains and tag in chains[t["chain_id"]].get("tags", ()))
-        ]
+        picked = [t for t in picked if _tagged(t, tag, chains)]
     if state_filter is not None:
         picked = [t for t in picked if effective_state(t, now) == state_filter]
     elif not include_finished and task_id is None:
@@ -140,8 +123,26 @@ def select(
     chain_ids = dict.fromkeys(t["chain_id"] for t in picked if t.get("chain_id"))
     if task_id is not None and task_id in chains:
         chain_ids[task_id] = None
-    shown = [chains[c] for c in chain_ids if c in chains]
-    return picked, shown
+    return picked, [chains[c] for c in chain_ids if c in chains]
+
+
+def _named(state: dict, task_id: str) -> list[dict]:
+    """The tasks ``task_id`` names: a chain's, an exact ``ID#n``, or ``ID`` with its ``ID#n``."""
+    tasks = state["tasks"]
+    ids: list[str] = []
+    chain = state["chains"].get(task_id)
+    if chain is not None:
+        ids += [t["id"] for t in members(state, chain)]
+    if "#" in task_id:
+        ids += [task_id] if task_id in tasks else []
+    else:
+        ids += family(state, task_id)
+    return [tasks[i] for i in dict.fromkeys(ids) if i in tasks]
+
+
+def _tagged(t: dict, tag: str, chains: dict) -> bool:
+    """Has ``t`` the tag, itself or through its chain?"""
+    return tag in t.get("tags", ()) or (t.get("chain_id") in chains and tag in chains[t["chain_id"]].get("tags", ()))
 
 
 def is_finished(t: dict) -> bool:
