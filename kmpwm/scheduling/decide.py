@@ -15,7 +15,9 @@ The gates, in order (the first that holds the task back decides):
    no longer registered (``unknown-worker``);
 4. later than its misfire grace (``missed``: see scheduling.plan's docstring), an on-change path
    unchanged or a device state not entered (``not-due``), a constraint that does not hold
-   (``constraint``);
+   (``constraint``); a misfire whose next occurrence on the grid is already due does not hold
+   the task back: it is recorded (:attr:`Decision.missed`, which ``explain`` reports) and that
+   occurrence is judged by the gates after it;
 5. else ``due``.
 
 ``run-due`` lists a task held back in its ``skipped`` (with :attr:`Decision.skip`) only once its
@@ -297,11 +299,14 @@ def missed_op(t: dict, m: dict) -> dict:
 def blocked_by(state: dict, t: dict) -> tuple[str, list[str]]:
     """What BLOCKED ``t`` waits for: ``("step", ids)`` (the unfinished tasks of its chain's
     previous step) or ``("after", ids)`` (the unfinished tasks it was appended after)."""
-    tasks = state["tasks"]
     if t.get("chain_id") and t.get("step", 1) > 1:
-        chain = state["chains"].get(t["chain_id"], {"steps": []})
-        prev = chain["steps"][t["step"] - 2] if len(chain["steps"]) >= t["step"] - 1 else []
-        return "step", [
-            i for i in prev if chain.get("id") and (m := member(state, chain, i)) and m["state"] != "SUCCEEDED"
-        ]
+        return "step", _previous_step(state, t)
+    tasks = state["tasks"]
     return "after", [d for d in t.get("after", ()) if d in tasks and tasks[d]["state"] not in FINISHED]
+
+
+def _previous_step(state: dict, t: dict) -> list[str]:
+    """The tasks of the step before ``t``'s in its chain that have not SUCCEEDED."""
+    chain = state["chains"].get(t["chain_id"], {"steps": []})
+    prev = chain["steps"][t["step"] - 2] if len(chain["steps"]) >= t["step"] - 1 else []
+    return [i for i in prev if chain.get("id") and (m := member(state, chain, i)) and m["state"] != "SUCCEEDED"]

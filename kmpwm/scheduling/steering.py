@@ -85,14 +85,30 @@ def retry_op(full: dict, hot: dict, ids=(), failed=False, tag=None, by=None) -> 
     """The ``retry`` op for the tasks named (None: nothing to retry).  ``full`` is the whole
     state, ``hot`` what a reader without history holds: the op carries every record it revives
     (the tasks and their chain's tasks and chain) that ``hot`` lacks, so it folds the same on both."""
-    if failed:
-        picked = [i for i, t in full["tasks"].items() if t["state"] == "FAILED"]
-        picked.sort(key=lambda i: full["tasks"][i]["seq"])
-    else:
-        sel = {"tag": tag} if tag is not None else {"ids": list(ids)}
-        picked = steer_targets(full, sel, FINISHED - {"SUCCEEDED"})
+    picked = _retryable(full, ids, failed, tag)
     if not picked:
         return None
+    carry, chains = _missing_from(full, hot, picked)
+    op = {"op": "retry", "ids": picked, "by": by}
+    if carry:
+        op["tasks"] = [pack_task(t) for t in sorted(carry.values(), key=lambda t: t["seq"])]
+    if chains:
+        op["chains"] = list(chains.values())
+    return op
+
+
+def _retryable(full: dict, ids, failed: bool, tag) -> list[str]:
+    """The ids retry takes: every FAILED task (``failed``), else the FAILED and CANCELLED tasks
+    named by ``tag`` or ``ids``, in enqueue order."""
+    if failed:
+        picked = [i for i, t in full["tasks"].items() if t["state"] == "FAILED"]
+        return sorted(picked, key=lambda i: full["tasks"][i]["seq"])
+    sel = {"tag": tag} if tag is not None else {"ids": list(ids)}
+    return steer_targets(full, sel, FINISHED - {"SUCCEEDED"})
+
+
+def _missing_from(full: dict, hot: dict, picked: list[str]) -> tuple[dict, dict]:
+    """The tasks (``picked`` and their chains' tasks) and chains of ``full`` that ``hot`` lacks."""
     carry: dict[str, dict] = {}
     chains: dict[str, dict] = {}
     for i in picked:
@@ -101,17 +117,10 @@ def retry_op(full: dict, hot: dict, ids=(), failed=False, tag=None, by=None) -> 
         if chain is not None:
             if chain["id"] not in hot["chains"]:
                 chains[chain["id"]] = chain
-            for m in members(full, chain):
-                if m["id"] not in hot["tasks"]:
-                    carry[m["id"]] = m
+            carry.update((m["id"], m) for m in members(full, chain) if m["id"] not in hot["tasks"])
         if i not in hot["tasks"]:
             carry[i] = t
-    op = {"op": "retry", "ids": picked, "by": by}
-    if carry:
-        op["tasks"] = [pack_task(t) for t in sorted(carry.values(), key=lambda t: t["seq"])]
-    if chains:
-        op["chains"] = list(chains.values())
-    return op
+    return carry, chains
 
 
 # -- wait -----------------------------------------------------------------------------------
