@@ -501,9 +501,7 @@ class Scheduler:
     def run_now(self, *ids: str, ignore_constraints: bool = False) -> dict:
         """Run the tasks (a chain: its steps in order) now in this process, as run-due would;
         returns run-due's document (``ran``, ``expired``, ``skipped``) plus ``exit_code``."""
-        from kmpwm.scheduling import steering
-
-        doc, code, _ = steering.run_now(self.paths, list(ids), ignore_constraints)
+        doc, code, _ = run_now(self.paths, list(ids), ignore_constraints)
         self.store.invalidate()
         return dict(doc, exit_code=code)
 
@@ -592,6 +590,58 @@ class Batch:
         finally:
             if self._gc_was:
                 gc.enable()
+
+
+def run_now(paths, ids, ignore_constraints=False, grace=None, on_event=None, warn=None):
+    """Run the named tasks (a chain id: its steps in order) now in this process; returns the
+    run-due report document and the exit code (run-due's, or 1 when a task did not run or a run
+    did not succeed).  ``warn(text)``: the runner's warnings as they come (the CLI prints them;
+    they are in the report's ``warnings`` too)."""
+    from kmpwm.core.models import DEFAULT_GRACE
+    from kmpwm.running.runner import Runner
+    from kmpwm.scheduling.steering import expand_ids
+    from kmpwm.storage.stores import open_store
+
+    store = open_store(paths)
+    state = store.load(full=True).state
+    forced = expand_ids(state, ids)
+    if not forced:
+        raise InvalidParams(
+            f"no task matches {', '.join(repr(i) for i in ids)}", hint="`kmpwm inspect-queue --all` lists them"
+        )
+    named = {i for i in forced if i in ids or i.split("#", 1)[0] in ids}
+    before = {i: state["tasks"][i]["state"] for i in forced}
+    state = None
+    runner = Runner(
+        paths,
+        grace=DEFAULT_GRACE if grace is None else grace,
+        parallel=None,
+        store=store,
+        forced=forced,
+        ignore_constraints=ignore_constraints,
+        on_event=on_event,
+        warn=warn,
+    )
+    code = runner.run()
+    doc = runner.report.doc()
+    doc["skipped"] = _run_now_skips(doc, named, before)
+    if code == 0 and (doc["skipped"] or any(r["status"] != "SUCCESS" for r in doc["ran"])):
+        code = 1
+    return doc, code, runner.expire_reason
+
+
+def _run_now_skips(doc: dict, named: set, before: dict) -> list[dict]:
+    """run-now's ``skipped``: a chain's tasks that ran once their step came, or that its failure
+    ended, are no skips; a chain's later tasks (named through the chain id) wait for their step
+    or end with it: no skips either."""
+    ran = {r["id"] for r in doc["ran"]}
+
+    def counts(s: dict) -> bool:
+        if s["id"] in ran:
+            return False
+        return s["id"] in named or (before[s["id"]] != "BLOCKED" and not s["reason"].startswith("finished"))
+
+    return [s for s in doc["skipped"] if counts(s)]
 
 
 def _who() -> str:

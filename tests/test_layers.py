@@ -25,26 +25,11 @@ LAYERS = {
 }
 
 # (importing module, imported package or module) pairs that break the direction today.
-DEBTS = {
-    # run-now runs a task through the runner (issue 15: the command moves to cli/)
-    ("kmpwm.scheduling.steering", "kmpwm.running.runner"),
-    # domain code that still prints (issue 15 step 2)
-    ("kmpwm.scheduling.events", "kmpwm.cli.output"),
-    ("kmpwm.scheduling.explain", "kmpwm.cli.output"),
-    ("kmpwm.scheduling.preview", "kmpwm.cli.output"),
-    ("kmpwm.scheduling.steering", "kmpwm.cli.output"),
-    ("kmpwm.scheduling.steering", "kmpwm.cli.rundue"),
-}
+DEBTS: set[tuple[str, str]] = set()  # none left: keep it that way
 
 # Modules outside cli/ that write to the terminal today (worker_host is the child side of a run:
 # its stdout and stderr are the worker's own, which run-due captures).
-PRINTS = {
-    "kmpwm.running.worker_host",
-    "kmpwm.scheduling.events",
-    "kmpwm.scheduling.explain",
-    "kmpwm.scheduling.preview",
-    "kmpwm.scheduling.steering",
-}
+PRINTS = {"kmpwm.running.worker_host"}
 
 
 def modules() -> dict[str, ast.Module]:

@@ -368,7 +368,7 @@ def next_cmd(
     as_json: bool = JSON_OPT,
 ) -> None:
     """Show the next due times of a cron expression, an interval or a task (like systemd-analyze calendar)."""
-    from kmpwm.scheduling.preview import next_command
+    from kmpwm.cli.nextcmd import next_command
 
     if sum(x is not None for x in (task_id, cron, every)) != 1:
         raise _usage("next needs one of --cron EXPR, --every DUR or ID")
@@ -407,7 +407,7 @@ def wait_cmd(
     as_json: bool = JSON_OPT,
 ) -> None:
     """Wait until the tasks finish (exit 0 all succeeded, 1 one did not, 75 time-out); takes no lock."""
-    from kmpwm.scheduling.steering import wait_command
+    from kmpwm.cli.steercmd import wait_command
 
     if bool(ids) == (tag is not None):
         raise _usage("wait needs ID... or --tag T (one of them)")
@@ -424,7 +424,7 @@ def retry_cmd(
     as_json: bool = JSON_OPT,
 ) -> None:
     """Enqueue FAILED/CANCELLED tasks again (attempts 0, same id); a chain resumes at the failed step."""
-    from kmpwm.scheduling.steering import retry_command
+    from kmpwm.cli.steercmd import retry_command
 
     if sum(bool(x) for x in (ids, failed, tag is not None)) != 1:
         raise _usage("retry needs ID..., --failed or --tag T (one of them)")
@@ -443,7 +443,7 @@ def run_now_cmd(
     as_json: bool = JSON_OPT,
 ) -> None:
     """Run tasks now in the foreground, as run-due would (exit 1 when a task did not run or succeed)."""
-    from kmpwm.scheduling.steering import run_now_command
+    from kmpwm.cli.steercmd import run_now_command
 
     raise typer.Exit(run_now_command(_paths(), ids, ignore_constraints, grace, as_json))
 
@@ -461,7 +461,7 @@ def pause_cmd(
     as_json: bool = JSON_OPT,
 ) -> None:
     """Pause tasks, a tag or the whole queue (a running task finishes its run)."""
-    from kmpwm.scheduling.steering import pause_command
+    from kmpwm.cli.steercmd import pause_command
 
     if sum(bool(x) for x in (ids, tag is not None, all_)) != 1:
         raise _usage("pause needs ID..., --tag T or --all (one of them)")
@@ -478,7 +478,7 @@ def resume_cmd(
     as_json: bool = JSON_OPT,
 ) -> None:
     """Resume paused tasks or the queue (a repeating task's missed occurrences run once)."""
-    from kmpwm.scheduling.steering import resume_command
+    from kmpwm.cli.steercmd import resume_command
 
     if sum(bool(x) for x in (ids, tag is not None, all_)) != 1:
         raise _usage("resume needs ID..., --tag T or --all (one of them)")

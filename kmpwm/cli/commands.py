@@ -487,7 +487,7 @@ def simulate_expire(paths, ids, all_, grace, as_json) -> int:
 
 
 def events(paths, task, since, follow, as_json) -> int:
-    from kmpwm.scheduling.events import events_command
+    from kmpwm.cli.eventscmd import events_command
     from kmpwm.storage.paths import require_home
 
     require_home(paths)
@@ -496,7 +496,7 @@ def events(paths, task, since, follow, as_json) -> int:
 
 
 def explain(paths, task_id, as_json) -> int:
-    from kmpwm.scheduling.explain import explain_command
+    from kmpwm.cli.explaincmd import explain_command
     from kmpwm.storage.paths import require_home
 
     require_home(paths)

@@ -2,11 +2,14 @@
 journal).  Events are what the fold of the journal implies — enqueued, started, ran (with its
 status, message, data and duration), succeeded, failed, cancelled, unblocked, kept, released,
 runner-lost (a run-due took over a task whose runner was gone: its ``runner``, ``pid`` and ``why``) —
-plus the history compaction archived."""
+plus the history compaction archived.
+
+:func:`open_events` returns a feed: its ``selected`` events, then, each time it is polled, the
+events that came since (the CLI prints them, cli/eventscmd.py).  An event is ``[ts, task id,
+kind, detail]``; :func:`event_doc` is its JSON document."""
 
 from __future__ import annotations
 
-import sys
 import time
 
 from kmpwm.core.state import base_id
@@ -30,72 +33,16 @@ def event_doc(ev: list) -> dict:
     return doc
 
 
-def _line(ev: list) -> str:
-    ts, tid, kind, detail = ev
-    bits = []
-    if kind == "ran":
-        bits.append(f"{detail.get('status')} in {detail.get('duration_ms')}ms")
-        if detail.get("message"):
-            bits.append(str(detail["message"])[:100])
-    else:
-        bits += [f"{k}={v}" for k, v in detail.items() if v not in (None, "", {})]
-    return f"{iso(ts)}  {tid}  {kind}  {' '.join(bits)}".rstrip()
-
-
-def events_command(paths: Paths, task: str | None, since, follow: bool, as_json: bool) -> int:
-    from kmpwm.cli.output import print_json_line, say
-
+def open_events(paths: Paths, task: str | None, since) -> JournalEvents | SharedEvents:
+    """The events of task ``task`` (an id, its ``ID#n`` or a chain; None: all) newer than
+    ``since`` (a duration before now; None: all), from the journal or a shared store."""
     check_all(paths)
     cutoff = time.time() - parse_duration(since, what="--since") if since is not None else None
     from kmpwm.storage.stores import store_url
 
     if store_url(paths) is not None:
-        return _shared_events(paths, task, cutoff, follow, as_json)
-    journal = Journal(paths)
-    folder = Folder()
-    scan, ino = journal.read(0)
-    folder.feed(scan)
-    if scan.damage:
-        sys.stderr.write(
-            f"kmpwm: warning: the journal has {len(scan.damage)} damaged region(s); "
-            "events from them are missing; run `kmpwm doctor --repair`\n"
-        )
-
-    wanted = _selector(folder, task, cutoff)
-    selected = wanted(folder.events)
-    if not follow:
-        return _print_all(selected, as_json)
-    emit = (lambda e: print_json_line(event_doc(e))) if as_json else (lambda e: say(_line(e)))
-    for e in selected:
-        emit(e)
-    sys.stdout.flush()
-    printed = len(folder.events)
-    last_ts = folder.events[-1][0] if folder.events else 0.0
-    try:
-        while True:
-            time.sleep(0.3)
-            ident = journal.identity()
-            if ident is None:
-                continue
-            if ident[0] != ino or ident[1] < folder.offset:  # compacted: re-derive, print only newer events
-                folder = Folder()
-                scan, ino = journal.read(0)
-                folder.feed(scan)
-                new = [e for e in folder.events if e[0] > last_ts]
-            elif ident[1] > folder.offset:
-                tail, _ = journal.read(folder.offset)
-                folder.feed(tail)
-                new = folder.events[printed:]
-            else:
-                continue
-            for e in wanted(new):
-                emit(e)
-            sys.stdout.flush()
-            printed = len(folder.events)
-            if folder.events:
-                last_ts = max(last_ts, folder.events[-1][0])
-    except KeyboardInterrupt:
-        return 130  # interrupted by SIGINT, like any Unix tool (and inspect-queue --watch)
+        return SharedEvents(paths, task, cutoff)
+    return JournalEvents(paths, task, cutoff)
 
 
 def _selector(folder: Folder, task: str | None, cutoff: float | None):
@@ -110,17 +57,43 @@ def _selector(folder: Folder, task: str | None, cutoff: float | None):
     return wanted
 
 
-def _print_all(selected: list, as_json: bool) -> int:
-    from kmpwm.cli.output import print_json, say
+class JournalEvents:
+    """The journal's events; ``damage``: how many damaged regions its scan met (their events are
+    missing)."""
 
-    if as_json:
-        print_json({"events": [event_doc(e) for e in selected]})
-    elif selected:
-        for e in selected:
-            say(_line(e))
-    else:
-        say("no events")
-    return 0
+    def __init__(self, paths: Paths, task: str | None, cutoff: float | None):
+        self.journal = Journal(paths)
+        self.folder = Folder()
+        scan, self.ino = self.journal.read(0)
+        self.folder.feed(scan)
+        self.damage = len(scan.damage)
+        self.wanted = _selector(self.folder, task, cutoff)
+        self.selected = self.wanted(self.folder.events)
+        self.printed = len(self.folder.events)
+        self.last_ts = self.folder.events[-1][0] if self.folder.events else 0.0
+
+    def poll(self) -> list:
+        """The wanted events that came since the last poll (a compacted journal is folded anew:
+        only its events newer than those already seen)."""
+        ident = self.journal.identity()
+        if ident is None:
+            return []
+        folder = self.folder
+        if ident[0] != self.ino or ident[1] < folder.offset:  # compacted: re-derive
+            folder = self.folder = Folder()
+            scan, self.ino = self.journal.read(0)
+            folder.feed(scan)
+            new = [e for e in folder.events if e[0] > self.last_ts]
+        elif ident[1] > folder.offset:
+            tail, _ = self.journal.read(folder.offset)
+            folder.feed(tail)
+            new = folder.events[self.printed :]
+        else:
+            return []
+        self.printed = len(folder.events)
+        if folder.events:
+            self.last_ts = max(self.last_ts, folder.events[-1][0])
+        return self.wanted(new)
 
 
 class _Rows:
@@ -132,26 +105,24 @@ class _Rows:
         self.damage: list = []
 
 
-def _shared_events(paths: Paths, task: str | None, cutoff: float | None, follow: bool, as_json: bool) -> int:
-    """``events`` of a shared store: the same fold over its records (storage.pgstore)."""
-    from kmpwm.cli.output import print_json_line, say
-    from kmpwm.storage.stores import open_store
+class SharedEvents:
+    """The events of a shared store: the same fold over its records (storage.pgstore)."""
 
-    store = open_store(paths)
-    folder = Folder()
-    folder.feed(_Rows(list(store.records(0)), 0))
-    wanted = _selector(folder, task, cutoff)
-    if not follow:
-        return _print_all(wanted(folder.events), as_json)
-    emit = (lambda e: print_json_line(event_doc(e))) if as_json else (lambda e: say(_line(e)))
-    printed = 0
-    try:
-        while True:
-            for e in wanted(folder.events[printed:]):
-                emit(e)
-            sys.stdout.flush()
-            printed = len(folder.events)
-            time.sleep(0.3)
-            folder.feed(_Rows(list(store.records(folder.offset)), folder.offset))
-    except KeyboardInterrupt:
-        return 130
+    damage = 0
+
+    def __init__(self, paths: Paths, task: str | None, cutoff: float | None):
+        from kmpwm.storage.stores import open_store
+
+        self.store = open_store(paths)
+        self.folder = Folder()
+        self.folder.feed(_Rows(list(self.store.records(0)), 0))
+        self.wanted = _selector(self.folder, task, cutoff)
+        self.selected = self.wanted(self.folder.events)
+        self.printed = len(self.folder.events)
+
+    def poll(self) -> list:
+        folder = self.folder
+        folder.feed(_Rows(list(self.store.records(folder.offset)), folder.offset))
+        new = self.wanted(folder.events[self.printed :])
+        self.printed = len(folder.events)
+        return new

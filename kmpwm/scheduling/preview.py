@@ -4,11 +4,7 @@ enqueue and run-due (triggers.py), so what it shows is what the scheduler will d
 
 from __future__ import annotations
 
-import time
-from datetime import datetime
-
 from kmpwm.core.exitcodes import InvalidParams
-from kmpwm.core.timeparse import iso, relative
 from kmpwm.core.triggers import Cron, Periodic, cron_next, first_due_after, task_offset, zone
 
 MAX_ITERATIONS = 10_000
@@ -70,53 +66,19 @@ def _find(state: dict, task_id: str) -> dict:
     raise InvalidParams(f"no task {task_id!r}", hint="`kmpwm inspect-queue --all` lists them")
 
 
-def human_line(epoch: float, now: float, tz: str | None) -> str:
-    zone_info = zone(tz)
-    local = (
-        datetime.fromtimestamp(epoch, zone_info)
-        if zone_info is not None
-        else datetime.fromtimestamp(epoch).astimezone()
-    )
-    return f"{local.strftime('%a %Y-%m-%d %H:%M:%S %Z')}  ({iso(epoch)}, {relative(epoch, now)})"
-
-
-def next_command(
-    paths,
-    task_id: str | None,
-    cron: str | None,
-    every: str | None,
-    flex: str | None,
-    n: int,
-    tz: str | None,
-    as_json: bool,
-) -> int:
-    from kmpwm.cli.output import print_json, say
-
+def next_times(paths, task_id, cron, every, flex, n: int, tz: str | None, now: float):
+    """``next``'s answer: ``(times, note, tz)``, the next ``n`` due times of ``cron``, ``every``
+    (with ``flex``) or task ``task_id``, a note when a task has none to list, and the zone to show
+    them in (a task's own when ``tz`` is None)."""
     if n > MAX_ITERATIONS:
         raise InvalidParams(f"invalid -n {n}: at most {MAX_ITERATIONS}")
     zone(tz)  # an unknown zone is 65 before anything else
-    now = time.time()
-    note = None
     if cron is not None:
-        times = cron_times(cron, n, now, tz)
-    elif every is not None:
-        times = every_times(every, flex, n, now)
-    else:
-        from kmpwm.storage.stores import open_store
+        return cron_times(cron, n, now, tz), None, tz
+    if every is not None:
+        return every_times(every, flex, n, now), None, tz
+    from kmpwm.storage.stores import open_store
 
-        task = _find(open_store(paths).load(full=False).state, task_id)
-        times, note = task_times(task, n, now)
-        if tz is None:
-            tz = task["trigger"].get("tz")
-    if as_json:
-        print_json({"times": [iso(t) for t in times]})
-        if note:
-            import sys
-
-            sys.stderr.write(f"kmpwm: {note}\n")
-    else:
-        for t in times:
-            say(human_line(t, now, tz))
-        if note:
-            say(note)
-    return 0
+    task = _find(open_store(paths).load(full=False).state, task_id)
+    times, note = task_times(task, n, now)
+    return times, note, tz if tz is not None else task["trigger"].get("tz")

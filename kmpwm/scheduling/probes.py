@@ -235,26 +235,44 @@ _FALLBACK = {
 
 
 def unmet(constraints: dict, device: Device) -> str | None:
-    """The first constraint that does not hold now, with its reading; None if all hold."""
+    """The first constraint that does not hold now, with its reading; None if all hold.  A
+    reading is probed only for a constraint that asks for it."""
     nt = constraints.get("network_type", "not-required")
-    if nt != "not-required":
-        if not device.get("network"):
-            return "waiting for a network connection (network: off)"
-        if nt in ("unmetered", "temporarily-unmetered") and device.get("metered"):
-            return "waiting for an unmetered network (metered: on)"
-        if nt == "metered" and not device.get("metered"):
-            return "waiting for a metered network (metered: off)"
-        if nt == "not-roaming" and device.get("roaming"):
-            return "waiting for a non-roaming network (roaming: on)"
-    if constraints.get("requires_charging") and not device.get("charging"):
-        return "waiting for charging (charging: off)"
-    if constraints.get("battery_not_low") and device.battery_low():
-        return f"waiting for the battery to be not low (battery: {device.get('battery'):g}%)"
-    if constraints.get("storage_not_low") and device.get("storage_low"):
-        return "waiting for storage to be not low (storage_low: on)"
-    if constraints.get("device_idle") and not device.get("idle"):
-        return "waiting for the device to be idle (idle: off)"
+    if nt != "not-required" and (reason := _network_unmet(nt, device)):
+        return reason
+    for key, holds, why in _DEVICE_CHECKS:
+        if constraints.get(key) and not holds(device):
+            return why(device)
     return None
+
+
+def _network_unmet(nt: str, device: Device) -> str | None:
+    if not device.get("network"):
+        return "waiting for a network connection (network: off)"
+    if nt in ("unmetered", "temporarily-unmetered") and device.get("metered"):
+        return "waiting for an unmetered network (metered: on)"
+    if nt == "metered" and not device.get("metered"):
+        return "waiting for a metered network (metered: off)"
+    if nt == "not-roaming" and device.get("roaming"):
+        return "waiting for a non-roaming network (roaming: on)"
+    return None
+
+
+# (constraint, does it hold on the device, why not): in the order unmet reports them
+_DEVICE_CHECKS = (
+    ("requires_charging", lambda d: d.get("charging"), lambda d: "waiting for charging (charging: off)"),
+    (
+        "battery_not_low",
+        lambda d: not d.battery_low(),
+        lambda d: f"waiting for the battery to be not low (battery: {d.get('battery'):g}%)",
+    ),
+    (
+        "storage_not_low",
+        lambda d: not d.get("storage_low"),
+        lambda d: "waiting for storage to be not low (storage_low: on)",
+    ),
+    ("device_idle", lambda d: d.get("idle"), lambda d: "waiting for the device to be idle (idle: off)"),
+)
 
 
 def device_state_now(name: str, device: Device) -> bool:

@@ -2,7 +2,9 @@
 
 The journal ops (``pause``, ``resume``, ``retry``) and their meaning live in state.py; the due
 decision for paused tasks in scheduling.plan (via state.pause_of).  This module builds the ops
-under the lock, waits for tasks without the lock, and shapes the commands' output.
+under the lock, waits for tasks without the lock, and plans run-now's forced runs
+(:func:`plan_forced`); run-now itself runs the Runner (api.run_now), and the commands print in
+cli/steercmd.py.
 """
 
 from __future__ import annotations
@@ -83,14 +85,30 @@ def retry_op(full: dict, hot: dict, ids=(), failed=False, tag=None, by=None) -> 
     """The ``retry`` op for the tasks named (None: nothing to retry).  ``full`` is the whole
     state, ``hot`` what a reader without history holds: the op carries every record it revives
     (the tasks and their chain's tasks and chain) that ``hot`` lacks, so it folds the same on both."""
-    if failed:
-        picked = [i for i, t in full["tasks"].items() if t["state"] == "FAILED"]
-        picked.sort(key=lambda i: full["tasks"][i]["seq"])
-    else:
-        sel = {"tag": tag} if tag is not None else {"ids": list(ids)}
-        picked = steer_targets(full, sel, FINISHED - {"SUCCEEDED"})
+    picked = _retryable(full, ids, failed, tag)
     if not picked:
         return None
+    carry, chains = _missing_from(full, hot, picked)
+    op = {"op": "retry", "ids": picked, "by": by}
+    if carry:
+        op["tasks"] = [pack_task(t) for t in sorted(carry.values(), key=lambda t: t["seq"])]
+    if chains:
+        op["chains"] = list(chains.values())
+    return op
+
+
+def _retryable(full: dict, ids, failed: bool, tag) -> list[str]:
+    """The ids retry takes: every FAILED task (``failed``), else the FAILED and CANCELLED tasks
+    named by ``tag`` or ``ids``, in enqueue order."""
+    if failed:
+        picked = [i for i, t in full["tasks"].items() if t["state"] == "FAILED"]
+        return sorted(picked, key=lambda i: full["tasks"][i]["seq"])
+    sel = {"tag": tag} if tag is not None else {"ids": list(ids)}
+    return steer_targets(full, sel, FINISHED - {"SUCCEEDED"})
+
+
+def _missing_from(full: dict, hot: dict, picked: list[str]) -> tuple[dict, dict]:
+    """The tasks (``picked`` and their chains' tasks) and chains of ``full`` that ``hot`` lacks."""
     carry: dict[str, dict] = {}
     chains: dict[str, dict] = {}
     for i in picked:
@@ -99,17 +117,10 @@ def retry_op(full: dict, hot: dict, ids=(), failed=False, tag=None, by=None) -> 
         if chain is not None:
             if chain["id"] not in hot["chains"]:
                 chains[chain["id"]] = chain
-            for m in members(full, chain):
-                if m["id"] not in hot["tasks"]:
-                    carry[m["id"]] = m
+            carry.update((m["id"], m) for m in members(full, chain) if m["id"] not in hot["tasks"])
         if i not in hot["tasks"]:
             carry[i] = t
-    op = {"op": "retry", "ids": picked, "by": by}
-    if carry:
-        op["tasks"] = [pack_task(t) for t in sorted(carry.values(), key=lambda t: t["seq"])]
-    if chains:
-        op["chains"] = list(chains.values())
-    return op
+    return carry, chains
 
 
 # -- wait -----------------------------------------------------------------------------------
@@ -149,37 +160,10 @@ def wait(store, ids=(), tag=None, timeout: float | None = None) -> WaitResult:
     watcher = _StoreWatcher(store.watch()) if hasattr(store, "watch") else _Watcher(store.paths.journal_dir)
     try:
         state = store.load(full=True).state
-        wanted = _matching(state, ids, tag)
-        if not wanted:
-            what = f"tag {tag!r}" if tag is not None else ", ".join(repr(i) for i in ids)
-            raise InvalidParams(f"no task matches {what}", hint="`kmpwm inspect-queue --all` lists them")
-        repeating = {i for i in wanted if _repeating(state["tasks"][i])}
-        # a repeating task's run in progress began before wait did: the next one counts
-        base = {
-            i: state["tasks"][i]["attempts"] + (state["tasks"][i]["state"] == "RUNNING" and i in repeating)
-            for i in wanted
-        }
+        goal = _WaitGoal(state, ids, tag)
         while True:
-            tasks = state["tasks"]
-            done, bad = [], False
-            for i in wanted:
-                t = tasks.get(i)
-                if t is None:
-                    continue  # gone (compacted away long after it finished): counts as done
-                if t["state"] in FINISHED:
-                    done.append(i)
-                    bad = bad or t["state"] != "SUCCEEDED"
-                elif (
-                    i in repeating and t["attempts"] > base[i] and not t.get("occ_attempts") and t["state"] != "RUNNING"
-                ):
-                    done.append(i)  # an occurrence ended after wait began
-                    bad = bad or (t.get("last_result") or {}).get("status") != "SUCCESS"
-            docs = [
-                {"id": i, "state": tasks[i]["state"], "last_result": tasks[i]["last_result"]}
-                for i in wanted
-                if i in tasks
-            ]
-            if len(done) == len(wanted):
+            docs, done, bad = goal.progress(state["tasks"])
+            if done:
                 return WaitResult(docs, False, 1 if bad else 0)
             left = None if deadline is None else deadline - time.monotonic()
             if left is not None and left <= 0:
@@ -188,6 +172,42 @@ def wait(store, ids=(), tag=None, timeout: float | None = None) -> WaitResult:
             state = store.load(full=True).state
     finally:
         watcher.close()
+
+
+class _WaitGoal:
+    """The tasks :func:`wait` waits for, and when each counts as done."""
+
+    def __init__(self, state: dict, ids, tag):
+        self.wanted = _matching(state, ids, tag)
+        if not self.wanted:
+            what = f"tag {tag!r}" if tag is not None else ", ".join(repr(i) for i in ids)
+            raise InvalidParams(f"no task matches {what}", hint="`kmpwm inspect-queue --all` lists them")
+        tasks = state["tasks"]
+        self.repeating = {i for i in self.wanted if _repeating(tasks[i])}
+        # a repeating task's run in progress began before wait did: the next one counts
+        self.base = {
+            i: tasks[i]["attempts"] + (tasks[i]["state"] == "RUNNING" and i in self.repeating) for i in self.wanted
+        }
+
+    def finished(self, i: str, t: dict) -> bool | None:
+        """None: not done yet; else done, and whether it went wrong."""
+        if t["state"] in FINISHED:
+            return t["state"] != "SUCCEEDED"
+        if i in self.repeating and t["attempts"] > self.base[i] and not t.get("occ_attempts"):
+            if t["state"] != "RUNNING":  # an occurrence ended after wait began
+                return (t.get("last_result") or {}).get("status") != "SUCCESS"
+        return None
+
+    def progress(self, tasks: dict) -> tuple[list[dict], bool, bool]:
+        """The tasks' documents, whether all are done, and whether one went wrong.  A task that
+        is gone from the full state is not counted as done (as wait always did)."""
+        ends = [self.finished(i, tasks[i]) if i in tasks else None for i in self.wanted]
+        docs = [
+            {"id": i, "state": tasks[i]["state"], "last_result": tasks[i]["last_result"]}
+            for i in self.wanted
+            if i in tasks
+        ]
+        return docs, all(e is not None for e in ends), any(ends)
 
 
 class _StoreWatcher:
@@ -284,191 +304,48 @@ def plan_forced(
     not) and those whose constraints do not hold (unless ``ignore_constraints``) are skipped
     with the reason."""
     from kmpwm.core.hosts import this_host
-    from kmpwm.scheduling.plan import Plan, lease_state, order_key, pinned_elsewhere
-    from kmpwm.scheduling.probes import unmet
+    from kmpwm.scheduling.plan import Plan, order_key
 
     out = Plan()
-    tasks = state["tasks"]
-    if host is None:
-        host = this_host()
+    host = this_host() if host is None else host
     for i in forced:
-        t = tasks.get(i)
+        t = state["tasks"].get(i)
         if t is None or i in exclude:
             continue
-        st = t["state"]
-        if st == "BLOCKED":
-            out.skipped.append({"id": i, "reason": "blocked: waiting for an earlier step or task"})
-            continue
-        if st in FINISHED:
-            out.skipped.append({"id": i, "reason": f"finished ({st}); `kmpwm retry {i}` enqueues it again"})
-            continue
-        if st == "RUNNING":
-            ls = lease_state(t, now)
-            if ls == "held":
-                out.skipped.append({"id": i, "reason": f"running: held by run-due pid {(t['lease'] or {}).get('pid')}"})
-                continue
-        why = pinned_elsewhere(t, host)
-        if why:
-            out.skipped.append({"id": i, "reason": f"{why}: it runs only there"})
-            continue
-        if st == "RUNNING":
-            out.broken.add(i)  # its holder is gone or its lease ended (plan.plan)
-        if known_worker is not None and not known_worker(t["worker"]):
-            out.skipped.append({"id": i, "reason": f"unknown worker {t['worker']!r} (not registered any more)"})
-            continue
-        reason = None if ignore_constraints else unmet(t["constraints"], device)
-        if reason:
-            out.skipped.append({"id": i, "reason": reason + " (--ignore-constraints runs it anyway)"})
-            continue
-        out.due.append(t)
+        reason = _not_forcible(t, now, host)
+        if reason is None and t["state"] == "RUNNING":
+            out.broken.add(i)  # its holder is gone or its lease ended (scheduling.decide)
+        if reason is None:
+            reason = _cannot_start(t, device, known_worker, ignore_constraints)
+        if reason is None:
+            out.due.append(t)
+        else:
+            out.skipped.append({"id": i, "reason": reason})
     out.due.sort(key=lambda t: (t.get("step") or 0, order_key(t)))
     return out
 
 
-# -- the commands ---------------------------------------------------------------------------
+def _not_forcible(t: dict, now: float, host: str) -> str | None:
+    """Why run-now cannot take ``t`` at all: BLOCKED, finished, running, or another host's."""
+    from kmpwm.core.hosts import pinned_elsewhere
+    from kmpwm.scheduling.leases import lease_state
+
+    st, i = t["state"], t["id"]
+    if st == "BLOCKED":
+        return "blocked: waiting for an earlier step or task"
+    if st in FINISHED:
+        return f"finished ({st}); `kmpwm retry {i}` enqueues it again"
+    if st == "RUNNING" and lease_state(t, now) == "held":
+        return f"running: held by run-due pid {(t['lease'] or {}).get('pid')}"
+    why = pinned_elsewhere(t, host)
+    return f"{why}: it runs only there" if why else None
 
 
-def _ids_or_tag(ids, tag, all_) -> str:
-    return "the queue" if all_ else (f"tag {tag!r}" if tag is not None else ", ".join(ids))
+def _cannot_start(t: dict, device, known_worker, ignore_constraints: bool) -> str | None:
+    """Why run-now cannot start ``t`` here: its worker is gone, or a constraint does not hold."""
+    from kmpwm.scheduling.probes import unmet
 
-
-def pause_command(paths, ids, tag, all_, until, as_json) -> int:
-    from kmpwm.cli.output import print_json, say
-    from kmpwm.core.timeparse import iso, parse_time
-    from kmpwm.storage.stores import open_store
-
-    until_ts = parse_time(until, what="--until") if until is not None else None
-    if until_ts is not None and until_ts <= time.time():
-        raise InvalidParams(f"invalid --until {until!r}: the time has passed")
-    done = pause(open_store(paths), ids, tag, all_, until_ts)
-    if as_json:
-        print_json({"paused": done})
-        return 0
-    when = f" until {iso(until_ts)}" if until_ts is not None else ""
-    if all_:
-        say(f"paused the queue{when}: nothing starts until `kmpwm resume --all`")
-    elif done:
-        say(f"paused {len(done)} task(s){when}: {', '.join(done)}")
-    else:
-        say(f"nothing to pause ({_ids_or_tag(ids, tag, all_)}: no unfinished task)")
-    return 0
-
-
-def resume_command(paths, ids, tag, all_, as_json) -> int:
-    from kmpwm.cli.output import print_json, say
-    from kmpwm.storage.stores import open_store
-
-    done = resume(open_store(paths), ids, tag, all_)
-    if as_json:
-        print_json({"resumed": done})
-        return 0
-    if all_:
-        say("resumed the queue" + (f" and {len(done)} paused task(s): {', '.join(done)}" if done else ""))
-    elif done:
-        say(f"resumed {len(done)} task(s): {', '.join(done)}")
-    else:
-        say(f"nothing to resume ({_ids_or_tag(ids, tag, all_)}: nothing paused)")
-    return 0
-
-
-def retry_command(paths, ids, failed, tag, as_json) -> int:
-    from kmpwm.cli.output import print_json, say
-    from kmpwm.storage.stores import open_store
-
-    done = retry(open_store(paths), ids, failed, tag)
-    if as_json:
-        print_json({"retried": done})
-    elif done:
-        say(f"retried {len(done)} task(s): {', '.join(done)}")
-    else:
-        say("nothing to retry (no FAILED or CANCELLED task matches)")
-    return 0
-
-
-def wait_command(paths, ids, tag, timeout, as_json) -> int:
-    import sys
-
-    from kmpwm.cli.output import print_json, say
-    from kmpwm.core.timeparse import parse_duration
-    from kmpwm.storage.stores import open_store
-
-    timeout_s = parse_duration(timeout, what="--timeout") if timeout is not None else None
-    res = wait(open_store(paths), ids, tag, timeout_s)
-    if as_json:
-        print_json(res.doc())
-    else:
-        for t in res.tasks:
-            lr = t["last_result"] or {}
-            msg = f" ({lr.get('status')}: {lr['message']})" if lr.get("message") else ""
-            say(f"{t['id']}: {t['state']}{msg}")
-    if res.timed_out:
-        sys.stderr.write(f"kmpwm: timed out after {timeout}; not every task has finished\n")
-    return res.exit_code
-
-
-def run_now(paths, ids, ignore_constraints=False, grace=None, on_event=None):
-    """Run the named tasks (a chain id: its steps in order) now in this process; returns the
-    run-due report document and the exit code (run-due's, or 1 when a task did not run or a run
-    did not succeed)."""
-    from kmpwm.core.models import DEFAULT_GRACE
-    from kmpwm.running.runner import Runner
-    from kmpwm.storage.stores import open_store
-
-    store = open_store(paths)
-    state = store.load(full=True).state
-    forced = expand_ids(state, ids)
-    if not forced:
-        raise InvalidParams(
-            f"no task matches {', '.join(repr(i) for i in ids)}", hint="`kmpwm inspect-queue --all` lists them"
-        )
-    named = {i for i in forced if i in ids or i.split("#", 1)[0] in ids}
-    before = {i: state["tasks"][i]["state"] for i in forced}
-    state = None
-    runner = Runner(
-        paths,
-        grace=DEFAULT_GRACE if grace is None else grace,
-        parallel=None,
-        store=store,
-        forced=forced,
-        ignore_constraints=ignore_constraints,
-        on_event=on_event,
-    )
-    code = runner.run()
-    doc = runner.report.doc()
-    ran = {r["id"] for r in doc["ran"]}
-    # a chain's tasks that ran once their step came, or that its failure ended, are no skips
-    # a chain's later tasks (named through the chain id) wait for their step or end with it: no skips
-    doc["skipped"] = [
-        s
-        for s in doc["skipped"]
-        if s["id"] not in ran
-        and (s["id"] in named or (before[s["id"]] != "BLOCKED" and not s["reason"].startswith("finished")))
-    ]
-    if code == 0 and (doc["skipped"] or any(r["status"] != "SUCCESS" for r in doc["ran"])):
-        code = 1
-    return doc, code, runner.expire_reason
-
-
-def run_now_command(paths, ids, ignore_constraints, grace, as_json) -> int:
-    import sys
-
-    from kmpwm.cli.output import is_tty, print_json, printable
-    from kmpwm.cli.rundue import _Progress, _summary
-    from kmpwm.core.timeparse import parse_duration
-
-    grace_s = parse_duration(grace, what="--grace") if grace is not None else None
-    live = not as_json and is_tty()
-    doc, code, why = run_now(paths, ids, ignore_constraints, grace_s, on_event=_Progress().event if live else None)
-    if as_json:
-        print_json(doc)
-    else:
-        _summary(doc, False)
-        if not live:
-            for row in doc["ran"]:
-                if row["status"] != "SUCCESS":
-                    sys.stderr.write(
-                        printable(f"kmpwm: {row['id']} ({row['worker']}): {row['status']}: {row['message']}") + "\n"
-                    )
-    if code == 75:
-        sys.stderr.write(f"kmpwm: the run expired ({why})\n")
-    return code
+    if known_worker is not None and not known_worker(t["worker"]):
+        return f"unknown worker {t['worker']!r} (not registered any more)"
+    reason = None if ignore_constraints else unmet(t["constraints"], device)
+    return reason + " (--ignore-constraints runs it anyway)" if reason else None

@@ -30,6 +30,7 @@ def next_run_at(t: dict, now: float) -> float | None:
 
 
 def task_json(t: dict, now: float) -> dict:
+    until = t.get("paused_until")
     return {
         "id": t["id"],
         "worker": t["worker"],
@@ -43,32 +44,28 @@ def task_json(t: dict, now: float) -> dict:
         "input": t["input"],
         "tags": t.get("tags", []),
         "last_result": t["last_result"],
-        "reason": t.get("reason")
-        if t["state"] != "RUNNING" or (ls := lease_state(t, now)) == "held"
-        else (f"{lost_why(t, ls)}: it runs again"),
+        "reason": _reason(t, now),
         "created_at": iso(t.get("created_at")),
         "finished_at": iso(t.get("finished_at")),
         "after": t.get("after", []),
         # the task's own pause (the queue's is inspect-queue's top-level "paused"); an ended --until is over
-        "paused": bool(t.get("paused"))
-        and t["state"] in UNFINISHED
-        and (t.get("paused_until") is None or t["paused_until"] > now),
-        "paused_until": (
-            iso(t["paused_until"])
-            if t.get("paused") and t["state"] in UNFINISHED and (t.get("paused_until") or 0) > now
-            else None
-        ),
-        "lease": None
-        if not t.get("lease")
-        else {
-            "runner": t["lease"]["runner"],
-            "pid": t["lease"].get("pid"),
-            "until": iso(t["lease"]["until"]),
-            "host": lease_host(t["lease"]),
-        },
+        "paused": bool(t.get("paused")) and t["state"] in UNFINISHED and (until is None or until > now),
+        "paused_until": iso(until) if t.get("paused") and t["state"] in UNFINISHED and (until or 0) > now else None,
+        "lease": _lease_json(t["lease"]) if t.get("lease") else None,
         "progress": None,  # the latest of a running task (kmpwm.storage.progress.attach)
         "host": t.get("host"),  # --host: the only host that runs it (null: any host)
     }
+
+
+def _reason(t: dict, now: float) -> str | None:
+    """A task's reason; a RUNNING one whose run is over without a result: why, and that it runs again."""
+    if t["state"] != "RUNNING" or (ls := lease_state(t, now)) == "held":
+        return t.get("reason")
+    return f"{lost_why(t, ls)}: it runs again"
+
+
+def _lease_json(lease: dict) -> dict:
+    return {"runner": lease["runner"], "pid": lease.get("pid"), "until": iso(lease["until"]), "host": lease_host(lease)}
 
 
 def lease_host(lease: dict) -> str | None:
@@ -111,37 +108,44 @@ def select(
     include_finished: bool = False,
 ) -> tuple[list[dict], list[dict]]:
     """Tasks and chains to show, in enqueue order."""
-    tasks = state["tasks"]
     chains = state["chains"]
-    if task_id is not None:
-        ids: list[str] = []
-        chain = chains.get(task_id)
-        if chain is not None:
-            ids += [t["id"] for t in members(state, chain)]
-        if "#" in task_id:
-            ids += [task_id] if task_id in tasks else []
-        else:
-            ids += family(state, task_id)
-        picked = [tasks[i] for i in dict.fromkeys(ids) if i in tasks]
-    else:
-        picked = list(tasks.values())
-    if tag is not None:
-        picked = [
-            t
-            for t in picked
-            if tag in t.get("tags", ())
-            or (t.get("chain_id") in chains and tag in chains[t["chain_id"]].get("tags", ()))
-        ]
-    if state_filter is not None:
-        picked = [t for t in picked if effective_state(t, now) == state_filter]
-    elif not include_finished and task_id is None:
-        picked = [t for t in picked if t["state"] in UNFINISHED]
+    picked = _named(state, task_id) if task_id is not None else list(state["tasks"].values())
+    finished_too = include_finished or task_id is not None
+    picked = [t for t in picked if _shown(t, now, chains, tag, state_filter, finished_too)]
     picked.sort(key=lambda t: t["seq"])
     chain_ids = dict.fromkeys(t["chain_id"] for t in picked if t.get("chain_id"))
     if task_id is not None and task_id in chains:
         chain_ids[task_id] = None
-    shown = [chains[c] for c in chain_ids if c in chains]
-    return picked, shown
+    return picked, [chains[c] for c in chain_ids if c in chains]
+
+
+def _named(state: dict, task_id: str) -> list[dict]:
+    """The tasks ``task_id`` names: a chain's, an exact ``ID#n``, or ``ID`` with its ``ID#n``."""
+    tasks = state["tasks"]
+    ids: list[str] = []
+    chain = state["chains"].get(task_id)
+    if chain is not None:
+        ids += [t["id"] for t in members(state, chain)]
+    if "#" in task_id:
+        ids += [task_id] if task_id in tasks else []
+    else:
+        ids += family(state, task_id)
+    return [tasks[i] for i in dict.fromkeys(ids) if i in tasks]
+
+
+def _shown(t: dict, now: float, chains: dict, tag: str | None, state_filter: str | None, finished_too: bool) -> bool:
+    """Does ``t`` pass the filters: its tag (or its chain's), its effective state, else unfinished
+    unless ``finished_too``?"""
+    if tag is not None and not _tagged(t, tag, chains):
+        return False
+    if state_filter is not None:
+        return effective_state(t, now) == state_filter
+    return finished_too or t["state"] in UNFINISHED
+
+
+def _tagged(t: dict, tag: str, chains: dict) -> bool:
+    """Has ``t`` the tag, itself or through its chain?"""
+    return tag in t.get("tags", ()) or (t.get("chain_id") in chains and tag in chains[t["chain_id"]].get("tags", ()))
 
 
 def is_finished(t: dict) -> bool:

@@ -1,0 +1,58 @@
+"""``kmpwm events``: print scheduling.events' feed, once or following it."""
+
+from __future__ import annotations
+
+import sys
+import time
+
+from kmpwm.cli.output import print_json, print_json_line, say
+from kmpwm.core.timeparse import iso
+from kmpwm.scheduling.events import event_doc, open_events
+from kmpwm.storage.paths import Paths
+
+POLL = 0.3  # --follow's pause between looks (s)
+
+
+def _line(ev: list) -> str:
+    ts, tid, kind, detail = ev
+    bits = []
+    if kind == "ran":
+        bits.append(f"{detail.get('status')} in {detail.get('duration_ms')}ms")
+        if detail.get("message"):
+            bits.append(str(detail["message"])[:100])
+    else:
+        bits += [f"{k}={v}" for k, v in detail.items() if v not in (None, "", {})]
+    return f"{iso(ts)}  {tid}  {kind}  {' '.join(bits)}".rstrip()
+
+
+def events_command(paths: Paths, task: str | None, since, follow: bool, as_json: bool) -> int:
+    feed = open_events(paths, task, since)
+    if feed.damage:
+        sys.stderr.write(
+            f"kmpwm: warning: the journal has {feed.damage} damaged region(s); "
+            "events from them are missing; run `kmpwm doctor --repair`\n"
+        )
+    if not follow:
+        return _print_all(feed.selected, as_json)
+    emit = (lambda e: print_json_line(event_doc(e))) if as_json else (lambda e: say(_line(e)))
+    new = feed.selected
+    try:
+        while True:
+            for e in new:
+                emit(e)
+            sys.stdout.flush()
+            time.sleep(POLL)
+            new = feed.poll()
+    except KeyboardInterrupt:
+        return 130  # interrupted by SIGINT, like any Unix tool (and inspect-queue --watch)
+
+
+def _print_all(selected: list, as_json: bool) -> int:
+    if as_json:
+        print_json({"events": [event_doc(e) for e in selected]})
+    elif selected:
+        for e in selected:
+            say(_line(e))
+    else:
+        say("no events")
+    return 0
