@@ -273,6 +273,40 @@ def trig(task: dict, **fields: Any) -> Trig:
     return op
 
 
+def _targets(op: dict, ids, tag: str | None, all_: bool) -> None:
+    if all_:
+        op["all"] = True
+    elif tag is not None:
+        op["tag"] = tag
+    else:
+        op["ids"] = list(ids)
+
+
+def pause(by: str, *, ids=(), tag: str | None = None, all_: bool = False, until: float | None = None) -> Pause:
+    """Pause tasks (and their chains), a tag's, or with ``all_`` the queue itself, to ``until``."""
+    op: Pause = {"op": "pause", "by": by}
+    _targets(op, ids, tag, all_)  # type: ignore[arg-type]
+    if until is not None:
+        op["until"] = until
+    return op
+
+
+def resume(by: str, *, ids=(), tag: str | None = None, all_: bool = False) -> Resume:
+    op: Resume = {"op": "resume", "by": by}
+    _targets(op, ids, tag, all_)  # type: ignore[arg-type]
+    return op
+
+
+def retry(ids: list[str], by: str, tasks: list[dict] | None = None, chains: list[dict] | None = None) -> Retry:
+    """``tasks``/``chains``: the records it revives that a reader without history lacks."""
+    op: Retry = {"op": "retry", "ids": ids, "by": by}
+    if tasks:
+        op["tasks"] = tasks
+    if chains:
+        op["chains"] = chains
+    return op
+
+
 def note(task_id: str, event: str, detail: Any) -> Note:
     return {"op": "note", "id": task_id, "event": event, "detail": detail}
 

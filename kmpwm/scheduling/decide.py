@@ -29,6 +29,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
+from kmpwm.core import schema
 from kmpwm.core.hosts import pinned_elsewhere, this_host
 from kmpwm.core.state import FINISHED, due_at, member, occurrence, pause_of
 from kmpwm.core.timeparse import format_duration, iso
@@ -99,9 +100,6 @@ class _Judge:
         skip = skip if self.ripe else None
         return Decision(code, skip, self.at, ops=tuple(self.ops), occ=occ or self.occ, **self.facts, **kw)
 
-    def op(self, kind: str, **fields) -> None:
-        self.ops.append({"op": kind, "id": self.t["id"], "seq": self.t["seq"], **fields})
-
 
 # -- the gates, in order: each returns a Decision that holds the task back, or None --------------
 
@@ -118,7 +116,7 @@ def _running(j: _Judge) -> Decision | None:
         return j.result("host")  # the pinned host's runners take it over
     if _death_counts(j, ls) and t.get("crashes", 0) + 1 >= MAX_CRASHES:
         reason = f"quarantined: its runner died {t['crashes'] + 1} times while running it"
-        j.op("fail", reason=reason)
+        j.ops.append(schema.fail(j.t, reason))
         return j.result("quarantined")
     # taken over: its holder is gone, or its lease ended (the claim says so, so that every reader's
     # fold accepts it whatever its own clock says: a shared store's leases are judged by the
@@ -158,7 +156,7 @@ def _window(j: _Judge) -> Decision | None:
     trig = j.t["trigger"]
     if j.running or trig["type"] != "windowed" or j.now <= trig["end"]:
         return None
-    j.op("fail", reason="window missed")
+    j.ops.append(schema.fail(j.t, "window missed"))
     return j.result("window-missed")
 
 
@@ -213,7 +211,7 @@ def _device_state(j: _Judge) -> Decision | None:
     armed = ts.get("armed", True)
     if not device_state_now(trig["state"], j.device):
         if not armed:  # it left the state: a new entry is awaited
-            j.op("trig", trig_state={"armed": True, "entry": ts.get("entry", 0) + 1})
+            j.ops.append(schema.trig(j.t, trig_state={"armed": True, "entry": ts.get("entry", 0) + 1}))
         return j.result("not-due", wait="enter")
     if not armed:
         return j.result("not-due", wait="armed")  # fired already on entering this state
@@ -227,7 +225,7 @@ def _constraints(j: _Judge) -> Decision | None:
         return None
     t = j.t
     if not j.running and t["constraints"].get("misfire_grace") and t["trig_state"].get("held") != j.due_t:
-        j.op("trig", trig_state={"held": j.due_t})  # a constraint wait is not a misfire
+        j.ops.append(schema.trig(j.t, trig_state={"held": j.due_t}))  # a constraint wait is not a misfire
     return j.result("constraint", reason)
 
 
@@ -289,8 +287,8 @@ def missed_op(t: dict, m: dict) -> dict:
     """The op that records a missed occurrence: the task moves on along its grid, or fails."""
     detail = missed_detail(m)
     if m["next"] is None:
-        return {"op": "fail", "id": t["id"], "seq": t["seq"], "reason": "missed", "missed": detail}
-    return {"op": "trig", "id": t["id"], "seq": t["seq"], "due": m["next"], "missed": dict(detail, next=iso(m["next"]))}
+        return schema.fail(t, "missed", missed=detail)
+    return schema.trig(t, due=m["next"], missed=dict(detail, next=iso(m["next"])))
 
 
 # -- what a BLOCKED task waits for --------------------------------------------------------------

@@ -12,6 +12,7 @@ from __future__ import annotations
 import os
 import time
 
+from kmpwm.core import schema
 from kmpwm.core.exitcodes import InvalidParams
 from kmpwm.core.state import FINISHED, UNFINISHED, members, pack_task, steer_targets
 
@@ -36,15 +37,7 @@ def who() -> str:
 
 
 def pause(store, ids=(), tag=None, all_=False, until=None, by=None) -> list[str]:
-    op = {"op": "pause", "by": by or who()}
-    if all_:
-        op["all"] = True
-    elif tag is not None:
-        op["tag"] = tag
-    else:
-        op["ids"] = list(ids)
-    if until is not None:
-        op["until"] = until
+    op = schema.pause(by or who(), ids=ids, tag=tag, all_=all_, until=until)
     with store.transaction() as txn:
         if not all_ and not steer_targets(txn.state, op, UNFINISHED):
             return []  # nothing to pause: no journal growth
@@ -52,13 +45,7 @@ def pause(store, ids=(), tag=None, all_=False, until=None, by=None) -> list[str]
 
 
 def resume(store, ids=(), tag=None, all_=False, by=None) -> list[str]:
-    op = {"op": "resume", "by": by or who()}
-    if all_:
-        op["all"] = True
-    elif tag is not None:
-        op["tag"] = tag
-    else:
-        op["ids"] = list(ids)
+    op = schema.resume(by or who(), ids=ids, tag=tag, all_=all_)
     with store.transaction() as txn:
         state = txn.state
         if all_:
@@ -89,12 +76,8 @@ def retry_op(full: dict, hot: dict, ids=(), failed=False, tag=None, by=None) -> 
     if not picked:
         return None
     carry, chains = _missing_from(full, hot, picked)
-    op = {"op": "retry", "ids": picked, "by": by}
-    if carry:
-        op["tasks"] = [pack_task(t) for t in sorted(carry.values(), key=lambda t: t["seq"])]
-    if chains:
-        op["chains"] = list(chains.values())
-    return op
+    revived = [pack_task(t) for t in sorted(carry.values(), key=lambda t: t["seq"])]
+    return schema.retry(picked, by, revived, list(chains.values()))
 
 
 def _retryable(full: dict, ids, failed: bool, tag) -> list[str]:

@@ -27,6 +27,7 @@ from dataclasses import dataclass, field
 
 import orjson
 
+from kmpwm.core import schema
 from kmpwm.core.exitcodes import JournalError, KmpwmError
 from kmpwm.core.state import apply, new_state, pack_task, split_history, unpack_task
 from kmpwm.storage.journal import (
@@ -643,7 +644,7 @@ class Transaction:
     def _with_header(self, record: dict) -> list[dict]:
         if self.view.gen is None and self.view.offset == 0:
             # a new journal: append() writes a header first; fold it too so the view knows its generation
-            return [{"ts": record["ts"], "ops": [{"op": "hdr", "gen": None, "_pending": True}]}, record]
+            return [{"ts": record["ts"], "ops": [dict(schema.header(None), _pending=True)]}, record]
         return [record]
 
 
