@@ -71,17 +71,28 @@ _LEASES = (
     "RETURNING task_id"
 )
 CLAIMS_SQL = f"WITH {_CLAIMS} {_LEASES}"
-# A record whose first side rows are claims (run-due's and serve's usual record): the record, its
-# claims and their leases in one round trip (three tables apart: no row is touched twice).
+# The leases that results end.
+ENDS_SQL = (
+    "DELETE FROM kmpwm_leases l USING unnest(%s::text[], %s::text[]) AS u(task_id, runner) "
+    "WHERE l.task_id = u.task_id AND l.runner = u.runner"
+)
+# run-due's and serve's usual record: results, then claims.  The record, the leases its results
+# end, its claims and their leases in one round trip, when no lease is both ended and taken by it
+# (then no row is touched twice in the statement); its seq, and the tasks whose claims were taken.
+RECORD_ENDS_CLAIMS_SQL = (
+    "WITH r AS (INSERT INTO kmpwm_records (host, body) VALUES (%s, %s) RETURNING seq), "
+    f"e AS ({ENDS_SQL} RETURNING 1), {_CLAIMS}, l AS ({_LEASES}) "
+    f"SELECT (SELECT seq FROM r), pg_notify('{CHANNEL}', ''), ARRAY(SELECT task_id FROM l)"
+)
 RECORD_CLAIMS_SQL = (
     "WITH r AS (INSERT INTO kmpwm_records (host, body) VALUES (%s, %s) RETURNING seq), "
     f"{_CLAIMS}, l AS ({_LEASES}) "
     f"SELECT (SELECT seq FROM r), pg_notify('{CHANNEL}', ''), ARRAY(SELECT task_id FROM l)"
 )
-# The leases that results end.
-ENDS_SQL = (
-    "DELETE FROM kmpwm_leases l USING unnest(%s::text[], %s::text[]) AS u(task_id, runner) "
-    "WHERE l.task_id = u.task_id AND l.runner = u.runner"
+RECORD_ENDS_SQL = (
+    "WITH r AS (INSERT INTO kmpwm_records (host, body) VALUES (%s, %s) RETURNING seq), "
+    f"e AS ({ENDS_SQL} RETURNING 1) "
+    f"SELECT seq, pg_notify('{CHANNEL}', '') FROM r"
 )
 
 # Each version's statements, applied in order inside one transaction (under the writers' lock).
@@ -235,6 +246,8 @@ class PgStore:
         self._in_txn = 0
         self._read_ahead = None  # (offset, rows, with leases): the reading sent with a transaction's BEGIN
         self._leases_wanted = False  # tasks were running (or fenced) at the last reading
+        self._listening = None  # the connection that listens for other sessions' writes (unchanged_view)
+        self._heard_other = True  # another session notified a write since our last reading
         self.host = None
 
     # -- the connection -------------------------------------------------------------------
@@ -354,6 +367,7 @@ class PgStore:
             rows, with_leases = ahead[1], ahead[2]
         else:
             with_leases = self._leases_wanted
+            self._heard_other = False  # a write heard from now on may be after this reading
             rows = self._execute(self._read_sql(with_leases), (view.offset,), doing="reading records").fetchall()
         self._fold_new(view, sorted((r[0], r[1]) for r in rows if r[0] is not None))
         self._view = view
@@ -393,6 +407,36 @@ class PgStore:
             lease["until"] = now + left.get((t["id"], lease.get("runner")), -1.0)
         for tid, fence in fences.items():
             fence["until"] = now + left.get((tid, fence.get("runner")), -1.0)
+
+    def unchanged_view(self) -> View | None:
+        """The cached view, without a round trip, when no other session has written since it was
+        read: this store's connection listens (``LISTEN kmpwm``, from the first call on) and has
+        heard no notification from another backend since its last reading (a write notifies when
+        it commits, and an idle listener is told at once).  None: read (``load``).  Lease ends
+        are as of the last reading (renewals do not notify): for checks of the records only."""
+        conn = self._conn
+        if self._view is None or conn is None or conn.closed or conn.broken or self._in_txn:
+            return None
+        if self._listening is not conn:
+            psycopg = _Psycopg.get()
+            try:
+                conn.execute(f"LISTEN {CHANNEL}")
+            except psycopg.Error:
+                self._drop_broken()
+                return None
+            conn.add_notify_handler(self._notified)
+            self._listening = conn
+            self._heard_other = True  # not listening before: read once more
+            return None
+        if self._stirred():  # the server ending the connection: let the reading find out
+            return None
+        return None if self._heard_other else self._view
+
+    def _notified(self, n) -> None:
+        """A notification psycopg received while reading a result (ours are ignored)."""
+        conn = self._listening
+        if conn is None or conn.closed or n.pid != conn.info.backend_pid:
+            self._heard_other = True
 
     def records(self, after: int = 0) -> Iterator[tuple[int, dict]]:
         """Every record after ``after`` (events, store copy), oldest first."""
@@ -567,6 +611,7 @@ class PgStore:
                 # (simple protocol: no parameters); COMMIT or ROLLBACK below
                 view, with_leases = self._view, self._leases_wanted
                 read = f"; {self._read_sql(with_leases, view.offset)}" if view is not None else ""
+                self._heard_other = True if view is None else False  # (as load's reading)
                 try:
                     cur = conn.execute(f"BEGIN; {lock}{read}")
                 except psycopg.errors.LockNotAvailable:
@@ -623,10 +668,19 @@ class PgStore:
             self._drop_broken()
 
     def _stirred(self) -> bool:
-        """Has the server said something on our idle connection (it ends a connection with a
-        message before closing it)?  A poll with no wait, instead of a round trip per write."""
+        """Has the server said something on our idle connection other than notifications (it
+        ends a connection with a message before closing it)?  A poll with no wait, instead of a
+        round trip per write; notifications waiting are taken (unchanged_view)."""
         try:
-            return bool(select.select([self._conn.fileno()], [], [], 0)[0])
+            fd = self._conn.fileno()
+            if not select.select([fd], [], [], 0)[0]:
+                return False
+            pg = self._conn.pgconn
+            pg.consume_input()
+            while (n := pg.notifies()) is not None:
+                if n.be_pid != pg.backend_pid:
+                    self._heard_other = True
+            return bool(select.select([fd], [], [], 0)[0]) or pg.status != _Psycopg.get().pq.ConnStatus.OK
         except Exception:  # noqa: BLE001 -- closed or broken: let the probe decide
             return True
 
@@ -653,11 +707,24 @@ class PgStore:
                 else:
                     steps.append(("ends", [(op["id"], op["runner"])]))
         body = (self.host or "", orjson.dumps(record))
-        if steps and steps[0][0] == "claims":
+        ends = steps[0][1] if steps and steps[0][0] == "ends" else None
+        first = steps[1 if ends else 0] if len(steps) > (1 if ends else 0) else (None, None)
+        if ends and first[0] == "claims" and not set(ends) & {(op["id"], op["runner"]) for op, _ in first[1]}:
             seq, _, taken = conn.execute(
-                RECORD_CLAIMS_SQL, (*body, *self._claim_cols(steps[0][1]), self.lease())
+                RECORD_ENDS_CLAIMS_SQL,
+                (*body, [e[0] for e in ends], [e[1] for e in ends], *self._claim_cols(first[1]), self.lease()),
             ).fetchone()
-            self._claims_taken(steps.pop(0)[1], set(taken))
+            del steps[:2]
+            self._claims_taken(first[1], set(taken))
+        elif ends:
+            seq = conn.execute(RECORD_ENDS_SQL, (*body, [e[0] for e in ends], [e[1] for e in ends])).fetchone()[0]
+            del steps[:1]
+        elif first[0] == "claims":
+            seq, _, taken = conn.execute(
+                RECORD_CLAIMS_SQL, (*body, *self._claim_cols(first[1]), self.lease())
+            ).fetchone()
+            del steps[:1]
+            self._claims_taken(first[1], set(taken))
         else:
             seq = conn.execute(INSERT_SQL, body).fetchone()[0]
         for kind, arg in steps:
