@@ -79,15 +79,23 @@ ENDS_SQL = (
 # run-due's and serve's usual record: results, then claims.  The record, the leases its results
 # end, its claims and their leases in one round trip, when no lease is both ended and taken by it
 # (then no row is touched twice in the statement); its seq, and the tasks whose claims were taken.
+# A claim refused makes the statement fail (so that a COMMIT sent with it in one pipeline is never
+# run): the text naming the refused tasks is cast to int (the error carries it; REFUSED finds it).
+REFUSED = "kmpwm refused claims: "
+_GUARD = (
+    "(SELECT CASE WHEN count(*) = cardinality(%s::text[]) THEN 0 ELSE "
+    f"('{REFUSED}' || array_to_string(ARRAY(SELECT t FROM unnest(%s::text[]) t "
+    "EXCEPT SELECT task_id FROM l), ' '))::int END FROM l)"
+)
 RECORD_ENDS_CLAIMS_SQL = (
     "WITH r AS (INSERT INTO kmpwm_records (host, body) VALUES (%s, %s) RETURNING seq), "
     f"e AS ({ENDS_SQL} RETURNING 1), {_CLAIMS}, l AS ({_LEASES}) "
-    f"SELECT (SELECT seq FROM r), pg_notify('{CHANNEL}', ''), ARRAY(SELECT task_id FROM l)"
+    f"SELECT (SELECT seq FROM r), pg_notify('{CHANNEL}', ''), ARRAY(SELECT task_id FROM l), {_GUARD}"
 )
 RECORD_CLAIMS_SQL = (
     "WITH r AS (INSERT INTO kmpwm_records (host, body) VALUES (%s, %s) RETURNING seq), "
     f"{_CLAIMS}, l AS ({_LEASES}) "
-    f"SELECT (SELECT seq FROM r), pg_notify('{CHANNEL}', ''), ARRAY(SELECT task_id FROM l)"
+    f"SELECT (SELECT seq FROM r), pg_notify('{CHANNEL}', ''), ARRAY(SELECT task_id FROM l), {_GUARD}"
 )
 RECORD_ENDS_SQL = (
     "WITH r AS (INSERT INTO kmpwm_records (host, body) VALUES (%s, %s) RETURNING seq), "
@@ -244,6 +252,7 @@ class PgStore:
         self._checked = False
         self._lease = None
         self._in_txn = 0
+        self._committed = False  # the open transaction's last write committed it (_insert)
         self._read_ahead = None  # (offset, rows, with leases): the reading sent with a transaction's BEGIN
         self._leases_wanted = False  # tasks were running (or fenced) at the last reading
         self._listening = None  # the connection that listens for other sessions' writes (unchanged_view)
@@ -629,13 +638,16 @@ class PgStore:
                 try:
                     txn = PgTransaction(self)
                     yield txn
-                    txn.flush()  # each record notifies (INSERT_SQL): a transaction that wrote nothing, nobody
-                    conn.execute("COMMIT")
+                    self._committed = False
+                    txn.flush(last=True)  # each record notifies (INSERT_SQL): a transaction that wrote nothing, nobody
+                    if not self._committed:
+                        conn.execute("COMMIT")
                 except BaseException:
                     self._rollback(conn)
                     raise
                 finally:
                     self._read_ahead = None
+                    self._committed = False
             else:
                 with conn.transaction():  # a savepoint in the open transaction
                     try:
@@ -684,11 +696,13 @@ class PgStore:
         except Exception:  # noqa: BLE001 -- closed or broken: let the probe decide
             return True
 
-    def _insert(self, record: dict, pre: list) -> int:
+    def _insert(self, record: dict, pre: list, commit: bool = False) -> int:
         """One record and its side rows (claims, leases), inside the open transaction; returns
         the record's seq.  Consecutive claims (of distinct tasks), and consecutive results, go in
         one statement each, in the record's order (so a lease taken and ended in one record ends);
-        a record that starts with claims is written with them in one round trip."""
+        run-due's usual record (results, then claims) goes in one statement with them.  ``commit``:
+        the transaction's last write; when one statement holds it all, COMMIT is sent with it in
+        one pipeline (one round trip), and ``_committed`` says so."""
         conn = self._conn
         steps: list = []  # ("claims", [(op, key)...]) | ("ends", [(id, runner)...]) | ("release", op)
         for op, before in pre:
@@ -709,24 +723,25 @@ class PgStore:
         body = (self.host or "", orjson.dumps(record))
         ends = steps[0][1] if steps and steps[0][0] == "ends" else None
         first = steps[1 if ends else 0] if len(steps) > (1 if ends else 0) else (None, None)
+        claims = None
         if ends and first[0] == "claims" and not set(ends) & {(op["id"], op["runner"]) for op, _ in first[1]}:
-            seq, _, taken = conn.execute(
-                RECORD_ENDS_CLAIMS_SQL,
-                (*body, [e[0] for e in ends], [e[1] for e in ends], *self._claim_cols(first[1]), self.lease()),
-            ).fetchone()
+            claims, cols = first[1], self._claim_cols(first[1])
+            sql = RECORD_ENDS_CLAIMS_SQL
+            params = (*body, [e[0] for e in ends], [e[1] for e in ends], *cols, self.lease(), cols[0], cols[0])
             del steps[:2]
-            self._claims_taken(first[1], set(taken))
         elif ends:
-            seq = conn.execute(RECORD_ENDS_SQL, (*body, [e[0] for e in ends], [e[1] for e in ends])).fetchone()[0]
+            sql, params = RECORD_ENDS_SQL, (*body, [e[0] for e in ends], [e[1] for e in ends])
             del steps[:1]
         elif first[0] == "claims":
-            seq, _, taken = conn.execute(
-                RECORD_CLAIMS_SQL, (*body, *self._claim_cols(first[1]), self.lease())
-            ).fetchone()
+            claims, cols = first[1], self._claim_cols(first[1])
+            sql, params = RECORD_CLAIMS_SQL, (*body, *cols, self.lease(), cols[0], cols[0])
             del steps[:1]
-            self._claims_taken(first[1], set(taken))
         else:
-            seq = conn.execute(INSERT_SQL, body).fetchone()[0]
+            sql, params = INSERT_SQL, body
+        row = self._write(sql, params, claims, commit and not steps)
+        seq = row[0]
+        if claims is not None:
+            self._claims_taken(claims, set(row[2]))
         for kind, arg in steps:
             if kind == "claims":
                 rows = conn.execute(CLAIMS_SQL, (*self._claim_cols(arg), self.lease())).fetchall()
@@ -742,6 +757,35 @@ class PgStore:
                 )
                 conn.execute("DELETE FROM kmpwm_leases WHERE task_id = %s AND runner = %s", (arg["id"], arg["runner"]))
         return seq
+
+    def _write(self, sql: str, params: tuple, claims: list | None, commit: bool):
+        """The record's statement (and COMMIT with it, in one pipeline, when ``commit``); its row.
+        A claim the database refused is the error _claims_taken raises, the transaction not
+        committed."""
+        psycopg = _Psycopg.get()
+        conn = self._conn
+        err = None
+        try:
+            if not commit:
+                return conn.execute(sql, params).fetchone()
+            with conn.pipeline() as pipe:
+                cur = conn.execute(sql, params)
+                conn.execute("COMMIT")
+                try:
+                    pipe.sync()
+                except psycopg.Error as exc:  # raised after the pipeline ends cleanly
+                    err = exc
+            if err is None:
+                self._committed = True
+                return cur.fetchone()
+        except psycopg.errors.InvalidTextRepresentation as exc:
+            err = exc
+        primary = getattr(getattr(err, "diag", None), "message_primary", None) or ""
+        if claims is not None and isinstance(err, psycopg.errors.InvalidTextRepresentation) and REFUSED in primary:
+            refused = set(primary.split(REFUSED, 1)[1].rstrip('"').split())
+            taken = {op["id"] for op, _ in claims} - refused
+            self._claims_taken(claims, taken)  # raises, naming the first refused claim
+        raise err
 
     @staticmethod
     def _claim_cols(batch: list) -> tuple[list, ...]:
@@ -801,12 +845,14 @@ class PgTransaction(Transaction):
             self._pre.append((op, key if ok is True else None))
         return results
 
-    def flush(self) -> None:
+    def flush(self, last: bool = False) -> None:
+        """Write the staged ops as one record; ``last``: nothing more is written in this
+        transaction (the store may commit it with the record)."""
         if not self.staged:
             return
         ops, pre = self.staged, self._pre
         self.staged, self._pre = [], []
-        self._advance(self.store._insert({"ts": self.ts, "ops": ops}, pre))
+        self._advance(self.store._insert({"ts": self.ts, "ops": ops}, pre, commit=last))
 
     def commit(self, ops: list[dict], ts: float | None = None) -> list:
         if not ops:
