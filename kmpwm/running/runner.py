@@ -388,6 +388,10 @@ class Runner:
     def _look(self) -> dict | None:
         """The state, read lock-free; None when a shared store cannot be reached while our runs go
         on (they are stopped in time by _renew_leases, not abandoned by an exit)."""
+        unchanged = getattr(self.store, "unchanged_view", None)  # a shared store: no write since
+        view = unchanged() if unchanged is not None else None
+        if view is not None:
+            return view.state
         try:
             return self.store.load(full=False).state
         except JournalError as exc:
@@ -479,7 +483,9 @@ class Runner:
             hooks.fire_results(rows, [f["id"] for f in failed], txn.state)
         self._ready.extend(claimed)
         self.claimed_count += len(claimed)
-        self._start_ready()
+        # On a shared store a look costs a round trip; the state this transaction read under the
+        # lock and committed a moment ago is as fresh as one (the journal's look is a stat).
+        self._start_ready(txn.state if self._renew is not None else None)
         return len(claimed)
 
     def _stage_results(self, txn, finished: list[Job], lite: bool, on_fold) -> list:
@@ -560,12 +566,13 @@ class Runner:
             with self.store.transaction() as txn:
                 txn.stage(notes)
 
-    def _start_ready(self) -> None:
+    def _start_ready(self, fresh: dict | None = None) -> None:
         if not self._ready or len(self.jobs) >= self.parallel or self.run_expired:
             return
         # A task claimed ahead may have been cancelled or replaced since: look (lock-free, only
-        # the records appended meanwhile) before starting it.
-        whole = self._look()
+        # the records appended meanwhile) before starting it; ``fresh``: the state just read and
+        # written under the store's lock.
+        whole = fresh if fresh is not None else self._look()
         if whole is None:
             return  # the shared store is away: start nothing until it is back
         while self._ready and len(self.jobs) < self.parallel and not self.run_expired:

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import os
 import re
+import select
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -42,6 +43,65 @@ LOCK_KEY = 0x6B6D7077  # "kmpw": the advisory lock every writer takes
 CHANNEL = "kmpwm"
 SNAPSHOT_AFTER_RECORDS = 2000
 DEFAULT_LEASE = 60.0
+
+# Reading: the records after what was folded, and each lease's time left by the database's clock
+# (record rows have a seq, lease rows none; both in one round trip and from one snapshot).
+RECORDS_SQL = "SELECT seq, body, NULL::text, NULL::text, NULL::float8 FROM kmpwm_records WHERE seq > {}"
+LEASES_SQL = (
+    "SELECT NULL::bigint, NULL::bytea, task_id, runner, extract(epoch FROM expires_at - now())::float8 "
+    "FROM kmpwm_leases"
+)
+# A record, its seq back and the notification serve and wait listen for, in one round trip (the
+# server delivers it at commit, once per transaction however many records it wrote).
+INSERT_SQL = (
+    "WITH r AS (INSERT INTO kmpwm_records (host, body) VALUES (%s, %s) RETURNING seq) "
+    f"SELECT seq, pg_notify('{CHANNEL}', '') FROM r"
+)
+# The accepted claims of one record and their leases, in one statement: a claim the primary key
+# refuses takes no lease and is missing from what it returns.
+_CLAIMS = (
+    "c AS (INSERT INTO kmpwm_claims (task_id, task_seq, occ, attempt, taken_from, runner) "
+    "SELECT * FROM unnest(%s::text[], %s::bigint[], %s::text[], %s::text[], %s::text[], %s::text[]) "
+    "ON CONFLICT DO NOTHING RETURNING task_id, runner)"
+)
+_LEASES = (
+    "INSERT INTO kmpwm_leases (task_id, runner, expires_at) "
+    "SELECT task_id, runner, now() + make_interval(secs => %s) FROM c "
+    "ON CONFLICT (task_id, runner) DO UPDATE SET expires_at = excluded.expires_at "
+    "RETURNING task_id"
+)
+CLAIMS_SQL = f"WITH {_CLAIMS} {_LEASES}"
+# The leases that results end.
+ENDS_SQL = (
+    "DELETE FROM kmpwm_leases l USING unnest(%s::text[], %s::text[]) AS u(task_id, runner) "
+    "WHERE l.task_id = u.task_id AND l.runner = u.runner"
+)
+# run-due's and serve's usual record: results, then claims.  The record, the leases its results
+# end, its claims and their leases in one round trip, when no lease is both ended and taken by it
+# (then no row is touched twice in the statement); its seq, and the tasks whose claims were taken.
+# A claim refused makes the statement fail (so that a COMMIT sent with it in one pipeline is never
+# run): the text naming the refused tasks is cast to int (the error carries it; REFUSED finds it).
+REFUSED = "kmpwm refused claims: "
+_GUARD = (
+    "(SELECT CASE WHEN count(*) = cardinality(%s::text[]) THEN 0 ELSE "
+    f"('{REFUSED}' || array_to_string(ARRAY(SELECT t FROM unnest(%s::text[]) t "
+    "EXCEPT SELECT task_id FROM l), ' '))::int END FROM l)"
+)
+RECORD_ENDS_CLAIMS_SQL = (
+    "WITH r AS (INSERT INTO kmpwm_records (host, body) VALUES (%s, %s) RETURNING seq), "
+    f"e AS ({ENDS_SQL} RETURNING 1), {_CLAIMS}, l AS ({_LEASES}) "
+    f"SELECT (SELECT seq FROM r), pg_notify('{CHANNEL}', ''), ARRAY(SELECT task_id FROM l), {_GUARD}"
+)
+RECORD_CLAIMS_SQL = (
+    "WITH r AS (INSERT INTO kmpwm_records (host, body) VALUES (%s, %s) RETURNING seq), "
+    f"{_CLAIMS}, l AS ({_LEASES}) "
+    f"SELECT (SELECT seq FROM r), pg_notify('{CHANNEL}', ''), ARRAY(SELECT task_id FROM l), {_GUARD}"
+)
+RECORD_ENDS_SQL = (
+    "WITH r AS (INSERT INTO kmpwm_records (host, body) VALUES (%s, %s) RETURNING seq), "
+    f"e AS ({ENDS_SQL} RETURNING 1) "
+    f"SELECT seq, pg_notify('{CHANNEL}', '') FROM r"
+)
 
 # Each version's statements, applied in order inside one transaction (under the writers' lock).
 MIGRATIONS: dict[int, list[str]] = {
@@ -192,6 +252,11 @@ class PgStore:
         self._checked = False
         self._lease = None
         self._in_txn = 0
+        self._committed = False  # the open transaction's last write committed it (_insert)
+        self._read_ahead = None  # (offset, rows, with leases): the reading sent with a transaction's BEGIN
+        self._leases_wanted = False  # tasks were running (or fenced) at the last reading
+        self._listening = None  # the connection that listens for other sessions' writes (unchanged_view)
+        self._heard_other = True  # another session notified a write since our last reading
         self.host = None
 
     # -- the connection -------------------------------------------------------------------
@@ -306,40 +371,81 @@ class PgStore:
                 except (ValueError, KeyError, TypeError, AttributeError):
                     view = View(new_state())
             self._tail = 0
-        self._fold_new(view)
+        ahead, self._read_ahead = self._read_ahead, None
+        if ahead is not None and ahead[0] == view.offset:
+            rows, with_leases = ahead[1], ahead[2]
+        else:
+            with_leases = self._leases_wanted
+            self._heard_other = False  # a write heard from now on may be after this reading
+            rows = self._execute(self._read_sql(with_leases), (view.offset,), doing="reading records").fetchall()
+        self._fold_new(view, sorted((r[0], r[1]) for r in rows if r[0] is not None))
         self._view = view
-        self._overlay_leases(view)
+        self._overlay_leases(view, {(r[2], r[3]): r[4] for r in rows if r[0] is None} if with_leases else None)
         if self._tail >= SNAPSHOT_AFTER_RECORDS and not self._in_txn:
             self.write_snapshot(view)
         return view
 
-    def _fold_new(self, view: View) -> None:
-        cur = self._execute(
-            "SELECT seq, body FROM kmpwm_records WHERE seq > %s ORDER BY seq", (view.offset,), doing="reading records"
-        )
+    @staticmethod
+    def _read_sql(with_leases: bool, offset: int | None = None) -> str:
+        """The reading's statement: the records, and with them the leases when tasks were running
+        at the last reading.  ``offset`` given: as a literal, for a simple-protocol batch."""
+        records = RECORDS_SQL.format("%s" if offset is None else int(offset))
+        return f"{records} UNION ALL {LEASES_SQL}" if with_leases else records
+
+    def _fold_new(self, view: View, records: list) -> None:
         state = view.state
-        for seq, body in cur:
+        for seq, body in records:
             apply(state, orjson.loads(body))
             view.offset = seq
             self._tail += 1
 
-    def _overlay_leases(self, view: View) -> None:
-        """Each foreign running lease's end, by the database's clock, on this host's clock."""
+    def _overlay_leases(self, view: View, left: dict | None) -> None:
+        """Each foreign running lease's end, by the database's clock, on this host's clock
+        (``left``: seconds left per (task, runner), read with the records; None: not read)."""
         running = [t for t in view.state["tasks"].values() if t["state"] == "RUNNING" and t.get("lease")]
         fences = view.state.get("fences") or {}
+        self._leases_wanted = bool(running or fences)
         if not running and not fences:
             return
-        rows = self._execute(
-            "SELECT task_id, runner, extract(epoch FROM expires_at - now()) FROM kmpwm_leases",
-            doing="reading leases",
-        ).fetchall()
-        left = {(tid, runner): float(secs) for tid, runner, secs in rows}
+        if left is None:
+            rows = self._execute(LEASES_SQL, doing="reading leases").fetchall()
+            left = {(r[2], r[3]): r[4] for r in rows}
         now = time.time()
         for t in running:
             lease = t["lease"]
             lease["until"] = now + left.get((t["id"], lease.get("runner")), -1.0)
         for tid, fence in fences.items():
             fence["until"] = now + left.get((tid, fence.get("runner")), -1.0)
+
+    def unchanged_view(self) -> View | None:
+        """The cached view, without a round trip, when no other session has written since it was
+        read: this store's connection listens (``LISTEN kmpwm``, from the first call on) and has
+        heard no notification from another backend since its last reading (a write notifies when
+        it commits, and an idle listener is told at once).  None: read (``load``).  Lease ends
+        are as of the last reading (renewals do not notify): for checks of the records only."""
+        conn = self._conn
+        if self._view is None or conn is None or conn.closed or conn.broken or self._in_txn:
+            return None
+        if self._listening is not conn:
+            psycopg = _Psycopg.get()
+            try:
+                conn.execute(f"LISTEN {CHANNEL}")
+            except psycopg.Error:
+                self._drop_broken()
+                return None
+            conn.add_notify_handler(self._notified)
+            self._listening = conn
+            self._heard_other = True  # not listening before: read once more
+            return None
+        if self._stirred():  # the server ending the connection: let the reading find out
+            return None
+        return None if self._heard_other else self._view
+
+    def _notified(self, n) -> None:
+        """A notification psycopg received while reading a result (ours are ignored)."""
+        conn = self._listening
+        if conn is None or conn.closed or n.pid != conn.info.backend_pid:
+            self._heard_other = True
 
     def records(self, after: int = 0) -> Iterator[tuple[int, dict]]:
         """Every record after ``after`` (events, store copy), oldest first."""
@@ -498,25 +604,61 @@ class PgStore:
 
         if timeout is None:
             timeout = lock_timeout()
-        if not self._in_txn and self._conn is not None:
+        if not self._in_txn and self._conn is not None and self._stirred():
             self._execute("SELECT 1", doing="connecting")  # a connection ended meanwhile is made anew
         conn = self.conn()
         txn = None
+        outer = not self._in_txn
         self._in_txn += 1
+        lock = (
+            f"SET LOCAL lock_timeout = '{max(1, int(timeout * 1000))}ms'; "
+            f"SELECT pg_advisory_xact_lock({int(LOCK_KEY)}); SET LOCAL lock_timeout = 0"
+        )
         try:
-            with conn.transaction():
-                conn.execute(f"SET LOCAL lock_timeout = '{max(1, int(timeout * 1000))}ms'")
+            if outer:
+                # BEGIN, the lock and the reading the transaction starts with, in one round trip
+                # (simple protocol: no parameters); COMMIT or ROLLBACK below
+                view, with_leases = self._view, self._leases_wanted
+                read = f"; {self._read_sql(with_leases, view.offset)}" if view is not None else ""
+                self._heard_other = True if view is None else False  # (as load's reading)
                 try:
-                    conn.execute("SELECT pg_advisory_xact_lock(%s)", (LOCK_KEY,))
+                    cur = conn.execute(f"BEGIN; {lock}{read}")
                 except psycopg.errors.LockNotAvailable:
+                    self._rollback(conn)
                     raise LockBusy(
                         f"another kmpwm process has held the store's lock for {timeout:g}s", hint="try again"
                     ) from None
-                conn.execute("SET LOCAL lock_timeout = 0")
-                txn = PgTransaction(self)
-                yield txn
-                txn.flush()
-                conn.execute(f"NOTIFY {CHANNEL}")
+                except BaseException:
+                    self._rollback(conn)
+                    raise
+                if view is not None:
+                    while cur.nextset():
+                        pass
+                    self._read_ahead = (view.offset, cur.fetchall(), with_leases)
+                try:
+                    txn = PgTransaction(self)
+                    yield txn
+                    self._committed = False
+                    txn.flush(last=True)  # each record notifies (INSERT_SQL): a transaction that wrote nothing, nobody
+                    if not self._committed:
+                        conn.execute("COMMIT")
+                except BaseException:
+                    self._rollback(conn)
+                    raise
+                finally:
+                    self._read_ahead = None
+                    self._committed = False
+            else:
+                with conn.transaction():  # a savepoint in the open transaction
+                    try:
+                        conn.execute(lock)
+                    except psycopg.errors.LockNotAvailable:
+                        raise LockBusy(
+                            f"another kmpwm process has held the store's lock for {timeout:g}s", hint="try again"
+                        ) from None
+                    txn = PgTransaction(self)
+                    yield txn
+                    txn.flush()
         except psycopg.Error as exc:
             self.invalidate()
             self._drop_broken()
@@ -528,41 +670,143 @@ class PgStore:
         finally:
             self._in_txn -= 1
 
-    def _insert(self, record: dict, pre: list) -> None:
-        """One record and its side rows (claims, leases), inside the open transaction."""
+    def _rollback(self, conn) -> None:
+        """End the transaction this store began (nothing of it is kept); a connection that broke
+        has nothing to end."""
+        try:
+            if not conn.closed and conn.info.transaction_status != _Psycopg.get().pq.TransactionStatus.IDLE:
+                conn.execute("ROLLBACK")
+        except Exception:  # noqa: BLE001 -- the error being raised says more than this one
+            self._drop_broken()
+
+    def _stirred(self) -> bool:
+        """Has the server said something on our idle connection other than notifications (it
+        ends a connection with a message before closing it)?  A poll with no wait, instead of a
+        round trip per write; notifications waiting are taken (unchanged_view)."""
+        try:
+            fd = self._conn.fileno()
+            if not select.select([fd], [], [], 0)[0]:
+                return False
+            pg = self._conn.pgconn
+            pg.consume_input()
+            while (n := pg.notifies()) is not None:
+                if n.be_pid != pg.backend_pid:
+                    self._heard_other = True
+            return bool(select.select([fd], [], [], 0)[0]) or pg.status != _Psycopg.get().pq.ConnStatus.OK
+        except Exception:  # noqa: BLE001 -- closed or broken: let the probe decide
+            return True
+
+    def _insert(self, record: dict, pre: list, commit: bool = False) -> int:
+        """One record and its side rows (claims, leases), inside the open transaction; returns
+        the record's seq.  Consecutive claims (of distinct tasks), and consecutive results, go in
+        one statement each, in the record's order (so a lease taken and ended in one record ends);
+        run-due's usual record (results, then claims) goes in one statement with them.  ``commit``:
+        the transaction's last write; when one statement holds it all, COMMIT is sent with it in
+        one pipeline (one round trip), and ``_committed`` says so."""
         conn = self._conn
-        conn.execute("INSERT INTO kmpwm_records (host, body) VALUES (%s, %s)", (self.host or "", orjson.dumps(record)))
-        lease = self.lease()
+        steps: list = []  # ("claims", [(op, key)...]) | ("ends", [(id, runner)...]) | ("release", op)
         for op, before in pre:
             kind = op.get("op")
+            last = steps[-1] if steps else (None, None)
             if kind == "claim" and before is not None:
-                cur = conn.execute(
-                    "INSERT INTO kmpwm_claims (task_id, task_seq, occ, attempt, taken_from, runner) "
-                    "VALUES (%s, %s, %s, %s, %s, %s) ON CONFLICT DO NOTHING",
-                    (op["id"], int(op.get("seq") or 0), op.get("occ") or "", before[0], before[1], op["runner"]),
-                )
-                if cur.rowcount != 1:
-                    raise JournalError(
-                        f"the database refused a second claim of task {op['id']} "
-                        f"(occurrence {op.get('occ')}, attempt {before[0]}): another runner claimed it first",
-                        hint="nothing ran twice; run-due will plan again",
-                    )
-                conn.execute(
-                    "INSERT INTO kmpwm_leases (task_id, runner, expires_at) "
-                    "VALUES (%s, %s, now() + make_interval(secs => %s)) "
-                    "ON CONFLICT (task_id, runner) DO UPDATE SET expires_at = excluded.expires_at",
-                    (op["id"], op["runner"], lease),
-                )
+                if last[0] == "claims" and not any(c["id"] == op["id"] for c, _ in last[1]):
+                    last[1].append((op, before))
+                else:
+                    steps.append(("claims", [(op, before)]))
             elif kind == "release" and op.get("runner"):
+                steps.append(("release", op))
+            elif kind == "result" and op.get("runner"):
+                if last[0] == "ends":
+                    last[1].append((op["id"], op["runner"]))
+                else:
+                    steps.append(("ends", [(op["id"], op["runner"])]))
+        body = (self.host or "", orjson.dumps(record))
+        ends = steps[0][1] if steps and steps[0][0] == "ends" else None
+        first = steps[1 if ends else 0] if len(steps) > (1 if ends else 0) else (None, None)
+        claims = None
+        if ends and first[0] == "claims" and not set(ends) & {(op["id"], op["runner"]) for op, _ in first[1]}:
+            claims, cols = first[1], self._claim_cols(first[1])
+            sql = RECORD_ENDS_CLAIMS_SQL
+            params = (*body, [e[0] for e in ends], [e[1] for e in ends], *cols, self.lease(), cols[0], cols[0])
+            del steps[:2]
+        elif ends:
+            sql, params = RECORD_ENDS_SQL, (*body, [e[0] for e in ends], [e[1] for e in ends])
+            del steps[:1]
+        elif first[0] == "claims":
+            claims, cols = first[1], self._claim_cols(first[1])
+            sql, params = RECORD_CLAIMS_SQL, (*body, *cols, self.lease(), cols[0], cols[0])
+            del steps[:1]
+        else:
+            sql, params = INSERT_SQL, body
+        row = self._write(sql, params, claims, commit and not steps)
+        seq = row[0]
+        if claims is not None:
+            self._claims_taken(claims, set(row[2]))
+        for kind, arg in steps:
+            if kind == "claims":
+                rows = conn.execute(CLAIMS_SQL, (*self._claim_cols(arg), self.lease())).fetchall()
+                self._claims_taken(arg, {r[0] for r in rows})
+            elif kind == "ends":
+                conn.execute(ENDS_SQL, ([e[0] for e in arg], [e[1] for e in arg]))
+            else:
                 # a claim handed back unstarted: the occurrence was not consumed
                 conn.execute(
                     "DELETE FROM kmpwm_claims WHERE task_id = %s AND runner = %s AND claimed_at >= "
                     "(SELECT max(claimed_at) FROM kmpwm_claims WHERE task_id = %s AND runner = %s)",
-                    (op["id"], op["runner"], op["id"], op["runner"]),
+                    (arg["id"], arg["runner"], arg["id"], arg["runner"]),
                 )
-                conn.execute("DELETE FROM kmpwm_leases WHERE task_id = %s AND runner = %s", (op["id"], op["runner"]))
-            elif kind == "result" and op.get("runner"):
-                conn.execute("DELETE FROM kmpwm_leases WHERE task_id = %s AND runner = %s", (op["id"], op["runner"]))
+                conn.execute("DELETE FROM kmpwm_leases WHERE task_id = %s AND runner = %s", (arg["id"], arg["runner"]))
+        return seq
+
+    def _write(self, sql: str, params: tuple, claims: list | None, commit: bool):
+        """The record's statement (and COMMIT with it, in one pipeline, when ``commit``); its row.
+        A claim the database refused is the error _claims_taken raises, the transaction not
+        committed."""
+        psycopg = _Psycopg.get()
+        conn = self._conn
+        err = None
+        try:
+            if not commit:
+                return conn.execute(sql, params).fetchone()
+            with conn.pipeline() as pipe:
+                cur = conn.execute(sql, params)
+                conn.execute("COMMIT")
+                try:
+                    pipe.sync()
+                except psycopg.Error as exc:  # raised after the pipeline ends cleanly
+                    err = exc
+            if err is None:
+                self._committed = True
+                return cur.fetchone()
+        except psycopg.errors.InvalidTextRepresentation as exc:
+            err = exc
+        primary = getattr(getattr(err, "diag", None), "message_primary", None) or ""
+        if claims is not None and isinstance(err, psycopg.errors.InvalidTextRepresentation) and REFUSED in primary:
+            refused = set(primary.split(REFUSED, 1)[1].rstrip('"').split())
+            taken = {op["id"] for op, _ in claims} - refused
+            self._claims_taken(claims, taken)  # raises, naming the first refused claim
+        raise err
+
+    @staticmethod
+    def _claim_cols(batch: list) -> tuple[list, ...]:
+        """The claims rows of accepted claims (distinct tasks), as the columns unnest takes."""
+        cols: tuple[list, ...] = ([], [], [], [], [], [])
+        for op, before in batch:
+            row = (op["id"], int(op.get("seq") or 0), op.get("occ") or "", before[0], before[1], op["runner"])
+            for col, value in zip(cols, row):
+                col.append(value)
+        return cols
+
+    @staticmethod
+    def _claims_taken(batch: list, taken: set) -> None:
+        """A claim the claims table refused (its row existed: another runner's) is an error."""
+        for op, before in batch:
+            if op["id"] not in taken:
+                raise JournalError(
+                    f"the database refused a second claim of task {op['id']} "
+                    f"(occurrence {op.get('occ')}, attempt {before[0]}): another runner claimed it first",
+                    hint="nothing ran twice; run-due will plan again",
+                )
 
 
 def _claim_key(state: dict, op: dict) -> tuple[str, str] | None:
@@ -601,13 +845,14 @@ class PgTransaction(Transaction):
             self._pre.append((op, key if ok is True else None))
         return results
 
-    def flush(self) -> None:
+    def flush(self, last: bool = False) -> None:
+        """Write the staged ops as one record; ``last``: nothing more is written in this
+        transaction (the store may commit it with the record)."""
         if not self.staged:
             return
         ops, pre = self.staged, self._pre
         self.staged, self._pre = [], []
-        self.store._insert({"ts": self.ts, "ops": ops}, pre)
-        self._advance()
+        self._advance(self.store._insert({"ts": self.ts, "ops": ops}, pre, commit=last))
 
     def commit(self, ops: list[dict], ts: float | None = None) -> list:
         if not ops:
@@ -618,14 +863,14 @@ class PgTransaction(Transaction):
         record = {"ts": time.time() if ts is None else ts, "ops": ops}
         pre = self._keys(ops)
         results = apply(self.state, record)
-        self.store._insert(record, [(op, key if ok is True else None) for (op, key), ok in zip(pre, results)])
-        self._advance()
+        self._advance(
+            self.store._insert(record, [(op, key if ok is True else None) for (op, key), ok in zip(pre, results)])
+        )
         return results
 
-    def _advance(self) -> None:
+    def _advance(self, seq: int) -> None:
         """Our record is folded already: move past its seq so it is not folded again."""
-        row = self.store._conn.execute("SELECT currval('kmpwm_records_seq_seq')").fetchone()
-        self.view.offset = row[0]
+        self.view.offset = seq
         self.store._tail += 1
 
 
