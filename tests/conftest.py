@@ -30,6 +30,22 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))  # `import helpers` fro
 ROOT = Path(__file__).resolve().parent.parent
 
 
+def _faketime_without_stale_semaphores() -> None:
+    """Put tests/bin/faketime first on PATH (it removes a dead faketime's semaphore for its pid,
+    then execs the real one), for the tests and every process they start."""
+    import shutil
+
+    real = shutil.which("faketime")
+    here = Path(__file__).resolve().parent / "bin"
+    if real is None or Path(real).parent == here:
+        return
+    os.environ["KMPWM_TEST_REAL_FAKETIME"] = real
+    os.environ["PATH"] = f"{here}{os.pathsep}{os.environ.get('PATH', '')}"
+
+
+_faketime_without_stale_semaphores()
+
+
 def pytest_addoption(parser):
     parser.addoption(
         "--store", choices=("both", "journal", "postgresql"), default="both", help="stores for both_stores tests"

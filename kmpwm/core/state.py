@@ -116,8 +116,9 @@ def chain_next_step(state: dict, chain: dict) -> int | None:
 
 def idle_at(state: dict, now: float, host: str | None = None) -> bool:
     """True when nothing can be due at ``now``: no task running (its lease may have ended) and
-    every enqueued task due later.  False means ``run-due`` must plan (scheduling.plan), which
-    also checks on-change and device-state triggers, whose tasks are always due.  With ``host``
+    every enqueued task due later, none of them at a time set while the clock was ahead (due_at).
+    False means ``run-due`` must plan (scheduling.plan), which also checks on-change and
+    device-state triggers, whose tasks are always due.  With ``host``
     (the runner's host name), tasks pinned to another host do not count: they never run here."""
     for t in state["tasks"].values():
         st = t["state"]
@@ -125,6 +126,8 @@ def idle_at(state: dict, now: float, host: str | None = None) -> bool:
             continue
         if st == "RUNNING" or (st == "ENQUEUED" and due_at(t, now) <= now):
             return False
+        if st == "ENQUEUED" and due_at(t, now) < t["due"]:
+            return False  # a due time set while the clock was ahead: run-due journals it anew
     return True
 
 
@@ -135,30 +138,18 @@ CLOCK_SLACK = 60.0  # a clock set back by less than this is not worth judging du
 def due_at(t: dict, now: float) -> float:
     """When ``t`` is due, as judged at ``now``: its due time, except for work that was due "now"
     (after its own delay) when the clock was set back since, by more than CLOCK_SLACK: such work
-    never waits longer from ``now`` than its delay, instead of waiting out the offset; a periodic
-    task not run yet likewise; and a periodic or cron task whose next slot was found on the clock
-    that was ahead waits for the slot that would follow a run at ``now`` instead (never two runs in
-    one period: its last run cannot have been later than ``now``).
-    (Named times stay where they are, and a retry keeps its backoff.)  Read-only: every view and
-    ``run-due`` judge the same way."""
+    never waits longer from ``now`` than its delay, instead of waiting out the offset.  (Grids and
+    named times stay where they are: a periodic task's next run after the change returns to its
+    grid, next_periodic; a retry keeps its backoff.)  run-due journals such a judgement
+    (decide._clock_went_back), so the delay counts from the first look after the change, not
+    from every look.  Read-only: every view and ``run-due`` judge the same way."""
     due = t["due"]
     if due <= now + CLOCK_SLACK or (t.get("updated_at") or 0.0) <= now:
         return due  # the common case: the clock did not go back since the due time was set
     trig = t["trigger"]
-    if (t.get("last_result") or {}).get("status") == "RETRY":
-        return due  # a retry keeps its backoff
-    if trig["type"] in _DUE_NOW:
-        return min(due, now + (trig.get("delay") or 0.0))
-    if trig["type"] not in ("periodic", "cron"):
-        return due  # a time the user named stays where it is
-    from kmpwm.core.triggers import next_after_run, task_offset
-
-    offset = task_offset(t)
-    if trig["type"] == "periodic" and t.get("last_result") is None:
-        return min(due, now + (trig.get("delay") or 0.0) + offset)  # its first run is due at enqueue
-    # its next slot was found on the clock that was ahead: the slot that would follow a run now
-    # (the latest its last run can have been), never later than the one stored
-    return min(due, next_after_run(trig, t.get("trig_state") or {}, now, offset))
+    if trig["type"] not in _DUE_NOW or (t.get("last_result") or {}).get("status") == "RETRY":
+        return due
+    return min(due, now + (trig.get("delay") or 0.0))
 
 
 def occurrence(t: dict, signature: list | None = None) -> str:

@@ -229,10 +229,22 @@ def _constraints(j: _Judge) -> Decision | None:
     return j.result("constraint", reason)
 
 
+def _clock_went_back(j: _Judge) -> Decision | None:
+    """A due time set while the clock was ahead, judged from the corrected clock (state.due_at):
+    journal the judgement, or every later pass would judge it from its own now and the task
+    would wait on a moving target.  The claim of this pass consumes that occurrence."""
+    if j.at is not None and j.at < j.t["due"] and j.t["state"] == "ENQUEUED":
+        j.ops.append(schema.trig(j.t, due=j.at))
+        j.due_t = j.at
+        j.occ = occurrence(dict(j.t, due=j.at))
+    return None
+
+
 _GATES = (
     # whose it is, and whether it may start at all
     _running,
     _pinned,
+    _clock_went_back,
     _fence,
     _window,
     # whether it may start now
