@@ -14,7 +14,7 @@
    (``--fuzz-examples`` hypothesis examples per property); runners SIGSTOPped mid-task while
    others run on clocks hours ahead or behind, runners on five faketime offsets at once, and
    overlapping runners over on-change and ``--when`` tasks (also scaled by the trials).
-4. Journal damage (tests/flipsweep.py): every bit of every byte of a small journal made through
+4. Journal damage (tests/reliability/flipsweep.py): every bit of every byte of a small journal made through
    the CLI flipped in turn, and every byte destroyed, each followed by ``doctor.repair`` on a real
    home: every succeeded task stays succeeded; ``--flip-cli`` of those trials at random also run
    ``doctor --repair``, ``doctor`` and ``run-due`` through the command line.  ``--only-flips``
@@ -36,7 +36,7 @@ from collections import Counter
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "tests"))
+sys.path.insert(0, str(ROOT / "tests" / "reliability"))
 
 import crashlib  # noqa: E402
 
@@ -110,22 +110,22 @@ def run_pytest(trials: int, fuzz_examples: int, workdir: Path) -> dict:
         KMPWM_TORTURE_COUNTS=str(counts_file),
     )
     tests = [
-        "tests/test_crash.py::test_kill_during_snapshot_write",
-        "tests/test_crash.py::test_kill_during_compaction",
-        "tests/test_crash.py::test_killed_rewrites_leave_no_temp_files_behind",
-        "tests/test_crash.py::test_runner_deaths_do_not_fail_tasks_that_never_started",
-        "tests/test_crash.py::test_background_jobs_of_a_killed_runs_workers_are_killed_by_the_next_run",
-        "tests/test_corruption.py",
-        "tests/test_salvage.py",
-        "tests/test_fuzz_input.py",
-        "tests/test_faults.py",
-        "tests/test_security.py",
-        "tests/test_torture.py::test_cancelled_task_claimed_ahead_never_starts",
-        "tests/test_torture.py::test_replace_and_cancel_storm_never_overlaps_runs_of_one_id",
-        "tests/test_torture.py::test_readers_see_a_consistent_journal_while_compaction_runs",
-        "tests/test_crash.py::test_stopped_runner_keeps_its_lease_whatever_the_clock_says",
-        "tests/test_crash.py::test_runners_on_different_clocks_run_each_task_once",
-        "tests/test_torture.py::test_overlapping_runners_run_each_event_occurrence_once",
+        "tests/reliability/test_crash.py::test_kill_during_snapshot_write",
+        "tests/reliability/test_crash.py::test_kill_during_compaction",
+        "tests/reliability/test_crash.py::test_killed_rewrites_leave_no_temp_files_behind",
+        "tests/reliability/test_crash.py::test_runner_deaths_do_not_fail_tasks_that_never_started",
+        "tests/reliability/test_crash.py::test_background_jobs_of_a_killed_runs_workers_are_killed_by_the_next_run",
+        "tests/reliability/test_corruption.py",
+        "tests/reliability/test_salvage.py",
+        "tests/reliability/test_fuzz_input.py",
+        "tests/reliability/test_faults.py",
+        "tests/reliability/test_security.py",
+        "tests/reliability/test_torture.py::test_cancelled_task_claimed_ahead_never_starts",
+        "tests/reliability/test_torture.py::test_replace_and_cancel_storm_never_overlaps_runs_of_one_id",
+        "tests/reliability/test_torture.py::test_readers_see_a_consistent_journal_while_compaction_runs",
+        "tests/reliability/test_crash.py::test_stopped_runner_keeps_its_lease_whatever_the_clock_says",
+        "tests/reliability/test_crash.py::test_runners_on_different_clocks_run_each_task_once",
+        "tests/reliability/test_torture.py::test_overlapping_runners_run_each_event_occurrence_once",
     ]
     t0 = time.monotonic()
     proc = subprocess.run(

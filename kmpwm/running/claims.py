@@ -3,7 +3,7 @@
 Pure: the state, the plan's candidate, the time and the runner's identity in; a ``Claim`` (the
 ``claim`` op to stage, its lease and occurrence) or the reason the candidate cannot be claimed
 out.  Nothing here reads a file or the clock; ``Runner._claim`` (runner.py) stages what it gets
-under the journal lock, and tests/test_interleavings.py calls the same function against its model.
+under the journal lock, and tests/reliability/test_interleavings.py calls the same function against its model.
 The fold (core/state.py) still refuses a claim that raced with another one: this decides what to
 ask for, the fold decides what holds.
 """

@@ -18,7 +18,7 @@ import typer
 from kmpwm.cli.app import app
 from kmpwm.core import exitcodes
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 MAN_PAGE = ROOT / "man" / "kmpwm.1"
 COMPLETIONS = {
     "bash": ROOT / "completions" / "kmpwm.bash",

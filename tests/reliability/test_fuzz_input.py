@@ -720,7 +720,7 @@ def test_id_limit_is_200_characters(bhome):
 
 
 def test_limits_are_documented():
-    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
     for phrase in ("1 MiB", "10,000", "200 characters"):
         assert phrase in readme, f"the README does not document the limit {phrase!r}"
 

@@ -1,6 +1,6 @@
 """Damage at every byte of a small real journal, then ``doctor --repair``: no success forgotten.
 
-Shared by tests/test_salvage.py (the pytest tier: one bit per byte, and a byte destroyed beyond
+Shared by tests/reliability/test_salvage.py (the pytest tier: one bit per byte, and a byte destroyed beyond
 mending at every byte) and scripts/torture.py (``--flips``: every bit of every byte).
 
 ``build(root)`` makes the journal through the command line the way a user does: plain tasks, a

@@ -4,7 +4,7 @@ item 3; SPEC section 2).
 
 The sweep damages every byte of a small journal made through the command line (tasks, a retry,
 a chain with a parallel step, two run-due passes) and checks the readers, the repair and the fold
-after each (tests/flipsweep.py); the long tier (``scripts/torture.py --flips``) flips every bit.
+after each (tests/reliability/flipsweep.py); the long tier (``scripts/torture.py --flips``) flips every bit.
 End to end through the CLI: the flipped newline after a claim record (two records glued into one
 line), a destroyed claim record, a destroyed RETRY result, a destroyed chain step's result, a
 flipped last newline under a writer.

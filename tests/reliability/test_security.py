@@ -17,7 +17,7 @@ import orjson
 import pytest
 from crashlib import Home
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture

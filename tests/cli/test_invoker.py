@@ -23,7 +23,7 @@ from kmpwm.storage.paths import resolve
 from kmpwm.system import invoker
 from kmpwm.system.invoker import CRON_BEGIN, CRON_END, invoker_status, parse_every
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 
 FAKE_CRONTAB = r"""#!/bin/sh
 echo "crontab $*" >> "$FAKE_LOG"

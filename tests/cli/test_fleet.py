@@ -300,7 +300,7 @@ def test_three_hosts_under_kills_terminations_and_a_restart_keep_every_invariant
     with serve and run-due, hosts SIGKILLed, connections terminated, the server restarted, a clock
     jumping; no run of a task beside another, no succeeded step again, no occurrence twice,
     nothing lost.  The long tier runs it at full size."""
-    script = Path(__file__).resolve().parent.parent / "scripts" / "fleet_torture.py"
+    script = Path(__file__).resolve().parents[2] / "scripts" / "fleet_torture.py"
     r = subprocess.run(
         [sys.executable, str(script), "--tasks", "60", "--chains", "6", "--periodic", "4", "--seconds", "15"],
         capture_output=True,
@@ -318,7 +318,7 @@ def own_cluster():
     import shutil
     import tempfile
 
-    script = Path(__file__).resolve().parent.parent / "scripts" / "pgcluster.py"
+    script = Path(__file__).resolve().parents[2] / "scripts" / "pgcluster.py"
     root = tempfile.mkdtemp(prefix="kmpwm-pg-own-")
     url = subprocess.run(
         [sys.executable, str(script), "start", root], check=True, capture_output=True, text=True

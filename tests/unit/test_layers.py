@@ -9,7 +9,7 @@ from __future__ import annotations
 import ast
 from pathlib import Path
 
-PKG = Path(__file__).resolve().parents[1] / "kmpwm"
+PKG = Path(__file__).resolve().parents[2] / "kmpwm"
 
 # Lowest first: a module may import from its own layer and the layers below it.
 LAYERS = {

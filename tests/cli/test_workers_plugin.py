@@ -18,7 +18,7 @@ import pytest
 from helpers import jdoc as kjson  # kjson(ARGS, expect=N) -> the --json document
 
 PY = sys.executable
-PKG_DIR = Path(__file__).resolve().parent / "plugin_pkg"
+PKG_DIR = Path(__file__).resolve().parents[1] / "plugin_pkg"
 DIST = "kmpwm-test-plugin"
 NAMES = [
     "tplug_sync",
