@@ -238,6 +238,28 @@ class _Psycopg:
         return cls.mod
 
 
+def _side_steps(pre: list) -> list:
+    """A record's side rows, grouped in order: ("claims", [(op, key)...]) of distinct tasks,
+    ("ends", [(id, runner)...]) of results, ("release", op)."""
+    steps: list = []
+    for op, before in pre:
+        kind = op.get("op")
+        last = steps[-1] if steps else (None, None)
+        if kind == "claim" and before is not None:
+            if last[0] == "claims" and not any(c["id"] == op["id"] for c, _ in last[1]):
+                last[1].append((op, before))
+            else:
+                steps.append(("claims", [(op, before)]))
+        elif kind == "release" and op.get("runner"):
+            steps.append(("release", op))
+        elif kind == "result" and op.get("runner"):
+            if last[0] == "ends":
+                last[1].append((op["id"], op["runner"]))
+            else:
+                steps.append(("ends", [(op["id"], op["runner"])]))
+    return steps
+
+
 class PgStore:
     """The store of a PostgreSQL database; the same interface as ``storage.store.Store``."""
 
@@ -703,60 +725,50 @@ class PgStore:
         run-due's usual record (results, then claims) goes in one statement with them.  ``commit``:
         the transaction's last write; when one statement holds it all, COMMIT is sent with it in
         one pipeline (one round trip), and ``_committed`` says so."""
-        conn = self._conn
-        steps: list = []  # ("claims", [(op, key)...]) | ("ends", [(id, runner)...]) | ("release", op)
-        for op, before in pre:
-            kind = op.get("op")
-            last = steps[-1] if steps else (None, None)
-            if kind == "claim" and before is not None:
-                if last[0] == "claims" and not any(c["id"] == op["id"] for c, _ in last[1]):
-                    last[1].append((op, before))
-                else:
-                    steps.append(("claims", [(op, before)]))
-            elif kind == "release" and op.get("runner"):
-                steps.append(("release", op))
-            elif kind == "result" and op.get("runner"):
-                if last[0] == "ends":
-                    last[1].append((op["id"], op["runner"]))
-                else:
-                    steps.append(("ends", [(op["id"], op["runner"])]))
-        body = (self.host or "", orjson.dumps(record))
-        ends = steps[0][1] if steps and steps[0][0] == "ends" else None
-        first = steps[1 if ends else 0] if len(steps) > (1 if ends else 0) else (None, None)
-        claims = None
-        if ends and first[0] == "claims" and not set(ends) & {(op["id"], op["runner"]) for op, _ in first[1]}:
-            claims, cols = first[1], self._claim_cols(first[1])
-            sql = RECORD_ENDS_CLAIMS_SQL
-            params = (*body, [e[0] for e in ends], [e[1] for e in ends], *cols, self.lease(), cols[0], cols[0])
-            del steps[:2]
-        elif ends:
-            sql, params = RECORD_ENDS_SQL, (*body, [e[0] for e in ends], [e[1] for e in ends])
-            del steps[:1]
-        elif first[0] == "claims":
-            claims, cols = first[1], self._claim_cols(first[1])
-            sql, params = RECORD_CLAIMS_SQL, (*body, *cols, self.lease(), cols[0], cols[0])
-            del steps[:1]
-        else:
-            sql, params = INSERT_SQL, body
+        steps = _side_steps(pre)
+        sql, params, claims = self._first_statement(orjson.dumps(record), steps)
         row = self._write(sql, params, claims, commit and not steps)
-        seq = row[0]
         if claims is not None:
             self._claims_taken(claims, set(row[2]))
         for kind, arg in steps:
-            if kind == "claims":
-                rows = conn.execute(CLAIMS_SQL, (*self._claim_cols(arg), self.lease())).fetchall()
-                self._claims_taken(arg, {r[0] for r in rows})
-            elif kind == "ends":
-                conn.execute(ENDS_SQL, ([e[0] for e in arg], [e[1] for e in arg]))
-            else:
-                # a claim handed back unstarted: the occurrence was not consumed
-                conn.execute(
-                    "DELETE FROM kmpwm_claims WHERE task_id = %s AND runner = %s AND claimed_at >= "
-                    "(SELECT max(claimed_at) FROM kmpwm_claims WHERE task_id = %s AND runner = %s)",
-                    (arg["id"], arg["runner"], arg["id"], arg["runner"]),
-                )
-                conn.execute("DELETE FROM kmpwm_leases WHERE task_id = %s AND runner = %s", (arg["id"], arg["runner"]))
-        return seq
+            self._side_statement(kind, arg)
+        return row[0]
+
+    def _first_statement(self, data: bytes, steps: list) -> tuple[str, tuple, list | None]:
+        """The statement that inserts the record with the first of its side steps it can take
+        (ended leases, then claims); those steps are removed from ``steps``."""
+        body = (self.host or "", data)
+        ends = steps[0][1] if steps and steps[0][0] == "ends" else None
+        first = steps[1 if ends else 0] if len(steps) > (1 if ends else 0) else (None, None)
+        if ends and first[0] == "claims" and not set(ends) & {(op["id"], op["runner"]) for op, _ in first[1]}:
+            claims, cols = first[1], self._claim_cols(first[1])
+            del steps[:2]
+            ids, runners = [e[0] for e in ends], [e[1] for e in ends]
+            return RECORD_ENDS_CLAIMS_SQL, (*body, ids, runners, *cols, self.lease(), cols[0], cols[0]), claims
+        if ends:
+            del steps[:1]
+            return RECORD_ENDS_SQL, (*body, [e[0] for e in ends], [e[1] for e in ends]), None
+        if first[0] == "claims":
+            claims, cols = first[1], self._claim_cols(first[1])
+            del steps[:1]
+            return RECORD_CLAIMS_SQL, (*body, *cols, self.lease(), cols[0], cols[0]), claims
+        return INSERT_SQL, body, None
+
+    def _side_statement(self, kind: str, arg) -> None:
+        conn = self._conn
+        if kind == "claims":
+            rows = conn.execute(CLAIMS_SQL, (*self._claim_cols(arg), self.lease())).fetchall()
+            self._claims_taken(arg, {r[0] for r in rows})
+        elif kind == "ends":
+            conn.execute(ENDS_SQL, ([e[0] for e in arg], [e[1] for e in arg]))
+        else:
+            # a claim handed back unstarted: the occurrence was not consumed
+            conn.execute(
+                "DELETE FROM kmpwm_claims WHERE task_id = %s AND runner = %s AND claimed_at >= "
+                "(SELECT max(claimed_at) FROM kmpwm_claims WHERE task_id = %s AND runner = %s)",
+                (arg["id"], arg["runner"], arg["id"], arg["runner"]),
+            )
+            conn.execute("DELETE FROM kmpwm_leases WHERE task_id = %s AND runner = %s", (arg["id"], arg["runner"]))
 
     def _write(self, sql: str, params: tuple, claims: list | None, commit: bool):
         """The record's statement (and COMMIT with it, in one pipeline, when ``commit``); its row.
