@@ -205,6 +205,8 @@ def check(fleet: Fleet, tasks: int, chains: int) -> tuple[dict, list[str]]:
     state = new_state()
     events: list = []
     claims_ok = 0
+    released = 0
+    held: dict[tuple[str, str], int] = {}
     claim_occ: dict[tuple[str, str], str] = {}
     succeeded_occ: dict[tuple[str, str], int] = {}
     for rec in records:
@@ -215,6 +217,12 @@ def check(fleet: Fleet, tasks: int, chains: int) -> tuple[dict, list[str]]:
             if op.get("op") == "claim" and ok is True:
                 claims_ok += 1
                 claim_occ[(op["id"], op["runner"])] = op.get("occ")
+                held[(op["id"], op["runner"])] = held.get((op["id"], op["runner"]), 0) + 1
+            elif op.get("op") == "release" and op.get("runner") and held.get((op["id"], op["runner"])):
+                # a claim handed back (unstarted, or a cancelled run's): its occurrence was not
+                # consumed, and the store deletes its row
+                held[(op["id"], op["runner"])] -= 1
+                released += 1
             elif op.get("op") == "result" and ok is True and op.get("status") == "SUCCESS":
                 occ = claim_occ.get((op["id"], op["runner"]))
                 if occ is not None and op["id"].startswith("p"):
@@ -246,8 +254,11 @@ def check(fleet: Fleet, tasks: int, chains: int) -> tuple[dict, list[str]]:
         if not ch or any(s != "SUCCEEDED" for s in members):
             violations.append(f"lost: chain c{n} is not finished ({members})")
     checks += 1
-    if claims_ok != claim_rows:
-        violations.append(f"claims: the fold accepted {claims_ok} claims, the claims table holds {claim_rows}")
+    if claims_ok - released != claim_rows:
+        violations.append(
+            f"claims: the fold accepted {claims_ok} claims and {released} were handed back, "
+            f"the claims table holds {claim_rows}"
+        )
     stats = {
         "runs": len(runs),
         "records": len(records),

@@ -78,6 +78,8 @@ class Runner:
         self.planned_at: tuple[int, int] | None = None
         self._replanned = False
         self.store = store or open_store(paths)
+        if serve is not None:
+            self.store.forget_history = True  # it lives long: it must not hold every task it ever ran
         self.budget = budget
         self.grace = grace
         self.parallel = parallel or os.cpu_count() or 1

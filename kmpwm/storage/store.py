@@ -115,6 +115,9 @@ class Store:
         self._tail_bytes = 0
         self._checked = False
         self._hist_cache: tuple | None = None  # (hid, length, tasks, chains)
+        self._base_offset = 0  # the journal offset of the snapshot our in-memory state grew from
+        # a long-lived reader (serve): after each snapshot, keep only the hot state in memory
+        self.forget_history = False
 
     # -- reading --------------------------------------------------------------------------
 
@@ -168,6 +171,7 @@ class Store:
                 view = self._read_snapshot() if use_snapshot else None
                 if view is None:
                     view = View(new_state())
+                self._base_offset = view.offset
                 if self._fold_tail(view, expect_ino=ident[0] if ident else None):
                     return view
         return view
@@ -433,6 +437,9 @@ class Store:
         hid, hist = written
         self._write_state_file(view, hid, hist, set(cold_ids), set(cold_chain_ids))
         self._note_flushed(view, hid, hist, hist - len(frame), new_tasks, new_chains)
+        if self.forget_history and view is self._view:
+            _forget_history(view, cold_ids, cold_chain_ids)
+            self._base_offset = view.offset
         return True
 
     def _note_flushed(self, view: View, hid: str, hist: int, before: int, new_tasks: list, new_chains: list) -> None:
@@ -540,6 +547,20 @@ class Store:
         self._view = None
         self._ino = 0
 
+    def rebase(self) -> bool:
+        """For a long-lived reader (serve): when another process wrote a snapshot past the point
+        our in-memory state grew from, drop that state; the next load reads the snapshot and the
+        records after it, the hot state only, so memory does not grow with every task run.
+        (A snapshot this process writes trims its state itself: ``forget_history``.)"""
+        view = self._view
+        if view is None or view.pending or view.merged_from is not None:
+            return False
+        parts = self._snapshot_parts(body=False)
+        if parts is None or parts[0].get("offset", 0) <= self._base_offset or parts[0]["offset"] > view.offset:
+            return False
+        self._view = None
+        return True
+
     # -- writing --------------------------------------------------------------------------
 
     @contextmanager
@@ -646,6 +667,20 @@ class Transaction:
             # a new journal: append() writes a header first; fold it too so the view knows its generation
             return [{"ts": record["ts"], "ops": [dict(schema.header(None), _pending=True)]}, record]
         return [record]
+
+
+def _forget_history(view: View, cold_tasks: list, cold_chains: list) -> None:
+    """Drop from ``view`` the history a snapshot just wrote to history.snap (it becomes partial:
+    ``load(full=True)`` merges the history back in), so that a long-lived reader holds the hot
+    state only and does not grow with every task it ever ran."""
+    state, flushed = view.state, view.flushed
+    for i in cold_tasks:
+        state["tasks"].pop(i, None)
+        flushed.pop(i, None)
+    for c in cold_chains:
+        state["chains"].pop(c, None)
+        flushed.pop("\0" + c, None)
+    view.partial = True
 
 
 def _history_header(hid: str | None) -> bytes:
