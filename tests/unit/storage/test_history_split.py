@@ -164,3 +164,42 @@ def test_enqueues_proved_new_on_the_bytes_still_refresh_the_snapshot(home, monke
         tail = Journal(paths).raw_from(meta["offset"])
         assert tail.count(b"\n") <= 20, n
     assert len(jdoc("inspect-queue")["tasks"]) == 101
+
+
+def test_a_long_lived_reader_keeps_only_the_hot_state(home):
+    """serve lives for weeks: its fold must not hold every task it ever ran (issue 19's soak).
+    After a snapshot it writes (``forget_history``), or once another process wrote a newer one
+    (``rebase``), its in-memory state is the hot state; a full load still has the history."""
+    from kmpwm.storage.paths import resolve
+    from kmpwm.storage.store import Store
+
+    kmpwm("chain", "--id", "c1", "echo", "echo+echo", check=0)
+    kmpwm("enqueue", "a", "echo", check=0)
+    kmpwm("enqueue", "later", "echo", "--delay", "1h", check=0)
+    mine = Store(resolve(str(home)))
+    mine.forget_history = True
+    kmpwm("run-due", check=0)
+    hot = mine.load(full=False).state
+    assert {"a", "c1/1/echo"} <= hot["tasks"].keys()  # folded from the journal: everything so far
+    assert mine.write_snapshot()
+    hot = mine.load(full=False).state
+    assert set(hot["tasks"]) == {"later"} and hot["chains"] == {}
+    whole = mine.load(full=True).state
+    assert {"a", "later", "c1/1/echo", "c1/2/echo", "c1/2/echo#2"} <= whole["tasks"].keys()
+    assert whole["chains"]["c1"]["steps"]
+    # more work, and another process writes the newer snapshot: the reader rebases on it
+    kmpwm("enqueue", "b", "echo", check=0)
+    kmpwm("run-due", check=0)
+    kmpwm("enqueue", "after", "echo", "--delay", "1h", check=0)
+    assert "b" in mine.load(full=False).state["tasks"]
+    other = Store(resolve(str(home)))
+    other.load(full=False)
+    assert other.write_snapshot()
+    assert mine.rebase()
+    hot = mine.load(full=False).state
+    assert set(hot["tasks"]) == {"later", "after"}
+    assert {"a", "b"} <= mine.load(full=True).state["tasks"].keys()
+    assert not mine.rebase()  # nothing newer since
+    # a compaction (a new journal generation) makes every reader read the new snapshot anyway
+    kmpwm("compact", check=0)
+    assert set(mine.load(full=False).state["tasks"]) == {"later", "after"}
