@@ -124,10 +124,12 @@ def idle_at(state: dict, now: float, host: str | None = None) -> bool:
         st = t["state"]
         if host is not None and t.get("host") not in (None, host):
             continue
-        if st == "RUNNING" or (st == "ENQUEUED" and due_at(t, now) <= now):
+        if st == "RUNNING":
             return False
-        if st == "ENQUEUED" and due_at(t, now) < t["due"]:
-            return False  # a due time set while the clock was ahead: run-due journals it anew
+        if st == "ENQUEUED":
+            at = due_at(t, now)
+            if at <= now or at < t["due"]:  # due, or set while the clock was ahead (run-due journals it anew)
+                return False
     return True
 
 
