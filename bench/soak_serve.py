@@ -79,6 +79,7 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--minutes", type=float, default=60.0)
     ap.add_argument("--compact-every", type=float, default=180.0, help="seconds between `kmpwm compact` runs")
+    ap.add_argument("--sample-every", type=float, default=60.0, help="seconds between samples of the serve")
     args = ap.parse_args()
 
     base = Path(tempfile.mkdtemp(prefix="kmpwm-soak-"))
@@ -117,6 +118,7 @@ def main() -> int:
     next_compact = time.monotonic() + args.compact_every
     next_sample = time.monotonic() + min(30.0, args.minutes * 60 / 4)  # the first sample after warm-up
     samples, compactions, enqueued, i = [], 0, 0, 0
+    start = time.monotonic()
     while time.monotonic() < end:
         tick = time.monotonic()
         i += 1
@@ -143,12 +145,14 @@ def main() -> int:
                 check=False,
             )
             compactions += 1
+            say(f"  compaction {compactions} at {(tick - start) / 60:.1f} min")
             next_compact = tick + args.compact_every
         if tick >= next_sample:
             s = sample(serve.pid)
             samples.append(s)
-            say("  " + json.dumps({k: round(v, 2) if isinstance(v, float) else v for k, v in s.items() if k != "t"}))
-            next_sample = tick + 60
+            fields = {k: round(v, 2) if isinstance(v, float) else v for k, v in s.items() if k != "t"}
+            say(f"  {(tick - start) / 60:5.1f} min " + json.dumps(fields))
+            next_sample = tick + args.sample_every
         if serve.poll() is not None:
             say(f"serve exited early: {serve.returncode}; see {base / 'serve.err'}")
             return 1
