@@ -302,8 +302,11 @@ class PgStore:
             _pgpass_check()
             self._checked = True
         try:
+            # A statement run a second time is prepared (serve and run-due run the same few for
+            # every claim and result; the server then neither parses nor plans them again).  The
+            # multi-statement strings cannot be prepared: they say prepare=False.
             self._conn = psycopg.connect(
-                self.url, autocommit=True, connect_timeout=10, application_name="kmpwm", prepare_threshold=None
+                self.url, autocommit=True, connect_timeout=10, application_name="kmpwm", prepare_threshold=1
             )
         except psycopg.ProgrammingError as exc:  # a URL libpq cannot parse
             raise ConfigError(f"malformed store URL {mask(self.url)}: {str(exc).splitlines()[0]}") from None
@@ -644,7 +647,7 @@ class PgStore:
                 read = f"; {self._read_sql(with_leases, view.offset)}" if view is not None else ""
                 self._heard_other = True if view is None else False  # (as load's reading)
                 try:
-                    cur = conn.execute(f"BEGIN; {lock}{read}")
+                    cur = conn.execute(f"BEGIN; {lock}{read}", prepare=False)
                 except psycopg.errors.LockNotAvailable:
                     self._rollback(conn)
                     raise LockBusy(
@@ -673,7 +676,7 @@ class PgStore:
             else:
                 with conn.transaction():  # a savepoint in the open transaction
                     try:
-                        conn.execute(lock)
+                        conn.execute(lock, prepare=False)
                     except psycopg.errors.LockNotAvailable:
                         raise LockBusy(
                             f"another kmpwm process has held the store's lock for {timeout:g}s", hint="try again"
