@@ -118,6 +118,16 @@ def kill_parent_then_go_on(parent: int, hold: bool) -> None:
         time.sleep(0.01)
 
 
+def die_once_exists(path: str) -> None:
+    """Crash injection (``KMPWM_CRASH_AT=python-fork``), in run-due right after it forked a
+    Python worker, before it notes the worker's process group: wait (up to a minute) for the file
+    ``path`` (the worker makes it once it has started a background job), then SIGKILL run-due."""
+    deadline = time.monotonic() + 60
+    while path and not os.path.exists(path) and time.monotonic() < deadline:
+        time.sleep(0.005)
+    os.kill(os.getpid(), signal.SIGKILL)
+
+
 def _death_prefix() -> list[str]:
     import shutil
 

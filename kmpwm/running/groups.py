@@ -25,6 +25,12 @@ which names itself ``kmpwm:<id>`` for the length of the start) says the same.  A
 last line is ``launch`` died while starting a command: the sweep then kills every process of this
 user that carries its mark (and the process group each one leads), whatever it is by then, and
 waits for them to die before the caller claims anything.
+
+A Python worker forked for one task (``KMPWM_POOL=0``) has the same window: it dies with run-due,
+but it may start a background job before run-due notes its group.  Its start is marked the same
+way; the child never execs, so it wears the name for its life, and a process it forks inherits
+it (one it execs carries ``KMPWM_RUNNER``).  A pool host needs none of this: its group is noted
+before it is given a task.
 """
 
 from __future__ import annotations
@@ -83,8 +89,9 @@ class GroupLog:
         self._write(f"{pgid} {procs.token(pgid) or ''}\n")
 
     def launching(self) -> None:
-        """Before a command starts: a ``launch`` line, and run-due takes the name that marks
-        the child until it execs (see the module's docstring).  ``add`` or ``launched`` follows."""
+        """Before a worker process starts: a ``launch`` line, and run-due takes the name that
+        marks the child (a command's until it execs, a forked Python worker's for its life; see
+        the module's docstring).  ``add`` or ``launched`` follows."""
         self._write("launch\n")
         if self.mark:
             self._comm = _set_comm(self.mark)

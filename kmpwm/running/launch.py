@@ -230,11 +230,20 @@ class Launcher:
                 fd=w,
             )
 
-        pid = child.fork([r, out_r, *self._parent_fds()], out_w, self.sel, body, no_gc=True)
+        # The child runs the worker at once, and the worker may start a background job before
+        # the group below is noted: the launch line and the mark cover that window, as they do
+        # for a command (groups.py).  The child keeps the mark (it never execs).
+        self._groups.launching()
+        try:
+            pid = child.fork([r, out_r, *self._parent_fds()], out_w, self.sel, body, no_gc=True)
+            if self._crash_at == "python-fork":  # crash injection for the tests
+                child.die_once_exists(os.environ.get("KMPWM_CRASH_HOLD", ""))
+            job.pid = pid
+            self._groups.add(pid)
+        finally:
+            self._groups.launched()
         os.close(w)
         os.close(out_w)
-        job.pid = pid
-        self._groups.add(pid)
         for fd, name in ((r, "result"), (out_r, "out")):
             self._watch(job, fd, name)
 

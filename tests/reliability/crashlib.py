@@ -84,10 +84,34 @@ def _line(var, kind, ctx):
         os.close(fd)
 
 
+def _background(seconds, how):
+    """A job the worker leaves behind: it sleeps, then writes its pid to KMPWM_CRASH_HOLD.bg
+    (``how``: a forked copy of this process, or an exec'd program)."""
+    done = os.environ["KMPWM_CRASH_HOLD"] + ".bg"
+    if how == "fork":
+        pid = os.fork()
+        if pid == 0:
+            time.sleep(seconds)
+            with open(done, "a") as fh:
+                fh.write(f"{os.getpid()}\n")
+            os._exit(0)
+        return pid
+    import subprocess
+
+    return subprocess.Popen(["/bin/sh", "-c", f'sleep {seconds}; echo $$ >> "{done}"']).pid
+
+
 def work(input, ctx):
     _line("CRASH_RUNLOG", "start", ctx)
     if input and input.startswith("sleep="):
         time.sleep(float(input[6:]))
+    if input and input.startswith("bg="):  # bg=SECONDS,exec|fork: leave a job behind, then say so
+        seconds, how = input[3:].split(",")
+        pid = _background(float(seconds), how)
+        with open(os.environ["KMPWM_CRASH_HOLD"] + ".tmp", "w") as fh:
+            fh.write(str(pid))
+        os.rename(os.environ["KMPWM_CRASH_HOLD"] + ".tmp", os.environ["KMPWM_CRASH_HOLD"])
+        time.sleep(1)
     _line("CRASH_DONELOG", "done", ctx)
     return None
 '''

@@ -498,6 +498,33 @@ def test_command_worker_still_before_its_exec_when_its_run_due_died_is_killed_by
     assert state["tasks"]["b26"]["state"] == "SUCCEEDED"
 
 
+@pytest.mark.parametrize("how", ["exec", "fork"])
+def test_background_job_of_a_forked_python_worker_whose_run_due_died_starting_it_is_killed(chome, how):
+    """Issue 13: a Python worker forked for its task (KMPWM_POOL=0) starts a background job (an
+    exec'd program, or a forked copy of itself), and run-due is SIGKILLed right after the fork,
+    before it noted the worker's process group (``KMPWM_CRASH_AT=python-fork`` kills it exactly
+    there, once the job has started).  The worker dies with run-due; the job must not outlive
+    the next run-due's start, or it would run beside the task's re-run."""
+    hold = chome.path / "bg-started"
+    env = {"KMPWM_POOL": "0", "KMPWM_CRASH_HOLD": str(hold)}
+    doc, rc, err = chome.json("enqueue", "b27", "pw", "--input", f"bg=4,{how}")
+    assert rc == 0, err
+    proc = chome.spawn("run-due", "--json", env={**env, "KMPWM_CRASH_AT": "python-fork"})
+    _, err = collect(proc, timeout=60)
+    assert proc.returncode == -signal.SIGKILL, (proc.returncode, err)
+    job = int(hold.read_text())
+    assert not _pid_gone(job)  # the window: the job outlived its run-due
+    hold.unlink()
+    doc, rc, err = chome.json("run-due", "--json", env=env)
+    assert rc == 0, err
+    assert [(r["id"], r["status"]) for r in doc["ran"]] == [("b27", "SUCCESS")], doc
+    _wait(lambda: _pid_gone(job), "the left-behind job to end", timeout=10)
+    time.sleep(4.5)  # past the time an unkilled job would write
+    done = Path(f"{hold}.bg")
+    finished = done.read_text().split() if done.exists() else []
+    assert str(job) not in finished, f"the job left by the killed run-due ({job}) ran to its end"
+
+
 # -- leases and claims on a real desktop: stopped runners, clocks that jump, overlapping runners ------------
 
 
