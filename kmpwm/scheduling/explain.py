@@ -6,6 +6,7 @@ puts it into a document (``code``, ``reason``, ``details``) for people.
 
 from __future__ import annotations
 
+import functools
 import time
 from typing import NamedTuple
 
@@ -14,7 +15,7 @@ from kmpwm.core.hosts import pinned_elsewhere, this_host
 from kmpwm.core.state import family, members
 from kmpwm.core.timeparse import iso, relative
 from kmpwm.scheduling.decide import MAX_CRASHES, Decision, blocked_by, decide, misfire_text, missed_detail
-from kmpwm.scheduling.leases import local, lost_why
+from kmpwm.scheduling.leases import holder_started, local, lost_why
 from kmpwm.scheduling.probes import Device
 from kmpwm.scheduling.views import lease_host
 from kmpwm.storage.paths import Paths
@@ -23,16 +24,19 @@ from kmpwm.storage.stores import open_store
 READINGS = ("network", "metered", "roaming", "charging", "battery", "storage_low", "idle")
 
 
-def explain_task(state: dict, t: dict, now: float, device: Device, host: str | None = None) -> dict:
+def explain_task(state: dict, t: dict, now: float, device: Device, host: str | None = None, started=None) -> dict:
     """Why ``t`` is or is not running at ``now``, as judged by a runner of ``host`` (default:
-    this process's host name)."""
+    this process's host name).  ``started(t)``: did the gone holder of a RUNNING ``t`` start
+    its worker (scheduling.leases.holder_started; None: not asked)."""
     host = this_host() if host is None else host
-    d = decide(t, state, now, device, host=host)
+    d = decide(t, state, now, device, host=host, started=started)
     out = {"id": t["id"], "state": t["state"], "running": False, "code": d.code, "reason": None}
     out["next_run_at"] = iso(d.at)
     out["details"] = {"host": t["host"]} if t.get("host") is not None else {}
     if t["state"] == "RUNNING":
         out["details"]["lease"] = _lease_doc(t["lease"] or {})
+        if d.lease in ("orphaned", "expired") and started is not None:  # its run is over without a result
+            out["details"]["worker_started"] = False if d.unstarted else started(t)
     render = _TEXT.get("missed" if d.missed is not None else d.code, _due)
     render(out, d, _Ctx(state, t, now, device, host))
     if d.taken_over and not d.due:  # its runner is gone, and run-due does not take it over yet
@@ -168,8 +172,12 @@ def _due(out: dict, d: Decision, c: _Ctx) -> None:
     if not d.lease:
         out["reason"] = "due now: the next run-due runs it"
         return
-    quarantine = f"; after {MAX_CRASHES} such crashes it is quarantined (FAILED)" if d.code == "quarantined" else ""
     why = lost_why(c.t, d.lease)
+    if d.unstarted:  # its start mark says the worker never started: nothing ran, nothing counts
+        why += " before it started the worker (not counted as a crash)"
+    elif d.lease == "orphaned" and not (c.t["lease"] or {}).get("ahead"):
+        why += f" (crash {c.t.get('crashes', 0) + 1} of {MAX_CRASHES} before quarantine)"
+    quarantine = f"; after {MAX_CRASHES} such crashes it is quarantined (FAILED)" if d.code == "quarantined" else ""
     out["reason"] = f"due again: {why}; the next run-due picks it up (at-least-once){quarantine}"
 
 
@@ -212,7 +220,8 @@ def explain(paths: Paths, task_id: str) -> list[dict]:
     ids = explain_ids(state, task_id)
     if not ids:
         raise InvalidParams(f"no task or chain {task_id!r}", hint="`kmpwm inspect-queue --all` lists them")
-    docs = [explain_task(state, state["tasks"][i], now, device) for i in ids if i in state["tasks"]]
+    started = functools.partial(holder_started, paths.runners_dir)  # what run-due's plan asks too
+    docs = [explain_task(state, state["tasks"][i], now, device, started=started) for i in ids if i in state["tasks"]]
     for d in docs:
         if d["running"]:
             d["progress"] = of_task(paths, d["id"])

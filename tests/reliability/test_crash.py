@@ -343,6 +343,9 @@ def test_runner_deaths_between_claim_and_start_do_not_quarantine_the_task(chome)
         t = state["tasks"]["nq"]
         assert t["state"] == "RUNNING", f"after {death} runner death(s) before its start: {t['state']} {t['reason']}"
         assert proc.returncode == -signal.SIGKILL, (death, proc.returncode, err)
+        ex, rc, err = chome.json("explain", "nq")  # explain reads the start marks as run-due does
+        assert rc == 0 and ex["code"] == "due" and ex["details"]["worker_started"] is False, (ex, err)
+        assert "before it started the worker (not counted as a crash)" in ex["reason"], ex
     assert not _starts(chome, "nq")
     doc, rc, err = chome.json("run-due", "--json")
     assert rc == 0, err
@@ -361,6 +364,9 @@ def test_runner_deaths_while_the_worker_ran_still_quarantine_the_task(chome):
         inside = _kill_when(proc, lambda n=death: len(_starts(chome, "cq")) > n, extra=0.3)
         collect(proc)
         assert inside and proc.returncode == -signal.SIGKILL, (death, proc.returncode)
+        ex, rc, err = chome.json("explain", "cq")
+        assert rc == 0 and ex["details"].get("worker_started") is True, (death, ex, err)
+        assert f"(crash {death + 1} of 3 before quarantine)" in ex["reason"], ex
     doc, rc, err = chome.json("run-due", "--json")
     assert rc == 0, err
     state, _ = chome.fold()
