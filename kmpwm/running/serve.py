@@ -401,7 +401,7 @@ class Serve:
     def _fresh_pass(self, runner) -> None:
         """What a new run-due would start with: no memory of finished runs, new device readings,
         and the state as the newest snapshot has it (not every task this serve ever saw)."""
-        rebase = getattr(runner.store, "rebase", None)  # (the journal's; a shared store reads afresh)
+        rebase = getattr(runner.store, "rebase", None)
         if rebase is not None and not runner.jobs:
             rebase()
         runner.done.clear()

@@ -80,17 +80,44 @@ def keep_sets(state: dict, cutoff: float) -> tuple[dict, dict]:
     return keep_tasks, keep_chains
 
 
+def hot_ops(state: dict, tasks: dict, chains: dict) -> list[dict]:
+    """``tasks`` and ``chains`` (keep_sets) as the ops a fresh state is folded from: puts, then
+    the meta op (ids' counters, a queue pause, the fences of cancelled runs still stopping)."""
+    ops: list[dict] = [schema.put_task(pack_task(t)) for t in sorted(tasks.values(), key=lambda t: t["seq"])]
+    ops += [schema.put_chain(c) for c in chains.values()]
+    meta = schema.meta(state["seq"], state["fam"])
+    if state.get("qpause"):
+        meta["qpause"] = state["qpause"]  # `pause --all` outlives a compaction
+    fences = {i: f for i, f in (state.get("fences") or {}).items() if f.get("until", 0) > time.time()}
+    if fences:
+        meta["fences"] = fences  # cancelled runs still stopping (state._finish); ended ones are dropped
+    ops.append(meta)
+    return ops
+
+
+def trimmed(state: dict, cutoff: float) -> dict:
+    """``state`` without the work that finished before ``cutoff`` (what a compaction drops): a
+    state folded afresh from hot_ops, or ``state`` itself when nothing is to be dropped."""
+    tasks, chains = keep_sets(state, cutoff)
+    if len(tasks) == len(state["tasks"]) and len(chains) == len(state["chains"]):
+        return state
+    fresh = new_state()
+    apply(fresh, {"ts": time.time(), "ops": hot_ops(state, tasks, chains)})
+    return fresh
+
+
 def compact(paths: Paths, *, retention: float = RETENTION, now: float | None = None) -> dict:
     check_all(paths)
     from kmpwm.storage.stores import open_store, store_url
 
     if store_url(paths) is not None:
         # A shared store keeps every record (PostgreSQL holds millions of rows easily, and the
-        # events of every host stay whole); what grows the cost of reading is the tail after the
-        # snapshot, so compacting it is writing a snapshot now.
+        # events of every host stay whole); what grows the cost of reading is the snapshot (work
+        # finished before the retention window is left out of it, as a compaction drops it from
+        # the journal) and the tail after it, so compacting it is writing a snapshot now.
         store = open_store(paths)
         view = store.load(full=False)
-        store.write_snapshot(view)
+        store.write_snapshot(view, retention=retention)
         from kmpwm.storage.runlog import KEEP
 
         store.sweep_runs((time.time() if now is None else now) - retention, KEEP)
@@ -139,15 +166,7 @@ def _rewrite(
     for i in range(0, len(events), EVENTS_PER_RECORD):
         chunk = events[i : i + EVENTS_PER_RECORD]
         records.append({"ts": chunk[-1][0], "arc": True, "ev": chunk})
-    ops = [schema.put_task(pack_task(t)) for t in sorted(tasks.values(), key=lambda t: t["seq"])]
-    ops += [schema.put_chain(c) for c in chains.values()]
-    meta = schema.meta(folder.state["seq"], folder.state["fam"])
-    if folder.state.get("qpause"):
-        meta["qpause"] = folder.state["qpause"]  # `pause --all` outlives a compaction
-    fences = {i: f for i, f in (folder.state.get("fences") or {}).items() if f.get("until", 0) > time.time()}
-    if fences:
-        meta["fences"] = fences  # cancelled runs still stopping (state._finish); ended ones are dropped
-    ops.append(meta)
+    ops = hot_ops(folder.state, tasks, chains)
     for i in range(0, len(ops), OPS_PER_RECORD):
         records.append({"ts": now, "ops": ops[i : i + OPS_PER_RECORD]})
     size = sum(len(encode(r)) for r in records)

@@ -280,6 +280,8 @@ class PgStore:
         self._listening = None  # the connection that listens for other sessions' writes (unchanged_view)
         self._heard_other = True  # another session notified a write since our last reading
         self.host = None
+        self.forget_history = False  # a long-lived reader (serve): hold what a fresh reader would read
+        self._base_seq = 0  # the snapshot our state grew from (rebase)
 
     # -- the connection -------------------------------------------------------------------
 
@@ -393,6 +395,7 @@ class PgStore:
                     state["tasks"] = {i: unpack_task(t) for i, t in state["tasks"].items()}
                     view = View(state, offset=row[0])
                     view.from_snapshot = True
+                    self._base_seq = row[0]
                 except (ValueError, KeyError, TypeError, AttributeError):
                     view = View(new_state())
             self._tail = 0
@@ -496,10 +499,15 @@ class PgStore:
     def invalidate(self) -> None:
         self._view = None
 
-    def write_snapshot(self, view: View | None = None) -> bool:
+    def write_snapshot(self, view: View | None = None, retention: float | None = None) -> bool:
+        """The state as of ``view`` (default: now), without the work that finished before the
+        retention window (compaction.RETENTION): what every reader starts from."""
+        from kmpwm.storage.compaction import RETENTION, trimmed
+
         view = view or self.load(full=False)
-        hot = dict(view.state)
-        hot["tasks"] = {i: pack_task(t) for i, t in view.state["tasks"].items()}
+        state = trimmed(view.state, time.time() - (RETENTION if retention is None else retention))
+        hot = dict(state)
+        hot["tasks"] = {i: pack_task(t) for i, t in state["tasks"].items()}
         body = orjson.dumps(hot)
         self._execute(
             "INSERT INTO kmpwm_snapshot (id, seq, body) VALUES (1, %s, %s) "
@@ -509,6 +517,25 @@ class PgStore:
             doing="writing the snapshot",
         )
         self._tail = 0
+        if self.forget_history and view is self._view and state is not view.state and not self._in_txn:
+            view.state = state  # serve: what it ran long ago is not kept in memory
+            self._base_seq = view.offset
+        return True
+
+    def rebase(self) -> bool:
+        """For a long-lived reader (serve), between transactions: when another process wrote a
+        snapshot past the one our state grew from (a compaction leaves finished work out of it),
+        drop our state; the next load reads that snapshot and the records after it."""
+        view = self._view
+        if view is None or self._in_txn:
+            return False
+        try:
+            row = self._execute("SELECT seq FROM kmpwm_snapshot WHERE id = 1", doing="reading the snapshot").fetchone()
+        except JournalError:
+            return False  # the store is away: the next reading says so
+        if row is None or row[0] <= self._base_seq or row[0] > view.offset:
+            return False
+        self._view = None
         return True
 
     def drop_snapshot(self) -> None:

@@ -295,6 +295,36 @@ def test_run_output_is_read_on_any_host(pg, home, tmp_path):
     assert json.loads(kmpwm("logs", "talk", "--json", env=env, check=0).stdout)["runs"][0]["output"]
 
 
+def test_compaction_leaves_old_finished_work_out_of_the_snapshot_and_serve_rebases(pg, home):
+    """The shared store keeps every record, but its snapshot, which every process starts from,
+    holds only what a compaction keeps on the journal: work finished within the retention
+    window, and everything unfinished.  A long-lived reader (serve's store) drops the state it
+    grew and reads the new snapshot, instead of holding every task it ever saw."""
+    from kmpwm.storage.paths import resolve
+    from kmpwm.storage.stores import open_store
+
+    for i in range(3):
+        kmpwm("enqueue", f"old{i}", "echo", check=0)
+    kmpwm("chain", "--id", "oldchain", "echo", "echo", check=0)
+    jdoc("run-due")
+    jdoc("run-due")  # the chain's second step
+    kmpwm("enqueue", "later", "echo", "--at", "2099-01-01T00:00:00Z", check=0)
+    reader = open_store(resolve(home))
+    reader.forget_history = True
+    assert {"old0", "later"} <= set(reader.load().state["tasks"])
+    eight_days = str(8 * 86400)
+    assert jdoc("compact", faketime=f"+{eight_days}")["compacted"] is False
+    doc = jdoc("inspect-queue", "--all")
+    assert [t["id"] for t in doc["tasks"]] == ["later"] and doc["chains"] == [], doc
+    assert [e for e in jdoc("events", "--task", "old0")["events"]]  # the records, and so the events, stay
+    assert reader.rebase() is True
+    assert set(reader.load().state["tasks"]) == {"later"}
+    assert reader.rebase() is False  # nothing newer since
+    reader.close()
+    kmpwm("enqueue", "old0", "echo", check=0)  # its id is free again, as after a journal compaction
+    assert [r["id"] for r in jdoc("run-due")["ran"]] == ["old0"]
+
+
 def test_three_hosts_under_kills_terminations_and_a_restart_keep_every_invariant():
     """A short trial of scripts/fleet_torture.py (its own cluster, which it restarts): three hosts
     with serve and run-due, hosts SIGKILLed, connections terminated, the server restarted, a clock
@@ -403,7 +433,10 @@ def test_serve_rides_out_a_database_outage_and_starts_work_when_it_is_back(own_c
                 err_path.read_text()
             )
             time.sleep(0.1)
-        assert "reachable again" in err_path.read_text()
+        deadline = time.monotonic() + 10  # said once the record that started it is written: just after
+        while "reachable again" not in err_path.read_text():
+            assert time.monotonic() < deadline, err_path.read_text()
+            time.sleep(0.05)
     finally:
         serve.terminate()
         code = serve.wait(timeout=30)
