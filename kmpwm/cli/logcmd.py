@@ -13,6 +13,8 @@ from kmpwm.storage import runlog
 from kmpwm.storage.paths import Paths, check_all
 
 POLL = 0.1
+STORE_POLL = 0.25  # following a run on another host: the store's copy of its output, this often
+SETTLE = 5.0  # the task ended: wait this long at most for its run's last output to reach the store
 
 
 def _tail(data: bytes, lines: int | None) -> bytes:
@@ -61,8 +63,10 @@ def logs_command(
     if follow and all_:
         raise InvalidParams("--follow follows one run: give it without --all")
     chosen = _chosen_runs(runlog.runs(paths, task_id), task_id, run, all_)
-    if follow and "_store" not in chosen[0]:  # (a run another host finished: its whole output, below)
+    if follow and "_store" not in chosen[0]:
         return _follow(paths, task_id, chosen[0], tail, as_json)
+    if follow and chosen[0]["status"] == "RUNNING":  # running on another host: from the store
+        return _follow_store(paths, task_id, chosen[0], tail, as_json)
     outs = [_tail(runlog.output(paths, m), tail) for m in chosen]
     if as_json:
         print_json({"id": task_id, "runs": [_doc(m, o) for m, o in zip(chosen, outs)]})
@@ -94,6 +98,49 @@ def _chosen_runs(metas: list[dict], task_id: str, run: int | None, all_: bool) -
             f"task {task_id!r} has no kept run {run} (kept: {', '.join(str(m['run']) for m in metas)})"
         )
     return chosen
+
+
+def _follow_store(paths: Paths, task_id: str, meta: dict, tail: int | None, as_json: bool) -> int:
+    """A run on another host (a shared store): its output as that host sends it (every second
+    while it comes), until the run ends."""
+    from kmpwm.cli.output import print_json
+
+    store, key = meta["_store"], meta["key"]
+    out = sys.stdout.buffer
+    seen_doc = bytearray() if as_json else None
+    seen, first, ended_at = 0, True, None
+    try:
+        while True:
+            status, seen_now, chunk = store.run_tail(task_id, key, seen)
+            seen = max(seen, seen_now)
+            if first:
+                chunk, first = _tail(chunk, tail), False
+            if chunk and seen_doc is not None:
+                seen_doc += chunk
+            elif chunk:
+                out.write(chunk)
+                out.flush()
+            if status != "RUNNING":
+                break  # its row, read with these bytes, says how it ended: they were its last
+            current = _current(paths, task_id, meta)
+            if current is None or current.get("status") != "RUNNING":
+                break  # a later run began: this one ended without a result
+            if ended_at is None and not _task_running(store, task_id):
+                ended_at = time.monotonic()  # its result is recorded: the run's row follows at once
+            if ended_at is not None and time.monotonic() - ended_at > SETTLE:
+                break  # its host is gone before it said how the run ended
+            time.sleep(STORE_POLL)
+    except KeyboardInterrupt:
+        return 0
+    if seen_doc is not None:
+        current = _current(paths, task_id, meta)
+        print_json({"id": task_id, "runs": [_doc(current or meta, _tail(bytes(seen_doc), tail))]})
+    return 0
+
+
+def _task_running(store, task_id: str) -> bool:
+    t = store.load(full=False).state["tasks"].get(task_id)
+    return t is not None and t["state"] == "RUNNING"
 
 
 def _follow(paths: Paths, task_id: str, meta: dict, tail: int | None, as_json: bool) -> int:

@@ -38,11 +38,12 @@ from kmpwm.core.state import apply, new_state, pack_task, unpack_task
 from kmpwm.storage.paths import Paths, check_all
 from kmpwm.storage.store import Transaction, View
 
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 4
 LOCK_KEY = 0x6B6D7077  # "kmpw": the advisory lock every writer takes
 CHANNEL = "kmpwm"
 SNAPSHOT_AFTER_RECORDS = 2000
 DEFAULT_LEASE = 60.0
+OUTPUT_CAP = 1 << 20  # a run's output kept in the store: its last MiB (runlog.CAP)
 
 # Reading: the records after what was folded, and each lease's time left by the database's clock
 # (record rows have a seq, lease rows none; both in one round trip and from one snapshot).
@@ -153,6 +154,10 @@ MIGRATIONS: dict[int, list[str]] = {
                truncated boolean NOT NULL DEFAULT false,
                output bytea NOT NULL,
                PRIMARY KEY (task_id, key))""",
+    ],
+    # a running run's output as it comes (kmpwm logs --follow on any host): bytes written so far
+    4: [
+        """ALTER TABLE kmpwm_runs ADD COLUMN IF NOT EXISTS written bigint NOT NULL DEFAULT 0""",
     ],
 }
 
@@ -584,15 +589,40 @@ class PgStore:
 
     def save_runs(self, rows: list[tuple]) -> None:
         """Finished runs and their output: (task_id, key, host, attempt, started, finished,
-        status, truncated, output) each."""
+        status, truncated, output, bytes written) each."""
         self._many(
-            "INSERT INTO kmpwm_runs (task_id, key, run, host, attempt, started, finished, status, truncated, output) "
-            f"VALUES (%s, %s, {self._RUN_NO}, %s, %s, %s, %s, %s, %s, %s) ON CONFLICT (task_id, key) DO UPDATE SET "
+            "INSERT INTO kmpwm_runs "
+            "(task_id, key, run, host, attempt, started, finished, status, truncated, output, written) "
+            f"VALUES (%s, %s, {self._RUN_NO}, %s, %s, %s, %s, %s, %s, %s, %s) ON CONFLICT (task_id, key) DO UPDATE SET "
             "finished = excluded.finished, status = excluded.status, truncated = excluded.truncated, "
-            "output = excluded.output",
+            "output = excluded.output, written = excluded.written",
             [(r[0], r[1], r[0], *r[2:]) for r in rows],
             "keeping run output",
         )
+
+    def append_output(self, rows: list[tuple]) -> None:
+        """Running runs' new output: (bytes, bytes written so far, task_id, key) each; the
+        table keeps the last OUTPUT_CAP bytes."""
+        self._many(
+            "UPDATE kmpwm_runs SET written = %s, output = substring(output || %s FROM "
+            f"greatest(1, octet_length(output) + octet_length(%s) - {OUTPUT_CAP} + 1)) "
+            "WHERE task_id = %s AND key = %s AND status = 'RUNNING'",
+            [(total, chunk, chunk, tid, key) for chunk, total, tid, key in rows],
+            "sending run output",
+        )
+
+    def run_tail(self, task_id: str, key: str, seen: int) -> tuple[str | None, int, bytes]:
+        """(the run's status, bytes it has written, those after the first ``seen`` that the
+        table still has); status None: no such run."""
+        row = self._execute(
+            "SELECT status, written, substring(output FROM greatest(1, octet_length(output) - (written - %s) + 1)::int) "
+            "FROM kmpwm_runs WHERE task_id = %s AND key = %s",
+            (seen, task_id, key),
+            doing="reading output",
+        ).fetchone()
+        if row is None:
+            return None, seen, b""
+        return row[0], row[1], bytes(row[2]) if row[1] > seen else b""
 
     def _many(self, sql: str, rows: list, doing: str) -> None:
         psycopg = _Psycopg.get()

@@ -86,7 +86,7 @@ def append_index(paths, lines: list[bytes]) -> None:
 class RunLog:
     """One run's output, written by run-due as the worker's output arrives."""
 
-    __slots__ = ("dir", "key", "task_id", "fd", "size", "rotated", "progress", "written")
+    __slots__ = ("dir", "key", "task_id", "fd", "size", "rotated", "progress", "written", "total", "live")
 
     def __init__(self, d: str, key: str, task_id: str):
         self.dir, self.key, self.task_id = d, key, task_id  # plain strings: this runs per task
@@ -95,6 +95,8 @@ class RunLog:
         self.rotated = False
         self.written = False
         self.progress = f"{d}/{key}.progress"
+        self.total = 0  # bytes of output so far
+        self.live: bytearray | None = None  # a shared store: output not yet sent to it (Starter)
 
     def start_line(self, attempt: int, started: float, pid: int, token) -> bytes:
         import orjson
@@ -143,6 +145,9 @@ class RunLog:
         except OSError:
             return
         self.size += len(chunk)
+        self.total += len(chunk)
+        if self.live is not None:
+            self.live += chunk
         if self.size > CAP:
             self._rotate()
 
@@ -192,6 +197,7 @@ def _join(d: Path, key: str) -> None:
 
 
 FLUSH_EVERY = 0.1  # index lines wait at most this long, so that a busy run-due writes ~10 times a second
+LIVE_EVERY = 1.0  # a shared store: a running run's new output is sent this often (logs --follow elsewhere)
 
 
 class Starter:
@@ -206,6 +212,8 @@ class Starter:
         self.count = 0
         self.pending: list[bytes] = []
         self.last = 0.0
+        self.live: list[RunLog] = []  # a shared store: the runs whose output goes to it as it comes
+        self.live_last = 0.0
 
     def start(self, task_id: str, attempt: int, started: float) -> RunLog | None:
         try:
@@ -218,6 +226,8 @@ class Starter:
         self.pending.append(log.start_line(attempt, started, self.pid, self.token))
         if self.store is not None:
             self.starts.append((task_id, f"{self.host}:{log.key}", self.host, attempt, started))
+            log.live = bytearray()
+            self.live.append(log)
         return log
 
     def flush_starts(self) -> None:
@@ -232,6 +242,9 @@ class Starter:
     def end(self, log: RunLog, status: str, finished: float, progress: bool) -> None:
         """The run's result is durable: close its output, drop its progress (``progress``: it may
         have some), and say how it ended in the index."""
+        if log.live is not None:
+            log.live = None  # its whole output goes to the store with its result (shared_row)
+            self.live.remove(log)
         log.close()
         if progress:
             try:
@@ -241,15 +254,18 @@ class Starter:
         self.pending.append(log.end_line(status, finished))
 
     def flush(self, force: bool = False) -> float | None:
-        """Write the waiting lines if FLUSH_EVERY has passed (or ``force``); returns how long
-        until lines still waiting are due (None: none wait)."""
-        if not self.pending:
-            return None
+        """Write the waiting lines if FLUSH_EVERY has passed (or ``force``), and send running
+        runs' new output to a shared store every LIVE_EVERY; returns how long until what still
+        waits is due (None: nothing waits)."""
         import time
 
         now = time.monotonic()
+        later = self._send_live(now) if self.live else None
+        if not self.pending:
+            return later
         if not force and now - self.last < FLUSH_EVERY:
-            return self.last + FLUSH_EVERY - now
+            wait = self.last + FLUSH_EVERY - now
+            return wait if later is None else min(wait, later)
         self.last = now
         self.flush_starts()
         lines, self.pending = self.pending, []
@@ -257,6 +273,25 @@ class Starter:
             append_index(self.paths, lines)
         except Exception:
             pass  # the runs go on; only their record in the index is lost
+        return later
+
+    def _send_live(self, now: float) -> float | None:
+        """Running runs' output since the last send, to the shared store (``kmpwm logs --follow``
+        on another host reads it); returns how long until the next send is due (None: nothing
+        waits).  Best effort: what cannot be sent now goes with the run's result."""
+        if not any(log.live for log in self.live):
+            return None
+        if now - self.live_last < LIVE_EVERY:
+            return self.live_last + LIVE_EVERY - now
+        self.live_last = now
+        rows = [(bytes(log.live), log.total, log.task_id, f"{self.host}:{log.key}") for log in self.live if log.live]
+        for log in self.live:
+            log.live.clear()
+        try:
+            self.flush_starts()  # a run's row exists before its output is added to it
+            self.store.append_output(rows)
+        except Exception:
+            pass
         return None
 
 
@@ -395,7 +430,18 @@ def shared_row(log: RunLog, host: str, attempt: int, started: float, finished: f
         out = Path(f"{log.dir}/{log.key}.out").read_bytes()[-CAP:]
     except OSError:
         out = b""
-    return (log.task_id, f"{host}:{log.key}", host, attempt, started, finished, row["status"], log.rotated, out)
+    return (
+        log.task_id,
+        f"{host}:{log.key}",
+        host,
+        attempt,
+        started,
+        finished,
+        row["status"],
+        log.rotated,
+        out,
+        log.total,
+    )
 
 
 def running_runs(paths, task_ids) -> dict:

@@ -295,6 +295,40 @@ def test_run_output_is_read_on_any_host(pg, home, tmp_path):
     assert json.loads(kmpwm("logs", "talk", "--json", env=env, check=0).stdout)["runs"][0]["output"]
 
 
+def test_logs_follow_streams_a_run_on_another_host(pg, home, tmp_path):
+    """`kmpwm logs ID --follow` on one host while the run goes on on another: what it has written
+    so far, then the rest as the runner sends it (every second), returning when the run ends."""
+    write_config(
+        home,
+        '[workers.talk]\ncommand = ["sh", "-c", "for i in 1 2 3 4 5; do echo line $i; sleep 0.6; done"]\n',
+    )
+    kmpwm("enqueue", "talk", "talk", check=0)
+    runner = subprocess.Popen(
+        [sys.executable, "-m", "kmpwm", "run-due"],
+        env=kmpwm_env({"KMPWM_HOST": "a"}),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
+    other = tmp_path / "other-home"
+    other.mkdir(mode=0o700)
+    env = {"KMPWM_HOME": str(other), "KMPWM_HOST": "b"}
+    try:
+        deadline = time.monotonic() + 30
+        while not q(pg, "SELECT 1 FROM kmpwm_runs WHERE task_id = 'talk' AND written > 0"):
+            assert time.monotonic() < deadline, "the run's first output never reached the store"
+            time.sleep(0.05)
+        assert runner.poll() is None  # still running: the follow starts in the middle of the run
+        r = kmpwm("logs", "talk", "--follow", env=env, check=0)
+        assert runner.poll() is not None or runner.wait(timeout=10) == 0  # it returned as the run ended
+        assert r.stdout == "".join(f"line {i}\n" for i in range(1, 6)), r.stdout
+        doc = json.loads(kmpwm("logs", "talk", "--follow", "--json", env=env, check=0).stdout)
+        assert doc["runs"][0]["status"] == "SUCCESS" and doc["runs"][0]["output"].count("line") == 5
+    finally:
+        if runner.poll() is None:
+            runner.kill()
+        runner.wait()
+
+
 def test_compaction_leaves_old_finished_work_out_of_the_snapshot_and_serve_rebases(pg, home):
     """The shared store keeps every record, but its snapshot, which every process starts from,
     holds only what a compaction keeps on the journal: work finished within the retention
