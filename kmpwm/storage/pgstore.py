@@ -615,7 +615,8 @@ class PgStore:
         """(the run's status, bytes it has written, those after the first ``seen`` that the
         table still has); status None: no such run."""
         row = self._execute(
-            "SELECT status, written, substring(output FROM greatest(1, octet_length(output) - (written - %s) + 1)::int) "
+            "SELECT status, written, "
+            "substring(output FROM greatest(1, octet_length(output) - (written - %s) + 1)::int) "
             "FROM kmpwm_runs WHERE task_id = %s AND key = %s",
             (seen, task_id, key),
             doing="reading output",
