@@ -50,7 +50,10 @@ def _say_store(store: dict | None) -> None:
         say(f"store     {store['url']}: ERROR {store['error']}")
         return
     hosts = ", ".join(h["host"] for h in store["hosts"]) or "none yet"
-    say(f"store     {store['url']}: schema v{store['schema']}, {store['records']} record(s), hosts: {hosts}")
+    say(
+        f"store     {store['url']}: schema v{store['schema']}, {store['records']} record(s), hosts: {hosts}, "
+        f"notification queue {store['notify_queue']:.0%} full"
+    )
 
 
 def _say_setup(doc: dict) -> None:

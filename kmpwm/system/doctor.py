@@ -25,6 +25,8 @@ from kmpwm.core.timeparse import iso
 from kmpwm.storage.journal import Journal, mend
 from kmpwm.storage.paths import Paths, check_all, check_secure, private_subdir
 
+NOTIFY_QUEUE_FULL = 0.25  # a shared store's notification queue this full is a problem (doctor)
+
 
 def check_journal(journal: Journal) -> dict:
     scan, _ = journal.read(0)
@@ -347,9 +349,19 @@ def _check_store(paths: Paths) -> dict | None:
         doc["schema"] = store.schema_version()
         doc["records"] = store._execute("SELECT count(*) FROM kmpwm_records").fetchone()[0]
         doc["hosts"] = store.hosts()
+        doc["notify_queue"] = float(store._execute("SELECT pg_notification_queue_usage()").fetchone()[0])
         store.close()
     except KmpwmError as exc:
         return dict(doc, error=exc.message, exit_code=exc.exit_code)
     if doc["schema"] != SCHEMA_VERSION:
         return dict(doc, error=f"schema v{doc['schema']}, expected v{SCHEMA_VERSION}", exit_code=CONFIG)
+    if doc["notify_queue"] >= NOTIFY_QUEUE_FULL:
+        # A listening session that does not read (a `kmpwm serve` stopped with SIGSTOP for days)
+        # holds the server's notification queue back; once it is full, every write fails.
+        return dict(
+            doc,
+            error=f"PostgreSQL's notification queue is {doc['notify_queue']:.0%} full: a session that listens "
+            "is not reading (a stopped `kmpwm serve`?); writes fail once it is full",
+            exit_code=IO_ERROR,
+        )
     return doc

@@ -49,6 +49,19 @@ def test_schema_is_created_on_first_use_and_versioned(pg, home):
     assert not (home / "journal" / "journal.log").exists()  # nothing went to the journal
     doc = jdoc("doctor")
     assert doc["store"]["schema"] == pgstore.SCHEMA_VERSION and doc["store"]["records"] == 1
+    assert doc["store"]["notify_queue"] == 0.0 and doc["exit_code"] == 0
+
+
+def test_doctor_says_when_the_notification_queue_fills(pg, home, monkeypatch):
+    """A listening session that does not read (a serve stopped for days) holds PostgreSQL's
+    notification queue back, and every write fails once it is full: doctor says so first."""
+    from kmpwm.storage.paths import resolve
+    from kmpwm.system import doctor
+
+    kmpwm("enqueue", "a", "echo", check=0)
+    monkeypatch.setattr(doctor, "NOTIFY_QUEUE_FULL", 0.0)  # (filling it for real takes gigabytes)
+    store = doctor._check_store(resolve(home))
+    assert store["exit_code"] == 74 and "notification queue is 0% full" in store["error"], store
 
 
 def test_a_store_of_the_first_schema_version_is_migrated_and_keeps_its_tasks(pg):
