@@ -34,7 +34,7 @@ def events_command(paths: Paths, task: str | None, since, follow: bool, as_json:
         )
     if not follow:
         return _print_all(feed.selected, as_json)
-    emit = (lambda e: print_json_line(event_doc(e))) if as_json else (lambda e: say(_line(e)))
+    emit = _json_line if as_json else _say_line
     new = feed.selected
     try:
         while True:
@@ -45,6 +45,14 @@ def events_command(paths: Paths, task: str | None, since, follow: bool, as_json:
             new = feed.poll()
     except KeyboardInterrupt:
         return 130  # interrupted by SIGINT, like any Unix tool (and inspect-queue --watch)
+
+
+def _json_line(ev: list) -> None:
+    print_json_line(event_doc(ev))
+
+
+def _say_line(ev: list) -> None:
+    say(_line(ev))
 
 
 def _print_all(selected: list, as_json: bool) -> int:
