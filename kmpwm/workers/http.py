@@ -22,7 +22,7 @@ import urllib.request
 
 from kmpwm.core.results import Failure, Retry, Success
 from kmpwm.running.declare import worker
-from kmpwm.workers.files import elapsed_ms, fsync_dir, load_input
+from kmpwm.workers.files import elapsed_ms, fsync_dir, given_or_upstream, load_input
 
 USER_AGENT = "kmpwm/0.1"
 CHUNK = 64 * 1024
@@ -150,36 +150,15 @@ def download(input, ctx):
     if problem is not None:
         return problem
     part = path + ".part"
-    offset = os.path.getsize(part) if os.path.exists(part) else 0
-    if offset and not args.get("resume", True):
-        os.remove(part)
-        offset = 0
-    headers = {"User-Agent": USER_AGENT}
-    if offset:
-        headers["Range"] = f"bytes={offset}-"
-    try:
-        resp = _open(urllib.request.Request(url, headers=headers), timeout)
-    except http.client.InvalidURL as exc:
-        return Failure(f"download: invalid URL {url!r}: {exc}")
-    except (OSError, http.client.HTTPException) as exc:
-        return Retry(f"download {url}: {_reason(exc)}")
+    offset = _kept_bytes(part, args.get("resume", True))
+    resp = _get_from(url, offset, timeout)
+    if isinstance(resp, (Retry, Failure)):
+        return resp
     with resp:
-        status = resp.status
-        offset = _resume_offset(resp, offset, part, url)
-        if not isinstance(offset, int):
-            return offset  # a Retry or Failure
-        digest = hashlib.sha256()
-        if offset:
-            _hash_file(part, digest)
-        if status != 416:
-            stopped = _receive(resp, part, offset, digest, ctx)
-            if stopped is not None:
-                size = os.path.getsize(part)
-                return Retry(
-                    f"download {url}: {stopped} at {size} bytes; will resume",
-                    data={"path": path, "bytes": size, "resumed_from": offset, "status": status},
-                )
-    actual = digest.hexdigest()
+        received = _transfer(resp, url, path, part, offset, ctx)
+    if not isinstance(received, tuple):
+        return received  # a Retry or Failure
+    status, offset, actual = received
     if expected is not None and actual != expected.lower():
         os.remove(part)
         return Failure(f"download {url}: sha256 mismatch: expected {expected.lower()}, got {actual}")
@@ -199,9 +178,54 @@ def download(input, ctx):
     )
 
 
+def _get_from(url: str, offset: int, timeout: float):
+    """The response to a GET of ``url`` from byte ``offset`` on, or the Retry/Failure of a
+    request that could not be made."""
+    headers = {"User-Agent": USER_AGENT}
+    if offset:
+        headers["Range"] = f"bytes={offset}-"
+    try:
+        return _open(urllib.request.Request(url, headers=headers), timeout)
+    except http.client.InvalidURL as exc:
+        return Failure(f"download: invalid URL {url!r}: {exc}")
+    except (OSError, http.client.HTTPException) as exc:
+        return Retry(f"download {url}: {_reason(exc)}")
+
+
+def _kept_bytes(part: str, resume) -> int:
+    """How much of the file an earlier attempt left in ``part`` to resume from (without
+    ``resume``, none: the .part is removed)."""
+    offset = os.path.getsize(part) if os.path.exists(part) else 0
+    if offset and not resume:
+        os.remove(part)
+        return 0
+    return offset
+
+
+def _transfer(resp, url: str, path: str, part: str, offset: int, ctx):
+    """Receive the response into ``part``: (status, where it resumed, the file's sha256), or the
+    Retry/Failure that stopped it."""
+    status = resp.status
+    offset = _resume_offset(resp, offset, part, url)
+    if not isinstance(offset, int):
+        return offset  # a Retry or Failure
+    digest = hashlib.sha256()
+    if offset:
+        _hash_file(part, digest)
+    if status != 416:  # (416: the .part holds the whole file already)
+        stopped = _receive(resp, part, offset, digest, ctx)
+        if stopped is not None:
+            size = os.path.getsize(part)
+            return Retry(
+                f"download {url}: {stopped} at {size} bytes; will resume",
+                data={"path": path, "bytes": size, "resumed_from": offset, "status": status},
+            )
+    return status, offset, digest.hexdigest()
+
+
 def _download_args(args: dict, ctx) -> tuple[str, str, str | None, float]:
     """url, destination, expected sha256, timeout (ValueError on a bad one)."""
-    url = _url(args.get("url") or (ctx.upstream or {}).get("url"))
+    url = _url(given_or_upstream(args, ctx, "url"))
     path = args.get("path")
     if not isinstance(path, str) or not path:
         raise ValueError('"path" (the destination file) is required')
@@ -289,13 +313,8 @@ def upload(input, ctx):
         headers = _headers(args.get("headers"))
         timeout = _timeout(args.get("timeout", 60), ctx)
         expect = _expect(args.get("expect_status"))
-        field = args.get("field", "file")
-        fields = args.get("fields") or {}
-        if not isinstance(field, str) or not field:
-            raise ValueError('"field" must be a non-empty string')
-        if not isinstance(fields, dict) or not all(isinstance(v, (str, int, float)) for v in fields.values()):
-            raise ValueError('"fields" must be an object of form field names to strings')
-        path = args.get("path") or (ctx.upstream or {}).get("path")
+        field, fields = _form_fields(args)
+        path = given_or_upstream(args, ctx, "path")
         if not isinstance(path, str) or not path:
             raise ValueError('"path" (the file to upload) is required')
     except ValueError as exc:
@@ -304,19 +323,11 @@ def upload(input, ctx):
     if not os.path.isfile(path):
         return Failure(f"upload: no such file: {path}")
     size = os.path.getsize(path)
-    content_type = mimetypes.guess_type(path)[0] or "application/octet-stream"
     if args.get("multipart", True):
-        boundary = "kmpwm-" + secrets.token_hex(16)
-        head, tail = _multipart_frame(
-            boundary, {k: str(v) for k, v in fields.items()}, field, os.path.basename(path), content_type
-        )
-        body = _stream(path, ctx, head, tail, size)
-        _set_default(headers, "Content-Type", f"multipart/form-data; boundary={boundary}")
-        length = len(head) + size + len(tail)
+        body, length = _multipart_body(path, size, field, fields, headers, ctx)
     else:
-        body = _stream(path, ctx, total=size)
-        _set_default(headers, "Content-Type", content_type)
-        length = size
+        body, length = _stream(path, ctx, total=size), size
+        _set_default(headers, "Content-Type", _content_type(path))
     # Known up front, so servers that refuse chunked uploads still accept the streamed body.
     headers["Content-Length"] = str(length)
     request = urllib.request.Request(url, data=body, headers=headers, method=method)
@@ -333,6 +344,32 @@ def upload(input, ctx):
         "response": _text(resp, kept, force=True),
     }
     return _verdict(f"{method} {url} ({size} bytes)", resp, expect, data)
+
+
+def _form_fields(args: dict) -> tuple[str, dict]:
+    """The file's form field and the extra text fields (ValueError on a bad one)."""
+    field = args.get("field", "file")
+    fields = args.get("fields") or {}
+    if not isinstance(field, str) or not field:
+        raise ValueError('"field" must be a non-empty string')
+    if not isinstance(fields, dict) or not all(isinstance(v, (str, int, float)) for v in fields.values()):
+        raise ValueError('"fields" must be an object of form field names to strings')
+    return field, fields
+
+
+def _content_type(path: str) -> str:
+    return mimetypes.guess_type(path)[0] or "application/octet-stream"
+
+
+def _multipart_body(path: str, size: int, field: str, fields: dict, headers: dict, ctx):
+    """The multipart/form-data body, streamed (the text fields, then the file), and its length;
+    its Content-Type goes into ``headers`` unless they have one."""
+    boundary = "kmpwm-" + secrets.token_hex(16)
+    head, tail = _multipart_frame(
+        boundary, {k: str(v) for k, v in fields.items()}, field, os.path.basename(path), _content_type(path)
+    )
+    _set_default(headers, "Content-Type", f"multipart/form-data; boundary={boundary}")
+    return _stream(path, ctx, head, tail, size), len(head) + size + len(tail)
 
 
 # --- input checks (ValueError carries the message of the Failure) -------------------------------
@@ -461,19 +498,22 @@ def _report_headers(resp) -> dict[str, str]:
 def _text(resp, raw: bytes, force: bool = False) -> str | None:
     """``raw`` decoded with the response's charset; None for a non-textual response unless
     ``force``. An incremental decoder drops a character cut in half at the 64 KiB limit."""
-    if not force:
-        if resp.headers.get("Content-Type"):
-            kind = resp.headers.get_content_type()
-            if not (kind.startswith("text/") or any(t in kind for t in TEXT_TYPES)):
-                return None
-        elif not _looks_utf8(raw):
-            return None
+    if not (force or _looks_textual(resp, raw)):
+        return None
     charset = resp.headers.get_content_charset() or "utf-8"
     try:
         decoder = codecs.getincrementaldecoder(charset)(errors="replace")
     except LookupError:
         decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
     return decoder.decode(raw, final=False)
+
+
+def _looks_textual(resp, raw: bytes) -> bool:
+    """A textual Content-Type, or, without one, a body that is UTF-8."""
+    if not resp.headers.get("Content-Type"):
+        return _looks_utf8(raw)
+    kind = resp.headers.get_content_type()
+    return kind.startswith("text/") or any(t in kind for t in TEXT_TYPES)
 
 
 def _looks_utf8(raw: bytes) -> bool:
@@ -507,32 +547,43 @@ def _hash_file(path: str, digest) -> None:
 def _receive(resp, part: str, offset: int, digest, ctx) -> str | None:
     """Append the response body to ``part`` (from scratch when ``offset`` is 0), feeding
     ``digest``; None once complete, else why it stopped (the .part is fsynced for the resume)."""
-    length = resp.headers.get("Content-Length")
-    expected = int(length) if length and length.isdigit() else None
-    received = 0
-    total = offset + expected if expected else None
+    expected = _content_length(resp)
     with open(part, "ab" if offset else "wb") as out:
         try:
-            while True:
-                if ctx.expired:
-                    return "stopped"
-                chunk = resp.read1(CHUNK)
-                if not chunk:
-                    break
-                out.write(chunk)
-                digest.update(chunk)
-                received += len(chunk)
-                if total:
-                    _progress(ctx, offset + received, total, "downloaded")
+            received = _copy_body(resp, out, digest, ctx, offset, offset + expected if expected else None)
             # http.client returns a short body silently when the connection drops.
             if expected is not None and received < expected:
                 return f"connection closed after {received} of {expected} bytes"
             return None
+        except _Stopped:
+            return "stopped"
         except (OSError, http.client.HTTPException) as exc:
             return f"transfer failed ({_reason(exc)})"
         finally:
             out.flush()
             os.fsync(out.fileno())
+
+
+def _content_length(resp) -> int | None:
+    length = resp.headers.get("Content-Length")
+    return int(length) if length and length.isdigit() else None
+
+
+def _copy_body(resp, out, digest, ctx, offset: int, total: int | None) -> int:
+    """Copy the body to ``out`` (after ``offset`` bytes of ``total``), feeding ``digest`` and
+    reporting progress; how many bytes it copied (_Stopped when told to expire)."""
+    received = 0
+    while True:
+        if ctx.expired:
+            raise _Stopped
+        chunk = resp.read1(CHUNK)
+        if not chunk:
+            return received
+        out.write(chunk)
+        digest.update(chunk)
+        received += len(chunk)
+        if total:
+            _progress(ctx, offset + received, total, "downloaded")
 
 
 def _quote(value: str) -> str:
