@@ -716,15 +716,11 @@ def _usage(message: str) -> Exception:
 
 
 def _fail(message: str, code: int, as_json: bool, hint: str | None = None) -> int:
+    from kmpwm.cli.output import error, print_json
+
     if as_json:
-        from kmpwm.cli.output import print_json
-
         print_json({"error": message, "exit_code": code})
-    from kmpwm.cli.output import printable
-
-    sys.stderr.write(f"kmpwm: error: {printable(message)}\n")
-    if hint:
-        sys.stderr.write(f"kmpwm: {printable(hint)}\n")
+    error(message, hint)
     return code
 
 
@@ -736,8 +732,7 @@ def main(argv: list[str] | None = None) -> int:
     as_json = "--json" in _before_operands(args)  # after "--" it is an operand
     command = typer.main.get_command(_app_for(args))
     try:
-        rv = command.main(args=args, prog_name="kmpwm", standalone_mode=False)
-        return rv if isinstance(rv, int) else 0
+        return _invoke(command, args)
     except _Usage as exc:
         return _fail(f"{exc} (see kmpwm --help)", USAGE, as_json)
     except click_exc.ClickException as exc:
@@ -754,6 +749,12 @@ def main(argv: list[str] | None = None) -> int:
         return _io_failure(exc, as_json)
     except Exception as exc:  # an internal error: the traceback goes to the log, not the terminal
         return _internal_failure(exc, as_json)
+
+
+def _invoke(command, args: list[str]) -> int:
+    """Run the click ``command`` on ``args``; its exit code."""
+    rv = command.main(args=args, prog_name="kmpwm", standalone_mode=False)
+    return rv if isinstance(rv, int) else 0
 
 
 def _before_operands(args: list[str]) -> list[str]:
@@ -808,7 +809,7 @@ def _app_for(args: list[str]) -> typer.Typer:
     """The app with only the command named in ``args``: typer builds a click command from every
     registered function's signature, ~20 ms for all of them, on every start of a tool cron runs
     every minute.  Anything else (``--help``, an unknown name, shell completion) gets the whole app."""
-    if any(k.endswith("_COMPLETE") for k in os.environ if k.startswith("_")):
+    if _completing():
         return app
     name = _command_name(args)
     commands = [c for c in app.registered_commands if c.name == name]
@@ -821,6 +822,11 @@ def _app_for(args: list[str]) -> typer.Typer:
     one.registered_commands = commands
     one.registered_groups = groups
     return one
+
+
+def _completing() -> bool:
+    """Whether a shell's completion (its ``_KMPWM_COMPLETE`` variable) runs the command."""
+    return any(k.endswith("_COMPLETE") for k in os.environ if k.startswith("_"))
 
 
 def _command_name(args: list[str]) -> str | None:

@@ -11,22 +11,22 @@ from kmpwm.core.timeparse import iso, relative
 
 
 def _reject(task_id, exc_or_outcome, as_json: bool, extra: dict | None = None) -> int:
-    if isinstance(exc_or_outcome, KmpwmError):
-        result, error, code = exc_or_outcome.result, str(exc_or_outcome).splitlines()[0], exc_or_outcome.exit_code
-        hint = exc_or_outcome.hint
-    else:
-        result, error, code = exc_or_outcome.result.value, exc_or_outcome.error, exc_or_outcome.exit_code
-        hint = getattr(exc_or_outcome, "hint", None)
-    if as_json:
-        doc = {"result": result, "id": task_id, "error": error}
-        doc.update(extra or {})
-        print_json(doc)
-    from kmpwm.cli.output import printable
+    from kmpwm.cli.output import error as say_error
 
-    sys.stderr.write(f"kmpwm: error: {printable(error)}\n")
-    if hint:
-        sys.stderr.write(f"kmpwm: {printable(hint)}\n")
+    result, error, code, hint = _refusal(exc_or_outcome)
+    if as_json:
+        print_json({"result": result, "id": task_id, "error": error, **(extra or {})})
+    say_error(error, hint)
     return code
+
+
+def _refusal(exc_or_outcome) -> tuple:
+    """(result, error, exit code, hint) of a KmpwmError or of an outcome that was not ok."""
+    if isinstance(exc_or_outcome, KmpwmError):
+        exc = exc_or_outcome
+        return exc.result, str(exc).splitlines()[0], exc.exit_code, exc.hint
+    outcome = exc_or_outcome
+    return outcome.result.value, outcome.error, outcome.exit_code, getattr(outcome, "hint", None)
 
 
 def warn_damage(view) -> None:
@@ -50,12 +50,13 @@ def _enqueue_doc(outcome) -> dict:
     }
 
 
+_STATE_NOTES = {"BLOCKED": ", BLOCKED until the step or task before it succeeds", "RUNNING": ", running now"}
+
+
 def _say_enqueued(outcome) -> None:
-    when = f", next run {relative(outcome.next_run_at)}" if outcome.next_run_at is not None else ""
-    if outcome.state == "BLOCKED":
-        when = ", BLOCKED until the step or task before it succeeds"
-    elif outcome.state == "RUNNING":
-        when = ", running now"
+    when = _STATE_NOTES.get(outcome.state)
+    if when is None:
+        when = f", next run {relative(outcome.next_run_at)}" if outcome.next_run_at is not None else ""
     verb = "kept the existing" if outcome.action == "kept" else outcome.action
     say(f"{verb} {outcome.id}{when}")
 
@@ -84,8 +85,6 @@ def _read_source(source: str, what: str) -> bytes:
 
 
 def enqueue_from(scheduler, source: str, as_json: bool) -> int:
-    from collections import Counter
-
     try:
         items = _spec_requests(source)
     except KmpwmError as exc:
@@ -99,8 +98,15 @@ def enqueue_from(scheduler, source: str, as_json: bool) -> int:
     if as_json:
         print_json({"results": [_enqueue_doc(o) for o in outcomes]})
     else:
-        say(", ".join(f"{n} {a}" for a, n in Counter(o.action for o in outcomes).items()))
+        _say_counts(outcomes)
     return 0
+
+
+def _say_counts(outcomes: list) -> None:
+    """How many tasks each action took (``3 enqueued, 1 replaced``), in order of first appearance."""
+    from collections import Counter
+
+    say(", ".join(f"{n} {a}" for a, n in Counter(o.action for o in outcomes).items()))
 
 
 def _spec_requests(source: str) -> list:

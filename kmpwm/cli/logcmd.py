@@ -111,6 +111,7 @@ def _follow(paths: Paths, task_id: str, meta: dict, tail: int | None, as_json: b
     """Print what the run has written so far, then the rest as it comes, until the run ends."""
     path = runlog.out_path(paths, meta)
     seen = bytearray()  # under --json: all of it, printed in one document when the run ends
+    deliver = seen.extend if as_json else _write_through
     fd = _open(path)
     cut = tail  # only what was written before we started is cut to the last --tail lines
     try:
@@ -119,11 +120,7 @@ def _follow(paths: Paths, task_id: str, meta: dict, tail: int | None, as_json: b
             running = current is not None and current.get("status") == "RUNNING"
             fd, chunk = _read_on(fd, path, running)
             chunk, cut = _tail(chunk, cut), None
-            if as_json:
-                seen += chunk
-            elif chunk:
-                sys.stdout.buffer.write(chunk)
-                sys.stdout.buffer.flush()
+            deliver(chunk)
             if not running:
                 if as_json:
                     _print_followed(paths, task_id, meta, current, seen, tail)
@@ -135,6 +132,12 @@ def _follow(paths: Paths, task_id: str, meta: dict, tail: int | None, as_json: b
     finally:
         if fd >= 0:
             os.close(fd)
+
+
+def _write_through(chunk: bytes) -> None:
+    if chunk:
+        sys.stdout.buffer.write(chunk)
+        sys.stdout.buffer.flush()
 
 
 def _read_on(fd: int, path, running: bool) -> tuple[int, bytes]:

@@ -70,6 +70,13 @@ def warn(text: str) -> None:
     sys.stderr.write(f"kmpwm: warning: {printable(text)}\n")
 
 
+def error(message: str, hint: str | None = None) -> None:
+    """The error on stderr, and under it what to do about it (if there is a hint)."""
+    sys.stderr.write(f"kmpwm: error: {printable(message)}\n")
+    if hint:
+        sys.stderr.write(f"kmpwm: {printable(hint)}\n")
+
+
 STATE_STYLE = {
     "ENQUEUED": "cyan",
     "BLOCKED": "magenta",

@@ -94,11 +94,7 @@ def _say_serve_change(plan, serve: dict, action: str) -> None:
     sact = serve["action"]
     if action == "uninstall" or not plan.serve_mode:
         if sact == "removed":
-            stopped = serve.get("stopped")
-            say(
-                f"Removed the serve service{sat}"
-                + (f"; stopped serve pid {', '.join(map(str, stopped))}" if stopped else "")
-            )
+            _say_serve_removed(sat, serve.get("stopped"))
     elif sact == "unchanged":
         say(f"serve is already installed{sat}; nothing changed")
     else:
@@ -108,3 +104,7 @@ def _say_serve_change(plan, serve: dict, action: str) -> None:
             f"as the fallback" + (f"; started it (pid {started})" if started else "")
         )
         say(f"  {serve['entry']}")
+
+
+def _say_serve_removed(at: str, stopped: list | None) -> None:
+    say(f"Removed the serve service{at}" + (f"; stopped serve pid {', '.join(map(str, stopped))}" if stopped else ""))

@@ -77,11 +77,7 @@ def http_request(input, ctx):
     if isinstance(args, Failure):
         return args
     try:
-        url = _url(args.get("url"))
-        method = _method(args.get("method", "GET"))
-        headers = _headers(args.get("headers"))
-        timeout = _timeout(args.get("timeout", 30), ctx)
-        expect = _expect(args.get("expect_status"))
+        url, method, headers, timeout, expect = _call_args(args, ctx, method="GET", timeout=30)
         payload = _payload(args.get("body"), args.get("json"), headers)
     except ValueError as exc:
         return Failure(f"http: {exc}")
@@ -98,11 +94,17 @@ def http_request(input, ctx):
         "headers": _report_headers(resp),
     }
     if args.get("save_body"):
-        text = _text(resp, kept)
-        if text is not None:
-            data["body"] = text
-            data["truncated"] = size > len(kept)
+        data.update(_body_data(resp, size, kept))
     return _verdict(f"{method} {url}", resp, expect, data)
+
+
+def _body_data(resp, size: int, kept: bytes) -> dict:
+    """``body`` (the text kept of a textual response) and whether it was ``truncated``; nothing
+    for another response."""
+    text = _text(resp, kept)
+    if text is None:
+        return {}
+    return {"body": text, "truncated": size > len(kept)}
 
 
 @worker(
@@ -308,15 +310,9 @@ def upload(input, ctx):
     if isinstance(args, Failure):
         return args
     try:
-        url = _url(args.get("url"))
-        method = _method(args.get("method", "POST"))
-        headers = _headers(args.get("headers"))
-        timeout = _timeout(args.get("timeout", 60), ctx)
-        expect = _expect(args.get("expect_status"))
+        url, method, headers, timeout, expect = _call_args(args, ctx, method="POST", timeout=60)
         field, fields = _form_fields(args)
-        path = given_or_upstream(args, ctx, "path")
-        if not isinstance(path, str) or not path:
-            raise ValueError('"path" (the file to upload) is required')
+        path = _upload_path(args, ctx)
     except ValueError as exc:
         return Failure(f"upload: {exc}")
     path = os.path.abspath(os.path.expanduser(path))
@@ -346,6 +342,13 @@ def upload(input, ctx):
     return _verdict(f"{method} {url} ({size} bytes)", resp, expect, data)
 
 
+def _upload_path(args: dict, ctx) -> str:
+    path = given_or_upstream(args, ctx, "path")
+    if not isinstance(path, str) or not path:
+        raise ValueError('"path" (the file to upload) is required')
+    return path
+
+
 def _form_fields(args: dict) -> tuple[str, dict]:
     """The file's form field and the extra text fields (ValueError on a bad one)."""
     field = args.get("field", "file")
@@ -373,6 +376,20 @@ def _multipart_body(path: str, size: int, field: str, fields: dict, headers: dic
 
 
 # --- input checks (ValueError carries the message of the Failure) -------------------------------
+
+
+def _call_args(
+    args: dict, ctx, *, method: str, timeout: float
+) -> tuple[str, str, dict[str, str], float, set[int] | None]:
+    """The request's URL, method, headers, socket timeout and expected statuses, ``method`` and
+    ``timeout`` being the defaults."""
+    return (
+        _url(args.get("url")),
+        _method(args.get("method", method)),
+        _headers(args.get("headers")),
+        _timeout(args.get("timeout", timeout), ctx),
+        _expect(args.get("expect_status")),
+    )
 
 
 def _url(value) -> str:
