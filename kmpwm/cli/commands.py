@@ -176,9 +176,9 @@ def _parse_chain_file(source: str, data: bytes):
 
 def _step_tasks(step, number: int) -> list[dict]:
     if isinstance(step, str):
-        return [{"worker": w} for w in step.split("+")]
-    if isinstance(step, dict):
-        step = step["tasks"] if "tasks" in step else [step]
+        step = step.split("+")  # "A+B": A and B in parallel
+    elif isinstance(step, dict):
+        step = step.get("tasks", [step])
     if not isinstance(step, list) or not step:
         raise InvalidParams(f"step {number}: expected a list of tasks")
     return [_task_fields(task, number) for task in step]
@@ -531,7 +531,7 @@ def _say_declaration(spec) -> None:
         )
     if spec.returns:
         say()
-        table(["DATA", "DESCRIPTION"], [[n, t] for n, t in spec.returns])
+        table(["DATA", "DESCRIPTION"], spec.returns)
 
 
 def _show_default(key) -> str:
@@ -622,20 +622,26 @@ def store_copy(paths, to: str | None, from_: str | None, as_json: bool) -> int:
     from kmpwm.storage.stores import named_store, open_store
 
     here = open_store(paths)
-    other = named_store(paths, to if to is not None else from_)
-    source, target = (here, other) if to is not None else (other, here)
+    if to is not None:
+        source, target = here, named_store(paths, to)
+    else:
+        source, target = named_store(paths, from_), here
     report = copy_between(source, target)
     doc = {"from": source_name(source), "to": source_name(target), **report}
     if report["was_running"]:
-        sys.stderr.write(
-            f"kmpwm: warning: {len(report['was_running'])} running task(s) copied as ENQUEUED "
-            f"({', '.join(report['was_running'][:3])}): stop the source's runners before they run twice\n"
-        )
+        _warn_copied_running(report["was_running"])
     if as_json:
         print_json(doc)
     else:
         say(f"copied {report['copied']} task(s) and {report['chains']} chain(s) from {doc['from']} to {doc['to']}")
     return 0
+
+
+def _warn_copied_running(ids: list[str]) -> None:
+    sys.stderr.write(
+        f"kmpwm: warning: {len(ids)} running task(s) copied as ENQUEUED "
+        f"({', '.join(ids[:3])}): stop the source's runners before they run twice\n"
+    )
 
 
 def source_name(store) -> str:

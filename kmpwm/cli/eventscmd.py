@@ -28,10 +28,7 @@ def _line(ev: list) -> str:
 def events_command(paths: Paths, task: str | None, since, follow: bool, as_json: bool) -> int:
     feed = open_events(paths, task, since)
     if feed.damage:
-        sys.stderr.write(
-            f"kmpwm: warning: the journal has {feed.damage} damaged region(s); "
-            "events from them are missing; run `kmpwm doctor --repair`\n"
-        )
+        _warn_damage(feed.damage)
     if not follow:
         return _print_all(feed.selected, as_json)
     emit = _json_line if as_json else _say_line
@@ -45,6 +42,13 @@ def events_command(paths: Paths, task: str | None, since, follow: bool, as_json:
             new = feed.poll()
     except KeyboardInterrupt:
         return 130  # interrupted by SIGINT, like any Unix tool (and inspect-queue --watch)
+
+
+def _warn_damage(regions: int) -> None:
+    sys.stderr.write(
+        f"kmpwm: warning: the journal has {regions} damaged region(s); "
+        "events from them are missing; run `kmpwm doctor --repair`\n"
+    )
 
 
 def _json_line(ev: list) -> None:

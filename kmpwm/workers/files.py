@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import os
 import posixpath
@@ -29,6 +30,13 @@ def load_input(input, worker: str) -> dict | Failure:
         return Failure(f"{worker}: input is not valid JSON: {exc}")
     if not isinstance(value, dict):
         return Failure(f"{worker}: input must be a JSON object, got {type(value).__name__}")
+    return value
+
+
+def nonempty_string(value, message: str) -> str:
+    """``value`` if it is a non-empty string, else ValueError(``message``)."""
+    if not isinstance(value, str) or not value:
+        raise ValueError(message)
     return value
 
 
@@ -173,15 +181,21 @@ def _remove_stale(tmp: str) -> None:
 
 def _input_paths(args: dict, ctx) -> list[str]:
     """The absolute paths to pack (ValueError when there are none, or one is not a path)."""
-    paths = args.get("paths")
-    if paths is None:
-        one = given_or_upstream(args, ctx, "path")
-        paths = [one] if one else []
+    paths = _given_paths(args, ctx)
     if not isinstance(paths, list) or not all(isinstance(p, str) and p for p in paths):
         raise ValueError('"paths" must be a list of file or directory paths')
     if not paths:
         raise ValueError('nothing to compress: give "paths" or "path"')
     return [os.path.abspath(os.path.expanduser(p)) for p in paths]
+
+
+def _given_paths(args: dict, ctx):
+    """``paths`` as given, else ``path`` (or the previous step's) as a list of one (none without it)."""
+    paths = args.get("paths")
+    if paths is not None:
+        return paths
+    one = given_or_upstream(args, ctx, "path")
+    return [one] if one else []
 
 
 def _archive_target(args: dict, paths: list[str]) -> tuple[str, str]:
@@ -191,8 +205,7 @@ def _archive_target(args: dict, paths: list[str]) -> tuple[str, str]:
         raise ValueError(f"unknown format {fmt!r} (expected one of {', '.join(FORMATS)})")
     if output is None:
         output = os.path.normpath(paths[0]) + "." + (fmt or "zip")
-    if not isinstance(output, str) or not output:
-        raise ValueError('"output" (the archive path) must be a non-empty string')
+    output = nonempty_string(output, '"output" (the archive path) must be a non-empty string')
     output = os.path.abspath(os.path.expanduser(output))
     if os.path.isdir(output):
         raise ValueError(f"output is a directory: {output}")
@@ -265,15 +278,16 @@ def _write_archive(raw, fmt: str, output: str, members, ctx) -> bool:
             compression=zipfile.ZIP_DEFLATED,
             strict_timestamps=False,  # pre-1980 mtimes
         ) as archive:
-            for full, arcname, _ in members:
-                if ctx.expired:
-                    return False
-                archive.write(full, arcname)
-    else:
-        # name= only labels the gzip header; the bytes go to fileobj.
-        with tarfile.open(name=output, mode="w:gz", fileobj=raw, dereference=True) as archive:
-            for full, arcname, _ in members:
-                if ctx.expired:
-                    return False
-                archive.add(full, arcname, recursive=False)
+            return _add_members(members, ctx, archive.write)
+    # name= only labels the gzip header; the bytes go to fileobj.
+    with tarfile.open(name=output, mode="w:gz", fileobj=raw, dereference=True) as archive:
+        return _add_members(members, ctx, functools.partial(archive.add, recursive=False))
+
+
+def _add_members(members, ctx, add) -> bool:
+    """``add(path, name)`` for each member, in order; False if told to expire part-way."""
+    for full, arcname, _ in members:
+        if ctx.expired:
+            return False
+        add(full, arcname)
     return True

@@ -22,7 +22,7 @@ import urllib.request
 
 from kmpwm.core.results import Failure, Retry, Success
 from kmpwm.running.declare import worker
-from kmpwm.workers.files import elapsed_ms, fsync_dir, given_or_upstream, load_input
+from kmpwm.workers.files import elapsed_ms, fsync_dir, given_or_upstream, load_input, nonempty_string
 
 USER_AGENT = "kmpwm/0.1"
 CHUNK = 64 * 1024
@@ -164,9 +164,7 @@ def download(input, ctx):
     if expected is not None and actual != expected.lower():
         os.remove(part)
         return Failure(f"download {url}: sha256 mismatch: expected {expected.lower()}, got {actual}")
-    os.replace(part, path)
-    fsync_dir(os.path.dirname(path))
-    size = os.path.getsize(path)
+    size = _put_in_place(part, path)
     return Success(
         message=f"downloaded {size} bytes to {path}" + (f" (resumed at {offset})" if offset else ""),
         data={
@@ -178,6 +176,13 @@ def download(input, ctx):
             "duration_ms": elapsed_ms(started),
         },
     )
+
+
+def _put_in_place(part: str, path: str) -> int:
+    """Rename the complete ``part`` onto ``path``, durably; the file's size."""
+    os.replace(part, path)
+    fsync_dir(os.path.dirname(path))
+    return os.path.getsize(path)
 
 
 def _get_from(url: str, offset: int, timeout: float):
@@ -228,9 +233,7 @@ def _transfer(resp, url: str, path: str, part: str, offset: int, ctx):
 def _download_args(args: dict, ctx) -> tuple[str, str, str | None, float]:
     """url, destination, expected sha256, timeout (ValueError on a bad one)."""
     url = _url(given_or_upstream(args, ctx, "url"))
-    path = args.get("path")
-    if not isinstance(path, str) or not path:
-        raise ValueError('"path" (the destination file) is required')
+    path = nonempty_string(args.get("path"), '"path" (the destination file) is required')
     expected = args.get("sha256")
     if expected is not None and not (isinstance(expected, str) and HEX64.fullmatch(expected)):
         raise ValueError('"sha256" must be 64 hex digits')
@@ -266,8 +269,7 @@ def _resume_offset(resp, offset: int, part: str, url: str):
     if 200 <= status < 300:
         return 0
     verdict = Retry if _transient(status) else Failure
-    label = f"GET {url} -> {status} {resp.reason or ''}".rstrip()
-    return verdict(label, data={"status": status, "url": url})
+    return verdict(_status_line(f"GET {url}", resp), data={"status": status, "url": url})
 
 
 @worker(
@@ -312,7 +314,7 @@ def upload(input, ctx):
     try:
         url, method, headers, timeout, expect = _call_args(args, ctx, method="POST", timeout=60)
         field, fields = _form_fields(args)
-        path = _upload_path(args, ctx)
+        path = nonempty_string(given_or_upstream(args, ctx, "path"), '"path" (the file to upload) is required')
     except ValueError as exc:
         return Failure(f"upload: {exc}")
     path = os.path.abspath(os.path.expanduser(path))
@@ -342,21 +344,10 @@ def upload(input, ctx):
     return _verdict(f"{method} {url} ({size} bytes)", resp, expect, data)
 
 
-def _upload_path(args: dict, ctx) -> str:
-    path = given_or_upstream(args, ctx, "path")
-    if not isinstance(path, str) or not path:
-        raise ValueError('"path" (the file to upload) is required')
-    return path
-
-
 def _form_fields(args: dict) -> tuple[str, dict]:
     """The file's form field and the extra text fields (ValueError on a bad one)."""
-    field = args.get("field", "file")
-    fields = args.get("fields") or {}
-    if not isinstance(field, str) or not field:
-        raise ValueError('"field" must be a non-empty string')
-    if not isinstance(fields, dict) or not all(isinstance(v, (str, int, float)) for v in fields.values()):
-        raise ValueError('"fields" must be an object of form field names to strings')
+    field = nonempty_string(args.get("field", "file"), '"field" must be a non-empty string')
+    fields = _text_values(args.get("fields") or {}, '"fields" must be an object of form field names to strings')
     return field, fields
 
 
@@ -393,8 +384,7 @@ def _call_args(
 
 
 def _url(value) -> str:
-    if not isinstance(value, str) or not value:
-        raise ValueError('"url" is required')
+    nonempty_string(value, '"url" is required')
     parts = urllib.parse.urlsplit(value)
     if parts.scheme.lower() not in ("http", "https"):
         raise ValueError(f"only http:// and https:// URLs are allowed, not {value!r}")
@@ -410,13 +400,17 @@ def _method(value) -> str:
 
 
 def _headers(value) -> dict[str, str]:
-    if value is None:
-        value = {}
-    if not isinstance(value, dict) or not all(isinstance(v, (str, int, float)) for v in value.values()):
-        raise ValueError('"headers" must be an object of header names to strings')
+    value = _text_values({} if value is None else value, '"headers" must be an object of header names to strings')
     headers = {str(k): str(v) for k, v in value.items()}
     _set_default(headers, "User-Agent", USER_AGENT)
     return headers
+
+
+def _text_values(value, message: str) -> dict:
+    """``value`` if it is an object of names to strings (or numbers), else ValueError(``message``)."""
+    if not isinstance(value, dict) or not all(isinstance(v, (str, int, float)) for v in value.values()):
+        raise ValueError(message)
+    return value
 
 
 def _set_default(headers: dict, name: str, value: str) -> None:
@@ -489,7 +483,7 @@ def _exchange(request, timeout: float, ctx, keep: int):
 
 def _verdict(what: str, resp, expect: set[int] | None, data: dict):
     status = resp.status
-    label = f"{what} -> {status} {resp.reason or ''}".rstrip()
+    label = _status_line(what, resp)
     if expect is not None and status in expect:
         return Success(message=label, data=data)
     if _transient(status):
@@ -497,6 +491,11 @@ def _verdict(what: str, resp, expect: set[int] | None, data: dict):
     if status >= 400 or expect is not None:
         return Failure(label + (f" (expected {sorted(expect)})" if expect is not None else ""), data=data)
     return Success(message=label, data=data)
+
+
+def _status_line(what: str, resp) -> str:
+    """``GET URL -> 404 Not Found``."""
+    return f"{what} -> {resp.status} {resp.reason or ''}".rstrip()
 
 
 def _transient(status: int) -> bool:
