@@ -70,8 +70,7 @@ def _complete_task(incomplete: str):
         from kmpwm.storage.stores import open_store
 
         state = open_store(_paths()).load(full=False).state
-        ids = [i for i, t in state["tasks"].items() if i.startswith(incomplete)]
-        return ids + [c for c in state["chains"] if c.startswith(incomplete)]
+        return [i for i in (*state["tasks"], *state["chains"]) if i.startswith(incomplete)]
     except Exception:
         return []
 

@@ -4,6 +4,7 @@ rotation past 1 MiB like ``tail -F``) and returns when the run ends."""
 
 from __future__ import annotations
 
+import functools
 import os
 import sys
 import time
@@ -178,12 +179,7 @@ def _open(path) -> int:
 def _read_all(fd: int) -> bytes:
     if fd < 0:
         return b""
-    parts = []
-    while True:
-        chunk = os.read(fd, 1 << 16)
-        if not chunk:
-            return b"".join(parts)
-        parts.append(chunk)
+    return b"".join(iter(functools.partial(os.read, fd, 1 << 16), b""))
 
 
 def _rotated(fd: int, path) -> bool:

@@ -3,6 +3,7 @@ rich table on a terminal and plain text elsewhere (no colour under ``NO_COLOR``)
 
 from __future__ import annotations
 
+import itertools
 import os
 import sys
 from collections.abc import Iterable, Sequence
@@ -140,11 +141,8 @@ def _plain_rows(headers: Sequence[str], rows: list[list[str]]) -> None:
 
 
 def _column_widths(headers: Sequence[str], rows: list[list[str]]) -> list[int]:
-    widths = [len(h) for h in headers]
-    for row in rows:
-        for i, cell in enumerate(row):
-            widths[i] = max(widths[i], len(cell))
-    return widths
+    """Each column's width: its longest cell (a short row's missing cells are empty)."""
+    return [max(map(len, column)) for column in itertools.zip_longest(headers, *rows, fillvalue="")]
 
 
 def _rich_table(headers: Sequence[str], rows: list[list[str]], title: str | None, style_column: int | None) -> None:

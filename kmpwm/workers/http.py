@@ -465,20 +465,24 @@ def _exchange(request, timeout: float, ctx, keep: int):
     what = f"{request.get_method()} {request.full_url}"
     try:
         with _open(request, timeout) as resp:
-            size, kept = 0, bytearray()
-            while chunk := resp.read1(CHUNK):
-                if ctx.expired:
-                    raise _Stopped
-                size += len(chunk)
-                if len(kept) < keep:
-                    kept += chunk[: keep - len(kept)]
-            return resp, size, bytes(kept)
+            return resp, *_read_body(resp, ctx, keep)
     except _Stopped:
         return Retry(f"{what}: stopped before the exchange finished")
     except http.client.InvalidURL as exc:
         return Failure(f"{what}: invalid URL: {exc}")
     except (OSError, http.client.HTTPException) as exc:
         return Retry(f"{what}: {_reason(exc)}")
+
+
+def _read_body(resp, ctx, keep: int) -> tuple[int, bytes]:
+    """Read the whole body: its size and its first ``keep`` bytes (_Stopped when told to expire)."""
+    size, kept = 0, bytearray()
+    while chunk := resp.read1(CHUNK):
+        if ctx.expired:
+            raise _Stopped
+        size += len(chunk)
+        kept += chunk[: keep - len(kept)]  # nothing once keep bytes are kept
+    return size, bytes(kept)
 
 
 def _verdict(what: str, resp, expect: set[int] | None, data: dict):
