@@ -815,6 +815,11 @@ def _app_for(args: list[str]) -> typer.Typer:
     groups = [g for g in app.registered_groups if g.name == name]
     if not (commands or groups):
         return app
+    return _app_with(commands, groups)
+
+
+def _app_with(commands: list, groups: list) -> typer.Typer:
+    """A copy of the app with only these commands and groups of commands."""
     import copy
 
     one = copy.copy(app)

@@ -352,10 +352,15 @@ def _queue_groups(rows: list, chains: dict) -> list:
     if alone:
         groups.append((None, alone))
     for cid, c in chains.items():
-        members = [["  " + row[0], *row[1:]] for chain_id, row in rows if chain_id == cid]
+        members = _chain_rows(rows, cid)
         if members:
             groups.append((_chain_head(cid, c), members))
     return groups
+
+
+def _chain_rows(rows: list, cid: str) -> list:
+    """The rows of chain ``cid``'s tasks, their ids indented under the chain's header row."""
+    return [["  " + row[0], *row[1:]] for chain_id, row in rows if chain_id == cid]
 
 
 def _chain_head(cid: str, c: dict) -> list:
@@ -401,11 +406,16 @@ def _result_text(t: dict) -> str:
     """``STATUS: message`` of the last result, and why a task that ended FAILED or CANCELLED
     ended, when the message does not say it already."""
     lr = t["last_result"]
-    last = "" if not lr else lr["status"] + (f": {lr['message']}" if lr.get("message") else "")
+    last = _status_message(lr) if lr else ""
     ended = t["state"] in ("FAILED", "CANCELLED") and (not lr or t["reason"] != lr.get("message"))
     if t["reason"] and ended:
         return _with_reason(last, t["reason"])
     return last
+
+
+def _status_message(result: dict) -> str:
+    """``STATUS: message`` of a result (``STATUS`` without a message)."""
+    return result["status"] + (f": {result['message']}" if result.get("message") else "")
 
 
 def _with_reason(text: str, reason: str) -> str:
@@ -428,15 +438,20 @@ def workers(paths, as_json: bool, name: str | None = None) -> int:
     if as_json:
         print_json({"workers": docs})
     elif docs:
-        table(
-            ["NAME", "KIND", "SOURCE", "TARGET"],
-            [[d["name"], d["kind"], _source_text(d["source"], d["distribution"]), d["target"]] for d in docs],
-        )
-        for name in reg.duplicates():
-            warn(f"worker {name!r} is defined both in config.toml and by a package; rename one")
+        _print_workers(docs, reg.duplicates())
     else:
         say("no workers: declare [workers.NAME] in config.toml or install a package that provides some")
     return 0
+
+
+def _print_workers(docs: list[dict], duplicates) -> None:
+    """The workers as a table, then a warning for each name both config.toml and a package define."""
+    table(
+        ["NAME", "KIND", "SOURCE", "TARGET"],
+        [[d["name"], d["kind"], _source_text(d["source"], d["distribution"]), d["target"]] for d in docs],
+    )
+    for name in duplicates:
+        warn(f"worker {name!r} is defined both in config.toml and by a package; rename one")
 
 
 def _source_text(source: str, distribution: str | None) -> str:

@@ -31,7 +31,11 @@ def events_command(paths: Paths, task: str | None, since, follow: bool, as_json:
         _warn_damage(feed.damage)
     if not follow:
         return _print_all(feed.selected, as_json)
-    emit = _json_line if as_json else _say_line
+    return _follow(feed, _json_line if as_json else _say_line)
+
+
+def _follow(feed, emit) -> int:
+    """``emit`` the selected events, then each new one as it comes, until interrupted."""
     new = feed.selected
     try:
         while True:

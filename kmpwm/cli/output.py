@@ -178,7 +178,7 @@ def _add_sections(t, groups: list, style_column: int | None) -> None:
         if head is not None:
             if n:
                 t.add_section()
-            t.add_row(*[f"[bold]{c}[/]" if c else "" for c in head])
+            t.add_row(*_bold(head))
         for row in rows:
             t.add_row(*_styled(list(row), style_column))
 
@@ -188,6 +188,11 @@ def _escaped_group(head: list[str] | None, rows: list[list[str]]) -> tuple:
     from rich.markup import escape
 
     return (None if head is None else [escape(c) for c in head], [[escape(c) for c in r] for r in rows])
+
+
+def _bold(row: list[str]) -> list[str]:
+    """A section's header row in bold (rich markup)."""
+    return [f"[bold]{c}[/]" if c else "" for c in row]
 
 
 def _styled(row: list[str], style_column: int | None) -> list[str]:

@@ -142,14 +142,22 @@ def _failures(doc: dict, failed: list) -> None:
     lines = []
     for row in doc["ran"]:
         lines.append(_ran_line(row, ended.pop(row["id"], None)))
-    missed = [s for s in doc["skipped"] if s["reason"].startswith("missed:")]  # --misfire-grace: never silent
-    for s in missed:
-        ended.pop(s["id"], None)  # a one-time task's "FAILED (missed)" is in this line already
-        lines.append(f"kmpwm: {s['id']} {s['reason']}")
+    lines += _missed_lines(doc["skipped"], ended)
     for f in ended.values():  # ended FAILED without a run of its own: window missed, upstream failed, ...
         lines.append(f"kmpwm: {f['id']} ({f['worker']}) failed: {f['reason']}")
     for line in filter(None, lines):
         sys.stderr.write(printable(line) + "\n")
+
+
+def _missed_lines(skipped: list, ended: dict) -> list[str]:
+    """--misfire-grace: a line for every occurrence that did not run (never silent); a one-time
+    task's "FAILED (missed)" is in it already, so it leaves ``ended``."""
+    lines = []
+    for s in skipped:
+        if s["reason"].startswith("missed:"):
+            ended.pop(s["id"], None)
+            lines.append(f"kmpwm: {s['id']} {s['reason']}")
+    return lines
 
 
 _RAN_VERBS = {"FAILURE": "failed", "EXPIRED": "expired"}
@@ -241,8 +249,8 @@ def _say_ran(ran: list, dry_run: bool) -> None:
     elif dry_run:
         table(["WOULD RUN", "WORKER"], [[r["id"], r["worker"]] for r in ran])
     else:
-        table(
-            ["ID", "WORKER", "STATUS", "TIME", "MESSAGE"],
-            [[r["id"], r["worker"], r["status"], f"{r['duration_ms']}ms", (r["message"] or "")[:60]] for r in ran],
-            style_column=2,
-        )
+        table(["ID", "WORKER", "STATUS", "TIME", "MESSAGE"], [_ran_row(r) for r in ran], style_column=2)
+
+
+def _ran_row(r: dict) -> list:
+    return [r["id"], r["worker"], r["status"], f"{r['duration_ms']}ms", (r["message"] or "")[:60]]

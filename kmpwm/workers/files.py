@@ -119,6 +119,11 @@ def compress(input, ctx):
     stopped = _write_atomically(output, fmt, members, ctx)
     if stopped is not None:
         return stopped  # a Retry or Failure
+    return _compressed(output, fmt, members, skipped, started)
+
+
+def _compressed(output: str, fmt: str, members: list, skipped: int, started: float) -> Success:
+    """The Success of a written archive, with what it holds."""
     files = [m for m in members if m[2] is not None]
     return Success(
         message=f"compressed {len(files)} file(s) into {output}",

@@ -164,25 +164,25 @@ def download(input, ctx):
     if expected is not None and actual != expected.lower():
         os.remove(part)
         return Failure(f"download {url}: sha256 mismatch: expected {expected.lower()}, got {actual}")
-    size = _put_in_place(part, path)
+    return _downloaded(part, path, status, offset, actual, started)
+
+
+def _downloaded(part: str, path: str, status: int, offset: int, digest: str, started: float) -> Success:
+    """Rename the complete, verified ``part`` onto ``path`` (durably); the Success."""
+    os.replace(part, path)
+    fsync_dir(os.path.dirname(path))
+    size = os.path.getsize(path)
     return Success(
         message=f"downloaded {size} bytes to {path}" + (f" (resumed at {offset})" if offset else ""),
         data={
             "path": path,
             "bytes": size,
             "resumed_from": offset,
-            "sha256": actual,
+            "sha256": digest,
             "status": status,
             "duration_ms": elapsed_ms(started),
         },
     )
-
-
-def _put_in_place(part: str, path: str) -> int:
-    """Rename the complete ``part`` onto ``path``, durably; the file's size."""
-    os.replace(part, path)
-    fsync_dir(os.path.dirname(path))
-    return os.path.getsize(path)
 
 
 def _get_from(url: str, offset: int, timeout: float):
