@@ -92,7 +92,7 @@ def enqueue_from(scheduler, source: str, as_json: bool) -> int:
     if not items:
         return _reject(None, InvalidParams(f"no task specs in {source}"), as_json, {"results": []})
     outcomes = scheduler.submit_many(items, all_or_nothing=True)
-    refused = next(((n, o) for n, o in enumerate(outcomes, 1) if not o.ok), None)
+    refused = _first_refused(outcomes)
     if refused is not None:
         return _reject_batch(*refused, outcomes, as_json)
     if as_json:
@@ -128,6 +128,11 @@ def _json_line(line: str, number: int):
         return orjson.loads(line)
     except orjson.JSONDecodeError as exc:
         raise InvalidParams(f"line {number}: malformed JSON ({exc.args[0].split(':')[0]})") from None
+
+
+def _first_refused(outcomes: list) -> tuple | None:
+    """(number from 1, outcome) of the first task that was refused, None if none was."""
+    return next(((n, o) for n, o in enumerate(outcomes, 1) if not o.ok), None)
 
 
 def _reject_batch(number: int, refused, outcomes: list, as_json: bool) -> int:
@@ -205,10 +210,8 @@ def chain(scheduler, steps: list[str], source: str | None, chain_id, policy, fla
     try:
         if source is not None:
             doc = load_chain_file(source)
-            steps = doc["steps"]
             chain_id = doc.get("id") if chain_id is None else chain_id
-            policy = doc.get("policy") if policy is None else policy
-            tags = list(tags) + _file_tags(doc)
+            steps, policy, tags = _file_settings(doc, policy, tags)
         if chain_id is not None and not isinstance(chain_id, str):
             raise InvalidParams("chain id must be a string")
         built = [_step_requests(step, number, flags, tags) for number, step in enumerate(steps, 1)]
@@ -229,6 +232,11 @@ def _print_chain(outcome, steps: int, as_json: bool) -> None:
     say(f"{verb} {outcome.id}: {len(outcome.tasks)} task(s) in {steps} step(s)")
 
 
+def _file_settings(doc: dict, policy: str | None, tags: list) -> tuple[list, str | None, list]:
+    """A chain file's steps, its policy unless --policy was given, and its tags after --tag's."""
+    return doc["steps"], doc.get("policy") if policy is None else policy, list(tags) + _file_tags(doc)
+
+
 def _file_tags(doc: dict) -> list[str]:
     tags = doc.get("tags", [])
     if not isinstance(tags, list) or not all(isinstance(t, str) for t in tags):
@@ -241,17 +249,22 @@ def _step_requests(step, number: int, flags: dict, tags: list) -> list:
     with the chain's ``tags`` added (InvalidParams on a bad task)."""
     from kmpwm.core.specs import request_from_spec
 
-    requests = []
-    for task in _step_tasks(step, number):
-        if not task.get("worker") and isinstance(step, str):
-            raise InvalidParams(f"step {number} ({step!r}): empty worker name")
-        spec = {**flags, **task}
-        if tags:
-            spec["tags"] = list(dict.fromkeys(list(spec.get("tags", [])) + list(tags)))
-        if "policy" in spec:
-            raise InvalidParams(f"step {number}: a chain's tasks take no policy (the chain has one)")
-        requests.append(request_from_spec(spec, where=f"step {number}", need_id=False)[0])
-    return requests
+    return [
+        request_from_spec(_chain_task_spec(task, step, number, flags, tags), where=f"step {number}", need_id=False)[0]
+        for task in _step_tasks(step, number)
+    ]
+
+
+def _chain_task_spec(task: dict, step, number: int, flags: dict, tags: list) -> dict:
+    """One task's spec: its keys over the command line's ``flags``, the chain's ``tags`` added."""
+    if not task.get("worker") and isinstance(step, str):
+        raise InvalidParams(f"step {number} ({step!r}): empty worker name")
+    spec = {**flags, **task}
+    if tags:
+        spec["tags"] = list(dict.fromkeys(list(spec.get("tags", [])) + list(tags)))
+    if "policy" in spec:
+        raise InvalidParams(f"step {number}: a chain's tasks take no policy (the chain has one)")
+    return spec
 
 
 # -- cancel --------------------------------------------------------------------------------
@@ -277,15 +290,13 @@ def cancel(scheduler, ids: list[str], tag, all_: bool, as_json: bool) -> int:
 
 
 def inspect(scheduler, task_id, tag, state_filter, all_: bool, watch: bool, as_json: bool) -> int:
-    from kmpwm.core.models import FINISHED
     from kmpwm.scheduling.views import parse_state_filter
     from kmpwm.storage.paths import require_home
 
     require_home(scheduler.paths)
 
     wanted = parse_state_filter(state_filter)
-    # the plain queue (unfinished work) needs no history: only --all, an ID or a final state do
-    full = all_ or task_id is not None or wanted in FINISHED
+    full = _needs_history(task_id, wanted, all_)
     while True:
         view = scheduler.store.load(full=full)
         warn_damage(view)
@@ -301,6 +312,13 @@ def inspect(scheduler, task_id, tag, state_filter, all_: bool, watch: bool, as_j
             time.sleep(1.0)
         except KeyboardInterrupt:
             return 130  # interrupted by SIGINT, like any Unix tool (and events --follow)
+
+
+def _needs_history(task_id, wanted: str | None, all_: bool) -> bool:
+    """The plain queue (unfinished work) needs no history: only --all, an ID or a final state do."""
+    from kmpwm.core.models import FINISHED
+
+    return all_ or task_id is not None or wanted in FINISHED
 
 
 def _show_queue(doc: dict, state: dict, now: float, *, watch: bool, as_json: bool) -> None:
@@ -339,9 +357,13 @@ def _print_queue(doc: dict, state: dict, now: float) -> None:
     chains = {c["id"]: c for c in doc["chains"]}
     tty = is_tty()
     rows = [(t["chain_id"], _queue_row(t, state["tasks"][t["id"]], chains, now, tty)) for t in doc["tasks"]]
-    last_head = "PROGRESS / LAST RESULT" if any(t.get("progress") for t in doc["tasks"]) else "LAST RESULT"
-    headers = ["ID", "WORKER", "STATE", "NEXT RUN", "ATTEMPTS", "STEP", "TAGS", last_head]
-    grouped_table(headers, _queue_groups(rows, chains), style_column=2)
+    grouped_table(_queue_headers(doc["tasks"]), _queue_groups(rows, chains), style_column=2)
+
+
+def _queue_headers(tasks: list[dict]) -> list[str]:
+    """The queue table's headers: its last column shows progress too while a task reports some."""
+    last_head = "PROGRESS / LAST RESULT" if any(t.get("progress") for t in tasks) else "LAST RESULT"
+    return ["ID", "WORKER", "STATE", "NEXT RUN", "ATTEMPTS", "STEP", "TAGS", last_head]
 
 
 def _queue_groups(rows: list, chains: dict) -> list:

@@ -100,6 +100,11 @@ def _chosen_runs(metas: list[dict], task_id: str, run: int | None, all_: bool) -
         return metas
     if run is None:
         return metas[-1:]
+    return _numbered(metas, task_id, run)
+
+
+def _numbered(metas: list[dict], task_id: str, run: int) -> list[dict]:
+    """Run ``run`` among the kept runs (NothingMatched, naming the kept ones, if it is not kept)."""
     chosen = [m for m in metas if m["run"] == run]
     if not chosen:
         raise NothingMatched(
@@ -118,7 +123,7 @@ def _follow(paths: Paths, task_id: str, meta: dict, tail: int | None, as_json: b
     try:
         while True:
             current = _current(paths, task_id, meta)  # before reading: a finished run wrote all
-            running = current is not None and current.get("status") == "RUNNING"
+            running = _running(current)
             fd, chunk = _read_on(fd, path, running)
             chunk, cut = _tail(chunk, cut), None
             deliver(chunk)
@@ -167,6 +172,11 @@ def _print_followed(paths: Paths, task_id: str, meta: dict, current: dict | None
 
 def _current(paths, task_id: str, meta: dict) -> dict | None:
     return next((m for m in runlog.runs(paths, task_id) if m["key"] == meta["key"]), None)
+
+
+def _running(meta: dict | None) -> bool:
+    """The run is still going (None: it is no longer kept)."""
+    return meta is not None and meta.get("status") == "RUNNING"
 
 
 def _open(path) -> int:

@@ -98,12 +98,16 @@ def _say_serve_change(plan, serve: dict, action: str) -> None:
     elif sact == "unchanged":
         say(f"serve is already installed{sat}; nothing changed")
     else:
-        started = serve.get("started")
-        say(
-            f"Installed serve as a {plan.name} service{sat}, run-due every {format_duration(plan.seconds)} "
-            f"as the fallback" + (f"; started it (pid {started})" if started else "")
-        )
-        say(f"  {serve['entry']}")
+        _say_serve_installed(plan, serve, sat)
+
+
+def _say_serve_installed(plan, serve: dict, at: str) -> None:
+    started = serve.get("started")
+    say(
+        f"Installed serve as a {plan.name} service{at}, run-due every {format_duration(plan.seconds)} "
+        f"as the fallback" + (f"; started it (pid {started})" if started else "")
+    )
+    say(f"  {serve['entry']}")
 
 
 def _say_serve_removed(at: str, stopped: list | None) -> None:

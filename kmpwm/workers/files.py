@@ -24,8 +24,13 @@ def load_input(input, worker: str) -> dict | Failure:
         return {}
     if isinstance(input, dict):
         return input
+    return _json_object(input, worker)
+
+
+def _json_object(text, worker: str) -> dict | Failure:
+    """``text`` parsed as a JSON object, else the Failure that says why it is not one."""
     try:
-        value = json.loads(input)
+        value = json.loads(text)
     except (TypeError, ValueError) as exc:
         return Failure(f"{worker}: input is not valid JSON: {exc}")
     if not isinstance(value, dict):
@@ -187,11 +192,15 @@ def _remove_stale(tmp: str) -> None:
 def _input_paths(args: dict, ctx) -> list[str]:
     """The absolute paths to pack (ValueError when there are none, or one is not a path)."""
     paths = _given_paths(args, ctx)
-    if not isinstance(paths, list) or not all(isinstance(p, str) and p for p in paths):
+    if not _is_path_list(paths):
         raise ValueError('"paths" must be a list of file or directory paths')
     if not paths:
         raise ValueError('nothing to compress: give "paths" or "path"')
     return [os.path.abspath(os.path.expanduser(p)) for p in paths]
+
+
+def _is_path_list(value) -> bool:
+    return isinstance(value, list) and all(isinstance(p, str) and p for p in value)
 
 
 def _given_paths(args: dict, ctx):
@@ -253,15 +262,21 @@ def _directory_members(path: str, prefix: str, output: str) -> tuple[list, int]:
         rel = os.path.relpath(root, path)
         base = prefix if rel == "." else posixpath.join(prefix, *rel.split(os.sep))
         members.append((root, base, None))
-        for name in sorted(names):
-            full = os.path.join(root, name)
-            # An earlier archive in the directory being packed must not end up inside itself.
-            if not os.path.isfile(full) or os.path.abspath(full) == output:
-                skipped += 1
-                continue
-            members.append((full, posixpath.join(base, name), os.path.getsize(full)))
-        skipped += sum(os.path.islink(os.path.join(root, d)) for d in dirs)
+        files = _regular_files(root, names, output)
+        members += [(full, posixpath.join(base, name), os.path.getsize(full)) for name, full in files]
+        skipped += len(names) - len(files) + sum(os.path.islink(os.path.join(root, d)) for d in dirs)
     return members, skipped
+
+
+def _regular_files(root: str, names: list[str], output: str) -> list[tuple[str, str]]:
+    """(name, path) of the regular files among ``names`` in ``root``, in name order."""
+    found = []
+    for name in sorted(names):
+        full = os.path.join(root, name)
+        # An earlier archive in the directory being packed must not end up inside itself.
+        if os.path.isfile(full) and os.path.abspath(full) != output:
+            found.append((name, full))
+    return found
 
 
 def _name_clash(members: list) -> Failure | None:

@@ -162,9 +162,14 @@ def download(input, ctx):
         return received  # a Retry or Failure
     status, offset, actual = received
     if expected is not None and actual != expected.lower():
-        os.remove(part)
-        return Failure(f"download {url}: sha256 mismatch: expected {expected.lower()}, got {actual}")
+        return _mismatch(part, url, expected, actual)
     return _downloaded(part, path, status, offset, actual, started)
+
+
+def _mismatch(part: str, url: str, expected: str, actual: str) -> Failure:
+    """The Failure of a file whose sha256 is not the one expected (its .part removed: a retry starts over)."""
+    os.remove(part)
+    return Failure(f"download {url}: sha256 mismatch: expected {expected.lower()}, got {actual}")
 
 
 def _downloaded(part: str, path: str, status: int, offset: int, digest: str, started: float) -> Success:
@@ -255,21 +260,25 @@ def _resume_offset(resp, offset: int, part: str, url: str):
     """Where the response's bytes go in ``part`` (0: from the start), or the Retry/Failure the
     response calls for."""
     status = resp.status
-    if status == 416 and offset:
-        # The .part may already hold the whole file (an attempt stopped right at the end).
-        if _range_total(resp.headers.get("Content-Range")) != offset:
-            os.remove(part)
-            return Retry(f"download {url}: server refused to resume at byte {offset}; will start over")
-        return offset
-    if status == 206:
-        if _range_start(resp.headers.get("Content-Range")) != offset:
-            os.remove(part)
-            return Retry(f"download {url}: server sent an unexpected range; will start over")
-        return offset
+    if status == 206 or (status == 416 and offset):
+        problem = _range_problem(resp, offset)
+        if problem is None:
+            return offset
+        os.remove(part)
+        return Retry(f"download {url}: {problem}; will start over")
     if 200 <= status < 300:
         return 0
     verdict = Retry if _transient(status) else Failure
     return verdict(_status_line(f"GET {url}", resp), data={"status": status, "url": url})
+
+
+def _range_problem(resp, offset: int) -> str | None:
+    """Why a 206 (or a 416 to a resume) does not continue the .part's ``offset`` bytes; None if it does."""
+    content_range = resp.headers.get("Content-Range")
+    if resp.status == 416:
+        # The .part may already hold the whole file (an attempt stopped right at the end).
+        return None if _range_total(content_range) == offset else f"server refused to resume at byte {offset}"
+    return None if _range_start(content_range) == offset else "server sent an unexpected range"
 
 
 @worker(
@@ -430,9 +439,13 @@ def _expect(value) -> set[int] | None:
     if value is None:
         return None
     values = value if isinstance(value, list) else [value]
-    if not values or not all(isinstance(v, int) and not isinstance(v, bool) for v in values):
+    if not values or not all(map(_is_status_code, values)):
         raise ValueError(f'"expect_status" must be a status code or a list of them, not {value!r}')
     return set(values)
+
+
+def _is_status_code(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)  # JSON's true is not 1 here
 
 
 def _payload(body, json_value, headers: dict) -> bytes | None:
