@@ -70,8 +70,7 @@ def _complete_task(incomplete: str):
         from kmpwm.storage.stores import open_store
 
         state = open_store(_paths()).load(full=False).state
-        ids = [i for i, t in state["tasks"].items() if i.startswith(incomplete)]
-        return ids + [c for c in state["chains"] if c.startswith(incomplete)]
+        return [i for i in (*state["tasks"], *state["chains"]) if i.startswith(incomplete)]
     except Exception:
         return []
 
@@ -205,6 +204,7 @@ _CHAIN_HELP = {
     "host": "Run its tasks only on host NAME (KMPWM_HOST, else the machine's name).",
 }
 _FLAGS = frozenset(row[0] for row in _TASK_OPTIONS if row[1] is bool)
+_LISTS = frozenset({"window", "tags"})
 
 
 def _task_options(command: str):
@@ -214,12 +214,7 @@ def _task_options(command: str):
     import inspect
 
     shared = []
-    for name, kind, flag, metavar, help, panel in _TASK_OPTIONS:
-        if command == "chain":
-            if name in _ENQUEUE_ONLY:
-                continue
-            help = _CHAIN_HELP.get(name, help)
-            metavar = "STATE" if name == "when" else metavar
+    for name, kind, flag, metavar, help, panel in _options_of(command):
         option = Opt(False if kind is bool else None, flag, metavar=metavar, help=help, rich_help_panel=panel)
         shared.append(inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=option, annotation=kind))
     names = [p.name for p in shared]
@@ -241,22 +236,32 @@ def _task_options(command: str):
     return decorate
 
 
+def _options_of(command: str) -> list[tuple]:
+    """The rows of _TASK_OPTIONS that ``command`` takes, with its own help text and metavars."""
+    if command != "chain":
+        return list(_TASK_OPTIONS)
+    return [
+        (name, kind, flag, "STATE" if name == "when" else metavar, _CHAIN_HELP.get(name, help), panel)
+        for name, kind, flag, metavar, help, panel in _TASK_OPTIONS
+        if name not in _ENQUEUE_ONLY
+    ]
+
+
 def _task_flags(given: dict) -> dict:
     """The flat spec keys given on the command line (only those given)."""
-    spec = {}
-    for key, value in given.items():
-        if key in _FLAGS:
-            if value:
-                spec[key] = True
-        elif key == "window":
-            if value:
-                spec[key] = list(value)
-        elif key == "tags":
-            if value:
-                spec[key] = list(value)
-        elif value is not None:
-            spec[key] = value
-    return spec
+    return {key: list(value) if key in _LISTS else value for key, value in given.items() if _is_given(key, value)}
+
+
+def _is_given(key: str, value) -> bool:
+    """A switch is given when set, a list when not empty, any other option when not None."""
+    if key in _FLAGS or key in _LISTS:
+        return bool(value)
+    return value is not None
+
+
+def _one_of(*given) -> bool:
+    """Exactly one of the mutually exclusive choices was given."""
+    return sum(map(bool, given)) == 1
 
 
 def _int(value: str | None, flag: str, minimum: int = 1) -> int | None:
@@ -301,19 +306,19 @@ def enqueue_cmd(
     from kmpwm.cli import commands
 
     if from_file is not None:
-        if task_id is not None or worker is not None or input is not None or input_file is not None or flags or policy:
+        if flags or policy or any(x is not None for x in (task_id, worker, input, input_file)):
             raise InvalidParams("--from takes the tasks from the file; give no ID, WORKER or task flags with it")
         raise typer.Exit(commands.enqueue_from(_scheduler(), from_file, as_json))
     if task_id is None or worker is None:
         raise _usage("enqueue needs ID and WORKER (or --from FILE)")
-    spec = dict(flags, id=task_id, worker=worker)
-    if input is not None:
-        spec["input"] = input
-    if input_file is not None:
-        spec["input_file"] = str(input_file)
-    if policy is not None:
-        spec["policy"] = policy
+    spec = _task_spec(flags, task_id, worker, input, input_file, policy)
     raise typer.Exit(commands.enqueue_one(_scheduler(), spec, as_json))
+
+
+def _task_spec(flags: dict, task_id: str, worker: str, input, input_file, policy) -> dict:
+    """The spec of the task given on the command line: its flags, ID, WORKER and the options given."""
+    optional = {"input": input, "input_file": None if input_file is None else str(input_file), "policy": policy}
+    return dict(flags, id=task_id, worker=worker, **{k: v for k, v in optional.items() if v is not None})
 
 
 @app.command("chain")
@@ -370,7 +375,7 @@ def next_cmd(
     """Show the next due times of a cron expression, an interval or a task (like systemd-analyze calendar)."""
     from kmpwm.cli.nextcmd import next_command
 
-    if sum(x is not None for x in (task_id, cron, every)) != 1:
+    if not _one_of(task_id is not None, cron is not None, every is not None):
         raise _usage("next needs one of --cron EXPR, --every DUR or ID")
     if flex is not None and every is None:
         raise InvalidParams("--flex needs --every")
@@ -391,8 +396,7 @@ def cancel_cmd(
     """Cancel tasks and chains (idempotent; an unknown id is not an error)."""
     from kmpwm.cli import commands
 
-    given = sum(bool(x) for x in (ids, tag is not None, all_))
-    if given != 1:
+    if not _one_of(ids, tag is not None, all_):
         raise _usage("cancel needs ID..., --tag T or --all (one of them)")
     raise typer.Exit(commands.cancel(_scheduler(), ids or [], tag, all_, as_json))
 
@@ -426,7 +430,7 @@ def retry_cmd(
     """Enqueue FAILED/CANCELLED tasks again (attempts 0, same id); a chain resumes at the failed step."""
     from kmpwm.cli.steercmd import retry_command
 
-    if sum(bool(x) for x in (ids, failed, tag is not None)) != 1:
+    if not _one_of(ids, failed, tag is not None):
         raise _usage("retry needs ID..., --failed or --tag T (one of them)")
     raise typer.Exit(retry_command(_paths(), ids or [], failed, tag, as_json))
 
@@ -463,7 +467,7 @@ def pause_cmd(
     """Pause tasks, a tag or the whole queue (a running task finishes its run)."""
     from kmpwm.cli.steercmd import pause_command
 
-    if sum(bool(x) for x in (ids, tag is not None, all_)) != 1:
+    if not _one_of(ids, tag is not None, all_):
         raise _usage("pause needs ID..., --tag T or --all (one of them)")
     raise typer.Exit(pause_command(_paths(), ids or [], tag, all_, until, as_json))
 
@@ -480,7 +484,7 @@ def resume_cmd(
     """Resume paused tasks or the queue (a repeating task's missed occurrences run once)."""
     from kmpwm.cli.steercmd import resume_command
 
-    if sum(bool(x) for x in (ids, tag is not None, all_)) != 1:
+    if not _one_of(ids, tag is not None, all_):
         raise _usage("resume needs ID..., --tag T or --all (one of them)")
     raise typer.Exit(resume_command(_paths(), ids or [], tag, all_, as_json))
 
@@ -711,15 +715,11 @@ def _usage(message: str) -> Exception:
 
 
 def _fail(message: str, code: int, as_json: bool, hint: str | None = None) -> int:
+    from kmpwm.cli.output import error, print_json
+
     if as_json:
-        from kmpwm.cli.output import print_json
-
         print_json({"error": message, "exit_code": code})
-    from kmpwm.cli.output import printable
-
-    sys.stderr.write(f"kmpwm: error: {printable(message)}\n")
-    if hint:
-        sys.stderr.write(f"kmpwm: {printable(hint)}\n")
+    error(message, hint)
     return code
 
 
@@ -728,81 +728,121 @@ def main(argv: list[str] | None = None) -> int:
     from typer._click import exceptions as click_exc
 
     args = sys.argv[1:] if argv is None else list(argv)
-    as_json = "--json" in (args[: args.index("--")] if "--" in args else args)  # after "--" it is an operand
+    as_json = "--json" in _before_operands(args)  # after "--" it is an operand
     command = typer.main.get_command(_app_for(args))
     try:
-        rv = command.main(args=args, prog_name="kmpwm", standalone_mode=False)
-        return rv if isinstance(rv, int) else 0
+        return _invoke(command, args)
     except _Usage as exc:
         return _fail(f"{exc} (see kmpwm --help)", USAGE, as_json)
-    except click_exc.NoArgsIsHelpError as exc:
-        sys.stderr.write(exc.format_message() if hasattr(exc, "format_message") else "")
-        return USAGE
-    except click_exc.UsageError as exc:
-        ctx_name = exc.ctx.command_path if getattr(exc, "ctx", None) else "kmpwm"
-        return _fail(f"{exc.format_message()} (see {ctx_name} --help)", USAGE, as_json)
     except click_exc.ClickException as exc:
-        return _fail(exc.format_message(), exc.exit_code, as_json)
+        return _click_failure(exc, as_json)
     except KmpwmError as exc:
         return _fail(exc.message, exc.exit_code, as_json, exc.hint)
     except KeyboardInterrupt:
         sys.stderr.write("kmpwm: interrupted\n")
         return 130
     except BrokenPipeError:
-        try:
-            sys.stdout = open(os.devnull, "w")
-        except OSError:
-            pass
+        _silence_stdout()
         return 0
-    except OSError as exc:  # the file system refused (disk full, read-only, ...): an I/Opt error, 74
-        import errno as _errno
-
-        where = f" ({exc.filename})" if getattr(exc, "filename", None) else ""
-        full = " — the disk is full" if exc.errno == _errno.ENOSPC else ""
-        return _fail(
-            f"I/Opt error: {exc.strerror or exc}{where}{full}",
-            74,
-            as_json,
-            "nothing was left half-written; fix the file system, then try again",
-        )
+    except OSError as exc:  # the file system refused (disk full, read-only, ...): an I/O error, 74
+        return _io_failure(exc, as_json)
     except Exception as exc:  # an internal error: the traceback goes to the log, not the terminal
-        from kmpwm.storage.logs import log_exception
+        return _internal_failure(exc, as_json)
 
-        where = log_exception(_paths_safe(), exc)
-        return _fail(
-            f"internal error: {type(exc).__name__}: {exc}" + (f" (traceback in {where})" if where else ""), 70, as_json
-        )
+
+def _invoke(command, args: list[str]) -> int:
+    """Run the click ``command`` on ``args``; its exit code."""
+    rv = command.main(args=args, prog_name="kmpwm", standalone_mode=False)
+    return rv if isinstance(rv, int) else 0
+
+
+def _before_operands(args: list[str]) -> list[str]:
+    """The arguments before ``--`` (all of them if there is none)."""
+    return args[: args.index("--")] if "--" in args else args
+
+
+def _click_failure(exc, as_json: bool) -> int:
+    """A usage error click found (exit 64, with where to get help), or another of its exceptions."""
+    from typer._click import exceptions as click_exc
+
+    if isinstance(exc, click_exc.NoArgsIsHelpError):
+        sys.stderr.write(exc.format_message())
+        return USAGE
+    if isinstance(exc, click_exc.UsageError):
+        ctx_name = exc.ctx.command_path if exc.ctx else "kmpwm"
+        return _fail(f"{exc.format_message()} (see {ctx_name} --help)", USAGE, as_json)
+    return _fail(exc.format_message(), exc.exit_code, as_json)
+
+
+def _silence_stdout() -> None:
+    """The reader went away: what is still buffered for stdout goes nowhere, quietly."""
+    try:
+        sys.stdout = open(os.devnull, "w")
+    except OSError:
+        pass
+
+
+def _io_failure(exc: OSError, as_json: bool) -> int:
+    import errno as _errno
+
+    where = f" ({exc.filename})" if getattr(exc, "filename", None) else ""
+    full = " — the disk is full" if exc.errno == _errno.ENOSPC else ""
+    return _fail(
+        f"I/Opt error: {exc.strerror or exc}{where}{full}",
+        74,
+        as_json,
+        "nothing was left half-written; fix the file system, then try again",
+    )
+
+
+def _internal_failure(exc: Exception, as_json: bool) -> int:
+    from kmpwm.storage.logs import log_exception
+
+    where = log_exception(_paths_safe(), exc)
+    return _fail(
+        f"internal error: {type(exc).__name__}: {exc}" + (f" (traceback in {where})" if where else ""), 70, as_json
+    )
 
 
 def _app_for(args: list[str]) -> typer.Typer:
     """The app with only the command named in ``args``: typer builds a click command from every
     registered function's signature, ~20 ms for all of them, on every start of a tool cron runs
     every minute.  Anything else (``--help``, an unknown name, shell completion) gets the whole app."""
-    if any(k.endswith("_COMPLETE") for k in os.environ if k.startswith("_")):
+    if _completing():
         return app
-    name = None
-    i = 0
-    while i < len(args):
-        arg = args[i]
-        if arg in ("--home", "--store"):
-            i += 2
-            continue
-        if arg.startswith(("--home=", "--store=")):
-            i += 1
-            continue
-        if not arg.startswith("-"):
-            name = arg
-        break
+    name = _command_name(args)
     commands = [c for c in app.registered_commands if c.name == name]
     groups = [g for g in app.registered_groups if g.name == name]
-    if not commands and not groups:
+    if not (commands or groups):
         return app
+    return _app_with(commands, groups)
+
+
+def _app_with(commands: list, groups: list) -> typer.Typer:
+    """A copy of the app with only these commands and groups of commands."""
     import copy
 
     one = copy.copy(app)
     one.registered_commands = commands
     one.registered_groups = groups
     return one
+
+
+def _completing() -> bool:
+    """Whether a shell's completion (its ``_KMPWM_COMPLETE`` variable) runs the command."""
+    return any(k.endswith("_COMPLETE") for k in os.environ if k.startswith("_"))
+
+
+def _command_name(args: list[str]) -> str | None:
+    """The command ``args`` name: the first argument after the global options that take a value
+    (None when that is another option, or there is none)."""
+    rest = iter(args)
+    for arg in rest:
+        if arg in ("--home", "--store"):
+            next(rest, None)  # its value
+        elif not arg.startswith(("--home=", "--store=")):
+            return None if arg.startswith("-") else arg
+    return None
 
 
 def _paths_safe():

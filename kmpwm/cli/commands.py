@@ -11,22 +11,22 @@ from kmpwm.core.timeparse import iso, relative
 
 
 def _reject(task_id, exc_or_outcome, as_json: bool, extra: dict | None = None) -> int:
-    if isinstance(exc_or_outcome, KmpwmError):
-        result, error, code = exc_or_outcome.result, str(exc_or_outcome).splitlines()[0], exc_or_outcome.exit_code
-        hint = exc_or_outcome.hint
-    else:
-        result, error, code = exc_or_outcome.result.value, exc_or_outcome.error, exc_or_outcome.exit_code
-        hint = getattr(exc_or_outcome, "hint", None)
-    if as_json:
-        doc = {"result": result, "id": task_id, "error": error}
-        doc.update(extra or {})
-        print_json(doc)
-    from kmpwm.cli.output import printable
+    from kmpwm.cli.output import error as say_error
 
-    sys.stderr.write(f"kmpwm: error: {printable(error)}\n")
-    if hint:
-        sys.stderr.write(f"kmpwm: {printable(hint)}\n")
+    result, error, code, hint = _refusal(exc_or_outcome)
+    if as_json:
+        print_json({"result": result, "id": task_id, "error": error, **(extra or {})})
+    say_error(error, hint)
     return code
+
+
+def _refusal(exc_or_outcome) -> tuple:
+    """(result, error, exit code, hint) of a KmpwmError or of an outcome that was not ok."""
+    if isinstance(exc_or_outcome, KmpwmError):
+        exc = exc_or_outcome
+        return exc.result, str(exc).splitlines()[0], exc.exit_code, exc.hint
+    outcome = exc_or_outcome
+    return outcome.result.value, outcome.error, outcome.exit_code, getattr(outcome, "hint", None)
 
 
 def warn_damage(view) -> None:
@@ -50,20 +50,15 @@ def _enqueue_doc(outcome) -> dict:
     }
 
 
+_STATE_NOTES = {"BLOCKED": ", BLOCKED until the step or task before it succeeds", "RUNNING": ", running now"}
+
+
 def _say_enqueued(outcome) -> None:
-    when = f", next run {relative(outcome.next_run_at)}" if outcome.next_run_at is not None else ""
-    if outcome.state == "BLOCKED":
-        when = ", BLOCKED until the step or task before it succeeds"
-    elif outcome.state == "RUNNING":
-        when = ", running now"
-    words = {
-        "enqueued": "enqueued",
-        "kept": "kept the existing",
-        "replaced": "replaced",
-        "appended": "appended",
-        "updated": "updated",
-    }
-    say(f"{words.get(outcome.action, outcome.action)} {outcome.id}{when}")
+    when = _STATE_NOTES.get(outcome.state)
+    if when is None:
+        when = f", next run {relative(outcome.next_run_at)}" if outcome.next_run_at is not None else ""
+    verb = "kept the existing" if outcome.action == "kept" else outcome.action
+    say(f"{verb} {outcome.id}{when}")
 
 
 def enqueue_one(scheduler, spec: dict, as_json: bool) -> int:
@@ -90,62 +85,68 @@ def _read_source(source: str, what: str) -> bytes:
 
 
 def enqueue_from(scheduler, source: str, as_json: bool) -> int:
-    import orjson
-
-    from kmpwm.core.specs import request_from_spec, spec_lines
-
-    items = []
     try:
-        for number, line in spec_lines(source):
-            if not line.strip():
-                continue
-            try:
-                spec = orjson.loads(line)
-            except orjson.JSONDecodeError as exc:
-                raise InvalidParams(f"line {number}: malformed JSON ({exc.args[0].split(':')[0]})") from None
-            items.append(request_from_spec(spec, where=f"line {number}"))
+        items = _spec_requests(source)
     except KmpwmError as exc:
         return _reject(None, exc, as_json, {"results": []})
     if not items:
         return _reject(None, InvalidParams(f"no task specs in {source}"), as_json, {"results": []})
     outcomes = scheduler.submit_many(items, all_or_nothing=True)
-    bad = [(n, o) for n, o in enumerate(outcomes, 1) if not o.ok]
-    if bad:
-        n, o = bad[0]
-        o.error = f"task {n} ({o.id!r}): {o.error}; nothing was enqueued"
-        results = [
-            _enqueue_doc(x) if x.ok else {"result": x.result.value, "id": x.id, "error": x.error} for x in outcomes
-        ]
-        return _reject(None, o, as_json, {"results": results})
+    refused = _first_refused(outcomes)
+    if refused is not None:
+        return _reject_batch(*refused, outcomes, as_json)
     if as_json:
         print_json({"results": [_enqueue_doc(o) for o in outcomes]})
     else:
-        counts: dict[str, int] = {}
-        for o in outcomes:
-            counts[o.action] = counts.get(o.action, 0) + 1
-        say(", ".join(f"{n} {a}" for a, n in counts.items()))
+        _say_counts(outcomes)
     return 0
+
+
+def _say_counts(outcomes: list) -> None:
+    """How many tasks each action took (``3 enqueued, 1 replaced``), in order of first appearance."""
+    from collections import Counter
+
+    say(", ".join(f"{n} {a}" for a, n in Counter(o.action for o in outcomes).items()))
+
+
+def _spec_requests(source: str) -> list:
+    """The requests of a JSON Lines file of task specs, blank lines skipped (InvalidParams names
+    the line of a bad one)."""
+    from kmpwm.core.specs import request_from_spec, spec_lines
+
+    return [
+        request_from_spec(_json_line(line, number), where=f"line {number}")
+        for number, line in spec_lines(source)
+        if line.strip()
+    ]
+
+
+def _json_line(line: str, number: int):
+    import orjson
+
+    try:
+        return orjson.loads(line)
+    except orjson.JSONDecodeError as exc:
+        raise InvalidParams(f"line {number}: malformed JSON ({exc.args[0].split(':')[0]})") from None
+
+
+def _first_refused(outcomes: list) -> tuple | None:
+    """(number from 1, outcome) of the first task that was refused, None if none was."""
+    return next(((n, o) for n, o in enumerate(outcomes, 1) if not o.ok), None)
+
+
+def _reject_batch(number: int, refused, outcomes: list, as_json: bool) -> int:
+    """All or nothing: the first task refused (the ``number``-th) is the error, every task's result is listed."""
+    refused.error = f"task {number} ({refused.id!r}): {refused.error}; nothing was enqueued"
+    results = [_enqueue_doc(o) if o.ok else {"result": o.result.value, "id": o.id, "error": o.error} for o in outcomes]
+    return _reject(None, refused, as_json, {"results": results})
 
 
 # -- chain ---------------------------------------------------------------------------------
 
 
 def load_chain_file(source: str) -> dict:
-    data = _read_source(source, "chain file")
-    text = data.decode("utf-8", "replace")
-    as_json = source.endswith(".json") or (not source.endswith(".toml") and text.lstrip().startswith(("{", "[")))
-    try:
-        if as_json:
-            import orjson
-
-            doc = orjson.loads(data)
-        else:
-            import tomllib
-
-            doc = tomllib.loads(text)
-    except Exception as exc:
-        kind = "JSON" if as_json else "TOML"
-        raise InvalidParams(f"chain file {source}: invalid {kind}: {str(exc).splitlines()[0]}") from None
+    doc = _parse_chain_file(source, _read_source(source, "chain file"))
     if isinstance(doc, list):
         doc = {"steps": doc}
     if not isinstance(doc, dict):
@@ -161,76 +162,109 @@ def load_chain_file(source: str) -> dict:
     return doc
 
 
+def _parse_chain_file(source: str, data: bytes):
+    """The file's document: JSON for a .json name or text that starts like JSON, else TOML."""
+    text = data.decode("utf-8", "replace")
+    as_json = source.endswith(".json") or (not source.endswith(".toml") and text.lstrip().startswith(("{", "[")))
+    try:
+        if as_json:
+            import orjson
+
+            return orjson.loads(data)
+        import tomllib
+
+        return tomllib.loads(text)
+    except Exception as exc:
+        kind = "JSON" if as_json else "TOML"
+        raise InvalidParams(f"chain file {source}: invalid {kind}: {str(exc).splitlines()[0]}") from None
+
+
 def _step_tasks(step, number: int) -> list[dict]:
     if isinstance(step, str):
-        return [{"worker": w} for w in step.split("+")]
-    if isinstance(step, dict):
-        if "tasks" in step:
-            step = step["tasks"]
-        else:
-            step = [step]
+        step = step.split("+")  # "A+B": A and B in parallel
+    elif isinstance(step, dict):
+        step = step.get("tasks", [step])
     if not isinstance(step, list) or not step:
         raise InvalidParams(f"step {number}: expected a list of tasks")
-    out = []
-    for task in step:
-        if isinstance(task, str):
-            task = {"worker": task}
-        if not isinstance(task, dict):
-            raise InvalidParams(f'step {number}: a task is a table/object with "worker"')
-        task = dict(task)
-        nested = task.pop("constraints", None)
-        if isinstance(nested, dict):
-            task = {**nested, **task}
-        elif nested is not None:
-            raise InvalidParams(f'step {number}: "constraints" must be a table/object')
-        out.append(task)
-    return out
+    return [_task_fields(task, number) for task in step]
+
+
+def _task_fields(task, number: int) -> dict:
+    """One task of step ``number`` as flat spec keys: a worker name, or a table whose
+    "constraints" table is merged in."""
+    if isinstance(task, str):
+        return {"worker": task}
+    if not isinstance(task, dict):
+        raise InvalidParams(f'step {number}: a task is a table/object with "worker"')
+    task = dict(task)
+    nested = task.pop("constraints", None)
+    if isinstance(nested, dict):
+        return {**nested, **task}
+    if nested is not None:
+        raise InvalidParams(f'step {number}: "constraints" must be a table/object')
+    return task
 
 
 def chain(scheduler, steps: list[str], source: str | None, chain_id, policy, flags: dict, as_json: bool) -> int:
-    from kmpwm.core.specs import request_from_spec
-
     tags = flags.get("tags", [])
     try:
         if source is not None:
             doc = load_chain_file(source)
-            raw_steps = doc["steps"]
-            chain_id = chain_id if chain_id is not None else doc.get("id")
-            policy = policy if policy is not None else doc.get("policy")
-            file_tags = doc.get("tags", [])
-            if not isinstance(file_tags, list) or not all(isinstance(t, str) for t in file_tags):
-                raise InvalidParams('chain file: "tags" must be a list of strings')
-            tags = list(tags) + list(file_tags)
-        else:
-            raw_steps = steps
+            chain_id = doc.get("id") if chain_id is None else chain_id
+            steps, policy, tags = _file_settings(doc, policy, tags)
         if chain_id is not None and not isinstance(chain_id, str):
             raise InvalidParams("chain id must be a string")
-        built = []
-        for number, step in enumerate(raw_steps, 1):
-            tasks = []
-            for task in _step_tasks(step, number):
-                if any(not w for w in [task.get("worker")]) and isinstance(step, str):
-                    raise InvalidParams(f"step {number} ({step!r}): empty worker name")
-                spec = {**flags, **task}
-                if tags:
-                    spec["tags"] = list(dict.fromkeys(list(spec.get("tags", [])) + list(tags)))
-                if "policy" in spec:
-                    raise InvalidParams(f"step {number}: a chain's tasks take no policy (the chain has one)")
-                req, _ = request_from_spec(spec, where=f"step {number}", need_id=False)
-                tasks.append(req)
-            built.append(tasks)
+        built = [_step_requests(step, number, flags, tags) for number, step in enumerate(steps, 1)]
     except KmpwmError as exc:
         return _reject(chain_id, exc, as_json, {"action": None, "tasks": []})
     outcome = scheduler.enqueue_chain(built, chain_id, policy or "replace", tags)
     if not outcome.ok:
         return _reject(outcome.id, outcome, as_json, {"action": None, "tasks": []})
-    doc = {"result": outcome.result.value, "id": outcome.id, "action": outcome.action, "tasks": outcome.tasks}
-    if as_json:
-        print_json(doc)
-    else:
-        verb = {"kept": "kept the existing chain"}.get(outcome.action, f"{outcome.action} chain")
-        say(f"{verb} {outcome.id}: {len(outcome.tasks)} task(s) in {len(built)} step(s)")
+    _print_chain(outcome, len(built), as_json)
     return 0
+
+
+def _print_chain(outcome, steps: int, as_json: bool) -> None:
+    if as_json:
+        print_json({"result": outcome.result.value, "id": outcome.id, "action": outcome.action, "tasks": outcome.tasks})
+        return
+    verb = "kept the existing chain" if outcome.action == "kept" else f"{outcome.action} chain"
+    say(f"{verb} {outcome.id}: {len(outcome.tasks)} task(s) in {steps} step(s)")
+
+
+def _file_settings(doc: dict, policy: str | None, tags: list) -> tuple[list, str | None, list]:
+    """A chain file's steps, its policy unless --policy was given, and its tags after --tag's."""
+    return doc["steps"], doc.get("policy") if policy is None else policy, list(tags) + _file_tags(doc)
+
+
+def _file_tags(doc: dict) -> list[str]:
+    tags = doc.get("tags", [])
+    if not isinstance(tags, list) or not all(isinstance(t, str) for t in tags):
+        raise InvalidParams('chain file: "tags" must be a list of strings')
+    return list(tags)
+
+
+def _step_requests(step, number: int, flags: dict, tags: list) -> list:
+    """The requests of step ``number``: each task's keys over the command line's ``flags``,
+    with the chain's ``tags`` added (InvalidParams on a bad task)."""
+    from kmpwm.core.specs import request_from_spec
+
+    return [
+        request_from_spec(_chain_task_spec(task, step, number, flags, tags), where=f"step {number}", need_id=False)[0]
+        for task in _step_tasks(step, number)
+    ]
+
+
+def _chain_task_spec(task: dict, step, number: int, flags: dict, tags: list) -> dict:
+    """One task's spec: its keys over the command line's ``flags``, the chain's ``tags`` added."""
+    if not task.get("worker") and isinstance(step, str):
+        raise InvalidParams(f"step {number} ({step!r}): empty worker name")
+    spec = {**flags, **task}
+    if tags:
+        spec["tags"] = list(dict.fromkeys(list(spec.get("tags", [])) + list(tags)))
+    if "policy" in spec:
+        raise InvalidParams(f"step {number}: a chain's tasks take no policy (the chain has one)")
+    return spec
 
 
 # -- cancel --------------------------------------------------------------------------------
@@ -256,15 +290,13 @@ def cancel(scheduler, ids: list[str], tag, all_: bool, as_json: bool) -> int:
 
 
 def inspect(scheduler, task_id, tag, state_filter, all_: bool, watch: bool, as_json: bool) -> int:
-    from kmpwm.core.models import FINISHED
     from kmpwm.scheduling.views import parse_state_filter
     from kmpwm.storage.paths import require_home
 
     require_home(scheduler.paths)
 
     wanted = parse_state_filter(state_filter)
-    # the plain queue (unfinished work) needs no history: only --all, an ID or a final state do
-    full = all_ or task_id is not None or (wanted is not None and wanted in FINISHED)
+    full = _needs_history(task_id, wanted, all_)
     while True:
         view = scheduler.store.load(full=full)
         warn_damage(view)
@@ -273,23 +305,33 @@ def inspect(scheduler, task_id, tag, state_filter, all_: bool, watch: bool, as_j
         from kmpwm.storage.progress import attach
 
         attach(scheduler.paths, doc["tasks"])
-        if as_json:
-            if watch:
-                from kmpwm.cli.output import print_json_line
-
-                print_json_line(doc)
-            else:
-                print_json(doc)
-        else:
-            if watch and sys.stdout.isatty():
-                sys.stdout.write("\x1b[H\x1b[2J")
-            _print_queue(doc, view.state, now)
+        _show_queue(doc, view.state, now, watch=watch, as_json=as_json)
         if not watch:
             return 0
         try:
             time.sleep(1.0)
         except KeyboardInterrupt:
             return 130  # interrupted by SIGINT, like any Unix tool (and events --follow)
+
+
+def _needs_history(task_id, wanted: str | None, all_: bool) -> bool:
+    """The plain queue (unfinished work) needs no history: only --all, an ID or a final state do."""
+    from kmpwm.core.models import FINISHED
+
+    return all_ or task_id is not None or wanted in FINISHED
+
+
+def _show_queue(doc: dict, state: dict, now: float, *, watch: bool, as_json: bool) -> None:
+    """The queue as one JSON document (a line of them with ``watch``), or as a table (redrawn in
+    place with ``watch`` on a terminal)."""
+    if as_json:
+        from kmpwm.cli.output import print_json_line
+
+        (print_json_line if watch else print_json)(doc)
+        return
+    if watch and sys.stdout.isatty():
+        sys.stdout.write("\x1b[H\x1b[2J")
+    _print_queue(doc, state, now)
 
 
 def _queue_doc(state, now, task_id, tag, wanted, all_) -> dict:
@@ -305,51 +347,101 @@ def _queue_doc(state, now, task_id, tag, wanted, all_) -> dict:
 
 def _print_queue(doc: dict, state: dict, now: float) -> None:
     """Standalone tasks first, then one section per chain, in enqueue order."""
-    from kmpwm.cli.output import grouped_table
-    from kmpwm.scheduling.views import next_run_at
+    from kmpwm.cli.output import grouped_table, is_tty
 
     if doc.get("paused"):
         say("the queue is paused: nothing starts until `kmpwm resume --all`")
     if not doc["tasks"]:
         say("no tasks")
         return
-    raw = state["tasks"]
     chains = {c["id"]: c for c in doc["chains"]}
-    from kmpwm.cli.output import is_tty
-    from kmpwm.storage.progress import text as progress_text
-
     tty = is_tty()
+    rows = [(t["chain_id"], _queue_row(t, state["tasks"][t["id"]], chains, now, tty)) for t in doc["tasks"]]
+    grouped_table(_queue_headers(doc["tasks"]), _queue_groups(rows, chains), style_column=2)
 
-    def row(t: dict) -> list:
-        lr = t["last_result"]
-        last = "" if not lr else lr["status"] + (f": {lr['message']}" if lr.get("message") else "")
-        if t["reason"] and t["state"] in ("FAILED", "CANCELLED") and (not lr or t["reason"] != lr.get("message")):
-            last = f"{last} ({t['reason']})" if last else t["reason"]
-        r = raw[t["id"]]
-        nxt = relative(max(next_run_at(r, now), now), now) if t["next_run_at"] else ""  # overdue: "now"
-        if t["state"] == "RUNNING" and t.get("lease"):
-            nxt = f"since {relative(r['lease']['since'], now).replace(' ago', '')}"
-            if t.get("progress"):
-                last = progress_text(t["progress"], tty)  # while it runs: how far it is
-        elif r["state"] == "RUNNING":  # its run is over without a result: as explain says it
-            last = f"{last} ({t['reason']})" if last else t["reason"]
-        if t.get("host") and t["state"] in ("ENQUEUED", "BLOCKED"):
-            nxt = f"{nxt} on {t['host']}".strip()  # pinned (--host): only that host runs it
-        step = f"{t['step']}/{len(chains[t['chain_id']]['steps'])}" if t["chain_id"] in chains else ""
-        shown_state = t["state"] + (" (paused)" if t.get("paused") else "")
-        return [t["id"], t["worker"], shown_state, nxt, t["attempts"], step, ",".join(t["tags"]), last[:70]]
 
+def _queue_headers(tasks: list[dict]) -> list[str]:
+    """The queue table's headers: its last column shows progress too while a task reports some."""
+    last_head = "PROGRESS / LAST RESULT" if any(t.get("progress") for t in tasks) else "LAST RESULT"
+    return ["ID", "WORKER", "STATE", "NEXT RUN", "ATTEMPTS", "STEP", "TAGS", last_head]
+
+
+def _queue_groups(rows: list, chains: dict) -> list:
+    """The rows (each with its chain id) in sections: standalone tasks (no header row), then
+    each chain's tasks, indented under a header row of their own."""
     groups: list = []
-    alone = [row(t) for t in doc["tasks"] if not t["chain_id"]]
+    alone = [row for chain_id, row in rows if not chain_id]
     if alone:
         groups.append((None, alone))
     for cid, c in chains.items():
-        members = [["  " + r[0], *r[1:]] for r in (row(t) for t in doc["tasks"] if t["chain_id"] == cid)]
+        members = _chain_rows(rows, cid)
         if members:
-            nxt = f"next {c['next_step']}" if c["next_step"] else ""
-            groups.append(([f"chain {cid}", "", c["state"], "", "", nxt, "", ""], members))
-    last_head = "PROGRESS / LAST RESULT" if any(t.get("progress") for t in doc["tasks"]) else "LAST RESULT"
-    grouped_table(["ID", "WORKER", "STATE", "NEXT RUN", "ATTEMPTS", "STEP", "TAGS", last_head], groups, style_column=2)
+            groups.append((_chain_head(cid, c), members))
+    return groups
+
+
+def _chain_rows(rows: list, cid: str) -> list:
+    """The rows of chain ``cid``'s tasks, their ids indented under the chain's header row."""
+    return [["  " + row[0], *row[1:]] for chain_id, row in rows if chain_id == cid]
+
+
+def _chain_head(cid: str, c: dict) -> list:
+    nxt = f"next {c['next_step']}" if c["next_step"] else ""
+    return [f"chain {cid}", "", c["state"], "", "", nxt, "", ""]
+
+
+def _queue_row(t: dict, record: dict, chains: dict, now: float, tty: bool) -> list:
+    """A task's row: ``t`` is its JSON document, ``record`` its state in the journal."""
+    step = f"{t['step']}/{len(chains[t['chain_id']]['steps'])}" if t["chain_id"] in chains else ""
+    shown_state = t["state"] + (" (paused)" if t.get("paused") else "")
+    last = _last_cell(t, record, tty)
+    nxt = _next_cell(t, record, now)
+    return [t["id"], t["worker"], shown_state, nxt, t["attempts"], step, ",".join(t["tags"]), last[:70]]
+
+
+def _next_cell(t: dict, record: dict, now: float) -> str:
+    """NEXT RUN: since when a running task runs, else when it is due (and where, if pinned)."""
+    from kmpwm.scheduling.views import next_run_at
+
+    if t["state"] == "RUNNING" and t.get("lease"):
+        return f"since {relative(record['lease']['since'], now).replace(' ago', '')}"
+    nxt = relative(max(next_run_at(record, now), now), now) if t["next_run_at"] else ""  # overdue: "now"
+    if t.get("host") and t["state"] in ("ENQUEUED", "BLOCKED"):
+        nxt = f"{nxt} on {t['host']}".strip()  # pinned (--host): only that host runs it
+    return nxt
+
+
+def _last_cell(t: dict, record: dict, tty: bool) -> str:
+    """LAST RESULT: how far a running task is, else its last result and why it ended."""
+    leased = t["state"] == "RUNNING" and t.get("lease")
+    if leased and t.get("progress"):
+        from kmpwm.storage.progress import text as progress_text
+
+        return progress_text(t["progress"], tty)  # while it runs: how far it is
+    last = _result_text(t)
+    if not leased and record["state"] == "RUNNING":  # its run is over without a result: as explain says it
+        last = _with_reason(last, t["reason"])
+    return last
+
+
+def _result_text(t: dict) -> str:
+    """``STATUS: message`` of the last result, and why a task that ended FAILED or CANCELLED
+    ended, when the message does not say it already."""
+    lr = t["last_result"]
+    last = _status_message(lr) if lr else ""
+    ended = t["state"] in ("FAILED", "CANCELLED") and (not lr or t["reason"] != lr.get("message"))
+    if t["reason"] and ended:
+        return _with_reason(last, t["reason"])
+    return last
+
+
+def _status_message(result: dict) -> str:
+    """``STATUS: message`` of a result (``STATUS`` without a message)."""
+    return result["status"] + (f": {result['message']}" if result.get("message") else "")
+
+
+def _with_reason(text: str, reason: str) -> str:
+    return f"{text} ({reason})" if text else reason
 
 
 # -- workers -------------------------------------------------------------------------------
@@ -361,27 +453,32 @@ def workers(paths, as_json: bool, name: str | None = None) -> int:
     reg = Registry(paths, rescan=True)
     if name is not None:
         return describe_worker(reg, name, as_json)
-    items = reg.all()
     docs = [
         {"name": w.name, "source": w.source, "kind": w.kind, "target": w.target, "distribution": w.distribution}
-        for w in items
+        for w in reg.all()
     ]
     if as_json:
         print_json({"workers": docs})
-        return 0
-    if not docs:
+    elif docs:
+        _print_workers(docs, reg.duplicates())
+    else:
         say("no workers: declare [workers.NAME] in config.toml or install a package that provides some")
-        return 0
+    return 0
+
+
+def _print_workers(docs: list[dict], duplicates) -> None:
+    """The workers as a table, then a warning for each name both config.toml and a package define."""
     table(
         ["NAME", "KIND", "SOURCE", "TARGET"],
-        [
-            [d["name"], d["kind"], d["source"] + (f" ({d['distribution']})" if d["distribution"] else ""), d["target"]]
-            for d in docs
-        ],
+        [[d["name"], d["kind"], _source_text(d["source"], d["distribution"]), d["target"]] for d in docs],
     )
-    for name in reg.duplicates():
+    for name in duplicates:
         warn(f"worker {name!r} is defined both in config.toml and by a package; rename one")
-    return 0
+
+
+def _source_text(source: str, distribution: str | None) -> str:
+    """Where a worker comes from, with the package that provides it."""
+    return source + (f" ({distribution})" if distribution else "")
 
 
 def describe_worker(reg, name: str, as_json: bool) -> int:
@@ -395,36 +492,51 @@ def describe_worker(reg, name: str, as_json: bool) -> int:
     d = describe(info)
     if as_json:
         print_json(_worker_doc(d))
-        return CONFIG if d.errors else 0
-    spec = d.spec
-    source = d.source + (f" ({d.distribution})" if d.distribution else "")
-    say(f"{d.name}: {(spec.description if spec else '') or d.doc or '(no description)'}")
-    say(f"  kind     {d.kind}, from {source}: {d.target}")
-    say(f"  limit    {_limit_line(info, d)}")
-    if spec is None:
-        say("  (this worker declares no input keys: see its documentation)")
     else:
-        _say_declaration(spec)
-    for err in d.errors:
-        warn(err)
+        _say_worker(info, d)
     return CONFIG if d.errors else 0
 
 
+def _say_worker(info, d) -> None:
+    say(f"{d.name}: {_description(d) or '(no description)'}")
+    say(f"  kind     {d.kind}, from {_source_text(d.source, d.distribution)}: {d.target}")
+    say(f"  limit    {_limit_line(info, d)}")
+    if d.spec is None:
+        say("  (this worker declares no input keys: see its documentation)")
+    else:
+        _say_declaration(d.spec)
+    for err in d.errors:
+        warn(err)
+
+
+def _description(d) -> str | None:
+    """The declared description, else the worker's docstring."""
+    return (d.spec.description if d.spec else None) or d.doc
+
+
 def _worker_doc(d) -> dict:
-    spec = d.spec
     return {
         "name": d.name,
         "kind": d.kind,
         "source": d.source,
         "target": d.target,
         "distribution": d.distribution,
-        "description": (spec.description if spec else None) or d.doc or None,
-        "declared": spec is not None,
+        "description": _description(d) or None,
+        "declared": d.spec is not None,
         "limit_s": d.limit,
-        "heavy": bool(spec and spec.heavy),
-        "inputs": [i.to_json() for i in spec.inputs] if spec else [],
-        "returns": [{"name": n, "description": t or None} for n, t in spec.returns] if spec else [],
+        **_declaration_doc(d.spec),
         "errors": d.errors,
+    }
+
+
+def _declaration_doc(spec) -> dict:
+    """What a worker declares: whether it is heavy, its input keys and the data it returns."""
+    if spec is None:
+        return {"heavy": False, "inputs": [], "returns": []}
+    return {
+        "heavy": bool(spec.heavy),
+        "inputs": [i.to_json() for i in spec.inputs],
+        "returns": [{"name": n, "description": t or None} for n, t in spec.returns],
     }
 
 
@@ -432,15 +544,19 @@ def _limit_line(info, d) -> str:
     """A worker's time limit and where it comes from."""
     from kmpwm.core.timeparse import format_duration
 
-    spec = d.spec
     if not d.limit:
         return "30s (light); a task's --heavy (10m) or --timeout wins"
-    if info.config is not None and info.config.timeout:
-        why = "config.toml timeout"
-    else:
-        why = "heavy" if spec and spec.heavy and not spec.timeout else "declared"
+    why = _limit_source(info, d.spec)
     wins = "--timeout or --heavy" if why == "declared" else "--timeout"
     return f"{format_duration(d.limit)} ({why}); a task's {wins} wins"
+
+
+def _limit_source(info, spec) -> str:
+    if info.config is not None and info.config.timeout:
+        return "config.toml timeout"
+    if spec and spec.heavy and not spec.timeout:
+        return "heavy"
+    return "declared"
 
 
 def _say_declaration(spec) -> None:
@@ -452,7 +568,7 @@ def _say_declaration(spec) -> None:
         )
     if spec.returns:
         say()
-        table(["DATA", "DESCRIPTION"], [[n, t] for n, t in spec.returns])
+        table(["DATA", "DESCRIPTION"], spec.returns)
 
 
 def _show_default(key) -> str:
@@ -543,20 +659,26 @@ def store_copy(paths, to: str | None, from_: str | None, as_json: bool) -> int:
     from kmpwm.storage.stores import named_store, open_store
 
     here = open_store(paths)
-    other = named_store(paths, to if to is not None else from_)
-    source, target = (here, other) if to is not None else (other, here)
+    if to is not None:
+        source, target = here, named_store(paths, to)
+    else:
+        source, target = named_store(paths, from_), here
     report = copy_between(source, target)
     doc = {"from": source_name(source), "to": source_name(target), **report}
     if report["was_running"]:
-        sys.stderr.write(
-            f"kmpwm: warning: {len(report['was_running'])} running task(s) copied as ENQUEUED "
-            f"({', '.join(report['was_running'][:3])}): stop the source's runners before they run twice\n"
-        )
+        _warn_copied_running(report["was_running"])
     if as_json:
         print_json(doc)
     else:
         say(f"copied {report['copied']} task(s) and {report['chains']} chain(s) from {doc['from']} to {doc['to']}")
     return 0
+
+
+def _warn_copied_running(ids: list[str]) -> None:
+    sys.stderr.write(
+        f"kmpwm: warning: {len(ids)} running task(s) copied as ENQUEUED "
+        f"({', '.join(ids[:3])}): stop the source's runners before they run twice\n"
+    )
 
 
 def source_name(store) -> str:

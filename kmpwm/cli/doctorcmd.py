@@ -32,15 +32,19 @@ def _say_journal(report: dict, repaired: dict | None, paths) -> None:
     if report["torn_tail"]:
         say(f"          torn last record ({report['torn_tail']['length']} bytes): the next write repairs it")
     if repaired:
-        extra = []
-        if repaired["salvaged"]:
-            extra.append(f"{repaired['salvaged']} found inside damaged lines")
-        if repaired["corrected"]:
-            extra.append(f"{len(repaired['corrected'])} restored from a single flipped bit")
-        say(
-            f"repaired  moved {len(repaired['quarantined'])} region(s) to {paths.quarantine_dir}; "
-            f"kept {repaired['records_kept']} valid record(s)" + (f" ({', '.join(extra)})" if extra else "")
-        )
+        _say_repaired(repaired, paths)
+
+
+def _say_repaired(repaired: dict, paths) -> None:
+    extra = []
+    if repaired["salvaged"]:
+        extra.append(f"{repaired['salvaged']} found inside damaged lines")
+    if repaired["corrected"]:
+        extra.append(f"{len(repaired['corrected'])} restored from a single flipped bit")
+    say(
+        f"repaired  moved {len(repaired['quarantined'])} region(s) to {paths.quarantine_dir}; "
+        f"kept {repaired['records_kept']} valid record(s)" + (f" ({', '.join(extra)})" if extra else "")
+    )
 
 
 def _say_store(store: dict | None) -> None:
@@ -57,20 +61,29 @@ def _say_store(store: dict | None) -> None:
 
 
 def _say_setup(doc: dict) -> None:
-    config, workers, invoker, serves = doc["config"], doc["workers"], doc["invoker"], doc["serve"]["running"]
-    exists = os.path.exists(config["path"])
-    say(
-        f"config    {config['path']}: "
-        + (f"ERROR {config['error']}" if config["error"] else "ok" if exists else "none (optional)")
-    )
+    say(f"config    {doc['config']['path']}: {_config_status(doc['config'])}")
+    _say_workers(doc["workers"])
+    _say_invoker(doc["invoker"])
+    say(f"last run  {doc['last_run_at'] or 'never'}")
+    running = "; ".join(f"running (pid {x['pid']}, since {x['started_at']})" for x in doc["serve"]["running"])
+    say("serve     " + (running or "not running (`kmpwm serve` starts work the moment it is due)"))
+
+
+def _config_status(config: dict) -> str:
+    if config["error"]:
+        return f"ERROR {config['error']}"
+    return "ok" if os.path.exists(config["path"]) else "none (optional)"
+
+
+def _say_workers(workers: list) -> None:
     bad = [w for w in workers if not w["ok"]]
     say(f"workers   {len(workers)} registered" + (f", {len(bad)} with problems" if bad else ", all importable"))
     for w in bad:
         say(f"          {w['name']}: {w['error']}")
+
+
+def _say_invoker(invoker: dict) -> None:
     if invoker.get("installed"):
         say(f"invoker   installed ({invoker.get('backend', '?')})" + (", but STALE" if invoker["stale"] else ""))
     else:
         say("invoker   not installed: nothing runs `kmpwm run-due` periodically; `kmpwm schedule install` sets it up")
-    say(f"last run  {doc['last_run_at'] or 'never'}")
-    running = "; ".join(f"running (pid {x['pid']}, since {x['started_at']})" for x in serves)
-    say("serve     " + (running or "not running (`kmpwm serve` starts work the moment it is due)"))

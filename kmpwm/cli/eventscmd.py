@@ -28,13 +28,14 @@ def _line(ev: list) -> str:
 def events_command(paths: Paths, task: str | None, since, follow: bool, as_json: bool) -> int:
     feed = open_events(paths, task, since)
     if feed.damage:
-        sys.stderr.write(
-            f"kmpwm: warning: the journal has {feed.damage} damaged region(s); "
-            "events from them are missing; run `kmpwm doctor --repair`\n"
-        )
+        _warn_damage(feed.damage)
     if not follow:
         return _print_all(feed.selected, as_json)
-    emit = (lambda e: print_json_line(event_doc(e))) if as_json else (lambda e: say(_line(e)))
+    return _follow(feed, _json_line if as_json else _say_line)
+
+
+def _follow(feed, emit) -> int:
+    """``emit`` the selected events, then each new one as it comes, until interrupted."""
     new = feed.selected
     try:
         while True:
@@ -45,6 +46,21 @@ def events_command(paths: Paths, task: str | None, since, follow: bool, as_json:
             new = feed.poll()
     except KeyboardInterrupt:
         return 130  # interrupted by SIGINT, like any Unix tool (and inspect-queue --watch)
+
+
+def _warn_damage(regions: int) -> None:
+    sys.stderr.write(
+        f"kmpwm: warning: the journal has {regions} damaged region(s); "
+        "events from them are missing; run `kmpwm doctor --repair`\n"
+    )
+
+
+def _json_line(ev: list) -> None:
+    print_json_line(event_doc(ev))
+
+
+def _say_line(ev: list) -> None:
+    say(_line(ev))
 
 
 def _print_all(selected: list, as_json: bool) -> int:

@@ -8,12 +8,11 @@ from kmpwm.storage.paths import Paths
 
 
 def simulate_expire_command(paths: Paths, ids: list[str], all_: bool, grace, as_json: bool) -> int:
+    from kmpwm.cli.options import duration_or_none
     from kmpwm.cli.output import print_json, say
-    from kmpwm.core.timeparse import parse_duration
     from kmpwm.running.expiry import simulate_expire
 
-    grace_s = parse_duration(grace, what="grace") if grace is not None else None
-    signalled = simulate_expire(paths, ids, all_, grace_s)
+    signalled = simulate_expire(paths, ids, all_, duration_or_none(grace, "grace"))
     code = 0 if signalled else 1
     if as_json:
         print_json({"signalled": signalled, "exit_code": code})

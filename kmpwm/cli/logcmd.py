@@ -4,6 +4,7 @@ rotation past 1 MiB like ``tail -F``) and returns when the run ends."""
 
 from __future__ import annotations
 
+import functools
 import os
 import sys
 import time
@@ -58,10 +59,7 @@ def logs_command(
     from kmpwm.cli.output import print_json
 
     check_all(paths)
-    if run is not None and all_:
-        raise InvalidParams("give --run N or --all, not both")
-    if follow and all_:
-        raise InvalidParams("--follow follows one run: give it without --all")
+    _check_options(run, all_, follow)
     chosen = _chosen_runs(runlog.runs(paths, task_id), task_id, run, all_)
     if follow and "_store" not in chosen[0]:
         return _follow(paths, task_id, chosen[0], tail, as_json)
@@ -70,7 +68,22 @@ def logs_command(
     outs = [_tail(runlog.output(paths, m), tail) for m in chosen]
     if as_json:
         print_json({"id": task_id, "runs": [_doc(m, o) for m, o in zip(chosen, outs)]})
-        return 0
+    else:
+        _write_outputs(chosen, outs, all_)
+    return 0
+
+
+def _check_options(run: int | None, all_: bool, follow: bool) -> None:
+    """--all shows every run: it goes with neither --run nor --follow."""
+    if run is not None and all_:
+        raise InvalidParams("give --run N or --all, not both")
+    if follow and all_:
+        raise InvalidParams("--follow follows one run: give it without --all")
+
+
+def _write_outputs(chosen: list[dict], outs: list[bytes], all_: bool) -> None:
+    """The runs' output on stdout as it was written: with ``all_``, each run under a header line
+    and ending with a newline; else a note on stderr when the run's output was truncated."""
     out = sys.stdout.buffer
     for m, o in zip(chosen, outs):
         if all_:
@@ -81,7 +94,6 @@ def logs_command(
         if all_ and o and not o.endswith(b"\n"):
             out.write(b"\n")
     out.flush()
-    return 0
 
 
 def _chosen_runs(metas: list[dict], task_id: str, run: int | None, all_: bool) -> list[dict]:
@@ -92,6 +104,11 @@ def _chosen_runs(metas: list[dict], task_id: str, run: int | None, all_: bool) -
         return metas
     if run is None:
         return metas[-1:]
+    return _numbered(metas, task_id, run)
+
+
+def _numbered(metas: list[dict], task_id: str, run: int) -> list[dict]:
+    """Run ``run`` among the kept runs (NothingMatched, naming the kept ones, if it is not kept)."""
     chosen = [m for m in metas if m["run"] == run]
     if not chosen:
         raise NothingMatched(
@@ -145,38 +162,21 @@ def _task_running(store, task_id: str) -> bool:
 
 def _follow(paths: Paths, task_id: str, meta: dict, tail: int | None, as_json: bool) -> int:
     """Print what the run has written so far, then the rest as it comes, until the run ends."""
-    from kmpwm.cli.output import print_json
-
     path = runlog.out_path(paths, meta)
-    out = sys.stdout.buffer
-    seen = bytearray() if as_json else None
+    seen = bytearray()  # under --json: all of it, printed in one document when the run ends
+    deliver = seen.extend if as_json else _write_through
     fd = _open(path)
-    first = True
+    cut = tail  # only what was written before we started is cut to the last --tail lines
     try:
         while True:
             current = _current(paths, task_id, meta)  # before reading: a finished run wrote all
-            running = current is not None and current.get("status") == "RUNNING"
-            if fd < 0:
-                fd = _open(path)
-            chunk = _read_all(fd)
-            if running and fd >= 0 and _rotated(fd, path):  # moved aside at 1 MiB: finish it, go on
-                chunk += _read_all(fd)
-                os.close(fd)
-                fd = _open(path)
-                chunk += _read_all(fd)
-            if first:
-                chunk, first = _tail(chunk, tail), False
-            if chunk:
-                if seen is not None:
-                    seen += chunk
-                else:
-                    out.write(chunk)
-                    out.flush()
+            running = _running(current)
+            fd, chunk = _read_on(fd, path, running)
+            chunk, cut = _tail(chunk, cut), None
+            deliver(chunk)
             if not running:
-                if seen is not None:
-                    if current is not None and current.get("truncated"):
-                        seen = bytearray(runlog.output(paths, meta))
-                    print_json({"id": task_id, "runs": [_doc(current or meta, _tail(bytes(seen), tail))]})
+                if as_json:
+                    _print_followed(paths, task_id, meta, current, seen, tail)
                 return 0
             if not chunk:
                 time.sleep(POLL)  # while output flows, read on at once: keep up with its rotation
@@ -187,8 +187,43 @@ def _follow(paths: Paths, task_id: str, meta: dict, tail: int | None, as_json: b
             os.close(fd)
 
 
+def _write_through(chunk: bytes) -> None:
+    if chunk:
+        sys.stdout.buffer.write(chunk)
+        sys.stdout.buffer.flush()
+
+
+def _read_on(fd: int, path, running: bool) -> tuple[int, bytes]:
+    """What the run's file has gained since the last read (opening it once it exists, and
+    following it to the new file when it was moved aside at 1 MiB): the descriptor to read on
+    and the bytes."""
+    if fd < 0:
+        fd = _open(path)
+    chunk = _read_all(fd)
+    if running and fd >= 0 and _rotated(fd, path):  # moved aside at 1 MiB: finish it, go on
+        chunk += _read_all(fd)
+        os.close(fd)
+        fd = _open(path)
+        chunk += _read_all(fd)
+    return fd, chunk
+
+
+def _print_followed(paths: Paths, task_id: str, meta: dict, current: dict | None, seen: bytearray, tail) -> None:
+    """The JSON document of a followed run that has ended (its kept output, if it was truncated)."""
+    from kmpwm.cli.output import print_json
+
+    if current is not None and current.get("truncated"):
+        seen = bytearray(runlog.output(paths, meta))
+    print_json({"id": task_id, "runs": [_doc(current or meta, _tail(bytes(seen), tail))]})
+
+
 def _current(paths, task_id: str, meta: dict) -> dict | None:
     return next((m for m in runlog.runs(paths, task_id) if m["key"] == meta["key"]), None)
+
+
+def _running(meta: dict | None) -> bool:
+    """The run is still going (None: it is no longer kept)."""
+    return meta is not None and meta.get("status") == "RUNNING"
 
 
 def _open(path) -> int:
@@ -201,12 +236,7 @@ def _open(path) -> int:
 def _read_all(fd: int) -> bytes:
     if fd < 0:
         return b""
-    parts = []
-    while True:
-        chunk = os.read(fd, 1 << 16)
-        if not chunk:
-            return b"".join(parts)
-        parts.append(chunk)
+    return b"".join(iter(functools.partial(os.read, fd, 1 << 16), b""))
 
 
 def _rotated(fd: int, path) -> bool:

@@ -39,8 +39,13 @@ def next_command(
         if note:
             sys.stderr.write(f"kmpwm: {note}\n")
     else:
-        for t in times:
-            say(human_line(t, now, tz))
-        if note:
-            say(note)
+        _say_times(times, note, now, tz)
     return 0
+
+
+def _say_times(times: list[float], note: str | None, now: float, tz: str | None) -> None:
+    """One line per time, then the note (if there is one)."""
+    for t in times:
+        say(human_line(t, now, tz))
+    if note:
+        say(note)

@@ -10,11 +10,12 @@ from __future__ import annotations
 import os
 import sys
 import time
+from typing import NamedTuple
 
+from kmpwm.cli.options import duration_or_none
 from kmpwm.core.exitcodes import KmpwmError
 from kmpwm.core.hosts import pinned_elsewhere, this_host
 from kmpwm.core.state import due_at, idle_at
-from kmpwm.core.timeparse import parse_duration
 from kmpwm.storage.paths import Paths, private_subdir
 from kmpwm.storage.store import Store
 from kmpwm.storage.stores import open_store
@@ -32,71 +33,104 @@ def _idle(store: Store, skipped: list) -> bool:
     host = this_host()
     if view.damage or not idle_at(view.state, now, host):
         return False
-    for t in view.state["tasks"].values():
-        if t["state"] == "ENQUEUED" and t.get("host") not in (None, host) and due_at(t, now) <= now:
-            skipped.append({"id": t["id"], "reason": pinned_elsewhere(t, host)})
+    skipped += _pinned_elsewhere(view.state, now, host)
     return True
 
 
-def run_due_command(paths: Paths, *, budget, grace, parallel, max_tasks, dry_run, as_json) -> int:
-    from kmpwm.cli.output import is_tty, print_json
+def _pinned_elsewhere(state: dict, now: float, host: str) -> list[dict]:
+    """The due tasks that only another host runs, each with the reason."""
+    return [
+        {"id": t["id"], "reason": pinned_elsewhere(t, host)}
+        for t in state["tasks"].values()
+        if t["state"] == "ENQUEUED" and t.get("host") not in (None, host) and due_at(t, now) <= now
+    ]
 
-    budget_s = parse_duration(budget, what="budget") if budget is not None else None
-    grace_s = parse_duration(grace, what="grace") if grace is not None else None
+
+def run_due_command(paths: Paths, *, budget, grace, parallel, max_tasks, dry_run, as_json) -> int:
+    from kmpwm.cli.output import is_tty
+
+    budget_s = duration_or_none(budget, "budget")
+    grace_s = duration_or_none(grace, "grace")
     live = not as_json and is_tty()
     store = open_store(paths)
     skipped: list = []
     if not dry_run and _idle(store, skipped):
-        code, doc, expire_reason, failed = 0, {"ran": [], "expired": [], "skipped": skipped}, None, []
+        run = _Run(0, {"ran": [], "expired": [], "skipped": skipped}, None, [])
     else:
-        from kmpwm.core.models import DEFAULT_GRACE
-        from kmpwm.running.runner import Runner
-
-        grace_s = DEFAULT_GRACE if grace_s is None else grace_s
-        progress = _Progress() if live else None
-        runner = Runner(
-            paths,
-            budget=budget_s,
-            grace=grace_s,
-            parallel=parallel,
-            max_tasks=max_tasks,
-            dry_run=dry_run,
-            on_event=progress.event if progress else None,
-            store=store,
-            warn=warn,
-        )
-        code = runner.run()
-        doc, expire_reason, failed = runner.report.doc(), runner.expire_reason, runner.report.failed
-        if runner.disk_full:
-            done = (
-                "every result of this run was recorded, no more work was started"
-                if doc["ran"]
-                else "no work was started"
-            )
-            sys.stderr.write(f"kmpwm: the disk holding the journal is full: {done}; free space, then run again\n")
-            code = code or 74
-        runner = None  # its state may be large (a first fold of a long journal): free it before
+        options = {"budget": budget_s, "grace": grace_s, "parallel": parallel, "max_tasks": max_tasks}
+        run = _run(paths, store, options, dry_run=dry_run, live=live)  # the runner is freed on return
     store = None  # the automatic compaction below folds the journal again
     if not dry_run:
         _mark_last_run(paths)
-        from kmpwm.storage.compaction import auto_compact, needs_compaction
+        _compact_if_needed(paths)
+    _report(run, as_json=as_json, live=live, dry_run=dry_run)
+    return run.code
 
-        if needs_compaction(paths):
-            import gc
 
-            gc.collect()  # the run's state, freed above, may sit in reference cycles
-            auto_compact(paths)
+class _Run(NamedTuple):
+    """What a run-due leaves to report: its exit code, its document, why it expired (if it did)
+    and the tasks that ended FAILED in it."""
+
+    code: int
+    doc: dict
+    expire_reason: str | None
+    failed: list
+
+
+def _run(paths: Paths, store: Store, options: dict, *, dry_run: bool, live: bool) -> _Run:
+    """Run what is due with a Runner (its state, maybe large, is freed when this returns)."""
+    from kmpwm.core.models import DEFAULT_GRACE
+    from kmpwm.running.runner import Runner
+
+    grace = DEFAULT_GRACE if options["grace"] is None else options["grace"]
+    runner = Runner(
+        paths,
+        budget=options["budget"],
+        grace=grace,
+        parallel=options["parallel"],
+        max_tasks=options["max_tasks"],
+        dry_run=dry_run,
+        on_event=_progress if live else None,
+        store=store,
+        warn=warn,
+    )
+    code = runner.run()
+    doc = runner.report.doc()
+    if runner.disk_full:
+        _warn_disk_full(doc)
+        code = code or 74
+    return _Run(code, doc, runner.expire_reason, runner.report.failed)
+
+
+def _warn_disk_full(doc: dict) -> None:
+    done = "every result of this run was recorded, no more work was started" if doc["ran"] else "no work was started"
+    sys.stderr.write(f"kmpwm: the disk holding the journal is full: {done}; free space, then run again\n")
+
+
+def _compact_if_needed(paths: Paths) -> None:
+    from kmpwm.storage.compaction import auto_compact, needs_compaction
+
+    if needs_compaction(paths):
+        import gc
+
+        gc.collect()  # the run's state, freed by now, may sit in reference cycles
+        auto_compact(paths)
+
+
+def _report(run: _Run, *, as_json: bool, live: bool, dry_run: bool) -> None:
+    """The document under ``--json``; a summary on a terminal or for ``--dry-run``; else only the failures."""
     if as_json:
-        print_json(doc)
-    elif live or dry_run:
-        _summary(doc, dry_run, failed)
+        from kmpwm.cli.output import print_json
+
+        print_json(run.doc)
+        return
+    if live or dry_run:
+        _summary(run.doc, dry_run, run.failed)
     else:
-        _failures(doc, failed)
-    if code == 75 and not as_json:
-        sys.stderr.write(
-            f"kmpwm: the run expired ({expire_reason}); {len(doc['expired'])} task(s) savepointed and released\n"
-        )
-    return code
+        _failures(run.doc, run.failed)
+    if run.code == 75:
+        expired = len(run.doc["expired"])
+        sys.stderr.write(f"kmpwm: the run expired ({run.expire_reason}); {expired} task(s) savepointed and released\n")
 
 
 def _failures(doc: dict, failed: list) -> None:
@@ -104,24 +138,40 @@ def _failures(doc: dict, failed: list) -> None:
     task that ended FAILED in this run (whatever the cause) and for every failed or expired run."""
     from kmpwm.cli.output import printable
 
-    lines = []
     ended = {f["id"]: f for f in failed}
+    lines = []
     for row in doc["ran"]:
-        f = ended.pop(row["id"], None)
-        if f is not None:
-            lines.append(f"kmpwm: {row['id']} ({row['worker']}) failed: {f['reason'] or row['message']}")
-        elif row["status"] == "FAILURE":
-            lines.append(f"kmpwm: {row['id']} ({row['worker']}) failed: {row['message']}")
-        elif row["status"] == "EXPIRED":
-            lines.append(f"kmpwm: {row['id']} ({row['worker']}) expired: {row['message']}")
-    for s in doc["skipped"]:  # --misfire-grace: an occurrence that did not run is never silent
-        if s["reason"].startswith("missed:"):
-            ended.pop(s["id"], None)  # a one-time task's "FAILED (missed)" is in this line already
-            lines.append(f"kmpwm: {s['id']} {s['reason']}")
+        lines.append(_ran_line(row, ended.pop(row["id"], None)))
+    lines += _missed_lines(doc["skipped"], ended)
     for f in ended.values():  # ended FAILED without a run of its own: window missed, upstream failed, ...
         lines.append(f"kmpwm: {f['id']} ({f['worker']}) failed: {f['reason']}")
-    for line in lines:
+    for line in filter(None, lines):
         sys.stderr.write(printable(line) + "\n")
+
+
+def _missed_lines(skipped: list, ended: dict) -> list[str]:
+    """--misfire-grace: a line for every occurrence that did not run (never silent); a one-time
+    task's "FAILED (missed)" is in it already, so it leaves ``ended``."""
+    lines = []
+    for s in skipped:
+        if s["reason"].startswith("missed:"):
+            ended.pop(s["id"], None)
+            lines.append(f"kmpwm: {s['id']} {s['reason']}")
+    return lines
+
+
+_RAN_VERBS = {"FAILURE": "failed", "EXPIRED": "expired"}
+
+
+def _ran_line(row: dict, ended: dict | None) -> str | None:
+    """The line for a task that ran and ended FAILED (``ended``), or whose run failed or expired;
+    None for the others."""
+    if ended is not None:
+        return f"kmpwm: {row['id']} ({row['worker']}) failed: {ended['reason'] or row['message']}"
+    verb = _RAN_VERBS.get(row["status"])
+    if verb is None:
+        return None
+    return f"kmpwm: {row['id']} ({row['worker']}) {verb}: {row['message']}"
 
 
 def warn(text: str) -> None:
@@ -141,48 +191,66 @@ def _mark_last_run(paths: Paths) -> None:
         pass
 
 
-class _Progress:
-    """One line per task as it starts and ends, on a terminal."""
+def _progress(kind: str, payload) -> None:
+    """One line per task as it starts and ends, on a terminal (a Runner's ``on_event``)."""
+    from kmpwm.cli.output import printable  # ids, worker names and messages are the user's: escaped
 
-    def event(self, kind: str, payload) -> None:
-        from kmpwm.cli.output import printable  # ids, worker names and messages are the user's: escaped
+    line = _PROGRESS_LINES[kind](payload) if kind in _PROGRESS_LINES else None
+    if line is not None:
+        sys.stdout.write(printable(line) + "\n")
+    sys.stdout.flush()
 
-        if kind == "start":
-            sys.stdout.write(printable(f"  started  {payload.id} ({payload.task['worker']})") + "\n")
-        elif kind == "done":
-            job, row = payload
-            mark = {"SUCCESS": "ok", "FAILURE": "FAILED", "RETRY": "retry", "EXPIRED": "expired"}[row["status"]]
-            msg = f": {row['message']}" if row["message"] and row["status"] != "SUCCESS" else ""
-            sys.stdout.write(printable(f"  {mark:<8} {row['id']} in {row['duration_ms']}ms{msg}") + "\n")
-        elif kind == "expiring" and not payload.cancelled:
-            sys.stdout.write(printable(f"  stopping {payload.id} (told to expire)") + "\n")
-        elif kind == "cancelling":
-            sys.stdout.write(printable(f"  stopping {payload.id} (cancelled)") + "\n")
-        sys.stdout.flush()
+
+def _started_line(job) -> str:
+    return f"  started  {job.id} ({job.task['worker']})"
+
+
+def _ended_line(payload) -> str:
+    _job, row = payload
+    mark = {"SUCCESS": "ok", "FAILURE": "FAILED", "RETRY": "retry", "EXPIRED": "expired"}[row["status"]]
+    msg = f": {row['message']}" if row["message"] and row["status"] != "SUCCESS" else ""
+    return f"  {mark:<8} {row['id']} in {row['duration_ms']}ms{msg}"
+
+
+def _expiring_line(job) -> str | None:
+    return None if job.cancelled else f"  stopping {job.id} (told to expire)"
+
+
+def _cancelling_line(job) -> str:
+    return f"  stopping {job.id} (cancelled)"
+
+
+_PROGRESS_LINES = {
+    "start": _started_line,
+    "done": _ended_line,
+    "expiring": _expiring_line,
+    "cancelling": _cancelling_line,
+}
 
 
 def _summary(doc: dict, dry_run: bool, failed: list = ()) -> None:
-    from kmpwm.cli.output import say, table
+    from kmpwm.cli.output import say
 
-    if dry_run:
-        if doc["ran"]:
-            table(["WOULD RUN", "WORKER"], [[r["id"], r["worker"]] for r in doc["ran"]])
-        else:
-            say("nothing is due")
-    elif doc["ran"]:
-        table(
-            ["ID", "WORKER", "STATUS", "TIME", "MESSAGE"],
-            [
-                [r["id"], r["worker"], r["status"], f"{r['duration_ms']}ms", (r["message"] or "")[:60]]
-                for r in doc["ran"]
-            ],
-            style_column=2,
-        )
-    else:
-        say("nothing was due")
+    _say_ran(doc["ran"], dry_run)
     for s in doc["skipped"]:
         say(f"skipped {s['id']}: {s['reason']}")
     ran = {r["id"] for r in doc["ran"]}
     for f in failed:
         if f["id"] not in ran:
             say(f"failed {f['id']}: {f['reason']}")
+
+
+def _say_ran(ran: list, dry_run: bool) -> None:
+    """The tasks that ran (or with ``dry_run``, would run), as a table."""
+    from kmpwm.cli.output import say, table
+
+    if not ran:
+        say("nothing is due" if dry_run else "nothing was due")
+    elif dry_run:
+        table(["WOULD RUN", "WORKER"], [[r["id"], r["worker"]] for r in ran])
+    else:
+        table(["ID", "WORKER", "STATUS", "TIME", "MESSAGE"], [_ran_row(r) for r in ran], style_column=2)
+
+
+def _ran_row(r: dict) -> list:
+    return [r["id"], r["worker"], r["status"], f"{r['duration_ms']}ms", (r["message"] or "")[:60]]

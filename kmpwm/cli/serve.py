@@ -3,6 +3,7 @@ stderr, and the document ``--json`` prints when it stops."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import sys
@@ -42,19 +43,25 @@ def serve_command(paths: Paths, *, parallel: int | None, grace: str | None, as_j
         code = runner.run()
     finally:
         serve.close(runner)
-        try:
+        with contextlib.suppress(OSError):
             state_file(paths, os.getpid()).unlink()
-        except OSError:
-            pass
     signo = runner.signals.flags.get("signo")
-    expired = runner.report.expired
-    if code == 75 and signo in (signal.SIGTERM, signal.SIGINT):
-        serve.log(f"stopped ({signal.Signals(signo).name}); {len(expired)} running task(s) savepointed and released")
-        code = 0
-    elif code == 75:
-        serve.log(f"the run expired ({runner.expire_reason}); running tasks savepointed and released")
+    code = _stopped(serve, runner, code, signo)
     if as_json:  # one document, at the end: how it stopped and what it handed back
         from kmpwm.cli.output import print_json
 
-        print_json({"stopped_by": signal.Signals(signo).name if signo else None, "expired": expired, "exit_code": code})
+        stopped_by = signal.Signals(signo).name if signo else None
+        print_json({"stopped_by": stopped_by, "expired": runner.report.expired, "exit_code": code})
+    return code
+
+
+def _stopped(serve, runner, code: int, signo) -> int:
+    """Log how serve stopped; its exit code (0 when SIGTERM or SIGINT stopped it)."""
+    if code != 75:
+        return code
+    if signo in (signal.SIGTERM, signal.SIGINT):
+        expired = runner.report.expired
+        serve.log(f"stopped ({signal.Signals(signo).name}); {len(expired)} running task(s) savepointed and released")
+        return 0
+    serve.log(f"the run expired ({runner.expire_reason}); running tasks savepointed and released")
     return code

@@ -7,21 +7,30 @@ from __future__ import annotations
 import sys
 import time
 
+from kmpwm.cli.options import duration_or_none
 from kmpwm.cli.output import is_tty, print_json, printable, say
 from kmpwm.core.exitcodes import InvalidParams
-from kmpwm.core.timeparse import iso, parse_duration, parse_time
+from kmpwm.core.timeparse import iso, parse_time
 from kmpwm.scheduling import steering
 from kmpwm.storage.stores import open_store
 
 
-def _ids_or_tag(ids, tag, all_) -> str:
-    return "the queue" if all_ else (f"tag {tag!r}" if tag is not None else ", ".join(ids))
+def _ids_or_tag(ids, tag) -> str:
+    return f"tag {tag!r}" if tag is not None else ", ".join(ids)
+
+
+def _until(until: str | None) -> float | None:
+    """``--until`` as a time stamp (InvalidParams if it has passed), None if not given."""
+    if until is None:
+        return None
+    until_ts = parse_time(until, what="--until")
+    if until_ts <= time.time():
+        raise InvalidParams(f"invalid --until {until!r}: the time has passed")
+    return until_ts
 
 
 def pause_command(paths, ids, tag, all_, until, as_json) -> int:
-    until_ts = parse_time(until, what="--until") if until is not None else None
-    if until_ts is not None and until_ts <= time.time():
-        raise InvalidParams(f"invalid --until {until!r}: the time has passed")
+    until_ts = _until(until)
     done = steering.pause(open_store(paths), ids, tag, all_, until_ts)
     if as_json:
         print_json({"paused": done})
@@ -32,7 +41,7 @@ def pause_command(paths, ids, tag, all_, until, as_json) -> int:
     elif done:
         say(f"paused {len(done)} task(s){when}: {', '.join(done)}")
     else:
-        say(f"nothing to pause ({_ids_or_tag(ids, tag, all_)}: no unfinished task)")
+        say(f"nothing to pause ({_ids_or_tag(ids, tag)}: no unfinished task)")
     return 0
 
 
@@ -46,7 +55,7 @@ def resume_command(paths, ids, tag, all_, as_json) -> int:
     elif done:
         say(f"resumed {len(done)} task(s): {', '.join(done)}")
     else:
-        say(f"nothing to resume ({_ids_or_tag(ids, tag, all_)}: nothing paused)")
+        say(f"nothing to resume ({_ids_or_tag(ids, tag)}: nothing paused)")
     return 0
 
 
@@ -62,38 +71,46 @@ def retry_command(paths, ids, failed, tag, as_json) -> int:
 
 
 def wait_command(paths, ids, tag, timeout, as_json) -> int:
-    timeout_s = parse_duration(timeout, what="--timeout") if timeout is not None else None
-    res = steering.wait(open_store(paths), ids, tag, timeout_s)
+    res = steering.wait(open_store(paths), ids, tag, duration_or_none(timeout, "--timeout"))
     if as_json:
         print_json(res.doc())
     else:
         for t in res.tasks:
-            lr = t["last_result"] or {}
-            msg = f" ({lr.get('status')}: {lr['message']})" if lr.get("message") else ""
-            say(f"{t['id']}: {t['state']}{msg}")
+            say(f"{t['id']}: {t['state']}{_last_message(t['last_result'] or {})}")
     if res.timed_out:
         sys.stderr.write(f"kmpwm: timed out after {timeout}; not every task has finished\n")
     return res.exit_code
 
 
+def _last_message(last_result: dict) -> str:
+    """`` (STATUS: message)`` of a last result with a message, else nothing."""
+    if not last_result.get("message"):
+        return ""
+    return f" ({last_result.get('status')}: {last_result['message']})"
+
+
 def run_now_command(paths, ids, ignore_constraints, grace, as_json) -> int:
     from kmpwm.api import run_now
-    from kmpwm.cli.rundue import _Progress, _summary, warn
+    from kmpwm.cli.rundue import _progress, _summary, warn
 
-    grace_s = parse_duration(grace, what="--grace") if grace is not None else None
+    grace_s = duration_or_none(grace, "--grace")
     live = not as_json and is_tty()
-    progress = _Progress().event if live else None
-    doc, code, why = run_now(paths, ids, ignore_constraints, grace_s, on_event=progress, warn=warn)
+    doc, code, why = run_now(paths, ids, ignore_constraints, grace_s, on_event=_progress if live else None, warn=warn)
     if as_json:
         print_json(doc)
     else:
         _summary(doc, False)
         if not live:
-            for row in doc["ran"]:
-                if row["status"] != "SUCCESS":
-                    sys.stderr.write(
-                        printable(f"kmpwm: {row['id']} ({row['worker']}): {row['status']}: {row['message']}") + "\n"
-                    )
+            _warn_unsuccessful(doc["ran"])
     if code == 75:
         sys.stderr.write(f"kmpwm: the run expired ({why})\n")
     return code
+
+
+def _warn_unsuccessful(ran: list) -> None:
+    """Off a terminal, one line on stderr for every task that did not succeed."""
+    for row in ran:
+        if row["status"] != "SUCCESS":
+            sys.stderr.write(
+                printable(f"kmpwm: {row['id']} ({row['worker']}): {row['status']}: {row['message']}") + "\n"
+            )

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import json
 import os
 import posixpath
@@ -22,13 +24,30 @@ def load_input(input, worker: str) -> dict | Failure:
         return {}
     if isinstance(input, dict):
         return input
+    return _json_object(input, worker)
+
+
+def _json_object(text, worker: str) -> dict | Failure:
+    """``text`` parsed as a JSON object, else the Failure that says why it is not one."""
     try:
-        value = json.loads(input)
+        value = json.loads(text)
     except (TypeError, ValueError) as exc:
         return Failure(f"{worker}: input is not valid JSON: {exc}")
     if not isinstance(value, dict):
         return Failure(f"{worker}: input must be a JSON object, got {type(value).__name__}")
     return value
+
+
+def nonempty_string(value, message: str) -> str:
+    """``value`` if it is a non-empty string, else ValueError(``message``)."""
+    if not isinstance(value, str) or not value:
+        raise ValueError(message)
+    return value
+
+
+def given_or_upstream(args: dict, ctx, key: str):
+    """The input's ``key``, else the previous chain step's (so a chain can pass a path or URL on)."""
+    return args.get(key) or (ctx.upstream or {}).get(key)
 
 
 def elapsed_ms(started: float) -> int:
@@ -93,26 +112,42 @@ def compress(input, ctx):
     args = load_input(input, "compress")
     if isinstance(args, Failure):
         return args
-    paths = _input_paths(args, ctx)
-    if isinstance(paths, Failure):
-        return paths
-    output, fmt = args.get("output"), args.get("format")
-    if fmt is not None and fmt not in FORMATS:
-        return Failure(f"compress: unknown format {fmt!r} (expected one of {', '.join(FORMATS)})")
-    if output is None:
-        output = os.path.normpath(paths[0]) + "." + (fmt or "zip")
-    if not isinstance(output, str) or not output:
-        return Failure('compress: "output" (the archive path) must be a non-empty string')
-    output = os.path.abspath(os.path.expanduser(output))
-    if os.path.isdir(output):
-        return Failure(f"compress: output is a directory: {output}")
-    fmt = fmt or _format_from_suffix(output)
-
+    try:
+        paths = _input_paths(args, ctx)
+        output, fmt = _archive_target(args, paths)
+    except ValueError as exc:
+        return Failure(f"compress: {exc}")
     entries = _collect(paths, output)
     if isinstance(entries, Failure):
         return entries
     members, skipped = entries
+    stopped = _write_atomically(output, fmt, members, ctx)
+    if stopped is not None:
+        return stopped  # a Retry or Failure
+    return _compressed(output, fmt, members, skipped, started)
 
+
+def _compressed(output: str, fmt: str, members: list, skipped: int, started: float) -> Success:
+    """The Success of a written archive, with what it holds."""
+    files = [m for m in members if m[2] is not None]
+    return Success(
+        message=f"compressed {len(files)} file(s) into {output}",
+        data={
+            "path": output,
+            "output": output,
+            "format": fmt,
+            "files": len(files),
+            "bytes_in": sum(m[2] for m in files),
+            "bytes_out": os.path.getsize(output),
+            "skipped": skipped,
+            "duration_ms": elapsed_ms(started),
+        },
+    )
+
+
+def _write_atomically(output: str, fmt: str, members: list, ctx) -> Retry | Failure | None:
+    """Write the archive beside ``output`` and rename it into place: None once it is there, else
+    the Retry (told to expire) or Failure (the file system refused) that stopped it."""
     directory = os.path.dirname(output)
     # Hidden, in the same directory so os.replace is an atomic rename, and named after the output
     # so that the next run finds and replaces one left by a run that was killed (SIGKILL leaves no
@@ -134,26 +169,10 @@ def compress(input, ctx):
         return Failure(f"compress: {exc}")
     finally:
         if not done:
-            try:
+            with contextlib.suppress(FileNotFoundError):
                 os.remove(tmp)
-            except FileNotFoundError:
-                pass
     fsync_dir(directory)
-
-    files = [m for m in members if m[2] is not None]
-    return Success(
-        message=f"compressed {len(files)} file(s) into {output}",
-        data={
-            "path": output,
-            "output": output,
-            "format": fmt,
-            "files": len(files),
-            "bytes_in": sum(m[2] for m in files),
-            "bytes_out": os.path.getsize(output),
-            "skipped": skipped,
-            "duration_ms": elapsed_ms(started),
-        },
-    )
+    return None
 
 
 def temp_path(target: str) -> str:
@@ -170,16 +189,41 @@ def _remove_stale(tmp: str) -> None:
         pass
 
 
-def _input_paths(args: dict, ctx) -> list[str] | Failure:
-    paths = args.get("paths")
-    if paths is None:
-        one = args.get("path") or (ctx.upstream or {}).get("path")
-        paths = [one] if one else []
-    if not isinstance(paths, list) or not all(isinstance(p, str) and p for p in paths):
-        return Failure('compress: "paths" must be a list of file or directory paths')
+def _input_paths(args: dict, ctx) -> list[str]:
+    """The absolute paths to pack (ValueError when there are none, or one is not a path)."""
+    paths = _given_paths(args, ctx)
+    if not _is_path_list(paths):
+        raise ValueError('"paths" must be a list of file or directory paths')
     if not paths:
-        return Failure('compress: nothing to compress: give "paths" or "path"')
+        raise ValueError('nothing to compress: give "paths" or "path"')
     return [os.path.abspath(os.path.expanduser(p)) for p in paths]
+
+
+def _is_path_list(value) -> bool:
+    return isinstance(value, list) and all(isinstance(p, str) and p for p in value)
+
+
+def _given_paths(args: dict, ctx):
+    """``paths`` as given, else ``path`` (or the previous step's) as a list of one (none without it)."""
+    paths = args.get("paths")
+    if paths is not None:
+        return paths
+    one = given_or_upstream(args, ctx, "path")
+    return [one] if one else []
+
+
+def _archive_target(args: dict, paths: list[str]) -> tuple[str, str]:
+    """The archive's absolute path and format (ValueError on a bad one)."""
+    output, fmt = args.get("output"), args.get("format")
+    if fmt not in (None, *FORMATS):
+        raise ValueError(f"unknown format {fmt!r} (expected one of {', '.join(FORMATS)})")
+    if output is None:
+        output = os.path.normpath(paths[0]) + "." + (fmt or "zip")
+    output = nonempty_string(output, '"output" (the archive path) must be a non-empty string')
+    output = os.path.abspath(os.path.expanduser(output))
+    if os.path.isdir(output):
+        raise ValueError(f"output is a directory: {output}")
+    return output, fmt or _format_from_suffix(output)
 
 
 def _format_from_suffix(output: str) -> str:
@@ -196,28 +240,53 @@ def _collect(paths: list[str], output: str):
         if not os.path.exists(path):
             return Failure(f"compress: no such file or directory: {path}")
         prefix = os.path.basename(os.path.normpath(path))
-        if not os.path.isdir(path):
+        if os.path.isdir(path):
+            found, passed = _directory_members(path, prefix, output)
+            members += found
+            skipped += passed
+        else:
             members.append((path, prefix, os.path.getsize(path)))
-            continue
-        for root, dirs, names in os.walk(path):
-            dirs.sort()
-            rel = os.path.relpath(root, path)
-            base = prefix if rel == "." else posixpath.join(prefix, *rel.split(os.sep))
-            members.append((root, base, None))
-            for name in sorted(names):
-                full = os.path.join(root, name)
-                # An earlier archive in the directory being packed must not end up inside itself.
-                if not os.path.isfile(full) or os.path.abspath(full) == output:
-                    skipped += 1
-                    continue
-                members.append((full, posixpath.join(base, name), os.path.getsize(full)))
-            skipped += sum(os.path.islink(os.path.join(root, d)) for d in dirs)
+    clash = _name_clash(members)
+    if clash is not None:
+        return clash
+    return members, skipped
+
+
+def _directory_members(path: str, prefix: str, output: str) -> tuple[list, int]:
+    """A directory's members, recursively and in name order under ``prefix``, and how many
+    entries were skipped (links to directories, special files, the archive itself)."""
+    members: list[tuple[str, str, int | None]] = []
+    skipped = 0
+    for root, dirs, names in os.walk(path):
+        dirs.sort()
+        rel = os.path.relpath(root, path)
+        base = prefix if rel == "." else posixpath.join(prefix, *rel.split(os.sep))
+        members.append((root, base, None))
+        files = _regular_files(root, names, output)
+        members += [(full, posixpath.join(base, name), os.path.getsize(full)) for name, full in files]
+        skipped += len(names) - len(files) + sum(os.path.islink(os.path.join(root, d)) for d in dirs)
+    return members, skipped
+
+
+def _regular_files(root: str, names: list[str], output: str) -> list[tuple[str, str]]:
+    """(name, path) of the regular files among ``names`` in ``root``, in name order."""
+    found = []
+    for name in sorted(names):
+        full = os.path.join(root, name)
+        # An earlier archive in the directory being packed must not end up inside itself.
+        if os.path.isfile(full) and os.path.abspath(full) != output:
+            found.append((name, full))
+    return found
+
+
+def _name_clash(members: list) -> Failure | None:
+    """The Failure when two members would be stored under the same name."""
     seen: dict[str, str] = {}
     for full, arcname, _ in members:
         if arcname in seen:
             return Failure(f"compress: {seen[arcname]} and {full} would both be stored as {arcname!r}")
         seen[arcname] = full
-    return members, skipped
+    return None
 
 
 def _write_archive(raw, fmt: str, output: str, members, ctx) -> bool:
@@ -229,15 +298,16 @@ def _write_archive(raw, fmt: str, output: str, members, ctx) -> bool:
             compression=zipfile.ZIP_DEFLATED,
             strict_timestamps=False,  # pre-1980 mtimes
         ) as archive:
-            for full, arcname, _ in members:
-                if ctx.expired:
-                    return False
-                archive.write(full, arcname)
-    else:
-        # name= only labels the gzip header; the bytes go to fileobj.
-        with tarfile.open(name=output, mode="w:gz", fileobj=raw, dereference=True) as archive:
-            for full, arcname, _ in members:
-                if ctx.expired:
-                    return False
-                archive.add(full, arcname, recursive=False)
+            return _add_members(members, ctx, archive.write)
+    # name= only labels the gzip header; the bytes go to fileobj.
+    with tarfile.open(name=output, mode="w:gz", fileobj=raw, dereference=True) as archive:
+        return _add_members(members, ctx, functools.partial(archive.add, recursive=False))
+
+
+def _add_members(members, ctx, add) -> bool:
+    """``add(path, name)`` for each member, in order; False if told to expire part-way."""
+    for full, arcname, _ in members:
+        if ctx.expired:
+            return False
+        add(full, arcname)
     return True

@@ -22,7 +22,7 @@ import urllib.request
 
 from kmpwm.core.results import Failure, Retry, Success
 from kmpwm.running.declare import worker
-from kmpwm.workers.files import elapsed_ms, fsync_dir, load_input
+from kmpwm.workers.files import elapsed_ms, fsync_dir, given_or_upstream, load_input, nonempty_string
 
 USER_AGENT = "kmpwm/0.1"
 CHUNK = 64 * 1024
@@ -77,11 +77,7 @@ def http_request(input, ctx):
     if isinstance(args, Failure):
         return args
     try:
-        url = _url(args.get("url"))
-        method = _method(args.get("method", "GET"))
-        headers = _headers(args.get("headers"))
-        timeout = _timeout(args.get("timeout", 30), ctx)
-        expect = _expect(args.get("expect_status"))
+        url, method, headers, timeout, expect = _call_args(args, ctx, method="GET", timeout=30)
         payload = _payload(args.get("body"), args.get("json"), headers)
     except ValueError as exc:
         return Failure(f"http: {exc}")
@@ -98,11 +94,17 @@ def http_request(input, ctx):
         "headers": _report_headers(resp),
     }
     if args.get("save_body"):
-        text = _text(resp, kept)
-        if text is not None:
-            data["body"] = text
-            data["truncated"] = size > len(kept)
+        data.update(_body_data(resp, size, kept))
     return _verdict(f"{method} {url}", resp, expect, data)
+
+
+def _body_data(resp, size: int, kept: bytes) -> dict:
+    """``body`` (the text kept of a textual response) and whether it was ``truncated``; nothing
+    for another response."""
+    text = _text(resp, kept)
+    if text is None:
+        return {}
+    return {"body": text, "truncated": size > len(kept)}
 
 
 @worker(
@@ -150,39 +152,28 @@ def download(input, ctx):
     if problem is not None:
         return problem
     part = path + ".part"
-    offset = os.path.getsize(part) if os.path.exists(part) else 0
-    if offset and not args.get("resume", True):
-        os.remove(part)
-        offset = 0
-    headers = {"User-Agent": USER_AGENT}
-    if offset:
-        headers["Range"] = f"bytes={offset}-"
-    try:
-        resp = _open(urllib.request.Request(url, headers=headers), timeout)
-    except http.client.InvalidURL as exc:
-        return Failure(f"download: invalid URL {url!r}: {exc}")
-    except (OSError, http.client.HTTPException) as exc:
-        return Retry(f"download {url}: {_reason(exc)}")
+    offset = _kept_bytes(part, args.get("resume", True))
+    resp = _get_from(url, offset, timeout)
+    if isinstance(resp, (Retry, Failure)):
+        return resp
     with resp:
-        status = resp.status
-        offset = _resume_offset(resp, offset, part, url)
-        if not isinstance(offset, int):
-            return offset  # a Retry or Failure
-        digest = hashlib.sha256()
-        if offset:
-            _hash_file(part, digest)
-        if status != 416:
-            stopped = _receive(resp, part, offset, digest, ctx)
-            if stopped is not None:
-                size = os.path.getsize(part)
-                return Retry(
-                    f"download {url}: {stopped} at {size} bytes; will resume",
-                    data={"path": path, "bytes": size, "resumed_from": offset, "status": status},
-                )
-    actual = digest.hexdigest()
+        received = _transfer(resp, url, path, part, offset, ctx)
+    if not isinstance(received, tuple):
+        return received  # a Retry or Failure
+    status, offset, actual = received
     if expected is not None and actual != expected.lower():
-        os.remove(part)
-        return Failure(f"download {url}: sha256 mismatch: expected {expected.lower()}, got {actual}")
+        return _mismatch(part, url, expected, actual)
+    return _downloaded(part, path, status, offset, actual, started)
+
+
+def _mismatch(part: str, url: str, expected: str, actual: str) -> Failure:
+    """The Failure of a file whose sha256 is not the one expected (its .part removed: a retry starts over)."""
+    os.remove(part)
+    return Failure(f"download {url}: sha256 mismatch: expected {expected.lower()}, got {actual}")
+
+
+def _downloaded(part: str, path: str, status: int, offset: int, digest: str, started: float) -> Success:
+    """Rename the complete, verified ``part`` onto ``path`` (durably); the Success."""
     os.replace(part, path)
     fsync_dir(os.path.dirname(path))
     size = os.path.getsize(path)
@@ -192,19 +183,62 @@ def download(input, ctx):
             "path": path,
             "bytes": size,
             "resumed_from": offset,
-            "sha256": actual,
+            "sha256": digest,
             "status": status,
             "duration_ms": elapsed_ms(started),
         },
     )
 
 
+def _get_from(url: str, offset: int, timeout: float):
+    """The response to a GET of ``url`` from byte ``offset`` on, or the Retry/Failure of a
+    request that could not be made."""
+    headers = {"User-Agent": USER_AGENT}
+    if offset:
+        headers["Range"] = f"bytes={offset}-"
+    try:
+        return _open(urllib.request.Request(url, headers=headers), timeout)
+    except http.client.InvalidURL as exc:
+        return Failure(f"download: invalid URL {url!r}: {exc}")
+    except (OSError, http.client.HTTPException) as exc:
+        return Retry(f"download {url}: {_reason(exc)}")
+
+
+def _kept_bytes(part: str, resume) -> int:
+    """How much of the file an earlier attempt left in ``part`` to resume from (without
+    ``resume``, none: the .part is removed)."""
+    offset = os.path.getsize(part) if os.path.exists(part) else 0
+    if offset and not resume:
+        os.remove(part)
+        return 0
+    return offset
+
+
+def _transfer(resp, url: str, path: str, part: str, offset: int, ctx):
+    """Receive the response into ``part``: (status, where it resumed, the file's sha256), or the
+    Retry/Failure that stopped it."""
+    status = resp.status
+    offset = _resume_offset(resp, offset, part, url)
+    if not isinstance(offset, int):
+        return offset  # a Retry or Failure
+    digest = hashlib.sha256()
+    if offset:
+        _hash_file(part, digest)
+    if status != 416:  # (416: the .part holds the whole file already)
+        stopped = _receive(resp, part, offset, digest, ctx)
+        if stopped is not None:
+            size = os.path.getsize(part)
+            return Retry(
+                f"download {url}: {stopped} at {size} bytes; will resume",
+                data={"path": path, "bytes": size, "resumed_from": offset, "status": status},
+            )
+    return status, offset, digest.hexdigest()
+
+
 def _download_args(args: dict, ctx) -> tuple[str, str, str | None, float]:
     """url, destination, expected sha256, timeout (ValueError on a bad one)."""
-    url = _url(args.get("url") or (ctx.upstream or {}).get("url"))
-    path = args.get("path")
-    if not isinstance(path, str) or not path:
-        raise ValueError('"path" (the destination file) is required')
+    url = _url(given_or_upstream(args, ctx, "url"))
+    path = nonempty_string(args.get("path"), '"path" (the destination file) is required')
     expected = args.get("sha256")
     if expected is not None and not (isinstance(expected, str) and HEX64.fullmatch(expected)):
         raise ValueError('"sha256" must be 64 hex digits')
@@ -226,22 +260,25 @@ def _resume_offset(resp, offset: int, part: str, url: str):
     """Where the response's bytes go in ``part`` (0: from the start), or the Retry/Failure the
     response calls for."""
     status = resp.status
-    if status == 416 and offset:
-        # The .part may already hold the whole file (an attempt stopped right at the end).
-        if _range_total(resp.headers.get("Content-Range")) != offset:
-            os.remove(part)
-            return Retry(f"download {url}: server refused to resume at byte {offset}; will start over")
-        return offset
-    if status == 206:
-        if _range_start(resp.headers.get("Content-Range")) != offset:
-            os.remove(part)
-            return Retry(f"download {url}: server sent an unexpected range; will start over")
-        return offset
+    if status == 206 or (status == 416 and offset):
+        problem = _range_problem(resp, offset)
+        if problem is None:
+            return offset
+        os.remove(part)
+        return Retry(f"download {url}: {problem}; will start over")
     if 200 <= status < 300:
         return 0
     verdict = Retry if _transient(status) else Failure
-    label = f"GET {url} -> {status} {resp.reason or ''}".rstrip()
-    return verdict(label, data={"status": status, "url": url})
+    return verdict(_status_line(f"GET {url}", resp), data={"status": status, "url": url})
+
+
+def _range_problem(resp, offset: int) -> str | None:
+    """Why a 206 (or a 416 to a resume) does not continue the .part's ``offset`` bytes; None if it does."""
+    content_range = resp.headers.get("Content-Range")
+    if resp.status == 416:
+        # The .part may already hold the whole file (an attempt stopped right at the end).
+        return None if _range_total(content_range) == offset else f"server refused to resume at byte {offset}"
+    return None if _range_start(content_range) == offset else "server sent an unexpected range"
 
 
 @worker(
@@ -284,39 +321,20 @@ def upload(input, ctx):
     if isinstance(args, Failure):
         return args
     try:
-        url = _url(args.get("url"))
-        method = _method(args.get("method", "POST"))
-        headers = _headers(args.get("headers"))
-        timeout = _timeout(args.get("timeout", 60), ctx)
-        expect = _expect(args.get("expect_status"))
-        field = args.get("field", "file")
-        fields = args.get("fields") or {}
-        if not isinstance(field, str) or not field:
-            raise ValueError('"field" must be a non-empty string')
-        if not isinstance(fields, dict) or not all(isinstance(v, (str, int, float)) for v in fields.values()):
-            raise ValueError('"fields" must be an object of form field names to strings')
-        path = args.get("path") or (ctx.upstream or {}).get("path")
-        if not isinstance(path, str) or not path:
-            raise ValueError('"path" (the file to upload) is required')
+        url, method, headers, timeout, expect = _call_args(args, ctx, method="POST", timeout=60)
+        field, fields = _form_fields(args)
+        path = nonempty_string(given_or_upstream(args, ctx, "path"), '"path" (the file to upload) is required')
     except ValueError as exc:
         return Failure(f"upload: {exc}")
     path = os.path.abspath(os.path.expanduser(path))
     if not os.path.isfile(path):
         return Failure(f"upload: no such file: {path}")
     size = os.path.getsize(path)
-    content_type = mimetypes.guess_type(path)[0] or "application/octet-stream"
     if args.get("multipart", True):
-        boundary = "kmpwm-" + secrets.token_hex(16)
-        head, tail = _multipart_frame(
-            boundary, {k: str(v) for k, v in fields.items()}, field, os.path.basename(path), content_type
-        )
-        body = _stream(path, ctx, head, tail, size)
-        _set_default(headers, "Content-Type", f"multipart/form-data; boundary={boundary}")
-        length = len(head) + size + len(tail)
+        body, length = _multipart_body(path, size, field, fields, headers, ctx)
     else:
-        body = _stream(path, ctx, total=size)
-        _set_default(headers, "Content-Type", content_type)
-        length = size
+        body, length = _stream(path, ctx, total=size), size
+        _set_default(headers, "Content-Type", _content_type(path))
     # Known up front, so servers that refuse chunked uploads still accept the streamed body.
     headers["Content-Length"] = str(length)
     request = urllib.request.Request(url, data=body, headers=headers, method=method)
@@ -335,12 +353,47 @@ def upload(input, ctx):
     return _verdict(f"{method} {url} ({size} bytes)", resp, expect, data)
 
 
+def _form_fields(args: dict) -> tuple[str, dict]:
+    """The file's form field and the extra text fields (ValueError on a bad one)."""
+    field = nonempty_string(args.get("field", "file"), '"field" must be a non-empty string')
+    fields = _text_values(args.get("fields") or {}, '"fields" must be an object of form field names to strings')
+    return field, fields
+
+
+def _content_type(path: str) -> str:
+    return mimetypes.guess_type(path)[0] or "application/octet-stream"
+
+
+def _multipart_body(path: str, size: int, field: str, fields: dict, headers: dict, ctx):
+    """The multipart/form-data body, streamed (the text fields, then the file), and its length;
+    its Content-Type goes into ``headers`` unless they have one."""
+    boundary = "kmpwm-" + secrets.token_hex(16)
+    head, tail = _multipart_frame(
+        boundary, {k: str(v) for k, v in fields.items()}, field, os.path.basename(path), _content_type(path)
+    )
+    _set_default(headers, "Content-Type", f"multipart/form-data; boundary={boundary}")
+    return _stream(path, ctx, head, tail, size), len(head) + size + len(tail)
+
+
 # --- input checks (ValueError carries the message of the Failure) -------------------------------
 
 
+def _call_args(
+    args: dict, ctx, *, method: str, timeout: float
+) -> tuple[str, str, dict[str, str], float, set[int] | None]:
+    """The request's URL, method, headers, socket timeout and expected statuses, ``method`` and
+    ``timeout`` being the defaults."""
+    return (
+        _url(args.get("url")),
+        _method(args.get("method", method)),
+        _headers(args.get("headers")),
+        _timeout(args.get("timeout", timeout), ctx),
+        _expect(args.get("expect_status")),
+    )
+
+
 def _url(value) -> str:
-    if not isinstance(value, str) or not value:
-        raise ValueError('"url" is required')
+    nonempty_string(value, '"url" is required')
     parts = urllib.parse.urlsplit(value)
     if parts.scheme.lower() not in ("http", "https"):
         raise ValueError(f"only http:// and https:// URLs are allowed, not {value!r}")
@@ -356,13 +409,17 @@ def _method(value) -> str:
 
 
 def _headers(value) -> dict[str, str]:
-    if value is None:
-        value = {}
-    if not isinstance(value, dict) or not all(isinstance(v, (str, int, float)) for v in value.values()):
-        raise ValueError('"headers" must be an object of header names to strings')
+    value = _text_values({} if value is None else value, '"headers" must be an object of header names to strings')
     headers = {str(k): str(v) for k, v in value.items()}
     _set_default(headers, "User-Agent", USER_AGENT)
     return headers
+
+
+def _text_values(value, message: str) -> dict:
+    """``value`` if it is an object of names to strings (or numbers), else ValueError(``message``)."""
+    if not isinstance(value, dict) or not all(isinstance(v, (str, int, float)) for v in value.values()):
+        raise ValueError(message)
+    return value
 
 
 def _set_default(headers: dict, name: str, value: str) -> None:
@@ -382,9 +439,13 @@ def _expect(value) -> set[int] | None:
     if value is None:
         return None
     values = value if isinstance(value, list) else [value]
-    if not values or not all(isinstance(v, int) and not isinstance(v, bool) for v in values):
+    if not values or not all(map(_is_status_code, values)):
         raise ValueError(f'"expect_status" must be a status code or a list of them, not {value!r}')
     return set(values)
+
+
+def _is_status_code(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)  # JSON's true is not 1 here
 
 
 def _payload(body, json_value, headers: dict) -> bytes | None:
@@ -417,14 +478,7 @@ def _exchange(request, timeout: float, ctx, keep: int):
     what = f"{request.get_method()} {request.full_url}"
     try:
         with _open(request, timeout) as resp:
-            size, kept = 0, bytearray()
-            while chunk := resp.read1(CHUNK):
-                if ctx.expired:
-                    raise _Stopped
-                size += len(chunk)
-                if len(kept) < keep:
-                    kept += chunk[: keep - len(kept)]
-            return resp, size, bytes(kept)
+            return resp, *_read_body(resp, ctx, keep)
     except _Stopped:
         return Retry(f"{what}: stopped before the exchange finished")
     except http.client.InvalidURL as exc:
@@ -433,9 +487,20 @@ def _exchange(request, timeout: float, ctx, keep: int):
         return Retry(f"{what}: {_reason(exc)}")
 
 
+def _read_body(resp, ctx, keep: int) -> tuple[int, bytes]:
+    """Read the whole body: its size and its first ``keep`` bytes (_Stopped when told to expire)."""
+    size, kept = 0, bytearray()
+    while chunk := resp.read1(CHUNK):
+        if ctx.expired:
+            raise _Stopped
+        size += len(chunk)
+        kept += chunk[: keep - len(kept)]  # nothing once keep bytes are kept
+    return size, bytes(kept)
+
+
 def _verdict(what: str, resp, expect: set[int] | None, data: dict):
     status = resp.status
-    label = f"{what} -> {status} {resp.reason or ''}".rstrip()
+    label = _status_line(what, resp)
     if expect is not None and status in expect:
         return Success(message=label, data=data)
     if _transient(status):
@@ -443,6 +508,11 @@ def _verdict(what: str, resp, expect: set[int] | None, data: dict):
     if status >= 400 or expect is not None:
         return Failure(label + (f" (expected {sorted(expect)})" if expect is not None else ""), data=data)
     return Success(message=label, data=data)
+
+
+def _status_line(what: str, resp) -> str:
+    """``GET URL -> 404 Not Found``."""
+    return f"{what} -> {resp.status} {resp.reason or ''}".rstrip()
 
 
 def _transient(status: int) -> bool:
@@ -461,19 +531,22 @@ def _report_headers(resp) -> dict[str, str]:
 def _text(resp, raw: bytes, force: bool = False) -> str | None:
     """``raw`` decoded with the response's charset; None for a non-textual response unless
     ``force``. An incremental decoder drops a character cut in half at the 64 KiB limit."""
-    if not force:
-        if resp.headers.get("Content-Type"):
-            kind = resp.headers.get_content_type()
-            if not (kind.startswith("text/") or any(t in kind for t in TEXT_TYPES)):
-                return None
-        elif not _looks_utf8(raw):
-            return None
+    if not (force or _looks_textual(resp, raw)):
+        return None
     charset = resp.headers.get_content_charset() or "utf-8"
     try:
         decoder = codecs.getincrementaldecoder(charset)(errors="replace")
     except LookupError:
         decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
     return decoder.decode(raw, final=False)
+
+
+def _looks_textual(resp, raw: bytes) -> bool:
+    """A textual Content-Type, or, without one, a body that is UTF-8."""
+    if not resp.headers.get("Content-Type"):
+        return _looks_utf8(raw)
+    kind = resp.headers.get_content_type()
+    return kind.startswith("text/") or any(t in kind for t in TEXT_TYPES)
 
 
 def _looks_utf8(raw: bytes) -> bool:
@@ -507,32 +580,43 @@ def _hash_file(path: str, digest) -> None:
 def _receive(resp, part: str, offset: int, digest, ctx) -> str | None:
     """Append the response body to ``part`` (from scratch when ``offset`` is 0), feeding
     ``digest``; None once complete, else why it stopped (the .part is fsynced for the resume)."""
-    length = resp.headers.get("Content-Length")
-    expected = int(length) if length and length.isdigit() else None
-    received = 0
-    total = offset + expected if expected else None
+    expected = _content_length(resp)
     with open(part, "ab" if offset else "wb") as out:
         try:
-            while True:
-                if ctx.expired:
-                    return "stopped"
-                chunk = resp.read1(CHUNK)
-                if not chunk:
-                    break
-                out.write(chunk)
-                digest.update(chunk)
-                received += len(chunk)
-                if total:
-                    _progress(ctx, offset + received, total, "downloaded")
+            received = _copy_body(resp, out, digest, ctx, offset, offset + expected if expected else None)
             # http.client returns a short body silently when the connection drops.
             if expected is not None and received < expected:
                 return f"connection closed after {received} of {expected} bytes"
             return None
+        except _Stopped:
+            return "stopped"
         except (OSError, http.client.HTTPException) as exc:
             return f"transfer failed ({_reason(exc)})"
         finally:
             out.flush()
             os.fsync(out.fileno())
+
+
+def _content_length(resp) -> int | None:
+    length = resp.headers.get("Content-Length")
+    return int(length) if length and length.isdigit() else None
+
+
+def _copy_body(resp, out, digest, ctx, offset: int, total: int | None) -> int:
+    """Copy the body to ``out`` (after ``offset`` bytes of ``total``), feeding ``digest`` and
+    reporting progress; how many bytes it copied (_Stopped when told to expire)."""
+    received = 0
+    while True:
+        if ctx.expired:
+            raise _Stopped
+        chunk = resp.read1(CHUNK)
+        if not chunk:
+            return received
+        out.write(chunk)
+        digest.update(chunk)
+        received += len(chunk)
+        if total:
+            _progress(ctx, offset + received, total, "downloaded")
 
 
 def _quote(value: str) -> str:
