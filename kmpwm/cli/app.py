@@ -788,7 +788,7 @@ def _io_failure(exc: OSError, as_json: bool) -> int:
     where = f" ({exc.filename})" if getattr(exc, "filename", None) else ""
     full = " — the disk is full" if exc.errno == _errno.ENOSPC else ""
     return _fail(
-        f"I/Opt error: {exc.strerror or exc}{where}{full}",
+        f"I/O error: {exc.strerror or exc}{where}{full}",
         74,
         as_json,
         "nothing was left half-written; fix the file system, then try again",

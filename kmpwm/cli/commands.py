@@ -5,7 +5,7 @@ from __future__ import annotations
 import sys
 import time
 
-from kmpwm.cli.output import print_json, say, table, warn
+from kmpwm.cli.output import print_json, printable, say, table, warn
 from kmpwm.core.exitcodes import InvalidParams, KmpwmError
 from kmpwm.core.timeparse import iso, relative
 
@@ -677,7 +677,7 @@ def store_copy(paths, to: str | None, from_: str | None, as_json: bool) -> int:
 def _warn_copied_running(ids: list[str]) -> None:
     sys.stderr.write(
         f"kmpwm: warning: {len(ids)} running task(s) copied as ENQUEUED "
-        f"({', '.join(ids[:3])}): stop the source's runners before they run twice\n"
+        f"({printable(', '.join(ids[:3]))}): stop the source's runners before they run twice\n"
     )
 
 

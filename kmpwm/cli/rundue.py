@@ -176,7 +176,9 @@ def _ran_line(row: dict, ended: dict | None) -> str | None:
 
 def warn(text: str) -> None:
     """A runner's warning (Runner's ``warn``), as it happens: on stderr."""
-    sys.stderr.write(f"kmpwm: {text}\n")
+    from kmpwm.cli.output import printable
+
+    sys.stderr.write(f"kmpwm: {printable(text)}\n")  # it may name a task id
     sys.stderr.flush()
 
 

@@ -961,3 +961,16 @@ def test_entry_point_leaves_the_collector_as_it_found_it(monkeypatch):
         finally:
             gc.unfreeze()
             gc.enable()
+
+
+def test_an_io_error_reaching_the_top_says_so_in_one_line(capsys):
+    """An OSError no command turned into a message (the file system refused a write): one line,
+    exit 74, naming the file (this text once read "I/Opt error" after a rename)."""
+    import errno
+
+    from kmpwm.cli import app
+
+    code = app._io_failure(OSError(errno.EIO, "Input/output error", "/home/u/.kmpwm/journal/journal.log"), False)
+    err = capsys.readouterr().err
+    assert code == 74
+    assert err.startswith("kmpwm: error: I/O error: Input/output error (/home/u/.kmpwm/journal/journal.log)"), err
