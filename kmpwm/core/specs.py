@@ -188,27 +188,31 @@ def request_from_spec(
     spec: dict, *, where: str = "", default_policy: str = "keep", need_id: bool = True
 ) -> tuple[TaskRequest, str]:
     """Validate a flat spec and return the request and its policy."""
-    prefix = f"{where}: " if where else ""
-    if not isinstance(spec, dict):
-        raise InvalidParams(f'{prefix}expected a JSON object with at least "id" and "worker"')
-    unknown = [k for k in spec if k not in SPEC_KEYS]
-    if unknown:
-        raise InvalidParams(f"{prefix}unknown key {unknown[0]!r}")
     try:
+        _check_keys(spec)
         request, policy = _checked_request(spec, default_policy, need_id)
     except InvalidParams as exc:
-        if prefix:
-            exc.message = prefix + exc.message
+        if where:
+            exc.message = f"{where}: {exc.message}"
             exc.args = (exc.message,)
         raise
     request.input = normalise_input(request.input)
     return request, policy
 
 
-def _checked_request(spec: dict, default_policy: str, need_id: bool) -> tuple[TaskRequest, str]:
-    """The request of a spec with known keys (its input as given) and its policy."""
+def _check_keys(spec: Any) -> None:
+    """A JSON object of known keys, with true or false for the flags."""
+    if not isinstance(spec, dict):
+        raise InvalidParams('expected a JSON object with at least "id" and "worker"')
+    unknown = [k for k in spec if k not in SPEC_KEYS]
+    if unknown:
+        raise InvalidParams(f"unknown key {unknown[0]!r}")
     for key in BOOL_KEYS & spec.keys():
         _bool(key, spec[key])
+
+
+def _checked_request(spec: dict, default_policy: str, need_id: bool) -> tuple[TaskRequest, str]:
+    """The request of a spec with checked keys (its input as given) and its policy."""
     worker, task_id = _spec_names(spec, need_id)
     trigger = _spec_trigger(spec)
     constraints = Constraints(**{k: spec[k] for k in CONSTRAINT_KEYS if k in spec and spec[k] is not None})

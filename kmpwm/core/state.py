@@ -85,7 +85,7 @@ def member(state: dict, chain: dict, task_id: str) -> dict | None:
 
 def members(state: dict, chain: dict) -> list[dict]:
     """The chain's tasks in step order (see :func:`member`)."""
-    return [t for step in chain["steps"] for i in step if (t := member(state, chain, i)) is not None]
+    return _step_members(state, chain, chain["steps"])
 
 
 def _live_members(state: dict, chain: dict) -> list[dict]:
@@ -104,8 +104,8 @@ def chain_state(state: dict, chain: dict) -> str:
         return "CANCELLED"
     if states <= {"SUCCEEDED"}:
         return "SUCCEEDED"
-    if "RUNNING" in states or any(t["attempts"] or t["state"] == "SUCCEEDED" for t in members_):
-        return "RUNNING"
+    if states & {"RUNNING", "SUCCEEDED"} or any(t["attempts"] for t in members_):
+        return "RUNNING"  # under way: a task ran, or runs
     return "ENQUEUED"
 
 
@@ -671,21 +671,17 @@ def _unseen_claim(state: dict, op: dict, ts: float, emit: Emit) -> dict | None:
 
 
 def _upstream_succeeded(state: dict, t: dict, ts: float, emit: Emit) -> None:
-    chain = state["chains"].get(t["chain_id"]) if t["chain_id"] else None
-    if chain is None or not t["step"] or t["id"] not in chain["steps"][t["step"] - 1]:
+    chain = _chain_of_step(state, t)
+    if chain is None:
         return
-    for step in chain["steps"][: t["step"] - 1]:
-        for i in step:
-            m = member(state, chain, i)
-            if m is not None and m["state"] in UNFINISHED:
-                m["last_result"] = {
-                    "status": "SUCCESS",
-                    "data": None,
-                    "message": (
-                        "its result was lost to journal damage; a later step of its chain ran, so it had succeeded"
-                    ),
-                }
-                _finish(state, m, "SUCCEEDED", ts, None, emit)
+    for m in _step_members(state, chain, chain["steps"][: t["step"] - 1]):
+        if m["state"] in UNFINISHED:
+            m["last_result"] = {
+                "status": "SUCCESS",
+                "data": None,
+                "message": "its result was lost to journal damage; a later step of its chain ran, so it had succeeded",
+            }
+            _finish(state, m, "SUCCEEDED", ts, None, emit)
 
 
 def _op_result(state: dict, op: dict, ts: float, emit: Emit) -> bool:
@@ -797,12 +793,21 @@ def _op_release(state: dict, op: dict, ts: float, emit: Emit) -> bool:
     return True
 
 
-def _op_fail(state: dict, op: dict, ts: float, emit: Emit) -> bool:
+def _unfinished_target(state: dict, op: dict, ts: float, emit: Emit) -> dict | None:
+    """The unfinished task a ``fail`` or ``trig`` op acts on (None: gone or finished), with the
+    occurrence it ``missed`` (--misfire-grace) reported."""
     t = _current(state, op)
     if t is None or t["state"] not in UNFINISHED:
-        return False
-    if emit and op.get("missed"):  # --misfire-grace: the occurrence was too late to start
+        return None
+    if emit and op.get("missed"):
         emit(ts, t["id"], "missed", op["missed"])
+    return t
+
+
+def _op_fail(state: dict, op: dict, ts: float, emit: Emit) -> bool:
+    t = _unfinished_target(state, op, ts, emit)  # missed: the occurrence was too late to start
+    if t is None:
+        return False
     if op.get("result"):
         t["last_result"] = op["result"]
     _finish(state, t, "FAILED", ts, op.get("reason") or "failed", emit)
@@ -810,11 +815,9 @@ def _op_fail(state: dict, op: dict, ts: float, emit: Emit) -> bool:
 
 
 def _op_trig(state: dict, op: dict, ts: float, emit: Emit) -> bool:
-    t = _current(state, op)
-    if t is None or t["state"] not in UNFINISHED:
+    t = _unfinished_target(state, op, ts, emit)  # missed: skipped to the next occurrence
+    if t is None:
         return False
-    if emit and op.get("missed"):  # --misfire-grace: skipped to the next occurrence
-        emit(ts, t["id"], "missed", op["missed"])
     if op.get("due") is not None:
         t["due"] = op["due"]
     if op.get("trig_state"):
@@ -886,10 +889,7 @@ def _op_pause(state: dict, op: dict, ts: float, emit: Emit) -> list:
     if until is not None:
         detail["until"] = until
     if op.get("all"):
-        state["qpause"] = {"until": until, "since": ts, "by": op.get("by")}
-        if emit:
-            emit(ts, "*", "paused", dict(detail, queue=True))
-        return _paused(state)
+        return _pause_queue(state, op, ts, emit, detail)
     done = steer_targets(state, op, UNFINISHED)
     for i in done:
         t = state["tasks"][i]
@@ -899,6 +899,21 @@ def _op_pause(state: dict, op: dict, ts: float, emit: Emit) -> list:
         if emit:
             emit(ts, i, "paused", detail)
     return done
+
+
+def _pause_queue(state: dict, op: dict, ts: float, emit: Emit, detail: dict) -> list[str]:
+    """``pause --all``: the queue itself is paused; returns the tasks paused one by one before."""
+    state["qpause"] = {"until": op.get("until"), "since": ts, "by": op.get("by")}
+    if emit:
+        emit(ts, "*", "paused", dict(detail, queue=True))
+    return _paused(state)
+
+
+def _resume_queue(state: dict, op: dict, ts: float, emit: Emit) -> list[str]:
+    """``resume --all``: the queue's pause ends, and every paused task is resumed (returned)."""
+    if state.pop("qpause", None) is not None and emit:
+        emit(ts, "*", "resumed", {"by": op.get("by"), "queue": True})
+    return _paused(state)
 
 
 def _paused(state: dict) -> list[str]:
@@ -912,9 +927,7 @@ def _paused(state: dict) -> list[str]:
 def _op_resume(state: dict, op: dict, ts: float, emit: Emit) -> list:
     tasks = state["tasks"]
     if op.get("all"):
-        if state.pop("qpause", None) is not None and emit:
-            emit(ts, "*", "resumed", {"by": op.get("by"), "queue": True})
-        done = _paused(state)
+        done = _resume_queue(state, op, ts, emit)
     else:
         done = [i for i in steer_targets(state, op, UNFINISHED) if tasks[i].get("paused")]
     for i in done:

@@ -21,19 +21,23 @@ MAX_SECONDS = 100 * 365 * 86400.0
 
 def parse_duration(value: str | int | float | timedelta, *, what: str = "duration") -> float:
     """Return seconds for a DUR; raise :class:`InvalidParams` with a one-line reason."""
-    if isinstance(value, timedelta):
-        seconds = value.total_seconds()
-    elif isinstance(value, str):
-        seconds = _text_seconds(value, what)
-    elif isinstance(value, (int, float)) and not isinstance(value, bool):
-        seconds = float(value)
-    else:
-        raise InvalidParams(f"invalid {what} {value!r}: expected a duration like 30s, 15m, 1h30m")
+    seconds = _seconds(value, what)
     if seconds != seconds or seconds < 0:
         raise InvalidParams(f"invalid {what} {value!r}: must not be negative")
     if seconds > MAX_SECONDS:
         raise InvalidParams(f"invalid {what} {value!r}: longer than 100 years")
     return seconds
+
+
+def _seconds(value, what: str) -> float:
+    """The seconds a DUR says, whatever its type (not checked for range)."""
+    if isinstance(value, timedelta):
+        return value.total_seconds()
+    if isinstance(value, str):
+        return _text_seconds(value, what)
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return float(value)
+    raise InvalidParams(f"invalid {what} {value!r}: expected a duration like 30s, 15m, 1h30m")
 
 
 def _text_seconds(value: str, what: str) -> float:

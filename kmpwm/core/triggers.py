@@ -434,6 +434,15 @@ def change_signature(path: str, descendants: bool) -> list:
     import zlib
 
     count, acc = 0, zlib.crc32(f"{st.st_mtime_ns}".encode())
+    for entry_path, est in _entries_below(path):
+        count += 1
+        acc = zlib.crc32(f"{entry_path}\0{est.st_mtime_ns}\0{est.st_size}".encode(), acc)
+    return [st.st_mtime_ns, count, acc]
+
+
+def _entries_below(path: str):
+    """``(path, stat)`` of every entry below directory ``path``, depth first, symlinks not
+    followed; an entry or directory that cannot be read is left out."""
     stack = [path]
     while stack:
         top = stack.pop()
@@ -444,13 +453,11 @@ def change_signature(path: str, descendants: bool) -> list:
                         est = entry.stat(follow_symlinks=False)
                     except OSError:
                         continue
-                    count += 1
-                    acc = zlib.crc32(f"{entry.path}\0{est.st_mtime_ns}\0{est.st_size}".encode(), acc)
+                    yield entry.path, est
                     if entry.is_dir(follow_symlinks=False):
                         stack.append(entry.path)
         except OSError:
             continue
-    return [st.st_mtime_ns, count, acc]
 
 
 def to_json(trigger: dict) -> dict:
