@@ -177,14 +177,20 @@ class Constraints:
             "backoff_delay": parse_duration(self.backoff_delay, what="backoff delay"),
             "max_attempts": max_attempts,
         }
-        # left out when unset, so the record of a task without them stays DEFAULT_CONSTRAINTS_RECORD
+        rec.update(self._scheduling_details())
+        return rec
+
+    def _scheduling_details(self) -> dict:
+        """``jitter`` and ``misfire_grace``, left out when unset, so that the record of a task
+        without them stays DEFAULT_CONSTRAINTS_RECORD."""
+        details = {}
         if self.jitter is not None:
             jitter = parse_duration(self.jitter, what="jitter")
             if jitter > 0:
-                rec["jitter"] = jitter
+                details["jitter"] = jitter
         if self.misfire_grace is not None:
-            rec["misfire_grace"] = _positive_duration(self.misfire_grace, "misfire grace")
-        return rec
+            details["misfire_grace"] = _positive_duration(self.misfire_grace, "misfire grace")
+        return details
 
     def _network_type(self) -> str:
         """The network type asked for; ``requires_network`` makes "not-required" (or none) "connected"."""

@@ -235,9 +235,10 @@ def _spec_names(spec: dict, need_id: bool) -> tuple[str, str | None]:
     if not isinstance(worker, str) or not worker:
         raise InvalidParams('missing "worker" (a worker name)')
     task_id = spec.get("id")
-    if task_id is None and need_id:
-        raise InvalidParams('missing "id"')
-    if task_id is not None and not isinstance(task_id, str):
+    if task_id is None:
+        if need_id:
+            raise InvalidParams('missing "id"')
+    elif not isinstance(task_id, str):
         raise InvalidParams(f"invalid id {task_id!r}: expected a string")
     return worker, task_id
 
@@ -322,19 +323,27 @@ def _spec_tags(spec: dict) -> list[str]:
     tags = spec.get("tags", [])
     if isinstance(tags, str):
         tags = [tags]
-    extra = spec.get("tag")
-    if extra is not None:
-        if not isinstance(extra, (str, list)):
-            raise InvalidParams("invalid tag: expected a string or a list of strings")
-        tags = list(tags) + ([extra] if isinstance(extra, str) else list(extra))
+    if spec.get("tag") is not None:
+        extra = _tag_list(spec["tag"])
+        tags = list(tags) + extra
     if not isinstance(tags, list) or not all(isinstance(t, str) for t in tags):
         raise InvalidParams("invalid tags: expected a list of strings")
     return list(tags)
 
 
+def _tag_list(tag) -> list:
+    """The ``tag`` key, a string or a list, as a list."""
+    if not isinstance(tag, (str, list)):
+        raise InvalidParams("invalid tag: expected a string or a list of strings")
+    return [tag] if isinstance(tag, str) else list(tag)
+
+
 def _spec_input(spec: dict):
-    if "input" in spec and spec.get("input_file") is not None:
+    path = spec.get("input_file")
+    if path is None:
+        return spec.get("input")
+    if "input" in spec:
         raise InvalidParams("give --input or --input-file, not both")
-    if spec.get("input_file") is not None and not isinstance(spec["input_file"], str):
+    if not isinstance(path, str):
         raise InvalidParams("invalid input_file: expected a path")
-    return read_input_file(spec["input_file"]) if spec.get("input_file") is not None else spec.get("input")
+    return read_input_file(path)

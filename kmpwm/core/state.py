@@ -459,9 +459,7 @@ def _op_chain(state: dict, op: dict, ts: float, emit: Emit) -> dict:
     old = state["chains"].get(cid)
     live = _live_members(state, old) if old is not None else []
     if live and op.get("policy", "replace") == "keep":
-        if emit:
-            emit(ts, cid, "kept", {"chain": cid})
-        return {"action": "kept", "id": cid, "tasks": _step_ids(old)}
+        return _chain_kept(old, ts, emit)
     for t in live:
         if t["state"] in UNFINISHED:  # (not a later step that the cancel of an earlier one ended)
             _finish(state, t, "CANCELLED", ts, "replaced", emit)
@@ -473,6 +471,13 @@ def _op_chain(state: dict, op: dict, ts: float, emit: Emit) -> dict:
         "tags": op.get("tags", []),
     }
     return {"action": "replaced" if live else "enqueued", "id": cid, "tasks": _step_ids(chain)}
+
+
+def _chain_kept(chain: dict, ts: float, emit: Emit) -> dict:
+    """``chain --policy keep`` of a chain that is still going: nothing changes."""
+    if emit:
+        emit(ts, chain["id"], "kept", {"chain": chain["id"]})
+    return {"action": "kept", "id": chain["id"], "tasks": _step_ids(chain)}
 
 
 def _step_ids(chain: dict) -> list[str]:
@@ -620,10 +625,15 @@ def _past_fence(state: dict, task_id: str, op: dict, ts: float) -> bool:
         return True
     if fence["until"] > ts and not op.get("fence_broken"):
         return False
+    _drop_fence(state, task_id)
+    return True
+
+
+def _drop_fence(state: dict, task_id: str) -> None:
+    fences = state["fences"]
     del fences[task_id]
     if not fences:
         del state["fences"]  # (a state without fences has no such key, as new_state() gives)
-    return True
 
 
 def _take_over(t: dict, op: dict, ts: float, emit: Emit) -> bool:
@@ -687,9 +697,7 @@ def _upstream_succeeded(state: dict, t: dict, ts: float, emit: Emit) -> None:
 def _op_result(state: dict, op: dict, ts: float, emit: Emit) -> bool:
     t = _holder(state, op) or _unseen_claim(state, op, ts, emit)
     if t is None:
-        if emit:
-            emit(ts, op.get("id", "?"), "stale-result", {"status": op.get("status"), "runner": op.get("runner")})
-        _unfence(state, op, ts, emit)
+        _stale_result(state, op, ts, emit)
         return False
     result = {"status": op["status"], "message": op.get("message"), "data": op.get("data")}
     if op.get("late_ms") is not None:
@@ -705,6 +713,14 @@ def _op_result(state: dict, op: dict, ts: float, emit: Emit) -> bool:
     else:
         _ran(state, t, op, ts, emit)
     return True
+
+
+def _stale_result(state: dict, op: dict, ts: float, emit: Emit) -> None:
+    """A result of a run that no longer holds its task: reported, and the fence that a cancel of
+    that run left (if any) comes down."""
+    if emit:
+        emit(ts, op.get("id", "?"), "stale-result", {"status": op.get("status"), "runner": op.get("runner")})
+    _unfence(state, op, ts, emit)
 
 
 def _expired(state: dict, t: dict, ts: float, emit: Emit) -> None:
@@ -771,9 +787,7 @@ def _unfence(state: dict, op: dict, ts: float, emit: Emit) -> None:
     fences = state.get("fences")
     tid = op.get("id")
     if fences and tid in fences and fences[tid].get("runner") == op.get("runner"):
-        del fences[tid]
-        if not fences:
-            del state["fences"]
+        _drop_fence(state, tid)
         if emit:
             emit(ts, tid, "stopped", {"runner": op.get("runner")})
 
@@ -856,11 +870,16 @@ def pause_of(state: dict, t: dict, now: float) -> dict | None:
     (``queue``: the whole queue is paused).  A pause whose ``until`` has passed is over.  The one
     place that decides it: run-due's plan, explain, the task JSON and the runner's claims ask here."""
     q = state.get("qpause")
-    if q is not None and (q.get("until") is None or q["until"] > now):
+    if q is not None and _holds(q.get("until"), now):
         return {"until": q.get("until"), "queue": True}
-    if t.get("paused") and (t.get("paused_until") is None or t["paused_until"] > now):
+    if t.get("paused") and _holds(t.get("paused_until"), now):
         return {"until": t.get("paused_until"), "queue": False}
     return None
+
+
+def _holds(until: float | None, now: float) -> bool:
+    """A pause to ``until`` (None: until resumed) is not over at ``now``."""
+    return until is None or until > now
 
 
 def steer_targets(state: dict, op: dict, wanted_states) -> list[str]:
