@@ -38,7 +38,7 @@ from kmpwm.core.models import (
     enum_value,
 )
 from kmpwm.core.specs import normalise_input
-from kmpwm.core.state import members
+from kmpwm.core.state import base_id, unfinished_family
 from kmpwm.core.triggers import REPEATING, TIMED, Cron, DeviceState, OneTime, Periodic, initial, jitter_offset
 from kmpwm.storage.paths import Paths, resolve
 from kmpwm.storage.stores import open_store
@@ -79,15 +79,19 @@ def check_id(value: Any, *, what: str = "id", allow_hash: bool = False) -> str:
         and (allow_hash or "#" not in value)
     ):
         return value  # the common case, checked in one go; the rest says what is wrong
+    return _checked_id(value, what, allow_hash)
+
+
+def _checked_id(value: Any, what: str, allow_hash: bool) -> str:
+    """:func:`check_id` one check at a time, each with its own message (valid non-ASCII ids pass)."""
     if not isinstance(value, str) or not value.strip():
         raise InvalidParams(f"invalid {what} {value!r}: expected a non-empty string")
     if len(value) > MAX_ID_LEN:
         raise InvalidParams(f"invalid {what}: longer than {MAX_ID_LEN} characters")
-    if not value.isascii():
-        try:
-            value.encode("utf-8")
-        except UnicodeEncodeError:
-            raise InvalidParams(f"invalid {what} {value!r}: not valid UTF-8 text") from None
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        raise InvalidParams(f"invalid {what} {value!r}: not valid UTF-8 text") from None
     if _CONTROL.search(value):
         raise InvalidParams(f"invalid {what} {value!r}: control characters are not allowed")
     if "#" in value and not allow_hash:
@@ -96,18 +100,18 @@ def check_id(value: Any, *, what: str = "id", allow_hash: bool = False) -> str:
 
 
 def check_tags(tags: Iterable[str]) -> list[str]:
-    out = []
+    tags = list(tags)
     for tag in tags:
-        if (
-            not isinstance(tag, str)
-            or not tag
-            or len(tag) > 100
-            or any(ord(c) < 32 or 0xD800 <= ord(c) < 0xE000 for c in tag)
-        ):
+        if not _is_tag(tag):
             raise InvalidParams(f"invalid tag {tag!r}: expected a short non-empty string of UTF-8 text")
-        if tag not in out:
-            out.append(tag)
-    return out
+    return list(dict.fromkeys(tags))  # each once, in order
+
+
+def _is_tag(tag: Any) -> bool:
+    """A string of 1 to 100 characters, none of them below U+0020 or a surrogate."""
+    return (
+        isinstance(tag, str) and 0 < len(tag) <= 100 and not any(ord(c) < 32 or 0xD800 <= ord(c) < 0xE000 for c in tag)
+    )
 
 
 def _chain_id(chain_id: str | None) -> str:
@@ -117,6 +121,61 @@ def _chain_id(chain_id: str | None) -> str:
     if "/" in chain_id:
         raise InvalidParams(f"invalid chain id {chain_id!r}: '/' separates the parts of its task ids")
     return chain_id
+
+
+def _check_importable(worker: str, info) -> None:
+    """A worker declared in config.toml: its module imports."""
+    from kmpwm.running.registry import import_error
+
+    problem = import_error(info)
+    if problem is not None:
+        where = ", ".join(info.config.import_dirs)
+        raise InvalidParams(
+            f"worker {worker!r}: {problem} (searched {where} and sys.path; say where "
+            f'the module is with path = "DIR" in [workers.{worker}] of config.toml)'
+        )
+
+
+def _first_due(trig: dict, crec: dict, task_id: str, host: str | None, now: float) -> tuple[float, dict | None]:
+    """A new task's due time and trigger state (with its ``--jitter`` offset)."""
+    if trig["type"] == "one_time":
+        return now + trig["delay"], None
+    offset = jitter_offset(task_id, crec["jitter"], host) if "jitter" in crec else 0.0
+    return initial(trig, now, offset)
+
+
+def _check_timed_only(crec: dict, trig: dict) -> None:
+    """``--jitter`` and ``--misfire-grace`` go with triggers whose due times are on a clock or grid."""
+    for key, flag in (("jitter", "--jitter"), ("misfire_grace", "--misfire-grace")):
+        if key in crec and trig["type"] not in TIMED:
+            raise InvalidParams(f"{flag} needs a trigger with due times on a clock or grid (--every, --cron or --at)")
+
+
+def _exact_behavior(trig: dict, constraints: Constraints) -> None:
+    """An exact trigger whose behaviour is "attempt" (its default) takes the constraints'
+    ``exact_behavior``; the behaviour "error" is refused: this platform cannot wake at an exact time."""
+    behavior = enum_value(ExactBehavior, constraints.exact_behavior, what="exact behavior")
+    if trig["type"] != "exact":
+        return
+    if behavior != "attempt" and trig.get("behavior") == "attempt":
+        trig["behavior"] = behavior
+    if trig["behavior"] == "error":
+        raise OsPolicy(
+            "REJECTED_OS_POLICY: this platform cannot wake at an exact time; kmpwm runs exact tasks "
+            "at the first run-due after the time",
+            hint="use --exact-behavior attempt (run late, lateness recorded) or notify",
+        )
+
+
+def _chain_steps(steps) -> list[list]:
+    """A chain's steps as lists, checked: at least one step, each with a task, not too many tasks."""
+    steps = [step if type(step) is list else list(step) for step in steps]
+    if not steps or not all(steps):
+        raise InvalidParams("a chain needs at least one step, and every step at least one task")
+    total = sum(map(len, steps))
+    if total > MAX_CHAIN_TASKS:
+        raise InvalidParams(f"chain too large ({total} tasks; the limit is {MAX_CHAIN_TASKS})")
+    return steps
 
 
 def _task_host(host: str | None, trig: dict, task_id: str) -> str | None:
@@ -172,20 +231,9 @@ class Scheduler:
         worker = req.worker
         if worker not in self._workers_ok:
             self._check_worker(worker)
-        trigger = req.trigger if req.trigger is not None else _ONE_TIME
-        constraints = req.constraints if req.constraints is not None else _DEFAULT_CONSTRAINTS
-        if trigger is _ONE_TIME and constraints is _DEFAULT_CONSTRAINTS and self._plain is not None:
-            trig, crec = self._plain  # the most common request: no trigger, no constraints
-        elif not isinstance(constraints, Constraints):
-            raise InvalidParams("invalid constraints: expected kmpwm.Constraints")
-        else:
-            trig, crec = self._validated_pair(trigger, constraints, now)
+        trig, crec = self._trigger_and_constraints(req, now)
         host = _task_host(req.host, trig, task_id)
-        if trig["type"] == "one_time":
-            due, trig_state = now + trig["delay"], None
-        else:
-            offset = jitter_offset(task_id, crec["jitter"], host) if "jitter" in crec else 0.0
-            due, trig_state = initial(trig, now, offset)
+        due, trig_state = _first_due(trig, crec, task_id, host, now)
         data = req.input
         if data is not None:
             data = self._task_input(data, worker)
@@ -206,6 +254,16 @@ class Scheduler:
                 task[key] = value
         return task
 
+    def _trigger_and_constraints(self, req: TaskRequest, now: float) -> tuple[dict, dict]:
+        """The validated trigger and constraint records of a request."""
+        trigger = req.trigger if req.trigger is not None else _ONE_TIME
+        constraints = req.constraints if req.constraints is not None else _DEFAULT_CONSTRAINTS
+        if trigger is _ONE_TIME and constraints is _DEFAULT_CONSTRAINTS and self._plain is not None:
+            return self._plain  # the most common request: no trigger, no constraints
+        if not isinstance(constraints, Constraints):
+            raise InvalidParams("invalid constraints: expected kmpwm.Constraints")
+        return self._validated_pair(trigger, constraints, now)
+
     def _check_worker(self, worker) -> None:
         """The worker exists (and a config worker's module imports): found now, not at 2 a.m."""
         if not isinstance(worker, str) or not worker:
@@ -220,15 +278,7 @@ class Scheduler:
         if info.kind == "command":
             self._command_workers.add(worker)
         elif info.source == "config":  # (entry points: checked at their install)
-            from kmpwm.running.registry import import_error
-
-            problem = import_error(info)
-            if problem is not None:
-                where = ", ".join(info.config.import_dirs)
-                raise InvalidParams(
-                    f"worker {worker!r}: {problem} (searched {where} and sys.path; say where "
-                    f'the module is with path = "DIR" in [workers.{worker}] of config.toml)'
-                )
+            _check_importable(worker, info)
         self._workers_ok.add(worker)
 
     def _task_input(self, data: str, worker: str) -> str:
@@ -260,21 +310,9 @@ class Scheduler:
         if not hasattr(trigger, "to_record"):
             raise InvalidParams(f"invalid trigger {trigger!r}: use kmpwm.core.triggers")
         trig = trigger.to_record(now)
-        behavior = enum_value(ExactBehavior, constraints.exact_behavior, what="exact behavior")
-        if trig["type"] == "exact" and behavior != "attempt" and trig.get("behavior") == "attempt":
-            trig["behavior"] = behavior
-        if trig["type"] == "exact" and trig["behavior"] == "error":
-            raise OsPolicy(
-                "REJECTED_OS_POLICY: this platform cannot wake at an exact time; kmpwm runs exact tasks "
-                "at the first run-due after the time",
-                hint="use --exact-behavior attempt (run late, lateness recorded) or notify",
-            )
+        _exact_behavior(trig, constraints)
         crec = constraints.to_record()
-        for key, flag in (("jitter", "--jitter"), ("misfire_grace", "--misfire-grace")):
-            if key in crec and trig["type"] not in TIMED:
-                raise InvalidParams(
-                    f"{flag} needs a trigger with due times on a clock or grid (--every, --cron or --at)"
-                )
+        _check_timed_only(crec, trig)
         if crec == DEFAULT_CONSTRAINTS_RECORD:
             crec = DEFAULT_CONSTRAINTS_RECORD
         from kmpwm.scheduling.probes import unobservable
@@ -319,20 +357,9 @@ class Scheduler:
         """Like :meth:`enqueue` but returns the full :class:`Outcome` (id, action, next run)."""
         if self._pending is None:
             return self.submit_many([(req, policy)])[0]
-        try:  # inside a batch: validate now, write when the batch ends
-            pol = (
-                policy
-                if type(policy) is str and policy in _POLICIES
-                else enum_value(ExistingWorkPolicy, policy, what="policy")
-            )
-            task = self.build_task(req, time.time())
-        except KmpwmError as exc:
-            return _rejected(getattr(req, "id", None), exc)
-        outcome = Outcome(ScheduleResult.SUCCESS, task["id"])
-        op = schema.enq(task, pol)
-        if pol == "update":
-            op["by"] = _who()
-        self._pending.append(("enq", op, outcome))
+        op, outcome = self._enq_op(req, policy, time.time())  # inside a batch: validate now, write when it ends
+        if op is not None:
+            self._pending.append(("enq", op, outcome))
         return outcome
 
     def submit_many(self, items: Sequence[tuple[TaskRequest, str]], *, all_or_nothing: bool = False) -> list[Outcome]:
@@ -340,28 +367,28 @@ class Scheduler:
         request rejects the whole batch (nothing is written)."""
         now = time.time()
         self._set_assume()
-        outcomes: list[Outcome] = []
-        ops: list[dict] = []
-        for req, policy in items:
-            try:
-                pol = enum_value(ExistingWorkPolicy, policy, what="policy")
-                task = self.build_task(req, now)
-            except KmpwmError as exc:
-                outcomes.append(_rejected(getattr(req, "id", None), exc))
-                continue
-            ops.append(schema.enq(task, pol))
-            if pol == "update":
-                ops[-1]["by"] = _who()  # events say who changed the task
-            outcomes.append(Outcome(ScheduleResult.SUCCESS, task["id"]))
-        if all_or_nothing and any(not o.ok for o in outcomes):
+        made = [self._enq_op(req, policy, now) for req, policy in items]
+        outcomes = [outcome for _op, outcome in made]
+        accepted = [("enq", op, outcome) for op, outcome in made if op is not None]
+        if all_or_nothing and len(accepted) < len(made):
             return outcomes
         if self._pending is not None:
-            for op, outcome in zip(ops, (o for o in outcomes if o.ok)):
-                self._pending.append(("enq", op, outcome))
-            return outcomes
-        if ops:
-            self._commit([("enq", op, o) for op, o in zip(ops, (o for o in outcomes if o.ok))], now)
+            self._pending += accepted
+        elif accepted:
+            self._commit(accepted, now)
         return outcomes
+
+    def _enq_op(self, req: TaskRequest, policy, now: float) -> tuple[dict | None, Outcome]:
+        """The ``enq`` op of one request and its outcome (no op: the request is rejected)."""
+        try:
+            pol = enum_value(ExistingWorkPolicy, policy, what="policy")
+            task = self.build_task(req, now)
+        except KmpwmError as exc:
+            return None, _rejected(getattr(req, "id", None), exc)
+        op = schema.enq(task, pol)
+        if pol == "update":
+            op["by"] = _who()  # events say who changed the task
+        return op, Outcome(ScheduleResult.SUCCESS, task["id"])
 
     # -- chains ---------------------------------------------------------------------------
 
@@ -404,12 +431,7 @@ class Scheduler:
         if policy not in ("keep", "replace"):
             raise InvalidParams(f"invalid chain policy {policy!r}: a chain takes keep or replace")
         chain_id = _chain_id(chain_id)
-        steps = [step if type(step) is list else list(step) for step in steps]
-        if not steps or not all(steps):
-            raise InvalidParams("a chain needs at least one step, and every step at least one task")
-        total = sum(map(len, steps))
-        if total > MAX_CHAIN_TASKS:
-            raise InvalidParams(f"chain too large ({total} tasks; the limit is {MAX_CHAIN_TASKS})")
+        steps = _chain_steps(steps)
         seen: set[str] = set()
         out_steps = [self._chain_step(step, number, chain_id, now, seen) for number, step in enumerate(steps, 1)]
         return schema.chain(chain_id, policy, out_steps, check_tags(tags) if tags else [])
@@ -419,19 +441,15 @@ class Scheduler:
         counts: dict[str, int] = {}
         tasks = []
         prefix = f"{chain_id}/{number}/"
-        clean = self._clean_workers
         for req in step:
-            if type(req) is not TaskRequest and not isinstance(req, TaskRequest):
+            if not isinstance(req, TaskRequest):
                 raise InvalidParams(f"step {number}: expected TaskRequest, got {type(req).__name__}")
             worker = req.worker
             n = counts[worker] = counts.get(worker, 0) + 1
             if req.id is not None:
                 task_id, trusted = check_id(req.id), True
             else:
-                task_id = f"{prefix}{worker}#{n}" if n > 1 else f"{prefix}{worker}"
-                if worker not in clean and isinstance(worker, str) and not _CONTROL.search(worker):
-                    clean.add(worker)
-                trusted = len(task_id) <= MAX_ID_LEN and worker in clean
+                task_id, trusted = self._generated_id(prefix, worker, n)
             if task_id in seen:
                 raise InvalidParams(f"task id {task_id!r} appears twice in the chain")
             seen.add(task_id)
@@ -443,6 +461,15 @@ class Scheduler:
                 )
             tasks.append(task)
         return tasks
+
+    def _generated_id(self, prefix: str, worker, n: int) -> tuple[str, bool]:
+        """``CHAIN/STEP/WORKER[#n]`` for the ``n``-th task of ``worker`` in a step, and whether it
+        is a valid id as it stands (a worker name with no control characters, short enough)."""
+        task_id = f"{prefix}{worker}#{n}" if n > 1 else f"{prefix}{worker}"
+        clean = self._clean_workers
+        if worker not in clean and isinstance(worker, str) and not _CONTROL.search(worker):
+            clean.add(worker)
+        return task_id, len(task_id) <= MAX_ID_LEN and worker in clean
 
     # -- cancel ---------------------------------------------------------------------------
 
@@ -518,17 +545,7 @@ class Scheduler:
                     _check_chain_ids(txn.state, op)
             results = txn.commit([op for _, op, _ in items], ts=now)
             for (kind, _op, outcome), res in zip(items, results):
-                outcome.action = res["action"]
-                outcome.id = res["id"]
-                if kind == "chain":
-                    outcome.tasks = res["tasks"]
-                    continue
-                outcome.next_run_at, outcome.state = res.get("due"), res.get("state")
-                kept = txn.state["tasks"].get(res["task"]) if res["action"] == "kept" else None
-                if kept is not None:  # an existing task: told as inspect-queue tells it
-                    from kmpwm.scheduling.views import effective_state, next_run_at
-
-                    outcome.state, outcome.next_run_at = effective_state(kept, now), next_run_at(kept, now)
+                _tell(outcome, kind, res, txn.state, now)
 
     # -- reading --------------------------------------------------------------------------
 
@@ -541,7 +558,6 @@ class Scheduler:
 
 _ONE_TIME = OneTime()
 _DEFAULT_CONSTRAINTS = Constraints()
-_POLICIES = frozenset(("keep", "replace", "append", "append-or-replace", "update"))
 
 
 class TaskChain:
@@ -599,19 +615,10 @@ def run_now(paths, ids, ignore_constraints=False, grace=None, on_event=None, war
     they are in the report's ``warnings`` too)."""
     from kmpwm.core.models import DEFAULT_GRACE
     from kmpwm.running.runner import Runner
-    from kmpwm.scheduling.steering import expand_ids
     from kmpwm.storage.stores import open_store
 
     store = open_store(paths)
-    state = store.load(full=True).state
-    forced = expand_ids(state, ids)
-    if not forced:
-        raise InvalidParams(
-            f"no task matches {', '.join(repr(i) for i in ids)}", hint="`kmpwm inspect-queue --all` lists them"
-        )
-    named = {i for i in forced if i in ids or i.split("#", 1)[0] in ids}
-    before = {i: state["tasks"][i]["state"] for i in forced}
-    state = None
+    forced, named, before = _run_now_targets(store, ids)
     runner = Runner(
         paths,
         grace=DEFAULT_GRACE if grace is None else grace,
@@ -630,6 +637,20 @@ def run_now(paths, ids, ignore_constraints=False, grace=None, on_event=None, war
     return doc, code, runner.expire_reason
 
 
+def _run_now_targets(store, ids: list[str]) -> tuple[list[str], set[str], dict[str, str]]:
+    """The tasks run-now runs, those of them named (by id or as ``ID#n``), and their states before."""
+    from kmpwm.scheduling.steering import expand_ids
+
+    state = store.load(full=True).state  # (not kept: the runner loads its own)
+    forced = expand_ids(state, ids)
+    if not forced:
+        raise InvalidParams(
+            f"no task matches {', '.join(repr(i) for i in ids)}", hint="`kmpwm inspect-queue --all` lists them"
+        )
+    named = {i for i in forced if i in ids or i.split("#", 1)[0] in ids}
+    return forced, named, {i: state["tasks"][i]["state"] for i in forced}
+
+
 def _run_now_skips(doc: dict, named: set, before: dict) -> list[dict]:
     """run-now's ``skipped``: a chain's tasks that ran once their step came, or that its failure
     ended, are no skips; a chain's later tasks (named through the chain id) wait for their step
@@ -642,6 +663,21 @@ def _run_now_skips(doc: dict, named: set, before: dict) -> list[dict]:
         return s["id"] in named or (before[s["id"]] != "BLOCKED" and not s["reason"].startswith("finished"))
 
     return [s for s in doc["skipped"] if counts(s)]
+
+
+def _tell(outcome: Outcome, kind: str, res: dict, state: dict, now: float) -> None:
+    """Fill ``outcome`` in from ``res``, what the fold made of its op."""
+    outcome.action = res["action"]
+    outcome.id = res["id"]
+    if kind == "chain":
+        outcome.tasks = res["tasks"]
+        return
+    outcome.next_run_at, outcome.state = res.get("due"), res.get("state")
+    kept = state["tasks"].get(res["task"]) if res["action"] == "kept" else None
+    if kept is not None:  # an existing task: told as inspect-queue tells it
+        from kmpwm.scheduling.views import effective_state, next_run_at
+
+        outcome.state, outcome.next_run_at = effective_state(kept, now), next_run_at(kept, now)
 
 
 def _who() -> str:
@@ -672,31 +708,25 @@ def _cancel_would_change(state: dict, op: dict) -> bool:
     if op.get("all"):
         return any(t["state"] in UNFINISHED for t in tasks.values())
     if op.get("tag") is not None:
-        return any(t["state"] in UNFINISHED and op["tag"] in t.get("tags", ()) for t in tasks.values()) or any(
-            op["tag"] in c.get("tags", ()) for c in state["chains"].values()
-        )
-    from kmpwm.core.state import unfinished_family
+        return _tag_in_use(state, op["tag"])
+    return any(wanted in state["chains"] or unfinished_family(state, base_id(wanted)) for wanted in op.get("ids", ()))
 
-    for wanted in op.get("ids", ()):
-        if wanted in state["chains"] or unfinished_family(state, wanted.split("#", 1)[0]):
-            return True
-    return False
+
+def _tag_in_use(state: dict, tag: str) -> bool:
+    """An unfinished task, or any chain, has ``tag``."""
+    return any(t["state"] in UNFINISHED and tag in t.get("tags", ()) for t in state["tasks"].values()) or any(
+        tag in c.get("tags", ()) for c in state["chains"].values()
+    )
 
 
 def _check_chain_ids(state: dict, op: dict) -> None:
-    """A chain task named by the user must not take over an unrelated unfinished task."""
+    """A chain task named by the user must not take over an unrelated unfinished task (one of an
+    earlier chain of the same id is replaced with it)."""
     tasks = state["tasks"]
-    old = state["chains"].get(op["id"])
-    old_ids = {t["id"] for t in members(state, old)} if old else set()
     for step in op["steps"]:
         for task in step:
             prior = tasks.get(task["id"])
-            if (
-                prior
-                and prior["state"] in UNFINISHED
-                and task["id"] not in old_ids
-                and prior.get("chain_id") != op["id"]
-            ):
+            if prior and prior["state"] in UNFINISHED and prior.get("chain_id") != op["id"]:
                 raise InvalidParams(
                     f"task id {task['id']!r} is already in use by an unfinished task",
                     hint="name the chain's tasks differently or cancel that task first",

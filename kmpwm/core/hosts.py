@@ -57,10 +57,14 @@ def machine_name() -> str:
             name = socket.gethostname()
         except OSError:
             name = ""
-        # a name no runner id can carry (none seen in practice) is made into one that can
-        name = "".join("-" if c == "/" or c.isspace() or not c.isprintable() else c for c in name)
-        _MACHINE.append(name[:MAX_HOST_LEN] or "localhost")
+        _MACHINE.append(_host_safe(name)[:MAX_HOST_LEN] or "localhost")
     return _MACHINE[0]
+
+
+def _host_safe(name: str) -> str:
+    """``name`` with '/', whitespace and control characters made '-': a name no runner id can
+    carry (none seen in practice) is made into one that can."""
+    return "".join("-" if c == "/" or c.isspace() or not c.isprintable() else c for c in name)
 
 
 def this_host() -> str:

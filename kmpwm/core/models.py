@@ -12,6 +12,10 @@ from datetime import timedelta
 from enum import Enum
 from typing import Any
 
+# (Constraints().to_record() runs when this module is imported, see its end: these load with it anyway)
+from kmpwm.core.exitcodes import InvalidParams
+from kmpwm.core.timeparse import parse_duration
+
 
 class TaskState(str, Enum):
     ENQUEUED = "ENQUEUED"
@@ -98,8 +102,6 @@ def enum_value(enum: type[Enum], value: Any, *, what: str) -> str:
             if member.value.lower() == wanted:
                 _ENUM_CACHE[enum, value] = member.value
                 return member.value
-    from kmpwm.core.exitcodes import InvalidParams
-
     choices = "|".join(m.value for m in enum)
     raise InvalidParams(f"invalid {what} {value!r}: expected one of {choices}")
 
@@ -111,6 +113,18 @@ BACKOFF_CAP = 5 * 3600.0
 LIGHT_TIMEOUT = 30.0
 HEAVY_TIMEOUT = 600.0
 DEFAULT_GRACE = 5.0
+
+
+# the constraints that are true or false
+CONSTRAINT_FLAGS = (
+    "requires_network",
+    "requires_charging",
+    "battery_not_low",
+    "storage_not_low",
+    "device_idle",
+    "heavy",
+    "expedited",
+)
 
 
 @dataclass
@@ -142,42 +156,12 @@ class Constraints:
 
     def to_record(self) -> dict:
         """Validate and return the stored form (plain JSON values)."""
-        from kmpwm.core.exitcodes import InvalidParams
-        from kmpwm.core.timeparse import parse_duration
-
-        nt = self.network_type
-        network_type = enum_value(NetworkType, nt, what="network type") if nt is not None else None
-        if network_type is None:
-            network_type = "connected" if self.requires_network else "not-required"
-        elif network_type == "not-required" and self.requires_network:
-            network_type = "connected"
-        for name in (
-            "requires_network",
-            "requires_charging",
-            "battery_not_low",
-            "storage_not_low",
-            "device_idle",
-            "heavy",
-            "expedited",
-        ):
+        network_type = self._network_type()
+        for name in CONSTRAINT_FLAGS:
             if not isinstance(getattr(self, name), bool):
                 raise InvalidParams(f"invalid {name} {getattr(self, name)!r}: expected true or false")
-        timeout = None
-        if self.timeout is not None:
-            timeout = parse_duration(self.timeout, what="timeout")
-            if timeout <= 0:
-                raise InvalidParams("invalid timeout: must be more than 0s")
-        max_attempts = self.max_attempts
-        if isinstance(max_attempts, str) and max_attempts.strip().lstrip("-").isdigit():
-            max_attempts = int(max_attempts)
-        if (
-            isinstance(max_attempts, bool)
-            or not isinstance(max_attempts, int)
-            or not 1 <= max_attempts <= MAX_ATTEMPTS_LIMIT
-        ):
-            raise InvalidParams(
-                f"invalid max attempts {self.max_attempts!r}: expected a whole number from 1 to {MAX_ATTEMPTS_LIMIT}"
-            )
+        timeout = _positive_duration(self.timeout, "timeout") if self.timeout is not None else None
+        max_attempts = self._max_attempts()
         rec = {
             "requires_network": network_type != "not-required",
             "network_type": network_type,
@@ -193,17 +177,51 @@ class Constraints:
             "backoff_delay": parse_duration(self.backoff_delay, what="backoff delay"),
             "max_attempts": max_attempts,
         }
-        # left out when unset, so the record of a task without them stays DEFAULT_CONSTRAINTS_RECORD
+        rec.update(self._scheduling_details())
+        return rec
+
+    def _scheduling_details(self) -> dict:
+        """``jitter`` and ``misfire_grace``, left out when unset, so that the record of a task
+        without them stays DEFAULT_CONSTRAINTS_RECORD."""
+        details = {}
         if self.jitter is not None:
             jitter = parse_duration(self.jitter, what="jitter")
             if jitter > 0:
-                rec["jitter"] = jitter
+                details["jitter"] = jitter
         if self.misfire_grace is not None:
-            grace = parse_duration(self.misfire_grace, what="misfire grace")
-            if grace <= 0:
-                raise InvalidParams("invalid misfire grace: must be more than 0s")
-            rec["misfire_grace"] = grace
-        return rec
+            details["misfire_grace"] = _positive_duration(self.misfire_grace, "misfire grace")
+        return details
+
+    def _network_type(self) -> str:
+        """The network type asked for; ``requires_network`` makes "not-required" (or none) "connected"."""
+        if self.network_type is None:
+            return "connected" if self.requires_network else "not-required"
+        network_type = enum_value(NetworkType, self.network_type, what="network type")
+        if network_type == "not-required" and self.requires_network:
+            return "connected"
+        return network_type
+
+    def _max_attempts(self) -> int:
+        """``max_attempts`` as a whole number in range (text of digits is taken as one)."""
+        max_attempts = self.max_attempts
+        if isinstance(max_attempts, str) and max_attempts.strip().lstrip("-").isdigit():
+            max_attempts = int(max_attempts)
+        if (
+            isinstance(max_attempts, bool)
+            or not isinstance(max_attempts, int)
+            or not 1 <= max_attempts <= MAX_ATTEMPTS_LIMIT
+        ):
+            raise InvalidParams(
+                f"invalid max attempts {self.max_attempts!r}: expected a whole number from 1 to {MAX_ATTEMPTS_LIMIT}"
+            )
+        return max_attempts
+
+
+def _positive_duration(value, what: str) -> float:
+    seconds = parse_duration(value, what=what)
+    if seconds <= 0:
+        raise InvalidParams(f"invalid {what}: must be more than 0s")
+    return seconds
 
 
 _CONSTRAINT_FIELDS = tuple(f.name for f in fields(Constraints))

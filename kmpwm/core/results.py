@@ -47,9 +47,7 @@ for _cls in (Success, Failure, Retry):
 def normalise(value: Any) -> WorkerResult:
     """Map a worker's return value onto a WorkerResult (True/None success, False failure)."""
     if isinstance(value, WorkerResult):
-        if value.data is not None and not isinstance(value.data, dict):
-            return Success(value.message, {"value": value.data}) if value.status == "SUCCESS" else value
-        return value
+        return _dict_data(value)
     if value is None or value is True:
         return Success()
     if value is False:
@@ -57,3 +55,10 @@ def normalise(value: Any) -> WorkerResult:
     if isinstance(value, dict):
         return Success(data=value)
     return Failure(f"worker returned {type(value).__name__}, expected WorkerResult, bool or None")
+
+
+def _dict_data(result: WorkerResult) -> WorkerResult:
+    """``result``, except that a success whose ``data`` is no dict gets it as ``{"value": data}``."""
+    if result.status == "SUCCESS" and result.data is not None and not isinstance(result.data, dict):
+        return Success(result.message, {"value": result.data})
+    return result

@@ -207,11 +207,9 @@ def chain(chain_id: str, policy: str, steps: list[list[TaskRecord]], tags: list[
 
 
 def cancel(*, ids: list[str] | None = None, tag: str | None = None, all: bool = False) -> Cancel:
-    if all:
-        return {"op": "cancel", "all": True}
-    if tag is not None:
-        return {"op": "cancel", "tag": tag}
-    return {"op": "cancel", "ids": list(ids or ())}
+    op: Cancel = {"op": "cancel"}
+    _targets(op, ids or (), tag, all)  # type: ignore[arg-type]
+    return op
 
 
 def claim(task: dict, runner: str, pid: int, token: str, until: float, **flags: Any) -> Claim:

@@ -14,7 +14,14 @@ import sys
 from typing import Any
 
 from kmpwm.core.exitcodes import InvalidParams
-from kmpwm.core.models import CONSTRAINT_KEYS, Constraints, ExistingWorkPolicy, TaskRequest, enum_value
+from kmpwm.core.models import (
+    CONSTRAINT_FLAGS,
+    CONSTRAINT_KEYS,
+    Constraints,
+    ExistingWorkPolicy,
+    TaskRequest,
+    enum_value,
+)
 from kmpwm.core.triggers import Cron, DeviceState, Exact, OnChange, OneTime, Periodic, Windowed
 
 TRIGGER_KEYS = ("every", "at", "window", "cron", "on_change", "when")
@@ -38,19 +45,7 @@ SPEC_KEYS = frozenset(
         *CONSTRAINT_KEYS,
     }
 )
-BOOL_KEYS = frozenset(
-    {
-        "requires_network",
-        "requires_charging",
-        "battery_not_low",
-        "storage_not_low",
-        "device_idle",
-        "heavy",
-        "expedited",
-        "no_descendants",
-        "descendants",
-    }
-)
+BOOL_KEYS = frozenset({*CONSTRAINT_FLAGS, "no_descendants", "descendants"})
 MAX_INPUT_BYTES = 1 << 20  # 1 MiB per task: inputs live in the journal and in memory
 
 
@@ -79,14 +74,13 @@ def normalise_input(value: Any) -> str | None:
     if type(value) is str and value.isascii() and len(value) <= MAX_INPUT_BYTES:
         return value  # ASCII text: valid UTF-8, one byte per character
     if not isinstance(value, str):
-        import orjson
+        value = _json_text(value)
+    _check_text(value)
+    return value
 
-        if json_depth(value) > MAX_DEPTH:
-            raise InvalidParams(f"invalid input: nested deeper than {MAX_DEPTH} levels")
-        try:
-            value = orjson.dumps(value).decode()
-        except TypeError as exc:
-            raise InvalidParams(f"invalid input: {exc}") from None
+
+def _check_text(value: str) -> None:
+    """An input is valid UTF-8 text of at most MAX_INPUT_BYTES."""
     try:
         value.encode("utf-8")
     except UnicodeEncodeError:
@@ -96,7 +90,18 @@ def normalise_input(value: Any) -> str | None:
             f"input too large ({len(value.encode('utf-8', 'surrogatepass'))} bytes; the limit is 1 MiB)",
             hint="pass a path to a file in the input instead",
         )
-    return value
+
+
+def _json_text(value: Any) -> str:
+    """The JSON text of an input that is not a string."""
+    import orjson
+
+    if json_depth(value) > MAX_DEPTH:
+        raise InvalidParams(f"invalid input: nested deeper than {MAX_DEPTH} levels")
+    try:
+        return orjson.dumps(value).decode()
+    except TypeError as exc:
+        raise InvalidParams(f"invalid input: {exc}") from None
 
 
 MAX_SPECS_BYTES = 64 << 20  # an ``enqueue --from`` or ``chain --file`` document, read whole
@@ -141,23 +146,28 @@ def spec_lines(source: str):
     try:
         for number, line in enumerate(iter(lambda: fh.readline(MAX_SPEC_LINE + 1), b""), 1):
             total += len(line)
-            if len(line) > MAX_SPEC_LINE:
-                raise InvalidParams(
-                    f"line {number} of {name} is longer than {_mib(MAX_SPEC_LINE)} "
-                    f"(a task's input is at most {_mib(MAX_INPUT_BYTES)})",
-                    hint="pass a path to a file in the input instead",
-                )
-            if total > MAX_SPECS_BYTES:
-                raise InvalidParams(
-                    f"task specs {name} are larger than the limit of {_mib(MAX_SPECS_BYTES)}",
-                    hint="enqueue them in several batches",
-                )
+            _check_spec_line(name, number, line, total)
             yield number, line
     except OSError as exc:
         raise InvalidParams(f"cannot read task specs {source}: {exc.strerror or exc}") from None
     finally:
         if fh is not sys.stdin.buffer:
             fh.close()
+
+
+def _check_spec_line(name: str, number: int, line: bytes, total: int) -> None:
+    """Line ``number`` fits in MAX_SPEC_LINE, and the ``total`` read so far in MAX_SPECS_BYTES."""
+    if len(line) > MAX_SPEC_LINE:
+        raise InvalidParams(
+            f"line {number} of {name} is longer than {_mib(MAX_SPEC_LINE)} "
+            f"(a task's input is at most {_mib(MAX_INPUT_BYTES)})",
+            hint="pass a path to a file in the input instead",
+        )
+    if total > MAX_SPECS_BYTES:
+        raise InvalidParams(
+            f"task specs {name} are larger than the limit of {_mib(MAX_SPECS_BYTES)}",
+            hint="enqueue them in several batches",
+        )
 
 
 def read_input_file(path: str) -> str:
@@ -178,39 +188,44 @@ def request_from_spec(
     spec: dict, *, where: str = "", default_policy: str = "keep", need_id: bool = True
 ) -> tuple[TaskRequest, str]:
     """Validate a flat spec and return the request and its policy."""
-    prefix = f"{where}: " if where else ""
-    if not isinstance(spec, dict):
-        raise InvalidParams(f'{prefix}expected a JSON object with at least "id" and "worker"')
-    unknown = [k for k in spec if k not in SPEC_KEYS]
-    if unknown:
-        raise InvalidParams(f"{prefix}unknown key {unknown[0]!r}")
     try:
-        for key in BOOL_KEYS & spec.keys():
-            _bool(key, spec[key])
-        worker, task_id = _spec_names(spec, need_id)
-        trigger = _spec_trigger(spec)
-        constraints = Constraints(**{k: spec[k] for k in CONSTRAINT_KEYS if k in spec and spec[k] is not None})
-        tags = _spec_tags(spec)
-        raw_input = _spec_input(spec)
-        policy = enum_value(ExistingWorkPolicy, spec.get("policy") or default_policy, what="policy")
-        host = spec.get("host")
-        if host is not None:
-            from kmpwm.core.hosts import check_host
-
-            check_host(host, "host")
+        _check_keys(spec)
+        request, policy = _checked_request(spec, default_policy, need_id)
     except InvalidParams as exc:
-        if prefix:
-            exc.message = prefix + exc.message
+        if where:
+            exc.message = f"{where}: {exc.message}"
             exc.args = (exc.message,)
         raise
+    request.input = normalise_input(request.input)
+    return request, policy
+
+
+def _check_keys(spec: Any) -> None:
+    """A JSON object of known keys, with true or false for the flags."""
+    if not isinstance(spec, dict):
+        raise InvalidParams('expected a JSON object with at least "id" and "worker"')
+    unknown = [k for k in spec if k not in SPEC_KEYS]
+    if unknown:
+        raise InvalidParams(f"unknown key {unknown[0]!r}")
+    for key in BOOL_KEYS & spec.keys():
+        _bool(key, spec[key])
+
+
+def _checked_request(spec: dict, default_policy: str, need_id: bool) -> tuple[TaskRequest, str]:
+    """The request of a spec with checked keys (its input as given) and its policy."""
+    worker, task_id = _spec_names(spec, need_id)
+    trigger = _spec_trigger(spec)
+    constraints = Constraints(**{k: spec[k] for k in CONSTRAINT_KEYS if k in spec and spec[k] is not None})
+    tags = _spec_tags(spec)
+    raw_input = _spec_input(spec)
+    policy = enum_value(ExistingWorkPolicy, spec.get("policy") or default_policy, what="policy")
+    host = spec.get("host")
+    if host is not None:
+        from kmpwm.core.hosts import check_host
+
+        check_host(host, "host")
     request = TaskRequest(
-        worker=worker,
-        id=task_id,
-        input=normalise_input(raw_input),
-        trigger=trigger,
-        constraints=constraints,
-        tags=tags,
-        host=host,
+        worker=worker, id=task_id, input=raw_input, trigger=trigger, constraints=constraints, tags=tags, host=host
     )
     return request, policy
 
@@ -220,9 +235,10 @@ def _spec_names(spec: dict, need_id: bool) -> tuple[str, str | None]:
     if not isinstance(worker, str) or not worker:
         raise InvalidParams('missing "worker" (a worker name)')
     task_id = spec.get("id")
-    if task_id is None and need_id:
-        raise InvalidParams('missing "id"')
-    if task_id is not None and not isinstance(task_id, str):
+    if task_id is None:
+        if need_id:
+            raise InvalidParams('missing "id"')
+    elif not isinstance(task_id, str):
         raise InvalidParams(f"invalid id {task_id!r}: expected a string")
     return worker, task_id
 
@@ -243,18 +259,28 @@ def _spec_trigger_key(spec: dict) -> str | None:
             f"--{given[1].replace('_', '-')}); a task has one trigger"
         )
     key = given[0] if given else None
+    _check_modifiers(spec, key)
+    return key
+
+
+def _check_modifiers(spec: dict, key: str | None) -> None:
+    """The options that modify a trigger are given only with the trigger ``key`` they modify."""
     for option, keys, message in _MODIFIERS:
         if spec.get(option) is not None and key not in keys:
             raise InvalidParams(message)
     if _no_descendants(spec) and key != "on_change":
         raise InvalidParams("--no-descendants needs --on-change")
-    tz = spec.get("tz")
-    if tz is not None:
-        if key not in ("cron", "at", "window"):
-            raise InvalidParams("--tz needs --cron, --at or --window (the times it reads in that zone)")
-        if not isinstance(tz, str):
-            raise InvalidParams(f"invalid tz {tz!r}: expected an IANA zone name like Europe/Berlin")
-    return key
+    _check_tz(spec.get("tz"), key)
+
+
+def _check_tz(tz, key: str | None) -> None:
+    """``--tz`` (None: not given) goes with a trigger of times of day, and names a zone."""
+    if tz is None:
+        return
+    if key not in ("cron", "at", "window"):
+        raise InvalidParams("--tz needs --cron, --at or --window (the times it reads in that zone)")
+    if not isinstance(tz, str):
+        raise InvalidParams(f"invalid tz {tz!r}: expected an IANA zone name like Europe/Berlin")
 
 
 def _no_descendants(spec: dict) -> bool:
@@ -297,19 +323,27 @@ def _spec_tags(spec: dict) -> list[str]:
     tags = spec.get("tags", [])
     if isinstance(tags, str):
         tags = [tags]
-    extra = spec.get("tag")
-    if extra is not None:
-        if not isinstance(extra, (str, list)):
-            raise InvalidParams("invalid tag: expected a string or a list of strings")
-        tags = list(tags) + ([extra] if isinstance(extra, str) else list(extra))
+    if spec.get("tag") is not None:
+        extra = _tag_list(spec["tag"])
+        tags = list(tags) + extra
     if not isinstance(tags, list) or not all(isinstance(t, str) for t in tags):
         raise InvalidParams("invalid tags: expected a list of strings")
     return list(tags)
 
 
+def _tag_list(tag) -> list:
+    """The ``tag`` key, a string or a list, as a list."""
+    if not isinstance(tag, (str, list)):
+        raise InvalidParams("invalid tag: expected a string or a list of strings")
+    return [tag] if isinstance(tag, str) else list(tag)
+
+
 def _spec_input(spec: dict):
-    if "input" in spec and spec.get("input_file") is not None:
+    path = spec.get("input_file")
+    if path is None:
+        return spec.get("input")
+    if "input" in spec:
         raise InvalidParams("give --input or --input-file, not both")
-    if spec.get("input_file") is not None and not isinstance(spec["input_file"], str):
+    if not isinstance(path, str):
         raise InvalidParams("invalid input_file: expected a path")
-    return read_input_file(spec["input_file"]) if spec.get("input_file") is not None else spec.get("input")
+    return read_input_file(path)

@@ -85,7 +85,12 @@ def member(state: dict, chain: dict, task_id: str) -> dict | None:
 
 def members(state: dict, chain: dict) -> list[dict]:
     """The chain's tasks in step order (see :func:`member`)."""
-    return [t for step in chain["steps"] for i in step if (t := member(state, chain, i)) is not None]
+    return _step_members(state, chain, chain["steps"])
+
+
+def _live_members(state: dict, chain: dict) -> list[dict]:
+    """The chain's unfinished tasks, in step order."""
+    return [t for t in members(state, chain) if t["state"] in UNFINISHED]
 
 
 def chain_state(state: dict, chain: dict) -> str:
@@ -99,8 +104,8 @@ def chain_state(state: dict, chain: dict) -> str:
         return "CANCELLED"
     if states <= {"SUCCEEDED"}:
         return "SUCCEEDED"
-    if "RUNNING" in states or any(t["attempts"] or t["state"] == "SUCCEEDED" for t in members_):
-        return "RUNNING"
+    if states & {"RUNNING", "SUCCEEDED"} or any(t["attempts"] for t in members_):
+        return "RUNNING"  # under way: a task ran, or runs
     return "ENQUEUED"
 
 
@@ -297,12 +302,7 @@ def _drop_waits(state: dict, task: dict) -> None:
 def _finish(state: dict, t: dict, new_state: str, ts: float, reason: str | None, emit: Emit) -> None:
     """Move ``t`` to a final state and propagate: chain steps after it, tasks appended after it."""
     if new_state == "CANCELLED" and t["state"] == "RUNNING" and t["lease"]:
-        # Cancelled (or replaced) while a worker runs it: the holder stops that worker (it watches
-        # the journal) and then writes a release.  Until then the lease lives on as a fence on the
-        # id (state["fences"], not on the finished task: history never changes), so that no run
-        # of a new task with this id starts beside the old one (_op_claim, scheduling.plan).
-        lease = t["lease"]
-        state.setdefault("fences", {})[t["id"]] = {k: lease.get(k) for k in ("runner", "pid", "token", "until")}
+        _leave_fence(state, t)
     t["state"] = new_state
     t["reason"] = reason
     t["finished_at"] = ts
@@ -315,18 +315,29 @@ def _finish(state: dict, t: dict, new_state: str, ts: float, reason: str | None,
         _drop_waits(state, t)  # a finished task waits on nothing
     _release_waiters(state, t, ts, emit)
     chain = _chain_of_step(state, t)
-    if chain is None:
-        return
-    if new_state == "SUCCEEDED":
+    if chain is not None:
+        _chain_goes_on(state, chain, t, ts, emit)
+
+
+def _chain_goes_on(state: dict, chain: dict, t: dict, ts: float, emit: Emit) -> None:
+    """``t``, a task of ``chain``, finished: a success may let the next step go; a failure fails
+    the later steps' unfinished tasks, a cancel cancels them."""
+    if t["state"] == "SUCCEEDED":
         _step_succeeded(state, chain, t["step"], ts, emit)
         return
-    downstream_state = "FAILED" if new_state == "FAILED" else "CANCELLED"
-    why = "upstream failed" if new_state == "FAILED" else "upstream cancelled"
-    for later in chain["steps"][t["step"] :]:
-        for i in later:
-            other = member(state, chain, i)
-            if other and other["state"] in UNFINISHED:
-                _finish(state, other, downstream_state, ts, why, emit)
+    why = f"upstream {t['state'].lower()}"
+    for other in _step_members(state, chain, chain["steps"][t["step"] :]):
+        if other["state"] in UNFINISHED:  # (not one that an earlier _finish of this loop ended)
+            _finish(state, other, t["state"], ts, why, emit)
+
+
+def _leave_fence(state: dict, t: dict) -> None:
+    """``t`` is cancelled (or replaced) while a worker runs it: the holder stops that worker (it
+    watches the journal) and then writes a release.  Until then the lease lives on as a fence on
+    the id (state["fences"], not on the finished task: history never changes), so that no run of
+    a new task with this id starts beside the old one (_op_claim, scheduling.plan)."""
+    lease = t["lease"]
+    state.setdefault("fences", {})[t["id"]] = {k: lease.get(k) for k in ("runner", "pid", "token", "until")}
 
 
 def _chain_of_step(state: dict, t: dict) -> dict | None:
@@ -340,23 +351,32 @@ def _chain_of_step(state: dict, t: dict) -> dict | None:
     return chain
 
 
+def _step_members(state: dict, chain: dict, steps: list[list[str]]) -> list[dict]:
+    """The chain's tasks in ``steps`` (a slice of its steps), in step order (see :func:`member`)."""
+    return [t for step in steps for i in step if (t := member(state, chain, i)) is not None]
+
+
+def _step_done(state: dict, chain: dict, number: int) -> bool:
+    """Every task of step ``number`` that is still the chain's has succeeded."""
+    return all(m["state"] == "SUCCEEDED" for m in _step_members(state, chain, chain["steps"][number - 1 : number]))
+
+
 def _step_succeeded(state: dict, chain: dict, number: int, ts: float, emit: Emit) -> None:
     """A task of step ``number`` succeeded: when all of the step did, the next step's tasks go."""
-    steps = chain["steps"]
-    for i in steps[number - 1]:
-        m = member(state, chain, i)
-        if m is not None and m["state"] != "SUCCEEDED":
-            return
-    if number >= len(steps):
+    if not _step_done(state, chain, number) or number >= len(chain["steps"]):
         return
-    for i in steps[number]:
-        nxt = member(state, chain, i)
-        if nxt and nxt["state"] == "BLOCKED" and not _waiting_on(state, nxt):
-            nxt["state"] = "ENQUEUED"
-            nxt["due"] = max(nxt["due"], ts)
-            nxt["updated_at"] = ts
-            if emit:
-                emit(ts, i, "unblocked", {"chain": chain["id"], "step": number + 1})
+    for nxt in _step_members(state, chain, chain["steps"][number : number + 1]):
+        if nxt["state"] == "BLOCKED" and not _waiting_on(state, nxt):
+            _unblock(nxt, ts, emit, {"chain": chain["id"], "step": number + 1})
+
+
+def _unblock(t: dict, ts: float, emit: Emit, detail: dict) -> None:
+    """A BLOCKED task is due now (or at its own later due time)."""
+    t["state"] = "ENQUEUED"
+    t["due"] = max(t["due"], ts)
+    t["updated_at"] = ts
+    if emit:
+        emit(ts, t["id"], "unblocked", detail)
 
 
 def _waiting_on(state: dict, t: dict) -> bool:
@@ -365,22 +385,20 @@ def _waiting_on(state: dict, t: dict) -> bool:
 
 
 def _release_waiters(state: dict, t: dict, ts: float, emit: Emit) -> None:
+    """The tasks appended after ``t`` go once they wait on nothing else (a chain step's task once
+    its step before has succeeded as well)."""
     for wid in state["waiters"].pop(t["id"], ()):
         w = state["tasks"].get(wid)
-        if w is None or w["state"] != "BLOCKED" or _waiting_on(state, w):
-            continue
-        if w["chain_id"] and w["step"] and w["step"] > 1:
-            chain = state["chains"].get(w["chain_id"])
-            if chain and any(
-                (m := member(state, chain, i)) is not None and m["state"] != "SUCCEEDED"
-                for i in chain["steps"][w["step"] - 2]
-            ):
-                continue
-        w["state"] = "ENQUEUED"
-        w["due"] = max(w["due"], ts)
-        w["updated_at"] = ts
-        if emit:
-            emit(ts, wid, "unblocked", {"after": t["id"]})
+        if w is not None and w["state"] == "BLOCKED" and not _waiting_on(state, w) and not _held_by_chain(state, w):
+            _unblock(w, ts, emit, {"after": t["id"]})
+
+
+def _held_by_chain(state: dict, t: dict) -> bool:
+    """``t`` is a task of a chain's later step whose step before has not all succeeded."""
+    if (t["step"] or 0) <= 1 or not t["chain_id"]:
+        return False
+    chain = state["chains"].get(t["chain_id"])
+    return chain is not None and not _step_done(state, chain, t["step"] - 1)
 
 
 def _current(state: dict, op: dict) -> dict | None:
@@ -400,84 +418,87 @@ def _current(state: dict, op: dict) -> dict | None:
 
 
 def _op_enq(state: dict, op: dict, ts: float, emit: Emit) -> dict:
-    task = op["task"]
-    base = task["id"]
-    tasks = state["tasks"]
-    if base not in tasks and base not in state["fam"]:  # a new id: nothing to keep, replace or append to
-        t = _insert(state, task, ts, blocked=False)
-        if emit:
-            emit(ts, base, "enqueued", {"worker": t["worker"]})
-        return {"action": "enqueued", "id": base, "due": t["due"], "state": "ENQUEUED"}
-    policy = op.get("policy", "keep")
-    existing = unfinished_family(state, base)
-    if existing and policy == "keep":
-        first = tasks[existing[-1]]
-        if emit:
-            emit(ts, base, "kept", {})
-        return {"action": "kept", "id": base, "due": first["due"], "state": first["state"], "task": first["id"]}
-    if existing and policy == "update":
-        return _update(state, tasks[existing[0]], task, ts, emit, op.get("by"))
-    if existing and policy == "replace":
-        for i in existing:
-            _finish(state, tasks[i], "CANCELLED", ts, "replaced", emit)
-        t = _insert(state, task, ts, blocked=False)
-        if emit:
-            emit(ts, t["id"], "enqueued", {"worker": t["worker"], "policy": policy})
-        return {"action": "replaced", "id": t["id"], "due": t["due"], "state": t["state"]}
-    if existing and policy in ("append", "append-or-replace"):
-        n = state["fam"].get(base, 1) + 1
-        state["fam"][base] = n
-        task = dict(task, id=f"{base}#{n}", after=[existing[-1]])
-        t = _insert(state, task, ts, blocked=True)
-        if emit:
-            emit(ts, t["id"], "enqueued", {"worker": t["worker"], "policy": policy, "after": existing[-1]})
-        return {"action": "appended", "id": t["id"], "due": None, "state": t["state"]}
-    t = _insert(state, task, ts, blocked=False)
+    existing = unfinished_family(state, op["task"]["id"])
+    by_policy = _ENQ_POLICIES.get(op.get("policy", "keep")) if existing else None
+    if by_policy is not None:  # the id has unfinished work: keep, update, replace or append to it
+        return by_policy(state, op, existing, ts, emit)
+    t = _insert(state, op["task"], ts, blocked=False)
     if emit:
         emit(ts, t["id"], "enqueued", {"worker": t["worker"]})
     return {"action": "enqueued", "id": t["id"], "due": t["due"], "state": t["state"]}
 
 
+def _enq_keep(state: dict, op: dict, existing: list[str], ts: float, emit: Emit) -> dict:
+    last = state["tasks"][existing[-1]]
+    if emit:
+        emit(ts, op["task"]["id"], "kept", {})
+    return {"action": "kept", "id": op["task"]["id"], "due": last["due"], "state": last["state"], "task": last["id"]}
+
+
+def _enq_replace(state: dict, op: dict, existing: list[str], ts: float, emit: Emit) -> dict:
+    for i in existing:
+        _finish(state, state["tasks"][i], "CANCELLED", ts, "replaced", emit)
+    t = _insert(state, op["task"], ts, blocked=False)
+    if emit:
+        emit(ts, t["id"], "enqueued", {"worker": t["worker"], "policy": op["policy"]})
+    return {"action": "replaced", "id": t["id"], "due": t["due"], "state": t["state"]}
+
+
+def _enq_append(state: dict, op: dict, existing: list[str], ts: float, emit: Emit) -> dict:
+    """A new ``ID#n`` that waits for the family's last unfinished task."""
+    base = op["task"]["id"]
+    n = state["fam"][base] = state["fam"].get(base, 1) + 1
+    t = _insert(state, dict(op["task"], id=f"{base}#{n}", after=[existing[-1]]), ts, blocked=True)
+    if emit:
+        emit(ts, t["id"], "enqueued", {"worker": t["worker"], "policy": op["policy"], "after": existing[-1]})
+    return {"action": "appended", "id": t["id"], "due": None, "state": t["state"]}
+
+
 def _op_chain(state: dict, op: dict, ts: float, emit: Emit) -> dict:
     cid = op["id"]
-    tasks = state["tasks"]
     old = state["chains"].get(cid)
-    action = "enqueued"
-    if old is not None:
-        live = [t["id"] for t in members(state, old) if t["state"] in UNFINISHED]
-        if live and op.get("policy", "replace") == "keep":
-            if emit:
-                emit(ts, cid, "kept", {"chain": cid})
-            return {"action": "kept", "id": cid, "tasks": [i for step in old["steps"] for i in step]}
-        if live:
-            action = "replaced"
-            for i in live:
-                if tasks[i]["state"] in UNFINISHED:
-                    _finish(state, tasks[i], "CANCELLED", ts, "replaced", emit)
-    ids_by_step = []
-    all_ids: list[str] = []
-    get = tasks.get
-    for number, step in enumerate(op["steps"], 1):
-        ids = []
-        for task in step:
-            tid = task["id"]
-            prior = get(tid)
-            if prior is not None and prior["state"] in UNFINISHED:
-                _finish(state, prior, "CANCELLED", ts, "replaced", emit)
-            _insert(state, task, ts, blocked=number > 1, chain_id=cid, step=number)
-            ids.append(tid)
-            if emit:
-                emit(ts, tid, "enqueued", {"worker": task["worker"], "chain": cid, "step": number})
-        ids_by_step.append(ids)
-        all_ids += ids
-    state["chains"][cid] = {
+    live = _live_members(state, old) if old is not None else []
+    if live and op.get("policy", "replace") == "keep":
+        return _chain_kept(old, ts, emit)
+    for t in live:
+        if t["state"] in UNFINISHED:  # (not a later step that the cancel of an earlier one ended)
+            _finish(state, t, "CANCELLED", ts, "replaced", emit)
+    chain = state["chains"][cid] = {
         "id": cid,
-        "steps": ids_by_step,
+        "steps": [_insert_step(state, cid, number, step, ts, emit) for number, step in enumerate(op["steps"], 1)],
         "created_at": ts,
         "cancelled": False,
         "tags": op.get("tags", []),
     }
-    return {"action": action, "id": cid, "tasks": all_ids}
+    return {"action": "replaced" if live else "enqueued", "id": cid, "tasks": _step_ids(chain)}
+
+
+def _chain_kept(chain: dict, ts: float, emit: Emit) -> dict:
+    """``chain --policy keep`` of a chain that is still going: nothing changes."""
+    if emit:
+        emit(ts, chain["id"], "kept", {"chain": chain["id"]})
+    return {"action": "kept", "id": chain["id"], "tasks": _step_ids(chain)}
+
+
+def _step_ids(chain: dict) -> list[str]:
+    """The ids in the chain's steps, in step order (whether or not still the chain's tasks)."""
+    return [i for step in chain["steps"] for i in step]
+
+
+def _insert_step(state: dict, cid: str, number: int, step: list[dict], ts: float, emit: Emit) -> list[str]:
+    """The tasks of step ``number`` of chain ``cid`` (an unfinished task of the same id is
+    replaced); returns their ids."""
+    ids = []
+    for task in step:
+        tid = task["id"]
+        prior = state["tasks"].get(tid)
+        if prior is not None and prior["state"] in UNFINISHED:
+            _finish(state, prior, "CANCELLED", ts, "replaced", emit)
+        _insert(state, task, ts, blocked=number > 1, chain_id=cid, step=number)
+        ids.append(tid)
+        if emit:
+            emit(ts, tid, "enqueued", {"worker": task["worker"], "chain": cid, "step": number})
+    return ids
 
 
 def _op_cancel(state: dict, op: dict, ts: float, emit: Emit) -> list:
@@ -499,38 +520,43 @@ def _op_cancel(state: dict, op: dict, ts: float, emit: Emit) -> list:
 def _cancel_all_or_tag(state: dict, tag: str | None) -> list[str]:
     """The unfinished tasks to cancel for ``cancel --all`` (tag None) or ``--tag``; the live chains
     concerned are marked cancelled."""
-    tasks, chains = state["tasks"], state["chains"]
-    if tag is None:
-        targets = [i for i, t in tasks.items() if t["state"] in UNFINISHED]
-        for chain in chains.values():
-            if chain_next_step(state, chain) is not None:
-                chain["cancelled"] = True
-        return targets
-    targets = [i for i, t in tasks.items() if t["state"] in UNFINISHED and tag in t.get("tags", ())]
-    for chain in chains.values():
-        if tag in chain.get("tags", ()) and chain_next_step(state, chain) is not None:
+    targets = [i for i, t in state["tasks"].items() if t["state"] in UNFINISHED and _tagged(t, tag)]
+    for chain in state["chains"].values():
+        if _tagged(chain, tag) and live_chain(state, chain):
             chain["cancelled"] = True
-            targets += [t["id"] for t in members(state, chain) if t["state"] in UNFINISHED]
+            if tag is not None:  # (cancel --all has all of them already)
+                targets += [t["id"] for t in _live_members(state, chain)]
     return targets
+
+
+def _tagged(item: dict, tag: str | None) -> bool:
+    """``item`` (a task or a chain) has ``tag``; with None (``cancel --all``), every item has."""
+    return tag is None or tag in item.get("tags", ())
 
 
 def _cancel_ids(state: dict, ids) -> list[str]:
     """The unfinished tasks named: a chain's live tasks, a task with its appended ``ID#n`` ones,
     or one ``ID#n`` named exactly."""
-    tasks, chains = state["tasks"], state["chains"]
+    tasks = state["tasks"]
     targets: list[str] = []
     for wanted in ids:
-        chain = chains.get(wanted)
-        if chain is not None:
-            live = [t["id"] for t in members(state, chain) if t["state"] in UNFINISHED]
-            if live:
-                chain["cancelled"] = True
-            targets += live
-        if wanted in tasks and "#" in wanted and tasks[wanted]["state"] in UNFINISHED:
-            targets.append(wanted)  # one appended task named exactly
-        elif "#" not in wanted:
-            targets += unfinished_family(state, wanted)
+        chain = state["chains"].get(wanted)
+        if chain is not None and live_chain(state, chain):
+            chain["cancelled"] = True
+        targets += [i for i in _named(state, wanted) if tasks[i]["state"] in UNFINISHED]
     return targets
+
+
+def _named(state: dict, wanted: str) -> list[str]:
+    """The ids ``wanted`` names: a chain's tasks, then a task with its appended ``ID#n`` ones, or
+    one ``ID#n`` named exactly."""
+    chain = state["chains"].get(wanted)
+    ids = [t["id"] for t in members(state, chain)] if chain is not None else []
+    if "#" not in wanted:
+        return ids + family(state, wanted)
+    if wanted in state["tasks"]:
+        ids.append(wanted)
+    return ids
 
 
 def _collect(out: list, seen: set, emit: Emit) -> Emit:
@@ -546,7 +572,20 @@ def _collect(out: list, seen: set, emit: Emit) -> Emit:
 
 def _op_claim(state: dict, op: dict, ts: float, emit: Emit) -> bool:
     t = _current(state, op)
-    if t is None or t["state"] not in ("RUNNING", "ENQUEUED"):
+    if t is None or not _claimable(state, t, op, ts, emit):
+        return False
+    t["state"] = "RUNNING"
+    t["lease"] = _lease(op, ts)
+    t["claimed_at"] = ts  # the newest claim: a result of an older one is stale (_unseen_claim)
+    t["updated_at"] = ts
+    if emit:
+        emit(ts, t["id"], "started", {"runner": op["runner"], "pid": op.get("pid"), "attempt": t["occ_attempts"] + 1})
+    return True
+
+
+def _claimable(state: dict, t: dict, op: dict, ts: float, emit: Emit) -> bool:
+    """May claim ``op`` take task ``t``?  (A RUNNING one is taken over, see :func:`_take_over`.)"""
+    if t["state"] not in ("RUNNING", "ENQUEUED"):
         return False
     occ = op.get("occ")
     if occ is not None and not occurrence_open(t, occ):
@@ -555,27 +594,26 @@ def _op_claim(state: dict, op: dict, ts: float, emit: Emit) -> bool:
         return False  # paused after the claimer planned (run-now's claims are the user's say-so)
     if not _past_fence(state, t["id"], op, ts):
         return False  # a cancelled run of this id is still stopping
-    if t["state"] == "RUNNING" and not _take_over(t, op, ts, emit):
-        return False  # held; "broken" means the writer saw the holder's process gone
-    t["state"] = "RUNNING"
-    lease = t["lease"] = {
+    # held, unless its lease ended or the holder is gone ("broken": the writer saw its process gone)
+    return t["state"] != "RUNNING" or _take_over(t, op, ts, emit)
+
+
+def _lease(op: dict, ts: float) -> dict:
+    """The lease claim ``op`` takes at ``ts``."""
+    lease = {
         "runner": op["runner"],
         "pid": op.get("pid"),
         "token": op.get("token"),
         "until": op["until"],
         "since": ts,
     }
-    t["claimed_at"] = ts  # the newest claim: a result of an older one is stale (_unseen_claim)
     if op.get("boot"):
         lease["boot"] = op["boot"]  # the holder's boot: after a reboot it is gone for sure
-    if occ is not None:
-        lease["occ"] = occ
+    if op.get("occ") is not None:
+        lease["occ"] = op["occ"]
     if op.get("ahead"):
         lease["ahead"] = True  # claimed ahead of a free slot: maybe never started
-    t["updated_at"] = ts
-    if emit:
-        emit(ts, t["id"], "started", {"runner": op["runner"], "pid": op.get("pid"), "attempt": t["occ_attempts"] + 1})
-    return True
+    return lease
 
 
 def _past_fence(state: dict, task_id: str, op: dict, ts: float) -> bool:
@@ -587,10 +625,15 @@ def _past_fence(state: dict, task_id: str, op: dict, ts: float) -> bool:
         return True
     if fence["until"] > ts and not op.get("fence_broken"):
         return False
+    _drop_fence(state, task_id)
+    return True
+
+
+def _drop_fence(state: dict, task_id: str) -> None:
+    fences = state["fences"]
     del fences[task_id]
     if not fences:
         del state["fences"]  # (a state without fences has no such key, as new_state() gives)
-    return True
 
 
 def _take_over(t: dict, op: dict, ts: float, emit: Emit) -> bool:
@@ -638,32 +681,25 @@ def _unseen_claim(state: dict, op: dict, ts: float, emit: Emit) -> dict | None:
 
 
 def _upstream_succeeded(state: dict, t: dict, ts: float, emit: Emit) -> None:
-    chain = state["chains"].get(t["chain_id"]) if t["chain_id"] else None
-    if chain is None or not t["step"] or t["id"] not in chain["steps"][t["step"] - 1]:
+    chain = _chain_of_step(state, t)
+    if chain is None:
         return
-    for step in chain["steps"][: t["step"] - 1]:
-        for i in step:
-            m = member(state, chain, i)
-            if m is not None and m["state"] in UNFINISHED:
-                m["last_result"] = {
-                    "status": "SUCCESS",
-                    "data": None,
-                    "message": (
-                        "its result was lost to journal damage; a later step of its chain ran, so it had succeeded"
-                    ),
-                }
-                _finish(state, m, "SUCCEEDED", ts, None, emit)
+    for m in _step_members(state, chain, chain["steps"][: t["step"] - 1]):
+        if m["state"] in UNFINISHED:
+            m["last_result"] = {
+                "status": "SUCCESS",
+                "data": None,
+                "message": "its result was lost to journal damage; a later step of its chain ran, so it had succeeded",
+            }
+            _finish(state, m, "SUCCEEDED", ts, None, emit)
 
 
 def _op_result(state: dict, op: dict, ts: float, emit: Emit) -> bool:
     t = _holder(state, op) or _unseen_claim(state, op, ts, emit)
     if t is None:
-        if emit:
-            emit(ts, op.get("id", "?"), "stale-result", {"status": op.get("status"), "runner": op.get("runner")})
-        _unfence(state, op, ts, emit)
+        _stale_result(state, op, ts, emit)
         return False
-    status = op["status"]
-    result = {"status": status, "message": op.get("message"), "data": op.get("data")}
+    result = {"status": op["status"], "message": op.get("message"), "data": op.get("data")}
     if op.get("late_ms") is not None:
         result["late_ms"] = op["late_ms"]  # an exact task: how late it ran
     if emit:
@@ -671,46 +707,78 @@ def _op_result(state: dict, op: dict, ts: float, emit: Emit) -> bool:
     t["lease"] = None
     t["updated_at"] = ts
     t["crashes"] = 0
-    if status == "EXPIRED":
-        t["last_result"] = result
-        t["expiries"] += 1
-        if t["expiries"] >= MAX_EXPIRIES:
-            _finish(state, t, "FAILED", ts, f"expired {t['expiries']} times in a row", emit)
-        else:
-            t["state"] = "ENQUEUED"
-            t["due"] = ts
-        return True
     t["last_result"] = result
+    if op["status"] == "EXPIRED":
+        _expired(state, t, ts, emit)
+    else:
+        _ran(state, t, op, ts, emit)
+    return True
+
+
+def _stale_result(state: dict, op: dict, ts: float, emit: Emit) -> None:
+    """A result of a run that no longer holds its task: reported, and the fence that a cancel of
+    that run left (if any) comes down."""
+    if emit:
+        emit(ts, op.get("id", "?"), "stale-result", {"status": op.get("status"), "runner": op.get("runner")})
+    _unfence(state, op, ts, emit)
+
+
+def _expired(state: dict, t: dict, ts: float, emit: Emit) -> None:
+    """A run that did not end in time: due again at once, FAILED after MAX_EXPIRIES in a row."""
+    t["expiries"] += 1
+    if t["expiries"] >= MAX_EXPIRIES:
+        _finish(state, t, "FAILED", ts, f"expired {t['expiries']} times in a row", emit)
+    else:
+        t["state"] = "ENQUEUED"
+        t["due"] = ts
+
+
+def _ran(state: dict, t: dict, op: dict, ts: float, emit: Emit) -> None:
+    """A run that ended SUCCESS, FAILURE or RETRY: tried again after its backoff, due at its
+    trigger's next occurrence, or finished."""
+    from kmpwm.core.triggers import REPEATING
+
     t["attempts"] += 1
     t["occ_attempts"] += 1
     t["expiries"] = 0
-    from kmpwm.core.triggers import REPEATING, backoff_delay
-
-    repeating = t["trigger"]["type"] in REPEATING
-    c = t["constraints"]
-    if status == "RETRY":
-        if t["occ_attempts"] < c["max_attempts"]:
-            t["state"] = "ENQUEUED"
-            t["due"] = ts + backoff_delay(c["backoff"], c["backoff_delay"], t["occ_attempts"])
-            return True  # the occurrence goes on: its trigger bookkeeping waits for its end
-        status = "FAILURE"
-        reason = f"gave up after {t['occ_attempts']} attempts" + (f": {op['message']}" if op.get("message") else "")
-    else:
-        reason = op.get("message") or "worker failed"
+    if op["status"] == "RETRY" and _backed_off(t, ts):
+        return  # the occurrence goes on: its trigger bookkeeping waits for its end
     if op.get("trig_state"):  # the occurrence ended: a new on-change baseline, a disarmed --when
         t["trig_state"] = dict(t["trig_state"], **op["trig_state"])
-    if repeating:
-        t["state"] = "ENQUEUED"
-        t["occ_attempts"] = 0
-        t["due"] = op.get("next_run_at") if op.get("next_run_at") is not None else ts
-        if "updated_due" in t:  # --policy update gave it a new trigger while this run went on
-            t["due"] = t.pop("updated_due")
-        return True
-    if status == "SUCCESS":
+    if t["trigger"]["type"] in REPEATING:
+        _next_occurrence(t, op, ts)
+    elif op["status"] == "SUCCESS":
         _finish(state, t, "SUCCEEDED", ts, None, emit)
     else:
-        _finish(state, t, "FAILED", ts, reason, emit)
+        _finish(state, t, "FAILED", ts, _failure_reason(t, op), emit)
+
+
+def _backed_off(t: dict, ts: float) -> bool:
+    """A RETRY with attempts left is due again after its backoff delay (False: none left)."""
+    from kmpwm.core.triggers import backoff_delay
+
+    c = t["constraints"]
+    if t["occ_attempts"] >= c["max_attempts"]:
+        return False
+    t["state"] = "ENQUEUED"
+    t["due"] = ts + backoff_delay(c["backoff"], c["backoff_delay"], t["occ_attempts"])
     return True
+
+
+def _next_occurrence(t: dict, op: dict, ts: float) -> None:
+    """A repeating task whose occurrence ended waits for its next one."""
+    t["state"] = "ENQUEUED"
+    t["occ_attempts"] = 0
+    t["due"] = op.get("next_run_at") if op.get("next_run_at") is not None else ts
+    if "updated_due" in t:  # --policy update gave it a new trigger while this run went on
+        t["due"] = t.pop("updated_due")
+
+
+def _failure_reason(t: dict, op: dict) -> str:
+    if op["status"] != "RETRY":
+        return op.get("message") or "worker failed"
+    reason = f"gave up after {t['occ_attempts']} attempts"
+    return f"{reason}: {op['message']}" if op.get("message") else reason
 
 
 def _unfence(state: dict, op: dict, ts: float, emit: Emit) -> None:
@@ -719,9 +787,7 @@ def _unfence(state: dict, op: dict, ts: float, emit: Emit) -> None:
     fences = state.get("fences")
     tid = op.get("id")
     if fences and tid in fences and fences[tid].get("runner") == op.get("runner"):
-        del fences[tid]
-        if not fences:
-            del state["fences"]
+        _drop_fence(state, tid)
         if emit:
             emit(ts, tid, "stopped", {"runner": op.get("runner")})
 
@@ -741,12 +807,21 @@ def _op_release(state: dict, op: dict, ts: float, emit: Emit) -> bool:
     return True
 
 
-def _op_fail(state: dict, op: dict, ts: float, emit: Emit) -> bool:
+def _unfinished_target(state: dict, op: dict, ts: float, emit: Emit) -> dict | None:
+    """The unfinished task a ``fail`` or ``trig`` op acts on (None: gone or finished), with the
+    occurrence it ``missed`` (--misfire-grace) reported."""
     t = _current(state, op)
     if t is None or t["state"] not in UNFINISHED:
-        return False
-    if emit and op.get("missed"):  # --misfire-grace: the occurrence was too late to start
+        return None
+    if emit and op.get("missed"):
         emit(ts, t["id"], "missed", op["missed"])
+    return t
+
+
+def _op_fail(state: dict, op: dict, ts: float, emit: Emit) -> bool:
+    t = _unfinished_target(state, op, ts, emit)  # missed: the occurrence was too late to start
+    if t is None:
+        return False
     if op.get("result"):
         t["last_result"] = op["result"]
     _finish(state, t, "FAILED", ts, op.get("reason") or "failed", emit)
@@ -754,11 +829,9 @@ def _op_fail(state: dict, op: dict, ts: float, emit: Emit) -> bool:
 
 
 def _op_trig(state: dict, op: dict, ts: float, emit: Emit) -> bool:
-    t = _current(state, op)
-    if t is None or t["state"] not in UNFINISHED:
+    t = _unfinished_target(state, op, ts, emit)  # missed: skipped to the next occurrence
+    if t is None:
         return False
-    if emit and op.get("missed"):  # --misfire-grace: skipped to the next occurrence
-        emit(ts, t["id"], "missed", op["missed"])
     if op.get("due") is not None:
         t["due"] = op["due"]
     if op.get("trig_state"):
@@ -797,38 +870,36 @@ def pause_of(state: dict, t: dict, now: float) -> dict | None:
     (``queue``: the whole queue is paused).  A pause whose ``until`` has passed is over.  The one
     place that decides it: run-due's plan, explain, the task JSON and the runner's claims ask here."""
     q = state.get("qpause")
-    if q is not None and (q.get("until") is None or q["until"] > now):
+    if q is not None and _holds(q.get("until"), now):
         return {"until": q.get("until"), "queue": True}
-    if t.get("paused") and (t.get("paused_until") is None or t["paused_until"] > now):
+    if t.get("paused") and _holds(t.get("paused_until"), now):
         return {"until": t.get("paused_until"), "queue": False}
     return None
+
+
+def _holds(until: float | None, now: float) -> bool:
+    """A pause to ``until`` (None: until resumed) is not over at ``now``."""
+    return until is None or until > now
 
 
 def steer_targets(state: dict, op: dict, wanted_states) -> list[str]:
     """Ids named by ``op`` (``ids``: a chain id, ``ID`` with its ``ID#n``, or an exact ``ID#n``;
     ``tag``: tasks with the tag or in a chain with it) whose state is in ``wanted_states``, in
     enqueue order."""
-    tasks, chains = state["tasks"], state["chains"]
-    targets: list[str] = []
+    tasks = state["tasks"]
     if op.get("tag") is not None:
-        tag = op["tag"]
-        for t in tasks.values():
-            if tag in t.get("tags", ()) or (
-                t.get("chain_id") in chains and tag in chains[t["chain_id"]].get("tags", ())
-            ):
-                targets.append(t["id"])
+        targets = _with_tag(state, op["tag"])
     else:
-        for wanted in op.get("ids", ()):
-            chain = chains.get(wanted)
-            if chain is not None:
-                targets += [t["id"] for t in members(state, chain)]
-            if "#" in wanted:
-                targets += [wanted] if wanted in tasks else []
-            else:
-                targets += family(state, wanted)
+        targets = [i for wanted in op.get("ids", ()) for i in _named(state, wanted)]
     out = [i for i in dict.fromkeys(targets) if i in tasks and tasks[i]["state"] in wanted_states]
     out.sort(key=lambda i: tasks[i]["seq"])
     return out
+
+
+def _with_tag(state: dict, tag: str) -> list[str]:
+    """Ids of the tasks with ``tag`` or in a chain with it."""
+    chains = {cid for cid, c in state["chains"].items() if tag in c.get("tags", ())}
+    return [i for i, t in state["tasks"].items() if tag in t.get("tags", ()) or t.get("chain_id") in chains]
 
 
 def _op_pause(state: dict, op: dict, ts: float, emit: Emit) -> list:
@@ -837,13 +908,7 @@ def _op_pause(state: dict, op: dict, ts: float, emit: Emit) -> list:
     if until is not None:
         detail["until"] = until
     if op.get("all"):
-        state["qpause"] = {"until": until, "since": ts, "by": op.get("by")}
-        if emit:
-            emit(ts, "*", "paused", dict(detail, queue=True))
-        tasks = state["tasks"]
-        return sorted(
-            (i for i, t in tasks.items() if t["state"] in UNFINISHED and t.get("paused")), key=lambda i: tasks[i]["seq"]
-        )
+        return _pause_queue(state, op, ts, emit, detail)
     done = steer_targets(state, op, UNFINISHED)
     for i in done:
         t = state["tasks"][i]
@@ -855,13 +920,33 @@ def _op_pause(state: dict, op: dict, ts: float, emit: Emit) -> list:
     return done
 
 
+def _pause_queue(state: dict, op: dict, ts: float, emit: Emit, detail: dict) -> list[str]:
+    """``pause --all``: the queue itself is paused; returns the tasks paused one by one before."""
+    state["qpause"] = {"until": op.get("until"), "since": ts, "by": op.get("by")}
+    if emit:
+        emit(ts, "*", "paused", dict(detail, queue=True))
+    return _paused(state)
+
+
+def _resume_queue(state: dict, op: dict, ts: float, emit: Emit) -> list[str]:
+    """``resume --all``: the queue's pause ends, and every paused task is resumed (returned)."""
+    if state.pop("qpause", None) is not None and emit:
+        emit(ts, "*", "resumed", {"by": op.get("by"), "queue": True})
+    return _paused(state)
+
+
+def _paused(state: dict) -> list[str]:
+    """Ids of the paused unfinished tasks (history never changes), in enqueue order."""
+    tasks = state["tasks"]
+    return sorted(
+        (i for i, t in tasks.items() if t["state"] in UNFINISHED and t.get("paused")), key=lambda i: tasks[i]["seq"]
+    )
+
+
 def _op_resume(state: dict, op: dict, ts: float, emit: Emit) -> list:
     tasks = state["tasks"]
     if op.get("all"):
-        if state.pop("qpause", None) is not None and emit:
-            emit(ts, "*", "resumed", {"by": op.get("by"), "queue": True})
-        done = [i for i, t in tasks.items() if t.get("paused") and t["state"] in UNFINISHED]  # history never changes
-        done.sort(key=lambda i: tasks[i]["seq"])
+        done = _resume_queue(state, op, ts, emit)
     else:
         done = [i for i in steer_targets(state, op, UNFINISHED) if tasks[i].get("paused")]
     for i in done:
@@ -878,30 +963,34 @@ def _op_retry(state: dict, op: dict, ts: float, emit: Emit) -> list:
     """``op["tasks"]``: the packed records of the tasks to revive as they stood when the op was
     made (the hot state may lack them: finished work lives in history); ``op["chains"]`` likewise
     for their chains, with ``op["ids"]`` the tasks the user asked for."""
+    _restore(state, op)
+    revived: list[str] = []
+    for tid in op.get("ids", ()):
+        t = state["tasks"].get(tid)
+        if t is None or t["state"] not in _RETRYABLE:
+            continue  # (as is a task of a chain that an earlier id of the op revived)
+        chain = _chain_of_step(state, t)
+        if chain is None:
+            _retry_task(state, tid, ts, emit, op.get("by"))
+            revived.append(tid)
+        else:
+            chain = state["chains"][chain["id"]] = dict(chain)  # a new object: the snapshot writes history by identity
+            revived += _retry_chain(state, chain, ts, emit, op.get("by"))
+    return revived
+
+
+_RETRYABLE = frozenset({"FAILED", "CANCELLED"})
+
+
+def _restore(state: dict, op: dict) -> None:
+    """The tasks and chains a ``retry`` op carries, put back where the state lacks them."""
     tasks, chains = state["tasks"], state["chains"]
     for packed in op.get("tasks", ()):
         if packed["id"] not in tasks:
-            t = unpack_task(packed)
-            tasks[t["id"]] = t
+            tasks[packed["id"]] = unpack_task(packed)
     for chain in op.get("chains", ()):
         if chain["id"] not in chains:
             chains[chain["id"]] = dict(chain)
-    revived: list[str] = []
-    done_chains: set = set()
-    for tid in op.get("ids", ()):
-        t = tasks.get(tid)
-        if t is None or t["state"] not in FINISHED or t["state"] == "SUCCEEDED":
-            continue
-        chain = _chain_of_step(state, t) if t.get("chain_id") and t.get("step") else None
-        if chain is not None and member(state, chain, tid) is not None:
-            if chain["id"] not in done_chains:
-                done_chains.add(chain["id"])
-                chain = chains[chain["id"]] = dict(chain)  # a new object: the snapshot writes history by identity
-                revived += _retry_chain(state, chain, ts, emit, op.get("by"))
-            continue
-        _retry_task(state, tid, ts, emit, op.get("by"))
-        revived.append(tid)
-    return revived
 
 
 def _retry_task(state: dict, tid: str, ts: float, emit: Emit, by) -> None:
@@ -947,35 +1036,40 @@ def _revive(t: dict, new_state_: str, ts: float, emit: Emit, by) -> None:
         emit(ts, t["id"], "retried", {"by": by, "state": new_state_})
 
 
-def _update(state: dict, t: dict, task: dict, ts: float, emit: Emit, by=None) -> dict:
-    """``--policy update``: ``t`` keeps its id, seq, attempts and (for an equal trigger) its due
-    time and trigger state; it takes the new worker, input, trigger, constraints, tags and host
-    (the new request's ``--host``, None unpinning it).  A running run goes on with the
-    definition it started with (the runner holds its own copy), on the host that claimed it."""
-    same_trigger = task["trigger"] == t["trigger"]
-    changed = [
-        k
-        for k in ("worker", "input", "trigger", "constraints", "tags", "host")
-        if task.get(k, _PACKED_DEFAULTS.get(k)) != t.get(k)
-    ]
+_UPDATED = ("worker", "input", "trigger", "constraints", "tags", "host")  # what --policy update changes
+
+
+def _enq_update(state: dict, op: dict, existing: list[str], ts: float, emit: Emit) -> dict:
+    """``--policy update``: the family's first unfinished task ``t`` keeps its id, seq, attempts
+    and (for an equal trigger) its due time and trigger state; it takes the new worker, input,
+    trigger, constraints, tags and host (the new request's ``--host``, None unpinning it).  A
+    running run goes on with the definition it started with (the runner holds its own copy), on
+    the host that claimed it."""
+    t, task = state["tasks"][existing[0]], op["task"]
+    changed = [k for k in _UPDATED if task.get(k, _PACKED_DEFAULTS.get(k)) != t.get(k)]
     t["worker"] = task["worker"]
     t["input"] = task.get("input")
     t["host"] = task.get("host")
     t["constraints"] = task.get("constraints", DEFAULT_CONSTRAINTS_RECORD)
     t["tags"] = list(task.get("tags") or [])
-    if not same_trigger:
-        t["trigger"] = task["trigger"]
-        t["trig_state"] = dict(task.get("trig_state") or {})
-        due = task["due"] if "due" in task else task.get("created_at", ts)
-        if t["state"] == "RUNNING":
-            t["updated_due"] = due  # the run's result must not put it back on the old grid
-        elif t["state"] == "ENQUEUED":
-            t["due"] = due
+    if task["trigger"] != t["trigger"]:
+        _new_trigger(t, task, ts)
     t["updated_at"] = ts
     if emit:
-        emit(ts, t["id"], "updated", {"changed": changed, "by": by})
+        emit(ts, t["id"], "updated", {"changed": changed, "by": op.get("by")})
     due = t["due"] if t["state"] == "ENQUEUED" else None
     return {"action": "updated", "id": t["id"], "due": t.get("updated_due", due), "state": t["state"]}
+
+
+def _new_trigger(t: dict, task: dict, ts: float) -> None:
+    """``t`` takes the trigger of request ``task``, and the due time it gives."""
+    t["trigger"] = task["trigger"]
+    t["trig_state"] = dict(task.get("trig_state") or {})
+    due = task["due"] if "due" in task else task.get("created_at", ts)
+    if t["state"] == "RUNNING":
+        t["updated_due"] = due  # the run's result must not put it back on the old grid
+    elif t["state"] == "ENQUEUED":
+        t["due"] = due
 
 
 def _op_note(state: dict, op: dict, ts: float, emit: Emit) -> bool:
@@ -984,6 +1078,14 @@ def _op_note(state: dict, op: dict, ts: float, emit: Emit) -> bool:
         emit(ts, op.get("id", "?"), op.get("event", "note"), op.get("detail") or {})
     return True
 
+
+_ENQ_POLICIES = {
+    "keep": _enq_keep,
+    "update": _enq_update,
+    "replace": _enq_replace,
+    "append": _enq_append,
+    "append-or-replace": _enq_append,
+}
 
 _HANDLERS = {
     "note": _op_note,

@@ -21,33 +21,38 @@ MAX_SECONDS = 100 * 365 * 86400.0
 
 def parse_duration(value: str | int | float | timedelta, *, what: str = "duration") -> float:
     """Return seconds for a DUR; raise :class:`InvalidParams` with a one-line reason."""
-    if isinstance(value, timedelta):
-        seconds = value.total_seconds()
-    elif isinstance(value, bool):
-        raise InvalidParams(f"invalid {what} {value!r}: expected a duration like 30s, 15m, 1h30m")
-    elif isinstance(value, (int, float)):
-        seconds = float(value)
-    elif isinstance(value, str):
-        text = value.strip().lower()
-        if _NUMBER.fullmatch(text):
-            seconds = float(text)
-        else:
-            pos, seconds = 0, 0.0
-            for m in _PART.finditer(text):
-                if m.start() != pos:
-                    break
-                seconds += float(m.group(1)) * _UNITS[m.group(2)]
-                pos = m.end()
-            if not text or pos != len(text):
-                raise InvalidParams(
-                    f"invalid {what} {value!r}: expected a duration like 500ms, 30s, 15m, 2h, 1d or 1h30m"
-                )
-    else:
-        raise InvalidParams(f"invalid {what} {value!r}: expected a duration like 30s, 15m, 1h30m")
+    seconds = _seconds(value, what)
     if seconds != seconds or seconds < 0:
         raise InvalidParams(f"invalid {what} {value!r}: must not be negative")
     if seconds > MAX_SECONDS:
         raise InvalidParams(f"invalid {what} {value!r}: longer than 100 years")
+    return seconds
+
+
+def _seconds(value, what: str) -> float:
+    """The seconds a DUR says, whatever its type (not checked for range)."""
+    if isinstance(value, timedelta):
+        return value.total_seconds()
+    if isinstance(value, str):
+        return _text_seconds(value, what)
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return float(value)
+    raise InvalidParams(f"invalid {what} {value!r}: expected a duration like 30s, 15m, 1h30m")
+
+
+def _text_seconds(value: str, what: str) -> float:
+    """Seconds for a DUR typed as text: a bare number, or parts such as ``1h30m``."""
+    text = value.strip().lower()
+    if _NUMBER.fullmatch(text):
+        return float(text)
+    pos, seconds = 0, 0.0
+    for m in _PART.finditer(text):
+        if m.start() != pos:
+            break
+        seconds += float(m.group(1)) * _UNITS[m.group(2)]
+        pos = m.end()
+    if not text or pos != len(text):
+        raise InvalidParams(f"invalid {what} {value!r}: expected a duration like 500ms, 30s, 15m, 2h, 1d or 1h30m")
     return seconds
 
 
@@ -74,12 +79,15 @@ def _parse_time(value, *, now: float | None, what: str, tz=None) -> float:
         if value.tzinfo is None:
             raise InvalidParams(f"invalid {what} {value!r}: give an aware datetime (with a timezone)")
         return value.timestamp()
-    if isinstance(value, bool) or not isinstance(value, (str, int, float)):
-        raise InvalidParams(f"invalid {what} {value!r}: expected ISO 8601, @EPOCH_SECONDS or +DURATION")
-    if isinstance(value, (int, float)):
-        if value != value:
-            raise InvalidParams(f"invalid {what} {value!r}: not a number")
-        return float(value)
+    if isinstance(value, str):
+        return _text_time(value, now, what, tz)
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return _not_nan(float(value), value, what)
+    raise InvalidParams(f"invalid {what} {value!r}: expected ISO 8601, @EPOCH_SECONDS or +DURATION")
+
+
+def _text_time(value: str, now: float | None, what: str, tz) -> float:
+    """Epoch seconds for a TIME typed as text."""
     text = value.strip()
     if text.startswith("+"):
         base = time.time() if now is None else now
@@ -89,9 +97,19 @@ def _parse_time(value, *, now: float | None, what: str, tz=None) -> float:
             epoch = float(text[1:])
         except ValueError:
             raise InvalidParams(f"invalid {what} {value!r}: expected @EPOCH_SECONDS") from None
-        if epoch != epoch:
-            raise InvalidParams(f"invalid {what} {value!r}: not a number")
-        return epoch
+        return _not_nan(epoch, value, what)
+    return _iso_time(text, value, what, tz)
+
+
+def _not_nan(epoch: float, value, what: str) -> float:
+    """``epoch``, refused when it is NaN."""
+    if epoch != epoch:
+        raise InvalidParams(f"invalid {what} {value!r}: not a number")
+    return epoch
+
+
+def _iso_time(text: str, value: str, what: str, tz) -> float:
+    """Epoch seconds for an ISO 8601 time (naive: local time, or in ``tz``)."""
     try:
         dt = datetime.fromisoformat(text)
     except ValueError:

@@ -17,6 +17,7 @@ from __future__ import annotations
 import math
 import os
 from datetime import datetime, timedelta
+from functools import partial
 from typing import Any
 
 from kmpwm.core.exitcodes import InvalidParams
@@ -271,40 +272,46 @@ def cron_next(expr: str, after: float, tz: str | None = None) -> float:
     (``mktime`` for the local zone), so a DST change moves nothing: 09:00 stays 09:00.  A wall time
     that does not exist (spring forward) runs at the shifted instant; one that exists twice (fall
     back) runs once, because matches at or before ``after`` are skipped."""
-    if tz is not None:
-        return _cron_next_in(expr, after, zone(tz))
-    import time as _time
+    if tz is None:
+        return _cron_walk(expr, datetime.fromtimestamp(after), after, _local_instants)
+    tzinfo = zone(tz)
+    return _cron_walk(
+        expr, datetime.fromtimestamp(after, tzinfo).replace(tzinfo=None), after, partial(_zone_instants, tz=tzinfo)
+    )
 
+
+def _cron_walk(expr: str, start: datetime, after: float, instants) -> float:
+    """The first of ``instants(wall)`` after ``after``, for the wall times matching ``expr`` from
+    ``start`` on."""
     from croniter import croniter  # only tasks with a cron trigger pay for it
 
-    it = croniter(expr, datetime.fromtimestamp(after))
+    it = croniter(expr, start)
     for _ in range(1000):
         wall = it.get_next(datetime)
-        tt = wall.timetuple()[:8]
-        # both readings of the wall time (summer and winter); keep those that really show it
-        readings = sorted({_time.mktime(tt + (dst,)) for dst in (1, 0)})
-        exact = [r for r in readings if datetime.fromtimestamp(r).replace(microsecond=0) == wall]
-        for instant in exact or [_time.mktime(tt + (-1,))]:  # none: a wall time that does not exist
+        for instant in instants(wall):
             if instant > after:
                 return float(instant)
     raise InvalidParams(f"cron expression {expr!r} has no upcoming time")
 
 
-def _cron_next_in(expr: str, after: float, tz) -> float:
-    """:func:`cron_next` in a named zone: the same walk, with zoneinfo's rules instead of mktime's.
+def _local_instants(wall: datetime) -> list[float]:
+    """The instants that show naive ``wall`` in the machine's local zone: both readings of a wall
+    time that exists twice (summer and winter time), ``mktime``'s guess for one that does not exist."""
+    import time as _time
+
+    tt = wall.timetuple()[:8]
+    readings = sorted({_time.mktime(tt + (dst,)) for dst in (1, 0)})
+    exact = [r for r in readings if datetime.fromtimestamp(r).replace(microsecond=0) == wall]
+    return exact or [_time.mktime(tt + (-1,))]  # none: a wall time that does not exist
+
+
+def _zone_instants(wall: datetime, tz) -> list[float]:
+    """:func:`_local_instants` in a named zone, with zoneinfo's rules instead of mktime's.
     ``fold`` picks the first or second reading of a repeated wall time; a wall time that does not
     exist reads with the offset before the change (fold 0), which is the shifted instant."""
-    from croniter import croniter
-
-    it = croniter(expr, datetime.fromtimestamp(after, tz).replace(tzinfo=None))
-    for _ in range(1000):
-        wall = it.get_next(datetime)
-        readings = sorted({wall.replace(tzinfo=tz, fold=f).timestamp() for f in (0, 1)})
-        exact = [r for r in readings if datetime.fromtimestamp(r, tz).replace(tzinfo=None, microsecond=0) == wall]
-        for instant in exact or [wall.replace(tzinfo=tz, fold=0).timestamp()]:
-            if instant > after:
-                return float(instant)
-    raise InvalidParams(f"cron expression {expr!r} has no upcoming time")
+    readings = sorted({wall.replace(tzinfo=tz, fold=f).timestamp() for f in (0, 1)})
+    exact = [r for r in readings if datetime.fromtimestamp(r, tz).replace(tzinfo=None, microsecond=0) == wall]
+    return exact or [wall.replace(tzinfo=tz, fold=0).timestamp()]
 
 
 # Triggers that take --jitter and --misfire-grace: those with due times on a clock or a grid.
@@ -434,6 +441,15 @@ def change_signature(path: str, descendants: bool) -> list:
     import zlib
 
     count, acc = 0, zlib.crc32(f"{st.st_mtime_ns}".encode())
+    for entry_path, est in _entries_below(path):
+        count += 1
+        acc = zlib.crc32(f"{entry_path}\0{est.st_mtime_ns}\0{est.st_size}".encode(), acc)
+    return [st.st_mtime_ns, count, acc]
+
+
+def _entries_below(path: str):
+    """``(path, stat)`` of every entry below directory ``path``, depth first, symlinks not
+    followed; an entry or directory that cannot be read is left out."""
     stack = [path]
     while stack:
         top = stack.pop()
@@ -444,13 +460,11 @@ def change_signature(path: str, descendants: bool) -> list:
                         est = entry.stat(follow_symlinks=False)
                     except OSError:
                         continue
-                    count += 1
-                    acc = zlib.crc32(f"{entry.path}\0{est.st_mtime_ns}\0{est.st_size}".encode(), acc)
+                    yield entry.path, est
                     if entry.is_dir(follow_symlinks=False):
                         stack.append(entry.path)
         except OSError:
             continue
-    return [st.st_mtime_ns, count, acc]
 
 
 def to_json(trigger: dict) -> dict:
