@@ -191,12 +191,12 @@ def request_from_spec(
     try:
         _check_keys(spec)
         request, policy = _checked_request(spec, default_policy, need_id)
+        request.input = normalise_input(request.input)
     except InvalidParams as exc:
         if where:
             exc.message = f"{where}: {exc.message}"
             exc.args = (exc.message,)
         raise
-    request.input = normalise_input(request.input)
     return request, policy
 
 
@@ -323,10 +323,11 @@ def _spec_tags(spec: dict) -> list[str]:
     tags = spec.get("tags", [])
     if isinstance(tags, str):
         tags = [tags]
+    if not isinstance(tags, list):
+        raise InvalidParams("invalid tags: expected a list of strings")
     if spec.get("tag") is not None:
-        extra = _tag_list(spec["tag"])
-        tags = list(tags) + extra
-    if not isinstance(tags, list) or not all(isinstance(t, str) for t in tags):
+        tags = tags + _tag_list(spec["tag"])
+    if not all(isinstance(t, str) for t in tags):
         raise InvalidParams("invalid tags: expected a list of strings")
     return list(tags)
 

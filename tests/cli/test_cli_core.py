@@ -974,3 +974,20 @@ def test_an_io_error_reaching_the_top_says_so_in_one_line(capsys):
     err = capsys.readouterr().err
     assert code == 74
     assert err.startswith("kmpwm: error: I/O error: Input/output error (/home/u/.kmpwm/journal/journal.log)"), err
+
+
+@pytest.mark.parametrize(
+    "spec, says",
+    [
+        ({"id": "a", "worker": "echo", "tags": 5, "tag": "x"}, "invalid tags"),  # was exit 70 (TypeError)
+        ({"id": "a", "worker": "echo", "tags": {"k": 1}, "tag": "x"}, "invalid tags"),  # was accepted
+        ({"id": "a", "worker": "echo", "tag": ["x", 1]}, "invalid tags"),
+        ({"id": "a", "worker": "echo", "input": json.loads("[" * 70 + "]" * 70)}, "nested deeper than 64"),
+    ],
+)
+def test_a_bad_spec_line_is_refused_with_its_line_number(home, tmp_path, spec, says):
+    path = tmp_path / "specs.jsonl"
+    path.write_text(json.dumps({"id": "ok", "worker": "echo"}) + "\n" + json.dumps(spec) + "\n")
+    r = kmpwm("enqueue", "--from", path, check=65)
+    assert r.stderr.startswith("kmpwm: error: line 2: ") and says in r.stderr.splitlines()[0], r.stderr
+    assert kjson("inspect-queue", "--all")[0]["tasks"] == []  # nothing of the file is enqueued
