@@ -127,7 +127,12 @@ def upstream_of(state: dict, t: dict) -> dict:
         return {}
     merged: dict = {}
     for tid in chain["steps"][t["step"] - 2]:
-        result = (member(state, chain, tid) or {}).get("last_result") or {}
-        if isinstance(result.get("data"), dict):
-            merged.update(result["data"])
+        merged.update(_result_data(member(state, chain, tid)))
     return merged
+
+
+def _result_data(task: dict | None) -> dict:
+    """The ``data`` dict of a task's last result (empty: none, or not a dict)."""
+    result = (task or {}).get("last_result") or {}
+    data = result.get("data")
+    return data if isinstance(data, dict) else {}

@@ -317,9 +317,9 @@ def plan_forced(
         if t is None or i in exclude:
             continue
         reason = _not_forcible(t, now, host)
-        if reason is None and t["state"] == "RUNNING":
-            out.broken.add(i)  # its holder is gone or its lease ended (scheduling.decide)
         if reason is None:
+            if t["state"] == "RUNNING":
+                out.broken.add(i)  # its holder is gone or its lease ended (scheduling.decide)
             reason = _cannot_start(t, device, known_worker, ignore_constraints)
         if reason is None:
             out.due.append(t)

@@ -82,7 +82,7 @@ def _scripts_dir() -> Path | None:
 def _script_in_env(script: Path) -> bool:
     """Whether a ``kmpwm`` console script belongs to the running Python environment."""
     exe_dir = Path(os.path.abspath(sys.executable)).parent
-    dirs = {exe_dir, _scripts_dir()}
+    dirs = {exe_dir, _scripts_dir()}  # (a None there matches no parent)
     candidates = {Path(os.path.abspath(script))}
     try:
         candidates.add(script.resolve())
@@ -804,13 +804,13 @@ class Systemd:
         return f"{self.unit}.timer"
 
     @property
-    def managed(self) -> str:
-        """The unit that is enabled, started and reported on: the timer."""
-        return self.timer
+    def managed_path(self) -> Path:
+        """The file of the unit that is enabled, started and reported on: the timer."""
+        return self.timer_path
 
     @property
-    def managed_path(self) -> Path:
-        return self.timer_path
+    def managed(self) -> str:
+        return self.managed_path.name
 
     @property
     def unit_paths(self) -> tuple[Path, ...]:
@@ -1049,12 +1049,8 @@ class SystemdServe(Systemd):
         return f"{self.unit}.service"
 
     @property
-    def managed(self) -> str:
-        """The unit that is enabled, started and reported on: the service."""
-        return self.service
-
-    @property
     def managed_path(self) -> Path:
+        """The file of the unit that is enabled, started and reported on: the service."""
         return self.service_path
 
     @property
