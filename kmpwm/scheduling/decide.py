@@ -267,17 +267,23 @@ def misfire(t: dict, now: float) -> dict | None:
     "late", "grace", "next"}`` where ``next`` is where a repeating task goes on (None: a one-time
     task, which ends FAILED ``missed``)."""
     grace = t["constraints"].get("misfire_grace")
-    if not grace or t["state"] != "ENQUEUED" or t["due"] > now or t["trigger"]["type"] not in TIMED:
+    if not grace or not _judged_late(t, now):
         return None
-    if t.get("occ_attempts") or t.get("expiries"):
-        return None  # the occurrence started already: its retries and re-runs are not judged
-    if t["trig_state"].get("held") == t["due"]:
-        return None  # seen due in time and held by a constraint: a constraint wait is not a misfire
     late = now - t["due"]
     if late <= grace:
         return None
     nxt = first_due_after(t["trigger"], t["trig_state"], now - grace, task_offset(t))
     return {"due": t["due"], "late": late, "grace": grace, "next": nxt}
+
+
+def _judged_late(t: dict, now: float) -> bool:
+    """Is ``t`` the start of a timed occurrence that is due, whose lateness misfire grace judges?"""
+    if t["state"] != "ENQUEUED" or t["due"] > now or t["trigger"]["type"] not in TIMED:
+        return False
+    if t.get("occ_attempts") or t.get("expiries"):
+        return False  # the occurrence started already: its retries and re-runs are not judged
+    # seen due in time and held by a constraint: a constraint wait is not a misfire
+    return t["trig_state"].get("held") != t["due"]
 
 
 def misfire_text(m: dict, outcome: bool = True) -> str:

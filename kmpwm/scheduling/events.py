@@ -78,22 +78,26 @@ class JournalEvents:
         ident = self.journal.identity()
         if ident is None:
             return []
-        folder = self.folder
-        if ident[0] != self.ino or ident[1] < folder.offset:  # compacted: re-derive
-            folder = self.folder = Folder()
-            scan, self.ino = self.journal.read(0)
-            folder.feed(scan)
-            new = [e for e in folder.events if e[0] > self.last_ts]
-        elif ident[1] > folder.offset:
-            tail, _ = self.journal.read(folder.offset)
-            folder.feed(tail)
-            new = folder.events[self.printed :]
+        if ident[0] != self.ino or ident[1] < self.folder.offset:  # compacted: re-derive
+            new = self._refold()
+        elif ident[1] > self.folder.offset:
+            tail, _ = self.journal.read(self.folder.offset)
+            self.folder.feed(tail)
+            new = self.folder.events[self.printed :]
         else:
             return []
+        folder = self.folder
         self.printed = len(folder.events)
         if folder.events:
             self.last_ts = max(self.last_ts, folder.events[-1][0])
         return self.wanted(new)
+
+    def _refold(self) -> list:
+        """Fold the compacted journal anew: its events newer than those already seen."""
+        self.folder = Folder()
+        scan, self.ino = self.journal.read(0)
+        self.folder.feed(scan)
+        return [e for e in self.folder.events if e[0] > self.last_ts]
 
 
 class _Rows:

@@ -32,16 +32,22 @@ def explain_task(state: dict, t: dict, now: float, device: Device, host: str | N
     d = decide(t, state, now, device, host=host, started=started)
     out = {"id": t["id"], "state": t["state"], "running": False, "code": d.code, "reason": None}
     out["next_run_at"] = iso(d.at)
-    out["details"] = {"host": t["host"]} if t.get("host") is not None else {}
-    if t["state"] == "RUNNING":
-        out["details"]["lease"] = _lease_doc(t["lease"] or {})
-        if d.lease in ("orphaned", "expired") and started is not None:  # its run is over without a result
-            out["details"]["worker_started"] = False if d.unstarted else started(t)
+    out["details"] = _details(t)
+    if d.lease in ("orphaned", "expired") and started is not None:  # its run is over without a result
+        out["details"]["worker_started"] = False if d.unstarted else started(t)
     render = _TEXT.get("missed" if d.missed is not None else d.code, _due)
     render(out, d, _Ctx(state, t, now, device, host))
     if d.taken_over and not d.due:  # its runner is gone, and run-due does not take it over yet
         out["reason"] = f"{lost_why(t, d.lease)}; {out['reason']}"
     return out
+
+
+def _details(t: dict) -> dict:
+    """The details every document of ``t`` has: its host, a running task's lease."""
+    details = {"host": t["host"]} if t.get("host") is not None else {}
+    if t["state"] == "RUNNING":
+        details["lease"] = _lease_doc(t["lease"] or {})
+    return details
 
 
 class _Ctx(NamedTuple):
@@ -212,8 +218,6 @@ def explain_ids(state: dict, task_id: str) -> list[str]:
 
 def explain(paths: Paths, task_id: str) -> list[dict]:
     """``explain ID``'s documents, one per task it covers (a running task's with its progress)."""
-    from kmpwm.storage.progress import of_task, text
-
     state = open_store(paths).load().state
     now = time.time()
     device = Device(storage_path=str(paths.journal_dir.parent))
@@ -224,7 +228,14 @@ def explain(paths: Paths, task_id: str) -> list[dict]:
     docs = [explain_task(state, state["tasks"][i], now, device, started=started) for i in ids if i in state["tasks"]]
     for d in docs:
         if d["running"]:
-            d["progress"] = of_task(paths, d["id"])
-            if d["progress"]:
-                d["reason"] += f"; progress {text(d['progress'], False)} (at {d['progress']['at']})"
+            _add_progress(paths, d)
     return docs
+
+
+def _add_progress(paths: Paths, doc: dict) -> None:
+    """A running task's document: with its latest progress (None: it reported none)."""
+    from kmpwm.storage.progress import of_task, text
+
+    doc["progress"] = of_task(paths, doc["id"])
+    if doc["progress"]:
+        doc["reason"] += f"; progress {text(doc['progress'], False)} (at {doc['progress']['at']})"

@@ -27,16 +27,22 @@ def lease_state(t: dict, now: float) -> str:
     if t["state"] != "RUNNING":
         return "free"
     lease = t.get("lease") or {}
-    pid = lease.get("pid")
-    if local(lease):
-        boot = lease.get("boot")
-        if boot and boot != procs.boot_id():
-            return "orphaned"  # taken before a reboot: every process of that boot is gone
-        if not procs.alive(pid, lease.get("token")):
-            return "orphaned"
-        if lease.get("token") is not None:
-            return "held"  # that very process is running: nothing else can tell otherwise
+    judged = _liveness(lease) if local(lease) else None
+    if judged is not None:
+        return judged
     return "expired" if lease.get("until", 0) <= now else "held"
+
+
+def _liveness(lease: dict) -> str | None:
+    """A holder on this host judged by its liveness: 'orphaned' (gone), 'held' (that very process
+    is running), or None when only the lease's end can tell (a holder without a start token)."""
+    boot = lease.get("boot")
+    if boot and boot != procs.boot_id():
+        return "orphaned"  # taken before a reboot: every process of that boot is gone
+    if not procs.alive(lease.get("pid"), lease.get("token")):
+        return "orphaned"
+    # that very process is running: nothing else can tell otherwise
+    return "held" if lease.get("token") is not None else None
 
 
 def local(lease: dict) -> bool:
@@ -124,16 +130,19 @@ def holder_started(runners_dir, t: dict) -> bool | None:
     except OSError:
         return None
     header, _, marks = data.partition(b"\n")
-    token, _, boot = header.decode("utf-8", "replace").partition(" ")
-    if token != (lease.get("token") or "") or (lease.get("boot") and boot != lease["boot"]):
+    if not _same_holder(header, lease):
         return None  # another process had that pid since
     return _mark(t["id"], lease["since"]) in marks.splitlines(keepends=True)
 
 
+def _same_holder(header: bytes, lease: dict) -> bool:
+    """Does a start-marks file's header (its runner's start token and boot) name the lease's holder?"""
+    token, _, boot = header.decode("utf-8", "replace").partition(" ")
+    return token == (lease.get("token") or "") and (not lease.get("boot") or boot == lease["boot"])
+
+
 def forget_started(runners_dir) -> None:
     """Remove the start marks of runners that are gone, once older than STARTED_KEEP."""
-    import time
-
     try:
         names = [n for n in os.listdir(runners_dir) if n.endswith(".started")]
     except OSError:
@@ -141,12 +150,19 @@ def forget_started(runners_dir) -> None:
     for name in names:
         path = os.path.join(runners_dir, name)
         try:
-            if time.time() - os.stat(path).st_mtime < STARTED_KEEP:
-                continue
-            with open(path, "rb") as fh:
-                token = fh.readline().decode("utf-8", "replace").partition(" ")[0]
-            if procs.alive(int(name[: -len(".started")]), token or None):
-                continue
-            os.unlink(path)
+            if _forgettable(path, int(name[: -len(".started")])):
+                os.unlink(path)
         except (OSError, ValueError):
             continue
+
+
+def _forgettable(path: str, pid: int) -> bool:
+    """Are the start marks at ``path`` older than STARTED_KEEP, and is runner ``pid`` that wrote
+    them gone?"""
+    import time
+
+    if time.time() - os.stat(path).st_mtime < STARTED_KEEP:
+        return False
+    with open(path, "rb") as fh:
+        token = fh.readline().decode("utf-8", "replace").partition(" ")[0]
+    return not procs.alive(pid, token or None)

@@ -59,8 +59,15 @@ class Plan:
 
     def add(self, t: dict, d: Decision) -> None:
         """Take in the decision ``d`` about task ``t``."""
-        tid = t["id"]
         self.ops.extend(d.ops)
+        self._claim_facts(t["id"], d)
+        if d.skip is not None:
+            self.skipped.append({"id": t["id"], "reason": d.skip})
+        if d.due:
+            self.due.append(t)
+
+    def _claim_facts(self, tid: str, d: Decision) -> None:
+        """What the runner claims task ``tid`` with, from the decision ``d``."""
         for flag, ids in (
             (d.taken_over, self.broken),
             (d.fence_broken, self.fence_broken),
@@ -72,10 +79,6 @@ class Plan:
             self.trig_updates[tid] = d.trig_update
         if d.occ is not None:
             self.occ[tid] = d.occ
-        if d.skip is not None:
-            self.skipped.append({"id": tid, "reason": d.skip})
-        if d.due:
-            self.due.append(t)
 
 
 def time_limit(task: dict, worker_timeout: float | None = None) -> float:
@@ -119,13 +122,17 @@ def plan(
 
 def upstream_of(state: dict, t: dict) -> dict:
     """Merged ``data`` of the previous chain step, in declaration order (later keys win)."""
-    chain = state["chains"].get(t.get("chain_id")) if t.get("chain_id") else None
+    chain = state["chains"].get(t.get("chain_id"))
     if chain is None or not t.get("step") or t["step"] < 2:
         return {}
     merged: dict = {}
     for tid in chain["steps"][t["step"] - 2]:
-        prev = member(state, chain, tid)
-        data = (prev or {}).get("last_result") or {}
-        if isinstance(data.get("data"), dict):
-            merged.update(data["data"])
+        merged.update(_result_data(member(state, chain, tid)))
     return merged
+
+
+def _result_data(task: dict | None) -> dict:
+    """The ``data`` dict of a task's last result (empty: none, or not a dict)."""
+    result = (task or {}).get("last_result") or {}
+    data = result.get("data")
+    return data if isinstance(data, dict) else {}

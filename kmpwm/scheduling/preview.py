@@ -31,26 +31,44 @@ def every_times(every, flex, n: int, now: float) -> list[float]:
 
 def task_times(task: dict, n: int, now: float) -> tuple[list[float], str | None]:
     """A task's own next due times (its jitter included) and, when there are none to list, why."""
-    st, trig = task["state"], task["trigger"]
-    if st not in ("ENQUEUED", "RUNNING", "BLOCKED"):
-        return [], f"{task['id']} is {st}: it has no next run"
+    why = _no_times(task)
+    if why is not None:
+        return [], why
+    if task["trigger"]["type"] not in _GRIDS:
+        return [task["due"]], None  # once, and not run yet
+    return _grid_times(task, n, now), None
+
+
+_LIVE = ("ENQUEUED", "RUNNING", "BLOCKED")
+_GRIDS = ("periodic", "cron")  # the triggers that repeat on a grid of times
+
+
+def _no_times(task: dict) -> str | None:
+    """Why the task has no due times to list (None: it has)."""
+    st, trig, tid = task["state"], task["trigger"], task["id"]
+    if st not in _LIVE:
+        return f"{tid} is {st}: it has no next run"
     if st == "BLOCKED":
-        return [], f"{task['id']} is BLOCKED: it is due when the tasks before it finish"
-    kind = trig["type"]
-    if kind == "on_change":
-        return [], f"{task['id']} is due when {trig['path']} changes"
-    if kind == "device_state":
-        return [], f"{task['id']} is due each time the device enters {trig['state']}"
-    offset = task_offset(task)
-    if kind not in ("periodic", "cron"):
-        return ([task["due"]] if st == "ENQUEUED" else []), (None if st == "ENQUEUED" else f"{task['id']} is running")
-    first = (
-        task["due"] if st == "ENQUEUED" else first_due_after(trig, task["trig_state"], max(now, task["due"]), offset)
-    )
-    out = [first]
+        return f"{tid} is BLOCKED: it is due when the tasks before it finish"
+    if trig["type"] == "on_change":
+        return f"{tid} is due when {trig['path']} changes"
+    if trig["type"] == "device_state":
+        return f"{tid} is due each time the device enters {trig['state']}"
+    if st == "RUNNING" and trig["type"] not in _GRIDS:
+        return f"{tid} is running"
+    return None
+
+
+def _grid_times(task: dict, n: int, now: float) -> list[float]:
+    """The next ``n`` times of a periodic or cron task: its due time, or (running) the one after now."""
+    trig, trig_state, offset = task["trigger"], task["trig_state"], task_offset(task)
+    if task["state"] == "ENQUEUED":
+        out = [task["due"]]
+    else:
+        out = [first_due_after(trig, trig_state, max(now, task["due"]), offset)]
     while len(out) < n:
-        out.append(first_due_after(trig, task["trig_state"], out[-1], offset))
-    return out, None
+        out.append(first_due_after(trig, trig_state, out[-1], offset))
+    return out
 
 
 def _find(state: dict, task_id: str) -> dict:
@@ -60,10 +78,10 @@ def _find(state: dict, task_id: str) -> dict:
     if task_id in tasks:
         return tasks[task_id]
     fam = [tasks[i] for i in family(state, task_id)]
-    live = [t for t in fam if t["state"] in ("ENQUEUED", "RUNNING", "BLOCKED")]
-    if live or fam:
-        return (live or fam)[0]
-    raise InvalidParams(f"no task {task_id!r}", hint="`kmpwm inspect-queue --all` lists them")
+    if not fam:
+        raise InvalidParams(f"no task {task_id!r}", hint="`kmpwm inspect-queue --all` lists them")
+    live = [t for t in fam if t["state"] in _LIVE]
+    return (live or fam)[0]
 
 
 def next_times(paths, task_id, cron, every, flex, n: int, tz: str | None, now: float):

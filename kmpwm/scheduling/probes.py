@@ -42,23 +42,43 @@ def parse_assume(text: str | None) -> dict:
         key, value = key.strip().lower(), value.strip().lower()
         if not sep or key not in ASSUME_KEYS:
             raise ConfigError(f"KMPWM_ASSUME: unknown setting {part!r} (keys: {', '.join(ASSUME_KEYS)})")
-        if ASSUME_KEYS[key] == "bool":
-            if value not in ("on", "off", "true", "false", "1", "0", "yes", "no"):
-                raise ConfigError(f"KMPWM_ASSUME: {key} must be on or off, not {value!r}")
-            out[key] = value in ("on", "true", "1", "yes")
-        else:
-            try:
-                pct = float(value.rstrip("%"))
-            except ValueError:
-                raise ConfigError(f"KMPWM_ASSUME: battery must be a percentage, not {value!r}") from None
-            if not 0 <= pct <= 100:
-                raise ConfigError(f"KMPWM_ASSUME: battery must be between 0 and 100, not {value!r}")
-            out[key] = pct
+        out[key] = _switch(key, value) if ASSUME_KEYS[key] == "bool" else _percent(value)
     return out
+
+
+_SWITCH = {"on": True, "true": True, "1": True, "yes": True, "off": False, "false": False, "0": False, "no": False}
+
+
+def _switch(key: str, value: str) -> bool:
+    """A KMPWM_ASSUME on/off value."""
+    if value not in _SWITCH:
+        raise ConfigError(f"KMPWM_ASSUME: {key} must be on or off, not {value!r}")
+    return _SWITCH[value]
+
+
+def _percent(value: str) -> float:
+    """KMPWM_ASSUME's battery percentage."""
+    try:
+        pct = float(value.rstrip("%"))
+    except ValueError:
+        raise ConfigError(f"KMPWM_ASSUME: battery must be a percentage, not {value!r}") from None
+    if not 0 <= pct <= 100:
+        raise ConfigError(f"KMPWM_ASSUME: battery must be between 0 and 100, not {value!r}")
+    return pct
 
 
 def _have_networkmanager() -> bool:
     return sys.platform.startswith("linux") and shutil.which("nmcli") is not None
+
+
+def _have_modemmanager() -> bool:
+    # ModemManager knows a cellular modem's registration (home or roaming); without it only
+    # KMPWM_ASSUME can say
+    return sys.platform.startswith("linux") and shutil.which("mmcli") is not None
+
+
+# the readings that need a service to be read (the others can always be)
+_READABLE_WITH = {"metered": _have_networkmanager, "roaming": _have_modemmanager}
 
 
 def observable(key: str, assume: dict | None = None) -> bool:
@@ -66,13 +86,8 @@ def observable(key: str, assume: dict | None = None) -> bool:
     assume = parse_assume(os.environ.get("KMPWM_ASSUME")) if assume is None else assume
     if key in assume:
         return True
-    if key == "metered":
-        return _have_networkmanager()
-    if key == "roaming":
-        # ModemManager knows a cellular modem's registration (home or roaming); without it only
-        # KMPWM_ASSUME can say
-        return sys.platform.startswith("linux") and shutil.which("mmcli") is not None
-    return True
+    readable = _READABLE_WITH.get(key)
+    return readable is None or readable()
 
 
 def unobservable(constraints: dict, trigger: dict) -> list[str]:
@@ -150,33 +165,13 @@ class Device:
     def _probe_metered(self) -> bool:
         if not _have_networkmanager():
             return False
-        import subprocess
-
-        out = subprocess.run(
-            ["nmcli", "-t", "-f", "GENERAL.METERED", "device", "show"],
-            capture_output=True,
-            text=True,
-            timeout=0.5,
-            check=False,
-        ).stdout.lower()
-        return "yes" in out
+        return "yes" in _output(["nmcli", "-t", "-f", "GENERAL.METERED", "device", "show"]).lower()
 
     def _probe_roaming(self) -> bool:
         """Linux with ModemManager: is any modem registered on a roaming network?"""
         if not shutil.which("mmcli"):
             return False
-        import subprocess
-
-        listing = subprocess.run(["mmcli", "-L", "-K"], capture_output=True, text=True, timeout=0.5, check=False).stdout
-        paths = [line.split(":", 1)[1].strip() for line in listing.splitlines() if line.startswith("modem-list.value")]
-        for path in paths:
-            out = subprocess.run(
-                ["mmcli", "-m", path, "-K"], capture_output=True, text=True, timeout=0.5, check=False
-            ).stdout
-            for line in out.splitlines():
-                if line.startswith("modem.3gpp.registration-state") and line.split(":", 1)[1].strip() == "roaming":
-                    return True
-        return False
+        return any(_modem_roaming(path) for path in _modem_paths())
 
     def _probe_idle(self) -> bool:
         seconds = self._session_idle_seconds()
@@ -191,36 +186,63 @@ class Device:
 
         try:
             if sys.platform == "darwin":
-                out = subprocess.run(
-                    ["ioreg", "-c", "IOHIDSystem", "-d", "4"], capture_output=True, text=True, timeout=0.5, check=False
-                ).stdout
-                for line in out.splitlines():
-                    if "HIDIdleTime" in line:
-                        return int(line.rsplit("=", 1)[1].strip()) / 1e9
-                return None
-            session = os.environ.get("XDG_SESSION_ID")
-            if not session or not shutil.which("loginctl"):
-                return None
-            out = subprocess.run(
-                ["loginctl", "show-session", session, "-p", "IdleHint", "-p", "IdleSinceHintMonotonic"],
-                capture_output=True,
-                text=True,
-                timeout=0.5,
-                check=False,
-            ).stdout
+                return _iokit_idle_seconds()
+            out = _logind_idle_hint()
         except (OSError, subprocess.SubprocessError, ValueError):
             return None
-        props = dict(line.split("=", 1) for line in out.splitlines() if "=" in line)
-        if props.get("IdleHint") != "yes":
-            return 0.0 if props else None
-        since = int(props.get("IdleSinceHintMonotonic", "0") or 0) / 1e6
-        return max(0.0, time.monotonic() - since) if since else IDLE_AFTER_SECONDS
+        return None if out is None else _logind_idle_seconds(out)
 
     def battery_low(self) -> bool:
         return self.get("battery") < BATTERY_LOW_PERCENT
 
     def readings(self) -> dict:
         return {k: self.get(k) for k in ASSUME_KEYS}
+
+
+def _output(argv: list[str]) -> str:
+    """What ``argv`` prints on stdout (it has half a second)."""
+    import subprocess
+
+    return subprocess.run(argv, capture_output=True, text=True, timeout=0.5, check=False).stdout
+
+
+def _modem_paths() -> list[str]:
+    """ModemManager's modems."""
+    listing = _output(["mmcli", "-L", "-K"])
+    return [line.split(":", 1)[1].strip() for line in listing.splitlines() if line.startswith("modem-list.value")]
+
+
+def _modem_roaming(path: str) -> bool:
+    """Is the modem ``path`` registered on a roaming network?"""
+    return any(
+        line.startswith("modem.3gpp.registration-state") and line.split(":", 1)[1].strip() == "roaming"
+        for line in _output(["mmcli", "-m", path, "-K"]).splitlines()
+    )
+
+
+def _iokit_idle_seconds() -> float | None:
+    """macOS: the HID idle time IOKit reports."""
+    for line in _output(["ioreg", "-c", "IOHIDSystem", "-d", "4"]).splitlines():
+        if "HIDIdleTime" in line:
+            return int(line.rsplit("=", 1)[1].strip()) / 1e9
+    return None
+
+
+def _logind_idle_hint() -> str | None:
+    """logind's idle properties of this session (``loginctl show-session``); None without a session."""
+    session = os.environ.get("XDG_SESSION_ID")
+    if not session or not shutil.which("loginctl"):
+        return None
+    return _output(["loginctl", "show-session", session, "-p", "IdleHint", "-p", "IdleSinceHintMonotonic"])
+
+
+def _logind_idle_seconds(out: str) -> float | None:
+    """How long logind's properties ``out`` say the session has been idle (0: active; None: no properties)."""
+    props = dict(line.split("=", 1) for line in out.splitlines() if "=" in line)
+    if props.get("IdleHint") != "yes":
+        return 0.0 if props else None
+    since = int(props.get("IdleSinceHintMonotonic", "0") or 0) / 1e6
+    return max(0.0, time.monotonic() - since) if since else IDLE_AFTER_SECONDS
 
 
 _FALLBACK = {
@@ -249,13 +271,19 @@ def unmet(constraints: dict, device: Device) -> str | None:
 def _network_unmet(nt: str, device: Device) -> str | None:
     if not device.get("network"):
         return "waiting for a network connection (network: off)"
-    if nt in ("unmetered", "temporarily-unmetered") and device.get("metered"):
-        return "waiting for an unmetered network (metered: on)"
-    if nt == "metered" and not device.get("metered"):
-        return "waiting for a metered network (metered: off)"
-    if nt == "not-roaming" and device.get("roaming"):
-        return "waiting for a non-roaming network (roaming: on)"
-    return None
+    if nt not in _NETWORK_CHECKS:
+        return None  # any connection will do
+    reading, unwanted, why = _NETWORK_CHECKS[nt]
+    return why if bool(device.get(reading)) == unwanted else None
+
+
+# --network-type -> (the reading it looks at, the value that holds the task back, why)
+_NETWORK_CHECKS = {
+    "unmetered": ("metered", True, "waiting for an unmetered network (metered: on)"),
+    "temporarily-unmetered": ("metered", True, "waiting for an unmetered network (metered: on)"),
+    "metered": ("metered", False, "waiting for a metered network (metered: off)"),
+    "not-roaming": ("roaming", True, "waiting for a non-roaming network (roaming: on)"),
+}
 
 
 # (constraint, does it hold on the device, why not): in the order unmet reports them
@@ -277,12 +305,14 @@ _DEVICE_CHECKS = (
 
 def device_state_now(name: str, device: Device) -> bool:
     """Is the device in the ``--when`` state ``name`` now?"""
-    if name == "battery-low":
-        return device.battery_low()
-    if name == "battery-okay":
-        return not device.battery_low()
-    if name == "storage-low":
-        return bool(device.get("storage_low"))
-    if name == "device-idle":
-        return bool(device.get("idle"))
-    return False
+    holds = _WHEN_STATES.get(name)
+    return False if holds is None else holds(device)
+
+
+# --when states: is the device in it?
+_WHEN_STATES = {
+    "battery-low": lambda d: d.battery_low(),
+    "battery-okay": lambda d: not d.battery_low(),
+    "storage-low": lambda d: bool(d.get("storage_low")),
+    "device-idle": lambda d: bool(d.get("idle")),
+}

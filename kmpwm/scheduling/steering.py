@@ -47,13 +47,16 @@ def pause(store, ids=(), tag=None, all_=False, until=None, by=None) -> list[str]
 def resume(store, ids=(), tag=None, all_=False, by=None) -> list[str]:
     op = schema.resume(by or who(), ids=ids, tag=tag, all_=all_)
     with store.transaction() as txn:
-        state = txn.state
-        if all_:
-            if state.get("qpause") is None and not any(t.get("paused") for t in state["tasks"].values()):
-                return []
-        elif not any(state["tasks"][i].get("paused") for i in steer_targets(state, op, UNFINISHED)):
-            return []
+        if not _resumes_anything(txn.state, op, all_):
+            return []  # nothing paused: no journal growth
         return txn.commit([op])[0]
+
+
+def _resumes_anything(state: dict, op: dict, all_: bool) -> bool:
+    """Is anything paused that ``op`` resumes (``all_``: the queue, or any task)?"""
+    if all_:
+        return state.get("qpause") is not None or any(t.get("paused") for t in state["tasks"].values())
+    return any(state["tasks"][i].get("paused") for i in steer_targets(state, op, UNFINISHED))
 
 
 # -- retry ----------------------------------------------------------------------------------
@@ -96,7 +99,7 @@ def _missing_from(full: dict, hot: dict, picked: list[str]) -> tuple[dict, dict]
     chains: dict[str, dict] = {}
     for i in picked:
         t = full["tasks"][i]
-        chain = full["chains"].get(t.get("chain_id")) if t.get("chain_id") else None
+        chain = full["chains"].get(t.get("chain_id"))
         if chain is not None:
             if chain["id"] not in hot["chains"]:
                 chains[chain["id"]] = chain
@@ -122,9 +125,12 @@ class WaitResult:
 
 
 def _matching(state: dict, ids, tag) -> list[str]:
-    if tag is not None:
-        return steer_targets(state, {"tag": tag}, UNFINISHED | FINISHED)
-    return steer_targets(state, {"ids": list(ids)}, UNFINISHED | FINISHED)
+    """The tasks (finished or not) that ``tag``, else ``ids``, names; InvalidParams if none."""
+    wanted = steer_targets(state, {"tag": tag} if tag is not None else {"ids": list(ids)}, UNFINISHED | FINISHED)
+    if not wanted:
+        what = f"tag {tag!r}" if tag is not None else ", ".join(repr(i) for i in ids)
+        raise InvalidParams(f"no task matches {what}", hint="`kmpwm inspect-queue --all` lists them")
+    return wanted
 
 
 def _repeating(t: dict) -> bool:
@@ -139,8 +145,7 @@ def wait(store, ids=(), tag=None, timeout: float | None = None) -> WaitResult:
     lock-free, incrementally, each time the journal changes (inotify when ``inotify_simple`` is
     installed, else a bounded stat poll)."""
     deadline = None if timeout is None else time.monotonic() + timeout
-    # armed before the first read: no change slips between (a shared store: its notifications)
-    watcher = _StoreWatcher(store.watch()) if hasattr(store, "watch") else _Watcher(store.paths.journal_dir)
+    watcher = _watcher(store)  # armed before the first read: no change slips between
     try:
         state = store.load(full=True).state
         goal = _WaitGoal(state, ids, tag)
@@ -157,14 +162,18 @@ def wait(store, ids=(), tag=None, timeout: float | None = None) -> WaitResult:
         watcher.close()
 
 
+def _watcher(store) -> _StoreWatcher | _Watcher:
+    """What sleeps until ``store`` changes: a shared store's notifications, else the journal directory's."""
+    if hasattr(store, "watch"):
+        return _StoreWatcher(store.watch())
+    return _Watcher(store.paths.journal_dir)
+
+
 class _WaitGoal:
     """The tasks :func:`wait` waits for, and when each counts as done."""
 
     def __init__(self, state: dict, ids, tag):
         self.wanted = _matching(state, ids, tag)
-        if not self.wanted:
-            what = f"tag {tag!r}" if tag is not None else ", ".join(repr(i) for i in ids)
-            raise InvalidParams(f"no task matches {what}", hint="`kmpwm inspect-queue --all` lists them")
         tasks = state["tasks"]
         self.repeating = {i for i in self.wanted if _repeating(tasks[i])}
         # a repeating task's run in progress began before wait did: the next one counts
@@ -176,10 +185,15 @@ class _WaitGoal:
         """None: not done yet; else done, and whether it went wrong."""
         if t["state"] in FINISHED:
             return t["state"] != "SUCCEEDED"
-        if i in self.repeating and t["attempts"] > self.base[i] and not t.get("occ_attempts"):
-            if t["state"] != "RUNNING":  # an occurrence ended after wait began
-                return (t.get("last_result") or {}).get("status") != "SUCCESS"
+        if self._occurrence_ended(i, t):
+            return (t.get("last_result") or {}).get("status") != "SUCCESS"
         return None
+
+    def _occurrence_ended(self, i: str, t: dict) -> bool:
+        """Has a run of repeating task ``i`` that ends an occurrence finished since wait began?"""
+        if i not in self.repeating or t["state"] == "RUNNING":
+            return False
+        return t["attempts"] > self.base[i] and not t.get("occ_attempts")
 
     def progress(self, tasks: dict) -> tuple[list[dict], bool, bool]:
         """The tasks' documents, whether all are done, and whether one went wrong.  A task that
@@ -193,6 +207,12 @@ class _WaitGoal:
         return docs, all(e is not None for e in ends), any(ends)
 
 
+def _bounded(left: float | None) -> float:
+    """How long a watcher sleeps: ``left``, at most 1 s (a bounded wait even so: a change missed
+    between the read and the watch costs 1 s at most)."""
+    return 1.0 if left is None else max(0.0, min(left, 1.0))
+
+
 class _StoreWatcher:
     """Sleeps until a shared store notifies a change (storage.pgstore.PgWatch), at most 1 s."""
 
@@ -202,8 +222,7 @@ class _StoreWatcher:
     def wait(self, left: float | None) -> None:
         import select
 
-        limit = 1.0 if left is None else max(0.0, min(left, 1.0))
-        ready, _, _ = select.select([self._watch.fd], [], [], limit)
+        ready, _, _ = select.select([self._watch.fd], [], [], _bounded(left))
         if ready:
             self._watch.drain()
 
@@ -239,10 +258,12 @@ class _Watcher:
 
     def wait(self, left: float | None) -> None:
         if self._ino is not None:
-            # a bounded wait even so: a change missed between the read and the watch costs 1 s at most
-            limit = 1.0 if left is None else max(0.0, min(left, 1.0))
-            self._ino.read(timeout=int(limit * 1000))
-            return
+            self._ino.read(timeout=int(_bounded(left) * 1000))
+        else:
+            self._poll(left)
+
+    def _poll(self, left: float | None) -> None:
+        """Stat the journal until it changes, sleeping longer each time (up to POLL_MAX)."""
         while True:
             now = self._stat()
             if now != self._last:
@@ -296,9 +317,9 @@ def plan_forced(
         if t is None or i in exclude:
             continue
         reason = _not_forcible(t, now, host)
-        if reason is None and t["state"] == "RUNNING":
-            out.broken.add(i)  # its holder is gone or its lease ended (scheduling.decide)
         if reason is None:
+            if t["state"] == "RUNNING":
+                out.broken.add(i)  # its holder is gone or its lease ended (scheduling.decide)
             reason = _cannot_start(t, device, known_worker, ignore_constraints)
         if reason is None:
             out.due.append(t)

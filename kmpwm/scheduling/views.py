@@ -30,7 +30,7 @@ def next_run_at(t: dict, now: float) -> float | None:
 
 
 def task_json(t: dict, now: float) -> dict:
-    until = t.get("paused_until")
+    paused, until = _own_pause(t, now)
     return {
         "id": t["id"],
         "worker": t["worker"],
@@ -48,13 +48,24 @@ def task_json(t: dict, now: float) -> dict:
         "created_at": iso(t.get("created_at")),
         "finished_at": iso(t.get("finished_at")),
         "after": t.get("after", []),
-        # the task's own pause (the queue's is inspect-queue's top-level "paused"); an ended --until is over
-        "paused": bool(t.get("paused")) and t["state"] in UNFINISHED and (until is None or until > now),
-        "paused_until": iso(until) if t.get("paused") and t["state"] in UNFINISHED and (until or 0) > now else None,
+        # the task's own pause (the queue's is inspect-queue's top-level "paused")
+        "paused": paused,
+        "paused_until": iso(until),
         "lease": _lease_json(t["lease"]) if t.get("lease") else None,
         "progress": None,  # the latest of a running task (kmpwm.storage.progress.attach)
         "host": t.get("host"),  # --host: the only host that runs it (null: any host)
     }
+
+
+def _own_pause(t: dict, now: float) -> tuple[bool, float | None]:
+    """Whether the task's own pause holds at ``now`` (an ended ``--until`` is over), and until
+    when (None: until resumed)."""
+    until = t.get("paused_until")
+    if not t.get("paused") or t["state"] not in UNFINISHED:
+        return False, None
+    if until is not None and until <= now:
+        return False, None
+    return True, until
 
 
 def _reason(t: dict, now: float) -> str | None:
@@ -113,10 +124,15 @@ def select(
     finished_too = include_finished or task_id is not None
     picked = [t for t in picked if _shown(t, now, chains, tag, state_filter, finished_too)]
     picked.sort(key=lambda t: t["seq"])
+    return picked, _chains_of(picked, chains, task_id)
+
+
+def _chains_of(picked: list[dict], chains: dict, task_id: str | None) -> list[dict]:
+    """The chains of the ``picked`` tasks, and the chain ``task_id`` names, in first-seen order."""
     chain_ids = dict.fromkeys(t["chain_id"] for t in picked if t.get("chain_id"))
-    if task_id is not None and task_id in chains:
+    if task_id in chains:
         chain_ids[task_id] = None
-    return picked, [chains[c] for c in chain_ids if c in chains]
+    return [chains[c] for c in chain_ids if c in chains]
 
 
 def _named(state: dict, task_id: str) -> list[dict]:
@@ -126,10 +142,7 @@ def _named(state: dict, task_id: str) -> list[dict]:
     chain = state["chains"].get(task_id)
     if chain is not None:
         ids += [t["id"] for t in members(state, chain)]
-    if "#" in task_id:
-        ids += [task_id] if task_id in tasks else []
-    else:
-        ids += family(state, task_id)
+    ids += [task_id] if "#" in task_id else family(state, task_id)
     return [tasks[i] for i in dict.fromkeys(ids) if i in tasks]
 
 

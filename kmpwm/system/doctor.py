@@ -64,27 +64,19 @@ def repair(paths: Paths) -> dict:
         with open(journal.path, "rb") as fh:
             raw = fh.read()
         mended = mend(raw)
-        moved = []
-        for start, end, kind in mended.moved:
-            path = journal.quarantine(raw[start:end], start, kind)
-            moved.append({"offset": start, "length": end - start, "kind": kind, "file": str(path)})
-        kept = [r for r in mended.records if not (r.get("ops") and r["ops"][0].get("op") == "hdr")]
-        manifest = private_subdir(paths.quarantine_dir) / f"{time.strftime('%Y%m%dT%H%M%S')}-repair.json"
-        fd = os.open(manifest, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | getattr(os, "O_NOFOLLOW", 0), 0o600)
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(
-                orjson.dumps(
-                    {
-                        "journal": str(journal.path),
-                        "repaired_at": iso(time.time()),
-                        "regions": moved,
-                        "records_kept": len(kept),
-                        "salvaged": mended.salvaged,
-                        "corrected": mended.corrected,
-                    },
-                    option=orjson.OPT_INDENT_2,
-                )
-            )
+        moved = [_quarantine(journal, raw, start, end, kind) for start, end, kind in mended.moved]
+        kept = [r for r in mended.records if not _is_header(r)]  # rewrite writes its own
+        _write_manifest(
+            paths,
+            {
+                "journal": str(journal.path),
+                "repaired_at": iso(time.time()),
+                "regions": moved,
+                "records_kept": len(kept),
+                "salvaged": mended.salvaged,
+                "corrected": mended.corrected,
+            },
+        )
         journal.rewrite(kept)
         from kmpwm.storage.store import Store
 
@@ -98,6 +90,25 @@ def repair(paths: Paths) -> dict:
     }
 
 
+def _is_header(record: dict) -> bool:
+    """Is ``record`` a journal header?"""
+    return bool(record.get("ops")) and record["ops"][0].get("op") == "hdr"
+
+
+def _quarantine(journal: Journal, raw: bytes, start: int, end: int, kind: str) -> dict:
+    """Move the bytes ``raw[start:end]`` to quarantine; the manifest's entry for them."""
+    path = journal.quarantine(raw[start:end], start, kind)
+    return {"offset": start, "length": end - start, "kind": kind, "file": str(path)}
+
+
+def _write_manifest(paths: Paths, manifest: dict) -> None:
+    """Write a repair's manifest to ``journal/quarantine/<time>-repair.json`` (private)."""
+    path = private_subdir(paths.quarantine_dir) / f"{time.strftime('%Y%m%dT%H%M%S')}-repair.json"
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | getattr(os, "O_NOFOLLOW", 0), 0o600)
+    with os.fdopen(fd, "wb") as fh:
+        fh.write(orjson.dumps(manifest, option=orjson.OPT_INDENT_2))
+
+
 def _check_workers(paths: Paths) -> tuple[list[dict], str | None]:
     from kmpwm.running.registry import Registry
 
@@ -107,21 +118,7 @@ def _check_workers(paths: Paths) -> tuple[list[dict], str | None]:
         dups = reg.duplicates()
     except KmpwmError as exc:
         return [], exc.message
-    out = []
-    for w in items:
-        entry = {"name": w.name, "source": w.source, "kind": w.kind, "target": w.target, "ok": True, "error": None}
-        cfg = w.config
-        if cfg is not None and cfg.cwd and not os.path.isdir(cfg.cwd):
-            entry.update(ok=False, error=f"its cwd {cfg.cwd} is not a directory (create it or fix cwd in config.toml)")
-        elif w.kind == "command":
-            entry["error"] = _command_problem(cfg)
-            entry["ok"] = entry["error"] is None
-        else:
-            from kmpwm.running.registry import import_error
-
-            entry["error"] = import_error(w)
-            entry["ok"] = entry["error"] is None
-        out.append(entry)
+    out = [_worker_doc(w) for w in items]
     for name in dups:
         out.append(
             {
@@ -136,6 +133,23 @@ def _check_workers(paths: Paths) -> tuple[list[dict], str | None]:
     return out, None
 
 
+def _worker_doc(w) -> dict:
+    """One registered worker in the report: ``ok``, or the ``error`` that stops it from starting."""
+    entry = {"name": w.name, "source": w.source, "kind": w.kind, "target": w.target, "ok": True, "error": None}
+    cfg = w.config
+    if cfg is not None and cfg.cwd and not os.path.isdir(cfg.cwd):
+        entry.update(ok=False, error=f"its cwd {cfg.cwd} is not a directory (create it or fix cwd in config.toml)")
+        return entry
+    if w.kind == "command":
+        entry["error"] = _command_problem(cfg)
+    else:
+        from kmpwm.running.registry import import_error
+
+        entry["error"] = import_error(w)
+    entry["ok"] = entry["error"] is None
+    return entry
+
+
 def _command_problem(cfg) -> str | None:
     """Why run-due could not start this command worker's program (None: it can)."""
     prog = cfg.command[0]
@@ -146,7 +160,7 @@ def _command_problem(cfg) -> str | None:
             if shutil.which(prog, path=path)
             else (f"program {prog!r} not found on PATH (install it, or give its full path in command)")
         )
-    full = prog if os.path.isabs(prog) or not cfg.cwd else os.path.join(cfg.cwd, prog)
+    full = os.path.join(cfg.cwd, prog) if cfg.cwd else prog  # an absolute prog stays as it is
     if not os.path.exists(full):
         return f"program {full} does not exist (fix command[0] in config.toml)"
     if not os.path.isfile(full) or not os.access(full, os.X_OK):
@@ -168,17 +182,7 @@ def check_files(paths: Paths) -> list[tuple[int, str]]:
     74 for the journal's own files (the lock, a read-only journal), 77 for kmpwm's private
     directories (runners/, quarantine/, cache/, logs/) that are not private or not writable."""
     out, lock_is_file = _check_lock(paths.lock_file)
-    journal_files = [(paths.journal_dir, "journal directory"), (paths.journal_file, "journal")]
-    if lock_is_file:
-        journal_files.append((paths.lock_file, "lock"))
-    for path, what in journal_files:
-        if os.path.exists(path) and not os.access(path, os.W_OK | (os.X_OK if path.is_dir() else 0)):
-            out.append(
-                (
-                    IO_ERROR,
-                    f"the {what} {path} is read-only: run-due cannot record claims or results; {_read_only(path)}",
-                )
-            )
+    out += _read_only_journal_files(paths, lock_is_file)
     for path, what in (
         (paths.runners_dir, "runners directory"),
         (paths.quarantine_dir, "quarantine directory"),
@@ -188,6 +192,23 @@ def check_files(paths: Paths) -> list[tuple[int, str]]:
         problem = _check_private_dir(path, what)
         if problem is not None:
             out.append((NOPERM, problem))
+    return out
+
+
+def _read_only_journal_files(paths: Paths, lock_is_file: bool) -> list[tuple[int, str]]:
+    """The journal's own files (the lock too, when it is a file) that run-due could not write."""
+    journal_files = [(paths.journal_dir, "journal directory"), (paths.journal_file, "journal")]
+    if lock_is_file:
+        journal_files.append((paths.lock_file, "lock"))
+    out = []
+    for path, what in journal_files:
+        if os.path.exists(path) and not os.access(path, os.W_OK | (os.X_OK if path.is_dir() else 0)):
+            out.append(
+                (
+                    IO_ERROR,
+                    f"the {what} {path} is read-only: run-due cannot record claims or results; {_read_only(path)}",
+                )
+            )
     return out
 
 
@@ -218,7 +239,7 @@ def _check_private_dir(path, what: str) -> str | None:
         return None
     except OSError as exc:
         return f"cannot inspect the {what} {path}: {exc.strerror}"
-    if stat.S_ISLNK(st.st_mode) or not stat.S_ISDIR(st.st_mode):
+    if not stat.S_ISDIR(st.st_mode):  # a symlink too: lstat does not follow it
         return (
             f"the {what} {path} is {'a symlink' if stat.S_ISLNK(st.st_mode) else 'not a directory'}"
             f": remove it (rm {path}); kmpwm creates it as a private directory"
@@ -241,22 +262,18 @@ def stale_invoker(invoker: dict, last_run: float | None, now: float) -> str | No
     if not invoker.get("installed"):
         return None
     every = invoker.get("every") or 86400  # a schedule we cannot read: judged by a day
-    since = last_run
-    if since is None:  # never ran: judged from when it was installed (its file), if known
-        try:
-            since = os.stat(invoker["path"]).st_mtime if invoker.get("path") else None
-        except OSError:
-            since = None
+    # never ran: judged from when it was installed (its file), if known
+    since = last_run if last_run is not None else _installed_at(invoker.get("path"))
     if since is None or now - since <= STALE_PERIODS * every + 60:
         return None
+    return _stale_text(invoker.get("backend") or "?", every, last_run, now)
+
+
+def _stale_text(backend: str, every: float, last_run: float | None, now: float) -> str:
+    """The problem a stale invoker is: when run-due last ran, and what to look at."""
     from kmpwm.core.timeparse import format_duration
 
-    backend = invoker.get("backend") or "?"
-    check = {
-        "cron": "is the cron daemon running? (systemctl status cron, or crond; pgrep -a cron)",
-        "systemd": "is the timer active? (systemctl --user status kmpwm-*.timer; loginctl enable-linger)",
-        "launchd": "is the agent loaded? (launchctl list | grep kmpwm)",
-    }.get(backend, "is its scheduler running?")
+    check = _SCHEDULER_CHECKS.get(backend, "is its scheduler running?")
     ran = f"last ran {format_duration(now - last_run)} ago" if last_run is not None else "has never run"
     return (
         f"the invoker ({backend}, every {format_duration(every)}) is installed but run-due {ran}: "
@@ -264,38 +281,46 @@ def stale_invoker(invoker: dict, last_run: float | None, now: float) -> str | No
     )
 
 
+# what to look at when a backend's invoker is stale
+_SCHEDULER_CHECKS = {
+    "cron": "is the cron daemon running? (systemctl status cron, or crond; pgrep -a cron)",
+    "systemd": "is the timer active? (systemctl --user status kmpwm-*.timer; loginctl enable-linger)",
+    "launchd": "is the agent loaded? (launchctl list | grep kmpwm)",
+}
+
+
+def _installed_at(path: str | None) -> float | None:
+    """When the invoker's file ``path`` was last written (None: no file, or unknown)."""
+    if not path:
+        return None
+    try:
+        return os.stat(path).st_mtime
+    except OSError:
+        return None
+
+
 def doctor(paths: Paths, do_repair: bool) -> dict:
     """``kmpwm doctor [--repair]``: check everything run-due needs and return the report (its
     ``exit_code``: the worst problem found, 0 when healthy)."""
     check_all(paths)
-    journal = Journal(paths)
-    repaired = None
-    report = check_journal(journal)
-    if do_repair:
-        repaired = repair(paths)
-        report = check_journal(journal)
-    report.pop("_scan")
+    report, repaired = _journal_report(paths, do_repair)
     found: list[tuple[int, str]] = []  # (exit code, problem)
     if report["damage"]:
         found.append((IO_ERROR, f"journal: {len(report['damage'])} damaged region(s); run `kmpwm doctor --repair`"))
     found += check_files(paths)
     workers, config_error = _check_workers(paths)
-    if config_error:
-        found.append((CONFIG, f"config: {config_error}"))
-    found += [(CONFIG, f"worker {w['name']}: {w['error']}") for w in workers if not w["ok"]]
+    found += _worker_problems(workers, config_error)
     invoker, last_run, stale = _check_invoker(paths)
     if stale:
         found.append((NOTHING_MATCHED, stale))
     store = _check_store(paths)
     if store is not None and store.get("error"):
         found.append((store["exit_code"], f"store: {store['error']}"))
-    codes = {c for c, _ in found}
-    # the worst first: a damaged or unwritable journal, then permissions, configuration, a stale invoker
-    code = next((c for c in (IO_ERROR, NOPERM, CONFIG, NOTHING_MATCHED) if c in codes), 0)
+    code = _worst(found)
     from kmpwm.running.serve import running_serves
 
     return {
-        "healthy": not report["damage"] and code == 0,
+        "healthy": code == 0,  # a damaged journal is a problem too
         "journal": report,
         "store": store,
         "config": {"path": str(paths.config_file), "error": config_error},
@@ -307,6 +332,32 @@ def doctor(paths: Paths, do_repair: bool) -> dict:
         "problems": [p for _, p in found],
         "exit_code": code,
     }
+
+
+def _journal_report(paths: Paths, do_repair: bool) -> tuple[dict, dict | None]:
+    """The journal's report (:func:`check_journal`, after the repair when ``do_repair``) and what
+    the repair did (None: no repair)."""
+    journal = Journal(paths)
+    repaired = None
+    report = check_journal(journal)
+    if do_repair:
+        repaired = repair(paths)
+        report = check_journal(journal)
+    report.pop("_scan")
+    return report, repaired
+
+
+def _worker_problems(workers: list[dict], config_error: str | None) -> list[tuple[int, str]]:
+    """A bad config.toml and the workers that cannot start, as (exit code, problem)."""
+    found = [(CONFIG, f"config: {config_error}")] if config_error else []
+    return found + [(CONFIG, f"worker {w['name']}: {w['error']}") for w in workers if not w["ok"]]
+
+
+def _worst(found: list[tuple[int, str]]) -> int:
+    """The exit code of the worst problem found, 0 for none."""
+    codes = {c for c, _ in found}
+    # the worst first: a damaged or unwritable journal, then permissions, configuration, a stale invoker
+    return next((c for c in (IO_ERROR, NOPERM, CONFIG, NOTHING_MATCHED) if c in codes), 0)
 
 
 def _check_invoker(paths: Paths) -> tuple[dict, float | None, str | None]:

@@ -23,6 +23,7 @@ gets an argv list and a timeout; failures become one-line :class:`KmpwmError` me
 from __future__ import annotations
 
 import hashlib
+import itertools
 import os
 import plistlib
 import re
@@ -70,14 +71,18 @@ class InvokerError(KmpwmError):
 # -- what to run ---------------------------------------------------------------------------
 
 
+def _scripts_dir() -> Path | None:
+    """The running Python environment's scripts directory (None: it has none)."""
+    try:
+        return Path(os.path.abspath(sysconfig.get_path("scripts")))
+    except (KeyError, TypeError):
+        return None
+
+
 def _script_in_env(script: Path) -> bool:
     """Whether a ``kmpwm`` console script belongs to the running Python environment."""
     exe_dir = Path(os.path.abspath(sys.executable)).parent
-    dirs = {exe_dir}
-    try:
-        dirs.add(Path(os.path.abspath(sysconfig.get_path("scripts"))))
-    except (KeyError, TypeError):
-        pass
+    dirs = {exe_dir, _scripts_dir()}  # (a None there matches no parent)
     candidates = {Path(os.path.abspath(script))}
     try:
         candidates.add(script.resolve())
@@ -85,32 +90,38 @@ def _script_in_env(script: Path) -> bool:
         pass
     if any(c.parent in dirs for c in candidates):
         return True
-    try:  # e.g. a pipx symlink, or a copy elsewhere: its shebang names our interpreter
+    interp = _shebang_interpreter(script)  # e.g. a pipx symlink, or a copy elsewhere
+    return interp is not None and Path(os.path.abspath(interp)).parent == exe_dir
+
+
+def _shebang_interpreter(script: Path) -> str | None:
+    """The interpreter the ``#!`` line of ``script`` names (None: no such line, or unreadable)."""
+    try:
         with open(script, "rb") as fh:
             first = fh.readline(4096)
     except OSError:
-        return False
+        return None
     if not first.startswith(b"#!"):
-        return False
+        return None
     try:
-        interp = shlex.split(first[2:].decode(errors="replace"))[0]
+        return shlex.split(first[2:].decode(errors="replace"))[0]
     except (ValueError, IndexError):
-        return False
-    return Path(os.path.abspath(interp)).parent == exe_dir
+        return None
+
+
+def _script_candidates() -> list[Path]:
+    """Where a ``kmpwm`` console script may be: on PATH, then in the environment's scripts directory."""
+    found = shutil.which("kmpwm")
+    candidates = [Path(os.path.abspath(found))] if found else []
+    scripts = _scripts_dir()
+    if scripts is not None:
+        candidates.append(scripts / ("kmpwm.exe" if os.name == "nt" else "kmpwm"))
+    return candidates
 
 
 def kmpwm_argv() -> list[str]:
     """The absolute command that runs this kmpwm (without the subcommand)."""
-    candidates = []
-    found = shutil.which("kmpwm")
-    if found:
-        candidates.append(Path(os.path.abspath(found)))
-    try:
-        scripts = Path(os.path.abspath(sysconfig.get_path("scripts")))
-        candidates.append(scripts / ("kmpwm.exe" if os.name == "nt" else "kmpwm"))
-    except (KeyError, TypeError):
-        pass
-    for script in candidates:
+    for script in _script_candidates():
         if script.is_file() and os.access(script, os.X_OK) and _script_in_env(script):
             return [str(script)]
     if not sys.executable:
@@ -148,11 +159,16 @@ class _Target:
             return {"KMPWM_HOME": self.home, **fleet}
         if sys.platform == "darwin" or os.name == "nt":
             return fleet
-        return {**{k: os.environ[k] for k in _XDG_VARS if os.environ.get(k, "").startswith("/")}, **fleet}
+        return {**_xdg_env(), **fleet}
 
     def command(self) -> str:
         """The invocation as a /bin/sh command line."""
         return _shell_command(self.env, self.argv)
+
+
+def _xdg_env() -> dict[str, str]:
+    """The ``_XDG_VARS`` set now to an absolute path."""
+    return {k: os.environ[k] for k in _XDG_VARS if os.environ.get(k, "").startswith("/")}
 
 
 def _fleet_env() -> dict[str, str]:
@@ -163,25 +179,30 @@ def _fleet_env() -> dict[str, str]:
     out = {}
     store = os.environ.get("KMPWM_STORE", "").strip()
     if store:
-        from urllib.parse import urlsplit
-
-        try:
-            parts = urlsplit(store)
-            secret = parts.password is not None or "password=" in parts.query.lower()
-        except ValueError:
-            secret = False
-        if secret:
-            from kmpwm.core.exitcodes import ConfigError
-            from kmpwm.storage.pgstore import mask
-
-            raise ConfigError(
-                f"the store URL {mask(store)} holds a password, which the invoker's entry would show",
-                hint="put the password in ~/.pgpass (mode 0600) and give the URL without it",
-            )
+        _refuse_password(store)
         out["KMPWM_STORE"] = store
     if os.environ.get("KMPWM_HOST"):
         out["KMPWM_HOST"] = os.environ["KMPWM_HOST"]
     return out
+
+
+def _refuse_password(store: str) -> None:
+    """ConfigError when the store URL holds a password (:func:`_fleet_env` says why)."""
+    from urllib.parse import urlsplit
+
+    try:
+        parts = urlsplit(store)
+        secret = parts.password is not None or "password=" in parts.query.lower()
+    except ValueError:
+        return
+    if secret:
+        from kmpwm.core.exitcodes import ConfigError
+        from kmpwm.storage.pgstore import mask
+
+        raise ConfigError(
+            f"the store URL {mask(store)} holds a password, which the invoker's entry would show",
+            hint="put the password in ~/.pgpass (mode 0600) and give the URL without it",
+        )
 
 
 def _shell_command(env: dict[str, str], argv: list[str]) -> str:
@@ -203,11 +224,8 @@ def _no_newlines(text: str, what: str) -> None:
 def _systemd_user_usable(probe: bool) -> bool:
     if shutil.which("systemctl") is None or not os.path.isdir("/run/systemd/system"):
         return False
-    if not probe:  # --print runs no command: judge by the user manager's runtime directory
-        runtime = os.environ.get("XDG_RUNTIME_DIR") or (f"/run/user/{os.getuid()}" if hasattr(os, "getuid") else "")
-        return bool(runtime) and (
-            os.path.exists(os.path.join(runtime, "systemd")) or os.path.exists(os.path.join(runtime, "bus"))
-        )
+    if not probe:  # --print runs no command
+        return _user_manager_dir()
     try:
         proc = subprocess.run(
             ["systemctl", "--user", "show-environment"],
@@ -219,6 +237,14 @@ def _systemd_user_usable(probe: bool) -> bool:
     except (OSError, subprocess.SubprocessError):
         return False
     return proc.returncode == 0
+
+
+def _user_manager_dir() -> bool:
+    """Does the user manager's runtime directory look like one (its ``systemd`` or ``bus``)?"""
+    runtime = os.environ.get("XDG_RUNTIME_DIR") or (f"/run/user/{os.getuid()}" if hasattr(os, "getuid") else "")
+    return bool(runtime) and (
+        os.path.exists(os.path.join(runtime, "systemd")) or os.path.exists(os.path.join(runtime, "bus"))
+    )
 
 
 def default_backend(probe: bool = True) -> str:
@@ -241,6 +267,12 @@ def _pick_backend(backend: str | None, probe: bool) -> str:
 
 _CRON_MINUTES = [m for m in range(1, 61) if 60 % m == 0]
 _CRON_HOURS = [h for h in range(1, 25) if 24 % h == 0]
+# the periods cron can express (seconds): every N minutes with N dividing 60, every N hours with N dividing 24
+_CRON_PERIODS = {60 * m for m in _CRON_MINUTES} | {3600 * h for h in _CRON_HOURS}
+_CRON_CHOICES = (
+    f"cron can run every N minutes with N dividing 60 ({', '.join(f'{m}m' for m in _CRON_MINUTES[:-1])}) "
+    f"or every N hours with N dividing 24 ({', '.join(f'{h}h' for h in _CRON_HOURS)})"
+)
 
 
 def parse_every(every: str | None, backend: str) -> int:
@@ -250,18 +282,12 @@ def parse_every(every: str | None, backend: str) -> int:
         raise InvalidParams(f"invalid --every {every!r}: must be at least 1m (60s)")
     if seconds != int(seconds):
         raise InvalidParams(f"invalid --every {every!r}: must be a whole number of seconds")
-    seconds = int(seconds)
-    if backend == "cron":
-        minutes, rest = divmod(seconds, 60)
-        ok = rest == 0 and (minutes in _CRON_MINUTES or (minutes % 60 == 0 and minutes // 60 in _CRON_HOURS))
-        if not ok:
-            raise InvalidParams(
-                f"invalid --every {every!r} for cron: cron can run every N minutes with N dividing 60 "
-                f"({', '.join(f'{m}m' for m in _CRON_MINUTES[:-1])}) or every N hours with N dividing 24 "
-                f"({', '.join(f'{h}h' for h in _CRON_HOURS)})",
-                hint="pick one of those, or use --backend systemd/launchd for any interval",
-            )
-    return seconds
+    if backend == "cron" and seconds not in _CRON_PERIODS:
+        raise InvalidParams(
+            f"invalid --every {every!r} for cron: {_CRON_CHOICES}",
+            hint="pick one of those, or use --backend systemd/launchd for any interval",
+        )
+    return int(seconds)
 
 
 def cron_schedule(seconds: int) -> str:
@@ -371,6 +397,44 @@ def _crontab_program() -> str:
     return found
 
 
+def _cron_escaped(command: str, what: str) -> str:
+    """``command`` as a crontab line holds it (``what`` names it in an error): a ``%`` escaped, as
+    cron reads a bare one as a newline."""
+    _no_newlines(command, what)
+    if "\\%" in command:
+        raise InvalidParams(f"{what} {command!r} contains \\% which cron cannot pass through")
+    return command.replace("%", chr(92) + "%")
+
+
+def _block_end(lines: list[bytes], i: int) -> int:
+    """Where the block whose BEGIN line is ``lines[i]`` ends (exclusive): after its END line; a
+    block that lost its END (another block begins first, or the crontab ends) is the BEGIN line
+    and the run-due (and serve) lines right after it."""
+    for j in range(i + 1, len(lines)):
+        if lines[j].startswith(CRON_END.encode()):
+            return j + 1
+        if lines[j].startswith(CRON_BEGIN.encode()):
+            break  # another block begins: ours lost its END
+    return i + 1 + len(list(itertools.takewhile(_is_entry_line, lines[i + 1 :])))
+
+
+def _outside(lines: list[bytes], blocks: list[tuple[int, int]]) -> list[bytes]:
+    """The crontab's text around ``blocks``: before the first, between each two, after the last."""
+    starts = [0] + [j for _, j in blocks]
+    ends = [i for i, _ in blocks] + [len(lines)]
+    return [b"".join(lines[start:end]) for start, end in zip(starts, ends)]
+
+
+def _is_entry_line(line: bytes) -> bool:
+    """A run-due or serve (``@reboot``) line, as a block holds them (not a comment)."""
+    return (b"run-due" in line or line.startswith(b"@reboot ")) and not line.startswith(b"#")
+
+
+def _no_crontab(proc: subprocess.CompletedProcess) -> bool:
+    """Did ``crontab`` fail because the user has no crontab?"""
+    return b"no crontab for" in (proc.stderr or b"").lower()
+
+
 class Cron:
     name = "cron"
 
@@ -388,21 +452,13 @@ class Cron:
         return f"{CRON_END} home={self.t.home_label}"
 
     def line(self) -> str:
-        command = self.t.command()
-        _no_newlines(command, "the run-due command")
-        if "\\%" in command:
-            raise InvalidParams(f"the run-due command {command!r} contains \\% which cron cannot pass through")
-        return f"{cron_schedule(self.every)} {command.replace('%', chr(92) + '%')}"
+        return f"{cron_schedule(self.every)} {_cron_escaped(self.t.command(), 'the run-due command')}"
 
     def reboot_line(self) -> str:
         """``@reboot`` + the serve command, its output appended to logs/serve.log."""
         target = _Target(self.t.paths, "serve")
         log = shlex.quote(str(self.t.paths.log_dir / "serve.log"))
-        command = f"{target.command()} >>{log} 2>&1"
-        _no_newlines(command, "the serve command")
-        if "\\%" in command:
-            raise InvalidParams(f"the serve command {command!r} contains \\% which cron cannot pass through")
-        return f"@reboot {command.replace('%', chr(92) + '%')}"
+        return f"@reboot {_cron_escaped(f'{target.command()} >>{log} 2>&1', 'the serve command')}"
 
     def block(self) -> str:
         _no_newlines(self.t.home_label, "the home directory")
@@ -415,7 +471,7 @@ class Cron:
         proc = _run([prog, "-l"], timeout=timeout)
         if proc.returncode == 0:
             return proc.stdout
-        if b"no crontab for" in (proc.stderr or b"").lower():
+        if _no_crontab(proc):
             return b""
         raise InvokerError(
             f"`crontab -l` failed: {_stderr_line(proc)}",
@@ -426,7 +482,7 @@ class Cron:
         prog = _crontab_program()
         if data.strip() == b"":
             proc = _run([prog, "-r"], timeout=CRON_TIMEOUT)
-            if proc.returncode == 0 or b"no crontab for" in (proc.stderr or b"").lower():
+            if proc.returncode == 0 or _no_crontab(proc):
                 return
             what = "crontab -r"
         else:
@@ -446,26 +502,12 @@ class Cron:
         blocks = []
         i = 0
         while i < len(lines):
-            if lines[i].rstrip(b"\r\n") == begin:
-                j = i + 1
-                while j < len(lines) and not lines[j].startswith(CRON_END.encode()):
-                    if lines[j].startswith(CRON_BEGIN.encode()):
-                        break  # another block begins: ours lost its END
-                    j += 1
-                if j < len(lines) and lines[j].startswith(CRON_END.encode()):
-                    j += 1
-                else:  # no END: take the BEGIN line and the run-due (and serve) lines right after it
-                    j = i + 1
-                    while (
-                        j < len(lines)
-                        and (b"run-due" in lines[j] or lines[j].startswith(b"@reboot "))
-                        and not lines[j].startswith(b"#")
-                    ):
-                        j += 1
-                blocks.append((i, j))
-                i = j
-            else:
+            if lines[i].rstrip(b"\r\n") != begin:
                 i += 1
+                continue
+            j = _block_end(lines, i)
+            blocks.append((i, j))
+            i = j
         return lines, blocks
 
     def entry_of(self, lines: list[bytes], block: tuple[int, int]) -> str | None:
@@ -490,21 +532,12 @@ class Cron:
         entry = self.line()
         data = self.read()
         lines, blocks = self.find(data)
-        if len(blocks) == 1 and b"".join(lines[blocks[0][0] : blocks[0][1]]) == block:
+        if len(blocks) == 1 and b"".join(lines[slice(*blocks[0])]) == block:
             return {"action": "unchanged", "entry": entry, "path": None}
-        if blocks:
-            out = b"".join(lines[: blocks[0][0]]) + block
-            prev = blocks[0][1]
-            for i, j in blocks[1:]:
-                out += b"".join(lines[prev:i])
-                prev = j
-            out += b"".join(lines[prev:])
-        else:
-            out = data
-            if out and not out.endswith(b"\n"):
-                out += b"\n"
-            out += block
-        self.write(out)
+        head, *rest = _outside(lines, blocks)  # the new block goes where the first one was, else last
+        if head and not head.endswith(b"\n"):
+            head += b"\n"
+        self.write(head + block + b"".join(rest))
         return {"action": "installed", "entry": entry, "path": None}
 
     def uninstall(self) -> dict:
@@ -513,18 +546,13 @@ class Cron:
         if not blocks:
             return {"action": "absent", "entry": None, "path": None}
         entry = self.entry_of(lines, blocks[0])
-        out, prev = b"", 0
-        for i, j in blocks:
-            out += b"".join(lines[prev:i])
-            prev = j
-        out += b"".join(lines[prev:])
-        self.write(out)
+        self.write(b"".join(_outside(lines, blocks)))
         return {"action": "removed", "entry": entry, "path": None}
 
     def status(self, timeout: float = CRON_TIMEOUT) -> dict:
         lines, blocks = self.find(self.read(timeout))
         entry = self.entry_of(lines, blocks[0]) if blocks else None
-        if entry and "\n" in entry:  # the run-due line first, the serve @reboot line after it
+        if entry:  # the run-due line, not the serve @reboot line after it
             entry = next((e for e in entry.split("\n") if not e.startswith("@reboot ")), entry)
         return {"installed": bool(blocks), "entry": entry, "path": None}
 
@@ -577,16 +605,18 @@ class Launchd:
         doc: dict[str, Any] = {"Label": self.label, "ProgramArguments": self.t.argv}
         if self.t.env:
             doc["EnvironmentVariables"] = dict(self.t.env)
-        doc.update(
-            {
-                "StartInterval": int(self.every),
-                "RunAtLoad": False,
-                "ProcessType": "Background",
-                "StandardOutPath": str(self.t.paths.log_dir / "launchd.out.log"),
-                "StandardErrorPath": str(self.t.paths.log_dir / "launchd.err.log"),
-            }
-        )
+        doc.update(self._run_keys())
         return doc
+
+    def _run_keys(self) -> dict:
+        """The plist's keys that say when the agent runs, and where its output goes."""
+        return {
+            "StartInterval": int(self.every),
+            "RunAtLoad": False,
+            "ProcessType": "Background",
+            "StandardOutPath": str(self.t.paths.log_dir / "launchd.out.log"),
+            "StandardErrorPath": str(self.t.paths.log_dir / "launchd.err.log"),
+        }
 
     def render(self) -> bytes:
         return plistlib.dumps(self.plist(), fmt=plistlib.FMT_XML, sort_keys=False)
@@ -616,17 +646,23 @@ class Launchd:
         if loaded:
             self._unload(prog)
         _write_file(self.path, new)
-        proc = _run([prog, "bootstrap", self._domain(), str(self.path)], timeout=LAUNCHCTL_TIMEOUT)
-        if proc.returncode != 0:
-            first = _stderr_line(proc)
-            proc = _run([prog, "load", "-w", str(self.path)], timeout=LAUNCHCTL_TIMEOUT)
-            if proc.returncode != 0:
-                _restore(self.path, old)
-                raise InvokerError(
-                    f"launchctl could not load {self.path}: {first}",
-                    hint="run it from a logged-in GUI session, or use --backend cron",
-                )
+        self._load(prog, old)
         return {"action": "installed", "entry": entry, "path": str(self.path)}
+
+    def _load(self, prog: str, old: bytes | None) -> None:
+        """Load the plist just written (``bootstrap``, else the older ``load -w``); if launchctl
+        cannot, put back the ``old`` plist (None: there was none)."""
+        proc = _run([prog, "bootstrap", self._domain(), str(self.path)], timeout=LAUNCHCTL_TIMEOUT)
+        if proc.returncode == 0:
+            return
+        first = _stderr_line(proc)
+        if _run([prog, "load", "-w", str(self.path)], timeout=LAUNCHCTL_TIMEOUT).returncode == 0:
+            return
+        _restore(self.path, old)
+        raise InvokerError(
+            f"launchctl could not load {self.path}: {first}",
+            hint="run it from a logged-in GUI session, or use --backend cron",
+        )
 
     def uninstall(self) -> dict:
         prog = _launchctl()
@@ -651,30 +687,32 @@ class Launchd:
             return None
 
     def status(self, timeout: float = 0) -> dict:
-        installed = self.path.exists()
         return {
-            "installed": installed,
-            "entry": self._entry_from_file() if installed else None,
+            "installed": self.path.exists(),
+            "entry": self._entry_from_file(),  # None when there is no plist
             "path": str(self.path),
-            "every": self._every_from_file() if installed else None,
+            "every": self._every_from_file(),
         }
 
     def printed(self, action: str) -> dict:
-        if action == "uninstall":
-            old = _read_bytes(self.path)
-            text = old.decode(errors="replace") if old is not None else ""
-            note = (
-                f"would run `launchctl bootout {self._domain()}/{self.label}` and remove {self.path}"
-                + ("" if old is not None else " (not installed)")
-                + " (nothing was changed)"
-            )
-            return {
-                "text": text,
-                "entry": self._entry_from_file() if old is not None else None,
-                "path": str(self.path),
-                "files": {str(self.path): text} if old is not None else {},
-                "note": note,
-            }
+        return self._would_remove() if action == "uninstall" else self._would_install()
+
+    def _would_remove(self) -> dict:
+        files = _existing_files([self.path])
+        note = (
+            f"would run `launchctl bootout {self._domain()}/{self.label}` and remove {self.path}"
+            + ("" if files else " (not installed)")
+            + " (nothing was changed)"
+        )
+        return {
+            "text": files.get(str(self.path), ""),
+            "entry": self._entry_from_file(),  # None when there is no plist
+            "path": str(self.path),
+            "files": files,
+            "note": note,
+        }
+
+    def _would_install(self) -> dict:
         text = self.render().decode()
         note = (
             f"would write {self.path} and run `launchctl bootstrap {self._domain()} {self.path}` (nothing was changed)"
@@ -737,6 +775,7 @@ def _sd_span_seconds(text: str) -> int | None:
 
 class Systemd:
     name = "systemd"
+    wanted_by = "timers.target"  # enabling the managed unit links it into <wanted_by>.wants/
 
     def __init__(self, target: _Target, every: int | None):
         self.t = target
@@ -764,12 +803,36 @@ class Systemd:
     def timer(self) -> str:
         return f"{self.unit}.timer"
 
-    def render(self) -> tuple[str, str]:
+    @property
+    def managed_path(self) -> Path:
+        """The file of the unit that is enabled, started and reported on: the timer."""
+        return self.timer_path
+
+    @property
+    def managed(self) -> str:
+        return self.managed_path.name
+
+    @property
+    def unit_paths(self) -> tuple[Path, ...]:
+        """The unit files this backend writes, in the order it writes them."""
+        return self.service_path, self.timer_path
+
+    def files(self) -> dict[Path, str]:
+        """The unit files to write: path -> text."""
+        return dict(zip(self.unit_paths, self.render()))
+
+    def _service_parts(self, what: str) -> tuple[str, str, str]:
+        """What a service unit of this target says: its ExecStart command (``what`` names it in an
+        error), its ``Environment=`` lines, and `` for KMPWM_HOME=...`` for its descriptions."""
         _no_newlines(self.t.home_label, "the home directory")
         exec_start = " ".join(_sd_quote(a, exec_line=True) for a in self.t.argv)
-        _no_newlines(exec_start, "the run-due command")
+        _no_newlines(exec_start, what)
         env_lines = "".join(f"Environment={_sd_quote(f'{k}={v}', exec_line=False)}\n" for k, v in self.t.env.items())
         where = f" for KMPWM_HOME={self.t.home}".replace("%", "%%") if self.t.home else ""
+        return exec_start, env_lines, where
+
+    def render(self) -> tuple[str, str]:
+        exec_start, env_lines, where = self._service_parts("the run-due command")
         service = (
             "# Managed by `kmpwm schedule`; do not edit (kmpwm schedule uninstall removes it).\n"
             "[Unit]\n"
@@ -815,66 +878,67 @@ class Systemd:
             )
         return proc
 
+    def _enabled_and_active(self, prog: str) -> bool:
+        unit = self.managed
+        return (
+            self._sc(prog, "is-enabled", "--quiet", unit, check=False).returncode == 0
+            and self._sc(prog, "is-active", "--quiet", unit, check=False).returncode == 0
+        )
+
     def install(self) -> dict:
         prog = _systemctl()
-        service, timer = self.render()
+        new = {path: text.encode() for path, text in self.files().items()}
         entry = self.t.command()
         self._check_user_manager(prog)
-        old_service, old_timer = _read_bytes(self.service_path), _read_bytes(self.timer_path)
-        same = old_service == service.encode() and old_timer == timer.encode()
-        if (
-            same
-            and self._sc(prog, "is-enabled", "--quiet", self.timer, check=False).returncode == 0
-            and self._sc(prog, "is-active", "--quiet", self.timer, check=False).returncode == 0
-        ):
-            return {"action": "unchanged", "entry": entry, "path": str(self.timer_path)}
-        _write_file(self.service_path, service.encode())
-        _write_file(self.timer_path, timer.encode())
+        old = {path: _read_bytes(path) for path in new}
+        if old == new and self._enabled_and_active(prog):
+            return {"action": "unchanged", "entry": entry, "path": str(self.managed_path)}
+        self._replace(prog, old, new)
+        return {"action": "installed", "entry": entry, "path": str(self.managed_path)}
+
+    def _replace(self, prog: str, old: dict[Path, bytes | None], new: dict[Path, bytes]) -> None:
+        """Write the ``new`` unit files, then enable and start the managed unit (restarted when it
+        ran with other files); if systemctl fails, put the ``old`` files back (None: none was)."""
+        for path, data in new.items():
+            _write_file(path, data)
         try:
             self._sc(prog, "daemon-reload")
-            self._sc(prog, "enable", "--now", self.timer)
-            if not same and old_timer is not None:
-                self._sc(prog, "restart", self.timer)  # pick up a new interval
+            self._sc(prog, "enable", "--now", self.managed)
+            if old != new and old[self.managed_path] is not None:
+                self._sc(prog, "restart", self.managed)  # pick up a new interval or command
         except KmpwmError:
-            _restore(self.service_path, old_service)
-            _restore(self.timer_path, old_timer)
+            for path, data in old.items():
+                _restore(path, data)
             self._sc(prog, "daemon-reload", check=False)
             raise
-        return {"action": "installed", "entry": entry, "path": str(self.timer_path)}
 
     def uninstall(self) -> dict:
         prog = _systemctl()
-        if not self.service_path.exists() and not self.timer_path.exists():
-            return {"action": "absent", "entry": None, "path": str(self.timer_path)}
+        if not any(path.exists() for path in self.unit_paths):
+            return {"action": "absent", "entry": None, "path": str(self.managed_path)}
         entry = self._entry_from_file()
-        disabled = self._sc(prog, "disable", "--now", self.timer, check=False)
-        if disabled.returncode != 0:  # no user manager: remove the enablement link by hand
-            wants = self.directory / "timers.target.wants" / self.timer
-            if wants.is_symlink() or wants.exists():
-                _remove(wants)
-        _remove(self.timer_path)
-        _remove(self.service_path)
+        if self._sc(prog, "disable", "--now", self.managed, check=False).returncode != 0:
+            self._remove_wants_link()  # no user manager
+        for path in reversed(self.unit_paths):
+            _remove(path)
         self._sc(prog, "daemon-reload", check=False)
-        return {"action": "removed", "entry": entry, "path": str(self.timer_path)}
+        return {"action": "removed", "entry": entry, "path": str(self.managed_path)}
+
+    def _remove_wants_link(self) -> None:
+        """Disable the managed unit by hand: remove its link in ``<wanted_by>.wants/``."""
+        wants = self.directory / f"{self.wanted_by}.wants" / self.managed
+        if wants.is_symlink() or wants.exists():
+            _remove(wants)
 
     def _entry_from_file(self) -> str | None:
         try:
             text = self.service_path.read_text()
         except OSError:
             return None
-        env: dict[str, str] = {}
-        argv: list[str] = []
         try:
-            for line in text.splitlines():
-                if line.startswith("Environment="):
-                    for word in _sd_unquote(line[len("Environment=") :], exec_line=False):
-                        k, _, v = word.partition("=")
-                        env[k] = v
-                elif line.startswith("ExecStart="):
-                    argv = _sd_unquote(line[len("ExecStart=") :], exec_line=True)
-        except ValueError:
+            return _service_command(text)
+        except ValueError:  # a quote shlex cannot read
             return None
-        return _shell_command(env, argv) if argv else None
 
     def _every_from_file(self) -> int | None:
         try:
@@ -897,25 +961,25 @@ class Systemd:
         }
 
     def printed(self, action: str) -> dict:
-        if action == "uninstall":
-            files = {}
-            for p in (self.service_path, self.timer_path):
-                old = _read_bytes(p)
-                if old is not None:
-                    files[str(p)] = old.decode(errors="replace")
-            text = "".join(f"# {p}\n{c}" + ("" if c.endswith("\n") else "\n") for p, c in files.items())
-            note = (
-                f"would run `systemctl --user disable --now {self.timer}`, remove {self.service_path} and "
-                f"{self.timer_path}" + ("" if files else " (not installed)") + ", then "
-                "`systemctl --user daemon-reload` (nothing was changed)"
-            )
-            return {
-                "text": text,
-                "entry": self._entry_from_file() if files else None,
-                "path": str(self.timer_path),
-                "files": files,
-                "note": note,
-            }
+        return self._would_remove() if action == "uninstall" else self._would_install()
+
+    def _would_remove(self) -> dict:
+        files = _existing_files(self.unit_paths)
+        text = "".join(f"# {p}\n{c}" + ("" if c.endswith("\n") else "\n") for p, c in files.items())
+        note = (
+            f"would run `systemctl --user disable --now {self.timer}`, remove {self.service_path} and "
+            f"{self.timer_path}" + ("" if files else " (not installed)") + ", then "
+            "`systemctl --user daemon-reload` (nothing was changed)"
+        )
+        return {
+            "text": text,
+            "entry": self._entry_from_file() if files else None,
+            "path": str(self.timer_path),
+            "files": files,
+            "note": note,
+        }
+
+    def _would_install(self) -> dict:
         service, timer = self.render()
         files = {str(self.service_path): service, str(self.timer_path): timer}
         text = f"# {self.service_path}\n{service}\n# {self.timer_path}\n{timer}"
@@ -926,6 +990,31 @@ class Systemd:
         return {"text": text, "entry": self.t.command(), "path": str(self.timer_path), "files": files, "note": note}
 
 
+def _service_command(text: str) -> str | None:
+    """The command line of a service unit: its ``Environment=`` and ``ExecStart=`` lines as one
+    shell command (None: no ExecStart)."""
+    env: dict[str, str] = {}
+    argv: list[str] = []
+    for line in text.splitlines():
+        if line.startswith("Environment="):
+            for word in _sd_unquote(line[len("Environment=") :], exec_line=False):
+                k, _, v = word.partition("=")
+                env[k] = v
+        elif line.startswith("ExecStart="):
+            argv = _sd_unquote(line[len("ExecStart=") :], exec_line=True)
+    return _shell_command(env, argv) if argv else None
+
+
+def _existing_files(paths) -> dict[str, str]:
+    """The files of ``paths`` that exist, with their text: path -> text."""
+    files = {}
+    for path in paths:
+        old = _read_bytes(path)
+        if old is not None:
+            files[str(path)] = old.decode(errors="replace")
+    return files
+
+
 class LaunchdServe(Launchd):
     """``--mode serve`` on macOS: a KeepAlive agent running ``kmpwm serve`` (the StartInterval
     agent of run-due stays as the fallback)."""
@@ -934,26 +1023,22 @@ class LaunchdServe(Launchd):
     def label(self) -> str:
         return LAUNCHD_SERVE_LABEL + (f".{self.t.suffix}" if self.t.suffix else "")
 
-    def plist(self) -> dict:
-        doc: dict[str, Any] = {"Label": self.label, "ProgramArguments": self.t.argv}
-        if self.t.env:
-            doc["EnvironmentVariables"] = dict(self.t.env)
-        doc.update(
-            {
-                "RunAtLoad": True,
-                "KeepAlive": True,
-                "ThrottleInterval": 10,
-                "ProcessType": "Background",
-                "StandardOutPath": str(self.t.paths.log_dir / "serve.log"),
-                "StandardErrorPath": str(self.t.paths.log_dir / "serve.log"),
-            }
-        )
-        return doc
+    def _run_keys(self) -> dict:
+        return {
+            "RunAtLoad": True,
+            "KeepAlive": True,
+            "ThrottleInterval": 10,
+            "ProcessType": "Background",
+            "StandardOutPath": str(self.t.paths.log_dir / "serve.log"),
+            "StandardErrorPath": str(self.t.paths.log_dir / "serve.log"),
+        }
 
 
 class SystemdServe(Systemd):
     """``--mode serve`` with systemd: a user service running ``kmpwm serve``, restarted on
     failure (the run-due timer stays as the fallback)."""
+
+    wanted_by = "default.target"
 
     @property
     def unit(self) -> str:
@@ -963,12 +1048,20 @@ class SystemdServe(Systemd):
     def service(self) -> str:
         return f"{self.unit}.service"
 
+    @property
+    def managed_path(self) -> Path:
+        """The file of the unit that is enabled, started and reported on: the service."""
+        return self.service_path
+
+    @property
+    def unit_paths(self) -> tuple[Path, ...]:
+        return (self.service_path,)
+
+    def files(self) -> dict[Path, str]:
+        return {self.service_path: self.render_service()}
+
     def render_service(self) -> str:
-        _no_newlines(self.t.home_label, "the home directory")
-        exec_start = " ".join(_sd_quote(a, exec_line=True) for a in self.t.argv)
-        _no_newlines(exec_start, "the serve command")
-        env_lines = "".join(f"Environment={_sd_quote(f'{k}={v}', exec_line=False)}\n" for k, v in self.t.env.items())
-        where = f" for KMPWM_HOME={self.t.home}".replace("%", "%%") if self.t.home else ""
+        exec_start, env_lines, where = self._service_parts("the serve command")
         return (
             "# Managed by `kmpwm schedule`; do not edit (kmpwm schedule uninstall removes it).\n"
             "[Unit]\n"
@@ -988,43 +1081,6 @@ class SystemdServe(Systemd):
             "WantedBy=default.target\n"
         )
 
-    def install(self) -> dict:
-        prog = _systemctl()
-        text = self.render_service().encode()
-        entry = self.t.command()
-        self._check_user_manager(prog)
-        old = _read_bytes(self.service_path)
-        if (
-            old == text
-            and self._sc(prog, "is-enabled", "--quiet", self.service, check=False).returncode == 0
-            and self._sc(prog, "is-active", "--quiet", self.service, check=False).returncode == 0
-        ):
-            return {"action": "unchanged", "entry": entry, "path": str(self.service_path)}
-        _write_file(self.service_path, text)
-        try:
-            self._sc(prog, "daemon-reload")
-            self._sc(prog, "enable", "--now", self.service)
-            if old is not None and old != text:
-                self._sc(prog, "restart", self.service)
-        except KmpwmError:
-            _restore(self.service_path, old)
-            self._sc(prog, "daemon-reload", check=False)
-            raise
-        return {"action": "installed", "entry": entry, "path": str(self.service_path)}
-
-    def uninstall(self) -> dict:
-        prog = _systemctl()
-        if not self.service_path.exists():
-            return {"action": "absent", "entry": None, "path": str(self.service_path)}
-        entry = self._entry_from_file()
-        if self._sc(prog, "disable", "--now", self.service, check=False).returncode != 0:
-            wants = self.directory / "default.target.wants" / self.service
-            if wants.is_symlink() or wants.exists():
-                _remove(wants)
-        _remove(self.service_path)
-        self._sc(prog, "daemon-reload", check=False)
-        return {"action": "removed", "entry": entry, "path": str(self.service_path)}
-
     def status(self, timeout: float = 0) -> dict:
         installed = self.service_path.exists()
         return {
@@ -1033,23 +1089,23 @@ class SystemdServe(Systemd):
             "path": str(self.service_path),
         }
 
-    def printed(self, action: str) -> dict:
-        if action == "uninstall":
-            old = _read_bytes(self.service_path)
-            files = {str(self.service_path): old.decode(errors="replace")} if old is not None else {}
-            text = "".join(f"# {p}\n{c}" for p, c in files.items())
-            note = (
-                f"would run `systemctl --user disable --now {self.service}` and remove {self.service_path}"
-                + ("" if files else " (not installed)")
-                + " (nothing was changed)"
-            )
-            return {
-                "text": text,
-                "entry": self._entry_from_file() if files else None,
-                "path": str(self.service_path),
-                "files": files,
-                "note": note,
-            }
+    def _would_remove(self) -> dict:
+        files = _existing_files(self.unit_paths)
+        text = "".join(f"# {p}\n{c}" for p, c in files.items())
+        note = (
+            f"would run `systemctl --user disable --now {self.service}` and remove {self.service_path}"
+            + ("" if files else " (not installed)")
+            + " (nothing was changed)"
+        )
+        return {
+            "text": text,
+            "entry": self._entry_from_file() if files else None,
+            "path": str(self.service_path),
+            "files": files,
+            "note": note,
+        }
+
+    def _would_install(self) -> dict:
         text = self.render_service()
         return {
             "text": f"# {self.service_path}\n{text}",
@@ -1084,38 +1140,42 @@ def invoker_status(paths) -> dict:
     """
     target = _Target(paths)
     order = ["launchd", "cron", "systemd"] if sys.platform == "darwin" else ["systemd", "cron", "launchd"]
-    backends: dict[str, dict] = {}
-    for name in order:
-        impl = _IMPLS[name](target, None)
-        try:
-            if name == "cron":
-                try:
-                    _crontab_program()
-                except OsPolicy:
-                    backends[name] = {"installed": False, "entry": None, "path": None, "error": "crontab not found"}
-                    continue
-                st = impl.status(timeout=PROBE_TIMEOUT)
-            else:
-                st = impl.status()
-            backends[name] = {
-                "installed": st["installed"],
-                "entry": st["entry"],
-                "path": st["path"],
-                "every": st.get("every") or (_cron_every(st["entry"]) if name == "cron" else None),
-            }
-        except Exception as exc:  # doctor reports, it does not fail
-            msg = exc.message if isinstance(exc, KmpwmError) else f"{type(exc).__name__}: {exc}"
-            backends[name] = {"installed": False, "entry": None, "path": None, "error": msg}
+    backends = {name: _backend_report(name, target) for name in order}
     chosen = next((n for n in order if backends[n]["installed"]), None)
+    found = backends[chosen] if chosen else {}
     return {
         "installed": chosen is not None,
         "backend": chosen,
-        "entry": backends[chosen]["entry"] if chosen else None,
-        "path": backends[chosen]["path"] if chosen else None,
+        "entry": found.get("entry"),
+        "path": found.get("path"),
         "last_run_at": iso(last_run_at(paths)),
-        "every": backends[chosen]["every"] if chosen else None,
+        "every": found.get("every"),
         "backends": backends,
     }
+
+
+_NOT_INSTALLED = {"installed": False, "entry": None, "path": None}
+
+
+def _backend_report(name: str, target: _Target) -> dict:
+    """One backend's part of :func:`invoker_status`; an ``error`` in it instead of raising."""
+    impl = _IMPLS[name](target, None)
+    try:
+        if name == "cron":
+            _crontab_program()
+    except OsPolicy:
+        return {**_NOT_INSTALLED, "error": "crontab not found"}
+    try:
+        st = impl.status(timeout=PROBE_TIMEOUT)  # only cron's status runs a command
+    except Exception as exc:  # doctor reports, it does not fail
+        msg = exc.message if isinstance(exc, KmpwmError) else f"{type(exc).__name__}: {exc}"
+        return {**_NOT_INSTALLED, "error": msg}
+    every = st.get("every") or (_cron_every(st["entry"]) if name == "cron" else None)
+    return {"installed": st["installed"], "entry": st["entry"], "path": st["path"], "every": every}
+
+
+# the step of a cron field: ``*`` is every unit, ``*/n`` every n units
+_CRON_STEPS = {"*": 1, **{f"*/{n}": n for n in range(1, 61)}}
 
 
 def _cron_every(entry: str | None) -> int | None:
@@ -1124,12 +1184,19 @@ def _cron_every(entry: str | None) -> int | None:
     if len(fields) < 5 or fields[2:] != ["*", "*", "*"]:
         return None
     minute, hour = fields[0], fields[1]
-    step = {"*": 1, **{f"*/{n}": n for n in range(1, 61)}}
     if hour == "*":
-        return 60 * step[minute] if minute in step else 3600 if minute.isdigit() else None
+        return _field_period(minute, 60, 3600)
     if minute.isdigit():
-        return 3600 * step[hour] if hour in step else 86400 if hour.isdigit() else None
+        return _field_period(hour, 3600, 86400)
     return None
+
+
+def _field_period(field: str, unit: int, whole: int) -> int | None:
+    """The period, in seconds, of one cron field: a step of ``unit`` seconds, or ``whole`` for a
+    fixed number (once a ``whole``); None for anything else."""
+    if field in _CRON_STEPS:
+        return unit * _CRON_STEPS[field]
+    return whole if field.isdigit() else None
 
 
 # -- the command ---------------------------------------------------------------------------
@@ -1207,24 +1274,31 @@ def schedule(
 
 def _printed(plan: Plan, act: str) -> dict:
     shown = plan.impl.printed(act)
-    extra = None
-    if plan.serve_impl is not None and (plan.serve_mode or act == "uninstall"):
-        extra = plan.serve_impl.printed(act)
+    extra = _serve_printed(plan, act)
+    more = extra or {"text": "", "files": {}}
     doc = {
         "backend": plan.name,
         "action": "printed",
         "entry": shown["entry"],
         "path": shown["path"],
-        "text": shown["text"] + (extra["text"] if extra else ""),
+        "text": shown["text"] + more["text"],
     }
     if shown["files"] is not None:
-        doc["files"] = {**shown["files"], **(extra["files"] if extra else {})}
+        doc["files"] = {**shown["files"], **more["files"]}
     if plan.serve_mode:
-        doc["serve"] = {
-            "entry": extra["entry"] if extra else plan.impl.reboot_line(),
-            "path": extra["path"] if extra else None,
-        }
+        doc["serve"] = (
+            {"entry": extra["entry"], "path": extra["path"]}
+            if extra
+            else {"entry": plan.impl.reboot_line(), "path": None}  # cron's: the @reboot line of its block
+        )
     return {"kind": "printed", "plan": plan, "doc": doc, "shown": shown, "extra": extra}
+
+
+def _serve_printed(plan: Plan, act: str) -> dict | None:
+    """What ``--print`` shows of the serve service (None: none to show; cron has none)."""
+    if plan.serve_impl is None or not (plan.serve_mode or act == "uninstall"):
+        return None
+    return plan.serve_impl.printed(act)
 
 
 def _status(plan: Plan) -> dict:
@@ -1254,20 +1328,24 @@ def _change(plan: Plan, action: str) -> dict:
         result = plan.impl.install()
         serve_result = _install_serve(plan, result)
     else:
-        serve_entry = plan.impl.serve_entry() if plan.serve_impl is None else None
-        result = plan.impl.uninstall()
-        serve_result = plan.serve_impl.uninstall() if plan.serve_impl is not None else None
-        if serve_entry is not None:  # cron started it: stop it with its @reboot line
-            serve_result = {
-                "action": "removed",
-                "entry": serve_entry,
-                "path": None,
-                "stopped": _stop_serves(plan.paths),
-            }
+        result, serve_result = _uninstall(plan)
     doc = {"backend": plan.name, "action": result["action"], "entry": result["entry"], "path": result["path"]}
     if serve_result is not None:
         doc["serve"] = serve_result
     return {"kind": "changed", "plan": plan, "doc": doc, "action": action}
+
+
+def _uninstall(plan: Plan) -> tuple[dict, dict | None]:
+    """Remove the invoker and its serve: what each removal did (None: there was no serve to remove)."""
+    if plan.serve_impl is not None:
+        result = plan.impl.uninstall()
+        return result, plan.serve_impl.uninstall()
+    serve_entry = plan.impl.serve_entry()  # read before its block goes
+    result = plan.impl.uninstall()
+    if serve_entry is None:
+        return result, None
+    # cron started it: stop it with its @reboot line
+    return result, {"action": "removed", "entry": serve_entry, "path": None, "stopped": _stop_serves(plan.paths)}
 
 
 def _install_serve(plan: Plan, result: dict) -> dict | None:
