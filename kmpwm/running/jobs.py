@@ -52,6 +52,11 @@ class Job:
         """Its worker has not ended yet (nor was it known without one)."""
         return self.immediate is None and self.exit_status is None
 
+    @property
+    def working(self) -> bool:
+        """Running, and no result sent yet (a pool host's job ends with its answer)."""
+        return self.running and not self.answered
+
 
 @dataclass
 class Report:
