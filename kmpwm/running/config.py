@@ -116,18 +116,12 @@ def _worker(path: Path, name: str, table: object) -> WorkerConfig:
     command, entry = _worker_program(where, table)
     timeout = _worker_timeout(where, table.get("timeout"))
     cwd = table.get("cwd")
-    if cwd is not None and (not isinstance(cwd, str) or not cwd or "\0" in cwd):
+    if cwd is not None and not _directory_name(cwd):
         raise ConfigError(f"{where}: cwd must be a directory name (a non-empty string without NUL bytes)")
     env = _worker_env(where, table.get("env", {}))
     extra = _worker_path(where, name, path, table.get("path"), entry)
     description, inputs = table.get("description"), table.get("inputs")
-    if description is not None or inputs is not None:
-        from kmpwm.running.declare import make_spec
-
-        try:
-            make_spec(description=description or "", inputs=inputs, where=where)
-        except ValueError as exc:
-            raise ConfigError(str(exc)) from None
+    _worker_declaration(where, description, inputs)
     return WorkerConfig(
         name,
         command=command,
@@ -142,21 +136,41 @@ def _worker(path: Path, name: str, table: object) -> WorkerConfig:
     )
 
 
+def _directory_name(value: object) -> bool:
+    """A non-empty string without NUL bytes."""
+    return isinstance(value, str) and bool(value) and "\0" not in value
+
+
+def _worker_declaration(where: str, description: object, inputs: object) -> None:
+    """``description`` and ``inputs``, checked as a declared worker's are (kmpwm.running.declare)."""
+    if description is None and inputs is None:
+        return
+    from kmpwm.running.declare import make_spec
+
+    try:
+        make_spec(description=description or "", inputs=inputs, where=where)
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
+
+
 def _worker_program(where: str, table: dict) -> tuple[list[str] | None, str | None]:
     """``command = [...]`` or ``entry = "module:attr"``: exactly one, well formed."""
     command, entry = table.get("command"), table.get("entry")
     if (command is None) == (entry is None):
         raise ConfigError(f'{where}: give exactly one of command = ["prog", "arg"] or entry = "module:attr"')
-    if command is not None and (
-        not isinstance(command, list) or not command or not all(isinstance(a, str) for a in command) or not command[0]
-    ):
-        raise ConfigError(f'{where}: command must be a non-empty list of strings, e.g. ["prog", "arg"]')
-    for n, arg in enumerate(command or ()):
-        if "\0" in arg:
-            raise ConfigError(f"{where}: command argument {n} contains a NUL byte (no program can receive one)")
-    if entry is not None and (not isinstance(entry, str) or not ENTRY_RE.match(entry)):
+    if command is not None:
+        _check_command(where, command)
+    elif not isinstance(entry, str) or not ENTRY_RE.match(entry):
         raise ConfigError(f'{where}: entry must look like "module:attr"')
     return command, entry
+
+
+def _check_command(where: str, command: object) -> None:
+    if not isinstance(command, list) or not command or not all(isinstance(a, str) for a in command) or not command[0]:
+        raise ConfigError(f'{where}: command must be a non-empty list of strings, e.g. ["prog", "arg"]')
+    for n, arg in enumerate(command):
+        if "\0" in arg:
+            raise ConfigError(f"{where}: command argument {n} contains a NUL byte (no program can receive one)")
 
 
 def _worker_timeout(where: str, timeout: object) -> float | None:
@@ -195,7 +209,7 @@ def _worker_path(where: str, name: str, path: Path, extra: object, entry: str | 
         return None
     if entry is None:
         raise ConfigError(f"{where}: path is for entry workers (where the module is); a command worker has cwd")
-    if not isinstance(extra, str) or not extra or "\0" in extra:
+    if not _directory_name(extra):
         raise ConfigError(f"{where}: path must be a directory name (a non-empty string without NUL bytes)")
     extra = os.path.normpath(os.path.join(path.parent, os.path.expanduser(extra)))
     check_secure(Path(extra), what=f"module path of worker {name}")

@@ -20,6 +20,7 @@ from __future__ import annotations
 import os
 import signal
 import time
+from contextlib import suppress
 from dataclasses import dataclass, field
 
 from kmpwm.core import schema
@@ -38,18 +39,20 @@ def parse_hooks(path, table) -> dict:
     unknown = sorted(set(table) - set(KINDS))
     if unknown:
         raise ConfigError(f"{path}: [hooks]: unknown key {unknown[0]!r} (expected on_failure, on_success)")
-    hooks = {}
     for kind, value in table.items():
-        ok = value == "notify" or (
-            isinstance(value, list) and value and all(isinstance(a, str) for a in value) and value[0]
-        )
-        if not ok:
+        if not _is_hook(value):
             raise ConfigError(
                 f"{path}: [hooks] {kind} must be a command as a list of strings "
                 f'(argv, never a shell), e.g. ["notify-me", "--urgent"], or "notify"'
             )
-        hooks[kind] = value
-    return hooks
+    return dict(table)
+
+
+def _is_hook(value) -> bool:
+    """``"notify"``, or a command: a list of strings that names a program."""
+    if value == "notify":
+        return True
+    return isinstance(value, list) and bool(value) and all(isinstance(a, str) for a in value) and value[0] != ""
 
 
 def payload(task: dict, status: str, message, data, attempt) -> dict:
@@ -195,10 +198,8 @@ class HookRunner:
         for h in self.running:
             code = h.proc.poll()
             if code is None and now >= h.deadline:
-                try:
+                with suppress(OSError):
                     os.killpg(h.proc.pid, signal.SIGKILL)
-                except OSError:
-                    pass
                 h.proc.wait()
                 self._failed(h.kind, h.doc, f"timed out after {_timeout():g}s", h.out)
             elif code is None:
@@ -221,12 +222,10 @@ class HookRunner:
     def _failed(self, kind: str, doc: dict, why: str, out=None) -> None:
         tail = ""
         if out is not None:
-            try:
+            with suppress(OSError):
                 out.seek(0, os.SEEK_END)
                 out.seek(max(0, out.tell() - 400))
                 tail = " ".join(out.read().decode("utf-8", "replace").split())[-300:]
-            except OSError:
-                pass
         error = f"{why}: {tail}" if tail else why
         from kmpwm.storage.logs import logger
 

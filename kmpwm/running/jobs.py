@@ -6,6 +6,7 @@ from __future__ import annotations
 import errno
 import os
 import signal
+from contextlib import suppress
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -103,10 +104,8 @@ def kill(job: Job, signo: int) -> None:
     except ProcessLookupError:
         pass
     except PermissionError:
-        try:
+        with suppress(OSError):
             os.kill(job.pid, signo)
-        except OSError:
-            pass
 
 
 def end_group_if_exited(pid: int) -> None:
@@ -128,10 +127,8 @@ def end_group_if_exited(pid: int) -> None:
         return
     if info is None or info.si_pid == 0:
         return
-    try:
+    with suppress(OSError):
         os.killpg(pid, signal.SIGKILL)
-    except OSError:
-        pass
 
 
 def poll(job: Job) -> int | None:

@@ -10,6 +10,7 @@ import os
 import selectors
 import sys
 import time
+from contextlib import suppress
 
 import orjson
 
@@ -52,31 +53,33 @@ class Launcher:
         if info.name in self._preloaded or os.environ.get("KMPWM_PRELOAD", "1") == "0":
             return
         self._preloaded.add(info.name)
-        try:
+        with suppress(Exception):
             from kmpwm.running.worker_host import load_target
 
             info.preloaded = load_target(info)
-        except Exception:
-            pass
 
     def start(self, job: Job, info, upstream: dict) -> None:
         """Start ``job``'s worker; when it cannot be, ``job.immediate`` says why (a FAILURE)."""
-        trig = job.task["trigger"]
         try:
-            if trig["type"] == "exact" and trig.get("behavior") == "notify":
-                job.immediate = notify(job.task, self.paths)
-            elif info is None:
-                job.immediate = failure(f"unknown worker {job.task['worker']!r}")
-            elif job.kind == "command":
-                self._command(job, info, upstream)
-            else:
-                self._python(job, info, upstream)
+            self._launch(job, info, upstream)
         except OSError as exc:
             job.immediate = failure(f"could not start the worker: {exc.strerror or exc}")
         except Exception as exc:  # a process that cannot be started fails its run, never run-due
             job.immediate = failure(f"could not start the worker: {exc}")
         if job.immediate is None and not job.pid and job.proc is None and job.host is None:
             job.immediate = failure("could not start the worker")
+
+    def _launch(self, job: Job, info, upstream: dict) -> None:
+        """A notification, a command, or a Python worker; an unknown worker fails at once."""
+        trig = job.task["trigger"]
+        if trig["type"] == "exact" and trig.get("behavior") == "notify":
+            job.immediate = notify(job.task, self.paths)
+        elif info is None:
+            job.immediate = failure(f"unknown worker {job.task['worker']!r}")
+        elif job.kind == "command":
+            self._command(job, info, upstream)
+        else:
+            self._python(job, info, upstream)
 
     def env(self, job: Job, upstream: dict) -> dict:
         t = job.task

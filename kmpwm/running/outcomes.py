@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import signal
 import time
+from contextlib import suppress
 
 import orjson
 
@@ -23,14 +24,12 @@ def outcome(job: Job) -> dict:
     if job.kind == "command":
         return command_outcome(job)
     if job.result:
-        try:
+        with suppress(orjson.JSONDecodeError):
             res = orjson.loads(bytes(job.result))
             if isinstance(res, dict) and res.get("progress"):
                 job.progressed = True
             if isinstance(res, dict) and res.get("status") in RECORDED:
                 return checked_data(res)
-        except orjson.JSONDecodeError:
-            pass
     return {"status": "FAILURE", "message": death(job, "the worker process"), "data": None}
 
 

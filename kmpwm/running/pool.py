@@ -8,6 +8,7 @@ import os
 import selectors
 import signal
 import time
+from contextlib import suppress
 from dataclasses import dataclass, field
 
 import orjson
@@ -146,10 +147,8 @@ class Pool:
         """Retire an idle host: end of input makes it exit; its pipes then close."""
         host.retire = True
         if host.to_host >= 0:
-            try:
+            with suppress(OSError):
                 os.close(host.to_host)
-            except OSError:
-                pass
             host.to_host = -1
 
     def retire(self) -> None:
@@ -182,12 +181,8 @@ class Pool:
                     self.drain(key.data, key.fd)
         for host in self.hosts:
             if not host.dead:
-                try:
+                with suppress(OSError):
                     os.killpg(host.pid, signal.SIGKILL)
-                except OSError:
-                    pass
             if host.exit_status is None:
-                try:
+                with suppress(ChildProcessError):
                     os.waitpid(host.pid, 0)
-                except ChildProcessError:
-                    pass

@@ -14,6 +14,7 @@ from __future__ import annotations
 import os
 import sys
 import time
+from contextlib import suppress
 from dataclasses import dataclass
 from functools import cached_property
 from typing import TYPE_CHECKING
@@ -71,30 +72,44 @@ def _environment_key() -> list | None:
         try:
             it = os.scandir(entry or ".")
         except NotADirectoryError:  # a zip file on the path
-            try:
-                st = os.stat(entry)
-                key.append([entry, st.st_size, st.st_mtime_ns])
-            except OSError:
-                key.append([entry, None])
+            key.append(_file_key(entry))
             continue
         except OSError:
             key.append([entry, None])
             continue
-        found = []
         with it:
-            for de in it:
-                if de.name.endswith((".dist-info", ".egg-info")):
-                    try:
-                        st = de.stat()
-                    except OSError:
-                        continue
-                    if st.st_mtime > horizon:
-                        return None
-                    found.append([de.name, st.st_ino, st.st_mtime_ns])
+            found = _metadata_dirs(it, horizon)
+        if found is None:
+            return None
         if found:  # directories without any (the script's, the current one) do not matter
-            found.sort()
             key.append([entry, found])
     return key
+
+
+def _file_key(entry: str) -> list:
+    """A file on ``sys.path`` (a zip): its size and modification time."""
+    try:
+        st = os.stat(entry)
+    except OSError:
+        return [entry, None]
+    return [entry, st.st_size, st.st_mtime_ns]
+
+
+def _metadata_dirs(entries, horizon: float) -> list | None:
+    """The distribution metadata directories among ``entries`` (name, inode, modification time),
+    sorted; None when one was modified after ``horizon``."""
+    found = []
+    for de in entries:
+        if not de.name.endswith((".dist-info", ".egg-info")):
+            continue
+        try:
+            st = de.stat()
+        except OSError:
+            continue
+        if st.st_mtime > horizon:
+            return None
+        found.append([de.name, st.st_ino, st.st_mtime_ns])
+    return sorted(found)
 
 
 class Registry:
@@ -202,28 +217,39 @@ def _read_cache(path, key: list) -> list | None:
     """The cached entry points, or None (scan again) when the cache is missing, stale or not
     private: it decides which code a worker name runs, so a file or directory another user could
     have written is never read."""
-    import stat
-
     import orjson
 
-    try:
-        dst = os.lstat(path.parent)
-        if not stat.S_ISDIR(dst.st_mode) or not _private(dst):
+    with suppress(OSError, ValueError, KeyError, TypeError, AttributeError):
+        raw = _read_private(path)
+        if raw is None:
             return None
-        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0))
-        with os.fdopen(fd, "rb") as fh:
-            fst = os.fstat(fh.fileno())
-            if not stat.S_ISREG(fst.st_mode) or not _private(fst):
-                return None
-            doc = orjson.loads(fh.read())
+        doc = orjson.loads(raw)
         if doc.get("key") != key:
             return None
         items = doc["entry_points"]
-        if all(isinstance(i, list) and len(i) == 3 and isinstance(i[0], str) and isinstance(i[1], str) for i in items):
+        if all(_is_cached_row(i) for i in items):
             return items
-    except (OSError, ValueError, KeyError, TypeError, AttributeError):
-        pass
     return None
+
+
+def _read_private(path) -> bytes | None:
+    """The file's bytes, if it and its directory are private (else None)."""
+    import stat
+
+    dst = os.lstat(path.parent)
+    if not stat.S_ISDIR(dst.st_mode) or not _private(dst):
+        return None
+    fd = os.open(path, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0))
+    with os.fdopen(fd, "rb") as fh:
+        fst = os.fstat(fh.fileno())
+        if not stat.S_ISREG(fst.st_mode) or not _private(fst):
+            return None
+        return fh.read()
+
+
+def _is_cached_row(item) -> bool:
+    """[name, target, distribution] with a name and a target."""
+    return isinstance(item, list) and len(item) == 3 and isinstance(item[0], str) and isinstance(item[1], str)
 
 
 def _write_cache(path, key: list, items: list) -> None:
@@ -236,8 +262,6 @@ def _write_cache(path, key: list, items: list) -> None:
 
     if not path.parent.parent.is_dir():
         return  # no home yet: the first write to the journal makes it, with the right mode
-    try:
+    with suppress(KmpwmError, OSError):
         private_subdir(path.parent)
         atomic_write(path, orjson.dumps({"key": key, "entry_points": items}))
-    except (KmpwmError, OSError):
-        pass

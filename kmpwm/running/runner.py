@@ -21,6 +21,7 @@ import selectors
 import signal
 import time
 import uuid
+from contextlib import suppress
 
 from kmpwm.core import schema
 from kmpwm.core.exitcodes import ConfigError, JournalError, KmpwmError
@@ -770,10 +771,8 @@ class Runner:
         if self._sel is not None:
             self._sel.close()
         self.signals.restore()
-        try:
+        with suppress(OSError):
             os.unlink(self._expire_file())
-        except OSError:
-            pass
         self._groups.close()
         self._starts.close()
 

@@ -13,6 +13,7 @@ import signal
 import sys
 import time
 import traceback
+from contextlib import suppress
 from typing import Any
 
 from kmpwm.core.results import Failure, WorkerResult, normalise
@@ -81,7 +82,7 @@ def capture_output() -> None:
     if _output_ready:
         return
     _output_ready = True
-    try:
+    with suppress(Exception):
         sys.stdout.reconfigure(line_buffering=True)
         import logging
 
@@ -93,8 +94,6 @@ def capture_output() -> None:
             logging.lastResort.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
             if root.level > logging.INFO:
                 root.setLevel(logging.INFO)
-    except Exception:
-        pass
 
 
 def run_in_child(info, input: str | None, ctx: WorkerContext) -> dict:
@@ -163,11 +162,9 @@ def forked_main(info, task: dict, *, attempt: int, upstream: dict, limit: float,
 def child_failed() -> int:
     """In a worker process that failed outside the worker: the traceback to its output (which
     run-due logs), and the exit status that says so."""
-    try:
+    with suppress(BaseException):
         traceback.print_exc()
         sys.stderr.flush()
-    except BaseException:
-        pass
     return 70
 
 
@@ -229,10 +226,8 @@ def host_main(in_fd: int, out_fd: int, registry) -> None:
         os.environ.clear()
         os.environ.update(base_env)
         os.environ.update(msg["env"])
-        try:
+        with suppress(OSError):
             os.chdir(base_cwd)
-        except OSError:
-            pass
         ctx = WorkerContext(
             task_id=msg["id"],
             attempt=msg["attempt"],
@@ -274,24 +269,20 @@ def _become_subreaper() -> None:
     so that _end_leftovers finds them even if they left the host's process group."""
     if not sys.platform.startswith("linux"):
         return
-    try:
+    with suppress(Exception):
         import ctypes
 
         ctypes.CDLL(None, use_errno=True).prctl(36, 1)  # PR_SET_CHILD_SUBREAPER
-    except Exception:
-        pass
 
 
 def _children() -> list[int]:
     import os
 
     pids: list[int] = []
-    try:
+    with suppress(OSError, ValueError):
         for tid in os.listdir("/proc/self/task"):
             with open(f"/proc/self/task/{tid}/children") as fh:
                 pids += [int(p) for p in fh.read().split()]
-    except (OSError, ValueError):
-        pass
     return pids
 
 
@@ -309,15 +300,11 @@ def _end_leftovers() -> None:
         if not kids:
             break
         for pid in kids:
-            try:
+            with suppress(OSError):
                 os.kill(pid, _signal.SIGKILL)
-            except OSError:
-                pass
         for pid in kids:
-            try:
+            with suppress(OSError):
                 os.waitpid(pid, 0)
-            except OSError:
-                pass
         _time.sleep(0.001)  # let orphans be re-parented here
     while True:  # zombies of processes the task started and did not wait for
         try:
