@@ -28,7 +28,7 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from kmpwm.core.exitcodes import ConfigError, KmpwmError
+from kmpwm.core.exitcodes import ConfigError
 from kmpwm.storage.paths import check_secure
 
 NAME_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.:-]{0,127}$")
@@ -68,33 +68,16 @@ class Config:
 def load(path: Path) -> Config:
     """Read and validate ``config.toml``; a missing file is an empty config."""
     check_secure(path, what="config file")
-    try:
-        raw = path.read_bytes()
-    except FileNotFoundError:
+    raw = _read(path)
+    if raw is None:
         return Config(path=path)
-    except IsADirectoryError:
-        raise ConfigError(f"{path} is a directory, not a config file") from None
-    except OSError as exc:
-        raise ConfigError(f"cannot read {path}: {exc.strerror}") from None
     # the directory too: whoever can write it can replace the file (and it is on entry workers' sys.path)
     check_secure(path.parent, what="config directory")
-    import tomllib
-
-    try:
-        doc = tomllib.loads(raw.decode("utf-8"))
-    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
-        raise ConfigError(f"{path}: invalid TOML: {exc}") from None
-    cfg = Config(path=path)
-    unknown = sorted(set(doc) - set(SECTIONS))
-    if unknown:
-        raise ConfigError(
-            f"{path}: unknown table or key {unknown[0]!r} (expected [workers.NAME] tables, [hooks] and [store])"
-        )
+    doc = _parse(path, raw)
     workers = doc.get("workers", {})
     if not isinstance(workers, dict):
         raise ConfigError(f"{path}: [workers] must be a table of [workers.NAME] tables")
-    for name, table in workers.items():
-        cfg.workers[name] = _worker(path, name, table)
+    cfg = Config(path=path, workers={name: _worker(path, name, table) for name, table in workers.items()})
     from kmpwm.running.hooks import parse_hooks
 
     cfg.hooks = parse_hooks(path, doc.get("hooks"))
@@ -104,8 +87,41 @@ def load(path: Path) -> Config:
     return cfg
 
 
+def _where(path: Path, name: str) -> str:
+    """How errors name a worker's table (its name quoted when it does not print as it is)."""
+    return f"{path}: [workers.{name}]" if name.isprintable() else f"{path}: [workers.{name!r}]"
+
+
+def _read(path: Path) -> bytes | None:
+    """The file's bytes; None when there is no file."""
+    try:
+        return path.read_bytes()
+    except FileNotFoundError:
+        return None
+    except IsADirectoryError:
+        raise ConfigError(f"{path} is a directory, not a config file") from None
+    except OSError as exc:
+        raise ConfigError(f"cannot read {path}: {exc.strerror}") from None
+
+
+def _parse(path: Path, raw: bytes) -> dict:
+    """The TOML document, with known tables only."""
+    import tomllib
+
+    try:
+        doc = tomllib.loads(raw.decode("utf-8"))
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"{path}: invalid TOML: {exc}") from None
+    unknown = sorted(set(doc) - set(SECTIONS))
+    if unknown:
+        raise ConfigError(
+            f"{path}: unknown table or key {unknown[0]!r} (expected [workers.NAME] tables, [hooks] and [store])"
+        )
+    return doc
+
+
 def _worker(path: Path, name: str, table: object) -> WorkerConfig:
-    where = f"{path}: [workers.{name!r}]" if not name.isprintable() else f"{path}: [workers.{name}]"
+    where = _where(path, name)
     if not NAME_RE.match(name):
         raise ConfigError(f"{where}: invalid worker name (letters, digits, _ . : - ; at most 128)")
     if not isinstance(table, dict):
@@ -174,32 +190,35 @@ def _check_command(where: str, command: object) -> None:
 
 
 def _worker_timeout(where: str, timeout: object) -> float | None:
+    """``timeout``: a DUR string or seconds, more than 0 (checked as a declared worker's is)."""
     if timeout is None:
         return None
-    from kmpwm.core.timeparse import parse_duration
+    from kmpwm.running.declare import make_spec
 
     try:
-        seconds = parse_duration(timeout, what="timeout")
-    except KmpwmError as exc:
-        raise ConfigError(f"{where}: {exc.message}") from None
-    if seconds <= 0:
-        raise ConfigError(f"{where}: timeout must be more than 0s")
-    return seconds
+        return make_spec(timeout=timeout, where=where).timeout
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
 
 
 def _worker_env(where: str, env: object) -> dict[str, str]:
     if not isinstance(env, dict):
         raise ConfigError(f'{where}: env must be a table of strings, e.g. env = {{ NAME = "value" }}')
     for key, value in env.items():
-        if not isinstance(value, str):
-            raise ConfigError(
-                f'{where}: env value of {key} must be a string, not {_toml_type(value)} (quote it: {key} = "...")'
-            )
-        if not key or "=" in key or "\0" in key:
-            raise ConfigError(f"{where}: env name {key!r} is not a valid variable name")
-        if "\0" in value:
-            raise ConfigError(f"{where}: env value of {key} contains a NUL byte (no program can receive one)")
+        _check_variable(where, key, value)
     return dict(env)
+
+
+def _check_variable(where: str, key: str, value: object) -> None:
+    """One ``env`` entry: a variable name, a string value (neither with a NUL byte)."""
+    if not isinstance(value, str):
+        raise ConfigError(
+            f'{where}: env value of {key} must be a string, not {_toml_type(value)} (quote it: {key} = "...")'
+        )
+    if not key or "=" in key or "\0" in key:
+        raise ConfigError(f"{where}: env name {key!r} is not a valid variable name")
+    if "\0" in value:
+        raise ConfigError(f"{where}: env value of {key} contains a NUL byte (no program can receive one)")
 
 
 def _worker_path(where: str, name: str, path: Path, extra: object, entry: str | None) -> str | None:

@@ -192,14 +192,20 @@ def declared_limit(info, preload: Callable[[Any], None], task: dict) -> float | 
         return info.config.timeout
     if info.kind == "command" or task["constraints"].get("heavy"):
         return None
+    return _declared_default(info, preload)
+
+
+def _declared_default(info, preload: Callable[[Any], None]) -> float | None:
+    """The limit the Python worker object declares (loaded by ``preload``), if any."""
     key = (info.name, info.target)
-    if key not in _LIMITS:  # once per worker and process (config workers are new objects per lookup)
-        preload(info)
-        obj = getattr(info, "preloaded", None)
-        if obj is None:
-            return None  # not imported (KMPWM_PRELOAD=0, or the import failed: the run reports it)
-        spec = spec_of(obj)
-        _LIMITS[key] = spec.default_limit() if spec else None
+    if key in _LIMITS:  # once per worker and process (config workers are new objects per lookup)
+        return _LIMITS[key]
+    preload(info)
+    obj = getattr(info, "preloaded", None)
+    if obj is None:
+        return None  # not imported (KMPWM_PRELOAD=0, or the import failed: the run reports it)
+    spec = spec_of(obj)
+    _LIMITS[key] = spec.default_limit() if spec else None
     return _LIMITS[key]
 
 

@@ -249,7 +249,12 @@ def _kill_group(line: str, table: dict) -> set[int]:
     leader = procs.token(pgid)
     if leader is not None and leader != token:
         return set()  # the number belongs to another process now
-    return {m for m, (g, started, _) in table.items() if g == pgid and started >= start and _kill(m)}
+    return {m for m in _members(table, pgid, start) if _kill(m)}
+
+
+def _members(table: dict, pgid: int, start: int) -> list[int]:
+    """The processes of group ``pgid`` that started no earlier than ``start`` (ticks)."""
+    return [m for m, (g, started, _) in table.items() if g == pgid and started >= start]
 
 
 def _kill_marked(runner_id: str, since: int, table: dict) -> set[int]:
@@ -314,5 +319,5 @@ def _kill_tree(pid: int, table: dict) -> set[int]:
     if pgid == pid:
         with suppress(OSError):
             os.killpg(pid, signal.SIGKILL)
-        out |= {m for m, (g, started, _) in table.items() if g == pid and started >= start}
+        out.update(_members(table, pid, start))
     return out

@@ -68,6 +68,15 @@ def payload(task: dict, status: str, message, data, attempt) -> dict:
     }
 
 
+def _failure_payload(t: dict, run) -> dict:
+    """An ``on_failure`` hook's document: of the run (``run``: (job, row)), or of the task that
+    failed without a run of its own (upstream failed, window missed)."""
+    if run is None:
+        return payload(t, "FAILURE", t.get("reason"), None, t["attempts"])
+    job, row = run
+    return payload(t, row["status"], row["message"], row["data"], job.attempt)
+
+
 @dataclass
 class _Running:
     kind: str
@@ -104,21 +113,19 @@ class HookRunner:
         each task the record ended FAILED (``failed``: ids), with or without a run of its own."""
         if os.environ.get("KMPWM_CRASH_AT") == "before-hooks":  # crash injection for the tests
             os.kill(os.getpid(), signal.SIGKILL)
-        ran = {job.id: (job, row) for job, row in rows}
         tasks = state["tasks"]
         for job, row in rows:
             if row["status"] == "SUCCESS" and job.id in tasks:
                 self.fire("on_success", payload(tasks[job.id], "SUCCESS", row["message"], row["data"], job.attempt))
+        self._fire_failures(rows, failed, tasks)
+
+    def _fire_failures(self, rows: list, failed: list, tasks: dict) -> None:
+        """``on_failure`` for each task in ``failed`` (once each), of its run in ``rows`` if it had one."""
+        ran = {job.id: (job, row) for job, row in rows}
         for tid in dict.fromkeys(failed):
             t = tasks.get(tid)
-            if t is None:
-                continue
-            if tid in ran:
-                job, row = ran[tid]
-                doc = payload(t, row["status"], row["message"], row["data"], job.attempt)
-            else:  # failed without a run of its own (upstream failed, window missed)
-                doc = payload(t, "FAILURE", t.get("reason"), None, t["attempts"])
-            self.fire("on_failure", doc)
+            if t is not None:
+                self.fire("on_failure", _failure_payload(t, ran.get(tid)))
 
     def _env(self, doc: dict) -> dict:
         env = {k: v for k, v in os.environ.items() if not k.startswith("KMPWM_") or k in ("KMPWM_HOME",)}
@@ -170,18 +177,9 @@ class HookRunner:
         self.running.append(_Running(kind, doc, proc, out, time.monotonic() + _timeout()))
 
     def _notify(self, kind: str, doc: dict) -> None:
-        import shutil
-        import sys
-
         title = f"kmpwm: {doc['id']} {'failed' if kind == 'on_failure' else 'succeeded'}"
         body = doc["message"] or f"{doc['worker']}: {doc['status']}"
-        argv = None
-        if shutil.which("notify-send"):
-            argv = ["notify-send", title, body]
-        elif sys.platform == "darwin" and shutil.which("osascript"):
-            from kmpwm.running.launch import applescript as _applescript
-
-            argv = ["osascript", "-e", f"display notification {_applescript(body)} with title {_applescript(title)}"]
+        argv = _notifier(title, body)
         if argv is None:
             from kmpwm.storage.logs import logger
 
@@ -194,23 +192,24 @@ class HookRunner:
         if not self.running:
             return
         now = time.monotonic()
-        still = []
-        for h in self.running:
-            code = h.proc.poll()
-            if code is None and now >= h.deadline:
-                with suppress(OSError):
-                    os.killpg(h.proc.pid, signal.SIGKILL)
-                h.proc.wait()
-                self._failed(h.kind, h.doc, f"timed out after {_timeout():g}s", h.out)
-            elif code is None:
-                still.append(h)
-                continue
-            elif code != 0:
-                self._failed(
-                    h.kind, h.doc, f"exited with status {code}" if code > 0 else f"killed by {_signame(-code)}", h.out
-                )
-            h.out.close()
-        self.running = still
+        self.running = [h for h in self.running if not self._reaped(h, now)]
+
+    def _reaped(self, h: _Running, now: float) -> bool:
+        """Is hook ``h`` over (it ended, or it was killed past its time limit)?  A failure is noted."""
+        code = h.proc.poll()
+        if code is None and now < h.deadline:
+            return False
+        if code is None:
+            with suppress(OSError):
+                os.killpg(h.proc.pid, signal.SIGKILL)
+            h.proc.wait()
+            self._failed(h.kind, h.doc, f"timed out after {_timeout():g}s", h.out)
+        elif code != 0:
+            self._failed(
+                h.kind, h.doc, f"exited with status {code}" if code > 0 else f"killed by {_signame(-code)}", h.out
+            )
+        h.out.close()
+        return True
 
     def wait(self) -> None:
         """At run-due's end: wait for the hooks still running (each within its time limit)."""
@@ -237,6 +236,20 @@ class HookRunner:
         ops = [schema.note(tid, "hook failed", detail) for tid, detail in self.failures]
         self.failures = []
         return ops
+
+
+def _notifier(title: str, body: str) -> list[str] | None:
+    """The command that posts a desktop notification here (None: no way to)."""
+    import shutil
+    import sys
+
+    if shutil.which("notify-send"):
+        return ["notify-send", title, body]
+    if sys.platform == "darwin" and shutil.which("osascript"):
+        from kmpwm.running.launch import applescript as _applescript
+
+        return ["osascript", "-e", f"display notification {_applescript(body)} with title {_applescript(title)}"]
+    return None
 
 
 def _timeout() -> float:

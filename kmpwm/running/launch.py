@@ -261,13 +261,16 @@ def unstartable(cfg, env: dict) -> str | None:
     for key, value in env.items():
         if "\0" in key or "\0" in value:
             return f"the worker's environment variable {key.split(chr(0))[0]!r} has a NUL byte"
-    if cfg.cwd is None:
-        return None
-    if "\0" in cfg.cwd:
+    return None if cfg.cwd is None else _cwd_problem(cfg.cwd)
+
+
+def _cwd_problem(cwd: str) -> str | None:
+    """Why ``cwd`` cannot be a command's working directory (None if it can)."""
+    if "\0" in cwd:
         return "the worker's cwd has a NUL byte"
-    if not os.path.isdir(cfg.cwd):
-        why = "is not a directory" if os.path.exists(cfg.cwd) else "does not exist"
-        return f"the worker's working directory {cfg.cwd} {why}"
+    if not os.path.isdir(cwd):
+        why = "is not a directory" if os.path.exists(cwd) else "does not exist"
+        return f"the worker's working directory {cwd} {why}"
     return None
 
 

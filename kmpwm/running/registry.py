@@ -137,19 +137,18 @@ class Registry:
                     name: WorkerInfo(name, "entry-point", value, dist, entry_point=_LazyEntryPoint(name, value))
                     for name, value, dist in cached
                 }
-        from importlib.metadata import entry_points
-
-        found: dict[str, WorkerInfo] = {}
-        for ep in entry_points(group=GROUP):
-            dist = getattr(getattr(ep, "dist", None), "name", None)
-            found.setdefault(ep.name, WorkerInfo(ep.name, "entry-point", ep.value, dist, entry_point=ep))
+        found = _scan_entry_points()
         if key is not None:
             _write_cache(cache_file, key, [[w.name, w.target, w.distribution] for w in found.values()])
         return found
 
+    def _no_config(self) -> bool:
+        """No config.toml (nothing to read, nor to import a reader for), none given or read."""
+        return self._config is None and "config" not in self.__dict__ and not os.path.lexists(self.paths.config_file)
+
     def _from_config(self, name: str) -> WorkerInfo | None:
-        if self._config is None and "config" not in self.__dict__ and not os.path.lexists(self.paths.config_file):
-            return None  # no config.toml: nothing to read (nor to import a reader for)
+        if self._no_config():
+            return None
         wc = self.config.workers.get(name)
         if wc is None:
             return None
@@ -160,10 +159,8 @@ class Registry:
         """The one validation of the configuration every command that uses workers runs: config.toml
         parses and is well-formed (config.load), and redefines no worker a package provides.
         Raises ConfigError (exit 78) naming the file, the worker and the problem."""
-        if self.__dict__.get("_checked") or (
-            self._config is None and "config" not in self.__dict__ and not os.path.lexists(self.paths.config_file)
-        ):
-            return  # checked, or no config.toml: nothing to read (nor to import a reader for)
+        if self.__dict__.get("_checked") or self._no_config():
+            return
         for name in self.duplicates():
             ep = self.entry_points[name]
             raise ConfigError(
@@ -181,14 +178,22 @@ class Registry:
     def all(self) -> list[WorkerInfo]:
         self.check()
         names = sorted(set(self.config.workers) | set(self.entry_points))
-        out = []
-        for name in names:
-            info = self._from_config(name) or self.entry_points[name]
-            out.append(info)
-        return out
+        return [self._from_config(name) or self.entry_points[name] for name in names]
 
     def duplicates(self) -> list[str]:
         return sorted(set(self.config.workers) & set(self.entry_points))
+
+
+def _scan_entry_points() -> dict[str, WorkerInfo]:
+    """The workers of the installed distributions, as importlib.metadata lists them (the first of
+    a name wins)."""
+    from importlib.metadata import entry_points
+
+    found: dict[str, WorkerInfo] = {}
+    for ep in entry_points(group=GROUP):
+        dist = getattr(getattr(ep, "dist", None), "name", None)
+        found.setdefault(ep.name, WorkerInfo(ep.name, "entry-point", ep.value, dist, entry_point=ep))
+    return found
 
 
 def import_error(info: WorkerInfo) -> str | None:

@@ -207,7 +207,7 @@ class Runner:
             self._start_ready()
             if self._write_and_claim(now_m):
                 continue
-            if not (self.jobs or self._ready or self._unwritten()):
+            if not (self._ready or self._busy()):
                 if not self._more_to_claim():
                     break  # nothing left that this run may start
                 continue
@@ -216,8 +216,12 @@ class Runner:
     def _check_expiry(self, deadline: float | None, now_m: float) -> None:
         if deadline is not None and now_m >= deadline and not self.run_expired:
             self._expire_run("the run's --budget ended")
+        self._heed_expiry_signal()
+
+    def _heed_expiry_signal(self) -> None:
+        """An expiry signal came (signals.py): the run expires, once."""
         if self.signals.flags["expire"] and not self.run_expired:
-            self._expire_run(self.signals.reason or "the expiration signal arrived")
+            self._expire_run(self.signals.reason)
 
     def _write_and_claim(self, now_m: float) -> bool:
         """Record what finished and claim what is due when it is time to; True when that wrote or
@@ -251,10 +255,12 @@ class Runner:
     def _more_to_claim(self) -> bool:
         """Nothing runs, waits or is left to write: may this run start anything more?  (serve
         sleeps here until something is due or changes.)"""
-        if self.run_expired or self.disk_full or not self._room() or not self._need_claim:
-            if self.serve is None or self.run_expired or self.disk_full:
-                return False
-            self._need_claim = self.serve.idle(self)  # until something is due or changes
+        stopped = self.run_expired or self.disk_full
+        if not stopped and self._room() and self._need_claim:
+            return True
+        if self.serve is None or stopped:
+            return False
+        self._need_claim = self.serve.idle(self)  # until something is due or changes
         return True
 
     def _wait_turn(self, deadline: float | None) -> None:
@@ -661,8 +667,11 @@ class Runner:
         if replan:
             self._replan(txn, now)
         picks = self._pick(state, now, free)
-        if not picks:
-            return []
+        return self._stage_claims(txn, picks) if picks else []
+
+    def _stage_claims(self, txn, picks: list[Claim]) -> list[Claim]:
+        """Stage the claims ``picks``; the ones the fold accepted, to start before their leases allow."""
+        state = txn.state
         if any(c.takeover for c in picks):
             # Taking over from a runner that is gone (it died since this run began, or while this
             # run planned): first kill whatever of its runs is left, so that no worker of the old
@@ -782,7 +791,7 @@ class Runner:
         for job in self.jobs.values():
             jobs.kill(job, signal.SIGKILL)
         deadline = time.monotonic() + 2
-        while (self.jobs or self._unwritten()) and time.monotonic() < deadline:
+        while self._busy() and time.monotonic() < deadline:
             self._pending.extend(self._reap())
             if self._unwritten():
                 try:
@@ -796,6 +805,10 @@ class Runner:
         """The tasks claimed but not started: to be handed back untouched."""
         self._release.extend(self._ready)
         self._ready = []
+
+    def _busy(self) -> bool:
+        """Runs go on, or their results (or hand-backs) wait to be recorded."""
+        return bool(self.jobs) or self._unwritten()
 
     def _unwritten(self) -> bool:
         """Finished runs or hand-backs wait to be recorded."""
@@ -863,8 +876,7 @@ class Runner:
 
     def _heed_signals(self, now: float) -> None:
         """An expiry signal expires the run; a second Ctrl-C kills the workers at once."""
-        if self.signals.flags["expire"] and not self.run_expired:
-            self._expire_run(self.signals.reason)
+        self._heed_expiry_signal()
         if self.signals.flags["force"] and not self._forced:
             self._forced = True
             self._kill_now(now)

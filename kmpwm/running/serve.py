@@ -165,15 +165,19 @@ def make_watch(paths: Paths, store=None):
     a shared store's own notifications (PostgreSQL's LISTEN) when it has them."""
     if store is not None and hasattr(store, "watch"):
         return store.watch()
-    forced = os.environ.get("KMPWM_SERVE_WATCH", "")
-    if forced != "poll":
-        if sys.platform.startswith("linux"):
-            with suppress(ImportError, OSError):  # no inotify-simple, or no inotify instances left: poll
-                return _InotifyWatch(paths)
-        elif hasattr(__import__("select"), "kqueue"):
-            with suppress(OSError):
-                return _KqueueWatch(paths)
-    return _PollWatch(paths)
+    watch = None if os.environ.get("KMPWM_SERVE_WATCH", "") == "poll" else _native_watch(paths)
+    return _PollWatch(paths) if watch is None else watch
+
+
+def _native_watch(paths: Paths):
+    """inotify on Linux, kqueue where the platform has it; None when neither can be had."""
+    if sys.platform.startswith("linux"):
+        with suppress(ImportError, OSError):  # no inotify-simple, or no inotify instances left: poll
+            return _InotifyWatch(paths)
+    elif hasattr(__import__("select"), "kqueue"):
+        with suppress(OSError):
+            return _KqueueWatch(paths)
+    return None
 
 
 # -- when to wake ---------------------------------------------------------------------------
@@ -507,14 +511,7 @@ def running_serves(paths: Paths) -> list[dict]:
     from kmpwm.platform import procs
 
     found = []
-    try:
-        names = sorted(os.listdir(paths.runners_dir))
-    except OSError:
-        return []
-    for name in names:
-        if not (name.startswith(STATE_PREFIX) and name.endswith(".json")):
-            continue
-        path = paths.runners_dir / name
+    for path in _state_files(paths):
         doc = _read_state(path)
         if doc is None or doc.get("host") not in (None, procs.host()):
             continue
@@ -525,6 +522,15 @@ def running_serves(paths: Paths) -> list[dict]:
             with suppress(OSError):
                 path.unlink()
     return found
+
+
+def _state_files(paths: Paths) -> list:
+    """The serve state files in runners/, sorted."""
+    try:
+        names = sorted(os.listdir(paths.runners_dir))
+    except OSError:
+        return []
+    return [paths.runners_dir / n for n in names if n.startswith(STATE_PREFIX) and n.endswith(".json")]
 
 
 def _read_state(path) -> dict | None:
