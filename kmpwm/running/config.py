@@ -122,18 +122,10 @@ def _parse(path: Path, raw: bytes) -> dict:
 
 def _worker(path: Path, name: str, table: object) -> WorkerConfig:
     where = _where(path, name)
-    if not NAME_RE.match(name):
-        raise ConfigError(f"{where}: invalid worker name (letters, digits, _ . : - ; at most 128)")
-    if not isinstance(table, dict):
-        raise ConfigError(f"{where} must be a table")
-    unknown = set(table) - set(WORKER_KEYS)
-    if unknown:
-        raise ConfigError(f"{where}: unknown key {sorted(unknown)[0]!r} (expected {', '.join(WORKER_KEYS)})")
+    _check_table(where, name, table)
     command, entry = _worker_program(where, table)
     timeout = _worker_timeout(where, table.get("timeout"))
-    cwd = table.get("cwd")
-    if cwd is not None and not _directory_name(cwd):
-        raise ConfigError(f"{where}: cwd must be a directory name (a non-empty string without NUL bytes)")
+    cwd = _worker_cwd(where, table.get("cwd"))
     env = _worker_env(where, table.get("env", {}))
     extra = _worker_path(where, name, path, table.get("path"), entry)
     description, inputs = table.get("description"), table.get("inputs")
@@ -150,6 +142,23 @@ def _worker(path: Path, name: str, table: object) -> WorkerConfig:
         description=description,
         inputs=inputs,
     )
+
+
+def _check_table(where: str, name: str, table: object) -> None:
+    """A valid worker name, and a table of known keys."""
+    if not NAME_RE.match(name):
+        raise ConfigError(f"{where}: invalid worker name (letters, digits, _ . : - ; at most 128)")
+    if not isinstance(table, dict):
+        raise ConfigError(f"{where} must be a table")
+    unknown = set(table) - set(WORKER_KEYS)
+    if unknown:
+        raise ConfigError(f"{where}: unknown key {sorted(unknown)[0]!r} (expected {', '.join(WORKER_KEYS)})")
+
+
+def _worker_cwd(where: str, cwd: object) -> str | None:
+    if cwd is not None and not _directory_name(cwd):
+        raise ConfigError(f"{where}: cwd must be a directory name (a non-empty string without NUL bytes)")
+    return cwd
 
 
 def _directory_name(value: object) -> bool:

@@ -97,6 +97,19 @@ def _input_key(name, decl, where: str) -> InputKey:
         return InputKey(str(name), description=decl)
     if not isinstance(decl, dict):
         raise ValueError(f"{where}: input {name!r} must be a description or a table")
+    _check_input_table(name, decl, where)
+    return InputKey(
+        str(name),
+        decl.get("type", ""),
+        decl.get("default"),
+        decl.get("required", False),
+        decl.get("description", ""),
+        "default" in decl,
+    )
+
+
+def _check_input_table(name, decl: dict, where: str) -> None:
+    """Known keys only; ``type`` and ``description`` strings, ``required`` a boolean."""
     unknown = set(decl) - {"type", "default", "required", "description"}
     if unknown:
         raise ValueError(
@@ -106,7 +119,6 @@ def _input_key(name, decl, where: str) -> InputKey:
     kind, required, text = decl.get("type", ""), decl.get("required", False), decl.get("description", "")
     if not isinstance(kind, str) or not isinstance(required, bool) or not isinstance(text, str):
         raise ValueError(f"{where}: input {name!r}: type and description are strings, required a boolean")
-    return InputKey(str(name), kind, decl.get("default"), required, text, "default" in decl)
 
 
 def make_spec(

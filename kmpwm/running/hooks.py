@@ -179,7 +179,9 @@ class HookRunner:
     def _notify(self, kind: str, doc: dict) -> None:
         title = f"kmpwm: {doc['id']} {'failed' if kind == 'on_failure' else 'succeeded'}"
         body = doc["message"] or f"{doc['worker']}: {doc['status']}"
-        argv = _notifier(title, body)
+        from kmpwm.running.launch import notify_argv
+
+        argv = notify_argv(title, body)
         if argv is None:
             from kmpwm.storage.logs import logger
 
@@ -236,20 +238,6 @@ class HookRunner:
         ops = [schema.note(tid, "hook failed", detail) for tid, detail in self.failures]
         self.failures = []
         return ops
-
-
-def _notifier(title: str, body: str) -> list[str] | None:
-    """The command that posts a desktop notification here (None: no way to)."""
-    import shutil
-    import sys
-
-    if shutil.which("notify-send"):
-        return ["notify-send", title, body]
-    if sys.platform == "darwin" and shutil.which("osascript"):
-        from kmpwm.running.launch import applescript as _applescript
-
-        return ["osascript", "-e", f"display notification {_applescript(body)} with title {_applescript(title)}"]
-    return None
 
 
 def _timeout() -> float:

@@ -66,7 +66,7 @@ class Launcher:
             job.immediate = failure(f"could not start the worker: {exc.strerror or exc}")
         except Exception as exc:  # a process that cannot be started fails its run, never run-due
             job.immediate = failure(f"could not start the worker: {exc}")
-        if job.immediate is None and not job.pid and job.proc is None and job.host is None:
+        if job.immediate is None and not _has_process(job):
             job.immediate = failure("could not start the worker")
 
     def _launch(self, job: Job, info, upstream: dict) -> None:
@@ -242,6 +242,11 @@ class Launcher:
             self._watch(job, fd, name)
 
 
+def _has_process(job: Job) -> bool:
+    """A process runs the job: its own, or a pool host."""
+    return bool(job.pid) or job.proc is not None or job.host is not None
+
+
 def resolve(prog: str, cwd: str | None, path: str | None) -> str | None:
     """The executable a command names, as execvp would find it; None if there is none."""
     import shutil
@@ -276,23 +281,19 @@ def _cwd_problem(cwd: str) -> str | None:
 
 def notify(task: dict, paths: Paths) -> dict:
     """``--exact-behavior notify``: post a desktop notification instead of running code."""
-    import shutil
     import subprocess
 
     title = f"kmpwm: {task['id']}"
     body = task["input"] or f"{task['worker']} is due"
     late_ms = int(max(0.0, time.time() - task["trigger"]["at"]) * 1000)
+    argv = notify_argv(title, body)
     method = "log"
-    try:
-        if shutil.which("notify-send"):
-            subprocess.run(["notify-send", title, body], timeout=5, check=False, capture_output=True)
-            method = "notify-send"
-        elif sys.platform == "darwin" and shutil.which("osascript"):
-            script = f"display notification {applescript(body)} with title {applescript(title)}"
-            subprocess.run(["osascript", "-e", script], timeout=5, check=False, capture_output=True)
-            method = "osascript"
-    except (OSError, subprocess.SubprocessError):
-        method = "log"
+    if argv is not None:
+        try:
+            subprocess.run(argv, timeout=5, check=False, capture_output=True)
+            method = argv[0]  # notify-send or osascript
+        except (OSError, subprocess.SubprocessError):
+            method = "log"
     from kmpwm.storage.logs import logger
 
     logger(paths).info("notification for %s: %s (%s)", task["id"], body, method)
@@ -301,6 +302,18 @@ def notify(task: dict, paths: Paths) -> dict:
         "message": f"notified ({method})",
         "data": {"notified": True, "method": method, "late_ms": late_ms},
     }
+
+
+def notify_argv(title: str, body: str) -> list[str] | None:
+    """The command that posts a desktop notification here: notify-send, else osascript on macOS
+    (None: neither)."""
+    import shutil
+
+    if shutil.which("notify-send"):
+        return ["notify-send", title, body]
+    if sys.platform == "darwin" and shutil.which("osascript"):
+        return ["osascript", "-e", f"display notification {applescript(body)} with title {applescript(title)}"]
+    return None
 
 
 def applescript(text: str) -> str:

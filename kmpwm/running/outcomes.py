@@ -113,14 +113,17 @@ def death(job: Job, what: str) -> str:
     code = job.exit_status
     tail = tail_text(job.err or job.out)
     if code is not None and code < 0:
-        try:
-            name = signal.Signals(-code).name
-        except ValueError:
-            name = f"signal {-code}"
-        msg = f"{what} was killed by {name}"
+        msg = f"{what} was killed by {_signal_name(-code)}"
     else:
         msg = f"{what} exited with status {code} without a result"
     return f"{msg}: {tail}" if tail else msg
+
+
+def _signal_name(signo: int) -> str:
+    try:
+        return signal.Signals(signo).name
+    except ValueError:
+        return f"signal {signo}"
 
 
 def tail_text(buf: bytearray, limit: int = 500) -> str:

@@ -130,13 +130,9 @@ class Registry:
     def entry_points(self) -> dict[str, WorkerInfo]:
         key = _environment_key()
         cache_file = self.paths.cache_dir / "entry-points.json"
-        if key is not None and not self._rescan:
-            cached = _read_cache(cache_file, key)
-            if cached is not None:
-                return {
-                    name: WorkerInfo(name, "entry-point", value, dist, entry_point=_LazyEntryPoint(name, value))
-                    for name, value, dist in cached
-                }
+        cached = None if key is None or self._rescan else _cached_entry_points(cache_file, key)
+        if cached is not None:
+            return cached
         found = _scan_entry_points()
         if key is not None:
             _write_cache(cache_file, key, [[w.name, w.target, w.distribution] for w in found.values()])
@@ -182,6 +178,17 @@ class Registry:
 
     def duplicates(self) -> list[str]:
         return sorted(set(self.config.workers) & set(self.entry_points))
+
+
+def _cached_entry_points(cache_file, key: list) -> dict[str, WorkerInfo] | None:
+    """The workers the cache lists for ``key``, loaded only when run (None: scan again)."""
+    cached = _read_cache(cache_file, key)
+    if cached is None:
+        return None
+    return {
+        name: WorkerInfo(name, "entry-point", value, dist, entry_point=_LazyEntryPoint(name, value))
+        for name, value, dist in cached
+    }
 
 
 def _scan_entry_points() -> dict[str, WorkerInfo]:

@@ -165,7 +165,7 @@ class Runner:
             return self._dry_run(view.state)
         # Nothing due and nothing to record: done, without the lock (the common case under cron).
         idle = self._plan(view.state, time.time(), set())
-        if not idle.due and not idle.ops and self.serve is None:
+        if self._nothing_to_do(idle):
             self._note_skipped(idle.skipped)
             return 0
         deadline = time.monotonic() + self.budget if self.budget is not None else None
@@ -177,6 +177,10 @@ class Runner:
         finally:
             self._teardown()
         return 75 if self.run_expired else 0
+
+    def _nothing_to_do(self, p) -> bool:
+        """Plan ``p`` has nothing due and nothing to record, and this is no serve."""
+        return not p.due and not p.ops and self.serve is None
 
     def _check_runnable(self, view) -> None:
         self.store.verify_covered(view)
@@ -372,13 +376,17 @@ class Runner:
             if not self._ride_out(exc, held):
                 raise  # say so and stop (exit 74)
             return 0
-        if self._store_said:
-            self._store_said, self._store_backoff = False, 0.0
-            self._warn("the store is reachable again")
+        self._store_back()
         if claimed and not held:
             self._lease_base = start  # the first leases of this stretch begin with this write
             self._renew_at = start + self.store.lease() / 4
         return claimed
+
+    def _store_back(self) -> None:
+        """A write reached the store: after an outage, say so (once)."""
+        if self._store_said:
+            self._store_said, self._store_backoff = False, 0.0
+            self._warn("the store is reachable again")
 
     def _ride_out(self, exc: JournalError, held: bool) -> bool:
         """The shared store cannot be reached: go on without it for now (True), or stop (False)?"""
@@ -432,14 +440,18 @@ class Runner:
             return
         lease = self.store.lease()
         if now >= self._renew_at:
-            if self._renew(self.runner_id):
-                self._lease_base = now
-                self._renew_at = now + lease / 4
-            else:
-                self._renew_at = now + 1.0
+            self._push_leases(now, lease)
         ends = self._lease_base + lease
         if not self.run_expired and now >= ends - self.grace - LOST_STORE_MARGIN:
             self._expire_run("the store cannot be reached: its leases would end before the runs do")
+
+    def _push_leases(self, now: float, lease: float) -> None:
+        """Renew our leases now; again in a quarter of their length, or in a second if that failed."""
+        if self._renew(self.runner_id):
+            self._lease_base = now
+            self._renew_at = now + lease / 4
+        else:
+            self._renew_at = now + 1.0
 
     def _cycle_journal(self, claim: bool, *, replan: bool) -> int:
         for attempt in range(3):
@@ -480,18 +492,22 @@ class Runner:
             self._pending = finished + self._pending  # not written: keep them for the teardown's try
             self._release = released + self._release
             raise
-        if self._replanned:  # the lock was held from the plan to our record: nothing came between
-            self.planned_at = self.store.position()
-        self.report.failed += failed
-        self._recorded(rows)
-        if hooks is not None and (rows or failed):
-            hooks.fire_results(rows, [f["id"] for f in failed], txn.state)
+        self._written(txn, rows, failed, hooks)
         self._ready.extend(claimed)
         self.claimed_count += len(claimed)
         # On a shared store a look costs a round trip; the state this transaction read under the
         # lock and committed a moment ago is as fresh as one (the journal's look is a stat).
         self._start_ready(txn.state if self._renew is not None else None)
         return len(claimed)
+
+    def _written(self, txn, rows: list, failed: list, hooks) -> None:
+        """The record is durable: report the runs and the tasks it ended FAILED, fire the hooks."""
+        if self._replanned:  # the lock was held from the plan to our record: nothing came between
+            self.planned_at = self.store.position()
+        self.report.failed += failed
+        self._recorded(rows)
+        if hooks is not None and (rows or failed):
+            hooks.fire_results(rows, [f["id"] for f in failed], txn.state)
 
     def _transact(self, finished: list[Job], released: list[Claim], failed: list, claim: bool, *, replan, lite):
         """The transaction of _cycle_once: (the transaction, the rows of the runs that count, the
@@ -941,8 +957,13 @@ class Runner:
             job.run_expired = True
             running += job.running and not job.expiring
             self._expire_job(job, grace)
+        if running:
+            self._warn_interrupted(running, grace)
+
+    def _warn_interrupted(self, running: int, grace: float) -> None:
+        """A Ctrl-C expired the run: say what is being stopped, and how to kill it now instead."""
         flags = self.signals.flags
-        if running and flags.get("signo") == signal.SIGINT and not flags["force"]:
+        if flags.get("signo") == signal.SIGINT and not flags["force"]:
             self._warn(
                 f"interrupted: stopping {running} worker(s), up to {grace:g}s (interrupt again to kill them now)"
             )
@@ -994,7 +1015,7 @@ class Runner:
             return False
         for fd in list(job.fds):
             self._drain(job, fd)  # what the process left in its pipes
-        if job.fds and not job.kind == "command" and "result" in job.fds.values():
+        if job.kind != "command" and "result" in job.fds.values():
             return False  # result still arriving
         for fd in list(job.fds):  # a grandchild may hold a pipe open: stop reading it
             self._stop_reading(job, fd)
