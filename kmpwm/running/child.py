@@ -8,6 +8,7 @@ import os
 import signal
 import sys
 import time
+from contextlib import suppress
 
 _PR_SET_PDEATHSIG = 1
 _libc = None
@@ -57,15 +58,11 @@ def setup(close: list[int], out_w: int, parent: int, sel) -> None:
     for signo in (signal.SIGUSR1, signal.SIGINT, signal.SIGHUP, signal.SIGCHLD):
         signal.signal(signo, signal.SIG_DFL)
     for fd in close:
-        try:
+        with suppress(OSError):
             os.close(fd)
-        except OSError:
-            pass
     if sel is not None:
-        try:
+        with suppress(Exception):
             sel.close()
-        except Exception:
-            pass
     null = os.open(os.devnull, os.O_RDONLY)
     os.dup2(null, 0)
     os.dup2(out_w, 1)
@@ -95,10 +92,8 @@ def die_with_parent(parent: int) -> None:
     it again."""
     libc = load_libc()
     if libc:
-        try:
+        with suppress(Exception):
             libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
-        except Exception:
-            pass
     if os.getppid() != parent:
         os._exit(75)
 

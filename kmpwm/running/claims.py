@@ -100,17 +100,27 @@ def refusal(state: dict, cand: dict, now: float, who: Identity, *, taken: Contai
         return "replaced since the plan"
     if t["id"] in taken:
         return "this runner has it"
+    return _changed(state, t, now, who, occ=occ, forced=forced) or _unclaimable(t, now, forced)
+
+
+def _changed(state: dict, t: dict, now: float, who: Identity, *, occ, forced: bool) -> str | None:
+    """What changed since the plan that keeps ``who`` from claiming ``t`` (None: nothing)."""
     if t.get("host") not in (None, who.host):
         return "pinned to another host"  # since the plan (--policy update)
     if not forced and pause_of(state, t, now) is not None:
         return "paused"  # since the plan (`pause --all` while we claim)
     if occ is not None and not occurrence_open(t, occ):
         return "the planned occurrence ran meanwhile"  # (state.occurrence)
-    if t["state"] == "ENQUEUED" and (due_at(t, now) <= now or forced):
-        return None
+    return None
+
+
+def _unclaimable(t: dict, now: float, forced: bool) -> str | None:
+    """Why ``t`` is in no state to be claimed (None: due, or running under a lease that ended)."""
+    if t["state"] == "ENQUEUED":
+        return None if due_at(t, now) <= now or forced else "not due"
     if t["state"] == "RUNNING" and lease_state(t, now) != "held":
         return None
-    return "not due" if t["state"] == "ENQUEUED" else f"{t['state']}"
+    return f"{t['state']}"
 
 
 def lease_end(now: float, limit: float, grace: float) -> float:
@@ -148,17 +158,22 @@ def claim(
         op["occ"] = occ  # the occurrence this claim consumes (state.occurrence)
     if who.boot:
         op["boot"] = who.boot
+    _mark_takeover(op, t, now, planned, started)
+    if forced:
+        op["forced"] = True  # run-now: a pause does not hold it
+    if ahead:
+        op["ahead"] = True  # its runner dying before it starts is not the task's crash
+    return Claim(t, op, info, limit, upstream_of(state, t))
+
+
+def _mark_takeover(op: dict, t: dict, now: float, planned: Candidates, started) -> None:
+    """What the claim says of the lease or fence it breaks, and of a gone holder's run."""
     if t["id"] in planned.broken:
         op["broken"] = "expired" if lease_state(t, now) == "expired" else True
     if t["id"] in planned.fence_broken:
         op["fence_broken"] = True  # the cancelled run's holder is gone
     if t["state"] == "RUNNING" and started is not None and started(t) is False:
         op["unstarted"] = True  # its gone holder never started the worker: not the task's crash
-    if forced:
-        op["forced"] = True  # run-now: a pause does not hold it
-    if ahead:
-        op["ahead"] = True  # its runner dying before it starts is not the task's crash
-    return Claim(t, op, info, limit, upstream_of(state, t))
 
 
 def accepted(c: Claim, state: dict, planned: Candidates, start_by: float) -> Claim:

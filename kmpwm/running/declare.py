@@ -27,11 +27,10 @@ An input key's declaration is either a string (its description) or a table with 
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 ATTR = "__kmpwm_worker__"
-_NO_DEFAULT = object()
 
 
 @dataclass(frozen=True)
@@ -89,29 +88,37 @@ def _input_keys(inputs: dict | None, where: str) -> tuple[InputKey, ...]:
         return ()
     if not isinstance(inputs, dict):
         raise ValueError(f"{where}: inputs must be a table of key names to declarations")
-    out = []
-    for name, decl in inputs.items():
-        if isinstance(decl, str):
-            out.append(InputKey(str(name), description=decl))
-            continue
-        if not isinstance(decl, dict):
-            raise ValueError(f"{where}: input {name!r} must be a description or a table")
-        unknown = set(decl) - {"type", "default", "required", "description"}
-        if unknown:
-            raise ValueError(
-                f"{where}: input {name!r}: unknown key {sorted(unknown)[0]!r} "
-                "(expected type, default, required, description)"
-            )
-        kind, required, text = decl.get("type", ""), decl.get("required", False), decl.get("description", "")
-        if not isinstance(kind, str) or not isinstance(required, bool) or not isinstance(text, str):
-            raise ValueError(f"{where}: input {name!r}: type and description are strings, required a boolean")
-        default = decl.get("default", _NO_DEFAULT)
-        out.append(
-            InputKey(
-                str(name), kind, None if default is _NO_DEFAULT else default, required, text, default is not _NO_DEFAULT
-            )
+    return tuple(_input_key(name, decl, where) for name, decl in inputs.items())
+
+
+def _input_key(name, decl, where: str) -> InputKey:
+    """One input key's declaration: its description, or a table."""
+    if isinstance(decl, str):
+        return InputKey(str(name), description=decl)
+    if not isinstance(decl, dict):
+        raise ValueError(f"{where}: input {name!r} must be a description or a table")
+    _check_input_table(name, decl, where)
+    return InputKey(
+        str(name),
+        decl.get("type", ""),
+        decl.get("default"),
+        decl.get("required", False),
+        decl.get("description", ""),
+        "default" in decl,
+    )
+
+
+def _check_input_table(name, decl: dict, where: str) -> None:
+    """Known keys only; ``type`` and ``description`` strings, ``required`` a boolean."""
+    unknown = set(decl) - {"type", "default", "required", "description"}
+    if unknown:
+        raise ValueError(
+            f"{where}: input {name!r}: unknown key {sorted(unknown)[0]!r} "
+            "(expected type, default, required, description)"
         )
-    return tuple(out)
+    kind, required, text = decl.get("type", ""), decl.get("required", False), decl.get("description", "")
+    if not isinstance(kind, str) or not isinstance(required, bool) or not isinstance(text, str):
+        raise ValueError(f"{where}: input {name!r}: type and description are strings, required a boolean")
 
 
 def make_spec(
@@ -126,28 +133,35 @@ def make_spec(
     """A checked WorkerSpec; ValueError names what is wrong."""
     if not isinstance(description, str):
         raise ValueError(f"{where}: description must be a string")
-    if returns is not None and (not isinstance(returns, dict) or not all(isinstance(v, str) for v in returns.values())):
-        raise ValueError(f"{where}: returns must be a table of key names to descriptions")
+    returned = _returned_keys(returns, where)
     if not isinstance(heavy, bool):
         raise ValueError(f"{where}: heavy must be true or false")
-    seconds = None
-    if timeout is not None:
-        from kmpwm.core.exitcodes import KmpwmError
-        from kmpwm.core.timeparse import parse_duration
+    seconds = _timeout_seconds(timeout, where)
+    return WorkerSpec(description.strip(), _input_keys(inputs, where), returned, heavy, seconds)
 
-        try:
-            seconds = parse_duration(timeout, what="timeout")
-        except KmpwmError as exc:
-            raise ValueError(f"{where}: {exc.message}") from None
-        if seconds <= 0:
-            raise ValueError(f"{where}: timeout must be more than 0s")
-    return WorkerSpec(
-        description.strip(),
-        _input_keys(inputs, where),
-        tuple((str(k), v) for k, v in (returns or {}).items()),
-        heavy,
-        seconds,
-    )
+
+def _returned_keys(returns: dict | None, where: str) -> tuple[tuple[str, str], ...]:
+    if returns is None:
+        return ()
+    if not isinstance(returns, dict) or not all(isinstance(v, str) for v in returns.values()):
+        raise ValueError(f"{where}: returns must be a table of key names to descriptions")
+    return tuple((str(k), v) for k, v in returns.items())
+
+
+def _timeout_seconds(timeout: Any, where: str) -> float | None:
+    """A declared time limit (a DUR string or seconds) in seconds."""
+    if timeout is None:
+        return None
+    from kmpwm.core.exitcodes import KmpwmError
+    from kmpwm.core.timeparse import parse_duration
+
+    try:
+        seconds = parse_duration(timeout, what="timeout")
+    except KmpwmError as exc:
+        raise ValueError(f"{where}: {exc.message}") from None
+    if seconds <= 0:
+        raise ValueError(f"{where}: timeout must be more than 0s")
+    return seconds
 
 
 def worker(
@@ -190,14 +204,20 @@ def declared_limit(info, preload: Callable[[Any], None], task: dict) -> float | 
         return info.config.timeout
     if info.kind == "command" or task["constraints"].get("heavy"):
         return None
+    return _declared_default(info, preload)
+
+
+def _declared_default(info, preload: Callable[[Any], None]) -> float | None:
+    """The limit the Python worker object declares (loaded by ``preload``), if any."""
     key = (info.name, info.target)
-    if key not in _LIMITS:  # once per worker and process (config workers are new objects per lookup)
-        preload(info)
-        obj = getattr(info, "preloaded", None)
-        if obj is None:
-            return None  # not imported (KMPWM_PRELOAD=0, or the import failed: the run reports it)
-        spec = spec_of(obj)
-        _LIMITS[key] = spec.default_limit() if spec else None
+    if key in _LIMITS:  # once per worker and process (config workers are new objects per lookup)
+        return _LIMITS[key]
+    preload(info)
+    obj = getattr(info, "preloaded", None)
+    if obj is None:
+        return None  # not imported (KMPWM_PRELOAD=0, or the import failed: the run reports it)
+    spec = spec_of(obj)
+    _LIMITS[key] = spec.default_limit() if spec else None
     return _LIMITS[key]
 
 
@@ -221,38 +241,48 @@ class Description:
 
 def describe(info) -> Description:
     """Load (import) one worker and read its declaration; an import error is reported, not raised."""
-    spec: WorkerSpec | None = None
     errors: list[str] = []
     doc = ""
     cfg = info.config
-    if cfg is not None and (cfg.description or cfg.inputs):
-        try:
-            spec = make_spec(description=cfg.description or "", inputs=cfg.inputs, where=f"[workers.{info.name}]")
-        except ValueError as exc:
-            errors.append(str(exc))
+    spec = _config_spec(info, errors)
     if info.kind == "python":
-        try:
-            from kmpwm.running.worker_host import load_target
-
-            obj = load_target(info)
-        except Exception as exc:  # noqa: BLE001  a broken worker is described as such
-            errors.append(f"cannot import {info.target}: {exc or type(exc).__name__}")
-        else:
-            declared = spec_of(obj)
-            if declared is not None:
-                spec = (
-                    declared
-                    if spec is None
-                    else WorkerSpec(
-                        spec.description or declared.description,
-                        spec.inputs or declared.inputs,
-                        declared.returns,
-                        declared.heavy,
-                        declared.timeout,
-                    )
-                )
-            doc = (getattr(obj, "__doc__", None) or "").strip().split("\n\n")[0]
+        spec, doc = _python_declaration(info, spec, errors)
     limit = cfg.timeout if cfg is not None and cfg.timeout else (spec.default_limit() if spec else None)
     return Description(
         info.name, info.kind, info.source, info.target, info.distribution, spec, limit, " ".join(doc.split()), errors
+    )
+
+
+def _config_spec(info, errors: list[str]) -> WorkerSpec | None:
+    """The description and inputs config.toml gives the worker, if any (a problem goes to ``errors``)."""
+    cfg = info.config
+    if cfg is None or not (cfg.description or cfg.inputs):
+        return None
+    try:
+        return make_spec(description=cfg.description or "", inputs=cfg.inputs, where=f"[workers.{info.name}]")
+    except ValueError as exc:
+        errors.append(str(exc))
+        return None
+
+
+def _python_declaration(info, spec: WorkerSpec | None, errors: list[str]) -> tuple[WorkerSpec | None, str]:
+    """Import a Python worker: ``spec`` completed by its own declaration, and the first paragraph
+    of its docstring (an import error goes to ``errors``)."""
+    try:
+        from kmpwm.running.worker_host import load_target
+
+        obj = load_target(info)
+    except Exception as exc:  # noqa: BLE001  a broken worker is described as such
+        errors.append(f"cannot import {info.target}: {exc or type(exc).__name__}")
+        return spec, ""
+    doc = (getattr(obj, "__doc__", None) or "").strip().split("\n\n")[0]
+    return _merged(spec, spec_of(obj)), doc
+
+
+def _merged(spec: WorkerSpec | None, declared: WorkerSpec | None) -> WorkerSpec | None:
+    """config.toml's description and inputs over the worker's own declaration."""
+    if declared is None or spec is None:
+        return spec or declared
+    return replace(
+        declared, description=spec.description or declared.description, inputs=spec.inputs or declared.inputs
     )

@@ -49,14 +49,17 @@ def _wanted(state: dict, ids: list[str]) -> set[str]:
     return wanted
 
 
+def _is_wanted(task_id: str, wanted: set[str]) -> bool:
+    """``task_id`` is wanted, or is a step of a wanted chain (its base id)."""
+    return task_id in wanted or base_id(task_id) in wanted
+
+
 def _holders(state: dict, wanted: set[str], all_: bool, now: float) -> dict[tuple, list[str]]:
     """(pid, token, runner id) -> the wanted tasks it holds a lease on, for runners of this host."""
     runners: dict[tuple, list[str]] = {}
     for t in state["tasks"].values():
         lease = t.get("lease")
-        if not lease or lease_state(t, now) != "held":
-            continue
-        if not all_ and t["id"] not in wanted and base_id(t["id"]) not in wanted:
+        if not lease or lease_state(t, now) != "held" or not (all_ or _is_wanted(t["id"], wanted)):
             continue
         if lease["runner"].split("/", 1)[0] != procs.host():
             continue  # held on another machine sharing this home

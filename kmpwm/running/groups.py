@@ -38,6 +38,7 @@ from __future__ import annotations
 import os
 import signal
 import time
+from contextlib import suppress
 
 from kmpwm.platform import procs
 
@@ -68,7 +69,7 @@ class GroupLog:
         self._comm: bytes | None = None  # run-due's own name, while it wears the mark
 
     def _write(self, line: str) -> None:
-        try:
+        with suppress(OSError):  # best effort: the worker itself still dies with run-due
             if self.fd < 0:
                 self.fd = os.open(
                     self.path,
@@ -82,8 +83,6 @@ class GroupLog:
                 )
                 os.write(self.fd, self.header.encode())
             os.write(self.fd, line.encode())
-        except OSError:
-            pass  # best effort: the worker itself still dies with run-due
 
     def add(self, pgid: int) -> None:
         self._write(f"{pgid} {procs.token(pgid) or ''}\n")
@@ -106,10 +105,8 @@ class GroupLog:
         if self.fd >= 0:
             os.close(self.fd)
             self.fd = -1
-            try:
+            with suppress(OSError):
                 os.unlink(self.path)
-            except OSError:
-                pass
 
 
 def _set_comm(name: bytes) -> bytes | None:
@@ -172,16 +169,7 @@ def _gone(pid: int) -> bool:
 def sweep(runners_dir) -> int:
     """Kill what is left of the workers of run-due processes that are gone, wait (a little) for
     it to be gone, and remove their notes; returns the number of processes signalled."""
-    try:
-        names = [n for n in os.listdir(runners_dir) if n.endswith(".groups")]
-    except OSError:
-        return 0
-    dead = []  # (path, noted group lines, runner id if it died starting a command, its start)
-    boot: list[str | None] = []  # read once, when a dead runner needs it
-    for name in names:
-        found = _dead_runner(os.path.join(runners_dir, name), name, boot)
-        if found is not None:
-            dead.append(found)
+    dead = _dead_runners(runners_dir)
     if not dead:
         return 0
     table = _processes()
@@ -191,18 +179,31 @@ def sweep(runners_dir) -> int:
             killed |= _kill_group(line, table)
         if starting:
             killed |= _kill_marked(starting, since, table)
-    deadline = time.monotonic() + DEATH_WAIT
-    waiting = set(killed)
-    while waiting and time.monotonic() < deadline:
-        waiting = {p for p in waiting if not _gone(p)}
-        if waiting:
-            time.sleep(0.005)
+    _wait_gone(killed)
     for path, *_ in dead:
-        try:
+        with suppress(OSError):
             os.unlink(path)
-        except OSError:
-            pass
     return len(killed)
+
+
+def _dead_runners(runners_dir) -> list[tuple[str, list[str], str, int]]:
+    """The notes of every run-due that is gone (see _dead_runner)."""
+    try:
+        names = [n for n in os.listdir(runners_dir) if n.endswith(".groups")]
+    except OSError:
+        return []
+    boot: list[str | None] = []  # read once, when a dead runner needs it
+    found = (_dead_runner(os.path.join(runners_dir, name), name, boot) for name in names)
+    return [d for d in found if d is not None]
+
+
+def _wait_gone(pids: set[int]) -> None:
+    """Wait for the processes ``pids`` to be gone (DEATH_WAIT at most)."""
+    deadline = time.monotonic() + DEATH_WAIT
+    while pids and time.monotonic() < deadline:
+        pids = {p for p in pids if not _gone(p)}
+        if pids:
+            time.sleep(0.005)
 
 
 def _dead_runner(path: str, name: str, boot: list) -> tuple[str, list[str], str, int] | None:
@@ -223,13 +224,19 @@ def _dead_runner(path: str, name: str, boot: list) -> tuple[str, list[str], str,
         boot.append(_boot_id())
     if boot_noted != boot[0]:
         return path, [], "", 0  # another boot: every process of it is gone
+    return (path, *_leftovers(lines, runner_id, token))
+
+
+def _leftovers(lines: list[str], runner_id: str, token: str) -> tuple[list[str], str, int]:
+    """What a dead runner's notes name: its group lines, its runner id if it died while starting
+    a command (its last line is ``launch``), its start."""
     notes = [ln for ln in lines[1:] if ln != "launch"]
     starting = runner_id if len(lines) > 1 and lines[-1] == "launch" else ""
     try:
         since = int(token)
     except ValueError:
         since = 0
-    return path, notes, starting, since
+    return notes, starting, since
 
 
 def _kill(pid: int) -> bool:
@@ -249,7 +256,12 @@ def _kill_group(line: str, table: dict) -> set[int]:
     leader = procs.token(pgid)
     if leader is not None and leader != token:
         return set()  # the number belongs to another process now
-    return {m for m, (g, started, _) in table.items() if g == pgid and started >= start and _kill(m)}
+    return {m for m in _members(table, pgid, start) if _kill(m)}
+
+
+def _members(table: dict, pgid: int, start: int) -> list[int]:
+    """The processes of group ``pgid`` that started no earlier than ``start`` (ticks)."""
+    return [m for m, (g, started, _) in table.items() if g == pgid and started >= start]
 
 
 def _kill_marked(runner_id: str, since: int, table: dict) -> set[int]:
@@ -274,32 +286,37 @@ def _kill_marked(runner_id: str, since: int, table: dict) -> set[int]:
             return env_mark in env.split(b"\0")
         return None if not _gone(pid) else False
 
+    mine = (pid for pid, proc in table.items() if _may_be_marked(pid, proc, since, uid))
+    unsure = _kill_if_marked(mine, marked, table, killed)
+    deadline = time.monotonic() + EXEC_WAIT
+    while unsure and time.monotonic() < deadline:
+        time.sleep(0.005)
+        unsure = _kill_if_marked(unsure, marked, table, killed)
+    return killed
+
+
+def _may_be_marked(pid: int, proc: tuple[int, int, bytes], since: int, uid: int) -> bool:
+    """A live process of user ``uid``, not this one, started no earlier than ``since``."""
+    _, started, state = proc
+    if started < since or state in (b"Z", b"X") or pid == os.getpid():
+        return False
+    try:
+        return os.stat(f"/proc/{pid}").st_uid == uid
+    except OSError:
+        return False
+
+
+def _kill_if_marked(pids, marked, table: dict, killed: set[int]) -> list[int]:
+    """Kill (into ``killed``) each of ``pids`` that ``marked`` says is marked; returns those it
+    cannot tell yet."""
     unsure = []
-    for pid, (_, started, state) in table.items():
-        if started < since or state in (b"Z", b"X") or pid == os.getpid():
-            continue
-        try:
-            if os.stat(f"/proc/{pid}").st_uid != uid:
-                continue
-        except OSError:
-            continue
+    for pid in pids:
         verdict = marked(pid)
         if verdict:
             killed |= _kill_tree(pid, table)
         elif verdict is None:
             unsure.append(pid)
-    deadline = time.monotonic() + EXEC_WAIT
-    while unsure and time.monotonic() < deadline:
-        time.sleep(0.005)
-        still = []
-        for pid in unsure:
-            verdict = marked(pid)
-            if verdict:
-                killed |= _kill_tree(pid, table)
-            elif verdict is None:
-                still.append(pid)
-        unsure = still
-    return killed
+    return unsure
 
 
 def _kill_tree(pid: int, table: dict) -> set[int]:
@@ -307,9 +324,7 @@ def _kill_tree(pid: int, table: dict) -> set[int]:
     out = {pid} if _kill(pid) else set()
     pgid, start, _ = table.get(pid, (0, 0, b""))
     if pgid == pid:
-        try:
+        with suppress(OSError):
             os.killpg(pid, signal.SIGKILL)
-        except OSError:
-            pass
-        out |= {m for m, (g, started, _) in table.items() if g == pid and started >= start}
+        out.update(_members(table, pid, start))
     return out

@@ -20,6 +20,7 @@ from __future__ import annotations
 import os
 import signal
 import time
+from contextlib import suppress
 from dataclasses import dataclass, field
 
 from kmpwm.core import schema
@@ -38,18 +39,20 @@ def parse_hooks(path, table) -> dict:
     unknown = sorted(set(table) - set(KINDS))
     if unknown:
         raise ConfigError(f"{path}: [hooks]: unknown key {unknown[0]!r} (expected on_failure, on_success)")
-    hooks = {}
     for kind, value in table.items():
-        ok = value == "notify" or (
-            isinstance(value, list) and value and all(isinstance(a, str) for a in value) and value[0]
-        )
-        if not ok:
+        if not _is_hook(value):
             raise ConfigError(
                 f"{path}: [hooks] {kind} must be a command as a list of strings "
                 f'(argv, never a shell), e.g. ["notify-me", "--urgent"], or "notify"'
             )
-        hooks[kind] = value
-    return hooks
+    return dict(table)
+
+
+def _is_hook(value) -> bool:
+    """``"notify"``, or a command: a list of strings that names a program."""
+    if value == "notify":
+        return True
+    return isinstance(value, list) and bool(value) and all(isinstance(a, str) for a in value) and value[0] != ""
 
 
 def payload(task: dict, status: str, message, data, attempt) -> dict:
@@ -63,6 +66,15 @@ def payload(task: dict, status: str, message, data, attempt) -> dict:
         "attempt": attempt,
         "chain_id": task.get("chain_id"),
     }
+
+
+def _failure_payload(t: dict, run) -> dict:
+    """An ``on_failure`` hook's document: of the run (``run``: (job, row)), or of the task that
+    failed without a run of its own (upstream failed, window missed)."""
+    if run is None:
+        return payload(t, "FAILURE", t.get("reason"), None, t["attempts"])
+    job, row = run
+    return payload(t, row["status"], row["message"], row["data"], job.attempt)
 
 
 @dataclass
@@ -101,21 +113,19 @@ class HookRunner:
         each task the record ended FAILED (``failed``: ids), with or without a run of its own."""
         if os.environ.get("KMPWM_CRASH_AT") == "before-hooks":  # crash injection for the tests
             os.kill(os.getpid(), signal.SIGKILL)
-        ran = {job.id: (job, row) for job, row in rows}
         tasks = state["tasks"]
         for job, row in rows:
             if row["status"] == "SUCCESS" and job.id in tasks:
                 self.fire("on_success", payload(tasks[job.id], "SUCCESS", row["message"], row["data"], job.attempt))
+        self._fire_failures(rows, failed, tasks)
+
+    def _fire_failures(self, rows: list, failed: list, tasks: dict) -> None:
+        """``on_failure`` for each task in ``failed`` (once each), of its run in ``rows`` if it had one."""
+        ran = {job.id: (job, row) for job, row in rows}
         for tid in dict.fromkeys(failed):
             t = tasks.get(tid)
-            if t is None:
-                continue
-            if tid in ran:
-                job, row = ran[tid]
-                doc = payload(t, row["status"], row["message"], row["data"], job.attempt)
-            else:  # failed without a run of its own (upstream failed, window missed)
-                doc = payload(t, "FAILURE", t.get("reason"), None, t["attempts"])
-            self.fire("on_failure", doc)
+            if t is not None:
+                self.fire("on_failure", _failure_payload(t, ran.get(tid)))
 
     def _env(self, doc: dict) -> dict:
         env = {k: v for k, v in os.environ.items() if not k.startswith("KMPWM_") or k in ("KMPWM_HOME",)}
@@ -167,18 +177,11 @@ class HookRunner:
         self.running.append(_Running(kind, doc, proc, out, time.monotonic() + _timeout()))
 
     def _notify(self, kind: str, doc: dict) -> None:
-        import shutil
-        import sys
-
         title = f"kmpwm: {doc['id']} {'failed' if kind == 'on_failure' else 'succeeded'}"
         body = doc["message"] or f"{doc['worker']}: {doc['status']}"
-        argv = None
-        if shutil.which("notify-send"):
-            argv = ["notify-send", title, body]
-        elif sys.platform == "darwin" and shutil.which("osascript"):
-            from kmpwm.running.launch import applescript as _applescript
+        from kmpwm.running.launch import notify_argv
 
-            argv = ["osascript", "-e", f"display notification {_applescript(body)} with title {_applescript(title)}"]
+        argv = notify_argv(title, body)
         if argv is None:
             from kmpwm.storage.logs import logger
 
@@ -191,25 +194,24 @@ class HookRunner:
         if not self.running:
             return
         now = time.monotonic()
-        still = []
-        for h in self.running:
-            code = h.proc.poll()
-            if code is None and now >= h.deadline:
-                try:
-                    os.killpg(h.proc.pid, signal.SIGKILL)
-                except OSError:
-                    pass
-                h.proc.wait()
-                self._failed(h.kind, h.doc, f"timed out after {_timeout():g}s", h.out)
-            elif code is None:
-                still.append(h)
-                continue
-            elif code != 0:
-                self._failed(
-                    h.kind, h.doc, f"exited with status {code}" if code > 0 else f"killed by {_signame(-code)}", h.out
-                )
-            h.out.close()
-        self.running = still
+        self.running = [h for h in self.running if not self._reaped(h, now)]
+
+    def _reaped(self, h: _Running, now: float) -> bool:
+        """Is hook ``h`` over (it ended, or it was killed past its time limit)?  A failure is noted."""
+        code = h.proc.poll()
+        if code is None and now < h.deadline:
+            return False
+        if code is None:
+            with suppress(OSError):
+                os.killpg(h.proc.pid, signal.SIGKILL)
+            h.proc.wait()
+            self._failed(h.kind, h.doc, f"timed out after {_timeout():g}s", h.out)
+        elif code != 0:
+            self._failed(
+                h.kind, h.doc, f"exited with status {code}" if code > 0 else f"killed by {_signame(-code)}", h.out
+            )
+        h.out.close()
+        return True
 
     def wait(self) -> None:
         """At run-due's end: wait for the hooks still running (each within its time limit)."""
@@ -221,12 +223,10 @@ class HookRunner:
     def _failed(self, kind: str, doc: dict, why: str, out=None) -> None:
         tail = ""
         if out is not None:
-            try:
+            with suppress(OSError):
                 out.seek(0, os.SEEK_END)
                 out.seek(max(0, out.tell() - 400))
                 tail = " ".join(out.read().decode("utf-8", "replace").split())[-300:]
-            except OSError:
-                pass
         error = f"{why}: {tail}" if tail else why
         from kmpwm.storage.logs import logger
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import errno
 import os
 import signal
+from contextlib import suppress
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -52,6 +53,11 @@ class Job:
         """Its worker has not ended yet (nor was it known without one)."""
         return self.immediate is None and self.exit_status is None
 
+    @property
+    def working(self) -> bool:
+        """Running, and no result sent yet (a pool host's job ends with its answer)."""
+        return self.running and not self.answered
+
 
 @dataclass
 class Report:
@@ -72,20 +78,21 @@ class Report:
 def output(job: Job, chunk: bytes) -> None:
     """A worker's stdout (a Python worker's: stdout and stderr): to its run's file as it arrives;
     only a bounded tail stays in memory (a command's last JSON line, a failure's message)."""
-    if job.log is not None:
-        job.log.write(chunk)
-    job.out += chunk
-    if len(job.out) > STDOUT_TAIL:
-        del job.out[:-STDOUT_TAIL]
+    _keep(job, job.out, chunk, STDOUT_TAIL)
 
 
 def errors(job: Job, chunk: bytes) -> None:
     """A command worker's stderr: to its run's file; a bounded tail for the failure message."""
+    _keep(job, job.err, chunk, TAIL)
+
+
+def _keep(job: Job, buf: bytearray, chunk: bytes, limit: int) -> None:
+    """``chunk`` to the run's file, and to ``buf``, which keeps its last ``limit`` bytes."""
     if job.log is not None:
         job.log.write(chunk)
-    job.err += chunk
-    if len(job.err) > TAIL:
-        del job.err[:-TAIL]
+    buf += chunk
+    if len(buf) > limit:
+        del buf[:-limit]
 
 
 def kill(job: Job, signo: int) -> None:
@@ -98,10 +105,8 @@ def kill(job: Job, signo: int) -> None:
     except ProcessLookupError:
         pass
     except PermissionError:
-        try:
+        with suppress(OSError):
             os.kill(job.pid, signo)
-        except OSError:
-            pass
 
 
 def end_group_if_exited(pid: int) -> None:
@@ -123,28 +128,30 @@ def end_group_if_exited(pid: int) -> None:
         return
     if info is None or info.si_pid == 0:
         return
-    try:
+    with suppress(OSError):
         os.killpg(pid, signal.SIGKILL)
-    except OSError:
-        pass
 
 
 def poll(job: Job) -> int | None:
     if job.proc is not None:
         end_group_if_exited(job.pid)
-        code = job.proc.poll()
-        return None if code is None else code
+        return job.proc.poll()
     if job.pid <= 0:
         return -1  # never started: waitpid(0) would reap another task's process
     end_group_if_exited(job.pid)
+    return _wait_nohang(job.pid)
+
+
+def _wait_nohang(pid: int) -> int | None:
+    """The exit status of our child ``pid`` if it ended (reaped now), else None; -1 if it is not ours."""
     try:
-        pid, status = os.waitpid(job.pid, os.WNOHANG)
+        ended, status = os.waitpid(pid, os.WNOHANG)
     except ChildProcessError:
         return -1
     except OSError as exc:
         if exc.errno == errno.EINTR:
             return None
         raise
-    if pid == 0:
+    if ended == 0:
         return None
     return os.waitstatus_to_exitcode(status)

@@ -10,6 +10,7 @@ import os
 import selectors
 import sys
 import time
+from contextlib import suppress
 
 import orjson
 
@@ -52,31 +53,33 @@ class Launcher:
         if info.name in self._preloaded or os.environ.get("KMPWM_PRELOAD", "1") == "0":
             return
         self._preloaded.add(info.name)
-        try:
+        with suppress(Exception):
             from kmpwm.running.worker_host import load_target
 
             info.preloaded = load_target(info)
-        except Exception:
-            pass
 
     def start(self, job: Job, info, upstream: dict) -> None:
         """Start ``job``'s worker; when it cannot be, ``job.immediate`` says why (a FAILURE)."""
-        trig = job.task["trigger"]
         try:
-            if trig["type"] == "exact" and trig.get("behavior") == "notify":
-                job.immediate = notify(job.task, self.paths)
-            elif info is None:
-                job.immediate = failure(f"unknown worker {job.task['worker']!r}")
-            elif job.kind == "command":
-                self._command(job, info, upstream)
-            else:
-                self._python(job, info, upstream)
+            self._launch(job, info, upstream)
         except OSError as exc:
             job.immediate = failure(f"could not start the worker: {exc.strerror or exc}")
         except Exception as exc:  # a process that cannot be started fails its run, never run-due
             job.immediate = failure(f"could not start the worker: {exc}")
-        if job.immediate is None and not job.pid and job.proc is None and job.host is None:
+        if job.immediate is None and not _has_process(job):
             job.immediate = failure("could not start the worker")
+
+    def _launch(self, job: Job, info, upstream: dict) -> None:
+        """A notification, a command, or a Python worker; an unknown worker fails at once."""
+        trig = job.task["trigger"]
+        if trig["type"] == "exact" and trig.get("behavior") == "notify":
+            job.immediate = notify(job.task, self.paths)
+        elif info is None:
+            job.immediate = failure(f"unknown worker {job.task['worker']!r}")
+        elif job.kind == "command":
+            self._command(job, info, upstream)
+        else:
+            self._python(job, info, upstream)
 
     def env(self, job: Job, upstream: dict) -> dict:
         t = job.task
@@ -248,6 +251,11 @@ class Launcher:
             self._watch(job, fd, name)
 
 
+def _has_process(job: Job) -> bool:
+    """A process runs the job: its own, or a pool host."""
+    return bool(job.pid) or job.proc is not None or job.host is not None
+
+
 def resolve(prog: str, cwd: str | None, path: str | None) -> str | None:
     """The executable a command names, as execvp would find it; None if there is none."""
     import shutil
@@ -267,35 +275,34 @@ def unstartable(cfg, env: dict) -> str | None:
     for key, value in env.items():
         if "\0" in key or "\0" in value:
             return f"the worker's environment variable {key.split(chr(0))[0]!r} has a NUL byte"
-    if cfg.cwd is None:
-        return None
-    if "\0" in cfg.cwd:
+    return None if cfg.cwd is None else _cwd_problem(cfg.cwd)
+
+
+def _cwd_problem(cwd: str) -> str | None:
+    """Why ``cwd`` cannot be a command's working directory (None if it can)."""
+    if "\0" in cwd:
         return "the worker's cwd has a NUL byte"
-    if not os.path.isdir(cfg.cwd):
-        why = "is not a directory" if os.path.exists(cfg.cwd) else "does not exist"
-        return f"the worker's working directory {cfg.cwd} {why}"
+    if not os.path.isdir(cwd):
+        why = "is not a directory" if os.path.exists(cwd) else "does not exist"
+        return f"the worker's working directory {cwd} {why}"
     return None
 
 
 def notify(task: dict, paths: Paths) -> dict:
     """``--exact-behavior notify``: post a desktop notification instead of running code."""
-    import shutil
     import subprocess
 
     title = f"kmpwm: {task['id']}"
     body = task["input"] or f"{task['worker']} is due"
     late_ms = int(max(0.0, time.time() - task["trigger"]["at"]) * 1000)
+    argv = notify_argv(title, body)
     method = "log"
-    try:
-        if shutil.which("notify-send"):
-            subprocess.run(["notify-send", title, body], timeout=5, check=False, capture_output=True)
-            method = "notify-send"
-        elif sys.platform == "darwin" and shutil.which("osascript"):
-            script = f"display notification {applescript(body)} with title {applescript(title)}"
-            subprocess.run(["osascript", "-e", script], timeout=5, check=False, capture_output=True)
-            method = "osascript"
-    except (OSError, subprocess.SubprocessError):
-        method = "log"
+    if argv is not None:
+        try:
+            subprocess.run(argv, timeout=5, check=False, capture_output=True)
+            method = argv[0]  # notify-send or osascript
+        except (OSError, subprocess.SubprocessError):
+            method = "log"
     from kmpwm.storage.logs import logger
 
     logger(paths).info("notification for %s: %s (%s)", task["id"], body, method)
@@ -304,6 +311,18 @@ def notify(task: dict, paths: Paths) -> dict:
         "message": f"notified ({method})",
         "data": {"notified": True, "method": method, "late_ms": late_ms},
     }
+
+
+def notify_argv(title: str, body: str) -> list[str] | None:
+    """The command that posts a desktop notification here: notify-send, else osascript on macOS
+    (None: neither)."""
+    import shutil
+
+    if shutil.which("notify-send"):
+        return ["notify-send", title, body]
+    if sys.platform == "darwin" and shutil.which("osascript"):
+        return ["osascript", "-e", f"display notification {applescript(body)} with title {applescript(title)}"]
+    return None
 
 
 def applescript(text: str) -> str:

@@ -14,6 +14,7 @@ from kmpwm.running.jobs import Job
 from kmpwm.storage.paths import Paths
 
 RECORDED = ("SUCCESS", "FAILURE", "RETRY")
+_UNSUCCESSFUL = ("FAILURE", "RETRY", "EXPIRED")  # logged with the output's tail, as a warning
 
 
 def outcome(job: Job) -> dict:
@@ -22,16 +23,25 @@ def outcome(job: Job) -> dict:
         return job.immediate
     if job.kind == "command":
         return command_outcome(job)
-    if job.result:
-        try:
-            res = orjson.loads(bytes(job.result))
-            if isinstance(res, dict) and res.get("progress"):
-                job.progressed = True
-            if isinstance(res, dict) and res.get("status") in RECORDED:
-                return checked_data(res)
-        except orjson.JSONDecodeError:
-            pass
+    res = _sent(job)
+    if res is not None and res.get("status") in RECORDED:
+        return checked_data(res)
     return {"status": "FAILURE", "message": death(job, "the worker process"), "data": None}
+
+
+def _sent(job: Job) -> dict | None:
+    """The result a Python worker's process sent, if any (noting whether it reported progress)."""
+    if not job.result:
+        return None
+    try:
+        res = orjson.loads(bytes(job.result))
+    except orjson.JSONDecodeError:
+        return None
+    if not isinstance(res, dict):
+        return None
+    if res.get("progress"):
+        job.progressed = True
+    return res
 
 
 def stopped(job: Job, expire_reason: str) -> dict:
@@ -57,14 +67,20 @@ def result_op(job: Job, res: dict, duration_ms: int, now: float, runner_id: str,
         return op
     if t.get("_trig_update"):
         op["trig_state"] = t["_trig_update"]
-    nxt = next_after_run(t["trigger"], {**t["trig_state"], **(t.get("_trig_update") or {})}, now, task_offset(t))
-    if forced and nxt is not None:
-        nxt = t["due"]  # run-now: one extra run, the task's schedule unchanged
+    nxt = _next_run(t, now, forced)
     if nxt is not None:
         op["next_run_at"] = nxt
     if "_late_ms" in t:
         op["late_ms"] = t["_late_ms"]
     return op
+
+
+def _next_run(t: dict, now: float, forced: bool) -> float | None:
+    """When the task runs next after this run (None: never)."""
+    nxt = next_after_run(t["trigger"], {**t["trig_state"], **(t.get("_trig_update") or {})}, now, task_offset(t))
+    if forced and nxt is not None:
+        return t["due"]  # run-now: one extra run, the task's schedule unchanged
+    return nxt
 
 
 def result_ops(finished: list[Job], now: float, *, runner_id: str, forced: bool, expire_reason: str, paths: Paths):
@@ -97,22 +113,25 @@ def death(job: Job, what: str) -> str:
     code = job.exit_status
     tail = tail_text(job.err or job.out)
     if code is not None and code < 0:
-        try:
-            name = signal.Signals(-code).name
-        except ValueError:
-            name = f"signal {-code}"
-        msg = f"{what} was killed by {name}"
+        msg = f"{what} was killed by {_signal_name(-code)}"
     else:
         msg = f"{what} exited with status {code} without a result"
     return f"{msg}: {tail}" if tail else msg
+
+
+def _signal_name(signo: int) -> str:
+    try:
+        return signal.Signals(signo).name
+    except ValueError:
+        return f"signal {signo}"
 
 
 def tail_text(buf: bytearray, limit: int = 500) -> str:
     text = bytes(buf).decode("utf-8", "replace").strip()
     if not text:
         return ""
-    lines = [ln for ln in text.splitlines() if ln.strip()]
-    tail = lines[-1] if lines else text
+    lines = [ln for ln in text.splitlines() if ln.strip()]  # one at least: ``text`` is stripped
+    tail = lines[-1]
     if len(lines) > 1 and lines[-1].startswith((" ", "\t")) is False and len(tail) < 80:
         tail = " | ".join(lines[-3:])
     return tail[-limit:]
@@ -179,16 +198,18 @@ def log_runs(paths: Paths, rows: list) -> None:
     """One log write per cycle: every run, with the output tail of those that did not succeed."""
     from kmpwm.storage.logs import logger
 
-    lines = []
-    worst = "INFO"
-    for job, row in rows:
-        line = f"ran {row['id']} ({row['worker']}) attempt {job.attempt}: {row['status']} in {row['duration_ms']}ms"
-        if row["message"]:
-            line += f": {row['message']}"
-        if row["status"] in ("FAILURE", "RETRY", "EXPIRED"):
-            worst = "WARNING"
-            tail = bytes(job.err or job.out).decode("utf-8", "replace").strip()
-            if tail:
-                line += "\n  output tail:\n    " + "\n    ".join(tail.splitlines()[-40:])
-        lines.append(line)
-    logger(paths).log(30 if worst == "WARNING" else 20, "\n".join(lines))
+    lines = [_log_line(job, row) for job, row in rows]
+    worst = 30 if any(row["status"] in _UNSUCCESSFUL for _, row in rows) else 20  # WARNING, else INFO
+    logger(paths).log(worst, "\n".join(lines))
+
+
+def _log_line(job: Job, row: dict) -> str:
+    """A run's log line, with its output's tail when it did not succeed."""
+    line = f"ran {row['id']} ({row['worker']}) attempt {job.attempt}: {row['status']} in {row['duration_ms']}ms"
+    if row["message"]:
+        line += f": {row['message']}"
+    if row["status"] in _UNSUCCESSFUL:
+        tail = bytes(job.err or job.out).decode("utf-8", "replace").strip()
+        if tail:
+            line += "\n  output tail:\n    " + "\n    ".join(tail.splitlines()[-40:])
+    return line

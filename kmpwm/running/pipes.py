@@ -4,6 +4,7 @@ the results a pool host sends (a 4-byte big-endian length, then the JSON)."""
 from __future__ import annotations
 
 import os
+from contextlib import suppress
 
 CHUNK = 65536
 
@@ -25,14 +26,10 @@ def drain(fd: int, sink) -> bool:
 
 def close(sel, fd: int) -> None:
     """Stop watching ``fd`` and close it (either may have happened already)."""
-    try:
+    with suppress(KeyError, ValueError):
         sel.unregister(fd)
-    except (KeyError, ValueError):
-        pass
-    try:
+    with suppress(OSError):
         os.close(fd)
-    except OSError:
-        pass
 
 
 def frames(buf: bytearray):

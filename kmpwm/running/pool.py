@@ -8,6 +8,7 @@ import os
 import selectors
 import signal
 import time
+from contextlib import suppress
 from dataclasses import dataclass, field
 
 import orjson
@@ -33,6 +34,16 @@ class Host:
     retire: bool = False
     exit_status: int | None = None
 
+    @property
+    def idle(self) -> bool:
+        """It may take a task now."""
+        return self.job is None and not self.dead and not self.retire
+
+    @property
+    def ended(self) -> bool:
+        """It exited, was waited for, and runs nothing."""
+        return self.dead and self.exit_status is not None and self.job is None
+
 
 class Pool:
     """The hosts of one runner.  ``sel``: the runner's selector (a host's pipes are watched
@@ -50,7 +61,7 @@ class Pool:
 
     def start(self, job: Job, info, msg: dict) -> None:
         """Hand ``job`` (described by ``msg``) to an idle host, a new one if none is idle."""
-        host = next((h for h in self.hosts if h.job is None and not h.dead and not h.retire), None)
+        host = next((h for h in self.hosts if h.idle), None)
         if host is None:
             host = self._spawn(info)
         from kmpwm.running.worker_host import write_frame
@@ -110,15 +121,20 @@ class Pool:
         for frame in pipes.frames(host.buf):
             if fd != host.output and host.output >= 0:
                 self.drain(host, host.output)  # its output, written before the result
-            job = host.job
-            if job is not None:
-                job.result = bytearray(frame)
-                job.answered = True
-                job.exit_status = 0
-                host.job = None
-                host.tasks += 1
-                if host.retire or host.tasks >= HOST_MAX_TASKS:
-                    self.close(host)
+            if host.job is not None:
+                self._answered(host, frame)
+
+    def _answered(self, host: Host, frame: bytes) -> None:
+        """``frame`` is the result of the host's job: that run ends, and the host takes another
+        task unless it is to retire."""
+        job = host.job
+        job.result = bytearray(frame)
+        job.answered = True
+        job.exit_status = 0
+        host.job = None
+        host.tasks += 1
+        if host.retire or host.tasks >= HOST_MAX_TASKS:
+            self.close(host)
 
     def _gone(self, host: Host) -> None:
         """The host's pipes closed: it exited or was killed; its running job (if any) ends."""
@@ -146,10 +162,8 @@ class Pool:
         """Retire an idle host: end of input makes it exit; its pipes then close."""
         host.retire = True
         if host.to_host >= 0:
-            try:
+            with suppress(OSError):
                 os.close(host.to_host)
-            except OSError:
-                pass
             host.to_host = -1
 
     def retire(self) -> None:
@@ -165,29 +179,28 @@ class Pool:
         for host in self.hosts:
             if host.dead:
                 self.reap(host)
-        self.hosts = [h for h in self.hosts if not (h.dead and h.exit_status is not None and h.job is None)]
+        self.hosts = [h for h in self.hosts if not h.ended]
 
     def fds(self) -> list[int]:
         return [fd for h in self.hosts for fd in (h.to_host, h.results, h.output) if fd >= 0]
+
+    def _await_exits(self, deadline: float) -> None:
+        """Read the hosts' pipes until every host is gone, or until ``deadline``."""
+        while any(not h.dead for h in self.hosts) and time.monotonic() < deadline:
+            for key, _ in self.sel.select(0.05):
+                if isinstance(key.data, Host):
+                    self.drain(key.data, key.fd)
 
     def shutdown(self) -> None:
         """At the end of a run: every host is told to exit, killed if it has not within 2 s, and
         waited for."""
         for host in self.hosts:
             self.close(host)
-        deadline = time.monotonic() + 2
-        while any(not h.dead for h in self.hosts) and time.monotonic() < deadline:
-            for key, _ in self.sel.select(0.05):
-                if isinstance(key.data, Host):
-                    self.drain(key.data, key.fd)
+        self._await_exits(time.monotonic() + 2)
         for host in self.hosts:
             if not host.dead:
-                try:
+                with suppress(OSError):
                     os.killpg(host.pid, signal.SIGKILL)
-                except OSError:
-                    pass
             if host.exit_status is None:
-                try:
+                with suppress(ChildProcessError):
                     os.waitpid(host.pid, 0)
-                except ChildProcessError:
-                    pass

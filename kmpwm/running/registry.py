@@ -14,6 +14,7 @@ from __future__ import annotations
 import os
 import sys
 import time
+from contextlib import suppress
 from dataclasses import dataclass
 from functools import cached_property
 from typing import TYPE_CHECKING
@@ -71,30 +72,44 @@ def _environment_key() -> list | None:
         try:
             it = os.scandir(entry or ".")
         except NotADirectoryError:  # a zip file on the path
-            try:
-                st = os.stat(entry)
-                key.append([entry, st.st_size, st.st_mtime_ns])
-            except OSError:
-                key.append([entry, None])
+            key.append(_file_key(entry))
             continue
         except OSError:
             key.append([entry, None])
             continue
-        found = []
         with it:
-            for de in it:
-                if de.name.endswith((".dist-info", ".egg-info")):
-                    try:
-                        st = de.stat()
-                    except OSError:
-                        continue
-                    if st.st_mtime > horizon:
-                        return None
-                    found.append([de.name, st.st_ino, st.st_mtime_ns])
+            found = _metadata_dirs(it, horizon)
+        if found is None:
+            return None
         if found:  # directories without any (the script's, the current one) do not matter
-            found.sort()
             key.append([entry, found])
     return key
+
+
+def _file_key(entry: str) -> list:
+    """A file on ``sys.path`` (a zip): its size and modification time."""
+    try:
+        st = os.stat(entry)
+    except OSError:
+        return [entry, None]
+    return [entry, st.st_size, st.st_mtime_ns]
+
+
+def _metadata_dirs(entries, horizon: float) -> list | None:
+    """The distribution metadata directories among ``entries`` (name, inode, modification time),
+    sorted; None when one was modified after ``horizon``."""
+    found = []
+    for de in entries:
+        if not de.name.endswith((".dist-info", ".egg-info")):
+            continue
+        try:
+            st = de.stat()
+        except OSError:
+            continue
+        if st.st_mtime > horizon:
+            return None
+        found.append([de.name, st.st_ino, st.st_mtime_ns])
+    return sorted(found)
 
 
 class Registry:
@@ -115,26 +130,21 @@ class Registry:
     def entry_points(self) -> dict[str, WorkerInfo]:
         key = _environment_key()
         cache_file = self.paths.cache_dir / "entry-points.json"
-        if key is not None and not self._rescan:
-            cached = _read_cache(cache_file, key)
-            if cached is not None:
-                return {
-                    name: WorkerInfo(name, "entry-point", value, dist, entry_point=_LazyEntryPoint(name, value))
-                    for name, value, dist in cached
-                }
-        from importlib.metadata import entry_points
-
-        found: dict[str, WorkerInfo] = {}
-        for ep in entry_points(group=GROUP):
-            dist = getattr(getattr(ep, "dist", None), "name", None)
-            found.setdefault(ep.name, WorkerInfo(ep.name, "entry-point", ep.value, dist, entry_point=ep))
+        cached = None if key is None or self._rescan else _cached_entry_points(cache_file, key)
+        if cached is not None:
+            return cached
+        found = _scan_entry_points()
         if key is not None:
             _write_cache(cache_file, key, [[w.name, w.target, w.distribution] for w in found.values()])
         return found
 
+    def _no_config(self) -> bool:
+        """No config.toml (nothing to read, nor to import a reader for), none given or read."""
+        return self._config is None and "config" not in self.__dict__ and not os.path.lexists(self.paths.config_file)
+
     def _from_config(self, name: str) -> WorkerInfo | None:
-        if self._config is None and "config" not in self.__dict__ and not os.path.lexists(self.paths.config_file):
-            return None  # no config.toml: nothing to read (nor to import a reader for)
+        if self._no_config():
+            return None
         wc = self.config.workers.get(name)
         if wc is None:
             return None
@@ -145,10 +155,8 @@ class Registry:
         """The one validation of the configuration every command that uses workers runs: config.toml
         parses and is well-formed (config.load), and redefines no worker a package provides.
         Raises ConfigError (exit 78) naming the file, the worker and the problem."""
-        if self.__dict__.get("_checked") or (
-            self._config is None and "config" not in self.__dict__ and not os.path.lexists(self.paths.config_file)
-        ):
-            return  # checked, or no config.toml: nothing to read (nor to import a reader for)
+        if self.__dict__.get("_checked") or self._no_config():
+            return
         for name in self.duplicates():
             ep = self.entry_points[name]
             raise ConfigError(
@@ -166,14 +174,33 @@ class Registry:
     def all(self) -> list[WorkerInfo]:
         self.check()
         names = sorted(set(self.config.workers) | set(self.entry_points))
-        out = []
-        for name in names:
-            info = self._from_config(name) or self.entry_points[name]
-            out.append(info)
-        return out
+        return [self._from_config(name) or self.entry_points[name] for name in names]
 
     def duplicates(self) -> list[str]:
         return sorted(set(self.config.workers) & set(self.entry_points))
+
+
+def _cached_entry_points(cache_file, key: list) -> dict[str, WorkerInfo] | None:
+    """The workers the cache lists for ``key``, loaded only when run (None: scan again)."""
+    cached = _read_cache(cache_file, key)
+    if cached is None:
+        return None
+    return {
+        name: WorkerInfo(name, "entry-point", value, dist, entry_point=_LazyEntryPoint(name, value))
+        for name, value, dist in cached
+    }
+
+
+def _scan_entry_points() -> dict[str, WorkerInfo]:
+    """The workers of the installed distributions, as importlib.metadata lists them (the first of
+    a name wins)."""
+    from importlib.metadata import entry_points
+
+    found: dict[str, WorkerInfo] = {}
+    for ep in entry_points(group=GROUP):
+        dist = getattr(getattr(ep, "dist", None), "name", None)
+        found.setdefault(ep.name, WorkerInfo(ep.name, "entry-point", ep.value, dist, entry_point=ep))
+    return found
 
 
 def import_error(info: WorkerInfo) -> str | None:
@@ -202,28 +229,39 @@ def _read_cache(path, key: list) -> list | None:
     """The cached entry points, or None (scan again) when the cache is missing, stale or not
     private: it decides which code a worker name runs, so a file or directory another user could
     have written is never read."""
-    import stat
-
     import orjson
 
-    try:
-        dst = os.lstat(path.parent)
-        if not stat.S_ISDIR(dst.st_mode) or not _private(dst):
+    with suppress(OSError, ValueError, KeyError, TypeError, AttributeError):
+        raw = _read_private(path)
+        if raw is None:
             return None
-        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0))
-        with os.fdopen(fd, "rb") as fh:
-            fst = os.fstat(fh.fileno())
-            if not stat.S_ISREG(fst.st_mode) or not _private(fst):
-                return None
-            doc = orjson.loads(fh.read())
+        doc = orjson.loads(raw)
         if doc.get("key") != key:
             return None
         items = doc["entry_points"]
-        if all(isinstance(i, list) and len(i) == 3 and isinstance(i[0], str) and isinstance(i[1], str) for i in items):
+        if all(_is_cached_row(i) for i in items):
             return items
-    except (OSError, ValueError, KeyError, TypeError, AttributeError):
-        pass
     return None
+
+
+def _read_private(path) -> bytes | None:
+    """The file's bytes, if it and its directory are private (else None)."""
+    import stat
+
+    dst = os.lstat(path.parent)
+    if not stat.S_ISDIR(dst.st_mode) or not _private(dst):
+        return None
+    fd = os.open(path, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0))
+    with os.fdopen(fd, "rb") as fh:
+        fst = os.fstat(fh.fileno())
+        if not stat.S_ISREG(fst.st_mode) or not _private(fst):
+            return None
+        return fh.read()
+
+
+def _is_cached_row(item) -> bool:
+    """[name, target, distribution] with a name and a target."""
+    return isinstance(item, list) and len(item) == 3 and isinstance(item[0], str) and isinstance(item[1], str)
 
 
 def _write_cache(path, key: list, items: list) -> None:
@@ -236,8 +274,6 @@ def _write_cache(path, key: list, items: list) -> None:
 
     if not path.parent.parent.is_dir():
         return  # no home yet: the first write to the journal makes it, with the right mode
-    try:
+    with suppress(KmpwmError, OSError):
         private_subdir(path.parent)
         atomic_write(path, orjson.dumps({"key": key, "entry_points": items}))
-    except (KmpwmError, OSError):
-        pass

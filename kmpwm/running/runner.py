@@ -21,6 +21,7 @@ import selectors
 import signal
 import time
 import uuid
+from contextlib import suppress
 
 from kmpwm.core import schema
 from kmpwm.core.exitcodes import ConfigError, JournalError, KmpwmError
@@ -164,16 +165,11 @@ class Runner:
             return self._dry_run(view.state)
         # Nothing due and nothing to record: done, without the lock (the common case under cron).
         idle = self._plan(view.state, time.time(), set())
-        if not idle.due and not idle.ops and self.serve is None:
-            for s in idle.skipped:
-                self.report.skipped[s["id"]] = s["reason"]
+        if self._nothing_to_do(idle):
+            self._note_skipped(idle.skipped)
             return 0
         deadline = time.monotonic() + self.budget if self.budget is not None else None
-        if self._renew is not None:
-            self.store.note_runner(self.runner_id.split("/", 1)[0], self.runner_id)
         self._setup()
-        groups.sweep(self.paths.runners_dir)  # what workers of killed runners left behind
-        forget_started(self.paths.runners_dir)
         try:
             self._loop(deadline)
             self._runlogs.flush(force=True)
@@ -181,6 +177,10 @@ class Runner:
         finally:
             self._teardown()
         return 75 if self.run_expired else 0
+
+    def _nothing_to_do(self, p) -> bool:
+        """Plan ``p`` has nothing due and nothing to record, and this is no serve."""
+        return not p.due and not p.ops and self.serve is None
 
     def _check_runnable(self, view) -> None:
         self.store.verify_covered(view)
@@ -211,7 +211,7 @@ class Runner:
             self._start_ready()
             if self._write_and_claim(now_m):
                 continue
-            if not self.jobs and not self._ready and not self._pending and not self._release:
+            if not (self._ready or self._busy()):
                 if not self._more_to_claim():
                     break  # nothing left that this run may start
                 continue
@@ -220,17 +220,19 @@ class Runner:
     def _check_expiry(self, deadline: float | None, now_m: float) -> None:
         if deadline is not None and now_m >= deadline and not self.run_expired:
             self._expire_run("the run's --budget ended")
+        self._heed_expiry_signal()
+
+    def _heed_expiry_signal(self) -> None:
+        """An expiry signal came (signals.py): the run expires, once."""
         if self.signals.flags["expire"] and not self.run_expired:
-            self._expire_run(self.signals.reason or "the expiration signal arrived")
+            self._expire_run(self.signals.reason)
 
     def _write_and_claim(self, now_m: float) -> bool:
         """Record what finished and claim what is due when it is time to; True when that wrote or
         claimed something (look again at once)."""
         periodic = now_m - self._last_claim >= RECLAIM_EVERY or self._poke
-        slots = len(self.jobs) + len(self._ready) < self.parallel + self._prefetch
-        low = len(self._ready) < self.parallel  # claim ahead only when the ready queue runs low
-        want = not self.run_expired and not self.disk_full and self._room() and slots and (self._need_claim or periodic)
-        if not (self._must_write(now_m) or (want and (low or periodic))) or now_m < self._store_retry_at:
+        want = self._may_claim(periodic)
+        if now_m < self._store_retry_at or not self._cycle_due(now_m, want, periodic):
             return False
         wrote = bool(self._pending)
         claimed = self._cycle(want, replan=periodic or self._unblocks(self._pending))
@@ -242,22 +244,36 @@ class Runner:
             self._need_claim = True  # a result may have made something due (a chain's next step)
         return bool(claimed or wrote)
 
+    def _may_claim(self, periodic: bool) -> bool:
+        """Is this a time to claim (asked to, or periodically), with room to (slots, disk, --max-tasks)?"""
+        if self.run_expired or self.disk_full or not self._room():
+            return False
+        slots = len(self.jobs) + len(self._ready) < self.parallel + self._prefetch
+        return slots and (self._need_claim or periodic)
+
+    def _cycle_due(self, now_m: float, want: bool, periodic: bool) -> bool:
+        """Is there a result to write now, or a claim to make (``want``)?"""
+        low = len(self._ready) < self.parallel  # claim ahead only when the ready queue runs low
+        return self._must_write(now_m) or (want and (low or periodic))
+
     def _more_to_claim(self) -> bool:
         """Nothing runs, waits or is left to write: may this run start anything more?  (serve
         sleeps here until something is due or changes.)"""
-        if self.run_expired or self.disk_full or not self._room() or not self._need_claim:
-            if self.serve is None or self.run_expired or self.disk_full:
-                return False
-            self._need_claim = self.serve.idle(self)  # until something is due or changes
+        stopped = self.run_expired or self.disk_full
+        if not stopped and self._room() and self._need_claim:
+            return True
+        if self.serve is None or stopped:
+            return False
+        self._need_claim = self.serve.idle(self)  # until something is due or changes
         return True
 
     def _wait_turn(self, deadline: float | None) -> None:
         """Wait for the workers (their pipes, signals, the next time limit), then check on them."""
         later = self._runlogs.flush()  # the runs started and ended meanwhile, one write
         timeout = self._timeout(deadline)
-        if self._renew is not None and (self.jobs or self._pending):
-            timeout = min(timeout, max(0.0, min(self._renew_at, self._store_retry_at) - time.monotonic()))
-        self._wait(timeout if later is None else min(timeout, later))
+        if later is not None:
+            timeout = min(timeout, later)
+        self._wait(timeout)
         self._check_limits()
         if self._renew is not None:
             self._renew_leases()
@@ -312,9 +328,12 @@ class Runner:
                     "duration_ms": 0,
                 }
             )
-        for s in p.skipped:
-            self.report.skipped[s["id"]] = s["reason"]
+        self._note_skipped(p.skipped)
         return 0
+
+    def _note_skipped(self, skipped: list) -> None:
+        """Report the tasks a plan skipped, with its reasons."""
+        self.report.skipped.update((s["id"], s["reason"]) for s in skipped)
 
     def _known(self, name: str) -> bool:
         known = self._known_cache.get(name)
@@ -354,25 +373,35 @@ class Runner:
         try:
             claimed = self._cycle_journal(claim, replan=replan)
         except JournalError as exc:
-            if self.run_expired and not self.jobs:
-                raise  # stopping anyway: say so (exit 74)
-            if not held:
-                if self.serve is None:
-                    raise  # nothing of ours is running: say so and stop (exit 74)
-                self.store_unreachable(exc)  # serve outlives the outage (no supervisor restarts a cron @reboot serve)
-                return 0
-            # Our runs go on while the store is away; their leases are renewed when it is back,
-            # and stopped by the expiry protocol before they could end (_renew_leases).
-            self._store_retry_at = time.monotonic() + 1.0
-            self._store_away(exc)
+            if not self._ride_out(exc, held):
+                raise  # say so and stop (exit 74)
             return 0
-        if self._store_said:
-            self._store_said, self._store_backoff = False, 0.0
-            self._warn("the store is reachable again")
+        self._store_back()
         if claimed and not held:
             self._lease_base = start  # the first leases of this stretch begin with this write
             self._renew_at = start + self.store.lease() / 4
         return claimed
+
+    def _store_back(self) -> None:
+        """A write reached the store: after an outage, say so (once)."""
+        if self._store_said:
+            self._store_said, self._store_backoff = False, 0.0
+            self._warn("the store is reachable again")
+
+    def _ride_out(self, exc: JournalError, held: bool) -> bool:
+        """The shared store cannot be reached: go on without it for now (True), or stop (False)?"""
+        if self.run_expired and not self.jobs:
+            return False  # stopping anyway
+        if held:
+            # Our runs go on while the store is away; their leases are renewed when it is back,
+            # and stopped by the expiry protocol before they could end (_renew_leases).
+            self._store_retry_at = time.monotonic() + 1.0
+            self._store_away(exc)
+            return True
+        if self.serve is None:
+            return False  # nothing of ours is running
+        self.store_unreachable(exc)  # serve outlives the outage (no supervisor restarts a cron @reboot serve)
+        return True
 
     def _store_away(self, exc: JournalError) -> None:
         if not self._store_said:
@@ -411,14 +440,18 @@ class Runner:
             return
         lease = self.store.lease()
         if now >= self._renew_at:
-            if self._renew(self.runner_id):
-                self._lease_base = now
-                self._renew_at = now + lease / 4
-            else:
-                self._renew_at = now + 1.0
+            self._push_leases(now, lease)
         ends = self._lease_base + lease
         if not self.run_expired and now >= ends - self.grace - LOST_STORE_MARGIN:
             self._expire_run("the store cannot be reached: its leases would end before the runs do")
+
+    def _push_leases(self, now: float, lease: float) -> None:
+        """Renew our leases now; again in a quarter of their length, or in a second if that failed."""
+        if self._renew(self.runner_id):
+            self._lease_base = now
+            self._renew_at = now + lease / 4
+        else:
+            self._renew_at = now + 1.0
 
     def _cycle_journal(self, claim: bool, *, replan: bool) -> int:
         for attempt in range(3):
@@ -428,18 +461,21 @@ class Runner:
                 if getattr(exc, "errno", None) != errno.ENOSPC:
                     raise
                 self.disk_full = True  # claim nothing more in this run
-                if not self._pending and not self._release:
+                if not self._unwritten():
                     return 0  # only claims were refused: nothing was started
                 if attempt == 2:
-                    ids = ", ".join(j.id for j in self._pending) or ", ".join(c.id for c in self._release)
-                    raise JournalError(
-                        f"cannot record the outcome of {ids}: the disk holding the journal is full, "
-                        "even with kmpwm's reserve given up",
-                        hint="they ran (or were claimed) and, unrecorded, will run again once their leases end; "
-                        "free space now",
-                    ) from None
+                    raise self._unrecordable() from None
                 reserve.release(self.paths)
         return 0
+
+    def _unrecordable(self) -> JournalError:
+        """The error when even the last try (without the reserve, without data) found no room."""
+        ids = ", ".join(j.id for j in self._pending) or ", ".join(c.id for c in self._release)
+        return JournalError(
+            f"cannot record the outcome of {ids}: the disk holding the journal is full, "
+            "even with kmpwm's reserve given up",
+            hint="they ran (or were claimed) and, unrecorded, will run again once their leases end; free space now",
+        )
 
     def _cycle_once(self, claim: bool, *, replan: bool, lite: bool = False) -> int:
         """One transaction, one record, one fsync: the results of finished jobs, tasks handed
@@ -447,9 +483,37 @@ class Runner:
         that just finished unblocks the next one within the same record."""
         finished, self._pending = self._pending, []
         released, self._release = self._release, []
+        failed: list = []
+        hooks = self._hook_runner()
+        self._replanned = False
+        try:
+            txn, rows, claimed = self._transact(finished, released, failed, claim, replan=replan, lite=lite)
+        except BaseException:
+            self._pending = finished + self._pending  # not written: keep them for the teardown's try
+            self._release = released + self._release
+            raise
+        self._written(txn, rows, failed, hooks)
+        self._ready.extend(claimed)
+        self.claimed_count += len(claimed)
+        # On a shared store a look costs a round trip; the state this transaction read under the
+        # lock and committed a moment ago is as fresh as one (the journal's look is a stat).
+        self._start_ready(txn.state if self._renew is not None else None)
+        return len(claimed)
+
+    def _written(self, txn, rows: list, failed: list, hooks) -> None:
+        """The record is durable: report the runs and the tasks it ended FAILED, fire the hooks."""
+        if self._replanned:  # the lock was held from the plan to our record: nothing came between
+            self.planned_at = self.store.position()
+        self.report.failed += failed
+        self._recorded(rows)
+        if hooks is not None and (rows or failed):
+            hooks.fire_results(rows, [f["id"] for f in failed], txn.state)
+
+    def _transact(self, finished: list[Job], released: list[Claim], failed: list, claim: bool, *, replan, lite):
+        """The transaction of _cycle_once: (the transaction, the rows of the runs that count, the
+        claims); every task it ends FAILED is added to ``failed``."""
         rows: list = []
         claimed: list = []
-        failed: list = []
 
         def on_fold(ts, task_id, kind, detail):
             # every task this record ends FAILED, whatever the cause (its run, its last attempt,
@@ -459,36 +523,18 @@ class Runner:
                 failed.append({"id": task_id, "worker": t.get("worker"), "reason": detail.get("reason")})
 
         self._on_fold = on_fold
-        hooks = self._hook_runner()
-        self._replanned = False
-        try:
-            with self.store.transaction() as txn:
-                if txn.view.damage:
-                    raise JournalError(
-                        "the journal was damaged during the run; stopping", hint="run `kmpwm doctor --repair`"
-                    )
-                if finished:
-                    rows = self._stage_results(txn, finished, lite, on_fold)
-                if released:
-                    txn.stage([self._release_op(c) for c in released])
-                if claim:
-                    claimed = self._claim(txn, txn.ts, replan=replan or not self._planned.queue)
-        except BaseException:
-            self._pending = finished + self._pending  # not written: keep them for the teardown's try
-            self._release = released + self._release
-            raise
-        if self._replanned:  # the lock was held from the plan to our record: nothing came between
-            self.planned_at = self.store.position()
-        self.report.failed += failed
-        self._recorded(rows)
-        if hooks is not None and (rows or failed):
-            hooks.fire_results(rows, [f["id"] for f in failed], txn.state)
-        self._ready.extend(claimed)
-        self.claimed_count += len(claimed)
-        # On a shared store a look costs a round trip; the state this transaction read under the
-        # lock and committed a moment ago is as fresh as one (the journal's look is a stat).
-        self._start_ready(txn.state if self._renew is not None else None)
-        return len(claimed)
+        with self.store.transaction() as txn:
+            if txn.view.damage:
+                raise JournalError(
+                    "the journal was damaged during the run; stopping", hint="run `kmpwm doctor --repair`"
+                )
+            if finished:
+                rows = self._stage_results(txn, finished, lite, on_fold)
+            if released:
+                txn.stage([self._release_op(c) for c in released])
+            if claim:
+                claimed = self._claim(txn, txn.ts, replan=replan or not self._planned.queue)
+        return txn, rows, claimed
 
     def _stage_results(self, txn, finished: list[Job], lite: bool, on_fold) -> list:
         """Stage the ops that record ``finished``; the rows of the runs that count."""
@@ -501,17 +547,17 @@ class Runner:
             paths=self.paths,
         )
         for _job, row in rows:
-            run_s = row["duration_ms"] / 1000
-            self._avg_run = run_s if self._avg_run is None else 0.8 * self._avg_run + 0.2 * run_s
+            self._note_run_time(row["duration_ms"] / 1000)
             self.done.add(row["id"])
         if lite:  # the disk is full: the outcome matters, the data may not fit
-            for op in ops:
-                if op.get("data") is not None:
-                    op["data"] = None
-                    op["message"] = (op.get("message") or "") + " (its data was not kept: the disk is full)"
+            _drop_data(ops)
             rows = [(job, dict(row, data=None)) for job, row in rows]
         txn.stage(ops, on_fold)
         return rows
+
+    def _note_run_time(self, run_s: float) -> None:
+        """The moving average of run times (the prefetch depth follows it)."""
+        self._avg_run = run_s if self._avg_run is None else 0.8 * self._avg_run + 0.2 * run_s
 
     def _release_op(self, c: Claim) -> dict:
         return schema.release(c.task, self.runner_id, born=True)
@@ -520,23 +566,36 @@ class Runner:
         """The results of ``rows`` are durable now: report them, end their runs' output files."""
         shared: list = []
         for job, row in rows:
-            if job.log is not None:
-                ended = time.time()
-                self._runlogs.end(job.log, row["status"], ended, job.kind == "command" or job.progressed)
-                if self._renew is not None:
-                    shared.append(runlog.shared_row(job.log, self.host, job.attempt, job.started_wall, ended, row))
+            kept = self._end_log(job, row)
+            if kept is not None:
+                shared.append(kept)
             self.report.ran.append(row)
             if row["status"] == "EXPIRED":
                 self.report.expired.append({"id": row["id"], "worker": row["worker"]})
             self.on_event("done", (job, row))
         if shared:
             self._share_runs(shared)
-        if self._runlogs.start_error is not None:
-            exc, self._runlogs.start_error = self._runlogs.start_error, None
-            self._warn(f"warning: {getattr(exc, 'message', exc)} (run starts not kept in the store)")
+        self._warn_start_error()
         if rows:
             outcomes.log_runs(self.paths, rows)
         self._runlogs.flush()
+
+    def _end_log(self, job: Job, row: dict) -> dict | None:
+        """End the output file of ``job``'s run; on a shared store, the row that keeps the run
+        there too (else None)."""
+        if job.log is None:
+            return None
+        ended = time.time()
+        self._runlogs.end(job.log, row["status"], ended, job.kind == "command" or job.progressed)
+        if self._renew is None:
+            return None
+        return runlog.shared_row(job.log, self.host, job.attempt, job.started_wall, ended, row)
+
+    def _warn_start_error(self) -> None:
+        """Run starts that a shared store did not take: warn once per failure."""
+        if self._runlogs.start_error is not None:
+            exc, self._runlogs.start_error = self._runlogs.start_error, None
+            self._warn(f"warning: {getattr(exc, 'message', exc)} (run starts not kept in the store)")
 
     def _share_runs(self, shared: list) -> None:
         self._runlogs.flush_starts()  # a run's start reaches the store before its end
@@ -569,7 +628,7 @@ class Runner:
                 txn.stage(notes)
 
     def _start_ready(self, fresh: dict | None = None) -> None:
-        if not self._ready or len(self.jobs) >= self.parallel or self.run_expired:
+        if not self._can_start():
             return
         # A task claimed ahead may have been cancelled or replaced since: look (lock-free, only
         # the records appended meanwhile) before starting it; ``fresh``: the state just read and
@@ -577,12 +636,16 @@ class Runner:
         whole = fresh if fresh is not None else self._look()
         if whole is None:
             return  # the shared store is away: start nothing until it is back
-        while self._ready and len(self.jobs) < self.parallel and not self.run_expired:
+        while self._can_start():
             c = self._ready.pop(0)
             if self._startable(c, whole):
                 self._start(c)
             else:
                 self._release.append(c)
+
+    def _can_start(self) -> bool:
+        """A claimed task waits, a slot is free, and the run goes on."""
+        return bool(self._ready) and len(self.jobs) < self.parallel and not self.run_expired
 
     def _ours(self, t: dict | None, seq: int) -> bool:
         """Does task record ``t`` still run under our lease, as occurrence ``seq``?"""
@@ -613,22 +676,54 @@ class Runner:
         return min(self._prefetch, int(claims.PREFETCH_MARGIN * self.parallel / max(self._avg_run, 1e-3)))
 
     def _claim(self, txn, now: float, *, replan: bool) -> list[Claim]:
-        free = self.parallel + self._prefetch_depth() - len(self.jobs) - len(self._ready)
-        if self.max_tasks is not None:
-            free = min(free, self.max_tasks - self.claimed_count)
-        if free <= 0:
-            return []
-        if self._renew is None and not reserve.ensure(self.paths):  # (a shared store keeps its own room)
-            self.disk_full = True  # no room to record results: start nothing (reserve.py)
+        free = self._free()
+        if free <= 0 or not self._disk_has_room():
             return []
         state = txn.state
         if replan:
-            self._replanned = True
-            p = self._plan(state, now, _Union(self.done, self.jobs))
-            for s in p.skipped:
-                self.report.skipped[s["id"]] = s["reason"]
-            txn.stage(p.ops, self._on_fold)
-            self._planned = claims.Candidates.of(p)
+            self._replan(txn, now)
+        picks = self._pick(state, now, free)
+        return self._stage_claims(txn, picks) if picks else []
+
+    def _stage_claims(self, txn, picks: list[Claim]) -> list[Claim]:
+        """Stage the claims ``picks``; the ones the fold accepted, to start before their leases allow."""
+        state = txn.state
+        if any(c.takeover for c in picks):
+            # Taking over from a runner that is gone (it died since this run began, or while this
+            # run planned): first kill whatever of its runs is left, so that no worker of the old
+            # run is still going when this one starts (a command it was starting has no death
+            # signal yet: groups.py).
+            groups.sweep(self.paths.runners_dir)
+        # the lease covers a run that starts within PREFETCH_MARGIN (plus scheduling slack)
+        start_by = time.monotonic() + claims.PREFETCH_MARGIN + claims.START_SLACK
+        oks = txn.stage([c.op for c in picks])
+        return [claims.accepted(c, state, self._planned, start_by) for c, ok in zip(picks, oks) if ok]
+
+    def _free(self) -> int:
+        """How many tasks to claim now: free slots and those claimed ahead, within --max-tasks."""
+        free = self.parallel + self._prefetch_depth() - len(self.jobs) - len(self._ready)
+        if self.max_tasks is None:
+            return free
+        return min(free, self.max_tasks - self.claimed_count)
+
+    def _disk_has_room(self) -> bool:
+        """Room to record results (reserve.py; a shared store keeps its own room); without it,
+        start nothing."""
+        if self._renew is None and not reserve.ensure(self.paths):
+            self.disk_full = True
+            return False
+        return True
+
+    def _replan(self, txn, now: float) -> None:
+        """Plan under the lock: stage the plan's ops, keep its candidates."""
+        self._replanned = True
+        p = self._plan(txn.state, now, _Union(self.done, self.jobs))
+        self._note_skipped(p.skipped)
+        txn.stage(p.ops, self._on_fold)
+        self._planned = claims.Candidates.of(p)
+
+    def _pick(self, state: dict, now: float, free: int) -> list[Claim]:
+        """Up to ``free`` claims of the planned candidates, best first (claims.claim)."""
         taken = _Union(self.done, _Union(self.jobs, {c.id for c in self._ready}))
         slots = self.parallel - len(self.jobs) - len(self._ready)
         picks: list[Claim] = []
@@ -648,18 +743,7 @@ class Runner:
             )
             if isinstance(c, Claim):
                 picks.append(c)
-        if not picks:
-            return []
-        if any(c.takeover for c in picks):
-            # Taking over from a runner that is gone (it died since this run began, or while this
-            # run planned): first kill whatever of its runs is left, so that no worker of the old
-            # run is still going when this one starts (a command it was starting has no death
-            # signal yet: groups.py).
-            groups.sweep(self.paths.runners_dir)
-        # the lease covers a run that starts within PREFETCH_MARGIN (plus scheduling slack)
-        start_by = time.monotonic() + claims.PREFETCH_MARGIN + claims.START_SLACK
-        oks = txn.stage([c.op for c in picks])
-        return [claims.accepted(c, state, self._planned, start_by) for c, ok in zip(picks, oks) if ok]
+        return picks
 
     def _limit_of(self, t: dict):
         info = self.registry.get(t["worker"])
@@ -676,11 +760,12 @@ class Runner:
         job.log = self._runlogs.start(job.id, job.attempt, job.started_wall)
         self.on_event("start", job)
         self.launcher.start(job, c.info, c.upstream)
+        if job.immediate is not None:
+            return
         trig = task["trigger"]
-        if trig["type"] == "exact" and job.immediate is None:
+        if trig["type"] == "exact":
             job.task["_late_ms"] = int(max(0.0, job.started_wall - trig["at"]) * 1000)
-        if job.immediate is None:
-            self._starts.add(job.id, (task.get("lease") or {}).get("since"))  # its worker started
+        self._starts.add(job.id, (task.get("lease") or {}).get("since"))  # its worker started
 
     def _started_by(self, t: dict):
         """Did the gone holder of RUNNING task ``t`` start its worker? (leases.holder_started)"""
@@ -691,11 +776,17 @@ class Runner:
     # -- waiting --------------------------------------------------------------------------
 
     def _setup(self) -> None:
+        """Before the loop: the selector and the signals, our files in runners/, and what the
+        workers of killed runners left behind swept away."""
+        if self._renew is not None:
+            self.store.note_runner(self.runner_id.split("/", 1)[0], self.runner_id)
         self._sel = selectors.DefaultSelector()
         self.launcher.attach(self._sel)
         self.signals.install(self._sel, hup_expires=self.serve is None)
         private_subdir(self.paths.runners_dir)
         self._starts.open()  # before the first claim: its absence would count every death
+        groups.sweep(self.paths.runners_dir)  # what workers of killed runners left behind
+        forget_started(self.paths.runners_dir)
 
     def _teardown(self) -> None:
         # Anything still running here means an unexpected error: stop it and hand the tasks back.
@@ -705,23 +796,20 @@ class Runner:
         if self._sel is not None:
             self._sel.close()
         self.signals.restore()
-        try:
+        with suppress(OSError):
             os.unlink(self._expire_file())
-        except OSError:
-            pass
         self._groups.close()
         self._starts.close()
 
     def _hand_back(self) -> None:
         """Kill what still runs, and record it and what was claimed but not started (2 s at most)."""
-        self._release.extend(self._ready)
-        self._ready = []
+        self._unready()
         for job in self.jobs.values():
             jobs.kill(job, signal.SIGKILL)
         deadline = time.monotonic() + 2
-        while (self.jobs or self._pending or self._release) and time.monotonic() < deadline:
+        while self._busy() and time.monotonic() < deadline:
             self._pending.extend(self._reap())
-            if self._pending or self._release:
+            if self._unwritten():
                 try:
                     self._cycle(False, replan=False)
                 except Exception:
@@ -729,21 +817,44 @@ class Runner:
             if self.jobs:
                 time.sleep(0.01)
 
+    def _unready(self) -> None:
+        """The tasks claimed but not started: to be handed back untouched."""
+        self._release.extend(self._ready)
+        self._ready = []
+
+    def _busy(self) -> bool:
+        """Runs go on, or their results (or hand-backs) wait to be recorded."""
+        return bool(self.jobs) or self._unwritten()
+
+    def _unwritten(self) -> bool:
+        """Finished runs or hand-backs wait to be recorded."""
+        return bool(self._pending or self._release)
+
     def _expire_file(self):
         return self.paths.runners_dir / f"{self.pid}.expire"
 
     def _timeout(self, deadline: float | None) -> float:
+        """How long to wait: until the next time limit, the budget's end, a grouped result's write
+        or a lease's renewal, RECLAIM_EVERY at most."""
         now = time.monotonic()
+        t = self._until_limit(now)
+        if deadline is not None and not self.run_expired:
+            t = min(t, deadline - now)
+        if self._pending:
+            t = min(t, self._pending[0].ended + GROUP_WAIT - now)
+        if self._renew is not None and (self.jobs or self._pending):  # a lease to renew, a store to try again
+            t = min(t, min(self._renew_at, self._store_retry_at) - now)
+        return max(0.0, t)
+
+    def _until_limit(self, now: float) -> float:
+        """Seconds until a run's time limit (or its kill) comes, RECLAIM_EVERY at most; 0 when a
+        run ended without a process."""
         t = RECLAIM_EVERY
         for job in self.jobs.values():
             if job.immediate is not None:
                 return 0.0
             t = min(t, (job.kill_at if job.kill_at is not None else job.started + job.limit) - now)
-        if deadline is not None and not self.run_expired:
-            t = min(t, deadline - now)
-        if self._pending:
-            t = min(t, self._pending[0].ended + GROUP_WAIT - now)
-        return max(0.0, t)
+        return t
 
     def _wait(self, timeout: float) -> None:
         for key, _ in self._sel.select(timeout):
@@ -762,28 +873,37 @@ class Runner:
             return
         sink = {"result": job.result.extend, "out": lambda chunk: jobs.output(job, chunk)}.get(name)
         if pipes.drain(fd, sink or (lambda chunk: jobs.errors(job, chunk))):
-            self._sel.unregister(fd)
-            os.close(fd)
-            del job.fds[fd]
+            self._stop_reading(job, fd)
+
+    def _stop_reading(self, job: Job, fd: int) -> None:
+        self._sel.unregister(fd)
+        os.close(fd)
+        del job.fds[fd]
 
     def _check_limits(self) -> None:
         now = time.monotonic()
         if now >= self._trim_at:  # command workers append progress lines: keep their files small
             self._trim_at = now + 1.0
             self._trim_progress()
-        if self.signals.flags["expire"] and not self.run_expired:
-            self._expire_run(self.signals.reason)
+        self._heed_signals(now)
+        for job in self.jobs.values():
+            if job.running:
+                self._enforce_limit(job, now)
+
+    def _heed_signals(self, now: float) -> None:
+        """An expiry signal expires the run; a second Ctrl-C kills the workers at once."""
+        self._heed_expiry_signal()
         if self.signals.flags["force"] and not self._forced:
             self._forced = True
             self._kill_now(now)
-        for job in self.jobs.values():
-            if not job.running:
-                continue
-            if job.kill_at is not None and now >= job.kill_at:
-                jobs.kill(job, signal.SIGKILL)
-                job.kill_at = now + 3600  # once
-            elif not job.expiring and now >= job.started + job.limit:
-                self._expire_job(job, self.grace)
+
+    def _enforce_limit(self, job: Job, now: float) -> None:
+        """A run past its time limit is told to stop; one past its grace period too is killed (once)."""
+        if job.kill_at is not None and now >= job.kill_at:
+            jobs.kill(job, signal.SIGKILL)
+            job.kill_at = now + 3600  # once
+        elif not job.expiring and now >= job.started + job.limit:
+            self._expire_job(job, self.grace)
 
     def _trim_progress(self) -> None:
         from kmpwm.storage.progress import trim
@@ -813,19 +933,15 @@ class Runner:
             return  # the shared store is away: look again at the next watch
         state = whole["tasks"]
         for job in self.jobs.values():
-            if job.cancelled or not job.running or job.answered:
-                continue
-            if self._ours(state.get(job.id), job.task["seq"]):
+            if job.cancelled or not job.working or self._ours(state.get(job.id), job.task["seq"]):
                 continue
             job.cancelled = True
             self.on_event("cancelling", job)
-            if job.expiring:
-                continue  # already told to stop
-            self._expire_job(job, self.grace)
+            self._expire_job(job, self.grace)  # (unless it was told to stop already)
 
     def _expire_job(self, job: Job, grace: float) -> None:
-        if job.expiring or not job.running or job.answered:
-            return  # (a run that already ended keeps its result: it was not stopped)
+        if job.expiring or not job.working:
+            return  # (told already; a run that already ended keeps its result: it was not stopped)
         job.expiring = True
         job.kill_at = time.monotonic() + grace
         jobs.kill(job, signal.SIGTERM)
@@ -834,24 +950,30 @@ class Runner:
     def _expire_run(self, reason: str) -> None:
         self.run_expired = True
         self.expire_reason = reason
-        self._release.extend(self._ready)  # claimed but not started: hand them back untouched
-        self._ready = []
-        grace = self.grace
-        try:
-            raw = self._expire_file().read_text()
-            grace = float(raw.strip())
-        except (OSError, ValueError):
-            pass
+        self._unready()
+        grace = self._expire_grace()
         running = 0
         for job in self.jobs.values():
             job.run_expired = True
             running += job.running and not job.expiring
             self._expire_job(job, grace)
+        if running:
+            self._warn_interrupted(running, grace)
+
+    def _warn_interrupted(self, running: int, grace: float) -> None:
+        """A Ctrl-C expired the run: say what is being stopped, and how to kill it now instead."""
         flags = self.signals.flags
-        if running and flags.get("signo") == signal.SIGINT and not flags["force"]:
+        if flags.get("signo") == signal.SIGINT and not flags["force"]:
             self._warn(
                 f"interrupted: stopping {running} worker(s), up to {grace:g}s (interrupt again to kill them now)"
             )
+
+    def _expire_grace(self) -> float:
+        """The grace period simulate-expire asked for (its file), else ours."""
+        try:
+            return float(self._expire_file().read_text().strip())
+        except (OSError, ValueError):
+            return self.grace
 
     # -- finishing ------------------------------------------------------------------------
 
@@ -870,27 +992,42 @@ class Runner:
         if job.immediate is not None:
             return True
         if job.host is not None:
-            if job.answered:
-                return True
-            if job.host.dead:
-                self.pool.reap(job.host)
-                if job.host.exit_status is not None:
-                    job.exit_status = job.host.exit_status
-                    return True
+            return self._host_ended(job)
+        return self._process_ended(job)
+
+    def _host_ended(self, job: Job) -> bool:
+        """A pool host's job: its result came, or its host died (the host's exit is the run's)."""
+        if job.answered:
+            return True
+        if not job.host.dead:
             return False
+        self.pool.reap(job.host)
+        if job.host.exit_status is None:
+            return False
+        job.exit_status = job.host.exit_status
+        return True
+
+    def _process_ended(self, job: Job) -> bool:
+        """A job of its own process: it exited, and what it left in its pipes is read."""
         if job.exit_status is None:
             job.exit_status = jobs.poll(job)
         if job.exit_status is None:
             return False
         for fd in list(job.fds):
             self._drain(job, fd)  # what the process left in its pipes
-        if job.fds and not job.kind == "command" and "result" in job.fds.values():
+        if job.kind != "command" and "result" in job.fds.values():
             return False  # result still arriving
         for fd in list(job.fds):  # a grandchild may hold a pipe open: stop reading it
-            self._sel.unregister(fd)
-            os.close(fd)
-        job.fds.clear()
+            self._stop_reading(job, fd)
         return True
+
+
+def _drop_data(ops: list[dict]) -> None:
+    """Result ops without their data, each saying so (the disk is full)."""
+    for op in ops:
+        if op.get("data") is not None:
+            op["data"] = None
+            op["message"] = (op.get("message") or "") + " (its data was not kept: the disk is full)"
 
 
 class _Union:

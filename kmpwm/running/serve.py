@@ -28,6 +28,7 @@ from __future__ import annotations
 import os
 import sys
 import time
+from contextlib import suppress
 
 from kmpwm.core.exitcodes import JournalError, KmpwmError
 from kmpwm.storage.paths import Paths
@@ -59,12 +60,10 @@ class _InotifyWatch:
 
     def drain(self) -> bool:
         changed = False
-        try:
+        with suppress(BlockingIOError, InterruptedError):
             for event in self._ino.read(timeout=0):
                 if event.name == self._name or not event.name:
                     changed = True
-        except (BlockingIOError, InterruptedError):
-            pass
         return changed
 
     def poll_interval(self) -> float | None:
@@ -166,19 +165,19 @@ def make_watch(paths: Paths, store=None):
     a shared store's own notifications (PostgreSQL's LISTEN) when it has them."""
     if store is not None and hasattr(store, "watch"):
         return store.watch()
-    forced = os.environ.get("KMPWM_SERVE_WATCH", "")
-    if forced != "poll":
-        if sys.platform.startswith("linux"):
-            try:
-                return _InotifyWatch(paths)
-            except (ImportError, OSError):
-                pass  # no inotify-simple, or no inotify instances left: poll
-        elif hasattr(__import__("select"), "kqueue"):
-            try:
-                return _KqueueWatch(paths)
-            except OSError:
-                pass
-    return _PollWatch(paths)
+    watch = None if os.environ.get("KMPWM_SERVE_WATCH", "") == "poll" else _native_watch(paths)
+    return _PollWatch(paths) if watch is None else watch
+
+
+def _native_watch(paths: Paths):
+    """inotify on Linux, kqueue where the platform has it; None when neither can be had."""
+    if sys.platform.startswith("linux"):
+        with suppress(ImportError, OSError):  # no inotify-simple, or no inotify instances left: poll
+            return _InotifyWatch(paths)
+    elif hasattr(__import__("select"), "kqueue"):
+        with suppress(OSError):
+            return _KqueueWatch(paths)
+    return None
 
 
 # -- when to wake ---------------------------------------------------------------------------
@@ -188,31 +187,40 @@ def wake_plan(state: dict, now: float, runner_id: str, host: str) -> tuple[float
     """The next time anything can become due without a change to the journal (None: never), and
     the lease holders on this host whose exit frees a task (pid -> start token).  Tasks pinned
     to another host than ``host`` do not wake it."""
-    nxt: float | None = None
+    # pinned to another host: never due here, and its leases are that host's
+    here = [t for t in state["tasks"].values() if t.get("host") in (None, host)]
+    return _next_wake(here, now), _lease_holders(here, runner_id, host)
+
+
+def _next_wake(tasks: list, now: float) -> float | None:
+    """The earliest future due time or lease end of ``tasks``; within RECHECK while one is due
+    yet waits (None: nothing to wake for)."""
+    times = []
     waiting = False
-    holders: dict = {}
-    for t in state["tasks"].values():
-        st = t["state"]
-        if t.get("host") not in (None, host):
-            continue  # pinned to another host: never due here, and its leases are that host's
-        if st == "ENQUEUED":
-            due = t["due"]
-            if due > now:
-                if nxt is None or due < nxt:
-                    nxt = due
+    for t in tasks:
+        if t["state"] == "ENQUEUED":
+            if t["due"] > now:
+                times.append(t["due"])
             else:
                 waiting = True  # due, yet not run: a constraint, a trigger condition, a pause
-        elif st == "RUNNING":
-            lease = t.get("lease") or {}
-            until = lease.get("until") or 0.0
-            if nxt is None or until < nxt:
-                nxt = until
-            holder = lease.get("runner") or ""
-            if holder != runner_id and holder.split("/", 1)[0] == host and lease.get("pid"):
-                holders[lease["pid"]] = lease.get("token")
-    if waiting and (nxt is None or now + RECHECK < nxt):
-        nxt = now + RECHECK
-    return nxt, holders
+        elif t["state"] == "RUNNING":
+            times.append((t.get("lease") or {}).get("until") or 0.0)
+    if waiting:
+        times.append(now + RECHECK)
+    return min(times, default=None)
+
+
+def _lease_holders(tasks: list, runner_id: str, host: str) -> dict:
+    """pid -> start token of the other runners on ``host`` that hold leases on ``tasks``."""
+    holders = {}
+    for t in tasks:
+        if t["state"] != "RUNNING":
+            continue
+        lease = t.get("lease") or {}
+        holder = lease.get("runner") or ""
+        if holder != runner_id and holder.split("/", 1)[0] == host and lease.get("pid"):
+            holders[lease["pid"]] = lease.get("token")
+    return holders
 
 
 # -- the serve ------------------------------------------------------------------------------
@@ -269,21 +277,13 @@ class Serve:
     def _look_again(self, runner):
         """The state, when nothing calls for a plan at once (else None: wake up)."""
         flags = runner.signals.flags
-        if flags.get("expire"):
+        # hup: tick() reloads, then the Runner plans with the new workers.  A change since the
+        # Runner last planned (another process's enqueue may have been folded into one of our
+        # own transactions without a plan): plan once more.
+        if flags.get("expire") or flags.get("hup") or self.watch.drain():
             return None
-        if flags.get("hup"):
-            return None  # tick() reloads, then the Runner plans with the new workers
-        if self.watch.drain():
-            # A change since the Runner last planned (another process's enqueue may have been
-            # folded into one of our own transactions without a plan): plan once more.
-            return None
-        try:
-            view = runner.store.load(full=False)
-        except JournalError as exc:
-            if runner._renew is None or runner.run_expired:
-                raise  # the journal: a failed read is not an outage to wait out
-            runner.store_unreachable(exc)  # the shared store is away: wait, then plan (and write) again
-            runner._wait(max(0.0, runner._store_retry_at - time.monotonic()))
+        view = self._load(runner)
+        if view is None:
             return None
         if view.damage:
             raise JournalError(
@@ -299,28 +299,44 @@ class Serve:
             return None
         return view
 
+    def _load(self, runner):
+        """The store's view; None when a shared store is away (waited for a while, then plan
+        and write again)."""
+        try:
+            return runner.store.load(full=False)
+        except JournalError as exc:
+            if runner._renew is None or runner.run_expired:
+                raise  # the journal: a failed read is not an outage to wait out
+            runner.store_unreachable(exc)
+            runner._wait(max(0.0, runner._store_retry_at - time.monotonic()))
+            return None
+
     def _sleep_once(self, runner, view) -> bool:
         """Sleep until the next due time, a change or a lease holder's exit; False: wake up."""
         now = time.time()
         nxt, holders = wake_plan(view.state, now, runner.runner_id, runner.host)
         if nxt is not None and nxt <= now:
             return False
-        timeout = None if nxt is None else min(nxt - now + 0.0005, MAX_SLEEP)
         poll = self.watch.poll_interval()
-        if poll is not None:
-            timeout = poll if timeout is None else min(timeout, poll)
+        timeout = _sleep_timeout(nxt, now, poll)
         self._watch_holders(runner, holders)
         if runner._poke:
             return False  # a lease holder is gone already
         runner._wait(timeout)
-        if runner._poke or (self.watch.fd is None and self.watch.drain()):
-            self._follow_fd(runner)
-            return False  # the journal changed, or a lease holder exited
-        if nxt is not None and time.time() >= nxt:
-            runner.device = _fresh_device(self.paths)
+        if self._woken(runner, nxt):
             return False
         # the longest sleep: plan again (a clock change, a suspend)
         return timeout is None or poll is not None or timeout < MAX_SLEEP - 1
+
+    def _woken(self, runner, nxt: float | None) -> bool:
+        """After a wait: did a change of the journal, a lease holder's exit or the due time come?"""
+        if runner._poke or (self.watch.fd is None and self.watch.drain()):
+            self._follow_fd(runner)
+            return True  # the journal changed, or a lease holder exited
+        if nxt is not None and time.time() >= nxt:
+            runner.device = _fresh_device(self.paths)
+            return True
+        return False
 
     # -- helpers --------------------------------------------------------------------------
 
@@ -360,29 +376,32 @@ class Serve:
 
     def _watch_holders(self, runner, holders: dict) -> None:
         """pidfds of the processes on this host that hold leases: their exit frees the tasks."""
-        import selectors
-
-        from kmpwm.platform import procs
-
         for pid in list(self._holders):
             if pid not in holders:
                 self._drop_holder(runner, pid)
         if not hasattr(os, "pidfd_open"):
             return
         for pid, token in holders.items():
-            if pid in self._holders or pid == os.getpid():
-                continue
-            try:
-                fd = os.pidfd_open(pid)
-            except OSError:
-                runner._poke = True  # gone already: its leases are free now
-                continue
-            if not procs.alive(pid, token):  # the pid was recycled before we opened it
-                os.close(fd)
-                runner._poke = True
-                continue
-            self._holders[pid] = fd
-            runner._sel.register(fd, selectors.EVENT_READ, lambda pid=pid: self._holder_gone(runner, pid))
+            if pid not in self._holders and pid != os.getpid():
+                self._watch_holder(runner, pid, token)
+
+    def _watch_holder(self, runner, pid: int, token) -> None:
+        """Watch one lease holder's exit (its pidfd); one gone already pokes the Runner."""
+        import selectors
+
+        from kmpwm.platform import procs
+
+        try:
+            fd = os.pidfd_open(pid)
+        except OSError:
+            runner._poke = True  # gone already: its leases are free now
+            return
+        if not procs.alive(pid, token):  # the pid was recycled before we opened it
+            os.close(fd)
+            runner._poke = True
+            return
+        self._holders[pid] = fd
+        runner._sel.register(fd, selectors.EVENT_READ, lambda: self._holder_gone(runner, pid))
 
     def _holder_gone(self, runner, pid: int) -> None:
         self._drop_holder(runner, pid)
@@ -392,10 +411,8 @@ class Serve:
         fd = self._holders.pop(pid, None)
         if fd is None:
             return
-        try:
+        with suppress(KeyError, ValueError):
             runner._sel.unregister(fd)
-        except (KeyError, ValueError):
-            pass
         os.close(fd)
 
     def _fresh_pass(self, runner) -> None:
@@ -445,11 +462,18 @@ class Serve:
             self._drop_holder(runner, pid)
         if self.watch is not None:
             if self.watch.fd is not None and runner._sel is not None:
-                try:
+                with suppress(KeyError, ValueError):
                     runner._sel.unregister(self.watch.fd)
-                except (KeyError, ValueError):
-                    pass
             self.watch.close()
+
+
+def _sleep_timeout(nxt: float | None, now: float, poll: float | None) -> float | None:
+    """How long to sleep: until ``nxt`` (MAX_SLEEP at most), and no longer than the watch's
+    poll interval (None: until something happens)."""
+    timeout = None if nxt is None else min(nxt - now + 0.0005, MAX_SLEEP)
+    if poll is None:
+        return timeout
+    return poll if timeout is None else min(timeout, poll)
 
 
 def _fresh_device(paths: Paths):
@@ -484,31 +508,38 @@ def write_state(paths: Paths) -> None:
 
 def running_serves(paths: Paths) -> list[dict]:
     """The ``serve`` processes now serving this home (dead ones' files are removed)."""
-    import orjson
-
     from kmpwm.platform import procs
 
     found = []
+    for path in _state_files(paths):
+        doc = _read_state(path)
+        if doc is None or doc.get("host") not in (None, procs.host()):
+            continue
+        pid, token = doc["pid"], doc.get("token")
+        if procs.alive(pid, token):
+            found.append({"pid": pid, "started_at": doc.get("started_at")})
+        else:
+            with suppress(OSError):
+                path.unlink()
+    return found
+
+
+def _state_files(paths: Paths) -> list:
+    """The serve state files in runners/, sorted."""
     try:
         names = sorted(os.listdir(paths.runners_dir))
     except OSError:
         return []
-    for name in names:
-        if not (name.startswith(STATE_PREFIX) and name.endswith(".json")):
-            continue
-        path = paths.runners_dir / name
-        try:
-            doc = orjson.loads(path.read_bytes())
-            pid, token = int(doc["pid"]), doc.get("token")
-        except (OSError, ValueError, KeyError, TypeError):
-            continue
-        if doc.get("host") not in (None, procs.host()):
-            continue
-        if procs.alive(pid, token):
-            found.append({"pid": pid, "started_at": doc.get("started_at")})
-        else:
-            try:
-                path.unlink()
-            except OSError:
-                pass
-    return found
+    return [paths.runners_dir / n for n in names if n.startswith(STATE_PREFIX) and n.endswith(".json")]
+
+
+def _read_state(path) -> dict | None:
+    """A serve's state file (write_state); None unless it can be read and names a pid."""
+    import orjson
+
+    try:
+        doc = orjson.loads(path.read_bytes())
+        doc["pid"] = int(doc["pid"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    return doc

@@ -8,6 +8,7 @@ from __future__ import annotations
 import os
 import selectors
 import signal
+from contextlib import suppress
 
 REASONS = {
     signal.SIGUSR1: "simulate-expire delivered the expiration signal",
@@ -42,20 +43,16 @@ class Signals:
 
     def drain(self) -> None:
         """Empty the wake-up pipe (its bytes only woke the loop)."""
-        try:
+        with suppress(BlockingIOError, InterruptedError):
             while os.read(self.wake_r, 512):
                 pass
-        except (BlockingIOError, InterruptedError):
-            pass
 
     def restore(self) -> None:
         """The handlers from before install(); the wake-up pipe closed."""
         for signo, old in self._old.items():
             signal.signal(signo, old)
-        try:
+        with suppress(ValueError, AttributeError):
             signal.set_wakeup_fd(self._old_wakeup)
-        except (ValueError, AttributeError):
-            pass
         for fd in (self.wake_r, self.wake_w):
             if fd >= 0:
                 os.close(fd)

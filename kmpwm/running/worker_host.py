@@ -13,6 +13,7 @@ import signal
 import sys
 import time
 import traceback
+from contextlib import suppress
 from typing import Any
 
 from kmpwm.core.results import Failure, WorkerResult, normalise
@@ -26,15 +27,21 @@ def load_target(info) -> Any:
     if info.entry_point is not None:
         return info.entry_point.load()
     module_name, _, attr = info.config.entry.partition(":")
-    if info.config.cwd and info.config.cwd not in sys.path:
-        sys.path.insert(0, info.config.cwd)
-    for directory in reversed(info.config.import_dirs):  # its ``path``, then config.toml's directory
-        if directory not in sys.path:
-            sys.path.insert(0, directory)
+    _add_import_dirs(info.config)
     obj: Any = importlib.import_module(module_name)
     for part in attr.split("."):
         obj = getattr(obj, part)
     return obj
+
+
+def _add_import_dirs(cfg) -> None:
+    """Put a config entry worker's directories first on ``sys.path``: its ``path``, then
+    config.toml's directory, then its ``cwd``."""
+    if cfg.cwd and cfg.cwd not in sys.path:
+        sys.path.insert(0, cfg.cwd)
+    for directory in reversed(cfg.import_dirs):
+        if directory not in sys.path:
+            sys.path.insert(0, directory)
 
 
 _WANTS_CTX: dict = {}  # function -> does it take a ctx (inspect.signature costs ~50 us a call)
@@ -62,19 +69,28 @@ def _takes_ctx(func) -> bool:
 
 def call(target: Any, input: str | None, ctx: WorkerContext) -> WorkerResult:
     """Invoke ``target`` the way its signature asks and normalise what it returns."""
-    if inspect.isclass(target):
-        target = target().do_work
-    elif not callable(target):
+    func = _entry(target)
+    if func is None:
         return Failure(f"worker object {target!r} is not callable")
-    elif hasattr(target, "do_work") and not inspect.isfunction(target):
-        target = target.do_work
-    args = (input, ctx) if _wants_ctx(target) else (input,)
-    value = target(*args)
+    args = (input, ctx) if _wants_ctx(func) else (input,)
+    value = func(*args)
     if inspect.isawaitable(value):
         import asyncio  # only async workers pay for it
 
         value = asyncio.run(_await(value))
     return normalise(value)
+
+
+def _entry(target: Any):
+    """What to call: a class's ``do_work`` (of a new instance), an object's ``do_work``, else the
+    callable itself; None when it is not callable."""
+    if inspect.isclass(target):
+        return target().do_work
+    if not callable(target):
+        return None
+    if hasattr(target, "do_work") and not inspect.isfunction(target):
+        return target.do_work
+    return target
 
 
 async def _await(awaitable):
@@ -93,7 +109,7 @@ def capture_output() -> None:
     if _output_ready:
         return
     _output_ready = True
-    try:
+    with suppress(Exception):
         sys.stdout.reconfigure(line_buffering=True)
         import logging
 
@@ -105,8 +121,6 @@ def capture_output() -> None:
             logging.lastResort.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
             if root.level > logging.INFO:
                 root.setLevel(logging.INFO)
-    except Exception:
-        pass
 
 
 def run_in_child(info, input: str | None, ctx: WorkerContext) -> dict:
@@ -131,11 +145,9 @@ def _run(info, input: str | None, ctx: WorkerContext) -> dict:
         traceback.print_exc()  # to the output tail, which run-due logs
         return {"status": "FAILURE", "message": str(exc) or type(exc).__name__, "data": None}
     except SystemExit as exc:
-        return {
-            "status": "SUCCESS" if exc.code in (0, None) else "FAILURE",
-            "message": None if exc.code in (0, None) else f"worker exited with {exc.code}",
-            "data": None,
-        }
+        if exc.code in (0, None):
+            return {"status": "SUCCESS", "message": None, "data": None}
+        return {"status": "FAILURE", "message": f"worker exited with {exc.code}", "data": None}
     return {"status": result.status, "message": result.message, "data": result.data}
 
 
@@ -145,8 +157,6 @@ def _run(info, input: str | None, ctx: WorkerContext) -> dict:
 def forked_main(info, task: dict, *, attempt: int, upstream: dict, limit: float, progress, env: dict, fd: int) -> None:
     """The body of a worker process forked for one task: run it, write its result to ``fd``."""
     import os
-
-    import orjson
 
     ctx = WorkerContext(
         task_id=task["id"],
@@ -161,10 +171,7 @@ def forked_main(info, task: dict, *, attempt: int, upstream: dict, limit: float,
     )
     os.environ.update(env)
     result = run_in_child(info, task["input"], ctx)
-    try:
-        blob = orjson.dumps(result, default=str)
-    except TypeError as exc:
-        blob = orjson.dumps({"status": "FAILURE", "message": f"result not JSON-serialisable: {exc}", "data": None})
+    blob = _result_blob(result)
     sys.stdout.flush()
     sys.stderr.flush()
     from kmpwm.storage.journal import write_all
@@ -175,11 +182,9 @@ def forked_main(info, task: dict, *, attempt: int, upstream: dict, limit: float,
 def child_failed() -> int:
     """In a worker process that failed outside the worker: the traceback to its output (which
     run-due logs), and the exit status that says so."""
-    try:
+    with suppress(BaseException):
         traceback.print_exc()
         sys.stderr.flush()
-    except BaseException:
-        pass
     return 70
 
 
@@ -222,8 +227,6 @@ def host_main(in_fd: int, out_fd: int, registry) -> None:
     that was told to stop, after a crash, and after a bounded number of tasks."""
     import os
 
-    import orjson
-
     base_env = dict(os.environ)
     base_cwd = os.getcwd()
     _become_subreaper()
@@ -234,49 +237,63 @@ def host_main(in_fd: int, out_fd: int, registry) -> None:
     base_logging = (list(root.handlers), root.level)
     targets: dict = {}
     while True:
-        header = _read_exact(in_fd, _HEADER)
-        if header is None:
+        msg = _read_task(in_fd)
+        if msg is None:
             return
-        msg = orjson.loads(_read_exact(in_fd, int.from_bytes(header, "big")) or b"{}")
         _set_environ(os.environ, {**base_env, **msg["env"]})
-        try:
+        with suppress(OSError):
             os.chdir(base_cwd)
-        except OSError:
-            pass
-        ctx = WorkerContext(
-            task_id=msg["id"],
-            attempt=msg["attempt"],
-            upstream=msg["upstream"],
-            input=msg["input"],
-            worker=msg["worker"],
-            chain_id=msg.get("chain_id"),
-            step=msg.get("step"),
-            deadline=None,
-            progress_file=msg.get("progress"),
-        )
-        info = registry.get(msg["worker"])
-        if info is not None and msg["worker"] in targets:
-            info.preloaded = targets[msg["worker"]]
-        import time as _time
-
-        ctx.deadline = _time.monotonic() + msg["limit"]
-        result = (
-            run_in_child(info, msg["input"], ctx)
-            if info is not None
-            else {"status": "FAILURE", "message": f"unknown worker {msg['worker']!r}", "data": None}
-        )
-        if info is not None and getattr(info, "preloaded", None) is not None:
-            targets[msg["worker"]] = info.preloaded
+        result = _host_task(msg, registry, targets)
         root.handlers[:] = base_logging[0]  # a basicConfig() in one task is not the next one's
         root.setLevel(base_logging[1])
         sys.stdout.flush()
         sys.stderr.flush()
         _end_leftovers()
-        try:
-            blob = orjson.dumps(result, default=str)
-        except TypeError as exc:
-            blob = orjson.dumps({"status": "FAILURE", "message": f"result not JSON-serialisable: {exc}", "data": None})
-        write_frame(out_fd, blob)
+        write_frame(out_fd, _result_blob(result))
+
+
+def _read_task(fd: int) -> dict | None:
+    """The next task's message from run-due (None: end of input)."""
+    import orjson
+
+    header = _read_exact(fd, _HEADER)
+    if header is None:
+        return None
+    return orjson.loads(_read_exact(fd, int.from_bytes(header, "big")) or b"{}")
+
+
+def _host_task(msg: dict, registry, targets: dict) -> dict:
+    """Run one task in a pool host; ``targets``: the worker objects it loaded so far, by name."""
+    info = registry.get(msg["worker"])
+    if info is None:
+        return {"status": "FAILURE", "message": f"unknown worker {msg['worker']!r}", "data": None}
+    if msg["worker"] in targets:
+        info.preloaded = targets[msg["worker"]]
+    ctx = WorkerContext(
+        task_id=msg["id"],
+        attempt=msg["attempt"],
+        upstream=msg["upstream"],
+        input=msg["input"],
+        worker=msg["worker"],
+        chain_id=msg.get("chain_id"),
+        step=msg.get("step"),
+        deadline=time.monotonic() + msg["limit"],
+        progress_file=msg.get("progress"),
+    )
+    result = run_in_child(info, msg["input"], ctx)
+    if getattr(info, "preloaded", None) is not None:
+        targets[msg["worker"]] = info.preloaded
+    return result
+
+
+def _result_blob(result: dict) -> bytes:
+    """The result as JSON; one that cannot be is a FAILURE that says so."""
+    import orjson
+
+    try:
+        return orjson.dumps(result, default=str)
+    except TypeError as exc:
+        return orjson.dumps({"status": "FAILURE", "message": f"result not JSON-serialisable: {exc}", "data": None})
 
 
 def _set_environ(environ, target: dict) -> None:
@@ -295,24 +312,20 @@ def _become_subreaper() -> None:
     so that _end_leftovers finds them even if they left the host's process group."""
     if not sys.platform.startswith("linux"):
         return
-    try:
+    with suppress(Exception):
         import ctypes
 
         ctypes.CDLL(None, use_errno=True).prctl(36, 1)  # PR_SET_CHILD_SUBREAPER
-    except Exception:
-        pass
 
 
 def _children() -> list[int]:
     import os
 
     pids: list[int] = []
-    try:
+    with suppress(OSError, ValueError):
         for tid in os.listdir("/proc/self/task"):
             with open(f"/proc/self/task/{tid}/children") as fh:
                 pids += [int(p) for p in fh.read().split()]
-    except (OSError, ValueError):
-        pass
     return pids
 
 
@@ -321,29 +334,37 @@ def _end_leftovers() -> None:
     running, and reap them (a run is over when its worker returns, as a systemd unit's cgroup is
     ended with its main process).  Orphaned grandchildren come back to this host (a subreaper)
     as their parents die, hence the loop."""
-    import os
-    import signal as _signal
     import time as _time
 
     for _ in range(50):
         kids = _children()
         if not kids:
             break
-        for pid in kids:
-            try:
-                os.kill(pid, _signal.SIGKILL)
-            except OSError:
-                pass
-        for pid in kids:
-            try:
-                os.waitpid(pid, 0)
-            except OSError:
-                pass
+        _kill_and_reap(kids)
         _time.sleep(0.001)  # let orphans be re-parented here
-    while True:  # zombies of processes the task started and did not wait for
+    _reap_zombies()
+
+
+def _kill_and_reap(pids: list[int]) -> None:
+    import os
+    import signal as _signal
+
+    for pid in pids:
+        with suppress(OSError):
+            os.kill(pid, _signal.SIGKILL)
+    for pid in pids:
+        with suppress(OSError):
+            os.waitpid(pid, 0)
+
+
+def _reap_zombies() -> None:
+    """Reap the zombies of processes the task started and did not wait for."""
+    import os
+
+    while True:
         try:
             pid, _ = os.waitpid(-1, os.WNOHANG)
         except OSError:
-            break
+            return
         if pid == 0:
-            break
+            return
