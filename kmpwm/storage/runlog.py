@@ -23,6 +23,7 @@ task's last KEEP runs; ``sweep`` applies it (compaction calls it).
 from __future__ import annotations
 
 import os
+from contextlib import suppress
 from pathlib import Path
 
 CAP = 1 << 20
@@ -164,10 +165,8 @@ class RunLog:
             os.close(self.fd)
             self.fd = -1
         if self.rotated:
-            try:
+            with suppress(OSError):
                 _join(Path(self.dir), self.key)
-            except OSError:
-                pass
 
 
 def _join(d: Path, key: str) -> None:
@@ -234,10 +233,8 @@ class Starter:
         have some), and say how it ended in the index."""
         log.close()
         if progress:
-            try:
+            with suppress(OSError):
                 os.unlink(log.progress)
-            except OSError:
-                pass
         self.pending.append(log.end_line(status, finished))
 
     def flush(self, force: bool = False) -> float | None:
@@ -271,65 +268,82 @@ def _scan(paths, wanted: set | None = None) -> dict:
         data = (runs_dir(paths) / INDEX).read_bytes()
     except OSError:
         return {}
+    if wanted is None:
+        by_id = _fold_index(data.splitlines())
+    else:
+        found = _fold_index(_lines(data, [b'"id":' + orjson.dumps(i) for i in wanted]))
+        by_id = {k: v for k, v in found.items() if k in wanted}
+    _expire_dead(paths, by_id)
+    return by_id
+
+
+def _fold_index(lines) -> dict:
+    """{id: [meta, ...]} from index lines: a start line makes a run's meta, its end line completes it."""
+    import orjson
+
     by_id: dict = {}
     by_key: dict = {}
-    for line in _lines(data, None if wanted is None else [b'"id":' + orjson.dumps(i) for i in wanted]):
+    for line in lines:
         try:
             rec = orjson.loads(line)
         except orjson.JSONDecodeError:
             continue  # a torn line (a crash mid-append)
-        tid = rec.get("id")
         if "s" in rec:
-            lst = by_id.setdefault(tid, [])
-            n = rec.get("n") or (lst[-1]["run"] + 1 if lst else 1)
-            meta = {
-                "run": n,
-                "attempt": rec.get("attempt"),
-                "started_at": _iso(rec.get("at")),
-                "finished_at": None,
-                "status": "RUNNING",
-                "truncated": False,
-                "key": rec["s"],
-                "pid": rec.get("pid"),
-                "token": rec.get("token"),
-                "_start": rec.get("at"),
-            }
+            lst = by_id.setdefault(rec.get("id"), [])
+            meta = _start_meta(rec, lst[-1]["run"] + 1 if lst else 1)
             lst.append(meta)
             by_key[rec["s"]] = meta
         elif "e" in rec and rec["e"] in by_key:
-            meta = by_key[rec["e"]]
-            meta.update(
+            by_key[rec["e"]].update(
                 status=rec.get("status"),
                 finished_at=_iso(rec.get("at")),
                 truncated=bool(rec.get("truncated")),
                 _end=rec.get("at"),
             )
-    if wanted is not None:
-        by_id = {k: v for k, v in by_id.items() if k in wanted}
-    alive_cache: dict = {}
-    for lst in by_id.values():
-        for meta in lst:
-            if meta["status"] == "RUNNING":
-                who = (meta["pid"], meta["token"])
-                if who not in alive_cache:
-                    from kmpwm.platform.procs import alive
-
-                    alive_cache[who] = alive(*who)
-                if not alive_cache[who]:  # its run-due died: the run never reached a result
-                    meta["status"] = "EXPIRED"
-                    try:  # it ended when it last wrote, as far as anyone can tell
-                        ended = os.stat(runs_dir(paths) / f"{meta['key']}.out").st_mtime
-                    except OSError:
-                        ended = meta["_start"]
-                    meta["finished_at"] = _iso(ended)
     return by_id
 
 
-def _lines(data: bytes, needles: list[bytes] | None):
-    """The index's lines, or only those holding one of ``needles``, in file order (found with
-    bytes.find, so a large index is not split line by line to find one task's runs)."""
-    if needles is None:
-        return data.splitlines()
+def _start_meta(rec: dict, next_run: int) -> dict:
+    """A run's meta from its start line (numbered ``next_run`` unless the line says)."""
+    return {
+        "run": rec.get("n") or next_run,
+        "attempt": rec.get("attempt"),
+        "started_at": _iso(rec.get("at")),
+        "finished_at": None,
+        "status": "RUNNING",
+        "truncated": False,
+        "key": rec["s"],
+        "pid": rec.get("pid"),
+        "token": rec.get("token"),
+        "_start": rec.get("at"),
+    }
+
+
+def _expire_dead(paths, by_id: dict) -> None:
+    """Runs whose run-due died never reached a result: EXPIRED, ended when they last wrote."""
+    running = [meta for lst in by_id.values() for meta in lst if meta["status"] == "RUNNING"]
+    if not running:
+        return
+    from kmpwm.platform.procs import alive
+
+    verdicts = {who: alive(*who) for who in {(meta["pid"], meta["token"]) for meta in running}}
+    for meta in running:
+        if not verdicts[meta["pid"], meta["token"]]:
+            meta["status"] = "EXPIRED"
+            meta["finished_at"] = _iso(_last_written(paths, meta))
+
+
+def _last_written(paths, meta: dict) -> float:
+    """When a run's output was last written, as far as anyone can tell (no output: its start)."""
+    try:
+        return out_path(paths, meta).stat().st_mtime
+    except OSError:
+        return meta["_start"]
+
+
+def _lines(data: bytes, needles: list[bytes]):
+    """The index's lines that hold one of ``needles``, in file order (found with bytes.find, so
+    a large index is not split line by line to find one task's runs)."""
     starts = set()
     for needle in needles:
         at = data.find(needle)
@@ -357,36 +371,40 @@ def runs(paths, task_id: str) -> list[dict]:
     from kmpwm.storage.stores import open_store
 
     store = open_store(paths)
-    here = host()
-    mine = {f"{here}:{m['key']}": m for m in local}
+    mine = {f"{host()}:{m['key']}": m for m in local}
     rows = store.runs(task_id)
-    metas = []
-    for n, r in enumerate(rows):
-        status, finished = r["status"], r["finished"]
-        if status == "RUNNING":
-            gone = n + 1 < len(rows) or (r["key"] in mine and mine[r["key"]]["status"] != "RUNNING")
-            if gone:
-                status = "EXPIRED"
-                finished = (mine.get(r["key"]) or {}).get("_end") or r["started"]
-        meta = {
-            "run": r["run"],
-            "attempt": r["attempt"],
-            "started_at": _iso(r["started"]),
-            "finished_at": _iso(finished),
-            "status": status,
-            "truncated": r["truncated"],
-            "key": r["key"],
-            "host": r["host"],
-            "_start": r["started"],
-        }
-        local_meta = mine.get(r["key"])
-        if r["status"] == "RUNNING" and local_meta is not None:
-            # it ran here and never reached a result: its output is this host's file (followable)
-            meta.update(key=local_meta["key"], pid=local_meta["pid"], token=local_meta["token"])
-        else:
-            meta.update(_store=store, _task=task_id)
-        metas.append(meta)
-    return metas
+    return [_shared_meta(r, mine.get(r["key"]), n + 1 < len(rows), store, task_id) for n, r in enumerate(rows)]
+
+
+def _shared_meta(r: dict, local: dict | None, followed: bool, store, task_id: str) -> dict:
+    """One row of ``store``'s run table as a meta (``local``: its meta if it ran on this host;
+    ``followed``: a later run exists)."""
+    status, finished = _shared_end(r, local, followed)
+    meta = {
+        "run": r["run"],
+        "attempt": r["attempt"],
+        "started_at": _iso(r["started"]),
+        "finished_at": _iso(finished),
+        "status": status,
+        "truncated": r["truncated"],
+        "key": r["key"],
+        "host": r["host"],
+        "_start": r["started"],
+    }
+    if r["status"] == "RUNNING" and local is not None:
+        # it ran here and never reached a result: its output is this host's file (followable)
+        meta.update(key=local["key"], pid=local["pid"], token=local["token"])
+    else:
+        meta.update(_store=store, _task=task_id)
+    return meta
+
+
+def _shared_end(r: dict, local: dict | None, followed: bool) -> tuple:
+    """(status, finished) of a run-table row: one still marked RUNNING that a later run followed,
+    or that ended on this host without a result, is EXPIRED."""
+    if r["status"] == "RUNNING" and (followed or (local is not None and local["status"] != "RUNNING")):
+        return "EXPIRED", (local or {}).get("_end") or r["started"]
+    return r["status"], r["finished"]
 
 
 def shared_row(log: RunLog, host: str, attempt: int, started: float, finished: float, row: dict) -> tuple:
@@ -438,22 +456,17 @@ def _orphans(d: Path, by_id: dict, cutoff: float) -> None:
     except OSError:
         return
     for name in names:
-        key = name.split(".", 1)[0]
-        if name.startswith(INDEX) or key in known:
+        if name.startswith(INDEX) or name.split(".", 1)[0] in known:
             continue
-        try:
+        with suppress(OSError):
             if os.stat(d / name).st_mtime < cutoff:
                 os.unlink(d / name)
-        except OSError:
-            pass
 
 
 def sweep(paths, cutoff: float, keep: int = KEEP) -> int:
     """Delete runs that ended before ``cutoff``, except each task's last ``keep``; rewrite the
     index with the rest (their numbers written out).  Returns how many runs were deleted."""
     import fcntl
-
-    import orjson
 
     d = runs_dir(paths)
     path = d / INDEX
@@ -464,65 +477,71 @@ def sweep(paths, cutoff: float, keep: int = KEEP) -> int:
     try:
         fcntl.flock(fd, fcntl.LOCK_EX)
         by_id = _scan(paths)
-        lines, dropped = [], []
-        for tid, lst in by_id.items():
-            for i, meta in enumerate(lst):
-                ended = meta.get("_end") or (None if meta["status"] == "RUNNING" else meta.get("_start"))
-                old = ended is not None and ended < cutoff
-                if old and i < len(lst) - keep:
-                    dropped.append(meta)
-                    continue
-                lines.append(
-                    (
-                        meta.get("_start") or 0,
-                        orjson.dumps(
-                            {
-                                "s": meta["key"],
-                                "id": tid,
-                                "n": meta["run"],
-                                "attempt": meta["attempt"],
-                                "at": meta.get("_start"),
-                                "pid": meta["pid"],
-                                "token": meta["token"],
-                            }
-                        )
-                        + b"\n",
-                    )
-                )
-                if meta["status"] != "RUNNING":
-                    lines.append(
-                        (
-                            meta.get("_end") or meta.get("_start") or 0,
-                            orjson.dumps(
-                                {
-                                    "e": meta["key"],
-                                    "id": tid,
-                                    "status": meta["status"],
-                                    "at": meta.get("_end"),
-                                    "truncated": meta["truncated"],
-                                }
-                            )
-                            + b"\n",
-                        )
-                    )
+        lines, dropped = _partition(by_id, cutoff, keep)
         _orphans(d, by_id, cutoff)
         if not dropped:
             return 0
-        lines.sort(key=lambda x: x[0])
-        tmp = d / (INDEX + ".tmp")
-        out = os.open(tmp, _NEW, 0o600)
-        try:
-            os.write(out, b"".join(line for _, line in lines))
-            os.fsync(out)
-        finally:
-            os.close(out)
-        os.replace(tmp, path)
+        _replace_index(path, lines)
         for meta in dropped:
             for suffix in (".out", ".out.1", ".progress"):
-                try:
+                with suppress(OSError):
                     os.unlink(d / f"{meta['key']}{suffix}")
-                except OSError:
-                    pass
         return len(dropped)
     finally:
         os.close(fd)
+
+
+def _partition(by_id: dict, cutoff: float, keep: int) -> tuple[list, list]:
+    """(the index lines of the runs kept, each with the time it sorts by; the runs to delete)."""
+    lines, dropped = [], []
+    for tid, lst in by_id.items():
+        for i, meta in enumerate(lst):
+            if _ended_before(meta, cutoff) and i < len(lst) - keep:
+                dropped.append(meta)
+            else:
+                lines += _index_lines(tid, meta)
+    return lines, dropped
+
+
+def _ended_before(meta: dict, cutoff: float) -> bool:
+    ended = meta.get("_end") or (None if meta["status"] == "RUNNING" else meta.get("_start"))
+    return ended is not None and ended < cutoff
+
+
+def _index_lines(tid: str, meta: dict) -> list[tuple[float, bytes]]:
+    """A kept run's start line (its number written out) and, if it ended, its end line."""
+    import orjson
+
+    start = {
+        "s": meta["key"],
+        "id": tid,
+        "n": meta["run"],
+        "attempt": meta["attempt"],
+        "at": meta.get("_start"),
+        "pid": meta["pid"],
+        "token": meta["token"],
+    }
+    lines = [(meta.get("_start") or 0, orjson.dumps(start) + b"\n")]
+    if meta["status"] != "RUNNING":
+        end = {
+            "e": meta["key"],
+            "id": tid,
+            "status": meta["status"],
+            "at": meta.get("_end"),
+            "truncated": meta["truncated"],
+        }
+        lines.append((meta.get("_end") or meta.get("_start") or 0, orjson.dumps(end) + b"\n"))
+    return lines
+
+
+def _replace_index(path: Path, lines: list[tuple[float, bytes]]) -> None:
+    """Replace the index with ``lines`` in time order (temp file, fsync, rename)."""
+    lines.sort(key=lambda x: x[0])
+    tmp = path.with_name(INDEX + ".tmp")
+    out = os.open(tmp, _NEW, 0o600)
+    try:
+        os.write(out, b"".join(line for _, line in lines))
+        os.fsync(out)
+    finally:
+        os.close(out)
+    os.replace(tmp, path)
