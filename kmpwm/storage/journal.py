@@ -24,7 +24,7 @@ import time
 import uuid
 import zlib
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -95,38 +95,40 @@ def salvage(data: bytes) -> list[tuple[int, int, dict]]:
     byte), left to right, never overlapping.  A record starts with eight hex digits, a space and
     ``{``, and holds no newline; its end is the ``}`` where the checksum holds."""
     out: list[tuple[int, int, dict]] = []
-    pos, crc32 = 0, zlib.crc32
+    pos = 0
     while True:
         sep = data.find(b" {", pos + 8)
         if sep < 0:
             return out
-        start = sep - 8
-        head = data[start:sep]
-        if not _HEX_DIGITS.issuperset(head):
-            pos = start + 1
-            continue
-        want = int(head, 16)
-        stop = data.find(b"\n", sep)
-        stop = len(data) if stop < 0 else stop
-        crc, done, close = 0, sep + 1, sep + 1
-        found = None
-        while True:
-            close = data.find(b"}", close, stop)
-            if close < 0:
-                break
-            crc = crc32(data[done : close + 1], crc)
-            done = close + 1
-            if crc == want:
-                record = _loads(data[sep + 1 : close + 1])
-                if record is not None:
-                    found = (start, close + 1, record)
-                    break
-            close += 1
+        found = _record_at(data, sep)
         if found is None:
-            pos = start + 1
+            pos = sep - 7  # the next place a checksum could start
             continue
         out.append(found)
         pos = found[1]
+
+
+def _record_at(data: bytes, sep: int) -> tuple[int, int, dict] | None:
+    """The record whose eight hex digits end at ``sep`` (its ``" {"``), if its checksum holds at
+    one of the ``}`` on its line: ``(start, end, record)`` as :func:`salvage` gives them."""
+    start = sep - 8
+    head = data[start:sep]
+    if not _HEX_DIGITS.issuperset(head):
+        return None
+    want = int(head, 16)
+    stop = data.find(b"\n", sep)
+    stop = len(data) if stop < 0 else stop
+    crc, done = 0, sep + 1
+    close = data.find(b"}", done, stop)
+    while close >= 0:
+        crc = zlib.crc32(data[done : close + 1], crc)
+        done = close + 1
+        if crc == want:
+            record = _loads(data[sep + 1 : done])
+            if record is not None:
+                return start, done, record
+        close = data.find(b"}", done, stop)
+    return None
 
 
 def _loads(payload: bytes) -> dict | None:
@@ -150,40 +152,47 @@ def scan_bytes(data: bytes, base: int = 0) -> Scan:
     and the records count (a write that never completed never leaves bytes after a record that
     are not its newline)."""
     out = Scan(end=base)
-    pos, n = 0, len(data)
-    bad_start = -1
+    complete = data.rfind(b"\n") + 1  # the bytes before it are whole lines
+    bad = _scan_lines(out, data, complete, base)
+    end = complete
+    if complete < len(data):
+        found = salvage(data[complete:])
+        if found and complete + found[-1][1] < len(data):  # valid records with bytes after them: damage
+            bad = complete if bad < 0 else bad
+            end = len(data)
+        else:
+            out.torn = Damage(base + complete, base + len(data), torn=True)
+    if bad >= 0:
+        _close_region(out, data, bad, end, base)
+    out.end = base + end
+    return out
 
-    def close_region(end: int) -> None:
-        found = salvage(data[bad_start:end])
-        for _, rec_end, record in found:
-            out.records.append((base + bad_start + rec_end, record))
-        out.damage.append(Damage(base + bad_start, base + end, salvaged=len(found)))
 
-    while pos < n:
+def _scan_lines(out: Scan, data: bytes, stop: int, base: int) -> int:
+    """Add the records of the whole lines in ``data[:stop]`` to ``out``, and each damaged region
+    a valid line ends; returns where a damaged region still open at ``stop`` starts (-1: none)."""
+    pos, bad = 0, -1
+    while pos < stop:
         nl = data.find(b"\n", pos)
-        if nl < 0:
-            found = salvage(data[pos:])
-            if found and pos + found[-1][1] < n:  # valid records with bytes after them: damage
-                if bad_start < 0:
-                    bad_start = pos
-                pos = n
-                break
-            out.torn = Damage(base + pos, base + n, torn=True)
-            break
         record = decode(data[pos:nl])
         if record is None:
-            if bad_start < 0:
-                bad_start = pos
+            if bad < 0:
+                bad = pos
         else:
-            if bad_start >= 0:
-                close_region(pos)
-                bad_start = -1
+            if bad >= 0:
+                _close_region(out, data, bad, pos, base)
+                bad = -1
             out.records.append((base + nl + 1, record))
         pos = nl + 1
-    if bad_start >= 0:
-        close_region(pos)
-    out.end = base + pos if out.torn is None else out.torn.start  # torn.start is absolute already
-    return out
+    return bad
+
+
+def _close_region(out: Scan, data: bytes, start: int, end: int, base: int) -> None:
+    """Add the damaged region ``data[start:end]`` to ``out``, with the valid records inside it."""
+    found = salvage(data[start:end])
+    for _, rec_end, record in found:
+        out.records.append((base + start + rec_end, record))
+    out.damage.append(Damage(base + start, base + end, salvaged=len(found)))
 
 
 # -- repair: what doctor --repair keeps -----------------------------------------------------
@@ -233,22 +242,38 @@ def correct(line: bytes) -> tuple[dict, str] | None:
     ``line`` is one damaged line, or the lines a byte flipped into a newline made of one record.
     The checksum field, the space or one payload bit may be the flipped one; the answer must pass
     the checksum and parse.  Returns the record and where the bit was, or None."""
-    if len(line) < 10 or len(line) > CORRECT_MAX:
+    if not 10 <= len(line) <= CORRECT_MAX:
         return None
+    fixed = _head_flip(line)
+    if fixed is None:
+        fixed = _payload_flip(line)
+    return fixed
+
+
+def _head_flip(line: bytes) -> tuple[dict, str] | None:
+    """The record and where the bit was, if one flipped bit in the checksum or the space is all
+    that is wrong with ``line``."""
     payload = line[9:]
     actual = b"%08x " % zlib.crc32(payload)
     wrong = [i for i in range(9) if line[i] != actual[i]]
-    if len(wrong) == 1 and (line[wrong[0]] ^ actual[wrong[0]]).bit_count() == 1:
-        record = _loads(payload)  # the payload is whole: the flip hit the checksum or the space
-        if record is not None:
-            return record, f"one flipped bit in byte {wrong[0]} of the record"
+    if len(wrong) != 1 or (line[wrong[0]] ^ actual[wrong[0]]).bit_count() != 1:
+        return None
+    record = _loads(payload)  # the payload is whole: the flip hit the checksum or the space
+    if record is None:
+        return None
+    return record, f"one flipped bit in byte {wrong[0]} of the record"
+
+
+def _payload_flip(line: bytes) -> tuple[dict, str] | None:
+    """The record and where the bit was, if one flipped bit in the payload of ``line`` (whose
+    checksum field is whole) is what is wrong with it."""
     if line[8:9] != b" " or not _HEX_DIGITS.issuperset(line[:8]):
         return None
     want = int(line[:8], 16)
-    bit = _flipped_bit(payload, want)
+    bit = _flipped_bit(line[9:], want)
     if bit is None:
         return None
-    fixed = bytearray(payload)
+    fixed = bytearray(line[9:])
     fixed[bit >> 3] ^= 1 << (bit & 7)
     if zlib.crc32(fixed) != want:
         return None
@@ -307,30 +332,40 @@ def mend(data: bytes) -> Mend:
     out = Mend()
     placed = list(scan.records)
     for d in scan.damage:
-        region = data[d.start : d.end]
-        found = salvage(region)
-        out.salvaged += len(found)
-        gaps, pos = [], 0
-        for start, end, _ in found:
-            gaps.append((pos, start))
-            pos = end
-        gaps.append((pos, len(region)))
-        for gs, ge in gaps:
-            gap = region[gs:ge]
-            body = gap.strip(b"\n")
-            if not body:
-                continue  # a record's own newline
-            at = d.start + gs + gap.index(body)  # the newlines around it only frame lines
-            fixed = _mend_gap(body)
-            for lo, hi, record, where in fixed:
-                placed.append((at + hi, record))
-                out.corrected.append({"offset": at + lo, "where": where})
-            out.moved.append((at, at + len(body), "corrupt-mended" if fixed else "corrupt"))
+        _mend_region(out, placed, data[d.start : d.end], d.start)
     if scan.torn is not None:
         out.moved.append((scan.torn.start, scan.torn.end, "torn"))
     placed.sort(key=lambda item: item[0])
     out.records = [r for _, r in placed]
     return out
+
+
+def _mend_region(out: Mend, placed: list, region: bytes, offset: int) -> None:
+    """One damaged region (at ``offset``) for :func:`mend`: the records salvaged or corrected in
+    it join ``placed`` as ``(end, record)``, and the bytes between them are moved."""
+    found = salvage(region)
+    out.salvaged += len(found)
+    gaps = zip([0] + [end for _, end, _ in found], [start for start, _, _ in found] + [len(region)])
+    for gs, ge in gaps:
+        gap = region[gs:ge]
+        body = gap.strip(b"\n")
+        if not body:
+            continue  # a record's own newline
+        at = offset + gs + gap.index(body)  # the newlines around it only frame lines
+        fixed = _mend_gap(body)
+        for lo, hi, record, where in fixed:
+            placed.append((at + hi, record))
+            out.corrected.append({"offset": at + lo, "where": where})
+        out.moved.append((at, at + len(body), "corrupt-mended" if fixed else "corrupt"))
+
+
+def header_op(record: dict) -> dict | None:
+    """The header op (``hdr``: the journal's generation) of a journal's first record, None if
+    the record is not a header."""
+    ops = record.get("ops")
+    if ops and ops[0].get("op") == "hdr":
+        return ops[0]
+    return None
 
 
 def _add_damage(into: list[Damage], more: list[Damage]) -> None:
@@ -442,11 +477,7 @@ class Journal:
 
     def verify(self, end: int) -> list[Damage]:
         """Checksums of every complete line before ``end``, without parsing JSON: the damage found."""
-        try:
-            with open(self.path, "rb") as fh:
-                data = fh.read(end)
-        except OSError as exc:
-            raise JournalError(f"cannot read the journal {self.path}: {exc.strerror}") from None
+        data = self._head(end)
         damage: list[Damage] = []
         pos, crc32, bad = 0, zlib.crc32, -1
         for line in data.split(b"\n")[:-1]:  # the last piece is after the last newline: not a record
@@ -465,6 +496,14 @@ class Journal:
         if bad >= 0:
             damage.append(Damage(bad, pos))
         return damage
+
+    def _head(self, end: int) -> bytes:
+        """The journal's first ``end`` bytes."""
+        try:
+            with open(self.path, "rb") as fh:
+                return fh.read(end)
+        except OSError as exc:
+            raise JournalError(f"cannot read the journal {self.path}: {exc.strerror}") from None
 
     def raw_from(self, start: int) -> bytes | None:
         """The journal's bytes from ``start`` to its end, unparsed; None if it is missing or
@@ -494,10 +533,10 @@ class Journal:
         record = decode(line[:-1])
         if record is None:  # a damaged first line: the header may still be whole inside it
             found = salvage(line[:-1])
-            record = found[0][2] if found and found[0][0] == 0 else None
-        if record and record.get("ops") and record["ops"][0].get("op") == "hdr":
-            return record["ops"][0]
-        return None
+            if not found or found[0][0] != 0:
+                return None
+            record = found[0][2]
+        return header_op(record)
 
     # -- writing --------------------------------------------------------------------------
 
@@ -521,33 +560,25 @@ class Journal:
             self._prepared = True
         if timeout is None:
             timeout = lock_timeout()
+        fh = self._open_lock_file()
         try:
-            fd = os.open(self.paths.lock_file, os.O_RDWR | os.O_CREAT | _O_NOFOLLOW | _O_CLOEXEC, 0o600)
-        except OSError as exc:
-            raise JournalError(f"cannot open the lock file {self.paths.lock_file}: {exc.strerror}") from None
-        fh = os.fdopen(fd, "r+b")
-        deadline = time.monotonic() + timeout
-        pause = 0.002
-        try:
-            while not _try_lock(fh):
-                if time.monotonic() >= deadline:
-                    raise LockBusy(
-                        f"the journal is locked by another kmpwm process (waited {timeout:g}s)",
-                        hint="try again; set KMPWM_LOCK_TIMEOUT to wait longer",
-                    ) from None
-                time.sleep(pause)
-                pause = min(pause * 2, 0.05)
+            _wait_for_lock(fh, timeout)
             self._lock_depth = 1
             try:
                 yield
             finally:
                 self._lock_depth = 0
-                try:
+                with suppress(Exception):
                     _unlock(fh)
-                except Exception:
-                    pass
         finally:
             fh.close()
+
+    def _open_lock_file(self):
+        try:
+            fd = os.open(self.paths.lock_file, os.O_RDWR | os.O_CREAT | _O_NOFOLLOW | _O_CLOEXEC, 0o600)
+        except OSError as exc:
+            raise JournalError(f"cannot open the lock file {self.paths.lock_file}: {exc.strerror}") from None
+        return os.fdopen(fd, "r+b")
 
     def _open_for_append(self) -> tuple[int, bool]:
         try:
@@ -582,41 +613,34 @@ class Journal:
                 header = {"ts": time.time(), "ops": [schema.header(uuid.uuid4().hex, FORMAT_VERSION)]}
                 records = [header, *records]
             blob = b"".join(encode(r) for r in records)
-            try:
-                write_all(fd, blob)
-                _datasync(fd)
-            except OSError as exc:
-                try:
-                    os.ftruncate(fd, size)
-                    os.fsync(fd)
-                except OSError:
-                    pass  # the next writer trims the torn tail
-                err = JournalError(
-                    f"cannot write to the journal {self.path}: {exc.strerror}"
-                    + (" (disk full)" if exc.errno == errno.ENOSPC else ""),
-                    hint="this record was not written; free space or fix the file system, then try again",
-                )
-                err.errno = exc.errno  # run-due makes room for results on ENOSPC (reserve.py)
-                raise err from None
+            self._write_or_cut_back(fd, blob, size)
             if created:
                 _fsync_dir(self.path.parent)
             return size + len(blob)
         finally:
             os.close(fd)
 
+    def _write_or_cut_back(self, fd: int, blob: bytes, size: int) -> None:
+        """Write ``blob`` durably after ``size`` bytes; on failure cut the file back to ``size``."""
+        try:
+            write_all(fd, blob)
+            _datasync(fd)
+        except OSError as exc:
+            with suppress(OSError):  # if this fails too, the next writer trims the torn tail
+                os.ftruncate(fd, size)
+                os.fsync(fd)
+            err = JournalError(
+                f"cannot write to the journal {self.path}: {_reason(exc)}",
+                hint="this record was not written; free space or fix the file system, then try again",
+            )
+            err.errno = exc.errno  # run-due makes room for results on ENOSPC (reserve.py)
+            raise err from None
+
     def _repair_torn_tail(self, fd: int, size: int) -> int:
         """If the file does not end with a newline, keep the torn bytes in quarantine and cut them off."""
         if size == 0 or os.pread(fd, 1, size - 1) == b"\n":
             return size
-        pos, step = size, 1 << 16
-        while pos > 0:
-            start = max(0, pos - step)
-            chunk = os.pread(fd, pos - start, start)
-            nl = chunk.rfind(b"\n")
-            if nl >= 0:
-                pos = start + nl + 1
-                break
-            pos = start
+        pos = _last_line_start(fd, size)
         torn = os.pread(fd, size - pos, pos)
         found = salvage(torn)
         if found and found[-1][1] < len(torn):
@@ -645,8 +669,7 @@ class Journal:
             _write_new(path, data)
         except OSError as exc:
             raise JournalError(
-                f"cannot keep damaged bytes in {qdir}: {exc.strerror}"
-                + (" (disk full)" if exc.errno == errno.ENOSPC else ""),
+                f"cannot keep damaged bytes in {qdir}: {_reason(exc)}",
                 hint="nothing was changed; free space, then try again",
             ) from None
         return path
@@ -655,27 +678,29 @@ class Journal:
         """Remove what killed writers left: temp files of journal rewrites (made only under the
         lock, so any seen while holding it is stale) and of snapshots whose writer is gone."""
         assert self._lock_depth, "sweep without the journal lock"
-        from kmpwm.platform import procs
-
         removed = []
         try:
             names = os.listdir(self.paths.journal_dir)
         except OSError:
             return removed
-        for name in names:
-            if not (name.startswith(".") and name.endswith(".tmp")):
-                continue
-            parts = name.split(".")  # .journal.log.<pid>.<rand>.tmp / .state.snap.<pid>.<rand>.tmp
-            stale = name.startswith(f".{self.path.name}.")
-            if not stale and len(parts) >= 5 and parts[-3].isdigit():
-                stale = procs.token(int(parts[-3])) is None
-            if stale:
-                try:
-                    os.unlink(self.paths.journal_dir / name)
-                    removed.append(name)
-                except OSError:
-                    pass
+        for name in filter(self._stale_temp_file, names):
+            with suppress(OSError):
+                os.unlink(self.paths.journal_dir / name)
+                removed.append(name)
         return removed
+
+    def _stale_temp_file(self, name: str) -> bool:
+        """A journal rewrite's temp file (any is stale under the lock), or a snapshot's whose writer is gone."""
+        if not (name.startswith(".") and name.endswith(".tmp")):
+            return False
+        if name.startswith(f".{self.path.name}."):
+            return True
+        parts = name.split(".")  # .journal.log.<pid>.<rand>.tmp / .state.snap.<pid>.<rand>.tmp
+        if len(parts) < 5 or not parts[-3].isdigit():
+            return False
+        from kmpwm.platform import procs
+
+        return procs.token(int(parts[-3])) is None
 
     def rewrite(self, records: list[dict], *, compacted_size: int | None = None) -> None:
         """Atomically replace the journal with a new generation holding ``records`` (caller locked)."""
@@ -714,6 +739,20 @@ def _try_lock(fh) -> bool:
         return False
 
 
+def _wait_for_lock(fh, timeout: float) -> None:
+    """Take the lock on ``fh``, polling with growing pauses; LockBusy after ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    pause = 0.002
+    while not _try_lock(fh):
+        if time.monotonic() >= deadline:
+            raise LockBusy(
+                f"the journal is locked by another kmpwm process (waited {timeout:g}s)",
+                hint="try again; set KMPWM_LOCK_TIMEOUT to wait longer",
+            ) from None
+        time.sleep(pause)
+        pause = min(pause * 2, 0.05)
+
+
 def _unlock(fh) -> None:
     if _fcntl is not None:
         _fcntl.flock(fh.fileno(), _fcntl.LOCK_UN)
@@ -721,6 +760,23 @@ def _unlock(fh) -> None:
     import portalocker  # pragma: no cover - not POSIX
 
     portalocker.unlock(fh)  # pragma: no cover
+
+
+def _last_line_start(fd: int, size: int) -> int:
+    """Where the file's last line begins: after its last newline (0 if it has none)."""
+    pos, step = size, 1 << 16
+    while pos > 0:
+        start = max(0, pos - step)
+        nl = os.pread(fd, pos - start, start).rfind(b"\n")
+        if nl >= 0:
+            return start + nl + 1
+        pos = start
+    return 0
+
+
+def _reason(exc: OSError) -> str:
+    """An OSError's text, saying so when the disk is full."""
+    return exc.strerror + (" (disk full)" if exc.errno == errno.ENOSPC else "")
 
 
 def _datasync(fd: int) -> None:
@@ -734,9 +790,8 @@ def _fsync_dir(path: Path) -> None:
     except OSError:
         return
     try:
-        os.fsync(dfd)
-    except OSError:
-        pass
+        with suppress(OSError):
+            os.fsync(dfd)
     finally:
         os.close(dfd)
 
@@ -750,10 +805,8 @@ def _write_new(path: Path, data: bytes) -> None:
         os.fsync(fd)
     except OSError:
         os.close(fd)
-        try:
+        with suppress(OSError):
             os.unlink(path)
-        except OSError:
-            pass
         raise
     os.close(fd)
 
@@ -766,12 +819,10 @@ def atomic_write(path: Path, data: bytes) -> None:
         _write_new(tmp, data)
         os.replace(tmp, path)
     except OSError as exc:
-        try:
+        with suppress(OSError):
             os.unlink(tmp)
-        except OSError:
-            pass
         raise JournalError(
-            f"cannot write {path}: {exc.strerror}" + (" (disk full)" if exc.errno == errno.ENOSPC else ""),
+            f"cannot write {path}: {_reason(exc)}",
             hint="the previous file is unchanged",
         ) from None
     _fsync_dir(path.parent)

@@ -38,6 +38,7 @@ from kmpwm.storage.journal import (
     _add_damage,
     atomic_write,
     encode,
+    header_op,
     scan_bytes,
     write_all,
 )
@@ -559,9 +560,9 @@ class Store:
     def _committed(self, view: View, records: list[dict], end: int) -> list:
         results = []
         for record in records:
-            ops = record.get("ops")
-            if ops and ops[0].get("op") == "hdr":
-                header = self.journal.header() if ops[0].get("_pending") else ops[0]
+            header = header_op(record)
+            if header is not None:
+                header = self.journal.header() if header.get("_pending") else header
                 view.gen = header.get("gen") if header else None
                 continue
             results = apply(view.state, record)
@@ -732,10 +733,8 @@ def _unflushed(view: View, cold_ids: list, cold_chain_ids: list) -> tuple[dict, 
 
 def _header_gen(record: dict) -> str | None:
     """The generation a journal's first record names, None if it is not a header."""
-    ops = record.get("ops")
-    if ops and ops[0].get("op") == "hdr":
-        return ops[0].get("gen")
-    return None
+    header = header_op(record)
+    return None if header is None else header.get("gen")
 
 
 _NOTHING: dict = {"tasks": {}, "fam": {}}  # for _new_tasks_only's checks within one record
