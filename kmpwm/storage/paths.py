@@ -80,19 +80,27 @@ def check_secure(path: Path, *, what: str) -> None:
         return
     except OSError as exc:
         raise JournalError(f"cannot read {what} {path}: {exc.strerror}") from None
-    problems = []
-    if hasattr(os, "getuid") and st.st_uid != os.getuid():
-        problems.append(f"owned by uid {st.st_uid}, not you (uid {os.getuid()})")
-    if st.st_mode & (stat.S_IWGRP | stat.S_IWOTH):
-        problems.append(
-            f"writable by {'group and others' if st.st_mode & stat.S_IWGRP and st.st_mode & stat.S_IWOTH else 'group' if st.st_mode & stat.S_IWGRP else 'others'} (mode {stat.S_IMODE(st.st_mode):04o})"  # noqa: E501
-        )
+    problems = _insecurities(st)
     if problems:
         fix = f"chmod {'700' if stat.S_ISDIR(st.st_mode) else '600'} {path}"
         raise InsecurePermissions(
             f"refusing to use {what} {path}: {'; '.join(problems)}",
             hint=f"fix it with: {fix}" + (" (and chown it to yourself)" if "owned" in problems[0] else ""),
         )
+
+
+_WRITABLE_BY = {stat.S_IWGRP: "group", stat.S_IWOTH: "others", stat.S_IWGRP | stat.S_IWOTH: "group and others"}
+
+
+def _insecurities(st: os.stat_result) -> list[str]:
+    """What makes a file with this stat unsafe to use: another owner, write access for others."""
+    problems = []
+    if hasattr(os, "getuid") and st.st_uid != os.getuid():
+        problems.append(f"owned by uid {st.st_uid}, not you (uid {os.getuid()})")
+    writable = _WRITABLE_BY.get(st.st_mode & (stat.S_IWGRP | stat.S_IWOTH))
+    if writable is not None:
+        problems.append(f"writable by {writable} (mode {stat.S_IMODE(st.st_mode):04o})")
+    return problems
 
 
 def make_private_dirs(path: Path) -> None:

@@ -119,24 +119,29 @@ def read(path) -> dict | None:
     except OSError:
         return None
     for raw in reversed(tail.splitlines()):
-        text = raw.decode("utf-8", "replace").strip()
-        if not text:
-            continue
-        head, _, msg = text.partition(" ")
-        try:
-            fraction = float(head.rstrip("%")) / (100 if head.endswith("%") else 1)
-        except ValueError:
-            continue
-        import math
-
-        if math.isnan(fraction):
-            continue
-        return {
-            "fraction": min(1.0, max(0.0, fraction)),
-            "message": msg.strip()[:MESSAGE_MAX] or None,
-            "at": iso(st.st_mtime),
-        }
+        parsed = _parse(raw)
+        if parsed is not None:
+            fraction, msg = parsed
+            return {
+                "fraction": min(1.0, max(0.0, fraction)),
+                "message": msg.strip()[:MESSAGE_MAX] or None,
+                "at": iso(st.st_mtime),
+            }
     return None
+
+
+def _parse(raw: bytes) -> tuple[float, str] | None:
+    """The fraction (``0.5`` or ``50%``) and message of a progress line; None if it holds none."""
+    import math
+
+    head, _, msg = raw.decode("utf-8", "replace").strip().partition(" ")
+    try:
+        fraction = float(head.rstrip("%")) / (100 if head.endswith("%") else 1)
+    except ValueError:
+        return None
+    if math.isnan(fraction):
+        return None
+    return fraction, msg
 
 
 def trim(path) -> None:
