@@ -9,6 +9,7 @@ source's runner), and said so: stop the source's runners before moving a queue.
 from __future__ import annotations
 
 import copy as _copy
+from dataclasses import dataclass, field
 
 from kmpwm.core import schema
 from kmpwm.core.exitcodes import InvalidParams
@@ -17,35 +18,52 @@ from kmpwm.core.state import UNFINISHED, live_chain, members, pack_task
 
 def plan_copy(state: dict) -> tuple[list[dict], list[str], list[str]]:
     """(the ops that recreate the unfinished part of ``state``, ids copied, ids that were RUNNING)."""
-    ops: list[dict] = []
-    ids: list[str] = []
-    running: list[str] = []
-    taken: set[str] = set()
+    plan = _Plan()
     for cid, chain in state["chains"].items():
         if live_chain(state, chain):
-            own = members(state, chain)
-            ops += [schema.put_chain(_copy.deepcopy(chain)), *(_put_task(t, running) for t in own)]
-            ids += [cid, *(t["id"] for t in own)]
-            taken.update(t["id"] for t in own)
-    rest = [t for tid, t in state["tasks"].items() if tid not in taken and t["state"] in UNFINISHED]
-    ops += [_put_task(t, running) for t in rest]
-    ids += [t["id"] for t in rest]
-    if not (ops or state.get("qpause")):
-        return [], ids, running
+            plan.put_chain(cid, chain, members(state, chain))
+    for tid, t in state["tasks"].items():
+        if tid not in plan.taken and t["state"] in UNFINISHED:
+            plan.put_task(t)
+    if not (plan.ops or state.get("qpause")):
+        return [], plan.ids, plan.running
+    return [_meta_op(state), *plan.ops], plan.ids, plan.running
+
+
+@dataclass
+class _Plan:
+    """A copy being planned: its put ops, the ids they copy (chains and tasks), the task ids
+    among them, and those that were RUNNING."""
+
+    ops: list[dict] = field(default_factory=list)
+    ids: list[str] = field(default_factory=list)
+    taken: set[str] = field(default_factory=set)
+    running: list[str] = field(default_factory=list)
+
+    def put_chain(self, cid: str, chain: dict, own: list[dict]) -> None:
+        self.ops.append(schema.put_chain(_copy.deepcopy(chain)))
+        self.ids.append(cid)
+        for t in own:
+            self.put_task(t)
+
+    def put_task(self, t: dict) -> None:
+        """A copy of ``t``; a RUNNING task is copied ENQUEUED (its run belongs to the source)."""
+        t = _copy.deepcopy(t)
+        if t["state"] == "RUNNING":
+            self.running.append(t["id"])
+            t["state"] = "ENQUEUED"
+            t["lease"] = None
+        self.ops.append(schema.put_task(pack_task(t)))
+        self.ids.append(t["id"])
+        self.taken.add(t["id"])
+
+
+def _meta_op(state: dict) -> dict:
+    """The counters, and a queue pause if there is one, as one ``meta`` op."""
     meta = schema.meta(state["seq"], dict(state["fam"]))
     if state.get("qpause"):
         meta["qpause"] = dict(state["qpause"])
-    return [meta, *ops], ids, running
-
-
-def _put_task(t: dict, running: list) -> dict:
-    """The put op of a copy of ``t``; a RUNNING task is copied ENQUEUED (and its id noted in ``running``)."""
-    t = _copy.deepcopy(t)
-    if t["state"] == "RUNNING":
-        running.append(t["id"])
-        t["state"] = "ENQUEUED"
-        t["lease"] = None
-    return schema.put_task(pack_task(t))
+    return meta
 
 
 def _refuse_overwrite(ids: list[str], there: dict) -> None:

@@ -156,8 +156,7 @@ def scan_bytes(data: bytes, base: int = 0) -> Scan:
     bad = _scan_lines(out, data, complete, base)
     end = complete
     if complete < len(data):
-        found = salvage(data[complete:])
-        if found and complete + found[-1][1] < len(data):  # valid records with bytes after them: damage
+        if _flipped_last_newline(data[complete:]):
             bad = complete if bad < 0 else bad
             end = len(data)
         else:
@@ -166,6 +165,13 @@ def scan_bytes(data: bytes, base: int = 0) -> Scan:
         _close_region(out, data, bad, end, base)
     out.end = base + end
     return out
+
+
+def _flipped_last_newline(tail: bytes) -> bool:
+    """Whether the bytes after the last newline hold valid records with bytes after them: a
+    flipped last newline (damage), not a write that never completed (a torn tail)."""
+    found = salvage(tail)
+    return bool(found) and found[-1][1] < len(tail)
 
 
 def _scan_lines(out: Scan, data: bytes, stop: int, base: int) -> int:
@@ -206,13 +212,17 @@ _CRC_BIT: dict[int, int] = {}
 def _crc_tables() -> None:
     """The CRC-32 (zlib's, reflected 0xEDB88320) byte table, the index of each entry by its top
     byte (distinct for this polynomial: one step is invertible) and the entries of single bits."""
-    for i in range(256):
-        r = i
-        for _ in range(8):
-            r = (r >> 1) ^ (0xEDB88320 if r & 1 else 0)
-        _CRC_TABLE.append(r)
+    _CRC_TABLE.extend(_crc_entry(i) for i in range(256))
     _CRC_TOP.update((r >> 24, i) for i, r in enumerate(_CRC_TABLE))
     _CRC_BIT.update((_CRC_TABLE[1 << b], b) for b in range(8))
+
+
+def _crc_entry(byte: int) -> int:
+    """The CRC-32 register after shifting ``byte`` through it: eight steps of the polynomial."""
+    r = byte
+    for _ in range(8):
+        r = (r >> 1) ^ (0xEDB88320 if r & 1 else 0)
+    return r
 
 
 def _flipped_bit(payload: bytes, want: int) -> int | None:
@@ -295,15 +305,7 @@ def _mend_gap(body: bytes) -> list[tuple[int, int, dict, str]]:
     while i < len(pieces):
         step = 1
         for span in (1, 2)[: len(pieces) - i]:
-            start, end = pieces[i][0], pieces[i + span - 1][1]
-            fixed = next(
-                (
-                    (start + lo, end - hi, r)
-                    for lo, hi in ((0, 0), (1, 0), (0, 1))
-                    if (r := correct(body[start + lo : end - hi])) is not None
-                ),
-                None,
-            )
+            fixed = _correct_span(body, pieces[i][0], pieces[i + span - 1][1])
             if fixed is not None:
                 lo, hi, (record, where) = fixed
                 out.append((lo, hi, record, where))
@@ -311,6 +313,16 @@ def _mend_gap(body: bytes) -> list[tuple[int, int, dict, str]]:
                 break
         i += step
     return out
+
+
+def _correct_span(body: bytes, start: int, end: int) -> tuple[int, int, tuple[dict, str]] | None:
+    """What :func:`correct` restores in ``body[start:end]``, also without its first or last byte:
+    ``(start, end, (record, where))`` of the bytes it used."""
+    for lo, hi in ((0, 0), (1, 0), (0, 1)):
+        fixed = correct(body[start + lo : end - hi])
+        if fixed is not None:
+            return start + lo, end - hi, fixed
+    return None
 
 
 @dataclass
@@ -359,13 +371,44 @@ def _mend_region(out: Mend, placed: list, region: bytes, offset: int) -> None:
         out.moved.append((at, at + len(body), "corrupt-mended" if fixed else "corrupt"))
 
 
-def header_op(record: dict) -> dict | None:
+def _first_record(line: bytes) -> dict | None:
+    """The record at the start of ``line``: the line's own, or one whole inside a damaged line."""
+    record = decode(line)
+    if record is not None:
+        return record
+    found = salvage(line)
+    return found[0][2] if found and found[0][0] == 0 else None
+
+
+def _header_op(record: dict) -> dict | None:
     """The header op (``hdr``: the journal's generation) of a journal's first record, None if
     the record is not a header."""
     ops = record.get("ops")
     if ops and ops[0].get("op") == "hdr":
         return ops[0]
     return None
+
+
+def _bad_checksums(data: bytes) -> list[Damage]:
+    """The regions of the complete lines in ``data`` whose checksum fails (JSON not parsed)."""
+    damage: list[Damage] = []
+    pos, crc32, bad = 0, zlib.crc32, -1
+    for line in data.split(b"\n")[:-1]:  # the last piece is after the last newline: not a record
+        ok = len(line) > 9 and line[8:9] == b" "
+        if ok:
+            try:
+                ok = int(line[:8], 16) == crc32(line[9:])
+            except ValueError:
+                ok = False
+        if not ok and bad < 0:
+            bad = pos
+        elif ok and bad >= 0:
+            damage.append(Damage(bad, pos))
+            bad = -1
+        pos += len(line) + 1
+    if bad >= 0:
+        damage.append(Damage(bad, pos))
+    return damage
 
 
 def _add_damage(into: list[Damage], more: list[Damage]) -> None:
@@ -375,6 +418,15 @@ def _add_damage(into: list[Damage], more: list[Damage]) -> None:
             into[-1] = Damage(into[-1].start, d.end, salvaged=into[-1].salvaged + d.salvaged)
         else:
             into.append(d)
+
+
+@contextmanager
+def _journal_error(doing: str, hint: str | None = None) -> Iterator[None]:
+    """An OSError in the block is raised as JournalError ``cannot <doing>: <reason>``."""
+    try:
+        yield
+    except OSError as exc:
+        raise JournalError(f"cannot {doing}: {exc.strerror}", hint=hint) from None
 
 
 def lock_timeout() -> float:
@@ -432,14 +484,9 @@ class Journal:
         fold a journal of any size without holding all of its records at once.  Returns the
         file's inode (0 if missing) and the scans; the file is read as they are consumed.  The
         scans are None when the file is not the one ``expect_ino`` names."""
-        try:
-            fd = os.open(self.path, os.O_RDONLY | _O_NOFOLLOW | _O_CLOEXEC)
-        except FileNotFoundError:
+        fd = self._open_for_reading()
+        if fd is None:
             return 0, iter((Scan(end=start),))
-        except OSError as exc:
-            raise JournalError(
-                f"cannot open the journal {self.path}: {exc.strerror}", hint="check that it is a regular file you own"
-            ) from None
         try:
             ino = os.fstat(fd).st_ino
         except OSError as exc:
@@ -450,19 +497,19 @@ class Journal:
             return ino, None
         return ino, self._parts(fd, start, chunk)
 
+    def _open_for_reading(self) -> int | None:
+        """The journal opened to read (None: there is none yet)."""
+        hint = "check that it is a regular file you own"
+        with _journal_error(f"open the journal {self.path}", hint), suppress(FileNotFoundError):
+            return os.open(self.path, os.O_RDONLY | _O_NOFOLLOW | _O_CLOEXEC)
+        return None
+
     def _parts(self, fd: int, start: int, chunk: int) -> Iterator[Scan]:
         try:
             if start:
                 os.lseek(fd, start, os.SEEK_SET)
             pos, carry = start, b""
-            while True:
-                try:
-                    data = os.read(fd, chunk)
-                except OSError as exc:
-                    raise JournalError(f"cannot read the journal {self.path}: {exc.strerror}") from None
-                if not data:
-                    yield scan_bytes(carry, pos)  # whatever follows the last newline: a torn tail
-                    return
+            for data in self._chunks(fd, chunk):
                 buf = carry + data if carry else data
                 nl = buf.rfind(b"\n")
                 if nl < 0:
@@ -472,38 +519,27 @@ class Journal:
                 part = scan_bytes(buf[: nl + 1], pos)
                 pos += nl + 1
                 yield part
+            yield scan_bytes(carry, pos)  # whatever follows the last newline: a torn tail
         finally:
             os.close(fd)
 
+    def _chunks(self, fd: int, size: int) -> Iterator[bytes]:
+        """The file's bytes from ``fd``'s offset to its end, ``size`` at a time."""
+        while True:
+            with _journal_error(f"read the journal {self.path}"):
+                data = os.read(fd, size)
+            if not data:
+                return
+            yield data
+
     def verify(self, end: int) -> list[Damage]:
         """Checksums of every complete line before ``end``, without parsing JSON: the damage found."""
-        data = self._head(end)
-        damage: list[Damage] = []
-        pos, crc32, bad = 0, zlib.crc32, -1
-        for line in data.split(b"\n")[:-1]:  # the last piece is after the last newline: not a record
-            ok = len(line) > 9 and line[8:9] == b" "
-            if ok:
-                try:
-                    ok = int(line[:8], 16) == crc32(line[9:])
-                except ValueError:
-                    ok = False
-            if not ok and bad < 0:
-                bad = pos
-            elif ok and bad >= 0:
-                damage.append(Damage(bad, pos))
-                bad = -1
-            pos += len(line) + 1
-        if bad >= 0:
-            damage.append(Damage(bad, pos))
-        return damage
+        return _bad_checksums(self._head(end))
 
     def _head(self, end: int) -> bytes:
         """The journal's first ``end`` bytes."""
-        try:
-            with open(self.path, "rb") as fh:
-                return fh.read(end)
-        except OSError as exc:
-            raise JournalError(f"cannot read the journal {self.path}: {exc.strerror}") from None
+        with _journal_error(f"read the journal {self.path}"), open(self.path, "rb") as fh:
+            return fh.read(end)
 
     def raw_from(self, start: int) -> bytes | None:
         """The journal's bytes from ``start`` to its end, unparsed; None if it is missing or
@@ -530,13 +566,8 @@ class Journal:
             raise JournalError(f"cannot read the journal {self.path}: {exc.strerror}") from None
         if not line.endswith(b"\n"):
             return None
-        record = decode(line[:-1])
-        if record is None:  # a damaged first line: the header may still be whole inside it
-            found = salvage(line[:-1])
-            if not found or found[0][0] != 0:
-                return None
-            record = found[0][2]
-        return header_op(record)
+        record = _first_record(line[:-1])
+        return None if record is None else _header_op(record)
 
     # -- writing --------------------------------------------------------------------------
 
@@ -574,27 +605,16 @@ class Journal:
             fh.close()
 
     def _open_lock_file(self):
-        try:
+        with _journal_error(f"open the lock file {self.paths.lock_file}"):
             fd = os.open(self.paths.lock_file, os.O_RDWR | os.O_CREAT | _O_NOFOLLOW | _O_CLOEXEC, 0o600)
-        except OSError as exc:
-            raise JournalError(f"cannot open the lock file {self.paths.lock_file}: {exc.strerror}") from None
         return os.fdopen(fd, "r+b")
 
     def _open_for_append(self) -> tuple[int, bool]:
-        try:
-            fd = os.open(self.path, os.O_RDWR | os.O_APPEND | _O_NOFOLLOW | _O_CLOEXEC)
-            return fd, False
-        except FileNotFoundError:
-            pass
-        except OSError as exc:
-            raise JournalError(
-                f"cannot open the journal {self.path} for writing: {exc.strerror}",
-                hint="it must be a regular file you own (not a symlink)",
-            ) from None
-        try:
+        hint = "it must be a regular file you own (not a symlink)"
+        with _journal_error(f"open the journal {self.path} for writing", hint), suppress(FileNotFoundError):
+            return os.open(self.path, os.O_RDWR | os.O_APPEND | _O_NOFOLLOW | _O_CLOEXEC), False
+        with _journal_error(f"create the journal {self.path}"):
             fd = os.open(self.path, os.O_RDWR | os.O_APPEND | os.O_CREAT | os.O_EXCL | _O_NOFOLLOW | _O_CLOEXEC, 0o600)
-        except OSError as exc:
-            raise JournalError(f"cannot create the journal {self.path}: {exc.strerror}") from None
         return fd, True
 
     def append(self, records: list[dict]) -> int:
@@ -610,8 +630,7 @@ class Journal:
             if not created and size:
                 size = self._repair_torn_tail(fd, size)
             if size == 0:  # a new journal (or one whose only record was torn) starts with its header
-                header = {"ts": time.time(), "ops": [schema.header(uuid.uuid4().hex, FORMAT_VERSION)]}
-                records = [header, *records]
+                records = [_new_header(), *records]
             blob = b"".join(encode(r) for r in records)
             self._write_or_cut_back(fd, blob, size)
             if created:
@@ -642,22 +661,16 @@ class Journal:
             return size
         pos = _last_line_start(fd, size)
         torn = os.pread(fd, size - pos, pos)
-        found = salvage(torn)
-        if found and found[-1][1] < len(torn):
-            # valid records with bytes after them: a flipped last newline, not a torn write.  Readers
-            # count those records (scan_bytes), so they stay; ending the damaged line keeps it damage
-            # for `doctor --repair` to mend, and the records after it start on a line of their own.
-            try:
+        if _flipped_last_newline(torn):
+            # Readers count its records (scan_bytes), so they stay; ending the damaged line keeps it
+            # damage for `doctor --repair` to mend, and the records after it start on a line of their own.
+            with _journal_error(f"write to the journal {self.path}"):
                 write_all(fd, b"\n")
-            except OSError as exc:
-                raise JournalError(f"cannot write to the journal {self.path}: {exc.strerror}") from None
             return size + 1
         self.quarantine(torn, pos, "torn")
-        try:
+        with _journal_error(f"repair the torn end of the journal {self.path}"):
             os.ftruncate(fd, pos)
             os.fsync(fd)
-        except OSError as exc:
-            raise JournalError(f"cannot repair the torn end of the journal {self.path}: {exc.strerror}") from None
         return pos
 
     def quarantine(self, data: bytes, offset: int, kind: str) -> Path:
@@ -705,11 +718,16 @@ class Journal:
     def rewrite(self, records: list[dict], *, compacted_size: int | None = None) -> None:
         """Atomically replace the journal with a new generation holding ``records`` (caller locked)."""
         assert self._lock_depth, "rewrite without the journal lock"
-        hdr = schema.header(uuid.uuid4().hex, FORMAT_VERSION)
-        if compacted_size is not None:
-            hdr["compacted_size"] = compacted_size  # automatic compaction waits until the journal doubles
-        header = {"ts": time.time(), "ops": [hdr]}
+        header = _new_header(compacted_size)
         atomic_write(self.path, b"".join(encode(r) for r in [header, *records]))
+
+
+def _new_header(compacted_size: int | None = None) -> dict:
+    """The first record of a new journal generation (named by a new id)."""
+    hdr = schema.header(uuid.uuid4().hex, FORMAT_VERSION)
+    if compacted_size is not None:
+        hdr["compacted_size"] = compacted_size  # automatic compaction waits until the journal doubles
+    return {"ts": time.time(), "ops": [hdr]}
 
 
 # The writers' lock is portalocker's POSIX lock: an exclusive flock(2) on journal/lock.  On POSIX

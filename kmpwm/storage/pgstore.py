@@ -28,7 +28,7 @@ import re
 import select
 import time
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from urllib.parse import urlsplit, urlunsplit
 
 import orjson
@@ -298,6 +298,11 @@ def _end_cols(ends: list) -> tuple[list, list]:
     return [e[0] for e in ends], [e[1] for e in ends]
 
 
+def _record_rows(rows: list) -> list[tuple[int, bytes]]:
+    """(seq, body) of a reading's record rows (those with a seq), in seq order."""
+    return sorted((r[0], r[1]) for r in rows if r[0] is not None)
+
+
 def _lease_left(rows: list) -> dict:
     """Seconds left per (task, runner), from a reading's lease rows (those without a seq)."""
     return {(r[2], r[3]): r[4] for r in rows if r[0] is None}
@@ -309,6 +314,14 @@ def _lease_holders(state: dict) -> list[tuple[str, dict]]:
     tasks = state["tasks"].values()
     running = [(t["id"], t["lease"]) for t in tasks if t["state"] == "RUNNING" and t.get("lease")]
     return running + list((state.get("fences") or {}).items())
+
+
+def _take_notifications(pg) -> list[int]:
+    """The backend pids of the notifications waiting on the libpq connection ``pg`` (taken)."""
+    pids = []
+    while (n := pg.notifies()) is not None:
+        pids.append(n.be_pid)
+    return pids
 
 
 def _dead(conn) -> bool:
@@ -370,23 +383,24 @@ class PgStore:
             check_all(self.paths)
             _pgpass_check()
             self._checked = True
+        self._conn = self._connect(psycopg)
+        self._migrate()
+        return self._conn
+
+    def _connect(self, psycopg):
         try:
-            self._conn = psycopg.connect(
+            return psycopg.connect(
                 self.url, autocommit=True, connect_timeout=10, application_name="kmpwm", prepare_threshold=None
             )
         except psycopg.ProgrammingError as exc:  # a URL libpq cannot parse
             raise ConfigError(f"malformed store URL {mask(self.url)}: {str(exc).splitlines()[0]}") from None
         except psycopg.Error as exc:
             raise self._error(exc, "connecting") from None
-        self._migrate()
-        return self._conn
 
     def close(self) -> None:
         if self._conn is not None:
-            try:
+            with suppress(Exception):  # closing a broken connection may fail; nothing to keep
                 self._conn.close()
-            except Exception:  # noqa: BLE001 -- closing a broken connection may fail; nothing to keep
-                pass
             self._conn = None
 
     def _execute(self, sql: str, params=(), doing: str = "a statement"):
@@ -457,7 +471,7 @@ class PgStore:
             view = self._read_snapshot()
             self._tail = 0
         rows, with_leases = self._reading(view.offset)
-        self._fold_new(view, sorted((r[0], r[1]) for r in rows if r[0] is not None))
+        self._fold_new(view, _record_rows(rows))
         self._view = view
         self._overlay_leases(view, _lease_left(rows) if with_leases else None)
         if self._tail >= SNAPSHOT_AFTER_RECORDS and not self._in_txn:
@@ -706,9 +720,7 @@ class PgStore:
 
         if timeout is None:
             timeout = lock_timeout()
-        if not self._in_txn and self._conn is not None and self._stirred():
-            self._execute("SELECT 1", doing="connecting")  # a connection ended meanwhile is made anew
-        conn = self.conn()
+        conn = self._fresh_conn()
         txn = None
         outer = not self._in_txn
         self._in_txn += 1
@@ -729,6 +741,12 @@ class PgStore:
             raise
         finally:
             self._in_txn -= 1
+
+    def _fresh_conn(self):
+        """The connection; outside a transaction, made anew if the server ended it meanwhile."""
+        if not self._in_txn and self._conn is not None and self._stirred():
+            self._execute("SELECT 1", doing="connecting")
+        return self.conn()
 
     @contextmanager
     def _outermost(self, conn, lock: str, timeout: float) -> Iterator[PgTransaction]:
@@ -798,9 +816,8 @@ class PgStore:
                 return False
             pg = self._conn.pgconn
             pg.consume_input()
-            while (n := pg.notifies()) is not None:
-                if n.be_pid != pg.backend_pid:
-                    self._heard_other = True
+            if any(pid != pg.backend_pid for pid in _take_notifications(pg)):
+                self._heard_other = True
             return bool(select.select([fd], [], [], 0)[0]) or pg.status != _Psycopg.get().pq.ConnStatus.OK
         except Exception:  # noqa: BLE001 -- closed or broken: let the probe decide
             return True
@@ -860,13 +877,7 @@ class PgStore:
         try:
             if not commit:
                 return conn.execute(sql, params).fetchone()
-            with conn.pipeline() as pipe:
-                cur = conn.execute(sql, params)
-                conn.execute("COMMIT")
-                try:
-                    pipe.sync()
-                except psycopg.Error as exc:  # raised after the pipeline ends cleanly
-                    err = exc
+            cur, err = self._with_commit(conn, sql, params)
             if err is None:
                 self._committed = True
                 return cur.fetchone()
@@ -875,6 +886,19 @@ class PgStore:
         if claims is not None and isinstance(err, psycopg.errors.InvalidTextRepresentation):
             self._refused(err, claims)
         raise err
+
+    @staticmethod
+    def _with_commit(conn, sql: str, params: tuple):
+        """The statement and COMMIT in one pipeline: its cursor, and the error the commit met
+        (None: committed)."""
+        with conn.pipeline() as pipe:
+            cur = conn.execute(sql, params)
+            conn.execute("COMMIT")
+            try:
+                pipe.sync()
+            except _Psycopg.get().Error as exc:  # raised after the pipeline ends cleanly
+                return cur, exc
+        return cur, None
 
     def _refused(self, err: Exception, claims: list) -> None:
         """If ``err`` is the guard naming claims the database refused: the error _claims_taken
@@ -960,10 +984,8 @@ class PgTransaction(Transaction):
     def commit(self, ops: list[dict], ts: float | None = None) -> list:
         if not ops:
             return []
-        if self.staged:
-            raise RuntimeError("commit() after stage(): flush first")
+        record = self._commit_record(ops, ts)
         self.touched = True
-        record = {"ts": time.time() if ts is None else ts, "ops": ops}
         pre = self._keys(ops)
         results = apply(self.state, record)
         self._advance(self.store._insert(record, _accepted(pre, results)))
@@ -1013,10 +1035,7 @@ class PgWatch:
             self._conn, self.fd = None, None
             self._reconnect()  # the fd changes: serve watches the new one
             return True  # (missed notifications: plan again)
-        changed = False
-        while pg.notifies() is not None:
-            changed = True
-        return changed
+        return bool(_take_notifications(pg))
 
     def _reconnect(self) -> bool:
         try:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import os
 import time
+from contextlib import suppress
 
 TRIM = 64 * 1024
 MESSAGE_MAX = 200
@@ -58,13 +59,17 @@ class Reporter:
             return
         self.pending = (fraction, message)
         if self.lock is None:
-            import threading
-
-            self.lock = threading.Lock()
-            threading.Thread(target=self._later, name="kmpwm-progress", daemon=True).start()
+            self._start_helper()
         elif now - self.last >= INTERVAL:
             with self.lock:
                 self._flush(now)
+
+    def _start_helper(self) -> None:
+        """The helper thread that writes a waiting report when the interval is up."""
+        import threading
+
+        self.lock = threading.Lock()
+        threading.Thread(target=self._later, name="kmpwm-progress", daemon=True).start()
 
     def _later(self) -> None:
         while not self.closed:
@@ -90,10 +95,8 @@ class Reporter:
                 return
         # pad to the longest line so far: one write replaces the whole previous content
         self.width = max(self.width, len(line))
-        try:
+        with suppress(OSError):
             os.pwrite(self.fd, line.ljust(self.width) + b"\n", 0)
-        except OSError:
-            pass
 
     def close(self) -> None:
         """The run is over: write a report still waiting, stop the helper thread."""
@@ -147,7 +150,7 @@ def _parse(raw: bytes) -> tuple[float, str] | None:
 def trim(path) -> None:
     """Cut a command worker's progress file back to its last line (it appends; O_APPEND writers
     go on at the new end)."""
-    try:
+    with suppress(OSError):
         if os.stat(path).st_size <= TRIM:
             return
         with open(path, "r+b") as fh:
@@ -158,8 +161,6 @@ def trim(path) -> None:
             fh.seek(0)
             if lines:
                 fh.write(lines[-1] + b"\n")
-    except OSError:
-        pass
 
 
 def of_task(paths, task_id: str) -> dict | None:

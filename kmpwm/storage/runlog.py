@@ -52,11 +52,9 @@ def prepare(paths) -> Path:
     """The private runs directory (checked once per process)."""
     d = runs_dir(paths)
     if d not in _ready:
-        from kmpwm.storage.paths import ensure_dir, private_subdir
+        from kmpwm.storage.paths import private_log_dir, private_subdir
 
-        if paths.home is None and Path(paths.log_dir).parent.name == "kmpwm":
-            ensure_dir(Path(paths.log_dir).parent)
-        private_subdir(Path(paths.log_dir))
+        private_log_dir(paths)
         private_subdir(d)
         _ready.add(d)
     return d
@@ -131,14 +129,8 @@ class RunLog:
         )
 
     def write(self, chunk: bytes) -> None:
-        if self.fd < 0:
-            if self.written:
-                return  # could not be opened: the run goes on without it
-            self.written = True
-            try:
-                self.fd = os.open(f"{self.dir}/{self.key}.out", _NEW, 0o600)
-            except OSError:
-                return
+        if self.fd < 0 and not self._open():
+            return  # could not be opened: the run goes on without it
         try:
             os.write(self.fd, chunk)  # a regular file: the whole chunk
         except OSError:
@@ -146,6 +138,17 @@ class RunLog:
         self.size += len(chunk)
         if self.size > CAP:
             self._rotate()
+
+    def _open(self) -> bool:
+        """Create the output file at the run's first output (once: False if it cannot be)."""
+        if self.written:
+            return False
+        self.written = True
+        try:
+            self.fd = os.open(f"{self.dir}/{self.key}.out", _NEW, 0o600)
+        except OSError:
+            return False
+        return True
 
     def _rotate(self) -> None:
         cur = f"{self.dir}/{self.key}.out"
@@ -250,10 +253,8 @@ class Starter:
         self.last = now
         self.flush_starts()
         lines, self.pending = self.pending, []
-        try:
+        with suppress(Exception):  # the runs go on; only their record in the index is lost
             append_index(self.paths, lines)
-        except Exception:
-            pass  # the runs go on; only their record in the index is lost
         return None
 
 

@@ -22,13 +22,13 @@ import time
 import uuid
 import zlib
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field
 
 import orjson
 
 from kmpwm.core import schema
-from kmpwm.core.exitcodes import JournalError, KmpwmError
+from kmpwm.core.exitcodes import KmpwmError
 from kmpwm.core.state import apply, new_state, pack_task, split_history, unpack_task
 from kmpwm.storage.journal import (
     _O_CLOEXEC,
@@ -36,9 +36,10 @@ from kmpwm.storage.journal import (
     Damage,
     Journal,
     _add_damage,
+    _header_op,
+    _journal_error,
     atomic_write,
     encode,
-    header_op,
     scan_bytes,
     write_all,
 )
@@ -234,8 +235,8 @@ class Store:
         )
 
     def _read_history(self, hid: str | None, length: int) -> tuple[dict, dict] | None:
-        cached = self._hist_cache
-        if cached is not None and cached[:2] == (hid, length):
+        cached = self._cached_history(hid, length)
+        if cached is not None:
             return cached[2], cached[3]
         data = _read_private(self.paths.history_file, length)
         head = _history_header(hid)
@@ -245,6 +246,13 @@ class Store:
         if history is not None:
             self._hist_cache = (hid, length, *history)
         return history
+
+    def _cached_history(self, hid: str | None, length: int) -> tuple | None:
+        """The history held in memory, if it is the first ``length`` bytes of history ``hid``."""
+        cached = self._hist_cache
+        if cached is not None and cached[:2] == (hid, length):
+            return cached
+        return None
 
     # -- snapshot -------------------------------------------------------------------------
 
@@ -383,10 +391,8 @@ class Store:
             return  # never cache over damage: it must stay visible until repaired
         if self._tail_records < SNAPSHOT_AFTER_RECORDS and self._tail_bytes < SNAPSHOT_AFTER_BYTES:
             return
-        try:
+        with suppress(KmpwmError):  # a cache that could not be written costs time, not correctness
             self.write_snapshot(view)
-        except KmpwmError:
-            pass  # a cache that could not be written costs time, not correctness
 
     def write_snapshot(self, view: View | None = None) -> bool:
         """Write the snapshot of ``view`` (default: this store's current state): its new history
@@ -428,8 +434,8 @@ class Store:
 
     def _note_flushed(self, view: View, hid: str, hist: int, before: int, new_tasks: dict, new_chains: dict) -> None:
         """After a snapshot: the view, its flushed marks and the history cache know what went cold."""
-        cached = self._hist_cache
-        if cached is not None and cached[:2] == (hid, before):
+        cached = self._cached_history(hid, before)
+        if cached is not None:
             _, _, ctasks, cchains = cached  # keep the cache in step with what we appended
             ctasks.update(new_tasks)
             cchains.update(new_chains)
@@ -444,10 +450,7 @@ class Store:
         """Append ``frame`` (the tasks and chains gone cold) to the history this state continues,
         or start a history file of its own; its id and new length, None if it cannot continue."""
         if view.hid is None:  # a state folded from the whole journal: a history file of its own
-            hid = uuid.uuid4().hex
-            head = _history_header(hid)
-            atomic_write(self.paths.history_file, head + frame)
-            return hid, len(head) + len(frame)
+            return self._new_history(frame)
         hid = view.hid
         start = max(view.hist, meta["hist"] if meta is not None and meta["hid"] == hid else 0)
         if not self._append_history(hid, start, frame):
@@ -457,6 +460,13 @@ class Store:
                 self.drop_snapshot()
             return None
         return hid, start + len(frame)
+
+    def _new_history(self, frame: bytes) -> tuple[str, int]:
+        """Replace history.snap with a new history holding ``frame``; its id and length."""
+        hid = uuid.uuid4().hex
+        head = _history_header(hid)
+        atomic_write(self.paths.history_file, head + frame)
+        return hid, len(head) + len(frame)
 
     def _write_state_file(self, view: View, hid: str, hist: int, cold_tasks: set, cold_chains: set) -> None:
         """Replace state.snap: the hot tasks and chains, and the summary a cheap reader needs."""
@@ -491,35 +501,29 @@ class Store:
         except OSError:
             return False
         try:
-            if os.pread(fd, len(head), 0) != head or os.fstat(fd).st_size < start:
-                return False
-            os.ftruncate(fd, start)
-            os.lseek(fd, start, os.SEEK_SET)
-            write_all(fd, frame)
-            os.fsync(fd)
-        except OSError as exc:
-            raise JournalError(f"cannot write {self.paths.history_file}: {exc.strerror}") from None
+            with _journal_error(f"write {self.paths.history_file}"):
+                if os.pread(fd, len(head), 0) != head or os.fstat(fd).st_size < start:
+                    return False
+                os.ftruncate(fd, start)
+                os.lseek(fd, start, os.SEEK_SET)
+                write_all(fd, frame)
+                os.fsync(fd)
         finally:
             os.close(fd)
         return True
 
     def drop_snapshot(self) -> None:
         for path in (self.paths.snapshot_file, self.paths.history_file):
-            try:
+            with _journal_error(f"remove {path}"), suppress(FileNotFoundError):
                 os.unlink(path)
-            except FileNotFoundError:
-                pass
-            except OSError as exc:
-                raise JournalError(f"cannot remove {path}: {exc.strerror}") from None
         self._hist_cache = None
 
     def verify_covered(self, view: View) -> None:
         """Fail-closed readers (run-due): find damage in the region the snapshot stands in for.
         CRC-only, and only while that region is small; beyond it, `kmpwm doctor` checks it."""
         if view.from_snapshot and not getattr(view, "verified", False) and view.offset <= VERIFY_COVERED_BYTES:
-            start = min((d.start for d in view.damage), default=None)
-            found = [d for d in self.journal.verify(view.offset) if start is None or d.start < start]
-            view.damage[:0] = found
+            first = min((d.start for d in view.damage), default=float("inf"))
+            view.damage[:0] = [d for d in self.journal.verify(view.offset) if d.start < first]
             view.verified = True
 
     def invalidate(self) -> None:
@@ -560,7 +564,7 @@ class Store:
     def _committed(self, view: View, records: list[dict], end: int) -> list:
         results = []
         for record in records:
-            header = header_op(record)
+            header = _header_op(record)
             if header is not None:
                 header = self.journal.header() if header.get("_pending") else header
                 view.gen = header.get("gen") if header else None
@@ -624,9 +628,7 @@ class Transaction:
         """Append ``ops`` as one record (all or nothing), fsynced; returns the fold's results."""
         if not ops:
             return []
-        if self.staged:
-            raise RuntimeError("commit() after stage(): flush first")
-        record = {"ts": time.time() if ts is None else ts, "ops": ops}
+        record = self._commit_record(ops, ts)
         quick = self._append_unread(record)
         if quick is not None:
             return quick  # the state stays unread: the next load() folds this record too
@@ -638,6 +640,12 @@ class Transaction:
         self.store._committed(self.view, records[:-1], end)  # the header, if any
         self.view.pending.append(record)
         return quick
+
+    def _commit_record(self, ops: list[dict], ts: float | None) -> dict:
+        """The record commit() writes: ``ops`` at ``ts`` (default: now); never after stage()."""
+        if self.staged:
+            raise RuntimeError("commit() after stage(): flush first")
+        return {"ts": time.time() if ts is None else ts, "ops": ops}
 
     def _append_unread(self, record: dict) -> list | None:
         """Nothing read yet in this process: a record of a few new tasks, proved new on the bytes,
@@ -733,7 +741,7 @@ def _unflushed(view: View, cold_ids: list, cold_chain_ids: list) -> tuple[dict, 
 
 def _header_gen(record: dict) -> str | None:
     """The generation a journal's first record names, None if it is not a header."""
-    header = header_op(record)
+    header = _header_op(record)
     return None if header is None else header.get("gen")
 
 
