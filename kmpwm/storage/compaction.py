@@ -64,6 +64,16 @@ class Folder:
         return ino
 
 
+def _caught_up(folder: Folder, journal: Journal, ino: int | None) -> Folder:
+    """Under the lock: ``folder`` with the records appended since it read the journal ``ino``,
+    or a new fold of all of it if the file was rewritten meanwhile."""
+    if folder.feed_journal(journal, folder.offset, expect_ino=ino) is not None:
+        return folder
+    folder = Folder(folder.cutoff)  # someone else rewrote it meanwhile: start over under the lock
+    folder.feed_journal(journal, 0)
+    return folder
+
+
 def keep_sets(state: dict, cutoff: float) -> tuple[dict, dict]:
     keep_chains = {cid: chain for cid, chain in state["chains"].items() if _keeps_chain(state, chain, cutoff)}
     keep_tasks = {tid: t for tid, t in state["tasks"].items() if _keeps_task(t, cutoff, keep_chains)}
@@ -100,9 +110,7 @@ def compact(paths: Paths, *, retention: float = RETENTION, now: float | None = N
         ino = folder.feed_journal(journal, 0)
         with journal.locked():
             journal.sweep_temp_files()
-            if folder.feed_journal(journal, folder.offset, expect_ino=ino) is None:
-                folder = Folder(cutoff)  # someone else rewrote it meanwhile: start over under the lock
-                folder.feed_journal(journal, 0)
+            folder = _caught_up(folder, journal, ino)
             tasks, chains = keep_sets(folder.state, cutoff)
             events = folder.events
             _rewrite(journal, paths, folder, tasks, chains, events, now)

@@ -59,10 +59,9 @@ def decode(line: bytes) -> dict | None:
     try:
         if int(line[:8], 16) != zlib.crc32(payload):
             return None
-        record = orjson.loads(payload)
     except ValueError:
         return None
-    return record if isinstance(record, dict) else None
+    return _loads(payload)
 
 
 @dataclass
@@ -357,8 +356,7 @@ def _mend_region(out: Mend, placed: list, region: bytes, offset: int) -> None:
     it join ``placed`` as ``(end, record)``, and the bytes between them are moved."""
     found = salvage(region)
     out.salvaged += len(found)
-    gaps = zip([0] + [end for _, end, _ in found], [start for start, _, _ in found] + [len(region)])
-    for gs, ge in gaps:
+    for gs, ge in _gaps(found, len(region)):
         gap = region[gs:ge]
         body = gap.strip(b"\n")
         if not body:
@@ -409,6 +407,11 @@ def _bad_checksums(data: bytes) -> list[Damage]:
     if bad >= 0:
         damage.append(Damage(bad, pos))
     return damage
+
+
+def _gaps(found: list[tuple[int, int, dict]], size: int) -> list[tuple[int, int]]:
+    """The spans of a region of ``size`` bytes around and between the records ``found`` in it."""
+    return list(zip([0] + [end for _, end, _ in found], [start for start, _, _ in found] + [size]))
 
 
 def _add_damage(into: list[Damage], more: list[Damage]) -> None:
@@ -626,9 +629,7 @@ class Journal:
         assert self._lock_depth, "append without the journal lock"
         fd, created = self._open_for_append()
         try:
-            size = os.fstat(fd).st_size
-            if not created and size:
-                size = self._repair_torn_tail(fd, size)
+            size = self._repair_torn_tail(fd, os.fstat(fd).st_size)
             if size == 0:  # a new journal (or one whose only record was torn) starts with its header
                 records = [_new_header(), *records]
             blob = b"".join(encode(r) for r in records)

@@ -82,11 +82,14 @@ def check_secure(path: Path, *, what: str) -> None:
         raise JournalError(f"cannot read {what} {path}: {exc.strerror}") from None
     problems = _insecurities(st)
     if problems:
-        fix = f"chmod {'700' if stat.S_ISDIR(st.st_mode) else '600'} {path}"
         raise InsecurePermissions(
-            f"refusing to use {what} {path}: {'; '.join(problems)}",
-            hint=f"fix it with: {fix}" + (" (and chown it to yourself)" if "owned" in problems[0] else ""),
+            f"refusing to use {what} {path}: {'; '.join(problems)}", hint=_fix_hint(path, st, problems)
         )
+
+
+def _fix_hint(path: Path, st: os.stat_result, problems: list[str]) -> str:
+    fix = f"chmod {'700' if stat.S_ISDIR(st.st_mode) else '600'} {path}"
+    return f"fix it with: {fix}" + (" (and chown it to yourself)" if "owned" in problems[0] else "")
 
 
 _WRITABLE_BY = {stat.S_IWGRP: "group", stat.S_IWOTH: "others", stat.S_IWGRP | stat.S_IWOTH: "group and others"}

@@ -163,14 +163,18 @@ def mask(url: str) -> str:
         parts = urlsplit(url)
     except ValueError:
         return "<unreadable URL>"
-    netloc = parts.netloc
-    if "@" in netloc:
-        cred, host = netloc.rsplit("@", 1)
-        if ":" in cred:
-            cred = cred.split(":", 1)[0] + ":***"
-        netloc = f"{cred}@{host}"
     query = re.sub(r"(?i)(password=)[^&]*", r"\1***", parts.query)
-    return urlunsplit((parts.scheme, netloc, parts.path, query, parts.fragment))
+    return urlunsplit((parts.scheme, _mask_netloc(parts.netloc), parts.path, query, parts.fragment))
+
+
+def _mask_netloc(netloc: str) -> str:
+    """``user:password@host`` as ``user:***@host``."""
+    if "@" not in netloc:
+        return netloc
+    cred, host = netloc.rsplit("@", 1)
+    if ":" in cred:
+        cred = cred.split(":", 1)[0] + ":***"
+    return f"{cred}@{host}"
 
 
 def check_url(url: str) -> str:
@@ -324,9 +328,24 @@ def _take_notifications(pg) -> list[int]:
     return pids
 
 
+def _last_rows(cur) -> list:
+    """The rows of the last statement of a batch that ``cur`` ran."""
+    while cur.nextset():
+        pass
+    return cur.fetchall()
+
+
 def _dead(conn) -> bool:
     """Whether a connection closed or broke (no connection: False)."""
     return conn is not None and (conn.closed or conn.broken)
+
+
+def _lock_sql(timeout: float) -> str:
+    """The statements that take the writers' lock, waiting at most ``timeout`` seconds for it."""
+    return (
+        f"SET LOCAL lock_timeout = '{max(1, int(timeout * 1000))}ms'; "
+        f"SELECT pg_advisory_xact_lock({int(LOCK_KEY)}); SET LOCAL lock_timeout = 0"
+    )
 
 
 def _busy(timeout: float) -> LockBusy:
@@ -724,10 +743,7 @@ class PgStore:
         txn = None
         outer = not self._in_txn
         self._in_txn += 1
-        lock = (
-            f"SET LOCAL lock_timeout = '{max(1, int(timeout * 1000))}ms'; "
-            f"SELECT pg_advisory_xact_lock({int(LOCK_KEY)}); SET LOCAL lock_timeout = 0"
-        )
+        lock = _lock_sql(timeout)
         try:
             with (self._outermost if outer else self._savepoint)(conn, lock, timeout) as txn:
                 yield txn
@@ -781,9 +797,7 @@ class PgStore:
             self._rollback(conn)
             raise
         if view is not None:
-            while cur.nextset():
-                pass
-            self._read_ahead = (view.offset, cur.fetchall(), with_leases)
+            self._read_ahead = (view.offset, _last_rows(cur), with_leases)
 
     @contextmanager
     def _savepoint(self, conn, lock: str, timeout: float) -> Iterator[PgTransaction]:

@@ -176,7 +176,7 @@ def attach(paths, docs: list[dict]) -> None:
     from kmpwm.storage import runlog
 
     ids = [doc["id"] for doc in docs if doc["state"] == "RUNNING"]
-    metas = runlog.running_runs(paths, ids) if ids else {}
+    metas = runlog.running_runs(paths, ids)
     for doc in docs:
         if doc["id"] in metas:
             doc["progress"] = read(runlog.progress_path(paths, metas[doc["id"]]))

@@ -295,12 +295,7 @@ def _fold_index(lines) -> dict:
             lst.append(meta)
             by_key[rec["s"]] = meta
         elif "e" in rec and rec["e"] in by_key:
-            by_key[rec["e"]].update(
-                status=rec.get("status"),
-                finished_at=_iso(rec.get("at")),
-                truncated=bool(rec.get("truncated")),
-                _end=rec.get("at"),
-            )
+            _end_meta(by_key[rec["e"]], rec)
     return by_id
 
 
@@ -320,16 +315,28 @@ def _start_meta(rec: dict, next_run: int) -> dict:
     }
 
 
+def _end_meta(meta: dict, rec: dict) -> None:
+    """A run's meta completed from its end line."""
+    meta.update(
+        status=rec.get("status"),
+        finished_at=_iso(rec.get("at")),
+        truncated=bool(rec.get("truncated")),
+        _end=rec.get("at"),
+    )
+
+
 def _expire_dead(paths, by_id: dict) -> None:
     """Runs whose run-due died never reached a result: EXPIRED, ended when they last wrote."""
     running = [meta for lst in by_id.values() for meta in lst if meta["status"] == "RUNNING"]
     if not running:
         return
+    from functools import cache
+
     from kmpwm.platform.procs import alive
 
-    verdicts = {who: alive(*who) for who in {(meta["pid"], meta["token"]) for meta in running}}
+    alive_now = cache(alive)  # many runs of one run-due: asked once
     for meta in running:
-        if not verdicts[meta["pid"], meta["token"]]:
+        if not alive_now(meta["pid"], meta["token"]):
             meta["status"] = "EXPIRED"
             meta["finished_at"] = _iso(_last_written(paths, meta))
 
@@ -457,11 +464,15 @@ def _orphans(d: Path, by_id: dict, cutoff: float) -> None:
     except OSError:
         return
     for name in names:
-        if name.startswith(INDEX) or name.split(".", 1)[0] in known:
-            continue
-        with suppress(OSError):
-            if os.stat(d / name).st_mtime < cutoff:
-                os.unlink(d / name)
+        if not (name.startswith(INDEX) or name.split(".", 1)[0] in known):
+            _unlink_if_older(d / name, cutoff)
+
+
+def _unlink_if_older(path: Path, cutoff: float) -> None:
+    """Delete ``path`` if it was last written before ``cutoff`` (if it can be)."""
+    with suppress(OSError):
+        if os.stat(path).st_mtime < cutoff:
+            os.unlink(path)
 
 
 def sweep(paths, cutoff: float, keep: int = KEEP) -> int:

@@ -154,11 +154,16 @@ class Store:
         (snapshot and tail) when there is none or the journal was replaced or cut."""
         ident = self.journal.identity()
         view = self._view
-        if view is None or ident is None or ident[0] != self._ino or ident[1] < view.offset:
+        if not self._continues(view, ident):
             return self._full_load()
         if ident[1] > view.offset and not self._fold_tail(view, expect_ino=self._ino):
             return self._full_load()  # the file was replaced (compaction) between stat and open
         return view
+
+    def _continues(self, view: View | None, ident: tuple[int, int] | None) -> bool:
+        """Whether the journal file ``ident`` (inode, size) is the one ``view`` was folded from,
+        not cut below what it folded."""
+        return view is not None and ident is not None and ident[0] == self._ino and ident[1] >= view.offset
 
     def _refold(self) -> View:
         """The whole state folded from the journal alone, and a good pair of snapshot files left behind."""
@@ -179,13 +184,16 @@ class Store:
             for _ in range(5):  # a compaction may replace the file while we read: start again
                 self._tail_records = self._tail_bytes = 0
                 ident = self.journal.identity()
-                view = self._read_snapshot() if use_snapshot else None
-                if view is None:
-                    view = View(new_state())
+                view = self._starting_view(use_snapshot)
                 self._base_offset = view.offset
                 if self._fold_tail(view, expect_ino=ident[0] if ident else None):
                     return view
         return view
+
+    def _starting_view(self, use_snapshot: bool) -> View:
+        """The snapshot's view (with ``use_snapshot``, if it is usable), else an empty state."""
+        view = self._read_snapshot() if use_snapshot else None
+        return View(new_state()) if view is None else view
 
     def _fold_tail(self, view: View, expect_ino: int | None = None) -> bool:
         """Fold the records after ``view.offset``; False (nothing applied) if the file read is not
@@ -194,19 +202,14 @@ class Store:
         if parts is None:
             return False
         self._ino = ino
-        state = view.state
         start = view.offset
         first = start == 0 and view.gen is None
         for scan in parts:  # chunk by chunk: a huge journal is never all in memory at once
             if first and scan.records:
                 view.gen = _header_gen(scan.records[0][1])
                 first = False
-            for _, record in scan.records:
-                apply(state, record)
-            _add_damage(view.damage, scan.damage)
-            view.torn = scan.torn
+            _fold_scan(view, scan)
             self._tail_records += len(scan.records)
-            view.offset = scan.end
         self._tail_bytes += view.offset - start
         return True
 
@@ -275,13 +278,14 @@ class Store:
                 return None
             if not body:
                 return meta, None
-            state = memoryview(blob)[nl + 1 :]
-            start = len(SNAPSHOT_MAGIC)
-            if zlib.crc32(state) != int(blob[start + 9 : start + 17], 16):
-                return None
+            return meta, _snapshot_state(blob, nl)
         except (ValueError, KeyError, TypeError):
             return None
-        return meta, state
+
+    def _snapshot_meta(self) -> dict | None:
+        """The meta of the snapshot on disk, None if there is none intact of this journal."""
+        parts = self._snapshot_parts()
+        return None if parts is None else parts[0]
 
     def _names_this_journal(self, meta: dict) -> bool:
         """Whether a snapshot's meta names this journal's generation, an offset inside it and a
@@ -363,8 +367,7 @@ class Store:
         if tail is None:
             return False
         snapshot = body.obj  # the whole file: its first line (meta) holds no ids, searching it is harmless
-        needles = [orjson.dumps(task_id) for task_id in ids]
-        return not any(needle in snapshot or needle in tail for needle in needles)
+        return not any(needle in snapshot or needle in tail for needle in map(orjson.dumps, ids))
 
     def _short_tail(self, offset: int) -> bytes | None:
         """The journal's bytes after a snapshot's ``offset`` (a record boundary), None if they
@@ -414,8 +417,7 @@ class Store:
             return False
 
     def _write_snapshot_locked(self, view: View) -> bool:
-        current = self._snapshot_parts()
-        meta = current[0] if current is not None else None
+        meta = self._snapshot_meta()
         if _as_new(meta, view):
             return False  # already as new as ours (a state folded from scratch rewrites it: a repair)
         cold_ids, cold_chain_ids = split_history(view.state)
@@ -452,11 +454,12 @@ class Store:
         if view.hid is None:  # a state folded from the whole journal: a history file of its own
             return self._new_history(frame)
         hid = view.hid
-        start = max(view.hist, meta["hist"] if meta is not None and meta["hid"] == hid else 0)
+        on_disk = meta is not None and meta["hid"] == hid  # the snapshot there continues it too
+        start = max(view.hist, meta["hist"] if on_disk else 0)
         if not self._append_history(hid, start, frame):
             # the history this state continues is gone (deleted, damaged, another generation's):
             # retire the snapshot that needs it, so the next reader folds everything and starts anew
-            if meta is not None and meta["hid"] == hid:
+            if on_disk:
                 self.drop_snapshot()
             return None
         return hid, start + len(frame)
@@ -540,7 +543,7 @@ class Store:
         if view is None or view.pending or view.merged_from is not None:
             return False
         parts = self._snapshot_parts(body=False)
-        if parts is None or parts[0].get("offset", 0) <= self._base_offset or parts[0]["offset"] > view.offset:
+        if parts is None or not self._base_offset < parts[0].get("offset", 0) <= view.offset:
             return False
         self._view = None
         return True
@@ -566,8 +569,7 @@ class Store:
         for record in records:
             header = _header_op(record)
             if header is not None:
-                header = self.journal.header() if header.get("_pending") else header
-                view.gen = header.get("gen") if header else None
+                self._adopt_generation(view, header)
                 continue
             results = apply(view.state, record)
         ident = self.journal.identity()
@@ -576,6 +578,12 @@ class Store:
         self._tail_bytes += end - view.offset
         view.offset = end
         return results
+
+    def _adopt_generation(self, view: View, header: dict) -> None:
+        """A header was committed: ``view`` takes its generation (read back from the journal for
+        the header append() writes itself)."""
+        written = self.journal.header() if header.get("_pending") else header
+        view.gen = written.get("gen") if written else None
 
 
 class Transaction:
@@ -679,6 +687,16 @@ def _forget_history(view: View, cold_tasks: list, cold_chains: list) -> None:
     view.partial = True
 
 
+def _fold_scan(view: View, scan) -> None:
+    """Fold one scan of the journal into ``view``: its records, its damage, its end."""
+    state = view.state
+    for _, record in scan.records:
+        apply(state, record)
+    _add_damage(view.damage, scan.damage)
+    view.torn = scan.torn
+    view.offset = scan.end
+
+
 def _history_header(hid: str | None) -> bytes:
     return HISTORY_MAGIC + (hid or "").encode() + b"\n"
 
@@ -690,14 +708,19 @@ def _history_frames(data: bytes, start: int) -> tuple[dict, dict] | None:
         scan = scan_bytes(data[start:], start)
         if scan.damage or scan.torn or scan.end != len(data):
             return None
-        tasks: dict = {}
-        chains: dict = {}
         try:
-            for _, frame in scan.records:
-                tasks.update((packed["id"], unpack_task(packed)) for packed in frame.get("tasks", ()))
-                chains.update((chain["id"], chain) for chain in frame.get("chains", ()))
+            return _unpack_frames(frame for _, frame in scan.records)
         except (KeyError, TypeError, AttributeError):
             return None
+
+
+def _unpack_frames(frames) -> tuple[dict, dict]:
+    """The tasks (unpacked) and chains of history frames, by id, later frames winning."""
+    tasks: dict = {}
+    chains: dict = {}
+    for frame in frames:
+        tasks.update((packed["id"], unpack_task(packed)) for packed in frame.get("tasks", ()))
+        chains.update((chain["id"], chain) for chain in frame.get("chains", ()))
     return tasks, chains
 
 
@@ -721,6 +744,16 @@ def _snapshot_meta(blob: bytes) -> tuple[dict, int]:
     if zlib.crc32(memoryview(blob)[start + 9 : nl]) != int(blob[start : start + 8], 16):
         raise ValueError("snapshot meta fails its checksum")
     return orjson.loads(blob[start + 18 : nl]), nl
+
+
+def _snapshot_state(blob: bytes, nl: int) -> memoryview:
+    """The state bytes after a snapshot's first line (ending at ``nl``); ValueError if they fail
+    their checksum."""
+    start = len(SNAPSHOT_MAGIC)
+    state = memoryview(blob)[nl + 1 :]
+    if zlib.crc32(state) != int(blob[start + 9 : start + 17], 16):
+        raise ValueError("snapshot state fails its checksum")
+    return state
 
 
 def _as_new(meta: dict | None, view: View) -> bool:
@@ -802,16 +835,20 @@ _IDLE_OPS = frozenset({"cancel", "hdr", "note"})  # note: a failed hook, changes
 
 
 def _op_keeps_idle(op: dict, now: float, ts: float) -> bool:
-    kind = op.get("op")
-    if kind in _IDLE_OPS:
+    if op.get("op") in _IDLE_OPS:
         return True
+    tasks = _first_tasks(op)
+    return tasks is not None and all(_due_later(task, ts, now) for task in tasks)
+
+
+def _first_tasks(op: dict) -> list | None:
+    """The tasks an ``enq`` or ``chain`` op makes runnable first; None for any other op."""
+    kind = op.get("op")
     if kind == "enq":
-        tasks = [op.get("task") or {}]
-    elif kind == "chain":
-        tasks = (op.get("steps") or [[]])[0]
-    else:
-        return False
-    return all(_due_later(task, ts, now) for task in tasks)
+        return [op.get("task") or {}]
+    if kind == "chain":
+        return (op.get("steps") or [[]])[0]
+    return None
 
 
 def _due_later(task: dict, ts: float, now: float) -> bool:
