@@ -282,7 +282,7 @@ class Store:
         except (ValueError, KeyError, TypeError):
             return None
 
-    def _snapshot_meta(self) -> dict | None:
+    def _meta_on_disk(self) -> dict | None:
         """The meta of the snapshot on disk, None if there is none intact of this journal."""
         parts = self._snapshot_parts()
         return None if parts is None else parts[0]
@@ -417,7 +417,7 @@ class Store:
             return False
 
     def _write_snapshot_locked(self, view: View) -> bool:
-        meta = self._snapshot_meta()
+        meta = self._meta_on_disk()
         if _as_new(meta, view):
             return False  # already as new as ours (a state folded from scratch rewrites it: a repair)
         cold_ids, cold_chain_ids = split_history(view.state)
@@ -831,7 +831,7 @@ def _tail_keeps_idle(record: dict, now: float) -> bool:
     return all(_op_keeps_idle(op, now, record.get("ts", 0.0)) for op in record.get("ops", ()))
 
 
-_IDLE_OPS = frozenset({"cancel", "hdr", "note"})  # note: a failed hook, changes nothing
+_IDLE_OPS = ("cancel", "hdr", "note")  # note: a failed hook, changes nothing
 
 
 def _op_keeps_idle(op: dict, now: float, ts: float) -> bool:
