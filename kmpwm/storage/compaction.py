@@ -64,20 +64,33 @@ class Folder:
         return ino
 
 
+def _caught_up(folder: Folder, journal: Journal, ino: int | None) -> Folder:
+    """Under the lock: ``folder`` with the records appended since it read the journal ``ino``,
+    or a new fold of all of it if the file was rewritten meanwhile."""
+    if folder.feed_journal(journal, folder.offset, expect_ino=ino) is not None:
+        return folder
+    folder = Folder(folder.cutoff)  # someone else rewrote it meanwhile: start over under the lock
+    folder.feed_journal(journal, 0)
+    return folder
+
+
 def keep_sets(state: dict, cutoff: float) -> tuple[dict, dict]:
-    tasks, chains = state["tasks"], state["chains"]
-    keep_chains = {}
-    for cid, chain in chains.items():
-        own = members(state, chain)
-        live = any(t["finished_at"] is None for t in own)
-        recent = any((t["finished_at"] or 0) >= cutoff for t in own) or chain.get("created_at", 0) >= cutoff
-        if live or recent:
-            keep_chains[cid] = chain
-    keep_tasks = {}
-    for tid, t in tasks.items():
-        if t["finished_at"] is None or t["finished_at"] >= cutoff or t.get("chain_id") in keep_chains:
-            keep_tasks[tid] = t
+    keep_chains = {cid: chain for cid, chain in state["chains"].items() if _keeps_chain(state, chain, cutoff)}
+    keep_tasks = {tid: t for tid, t in state["tasks"].items() if _keeps_task(t, cutoff, keep_chains)}
     return keep_tasks, keep_chains
+
+
+def _keeps_chain(state: dict, chain: dict, cutoff: float) -> bool:
+    """A chain still going, or created or with a task finished since ``cutoff``."""
+    own = members(state, chain)
+    if any(t["finished_at"] is None or t["finished_at"] >= cutoff for t in own):
+        return True
+    return chain.get("created_at", 0) >= cutoff
+
+
+def _keeps_task(t: dict, cutoff: float, keep_chains: dict) -> bool:
+    """A task unfinished, finished since ``cutoff``, or of a chain kept."""
+    return t["finished_at"] is None or t["finished_at"] >= cutoff or t.get("chain_id") in keep_chains
 
 
 def hot_ops(state: dict, tasks: dict, chains: dict) -> list[dict]:
@@ -85,13 +98,7 @@ def hot_ops(state: dict, tasks: dict, chains: dict) -> list[dict]:
     the meta op (ids' counters, a queue pause, the fences of cancelled runs still stopping)."""
     ops: list[dict] = [schema.put_task(pack_task(t)) for t in sorted(tasks.values(), key=lambda t: t["seq"])]
     ops += [schema.put_chain(c) for c in chains.values()]
-    meta = schema.meta(state["seq"], state["fam"])
-    if state.get("qpause"):
-        meta["qpause"] = state["qpause"]  # `pause --all` outlives a compaction
-    fences = {i: f for i, f in (state.get("fences") or {}).items() if f.get("until", 0) > time.time()}
-    if fences:
-        meta["fences"] = fences  # cancelled runs still stopping (state._finish); ended ones are dropped
-    ops.append(meta)
+    ops.append(_meta_op(state))
     return ops
 
 
@@ -108,21 +115,10 @@ def trimmed(state: dict, cutoff: float) -> dict:
 
 def compact(paths: Paths, *, retention: float = RETENTION, now: float | None = None) -> dict:
     check_all(paths)
-    from kmpwm.storage.stores import open_store, store_url
+    from kmpwm.storage.stores import store_url
 
     if store_url(paths) is not None:
-        # A shared store keeps every record (PostgreSQL holds millions of rows easily, and the
-        # events of every host stay whole); what grows the cost of reading is the snapshot (work
-        # finished before the retention window is left out of it, as a compaction drops it from
-        # the journal) and the tail after it, so compacting it is writing a snapshot now.
-        store = open_store(paths)
-        view = store.load(full=False)
-        store.write_snapshot(view, retention=retention)
-        from kmpwm.storage.runlog import KEEP
-
-        store.sweep_runs((time.time() if now is None else now) - retention, KEEP)
-        reason = f"a shared store keeps its records; snapshot written at record {view.offset}"
-        return {"compacted": False, "reason": reason}
+        return _compact_shared(paths, retention, now)
     journal = Journal(paths)
     now = time.time() if now is None else now
     before = journal.identity()
@@ -134,9 +130,7 @@ def compact(paths: Paths, *, retention: float = RETENTION, now: float | None = N
         ino = folder.feed_journal(journal, 0)
         with journal.locked():
             journal.sweep_temp_files()
-            if folder.feed_journal(journal, folder.offset, expect_ino=ino) is None:
-                folder = Folder(cutoff)  # someone else rewrote it meanwhile: start over under the lock
-                folder.feed_journal(journal, 0)
+            folder = _caught_up(folder, journal, ino)
             tasks, chains = keep_sets(folder.state, cutoff)
             events = folder.events
             _rewrite(journal, paths, folder, tasks, chains, events, now)
@@ -146,7 +140,7 @@ def compact(paths: Paths, *, retention: float = RETENTION, now: float | None = N
     after = journal.identity()
     return {
         "compacted": True,
-        "bytes_before": before[1] if before else 0,
+        "bytes_before": before[1],
         "bytes_after": after[1] if after else 0,
         "records_before": folder.records,
         "tasks_kept": len(tasks),
@@ -158,17 +152,32 @@ def compact(paths: Paths, *, retention: float = RETENTION, now: float | None = N
     }
 
 
+def _compact_shared(paths: Paths, retention: float, now: float | None) -> dict:
+    """A shared store keeps every record (PostgreSQL holds millions of rows easily, and the
+    events of every host stay whole); what grows the cost of reading is the snapshot (work
+    finished before the retention window is left out of it, as a compaction drops it from the
+    journal) and the tail after it, so compacting it is writing a snapshot now (and sweeping old
+    run output)."""
+    from kmpwm.storage.runlog import KEEP
+    from kmpwm.storage.stores import open_store
+
+    store = open_store(paths)
+    view = store.load(full=False)
+    store.write_snapshot(view, retention=retention)
+    store.sweep_runs((time.time() if now is None else now) - retention, KEEP)
+    reason = f"a shared store keeps its records; snapshot written at record {view.offset}"
+    return {"compacted": False, "reason": reason}
+
+
 def _rewrite(
     journal: Journal, paths: Paths, folder: Folder, tasks: dict, chains: dict, events: list, now: float
 ) -> None:
     """The new generation (caller holds the lock): archived events, then the live state as puts."""
-    records: list[dict] = []
-    for i in range(0, len(events), EVENTS_PER_RECORD):
-        chunk = events[i : i + EVENTS_PER_RECORD]
-        records.append({"ts": chunk[-1][0], "arc": True, "ev": chunk})
+    records: list[dict] = [
+        {"ts": chunk[-1][0], "arc": True, "ev": chunk} for chunk in _batches(events, EVENTS_PER_RECORD)
+    ]
     ops = hot_ops(folder.state, tasks, chains)
-    for i in range(0, len(ops), OPS_PER_RECORD):
-        records.append({"ts": now, "ops": ops[i : i + OPS_PER_RECORD]})
+    records += [{"ts": now, "ops": batch} for batch in _batches(ops, OPS_PER_RECORD)]
     size = sum(len(encode(r)) for r in records)
     journal.rewrite(records, compacted_size=size)
     from kmpwm.storage.store import Store
@@ -176,6 +185,21 @@ def _rewrite(
     store = Store(paths, journal)
     store.drop_snapshot()
     store.write_snapshot(store.load(full=False))
+
+
+def _batches(items: list, size: int) -> list[list]:
+    return [items[i : i + size] for i in range(0, len(items), size)]
+
+
+def _meta_op(state: dict) -> dict:
+    """The counters, a queue pause and the fences still in force, as one ``meta`` op."""
+    meta = schema.meta(state["seq"], state["fam"])
+    if state.get("qpause"):
+        meta["qpause"] = state["qpause"]  # `pause --all` outlives a compaction
+    fences = {i: f for i, f in (state.get("fences") or {}).items() if f.get("until", 0) > time.time()}
+    if fences:
+        meta["fences"] = fences  # cancelled runs still stopping (state._finish); ended ones are dropped
+    return meta
 
 
 def needs_compaction(paths: Paths) -> bool:

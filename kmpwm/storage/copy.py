@@ -9,6 +9,7 @@ source's runner), and said so: stop the source's runners before moving a queue.
 from __future__ import annotations
 
 import copy as _copy
+from dataclasses import dataclass, field
 
 from kmpwm.core import schema
 from kmpwm.core.exitcodes import InvalidParams
@@ -17,36 +18,63 @@ from kmpwm.core.state import UNFINISHED, live_chain, members, pack_task
 
 def plan_copy(state: dict) -> tuple[list[dict], list[str], list[str]]:
     """(the ops that recreate the unfinished part of ``state``, ids copied, ids that were RUNNING)."""
-    tasks, chains = state["tasks"], state["chains"]
-    ops: list[dict] = []
-    ids: list[str] = []
-    running: list[str] = []
-    taken: set[str] = set()
+    plan = _Plan()
+    for cid, chain in state["chains"].items():
+        if live_chain(state, chain):
+            plan.put_chain(cid, chain, members(state, chain))
+    for tid, t in state["tasks"].items():
+        if tid not in plan.taken and t["state"] in UNFINISHED:
+            plan.put_task(t)
+    if not (plan.ops or state.get("qpause")):
+        return [], plan.ids, plan.running
+    return [_meta_op(state), *plan.ops], plan.ids, plan.running
 
-    def put_task(t: dict) -> None:
+
+@dataclass
+class _Plan:
+    """A copy being planned: its put ops, the ids they copy (chains and tasks), the task ids
+    among them, and those that were RUNNING."""
+
+    ops: list[dict] = field(default_factory=list)
+    ids: list[str] = field(default_factory=list)
+    taken: set[str] = field(default_factory=set)
+    running: list[str] = field(default_factory=list)
+
+    def put_chain(self, cid: str, chain: dict, own: list[dict]) -> None:
+        self.ops.append(schema.put_chain(_copy.deepcopy(chain)))
+        self.ids.append(cid)
+        for t in own:
+            self.put_task(t)
+
+    def put_task(self, t: dict) -> None:
+        """A copy of ``t``; a RUNNING task is copied ENQUEUED (its run belongs to the source)."""
         t = _copy.deepcopy(t)
         if t["state"] == "RUNNING":
-            running.append(t["id"])
+            self.running.append(t["id"])
             t["state"] = "ENQUEUED"
             t["lease"] = None
-        ops.append(schema.put_task(pack_task(t)))
-        ids.append(t["id"])
-        taken.add(t["id"])
+        self.ops.append(schema.put_task(pack_task(t)))
+        self.ids.append(t["id"])
+        self.taken.add(t["id"])
 
-    for cid, chain in chains.items():
-        if not live_chain(state, chain):
-            continue
-        ops.append(schema.put_chain(_copy.deepcopy(chain)))
-        ids.append(cid)
-        for t in members(state, chain):
-            put_task(t)
-    for tid, t in tasks.items():
-        if tid not in taken and t["state"] in UNFINISHED:
-            put_task(t)
+
+def _meta_op(state: dict) -> dict:
+    """The counters, and a queue pause if there is one, as one ``meta`` op."""
     meta = schema.meta(state["seq"], dict(state["fam"]))
     if state.get("qpause"):
         meta["qpause"] = dict(state["qpause"])
-    return ([meta] + ops if ops or state.get("qpause") else []), ids, running
+    return meta
+
+
+def _refuse_overwrite(ids: list[str], there: dict) -> None:
+    """InvalidParams if a task or chain of the target state ``there`` has one of ``ids``."""
+    clash = [i for i in ids if i in there["tasks"] or i in there["chains"]]
+    if clash:
+        more = f" (and {len(clash) - 1} more)" if len(clash) > 1 else ""
+        raise InvalidParams(
+            f"the target store already has {clash[0]!r}{more}: store copy never overwrites",
+            hint="cancel or compact them there first, or copy into an empty store",
+        )
 
 
 def copy_between(source, target) -> dict:
@@ -55,13 +83,7 @@ def copy_between(source, target) -> dict:
     ops, ids, running = plan_copy(state)
     with target.transaction() as txn:
         there = txn.state
-        clash = [i for i in ids if i in there["tasks"] or i in there["chains"]]
-        if clash:
-            more = f" (and {len(clash) - 1} more)" if len(clash) > 1 else ""
-            raise InvalidParams(
-                f"the target store already has {clash[0]!r}{more}: store copy never overwrites",
-                hint="cancel or compact them there first, or copy into an empty store",
-            )
+        _refuse_overwrite(ids, there)
         if ops:
             if there["seq"] > state["seq"]:
                 ops[0]["seq"] = there["seq"]

@@ -24,7 +24,7 @@ import time
 import uuid
 import zlib
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -59,10 +59,9 @@ def decode(line: bytes) -> dict | None:
     try:
         if int(line[:8], 16) != zlib.crc32(payload):
             return None
-        record = orjson.loads(payload)
     except ValueError:
         return None
-    return record if isinstance(record, dict) else None
+    return _loads(payload)
 
 
 @dataclass
@@ -95,38 +94,40 @@ def salvage(data: bytes) -> list[tuple[int, int, dict]]:
     byte), left to right, never overlapping.  A record starts with eight hex digits, a space and
     ``{``, and holds no newline; its end is the ``}`` where the checksum holds."""
     out: list[tuple[int, int, dict]] = []
-    pos, crc32 = 0, zlib.crc32
+    pos = 0
     while True:
         sep = data.find(b" {", pos + 8)
         if sep < 0:
             return out
-        start = sep - 8
-        head = data[start:sep]
-        if not _HEX_DIGITS.issuperset(head):
-            pos = start + 1
-            continue
-        want = int(head, 16)
-        stop = data.find(b"\n", sep)
-        stop = len(data) if stop < 0 else stop
-        crc, done, close = 0, sep + 1, sep + 1
-        found = None
-        while True:
-            close = data.find(b"}", close, stop)
-            if close < 0:
-                break
-            crc = crc32(data[done : close + 1], crc)
-            done = close + 1
-            if crc == want:
-                record = _loads(data[sep + 1 : close + 1])
-                if record is not None:
-                    found = (start, close + 1, record)
-                    break
-            close += 1
+        found = _record_at(data, sep)
         if found is None:
-            pos = start + 1
+            pos = sep - 7  # the next place a checksum could start
             continue
         out.append(found)
         pos = found[1]
+
+
+def _record_at(data: bytes, sep: int) -> tuple[int, int, dict] | None:
+    """The record whose eight hex digits end at ``sep`` (its ``" {"``), if its checksum holds at
+    one of the ``}`` on its line: ``(start, end, record)`` as :func:`salvage` gives them."""
+    start = sep - 8
+    head = data[start:sep]
+    if not _HEX_DIGITS.issuperset(head):
+        return None
+    want = int(head, 16)
+    stop = data.find(b"\n", sep)
+    stop = len(data) if stop < 0 else stop
+    crc, done = 0, sep + 1
+    close = data.find(b"}", done, stop)
+    while close >= 0:
+        crc = zlib.crc32(data[done : close + 1], crc)
+        done = close + 1
+        if crc == want:
+            record = _loads(data[sep + 1 : done])
+            if record is not None:
+                return start, done, record
+        close = data.find(b"}", done, stop)
+    return None
 
 
 def _loads(payload: bytes) -> dict | None:
@@ -150,40 +151,53 @@ def scan_bytes(data: bytes, base: int = 0) -> Scan:
     and the records count (a write that never completed never leaves bytes after a record that
     are not its newline)."""
     out = Scan(end=base)
-    pos, n = 0, len(data)
-    bad_start = -1
+    complete = data.rfind(b"\n") + 1  # the bytes before it are whole lines
+    bad = _scan_lines(out, data, complete, base)
+    end = complete
+    if complete < len(data):
+        if _flipped_last_newline(data[complete:]):
+            bad = complete if bad < 0 else bad
+            end = len(data)
+        else:
+            out.torn = Damage(base + complete, base + len(data), torn=True)
+    if bad >= 0:
+        _close_region(out, data, bad, end, base)
+    out.end = base + end
+    return out
 
-    def close_region(end: int) -> None:
-        found = salvage(data[bad_start:end])
-        for _, rec_end, record in found:
-            out.records.append((base + bad_start + rec_end, record))
-        out.damage.append(Damage(base + bad_start, base + end, salvaged=len(found)))
 
-    while pos < n:
+def _flipped_last_newline(tail: bytes) -> bool:
+    """Whether the bytes after the last newline hold valid records with bytes after them: a
+    flipped last newline (damage), not a write that never completed (a torn tail)."""
+    found = salvage(tail)
+    return bool(found) and found[-1][1] < len(tail)
+
+
+def _scan_lines(out: Scan, data: bytes, stop: int, base: int) -> int:
+    """Add the records of the whole lines in ``data[:stop]`` to ``out``, and each damaged region
+    a valid line ends; returns where a damaged region still open at ``stop`` starts (-1: none)."""
+    pos, bad = 0, -1
+    while pos < stop:
         nl = data.find(b"\n", pos)
-        if nl < 0:
-            found = salvage(data[pos:])
-            if found and pos + found[-1][1] < n:  # valid records with bytes after them: damage
-                if bad_start < 0:
-                    bad_start = pos
-                pos = n
-                break
-            out.torn = Damage(base + pos, base + n, torn=True)
-            break
         record = decode(data[pos:nl])
         if record is None:
-            if bad_start < 0:
-                bad_start = pos
+            if bad < 0:
+                bad = pos
         else:
-            if bad_start >= 0:
-                close_region(pos)
-                bad_start = -1
+            if bad >= 0:
+                _close_region(out, data, bad, pos, base)
+                bad = -1
             out.records.append((base + nl + 1, record))
         pos = nl + 1
-    if bad_start >= 0:
-        close_region(pos)
-    out.end = base + pos if out.torn is None else out.torn.start  # torn.start is absolute already
-    return out
+    return bad
+
+
+def _close_region(out: Scan, data: bytes, start: int, end: int, base: int) -> None:
+    """Add the damaged region ``data[start:end]`` to ``out``, with the valid records inside it."""
+    found = salvage(data[start:end])
+    for _, rec_end, record in found:
+        out.records.append((base + start + rec_end, record))
+    out.damage.append(Damage(base + start, base + end, salvaged=len(found)))
 
 
 # -- repair: what doctor --repair keeps -----------------------------------------------------
@@ -197,13 +211,17 @@ _CRC_BIT: dict[int, int] = {}
 def _crc_tables() -> None:
     """The CRC-32 (zlib's, reflected 0xEDB88320) byte table, the index of each entry by its top
     byte (distinct for this polynomial: one step is invertible) and the entries of single bits."""
-    for i in range(256):
-        r = i
-        for _ in range(8):
-            r = (r >> 1) ^ (0xEDB88320 if r & 1 else 0)
-        _CRC_TABLE.append(r)
+    _CRC_TABLE.extend(_crc_entry(i) for i in range(256))
     _CRC_TOP.update((r >> 24, i) for i, r in enumerate(_CRC_TABLE))
     _CRC_BIT.update((_CRC_TABLE[1 << b], b) for b in range(8))
+
+
+def _crc_entry(byte: int) -> int:
+    """The CRC-32 register after shifting ``byte`` through it: eight steps of the polynomial."""
+    r = byte
+    for _ in range(8):
+        r = (r >> 1) ^ (0xEDB88320 if r & 1 else 0)
+    return r
 
 
 def _flipped_bit(payload: bytes, want: int) -> int | None:
@@ -233,22 +251,38 @@ def correct(line: bytes) -> tuple[dict, str] | None:
     ``line`` is one damaged line, or the lines a byte flipped into a newline made of one record.
     The checksum field, the space or one payload bit may be the flipped one; the answer must pass
     the checksum and parse.  Returns the record and where the bit was, or None."""
-    if len(line) < 10 or len(line) > CORRECT_MAX:
+    if not 10 <= len(line) <= CORRECT_MAX:
         return None
+    fixed = _head_flip(line)
+    if fixed is None:
+        fixed = _payload_flip(line)
+    return fixed
+
+
+def _head_flip(line: bytes) -> tuple[dict, str] | None:
+    """The record and where the bit was, if one flipped bit in the checksum or the space is all
+    that is wrong with ``line``."""
     payload = line[9:]
     actual = b"%08x " % zlib.crc32(payload)
     wrong = [i for i in range(9) if line[i] != actual[i]]
-    if len(wrong) == 1 and (line[wrong[0]] ^ actual[wrong[0]]).bit_count() == 1:
-        record = _loads(payload)  # the payload is whole: the flip hit the checksum or the space
-        if record is not None:
-            return record, f"one flipped bit in byte {wrong[0]} of the record"
+    if len(wrong) != 1 or (line[wrong[0]] ^ actual[wrong[0]]).bit_count() != 1:
+        return None
+    record = _loads(payload)  # the payload is whole: the flip hit the checksum or the space
+    if record is None:
+        return None
+    return record, f"one flipped bit in byte {wrong[0]} of the record"
+
+
+def _payload_flip(line: bytes) -> tuple[dict, str] | None:
+    """The record and where the bit was, if one flipped bit in the payload of ``line`` (whose
+    checksum field is whole) is what is wrong with it."""
     if line[8:9] != b" " or not _HEX_DIGITS.issuperset(line[:8]):
         return None
     want = int(line[:8], 16)
-    bit = _flipped_bit(payload, want)
+    bit = _flipped_bit(line[9:], want)
     if bit is None:
         return None
-    fixed = bytearray(payload)
+    fixed = bytearray(line[9:])
     fixed[bit >> 3] ^= 1 << (bit & 7)
     if zlib.crc32(fixed) != want:
         return None
@@ -270,15 +304,7 @@ def _mend_gap(body: bytes) -> list[tuple[int, int, dict, str]]:
     while i < len(pieces):
         step = 1
         for span in (1, 2)[: len(pieces) - i]:
-            start, end = pieces[i][0], pieces[i + span - 1][1]
-            fixed = next(
-                (
-                    (start + lo, end - hi, r)
-                    for lo, hi in ((0, 0), (1, 0), (0, 1))
-                    if (r := correct(body[start + lo : end - hi])) is not None
-                ),
-                None,
-            )
+            fixed = _correct_span(body, pieces[i][0], pieces[i + span - 1][1])
             if fixed is not None:
                 lo, hi, (record, where) = fixed
                 out.append((lo, hi, record, where))
@@ -286,6 +312,16 @@ def _mend_gap(body: bytes) -> list[tuple[int, int, dict, str]]:
                 break
         i += step
     return out
+
+
+def _correct_span(body: bytes, start: int, end: int) -> tuple[int, int, tuple[dict, str]] | None:
+    """What :func:`correct` restores in ``body[start:end]``, also without its first or last byte:
+    ``(start, end, (record, where))`` of the bytes it used."""
+    for lo, hi in ((0, 0), (1, 0), (0, 1)):
+        fixed = correct(body[start + lo : end - hi])
+        if fixed is not None:
+            return start + lo, end - hi, fixed
+    return None
 
 
 @dataclass
@@ -307,30 +343,75 @@ def mend(data: bytes) -> Mend:
     out = Mend()
     placed = list(scan.records)
     for d in scan.damage:
-        region = data[d.start : d.end]
-        found = salvage(region)
-        out.salvaged += len(found)
-        gaps, pos = [], 0
-        for start, end, _ in found:
-            gaps.append((pos, start))
-            pos = end
-        gaps.append((pos, len(region)))
-        for gs, ge in gaps:
-            gap = region[gs:ge]
-            body = gap.strip(b"\n")
-            if not body:
-                continue  # a record's own newline
-            at = d.start + gs + gap.index(body)  # the newlines around it only frame lines
-            fixed = _mend_gap(body)
-            for lo, hi, record, where in fixed:
-                placed.append((at + hi, record))
-                out.corrected.append({"offset": at + lo, "where": where})
-            out.moved.append((at, at + len(body), "corrupt-mended" if fixed else "corrupt"))
+        _mend_region(out, placed, data[d.start : d.end], d.start)
     if scan.torn is not None:
         out.moved.append((scan.torn.start, scan.torn.end, "torn"))
     placed.sort(key=lambda item: item[0])
     out.records = [r for _, r in placed]
     return out
+
+
+def _mend_region(out: Mend, placed: list, region: bytes, offset: int) -> None:
+    """One damaged region (at ``offset``) for :func:`mend`: the records salvaged or corrected in
+    it join ``placed`` as ``(end, record)``, and the bytes between them are moved."""
+    found = salvage(region)
+    out.salvaged += len(found)
+    for gs, ge in _gaps(found, len(region)):
+        gap = region[gs:ge]
+        body = gap.strip(b"\n")
+        if not body:
+            continue  # a record's own newline
+        at = offset + gs + gap.index(body)  # the newlines around it only frame lines
+        fixed = _mend_gap(body)
+        for lo, hi, record, where in fixed:
+            placed.append((at + hi, record))
+            out.corrected.append({"offset": at + lo, "where": where})
+        out.moved.append((at, at + len(body), "corrupt-mended" if fixed else "corrupt"))
+
+
+def _first_record(line: bytes) -> dict | None:
+    """The record at the start of ``line``: the line's own, or one whole inside a damaged line."""
+    record = decode(line)
+    if record is not None:
+        return record
+    found = salvage(line)
+    return found[0][2] if found and found[0][0] == 0 else None
+
+
+def _header_op(record: dict) -> dict | None:
+    """The header op (``hdr``: the journal's generation) of a journal's first record, None if
+    the record is not a header."""
+    ops = record.get("ops")
+    if ops and ops[0].get("op") == "hdr":
+        return ops[0]
+    return None
+
+
+def _bad_checksums(data: bytes) -> list[Damage]:
+    """The regions of the complete lines in ``data`` whose checksum fails (JSON not parsed)."""
+    damage: list[Damage] = []
+    pos, crc32, bad = 0, zlib.crc32, -1
+    for line in data.split(b"\n")[:-1]:  # the last piece is after the last newline: not a record
+        ok = len(line) > 9 and line[8:9] == b" "
+        if ok:
+            try:
+                ok = int(line[:8], 16) == crc32(line[9:])
+            except ValueError:
+                ok = False
+        if not ok and bad < 0:
+            bad = pos
+        elif ok and bad >= 0:
+            damage.append(Damage(bad, pos))
+            bad = -1
+        pos += len(line) + 1
+    if bad >= 0:
+        damage.append(Damage(bad, pos))
+    return damage
+
+
+def _gaps(found: list[tuple[int, int, dict]], size: int) -> list[tuple[int, int]]:
+    """The spans of a region of ``size`` bytes around and between the records ``found`` in it."""
+    return list(zip([0] + [end for _, end, _ in found], [start for start, _, _ in found] + [size]))
 
 
 def _add_damage(into: list[Damage], more: list[Damage]) -> None:
@@ -340,6 +421,15 @@ def _add_damage(into: list[Damage], more: list[Damage]) -> None:
             into[-1] = Damage(into[-1].start, d.end, salvaged=into[-1].salvaged + d.salvaged)
         else:
             into.append(d)
+
+
+@contextmanager
+def _journal_error(doing: str, hint: str | None = None) -> Iterator[None]:
+    """An OSError in the block is raised as JournalError ``cannot <doing>: <reason>``."""
+    try:
+        yield
+    except OSError as exc:
+        raise JournalError(f"cannot {doing}: {exc.strerror}", hint=hint) from None
 
 
 def lock_timeout() -> float:
@@ -397,14 +487,9 @@ class Journal:
         fold a journal of any size without holding all of its records at once.  Returns the
         file's inode (0 if missing) and the scans; the file is read as they are consumed.  The
         scans are None when the file is not the one ``expect_ino`` names."""
-        try:
-            fd = os.open(self.path, os.O_RDONLY | _O_NOFOLLOW | _O_CLOEXEC)
-        except FileNotFoundError:
+        fd = self._open_for_reading()
+        if fd is None:
             return 0, iter((Scan(end=start),))
-        except OSError as exc:
-            raise JournalError(
-                f"cannot open the journal {self.path}: {exc.strerror}", hint="check that it is a regular file you own"
-            ) from None
         try:
             ino = os.fstat(fd).st_ino
         except OSError as exc:
@@ -415,19 +500,19 @@ class Journal:
             return ino, None
         return ino, self._parts(fd, start, chunk)
 
+    def _open_for_reading(self) -> int | None:
+        """The journal opened to read (None: there is none yet)."""
+        hint = "check that it is a regular file you own"
+        with _journal_error(f"open the journal {self.path}", hint), suppress(FileNotFoundError):
+            return os.open(self.path, os.O_RDONLY | _O_NOFOLLOW | _O_CLOEXEC)
+        return None
+
     def _parts(self, fd: int, start: int, chunk: int) -> Iterator[Scan]:
         try:
             if start:
                 os.lseek(fd, start, os.SEEK_SET)
             pos, carry = start, b""
-            while True:
-                try:
-                    data = os.read(fd, chunk)
-                except OSError as exc:
-                    raise JournalError(f"cannot read the journal {self.path}: {exc.strerror}") from None
-                if not data:
-                    yield scan_bytes(carry, pos)  # whatever follows the last newline: a torn tail
-                    return
+            for data in self._chunks(fd, chunk):
                 buf = carry + data if carry else data
                 nl = buf.rfind(b"\n")
                 if nl < 0:
@@ -437,34 +522,27 @@ class Journal:
                 part = scan_bytes(buf[: nl + 1], pos)
                 pos += nl + 1
                 yield part
+            yield scan_bytes(carry, pos)  # whatever follows the last newline: a torn tail
         finally:
             os.close(fd)
 
+    def _chunks(self, fd: int, size: int) -> Iterator[bytes]:
+        """The file's bytes from ``fd``'s offset to its end, ``size`` at a time."""
+        while True:
+            with _journal_error(f"read the journal {self.path}"):
+                data = os.read(fd, size)
+            if not data:
+                return
+            yield data
+
     def verify(self, end: int) -> list[Damage]:
         """Checksums of every complete line before ``end``, without parsing JSON: the damage found."""
-        try:
-            with open(self.path, "rb") as fh:
-                data = fh.read(end)
-        except OSError as exc:
-            raise JournalError(f"cannot read the journal {self.path}: {exc.strerror}") from None
-        damage: list[Damage] = []
-        pos, crc32, bad = 0, zlib.crc32, -1
-        for line in data.split(b"\n")[:-1]:  # the last piece is after the last newline: not a record
-            ok = len(line) > 9 and line[8:9] == b" "
-            if ok:
-                try:
-                    ok = int(line[:8], 16) == crc32(line[9:])
-                except ValueError:
-                    ok = False
-            if not ok and bad < 0:
-                bad = pos
-            elif ok and bad >= 0:
-                damage.append(Damage(bad, pos))
-                bad = -1
-            pos += len(line) + 1
-        if bad >= 0:
-            damage.append(Damage(bad, pos))
-        return damage
+        return _bad_checksums(self._head(end))
+
+    def _head(self, end: int) -> bytes:
+        """The journal's first ``end`` bytes."""
+        with _journal_error(f"read the journal {self.path}"), open(self.path, "rb") as fh:
+            return fh.read(end)
 
     def raw_from(self, start: int) -> bytes | None:
         """The journal's bytes from ``start`` to its end, unparsed; None if it is missing or
@@ -491,13 +569,8 @@ class Journal:
             raise JournalError(f"cannot read the journal {self.path}: {exc.strerror}") from None
         if not line.endswith(b"\n"):
             return None
-        record = decode(line[:-1])
-        if record is None:  # a damaged first line: the header may still be whole inside it
-            found = salvage(line[:-1])
-            record = found[0][2] if found and found[0][0] == 0 else None
-        if record and record.get("ops") and record["ops"][0].get("op") == "hdr":
-            return record["ops"][0]
-        return None
+        record = _first_record(line[:-1])
+        return None if record is None else _header_op(record)
 
     # -- writing --------------------------------------------------------------------------
 
@@ -521,49 +594,30 @@ class Journal:
             self._prepared = True
         if timeout is None:
             timeout = lock_timeout()
+        fh = self._open_lock_file()
         try:
-            fd = os.open(self.paths.lock_file, os.O_RDWR | os.O_CREAT | _O_NOFOLLOW | _O_CLOEXEC, 0o600)
-        except OSError as exc:
-            raise JournalError(f"cannot open the lock file {self.paths.lock_file}: {exc.strerror}") from None
-        fh = os.fdopen(fd, "r+b")
-        deadline = time.monotonic() + timeout
-        pause = 0.002
-        try:
-            while not _try_lock(fh):
-                if time.monotonic() >= deadline:
-                    raise LockBusy(
-                        f"the journal is locked by another kmpwm process (waited {timeout:g}s)",
-                        hint="try again; set KMPWM_LOCK_TIMEOUT to wait longer",
-                    ) from None
-                time.sleep(pause)
-                pause = min(pause * 2, 0.05)
+            _wait_for_lock(fh, timeout)
             self._lock_depth = 1
             try:
                 yield
             finally:
                 self._lock_depth = 0
-                try:
+                with suppress(Exception):
                     _unlock(fh)
-                except Exception:
-                    pass
         finally:
             fh.close()
 
+    def _open_lock_file(self):
+        with _journal_error(f"open the lock file {self.paths.lock_file}"):
+            fd = os.open(self.paths.lock_file, os.O_RDWR | os.O_CREAT | _O_NOFOLLOW | _O_CLOEXEC, 0o600)
+        return os.fdopen(fd, "r+b")
+
     def _open_for_append(self) -> tuple[int, bool]:
-        try:
-            fd = os.open(self.path, os.O_RDWR | os.O_APPEND | _O_NOFOLLOW | _O_CLOEXEC)
-            return fd, False
-        except FileNotFoundError:
-            pass
-        except OSError as exc:
-            raise JournalError(
-                f"cannot open the journal {self.path} for writing: {exc.strerror}",
-                hint="it must be a regular file you own (not a symlink)",
-            ) from None
-        try:
+        hint = "it must be a regular file you own (not a symlink)"
+        with _journal_error(f"open the journal {self.path} for writing", hint), suppress(FileNotFoundError):
+            return os.open(self.path, os.O_RDWR | os.O_APPEND | _O_NOFOLLOW | _O_CLOEXEC), False
+        with _journal_error(f"create the journal {self.path}"):
             fd = os.open(self.path, os.O_RDWR | os.O_APPEND | os.O_CREAT | os.O_EXCL | _O_NOFOLLOW | _O_CLOEXEC, 0o600)
-        except OSError as exc:
-            raise JournalError(f"cannot create the journal {self.path}: {exc.strerror}") from None
         return fd, True
 
     def append(self, records: list[dict]) -> int:
@@ -575,65 +629,49 @@ class Journal:
         assert self._lock_depth, "append without the journal lock"
         fd, created = self._open_for_append()
         try:
-            size = os.fstat(fd).st_size
-            if not created and size:
-                size = self._repair_torn_tail(fd, size)
+            size = self._repair_torn_tail(fd, os.fstat(fd).st_size)
             if size == 0:  # a new journal (or one whose only record was torn) starts with its header
-                header = {"ts": time.time(), "ops": [schema.header(uuid.uuid4().hex, FORMAT_VERSION)]}
-                records = [header, *records]
+                records = [_new_header(), *records]
             blob = b"".join(encode(r) for r in records)
-            try:
-                write_all(fd, blob)
-                _datasync(fd)
-            except OSError as exc:
-                try:
-                    os.ftruncate(fd, size)
-                    os.fsync(fd)
-                except OSError:
-                    pass  # the next writer trims the torn tail
-                err = JournalError(
-                    f"cannot write to the journal {self.path}: {exc.strerror}"
-                    + (" (disk full)" if exc.errno == errno.ENOSPC else ""),
-                    hint="this record was not written; free space or fix the file system, then try again",
-                )
-                err.errno = exc.errno  # run-due makes room for results on ENOSPC (reserve.py)
-                raise err from None
+            self._write_or_cut_back(fd, blob, size)
             if created:
                 _fsync_dir(self.path.parent)
             return size + len(blob)
         finally:
             os.close(fd)
 
+    def _write_or_cut_back(self, fd: int, blob: bytes, size: int) -> None:
+        """Write ``blob`` durably after ``size`` bytes; on failure cut the file back to ``size``."""
+        try:
+            write_all(fd, blob)
+            _datasync(fd)
+        except OSError as exc:
+            with suppress(OSError):  # if this fails too, the next writer trims the torn tail
+                os.ftruncate(fd, size)
+                os.fsync(fd)
+            err = JournalError(
+                f"cannot write to the journal {self.path}: {_reason(exc)}",
+                hint="this record was not written; free space or fix the file system, then try again",
+            )
+            err.errno = exc.errno  # run-due makes room for results on ENOSPC (reserve.py)
+            raise err from None
+
     def _repair_torn_tail(self, fd: int, size: int) -> int:
         """If the file does not end with a newline, keep the torn bytes in quarantine and cut them off."""
         if size == 0 or os.pread(fd, 1, size - 1) == b"\n":
             return size
-        pos, step = size, 1 << 16
-        while pos > 0:
-            start = max(0, pos - step)
-            chunk = os.pread(fd, pos - start, start)
-            nl = chunk.rfind(b"\n")
-            if nl >= 0:
-                pos = start + nl + 1
-                break
-            pos = start
+        pos = _last_line_start(fd, size)
         torn = os.pread(fd, size - pos, pos)
-        found = salvage(torn)
-        if found and found[-1][1] < len(torn):
-            # valid records with bytes after them: a flipped last newline, not a torn write.  Readers
-            # count those records (scan_bytes), so they stay; ending the damaged line keeps it damage
-            # for `doctor --repair` to mend, and the records after it start on a line of their own.
-            try:
+        if _flipped_last_newline(torn):
+            # Readers count its records (scan_bytes), so they stay; ending the damaged line keeps it
+            # damage for `doctor --repair` to mend, and the records after it start on a line of their own.
+            with _journal_error(f"write to the journal {self.path}"):
                 write_all(fd, b"\n")
-            except OSError as exc:
-                raise JournalError(f"cannot write to the journal {self.path}: {exc.strerror}") from None
             return size + 1
         self.quarantine(torn, pos, "torn")
-        try:
+        with _journal_error(f"repair the torn end of the journal {self.path}"):
             os.ftruncate(fd, pos)
             os.fsync(fd)
-        except OSError as exc:
-            raise JournalError(f"cannot repair the torn end of the journal {self.path}: {exc.strerror}") from None
         return pos
 
     def quarantine(self, data: bytes, offset: int, kind: str) -> Path:
@@ -645,8 +683,7 @@ class Journal:
             _write_new(path, data)
         except OSError as exc:
             raise JournalError(
-                f"cannot keep damaged bytes in {qdir}: {exc.strerror}"
-                + (" (disk full)" if exc.errno == errno.ENOSPC else ""),
+                f"cannot keep damaged bytes in {qdir}: {_reason(exc)}",
                 hint="nothing was changed; free space, then try again",
             ) from None
         return path
@@ -655,36 +692,43 @@ class Journal:
         """Remove what killed writers left: temp files of journal rewrites (made only under the
         lock, so any seen while holding it is stale) and of snapshots whose writer is gone."""
         assert self._lock_depth, "sweep without the journal lock"
-        from kmpwm.platform import procs
-
         removed = []
         try:
             names = os.listdir(self.paths.journal_dir)
         except OSError:
             return removed
-        for name in names:
-            if not (name.startswith(".") and name.endswith(".tmp")):
-                continue
-            parts = name.split(".")  # .journal.log.<pid>.<rand>.tmp / .state.snap.<pid>.<rand>.tmp
-            stale = name.startswith(f".{self.path.name}.")
-            if not stale and len(parts) >= 5 and parts[-3].isdigit():
-                stale = procs.token(int(parts[-3])) is None
-            if stale:
-                try:
-                    os.unlink(self.paths.journal_dir / name)
-                    removed.append(name)
-                except OSError:
-                    pass
+        for name in filter(self._stale_temp_file, names):
+            with suppress(OSError):
+                os.unlink(self.paths.journal_dir / name)
+                removed.append(name)
         return removed
+
+    def _stale_temp_file(self, name: str) -> bool:
+        """A journal rewrite's temp file (any is stale under the lock), or a snapshot's whose writer is gone."""
+        if not (name.startswith(".") and name.endswith(".tmp")):
+            return False
+        if name.startswith(f".{self.path.name}."):
+            return True
+        parts = name.split(".")  # .journal.log.<pid>.<rand>.tmp / .state.snap.<pid>.<rand>.tmp
+        if len(parts) < 5 or not parts[-3].isdigit():
+            return False
+        from kmpwm.platform import procs
+
+        return procs.token(int(parts[-3])) is None
 
     def rewrite(self, records: list[dict], *, compacted_size: int | None = None) -> None:
         """Atomically replace the journal with a new generation holding ``records`` (caller locked)."""
         assert self._lock_depth, "rewrite without the journal lock"
-        hdr = schema.header(uuid.uuid4().hex, FORMAT_VERSION)
-        if compacted_size is not None:
-            hdr["compacted_size"] = compacted_size  # automatic compaction waits until the journal doubles
-        header = {"ts": time.time(), "ops": [hdr]}
+        header = _new_header(compacted_size)
         atomic_write(self.path, b"".join(encode(r) for r in [header, *records]))
+
+
+def _new_header(compacted_size: int | None = None) -> dict:
+    """The first record of a new journal generation (named by a new id)."""
+    hdr = schema.header(uuid.uuid4().hex, FORMAT_VERSION)
+    if compacted_size is not None:
+        hdr["compacted_size"] = compacted_size  # automatic compaction waits until the journal doubles
+    return {"ts": time.time(), "ops": [hdr]}
 
 
 # The writers' lock is portalocker's POSIX lock: an exclusive flock(2) on journal/lock.  On POSIX
@@ -714,6 +758,20 @@ def _try_lock(fh) -> bool:
         return False
 
 
+def _wait_for_lock(fh, timeout: float) -> None:
+    """Take the lock on ``fh``, polling with growing pauses; LockBusy after ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    pause = 0.002
+    while not _try_lock(fh):
+        if time.monotonic() >= deadline:
+            raise LockBusy(
+                f"the journal is locked by another kmpwm process (waited {timeout:g}s)",
+                hint="try again; set KMPWM_LOCK_TIMEOUT to wait longer",
+            ) from None
+        time.sleep(pause)
+        pause = min(pause * 2, 0.05)
+
+
 def _unlock(fh) -> None:
     if _fcntl is not None:
         _fcntl.flock(fh.fileno(), _fcntl.LOCK_UN)
@@ -721,6 +779,23 @@ def _unlock(fh) -> None:
     import portalocker  # pragma: no cover - not POSIX
 
     portalocker.unlock(fh)  # pragma: no cover
+
+
+def _last_line_start(fd: int, size: int) -> int:
+    """Where the file's last line begins: after its last newline (0 if it has none)."""
+    pos, step = size, 1 << 16
+    while pos > 0:
+        start = max(0, pos - step)
+        nl = os.pread(fd, pos - start, start).rfind(b"\n")
+        if nl >= 0:
+            return start + nl + 1
+        pos = start
+    return 0
+
+
+def _reason(exc: OSError) -> str:
+    """An OSError's text, saying so when the disk is full."""
+    return exc.strerror + (" (disk full)" if exc.errno == errno.ENOSPC else "")
 
 
 def _datasync(fd: int) -> None:
@@ -734,9 +809,8 @@ def _fsync_dir(path: Path) -> None:
     except OSError:
         return
     try:
-        os.fsync(dfd)
-    except OSError:
-        pass
+        with suppress(OSError):
+            os.fsync(dfd)
     finally:
         os.close(dfd)
 
@@ -750,10 +824,8 @@ def _write_new(path: Path, data: bytes) -> None:
         os.fsync(fd)
     except OSError:
         os.close(fd)
-        try:
+        with suppress(OSError):
             os.unlink(path)
-        except OSError:
-            pass
         raise
     os.close(fd)
 
@@ -766,12 +838,10 @@ def atomic_write(path: Path, data: bytes) -> None:
         _write_new(tmp, data)
         os.replace(tmp, path)
     except OSError as exc:
-        try:
+        with suppress(OSError):
             os.unlink(tmp)
-        except OSError:
-            pass
         raise JournalError(
-            f"cannot write {path}: {exc.strerror}" + (" (disk full)" if exc.errno == errno.ENOSPC else ""),
+            f"cannot write {path}: {_reason(exc)}",
             hint="the previous file is unchanged",
         ) from None
     _fsync_dir(path.parent)

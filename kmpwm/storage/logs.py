@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import logging
 import os
-import time
 import traceback
 from pathlib import Path
 
@@ -37,12 +36,9 @@ def logger(paths) -> logging.Logger:
             return os.fdopen(fd, "a", encoding=self.encoding, errors=self.errors)
 
     try:
-        from kmpwm.storage.paths import ensure_dir, private_subdir
+        from kmpwm.storage.paths import private_log_dir
 
-        log_dir = Path(paths.log_dir)
-        if paths.home is None and log_dir.parent.name == "kmpwm":
-            ensure_dir(log_dir.parent)  # ~/.local/state/kmpwm: ours, so private too
-        path = Path(private_subdir(log_dir)) / LOG_NAME
+        path = private_log_dir(paths) / LOG_NAME  # (~/.local/state/kmpwm too: ours, so private)
         handler = PrivateRotatingFileHandler(path, maxBytes=MAX_BYTES, backupCount=BACKUPS, encoding="utf-8")
         handler.setFormatter(logging.Formatter("%(asctime)s %(process)d %(levelname)s %(message)s"))
         log.addHandler(handler)
@@ -62,7 +58,3 @@ def log_exception(paths, exc: BaseException) -> str | None:
         return str(Path(paths.log_dir) / LOG_NAME)
     except Exception:
         return None
-
-
-def stamp() -> str:
-    return time.strftime("%Y-%m-%dT%H:%M:%S")

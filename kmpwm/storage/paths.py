@@ -80,32 +80,36 @@ def check_secure(path: Path, *, what: str) -> None:
         return
     except OSError as exc:
         raise JournalError(f"cannot read {what} {path}: {exc.strerror}") from None
+    problems = _insecurities(st)
+    if problems:
+        raise InsecurePermissions(
+            f"refusing to use {what} {path}: {'; '.join(problems)}", hint=_fix_hint(path, st, problems)
+        )
+
+
+def _fix_hint(path: Path, st: os.stat_result, problems: list[str]) -> str:
+    fix = f"chmod {'700' if stat.S_ISDIR(st.st_mode) else '600'} {path}"
+    return f"fix it with: {fix}" + (" (and chown it to yourself)" if "owned" in problems[0] else "")
+
+
+_WRITABLE_BY = {stat.S_IWGRP: "group", stat.S_IWOTH: "others", stat.S_IWGRP | stat.S_IWOTH: "group and others"}
+
+
+def _insecurities(st: os.stat_result) -> list[str]:
+    """What makes a file with this stat unsafe to use: another owner, write access for others."""
     problems = []
     if hasattr(os, "getuid") and st.st_uid != os.getuid():
         problems.append(f"owned by uid {st.st_uid}, not you (uid {os.getuid()})")
-    if st.st_mode & (stat.S_IWGRP | stat.S_IWOTH):
-        problems.append(
-            f"writable by {'group and others' if st.st_mode & stat.S_IWGRP and st.st_mode & stat.S_IWOTH else 'group' if st.st_mode & stat.S_IWGRP else 'others'} (mode {stat.S_IMODE(st.st_mode):04o})"  # noqa: E501
-        )
-    if problems:
-        fix = f"chmod {'700' if stat.S_ISDIR(st.st_mode) else '600'} {path}"
-        raise InsecurePermissions(
-            f"refusing to use {what} {path}: {'; '.join(problems)}",
-            hint=f"fix it with: {fix}" + (" (and chown it to yourself)" if "owned" in problems[0] else ""),
-        )
+    writable = _WRITABLE_BY.get(st.st_mode & (stat.S_IWGRP | stat.S_IWOTH))
+    if writable is not None:
+        problems.append(f"writable by {writable} (mode {stat.S_IMODE(st.st_mode):04o})")
+    return problems
 
 
 def make_private_dirs(path: Path) -> None:
     """Create ``path`` and every missing parent 0700 whatever the umask (``os.makedirs`` gives the
     parents the umask's mode: a fresh ``--home a/b`` would be 0755)."""
-    missing = []
-    p = Path(path)
-    while not os.path.isdir(p):
-        missing.append(p)
-        if p.parent == p:
-            break
-        p = p.parent
-    for d in reversed(missing):
+    for d in reversed(_missing_dirs(Path(path))):
         try:
             os.mkdir(d, 0o700)
         except FileExistsError:
@@ -113,6 +117,17 @@ def make_private_dirs(path: Path) -> None:
                 raise
             continue  # made by a concurrent kmpwm: it set the mode
         os.chmod(d, 0o700)
+
+
+def _missing_dirs(path: Path) -> list[Path]:
+    """``path`` and its parents that are not directories, innermost first."""
+    missing = []
+    while not os.path.isdir(path):
+        missing.append(path)
+        if path.parent == path:
+            break
+        path = path.parent
+    return missing
 
 
 def require_home(paths: Paths) -> None:
@@ -131,8 +146,12 @@ def require_home(paths: Paths) -> None:
 
 def ensure_dir(path: Path) -> None:
     """Create ``path`` (and parents) with mode 0700 if missing."""
-    if path.is_dir():
-        return
+    if not path.is_dir():
+        _create_private(path)
+
+
+def _create_private(path: Path) -> None:
+    """make_private_dirs, its failure a JournalError."""
     try:
         make_private_dirs(path)
     except OSError as exc:
@@ -157,10 +176,7 @@ def private_subdir(path: Path) -> Path:
     try:
         st = os.lstat(path)
     except FileNotFoundError:
-        try:
-            make_private_dirs(path)
-        except OSError as exc:
-            raise JournalError(f"cannot create directory {path}: {exc.strerror}") from None
+        _create_private(path)
         return path
     if stat.S_ISLNK(st.st_mode) or not stat.S_ISDIR(st.st_mode):
         raise InsecurePermissions(
@@ -169,6 +185,15 @@ def private_subdir(path: Path) -> Path:
         )
     check_secure(path, what="directory")
     return path
+
+
+def private_log_dir(paths: Paths) -> Path:
+    """The log directory, created private (and, under the platform's default home, the kmpwm
+    directory above it: ours, so private too)."""
+    log_dir = Path(paths.log_dir)
+    if paths.home is None and log_dir.parent.name == "kmpwm":
+        ensure_dir(log_dir.parent)
+    return private_subdir(log_dir)
 
 
 def prepare(paths: Paths) -> None:

@@ -28,7 +28,7 @@ import re
 import select
 import time
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from urllib.parse import urlsplit, urlunsplit
 
 import orjson
@@ -168,14 +168,18 @@ def mask(url: str) -> str:
         parts = urlsplit(url)
     except ValueError:
         return "<unreadable URL>"
-    netloc = parts.netloc
-    if "@" in netloc:
-        cred, host = netloc.rsplit("@", 1)
-        if ":" in cred:
-            cred = cred.split(":", 1)[0] + ":***"
-        netloc = f"{cred}@{host}"
     query = re.sub(r"(?i)(password=)[^&]*", r"\1***", parts.query)
-    return urlunsplit((parts.scheme, netloc, parts.path, query, parts.fragment))
+    return urlunsplit((parts.scheme, _mask_netloc(parts.netloc), parts.path, query, parts.fragment))
+
+
+def _mask_netloc(netloc: str) -> str:
+    """``user:password@host`` as ``user:***@host``."""
+    if "@" not in netloc:
+        return netloc
+    cred, host = netloc.rsplit("@", 1)
+    if ":" in cred:
+        cred = cred.split(":", 1)[0] + ":***"
+    return f"{cred}@{host}"
 
 
 def check_url(url: str) -> str:
@@ -248,21 +252,118 @@ def _side_steps(pre: list) -> list:
     ("ends", [(id, runner)...]) of results, ("release", op)."""
     steps: list = []
     for op, before in pre:
-        kind = op.get("op")
-        last = steps[-1] if steps else (None, None)
-        if kind == "claim" and before is not None:
-            if last[0] == "claims" and not any(c["id"] == op["id"] for c, _ in last[1]):
-                last[1].append((op, before))
-            else:
-                steps.append(("claims", [(op, before)]))
-        elif kind == "release" and op.get("runner"):
-            steps.append(("release", op))
-        elif kind == "result" and op.get("runner"):
-            if last[0] == "ends":
-                last[1].append((op["id"], op["runner"]))
-            else:
-                steps.append(("ends", [(op["id"], op["runner"])]))
+        side = _side_row(op, before)
+        if side is None:
+            continue
+        kind, row = side
+        if kind == "release":
+            steps.append(side)
+        elif _joins_last(steps, kind, row):
+            steps[-1][1].append(row)
+        else:
+            steps.append((kind, [row]))
     return steps
+
+
+def _side_row(op: dict, before) -> tuple[str, object] | None:
+    """The side step one op needs and its row: an accepted claim, a release or a result of a
+    runner; None: none."""
+    kind = op.get("op")
+    if kind == "claim" and before is not None:
+        return "claims", (op, before)
+    if not op.get("runner"):
+        return None
+    if kind == "release":
+        return "release", op
+    if kind == "result":
+        return "ends", (op["id"], op["runner"])
+    return None
+
+
+def _joins_last(steps: list, kind: str, row) -> bool:
+    """Whether ``row`` joins the last step: one of its kind (claims: of other tasks only)."""
+    if not steps or steps[-1][0] != kind:
+        return False
+    return kind != "claims" or all(op["id"] != row[0]["id"] for op, _ in steps[-1][1])
+
+
+def _next_step(steps: list, kind: str) -> list | None:
+    """The rows of the first side step if it is of ``kind`` (taken off ``steps``), else None."""
+    if steps and steps[0][0] == kind:
+        return steps.pop(0)[1]
+    return None
+
+
+def _retakes(ends: list | None, steps: list) -> bool:
+    """Whether the claims that come next in ``steps`` take over a lease ``ends`` ends (then they
+    cannot share its statement: no row may be touched twice in one)."""
+    if not ends or not steps or steps[0][0] != "claims":
+        return False
+    return bool(set(ends) & {(op["id"], op["runner"]) for op, _ in steps[0][1]})
+
+
+def _end_cols(ends: list) -> tuple[list, list]:
+    """The task ids and runners of ended leases, as the columns unnest takes."""
+    return [e[0] for e in ends], [e[1] for e in ends]
+
+
+def _record_rows(rows: list) -> list[tuple[int, bytes]]:
+    """(seq, body) of a reading's record rows (those with a seq), in seq order."""
+    return sorted((r[0], r[1]) for r in rows if r[0] is not None)
+
+
+def _lease_left(rows: list) -> dict:
+    """Seconds left per (task, runner), from a reading's lease rows (those without a seq)."""
+    return {(r[2], r[3]): r[4] for r in rows if r[0] is None}
+
+
+def _lease_holders(state: dict) -> list[tuple[str, dict]]:
+    """(task id, lease) of every running task's lease and of every fence (a cancelled run still
+    stopping): what a foreign lease's end is written into."""
+    tasks = state["tasks"].values()
+    running = [(t["id"], t["lease"]) for t in tasks if t["state"] == "RUNNING" and t.get("lease")]
+    return running + list((state.get("fences") or {}).items())
+
+
+def _take_notifications(pg) -> list[int]:
+    """The backend pids of the notifications waiting on the libpq connection ``pg`` (taken)."""
+    pids = []
+    while (n := pg.notifies()) is not None:
+        pids.append(n.be_pid)
+    return pids
+
+
+def _last_rows(cur) -> list:
+    """The rows of the last statement of a batch that ``cur`` ran."""
+    while cur.nextset():
+        pass
+    return cur.fetchall()
+
+
+def _dead(conn) -> bool:
+    """Whether a connection closed or broke (no connection: False)."""
+    return conn is not None and (conn.closed or conn.broken)
+
+
+def _lock_sql(timeout: float) -> str:
+    """The statements that take the writers' lock, waiting at most ``timeout`` seconds for it."""
+    return (
+        f"SET LOCAL lock_timeout = '{max(1, int(timeout * 1000))}ms'; "
+        f"SELECT pg_advisory_xact_lock({int(LOCK_KEY)}); SET LOCAL lock_timeout = 0"
+    )
+
+
+def _busy(timeout: float) -> LockBusy:
+    return LockBusy(f"another kmpwm process has held the store's lock for {timeout:g}s", hint="try again")
+
+
+# The statement that inserts a record, by whether it also ends leases and takes claims.
+_RECORD_SQL = {
+    (False, False): INSERT_SQL,
+    (True, False): RECORD_ENDS_SQL,
+    (False, True): RECORD_CLAIMS_SQL,
+    (True, True): RECORD_ENDS_CLAIMS_SQL,
+}
 
 
 class PgStore:
@@ -308,26 +409,27 @@ class PgStore:
             check_all(self.paths)
             _pgpass_check()
             self._checked = True
+        self._conn = self._connect(psycopg)
+        self._migrate()
+        return self._conn
+
+    def _connect(self, psycopg):
         try:
             # A statement run a second time is prepared (serve and run-due run the same few for
             # every claim and result; the server then neither parses nor plans them again).  The
             # multi-statement strings cannot be prepared: they say prepare=False.
-            self._conn = psycopg.connect(
+            return psycopg.connect(
                 self.url, autocommit=True, connect_timeout=10, application_name="kmpwm", prepare_threshold=1
             )
         except psycopg.ProgrammingError as exc:  # a URL libpq cannot parse
             raise ConfigError(f"malformed store URL {mask(self.url)}: {str(exc).splitlines()[0]}") from None
         except psycopg.Error as exc:
             raise self._error(exc, "connecting") from None
-        self._migrate()
-        return self._conn
 
     def close(self) -> None:
         if self._conn is not None:
-            try:
+            with suppress(Exception):  # closing a broken connection may fail; nothing to keep
                 self._conn.close()
-            except Exception:  # noqa: BLE001 -- closing a broken connection may fail; nothing to keep
-                pass
             self._conn = None
 
     def _execute(self, sql: str, params=(), doing: str = "a statement"):
@@ -338,13 +440,13 @@ class PgStore:
             try:
                 return self.conn().execute(sql, params)
             except psycopg.Error as exc:
-                broken = self._conn is not None and (self._conn.closed or self._conn.broken)
+                broken = _dead(self._conn)
                 self._drop_broken()
                 if not (broken and attempt == 1 and not self._in_txn):
                     raise self._error(exc, doing) from None
 
     def _drop_broken(self) -> None:
-        if self._conn is not None and (self._conn.closed or self._conn.broken):
+        if _dead(self._conn):
             self._conn = None
 
     def schema_version(self) -> int | None:
@@ -367,20 +469,24 @@ class PgStore:
                     f"({SCHEMA_VERSION})",
                     hint="upgrade kmpwm on this host",
                 )
-            with conn.transaction():
-                conn.execute("SELECT pg_advisory_xact_lock(%s)", (LOCK_KEY,))
-                version = self.schema_version() or 0  # another host may have migrated meanwhile
-                for v in range(version + 1, SCHEMA_VERSION + 1):
-                    for statement in MIGRATIONS[v]:
-                        conn.execute(statement)
-                    conn.execute(
-                        "INSERT INTO kmpwm_meta (key, value) VALUES ('schema', %s) "
-                        "ON CONFLICT (key) DO UPDATE SET value = excluded.value",
-                        (str(v),),
-                    )
+            self._apply_migrations(conn)
         except psycopg.Error as exc:
             self._drop_broken()
             raise self._error(exc, "creating or migrating the schema") from None
+
+    def _apply_migrations(self, conn) -> None:
+        """The migrations after the schema's version, in one transaction under the writers' lock."""
+        with conn.transaction():
+            conn.execute("SELECT pg_advisory_xact_lock(%s)", (LOCK_KEY,))
+            version = self.schema_version() or 0  # another host may have migrated meanwhile
+            for v in range(version + 1, SCHEMA_VERSION + 1):
+                for statement in MIGRATIONS[v]:
+                    conn.execute(statement)
+                conn.execute(
+                    "INSERT INTO kmpwm_meta (key, value) VALUES ('schema', %s) "
+                    "ON CONFLICT (key) DO UPDATE SET value = excluded.value",
+                    (str(v),),
+                )
 
     # -- reading --------------------------------------------------------------------------
 
@@ -391,32 +497,41 @@ class PgStore:
         """The current state: the snapshot (first time) and the records after what was folded."""
         view = self._view
         if view is None:
-            row = self._execute("SELECT seq, body FROM kmpwm_snapshot WHERE id = 1", doing="reading the snapshot")
-            row = row.fetchone()
-            view = View(new_state())
-            if row is not None:
-                try:
-                    state = orjson.loads(row[1])
-                    state["tasks"] = {i: unpack_task(t) for i, t in state["tasks"].items()}
-                    view = View(state, offset=row[0])
-                    view.from_snapshot = True
-                    self._base_seq = row[0]
-                except (ValueError, KeyError, TypeError, AttributeError):
-                    view = View(new_state())
+            view = self._read_snapshot()
+            if view.from_snapshot:
+                self._base_seq = view.offset
             self._tail = 0
-        ahead, self._read_ahead = self._read_ahead, None
-        if ahead is not None and ahead[0] == view.offset:
-            rows, with_leases = ahead[1], ahead[2]
-        else:
-            with_leases = self._leases_wanted
-            self._heard_other = False  # a write heard from now on may be after this reading
-            rows = self._execute(self._read_sql(with_leases), (view.offset,), doing="reading records").fetchall()
-        self._fold_new(view, sorted((r[0], r[1]) for r in rows if r[0] is not None))
+        rows, with_leases = self._reading(view.offset)
+        self._fold_new(view, _record_rows(rows))
         self._view = view
-        self._overlay_leases(view, {(r[2], r[3]): r[4] for r in rows if r[0] is None} if with_leases else None)
+        self._overlay_leases(view, _lease_left(rows) if with_leases else None)
         if self._tail >= SNAPSHOT_AFTER_RECORDS and not self._in_txn:
             self.write_snapshot(view)
         return view
+
+    def _read_snapshot(self) -> View:
+        """The snapshot's state (a new state if there is none or it cannot be read)."""
+        row = self._execute("SELECT seq, body FROM kmpwm_snapshot WHERE id = 1", doing="reading the snapshot")
+        row = row.fetchone()
+        if row is None:
+            return View(new_state())
+        try:
+            state = orjson.loads(row[1])
+            state["tasks"] = {i: unpack_task(t) for i, t in state["tasks"].items()}
+        except (ValueError, KeyError, TypeError, AttributeError):
+            return View(new_state())
+        return View(state, offset=row[0], from_snapshot=True)
+
+    def _reading(self, offset: int) -> tuple[list, bool]:
+        """The rows of the records after ``offset`` (and of the leases, if the bool says so): the
+        reading sent with this transaction's BEGIN, or a new one."""
+        ahead, self._read_ahead = self._read_ahead, None
+        if ahead is not None and ahead[0] == offset:
+            return ahead[1], ahead[2]
+        with_leases = self._leases_wanted
+        self._heard_other = False  # a write heard from now on may be after this reading
+        rows = self._execute(self._read_sql(with_leases), (offset,), doing="reading records").fetchall()
+        return rows, with_leases
 
     @staticmethod
     def _read_sql(with_leases: bool, offset: int | None = None) -> str:
@@ -435,20 +550,15 @@ class PgStore:
     def _overlay_leases(self, view: View, left: dict | None) -> None:
         """Each foreign running lease's end, by the database's clock, on this host's clock
         (``left``: seconds left per (task, runner), read with the records; None: not read)."""
-        running = [t for t in view.state["tasks"].values() if t["state"] == "RUNNING" and t.get("lease")]
-        fences = view.state.get("fences") or {}
-        self._leases_wanted = bool(running or fences)
-        if not running and not fences:
+        holders = _lease_holders(view.state)
+        self._leases_wanted = bool(holders)
+        if not holders:
             return
         if left is None:
-            rows = self._execute(LEASES_SQL, doing="reading leases").fetchall()
-            left = {(r[2], r[3]): r[4] for r in rows}
+            left = _lease_left(self._execute(LEASES_SQL, doing="reading leases").fetchall())
         now = time.time()
-        for t in running:
-            lease = t["lease"]
-            lease["until"] = now + left.get((t["id"], lease.get("runner")), -1.0)
-        for tid, fence in fences.items():
-            fence["until"] = now + left.get((tid, fence.get("runner")), -1.0)
+        for tid, lease in holders:
+            lease["until"] = now + left.get((tid, lease.get("runner")), -1.0)
 
     def unchanged_view(self) -> View | None:
         """The cached view, without a round trip, when no other session has written since it was
@@ -457,22 +567,26 @@ class PgStore:
         it commits, and an idle listener is told at once).  None: read (``load``).  Lease ends
         are as of the last reading (renewals do not notify): for checks of the records only."""
         conn = self._conn
-        if self._view is None or conn is None or conn.closed or conn.broken or self._in_txn:
+        if self._view is None or conn is None or _dead(conn) or self._in_txn:
             return None
         if self._listening is not conn:
-            psycopg = _Psycopg.get()
-            try:
-                conn.execute(f"LISTEN {CHANNEL}")
-            except psycopg.Error:
-                self._drop_broken()
-                return None
-            conn.add_notify_handler(self._notified)
-            self._listening = conn
-            self._heard_other = True  # not listening before: read once more
+            self._listen(conn)  # not listening before: read once more
             return None
         if self._stirred():  # the server ending the connection: let the reading find out
             return None
         return None if self._heard_other else self._view
+
+    def _listen(self, conn) -> None:
+        """Listen for other sessions' writes on ``conn`` (a connection that broke is dropped)."""
+        psycopg = _Psycopg.get()
+        try:
+            conn.execute(f"LISTEN {CHANNEL}")
+        except psycopg.Error:
+            self._drop_broken()
+            return
+        conn.add_notify_handler(self._notified)
+        self._listening = conn
+        self._heard_other = True
 
     def _notified(self, n) -> None:
         """A notification psycopg received while reading a result (ours are ignored)."""
@@ -687,61 +801,14 @@ class PgStore:
 
         if timeout is None:
             timeout = lock_timeout()
-        if not self._in_txn and self._conn is not None and self._stirred():
-            self._execute("SELECT 1", doing="connecting")  # a connection ended meanwhile is made anew
-        conn = self.conn()
+        conn = self._fresh_conn()
         txn = None
         outer = not self._in_txn
         self._in_txn += 1
-        lock = (
-            f"SET LOCAL lock_timeout = '{max(1, int(timeout * 1000))}ms'; "
-            f"SELECT pg_advisory_xact_lock({int(LOCK_KEY)}); SET LOCAL lock_timeout = 0"
-        )
+        lock = _lock_sql(timeout)
         try:
-            if outer:
-                # BEGIN, the lock and the reading the transaction starts with, in one round trip
-                # (simple protocol: no parameters); COMMIT or ROLLBACK below
-                view, with_leases = self._view, self._leases_wanted
-                read = f"; {self._read_sql(with_leases, view.offset)}" if view is not None else ""
-                self._heard_other = True if view is None else False  # (as load's reading)
-                try:
-                    cur = conn.execute(f"BEGIN; {lock}{read}", prepare=False)
-                except psycopg.errors.LockNotAvailable:
-                    self._rollback(conn)
-                    raise LockBusy(
-                        f"another kmpwm process has held the store's lock for {timeout:g}s", hint="try again"
-                    ) from None
-                except BaseException:
-                    self._rollback(conn)
-                    raise
-                if view is not None:
-                    while cur.nextset():
-                        pass
-                    self._read_ahead = (view.offset, cur.fetchall(), with_leases)
-                try:
-                    txn = PgTransaction(self)
-                    yield txn
-                    self._committed = False
-                    txn.flush(last=True)  # each record notifies (INSERT_SQL): a transaction that wrote nothing, nobody
-                    if not self._committed:
-                        conn.execute("COMMIT")
-                except BaseException:
-                    self._rollback(conn)
-                    raise
-                finally:
-                    self._read_ahead = None
-                    self._committed = False
-            else:
-                with conn.transaction():  # a savepoint in the open transaction
-                    try:
-                        conn.execute(lock, prepare=False)
-                    except psycopg.errors.LockNotAvailable:
-                        raise LockBusy(
-                            f"another kmpwm process has held the store's lock for {timeout:g}s", hint="try again"
-                        ) from None
-                    txn = PgTransaction(self)
-                    yield txn
-                    txn.flush()
+            with (self._outermost if outer else self._savepoint)(conn, lock, timeout) as txn:
+                yield txn
         except psycopg.Error as exc:
             self.invalidate()
             self._drop_broken()
@@ -752,6 +819,59 @@ class PgStore:
             raise
         finally:
             self._in_txn -= 1
+
+    def _fresh_conn(self):
+        """The connection; outside a transaction, made anew if the server ended it meanwhile."""
+        if not self._in_txn and self._conn is not None and self._stirred():
+            self._execute("SELECT 1", doing="connecting")
+        return self.conn()
+
+    @contextmanager
+    def _outermost(self, conn, lock: str, timeout: float) -> Iterator[PgTransaction]:
+        """A transaction of its own: BEGIN with the lock, COMMIT or ROLLBACK at the end."""
+        self._begin(conn, lock, timeout)
+        try:
+            txn = PgTransaction(self)
+            yield txn
+            self._committed = False
+            txn.flush(last=True)  # each record notifies (INSERT_SQL): a transaction that wrote nothing, nobody
+            if not self._committed:
+                conn.execute("COMMIT")
+        except BaseException:
+            self._rollback(conn)
+            raise
+        finally:
+            self._read_ahead = None
+            self._committed = False
+
+    def _begin(self, conn, lock: str, timeout: float) -> None:
+        """BEGIN, the lock and the reading the transaction starts with, in one round trip (simple
+        protocol: no parameters)."""
+        view, with_leases = self._view, self._leases_wanted
+        read = f"; {self._read_sql(with_leases, view.offset)}" if view is not None else ""
+        self._heard_other = view is None  # (as load's reading)
+        try:
+            cur = conn.execute(f"BEGIN; {lock}{read}", prepare=False)
+        except _Psycopg.get().errors.LockNotAvailable:
+            self._rollback(conn)
+            raise _busy(timeout) from None
+        except BaseException:
+            self._rollback(conn)
+            raise
+        if view is not None:
+            self._read_ahead = (view.offset, _last_rows(cur), with_leases)
+
+    @contextmanager
+    def _savepoint(self, conn, lock: str, timeout: float) -> Iterator[PgTransaction]:
+        """A transaction inside the open one (a savepoint), taking the lock again."""
+        with conn.transaction():
+            try:
+                conn.execute(lock, prepare=False)
+            except _Psycopg.get().errors.LockNotAvailable:
+                raise _busy(timeout) from None
+            txn = PgTransaction(self)
+            yield txn
+            txn.flush()
 
     def _rollback(self, conn) -> None:
         """End the transaction this store began (nothing of it is kept); a connection that broke
@@ -772,9 +892,8 @@ class PgStore:
                 return False
             pg = self._conn.pgconn
             pg.consume_input()
-            while (n := pg.notifies()) is not None:
-                if n.be_pid != pg.backend_pid:
-                    self._heard_other = True
+            if any(pid != pg.backend_pid for pid in _take_notifications(pg)):
+                self._heard_other = True
             return bool(select.select([fd], [], [], 0)[0]) or pg.status != _Psycopg.get().pq.ConnStatus.OK
         except Exception:  # noqa: BLE001 -- closed or broken: let the probe decide
             return True
@@ -798,22 +917,15 @@ class PgStore:
     def _first_statement(self, data: bytes, steps: list) -> tuple[str, tuple, list | None]:
         """The statement that inserts the record with the first of its side steps it can take
         (ended leases, then claims); those steps are removed from ``steps``."""
-        body = (self.host or "", data)
-        ends = steps[0][1] if steps and steps[0][0] == "ends" else None
-        first = steps[1 if ends else 0] if len(steps) > (1 if ends else 0) else (None, None)
-        if ends and first[0] == "claims" and not set(ends) & {(op["id"], op["runner"]) for op, _ in first[1]}:
-            claims, cols = first[1], self._claim_cols(first[1])
-            del steps[:2]
-            ids, runners = [e[0] for e in ends], [e[1] for e in ends]
-            return RECORD_ENDS_CLAIMS_SQL, (*body, ids, runners, *cols, self.lease(), cols[0], cols[0]), claims
-        if ends:
-            del steps[:1]
-            return RECORD_ENDS_SQL, (*body, [e[0] for e in ends], [e[1] for e in ends]), None
-        if first[0] == "claims":
-            claims, cols = first[1], self._claim_cols(first[1])
-            del steps[:1]
-            return RECORD_CLAIMS_SQL, (*body, *cols, self.lease(), cols[0], cols[0]), claims
-        return INSERT_SQL, body, None
+        ends = _next_step(steps, "ends")
+        claims = None if _retakes(ends, steps) else _next_step(steps, "claims")
+        params: tuple = (self.host or "", data)
+        if ends is not None:
+            params += _end_cols(ends)
+        if claims is not None:
+            cols = self._claim_cols(claims)
+            params += (*cols, self.lease(), cols[0], cols[0])
+        return _RECORD_SQL[ends is not None, claims is not None], params, claims
 
     def _side_statement(self, kind: str, arg) -> None:
         conn = self._conn
@@ -821,7 +933,7 @@ class PgStore:
             rows = conn.execute(CLAIMS_SQL, (*self._claim_cols(arg), self.lease())).fetchall()
             self._claims_taken(arg, {r[0] for r in rows})
         elif kind == "ends":
-            conn.execute(ENDS_SQL, ([e[0] for e in arg], [e[1] for e in arg]))
+            conn.execute(ENDS_SQL, _end_cols(arg))
         else:
             # a claim handed back unstarted: the occurrence was not consumed
             conn.execute(
@@ -841,24 +953,37 @@ class PgStore:
         try:
             if not commit:
                 return conn.execute(sql, params).fetchone()
-            with conn.pipeline() as pipe:
-                cur = conn.execute(sql, params)
-                conn.execute("COMMIT")
-                try:
-                    pipe.sync()
-                except psycopg.Error as exc:  # raised after the pipeline ends cleanly
-                    err = exc
+            cur, err = self._with_commit(conn, sql, params)
             if err is None:
                 self._committed = True
                 return cur.fetchone()
         except psycopg.errors.InvalidTextRepresentation as exc:
             err = exc
+        if claims is not None and isinstance(err, psycopg.errors.InvalidTextRepresentation):
+            self._refused(err, claims)
+        raise err
+
+    @staticmethod
+    def _with_commit(conn, sql: str, params: tuple):
+        """The statement and COMMIT in one pipeline: its cursor, and the error the commit met
+        (None: committed)."""
+        with conn.pipeline() as pipe:
+            cur = conn.execute(sql, params)
+            conn.execute("COMMIT")
+            try:
+                pipe.sync()
+            except _Psycopg.get().Error as exc:  # raised after the pipeline ends cleanly
+                return cur, exc
+        return cur, None
+
+    def _refused(self, err: Exception, claims: list) -> None:
+        """If ``err`` is the guard naming claims the database refused: the error _claims_taken
+        raises for the first of them."""
         primary = getattr(getattr(err, "diag", None), "message_primary", None) or ""
-        if claims is not None and isinstance(err, psycopg.errors.InvalidTextRepresentation) and REFUSED in primary:
+        if REFUSED in primary:
             refused = set(primary.split(REFUSED, 1)[1].rstrip('"').split())
             taken = {op["id"] for op, _ in claims} - refused
             self._claims_taken(claims, taken)  # raises, naming the first refused claim
-        raise err
 
     @staticmethod
     def _claim_cols(batch: list) -> tuple[list, ...]:
@@ -894,6 +1019,11 @@ def _claim_key(state: dict, op: dict) -> tuple[str, str] | None:
     return f"{t.get('occ_attempts', 0)}.{t.get('crashes', 0)}.{t.get('expiries', 0)}", taken
 
 
+def _accepted(pre: list, results: list) -> list:
+    """(op, claim key) of each op folded, the key kept only where the fold accepted the claim."""
+    return [(op, key if ok is True else None) for (op, key), ok in zip(pre, results)]
+
+
 class PgTransaction(Transaction):
     """Writes made while holding the store's lock (the journal's ``Transaction``: ``view``,
     ``state``, ``stage``, ``commit``), written as rows of the database."""
@@ -913,9 +1043,9 @@ class PgTransaction(Transaction):
         self.touched = True
         pre = self._keys(ops)
         results = apply(self.state, {"ts": self.ts, "ops": ops}, self._hook(emit))
-        for (op, key), ok in zip(pre, results):
-            self.staged.append(op)
-            self._pre.append((op, key if ok is True else None))
+        accepted = _accepted(pre, results)
+        self.staged += [op for op, _ in accepted]
+        self._pre += accepted
         return results
 
     def flush(self, last: bool = False) -> None:
@@ -930,15 +1060,11 @@ class PgTransaction(Transaction):
     def commit(self, ops: list[dict], ts: float | None = None) -> list:
         if not ops:
             return []
-        if self.staged:
-            raise RuntimeError("commit() after stage(): flush first")
+        record = self._commit_record(ops, ts)
         self.touched = True
-        record = {"ts": time.time() if ts is None else ts, "ops": ops}
         pre = self._keys(ops)
         results = apply(self.state, record)
-        self._advance(
-            self.store._insert(record, [(op, key if ok is True else None) for (op, key), ok in zip(pre, results)])
-        )
+        self._advance(self.store._insert(record, _accepted(pre, results)))
         return results
 
     def _advance(self, seq: int) -> None:
@@ -985,10 +1111,7 @@ class PgWatch:
             self._conn, self.fd = None, None
             self._reconnect()  # the fd changes: serve watches the new one
             return True  # (missed notifications: plan again)
-        changed = False
-        while pg.notifies() is not None:
-            changed = True
-        return changed
+        return bool(_take_notifications(pg))
 
     def _reconnect(self) -> bool:
         try:

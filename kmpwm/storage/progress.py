@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import os
 import time
+from contextlib import suppress
 
 TRIM = 64 * 1024
 MESSAGE_MAX = 200
@@ -58,13 +59,17 @@ class Reporter:
             return
         self.pending = (fraction, message)
         if self.lock is None:
-            import threading
-
-            self.lock = threading.Lock()
-            threading.Thread(target=self._later, name="kmpwm-progress", daemon=True).start()
+            self._start_helper()
         elif now - self.last >= INTERVAL:
             with self.lock:
                 self._flush(now)
+
+    def _start_helper(self) -> None:
+        """The helper thread that writes a waiting report when the interval is up."""
+        import threading
+
+        self.lock = threading.Lock()
+        threading.Thread(target=self._later, name="kmpwm-progress", daemon=True).start()
 
     def _later(self) -> None:
         while not self.closed:
@@ -90,10 +95,8 @@ class Reporter:
                 return
         # pad to the longest line so far: one write replaces the whole previous content
         self.width = max(self.width, len(line))
-        try:
+        with suppress(OSError):
             os.pwrite(self.fd, line.ljust(self.width) + b"\n", 0)
-        except OSError:
-            pass
 
     def close(self) -> None:
         """The run is over: write a report still waiting, stop the helper thread."""
@@ -119,30 +122,35 @@ def read(path) -> dict | None:
     except OSError:
         return None
     for raw in reversed(tail.splitlines()):
-        text = raw.decode("utf-8", "replace").strip()
-        if not text:
-            continue
-        head, _, msg = text.partition(" ")
-        try:
-            fraction = float(head.rstrip("%")) / (100 if head.endswith("%") else 1)
-        except ValueError:
-            continue
-        import math
-
-        if math.isnan(fraction):
-            continue
-        return {
-            "fraction": min(1.0, max(0.0, fraction)),
-            "message": msg.strip()[:MESSAGE_MAX] or None,
-            "at": iso(st.st_mtime),
-        }
+        parsed = _parse(raw)
+        if parsed is not None:
+            fraction, msg = parsed
+            return {
+                "fraction": min(1.0, max(0.0, fraction)),
+                "message": msg.strip()[:MESSAGE_MAX] or None,
+                "at": iso(st.st_mtime),
+            }
     return None
+
+
+def _parse(raw: bytes) -> tuple[float, str] | None:
+    """The fraction (``0.5`` or ``50%``) and message of a progress line; None if it holds none."""
+    import math
+
+    head, _, msg = raw.decode("utf-8", "replace").strip().partition(" ")
+    try:
+        fraction = float(head.rstrip("%")) / (100 if head.endswith("%") else 1)
+    except ValueError:
+        return None
+    if math.isnan(fraction):
+        return None
+    return fraction, msg
 
 
 def trim(path) -> None:
     """Cut a command worker's progress file back to its last line (it appends; O_APPEND writers
     go on at the new end)."""
-    try:
+    with suppress(OSError):
         if os.stat(path).st_size <= TRIM:
             return
         with open(path, "r+b") as fh:
@@ -153,8 +161,6 @@ def trim(path) -> None:
             fh.seek(0)
             if lines:
                 fh.write(lines[-1] + b"\n")
-    except OSError:
-        pass
 
 
 def of_task(paths, task_id: str) -> dict | None:
@@ -170,7 +176,7 @@ def attach(paths, docs: list[dict]) -> None:
     from kmpwm.storage import runlog
 
     ids = [doc["id"] for doc in docs if doc["state"] == "RUNNING"]
-    metas = runlog.running_runs(paths, ids) if ids else {}
+    metas = runlog.running_runs(paths, ids)
     for doc in docs:
         if doc["id"] in metas:
             doc["progress"] = read(runlog.progress_path(paths, metas[doc["id"]]))

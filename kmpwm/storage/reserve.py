@@ -41,16 +41,7 @@ def ensure(paths) -> bool:
     fd = -1
     try:
         fd = os.open(p, os.O_WRONLY | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0), 0o600)
-        try:
-            os.posix_fallocate(fd, 0, RESERVE_BYTES)
-        except (AttributeError, OSError) as exc:
-            if isinstance(exc, OSError) and exc.errno == errno.ENOSPC:
-                raise
-            # no fallocate here (EOPNOTSUPP, macOS): allocate by writing zeros
-            os.lseek(fd, 0, os.SEEK_SET)
-            block = bytes(65536)
-            for _ in range(RESERVE_BYTES // len(block)):
-                os.write(fd, block)
+        _allocate(fd)
         os.fsync(fd)
         return True
     except OSError:
@@ -59,6 +50,20 @@ def ensure(paths) -> bool:
     finally:
         if fd >= 0:
             os.close(fd)
+
+
+def _allocate(fd: int) -> None:
+    """RESERVE_BYTES in ``fd``: fallocated, or written as zeros where there is no fallocate
+    (EOPNOTSUPP, macOS); OSError if the disk is full."""
+    try:
+        os.posix_fallocate(fd, 0, RESERVE_BYTES)
+    except (AttributeError, OSError) as exc:
+        if isinstance(exc, OSError) and exc.errno == errno.ENOSPC:
+            raise
+        os.lseek(fd, 0, os.SEEK_SET)
+        block = bytes(65536)
+        for _ in range(RESERVE_BYTES // len(block)):
+            os.write(fd, block)
 
 
 def release(paths) -> bool:

@@ -23,6 +23,7 @@ task's last KEEP runs; ``sweep`` applies it (compaction calls it).
 from __future__ import annotations
 
 import os
+from contextlib import suppress
 from pathlib import Path
 
 CAP = 1 << 20
@@ -51,11 +52,9 @@ def prepare(paths) -> Path:
     """The private runs directory (checked once per process)."""
     d = runs_dir(paths)
     if d not in _ready:
-        from kmpwm.storage.paths import ensure_dir, private_subdir
+        from kmpwm.storage.paths import private_log_dir, private_subdir
 
-        if paths.home is None and Path(paths.log_dir).parent.name == "kmpwm":
-            ensure_dir(Path(paths.log_dir).parent)
-        private_subdir(Path(paths.log_dir))
+        private_log_dir(paths)
         private_subdir(d)
         _ready.add(d)
     return d
@@ -132,14 +131,8 @@ class RunLog:
         )
 
     def write(self, chunk: bytes) -> None:
-        if self.fd < 0:
-            if self.written:
-                return  # could not be opened: the run goes on without it
-            self.written = True
-            try:
-                self.fd = os.open(f"{self.dir}/{self.key}.out", _NEW, 0o600)
-            except OSError:
-                return
+        if self.fd < 0 and not self._open():
+            return  # could not be opened: the run goes on without it
         try:
             os.write(self.fd, chunk)  # a regular file: the whole chunk
         except OSError:
@@ -150,6 +143,17 @@ class RunLog:
             self.live += chunk
         if self.size > CAP:
             self._rotate()
+
+    def _open(self) -> bool:
+        """Create the output file at the run's first output (once: False if it cannot be)."""
+        if self.written:
+            return False
+        self.written = True
+        try:
+            self.fd = os.open(f"{self.dir}/{self.key}.out", _NEW, 0o600)
+        except OSError:
+            return False
+        return True
 
     def _rotate(self) -> None:
         cur = f"{self.dir}/{self.key}.out"
@@ -169,10 +173,8 @@ class RunLog:
             os.close(self.fd)
             self.fd = -1
         if self.rotated:
-            try:
+            with suppress(OSError):
                 _join(Path(self.dir), self.key)
-            except OSError:
-                pass
 
 
 def _join(d: Path, key: str) -> None:
@@ -247,10 +249,8 @@ class Starter:
             self.live.remove(log)
         log.close()
         if progress:
-            try:
+            with suppress(OSError):
                 os.unlink(log.progress)
-            except OSError:
-                pass
         self.pending.append(log.end_line(status, finished))
 
     def flush(self, force: bool = False) -> float | None:
@@ -269,10 +269,8 @@ class Starter:
         self.last = now
         self.flush_starts()
         lines, self.pending = self.pending, []
-        try:
+        with suppress(Exception):  # the runs go on; only their record in the index is lost
             append_index(self.paths, lines)
-        except Exception:
-            pass  # the runs go on; only their record in the index is lost
         return later
 
     def _send_live(self, now: float) -> float | None:
@@ -287,11 +285,9 @@ class Starter:
         rows = [(bytes(log.live), log.total, log.task_id, f"{self.host}:{log.key}") for log in self.live if log.live]
         for log in self.live:
             log.live.clear()
-        try:
+        with suppress(Exception):
             self.flush_starts()  # a run's row exists before its output is added to it
             self.store.append_output(rows)
-        except Exception:
-            pass
         return None
 
 
@@ -306,65 +302,89 @@ def _scan(paths, wanted: set | None = None) -> dict:
         data = (runs_dir(paths) / INDEX).read_bytes()
     except OSError:
         return {}
+    if wanted is None:
+        by_id = _fold_index(data.splitlines())
+    else:
+        found = _fold_index(_lines(data, [b'"id":' + orjson.dumps(i) for i in wanted]))
+        by_id = {k: v for k, v in found.items() if k in wanted}
+    _expire_dead(paths, by_id)
+    return by_id
+
+
+def _fold_index(lines) -> dict:
+    """{id: [meta, ...]} from index lines: a start line makes a run's meta, its end line completes it."""
+    import orjson
+
     by_id: dict = {}
     by_key: dict = {}
-    for line in _lines(data, None if wanted is None else [b'"id":' + orjson.dumps(i) for i in wanted]):
+    for line in lines:
         try:
             rec = orjson.loads(line)
         except orjson.JSONDecodeError:
             continue  # a torn line (a crash mid-append)
-        tid = rec.get("id")
         if "s" in rec:
-            lst = by_id.setdefault(tid, [])
-            n = rec.get("n") or (lst[-1]["run"] + 1 if lst else 1)
-            meta = {
-                "run": n,
-                "attempt": rec.get("attempt"),
-                "started_at": _iso(rec.get("at")),
-                "finished_at": None,
-                "status": "RUNNING",
-                "truncated": False,
-                "key": rec["s"],
-                "pid": rec.get("pid"),
-                "token": rec.get("token"),
-                "_start": rec.get("at"),
-            }
+            lst = by_id.setdefault(rec.get("id"), [])
+            meta = _start_meta(rec, lst[-1]["run"] + 1 if lst else 1)
             lst.append(meta)
             by_key[rec["s"]] = meta
         elif "e" in rec and rec["e"] in by_key:
-            meta = by_key[rec["e"]]
-            meta.update(
-                status=rec.get("status"),
-                finished_at=_iso(rec.get("at")),
-                truncated=bool(rec.get("truncated")),
-                _end=rec.get("at"),
-            )
-    if wanted is not None:
-        by_id = {k: v for k, v in by_id.items() if k in wanted}
-    alive_cache: dict = {}
-    for lst in by_id.values():
-        for meta in lst:
-            if meta["status"] == "RUNNING":
-                who = (meta["pid"], meta["token"])
-                if who not in alive_cache:
-                    from kmpwm.platform.procs import alive
-
-                    alive_cache[who] = alive(*who)
-                if not alive_cache[who]:  # its run-due died: the run never reached a result
-                    meta["status"] = "EXPIRED"
-                    try:  # it ended when it last wrote, as far as anyone can tell
-                        ended = os.stat(runs_dir(paths) / f"{meta['key']}.out").st_mtime
-                    except OSError:
-                        ended = meta["_start"]
-                    meta["finished_at"] = _iso(ended)
+            _end_meta(by_key[rec["e"]], rec)
     return by_id
 
 
-def _lines(data: bytes, needles: list[bytes] | None):
-    """The index's lines, or only those holding one of ``needles``, in file order (found with
-    bytes.find, so a large index is not split line by line to find one task's runs)."""
-    if needles is None:
-        return data.splitlines()
+def _start_meta(rec: dict, next_run: int) -> dict:
+    """A run's meta from its start line (numbered ``next_run`` unless the line says)."""
+    return {
+        "run": rec.get("n") or next_run,
+        "attempt": rec.get("attempt"),
+        "started_at": _iso(rec.get("at")),
+        "finished_at": None,
+        "status": "RUNNING",
+        "truncated": False,
+        "key": rec["s"],
+        "pid": rec.get("pid"),
+        "token": rec.get("token"),
+        "_start": rec.get("at"),
+    }
+
+
+def _end_meta(meta: dict, rec: dict) -> None:
+    """A run's meta completed from its end line."""
+    meta.update(
+        status=rec.get("status"),
+        finished_at=_iso(rec.get("at")),
+        truncated=bool(rec.get("truncated")),
+        _end=rec.get("at"),
+    )
+
+
+def _expire_dead(paths, by_id: dict) -> None:
+    """Runs whose run-due died never reached a result: EXPIRED, ended when they last wrote."""
+    running = [meta for lst in by_id.values() for meta in lst if meta["status"] == "RUNNING"]
+    if not running:
+        return
+    from functools import cache
+
+    from kmpwm.platform.procs import alive
+
+    alive_now = cache(alive)  # many runs of one run-due: asked once
+    for meta in running:
+        if not alive_now(meta["pid"], meta["token"]):
+            meta["status"] = "EXPIRED"
+            meta["finished_at"] = _iso(_last_written(paths, meta))
+
+
+def _last_written(paths, meta: dict) -> float:
+    """When a run's output was last written, as far as anyone can tell (no output: its start)."""
+    try:
+        return out_path(paths, meta).stat().st_mtime
+    except OSError:
+        return meta["_start"]
+
+
+def _lines(data: bytes, needles: list[bytes]):
+    """The index's lines that hold one of ``needles``, in file order (found with bytes.find, so
+    a large index is not split line by line to find one task's runs)."""
     starts = set()
     for needle in needles:
         at = data.find(needle)
@@ -392,36 +412,40 @@ def runs(paths, task_id: str) -> list[dict]:
     from kmpwm.storage.stores import open_store
 
     store = open_store(paths)
-    here = host()
-    mine = {f"{here}:{m['key']}": m for m in local}
+    mine = {f"{host()}:{m['key']}": m for m in local}
     rows = store.runs(task_id)
-    metas = []
-    for n, r in enumerate(rows):
-        status, finished = r["status"], r["finished"]
-        if status == "RUNNING":
-            gone = n + 1 < len(rows) or (r["key"] in mine and mine[r["key"]]["status"] != "RUNNING")
-            if gone:
-                status = "EXPIRED"
-                finished = (mine.get(r["key"]) or {}).get("_end") or r["started"]
-        meta = {
-            "run": r["run"],
-            "attempt": r["attempt"],
-            "started_at": _iso(r["started"]),
-            "finished_at": _iso(finished),
-            "status": status,
-            "truncated": r["truncated"],
-            "key": r["key"],
-            "host": r["host"],
-            "_start": r["started"],
-        }
-        local_meta = mine.get(r["key"])
-        if r["status"] == "RUNNING" and local_meta is not None:
-            # it ran here and never reached a result: its output is this host's file (followable)
-            meta.update(key=local_meta["key"], pid=local_meta["pid"], token=local_meta["token"])
-        else:
-            meta.update(_store=store, _task=task_id)
-        metas.append(meta)
-    return metas
+    return [_shared_meta(r, mine.get(r["key"]), n + 1 < len(rows), store, task_id) for n, r in enumerate(rows)]
+
+
+def _shared_meta(r: dict, local: dict | None, followed: bool, store, task_id: str) -> dict:
+    """One row of ``store``'s run table as a meta (``local``: its meta if it ran on this host;
+    ``followed``: a later run exists)."""
+    status, finished = _shared_end(r, local, followed)
+    meta = {
+        "run": r["run"],
+        "attempt": r["attempt"],
+        "started_at": _iso(r["started"]),
+        "finished_at": _iso(finished),
+        "status": status,
+        "truncated": r["truncated"],
+        "key": r["key"],
+        "host": r["host"],
+        "_start": r["started"],
+    }
+    if r["status"] == "RUNNING" and local is not None:
+        # it ran here and never reached a result: its output is this host's file (followable)
+        meta.update(key=local["key"], pid=local["pid"], token=local["token"])
+    else:
+        meta.update(_store=store, _task=task_id)
+    return meta
+
+
+def _shared_end(r: dict, local: dict | None, followed: bool) -> tuple:
+    """(status, finished) of a run-table row: one still marked RUNNING that a later run followed,
+    or that ended on this host without a result, is EXPIRED."""
+    if r["status"] == "RUNNING" and (followed or (local is not None and local["status"] != "RUNNING")):
+        return "EXPIRED", (local or {}).get("_end") or r["started"]
+    return r["status"], r["finished"]
 
 
 def shared_row(log: RunLog, host: str, attempt: int, started: float, finished: float, row: dict) -> tuple:
@@ -484,22 +508,21 @@ def _orphans(d: Path, by_id: dict, cutoff: float) -> None:
     except OSError:
         return
     for name in names:
-        key = name.split(".", 1)[0]
-        if name.startswith(INDEX) or key in known:
-            continue
-        try:
-            if os.stat(d / name).st_mtime < cutoff:
-                os.unlink(d / name)
-        except OSError:
-            pass
+        if not (name.startswith(INDEX) or name.split(".", 1)[0] in known):
+            _unlink_if_older(d / name, cutoff)
+
+
+def _unlink_if_older(path: Path, cutoff: float) -> None:
+    """Delete ``path`` if it was last written before ``cutoff`` (if it can be)."""
+    with suppress(OSError):
+        if os.stat(path).st_mtime < cutoff:
+            os.unlink(path)
 
 
 def sweep(paths, cutoff: float, keep: int = KEEP) -> int:
     """Delete runs that ended before ``cutoff``, except each task's last ``keep``; rewrite the
     index with the rest (their numbers written out).  Returns how many runs were deleted."""
     import fcntl
-
-    import orjson
 
     d = runs_dir(paths)
     path = d / INDEX
@@ -510,65 +533,71 @@ def sweep(paths, cutoff: float, keep: int = KEEP) -> int:
     try:
         fcntl.flock(fd, fcntl.LOCK_EX)
         by_id = _scan(paths)
-        lines, dropped = [], []
-        for tid, lst in by_id.items():
-            for i, meta in enumerate(lst):
-                ended = meta.get("_end") or (None if meta["status"] == "RUNNING" else meta.get("_start"))
-                old = ended is not None and ended < cutoff
-                if old and i < len(lst) - keep:
-                    dropped.append(meta)
-                    continue
-                lines.append(
-                    (
-                        meta.get("_start") or 0,
-                        orjson.dumps(
-                            {
-                                "s": meta["key"],
-                                "id": tid,
-                                "n": meta["run"],
-                                "attempt": meta["attempt"],
-                                "at": meta.get("_start"),
-                                "pid": meta["pid"],
-                                "token": meta["token"],
-                            }
-                        )
-                        + b"\n",
-                    )
-                )
-                if meta["status"] != "RUNNING":
-                    lines.append(
-                        (
-                            meta.get("_end") or meta.get("_start") or 0,
-                            orjson.dumps(
-                                {
-                                    "e": meta["key"],
-                                    "id": tid,
-                                    "status": meta["status"],
-                                    "at": meta.get("_end"),
-                                    "truncated": meta["truncated"],
-                                }
-                            )
-                            + b"\n",
-                        )
-                    )
+        lines, dropped = _partition(by_id, cutoff, keep)
         _orphans(d, by_id, cutoff)
         if not dropped:
             return 0
-        lines.sort(key=lambda x: x[0])
-        tmp = d / (INDEX + ".tmp")
-        out = os.open(tmp, _NEW, 0o600)
-        try:
-            os.write(out, b"".join(line for _, line in lines))
-            os.fsync(out)
-        finally:
-            os.close(out)
-        os.replace(tmp, path)
+        _replace_index(path, lines)
         for meta in dropped:
             for suffix in (".out", ".out.1", ".progress"):
-                try:
+                with suppress(OSError):
                     os.unlink(d / f"{meta['key']}{suffix}")
-                except OSError:
-                    pass
         return len(dropped)
     finally:
         os.close(fd)
+
+
+def _partition(by_id: dict, cutoff: float, keep: int) -> tuple[list, list]:
+    """(the index lines of the runs kept, each with the time it sorts by; the runs to delete)."""
+    lines, dropped = [], []
+    for tid, lst in by_id.items():
+        for i, meta in enumerate(lst):
+            if _ended_before(meta, cutoff) and i < len(lst) - keep:
+                dropped.append(meta)
+            else:
+                lines += _index_lines(tid, meta)
+    return lines, dropped
+
+
+def _ended_before(meta: dict, cutoff: float) -> bool:
+    ended = meta.get("_end") or (None if meta["status"] == "RUNNING" else meta.get("_start"))
+    return ended is not None and ended < cutoff
+
+
+def _index_lines(tid: str, meta: dict) -> list[tuple[float, bytes]]:
+    """A kept run's start line (its number written out) and, if it ended, its end line."""
+    import orjson
+
+    start = {
+        "s": meta["key"],
+        "id": tid,
+        "n": meta["run"],
+        "attempt": meta["attempt"],
+        "at": meta.get("_start"),
+        "pid": meta["pid"],
+        "token": meta["token"],
+    }
+    lines = [(meta.get("_start") or 0, orjson.dumps(start) + b"\n")]
+    if meta["status"] != "RUNNING":
+        end = {
+            "e": meta["key"],
+            "id": tid,
+            "status": meta["status"],
+            "at": meta.get("_end"),
+            "truncated": meta["truncated"],
+        }
+        lines.append((meta.get("_end") or meta.get("_start") or 0, orjson.dumps(end) + b"\n"))
+    return lines
+
+
+def _replace_index(path: Path, lines: list[tuple[float, bytes]]) -> None:
+    """Replace the index with ``lines`` in time order (temp file, fsync, rename)."""
+    lines.sort(key=lambda x: x[0])
+    tmp = path.with_name(INDEX + ".tmp")
+    out = os.open(tmp, _NEW, 0o600)
+    try:
+        os.write(out, b"".join(line for _, line in lines))
+        os.fsync(out)
+    finally:
+        os.close(out)
+    os.replace(tmp, path)

@@ -22,13 +22,13 @@ import time
 import uuid
 import zlib
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field
 
 import orjson
 
 from kmpwm.core import schema
-from kmpwm.core.exitcodes import JournalError, KmpwmError
+from kmpwm.core.exitcodes import KmpwmError
 from kmpwm.core.state import apply, new_state, pack_task, split_history, unpack_task
 from kmpwm.storage.journal import (
     _O_CLOEXEC,
@@ -36,6 +36,8 @@ from kmpwm.storage.journal import (
     Damage,
     Journal,
     _add_damage,
+    _header_op,
+    _journal_error,
     atomic_write,
     encode,
     scan_bytes,
@@ -138,23 +140,37 @@ class Store:
         ``full=False`` may leave out finished history (``View.partial``): enough for everything
         that schedules, runs or enqueues, and its cost does not grow with history."""
         self._check_paths()
-        ident = self.journal.identity()
-        view = self._view
-        if view is None or ident is None or ident[0] != self._ino or ident[1] < view.offset:
-            view = self._full_load()
-        elif ident[1] > view.offset and not self._fold_tail(view, expect_ino=self._ino):
-            view = self._full_load()  # the file was replaced (compaction) between stat and open
-        self._view = view
+        view = self._view = self._caught_up()
         self._maybe_snapshot(view)
         if not (full and view.partial):
             return view
         merged = self._merged(view)
         if merged is None:  # the history file is gone or damaged: fold everything from the journal
-            view = self._view = self._full_load(use_snapshot=False)
-            self._tail_records = SNAPSHOT_AFTER_RECORDS
-            self._maybe_snapshot(view)  # and leave a good pair of snapshot files behind
-            merged = view
+            merged = self._refold()
         return merged
+
+    def _caught_up(self) -> View:
+        """The cached view with the records appended since folded in, or the state read anew
+        (snapshot and tail) when there is none or the journal was replaced or cut."""
+        ident = self.journal.identity()
+        view = self._view
+        if not self._continues(view, ident):
+            return self._full_load()
+        if ident[1] > view.offset and not self._fold_tail(view, expect_ino=self._ino):
+            return self._full_load()  # the file was replaced (compaction) between stat and open
+        return view
+
+    def _continues(self, view: View | None, ident: tuple[int, int] | None) -> bool:
+        """Whether the journal file ``ident`` (inode, size) is the one ``view`` was folded from,
+        not cut below what it folded."""
+        return view is not None and ident is not None and ident[0] == self._ino and ident[1] >= view.offset
+
+    def _refold(self) -> View:
+        """The whole state folded from the journal alone, and a good pair of snapshot files left behind."""
+        view = self._view = self._full_load(use_snapshot=False)
+        self._tail_records = SNAPSHOT_AFTER_RECORDS
+        self._maybe_snapshot(view)
+        return view
 
     def position(self) -> tuple[int, int] | None:
         """(inode, offset) of the journal folded into the cached state (inode 0: no journal yet);
@@ -168,13 +184,16 @@ class Store:
             for _ in range(5):  # a compaction may replace the file while we read: start again
                 self._tail_records = self._tail_bytes = 0
                 ident = self.journal.identity()
-                view = self._read_snapshot() if use_snapshot else None
-                if view is None:
-                    view = View(new_state())
+                view = self._starting_view(use_snapshot)
                 self._base_offset = view.offset
                 if self._fold_tail(view, expect_ino=ident[0] if ident else None):
                     return view
         return view
+
+    def _starting_view(self, use_snapshot: bool) -> View:
+        """The snapshot's view (with ``use_snapshot``, if it is usable), else an empty state."""
+        view = self._read_snapshot() if use_snapshot else None
+        return View(new_state()) if view is None else view
 
     def _fold_tail(self, view: View, expect_ino: int | None = None) -> bool:
         """Fold the records after ``view.offset``; False (nothing applied) if the file read is not
@@ -183,21 +202,14 @@ class Store:
         if parts is None:
             return False
         self._ino = ino
-        state = view.state
         start = view.offset
         first = start == 0 and view.gen is None
         for scan in parts:  # chunk by chunk: a huge journal is never all in memory at once
-            for _, record in scan.records:
-                if first:
-                    ops = record.get("ops")
-                    if ops and ops[0].get("op") == "hdr":
-                        view.gen = ops[0].get("gen")
-                    first = False
-                apply(state, record)
-            _add_damage(view.damage, scan.damage)
-            view.torn = scan.torn
+            if first and scan.records:
+                view.gen = _header_gen(scan.records[0][1])
+                first = False
+            _fold_scan(view, scan)
             self._tail_records += len(scan.records)
-            view.offset = scan.end
         self._tail_bytes += view.offset - start
         return True
 
@@ -226,37 +238,24 @@ class Store:
         )
 
     def _read_history(self, hid: str | None, length: int) -> tuple[dict, dict] | None:
-        cached = self._hist_cache
-        if cached is not None and cached[0] == hid and cached[1] == length:
+        cached = self._cached_history(hid, length)
+        if cached is not None:
             return cached[2], cached[3]
-        try:
-            fd = os.open(self.paths.history_file, os.O_RDONLY | _O_NOFOLLOW | _O_CLOEXEC)
-        except OSError:
-            return None
-        try:
-            with os.fdopen(fd, "rb") as fh:
-                data = fh.read(length)
-        except OSError:
-            return None
+        data = _read_private(self.paths.history_file, length)
         head = _history_header(hid)
-        if hid is None or len(data) != length or not data.startswith(head):
+        if hid is None or data is None or len(data) != length or not data.startswith(head):
             return None
-        with _no_gc():
-            scan = scan_bytes(data[len(head) :], len(head))
-            if scan.damage or scan.torn or scan.end != length:
-                return None
-            tasks: dict = {}
-            chains: dict = {}
-            try:
-                for _, frame in scan.records:
-                    for packed in frame.get("tasks", ()):
-                        tasks[packed["id"]] = unpack_task(packed)
-                    for chain in frame.get("chains", ()):
-                        chains[chain["id"]] = chain
-            except (KeyError, TypeError, AttributeError):
-                return None
-        self._hist_cache = (hid, length, tasks, chains)
-        return tasks, chains
+        history = _history_frames(data, len(head))
+        if history is not None:
+            self._hist_cache = (hid, length, *history)
+        return history
+
+    def _cached_history(self, hid: str | None, length: int) -> tuple | None:
+        """The history held in memory, if it is the first ``length`` bytes of history ``hid``."""
+        cached = self._hist_cache
+        if cached is not None and cached[:2] == (hid, length):
+            return cached
+        return None
 
     # -- snapshot -------------------------------------------------------------------------
 
@@ -274,28 +273,29 @@ class Store:
         except OSError:
             return None
         try:
-            if not blob.startswith(SNAPSHOT_MAGIC):
-                return None
-            start = len(SNAPSHOT_MAGIC)
-            nl = blob.index(b"\n", start)
-            if zlib.crc32(memoryview(blob)[start + 9 : nl]) != int(blob[start : start + 8], 16):
-                return None
-            meta = orjson.loads(blob[start + 18 : nl])
-            header = self.journal.header()
-            ident = self.journal.identity()
-            offset = meta["offset"]
-            if header is None or ident is None or header.get("gen") != meta["gen"] or not 0 < offset <= ident[1]:
-                return None
-            if not isinstance(meta.get("hid"), str) or not isinstance(meta.get("hist"), int):
+            meta, nl = _snapshot_meta(blob)
+            if not self._names_this_journal(meta):
                 return None
             if not body:
                 return meta, None
-            state = memoryview(blob)[nl + 1 :]
-            if zlib.crc32(state) != int(blob[start + 9 : start + 17], 16):
-                return None
+            return meta, _snapshot_state(blob, nl)
         except (ValueError, KeyError, TypeError):
             return None
-        return meta, state
+
+    def _meta_on_disk(self) -> dict | None:
+        """The meta of the snapshot on disk, None if there is none intact of this journal."""
+        parts = self._snapshot_parts()
+        return None if parts is None else parts[0]
+
+    def _names_this_journal(self, meta: dict) -> bool:
+        """Whether a snapshot's meta names this journal's generation, an offset inside it and a
+        history (KeyError or TypeError if it lacks one)."""
+        header = self.journal.header()
+        ident = self.journal.identity()
+        offset = meta["offset"]
+        if header is None or ident is None or header.get("gen") != meta["gen"] or not 0 < offset <= ident[1]:
+            return False
+        return isinstance(meta.get("hid"), str) and isinstance(meta.get("hist"), int)
 
     def _read_snapshot(self) -> View | None:
         """The snapshot's (hot) state, if intact and of this journal; None means fold from scratch."""
@@ -326,28 +326,23 @@ class Store:
         same with 100,000 waiting tasks as with none.  False means "load and look"."""
         self._check_paths()
         parts = self._snapshot_parts(body=False)  # its first line, checksummed, of this generation
-        if parts is None:
+        if parts is None or not _summary_idle(parts[0], now):
             return False
-        meta = parts[0]
-        if max(meta.get("written_at", 0), meta.get("latest", 0)) > now:
-            return False  # the clock went back since: due times are judged anew (state.due_at)
-        next_due = meta.get("next_due", 0)
-        if meta.get("running", True) or (next_due is not None and not isinstance(next_due, (int, float))):
-            return False
-        if next_due is not None and next_due <= now:
-            return False
-        offset = meta["offset"]
+        offset = parts[0]["offset"]
         if not self._at_record_boundary(offset):
             return False
         if offset <= VERIFY_COVERED_BYTES and self.journal.verify(offset):
             return False  # damage where the snapshot stands in: run-due must see it and refuse
+        return self._records_keep_idle(offset, now)
+
+    def _records_keep_idle(self, offset: int, now: float) -> bool:
+        """Whether the records after ``offset`` are undamaged and each leaves nothing due at ``now``."""
         _, tail = self.journal.read_parts(offset)
         for scan in tail or ():
             if scan.damage:  # (a torn tail is not damage: readers ignore it, run-due runs)
                 return False
-            for _, record in scan.records:
-                if not _tail_keeps_idle(record, now):
-                    return False
+            if not all(_tail_keeps_idle(record, now) for _, record in scan.records):
+                return False
         return True
 
     def unmentioned(self, ids: list[str]) -> bool:
@@ -368,20 +363,23 @@ class Store:
         if parts is None:
             return False
         meta, body = parts
-        offset = meta["offset"]
-        if not self._at_record_boundary(offset):
-            return False
-        tail = self.journal.raw_from(offset)
+        tail = self._short_tail(meta["offset"])
         if tail is None:
             return False
-        if len(tail) >= SNAPSHOT_AFTER_BYTES or tail.count(b"\n") >= SNAPSHOT_AFTER_RECORDS:
-            return False  # time for a new snapshot: the fold's load() writes one, so the tail stays short
         snapshot = body.obj  # the whole file: its first line (meta) holds no ids, searching it is harmless
-        for task_id in ids:
-            needle = orjson.dumps(task_id)
-            if needle in snapshot or needle in tail:
-                return False
-        return True
+        return not any(needle in snapshot or needle in tail for needle in map(orjson.dumps, ids))
+
+    def _short_tail(self, offset: int) -> bytes | None:
+        """The journal's bytes after a snapshot's ``offset`` (a record boundary), None if they
+        cannot be read or are due for a new snapshot."""
+        if not self._at_record_boundary(offset):
+            return None
+        tail = self.journal.raw_from(offset)
+        if tail is None:
+            return None
+        if len(tail) >= SNAPSHOT_AFTER_BYTES or tail.count(b"\n") >= SNAPSHOT_AFTER_RECORDS:
+            return None  # time for a new snapshot: the fold's load() writes one, so the tail stays short
+        return tail
 
     def _at_record_boundary(self, offset: int) -> bool:
         try:
@@ -396,10 +394,8 @@ class Store:
             return  # never cache over damage: it must stay visible until repaired
         if self._tail_records < SNAPSHOT_AFTER_RECORDS and self._tail_bytes < SNAPSHOT_AFTER_BYTES:
             return
-        try:
+        with suppress(KmpwmError):  # a cache that could not be written costs time, not correctness
             self.write_snapshot(view)
-        except KmpwmError:
-            pass  # a cache that could not be written costs time, not correctness
 
     def write_snapshot(self, view: View | None = None) -> bool:
         """Write the snapshot of ``view`` (default: this store's current state): its new history
@@ -421,16 +417,12 @@ class Store:
             return False
 
     def _write_snapshot_locked(self, view: View) -> bool:
-        current = self._snapshot_parts()
-        meta = current[0] if current is not None else None
-        if meta is not None and (meta["offset"] > view.offset or (meta["offset"] == view.offset and view.hid)):
+        meta = self._meta_on_disk()
+        if _as_new(meta, view):
             return False  # already as new as ours (a state folded from scratch rewrites it: a repair)
-        tasks, chains = view.state["tasks"], view.state["chains"]
         cold_ids, cold_chain_ids = split_history(view.state)
-        flushed = view.flushed
-        new_tasks = [i for i in cold_ids if flushed.get(i) is not tasks[i]]
-        new_chains = [c for c in cold_chain_ids if flushed.get("\0" + c) is not chains[c]]
-        frame = encode({"tasks": [pack_task(tasks[i]) for i in new_tasks], "chains": [chains[c] for c in new_chains]})
+        new_tasks, new_chains = _unflushed(view, cold_ids, cold_chain_ids)
+        frame = encode({"tasks": [pack_task(t) for t in new_tasks.values()], "chains": list(new_chains.values())})
         written = self._write_history(view, meta, frame)
         if written is None:
             return False
@@ -442,20 +434,16 @@ class Store:
             self._base_offset = view.offset
         return True
 
-    def _note_flushed(self, view: View, hid: str, hist: int, before: int, new_tasks: list, new_chains: list) -> None:
+    def _note_flushed(self, view: View, hid: str, hist: int, before: int, new_tasks: dict, new_chains: dict) -> None:
         """After a snapshot: the view, its flushed marks and the history cache know what went cold."""
-        tasks, chains, flushed = view.state["tasks"], view.state["chains"], view.flushed
-        if self._hist_cache is not None and self._hist_cache[0] == hid and self._hist_cache[1] == before:
-            _, _, ctasks, cchains = self._hist_cache  # keep the cache in step with what we appended
-            for i in new_tasks:
-                ctasks[i] = tasks[i]
-            for c in new_chains:
-                cchains[c] = chains[c]
+        cached = self._cached_history(hid, before)
+        if cached is not None:
+            _, _, ctasks, cchains = cached  # keep the cache in step with what we appended
+            ctasks.update(new_tasks)
+            cchains.update(new_chains)
             self._hist_cache = (hid, hist, ctasks, cchains)
-        for i in new_tasks:
-            flushed[i] = tasks[i]
-        for c in new_chains:
-            flushed["\0" + c] = chains[c]
+        view.flushed.update(new_tasks)
+        view.flushed.update({"\0" + c: chain for c, chain in new_chains.items()})
         view.hid, view.hist = hid, hist
         if view is self._view:
             self._tail_records = self._tail_bytes = 0
@@ -464,19 +452,24 @@ class Store:
         """Append ``frame`` (the tasks and chains gone cold) to the history this state continues,
         or start a history file of its own; its id and new length, None if it cannot continue."""
         if view.hid is None:  # a state folded from the whole journal: a history file of its own
-            hid = uuid.uuid4().hex
-            head = _history_header(hid)
-            atomic_write(self.paths.history_file, head + frame)
-            return hid, len(head) + len(frame)
+            return self._new_history(frame)
         hid = view.hid
-        start = max(view.hist, meta["hist"] if meta is not None and meta["hid"] == hid else 0)
+        on_disk = meta is not None and meta["hid"] == hid  # the snapshot there continues it too
+        start = max(view.hist, meta["hist"] if on_disk else 0)
         if not self._append_history(hid, start, frame):
             # the history this state continues is gone (deleted, damaged, another generation's):
             # retire the snapshot that needs it, so the next reader folds everything and starts anew
-            if meta is not None and meta["hid"] == hid:
+            if on_disk:
                 self.drop_snapshot()
             return None
         return hid, start + len(frame)
+
+    def _new_history(self, frame: bytes) -> tuple[str, int]:
+        """Replace history.snap with a new history holding ``frame``; its id and length."""
+        hid = uuid.uuid4().hex
+        head = _history_header(hid)
+        atomic_write(self.paths.history_file, head + frame)
+        return hid, len(head) + len(frame)
 
     def _write_state_file(self, view: View, hid: str, hist: int, cold_tasks: set, cold_chains: set) -> None:
         """Replace state.snap: the hot tasks and chains, and the summary a cheap reader needs."""
@@ -511,35 +504,29 @@ class Store:
         except OSError:
             return False
         try:
-            if os.pread(fd, len(head), 0) != head or os.fstat(fd).st_size < start:
-                return False
-            os.ftruncate(fd, start)
-            os.lseek(fd, start, os.SEEK_SET)
-            write_all(fd, frame)
-            os.fsync(fd)
-        except OSError as exc:
-            raise JournalError(f"cannot write {self.paths.history_file}: {exc.strerror}") from None
+            with _journal_error(f"write {self.paths.history_file}"):
+                if os.pread(fd, len(head), 0) != head or os.fstat(fd).st_size < start:
+                    return False
+                os.ftruncate(fd, start)
+                os.lseek(fd, start, os.SEEK_SET)
+                write_all(fd, frame)
+                os.fsync(fd)
         finally:
             os.close(fd)
         return True
 
     def drop_snapshot(self) -> None:
         for path in (self.paths.snapshot_file, self.paths.history_file):
-            try:
+            with _journal_error(f"remove {path}"), suppress(FileNotFoundError):
                 os.unlink(path)
-            except FileNotFoundError:
-                pass
-            except OSError as exc:
-                raise JournalError(f"cannot remove {path}: {exc.strerror}") from None
         self._hist_cache = None
 
     def verify_covered(self, view: View) -> None:
         """Fail-closed readers (run-due): find damage in the region the snapshot stands in for.
         CRC-only, and only while that region is small; beyond it, `kmpwm doctor` checks it."""
         if view.from_snapshot and not getattr(view, "verified", False) and view.offset <= VERIFY_COVERED_BYTES:
-            start = min((d.start for d in view.damage), default=None)
-            found = [d for d in self.journal.verify(view.offset) if start is None or d.start < start]
-            view.damage[:0] = found
+            first = min((d.start for d in view.damage), default=float("inf"))
+            view.damage[:0] = [d for d in self.journal.verify(view.offset) if d.start < first]
             view.verified = True
 
     def invalidate(self) -> None:
@@ -556,7 +543,7 @@ class Store:
         if view is None or view.pending or view.merged_from is not None:
             return False
         parts = self._snapshot_parts(body=False)
-        if parts is None or parts[0].get("offset", 0) <= self._base_offset or parts[0]["offset"] > view.offset:
+        if parts is None or not self._base_offset < parts[0].get("offset", 0) <= view.offset:
             return False
         self._view = None
         return True
@@ -580,10 +567,9 @@ class Store:
     def _committed(self, view: View, records: list[dict], end: int) -> list:
         results = []
         for record in records:
-            ops = record.get("ops")
-            if ops and ops[0].get("op") == "hdr":
-                header = self.journal.header() if ops[0].get("_pending") else ops[0]
-                view.gen = header.get("gen") if header else None
+            header = _header_op(record)
+            if header is not None:
+                self._adopt_generation(view, header)
                 continue
             results = apply(view.state, record)
         ident = self.journal.identity()
@@ -592,6 +578,12 @@ class Store:
         self._tail_bytes += end - view.offset
         view.offset = end
         return results
+
+    def _adopt_generation(self, view: View, header: dict) -> None:
+        """A header was committed: ``view`` takes its generation (read back from the journal for
+        the header append() writes itself)."""
+        written = self.journal.header() if header.get("_pending") else header
+        view.gen = written.get("gen") if written else None
 
 
 class Transaction:
@@ -644,15 +636,10 @@ class Transaction:
         """Append ``ops`` as one record (all or nothing), fsynced; returns the fold's results."""
         if not ops:
             return []
-        if self.staged:
-            raise RuntimeError("commit() after stage(): flush first")
-        record = {"ts": time.time() if ts is None else ts, "ops": ops}
-        if self._view is None and self.store._view is None and len(ops) <= PROVE_NEW_MAX_IDS:
-            # nothing read yet in this process: a few new tasks are proved new on the bytes
-            quick = _new_tasks_only(_NOTHING, record)
-            if quick is not None and self.store.unmentioned([r["id"] for r in quick]):
-                self.store.journal.append([record])
-                return quick  # the state stays unread: the next load() folds this record too
+        record = self._commit_record(ops, ts)
+        quick = self._append_unread(record)
+        if quick is not None:
+            return quick  # the state stays unread: the next load() folds this record too
         records = self._with_header(record)
         quick = _new_tasks_only(self.view.state, record)
         end = self.store.journal.append([record])
@@ -660,6 +647,23 @@ class Transaction:
             return self.store._committed(self.view, records, end)
         self.store._committed(self.view, records[:-1], end)  # the header, if any
         self.view.pending.append(record)
+        return quick
+
+    def _commit_record(self, ops: list[dict], ts: float | None) -> dict:
+        """The record commit() writes: ``ops`` at ``ts`` (default: now); never after stage()."""
+        if self.staged:
+            raise RuntimeError("commit() after stage(): flush first")
+        return {"ts": time.time() if ts is None else ts, "ops": ops}
+
+    def _append_unread(self, record: dict) -> list | None:
+        """Nothing read yet in this process: a record of a few new tasks, proved new on the bytes,
+        is appended without reading the state; the fold's results (None: not so, nothing written)."""
+        if self._view is not None or self.store._view is not None or len(record["ops"]) > PROVE_NEW_MAX_IDS:
+            return None
+        quick = _new_tasks_only(_NOTHING, record)
+        if quick is None or not self.store.unmentioned([r["id"] for r in quick]):
+            return None
+        self.store.journal.append([record])
         return quick
 
     def _with_header(self, record: dict) -> list[dict]:
@@ -683,8 +687,95 @@ def _forget_history(view: View, cold_tasks: list, cold_chains: list) -> None:
     view.partial = True
 
 
+def _fold_scan(view: View, scan) -> None:
+    """Fold one scan of the journal into ``view``: its records, its damage, its end."""
+    state = view.state
+    for _, record in scan.records:
+        apply(state, record)
+    _add_damage(view.damage, scan.damage)
+    view.torn = scan.torn
+    view.offset = scan.end
+
+
 def _history_header(hid: str | None) -> bytes:
     return HISTORY_MAGIC + (hid or "").encode() + b"\n"
+
+
+def _history_frames(data: bytes, start: int) -> tuple[dict, dict] | None:
+    """The tasks and chains in the frames of history.snap's bytes ``data`` (frames from
+    ``start``); None if any frame is damaged, torn or malformed."""
+    with _no_gc():
+        scan = scan_bytes(data[start:], start)
+        if scan.damage or scan.torn or scan.end != len(data):
+            return None
+        try:
+            return _unpack_frames(frame for _, frame in scan.records)
+        except (KeyError, TypeError, AttributeError):
+            return None
+
+
+def _unpack_frames(frames) -> tuple[dict, dict]:
+    """The tasks (unpacked) and chains of history frames, by id, later frames winning."""
+    tasks: dict = {}
+    chains: dict = {}
+    for frame in frames:
+        tasks.update((packed["id"], unpack_task(packed)) for packed in frame.get("tasks", ()))
+        chains.update((chain["id"], chain) for chain in frame.get("chains", ()))
+    return tasks, chains
+
+
+def _read_private(path, size: int = -1) -> bytes | None:
+    """Up to ``size`` bytes of ``path`` (-1: all), never through a symlink; None if unreadable."""
+    try:
+        fd = os.open(path, os.O_RDONLY | _O_NOFOLLOW | _O_CLOEXEC)
+        with os.fdopen(fd, "rb") as fh:
+            return fh.read(size)
+    except OSError:
+        return None
+
+
+def _snapshot_meta(blob: bytes) -> tuple[dict, int]:
+    """The meta in a snapshot's first line and where that line ends; ValueError if the line is
+    not a snapshot's or fails its checksum."""
+    start = len(SNAPSHOT_MAGIC)
+    if not blob.startswith(SNAPSHOT_MAGIC):
+        raise ValueError("not a snapshot")
+    nl = blob.index(b"\n", start)
+    if zlib.crc32(memoryview(blob)[start + 9 : nl]) != int(blob[start : start + 8], 16):
+        raise ValueError("snapshot meta fails its checksum")
+    return orjson.loads(blob[start + 18 : nl]), nl
+
+
+def _snapshot_state(blob: bytes, nl: int) -> memoryview:
+    """The state bytes after a snapshot's first line (ending at ``nl``); ValueError if they fail
+    their checksum."""
+    start = len(SNAPSHOT_MAGIC)
+    state = memoryview(blob)[nl + 1 :]
+    if zlib.crc32(state) != int(blob[start + 9 : start + 17], 16):
+        raise ValueError("snapshot state fails its checksum")
+    return state
+
+
+def _as_new(meta: dict | None, view: View) -> bool:
+    """Whether the snapshot ``meta`` describes is as new as ``view`` (a state folded from scratch,
+    without a history of its own yet, rewrites one at the same offset)."""
+    if meta is None:
+        return False
+    return meta["offset"] > view.offset or (meta["offset"] == view.offset and bool(view.hid))
+
+
+def _unflushed(view: View, cold_ids: list, cold_chain_ids: list) -> tuple[dict, dict]:
+    """The cold tasks and chains (by id) that this process has not written to history.snap yet."""
+    tasks, chains, flushed = view.state["tasks"], view.state["chains"], view.flushed
+    new_tasks = {i: tasks[i] for i in cold_ids if flushed.get(i) is not tasks[i]}
+    new_chains = {c: chains[c] for c in cold_chain_ids if flushed.get("\0" + c) is not chains[c]}
+    return new_tasks, new_chains
+
+
+def _header_gen(record: dict) -> str | None:
+    """The generation a journal's first record names, None if it is not a header."""
+    header = _header_op(record)
+    return None if header is None else header.get("gen")
 
 
 _NOTHING: dict = {"tasks": {}, "fam": {}}  # for _new_tasks_only's checks within one record
@@ -705,8 +796,7 @@ def _new_tasks_only(state: dict, record: dict) -> list | None:
         if tid in tasks or tid in fam or tid in seen:
             return None
         seen.add(tid)
-        due = task["due"] if "due" in task else task.get("created_at", ts)
-        results.append({"action": "enqueued", "id": tid, "due": due, "state": "ENQUEUED"})
+        results.append({"action": "enqueued", "id": tid, "due": _due(task, ts), "state": "ENQUEUED"})
     return results
 
 
@@ -714,19 +804,21 @@ def _wake_summary(tasks: dict) -> tuple[float | None, bool, float]:
     """The earliest due time of an enqueued task (None: none), whether any task is running and
     the latest time an enqueued task's due time was set (before it, the clock went back and
     state.due_at judges due times anew): all state.idle_at needs, kept in the snapshot's meta."""
-    next_due = None
-    running = False
-    latest = 0.0
-    for t in tasks.values():
-        st = t["state"]
-        if st == "ENQUEUED":
-            if next_due is None or t["due"] < next_due:
-                next_due = t["due"]
-            if t["updated_at"] > latest:
-                latest = t["updated_at"]
-        elif st == "RUNNING":
-            running = True
+    enqueued = [t for t in tasks.values() if t["state"] == "ENQUEUED"]
+    next_due = min((t["due"] for t in enqueued), default=None)
+    latest = max([0.0, *(t["updated_at"] for t in enqueued)])
+    running = any(t["state"] == "RUNNING" for t in tasks.values())
     return next_due, running, latest
+
+
+def _summary_idle(meta: dict, now: float) -> bool:
+    """Whether a snapshot's wake-up summary says nothing runs and nothing is due at ``now``."""
+    if max(meta.get("written_at", 0), meta.get("latest", 0)) > now:
+        return False  # the clock went back since: due times are judged anew (state.due_at)
+    if meta.get("running", True):
+        return False
+    next_due = meta.get("next_due", 0)
+    return next_due is None or (isinstance(next_due, (int, float)) and next_due > now)
 
 
 def _tail_keeps_idle(record: dict, now: float) -> bool:
@@ -736,19 +828,34 @@ def _tail_keeps_idle(record: dict, now: float) -> bool:
         return True
     if record.get("ts", 0) > now:
         return False  # written before the clock went back: load and look (state.due_at)
-    for op in record.get("ops", ()):
-        kind = op.get("op")
-        if kind == "cancel" or kind == "hdr" or kind == "note":  # note: a failed hook, changes nothing
-            continue
-        if kind == "enq":
-            tasks = [op.get("task") or {}]
-        elif kind == "chain":
-            steps = op.get("steps") or [[]]
-            tasks = steps[0]
-        else:
-            return False
-        for task in tasks:
-            due = task["due"] if "due" in task else task.get("created_at", record.get("ts", 0.0))
-            if not isinstance(due, (int, float)) or due <= now:
-                return False
-    return True
+    return all(_op_keeps_idle(op, now, record.get("ts", 0.0)) for op in record.get("ops", ()))
+
+
+_IDLE_OPS = ("cancel", "hdr", "note")  # note: a failed hook, changes nothing
+
+
+def _op_keeps_idle(op: dict, now: float, ts: float) -> bool:
+    if op.get("op") in _IDLE_OPS:
+        return True
+    tasks = _first_tasks(op)
+    return tasks is not None and all(_due_later(task, ts, now) for task in tasks)
+
+
+def _first_tasks(op: dict) -> list | None:
+    """The tasks an ``enq`` or ``chain`` op makes runnable first; None for any other op."""
+    kind = op.get("op")
+    if kind == "enq":
+        return [op.get("task") or {}]
+    if kind == "chain":
+        return (op.get("steps") or [[]])[0]
+    return None
+
+
+def _due_later(task: dict, ts: float, now: float) -> bool:
+    due = _due(task, ts)
+    return isinstance(due, (int, float)) and due > now
+
+
+def _due(task: dict, ts: float):
+    """A new task's due time as the fold sets it (none given: when it was created, else ``ts``)."""
+    return task["due"] if "due" in task else task.get("created_at", ts)

@@ -67,10 +67,6 @@ def open_store(paths: Paths):
     return PgStore(paths, url)
 
 
-def is_shared(store) -> bool:
-    return getattr(store, "kind", "journal") != "journal"
-
-
 def named_store(paths: Paths, url: str):
     """The store a ``--to``/``--from`` URL names: 'journal' is this home's journal."""
     if url.strip() in JOURNAL_NAMES:
