@@ -122,37 +122,53 @@ def _follow_store(paths: Paths, task_id: str, meta: dict, tail: int | None, as_j
     while it comes), until the run ends."""
     from kmpwm.cli.output import print_json
 
-    store, key = meta["_store"], meta["key"]
-    out = sys.stdout.buffer
-    seen_doc = bytearray() if as_json else None
-    seen, first, ended_at = 0, True, None
+    reader = _StoreRun(paths, task_id, meta)
+    got = bytearray()
     try:
+        chunk = _tail(reader.read(), tail)  # what it wrote so far
         while True:
-            status, seen_now, chunk = store.run_tail(task_id, key, seen)
-            seen = max(seen, seen_now)
-            if first:
-                chunk, first = _tail(chunk, tail), False
-            if chunk and seen_doc is not None:
-                seen_doc += chunk
-            elif chunk:
-                out.write(chunk)
-                out.flush()
-            if status != "RUNNING":
-                break  # its row, read with these bytes, says how it ended: they were its last
-            current = _current(paths, task_id, meta)
-            if current is None or current.get("status") != "RUNNING":
-                break  # a later run began: this one ended without a result
-            if ended_at is None and not _task_running(store, task_id):
-                ended_at = time.monotonic()  # its result is recorded: the run's row follows at once
-            if ended_at is not None and time.monotonic() - ended_at > SETTLE:
-                break  # its host is gone before it said how the run ended
+            got += chunk
+            if chunk and not as_json:
+                sys.stdout.buffer.write(chunk)
+                sys.stdout.buffer.flush()
+            if reader.over():
+                break
             time.sleep(STORE_POLL)
+            chunk = reader.read()
     except KeyboardInterrupt:
         return 0
-    if seen_doc is not None:
+    if as_json:
         current = _current(paths, task_id, meta)
-        print_json({"id": task_id, "runs": [_doc(current or meta, _tail(bytes(seen_doc), tail))]})
+        print_json({"id": task_id, "runs": [_doc(current or meta, _tail(bytes(got), tail))]})
     return 0
+
+
+class _StoreRun:
+    """A run going on on another host, read from the store's copy of its output."""
+
+    def __init__(self, paths: Paths, task_id: str, meta: dict):
+        self.paths, self.task_id, self.meta = paths, task_id, meta
+        self.store = meta["_store"]
+        self.seen = 0  # bytes of its output read so far
+        self.status = "RUNNING"
+        self.ended_at: float | None = None  # when its task was seen no longer running
+
+    def read(self) -> bytes:
+        """What it wrote since the last reading."""
+        self.status, written, chunk = self.store.run_tail(self.task_id, self.meta["key"], self.seen)
+        self.seen = max(self.seen, written)
+        return chunk
+
+    def over(self) -> bool:
+        """Has the run ended (its row says so, a later run began, or its host went quiet)?"""
+        if self.status != "RUNNING":
+            return True  # its row, read with the last bytes, says how it ended: they were its last
+        current = _current(self.paths, self.task_id, self.meta)
+        if current is None or current.get("status") != "RUNNING":
+            return True  # a later run began: this one ended without a result
+        if self.ended_at is None and not _task_running(self.store, self.task_id):
+            self.ended_at = time.monotonic()  # its result is recorded: the run's row follows at once
+        return self.ended_at is not None and time.monotonic() - self.ended_at > SETTLE
 
 
 def _task_running(store, task_id: str) -> bool:
