@@ -247,11 +247,16 @@ class Starter:
         if log.live is not None:
             log.live = None  # its whole output goes to the store with its result (shared_row)
             self.live.remove(log)
+        self.pending.append(log.end_line(status, finished))
+        if log.rotated:
+            # Its file is about to be rewritten down to the last CAP bytes (a new inode): say
+            # first that the run ended, or `logs --follow` would take the rewrite for a rotation
+            # and print that last MiB again.
+            self.flush(force=True)
         log.close()
         if progress:
             with suppress(OSError):
                 os.unlink(log.progress)
-        self.pending.append(log.end_line(status, finished))
 
     def flush(self, force: bool = False) -> float | None:
         """Write the waiting lines if FLUSH_EVERY has passed (or ``force``), and send running
