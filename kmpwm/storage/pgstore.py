@@ -333,16 +333,13 @@ def _take_notifications(pg) -> list[int]:
     return pids
 
 
-def _last_rows(cur) -> list:
-    """The rows of the last statement of a batch that ``cur`` ran."""
-    while cur.nextset():
-        pass
-    return cur.fetchall()
-
-
 def _dead(conn) -> bool:
     """Whether a connection closed or broke (no connection: False)."""
     return conn is not None and (conn.closed or conn.broken)
+
+
+LOCK_TIMEOUT_SQL = "SELECT set_config('lock_timeout', %s, true)"  # for this transaction only
+LOCK_SQL = "SELECT pg_advisory_xact_lock(%s)"
 
 
 def _lock_sql(timeout: float) -> str:
@@ -829,7 +826,7 @@ class PgStore:
     @contextmanager
     def _outermost(self, conn, lock: str, timeout: float) -> Iterator[PgTransaction]:
         """A transaction of its own: BEGIN with the lock, COMMIT or ROLLBACK at the end."""
-        self._begin(conn, lock, timeout)
+        self._begin(conn, timeout)
         try:
             txn = PgTransaction(self)
             yield txn
@@ -844,22 +841,30 @@ class PgStore:
             self._read_ahead = None
             self._committed = False
 
-    def _begin(self, conn, lock: str, timeout: float) -> None:
-        """BEGIN, the lock and the reading the transaction starts with, in one round trip (simple
-        protocol: no parameters)."""
+    def _begin(self, conn, timeout: float) -> None:
+        """BEGIN, the lock and the reading the transaction starts with, in one round trip (one
+        pipeline of statements the connection has prepared: the server neither parses nor plans
+        them again)."""
         view, with_leases = self._view, self._leases_wanted
-        read = f"; {self._read_sql(with_leases, view.offset)}" if view is not None else ""
         self._heard_other = view is None  # (as load's reading)
+        psycopg = _Psycopg.get()
         try:
-            cur = conn.execute(f"BEGIN; {lock}{read}", prepare=False)
-        except _Psycopg.get().errors.LockNotAvailable:
+            with conn.pipeline() as pipe:
+                conn.execute("BEGIN")
+                conn.execute(LOCK_TIMEOUT_SQL, (f"{max(1, int(timeout * 1000))}ms",))
+                conn.execute(LOCK_SQL, (LOCK_KEY,))
+                conn.execute(LOCK_TIMEOUT_SQL, ("0",))
+                cur = None if view is None else conn.execute(self._read_sql(with_leases), (view.offset,))
+                pipe.sync()
+                rows = None if cur is None else cur.fetchall()
+        except psycopg.errors.LockNotAvailable:
             self._rollback(conn)
             raise _busy(timeout) from None
         except BaseException:
             self._rollback(conn)
             raise
         if view is not None:
-            self._read_ahead = (view.offset, _last_rows(cur), with_leases)
+            self._read_ahead = (view.offset, rows, with_leases)
 
     @contextmanager
     def _savepoint(self, conn, lock: str, timeout: float) -> Iterator[PgTransaction]:

@@ -52,6 +52,19 @@ def test_schema_is_created_on_first_use_and_versioned(pg, home):
     assert doc["store"]["notify_queue"] == 0.0 and doc["exit_code"] == 0
 
 
+def test_a_writer_waits_for_the_lock_at_most_its_timeout_then_exits_75(pg):
+    """The writers' lock is an advisory lock: a writer that cannot get it within
+    KMPWM_LOCK_TIMEOUT says so (exit 75, try again) and writes nothing; once it is free, it writes."""
+    kmpwm("enqueue", "first", "echo", check=0)
+    with psycopg.connect(pg, autocommit=True) as holder:
+        holder.execute("SELECT pg_advisory_lock(%s)", (pgstore.LOCK_KEY,))
+        started = time.monotonic()
+        r = kmpwm("enqueue", "second", "echo", env={"KMPWM_LOCK_TIMEOUT": "1"}, check=75)
+        assert "held the store's lock for 1s" in r.stderr and time.monotonic() - started < 20, r.stderr
+    assert [t["id"] for t in jdoc("inspect-queue")["tasks"]] == ["first"]
+    kmpwm("enqueue", "second", "echo", env={"KMPWM_LOCK_TIMEOUT": "1"}, check=0)
+
+
 def test_doctor_says_when_the_notification_queue_fills(pg, home, monkeypatch):
     """A listening session that does not read (a serve stopped for days) holds PostgreSQL's
     notification queue back, and every write fails once it is full: doctor says so first."""
