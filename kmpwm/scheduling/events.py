@@ -67,6 +67,7 @@ class JournalEvents:
         scan, self.ino = self.journal.read(0)
         self.folder.feed(scan)
         self.damage = len(scan.damage)
+        self.task, self.cutoff = task, cutoff
         self.wanted = _selector(self.folder, task, cutoff)
         self.selected = self.wanted(self.folder.events)
         self.printed = len(self.folder.events)
@@ -97,6 +98,7 @@ class JournalEvents:
         self.folder = Folder()
         scan, self.ino = self.journal.read(0)
         self.folder.feed(scan)
+        self.wanted = _selector(self.folder, self.task, self.cutoff)  # a chain is looked up in this fold now
         return [e for e in self.folder.events if e[0] > self.last_ts]
 
 
