@@ -300,11 +300,14 @@ def trial(args, seed: int) -> tuple[dict, list[str]]:
         for h in HOSTS:
             fleet.start_serve(h)
         end = time.monotonic() + args.seconds
+        mid = end - args.seconds / 2
         while time.monotonic() < end:
             fleet.cron_tick()
             fleet.alive_serves()
             roll = rng.random()
-            if roll < 0.10:
+            if args.restarts and not fleet.restarts and time.monotonic() >= mid:
+                fleet.restart_server()  # at least one restart per trial, whatever the rolls
+            elif roll < 0.10:
                 fleet.kill_host(rng.choice(HOSTS))
             elif roll < 0.16:
                 fleet.terminate_backends()
