@@ -43,6 +43,7 @@ LOCK_KEY = 0x6B6D7077  # "kmpw": the advisory lock every writer takes
 CHANNEL = "kmpwm"
 SNAPSHOT_AFTER_RECORDS = 2000
 DEFAULT_LEASE = 60.0
+REBASE_EVERY = 60.0  # a long-lived reader looks for a newer snapshot at most this often (rebase)
 OUTPUT_CAP = 1 << 20  # a run's output kept in the store: its last MiB (runlog.CAP)
 
 # Reading: the records after what was folded, and each lease's time left by the database's clock
@@ -385,6 +386,7 @@ class PgStore:
         self.host = None
         self.forget_history = False  # a long-lived reader (serve): hold what a fresh reader would read
         self._base_seq = 0  # the snapshot our state grew from (rebase)
+        self._rebase_checked = float("-inf")  # when rebase last asked for the snapshot's seq
 
     # -- the connection -------------------------------------------------------------------
 
@@ -643,8 +645,10 @@ class PgStore:
         snapshot past the one our state grew from (a compaction leaves finished work out of it),
         drop our state; the next load reads that snapshot and the records after it."""
         view = self._view
-        if view is None or self._in_txn:
-            return False
+        now = time.monotonic()
+        if view is None or self._in_txn or now - self._rebase_checked < REBASE_EVERY:
+            return False  # (serve asks each time it falls idle: a round trip at most this often)
+        self._rebase_checked = now
         try:
             row = self._execute("SELECT seq FROM kmpwm_snapshot WHERE id = 1", doing="reading the snapshot").fetchone()
         except JournalError:
