@@ -40,7 +40,7 @@ from kmpwm.scheduling.plan import plan, time_limit
 from kmpwm.scheduling.probes import Device
 from kmpwm.storage import reserve, runlog
 from kmpwm.storage.paths import Paths, private_subdir
-from kmpwm.storage.store import Store
+from kmpwm.storage.store import OptimisticMiss, Store
 from kmpwm.storage.stores import open_store
 
 RECLAIM_EVERY = 1.0
@@ -81,6 +81,10 @@ class Runner:
         self.store = store or open_store(paths)
         if serve is not None:
             self.store.forget_history = True  # it lives long: it must not hold every task it ever ran
+            # a shared store's notifications carry the records: serve's state follows them, and
+            # its claims go in one round trip (transaction(guess=True))
+            if hasattr(self.store, "news_since"):
+                self.store.follow_notifications = True
         self.budget = budget
         self.grace = grace
         self.parallel = parallel or os.cpu_count() or 1
@@ -511,7 +515,31 @@ class Runner:
 
     def _transact(self, finished: list[Job], released: list[Claim], failed: list, claim: bool, *, replan, lite):
         """The transaction of _cycle_once: (the transaction, the rows of the runs that count, the
-        claims); every task it ends FAILED is added to ``failed``."""
+        claims); every task it ends FAILED is added to ``failed``.  serve on a shared store claims
+        optimistically when that is all it does (pgstore: transaction(guess=True)); when that
+        cannot be, it plans again in a transaction of the usual kind."""
+        if claim and not (finished or released) and getattr(self.store, "follow_notifications", False):
+            done = self._transact_guessing(failed, replan=replan, lite=lite)
+            if done is not None:
+                return done
+            replan = True
+        return self._transact_once(finished, released, failed, claim, replan=replan, lite=lite)
+
+    def _transact_guessing(self, failed: list, *, replan, lite):
+        """An optimistic claim (_transact); once more after reading, when a record came first
+        (another host's claim of the same task, mostly); None when it cannot be made."""
+        try:
+            return self._transact_once([], [], failed, True, replan=replan, lite=lite, guess=True)
+        except OptimisticMiss as miss:
+            if not miss.stale:
+                return None
+        self.store.refresh()
+        try:
+            return self._transact_once([], [], failed, True, replan=True, lite=lite, guess=True)
+        except OptimisticMiss:
+            return None
+
+    def _transact_once(self, finished, released, failed: list, claim: bool, *, replan, lite, guess=False):
         rows: list = []
         claimed: list = []
 
@@ -523,7 +551,7 @@ class Runner:
                 failed.append({"id": task_id, "worker": t.get("worker"), "reason": detail.get("reason")})
 
         self._on_fold = on_fold
-        with self.store.transaction() as txn:
+        with self.store.transaction(guess=True) if guess else self.store.transaction() as txn:
             if txn.view.damage:
                 raise JournalError(
                     "the journal was damaged during the run; stopping", hint="run `kmpwm doctor --repair`"

@@ -280,7 +280,7 @@ class Serve:
         # hup: tick() reloads, then the Runner plans with the new workers.  A change since the
         # Runner last planned (another process's enqueue may have been folded into one of our
         # own transactions without a plan): plan once more.
-        if flags.get("expire") or flags.get("hup") or self.watch.drain():
+        if flags.get("expire") or flags.get("hup") or (self.watch.drain() and self._news(runner)):
             return None
         view = self._load(runner)
         if view is None:
@@ -354,11 +354,18 @@ class Serve:
     def _on_change(self, runner) -> None:
         changed = self.watch.drain()
         self._follow_fd(runner)
-        if changed:
-            # Any change, ours included: a record of another process may have been folded into
-            # one of our transactions without a plan, so "was it ours?" cannot be told reliably.
-            # A plan costs little (well under a millisecond for a thousand tasks).
+        if changed and self._news(runner):
             runner._poke = True
+
+    @staticmethod
+    def _news(runner) -> bool:
+        """Is there a record the Runner's last plan did not see?  A shared store whose
+        notifications carry their records tells (our own records after a plan are not news);
+        else any change counts: a record of another process may have been folded into one of our
+        transactions without a plan.  (A plan costs little: well under a millisecond for a
+        thousand tasks.)"""
+        news = getattr(runner.store, "news_since", None)
+        return news is None or news(runner.planned_at)
 
     def _follow_fd(self, runner) -> None:
         """A shared store's listening connection was lost or made anew: watch its new socket (none

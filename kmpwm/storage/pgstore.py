@@ -16,7 +16,12 @@ every command, JSON document and semantic is the journal's.  What the database a
   reader translates each end into its own clock (remaining seconds by the database's clock, added
   to its own ``now``), so hosts whose clocks disagree judge a foreign lease alike.  A holder on the
   reader's own host is still judged by its pid and start token (``scheduling.leases``).
-* **Notifications.**  Every write sends ``NOTIFY kmpwm``; ``serve`` listens (:class:`PgWatch`).
+* **Notifications.**  Every record is announced by ``NOTIFY kmpwm`` with its seq and, when it
+  is short (PAYLOAD_MAX), the record itself; ``serve`` listens (:class:`PgWatch`), folds the
+  records it hears without reading them (:meth:`PgStore.feed`), and claims a task it heard of
+  in one statement, ``kmpwm_claim``, which takes the lock and writes only if no record came that
+  it did not fold (``transaction(guess=True)``).  Every reading after records were folded unread
+  counts them (VERIFY_SQL): one the notifications missed sends the reader back to the snapshot.
 
 psycopg is imported here only: nothing of it loads on the journal's paths.
 """
@@ -36,9 +41,9 @@ import orjson
 from kmpwm.core.exitcodes import ConfigError, JournalError, KmpwmError, LockBusy
 from kmpwm.core.state import apply, new_state, pack_task, unpack_task
 from kmpwm.storage.paths import Paths, check_all
-from kmpwm.storage.store import Transaction, View
+from kmpwm.storage.store import OptimisticMiss, Transaction, View
 
-SCHEMA_VERSION = 4
+SCHEMA_VERSION = 5
 LOCK_KEY = 0x6B6D7077  # "kmpw": the advisory lock every writer takes
 CHANNEL = "kmpwm"
 SNAPSHOT_AFTER_RECORDS = 2000
@@ -53,12 +58,20 @@ LEASES_SQL = (
     "SELECT NULL::bigint, NULL::bytea, task_id, runner, extract(epoch FROM expires_at - now())::float8 "
     "FROM kmpwm_leases"
 )
-# A record, its seq back and the notification serve and wait listen for, in one round trip (the
-# server delivers it at commit, once per transaction however many records it wrote).
-INSERT_SQL = (
-    "WITH r AS (INSERT INTO kmpwm_records (host, body) VALUES (%s, %s) RETURNING seq) "
-    f"SELECT seq, pg_notify('{CHANNEL}', '') FROM r"
+# The check a reading makes when records were folded since the last one without being read
+# (heard in notifications, see PgStore.feed): how many records there are in that range (seq -1).
+VERIFY_SQL = "SELECT -1::bigint, NULL::bytea, NULL::text, NULL::text, count(*)::float8 FROM kmpwm_records WHERE seq > %s AND seq <= %s"
+# A record's notification, sent at commit to serve and wait: its seq and, when it is this short,
+# the record itself, so that a serve folds it without reading it (PgStore.feed).  Kept short: the
+# server's notification queue holds every payload until the slowest listener has taken it.
+PAYLOAD_MAX = 2000
+_NOTIFY = (
+    f"pg_notify('{CHANNEL}', r.seq::text || CASE WHEN octet_length(r.body) <= {PAYLOAD_MAX} "
+    "THEN ' ' || convert_from(r.body, 'UTF8') ELSE '' END)"
 )
+_RECORD = "r AS (INSERT INTO kmpwm_records (host, body) VALUES (%s, %s) RETURNING seq, body)"
+# A record, its seq back and its notification, in one round trip.
+INSERT_SQL = f"WITH {_RECORD} SELECT r.seq, {_NOTIFY} FROM r"
 # The accepted claims of one record and their leases, in one statement: a claim the primary key
 # refuses takes no lease and is missing from what it returns.
 _CLAIMS = (
@@ -90,20 +103,59 @@ _GUARD = (
     "EXCEPT SELECT task_id FROM l), ' '))::int END FROM l)"
 )
 RECORD_ENDS_CLAIMS_SQL = (
-    "WITH r AS (INSERT INTO kmpwm_records (host, body) VALUES (%s, %s) RETURNING seq), "
-    f"e AS ({ENDS_SQL} RETURNING 1), {_CLAIMS}, l AS ({_LEASES}) "
-    f"SELECT (SELECT seq FROM r), pg_notify('{CHANNEL}', ''), ARRAY(SELECT task_id FROM l), {_GUARD}"
+    f"WITH {_RECORD}, e AS ({ENDS_SQL} RETURNING 1), {_CLAIMS}, l AS ({_LEASES}) "
+    f"SELECT r.seq, {_NOTIFY}, ARRAY(SELECT task_id FROM l), {_GUARD} FROM r"
 )
 RECORD_CLAIMS_SQL = (
-    "WITH r AS (INSERT INTO kmpwm_records (host, body) VALUES (%s, %s) RETURNING seq), "
-    f"{_CLAIMS}, l AS ({_LEASES}) "
-    f"SELECT (SELECT seq FROM r), pg_notify('{CHANNEL}', ''), ARRAY(SELECT task_id FROM l), {_GUARD}"
+    f"WITH {_RECORD}, {_CLAIMS}, l AS ({_LEASES}) SELECT r.seq, {_NOTIFY}, ARRAY(SELECT task_id FROM l), {_GUARD} FROM r"
 )
-RECORD_ENDS_SQL = (
-    "WITH r AS (INSERT INTO kmpwm_records (host, body) VALUES (%s, %s) RETURNING seq), "
-    f"e AS ({ENDS_SQL} RETURNING 1) "
-    f"SELECT seq, pg_notify('{CHANNEL}', '') FROM r"
-)
+RECORD_ENDS_SQL = f"WITH {_RECORD}, e AS ({ENDS_SQL} RETURNING 1) SELECT r.seq, {_NOTIFY} FROM r"
+# An optimistic transaction's claims (PgStore._guessing), one statement in a transaction of its
+# own: kmpwm_claim (schema version 5) takes the lock, checks that the records after the last
+# reading are the ones folded since, no more, and writes the record, its claims and their leases;
+# it returns the record's seq, or, having written nothing, -1 - how many records there are up to
+# what was folded (not an error: a serve that lost a race to another host leaves no line in the
+# server's log).
+# (The claims are one JSON array of [task_id, task_seq, occ, attempt, taken_from, runner] rows: a
+# string costs the client less to send than six arrays.)
+CLAIM_SQL = "SELECT kmpwm_claim(%s, %s, %s, %s, %s, %s, %s::jsonb, %s)"
+_CLAIM_FUNCTION = f"""CREATE OR REPLACE FUNCTION kmpwm_claim(
+    lock_ms text, upto bigint, since bigint, unread bigint, w_host text, w_body bytea, claims jsonb, lease float8)
+RETURNS bigint LANGUAGE plpgsql AS $fn$
+DECLARE
+    n bigint;
+    m bigint;
+    s bigint;
+    ids text[] := ARRAY(SELECT e->>0 FROM jsonb_array_elements(claims) e);
+    got text[];
+BEGIN
+    PERFORM set_config('lock_timeout', lock_ms, true);
+    PERFORM pg_advisory_xact_lock({LOCK_KEY});
+    PERFORM set_config('lock_timeout', '0', true);
+    -- (each statement here sees what committed before it: the records written while we waited)
+    SELECT count(*), count(*) FILTER (WHERE r.seq <= upto) INTO n, m FROM kmpwm_records r WHERE r.seq > since;
+    IF n <> unread THEN
+        RETURN -1 - m;
+    END IF;
+    INSERT INTO kmpwm_records (host, body) VALUES (w_host, w_body) RETURNING kmpwm_records.seq INTO s;
+    PERFORM pg_notify('{CHANNEL}', s::text || CASE WHEN octet_length(w_body) <= {PAYLOAD_MAX}
+                                           THEN ' ' || convert_from(w_body, 'UTF8') ELSE '' END);
+    WITH c AS (
+        INSERT INTO kmpwm_claims (task_id, task_seq, occ, attempt, taken_from, runner)
+        SELECT e->>0, (e->>1)::bigint, e->>2, e->>3, e->>4, e->>5 FROM jsonb_array_elements(claims) e
+        ON CONFLICT DO NOTHING RETURNING task_id, runner),
+    l AS (
+        INSERT INTO kmpwm_leases (task_id, runner, expires_at)
+        SELECT c.task_id, c.runner, now() + make_interval(secs => lease) FROM c
+        ON CONFLICT (task_id, runner) DO UPDATE SET expires_at = excluded.expires_at
+        RETURNING kmpwm_leases.task_id)
+    SELECT array_agg(l.task_id) INTO got FROM l;
+    IF coalesce(cardinality(got), 0) <> cardinality(ids) THEN
+        RAISE EXCEPTION '{REFUSED}%', array_to_string(ARRAY(SELECT unnest(ids) EXCEPT SELECT unnest(got)), ' ');
+    END IF;
+    RETURN s;
+END
+$fn$"""
 
 # Each version's statements, applied in order inside one transaction (under the writers' lock).
 MIGRATIONS: dict[int, list[str]] = {
@@ -160,6 +212,8 @@ MIGRATIONS: dict[int, list[str]] = {
     4: [
         """ALTER TABLE kmpwm_runs ADD COLUMN IF NOT EXISTS written bigint NOT NULL DEFAULT 0""",
     ],
+    # serve's optimistic claims, in one statement (CLAIM_SQL)
+    5: [_CLAIM_FUNCTION],
 }
 
 
@@ -310,7 +364,12 @@ def _end_cols(ends: list) -> tuple[list, list]:
 
 def _record_rows(rows: list) -> list[tuple[int, bytes]]:
     """(seq, body) of a reading's record rows (those with a seq), in seq order."""
-    return sorted((r[0], r[1]) for r in rows if r[0] is not None)
+    return sorted((r[0], r[1]) for r in rows if r[0] is not None and r[0] >= 0)
+
+
+def _counted(rows: list) -> int:
+    """The count of a reading's VERIFY_SQL row (seq -1)."""
+    return next(int(r[4]) for r in rows if r[0] == -1)
 
 
 def _lease_left(rows: list) -> dict:
@@ -332,6 +391,13 @@ def _take_notifications(pg) -> list[int]:
     while (n := pg.notifies()) is not None:
         pids.append(n.be_pid)
     return pids
+
+
+def _carried(payload: bytes) -> tuple[int | None, bytes | None]:
+    """(seq, record) of a notification's payload (_NOTIFY): record None when it was too long to
+    be carried; seq None when there is none (a writer of an older kmpwm)."""
+    seq, _, body = payload.partition(b" ")
+    return (int(seq) if seq.isdigit() else None), (body or None)
 
 
 def _dead(conn) -> bool:
@@ -387,6 +453,13 @@ class PgStore:
         self.forget_history = False  # a long-lived reader (serve): hold what a fresh reader would read
         self._base_seq = 0  # the snapshot our state grew from (rebase)
         self._rebase_checked = float("-inf")  # when rebase last asked for the snapshot's seq
+        # serve's notifications, carrying records (feed): the state follows them without reading
+        self.follow_notifications = False  # set by serve: keep what the watch hears (feed)
+        self._feed: list[tuple[int | None, bytes | None]] | None = None  # heard, in commit order
+        self._feed_live = False  # the watch has listened since before the last reading
+        self._read_at = 0  # the offset the last reading of records brought the state to
+        self._unread = 0  # records folded since then without reading them (heard, or our own)
+        self._heard_unread = False  # some of them heard: the next reading counts them (VERIFY_SQL)
 
     # -- the connection -------------------------------------------------------------------
 
@@ -493,19 +566,42 @@ class PgStore:
         return True
 
     def load(self, full: bool = True) -> View:
-        """The current state: the snapshot (first time) and the records after what was folded."""
+        """The current state: the snapshot (first time) and the records after what was folded;
+        for serve, the records its notifications carried, without a round trip, when no task
+        runs (a reading also brings the leases' ends)."""
         view = self._view
+        if view is not None and not self._in_txn and self._fold_heard() and not _lease_holders(view.state):
+            self._leases_wanted = False
+        else:
+            view = self._read(view)
+        if self._tail >= SNAPSHOT_AFTER_RECORDS and not self._in_txn:
+            self.write_snapshot(view)
+        return view
+
+    def refresh(self) -> View:
+        """The state brought up to date by a reading now (not by what was heard)."""
+        return self._read(self._view)
+
+    def _read(self, view: View | None) -> View:
+        """The state brought up to date by a reading (from the snapshot when ``view`` is None)."""
         if view is None:
             view = self._read_snapshot()
             if view.from_snapshot:
                 self._base_seq = view.offset
             self._tail = 0
-        rows, with_leases = self._reading(view.offset)
+            self._unread, self._heard_unread = 0, False
+        rows, with_leases, unread = self._reading(view.offset)
+        if unread is not None and _counted(rows) != unread:
+            # The notifications folded since the last reading missed a record (they never
+            # should): start again from the snapshot rather than build on a state missing it.
+            self._view = None
+            return self._read(None)
         self._fold_new(view, _record_rows(rows))
         self._view = view
+        self._read_at, self._unread, self._heard_unread = view.offset, 0, False
+        if self._feed:
+            self._feed.clear()  # (heard before the reading began: the reading covered it)
         self._overlay_leases(view, _lease_left(rows) if with_leases else None)
-        if self._tail >= SNAPSHOT_AFTER_RECORDS and not self._in_txn:
-            self.write_snapshot(view)
         return view
 
     def _read_snapshot(self) -> View:
@@ -521,23 +617,34 @@ class PgStore:
             return View(new_state())
         return View(state, offset=row[0], from_snapshot=True)
 
-    def _reading(self, offset: int) -> tuple[list, bool]:
-        """The rows of the records after ``offset`` (and of the leases, if the bool says so): the
+    def _reading(self, offset: int) -> tuple[list, bool, int | None]:
+        """The rows of the records after ``offset`` (and of the leases, if the bool says so; and
+        the count of the records folded unread, when the int says how many there should be): the
         reading sent with this transaction's BEGIN, or a new one."""
         ahead, self._read_ahead = self._read_ahead, None
         if ahead is not None and ahead[0] == offset:
-            return ahead[1], ahead[2]
-        with_leases = self._leases_wanted
+            return ahead[1:]
+        sql, params, with_leases, unread = self._read_statement(offset)
         self._heard_other = False  # a write heard from now on may be after this reading
-        rows = self._execute(self._read_sql(with_leases), (offset,), doing="reading records").fetchall()
-        return rows, with_leases
+        rows = self._execute(sql, params, doing="reading records").fetchall()
+        return rows, with_leases, unread
 
-    @staticmethod
-    def _read_sql(with_leases: bool, offset: int | None = None) -> str:
-        """The reading's statement: the records, and with them the leases when tasks were running
-        at the last reading.  ``offset`` given: as a literal, for a simple-protocol batch."""
-        records = RECORDS_SQL.format("%s" if offset is None else int(offset))
-        return f"{records} UNION ALL {LEASES_SQL}" if with_leases else records
+    def _read_statement(self, offset: int) -> tuple[str, tuple, bool, int | None]:
+        """A reading's statement and parameters: the records after ``offset``; with them the
+        leases when tasks were running at the last reading, and the count of the records folded
+        unread since it (VERIFY_SQL) when some were heard.  What the watch hears from now on
+        completes it (the feed is live)."""
+        if self._feed is not None:
+            self._feed_live = True
+        with_leases, unread = self._leases_wanted, self._unread if self._heard_unread else None
+        sql = RECORDS_SQL.format("%s")
+        params: tuple = (offset,)
+        if with_leases:
+            sql = f"{sql} UNION ALL {LEASES_SQL}"
+        if unread is not None:
+            sql = f"{sql} UNION ALL {VERIFY_SQL}"
+            params += (self._read_at, offset)
+        return sql, params, with_leases, unread
 
     def _fold_new(self, view: View, records: list) -> None:
         state = view.state
@@ -592,6 +699,55 @@ class PgStore:
         conn = self._listening
         if conn is None or conn.closed or n.pid != conn.info.backend_pid:
             self._heard_other = True
+
+    # -- the records serve hears (notifications that carry them) ---------------------------
+
+    def feed_start(self) -> None:
+        """The watch (re)connected and listens: what it hears from now on is kept, and counts
+        once a reading has started after this (what was committed before, the reading reads)."""
+        self._feed = [] if self.follow_notifications else None
+        self._feed_live = False
+
+    def feed_lost(self) -> None:
+        """The watch lost its connection: what comes until it listens again is not heard."""
+        self._feed, self._feed_live = None, False
+
+    def feed(self, heard: list[tuple[int | None, bytes | None]]) -> None:
+        """Records the watch heard: (seq, body) each, in commit order; body None: too long to be
+        carried; seq None: a notification without one (a writer of an older kmpwm)."""
+        if self._feed is not None:
+            self._feed.extend(heard)
+
+    def _fold_heard(self) -> bool:
+        """Fold the records heard since the state's last record; False (nothing folded) when the
+        feed cannot bring the state up to date: it is not kept or not live, or a record heard is
+        not carried (then a reading is needed)."""
+        feed, view = self._feed, self._view
+        if feed is None or not self._feed_live or view is None:
+            return False
+        new = [(seq, body) for seq, body in feed if seq is None or seq > view.offset]
+        if any(seq is None or body is None for seq, body in new):
+            return False
+        feed.clear()
+        state = view.state
+        for seq, body in new:
+            if seq <= view.offset:
+                continue  # (heard twice: the watch reconnected)
+            apply(state, orjson.loads(body))
+            view.offset = seq
+            self._tail += 1
+            self._unread += 1
+            self._heard_unread = True
+        return True
+
+    def news_since(self, position: tuple[int, int] | None) -> bool:
+        """Did the watch hear (or the state fold) a record after ``position`` (a plan's)?  True
+        when it cannot tell: serve plans again."""
+        view, feed = self._view, self._feed
+        if position is None or view is None or feed is None or not self._feed_live:
+            return True
+        seqs = [seq for seq, _ in feed]
+        return view.offset > position[1] or any(seq is None or seq > position[1] for seq in seqs)
 
     def records(self, after: int = 0) -> Iterator[tuple[int, dict]]:
         """Every record after ``after`` (events, store copy), oldest first."""
@@ -794,9 +950,16 @@ class PgStore:
     # -- writing --------------------------------------------------------------------------
 
     @contextmanager
-    def transaction(self, timeout: float | None = None) -> Iterator[PgTransaction]:
+    def transaction(self, timeout: float | None = None, guess: bool = False) -> Iterator[PgTransaction]:
         """The writers' lock (an advisory lock, held to the end of one database transaction) with
-        the state brought up to date under it; staged ops become one record at the end."""
+        the state brought up to date under it; staged ops become one record at the end.
+
+        ``guess``: optimistically, when it can (serve, its notifications heard): the state is
+        brought up to date by what the watch heard, and the lock, a check that no other record
+        came, the record and COMMIT go in one round trip at the end (none if nothing is written).
+        Only claims of waiting tasks may be staged; anything else, or a record that came, raises
+        OptimisticMiss with nothing written and the state as it was: make the transaction again
+        without ``guess``."""
         psycopg = _Psycopg.get()
         from kmpwm.storage.journal import lock_timeout
 
@@ -805,10 +968,14 @@ class PgStore:
         conn = self._fresh_conn()
         txn = None
         outer = not self._in_txn
+        if guess and outer and self._guessable(conn):
+            mode = self._guessing
+        else:
+            mode = self._outermost if outer else self._savepoint
         self._in_txn += 1
         lock = _lock_sql(timeout)
         try:
-            with (self._outermost if outer else self._savepoint)(conn, lock, timeout) as txn:
+            with mode(conn, lock, timeout) as txn:
                 yield txn
         except psycopg.Error as exc:
             self.invalidate()
@@ -849,16 +1016,14 @@ class PgStore:
         """BEGIN, the lock and the reading the transaction starts with, in one round trip (one
         pipeline of statements the connection has prepared: the server neither parses nor plans
         them again)."""
-        view, with_leases = self._view, self._leases_wanted
+        view = self._view
         self._heard_other = view is None  # (as load's reading)
+        reading = None if view is None else self._read_statement(view.offset)
         psycopg = _Psycopg.get()
         try:
             with conn.pipeline() as pipe:
-                conn.execute("BEGIN")
-                conn.execute(LOCK_TIMEOUT_SQL, (f"{max(1, int(timeout * 1000))}ms",))
-                conn.execute(LOCK_SQL, (LOCK_KEY,))
-                conn.execute(LOCK_TIMEOUT_SQL, ("0",))
-                cur = None if view is None else conn.execute(self._read_sql(with_leases), (view.offset,))
+                self._send_lock(conn, timeout)
+                cur = None if reading is None else conn.execute(reading[0], reading[1])
                 pipe.sync()
                 rows = None if cur is None else cur.fetchall()
         except psycopg.errors.LockNotAvailable:
@@ -868,7 +1033,52 @@ class PgStore:
             self._rollback(conn)
             raise
         if view is not None:
-            self._read_ahead = (view.offset, rows, with_leases)
+            self._read_ahead = (view.offset, rows, reading[2], reading[3])
+
+    @staticmethod
+    def _send_lock(conn, timeout: float) -> None:
+        """BEGIN and the writers' lock, waiting at most ``timeout`` for it (into a pipeline)."""
+        conn.execute("BEGIN")
+        conn.execute(LOCK_TIMEOUT_SQL, (f"{max(1, int(timeout * 1000))}ms",))
+        conn.execute(LOCK_SQL, (LOCK_KEY,))
+        conn.execute(LOCK_TIMEOUT_SQL, ("0",))
+
+    def _guessable(self, conn) -> bool:
+        """May an optimistic transaction start: a state to plan on, brought up to date by the
+        records heard (_fold_heard)?"""
+        return self._view is not None and not _dead(conn) and self._fold_heard()
+
+    @contextmanager
+    def _guessing(self, conn, lock: str, timeout: float) -> Iterator[PgTransaction]:
+        """An optimistic transaction (see ``transaction``): nothing is sent until its end."""
+        txn = PgTransaction(self, guess=(timeout, self._read_at, self._view.offset, self._unread))
+        try:
+            yield txn
+            self._committed = False
+            txn.flush(last=True)
+            if self._committed:  # the check passed: every record up to ours has been read or heard
+                self._read_at, self._unread, self._heard_unread = self._view.offset, 0, False
+        except (OptimisticMiss, LockBusy):
+            self._rollback(conn)
+            txn.undo()
+            raise
+        except BaseException:
+            self._rollback(conn)
+            raise
+        finally:
+            self._committed = False
+
+    def _missed(self, guess: tuple, counted: int) -> None:
+        """An optimistic transaction's check found records it did not plan on (CLAIM_SQL), and
+        ``counted`` records up to what it folded: OptimisticMiss.  When those are the ones folded
+        (the others are newer), they are verified; else the notifications missed one, and the
+        state is read again."""
+        _timeout, _read_at, offset, unread = guess
+        if counted == unread:
+            self._read_at, self._unread, self._heard_unread = offset, 0, False
+        else:
+            self.invalidate()
+        raise OptimisticMiss("another record came since the state was brought up to date", stale=True)
 
     @contextmanager
     def _savepoint(self, conn, lock: str, timeout: float) -> Iterator[PgTransaction]:
@@ -907,15 +1117,19 @@ class PgStore:
         except Exception:  # noqa: BLE001 -- closed or broken: let the probe decide
             return True
 
-    def _insert(self, record: dict, pre: list, commit: bool = False) -> int:
+    def _insert(self, record: dict, pre: list, commit: bool = False, guess: tuple | None = None) -> int:
         """One record and its side rows (claims, leases), inside the open transaction; returns
         the record's seq.  Consecutive claims (of distinct tasks), and consecutive results, go in
         one statement each, in the record's order (so a lease taken and ended in one record ends);
         run-due's usual record (results, then claims) goes in one statement with them.  ``commit``:
         the transaction's last write; when one statement holds it all, COMMIT is sent with it in
-        one pipeline (one round trip), and ``_committed`` says so."""
+        one pipeline (one round trip), and ``_committed`` says so.  ``guess``: an optimistic
+        transaction's (_guessing), whose BEGIN, lock and check go in that pipeline too."""
         steps = _side_steps(pre)
-        sql, params, claims = self._first_statement(orjson.dumps(record), steps)
+        data = orjson.dumps(record)
+        if guess is not None:
+            return self._claim_guessed(data, steps, commit, guess)
+        sql, params, claims = self._first_statement(data, steps)
         row = self._write(sql, params, claims, commit and not steps)
         if claims is not None:
             self._claims_taken(claims, set(row[2]))
@@ -951,6 +1165,29 @@ class PgStore:
                 (arg["id"], arg["runner"], arg["id"], arg["runner"]),
             )
             conn.execute("DELETE FROM kmpwm_leases WHERE task_id = %s AND runner = %s", (arg["id"], arg["runner"]))
+
+    def _claim_guessed(self, data: bytes, steps: list, commit: bool, guess: tuple) -> int:
+        """An optimistic transaction's record (its claims only) in one statement, a transaction
+        of its own (CLAIM_SQL); its seq.  The lock not had in time is LockBusy, a record not
+        folded OptimisticMiss (_missed), a claim refused the error _claims_taken raises."""
+        psycopg = _Psycopg.get()
+        claims = _next_step(steps, "claims") or []
+        if steps or not commit:
+            raise OptimisticMiss("an optimistic transaction writes one record of claims")  # (never)
+        timeout, read_at, offset, unread = guess
+        rows = orjson.dumps([_claim_row(op, before) for op, before in claims]).decode()
+        params = (f"{max(1, int(timeout * 1000))}ms", offset, read_at, unread, self.host or "", data, rows, self.lease())
+        try:
+            seq = self._conn.execute(CLAIM_SQL, params).fetchone()[0]
+        except psycopg.errors.LockNotAvailable:
+            raise _busy(timeout) from None
+        except psycopg.errors.RaiseException as exc:
+            self._refused(exc, claims)
+            raise
+        if seq < 0:
+            self._missed(guess, -1 - seq)
+        self._committed = True
+        return seq
 
     def _write(self, sql: str, params: tuple, claims: list | None, commit: bool):
         """The record's statement (and COMMIT with it, in one pipeline, when ``commit``); its row.
@@ -999,8 +1236,7 @@ class PgStore:
         """The claims rows of accepted claims (distinct tasks), as the columns unnest takes."""
         cols: tuple[list, ...] = ([], [], [], [], [], [])
         for op, before in batch:
-            row = (op["id"], int(op.get("seq") or 0), op.get("occ") or "", before[0], before[1], op["runner"])
-            for col, value in zip(cols, row):
+            for col, value in zip(cols, _claim_row(op, before)):
                 col.append(value)
         return cols
 
@@ -1016,6 +1252,11 @@ class PgStore:
                 )
 
 
+def _claim_row(op: dict, before: tuple[str, str]) -> tuple:
+    """An accepted claim's row of kmpwm_claims: (task_id, task_seq, occ, attempt, taken_from, runner)."""
+    return op["id"], int(op.get("seq") or 0), op.get("occ") or "", before[0], before[1], op["runner"]
+
+
 def _claim_key(state: dict, op: dict) -> tuple[str, str] | None:
     """(the attempt at its occurrence, the runner whose lease it takes over or '') of a claim
     about to be folded: every legitimate second claim of one occurrence differs in one of them
@@ -1028,6 +1269,20 @@ def _claim_key(state: dict, op: dict) -> tuple[str, str] | None:
     return f"{t.get('occ_attempts', 0)}.{t.get('crashes', 0)}.{t.get('expiries', 0)}", taken
 
 
+def _undo_of(state: dict, ops: list[dict]) -> list[tuple[dict, dict]]:
+    """(task, its fields) of each op an optimistic transaction stages, before the fold: only
+    claims of waiting tasks, whose fold changes nothing but the task's own fields (not a take-over
+    of a lease, which needs the leases read); anything else is OptimisticMiss."""
+    tasks, fences = state["tasks"], state.get("fences") or {}
+    undo = []
+    for op in ops:
+        t = tasks.get(op.get("id")) if op.get("op") == "claim" else None
+        if t is None or t["state"] != "ENQUEUED" or op["id"] in fences:
+            raise OptimisticMiss("an optimistic transaction claims waiting tasks only")
+        undo.append((t, dict(t)))
+    return undo
+
+
 def _accepted(pre: list, results: list) -> list:
     """(op, claim key) of each op folded, the key kept only where the fold accepted the claim."""
     return [(op, key if ok is True else None) for (op, key), ok in zip(pre, results)]
@@ -1037,10 +1292,16 @@ class PgTransaction(Transaction):
     """Writes made while holding the store's lock (the journal's ``Transaction``: ``view``,
     ``state``, ``stage``, ``commit``), written as rows of the database."""
 
-    def __init__(self, store: PgStore):
+    def __init__(self, store: PgStore, guess: tuple | None = None):
         super().__init__(store)
         self._pre: list = []  # (op, claim key) of each staged op
         self.touched = False
+        # an optimistic transaction's (lock timeout, last reading's offset, offset, records
+        # folded unread): its state is the store's as the notifications brought it up to date
+        self.guess = guess
+        self._undo: list[tuple[dict, dict]] = []  # (task, its fields before) of each claim staged
+        if guess is not None:
+            self._view = store._view
 
     def _keys(self, ops: list[dict]) -> list:
         state = self.state
@@ -1049,6 +1310,8 @@ class PgTransaction(Transaction):
     def stage(self, ops: list[dict], emit=None) -> list:
         if not ops:
             return []
+        if self.guess is not None:
+            self._undo += _undo_of(self.state, ops)
         self.touched = True
         pre = self._keys(ops)
         results = apply(self.state, {"ts": self.ts, "ops": ops}, self._hook(emit))
@@ -1062,13 +1325,24 @@ class PgTransaction(Transaction):
         transaction (the store may commit it with the record)."""
         if not self.staged:
             return
+        if self.guess is not None and not last:
+            raise OptimisticMiss("an optimistic transaction writes one record")
         ops, pre = self.staged, self._pre
         self.staged, self._pre = [], []
-        self._advance(self.store._insert({"ts": self.ts, "ops": ops}, pre, commit=last))
+        self._advance(self.store._insert({"ts": self.ts, "ops": ops}, pre, commit=last, guess=self.guess))
+
+    def undo(self) -> None:
+        """An optimistic transaction that wrote nothing: its claims' tasks as they were."""
+        for task, before in reversed(self._undo):
+            task.clear()
+            task.update(before)
+        self._undo, self.staged, self._pre, self.touched = [], [], [], False
 
     def commit(self, ops: list[dict], ts: float | None = None) -> list:
         if not ops:
             return []
+        if self.guess is not None:
+            raise OptimisticMiss("an optimistic transaction writes staged claims only")
         record = self._commit_record(ops, ts)
         self.touched = True
         pre = self._keys(ops)
@@ -1080,6 +1354,7 @@ class PgTransaction(Transaction):
         """Our record is folded already: move past its seq so it is not folded again."""
         self.view.offset = seq
         self.store._tail += 1
+        self.store._unread += 1
 
 
 RECONNECT_EVERY = 2.0  # a lost listening connection: try to listen again this often
@@ -1106,6 +1381,7 @@ class PgWatch:
                 conn.close()
             raise self._store._error(exc, "listening for changes") from None
         self._conn, self.fd = conn, conn.fileno()
+        self._store.feed_start()
 
     def drain(self) -> bool:
         """True when something changed, or may have: the connection was lost (and listens anew if
@@ -1118,9 +1394,14 @@ class PgWatch:
         except Exception:  # noqa: BLE001 -- the connection is gone: listen anew
             self._conn.close()
             self._conn, self.fd = None, None
+            self._store.feed_lost()
             self._reconnect()  # the fd changes: serve watches the new one
             return True  # (missed notifications: plan again)
-        return bool(_take_notifications(pg))
+        heard = []
+        while (n := pg.notifies()) is not None:
+            heard.append(_carried(n.extra))
+        self._store.feed(heard)
+        return bool(heard)
 
     def _reconnect(self) -> bool:
         try:

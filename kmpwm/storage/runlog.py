@@ -376,7 +376,8 @@ def _expire_dead(paths, by_id: dict) -> None:
     for meta in running:
         if not alive_now(meta["pid"], meta["token"]):
             meta["status"] = "EXPIRED"
-            meta["finished_at"] = _iso(_last_written(paths, meta))
+            meta["_end"] = _last_written(paths, meta)  # (the retention sweep writes it into the end line)
+            meta["finished_at"] = _iso(meta["_end"])
 
 
 def _last_written(paths, meta: dict) -> float:

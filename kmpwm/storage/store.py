@@ -58,6 +58,17 @@ PROVE_NEW_MAX_IDS = 16
 VERIFY_COVERED_BYTES = 8 << 20
 
 
+class OptimisticMiss(Exception):
+    """An optimistic transaction (a shared store's, ``transaction(guess=True)``) could not be
+    made: nothing was written and the state is as it was; make it again the usual way.
+    ``stale``: because a record came that it had not folded (else: it staged what only a usual
+    transaction may)."""
+
+    def __init__(self, message: str, stale: bool = False):
+        super().__init__(message)
+        self.stale = stale
+
+
 @dataclass
 class View:
     """A consistent reading of the journal."""

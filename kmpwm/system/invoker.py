@@ -1193,9 +1193,10 @@ def _cron_every(entry: str | None) -> int | None:
 
 def _field_period(field: str, unit: int, whole: int) -> int | None:
     """The period, in seconds, of one cron field: a step of ``unit`` seconds, or ``whole`` for a
-    fixed number (once a ``whole``); None for anything else."""
+    fixed number (once a ``whole``); None for anything else.  A step as long as the field's whole
+    range (a hand-written ``*/30`` hours) matches only its first value: once a ``whole``."""
     if field in _CRON_STEPS:
-        return unit * _CRON_STEPS[field]
+        return min(unit * _CRON_STEPS[field], whole)
     return whole if field.isdigit() else None
 
 

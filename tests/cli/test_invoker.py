@@ -137,6 +137,10 @@ def test_every_default_minimum_and_cron_shapes():
         ("1d", "0 0 * * *"),
     ):
         assert invoker.cron_schedule(parse_every(ok, "cron")) == line
+        assert invoker._cron_every(line) == parse_every(ok, "cron")  # and read back
+    # a hand-written step as long as the field's range fires once a day (hour 0) or an hour
+    assert invoker._cron_every("0 */30 * * *") == 86400
+    assert invoker._cron_every("*/60 * * * *") == 3600
     for bad in ("7m", "90s", "45m", "5h", "2d"):
         with pytest.raises(InvalidParams, match="cron"):
             parse_every(bad, "cron")
