@@ -60,7 +60,10 @@ LEASES_SQL = (
 )
 # The check a reading makes when records were folded since the last one without being read
 # (heard in notifications, see PgStore.feed): how many records there are in that range (seq -1).
-VERIFY_SQL = "SELECT -1::bigint, NULL::bytea, NULL::text, NULL::text, count(*)::float8 FROM kmpwm_records WHERE seq > %s AND seq <= %s"
+VERIFY_SQL = (
+    "SELECT -1::bigint, NULL::bytea, NULL::text, NULL::text, count(*)::float8 FROM kmpwm_records "
+    "WHERE seq > %s AND seq <= %s"
+)
 # A record's notification, sent at commit to serve and wait: its seq and, when it is this short,
 # the record itself, so that a serve folds it without reading it (PgStore.feed).  Kept short: the
 # server's notification queue holds every payload until the slowest listener has taken it.
@@ -107,7 +110,8 @@ RECORD_ENDS_CLAIMS_SQL = (
     f"SELECT r.seq, {_NOTIFY}, ARRAY(SELECT task_id FROM l), {_GUARD} FROM r"
 )
 RECORD_CLAIMS_SQL = (
-    f"WITH {_RECORD}, {_CLAIMS}, l AS ({_LEASES}) SELECT r.seq, {_NOTIFY}, ARRAY(SELECT task_id FROM l), {_GUARD} FROM r"
+    f"WITH {_RECORD}, {_CLAIMS}, l AS ({_LEASES}) "
+    f"SELECT r.seq, {_NOTIFY}, ARRAY(SELECT task_id FROM l), {_GUARD} FROM r"
 )
 RECORD_ENDS_SQL = f"WITH {_RECORD}, e AS ({ENDS_SQL} RETURNING 1) SELECT r.seq, {_NOTIFY} FROM r"
 # An optimistic transaction's claims (PgStore._guessing), one statement in a transaction of its
@@ -1176,7 +1180,8 @@ class PgStore:
             raise OptimisticMiss("an optimistic transaction writes one record of claims")  # (never)
         timeout, read_at, offset, unread = guess
         rows = orjson.dumps([_claim_row(op, before) for op, before in claims]).decode()
-        params = (f"{max(1, int(timeout * 1000))}ms", offset, read_at, unread, self.host or "", data, rows, self.lease())
+        lock_ms = f"{max(1, int(timeout * 1000))}ms"
+        params = (lock_ms, offset, read_at, unread, self.host or "", data, rows, self.lease())
         try:
             seq = self._conn.execute(CLAIM_SQL, params).fetchone()[0]
         except psycopg.errors.LockNotAvailable:
