@@ -675,10 +675,14 @@ class PgStore:
         read: this store's connection listens (``LISTEN kmpwm``, from the first call on) and has
         heard no notification from another backend since its last reading (a write notifies when
         it commits, and an idle listener is told at once).  None: read (``load``).  Lease ends
-        are as of the last reading (renewals do not notify): for checks of the records only."""
+        are as of the last reading (renewals do not notify): for checks of the records only.
+        A store that follows serve's watch (feed) has heard every record already: the view
+        brought up to date by them, without a listener of its own."""
         conn = self._conn
         if self._view is None or conn is None or _dead(conn) or self._in_txn:
             return None
+        if self.follow_notifications:
+            return self._view if self._fold_heard() else None
         if self._listening is not conn:
             self._listen(conn)  # not listening before: read once more
             return None
