@@ -161,6 +161,32 @@ BEGIN
 END
 $fn$"""
 
+# A transaction's start after BEGIN, in one statement: the writers' lock, waiting at most lock_ms,
+# then the reading (RECORDS_SQL, LEASES_SQL, VERIFY_SQL as the arguments ask), which sees every
+# record committed before the lock was had.  (The client then sends two statements, not five.)
+BEGIN_SQL = "SELECT * FROM kmpwm_begin(%s, %s, %s, %s)"
+_BEGIN_FUNCTION = f"""CREATE OR REPLACE FUNCTION kmpwm_begin(lock_ms text, after bigint, leases boolean, since bigint)
+RETURNS TABLE (o_seq bigint, o_body bytea, o_task text, o_runner text, o_left float8)
+LANGUAGE plpgsql AS $fn$
+BEGIN
+    PERFORM set_config('lock_timeout', lock_ms, true);
+    PERFORM pg_advisory_xact_lock({LOCK_KEY});
+    PERFORM set_config('lock_timeout', '0', true);
+    IF after IS NOT NULL THEN
+        RETURN QUERY SELECT r.seq, r.body, NULL::text, NULL::text, NULL::float8 FROM kmpwm_records r
+            WHERE r.seq > after;
+    END IF;
+    IF leases THEN
+        RETURN QUERY SELECT NULL::bigint, NULL::bytea, l.task_id, l.runner,
+            extract(epoch FROM l.expires_at - now())::float8 FROM kmpwm_leases l;
+    END IF;
+    IF since IS NOT NULL THEN
+        RETURN QUERY SELECT -1::bigint, NULL::bytea, NULL::text, NULL::text, count(*)::float8
+            FROM kmpwm_records r WHERE r.seq > since AND r.seq <= after;
+    END IF;
+END
+$fn$"""
+
 # Each version's statements, applied in order inside one transaction (under the writers' lock).
 MIGRATIONS: dict[int, list[str]] = {
     1: [
@@ -216,8 +242,9 @@ MIGRATIONS: dict[int, list[str]] = {
     4: [
         """ALTER TABLE kmpwm_runs ADD COLUMN IF NOT EXISTS written bigint NOT NULL DEFAULT 0""",
     ],
-    # serve's optimistic claims, in one statement (CLAIM_SQL)
-    5: [_CLAIM_FUNCTION],
+    # serve's optimistic claims, in one statement (CLAIM_SQL); the lock and a transaction's
+    # reading in one statement (BEGIN_SQL)
+    5: [_CLAIM_FUNCTION, _BEGIN_FUNCTION],
 }
 
 
@@ -407,10 +434,6 @@ def _carried(payload: bytes) -> tuple[int | None, bytes | None]:
 def _dead(conn) -> bool:
     """Whether a connection closed or broke (no connection: False)."""
     return conn is not None and (conn.closed or conn.broken)
-
-
-LOCK_TIMEOUT_SQL = "SELECT set_config('lock_timeout', %s, true)"  # for this transaction only
-LOCK_SQL = "SELECT pg_advisory_xact_lock(%s)"
 
 
 def _lock_sql(timeout: float) -> str:
@@ -633,14 +656,18 @@ class PgStore:
         rows = self._execute(sql, params, doing="reading records").fetchall()
         return rows, with_leases, unread
 
-    def _read_statement(self, offset: int) -> tuple[str, tuple, bool, int | None]:
-        """A reading's statement and parameters: the records after ``offset``; with them the
-        leases when tasks were running at the last reading, and the count of the records folded
-        unread since it (VERIFY_SQL) when some were heard.  What the watch hears from now on
-        completes it (the feed is live)."""
+    def _read_wants(self) -> tuple[bool, int | None]:
+        """What a reading about to start reads besides the records: the leases, when tasks were
+        running at the last reading; the count of the records folded unread since it
+        (VERIFY_SQL), when some were heard (int: how many there should be).  What the watch hears
+        from now on completes it (the feed is live)."""
         if self._feed is not None:
             self._feed_live = True
-        with_leases, unread = self._leases_wanted, self._unread if self._heard_unread else None
+        return self._leases_wanted, self._unread if self._heard_unread else None
+
+    def _read_statement(self, offset: int) -> tuple[str, tuple, bool, int | None]:
+        """A lock-free reading's statement and parameters (_read_wants)."""
+        with_leases, unread = self._read_wants()
         sql = RECORDS_SQL.format("%s")
         params: tuple = (offset,)
         if with_leases:
@@ -1026,14 +1053,16 @@ class PgStore:
         them again)."""
         view = self._view
         self._heard_other = view is None  # (as load's reading)
-        reading = None if view is None else self._read_statement(view.offset)
+        with_leases, unread = (False, None) if view is None else self._read_wants()
+        after = None if view is None else view.offset
+        since = None if unread is None else self._read_at
         psycopg = _Psycopg.get()
         try:
             with conn.pipeline() as pipe:
-                self._send_lock(conn, timeout)
-                cur = None if reading is None else conn.execute(reading[0], reading[1])
+                conn.execute("BEGIN")
+                cur = conn.execute(BEGIN_SQL, (f"{max(1, int(timeout * 1000))}ms", after, with_leases, since))
                 pipe.sync()
-                rows = None if cur is None else cur.fetchall()
+                rows = cur.fetchall()
         except psycopg.errors.LockNotAvailable:
             self._rollback(conn)
             raise _busy(timeout) from None
@@ -1041,15 +1070,7 @@ class PgStore:
             self._rollback(conn)
             raise
         if view is not None:
-            self._read_ahead = (view.offset, rows, reading[2], reading[3])
-
-    @staticmethod
-    def _send_lock(conn, timeout: float) -> None:
-        """BEGIN and the writers' lock, waiting at most ``timeout`` for it (into a pipeline)."""
-        conn.execute("BEGIN")
-        conn.execute(LOCK_TIMEOUT_SQL, (f"{max(1, int(timeout * 1000))}ms",))
-        conn.execute(LOCK_SQL, (LOCK_KEY,))
-        conn.execute(LOCK_TIMEOUT_SQL, ("0",))
+            self._read_ahead = (view.offset, rows, with_leases, unread)
 
     def _guessable(self, conn) -> bool:
         """May an optimistic transaction start: a state to plan on, brought up to date by the
