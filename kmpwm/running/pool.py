@@ -202,5 +202,18 @@ class Pool:
                 with suppress(OSError):
                     os.killpg(host.pid, signal.SIGKILL)
             if host.exit_status is None:
-                with suppress(ChildProcessError):
-                    os.waitpid(host.pid, 0)
+                _reap_within(host.pid, 2.0)
+
+
+def _reap_within(pid: int, seconds: float) -> None:
+    """Wait for a killed host, ``seconds`` at most: one stuck in the kernel (an NFS read, a
+    device) must not hang the run's end; its zombie goes with this process."""
+    deadline = time.monotonic() + seconds
+    while True:
+        try:
+            done, _ = os.waitpid(pid, os.WNOHANG)
+        except ChildProcessError:
+            return
+        if done or time.monotonic() >= deadline:
+            return
+        time.sleep(0.01)

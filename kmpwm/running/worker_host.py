@@ -21,7 +21,9 @@ from kmpwm.running.context import WorkerContext
 
 
 def load_target(info) -> Any:
-    """The object behind a worker: an entry point's, or a config ``entry = "module:attr"``."""
+    """The object behind a worker: an entry point's, or a config ``entry = "module:attr"``
+    (imported with the worker's ``path``, config.toml's directory and its ``cwd`` first on
+    ``sys.path``: _add_import_dirs)."""
     if getattr(info, "preloaded", None) is not None:
         return info.preloaded
     if info.entry_point is not None:
