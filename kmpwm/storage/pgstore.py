@@ -53,7 +53,7 @@ OUTPUT_CAP = 1 << 20  # a run's output kept in the store: its last MiB (runlog.C
 
 # Reading: the records after what was folded, and each lease's time left by the database's clock
 # (record rows have a seq, lease rows none; both in one round trip and from one snapshot).
-RECORDS_SQL = "SELECT seq, body, NULL::text, NULL::text, NULL::float8 FROM kmpwm_records WHERE seq > {}"
+RECORDS_SQL = "SELECT seq, body, NULL::text, NULL::text, NULL::float8 FROM kmpwm_records WHERE seq > %s"
 LEASES_SQL = (
     "SELECT NULL::bigint, NULL::bytea, task_id, runner, extract(epoch FROM expires_at - now())::float8 "
     "FROM kmpwm_leases"
@@ -668,7 +668,7 @@ class PgStore:
     def _read_statement(self, offset: int) -> tuple[str, tuple, bool, int | None]:
         """A lock-free reading's statement and parameters (_read_wants)."""
         with_leases, unread = self._read_wants()
-        sql = RECORDS_SQL.format("%s")
+        sql = RECORDS_SQL
         params: tuple = (offset,)
         if with_leases:
             sql = f"{sql} UNION ALL {LEASES_SQL}"
@@ -767,7 +767,7 @@ class PgStore:
         state = view.state
         for seq, body in new:
             if seq <= view.offset:
-                continue  # (heard twice: the watch reconnected)
+                continue  # (one connection hears in commit order: never; a guard all the same)
             apply(state, orjson.loads(body))
             view.offset = seq
             self._tail += 1
@@ -781,8 +781,7 @@ class PgStore:
         view, feed = self._view, self._feed
         if position is None or view is None or feed is None or not self._feed_live:
             return True
-        seqs = [seq for seq, _ in feed]
-        return view.offset > position[1] or any(seq is None or seq > position[1] for seq in seqs)
+        return view.offset > position[1] or any(seq is None or seq > position[1] for seq, _ in feed)
 
     def records(self, after: int = 0) -> Iterator[tuple[int, dict]]:
         """Every record after ``after`` (events, store copy), oldest first."""
